@@ -1,0 +1,133 @@
+//! Series keys: `(type, name, canonical tags)` packed into one byte string.
+//!
+//! Layout: `type byte` `name` then, for each tag in sorted order without
+//! duplicates, `0x00` `tag`. The parser rejects control bytes in names and
+//! tags, so `0x00` can only be a separator. The key is built into a reused
+//! buffer, so looking up a live key allocates nothing.
+
+use crate::protocol::statsd::{MetricType, for_each_tag};
+
+/// Reusable scratch space for building keys (one per ingest worker).
+#[derive(Default)]
+pub struct KeyBuf {
+    tags: Vec<(u32, u32)>,
+    buf: Vec<u8>,
+}
+
+impl KeyBuf {
+    /// Builds the key of `(kind, name, tags)` and returns it. `tags` is the
+    /// raw tag section of a line (`a:1,b`).
+    pub fn build(&mut self, kind: MetricType, name: &[u8], tags: &[u8]) -> &[u8] {
+        self.tags.clear();
+        let base = tags.as_ptr() as usize;
+        for_each_tag(tags, |t| {
+            let start = t.as_ptr() as usize - base;
+            self.tags.push((start as u32, (start + t.len()) as u32));
+        });
+        let tag = |&(s, e): &(u32, u32)| &tags[s as usize..e as usize];
+        self.tags.sort_unstable_by(|a, b| tag(a).cmp(tag(b)));
+        self.tags.dedup_by(|a, b| tag(a) == tag(b));
+
+        self.buf.clear();
+        self.buf.push(kind as u8);
+        self.buf.extend_from_slice(name);
+        for t in &self.tags {
+            self.buf.push(0);
+            self.buf.extend_from_slice(tag(t));
+        }
+        &self.buf
+    }
+}
+
+/// A key taken apart again (for rows).
+#[derive(Debug, PartialEq, Eq)]
+pub struct KeyParts<'a> {
+    pub kind: MetricType,
+    pub name: &'a str,
+    pub tags: Vec<&'a str>,
+}
+
+/// Splits a key built by [`KeyBuf::build`]. Keys are only built from parsed
+/// (valid UTF-8) lines; anything else yields `None`.
+pub fn split(key: &[u8]) -> Option<KeyParts<'_>> {
+    let (&kind, rest) = key.split_first()?;
+    let kind = MetricType::from_byte(kind)?;
+    let text = std::str::from_utf8(rest).ok()?;
+    let mut parts = text.split('\0');
+    let name = parts.next()?;
+    Some(KeyParts {
+        kind,
+        name,
+        tags: parts.collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(kind: MetricType, name: &str, tags: &str) -> Vec<u8> {
+        KeyBuf::default()
+            .build(kind, name.as_bytes(), tags.as_bytes())
+            .to_vec()
+    }
+
+    #[test]
+    fn tag_order_does_not_matter() {
+        assert_eq!(
+            key(MetricType::Counter, "x", "a:1,b:2"),
+            key(MetricType::Counter, "x", "b:2,a:1")
+        );
+    }
+
+    #[test]
+    fn duplicate_tags_collapse() {
+        assert_eq!(
+            key(MetricType::Counter, "x", "a:1,b,a:1,b"),
+            key(MetricType::Counter, "x", "b,a:1")
+        );
+    }
+
+    #[test]
+    fn type_is_part_of_the_key() {
+        assert_ne!(
+            key(MetricType::Counter, "x", ""),
+            key(MetricType::Gauge, "x", "")
+        );
+    }
+
+    #[test]
+    fn tag_values_are_part_of_the_key() {
+        assert_ne!(
+            key(MetricType::Counter, "x", "a:1"),
+            key(MetricType::Counter, "x", "a:2")
+        );
+    }
+
+    #[test]
+    fn split_returns_sorted_tags() {
+        let k = key(MetricType::Timer, "req", "z,env:prod,a:1");
+        assert_eq!(
+            split(&k),
+            Some(KeyParts {
+                kind: MetricType::Timer,
+                name: "req",
+                tags: vec!["a:1", "env:prod", "z"],
+            })
+        );
+    }
+
+    #[test]
+    fn split_without_tags() {
+        let k = key(MetricType::Set, "users", "");
+        assert_eq!(split(&k).map(|p| p.tags.len()), Some(0));
+    }
+
+    #[test]
+    fn reused_buffer_gives_same_key() {
+        let mut kb = KeyBuf::default();
+        let first = kb.build(MetricType::Counter, b"a", b"x,y").to_vec();
+        kb.build(MetricType::Gauge, b"longer.name", b"q,r,s,t");
+        assert_eq!(kb.build(MetricType::Counter, b"a", b"y,x"), &first[..]);
+    }
+}

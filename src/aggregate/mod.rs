@@ -1,0 +1,364 @@
+//! Aggregation: one accumulator per key in a lock-striped map, by generation.
+//!
+//! The [`Aggregator`] owns the *current* [`Generation`]: a `DashMap` from key
+//! bytes (see [`key`]) to an [`acc::Acc`]. Ingest workers apply whole blocks
+//! (a datagram, a TCP read) through [`Aggregator::ingest_block`]; a flush calls
+//! [`Aggregator::swap`], which installs a fresh generation at once, so ingest
+//! never waits for a flush. The old generation is handed to the flush when
+//! the last block that was applying to it is done (its `Arc` is unique).
+//!
+//! A block is the unit a write-ahead log will record: the WAL appends the
+//! block, then calls `ingest_block`, and a generation will carry the log range
+//! it holds.
+//!
+//! Nothing here does I/O or awaits.
+
+pub mod acc;
+pub mod key;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::Notify;
+
+use crate::protocol::statsd::{self, Limits, Line, MetricType, Parsed};
+use crate::telemetry::BlockStats;
+use acc::Acc;
+use key::KeyBuf;
+
+/// Limits of the aggregation stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggregateLimits {
+    /// Live keys in one generation; samples for new keys beyond it are dropped.
+    pub max_keys: usize,
+    /// Distinct members one set keeps per interval.
+    pub max_set_members: usize,
+    /// Pending raw increments that trigger an early flush.
+    pub max_depth: u64,
+}
+
+/// One interval's accumulators.
+#[derive(Debug)]
+pub struct Generation {
+    pub map: DashMap<Box<[u8]>, Acc>,
+    keys: AtomicUsize,
+    /// Raw increments applied so far.
+    pub pending: AtomicU64,
+    /// When the interval started (wall clock, since the Unix epoch).
+    pub started: Duration,
+}
+
+impl Generation {
+    fn new(started: Duration) -> Generation {
+        Generation {
+            map: DashMap::new(),
+            keys: AtomicUsize::new(0),
+            pending: AtomicU64::new(0),
+            started,
+        }
+    }
+
+    /// Keys in this generation.
+    pub fn keys(&self) -> usize {
+        self.keys.load(Relaxed)
+    }
+}
+
+/// Per-worker scratch space, reused for every block.
+#[derive(Default)]
+pub struct Scratch {
+    key: KeyBuf,
+}
+
+pub struct Aggregator {
+    current: RwLock<Arc<Generation>>,
+    limits: AggregateLimits,
+    parse_limits: Limits,
+    depth_reached: Notify,
+}
+
+impl Aggregator {
+    /// An aggregator whose first interval starts at `started` (Unix time).
+    pub fn new(limits: AggregateLimits, parse_limits: Limits, started: Duration) -> Aggregator {
+        Aggregator {
+            current: RwLock::new(Arc::new(Generation::new(started))),
+            limits,
+            parse_limits,
+            depth_reached: Notify::new(),
+        }
+    }
+
+    /// Resolves when `max_depth` raw increments are pending in the current
+    /// generation (a permit is kept if nobody is waiting yet).
+    pub async fn depth_reached(&self) {
+        self.depth_reached.notified().await
+    }
+
+    /// The current generation (held for the length of one block at most).
+    pub fn current(&self) -> Arc<Generation> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Installs a fresh generation that started at `now` and returns the old
+    /// one. Blocks still applying to the old one may hold it for a moment.
+    pub fn swap(&self, now: Duration) -> Arc<Generation> {
+        let fresh = Arc::new(Generation::new(now));
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *cur, fresh)
+    }
+
+    /// Parses every line of `block` and applies the good ones. Malformed
+    /// lines are counted by reason in `stats` and skipped.
+    pub fn ingest_block(&self, block: &[u8], scratch: &mut Scratch, stats: &mut BlockStats) {
+        let generation = self.current();
+        let before = stats.samples;
+        stats.bytes += block.len() as u64;
+        for line in statsd::lines(block) {
+            stats.lines += 1;
+            match statsd::parse_line(line, &self.parse_limits) {
+                Ok(Parsed::Metric(l)) => self.apply(&generation, &l, scratch, stats),
+                Ok(Parsed::Event) => stats.events += 1,
+                Ok(Parsed::ServiceCheck) => stats.service_checks += 1,
+                Err(e) => stats.parse_errors[e.index()] += 1,
+            }
+        }
+        let added = stats.samples - before;
+        if added > 0 {
+            let was = generation.pending.fetch_add(added, Relaxed);
+            if was < self.limits.max_depth && was + added >= self.limits.max_depth {
+                self.depth_reached.notify_one();
+            }
+        }
+    }
+
+    fn apply(
+        &self,
+        generation: &Generation,
+        line: &Line<'_>,
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+    ) {
+        let key = scratch.key.build(line.kind, line.name, line.tags);
+        if let Some(mut acc) = generation.map.get_mut(key) {
+            self.merge(&mut acc, line, stats);
+            return;
+        }
+        if generation.keys.fetch_add(1, Relaxed) >= self.limits.max_keys {
+            generation.keys.fetch_sub(1, Relaxed);
+            stats.dropped_key_limit += line.value_count() as u64;
+            return;
+        }
+        match generation.map.entry(Box::from(key)) {
+            Entry::Occupied(mut e) => {
+                // Another worker created it between our lookup and now.
+                generation.keys.fetch_sub(1, Relaxed);
+                self.merge(e.get_mut(), line, stats);
+            }
+            Entry::Vacant(v) => {
+                let mut acc = Acc::new(line.kind);
+                self.merge(&mut acc, line, stats);
+                v.insert(acc);
+            }
+        }
+    }
+
+    fn merge(&self, acc: &mut Acc, line: &Line<'_>, stats: &mut BlockStats) {
+        match acc {
+            Acc::Counter { sum, samples } => {
+                for v in line.values() {
+                    *sum += v.value / line.sample_rate;
+                    *samples += 1;
+                }
+            }
+            Acc::Gauge(g) => line.values().for_each(|v| g.apply(v.value, v.delta)),
+            Acc::Dist(d) => line
+                .values()
+                .for_each(|v| d.record(v.value, line.sample_rate)),
+            Acc::Set(s) => {
+                if !s.insert(line.raw_values, self.limits.max_set_members) {
+                    stats.dropped_set_members += 1;
+                    return;
+                }
+            }
+        }
+        stats.samples += line.value_count() as u64;
+    }
+}
+
+/// The wall clock as a duration since the Unix epoch.
+pub fn wall_clock() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Which type a key holds (its first byte).
+pub fn key_type(key: &[u8]) -> Option<MetricType> {
+    key.first().copied().and_then(MetricType::from_byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::statsd::ParseError;
+
+    fn aggregator(max_keys: usize) -> Aggregator {
+        Aggregator::new(
+            AggregateLimits {
+                max_keys,
+                max_set_members: 1000,
+                max_depth: 1_000_000,
+            },
+            Limits::default(),
+            Duration::ZERO,
+        )
+    }
+
+    fn ingest(a: &Aggregator, block: &str) -> BlockStats {
+        let mut stats = BlockStats::default();
+        a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats);
+        stats
+    }
+
+    fn acc<'a>(
+        g: &'a Generation,
+        kind: MetricType,
+        name: &str,
+        tags: &str,
+    ) -> dashmap::mapref::one::Ref<'a, Box<[u8]>, Acc> {
+        let k = KeyBuf::default()
+            .build(kind, name.as_bytes(), tags.as_bytes())
+            .to_vec();
+        g.map.get(&k[..]).expect("key present")
+    }
+
+    #[test]
+    fn counters_sum_scaled_values_and_count_samples() {
+        let a = aggregator(100);
+        ingest(&a, "hits:1|c\nhits:2|c|@0.5\nhits:1:1|c");
+        let g = a.current();
+        match &*acc(&g, MetricType::Counter, "hits", "") {
+            Acc::Counter { sum, samples } => assert_eq!((*sum, *samples), (7.0, 4)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(g.pending.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn malformed_line_does_not_stop_its_neighbours() {
+        let a = aggregator(100);
+        let stats = ingest(&a, "a:1|c\nbad line\nb:1|q\na:1|c\n");
+        assert_eq!(stats.lines, 4);
+        assert_eq!(stats.samples, 2);
+        assert_eq!(stats.parse_errors[ParseError::MissingValue.index()], 1);
+        assert_eq!(stats.parse_errors[ParseError::UnknownType.index()], 1);
+        match &*acc(&a.current(), MetricType::Counter, "a", "") {
+            Acc::Counter { sum, .. } => assert_eq!(*sum, 2.0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reordered_tags_are_one_key() {
+        let a = aggregator(100);
+        ingest(&a, "x:1|c|#a:1,b:2\nx:1|c|#b:2,a:1\nx:1|c|#b:2,a:1,a:1");
+        assert_eq!(a.current().keys(), 1);
+    }
+
+    #[test]
+    fn key_limit_drops_new_keys_only() {
+        let a = aggregator(2);
+        let stats = ingest(&a, "a:1|c\nb:1|c\nc:1|c\na:1|c\nd:1:2|ms");
+        assert_eq!(stats.dropped_key_limit, 3);
+        assert_eq!(stats.samples, 3);
+        assert_eq!(a.current().keys(), 2);
+    }
+
+    #[test]
+    fn swap_starts_a_fresh_generation() {
+        let a = aggregator(100);
+        ingest(&a, "a:1|c");
+        let old = a.swap(Duration::from_secs(5));
+        ingest(&a, "a:1|c\nb:1|c");
+        assert_eq!(old.keys(), 1);
+        assert_eq!(a.current().keys(), 2);
+        assert_eq!(a.current().started, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn events_and_service_checks_are_counted_not_errors() {
+        let a = aggregator(100);
+        let stats = ingest(&a, "_e{1,1}:a|b\n_sc|chk|0");
+        assert_eq!(
+            (
+                stats.events,
+                stats.service_checks,
+                stats.parse_error_total()
+            ),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn set_member_limit_is_counted() {
+        let a = Aggregator::new(
+            AggregateLimits {
+                max_keys: 10,
+                max_set_members: 2,
+                max_depth: 100,
+            },
+            Limits::default(),
+            Duration::ZERO,
+        );
+        let stats = ingest(&a, "u:a|s\nu:b|s\nu:c|s\nu:a|s");
+        assert_eq!((stats.dropped_set_members, stats.samples), (1, 3));
+    }
+
+    #[tokio::test]
+    async fn reaching_max_depth_notifies_once() {
+        let a = Aggregator::new(
+            AggregateLimits {
+                max_keys: 10,
+                max_set_members: 2,
+                max_depth: 3,
+            },
+            Limits::default(),
+            Duration::ZERO,
+        );
+        ingest(&a, "a:1|c\na:1|c");
+        let waiting = tokio::time::timeout(Duration::from_millis(1), a.depth_reached()).await;
+        assert!(waiting.is_err(), "notified below max depth");
+        ingest(&a, "a:1|c\na:1|c");
+        tokio::time::timeout(Duration::from_millis(100), a.depth_reached())
+            .await
+            .expect("notified at max depth");
+    }
+
+    #[test]
+    fn concurrent_ingest_loses_nothing() {
+        let a = Arc::new(aggregator(100_000));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let a = Arc::clone(&a);
+                std::thread::spawn(move || {
+                    let mut scratch = Scratch::default();
+                    for i in 0..2000 {
+                        let block = format!("k{}:1|c\nshared:1|c", i % 50);
+                        a.ingest_block(block.as_bytes(), &mut scratch, &mut BlockStats::default());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("worker");
+        }
+        match &*acc(&a.current(), MetricType::Counter, "shared", "") {
+            Acc::Counter { sum, samples } => assert_eq!((*sum, *samples), (8000.0, 8000)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(a.current().keys(), 51);
+    }
+}

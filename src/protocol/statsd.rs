@@ -1,0 +1,668 @@
+//! The StatsD / DogStatsD line parser: bytes in, a borrowed [`Line`] out.
+//!
+//! Pure code: no I/O, no tokio, no allocation. Everything it returns borrows
+//! from the input, so the hot path costs what the bytes cost.
+//!
+//! Grammar (one line, without its `\n` / `\r\n`):
+//!
+//! ```text
+//! name:value[:value...]|type[|@rate][|#tag1:v1,tag2][|c:container][|T<unix_ts>]
+//! type  = c | g | ms | h | d | s
+//! ```
+//!
+//! - `c` counter (float allowed), `g` gauge (a leading `+`/`-` makes it a
+//!   delta), `ms` timer, `h` histogram, `d` distribution, `s` set (the whole
+//!   value is one member, any string).
+//! - Several `:`-separated values (DogStatsD packing) are accepted for every
+//!   type but sets. A line is accepted or rejected as a whole: one bad value
+//!   rejects the line, so a line never half counts.
+//! - Timer, histogram and distribution values must be finite and not
+//!   negative (they feed an HDR histogram).
+//! - `_e{...}` events and `_sc|...` service checks are recognised and returned
+//!   as such, not as errors.
+//! - `|c:` (container id) and `|T` (timestamp) are validated; the container id
+//!   is not part of the key and the timestamp does not move the sample out of
+//!   the interval that receives it.
+
+use std::fmt;
+
+/// The StatsD metric types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MetricType {
+    Counter = b'c',
+    Gauge = b'g',
+    Timer = b'm',
+    Histogram = b'h',
+    Distribution = b'd',
+    Set = b's',
+}
+
+impl MetricType {
+    /// The type as it is written on the wire (and in the `timers.kind` column).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricType::Counter => "c",
+            MetricType::Gauge => "g",
+            MetricType::Timer => "ms",
+            MetricType::Histogram => "h",
+            MetricType::Distribution => "d",
+            MetricType::Set => "s",
+        }
+    }
+
+    /// The inverse of `self as u8`.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            b'c' => MetricType::Counter,
+            b'g' => MetricType::Gauge,
+            b'm' => MetricType::Timer,
+            b'h' => MetricType::Histogram,
+            b'd' => MetricType::Distribution,
+            b's' => MetricType::Set,
+            _ => return None,
+        })
+    }
+
+    fn is_sampled_distribution(self) -> bool {
+        matches!(
+            self,
+            MetricType::Timer | MetricType::Histogram | MetricType::Distribution
+        )
+    }
+}
+
+/// Why a line was rejected. Each reason is a label of `tallyd_parse_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    EmptyName,
+    NameTooLong,
+    InvalidName,
+    MissingValue,
+    MissingType,
+    UnknownType,
+    InvalidValue,
+    NegativeValue,
+    InvalidSampleRate,
+    InvalidTag,
+    TooManyTags,
+    TagTooLong,
+    InvalidContainer,
+    InvalidTimestamp,
+    UnknownField,
+}
+
+impl ParseError {
+    /// Every reason, in a stable order (indexes the telemetry counters).
+    pub const ALL: [ParseError; 15] = [
+        ParseError::EmptyName,
+        ParseError::NameTooLong,
+        ParseError::InvalidName,
+        ParseError::MissingValue,
+        ParseError::MissingType,
+        ParseError::UnknownType,
+        ParseError::InvalidValue,
+        ParseError::NegativeValue,
+        ParseError::InvalidSampleRate,
+        ParseError::InvalidTag,
+        ParseError::TooManyTags,
+        ParseError::TagTooLong,
+        ParseError::InvalidContainer,
+        ParseError::InvalidTimestamp,
+        ParseError::UnknownField,
+    ];
+
+    /// A short snake_case reason, used as a metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ParseError::EmptyName => "empty_name",
+            ParseError::NameTooLong => "name_too_long",
+            ParseError::InvalidName => "invalid_name",
+            ParseError::MissingValue => "missing_value",
+            ParseError::MissingType => "missing_type",
+            ParseError::UnknownType => "unknown_type",
+            ParseError::InvalidValue => "invalid_value",
+            ParseError::NegativeValue => "negative_value",
+            ParseError::InvalidSampleRate => "invalid_sample_rate",
+            ParseError::InvalidTag => "invalid_tag",
+            ParseError::TooManyTags => "too_many_tags",
+            ParseError::TagTooLong => "tag_too_long",
+            ParseError::InvalidContainer => "invalid_container",
+            ParseError::InvalidTimestamp => "invalid_timestamp",
+            ParseError::UnknownField => "unknown_field",
+        }
+    }
+
+    /// Position in [`ParseError::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Limits a line must respect. Lengths are in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_name_len: usize,
+    pub max_tags: usize,
+    pub max_tag_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_name_len: 256,
+            max_tags: 64,
+            max_tag_len: 256,
+        }
+    }
+}
+
+/// One parsed metric line. All slices borrow from the input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Line<'a> {
+    pub name: &'a [u8],
+    pub kind: MetricType,
+    /// The first value (a set's member is in `raw_values`, this is 0 for sets).
+    pub first: f64,
+    /// For gauges: whether `first` is a signed delta.
+    pub first_is_delta: bool,
+    /// The value part as written (`1:2:3`); more values follow `first` when it
+    /// holds a `:` (never for sets, where it is the member).
+    pub raw_values: &'a [u8],
+    /// 1.0 when absent; always in (0, 1].
+    pub sample_rate: f64,
+    /// The tag section without its `#` (comma separated, not canonical).
+    pub tags: &'a [u8],
+    pub timestamp: Option<u64>,
+}
+
+/// A value of a line: the number and, for gauges, whether it is a delta.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Value {
+    pub value: f64,
+    pub delta: bool,
+}
+
+impl<'a> Line<'a> {
+    /// How many values the line carries (DogStatsD packing), 1 for sets.
+    pub fn value_count(&self) -> usize {
+        if self.kind == MetricType::Set {
+            1
+        } else {
+            1 + self.raw_values.iter().filter(|&&b| b == b':').count()
+        }
+    }
+
+    /// Every numeric value of the line, in order. Values were checked when the
+    /// line was parsed, so this does not fail. Empty for sets.
+    pub fn values(&self) -> impl Iterator<Item = Value> + 'a {
+        let kind = self.kind;
+        let first = Value {
+            value: self.first,
+            delta: self.first_is_delta,
+        };
+        let rest: &'a [u8] = if kind == MetricType::Set {
+            &[]
+        } else {
+            match self.raw_values.iter().position(|&b| b == b':') {
+                Some(i) => &self.raw_values[i + 1..],
+                None => &[],
+            }
+        };
+        let head = (kind != MetricType::Set).then_some(first);
+        head.into_iter().chain(
+            rest.split(|&b| b == b':')
+                .filter(move |_| !rest.is_empty())
+                .filter_map(move |v| parse_value(v, kind).ok()),
+        )
+    }
+}
+
+/// What a line turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Parsed<'a> {
+    Metric(Line<'a>),
+    /// A DogStatsD event (`_e{title_len,text_len}:...`).
+    Event,
+    /// A DogStatsD service check (`_sc|name|status...`).
+    ServiceCheck,
+}
+
+/// Splits a block (a datagram, a read) into lines: `\n` separated, a `\r`
+/// before the `\n` dropped, a trailing newline optional, empty lines skipped.
+pub fn lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
+    block
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter(|l| !l.is_empty())
+}
+
+/// Parses one line (without its line ending).
+pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, ParseError> {
+    if line.starts_with(b"_e{") {
+        return Ok(Parsed::Event);
+    }
+    if line.starts_with(b"_sc|") {
+        return Ok(Parsed::ServiceCheck);
+    }
+    let colon = line
+        .iter()
+        .position(|&b| b == b':' || b == b'|')
+        .ok_or(ParseError::MissingValue)?;
+    if line[colon] == b'|' {
+        return Err(ParseError::MissingValue);
+    }
+    let name = &line[..colon];
+    check_name(name, limits)?;
+    let rest = &line[colon + 1..];
+    let mut fields = rest.split(|&b| b == b'|');
+    let raw_values = fields.next().unwrap_or_default();
+    if raw_values.is_empty() {
+        return Err(ParseError::MissingValue);
+    }
+    let kind = match fields.next() {
+        None => return Err(ParseError::MissingType),
+        Some(b"c") => MetricType::Counter,
+        Some(b"g") => MetricType::Gauge,
+        Some(b"ms") => MetricType::Timer,
+        Some(b"h") => MetricType::Histogram,
+        Some(b"d") => MetricType::Distribution,
+        Some(b"s") => MetricType::Set,
+        Some(b"") => return Err(ParseError::MissingType),
+        Some(_) => return Err(ParseError::UnknownType),
+    };
+
+    let mut parsed = Line {
+        name,
+        kind,
+        first: 0.0,
+        first_is_delta: false,
+        raw_values,
+        sample_rate: 1.0,
+        tags: &[],
+        timestamp: None,
+    };
+    if kind == MetricType::Set {
+        check_text(raw_values).map_err(|_| ParseError::InvalidValue)?;
+    } else {
+        let mut values = raw_values.split(|&b| b == b':');
+        let first = parse_value(values.next().unwrap_or_default(), kind)?;
+        parsed.first = first.value;
+        parsed.first_is_delta = first.delta;
+        for v in values {
+            parse_value(v, kind)?;
+        }
+    }
+
+    let (mut seen_rate, mut seen_tags, mut seen_container, mut seen_ts) =
+        (false, false, false, false);
+    for field in fields {
+        match field.first() {
+            Some(b'@') if !seen_rate => {
+                seen_rate = true;
+                let rate = parse_f64(&field[1..]).ok_or(ParseError::InvalidSampleRate)?;
+                if !(rate > 0.0 && rate <= 1.0) {
+                    return Err(ParseError::InvalidSampleRate);
+                }
+                parsed.sample_rate = rate;
+            }
+            Some(b'#') if !seen_tags => {
+                seen_tags = true;
+                parsed.tags = &field[1..];
+                check_tags(parsed.tags, limits)?;
+            }
+            Some(b'c') if !seen_container && field.get(1) == Some(&b':') => {
+                seen_container = true;
+                let id = &field[2..];
+                if id.is_empty() || check_text(id).is_err() {
+                    return Err(ParseError::InvalidContainer);
+                }
+            }
+            Some(b'T') if !seen_ts => {
+                seen_ts = true;
+                let ts = parse_u64(&field[1..]).ok_or(ParseError::InvalidTimestamp)?;
+                parsed.timestamp = Some(ts);
+            }
+            _ => return Err(ParseError::UnknownField),
+        }
+    }
+    Ok(Parsed::Metric(parsed))
+}
+
+/// Calls `f` for each non-empty tag of a tag section, trimmed of nothing:
+/// tags are taken as written.
+pub fn for_each_tag<'a>(tags: &'a [u8], mut f: impl FnMut(&'a [u8])) {
+    if tags.is_empty() {
+        return;
+    }
+    for t in tags.split(|&b| b == b',') {
+        if !t.is_empty() {
+            f(t);
+        }
+    }
+}
+
+fn check_name(name: &[u8], limits: &Limits) -> Result<(), ParseError> {
+    if name.is_empty() {
+        return Err(ParseError::EmptyName);
+    }
+    if name.len() > limits.max_name_len {
+        return Err(ParseError::NameTooLong);
+    }
+    check_text(name).map_err(|_| ParseError::InvalidName)
+}
+
+fn check_tags(tags: &[u8], limits: &Limits) -> Result<(), ParseError> {
+    let mut count = 0usize;
+    let mut result = Ok(());
+    for_each_tag(tags, |t| {
+        if result.is_err() {
+            return;
+        }
+        count += 1;
+        result = if count > limits.max_tags {
+            Err(ParseError::TooManyTags)
+        } else if t.len() > limits.max_tag_len {
+            Err(ParseError::TagTooLong)
+        } else {
+            check_text(t).map_err(|_| ParseError::InvalidTag)
+        };
+    });
+    result
+}
+
+/// Text stored in ClickHouse: valid UTF-8 without control characters (which
+/// also keeps the key separator, 0x00, out of names and tags).
+fn check_text(s: &[u8]) -> Result<(), ()> {
+    if s.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err(());
+    }
+    if s.is_ascii() {
+        return Ok(());
+    }
+    std::str::from_utf8(s).map(|_| ()).map_err(|_| ())
+}
+
+fn parse_value(v: &[u8], kind: MetricType) -> Result<Value, ParseError> {
+    if v.is_empty() {
+        return Err(ParseError::MissingValue);
+    }
+    let delta = kind == MetricType::Gauge && matches!(v[0], b'+' | b'-');
+    let value = parse_f64(v).ok_or(ParseError::InvalidValue)?;
+    if kind.is_sampled_distribution() && value < 0.0 {
+        return Err(ParseError::NegativeValue);
+    }
+    Ok(Value { value, delta })
+}
+
+/// A finite decimal number. Plain integers take a fast path.
+pub fn parse_f64(s: &[u8]) -> Option<f64> {
+    let digits = match s.first() {
+        Some(b'+') | Some(b'-') => &s[1..],
+        _ => s,
+    };
+    if !digits.is_empty() && digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) {
+        let n = digits
+            .iter()
+            .fold(0u64, |acc, &d| acc * 10 + u64::from(d - b'0'));
+        let n = n as f64;
+        return Some(if s[0] == b'-' { -n } else { n });
+    }
+    // std accepts "inf", "nan" and "infinity": only digits, sign, dot and
+    // exponent are StatsD numbers.
+    if digits.is_empty()
+        || !digits
+            .iter()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
+    {
+        return None;
+    }
+    let text = std::str::from_utf8(s).ok()?;
+    text.parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
+fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        s.iter()
+            .fold(0u64, |acc, &d| acc * 10 + u64::from(d - b'0')),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Line<'_>, ParseError> {
+        match parse_line(s.as_bytes(), &Limits::default())? {
+            Parsed::Metric(l) => Ok(l),
+            other => panic!("not a metric: {other:?}"),
+        }
+    }
+
+    fn values(s: &str) -> Vec<(f64, bool)> {
+        parse(s)
+            .unwrap()
+            .values()
+            .map(|v| (v.value, v.delta))
+            .collect()
+    }
+
+    #[test]
+    fn counter() {
+        let l = parse("page.views:3|c").unwrap();
+        assert_eq!(l.name, b"page.views");
+        assert_eq!(l.kind, MetricType::Counter);
+        assert_eq!(values("page.views:3|c"), vec![(3.0, false)]);
+        assert_eq!(l.sample_rate, 1.0);
+    }
+
+    #[test]
+    fn float_counter() {
+        assert_eq!(values("x:2.5|c"), vec![(2.5, false)]);
+        assert_eq!(values("x:-1.5e2|c"), vec![(-150.0, false)]);
+    }
+
+    #[test]
+    fn sampled_counter() {
+        let l = parse("x:1|c|@0.1").unwrap();
+        assert_eq!(l.sample_rate, 0.1);
+    }
+
+    #[test]
+    fn absolute_gauge() {
+        assert_eq!(values("load:0.5|g"), vec![(0.5, false)]);
+    }
+
+    #[test]
+    fn signed_gauge_is_delta() {
+        assert_eq!(values("load:+4|g"), vec![(4.0, true)]);
+        assert_eq!(values("load:-4|g"), vec![(-4.0, true)]);
+    }
+
+    #[test]
+    fn signed_counter_is_not_delta() {
+        assert_eq!(values("x:+4|c"), vec![(4.0, false)]);
+    }
+
+    #[test]
+    fn timer_histogram_distribution() {
+        assert_eq!(parse("t:12.5|ms").unwrap().kind, MetricType::Timer);
+        assert_eq!(parse("t:12|h").unwrap().kind, MetricType::Histogram);
+        assert_eq!(parse("t:12|d").unwrap().kind, MetricType::Distribution);
+    }
+
+    #[test]
+    fn negative_timer_is_rejected() {
+        assert_eq!(parse("t:-1|ms"), Err(ParseError::NegativeValue));
+        assert_eq!(parse("t:1:-1|h"), Err(ParseError::NegativeValue));
+    }
+
+    #[test]
+    fn set_member_is_any_string() {
+        let l = parse("users:alice:smith@x|s").unwrap();
+        assert_eq!(l.kind, MetricType::Set);
+        assert_eq!(l.raw_values, b"alice:smith@x");
+        assert_eq!(l.value_count(), 1);
+        assert_eq!(l.values().count(), 0);
+    }
+
+    #[test]
+    fn multi_value_packing() {
+        assert_eq!(
+            values("t:1:2:3|ms"),
+            vec![(1.0, false), (2.0, false), (3.0, false)]
+        );
+        assert_eq!(parse("t:1:2:3|ms").unwrap().value_count(), 3);
+        assert_eq!(
+            values("g:+1:-2:5|g"),
+            vec![(1.0, true), (-2.0, true), (5.0, false)]
+        );
+    }
+
+    #[test]
+    fn one_bad_packed_value_rejects_the_line() {
+        assert_eq!(parse("t:1:x:3|ms"), Err(ParseError::InvalidValue));
+        assert_eq!(parse("t:1::3|c"), Err(ParseError::MissingValue));
+    }
+
+    #[test]
+    fn tags_are_kept_raw() {
+        let l = parse("x:1|c|#b:2,a:1").unwrap();
+        assert_eq!(l.tags, b"b:2,a:1");
+    }
+
+    #[test]
+    fn all_fields_in_any_order() {
+        let l = parse("x:1|c|T1700000000|c:abc123|#env:prod|@0.5").unwrap();
+        assert_eq!(l.timestamp, Some(1_700_000_000));
+        assert_eq!(l.sample_rate, 0.5);
+        assert_eq!(l.tags, b"env:prod");
+    }
+
+    #[test]
+    fn duplicate_field_is_rejected() {
+        assert_eq!(parse("x:1|c|@0.5|@0.5"), Err(ParseError::UnknownField));
+        assert_eq!(parse("x:1|c|#a|#b"), Err(ParseError::UnknownField));
+    }
+
+    #[test]
+    fn events_and_service_checks_are_recognised() {
+        let l = Limits::default();
+        assert_eq!(
+            parse_line(b"_e{5,4}:title|text|#a:b", &l),
+            Ok(Parsed::Event)
+        );
+        assert_eq!(
+            parse_line(b"_sc|my.check|0|#a:b", &l),
+            Ok(Parsed::ServiceCheck)
+        );
+    }
+
+    #[test]
+    fn malformed_lines() {
+        let cases: &[(&str, ParseError)] = &[
+            ("x", ParseError::MissingValue),
+            ("x|c", ParseError::MissingValue),
+            (":1|c", ParseError::EmptyName),
+            ("x:|c", ParseError::MissingValue),
+            ("x:1", ParseError::MissingType),
+            ("x:1|", ParseError::MissingType),
+            ("x:1|q", ParseError::UnknownType),
+            ("x:1|cc", ParseError::UnknownType),
+            ("x:abc|c", ParseError::InvalidValue),
+            ("x:nan|c", ParseError::InvalidValue),
+            ("x:inf|g", ParseError::InvalidValue),
+            ("x:1e999|c", ParseError::InvalidValue),
+            ("x:--1|g", ParseError::InvalidValue),
+            ("x:1|c|@0", ParseError::InvalidSampleRate),
+            ("x:1|c|@1.5", ParseError::InvalidSampleRate),
+            ("x:1|c|@-1", ParseError::InvalidSampleRate),
+            ("x:1|c|@", ParseError::InvalidSampleRate),
+            ("x:1|c|Tabc", ParseError::InvalidTimestamp),
+            ("x:1|c|T", ParseError::InvalidTimestamp),
+            ("x:1|c|c:", ParseError::InvalidContainer),
+            ("x:1|c|zzz", ParseError::UnknownField),
+            ("x:1|c|", ParseError::UnknownField),
+            ("x\u{1}y:1|c", ParseError::InvalidName),
+            ("x:1|c|#a\u{7f}", ParseError::InvalidTag),
+        ];
+        for (line, want) in cases {
+            assert_eq!(parse(line).err(), Some(*want), "line {line:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_name_is_rejected() {
+        assert_eq!(
+            parse_line(b"x\xff:1|c", &Limits::default()),
+            Err(ParseError::InvalidName)
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = Limits {
+            max_name_len: 4,
+            max_tags: 2,
+            max_tag_len: 3,
+        };
+        let p = |s: &str| parse_line(s.as_bytes(), &limits).err();
+        assert_eq!(p("abcde:1|c"), Some(ParseError::NameTooLong));
+        assert_eq!(p("abcd:1|c"), None);
+        assert_eq!(p("a:1|c|#a,b,c"), Some(ParseError::TooManyTags));
+        assert_eq!(p("a:1|c|#a,,b"), None);
+        assert_eq!(p("a:1|c|#abcd"), Some(ParseError::TagTooLong));
+    }
+
+    #[test]
+    fn utf8_names_and_tags_are_accepted() {
+        let l = parse("größe:1|c|#stadt:köln").unwrap();
+        assert_eq!(l.name, "größe".as_bytes());
+    }
+
+    #[test]
+    fn lines_split_on_lf_and_crlf() {
+        let got: Vec<&[u8]> = lines(b"a:1|c\r\nb:2|c\n\nc:3|c").collect();
+        assert_eq!(got, vec![&b"a:1|c"[..], b"b:2|c", b"c:3|c"]);
+        assert_eq!(lines(b"a:1|c\n").count(), 1);
+        assert_eq!(lines(b"").count(), 0);
+    }
+
+    #[test]
+    fn arbitrary_bytes_do_not_panic() {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let alphabet = b"ab:|@#,.-+e0123456789cgmshdT_{}\r\n\xff\x00";
+        for _ in 0..20_000 {
+            let mut buf = [0u8; 24];
+            for b in buf.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                *b = alphabet[(seed % alphabet.len() as u64) as usize];
+            }
+            for line in lines(&buf) {
+                if let Ok(Parsed::Metric(l)) = parse_line(line, &Limits::default()) {
+                    assert_eq!(
+                        l.values().count(),
+                        if l.kind == MetricType::Set {
+                            0
+                        } else {
+                            l.value_count()
+                        }
+                    );
+                }
+            }
+        }
+    }
+}

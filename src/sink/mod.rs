@@ -1,0 +1,301 @@
+//! The ClickHouse sink: takes closed batches off a bounded queue and writes
+//! them, one `INSERT ... FORMAT RowBinary` per table per batch.
+//!
+//! Errors are classified: an outage (network, timeout, a server error that is
+//! not about the data) is retried with capped exponential backoff and jitter,
+//! for as long as it takes; an answer that says the data itself is bad
+//! (`Code: 53`, `117`, ...) is logged with the reason, counted in
+//! `tallyd_rows_rejected_total` and not retried. A retried batch is sent with
+//! the same rows and `flush_id`, which the ReplacingMergeTree tables collapse.
+//!
+//! The queue in front of the sink is bounded (`flush_queue` batches); when it
+//! is full, the flush stage does not close the interval, so the current
+//! generation keeps compacting samples and memory stays bounded by the key
+//! limit.
+
+pub mod rows;
+pub mod schema;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use clickhouse::{Client, Row, RowWrite};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::telemetry::{TABLES, Telemetry};
+use rows::{Batch, EncodedLen};
+
+/// How the sink reaches ClickHouse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkConfig {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    pub create_schema: bool,
+    pub timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// What to do about a failed insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The server or the network failed: try again later.
+    Retry,
+    /// The server says the data is bad: sending it again cannot help.
+    Reject,
+}
+
+/// ClickHouse error codes that mean the rows themselves are unacceptable.
+const BAD_DATA_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    130, // CANNOT_READ_ARRAY_FROM_TEXT
+    190, // SIZES_OF_ARRAYS_DOESNT_MATCH
+];
+
+/// ClickHouse error codes meaning the database or a table is missing.
+const MISSING_SCHEMA_CODES: &[u32] = &[60, 81];
+
+/// The `Code: N` of a ClickHouse error message, if it has one.
+pub fn error_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + 6..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Classifies a failed insert.
+pub fn classify(err: &clickhouse::error::Error) -> Failure {
+    use clickhouse::error::Error as E;
+    match err {
+        E::BadResponse(msg) => match error_code(msg) {
+            Some(code) if BAD_DATA_CODES.contains(&code) => Failure::Reject,
+            _ => Failure::Retry,
+        },
+        // Our own rows failed to serialize: they will fail the same way again.
+        E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => Failure::Reject,
+        _ => Failure::Retry,
+    }
+}
+
+/// The delay before retry number `attempt` (0-based): exponential from
+/// `initial`, capped at `max`, with jitter in [50 %, 100 %] of the step.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
+    let step = initial
+        .saturating_mul(2u32.saturating_pow(attempt.min(30)))
+        .min(max);
+    step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+fn jitter() -> f64 {
+    let nanos = crate::aggregate::wall_clock().subsec_nanos() as u64;
+    let mixed = nanos.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
+    mixed as f64 / (1u64 << 53) as f64
+}
+
+pub struct Sink {
+    client: Client,
+    admin: Client,
+    config: SinkConfig,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Sink {
+    pub fn new(config: SinkConfig, telemetry: Arc<Telemetry>) -> Sink {
+        let admin = Client::default()
+            .with_url(&config.url)
+            .with_user(&config.user)
+            .with_password(&config.password)
+            .with_validation(false);
+        let client = admin.clone().with_database(&config.database);
+        Sink {
+            client,
+            admin,
+            config,
+            telemetry,
+        }
+    }
+
+    /// The server's version string (`SELECT version()`).
+    pub async fn server_version(&self) -> Result<String, clickhouse::error::Error> {
+        self.admin
+            .query("SELECT version()")
+            .fetch_one::<String>()
+            .await
+    }
+
+    /// Creates the database and tables if they are missing.
+    pub async fn ensure_schema(&self) -> Result<(), clickhouse::error::Error> {
+        for statement in schema::ddl(&self.config.database) {
+            self.admin.query(&statement).execute().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes batches until the queue closes.
+    pub async fn run(self, mut queue: mpsc::Receiver<Batch>) {
+        while let Some(batch) = queue.recv().await {
+            self.write(&batch).await;
+            self.telemetry.backlog_batches.fetch_sub(1, Relaxed);
+            self.telemetry
+                .backlog_rows
+                .fetch_sub(batch.rows() as u64, Relaxed);
+        }
+    }
+
+    /// Writes one batch, every table, retrying until each table is either
+    /// written or rejected.
+    pub async fn write(&self, batch: &Batch) {
+        self.write_table::<rows::CounterRow>(0, &batch.counters, batch.flush_id)
+            .await;
+        self.write_table::<rows::GaugeRow>(1, &batch.gauges, batch.flush_id)
+            .await;
+        self.write_table::<rows::TimerRow>(2, &batch.timers, batch.flush_id)
+            .await;
+        self.write_table::<rows::SetRow>(3, &batch.sets, batch.flush_id)
+            .await;
+    }
+
+    async fn write_table<T>(&self, table: usize, rows: &[T], flush_id: u64)
+    where
+        T: Row + RowWrite + for<'a> Row<Value<'a> = T> + Serialize + EncodedLen,
+    {
+        if rows.is_empty() {
+            return;
+        }
+        let name = TABLES[table];
+        let mut attempt = 0;
+        loop {
+            match self.insert(name, rows).await {
+                Ok(bytes) => {
+                    self.telemetry.rows_written[table].fetch_add(rows.len() as u64, Relaxed);
+                    self.telemetry.bytes_written[table].fetch_add(bytes, Relaxed);
+                    if attempt > 0 {
+                        tracing::info!(
+                            table = name,
+                            flush_id,
+                            attempts = attempt + 1,
+                            "insert succeeded after retries"
+                        );
+                    }
+                    return;
+                }
+                Err(err) => match classify(&err) {
+                    Failure::Reject => {
+                        self.telemetry.clickhouse_rejections.fetch_add(1, Relaxed);
+                        self.telemetry.rows_rejected[table].fetch_add(rows.len() as u64, Relaxed);
+                        tracing::error!(table = name, flush_id, rows = rows.len(), error = %err, "ClickHouse rejected the rows as bad data; not retrying");
+                        return;
+                    }
+                    Failure::Retry => {
+                        self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
+                        let delay = backoff(
+                            attempt,
+                            self.config.retry_initial,
+                            self.config.retry_max,
+                            jitter(),
+                        );
+                        tracing::warn!(table = name, flush_id, attempt = attempt + 1, retry_in = ?delay, error = %err, "insert failed; will retry");
+                        tokio::time::sleep(delay).await;
+                        attempt += 1;
+                        if let clickhouse::error::Error::BadResponse(msg) = &err
+                            && error_code(msg).is_some_and(|c| MISSING_SCHEMA_CODES.contains(&c))
+                            && self.config.create_schema
+                            && let Err(e) = self.ensure_schema().await
+                        {
+                            tracing::warn!(error = %e, "re-creating the schema failed");
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<u64, clickhouse::error::Error>
+    where
+        T: Row + RowWrite + for<'a> Row<Value<'a> = T> + Serialize + EncodedLen,
+    {
+        let mut insert = self
+            .client
+            .insert::<T>(table)
+            .await?
+            .with_timeouts(Some(self.config.timeout), Some(self.config.timeout));
+        let mut bytes = 0;
+        for row in rows {
+            insert.write(row).await?;
+            bytes += row.encoded_len();
+        }
+        insert.end().await?;
+        Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_code_is_read_from_the_message() {
+        assert_eq!(
+            error_code("Code: 53, e.displayText() = DB::Exception: Type mismatch"),
+            Some(53)
+        );
+        assert_eq!(error_code("Code: 117. DB::Exception: bad"), Some(117));
+        assert_eq!(error_code("connection refused"), None);
+    }
+
+    #[test]
+    fn bad_data_is_rejected_outage_is_retried() {
+        use clickhouse::error::Error as E;
+        assert_eq!(
+            classify(&E::BadResponse(
+                "Code: 53, e.displayText() = DB::Exception".into()
+            )),
+            Failure::Reject
+        );
+        assert_eq!(
+            classify(&E::BadResponse("Code: 117. DB::Exception".into())),
+            Failure::Reject
+        );
+        assert_eq!(
+            classify(&E::BadResponse("Code: 241. Memory limit".into())),
+            Failure::Retry
+        );
+        assert_eq!(
+            classify(&E::BadResponse("Code: 60. Table doesn't exist".into())),
+            Failure::Retry
+        );
+        assert_eq!(classify(&E::TimedOut), Failure::Retry);
+        assert_eq!(classify(&E::Network("refused".into())), Failure::Retry);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(10));
+        assert_eq!(backoff(0, i, m, 1.0), Duration::from_millis(100));
+        assert_eq!(backoff(3, i, m, 1.0), Duration::from_millis(800));
+        assert_eq!(backoff(20, i, m, 1.0), m);
+        assert_eq!(backoff(u32::MAX, i, m, 0.0), m / 2);
+    }
+
+    #[test]
+    fn jitter_is_a_fraction() {
+        let j = jitter();
+        assert!((0.0..1.0).contains(&j));
+    }
+}

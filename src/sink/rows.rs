@@ -1,0 +1,388 @@
+//! Rows: a closed generation turned into one row per key, per table.
+
+use std::collections::HashMap;
+
+use clickhouse::Row;
+use serde::Serialize;
+
+use crate::aggregate::Generation;
+use crate::aggregate::acc::Acc;
+use crate::aggregate::key;
+
+#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+pub struct CounterRow {
+    pub ts: u32,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub host: String,
+    pub flush_id: u64,
+    pub value: f64,
+    pub samples: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+pub struct GaugeRow {
+    pub ts: u32,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub host: String,
+    pub value: f64,
+    pub version: u64,
+    pub samples: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+pub struct TimerRow {
+    pub ts: u32,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub host: String,
+    pub flush_id: u64,
+    pub kind: String,
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub samples: u64,
+    pub bucket_values: Vec<f64>,
+    pub bucket_counts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+pub struct SetRow {
+    pub ts: u32,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub host: String,
+    pub flush_id: u64,
+    pub cardinality: u64,
+    pub samples: u64,
+    pub member_hashes: Vec<u64>,
+}
+
+/// The rows of one flush: one per key, split by table.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Batch {
+    pub flush_id: u64,
+    /// Start of the interval, Unix seconds.
+    pub ts: u32,
+    pub counters: Vec<CounterRow>,
+    pub gauges: Vec<GaugeRow>,
+    pub timers: Vec<TimerRow>,
+    pub sets: Vec<SetRow>,
+    /// Raw increments the batch compacts.
+    pub samples: u64,
+}
+
+impl Batch {
+    pub fn rows(&self) -> usize {
+        self.counters.len() + self.gauges.len() + self.timers.len() + self.sets.len()
+    }
+}
+
+/// The last flushed value of each gauge, so that a delta arriving in a later
+/// interval applies to it. Bounded: past `max_keys` gauges, new gauges are
+/// not remembered (their later deltas start from 0) and that is counted.
+#[derive(Debug)]
+pub struct GaugeMemory {
+    values: HashMap<Box<[u8]>, f64>,
+    max_keys: usize,
+}
+
+impl GaugeMemory {
+    pub fn new(max_keys: usize) -> GaugeMemory {
+        GaugeMemory {
+            values: HashMap::new(),
+            max_keys,
+        }
+    }
+
+    /// Resolves a gauge's value and remembers it. Returns the value and
+    /// whether it could not be remembered.
+    fn settle(&mut self, key: Box<[u8]>, g: &crate::aggregate::acc::GaugeAcc) -> (f64, bool) {
+        let previous = self.values.get(&key).copied();
+        let value = g.resolve(previous);
+        if previous.is_some() || self.values.len() < self.max_keys {
+            self.values.insert(key, value);
+            (value, false)
+        } else {
+            (value, true)
+        }
+    }
+}
+
+/// Turns a closed generation into rows. Returns the batch and how many
+/// gauges could not be remembered.
+pub fn build(
+    generation: Generation,
+    flush_id: u64,
+    host: &str,
+    gauges: &mut GaugeMemory,
+) -> (Batch, u64) {
+    let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
+    let mut batch = Batch {
+        flush_id,
+        ts,
+        samples: generation.pending.into_inner(),
+        ..Batch::default()
+    };
+    let mut forgotten = 0;
+    for (k, acc) in generation.map {
+        let Some(parts) = key::split(&k) else {
+            continue;
+        };
+        let name = parts.name.to_owned();
+        let tags: Vec<String> = parts.tags.iter().map(|t| (*t).to_owned()).collect();
+        let host = host.to_owned();
+        let kind = parts.kind.as_str();
+        match acc {
+            Acc::Counter { sum, samples } => batch.counters.push(CounterRow {
+                ts,
+                name,
+                tags,
+                host,
+                flush_id,
+                value: sum,
+                samples,
+            }),
+            Acc::Gauge(g) => {
+                let (value, lost) = gauges.settle(k, &g);
+                forgotten += u64::from(lost);
+                batch.gauges.push(GaugeRow {
+                    ts,
+                    name,
+                    tags,
+                    host,
+                    value,
+                    version: flush_id,
+                    samples: g.samples,
+                });
+            }
+            Acc::Dist(d) => {
+                let (bucket_values, bucket_counts) = d.buckets();
+                batch.timers.push(TimerRow {
+                    ts,
+                    name,
+                    tags,
+                    host,
+                    flush_id,
+                    kind: kind.to_owned(),
+                    count: d.count,
+                    sum: d.sum,
+                    min: d.min,
+                    max: d.max,
+                    p50: d.quantile(0.50),
+                    p90: d.quantile(0.90),
+                    p95: d.quantile(0.95),
+                    p99: d.quantile(0.99),
+                    samples: d.samples,
+                    bucket_values,
+                    bucket_counts,
+                });
+            }
+            Acc::Set(s) => {
+                let mut member_hashes: Vec<u64> = s.members.into_iter().collect();
+                member_hashes.sort_unstable();
+                batch.sets.push(SetRow {
+                    ts,
+                    name,
+                    tags,
+                    host,
+                    flush_id,
+                    cardinality: member_hashes.len() as u64,
+                    samples: s.samples,
+                    member_hashes,
+                });
+            }
+        }
+    }
+    (batch, forgotten)
+}
+
+/// Bytes a row takes in RowBinary (what is sent to ClickHouse).
+pub trait EncodedLen {
+    fn encoded_len(&self) -> u64;
+}
+
+fn str_len(s: &str) -> u64 {
+    varint_len(s.len() as u64) + s.len() as u64
+}
+
+fn strings_len(v: &[String]) -> u64 {
+    varint_len(v.len() as u64) + v.iter().map(|s| str_len(s)).sum::<u64>()
+}
+
+fn array8_len(n: usize) -> u64 {
+    varint_len(n as u64) + 8 * n as u64
+}
+
+fn varint_len(mut n: u64) -> u64 {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
+}
+
+impl EncodedLen for CounterRow {
+    fn encoded_len(&self) -> u64 {
+        4 + str_len(&self.name) + strings_len(&self.tags) + str_len(&self.host) + 8 * 3
+    }
+}
+
+impl EncodedLen for GaugeRow {
+    fn encoded_len(&self) -> u64 {
+        4 + str_len(&self.name) + strings_len(&self.tags) + str_len(&self.host) + 8 * 3
+    }
+}
+
+impl EncodedLen for TimerRow {
+    fn encoded_len(&self) -> u64 {
+        4 + str_len(&self.name)
+            + strings_len(&self.tags)
+            + str_len(&self.host)
+            + str_len(&self.kind)
+            + 8 * 10
+            + array8_len(self.bucket_values.len())
+            + array8_len(self.bucket_counts.len())
+    }
+}
+
+impl EncodedLen for SetRow {
+    fn encoded_len(&self) -> u64 {
+        4 + str_len(&self.name)
+            + strings_len(&self.tags)
+            + str_len(&self.host)
+            + 8 * 3
+            + array8_len(self.member_hashes.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{AggregateLimits, Aggregator, Scratch};
+    use crate::protocol::statsd::Limits;
+    use crate::telemetry::BlockStats;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn generation(block: &str, started: u64) -> Generation {
+        let a = Aggregator::new(
+            AggregateLimits {
+                max_keys: 100,
+                max_set_members: 100,
+                max_depth: 1000,
+            },
+            Limits::default(),
+            Duration::ZERO,
+        );
+        a.ingest_block(
+            block.as_bytes(),
+            &mut Scratch::default(),
+            &mut BlockStats::default(),
+        );
+        let g = a.swap(Duration::ZERO);
+        let mut g = Arc::try_unwrap(g).expect("unique");
+        g.started = Duration::from_secs(started);
+        g
+    }
+
+    #[test]
+    fn one_counter_row_per_key() {
+        let g = generation("c:1|c|#b,a\nc:2|c|#a,b\nc:5|c", 1_700_000_000);
+        let (mut batch, _) = build(g, 7, "h1", &mut GaugeMemory::new(10));
+        batch.counters.sort_by(|a, b| a.tags.cmp(&b.tags));
+        assert_eq!(
+            batch.counters,
+            vec![
+                CounterRow {
+                    ts: 1_700_000_000,
+                    name: "c".into(),
+                    tags: vec![],
+                    host: "h1".into(),
+                    flush_id: 7,
+                    value: 5.0,
+                    samples: 1
+                },
+                CounterRow {
+                    ts: 1_700_000_000,
+                    name: "c".into(),
+                    tags: vec!["a".into(), "b".into()],
+                    host: "h1".into(),
+                    flush_id: 7,
+                    value: 3.0,
+                    samples: 2
+                },
+            ]
+        );
+        assert_eq!(batch.samples, 3);
+    }
+
+    #[test]
+    fn gauge_delta_applies_to_the_previous_flush() {
+        let mut memory = GaugeMemory::new(10);
+        let (first, _) = build(generation("g:10|g", 1), 1, "h", &mut memory);
+        assert_eq!(first.gauges[0].value, 10.0);
+        let (second, _) = build(generation("g:+5|g\ng:-1|g", 2), 2, "h", &mut memory);
+        assert_eq!(
+            (second.gauges[0].value, second.gauges[0].version),
+            (14.0, 2)
+        );
+    }
+
+    #[test]
+    fn gauge_memory_is_bounded() {
+        let mut memory = GaugeMemory::new(1);
+        let (_, forgotten) = build(generation("a:1|g\nb:2|g", 1), 1, "h", &mut memory);
+        assert_eq!(forgotten, 1);
+    }
+
+    #[test]
+    fn timer_row_has_summary_and_buckets() {
+        let (batch, _) = build(
+            generation("t:10:20:30|ms|@0.5", 1),
+            1,
+            "h",
+            &mut GaugeMemory::new(1),
+        );
+        let t = &batch.timers[0];
+        assert_eq!(
+            (t.kind.as_str(), t.count, t.sum, t.min, t.max, t.samples),
+            ("ms", 6, 120.0, 10.0, 30.0, 3)
+        );
+        assert_eq!(t.bucket_counts.iter().sum::<u64>(), 6);
+    }
+
+    #[test]
+    fn set_row_counts_distinct_members() {
+        let (batch, _) = build(
+            generation("s:a|s\ns:b|s\ns:a|s", 1),
+            1,
+            "h",
+            &mut GaugeMemory::new(1),
+        );
+        assert_eq!((batch.sets[0].cardinality, batch.sets[0].samples), (2, 3));
+        assert_eq!(batch.sets[0].member_hashes.len(), 2);
+    }
+
+    #[test]
+    fn encoded_len_counts_varints_and_arrays() {
+        let row = CounterRow {
+            ts: 0,
+            name: "ab".into(),
+            tags: vec!["x".into()],
+            host: "h".into(),
+            flush_id: 0,
+            value: 0.0,
+            samples: 0,
+        };
+        // ts 4, name 1+2, tags 1+(1+1), host 1+1, 3 x 8
+        assert_eq!(row.encoded_len(), 4 + 3 + 3 + 2 + 24);
+    }
+}

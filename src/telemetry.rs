@@ -1,0 +1,349 @@
+//! tallyd's own metrics: every counted event has its name here, and
+//! [`Telemetry::render`] prints them in the Prometheus text format.
+//!
+//! Hot paths count into a local [`BlockStats`] and add it here once per
+//! datagram or read, so the atomics are touched once per block, not per line.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::protocol::statsd::ParseError;
+
+/// Counters of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Datagrams (UDP) or reads (TCP).
+    pub blocks: AtomicU64,
+    pub bytes: AtomicU64,
+    pub lines: AtomicU64,
+    pub parse_errors: [AtomicU64; ParseError::ALL.len()],
+    pub events: AtomicU64,
+    pub service_checks: AtomicU64,
+}
+
+/// What one block of input produced, counted locally.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BlockStats {
+    pub bytes: u64,
+    pub lines: u64,
+    /// Raw increments applied to accumulators.
+    pub samples: u64,
+    pub parse_errors: [u64; ParseError::ALL.len()],
+    pub events: u64,
+    pub service_checks: u64,
+    /// Samples of new keys refused because the key limit was reached.
+    pub dropped_key_limit: u64,
+    /// Set members refused because their set was at its member limit.
+    pub dropped_set_members: u64,
+}
+
+impl BlockStats {
+    pub fn parse_error_total(&self) -> u64 {
+        self.parse_errors.iter().sum()
+    }
+}
+
+/// Tables tallyd writes, in a stable order.
+pub const TABLES: [&str; 4] = ["counters", "gauges", "timers", "sets"];
+
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    pub udp: ListenerStats,
+    pub tcp: ListenerStats,
+    pub samples: AtomicU64,
+    pub dropped_key_limit: AtomicU64,
+    pub dropped_set_members: AtomicU64,
+    pub dropped_gauge_memory: AtomicU64,
+    pub tcp_lines_too_long: AtomicU64,
+    pub tcp_connections: AtomicU64,
+    pub tcp_connections_refused: AtomicU64,
+    pub udp_kernel_drops: AtomicU64,
+    pub live_keys: AtomicU64,
+    pub pending_samples: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flushes_by_depth: AtomicU64,
+    pub flushes_deferred: AtomicU64,
+    pub flush_nanos: AtomicU64,
+    pub backlog_batches: AtomicU64,
+    pub backlog_rows: AtomicU64,
+    pub rows_written: [AtomicU64; 4],
+    pub bytes_written: [AtomicU64; 4],
+    pub rows_rejected: [AtomicU64; 4],
+    pub clickhouse_retries: AtomicU64,
+    pub clickhouse_rejections: AtomicU64,
+    pub rows_lost_at_shutdown: AtomicU64,
+}
+
+impl Telemetry {
+    /// Adds a block's local counts to a listener and to the totals.
+    pub fn record_block(&self, listener: &ListenerStats, b: &BlockStats) {
+        listener.blocks.fetch_add(1, Relaxed);
+        listener.bytes.fetch_add(b.bytes, Relaxed);
+        listener.lines.fetch_add(b.lines, Relaxed);
+        for (c, n) in listener.parse_errors.iter().zip(b.parse_errors) {
+            if n > 0 {
+                c.fetch_add(n, Relaxed);
+            }
+        }
+        add_nonzero(&listener.events, b.events);
+        add_nonzero(&listener.service_checks, b.service_checks);
+        self.samples.fetch_add(b.samples, Relaxed);
+        add_nonzero(&self.dropped_key_limit, b.dropped_key_limit);
+        add_nonzero(&self.dropped_set_members, b.dropped_set_members);
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut m = Metrics(&mut out);
+        for (name, l) in [("udp", &self.udp), ("tcp", &self.tcp)] {
+            let lab = format!("listener=\"{name}\"");
+            m.counter(
+                "tallyd_received_blocks_total",
+                "Datagrams (UDP) or reads (TCP) received.",
+                &lab,
+                &l.blocks,
+            );
+            m.counter(
+                "tallyd_received_bytes_total",
+                "Bytes received.",
+                &lab,
+                &l.bytes,
+            );
+            m.counter(
+                "tallyd_received_lines_total",
+                "StatsD lines received, good or bad.",
+                &lab,
+                &l.lines,
+            );
+            m.counter(
+                "tallyd_events_total",
+                "DogStatsD events recognised (not stored yet).",
+                &lab,
+                &l.events,
+            );
+            m.counter(
+                "tallyd_service_checks_total",
+                "DogStatsD service checks recognised (not stored yet).",
+                &lab,
+                &l.service_checks,
+            );
+            for (e, c) in ParseError::ALL.iter().zip(&l.parse_errors) {
+                let lab = format!("{lab},reason=\"{}\"", e.reason());
+                m.counter(
+                    "tallyd_parse_errors_total",
+                    "Lines rejected, by reason.",
+                    &lab,
+                    c,
+                );
+            }
+        }
+        m.counter(
+            "tallyd_samples_total",
+            "Raw increments applied to accumulators.",
+            "",
+            &self.samples,
+        );
+        for (reason, c) in [
+            ("key_limit", &self.dropped_key_limit),
+            ("set_member_limit", &self.dropped_set_members),
+            ("gauge_memory_limit", &self.dropped_gauge_memory),
+            ("tcp_line_too_long", &self.tcp_lines_too_long),
+            ("udp_kernel", &self.udp_kernel_drops),
+        ] {
+            m.counter(
+                "tallyd_dropped_total",
+                "Samples (or lines) dropped, by reason.",
+                &format!("reason=\"{reason}\""),
+                c,
+            );
+        }
+        m.counter(
+            "tallyd_tcp_connections_total",
+            "TCP connections accepted.",
+            "",
+            &self.tcp_connections,
+        );
+        m.counter(
+            "tallyd_tcp_connections_refused_total",
+            "TCP connections closed at once: connection limit reached.",
+            "",
+            &self.tcp_connections_refused,
+        );
+        m.gauge(
+            "tallyd_live_keys",
+            "Keys in the current interval.",
+            "",
+            &self.live_keys,
+        );
+        m.gauge(
+            "tallyd_pending_samples",
+            "Raw increments in the current interval, not yet flushed.",
+            "",
+            &self.pending_samples,
+        );
+        m.counter(
+            "tallyd_flushes_total",
+            "Intervals closed and queued for ClickHouse.",
+            "",
+            &self.flushes,
+        );
+        m.counter(
+            "tallyd_flushes_max_depth_total",
+            "Flushes started early because max_depth samples were pending.",
+            "",
+            &self.flushes_by_depth,
+        );
+        m.counter("tallyd_flushes_deferred_total", "Flush ticks skipped because the ClickHouse queue was full (the interval keeps aggregating).", "", &self.flushes_deferred);
+        m.counter(
+            "tallyd_flush_seconds_total",
+            "Time spent closing intervals into rows.",
+            "",
+            &Seconds(&self.flush_nanos),
+        );
+        m.gauge(
+            "tallyd_backlog_batches",
+            "Closed intervals waiting for ClickHouse.",
+            "",
+            &self.backlog_batches,
+        );
+        m.gauge(
+            "tallyd_backlog_rows",
+            "Rows waiting for ClickHouse.",
+            "",
+            &self.backlog_rows,
+        );
+        for (i, table) in TABLES.iter().enumerate() {
+            let lab = format!("table=\"{table}\"");
+            m.counter(
+                "tallyd_rows_written_total",
+                "Rows ClickHouse confirmed.",
+                &lab,
+                &self.rows_written[i],
+            );
+            m.counter(
+                "tallyd_bytes_written_total",
+                "RowBinary bytes ClickHouse confirmed.",
+                &lab,
+                &self.bytes_written[i],
+            );
+            m.counter(
+                "tallyd_rows_rejected_total",
+                "Rows ClickHouse refused as bad data (not retried).",
+                &lab,
+                &self.rows_rejected[i],
+            );
+        }
+        m.counter(
+            "tallyd_clickhouse_errors_total",
+            "Failed inserts that will be retried.",
+            "kind=\"retried\"",
+            &self.clickhouse_retries,
+        );
+        m.counter(
+            "tallyd_clickhouse_errors_total",
+            "Failed inserts that will be retried.",
+            "kind=\"rejected\"",
+            &self.clickhouse_rejections,
+        );
+        m.counter(
+            "tallyd_rows_lost_at_shutdown_total",
+            "Rows still unsent when the shutdown timeout ran out.",
+            "",
+            &self.rows_lost_at_shutdown,
+        );
+        out
+    }
+}
+
+fn add_nonzero(c: &AtomicU64, n: u64) {
+    if n > 0 {
+        c.fetch_add(n, Relaxed);
+    }
+}
+
+/// A value the renderer can print.
+trait Sample {
+    fn text(&self) -> String;
+}
+
+impl Sample for AtomicU64 {
+    fn text(&self) -> String {
+        self.load(Relaxed).to_string()
+    }
+}
+
+struct Seconds<'a>(&'a AtomicU64);
+
+impl Sample for Seconds<'_> {
+    fn text(&self) -> String {
+        format!("{:.6}", self.0.load(Relaxed) as f64 / 1e9)
+    }
+}
+
+/// Writes samples, with `# HELP` / `# TYPE` once per metric name.
+struct Metrics<'a>(&'a mut String);
+
+impl Metrics<'_> {
+    fn counter(&mut self, name: &str, help: &str, labels: &str, v: &dyn Sample) {
+        self.sample(name, "counter", help, labels, v);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, labels: &str, v: &dyn Sample) {
+        self.sample(name, "gauge", help, labels, v);
+    }
+
+    fn sample(&mut self, name: &str, kind: &str, help: &str, labels: &str, v: &dyn Sample) {
+        if !self.0.contains(&format!("# TYPE {name} ")) {
+            let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        }
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {}", v.text());
+        } else {
+            let _ = writeln!(self.0, "{name}{{{labels}}} {}", v.text());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_block_adds_to_listener_and_totals() {
+        let t = Telemetry::default();
+        let mut b = BlockStats {
+            bytes: 100,
+            lines: 5,
+            samples: 4,
+            ..Default::default()
+        };
+        b.parse_errors[ParseError::UnknownType.index()] = 1;
+        t.record_block(&t.udp, &b);
+        t.record_block(&t.udp, &b);
+        assert_eq!(t.udp.lines.load(Relaxed), 10);
+        assert_eq!(t.samples.load(Relaxed), 8);
+        let text = t.render();
+        assert!(
+            text.contains(
+                "tallyd_parse_errors_total{listener=\"udp\",reason=\"unknown_type\"} 2\n"
+            )
+        );
+        assert!(text.contains("tallyd_received_bytes_total{listener=\"udp\"} 200\n"));
+    }
+
+    #[test]
+    fn help_and_type_appear_once_per_name() {
+        let text = Telemetry::default().render();
+        assert_eq!(
+            text.matches("# TYPE tallyd_parse_errors_total counter")
+                .count(),
+            1
+        );
+        assert_eq!(
+            text.matches("# TYPE tallyd_clickhouse_errors_total ")
+                .count(),
+            1
+        );
+    }
+}
