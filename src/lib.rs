@@ -1,8 +1,25 @@
 //! tallyd: a StatsD-compatible write-back aggregator that writes one
 //! compacted row per key and interval to ClickHouse.
+//!
+//! # Layout
+//!
+//! Data flows top to bottom:
+//!
+//! - [`ingest`]: sockets only (UDP threads, TCP tasks); hands blocks of bytes on.
+//! - [`protocol`]: pure wire formats (the StatsD line parser).
+//! - [`aggregate`]: per-key accumulators in generation-swapped striped maps.
+//! - [`flush`]: when an interval closes (1 s boundary or `max_depth`), and flush ids.
+//! - [`sink`]: rows, the ClickHouse schema, inserts with retry classification.
+//! - [`admin`]: `/health` and `/metrics`; [`telemetry`]: every self-metric.
+//! - [`config`], [`cli`]: settings and the command line; [`server`]: wiring and shutdown.
 
+pub mod admin;
 pub mod aggregate;
+pub mod cli;
+pub mod config;
 pub mod flush;
+pub mod ingest;
 pub mod protocol;
+pub mod server;
 pub mod sink;
 pub mod telemetry;

@@ -1,0 +1,110 @@
+//! The command line: `tallyd run | check-config | schema`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Overrides, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tallyd",
+    version,
+    about = "StatsD-compatible metrics aggregator that writes one compacted row per key to ClickHouse"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run(ConfigArgs),
+    /// Validate the configuration and print the effective settings.
+    CheckConfig(ConfigArgs),
+    /// Print the ClickHouse DDL tallyd runs at start.
+    Schema(ConfigArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file (see tallyd.example.toml)
+    #[arg(long, short, env = "TALLYD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Command::Run(args) | Command::CheckConfig(args) | Command::Schema(args)) = &cli.command;
+    let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("configuration error: {e}")),
+    };
+    let config = match settings.validate() {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("configuration error: {e}")),
+    };
+    match cli.command {
+        Command::CheckConfig(_) => {
+            print!("{}", settings.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Schema(_) => {
+            for statement in crate::sink::schema::ddl(&config.sink.database) {
+                println!("{statement};\n");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run(_) => run(config),
+    }
+}
+
+fn run(config: crate::config::Config) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_max_level(config.log_level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(crate::server::run(config, shutdown_signal())) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(3),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("tallyd: {message}");
+    ExitCode::from(2)
+}

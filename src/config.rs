@@ -1,0 +1,486 @@
+//! Configuration: a TOML file, `TALLYD_*` environment variables and flags,
+//! validated once into a [`Config`] the runtime trusts.
+//!
+//! Precedence: flag > environment > file > default. Unknown keys in the file
+//! are an error naming the key; a bad value is an error naming its field.
+//! The ClickHouse password comes only from the file or from
+//! `TALLYD_CLICKHOUSE_PASSWORD`, never from a flag.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use tracing::level_filters::LevelFilter;
+
+use crate::aggregate::AggregateLimits;
+use crate::protocol::statsd::Limits;
+use crate::sink::SinkConfig;
+
+/// The settings as written in the file (human units, `off` for listeners).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Written in every row's `host` column. Empty: the machine's hostname.
+    pub host_id: String,
+    pub data_dir: String,
+    pub log_level: String,
+    /// `/health` and `/metrics`; `off` disables.
+    pub admin: String,
+    pub shutdown_timeout: String,
+    pub statsd: StatsdSettings,
+    pub aggregate: AggregateSettings,
+    pub clickhouse: ClickhouseSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatsdSettings {
+    pub udp: String,
+    pub tcp: String,
+    /// UDP sockets (SO_REUSEPORT), one thread each. 0: one per core.
+    pub udp_workers: usize,
+    pub udp_recv_buffer: String,
+    pub tcp_max_line: String,
+    pub tcp_max_connections: usize,
+    pub max_name_len: usize,
+    pub max_tags: usize,
+    pub max_tag_len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateSettings {
+    pub flush_interval: String,
+    pub max_depth: u64,
+    pub max_keys: usize,
+    pub max_set_members: usize,
+    pub flush_queue: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickhouseSettings {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    pub create_schema: bool,
+    pub timeout: String,
+    pub retry_initial: String,
+    pub retry_max: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            host_id: String::new(),
+            data_dir: "/var/lib/tallyd".into(),
+            log_level: "info".into(),
+            admin: "127.0.0.1:8127".into(),
+            shutdown_timeout: "30s".into(),
+            statsd: StatsdSettings::default(),
+            aggregate: AggregateSettings::default(),
+            clickhouse: ClickhouseSettings::default(),
+        }
+    }
+}
+
+impl Default for StatsdSettings {
+    fn default() -> Self {
+        StatsdSettings {
+            udp: "127.0.0.1:8125".into(),
+            tcp: "127.0.0.1:8125".into(),
+            udp_workers: 0,
+            udp_recv_buffer: "8MiB".into(),
+            tcp_max_line: "64KiB".into(),
+            tcp_max_connections: 1024,
+            max_name_len: 256,
+            max_tags: 64,
+            max_tag_len: 256,
+        }
+    }
+}
+
+impl Default for AggregateSettings {
+    fn default() -> Self {
+        AggregateSettings {
+            flush_interval: "1s".into(),
+            max_depth: 1_000_000,
+            max_keys: 1_000_000,
+            max_set_members: 100_000,
+            flush_queue: 8,
+        }
+    }
+}
+
+impl Default for ClickhouseSettings {
+    fn default() -> Self {
+        ClickhouseSettings {
+            url: "http://127.0.0.1:8123".into(),
+            database: "tallyd".into(),
+            user: "default".into(),
+            password: String::new(),
+            create_schema: true,
+            timeout: "30s".into(),
+            retry_initial: "100ms".into(),
+            retry_max: "10s".into(),
+        }
+    }
+}
+
+/// Flags (each also read from its `TALLYD_*` variable) that override the file.
+#[derive(Debug, Default, Clone, Args)]
+pub struct Overrides {
+    /// StatsD UDP listen address, or `off` [default: 127.0.0.1:8125]
+    #[arg(long, env = "TALLYD_STATSD_UDP", value_name = "ADDR")]
+    pub statsd_udp: Option<String>,
+    /// StatsD TCP listen address, or `off` [default: 127.0.0.1:8125]
+    #[arg(long, env = "TALLYD_STATSD_TCP", value_name = "ADDR")]
+    pub statsd_tcp: Option<String>,
+    /// Admin HTTP address (/health, /metrics), or `off` [default: 127.0.0.1:8127]
+    #[arg(long, env = "TALLYD_ADMIN", value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// ClickHouse HTTP URL [default: http://127.0.0.1:8123]
+    #[arg(long, env = "TALLYD_CLICKHOUSE_URL", value_name = "URL")]
+    pub clickhouse_url: Option<String>,
+    /// ClickHouse database [default: tallyd]
+    #[arg(long, env = "TALLYD_CLICKHOUSE_DATABASE", value_name = "NAME")]
+    pub clickhouse_database: Option<String>,
+    /// ClickHouse user (the password comes from TALLYD_CLICKHOUSE_PASSWORD or the file) [default: default]
+    #[arg(long, env = "TALLYD_CLICKHOUSE_USER", value_name = "NAME")]
+    pub clickhouse_user: Option<String>,
+    /// Create the database and tables at start if missing [default: true]
+    #[arg(long, env = "TALLYD_CREATE_SCHEMA", value_name = "BOOL")]
+    pub create_schema: Option<bool>,
+    /// Close an interval at every multiple of this (e.g. 1s, 500ms) [default: 1s]
+    #[arg(long, env = "TALLYD_FLUSH_INTERVAL", value_name = "DURATION")]
+    pub flush_interval: Option<String>,
+    /// Flush early when this many raw increments are pending [default: 1000000]
+    #[arg(long, env = "TALLYD_MAX_DEPTH", value_name = "N")]
+    pub max_depth: Option<u64>,
+    /// The `host` column of every row [default: the hostname]
+    #[arg(long, env = "TALLYD_HOST_ID", value_name = "NAME")]
+    pub host_id: Option<String>,
+    /// State directory [default: /var/lib/tallyd]
+    #[arg(long, env = "TALLYD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<String>,
+    /// error, warn, info, debug or trace [default: info]
+    #[arg(long, env = "TALLYD_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl Overrides {
+    pub fn apply(&self, s: &mut Settings) {
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        set(&mut s.statsd.udp, &self.statsd_udp);
+        set(&mut s.statsd.tcp, &self.statsd_tcp);
+        set(&mut s.admin, &self.admin);
+        set(&mut s.clickhouse.url, &self.clickhouse_url);
+        set(&mut s.clickhouse.database, &self.clickhouse_database);
+        set(&mut s.clickhouse.user, &self.clickhouse_user);
+        set(&mut s.clickhouse.create_schema, &self.create_schema);
+        set(&mut s.aggregate.flush_interval, &self.flush_interval);
+        set(&mut s.aggregate.max_depth, &self.max_depth);
+        set(&mut s.host_id, &self.host_id);
+        set(&mut s.data_dir, &self.data_dir);
+        set(&mut s.log_level, &self.log_level);
+    }
+}
+
+/// A configuration error, naming the field (or file) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn err(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Settings {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        toml::from_str(text).map_err(|e| err(origin, e.to_string().trim_end().to_owned()))
+    }
+
+    /// Reads the file (or takes the defaults), then applies the environment's
+    /// password and the overrides.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
+        let mut settings = match path {
+            Some(p) => {
+                let origin = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| err(&origin, e.to_string()))?;
+                Settings::from_toml(&text, &origin)?
+            }
+            None => Settings::default(),
+        };
+        if let Ok(pw) = std::env::var("TALLYD_CLICKHOUSE_PASSWORD") {
+            settings.clickhouse.password = pw;
+        }
+        overrides.apply(&mut settings);
+        Ok(settings)
+    }
+
+    /// The settings as TOML, with the password redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.clickhouse.password.is_empty() {
+            shown.clickhouse.password = "<redacted>".into();
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print settings: {e}\n"))
+    }
+
+    /// Checks every field and converts units.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let s = &self.statsd;
+        let a = &self.aggregate;
+        let c = &self.clickhouse;
+        let flush_interval = duration("aggregate.flush_interval", &a.flush_interval)?;
+        if flush_interval < Duration::from_millis(10) {
+            return Err(err("aggregate.flush_interval", "must be at least 10ms"));
+        }
+        let retry_initial = duration("clickhouse.retry_initial", &c.retry_initial)?;
+        let retry_max = duration("clickhouse.retry_max", &c.retry_max)?;
+        if retry_initial.is_zero() || retry_max < retry_initial {
+            return Err(err(
+                "clickhouse.retry_max",
+                "must be at least clickhouse.retry_initial, which must be above 0",
+            ));
+        }
+        let host_id = if self.host_id.is_empty() {
+            hostname()
+        } else {
+            self.host_id.clone()
+        };
+        if let Some(bad) = [
+            ("aggregate.max_depth", a.max_depth as usize),
+            ("aggregate.max_keys", a.max_keys),
+            ("aggregate.max_set_members", a.max_set_members),
+            ("aggregate.flush_queue", a.flush_queue),
+            ("statsd.tcp_max_connections", s.tcp_max_connections),
+            ("statsd.max_name_len", s.max_name_len),
+            ("statsd.max_tag_len", s.max_tag_len),
+        ]
+        .iter()
+        .find(|(_, v)| *v == 0)
+        {
+            return Err(err(bad.0, "must be at least 1"));
+        }
+        if !c.url.starts_with("http://") && !c.url.starts_with("https://") {
+            return Err(err(
+                "clickhouse.url",
+                format!("{:?} is not an http:// URL", c.url),
+            ));
+        }
+        if c.url.starts_with("https://") {
+            return Err(err(
+                "clickhouse.url",
+                "https is not built in; put a TLS proxy in front or use http://",
+            ));
+        }
+        if c.database.is_empty() {
+            return Err(err("clickhouse.database", "must not be empty"));
+        }
+        let tcp_max_line = size("statsd.tcp_max_line", &s.tcp_max_line)?;
+        if tcp_max_line < 64 {
+            return Err(err("statsd.tcp_max_line", "must be at least 64B"));
+        }
+        Ok(Config {
+            host_id,
+            data_dir: PathBuf::from(&self.data_dir),
+            log_level: self.log_level.parse::<LevelFilter>().map_err(|_| {
+                err(
+                    "log_level",
+                    format!(
+                        "{:?} is not one of off, error, warn, info, debug, trace",
+                        self.log_level
+                    ),
+                )
+            })?,
+            admin: listen("admin", &self.admin)?,
+            shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
+            statsd_udp: listen("statsd.udp", &s.udp)?,
+            statsd_tcp: listen("statsd.tcp", &s.tcp)?,
+            udp_workers: if s.udp_workers == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                s.udp_workers
+            },
+            udp_recv_buffer: size("statsd.udp_recv_buffer", &s.udp_recv_buffer)?,
+            tcp_max_line,
+            tcp_max_connections: s.tcp_max_connections,
+            parse_limits: Limits {
+                max_name_len: s.max_name_len,
+                max_tags: s.max_tags,
+                max_tag_len: s.max_tag_len,
+            },
+            aggregate: AggregateLimits {
+                max_keys: a.max_keys,
+                max_set_members: a.max_set_members,
+                max_depth: a.max_depth,
+            },
+            flush_interval,
+            flush_queue: a.flush_queue,
+            sink: SinkConfig {
+                url: c.url.clone(),
+                database: c.database.clone(),
+                user: c.user.clone(),
+                password: c.password.clone(),
+                create_schema: c.create_schema,
+                timeout: duration("clickhouse.timeout", &c.timeout)?,
+                retry_initial,
+                retry_max,
+            },
+        })
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub host_id: String,
+    pub data_dir: PathBuf,
+    pub log_level: LevelFilter,
+    pub admin: Option<SocketAddr>,
+    pub shutdown_timeout: Duration,
+    pub statsd_udp: Option<SocketAddr>,
+    pub statsd_tcp: Option<SocketAddr>,
+    pub udp_workers: usize,
+    pub udp_recv_buffer: usize,
+    pub tcp_max_line: usize,
+    pub tcp_max_connections: usize,
+    pub parse_limits: Limits,
+    pub aggregate: AggregateLimits,
+    pub flush_interval: Duration,
+    pub flush_queue: usize,
+    pub sink: SinkConfig,
+}
+
+fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text).map_err(|e| {
+        err(
+            field,
+            format!("{text:?} is not a duration like 1s or 500ms: {e}"),
+        )
+    })
+}
+
+fn size(field: &str, text: &str) -> Result<usize, ConfigError> {
+    let bytes: bytesize::ByteSize = text.parse().map_err(|e| {
+        err(
+            field,
+            format!("{text:?} is not a size like 64KiB or 8MiB: {e}"),
+        )
+    })?;
+    usize::try_from(bytes.as_u64()).map_err(|_| err(field, "too large"))
+}
+
+fn listen(field: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        err(
+            field,
+            format!("{text:?} is not an IP:port address or `off`"),
+        )
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_is_valid_and_matches_the_defaults() {
+        let text = include_str!("../tallyd.example.toml");
+        let example = Settings::from_toml(text, "tallyd.example.toml").expect("example parses");
+        assert_eq!(example, Settings::default());
+        example.validate().expect("example validates");
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Settings::default().validate().expect("valid");
+        assert_eq!(c.statsd_udp, Some("127.0.0.1:8125".parse().expect("addr")));
+        assert_eq!(c.flush_interval, Duration::from_secs(1));
+        assert_eq!(c.aggregate.max_depth, 1_000_000);
+        assert_eq!(c.udp_recv_buffer, 8 << 20);
+        assert!(!c.host_id.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e =
+            Settings::from_toml("[aggregate]\nflush_intervall = \"1s\"\n", "f.toml").unwrap_err();
+        assert_eq!(e.field, "f.toml");
+        assert!(e.reason.contains("flush_intervall"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_its_field() {
+        let mut s = Settings::default();
+        s.aggregate.flush_interval = "soon".into();
+        assert_eq!(s.validate().unwrap_err().field, "aggregate.flush_interval");
+        let mut s = Settings::default();
+        s.statsd.udp = "localhost".into();
+        assert_eq!(s.validate().unwrap_err().field, "statsd.udp");
+        let mut s = Settings::default();
+        s.aggregate.max_keys = 0;
+        assert_eq!(s.validate().unwrap_err().field, "aggregate.max_keys");
+        let mut s = Settings::default();
+        s.statsd.udp_recv_buffer = "lots".into();
+        assert_eq!(s.validate().unwrap_err().field, "statsd.udp_recv_buffer");
+    }
+
+    #[test]
+    fn off_disables_a_listener() {
+        let mut s = Settings::default();
+        s.statsd.tcp = "off".into();
+        assert_eq!(s.validate().expect("valid").statsd_tcp, None);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut s =
+            Settings::from_toml("[aggregate]\nmax_depth = 5\nflush_interval = \"2s\"\n", "f")
+                .expect("parse");
+        let o = Overrides {
+            max_depth: Some(9),
+            ..Overrides::default()
+        };
+        o.apply(&mut s);
+        assert_eq!(
+            (s.aggregate.max_depth, s.aggregate.flush_interval.as_str()),
+            (9, "2s")
+        );
+    }
+
+    #[test]
+    fn password_is_redacted() {
+        let mut s = Settings::default();
+        s.clickhouse.password = "hunter2".into();
+        let text = s.to_redacted_toml();
+        assert!(!text.contains("hunter2"));
+        assert!(text.contains("<redacted>"));
+    }
+}

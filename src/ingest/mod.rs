@@ -1,0 +1,10 @@
+//! Ingest: sockets only. Each listener reads blocks of bytes (a datagram, a
+//! TCP read of whole lines) and hands them to
+//! [`Aggregator::ingest_block`](crate::aggregate::Aggregator::ingest_block);
+//! parsing and aggregation live elsewhere.
+//!
+//! - [`udp`]: `SO_REUSEPORT` sockets, one blocking receive thread each.
+//! - [`tcp`]: tokio tasks, newline framing, line and connection limits.
+
+pub mod tcp;
+pub mod udp;

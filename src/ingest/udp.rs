@@ -1,0 +1,189 @@
+//! StatsD over UDP: several sockets on one port (`SO_REUSEPORT`), each read
+//! by its own thread with blocking `recv`, one syscall per datagram. The
+//! kernel spreads datagrams over the sockets; a thread never waits for
+//! anything but its socket, so a flush never slows the receive path.
+//!
+//! On stop, each thread drains what its socket has already queued (bounded)
+//! and returns. The kernel's own drop counter for these sockets is read from
+//! `/proc/net/udp{,6}` by [`kernel_drops`].
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::aggregate::{Aggregator, Scratch};
+use crate::telemetry::{BlockStats, Telemetry};
+
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+/// How often a blocked thread looks at the stop flag.
+const POLL: Duration = Duration::from_millis(100);
+/// Datagrams a thread drains from its socket after stop, at most.
+const DRAIN_LIMIT: usize = 1 << 16;
+
+/// Binds `workers` sockets to `addr` with `SO_REUSEPORT` and a receive buffer
+/// of `recv_buffer` bytes. With port 0, every socket gets the port the first
+/// one was given.
+pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<Vec<UdpSocket>> {
+    let mut sockets = Vec::with_capacity(workers.max(1));
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_port(true)?;
+        // The kernel caps this at net.core.rmem_max; a smaller buffer is not
+        // fatal, only lossier under bursts.
+        if let Err(e) = s.set_recv_buffer_size(recv_buffer) {
+            tracing::warn!(error = %e, "could not set the UDP receive buffer");
+        }
+        s.bind(&addr.into())?;
+        s.set_read_timeout(Some(POLL))?;
+        let s: UdpSocket = s.into();
+        addr = s.local_addr()?;
+        sockets.push(s);
+    }
+    if let Some(s) = sockets.first() {
+        let got = socket2::SockRef::from(s).recv_buffer_size().unwrap_or(0);
+        if got < recv_buffer {
+            tracing::warn!(
+                wanted = recv_buffer,
+                got,
+                "UDP receive buffer is smaller than configured: raise net.core.rmem_max"
+            );
+        }
+    }
+    Ok(sockets)
+}
+
+/// Starts one receive thread per socket. They stop when `stop` is set.
+pub fn spawn(
+    sockets: Vec<UdpSocket>,
+    aggregator: Arc<Aggregator>,
+    telemetry: Arc<Telemetry>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            let (aggregator, telemetry, stop) = (
+                Arc::clone(&aggregator),
+                Arc::clone(&telemetry),
+                Arc::clone(&stop),
+            );
+            std::thread::Builder::new()
+                .name(format!("tallyd-udp-{i}"))
+                .spawn(move || receive(&socket, &aggregator, &telemetry, &stop))
+        })
+        .collect()
+}
+
+fn receive(socket: &UdpSocket, aggregator: &Aggregator, telemetry: &Telemetry, stop: &AtomicBool) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut scratch = Scratch::default();
+    let mut ingest = |block: &[u8]| {
+        let mut stats = BlockStats::default();
+        aggregator.ingest_block(block, &mut scratch, &mut stats);
+        telemetry.record_block(&telemetry.udp, &stats);
+    };
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv(&mut buf) {
+            Ok(n) => ingest(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "UDP receive failed");
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+    if socket.set_nonblocking(true).is_err() {
+        return;
+    }
+    for _ in 0..DRAIN_LIMIT {
+        match socket.recv(&mut buf) {
+            Ok(n) => ingest(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+}
+
+/// The socket inode of each socket (to find it in `/proc/net/udp`).
+pub fn inodes(sockets: &[UdpSocket]) -> Vec<u64> {
+    sockets
+        .iter()
+        .filter_map(|s| {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd())).ok()?;
+            let text = link.to_str()?;
+            text.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Datagrams the kernel dropped on these sockets (receive buffer full), from
+/// `/proc/net/udp` and `/proc/net/udp6`. `None` where the platform does not say.
+pub fn kernel_drops(inodes: &[u64]) -> Option<u64> {
+    if inodes.is_empty() {
+        return None;
+    }
+    let mut total = None;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        if let Ok(text) = std::fs::read_to_string(table) {
+            let drops = drops_in_table(&text, inodes);
+            total = Some(total.unwrap_or(0) + drops);
+        }
+    }
+    total
+}
+
+/// Sums the `drops` column of the rows whose inode is one of `inodes`.
+fn drops_in_table(text: &str, inodes: &[u64]) -> u64 {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let inode: u64 = cols.get(9)?.parse().ok()?;
+            let drops: u64 = cols.last()?.parse().ok()?;
+            inodes.contains(&inode).then_some(drops)
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_read_for_our_inodes_only() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  123: 0100007F:1FBD 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2 0000000000000000 17\n\
+  124: 0100007F:1FBD 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4243 2 0000000000000000 5\n\
+  125: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 9999 2 0000000000000000 100\n";
+        assert_eq!(drops_in_table(table, &[4242, 4243]), 22);
+    }
+
+    #[test]
+    fn reuseport_sockets_share_one_port() {
+        let sockets = bind("127.0.0.1:0".parse().expect("addr"), 3, 1 << 20).expect("bind");
+        let ports: Vec<u16> = sockets
+            .iter()
+            .map(|s| s.local_addr().expect("addr").port())
+            .collect();
+        assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
+        assert_eq!(inodes(&sockets).len(), 3);
+        assert_eq!(kernel_drops(&inodes(&sockets)), Some(0));
+    }
+}

@@ -1,0 +1,250 @@
+//! Wiring and lifecycle: binds the listeners, starts every stage, and runs
+//! the one shutdown path.
+//!
+//! ```text
+//!  UDP threads ─┐                      ┌─ flush loop ── bounded queue ── sink ── ClickHouse
+//!  TCP tasks ───┴─ Aggregator (gens) ──┘   (1 s / max_depth)  (flush_queue)
+//! ```
+//!
+//! Shutdown, in order: `/health` turns 503; the listeners stop and drain
+//! what the kernel already holds; the flush loop closes the last interval;
+//! the sink writes what is queued, bounded by `shutdown_timeout` (rows still
+//! unsent then are counted and logged as lost).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState};
+use crate::aggregate::Aggregator;
+use crate::config::Config;
+use crate::flush::{self, Clock, FlushIds, Flusher};
+use crate::ingest::{tcp::TcpIngest, udp};
+use crate::sink::rows::{Batch, GaugeMemory};
+use crate::sink::{self, Sink};
+use crate::telemetry::Telemetry;
+
+/// Why tallyd could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data dir {dir}: {source}")]
+    DataDir { dir: String, source: std::io::Error },
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running tallyd.
+pub struct Running {
+    pub udp_addr: Option<SocketAddr>,
+    pub tcp_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub telemetry: Arc<Telemetry>,
+    config: Config,
+    state: Arc<AdminState>,
+    udp_stop: Arc<AtomicBool>,
+    udp_threads: Vec<std::thread::JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+    tcp: Option<JoinHandle<()>>,
+    flush: JoinHandle<()>,
+    sink: JoinHandle<()>,
+    admin: Option<JoinHandle<()>>,
+}
+
+/// Binds everything and starts every stage. tallyd is ready (`/health` 200)
+/// when this returns.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let data_dir_err = |source| StartError::DataDir {
+        dir: config.data_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(data_dir_err)?;
+    let ids = FlushIds::open(&config.data_dir).map_err(data_dir_err)?;
+
+    let telemetry = Arc::new(Telemetry::default());
+    let clock: Clock = Arc::new(crate::aggregate::wall_clock);
+    let aggregator = Arc::new(Aggregator::new(
+        config.aggregate,
+        config.parse_limits,
+        clock(),
+    ));
+
+    let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
+    let udp_sockets = match config.statsd_udp {
+        Some(addr) => udp::bind(addr, config.udp_workers, config.udp_recv_buffer)
+            .map_err(bind_err("StatsD UDP", addr))?,
+        None => Vec::new(),
+    };
+    let tcp_listener = match config.statsd_tcp {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("StatsD TCP", addr))?,
+        ),
+        None => None,
+    };
+    let admin_listener = match config.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("admin", addr))?,
+        ),
+        None => None,
+    };
+    let udp_addr = udp_sockets.first().and_then(|s| s.local_addr().ok());
+    let tcp_addr = tcp_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let (stop, stop_rx) = watch::channel(false);
+    let state = Arc::new(AdminState {
+        telemetry: Arc::clone(&telemetry),
+        aggregator: Arc::clone(&aggregator),
+        ready: AtomicBool::new(false),
+        udp_inodes: udp::inodes(&udp_sockets),
+    });
+
+    let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry));
+    let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue);
+    let sink = tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx));
+
+    let flusher = Flusher {
+        aggregator: Arc::clone(&aggregator),
+        ids,
+        gauges: GaugeMemory::new(config.aggregate.max_keys),
+        host: config.host_id.clone(),
+        queue: queue_tx,
+        telemetry: Arc::clone(&telemetry),
+        clock,
+    };
+    let flush = tokio::spawn(flush::run(flusher, config.flush_interval, stop_rx.clone()));
+
+    let udp_stop = Arc::new(AtomicBool::new(false));
+    let udp_threads = udp::spawn(
+        udp_sockets,
+        Arc::clone(&aggregator),
+        Arc::clone(&telemetry),
+        Arc::clone(&udp_stop),
+    )
+    .map_err(bind_err(
+        "StatsD UDP",
+        config
+            .statsd_udp
+            .unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+    ))?;
+    let tcp = tcp_listener.map(|listener| {
+        let ingest = TcpIngest {
+            aggregator: Arc::clone(&aggregator),
+            telemetry: Arc::clone(&telemetry),
+            max_line: config.tcp_max_line,
+            max_connections: config.tcp_max_connections,
+        };
+        tokio::spawn(ingest.serve(listener, stop_rx.clone()))
+    });
+    let admin =
+        admin_listener.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&state), stop_rx.clone())));
+
+    state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
+    Ok(Running {
+        udp_addr,
+        tcp_addr,
+        admin_addr,
+        telemetry,
+        config,
+        state,
+        udp_stop,
+        udp_threads,
+        stop,
+        tcp,
+        flush,
+        sink,
+        admin,
+    })
+}
+
+/// Creates the schema (retrying while ClickHouse is unreachable), then
+/// writes batches. Batches queue up meanwhile; nothing is lost.
+async fn prepare_and_run(sink: Sink, config: sink::SinkConfig, queue: mpsc::Receiver<Batch>) {
+    let mut attempt = 0;
+    loop {
+        let result = async {
+            let version = sink.server_version().await?;
+            if config.create_schema {
+                sink.ensure_schema().await?;
+            }
+            Ok::<_, clickhouse::error::Error>(version)
+        }
+        .await;
+        match result {
+            Ok(version) => {
+                tracing::info!(%version, url = %config.url, database = %config.database, "connected to ClickHouse");
+                break;
+            }
+            Err(e) => {
+                let delay = sink::backoff(attempt, config.retry_initial, config.retry_max, 1.0);
+                tracing::warn!(error = %e, url = %config.url, retry_in = ?delay, "ClickHouse is not usable yet; buffering");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+        }
+    }
+    sink.run(queue).await;
+}
+
+impl Running {
+    /// The one shutdown path (see the module doc). Returns the rows that could
+    /// not be written within `shutdown_timeout`.
+    pub async fn shutdown(self) -> u64 {
+        self.state.ready.store(false, Ordering::Relaxed);
+        tracing::info!("stopping: draining listeners");
+        self.udp_stop.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        let threads = self.udp_threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        if let Some(tcp) = self.tcp {
+            let _ = tcp.await;
+        }
+        let _ = self.flush.await;
+        tracing::info!("final interval closed; writing what is queued");
+        let mut sink = self.sink;
+        let lost = match tokio::time::timeout(self.config.shutdown_timeout, &mut sink).await {
+            Ok(_) => 0,
+            Err(_) => {
+                sink.abort();
+                let lost = self.telemetry.backlog_rows.load(Ordering::Relaxed);
+                self.telemetry
+                    .rows_lost_at_shutdown
+                    .fetch_add(lost, Ordering::Relaxed);
+                tracing::error!(rows = lost, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they are lost");
+                lost
+            }
+        };
+        if let Some(admin) = self.admin {
+            let _ = admin.await;
+        }
+        tracing::info!("stopped");
+        lost
+    }
+}
+
+/// Runs until `signal` resolves, then shuts down.
+pub async fn run(
+    config: Config,
+    signal: impl std::future::Future<Output = ()>,
+) -> Result<u64, StartError> {
+    let running = start(config).await?;
+    signal.await;
+    Ok(running.shutdown().await)
+}
