@@ -1,0 +1,245 @@
+//! Test harness: a private ClickHouse server per test binary (temp dir, free
+//! loopback port, stopped when the test process ends), a tiny HTTP client
+//! for queries, and helpers to start tallyd in-process.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tallyd::config::{Config, Settings};
+
+/// A private ClickHouse server.
+pub struct ClickHouse {
+    pub port: u16,
+    dir: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+const INSTALL_HINT: &str = "the tests need Debian's clickhouse-server package: run ./scripts/test.sh (it installs it), or `apt-get install clickhouse-server`, or point TALLYD_TEST_CLICKHOUSE at a clickhouse-server binary";
+
+fn server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("TALLYD_TEST_CLICKHOUSE") {
+        return PathBuf::from(p);
+    }
+    for p in ["/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("clickhouse-server not found: {INSTALL_HINT}");
+}
+
+/// The server shared by the tests of this binary (started on first use).
+pub fn clickhouse() -> &'static ClickHouse {
+    static SERVER: OnceLock<ClickHouse> = OnceLock::new();
+    SERVER.get_or_init(ClickHouse::start_new)
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tallyd-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl ClickHouse {
+    fn start_new() -> ClickHouse {
+        let dir = temp_dir("clickhouse");
+        std::fs::write(
+            dir.join("config.xml"),
+            "<yandex>\n  <logger><level>warning</level><log>server.log</log><errorlog>server.err.log</errorlog></logger>\n  <mark_cache_size>5368709</mark_cache_size>\n  <listen_host>127.0.0.1</listen_host>\n  <users_config>users.xml</users_config>\n  <default_profile>default</default_profile>\n  <default_database>default</default_database>\n</yandex>\n",
+        )
+        .expect("write config");
+        std::fs::write(
+            dir.join("users.xml"),
+            "<yandex>\n  <profiles><default></default></profiles>\n  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>\n  <quotas><default></default></quotas>\n</yandex>\n",
+        )
+        .expect("write users");
+        let server = ClickHouse {
+            port: 0,
+            dir,
+            child: Mutex::new(None),
+        };
+        for _ in 0..10 {
+            let s = ClickHouse {
+                port: free_port(),
+                ..server.clone_dir()
+            };
+            if s.start() {
+                return s;
+            }
+        }
+        panic!("ClickHouse did not start on any of 10 ports; see {}", server.dir.display());
+    }
+
+    fn clone_dir(&self) -> ClickHouse {
+        ClickHouse {
+            port: self.port,
+            dir: self.dir.clone(),
+            child: Mutex::new(None),
+        }
+    }
+
+    /// Starts the server on its port; false if the port was taken.
+    pub fn start(&self) -> bool {
+        let binary = server_binary();
+        // A shell minds the server: it stops it when this test process
+        // ends (however it ends) or when the shell gets SIGTERM.
+        let script = format!(
+            "cd '{dir}' && '{bin}' --config-file=config.xml -- --http_port={port} --tcp_port=0 --path='{dir}/data/' >server.out 2>&1 & ch=$!; \
+             trap 'kill $ch 2>/dev/null; wait $ch; exit 0' TERM; \
+             while kill -0 {pid} 2>/dev/null && kill -0 $ch 2>/dev/null; do sleep 0.2; done; \
+             kill $ch 2>/dev/null; wait $ch; echo $? > '{dir}/exit_code'",
+            dir = self.dir.display(),
+            bin = binary.display(),
+            port = self.port,
+            pid = std::process::id(),
+        );
+        let _ = std::fs::remove_file(self.dir.join("exit_code"));
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sh");
+        *self.child.lock().expect("lock") = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if http(self.port, "GET", "/ping", "").is_some_and(|r| r.starts_with("Ok.")) {
+                return true;
+            }
+            if self.dir.join("exit_code").exists() {
+                self.stop();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ClickHouse did not answer within 30 s; see {}/server.out", self.dir.display());
+    }
+
+    /// Stops the server (its data stays for a later `start`).
+    pub fn stop(&self) {
+        if let Some(mut child) = self.child.lock().expect("lock").take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a query, returns the body (TSV). Panics with the server's error.
+    pub fn query(&self, sql: &str) -> String {
+        match http(self.port, "POST", "/", sql) {
+            Some(body) if !body.contains("DB::Exception") => body,
+            other => panic!("query failed: {sql}\n{other:?}"),
+        }
+    }
+
+    /// Runs a query for polling: `None` on any error (e.g. no table yet).
+    pub fn try_query(&self, sql: &str) -> Option<String> {
+        http(self.port, "POST", "/", sql).filter(|body| !body.contains("DB::Exception"))
+    }
+
+    /// A single number.
+    pub fn number(&self, sql: &str) -> f64 {
+        let text = self.query(sql);
+        text.trim().parse().unwrap_or_else(|_| panic!("not a number: {text:?} from {sql}"))
+    }
+}
+
+/// A minimal HTTP/1.0 request; the body of a 200 answer, else the error text.
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") {
+        Some(body.to_owned())
+    } else {
+        Some(format!("HTTP error: {head}\n{body} DB::Exception"))
+    }
+}
+
+/// Settings for an in-process tallyd on ephemeral loopback ports, writing to
+/// its own database of the shared server.
+pub fn settings(ch: &ClickHouse, database: &str) -> Settings {
+    let mut s = Settings::default();
+    s.host_id = "test-host".into();
+    s.data_dir = temp_dir("data").display().to_string();
+    s.admin = "127.0.0.1:0".into();
+    s.statsd.udp = "127.0.0.1:0".into();
+    s.statsd.tcp = "127.0.0.1:0".into();
+    s.statsd.udp_workers = 2;
+    s.clickhouse.url = ch.url();
+    s.clickhouse.database = database.into();
+    s.clickhouse.retry_max = "500ms".into();
+    s.log_level = "warn".into();
+    s
+}
+
+pub fn config(s: &Settings) -> Config {
+    s.validate().expect("valid test config")
+}
+
+/// Sends each datagram to `addr`, pausing now and then so that loopback
+/// never overflows the receive buffer.
+pub fn send_udp(addr: SocketAddr, datagrams: &[String]) {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind client");
+    for (i, d) in datagrams.iter().enumerate() {
+        sock.send_to(d.as_bytes(), addr).expect("send");
+        if i % 64 == 63 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Writes `text` over one TCP connection and closes it.
+pub fn send_tcp(addr: SocketAddr, text: &str) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.write_all(text.as_bytes()).expect("write");
+}
+
+/// Polls `f` until it returns true, for up to `secs` seconds.
+pub fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Waits until tallyd's receive counters show `lines` lines, so that a
+/// shutdown right after cannot race the kernel queue.
+pub fn wait_for_lines(t: &tallyd::telemetry::Telemetry, lines: u64) {
+    let got = || t.udp.lines.load(Ordering::Relaxed) + t.tcp.lines.load(Ordering::Relaxed);
+    assert!(wait_for(20, || got() >= lines), "tallyd received {} of {lines} lines", got());
+}

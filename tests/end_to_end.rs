@@ -1,0 +1,265 @@
+//! StatsD over UDP and TCP into a real ClickHouse, checked with exact totals.
+//! Each test writes to its own database of this binary's private server.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use common::{clickhouse, config, send_tcp, send_udp, settings, wait_for, wait_for_lines};
+use tallyd::server;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_counters_arrive_exact_with_sample_rates() {
+    let ch = clickhouse();
+    let s = settings(ch, "udp_counters");
+    let running = server::start(config(&s)).await.expect("start");
+    let addr = running.udp_addr.expect("udp");
+    // 2,000 datagrams of 20 lines: 40,000 lines over 100 keys.
+    let datagrams: Vec<String> = (0..2000)
+        .map(|d| {
+            (0..20)
+                .map(|l| format!("orders.k{}:{}|c|@0.5\n", (d * 20 + l) % 100, 1 + l % 3))
+                .collect()
+        })
+        .collect();
+    let expected: f64 = (0..2000 * 20).map(|i| f64::from(1 + (i % 20) % 3) / 0.5).sum();
+    tokio::task::spawn_blocking(move || send_udp(addr, &datagrams))
+        .await
+        .expect("send");
+    wait_for_lines(&running.telemetry, 40_000);
+    assert_eq!(running.shutdown().await, 0, "nothing lost at shutdown");
+
+    let db = "udp_counters";
+    assert_eq!(
+        ch.number(&format!("SELECT sum(value) FROM {db}.counters FINAL WHERE name LIKE 'orders.%'")),
+        expected
+    );
+    assert_eq!(
+        ch.number(&format!("SELECT sum(samples) FROM {db}.counters FINAL")),
+        40_000.0
+    );
+    assert_eq!(
+        ch.number(&format!("SELECT uniqExact(name) FROM {db}.counters FINAL")),
+        100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_over_tcp_and_udp() {
+    let ch = clickhouse();
+    let s = settings(ch, "every_type");
+    let running = server::start(config(&s)).await.expect("start");
+    let (udp, tcp) = (running.udp_addr.expect("udp"), running.tcp_addr.expect("tcp"));
+    let mut tcp_text = String::new();
+    for v in 1..=1000 {
+        tcp_text.push_str(&format!("api.latency:{v}|ms|#route:/a,env:prod\r\n"));
+    }
+    tcp_text.push_str("queue.depth:40|g\nqueue.depth:+5|g\nqueue.depth:-3|g\n");
+    tcp_text.push_str("users:alice|s\nusers:bob|s\nusers:alice|s\n");
+    tcp_text.push_str("api.size:1:2:3:4|h\nbytes:10|d|@0.1\n");
+    tcp_text.push_str("reqs:1|c|#env:prod,route:/a");
+    send_tcp(tcp, &tcp_text);
+    send_udp(
+        udp,
+        &["reqs:2|c|#route:/a,env:prod\nreqs:4|c|#route:/a,env:prod,env:prod\nusers:carol|s".to_string()],
+    );
+    wait_for_lines(&running.telemetry, 1000 + 3 + 3 + 2 + 1 + 3);
+    assert_eq!(running.shutdown().await, 0);
+
+    let db = "every_type";
+    // Reordered and repeated tags are one series, stored sorted.
+    assert_eq!(
+        ch.query(&format!("SELECT tags, sum(value), sum(samples) FROM {db}.counters FINAL WHERE name = 'reqs' GROUP BY tags FORMAT TSV")),
+        "['env:prod','route:/a']\t7\t3\n"
+    );
+    assert_eq!(
+        ch.number(&format!("SELECT argMax(value, version) FROM {db}.gauges FINAL WHERE name = 'queue.depth'")),
+        42.0
+    );
+    assert_eq!(
+        ch.query(&format!("SELECT sum(count), sum(sum), min(min), max(max) FROM {db}.timers FINAL WHERE name = 'api.latency' FORMAT TSV")),
+        "1000\t500500\t1\t1000\n"
+    );
+    for (q, want) in [("p50", 500.0), ("p90", 900.0), ("p99", 990.0)] {
+        let got = ch.number(&format!("SELECT {q} FROM {db}.timers FINAL WHERE name = 'api.latency'"));
+        assert!((got - want).abs() / want <= 0.01, "{q} = {got}, want {want} within 1 %");
+    }
+    // The merged p99 from bucket columns, as documented in the README.
+    let merged = ch.number(&format!(
+        "SELECT quantileExactWeighted(0.99)(v, c) FROM {db}.timers FINAL ARRAY JOIN bucket_values AS v, bucket_counts AS c WHERE name = 'api.latency'"
+    ));
+    assert!((merged - 990.0).abs() / 990.0 <= 0.01, "merged p99 = {merged}");
+    assert_eq!(
+        ch.query(&format!("SELECT kind, count, sum FROM {db}.timers FINAL WHERE name IN ('api.size', 'bytes') ORDER BY kind FORMAT TSV")),
+        "d\t10\t100\nh\t4\t10\n"
+    );
+    assert_eq!(
+        ch.query(&format!("SELECT cardinality, samples FROM {db}.sets FINAL WHERE name = 'users' FORMAT TSV")),
+        "3\t4\n"
+    );
+    assert_eq!(
+        ch.number(&format!("SELECT uniqExact(h) FROM {db}.sets FINAL ARRAY JOIN member_hashes AS h WHERE has(member_hashes, sipHash64('carol'))")),
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_lines_are_counted_and_neighbours_still_count() {
+    let ch = clickhouse();
+    let s = settings(ch, "malformed");
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    let datagram = "good:1|c\nno_value\ngood:1|x\ngood:abc|c\n\u{1}bad:1|c\ngood:1|c|@7\ngood:2|c\n_e{1,1}:a|b\n";
+    send_udp(udp, &vec![datagram.to_string(); 10]);
+    wait_for_lines(&running.telemetry, 80);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert_eq!(running.shutdown().await, 0);
+
+    assert_eq!(
+        ch.query("SELECT sum(value), sum(samples) FROM malformed.counters FINAL WHERE name = 'good' FORMAT TSV"),
+        "30\t20\n"
+    );
+    let errors: Vec<u64> = t.udp.parse_errors.iter().map(|c| c.load(Relaxed)).collect();
+    assert_eq!(errors.iter().sum::<u64>(), 50);
+    assert_eq!(t.udp.events.load(Relaxed), 10);
+    let text = t.render();
+    for reason in ["missing_value", "unknown_type", "invalid_value", "invalid_name", "invalid_sample_rate"] {
+        assert!(
+            text.contains(&format!("tallyd_parse_errors_total{{listener=\"udp\",reason=\"{reason}\"}} 10\n")),
+            "{reason} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_row_per_key_compacts_every_increment() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "compaction");
+    s.aggregate.flush_interval = "1h".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let tcp = running.tcp_addr.expect("tcp");
+    let text: String = (0..10_000).map(|_| "hot.counter:1|c\n").collect();
+    send_tcp(tcp, &text);
+    wait_for_lines(&running.telemetry, 10_000);
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(
+        ch.query("SELECT count(), sum(value), sum(samples) FROM compaction.counters FINAL FORMAT TSV"),
+        "1\t10000\t10000\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_depth_flushes_before_the_interval_ends() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "max_depth");
+    s.aggregate.flush_interval = "1h".into();
+    s.aggregate.max_depth = 500;
+    let running = server::start(config(&s)).await.expect("start");
+    let tcp = running.tcp_addr.expect("tcp");
+    let text: String = (0..500).map(|i| format!("depth.k{}:1|c\n", i % 7)).collect();
+    send_tcp(tcp, &text);
+    let landed = tokio::task::spawn_blocking(move || {
+        wait_for(20, || clickhouse().try_query("SELECT sum(samples) FROM max_depth.counters FINAL").as_deref() == Some("500\n"))
+    })
+    .await
+    .expect("poll");
+    assert!(landed, "rows did not land before the 1 h interval ended");
+    assert_eq!(running.telemetry.flushes_by_depth.load(Relaxed), 1);
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(ch.number("SELECT sum(value) FROM max_depth.counters FINAL"), 500.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intervals_close_on_second_boundaries() {
+    let ch = clickhouse();
+    let s = settings(ch, "per_second");
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    send_udp(udp, &["tick:1|c".to_string()]);
+    let landed = tokio::task::spawn_blocking(|| {
+        wait_for(5, || clickhouse().try_query("SELECT count() FROM per_second.counters").as_deref() == Some("1\n"))
+    })
+    .await
+    .expect("poll");
+    assert!(landed, "no row within 5 s with a 1 s interval");
+    // The row's ts is the start of a whole-second interval, close to now.
+    let age = ch.number("SELECT now() - any(ts) FROM per_second.counters");
+    assert!((0.0..10.0).contains(&age), "ts is {age} s old");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_limit_drops_new_keys_and_counts_them() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "key_limit");
+    s.aggregate.max_keys = 10;
+    s.aggregate.flush_interval = "1h".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let text: String = (0..30).map(|i| format!("k{i}:1|c\n")).collect();
+    send_tcp(running.tcp_addr.expect("tcp"), &text);
+    wait_for_lines(&running.telemetry, 30);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    running.shutdown().await;
+    assert_eq!(t.dropped_key_limit.load(Relaxed), 20);
+    assert_eq!(ch.number("SELECT count() FROM key_limit.counters FINAL"), 10.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoint_serves_health_and_metrics() {
+    let ch = clickhouse();
+    let s = settings(ch, "admin");
+    let running = server::start(config(&s)).await.expect("start");
+    let port = running.admin_addr.expect("admin").port();
+    send_tcp(running.tcp_addr.expect("tcp"), "a:1|c\nbroken\n");
+    wait_for_lines(&running.telemetry, 2);
+    let (health, metrics) = tokio::task::spawn_blocking(move || {
+        (
+            common::http(port, "GET", "/health", ""),
+            common::http(port, "GET", "/metrics", ""),
+        )
+    })
+    .await
+    .expect("get");
+    assert_eq!(health.as_deref(), Some("ok\n"));
+    let metrics = metrics.expect("metrics");
+    assert!(metrics.contains("tallyd_received_lines_total{listener=\"tcp\"} 2\n"), "{metrics}");
+    assert!(metrics.contains("tallyd_live_keys 1\n"), "{metrics}");
+    assert!(metrics.contains("tallyd_dropped_total{reason=\"udp_kernel\"} 0\n"), "{metrics}");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_sent_twice_is_counted_once() {
+    use tallyd::sink::rows::{Batch, CounterRow};
+    use tallyd::sink::Sink;
+    let ch = clickhouse();
+    let s = settings(ch, "resend");
+    let c = config(&s);
+    let sink = Sink::new(c.sink.clone(), Default::default());
+    sink.ensure_schema().await.expect("schema");
+    let row = |v: f64| CounterRow {
+        ts: 1_700_000_000,
+        name: "resent".into(),
+        tags: vec!["a:1".into()],
+        host: "h".into(),
+        flush_id: 42,
+        value: v,
+        samples: 3,
+    };
+    let batch = Batch {
+        flush_id: 42,
+        ts: 1_700_000_000,
+        counters: vec![row(5.0)],
+        ..Batch::default()
+    };
+    sink.write(&batch).await;
+    sink.write(&batch).await;
+    let other = Batch {
+        flush_id: 43,
+        counters: vec![CounterRow { flush_id: 43, ..row(2.0) }],
+        ..batch.clone()
+    };
+    sink.write(&other).await;
+    assert_eq!(ch.number("SELECT sum(value) FROM resend.counters FINAL WHERE name = 'resent'"), 7.0);
+    assert_eq!(ch.number("SELECT sum(samples) FROM resend.counters FINAL"), 6.0);
+}
