@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every check and test of tallyd. On a fresh Debian machine (as root) it
+# first installs what the tests need: Debian's clickhouse-server (the tests
+# start their own private servers from it; nothing is started here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "test.sh: cargo not found: install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+if [ ! -x /usr/sbin/clickhouse-server ] && [ -z "${TALLYD_TEST_CLICKHOUSE:-}" ]; then
+    echo "test.sh: installing clickhouse-server (Debian package)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends clickhouse-server >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+# --all-targets also runs each criterion bench once, as a smoke test.
+cargo test --locked --all-targets
