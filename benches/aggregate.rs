@@ -1,1 +1,175 @@
-fn main() {}
+//! Ingest cost per sample (parse + canonical key + map merge) at 1k, 100k and
+//! 1M live keys, on one and two threads: `cargo bench --bench aggregate`.
+//! Subtract the `parse/*_with_key` figure to get the aggregation alone.
+//! Before the benches it prints the memory cost per live key.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group};
+use tallyd::aggregate::{AggregateLimits, Aggregator, Scratch};
+use tallyd::protocol::statsd::Limits;
+use tallyd::telemetry::BlockStats;
+
+const LINES_PER_BLOCK: usize = 40;
+
+fn aggregator() -> Aggregator {
+    Aggregator::new(
+        AggregateLimits {
+            max_keys: 10_000_000,
+            max_set_members: 100_000,
+            max_depth: u64::MAX,
+        },
+        Limits::default(),
+        Duration::ZERO,
+    )
+}
+
+/// Datagram-sized blocks that visit every key once, in a scattered order.
+fn blocks(keys: usize, line: fn(usize) -> String) -> Vec<Vec<u8>> {
+    let stride = 7919; // prime: visits every key when keys is not a multiple
+    let mut order: Vec<usize> = (0..keys).map(|i| (i * stride) % keys).collect();
+    order.dedup();
+    order
+        .chunks(LINES_PER_BLOCK)
+        .map(|c| {
+            c.iter()
+                .map(|&k| line(k) + "\n")
+                .collect::<String>()
+                .into_bytes()
+        })
+        .collect()
+}
+
+fn counter_line(k: usize) -> String {
+    format!("app.counter.k{k:07}:1|c")
+}
+
+fn ingest_all(a: &Aggregator, blocks: &[Vec<u8>], scratch: &mut Scratch) {
+    let mut stats = BlockStats::default();
+    for b in blocks {
+        a.ingest_block(black_box(b), scratch, &mut stats);
+    }
+}
+
+fn aggregate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ingest");
+    g.sample_size(10);
+    for keys in [1_000usize, 100_000, 1_000_000] {
+        let data = blocks(keys, counter_line);
+        let a = aggregator();
+        ingest_all(&a, &data, &mut Scratch::default()); // keys are live
+        g.throughput(Throughput::Elements(keys as u64));
+        let mut scratch = Scratch::default();
+        g.bench_function(format!("counters_{keys}_keys_1_thread"), |b| {
+            b.iter(|| ingest_all(&a, &data, &mut scratch))
+        });
+        let a = Arc::new(a);
+        let halves: Vec<Arc<Vec<Vec<u8>>>> = data
+            .chunks(data.len().div_ceil(2))
+            .map(|c| Arc::new(c.to_vec()))
+            .collect();
+        g.bench_function(format!("counters_{keys}_keys_2_threads"), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                let threads: Vec<_> = halves
+                    .iter()
+                    .map(|half| {
+                        let (a, half) = (Arc::clone(&a), Arc::clone(half));
+                        std::thread::spawn(move || {
+                            let mut scratch = Scratch::default();
+                            for _ in 0..iters {
+                                ingest_all(&a, &half, &mut scratch);
+                            }
+                        })
+                    })
+                    .collect();
+                for t in threads {
+                    t.join().expect("bench thread");
+                }
+                start.elapsed()
+            })
+        });
+    }
+    let mixed = blocks(10_000, |k| match k % 4 {
+        0 => format!("app.c.k{k:06}:1|c|#env:prod"),
+        1 => format!("app.g.k{k:06}:{}|g", k % 100),
+        2 => format!("app.ms.k{k:06}:{}|ms", k % 1000),
+        _ => format!("app.s.k{k:06}:u{}|s", k % 50),
+    });
+    let a = aggregator();
+    ingest_all(&a, &mixed, &mut Scratch::default());
+    g.throughput(Throughput::Elements(10_000));
+    let mut scratch = Scratch::default();
+    g.bench_function("mixed_10000_keys_1_thread", |b| {
+        b.iter(|| ingest_all(&a, &mixed, &mut scratch))
+    });
+    g.finish();
+}
+
+/// Counts live heap bytes, for the memory figure.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Relaxed);
+        // SAFETY: same layout contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Relaxed);
+        // SAFETY: ptr came from System.alloc with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn memory_per_key() {
+    let keys = 100_000;
+    for (name, line) in [
+        ("counter", counter_line as fn(usize) -> String),
+        ("gauge", |k| format!("app.gauge.k{k:07}:{}|g", k % 100)),
+        ("timer, 1 value", |k| {
+            format!("app.timer.k{k:07}:{}|ms", k % 1000)
+        }),
+        ("timer, 100 values", |k| {
+            format!("app.timer.k{k:07}:{}|ms", k % 1000)
+        }),
+        ("set, 1 member", |k| format!("app.set.k{k:07}:u|s")),
+    ] {
+        let mut data = blocks(keys, line);
+        if name.contains("100 values") {
+            let base = blocks(keys / 100, line);
+            data = (0..100).flat_map(|_| base.clone()).collect();
+        }
+        let keys = if name.contains("100 values") {
+            keys / 100
+        } else {
+            keys
+        };
+        let a = aggregator();
+        let before = LIVE.load(Relaxed);
+        ingest_all(&a, &data, &mut Scratch::default());
+        let after = LIVE.load(Relaxed);
+        println!(
+            "memory: {name}: {} bytes per live key ({keys} keys)",
+            (after - before) / keys
+        );
+    }
+}
+
+criterion_group!(benches, aggregate);
+
+fn main() {
+    memory_per_key();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

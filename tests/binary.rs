@@ -15,16 +15,29 @@ fn tallyd() -> Command {
 fn version_names_the_crate_version() {
     let out = tallyd().arg("--version").output().expect("run");
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("tallyd {}\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("tallyd {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
 fn schema_prints_the_ddl_for_the_configured_database() {
-    let out = tallyd().args(["schema", "--clickhouse-database", "metrics"]).output().expect("run");
+    let out = tallyd()
+        .args(["schema", "--clickhouse-database", "metrics"])
+        .output()
+        .expect("run");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("CREATE DATABASE IF NOT EXISTS `metrics`;"), "{text}");
-    assert_eq!(text.matches("CREATE TABLE IF NOT EXISTS `metrics`.").count(), 4);
+    assert!(
+        text.starts_with("CREATE DATABASE IF NOT EXISTS `metrics`;"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("CREATE TABLE IF NOT EXISTS `metrics`.")
+            .count(),
+        4
+    );
 }
 
 #[test]
@@ -41,11 +54,21 @@ fn check_config_prints_effective_settings_with_precedence() {
         .output()
         .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("max_depth = 7\n"), "flag beats file: {text}");
-    assert!(text.contains("flush_interval = \"3s\"\n"), "env beats file: {text}");
+    assert!(
+        text.contains("flush_interval = \"3s\"\n"),
+        "env beats file: {text}"
+    );
     assert!(text.contains("host_id = \"from-env\"\n"), "{text}");
-    assert!(!text.contains("hunter2") && text.contains("<redacted>"), "{text}");
+    assert!(
+        !text.contains("hunter2") && text.contains("<redacted>"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -53,7 +76,11 @@ fn unknown_key_fails_naming_the_key() {
     let dir = temp_dir("cfg");
     let file = dir.join("t.toml");
     std::fs::write(&file, "[statsd]\nudp_port = 8125\n").expect("write");
-    let out = tallyd().args(["check-config", "--config"]).arg(&file).output().expect("run");
+    let out = tallyd()
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("udp_port"), "{err}");
@@ -61,10 +88,16 @@ fn unknown_key_fails_naming_the_key() {
 
 #[test]
 fn bad_value_fails_naming_the_field() {
-    let out = tallyd().args(["check-config", "--flush-interval", "often"]).output().expect("run");
+    let out = tallyd()
+        .args(["check-config", "--flush-interval", "often"])
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("aggregate.flush_interval") && err.contains("often"), "{err}");
+    assert!(
+        err.contains("aggregate.flush_interval") && err.contains("often"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -72,14 +105,25 @@ fn port_in_use_is_one_clear_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let out = tallyd()
-        .args(["run", "--statsd-udp", "off", "--admin", "off", "--statsd-tcp", &addr])
+        .args([
+            "run",
+            "--statsd-udp",
+            "off",
+            "--admin",
+            "off",
+            "--statsd-tcp",
+            &addr,
+        ])
         .arg("--data-dir")
         .arg(temp_dir("busy"))
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("cannot listen on StatsD TCP {addr}")), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on StatsD TCP {addr}")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -87,9 +131,22 @@ fn sigterm_flushes_everything_received_and_exits_zero() {
     let ch = clickhouse();
     let (udp, tcp, admin) = (free_port(), free_port(), free_port());
     let child = tallyd()
-        .args(["run", "--flush-interval", "1h", "--clickhouse-database", "sigterm", "--host-id", "bin"])
+        .args([
+            "run",
+            "--flush-interval",
+            "1h",
+            "--clickhouse-database",
+            "sigterm",
+            "--host-id",
+            "bin",
+        ])
         .args(["--clickhouse-url", &ch.url()])
-        .args(["--statsd-udp", &format!("127.0.0.1:{udp}"), "--statsd-tcp", &format!("127.0.0.1:{tcp}")])
+        .args([
+            "--statsd-udp",
+            &format!("127.0.0.1:{udp}"),
+            "--statsd-tcp",
+            &format!("127.0.0.1:{tcp}"),
+        ])
         .args(["--admin", &format!("127.0.0.1:{admin}")])
         .arg("--data-dir")
         .arg(temp_dir("sigterm"))
@@ -97,22 +154,39 @@ fn sigterm_flushes_everything_received_and_exits_zero() {
         .spawn()
         .expect("spawn");
     assert!(
-        wait_for(10, || common::http(admin, "GET", "/health", "").as_deref() == Some("ok\n")),
+        wait_for(10, || common::http(admin, "GET", "/health", "").as_deref()
+            == Some("ok\n")),
         "tallyd did not become healthy"
     );
-    send_udp(format!("127.0.0.1:{udp}").parse().expect("addr"), &vec!["term:1|c\nterm:2|c".to_string(); 50]);
-    send_tcp(format!("127.0.0.1:{tcp}").parse().expect("addr"), &"term:1|c\n".repeat(100));
+    send_udp(
+        format!("127.0.0.1:{udp}").parse().expect("addr"),
+        &vec!["term:1|c\nterm:2|c".to_string(); 50],
+    );
+    send_tcp(
+        format!("127.0.0.1:{tcp}").parse().expect("addr"),
+        &"term:1|c\n".repeat(100),
+    );
     assert!(
         wait_for(10, || common::http(admin, "GET", "/metrics", "")
             .is_some_and(|m| m.contains("tallyd_samples_total 200\n"))),
         "not everything was received"
     );
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
-        ch.query("SELECT sum(value), sum(samples), any(host) FROM sigterm.counters FINAL FORMAT TSV"),
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ch.query(
+            "SELECT sum(value), sum(samples), any(host) FROM sigterm.counters FINAL FORMAT TSV"
+        ),
         "250\t200\tbin\n"
     );
 }

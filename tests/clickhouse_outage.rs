@@ -22,21 +22,34 @@ async fn clickhouse_restarted_mid_run_loses_nothing() {
 
     send_tcp(tcp, &"before:1|c\n".repeat(100));
     let landed = tokio::task::spawn_blocking(|| {
-        wait_for(10, || clickhouse().try_query("SELECT sum(value) FROM outage.counters FINAL").as_deref() == Some("100\n"))
+        wait_for(10, || {
+            clickhouse()
+                .try_query("SELECT sum(value) FROM outage.counters FINAL")
+                .as_deref()
+                == Some("100\n")
+        })
     })
     .await
     .expect("poll");
     assert!(landed, "first rows did not land");
 
-    tokio::task::spawn_blocking(|| clickhouse().stop()).await.expect("stop");
+    tokio::task::spawn_blocking(|| clickhouse().stop())
+        .await
+        .expect("stop");
     // Many intervals while the server is down: more than the queue holds.
     for i in 0..20 {
         send_tcp(tcp, &format!("during:{}|c\nduring.g:{i}|g\n", i + 1));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     wait_for_lines(&running.telemetry, 100 + 40);
-    assert!(running.telemetry.clickhouse_retries.load(Relaxed) > 0, "no insert failed while the server was down");
-    assert!(running.telemetry.flushes_deferred.load(Relaxed) > 0, "the full queue never deferred a flush");
+    assert!(
+        running.telemetry.clickhouse_retries.load(Relaxed) > 0,
+        "no insert failed while the server was down"
+    );
+    assert!(
+        running.telemetry.flushes_deferred.load(Relaxed) > 0,
+        "the full queue never deferred a flush"
+    );
 
     tokio::task::spawn_blocking(|| assert!(clickhouse().start(), "restart on the same port"))
         .await
@@ -45,9 +58,24 @@ async fn clickhouse_restarted_mid_run_loses_nothing() {
     wait_for_lines(&running.telemetry, 100 + 40 + 1);
     assert_eq!(running.shutdown().await, 0, "rows lost at shutdown");
 
-    assert_eq!(ch.number("SELECT sum(value) FROM outage.counters FINAL WHERE name = 'during'"), 210.0);
-    assert_eq!(ch.number("SELECT sum(samples) FROM outage.counters FINAL WHERE name = 'during'"), 20.0);
-    assert_eq!(ch.number("SELECT argMax(value, version) FROM outage.gauges FINAL WHERE name = 'during.g'"), 19.0);
-    assert_eq!(ch.number("SELECT sum(value) FROM outage.counters FINAL WHERE name = 'after'"), 1.0);
-    assert_eq!(ch.number("SELECT sum(value) FROM outage.counters FINAL WHERE name = 'before'"), 100.0);
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM outage.counters FINAL WHERE name = 'during'"),
+        210.0
+    );
+    assert_eq!(
+        ch.number("SELECT sum(samples) FROM outage.counters FINAL WHERE name = 'during'"),
+        20.0
+    );
+    assert_eq!(
+        ch.number("SELECT argMax(value, version) FROM outage.gauges FINAL WHERE name = 'during.g'"),
+        19.0
+    );
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM outage.counters FINAL WHERE name = 'after'"),
+        1.0
+    );
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM outage.counters FINAL WHERE name = 'before'"),
+        100.0
+    );
 }

@@ -22,7 +22,9 @@ async fn udp_counters_arrive_exact_with_sample_rates() {
                 .collect()
         })
         .collect();
-    let expected: f64 = (0..2000 * 20).map(|i| f64::from(1 + (i % 20) % 3) / 0.5).sum();
+    let expected: f64 = (0..2000 * 20)
+        .map(|i| f64::from(1 + (i % 20) % 3) / 0.5)
+        .sum();
     tokio::task::spawn_blocking(move || send_udp(addr, &datagrams))
         .await
         .expect("send");
@@ -31,7 +33,9 @@ async fn udp_counters_arrive_exact_with_sample_rates() {
 
     let db = "udp_counters";
     assert_eq!(
-        ch.number(&format!("SELECT sum(value) FROM {db}.counters FINAL WHERE name LIKE 'orders.%'")),
+        ch.number(&format!(
+            "SELECT sum(value) FROM {db}.counters FINAL WHERE name LIKE 'orders.%'"
+        )),
         expected
     );
     assert_eq!(
@@ -49,7 +53,10 @@ async fn every_type_over_tcp_and_udp() {
     let ch = clickhouse();
     let s = settings(ch, "every_type");
     let running = server::start(config(&s)).await.expect("start");
-    let (udp, tcp) = (running.udp_addr.expect("udp"), running.tcp_addr.expect("tcp"));
+    let (udp, tcp) = (
+        running.udp_addr.expect("udp"),
+        running.tcp_addr.expect("tcp"),
+    );
     let mut tcp_text = String::new();
     for v in 1..=1000 {
         tcp_text.push_str(&format!("api.latency:{v}|ms|#route:/a,env:prod\r\n"));
@@ -61,7 +68,10 @@ async fn every_type_over_tcp_and_udp() {
     send_tcp(tcp, &tcp_text);
     send_udp(
         udp,
-        &["reqs:2|c|#route:/a,env:prod\nreqs:4|c|#route:/a,env:prod,env:prod\nusers:carol|s".to_string()],
+        &[
+            "reqs:2|c|#route:/a,env:prod\nreqs:4|c|#route:/a,env:prod,env:prod\nusers:carol|s"
+                .to_string(),
+        ],
     );
     wait_for_lines(&running.telemetry, 1000 + 3 + 3 + 2 + 1 + 3);
     assert_eq!(running.shutdown().await, 0);
@@ -73,7 +83,9 @@ async fn every_type_over_tcp_and_udp() {
         "['env:prod','route:/a']\t7\t3\n"
     );
     assert_eq!(
-        ch.number(&format!("SELECT argMax(value, version) FROM {db}.gauges FINAL WHERE name = 'queue.depth'")),
+        ch.number(&format!(
+            "SELECT argMax(value, version) FROM {db}.gauges FINAL WHERE name = 'queue.depth'"
+        )),
         42.0
     );
     assert_eq!(
@@ -81,20 +93,30 @@ async fn every_type_over_tcp_and_udp() {
         "1000\t500500\t1\t1000\n"
     );
     for (q, want) in [("p50", 500.0), ("p90", 900.0), ("p99", 990.0)] {
-        let got = ch.number(&format!("SELECT {q} FROM {db}.timers FINAL WHERE name = 'api.latency'"));
-        assert!((got - want).abs() / want <= 0.01, "{q} = {got}, want {want} within 1 %");
+        let got = ch.number(&format!(
+            "SELECT {q} FROM {db}.timers FINAL WHERE name = 'api.latency'"
+        ));
+        assert!(
+            (got - want).abs() / want <= 0.01,
+            "{q} = {got}, want {want} within 1 %"
+        );
     }
     // The merged p99 from bucket columns, as documented in the README.
     let merged = ch.number(&format!(
         "SELECT quantileExactWeighted(0.99)(v, c) FROM {db}.timers FINAL ARRAY JOIN bucket_values AS v, bucket_counts AS c WHERE name = 'api.latency'"
     ));
-    assert!((merged - 990.0).abs() / 990.0 <= 0.01, "merged p99 = {merged}");
+    assert!(
+        (merged - 990.0).abs() / 990.0 <= 0.01,
+        "merged p99 = {merged}"
+    );
     assert_eq!(
         ch.query(&format!("SELECT kind, count, sum FROM {db}.timers FINAL WHERE name IN ('api.size', 'bytes') ORDER BY kind FORMAT TSV")),
         "d\t10\t100\nh\t4\t10\n"
     );
     assert_eq!(
-        ch.query(&format!("SELECT cardinality, samples FROM {db}.sets FINAL WHERE name = 'users' FORMAT TSV")),
+        ch.query(&format!(
+            "SELECT cardinality, samples FROM {db}.sets FINAL WHERE name = 'users' FORMAT TSV"
+        )),
         "3\t4\n"
     );
     assert_eq!(
@@ -123,9 +145,17 @@ async fn malformed_lines_are_counted_and_neighbours_still_count() {
     assert_eq!(errors.iter().sum::<u64>(), 50);
     assert_eq!(t.udp.events.load(Relaxed), 10);
     let text = t.render();
-    for reason in ["missing_value", "unknown_type", "invalid_value", "invalid_name", "invalid_sample_rate"] {
+    for reason in [
+        "missing_value",
+        "unknown_type",
+        "invalid_value",
+        "invalid_name",
+        "invalid_sample_rate",
+    ] {
         assert!(
-            text.contains(&format!("tallyd_parse_errors_total{{listener=\"udp\",reason=\"{reason}\"}} 10\n")),
+            text.contains(&format!(
+                "tallyd_parse_errors_total{{listener=\"udp\",reason=\"{reason}\"}} 10\n"
+            )),
             "{reason} in\n{text}"
         );
     }
@@ -143,7 +173,9 @@ async fn one_row_per_key_compacts_every_increment() {
     wait_for_lines(&running.telemetry, 10_000);
     assert_eq!(running.shutdown().await, 0);
     assert_eq!(
-        ch.query("SELECT count(), sum(value), sum(samples) FROM compaction.counters FINAL FORMAT TSV"),
+        ch.query(
+            "SELECT count(), sum(value), sum(samples) FROM compaction.counters FINAL FORMAT TSV"
+        ),
         "1\t10000\t10000\n"
     );
 }
@@ -156,17 +188,27 @@ async fn max_depth_flushes_before_the_interval_ends() {
     s.aggregate.max_depth = 500;
     let running = server::start(config(&s)).await.expect("start");
     let tcp = running.tcp_addr.expect("tcp");
-    let text: String = (0..500).map(|i| format!("depth.k{}:1|c\n", i % 7)).collect();
+    let text: String = (0..500)
+        .map(|i| format!("depth.k{}:1|c\n", i % 7))
+        .collect();
     send_tcp(tcp, &text);
     let landed = tokio::task::spawn_blocking(move || {
-        wait_for(20, || clickhouse().try_query("SELECT sum(samples) FROM max_depth.counters FINAL").as_deref() == Some("500\n"))
+        wait_for(20, || {
+            clickhouse()
+                .try_query("SELECT sum(samples) FROM max_depth.counters FINAL")
+                .as_deref()
+                == Some("500\n")
+        })
     })
     .await
     .expect("poll");
     assert!(landed, "rows did not land before the 1 h interval ended");
     assert_eq!(running.telemetry.flushes_by_depth.load(Relaxed), 1);
     assert_eq!(running.shutdown().await, 0);
-    assert_eq!(ch.number("SELECT sum(value) FROM max_depth.counters FINAL"), 500.0);
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM max_depth.counters FINAL"),
+        500.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +219,12 @@ async fn intervals_close_on_second_boundaries() {
     let udp = running.udp_addr.expect("udp");
     send_udp(udp, &["tick:1|c".to_string()]);
     let landed = tokio::task::spawn_blocking(|| {
-        wait_for(5, || clickhouse().try_query("SELECT count() FROM per_second.counters").as_deref() == Some("1\n"))
+        wait_for(5, || {
+            clickhouse()
+                .try_query("SELECT count() FROM per_second.counters")
+                .as_deref()
+                == Some("1\n")
+        })
     })
     .await
     .expect("poll");
@@ -201,7 +248,10 @@ async fn key_limit_drops_new_keys_and_counts_them() {
     let t = std::sync::Arc::clone(&running.telemetry);
     running.shutdown().await;
     assert_eq!(t.dropped_key_limit.load(Relaxed), 20);
-    assert_eq!(ch.number("SELECT count() FROM key_limit.counters FINAL"), 10.0);
+    assert_eq!(
+        ch.number("SELECT count() FROM key_limit.counters FINAL"),
+        10.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,16 +272,22 @@ async fn admin_endpoint_serves_health_and_metrics() {
     .expect("get");
     assert_eq!(health.as_deref(), Some("ok\n"));
     let metrics = metrics.expect("metrics");
-    assert!(metrics.contains("tallyd_received_lines_total{listener=\"tcp\"} 2\n"), "{metrics}");
+    assert!(
+        metrics.contains("tallyd_received_lines_total{listener=\"tcp\"} 2\n"),
+        "{metrics}"
+    );
     assert!(metrics.contains("tallyd_live_keys 1\n"), "{metrics}");
-    assert!(metrics.contains("tallyd_dropped_total{reason=\"udp_kernel\"} 0\n"), "{metrics}");
+    assert!(
+        metrics.contains("tallyd_dropped_total{reason=\"udp_kernel\"} 0\n"),
+        "{metrics}"
+    );
     running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_sent_twice_is_counted_once() {
-    use tallyd::sink::rows::{Batch, CounterRow};
     use tallyd::sink::Sink;
+    use tallyd::sink::rows::{Batch, CounterRow};
     let ch = clickhouse();
     let s = settings(ch, "resend");
     let c = config(&s);
@@ -256,10 +312,19 @@ async fn a_flush_sent_twice_is_counted_once() {
     sink.write(&batch).await;
     let other = Batch {
         flush_id: 43,
-        counters: vec![CounterRow { flush_id: 43, ..row(2.0) }],
+        counters: vec![CounterRow {
+            flush_id: 43,
+            ..row(2.0)
+        }],
         ..batch.clone()
     };
     sink.write(&other).await;
-    assert_eq!(ch.number("SELECT sum(value) FROM resend.counters FINAL WHERE name = 'resent'"), 7.0);
-    assert_eq!(ch.number("SELECT sum(samples) FROM resend.counters FINAL"), 6.0);
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM resend.counters FINAL WHERE name = 'resent'"),
+        7.0
+    );
+    assert_eq!(
+        ch.number("SELECT sum(samples) FROM resend.counters FINAL"),
+        6.0
+    );
 }

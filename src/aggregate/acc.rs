@@ -74,9 +74,15 @@ impl GaugeAcc {
 }
 
 /// Timer / histogram / distribution accumulator.
+///
+/// Most keys see a few values per interval, and an HDR histogram costs
+/// kilobytes, so values are first kept as a short list and moved into a
+/// histogram only past [`FEW`] entries. Summaries come from an HDR histogram
+/// either way (a reused one for short lists), so the percentiles and bucket
+/// columns do not depend on which form a key was in.
 #[derive(Debug)]
 pub struct DistAcc {
-    pub hist: Histogram<u64>,
+    values: Values,
     /// Sample-rate scaled count.
     pub count: u64,
     pub sum: f64,
@@ -86,11 +92,20 @@ pub struct DistAcc {
     pub samples: u64,
 }
 
+/// Entries a key keeps as a plain list before it gets a histogram.
+pub const FEW: usize = 64;
+
+#[derive(Debug)]
+enum Values {
+    /// (scaled value, weight)
+    Few(Vec<(u64, u64)>),
+    Hist(Box<Histogram<u64>>),
+}
+
 impl Default for DistAcc {
     fn default() -> Self {
         DistAcc {
-            // `new` only fails for sigfigs > 5.
-            hist: Histogram::new(SIGFIGS).expect("2 significant figures are valid"),
+            values: Values::Few(Vec::new()),
             count: 0,
             sum: 0.0,
             min: f64::INFINITY,
@@ -100,14 +115,45 @@ impl Default for DistAcc {
     }
 }
 
+/// A fresh histogram of the precision tallyd uses.
+pub fn histogram() -> Histogram<u64> {
+    // `new` only fails for sigfigs > 5.
+    Histogram::new(SIGFIGS).expect("2 significant figures are valid")
+}
+
+/// What a flushed distribution row holds beyond count/sum/min/max.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub p50: f64,
+    pub p90: f64,
+    pub p95: f64,
+    pub p99: f64,
+    /// Mergeable buckets: highest value of each bucket, ascending...
+    pub bucket_values: Vec<f64>,
+    /// ...and how many values fell in it.
+    pub bucket_counts: Vec<u64>,
+}
+
 impl DistAcc {
     /// Records a non-negative value seen with the given sample rate.
     pub fn record(&mut self, value: f64, sample_rate: f64) {
         let weight = (1.0 / sample_rate).round().max(1.0) as u64;
         let scaled = ((value * SCALE).round() as u64).min(MAX_SCALED);
-        // Auto-resizing histogram: recording only fails past u64 range, which
-        // MAX_SCALED rules out.
-        let _ = self.hist.record_n(scaled, weight);
+        match &mut self.values {
+            Values::Few(list) if list.len() < FEW => list.push((scaled, weight)),
+            Values::Few(list) => {
+                let mut hist = Box::new(histogram());
+                for &(v, w) in list.iter().chain([(scaled, weight)].iter()) {
+                    // Auto-resizing: recording only fails past u64 range,
+                    // which MAX_SCALED rules out.
+                    let _ = hist.record_n(v, w);
+                }
+                self.values = Values::Hist(hist);
+            }
+            Values::Hist(hist) => {
+                let _ = hist.record_n(scaled, weight);
+            }
+        }
         self.count += weight;
         self.sum += value * weight as f64;
         self.min = self.min.min(value);
@@ -115,25 +161,40 @@ impl DistAcc {
         self.samples += 1;
     }
 
-    /// The value at quantile `q` (0..=1), in the unit it was sent in, within
-    /// HDR precision and clamped to the exact min and max.
-    pub fn quantile(&self, q: f64) -> f64 {
-        if self.count == 0 {
-            return 0.0;
+    /// Percentiles (within HDR precision, clamped to the exact min and max)
+    /// and buckets. `scratch` is a reusable histogram for short lists.
+    pub fn summarize(&self, scratch: &mut Histogram<u64>) -> Summary {
+        let hist: &Histogram<u64> = match &self.values {
+            Values::Hist(h) => h,
+            Values::Few(list) => {
+                scratch.reset();
+                for &(v, w) in list {
+                    let _ = scratch.record_n(v, w);
+                }
+                scratch
+            }
+        };
+        let q = |q: f64| {
+            if hist.is_empty() {
+                0.0
+            } else {
+                (hist.value_at_quantile(q) as f64 / SCALE).clamp(self.min, self.max)
+            }
+        };
+        let mut bucket_values = Vec::new();
+        let mut bucket_counts = Vec::new();
+        for it in hist.iter_recorded() {
+            bucket_values.push(hist.highest_equivalent(it.value_iterated_to()) as f64 / SCALE);
+            bucket_counts.push(it.count_at_value());
         }
-        let v = self.hist.value_at_quantile(q) as f64 / SCALE;
-        v.clamp(self.min, self.max)
-    }
-
-    /// Mergeable buckets: (highest value of the bucket, count), ascending.
-    pub fn buckets(&self) -> (Vec<f64>, Vec<u64>) {
-        let mut values = Vec::new();
-        let mut counts = Vec::new();
-        for it in self.hist.iter_recorded() {
-            values.push(self.hist.highest_equivalent(it.value_iterated_to()) as f64 / SCALE);
-            counts.push(it.count_at_value());
+        Summary {
+            p50: q(0.50),
+            p90: q(0.90),
+            p95: q(0.95),
+            p99: q(0.99),
+            bucket_values,
+            bucket_counts,
         }
-        (values, counts)
     }
 }
 
@@ -241,11 +302,10 @@ mod tests {
         for v in 1..=1000 {
             d.record(v as f64, 1.0);
         }
-        for (q, want) in [(0.5, 500.0), (0.9, 900.0), (0.99, 990.0)] {
-            let got = d.quantile(q);
-            assert!((got - want).abs() / want <= 0.01, "q{q}: {got} vs {want}");
+        let s = d.summarize(&mut histogram());
+        for (got, want) in [(s.p50, 500.0), (s.p90, 900.0), (s.p99, 990.0)] {
+            assert!((got - want).abs() / want <= 0.01, "{got} vs {want}");
         }
-        assert_eq!(d.quantile(1.0), 1000.0);
     }
 
     #[test]
@@ -254,9 +314,47 @@ mod tests {
         for v in [0.5, 0.5, 3.0, 250.0] {
             d.record(v, 1.0);
         }
-        let (values, counts) = d.buckets();
-        assert_eq!(counts.iter().sum::<u64>(), 4);
-        assert!(values.windows(2).all(|w| w[0] < w[1]));
+        let s = d.summarize(&mut histogram());
+        assert_eq!(s.bucket_counts.iter().sum::<u64>(), 4);
+        assert!(s.bucket_values.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn short_list_and_histogram_give_the_same_summary() {
+        let values: Vec<f64> = (0..FEW + 10)
+            .map(|i| (i * 37 % 101) as f64 + 0.25)
+            .collect();
+        let mut few = DistAcc::default();
+        let mut scratch = histogram();
+        for (i, &v) in values.iter().enumerate() {
+            few.record(v, 1.0);
+            if i + 1 == FEW {
+                // Still a list: compare against a histogram fed the same values.
+                let mut direct = histogram();
+                for &v in &values[..FEW] {
+                    direct.record((v * SCALE).round() as u64).expect("record");
+                }
+                let s = few.summarize(&mut scratch);
+                assert_eq!(s.bucket_counts.iter().sum::<u64>(), FEW as u64);
+                assert_eq!(
+                    s.p99,
+                    (direct.value_at_quantile(0.99) as f64 / SCALE).clamp(few.min, few.max)
+                );
+            }
+        }
+        let s = few.summarize(&mut scratch);
+        assert_eq!(s.bucket_counts.iter().sum::<u64>(), values.len() as u64);
+    }
+
+    #[test]
+    fn scratch_histogram_is_reset_between_keys() {
+        let mut scratch = histogram();
+        let mut a = DistAcc::default();
+        a.record(5.0, 1.0);
+        let mut b = DistAcc::default();
+        b.record(7.0, 1.0);
+        a.summarize(&mut scratch);
+        assert_eq!(b.summarize(&mut scratch).bucket_counts, vec![1]);
     }
 
     #[test]

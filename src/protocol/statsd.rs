@@ -261,7 +261,10 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
         return Err(ParseError::MissingValue);
     }
     let name = &line[..colon];
-    check_name(name, limits)?;
+    // One pass over the whole line: printable ASCII needs no further text
+    // checks (the common case); anything else is checked field by field.
+    let plain = is_printable_ascii(line);
+    check_name(name, limits, plain)?;
     let rest = &line[colon + 1..];
     let mut fields = rest.split(|&b| b == b'|');
     let raw_values = fields.next().unwrap_or_default();
@@ -291,7 +294,9 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
         timestamp: None,
     };
     if kind == MetricType::Set {
-        check_text(raw_values).map_err(|_| ParseError::InvalidValue)?;
+        if !plain {
+            check_text(raw_values).map_err(|_| ParseError::InvalidValue)?;
+        }
     } else {
         let mut values = raw_values.split(|&b| b == b':');
         let first = parse_value(values.next().unwrap_or_default(), kind)?;
@@ -317,12 +322,12 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
             Some(b'#') if !seen_tags => {
                 seen_tags = true;
                 parsed.tags = &field[1..];
-                check_tags(parsed.tags, limits)?;
+                check_tags(parsed.tags, limits, plain)?;
             }
             Some(b'c') if !seen_container && field.get(1) == Some(&b':') => {
                 seen_container = true;
                 let id = &field[2..];
-                if id.is_empty() || check_text(id).is_err() {
+                if id.is_empty() || (!plain && check_text(id).is_err()) {
                     return Err(ParseError::InvalidContainer);
                 }
             }
@@ -350,17 +355,20 @@ pub fn for_each_tag<'a>(tags: &'a [u8], mut f: impl FnMut(&'a [u8])) {
     }
 }
 
-fn check_name(name: &[u8], limits: &Limits) -> Result<(), ParseError> {
+fn check_name(name: &[u8], limits: &Limits, plain: bool) -> Result<(), ParseError> {
     if name.is_empty() {
         return Err(ParseError::EmptyName);
     }
     if name.len() > limits.max_name_len {
         return Err(ParseError::NameTooLong);
     }
+    if plain {
+        return Ok(());
+    }
     check_text(name).map_err(|_| ParseError::InvalidName)
 }
 
-fn check_tags(tags: &[u8], limits: &Limits) -> Result<(), ParseError> {
+fn check_tags(tags: &[u8], limits: &Limits, plain: bool) -> Result<(), ParseError> {
     let mut count = 0usize;
     let mut result = Ok(());
     for_each_tag(tags, |t| {
@@ -372,6 +380,8 @@ fn check_tags(tags: &[u8], limits: &Limits) -> Result<(), ParseError> {
             Err(ParseError::TooManyTags)
         } else if t.len() > limits.max_tag_len {
             Err(ParseError::TagTooLong)
+        } else if plain {
+            Ok(())
         } else {
             check_text(t).map_err(|_| ParseError::InvalidTag)
         };
@@ -381,12 +391,16 @@ fn check_tags(tags: &[u8], limits: &Limits) -> Result<(), ParseError> {
 
 /// Text stored in ClickHouse: valid UTF-8 without control characters (which
 /// also keeps the key separator, 0x00, out of names and tags).
+fn is_printable_ascii(s: &[u8]) -> bool {
+    s.iter().all(|&b| (0x20..0x7f).contains(&b))
+}
+
 fn check_text(s: &[u8]) -> Result<(), ()> {
+    if is_printable_ascii(s) {
+        return Ok(());
+    }
     if s.iter().any(|&b| b < 0x20 || b == 0x7f) {
         return Err(());
-    }
-    if s.is_ascii() {
-        return Ok(());
     }
     std::str::from_utf8(s).map(|_| ()).map_err(|_| ())
 }
@@ -403,18 +417,30 @@ fn parse_value(v: &[u8], kind: MetricType) -> Result<Value, ParseError> {
     Ok(Value { value, delta })
 }
 
-/// A finite decimal number. Plain integers take a fast path.
+/// A finite decimal number. Plain integers and short decimals (`12.25`)
+/// take a fast path that is exact: both parts fit in 2^53 and a power of ten
+/// up to 10^15 is exact in an f64, so one correctly rounded division gives
+/// the same result as a full parse.
 pub fn parse_f64(s: &[u8]) -> Option<f64> {
-    let digits = match s.first() {
-        Some(b'+') | Some(b'-') => &s[1..],
-        _ => s,
+    let (negative, digits) = match s.first() {
+        Some(b'+') => (false, &s[1..]),
+        Some(b'-') => (true, &s[1..]),
+        _ => (false, s),
     };
-    if !digits.is_empty() && digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) {
-        let n = digits
+    let (int, frac) = match digits.iter().position(|&b| b == b'.') {
+        Some(dot) => (&digits[..dot], &digits[dot + 1..]),
+        None => (digits, &digits[digits.len()..]),
+    };
+    if !int.is_empty()
+        && int.len() + frac.len() <= 15
+        && int.iter().chain(frac).all(u8::is_ascii_digit)
+    {
+        let n = int
             .iter()
+            .chain(frac)
             .fold(0u64, |acc, &d| acc * 10 + u64::from(d - b'0'));
-        let n = n as f64;
-        return Some(if s[0] == b'-' { -n } else { n });
+        let v = n as f64 / POW10[frac.len()];
+        return Some(if negative { -v } else { v });
     }
     // std accepts "inf", "nan" and "infinity": only digits, sign, dot and
     // exponent are StatsD numbers.
@@ -428,6 +454,10 @@ pub fn parse_f64(s: &[u8]) -> Option<f64> {
     let text = std::str::from_utf8(s).ok()?;
     text.parse::<f64>().ok().filter(|v| v.is_finite())
 }
+
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
@@ -465,6 +495,27 @@ mod tests {
         assert_eq!(l.kind, MetricType::Counter);
         assert_eq!(values("page.views:3|c"), vec![(3.0, false)]);
         assert_eq!(l.sample_rate, 1.0);
+    }
+
+    #[test]
+    fn fast_decimal_path_matches_std() {
+        for text in [
+            "0.1",
+            "12.25",
+            "-3.5",
+            "+7.125",
+            "999999999999.999",
+            "0.000000000000001",
+            "5.",
+            "123456789012345",
+        ] {
+            let want: f64 = text.trim_start_matches('+').parse().expect("std parses");
+            assert_eq!(parse_f64(text.as_bytes()), Some(want), "{text}");
+        }
+        assert_eq!(parse_f64(b".5"), Some(0.5));
+        assert_eq!(parse_f64(b"1.2.3"), None);
+        assert_eq!(parse_f64(b"-"), None);
+        assert_eq!(parse_f64(b""), None);
     }
 
     #[test]

@@ -131,6 +131,7 @@ pub fn build(
         ..Batch::default()
     };
     let mut forgotten = 0;
+    let mut scratch = crate::aggregate::acc::histogram();
     for (k, acc) in generation.map {
         let Some(parts) = key::split(&k) else {
             continue;
@@ -163,7 +164,7 @@ pub fn build(
                 });
             }
             Acc::Dist(d) => {
-                let (bucket_values, bucket_counts) = d.buckets();
+                let summary = d.summarize(&mut scratch);
                 batch.timers.push(TimerRow {
                     ts,
                     name,
@@ -175,13 +176,13 @@ pub fn build(
                     sum: d.sum,
                     min: d.min,
                     max: d.max,
-                    p50: d.quantile(0.50),
-                    p90: d.quantile(0.90),
-                    p95: d.quantile(0.95),
-                    p99: d.quantile(0.99),
+                    p50: summary.p50,
+                    p90: summary.p90,
+                    p95: summary.p95,
+                    p99: summary.p99,
                     samples: d.samples,
-                    bucket_values,
-                    bucket_counts,
+                    bucket_values: summary.bucket_values,
+                    bucket_counts: summary.bucket_counts,
                 });
             }
             Acc::Set(s) => {

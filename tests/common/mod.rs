@@ -87,7 +87,10 @@ impl ClickHouse {
                 return s;
             }
         }
-        panic!("ClickHouse did not start on any of 10 ports; see {}", server.dir.display());
+        panic!(
+            "ClickHouse did not start on any of 10 ports; see {}",
+            server.dir.display()
+        );
     }
 
     fn clone_dir(&self) -> ClickHouse {
@@ -132,13 +135,19 @@ impl ClickHouse {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("ClickHouse did not answer within 30 s; see {}/server.out", self.dir.display());
+        panic!(
+            "ClickHouse did not answer within 30 s; see {}/server.out",
+            self.dir.display()
+        );
     }
 
     /// Stops the server (its data stays for a later `start`).
     pub fn stop(&self) {
         if let Some(mut child) = self.child.lock().expect("lock").take() {
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
             let _ = child.wait();
         }
     }
@@ -163,7 +172,9 @@ impl ClickHouse {
     /// A single number.
     pub fn number(&self, sql: &str) -> f64 {
         let text = self.query(sql);
-        text.trim().parse().unwrap_or_else(|_| panic!("not a number: {text:?} from {sql}"))
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {text:?} from {sql}"))
     }
 }
 
@@ -189,17 +200,19 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> Option<String> {
 /// Settings for an in-process tallyd on ephemeral loopback ports, writing to
 /// its own database of the shared server.
 pub fn settings(ch: &ClickHouse, database: &str) -> Settings {
-    let mut s = Settings::default();
-    s.host_id = "test-host".into();
-    s.data_dir = temp_dir("data").display().to_string();
-    s.admin = "127.0.0.1:0".into();
+    let mut s = Settings {
+        host_id: "test-host".into(),
+        data_dir: temp_dir("data").display().to_string(),
+        admin: "127.0.0.1:0".into(),
+        log_level: "warn".into(),
+        ..Settings::default()
+    };
     s.statsd.udp = "127.0.0.1:0".into();
     s.statsd.tcp = "127.0.0.1:0".into();
     s.statsd.udp_workers = 2;
     s.clickhouse.url = ch.url();
     s.clickhouse.database = database.into();
     s.clickhouse.retry_max = "500ms".into();
-    s.log_level = "warn".into();
     s
 }
 
@@ -241,5 +254,9 @@ pub fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 /// shutdown right after cannot race the kernel queue.
 pub fn wait_for_lines(t: &tallyd::telemetry::Telemetry, lines: u64) {
     let got = || t.udp.lines.load(Ordering::Relaxed) + t.tcp.lines.load(Ordering::Relaxed);
-    assert!(wait_for(20, || got() >= lines), "tallyd received {} of {lines} lines", got());
+    assert!(
+        wait_for(20, || got() >= lines),
+        "tallyd received {} of {lines} lines",
+        got()
+    );
 }
