@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# End-to-end throughput: a release tallyd, the team's StatsD load generator
+# (statsd-blast, from ../shared/tools), and ClickHouse; reports lines/s, loss
+# (against ClickHouse totals and the kernel's drop counter) and tallyd's CPU
+# time per line.
+#
+#   scripts/bench-e2e.sh CLICKHOUSE_URL BLAST_BINARY [statsd-blast options...]
+#   e.g. scripts/bench-e2e.sh http://127.0.0.1:8123 ./statsd-blast -k 100000 -r 2000000 -d 10
+#
+# Only loopback. Each run writes to a fresh database named bench_<pid>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+url=$1; blast=$2; shift 2
+db=bench_$$
+port=$((20000 + $$ % 10000))
+admin=$((port + 1))
+dir=$(mktemp -d)
+q() { curl -fsS "$url" --data-binary "$1"; }
+
+cargo build --release --locked -q
+./target/release/tallyd run --clickhouse-url "$url" --clickhouse-database "$db" \
+    --statsd-udp "127.0.0.1:$port" --statsd-tcp "127.0.0.1:$port" --admin "127.0.0.1:$admin" \
+    --data-dir "$dir" --log-level warn ${TALLYD_ARGS:-} &
+pid=$!
+trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
+for _ in $(seq 100); do curl -fsS "127.0.0.1:$admin/health" >/dev/null 2>&1 && break; sleep 0.1; done
+
+cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+cpu0=$(cpu)
+out=$("$blast" -p "$port" -q "$@")
+sleep 1
+cpu1=$(cpu)
+drops=$(curl -fsS "127.0.0.1:$admin/metrics" | awk '/^tallyd_dropped_total\{reason="udp_kernel"\}/ {print $2}')
+received=$(curl -fsS "127.0.0.1:$admin/metrics" | awk '/^tallyd_received_lines_total/ {s += $2} END {print s}')
+kill -TERM $pid; wait $pid || true
+trap 'rm -rf "$dir"' EXIT
+
+echo "$out"
+sent=$(sed -n 's/.* metrics=\([0-9]*\).*/\1/p' <<<"$out")
+secs=$(sed -n 's/.* elapsed=\([0-9.]*\).*/\1/p' <<<"$out")
+csum=$(sed -n 's/.* counter_sum=\([0-9.]*\).*/\1/p' <<<"$out")
+stored=$(q "SELECT sum(value) FROM $db.counters FINAL")
+hz=$(getconf CLK_TCK)
+awk -v s="$sent" -v r="$received" -v t="$secs" -v c0="$cpu0" -v c1="$cpu1" -v hz="$hz" -v d="$drops" -v cs="$csum" -v st="$stored" 'BEGIN {
+  printf "sent=%d lines in %.2fs (%.0f lines/s); received=%d (loss %.4f%%); kernel drops=%d datagrams\n", s, t, s/t, r, 100*(s-r)/s, d;
+  printf "counter_sum sent=%s stored=%s; tallyd CPU %.2fs = %.0f ns per line\n", cs, st, (c1-c0)/hz, 1e9*(c1-c0)/hz/s }'
+q "DROP DATABASE $db" >/dev/null
