@@ -23,3 +23,4 @@ pub mod protocol;
 pub mod server;
 pub mod sink;
 pub mod telemetry;
+pub mod wal;

@@ -1,0 +1,139 @@
+//! One preallocated segment file, mapped into memory. The only `unsafe` of
+//! the crate is here: mapping the file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use super::format::{SEGMENT_HEADER, SegmentHeader};
+use super::{WalError, io_err};
+
+pub(super) struct Segment {
+    pub path: PathBuf,
+    pub header: SegmentHeader,
+    /// False for a file that holds no valid header (never used yet).
+    pub used: bool,
+    /// Highest generation of any record in the segment (0: none).
+    pub max_generation: u64,
+    map: MmapMut,
+    _file: File,
+}
+
+impl Segment {
+    /// Creates (or re-creates) the file at full size, its blocks really
+    /// allocated (zeros written, so a full disk shows now, not as a fault on a
+    /// later write through the map). With a header it is the stream's current
+    /// segment; without, it waits unused.
+    pub fn create(
+        path: &Path,
+        size: u64,
+        header: Option<SegmentHeader>,
+    ) -> Result<Segment, WalError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n]).map_err(io_err(path))?;
+            left -= n as u64;
+        }
+        file.sync_all().map_err(io_err(path))?;
+        let mut seg = Segment::map(
+            path,
+            file,
+            SegmentHeader {
+                stream: 0,
+                sequence: 0,
+            },
+            false,
+        )?;
+        if let Some(h) = header {
+            seg.restart(h);
+        }
+        Ok(seg)
+    }
+
+    /// Opens an existing segment of the right size, or creates it.
+    pub fn open_or_create(path: &Path, size: u64) -> Result<Segment, WalError> {
+        let fits =
+            std::fs::metadata(path).is_ok_and(|m| m.len() == size && size > SEGMENT_HEADER as u64);
+        if !fits {
+            return Segment::create(path, size, None);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let mut seg = Segment::map(
+            path,
+            file,
+            SegmentHeader {
+                stream: 0,
+                sequence: 0,
+            },
+            false,
+        )?;
+        if let Ok(h) = SegmentHeader::decode(seg.bytes()) {
+            seg.header = h;
+            seg.used = true;
+        }
+        Ok(seg)
+    }
+
+    fn map(
+        path: &Path,
+        file: File,
+        header: SegmentHeader,
+        used: bool,
+    ) -> Result<Segment, WalError> {
+        // SAFETY: the file is tallyd's own, locked against other tallyd
+        // processes (the WAL lock file), and never truncated while mapped, so
+        // the mapping stays valid for as long as `Segment` holds it.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(path))?;
+        Ok(Segment {
+            path: path.to_owned(),
+            header,
+            used,
+            max_generation: 0,
+            map,
+            _file: file,
+        })
+    }
+
+    /// Starts the segment over with a new header: earlier records can no
+    /// longer verify (their signature differs).
+    pub fn restart(&mut self, header: SegmentHeader) {
+        self.map[..SEGMENT_HEADER].copy_from_slice(&header.encode());
+        self.map[SEGMENT_HEADER..SEGMENT_HEADER + 8].fill(0);
+        self.header = header;
+        self.used = true;
+        self.max_generation = 0;
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    /// msync of `len` bytes from `offset` (widened to the header so the
+    /// header of a restarted segment is durable with its first records).
+    pub fn sync(&self, offset: usize, len: usize) -> io::Result<()> {
+        let end = (offset + len).min(self.map.len());
+        if offset == 0 || offset <= SEGMENT_HEADER {
+            return self.map.flush_range(0, end);
+        }
+        self.map.flush_range(offset, end - offset)
+    }
+}
