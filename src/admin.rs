@@ -17,6 +17,9 @@ use tokio::sync::watch;
 use crate::aggregate::Aggregator;
 use crate::ingest::udp;
 use crate::telemetry::Telemetry;
+use crate::wal::Wal;
+use std::fmt::Write;
+use std::time::Duration;
 
 pub struct AdminState {
     pub telemetry: Arc<Telemetry>,
@@ -24,6 +27,7 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Inodes of the UDP sockets, for the kernel's drop counter.
     pub udp_inodes: Vec<u64>,
+    pub wal: Option<Arc<Wal>>,
 }
 
 impl AdminState {
@@ -34,11 +38,20 @@ impl AdminState {
         t.live_keys.store(current.keys() as u64, Relaxed);
         t.pending_samples
             .store(current.pending.load(Relaxed), Relaxed);
+        let started = current.started;
         drop(current);
         if let Some(drops) = udp::kernel_drops(&self.udp_inodes) {
             t.udp_kernel_drops.store(drops, Relaxed);
         }
-        t.render()
+        let mut text = t.render();
+        if let Some(wal) = &self.wal {
+            let oldest = wal.oldest_intent_ts().map_or(started, |ts| {
+                Duration::from_secs(u64::from(ts)).min(started)
+            });
+            let age = crate::aggregate::wall_clock().saturating_sub(oldest);
+            wal_metrics(&mut text, wal, age);
+        }
+        text
     }
 
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -64,6 +77,91 @@ impl AdminState {
         );
         resp
     }
+}
+
+fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
+    let (used, free) = wal.usage();
+    let s = &wal.stats;
+    let rows: [(&str, &str, &str, String); 11] = [
+        (
+            "tallyd_wal_used_bytes",
+            "gauge",
+            "WAL ring bytes holding records not yet confirmed by ClickHouse.",
+            used.to_string(),
+        ),
+        (
+            "tallyd_wal_free_bytes",
+            "gauge",
+            "WAL ring bytes free for new records.",
+            free.to_string(),
+        ),
+        (
+            "tallyd_wal_oldest_unflushed_seconds",
+            "gauge",
+            "Age of the oldest interval whose records the WAL still holds.",
+            format!("{:.3}", oldest_age.as_secs_f64()),
+        ),
+        (
+            "tallyd_wal_confirmed_generation",
+            "gauge",
+            "Every interval up to this one is in ClickHouse.",
+            wal.confirmed().to_string(),
+        ),
+        (
+            "tallyd_wal_records_total",
+            "counter",
+            "Records appended.",
+            s.records.load(Relaxed).to_string(),
+        ),
+        (
+            "tallyd_wal_bytes_total",
+            "counter",
+            "Bytes appended, headers and padding included.",
+            s.bytes.load(Relaxed).to_string(),
+        ),
+        (
+            "tallyd_wal_full_total",
+            "counter",
+            "Appends refused because the ring was full.",
+            s.full.load(Relaxed).to_string(),
+        ),
+        (
+            "tallyd_wal_sync_errors_total",
+            "counter",
+            "Failed msync calls.",
+            s.sync_errors.load(Relaxed).to_string(),
+        ),
+        (
+            "tallyd_wal_replayed_records",
+            "gauge",
+            "Records replayed at start.",
+            s.replayed_records.load(Relaxed).to_string(),
+        ),
+        (
+            "tallyd_wal_replayed_bytes",
+            "gauge",
+            "Payload bytes replayed at start.",
+            s.replayed_bytes.load(Relaxed).to_string(),
+        ),
+        (
+            "tallyd_wal_replay_seconds",
+            "gauge",
+            "Time the start-up scan of the WAL took.",
+            format!("{:.6}", s.replay_micros.load(Relaxed) as f64 / 1e6),
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tallyd_wal_recovery_events_total Torn tails truncated and corrupt records skipped at start.\n# TYPE tallyd_wal_recovery_events_total counter\ntallyd_wal_recovery_events_total{{event=\"torn_tail\"}} {}\ntallyd_wal_recovery_events_total{{event=\"corrupt_skipped\"}} {}",
+        s.torn_tails.load(Relaxed),
+        s.corrupt_skipped.load(Relaxed)
+    );
 }
 
 /// Serves until `stop` turns true.

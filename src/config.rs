@@ -17,6 +17,7 @@ use tracing::level_filters::LevelFilter;
 use crate::aggregate::AggregateLimits;
 use crate::protocol::statsd::Limits;
 use crate::sink::SinkConfig;
+use crate::wal::{SyncMode, WalConfig};
 
 /// The settings as written in the file (human units, `off` for listeners).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +33,36 @@ pub struct Settings {
     pub statsd: StatsdSettings,
     pub aggregate: AggregateSettings,
     pub clickhouse: ClickhouseSettings,
+    pub wal: WalSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSettings {
+    pub enabled: bool,
+    /// Total size of every segment of every stream.
+    pub size: String,
+    pub segment_size: String,
+    /// `never`, `interval` or `always`.
+    pub sync: String,
+    pub sync_interval: String,
+    /// Streams TCP connections share (UDP sockets get one each).
+    pub tcp_streams: u32,
+    pub skip_corrupt: bool,
+}
+
+impl Default for WalSettings {
+    fn default() -> Self {
+        WalSettings {
+            enabled: true,
+            size: "1GiB".into(),
+            segment_size: "32MiB".into(),
+            sync: "interval".into(),
+            sync_interval: "100ms".into(),
+            tcp_streams: 2,
+            skip_corrupt: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +114,7 @@ impl Default for Settings {
             statsd: StatsdSettings::default(),
             aggregate: AggregateSettings::default(),
             clickhouse: ClickhouseSettings::default(),
+            wal: WalSettings::default(),
         }
     }
 }
@@ -169,6 +201,12 @@ pub struct Overrides {
     /// error, warn, info, debug or trace [default: info]
     #[arg(long, env = "TALLYD_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Total WAL size, e.g. 1GiB [default: 1GiB]
+    #[arg(long, env = "TALLYD_WAL_SIZE", value_name = "SIZE")]
+    pub wal_size: Option<String>,
+    /// WAL durability: never, interval or always [default: interval]
+    #[arg(long, env = "TALLYD_WAL_SYNC", value_name = "MODE")]
+    pub wal_sync: Option<String>,
 }
 
 impl Overrides {
@@ -190,6 +228,8 @@ impl Overrides {
         set(&mut s.host_id, &self.host_id);
         set(&mut s.data_dir, &self.data_dir);
         set(&mut s.log_level, &self.log_level);
+        set(&mut s.wal.size, &self.wal_size);
+        set(&mut s.wal.sync, &self.wal_sync);
     }
 }
 
@@ -296,7 +336,14 @@ impl Settings {
         if tcp_max_line < 64 {
             return Err(err("statsd.tcp_max_line", "must be at least 64B"));
         }
+        let udp_workers = if s.udp_workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            s.udp_workers
+        };
+        let wal = self.wal_config(udp_workers)?;
         Ok(Config {
+            wal,
             host_id,
             data_dir: PathBuf::from(&self.data_dir),
             log_level: self.log_level.parse::<LevelFilter>().map_err(|_| {
@@ -312,11 +359,7 @@ impl Settings {
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
             statsd_udp: listen("statsd.udp", &s.udp)?,
             statsd_tcp: listen("statsd.tcp", &s.tcp)?,
-            udp_workers: if s.udp_workers == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            } else {
-                s.udp_workers
-            },
+            udp_workers,
             udp_recv_buffer: size("statsd.udp_recv_buffer", &s.udp_recv_buffer)?,
             tcp_max_line,
             tcp_max_connections: s.tcp_max_connections,
@@ -365,6 +408,60 @@ pub struct Config {
     pub flush_interval: Duration,
     pub flush_queue: usize,
     pub sink: SinkConfig,
+    /// `None` when the WAL is disabled.
+    pub wal: Option<WalConfig>,
+}
+
+impl Settings {
+    fn wal_config(&self, udp_workers: usize) -> Result<Option<WalConfig>, ConfigError> {
+        let w = &self.wal;
+        if !w.enabled {
+            return Ok(None);
+        }
+        let size = size("wal.size", &w.size)? as u64;
+        let segment_size = size_of("wal.segment_size", &w.segment_size)?;
+        if segment_size < 64 * 1024 {
+            return Err(err("wal.segment_size", "must be at least 64KiB"));
+        }
+        if w.tcp_streams == 0 {
+            return Err(err("wal.tcp_streams", "must be at least 1"));
+        }
+        let streams = udp_workers as u64 + u64::from(w.tcp_streams);
+        let segments_per_stream = size / segment_size / streams;
+        if segments_per_stream < 2 {
+            return Err(err(
+                "wal.size",
+                format!(
+                    "{} holds fewer than 2 segments of {} for each of {streams} streams (UDP workers + wal.tcp_streams)",
+                    w.size, w.segment_size
+                ),
+            ));
+        }
+        let sync = match w.sync.as_str() {
+            "never" => SyncMode::Never,
+            "interval" => SyncMode::Interval,
+            "always" => SyncMode::Always,
+            other => {
+                return Err(err(
+                    "wal.sync",
+                    format!("{other:?} is not one of never, interval, always"),
+                ));
+            }
+        };
+        Ok(Some(WalConfig {
+            dir: PathBuf::from(&self.data_dir).join("wal"),
+            streams: streams as u32,
+            segments_per_stream: segments_per_stream.min(u64::from(u32::MAX)) as u32,
+            segment_size,
+            sync,
+            sync_interval: duration("wal.sync_interval", &w.sync_interval)?,
+            skip_corrupt: w.skip_corrupt,
+        }))
+    }
+}
+
+fn size_of(field: &str, text: &str) -> Result<u64, ConfigError> {
+    size(field, text).map(|s| s as u64)
 }
 
 fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -450,6 +547,24 @@ mod tests {
         let mut s = Settings::default();
         s.statsd.udp_recv_buffer = "lots".into();
         assert_eq!(s.validate().unwrap_err().field, "statsd.udp_recv_buffer");
+    }
+
+    #[test]
+    fn wal_geometry_is_derived_and_checked() {
+        let mut s = Settings::default();
+        s.statsd.udp_workers = 2;
+        let wal = s.validate().expect("valid").wal.expect("enabled");
+        assert_eq!(
+            (wal.streams, wal.segment_size, wal.segments_per_stream),
+            (4, 32 << 20, 8)
+        );
+        s.wal.size = "64MiB".into();
+        assert_eq!(s.validate().unwrap_err().field, "wal.size");
+        s.wal.size = "1GiB".into();
+        s.wal.sync = "sometimes".into();
+        assert_eq!(s.validate().unwrap_err().field, "wal.sync");
+        s.wal.enabled = false;
+        assert_eq!(s.validate().expect("valid").wal, None);
     }
 
     #[test]

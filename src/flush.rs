@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use crate::aggregate::{Aggregator, Generation};
 use crate::sink::rows::{self, Batch, GaugeMemory};
 use crate::telemetry::Telemetry;
+use crate::wal::{Intent, Wal};
 
 /// The wall clock, as a duration since the Unix epoch (injected for tests).
 pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
@@ -78,10 +79,12 @@ pub enum Reason {
     Tick,
     Depth,
     Shutdown,
+    Replay,
 }
 
 pub struct Flusher {
     pub aggregator: Arc<Aggregator>,
+    pub wal: Option<Arc<Wal>>,
     pub ids: FlushIds,
     pub gauges: GaugeMemory,
     pub host: String,
@@ -96,12 +99,12 @@ impl Flusher {
     /// flush waits for room.
     pub async fn flush(&mut self, reason: Reason) -> bool {
         let permit = if reason == Reason::Shutdown {
-            match self.queue.reserve().await {
+            match self.queue.clone().reserve_owned().await {
                 Ok(p) => p,
                 Err(_) => return false,
             }
         } else {
-            match self.queue.try_reserve() {
+            match self.queue.clone().try_reserve_owned() {
                 Ok(p) => p,
                 Err(_) => {
                     self.telemetry.flushes_deferred.fetch_add(1, Relaxed);
@@ -113,18 +116,72 @@ impl Flusher {
         let now = (self.clock)();
         let generation = take(self.aggregator.swap(now)).await;
         if generation.keys() == 0 {
+            self.confirm_empty(generation.id);
             return true;
         }
-        let id = match self.ids.next(now) {
+        let id = self.next_id(now);
+        self.send(generation, id, reason, started, permit);
+        true
+    }
+
+    /// Queues a generation rebuilt from the WAL at start: with its intent's
+    /// flush id and interval start if it had been sent before, so the copy
+    /// that may already be in ClickHouse collapses with it.
+    pub async fn flush_replayed(&mut self, mut generation: Generation, intent: Option<Intent>) {
+        let Ok(permit) = self.queue.clone().reserve_owned().await else {
+            return;
+        };
+        if generation.keys() == 0 {
+            self.confirm_empty(generation.id);
+            return;
+        }
+        let id = match intent {
+            Some(i) => {
+                generation.started = Duration::from_secs(u64::from(i.ts));
+                i.flush_id
+            }
+            None => self.next_id((self.clock)()),
+        };
+        self.send(generation, id, Reason::Replay, Instant::now(), permit);
+    }
+
+    fn next_id(&mut self, now: Duration) -> u64 {
+        match self.ids.next(now) {
             Ok(id) => id,
             Err(e) => {
                 // The id is still unique within this run; only its survival
                 // across a restart is at stake.
                 tracing::error!(error = %e, "could not record the flush id");
-                self.ids.last += 1;
-                self.ids.last.max(now.as_micros() as u64)
+                self.ids.last = (self.ids.last + 1).max(now.as_micros() as u64);
+                self.ids.last
             }
-        };
+        }
+    }
+
+    /// A generation with no keys has nothing to write: its WAL records (only
+    /// malformed lines, if any) can go at once.
+    fn confirm_empty(&self, generation: u64) {
+        if let Some(wal) = &self.wal
+            && let Err(e) = wal.confirm(generation)
+        {
+            tracing::error!(error = %e, "could not record the WAL checkpoint");
+        }
+    }
+
+    fn send(
+        &mut self,
+        generation: Generation,
+        id: u64,
+        reason: Reason,
+        started: Instant,
+        permit: mpsc::OwnedPermit<Batch>,
+    ) {
+        if let Some(wal) = &self.wal {
+            let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
+            if let Err(e) = wal.record_intent(generation.id, Intent { flush_id: id, ts }) {
+                tracing::error!(error = %e, "could not record the flush intent; after a crash this flush may be counted twice");
+            }
+        }
         let (batch, forgotten) = rows::build(generation, id, &self.host, &mut self.gauges);
         let t = &self.telemetry;
         t.dropped_gauge_memory.fetch_add(forgotten, Relaxed);
@@ -144,7 +201,6 @@ impl Flusher {
             "interval closed"
         );
         permit.send(batch);
-        true
     }
 }
 
@@ -232,6 +288,7 @@ mod tests {
         let (stop, stop_rx) = watch::channel(false);
         let flusher = Flusher {
             aggregator: Arc::clone(&aggregator),
+            wal: None,
             ids: FlushIds::open(&dir.0).expect("ids"),
             gauges: GaugeMemory::new(100),
             host: "h".into(),
@@ -254,7 +311,8 @@ mod tests {
             block.as_bytes(),
             &mut Scratch::default(),
             &mut BlockStats::default(),
-        );
+        )
+        .expect("no WAL");
     }
 
     #[test]

@@ -20,19 +20,22 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::aggregate::Aggregator;
+use crate::aggregate::{Aggregator, Generation, Scratch};
 use crate::config::Config;
 use crate::flush::{self, Clock, FlushIds, Flusher};
 use crate::ingest::{tcp::TcpIngest, udp};
 use crate::sink::rows::{Batch, GaugeMemory};
 use crate::sink::{self, Sink};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{BlockStats, Telemetry};
+use crate::wal::{Recovery, SyncMode, Wal};
 
 /// Why tallyd could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("data dir {dir}: {source}")]
     DataDir { dir: String, source: std::io::Error },
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] crate::wal::WalError),
     #[error("cannot listen on {what} {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -56,6 +59,8 @@ pub struct Running {
     flush: JoinHandle<()>,
     sink: JoinHandle<()>,
     admin: Option<JoinHandle<()>>,
+    wal: Option<Arc<Wal>>,
+    wal_sync: Option<JoinHandle<()>>,
 }
 
 /// Binds everything and starts every stage. tallyd is ready (`/health` 200)
@@ -70,12 +75,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let telemetry = Arc::new(Telemetry::default());
     let clock: Clock = Arc::new(crate::aggregate::wall_clock);
-    let aggregator = Arc::new(Aggregator::new(
-        config.aggregate,
-        config.parse_limits,
-        clock(),
-    ));
-
     let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
     let udp_sockets = match config.statsd_udp {
         Some(addr) => udp::bind(addr, config.udp_workers, config.udp_recv_buffer)
@@ -98,6 +97,29 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ),
         None => None,
     };
+    // Listeners are bound first (a taken port fails fast), served only after
+    // the WAL is replayed.
+    let (wal, recovery) = match &config.wal {
+        Some(wc) => {
+            let (wal, recovery) = Wal::open(wc.clone())?;
+            (Some(Arc::new(wal)), recovery)
+        }
+        None => (
+            None,
+            Recovery {
+                next_generation: 1,
+                ..Recovery::default()
+            },
+        ),
+    };
+    let aggregator = Arc::new(Aggregator::with_wal(
+        config.aggregate,
+        config.parse_limits,
+        clock(),
+        wal.clone(),
+        recovery.next_generation,
+    ));
+
     let udp_addr = udp_sockets.first().and_then(|s| s.local_addr().ok());
     let tcp_addr = tcp_listener.as_ref().and_then(|l| l.local_addr().ok());
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -108,14 +130,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         aggregator: Arc::clone(&aggregator),
         ready: AtomicBool::new(false),
         udp_inodes: udp::inodes(&udp_sockets),
+        wal: wal.clone(),
     });
 
-    let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry));
-    let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue);
+    let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry)).with_wal(wal.clone());
+    // Room for every replayed generation on top of the usual queue, so that
+    // replay never waits for ClickHouse.
+    let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue + recovery.generations.len());
     let sink = tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx));
 
-    let flusher = Flusher {
+    let mut flusher = Flusher {
         aggregator: Arc::clone(&aggregator),
+        wal: wal.clone(),
         ids,
         gauges: GaugeMemory::new(config.aggregate.max_keys),
         host: config.host_id.clone(),
@@ -123,7 +149,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         telemetry: Arc::clone(&telemetry),
         clock,
     };
+    replay(&mut flusher, recovery, &telemetry).await;
     let flush = tokio::spawn(flush::run(flusher, config.flush_interval, stop_rx.clone()));
+    let wal_sync = wal
+        .as_ref()
+        .and_then(|w| spawn_wal_sync(Arc::clone(w), stop_rx.clone()));
 
     let udp_stop = Arc::new(AtomicBool::new(false));
     let udp_threads = udp::spawn(
@@ -144,6 +174,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             telemetry: Arc::clone(&telemetry),
             max_line: config.tcp_max_line,
             max_connections: config.tcp_max_connections,
+            wal_streams: config.udp_workers
+                ..config.udp_workers + wal.as_ref().map_or(1, |w| w.streams() - config.udp_workers),
         };
         tokio::spawn(ingest.serve(listener, stop_rx.clone()))
     });
@@ -166,7 +198,58 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         flush,
         sink,
         admin,
+        wal,
+        wal_sync,
     })
+}
+
+/// Rebuilds each unflushed generation from the WAL and queues it.
+async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry) {
+    if recovery.generations.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let count = recovery.generations.len();
+    let mut stats = BlockStats::default();
+    let mut scratch = Scratch::default();
+    for r in recovery.generations {
+        let generation = Generation::new(r.generation, (flusher.clock)());
+        for (_, block) in &r.blocks {
+            flusher
+                .aggregator
+                .apply_block(&generation, block, &mut scratch, &mut stats);
+        }
+        flusher.flush_replayed(generation, r.intent).await;
+    }
+    telemetry
+        .replayed_samples
+        .fetch_add(stats.samples, Ordering::Relaxed);
+    tracing::info!(
+        generations = count,
+        records = recovery.records,
+        bytes = recovery.bytes,
+        samples = stats.samples,
+        took = ?started.elapsed(),
+        "replayed the write-ahead log"
+    );
+}
+
+/// The `interval` durability policy: msync new records every interval.
+fn spawn_wal_sync(wal: Arc<Wal>, mut stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
+    let (mode, every) = wal.sync_mode();
+    if mode != SyncMode::Interval {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => break,
+            }
+            let wal = Arc::clone(&wal);
+            let _ = tokio::task::spawn_blocking(move || wal.sync()).await;
+        }
+    }))
 }
 
 /// Creates the schema (retrying while ClickHouse is unreachable), then
@@ -223,14 +306,25 @@ impl Running {
             Ok(_) => 0,
             Err(_) => {
                 sink.abort();
-                let lost = self.telemetry.backlog_rows.load(Ordering::Relaxed);
-                self.telemetry
-                    .rows_lost_at_shutdown
-                    .fetch_add(lost, Ordering::Relaxed);
-                tracing::error!(rows = lost, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they are lost");
-                lost
+                let rows = self.telemetry.backlog_rows.load(Ordering::Relaxed);
+                if self.wal.is_some() {
+                    tracing::warn!(rows, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they stay in the WAL for the next start");
+                    0
+                } else {
+                    self.telemetry
+                        .rows_lost_at_shutdown
+                        .fetch_add(rows, Ordering::Relaxed);
+                    tracing::error!(rows, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they are lost");
+                    rows
+                }
             }
         };
+        if let Some(task) = self.wal_sync {
+            let _ = task.await;
+        }
+        if let Some(wal) = &self.wal {
+            wal.sync();
+        }
         if let Some(admin) = self.admin {
             let _ = admin.await;
         }

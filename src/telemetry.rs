@@ -72,9 +72,21 @@ pub struct Telemetry {
     pub clickhouse_retries: AtomicU64,
     pub clickhouse_rejections: AtomicU64,
     pub rows_lost_at_shutdown: AtomicU64,
+    pub dropped_wal_full: AtomicU64,
+    pub replayed_samples: AtomicU64,
+    pub dropped_wal_too_large: AtomicU64,
 }
 
 impl Telemetry {
+    /// Counts a block the WAL refused.
+    pub fn wal_refused(&self, e: crate::wal::AppendError) {
+        match e {
+            crate::wal::AppendError::Full => &self.dropped_wal_full,
+            crate::wal::AppendError::TooLarge => &self.dropped_wal_too_large,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
     /// Adds a block's local counts to a listener and to the totals.
     pub fn record_block(&self, listener: &ListenerStats, b: &BlockStats) {
         listener.blocks.fetch_add(1, Relaxed);
@@ -150,10 +162,12 @@ impl Telemetry {
             ("gauge_memory_limit", &self.dropped_gauge_memory),
             ("tcp_line_too_long", &self.tcp_lines_too_long),
             ("udp_kernel", &self.udp_kernel_drops),
+            ("wal_full", &self.dropped_wal_full),
+            ("wal_record_too_large", &self.dropped_wal_too_large),
         ] {
             m.counter(
                 "tallyd_dropped_total",
-                "Samples (or lines) dropped, by reason.",
+                "Samples, lines or blocks dropped, by reason (wal_*: UDP datagrams the WAL refused; for TCP these count retries while the connection waits).",
                 &format!("reason=\"{reason}\""),
                 c,
             );

@@ -11,6 +11,14 @@ fn tallyd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tallyd"))
 }
 
+/// A config file with a small WAL (the default preallocates 1 GiB).
+fn small_wal_config() -> std::path::PathBuf {
+    let file = temp_dir("cfg").join("small-wal.toml");
+    std::fs::write(&file, "[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n")
+        .expect("write config");
+    file
+}
+
 #[test]
 fn version_names_the_crate_version() {
     let out = tallyd().arg("--version").output().expect("run");

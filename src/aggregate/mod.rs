@@ -7,9 +7,8 @@
 //! never waits for a flush. The old generation is handed to the flush when
 //! the last block that was applying to it is done (its `Arc` is unique).
 //!
-//! A block is the unit a write-ahead log will record: the WAL appends the
-//! block, then calls `ingest_block`, and a generation will carry the log range
-//! it holds.
+//! A block is also the unit of the write-ahead log: with a WAL, the block is
+//! appended with its generation's id before it is applied.
 //!
 //! Nothing here does I/O or awaits.
 
@@ -26,6 +25,8 @@ use tokio::sync::Notify;
 
 use crate::protocol::statsd::{self, Limits, Line, MetricType, Parsed};
 use crate::telemetry::BlockStats;
+use crate::wal::format::Kind;
+use crate::wal::{AppendError, Wal};
 use acc::Acc;
 use key::KeyBuf;
 
@@ -43,6 +44,8 @@ pub struct AggregateLimits {
 /// One interval's accumulators.
 #[derive(Debug)]
 pub struct Generation {
+    /// Grows by one per interval, across restarts (the WAL records it).
+    pub id: u64,
     pub map: DashMap<Box<[u8]>, Acc>,
     keys: AtomicUsize,
     /// Raw increments applied so far.
@@ -52,8 +55,9 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn new(started: Duration) -> Generation {
+    pub fn new(id: u64, started: Duration) -> Generation {
         Generation {
+            id,
             map: DashMap::new(),
             keys: AtomicUsize::new(0),
             pending: AtomicU64::new(0),
@@ -71,24 +75,55 @@ impl Generation {
 #[derive(Default)]
 pub struct Scratch {
     key: KeyBuf,
+    /// The WAL stream this worker appends to.
+    pub wal_stream: usize,
+}
+
+impl Scratch {
+    pub fn for_stream(wal_stream: usize) -> Scratch {
+        Scratch {
+            wal_stream,
+            ..Scratch::default()
+        }
+    }
 }
 
 pub struct Aggregator {
     current: RwLock<Arc<Generation>>,
+    next_id: AtomicU64,
     limits: AggregateLimits,
     parse_limits: Limits,
     depth_reached: Notify,
+    wal: Option<Arc<Wal>>,
 }
 
 impl Aggregator {
     /// An aggregator whose first interval starts at `started` (Unix time).
     pub fn new(limits: AggregateLimits, parse_limits: Limits, started: Duration) -> Aggregator {
+        Aggregator::with_wal(limits, parse_limits, started, None, 1)
+    }
+
+    /// An aggregator that records every block in `wal` before applying it;
+    /// its first generation is `first_id`.
+    pub fn with_wal(
+        limits: AggregateLimits,
+        parse_limits: Limits,
+        started: Duration,
+        wal: Option<Arc<Wal>>,
+        first_id: u64,
+    ) -> Aggregator {
         Aggregator {
-            current: RwLock::new(Arc::new(Generation::new(started))),
+            current: RwLock::new(Arc::new(Generation::new(first_id, started))),
+            next_id: AtomicU64::new(first_id + 1),
             limits,
             parse_limits,
             depth_reached: Notify::new(),
+            wal,
         }
+    }
+
+    pub fn limits(&self) -> AggregateLimits {
+        self.limits
     }
 
     /// Resolves when `max_depth` raw increments are pending in the current
@@ -105,21 +140,43 @@ impl Aggregator {
     /// Installs a fresh generation that started at `now` and returns the old
     /// one. Blocks still applying to the old one may hold it for a moment.
     pub fn swap(&self, now: Duration) -> Arc<Generation> {
-        let fresh = Arc::new(Generation::new(now));
+        let fresh = Arc::new(Generation::new(self.next_id.fetch_add(1, Relaxed), now));
         let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
         std::mem::replace(&mut *cur, fresh)
     }
 
-    /// Parses every line of `block` and applies the good ones. Malformed
-    /// lines are counted by reason in `stats` and skipped.
-    pub fn ingest_block(&self, block: &[u8], scratch: &mut Scratch, stats: &mut BlockStats) {
+    /// Records `block` in the WAL (if there is one), then parses every line
+    /// and applies the good ones. Malformed lines are counted by reason in
+    /// `stats` and skipped. When the WAL cannot take the block, nothing is
+    /// applied and the error is returned.
+    pub fn ingest_block(
+        &self,
+        block: &[u8],
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+    ) -> Result<(), AppendError> {
         let generation = self.current();
+        if let Some(wal) = &self.wal {
+            wal.append(scratch.wal_stream, generation.id, Kind::Statsd, block)?;
+        }
+        self.apply_block(&generation, block, scratch, stats);
+        Ok(())
+    }
+
+    /// Applies a block to `generation` without logging it (WAL replay).
+    pub fn apply_block(
+        &self,
+        generation: &Generation,
+        block: &[u8],
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+    ) {
         let before = stats.samples;
         stats.bytes += block.len() as u64;
         for line in statsd::lines(block) {
             stats.lines += 1;
             match statsd::parse_line(line, &self.parse_limits) {
-                Ok(Parsed::Metric(l)) => self.apply(&generation, &l, scratch, stats),
+                Ok(Parsed::Metric(l)) => self.apply(generation, &l, scratch, stats),
                 Ok(Parsed::Event) => stats.events += 1,
                 Ok(Parsed::ServiceCheck) => stats.service_checks += 1,
                 Err(e) => stats.parse_errors[e.index()] += 1,
@@ -219,7 +276,8 @@ mod tests {
 
     fn ingest(a: &Aggregator, block: &str) -> BlockStats {
         let mut stats = BlockStats::default();
-        a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats);
+        a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats)
+            .expect("no WAL");
         stats
     }
 
@@ -347,7 +405,8 @@ mod tests {
                     let mut scratch = Scratch::default();
                     for i in 0..2000 {
                         let block = format!("k{}:1|c\nshared:1|c", i % 50);
-                        a.ingest_block(block.as_bytes(), &mut scratch, &mut BlockStats::default());
+                        a.ingest_block(block.as_bytes(), &mut scratch, &mut BlockStats::default())
+                            .expect("no WAL");
                     }
                 })
             })

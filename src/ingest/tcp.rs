@@ -27,7 +27,12 @@ pub struct TcpIngest {
     pub telemetry: Arc<Telemetry>,
     pub max_line: usize,
     pub max_connections: usize,
+    /// WAL streams for TCP: connection `n` appends to `streams.start + n % len`.
+    pub wal_streams: std::ops::Range<usize>,
 }
+
+/// How long a connection waits before it retries a block the WAL refused.
+const WAL_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl TcpIngest {
     /// Accepts connections until `stop` turns true, then waits for every
@@ -35,6 +40,7 @@ impl TcpIngest {
     pub async fn serve(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         let slots = Arc::new(Semaphore::new(self.max_connections));
         let mut connections = JoinSet::new();
+        let mut accepted_count = 0usize;
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -45,8 +51,11 @@ impl TcpIngest {
                         };
                         self.telemetry.tcp_connections.fetch_add(1, Relaxed);
                         let (this, stop) = (self.clone(), stop.clone());
+                        let streams = self.wal_streams.len().max(1);
+                        let wal_stream = self.wal_streams.start + accepted_count % streams;
+                        accepted_count += 1;
                         connections.spawn(async move {
-                            this.connection(stream, stop).await;
+                            this.connection(stream, wal_stream, stop).await;
                             drop(slot);
                         });
                     }
@@ -63,11 +72,23 @@ impl TcpIngest {
         while connections.join_next().await.is_some() {}
     }
 
-    async fn connection(&self, mut stream: TcpStream, mut stop: watch::Receiver<bool>) {
+    async fn connection(
+        &self,
+        mut stream: TcpStream,
+        wal_stream: usize,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut lines = LineBuffer::new(self.max_line);
         let mut buf = vec![0u8; READ_BUF.min(self.max_line.max(4096))];
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch::for_stream(wal_stream);
         loop {
+            // Backpressure: while the WAL refuses a block, read nothing more.
+            while !self.retry_blocked(&mut lines, &mut scratch) {
+                if *stop.borrow() {
+                    return;
+                }
+                tokio::time::sleep(WAL_RETRY).await;
+            }
             let n = tokio::select! {
                 r = stream.read(&mut buf) => r,
                 _ = stop.changed() => {
@@ -89,31 +110,60 @@ impl TcpIngest {
             }
         }
         // A last line without its newline still counts.
-        let mut stats = BlockStats::default();
-        if let Some(rest) = lines.finish() {
-            self.aggregator.ingest_block(rest, &mut scratch, &mut stats);
-            self.telemetry.record_block(&self.telemetry.tcp, &stats);
+        lines.finish();
+        while !self.retry_blocked(&mut lines, &mut scratch) {
+            if *stop.borrow() {
+                return;
+            }
+            tokio::time::sleep(WAL_RETRY).await;
         }
     }
 
     fn apply(&self, lines: &mut LineBuffer, data: &[u8], scratch: &mut Scratch) {
-        let mut stats = BlockStats::default();
-        let too_long = lines.push(data, |block| {
-            self.aggregator.ingest_block(block, scratch, &mut stats)
-        });
+        let too_long = lines.push(data, |block| self.ingest(block, scratch));
         self.telemetry
             .tcp_lines_too_long
             .fetch_add(too_long, Relaxed);
-        self.telemetry.record_block(&self.telemetry.tcp, &stats);
+    }
+
+    /// Applies a block; false when the WAL refused it.
+    fn ingest(&self, block: &[u8], scratch: &mut Scratch) -> bool {
+        let mut stats = BlockStats::default();
+        match self.aggregator.ingest_block(block, scratch, &mut stats) {
+            Ok(()) => {
+                self.telemetry.record_block(&self.telemetry.tcp, &stats);
+                true
+            }
+            Err(e) => {
+                self.telemetry.wal_refused(e);
+                false
+            }
+        }
+    }
+
+    /// Tries the refused block again; true when nothing is left refused.
+    fn retry_blocked(&self, lines: &mut LineBuffer, scratch: &mut Scratch) -> bool {
+        if lines.blocked.is_empty() {
+            return true;
+        }
+        let block = std::mem::take(&mut lines.blocked);
+        if self.ingest(&block, scratch) {
+            return true;
+        }
+        lines.blocked = block;
+        false
     }
 }
 
 /// Cuts a byte stream into blocks of whole lines, carrying a partial line
-/// between reads and skipping lines longer than `max_line`.
+/// between reads and skipping lines longer than `max_line`. A block the
+/// consumer refuses is kept in `blocked`, to be offered again before the
+/// connection reads more.
 pub struct LineBuffer {
     carry: Vec<u8>,
     max_line: usize,
     skipping: bool,
+    pub blocked: Vec<u8>,
 }
 
 impl LineBuffer {
@@ -122,12 +172,20 @@ impl LineBuffer {
             carry: Vec::new(),
             max_line,
             skipping: false,
+            blocked: Vec::new(),
         }
     }
 
-    /// Feeds `data`; calls `apply` with blocks of complete lines. Returns how
-    /// many lines were dropped as too long.
-    pub fn push(&mut self, mut data: &[u8], mut apply: impl FnMut(&[u8])) -> u64 {
+    fn offer(&mut self, block: &[u8], apply: &mut impl FnMut(&[u8]) -> bool) {
+        if !block.is_empty() && !apply(block) {
+            self.blocked.extend_from_slice(block);
+        }
+    }
+
+    /// Feeds `data`; calls `apply` with blocks of complete lines (a refused
+    /// block goes to `blocked`). Returns how many lines were dropped as too
+    /// long.
+    pub fn push(&mut self, mut data: &[u8], mut apply: impl FnMut(&[u8]) -> bool) -> u64 {
         let mut too_long = 0;
         if self.skipping {
             match data.iter().position(|&b| b == b'\n') {
@@ -143,17 +201,19 @@ impl LineBuffer {
         };
         let (complete, rest) = (&data[..=last_nl], &data[last_nl + 1..]);
         if self.carry.is_empty() {
-            apply(complete);
+            self.offer(complete, &mut apply);
         } else {
             let first_nl = complete.iter().position(|&b| b == b'\n').unwrap_or(0);
             if self.carry.len() + first_nl > self.max_line {
                 too_long += 1;
                 self.carry.clear();
-                apply(&complete[first_nl + 1..]);
+                self.offer(&complete[first_nl + 1..], &mut apply);
             } else {
-                self.carry.extend_from_slice(complete);
-                apply(&self.carry);
-                self.carry.clear();
+                let mut block = std::mem::take(&mut self.carry);
+                block.extend_from_slice(complete);
+                self.offer(&block, &mut apply);
+                block.clear();
+                self.carry = block;
             }
         }
         too_long + self.keep(rest)
@@ -170,9 +230,13 @@ impl LineBuffer {
         0
     }
 
-    /// What is left when the stream ends (a last line without newline).
-    pub fn finish(&mut self) -> Option<&[u8]> {
-        (!self.carry.is_empty() && !self.skipping).then_some(&self.carry[..])
+    /// The stream ended: a last line without its newline joins `blocked`,
+    /// to be applied like a refused block.
+    pub fn finish(&mut self) {
+        if !self.skipping {
+            let carry = std::mem::take(&mut self.carry);
+            self.blocked.extend_from_slice(&carry);
+        }
     }
 }
 
@@ -186,10 +250,13 @@ mod tests {
         let mut dropped = 0;
         for c in chunks {
             dropped += lb.push(c.as_bytes(), |b| {
-                blocks.push(String::from_utf8_lossy(b).into_owned())
+                blocks.push(String::from_utf8_lossy(b).into_owned());
+                true
             });
         }
-        let rest = lb.finish().map(|b| String::from_utf8_lossy(b).into_owned());
+        lb.finish();
+        let rest =
+            (!lb.blocked.is_empty()).then(|| String::from_utf8_lossy(&lb.blocked).into_owned());
         (blocks, dropped, rest)
     }
 
@@ -214,6 +281,19 @@ mod tests {
         let (blocks, dropped, rest) = feed(8, &["a:1|c\nxxxxxx", "xxxxxx", "xx\nb:1|c\n"]);
         assert_eq!(blocks, vec!["a:1|c\n", "b:1|c\n"]);
         assert_eq!((dropped, rest), (1, None));
+    }
+
+    #[test]
+    fn refused_block_is_kept_for_a_retry() {
+        let mut lb = LineBuffer::new(100);
+        lb.push(b"a:1|c\nb:", |_| false);
+        assert_eq!(lb.blocked, b"a:1|c\n");
+        let mut seen = Vec::new();
+        lb.push(b"1|c\n", |b| {
+            seen.extend_from_slice(b);
+            true
+        });
+        assert_eq!(seen, b"b:1|c\n");
     }
 
     #[test]

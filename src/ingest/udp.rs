@@ -3,6 +3,9 @@
 //! kernel spreads datagrams over the sockets; a thread never waits for
 //! anything but its socket, so a flush never slows the receive path.
 //!
+//! Each thread appends to its own WAL stream. A datagram the WAL cannot
+//! take (ring full) is dropped and counted: UDP has no way to push back.
+//!
 //! On stop, each thread drains what its socket has already queued (bounded)
 //! and returns. The kernel's own drop counter for these sockets is read from
 //! `/proc/net/udp{,6}` by [`kernel_drops`].
@@ -78,18 +81,28 @@ pub fn spawn(
             );
             std::thread::Builder::new()
                 .name(format!("tallyd-udp-{i}"))
-                .spawn(move || receive(&socket, &aggregator, &telemetry, &stop))
+                .spawn(move || receive(&socket, i, &aggregator, &telemetry, &stop))
         })
         .collect()
 }
 
-fn receive(socket: &UdpSocket, aggregator: &Aggregator, telemetry: &Telemetry, stop: &AtomicBool) {
+/// Worker `index` writes to WAL stream `index`.
+fn receive(
+    socket: &UdpSocket,
+    index: usize,
+    aggregator: &Aggregator,
+    telemetry: &Telemetry,
+    stop: &AtomicBool,
+) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut scratch = Scratch::default();
+    let mut scratch = Scratch::for_stream(index);
     let mut ingest = |block: &[u8]| {
         let mut stats = BlockStats::default();
-        aggregator.ingest_block(block, &mut scratch, &mut stats);
-        telemetry.record_block(&telemetry.udp, &stats);
+        match aggregator.ingest_block(block, &mut scratch, &mut stats) {
+            Ok(()) => telemetry.record_block(&telemetry.udp, &stats),
+            // A datagram the WAL cannot take is dropped, and counted.
+            Err(e) => telemetry.wal_refused(e),
+        }
     };
     while !stop.load(Ordering::Relaxed) {
         match socket.recv(&mut buf) {

@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::telemetry::{TABLES, Telemetry};
+use crate::wal::Wal;
 use rows::{Batch, EncodedLen};
 
 /// How the sink reaches ClickHouse.
@@ -113,6 +114,8 @@ pub struct Sink {
     admin: Client,
     config: SinkConfig,
     telemetry: Arc<Telemetry>,
+    /// Told when a batch is in ClickHouse, so its WAL records can go.
+    wal: Option<Arc<Wal>>,
 }
 
 impl Sink {
@@ -128,7 +131,14 @@ impl Sink {
             admin,
             config,
             telemetry,
+            wal: None,
         }
+    }
+
+    /// Confirms each written batch's generation to `wal`.
+    pub fn with_wal(mut self, wal: Option<Arc<Wal>>) -> Sink {
+        self.wal = wal;
+        self
     }
 
     /// The server's version string (`SELECT version()`).
@@ -151,6 +161,11 @@ impl Sink {
     pub async fn run(self, mut queue: mpsc::Receiver<Batch>) {
         while let Some(batch) = queue.recv().await {
             self.write(&batch).await;
+            if let Some(wal) = &self.wal
+                && let Err(e) = wal.confirm(batch.generation)
+            {
+                tracing::error!(error = %e, generation = batch.generation, "could not record the WAL checkpoint; the batch will be re-sent (harmlessly) after a restart");
+            }
             self.telemetry.backlog_batches.fetch_sub(1, Relaxed);
             self.telemetry
                 .backlog_rows

@@ -67,6 +67,8 @@ pub struct SetRow {
 /// The rows of one flush: one per key, split by table.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Batch {
+    /// The generation (interval) the rows come from.
+    pub generation: u64,
     pub flush_id: u64,
     /// Start of the interval, Unix seconds.
     pub ts: u32,
@@ -125,6 +127,7 @@ pub fn build(
 ) -> (Batch, u64) {
     let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
     let mut batch = Batch {
+        generation: generation.id,
         flush_id,
         ts,
         samples: generation.pending.into_inner(),
@@ -287,7 +290,8 @@ mod tests {
             block.as_bytes(),
             &mut Scratch::default(),
             &mut BlockStats::default(),
-        );
+        )
+        .expect("no WAL");
         let g = a.swap(Duration::ZERO);
         let mut g = Arc::try_unwrap(g).expect("unique");
         g.started = Duration::from_secs(started);

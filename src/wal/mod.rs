@@ -482,6 +482,11 @@ impl Wal {
         write_atomic(&self.config.dir.join("checkpoint"), &c.encode())
     }
 
+    /// Interval start of the oldest flush sent but not yet confirmed.
+    pub fn oldest_intent_ts(&self) -> Option<u32> {
+        lock(&self.checkpoint).intents.values().map(|i| i.ts).min()
+    }
+
     /// (bytes in use, bytes free) over every segment.
     pub fn usage(&self) -> (u64, u64) {
         let confirmed = self.confirmed();

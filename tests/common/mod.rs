@@ -213,6 +213,8 @@ pub fn settings(ch: &ClickHouse, database: &str) -> Settings {
     s.clickhouse.url = ch.url();
     s.clickhouse.database = database.into();
     s.clickhouse.retry_max = "500ms".into();
+    s.wal.size = "16MiB".into();
+    s.wal.segment_size = "1MiB".into();
     s
 }
 
