@@ -156,6 +156,8 @@ fn sigterm_flushes_everything_received_and_exits_zero() {
             &format!("127.0.0.1:{tcp}"),
         ])
         .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .arg("--config")
+        .arg(small_wal_config())
         .arg("--data-dir")
         .arg(temp_dir("sigterm"))
         .stderr(Stdio::piped())
