@@ -181,6 +181,7 @@ impl Flusher {
             if let Err(e) = wal.record_intent(generation.id, Intent { flush_id: id, ts }) {
                 tracing::error!(error = %e, "could not record the flush intent; after a crash this flush may be counted twice");
             }
+            crate::failpoint::hit("after_intent");
         }
         let (batch, forgotten) = rows::build(generation, id, &self.host, &mut self.gauges);
         let t = &self.telemetry;

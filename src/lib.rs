@@ -17,6 +17,7 @@ pub mod admin;
 pub mod aggregate;
 pub mod cli;
 pub mod config;
+pub mod failpoint;
 pub mod flush;
 pub mod ingest;
 pub mod protocol;

@@ -161,6 +161,7 @@ impl Sink {
     pub async fn run(self, mut queue: mpsc::Receiver<Batch>) {
         while let Some(batch) = queue.recv().await {
             self.write(&batch).await;
+            crate::failpoint::hit("after_insert");
             if let Some(wal) = &self.wal
                 && let Err(e) = wal.confirm(batch.generation)
             {

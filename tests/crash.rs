@@ -1,0 +1,261 @@
+//! Crash tests: the built binary is killed (kill -9, or an abort at a named
+//! failpoint) again and again on one data dir, with and without ClickHouse,
+//! and the totals in ClickHouse must still be exact under FINAL: nothing that
+//! tallyd received is lost, nothing is counted twice.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use common::{clickhouse, free_port, http, send_tcp, temp_dir, wait_for};
+
+struct Daemon {
+    child: Child,
+    admin: u16,
+}
+
+struct Ports {
+    udp: u16,
+    tcp: u16,
+    admin: u16,
+}
+
+fn config_file(dir: &Path) -> PathBuf {
+    let file = dir.join("tallyd.toml");
+    std::fs::write(
+        &file,
+        "[aggregate]\nflush_interval = \"200ms\"\n[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n[clickhouse]\nretry_max = \"300ms\"\ntimeout = \"2s\"\n",
+    )
+    .expect("write config");
+    file
+}
+
+fn start(dir: &Path, ports: &Ports, failpoints: &str, extra: &[&str]) -> Daemon {
+    let ch = clickhouse();
+    let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args([
+            "run",
+            "--clickhouse-database",
+            "crash",
+            "--host-id",
+            "crash-host",
+        ])
+        .args(["--clickhouse-url", &ch.url()])
+        .arg("--config")
+        .arg(config_file(dir))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--statsd-udp", &format!("127.0.0.1:{}", ports.udp)])
+        .args(["--statsd-tcp", &format!("127.0.0.1:{}", ports.tcp)])
+        .args(["--admin", &format!("127.0.0.1:{}", ports.admin)])
+        .args(extra)
+        .env("TALLYD_FAILPOINTS", failpoints)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tallyd");
+    let d = Daemon {
+        child,
+        admin: ports.admin,
+    };
+    assert!(
+        wait_for(20, || http(d.admin, "GET", "/health", "").as_deref()
+            == Some("ok\n")),
+        "tallyd did not become healthy"
+    );
+    d
+}
+
+impl Daemon {
+    /// A counter of this process's /metrics, summed over labels.
+    fn metric(&self, name: &str) -> u64 {
+        http(self.admin, "GET", "/metrics", "")
+            .map(|m| {
+                m.lines()
+                    .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    fn wait_received(&self, lines: u64) {
+        assert!(
+            wait_for(20, || self.metric("tallyd_received_lines_total") >= lines),
+            "tallyd received {} of {lines} lines",
+            self.metric("tallyd_received_lines_total")
+        );
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn term(self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(term.success());
+        assert_eq!(self.wait_exit(), Some(0));
+    }
+
+    fn wait_exit(mut self) -> Option<i32> {
+        self.child.wait().expect("wait").code()
+    }
+}
+
+/// What the test sent and expects to find.
+#[derive(Default)]
+struct Expected {
+    counter: f64,
+    samples: u64,
+}
+
+/// Sends a known burst over UDP (paced) and TCP; returns the lines sent.
+fn burst(ports: &Ports, round: u32, exp: &mut Expected) -> u64 {
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for i in 0..100 {
+        let datagram: String = (0..10).map(|_| "crash.c:1|c\n").collect();
+        sock.send_to(datagram.as_bytes(), ("127.0.0.1", ports.udp))
+            .expect("send");
+        if i % 20 == 19 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let tcp: String = (0..500)
+        .map(|_| "crash.c:2|c\ncrash.t:5|ms\n")
+        .collect::<String>()
+        + &format!("crash.g:{round}|g\n");
+    send_tcp(
+        format!("127.0.0.1:{}", ports.tcp).parse().expect("addr"),
+        &tcp,
+    );
+    exp.counter += 1000.0 + 1000.0;
+    exp.samples += 1000 + 500;
+    1000 + 1000 + 1
+}
+
+/// Starts tallyd and stops it cleanly: it replays and flushes whatever the
+/// WAL holds, so the next start has nothing to replay.
+fn clean_cycle(dir: &Path, ports: &Ports) {
+    let d = start(dir, ports, "", &[]);
+    d.term();
+}
+
+/// Sends unique keys (`noise.N:1|c`) until stopped, to crash tallyd while it
+/// is ingesting. Their totals are unknown, but none may ever exceed 1.
+fn noise(port: u16, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        while !stop.load(Relaxed) {
+            let n = sent.fetch_add(1, Relaxed);
+            let _ = sock.send_to(format!("noise.{n}:1|c").as_bytes(), ("127.0.0.1", port));
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    })
+}
+
+fn random_ms(seed: &mut u64, max: u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed % max
+}
+
+#[test]
+fn kill_9_and_crashes_lose_nothing_and_count_nothing_twice() {
+    let ch = clickhouse();
+    let dir = temp_dir("crash");
+    let ports = Ports {
+        udp: free_port(),
+        tcp: free_port(),
+        admin: free_port(),
+    };
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("crash test seed {seed}");
+    let mut exp = Expected::default();
+    let noise_sent = Arc::new(AtomicU64::new(0));
+    let mut round = 0;
+
+    // 1-3: kill -9 at random moments after a burst (before, during or after
+    // the flushes of a 200 ms interval), while noise is still arriving.
+    for _ in 0..3 {
+        round += 1;
+        let d = start(&dir, &ports, "", &[]);
+        let lines = burst(&ports, round, &mut exp);
+        d.wait_received(lines);
+        let stop = Arc::new(AtomicBool::new(false));
+        let noise = noise(ports.udp, Arc::clone(&stop), Arc::clone(&noise_sent));
+        std::thread::sleep(Duration::from_millis(random_ms(&mut seed, 600)));
+        d.kill9();
+        stop.store(true, Relaxed);
+        noise.join().expect("noise");
+    }
+
+    // 4 and 5: abort at a failpoint in the final flush (a 1 h interval keeps
+    // the burst in one interval): right after the insert, before its
+    // checkpoint; right after the flush intent, before the insert.
+    for failpoint in ["after_insert", "after_intent"] {
+        clean_cycle(&dir, &ports);
+        round += 1;
+        let d = start(&dir, &ports, failpoint, &["--flush-interval", "1h"]);
+        let lines = burst(&ports, round, &mut exp);
+        d.wait_received(lines);
+        let term = Command::new("kill")
+            .args(["-TERM", &d.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(term.success());
+        assert_ne!(d.wait_exit(), Some(0), "{failpoint} did not abort tallyd");
+    }
+
+    // 6: ClickHouse goes down; tallyd is killed while it cannot flush, comes
+    // back while ClickHouse is still down, then ClickHouse returns.
+    round += 1;
+    let d = start(&dir, &ports, "", &[]);
+    let lines = burst(&ports, round, &mut exp);
+    d.wait_received(lines);
+    ch.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    d.kill9();
+    round += 1;
+    let d = start(&dir, &ports, "", &[]);
+    let lines = burst(&ports, round, &mut exp);
+    d.wait_received(lines);
+    assert!(ch.start(), "ClickHouse restarts on its port");
+
+    // The end: a clean stop flushes the rest.
+    d.term();
+
+    assert_eq!(
+        ch.query("SELECT sum(value), sum(samples) FROM crash.counters FINAL WHERE name = 'crash.c' FORMAT TSV"),
+        format!("{}\t{}\n", exp.counter, exp.samples),
+        "seed {seed}"
+    );
+    assert_eq!(
+        ch.query(
+            "SELECT sum(count), sum(sum) FROM crash.timers FINAL WHERE name = 'crash.t' FORMAT TSV"
+        ),
+        format!("{}\t{}\n", 500 * round, 2500 * round),
+        "seed {seed}"
+    );
+    assert_eq!(
+        ch.number("SELECT argMax(value, version) FROM crash.gauges FINAL WHERE name = 'crash.g'"),
+        f64::from(round),
+        "seed {seed}"
+    );
+    let doubled = ch.number("SELECT count() FROM (SELECT name, sum(value) AS s FROM crash.counters FINAL WHERE name LIKE 'noise.%' GROUP BY name) WHERE s != 1");
+    assert_eq!(doubled, 0.0, "a noise key was counted twice (seed {seed})");
+    let noise_stored =
+        ch.number("SELECT uniqExact(name) FROM crash.counters FINAL WHERE name LIKE 'noise.%'");
+    assert!(noise_stored > 0.0 && noise_stored <= noise_sent.load(Relaxed) as f64);
+}
