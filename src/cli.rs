@@ -26,6 +26,17 @@ pub enum Command {
     CheckConfig(ConfigArgs),
     /// Print the ClickHouse DDL tallyd runs at start.
     Schema(ConfigArgs),
+    /// Look into the write-ahead log.
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Print the segments, LSN ranges, checkpoint, record counts and any corruption.
+    Inspect(ConfigArgs),
+    /// Like inspect; exits with 1 when corruption is found.
+    Verify(ConfigArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -40,7 +51,10 @@ pub struct ConfigArgs {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run(args) | Command::CheckConfig(args) | Command::Schema(args)) = &cli.command;
+    let (Command::Run(args)
+    | Command::CheckConfig(args)
+    | Command::Schema(args)
+    | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args))) = &cli.command;
     let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
         Ok(s) => s,
         Err(e) => return fail(&format!("configuration error: {e}")),
@@ -61,6 +75,18 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(_) => run(config),
+        Command::Wal(cmd) => {
+            let dir = config.data_dir.join("wal");
+            let report = match crate::wal::inspect::inspect(&dir) {
+                Ok(r) => r,
+                Err(e) => return fail(&format!("cannot read the WAL: {e}")),
+            };
+            print!("{report}");
+            if matches!(cmd, WalCommand::Verify(_)) && !report.corruption().is_empty() {
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -259,3 +259,42 @@ fn kill_9_and_crashes_lose_nothing_and_count_nothing_twice() {
         ch.number("SELECT uniqExact(name) FROM crash.counters FINAL WHERE name LIKE 'noise.%'");
     assert!(noise_stored > 0.0 && noise_stored <= noise_sent.load(Relaxed) as f64);
 }
+
+#[test]
+fn wal_verify_passes_a_clean_log_and_fails_a_corrupt_one() {
+    let dir = temp_dir("verify");
+    let ports = Ports {
+        udp: free_port(),
+        tcp: free_port(),
+        admin: free_port(),
+    };
+    let d = start(&dir, &ports, "", &["--flush-interval", "1h"]);
+    let lines = burst(&ports, 1, &mut Expected::default());
+    d.wait_received(lines);
+    d.kill9();
+    let verify = || {
+        Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(["wal", "verify", "--data-dir"])
+            .arg(&dir)
+            .output()
+            .expect("run")
+    };
+    let out = verify();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("no corruption found"), "{text}");
+    // Flip a bit in the first record of the segment holding the UDP burst
+    // (100 datagrams: 100 records), so that valid records follow it.
+    let line = text
+        .lines()
+        .find(|l| l.contains(": 100 records"))
+        .expect("the UDP segment");
+    let seg = PathBuf::from(line.split(": stream").next().expect("path"));
+    let mut bytes = std::fs::read(&seg).expect("read");
+    bytes[32 + 24] ^= 0x01;
+    std::fs::write(&seg, bytes).expect("write");
+    let out = verify();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("corrupt record at offset 32"), "{text}");
+}

@@ -78,6 +78,7 @@
 //!   appended.
 
 pub mod format;
+pub mod inspect;
 mod segment;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -646,59 +647,46 @@ fn scan_stream(
     let mut next_lsn = 1;
     for &i in &order {
         let seg = &mut segments[i];
-        let sig = seg.header.signature();
         let name = seg.path.display().to_string();
-        let bytes = seg.bytes();
-        let mut at = SEGMENT_HEADER;
         let mut max_generation = 0;
-        loop {
-            match format::decode_record(bytes, at, sig) {
-                Decoded::Record(r, next) => {
-                    max_generation = max_generation.max(r.generation);
-                    scan.max_generation = scan.max_generation.max(r.generation);
-                    next_lsn = next_lsn.max(r.lsn + 1);
-                    if r.generation > checkpoint.confirmed
-                        && !checkpoint.done.contains(&r.generation)
-                    {
-                        scan.records += 1;
-                        scan.bytes += r.payload.len() as u64;
-                        scan.by_generation
-                            .entry(r.generation)
-                            .or_default()
-                            .push((r.kind, r.payload.to_vec()));
-                    }
-                    at = next;
+        let walk = walk(
+            seg.bytes(),
+            seg.header.signature(),
+            config.skip_corrupt,
+            |r| {
+                max_generation = max_generation.max(r.generation);
+                next_lsn = next_lsn.max(r.lsn + 1);
+                if r.generation > checkpoint.confirmed && !checkpoint.done.contains(&r.generation) {
+                    scan.records += 1;
+                    scan.bytes += r.payload.len() as u64;
+                    scan.by_generation
+                        .entry(r.generation)
+                        .or_default()
+                        .push((r.kind, r.payload.to_vec()));
                 }
-                Decoded::End => break,
-                Decoded::Invalid(why) => {
-                    if followed_by_valid(bytes, at, sig) {
-                        if !config.skip_corrupt {
-                            return Err(WalError::Corrupt {
-                                segment: name,
-                                offset: at,
-                            });
-                        }
-                        tracing::warn!(segment = %name, offset = at, ?why, "skipping a corrupt WAL record");
-                        scan.skipped += 1;
-                        at = skip_to_next_valid(bytes, at, sig);
-                        continue;
-                    }
-                    if i == newest {
-                        tracing::warn!(segment = %name, offset = at, ?why, "truncating a torn WAL tail");
-                        scan.torn += 1;
-                    } else {
-                        return Err(WalError::Corrupt {
-                            segment: name,
-                            offset: at,
-                        });
-                    }
-                    break;
-                }
+            },
+        );
+        scan.max_generation = scan.max_generation.max(max_generation);
+        for &offset in &walk.skipped {
+            tracing::warn!(segment = %name, offset, "skipped a corrupt WAL record");
+            scan.skipped += 1;
+        }
+        match walk.end {
+            End::Clean => {}
+            End::Torn(offset) if i == newest => {
+                tracing::warn!(segment = %name, offset, "truncating a torn WAL tail");
+                scan.torn += 1;
+            }
+            End::Torn(offset) | End::Corrupt(offset) => {
+                return Err(WalError::Corrupt {
+                    segment: name,
+                    offset,
+                });
             }
         }
         seg.max_generation = max_generation;
         if i == newest {
-            end_offset = at;
+            end_offset = walk.end_offset;
         }
     }
     let next_sequence = segments
@@ -723,13 +711,67 @@ fn scan_stream(
     })
 }
 
-/// Whether a valid record starts anywhere after the invalid one at `at`
-/// (then the bad bytes are corruption in the middle, not a torn tail).
-fn followed_by_valid(bytes: &[u8], at: usize, sig: u32) -> bool {
-    skip_to_next_valid(bytes, at, sig) < bytes.len()
+/// How the records of a segment ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// An end marker (or the end of the file).
+    Clean,
+    /// Invalid bytes with nothing valid after them: a torn last write (or,
+    /// in a segment that is not the newest, lost data).
+    Torn(usize),
+    /// Invalid bytes followed by a valid record: corruption.
+    Corrupt(usize),
 }
 
-fn skip_to_next_valid(bytes: &[u8], at: usize, sig: u32) -> usize {
+/// A walk over one segment's records.
+#[derive(Debug)]
+pub struct Walk {
+    /// Where the next record would go.
+    pub end_offset: usize,
+    pub end: End,
+    /// Offsets of corrupt records that were skipped (only with `skip_corrupt`).
+    pub skipped: Vec<usize>,
+}
+
+/// Calls `on_record` for each valid record of a segment, in order.
+pub fn walk<'a>(
+    bytes: &'a [u8],
+    sig: u32,
+    skip_corrupt: bool,
+    mut on_record: impl FnMut(format::Record<'a>),
+) -> Walk {
+    let mut at = SEGMENT_HEADER;
+    let mut skipped = Vec::new();
+    let end = loop {
+        match format::decode_record(bytes, at, sig) {
+            Decoded::Record(r, next) => {
+                on_record(r);
+                at = next;
+            }
+            Decoded::End => break End::Clean,
+            Decoded::Invalid(_) => {
+                let next = next_valid(bytes, at, sig);
+                if next >= bytes.len() {
+                    break End::Torn(at);
+                }
+                if !skip_corrupt {
+                    break End::Corrupt(at);
+                }
+                skipped.push(at);
+                at = next;
+            }
+        }
+    };
+    Walk {
+        end_offset: at,
+        end,
+        skipped,
+    }
+}
+
+/// The offset of the next valid record after the invalid one at `at`, or
+/// the segment's length if there is none.
+fn next_valid(bytes: &[u8], at: usize, sig: u32) -> usize {
     let mut probe = at + format::ALIGN;
     while probe + format::RECORD_HEADER <= bytes.len() {
         if let Decoded::Record(..) = format::decode_record(bytes, probe, sig) {
