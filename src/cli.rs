@@ -69,9 +69,11 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Schema(_) => {
-            for statement in crate::sink::schema::ddl(&config.sink.database) {
+            for statement in crate::sink::schema::ddl(&config.sink.database, false) {
                 println!("{statement};\n");
             }
+            println!("-- On ClickHouse 22.2 and later, each table also gets");
+            println!("-- SETTINGS non_replicated_deduplication_window = 1000");
             ExitCode::SUCCESS
         }
         Command::Run(_) => run(config),

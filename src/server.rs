@@ -254,18 +254,10 @@ fn spawn_wal_sync(wal: Arc<Wal>, mut stop: watch::Receiver<bool>) -> Option<Join
 
 /// Creates the schema (retrying while ClickHouse is unreachable), then
 /// writes batches. Batches queue up meanwhile; nothing is lost.
-async fn prepare_and_run(sink: Sink, config: sink::SinkConfig, queue: mpsc::Receiver<Batch>) {
+async fn prepare_and_run(mut sink: Sink, config: sink::SinkConfig, queue: mpsc::Receiver<Batch>) {
     let mut attempt = 0;
     loop {
-        let result = async {
-            let version = sink.server_version().await?;
-            if config.create_schema {
-                sink.ensure_schema().await?;
-            }
-            Ok::<_, clickhouse::error::Error>(version)
-        }
-        .await;
-        match result {
+        match sink.connect().await {
             Ok(version) => {
                 tracing::info!(%version, url = %config.url, database = %config.database, "connected to ClickHouse");
                 break;

@@ -328,3 +328,37 @@ async fn a_flush_sent_twice_is_counted_once() {
         6.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_gauge_landing_late_does_not_win() {
+    use tallyd::sink::Sink;
+    use tallyd::sink::rows::{Batch, GaugeRow};
+    let ch = clickhouse();
+    let c = config(&settings(ch, "late_gauge"));
+    let sink = Sink::new(c.sink.clone(), Default::default());
+    sink.ensure_schema().await.expect("schema");
+    let batch = |version: u64, value: f64| Batch {
+        flush_id: version,
+        gauges: vec![GaugeRow {
+            ts: 1_700_000_000,
+            name: "temp".into(),
+            tags: vec![],
+            host: "h".into(),
+            value,
+            version,
+            samples: 1,
+        }],
+        ..Batch::default()
+    };
+    // The newer flush lands first; a retried older one lands after it.
+    sink.write(&batch(200, 21.5)).await;
+    sink.write(&batch(100, 99.0)).await;
+    assert_eq!(
+        ch.number("SELECT argMax(value, version) FROM late_gauge.gauges WHERE name = 'temp'"),
+        21.5
+    );
+    assert_eq!(
+        ch.number("SELECT argMax(value, version) FROM late_gauge.gauges FINAL WHERE name = 'temp'"),
+        21.5
+    );
+}

@@ -116,6 +116,8 @@ pub struct Sink {
     telemetry: Arc<Telemetry>,
     /// Told when a batch is in ClickHouse, so its WAL records can go.
     wal: Option<Arc<Wal>>,
+    /// The server takes `insert_deduplication_token` (22.2 and later).
+    dedup_token: bool,
 }
 
 impl Sink {
@@ -132,7 +134,19 @@ impl Sink {
             config,
             telemetry,
             wal: None,
+            dedup_token: false,
         }
+    }
+
+    /// Asks the server's version, creates the schema if configured, and
+    /// turns on what the version allows. Returns the version.
+    pub async fn connect(&mut self) -> Result<String, clickhouse::error::Error> {
+        let version = self.server_version().await?;
+        self.dedup_token = schema::has_dedup_token(&version);
+        if self.config.create_schema {
+            self.ensure_schema().await?;
+        }
+        Ok(version)
     }
 
     /// Confirms each written batch's generation to `wal`.
@@ -151,7 +165,7 @@ impl Sink {
 
     /// Creates the database and tables if they are missing.
     pub async fn ensure_schema(&self) -> Result<(), clickhouse::error::Error> {
-        for statement in schema::ddl(&self.config.database) {
+        for statement in schema::ddl(&self.config.database, self.dedup_token) {
             self.admin.query(&statement).execute().await?;
         }
         Ok(())
@@ -177,17 +191,17 @@ impl Sink {
     /// Writes one batch, every table, retrying until each table is either
     /// written or rejected.
     pub async fn write(&self, batch: &Batch) {
-        self.write_table::<rows::CounterRow>(0, &batch.counters, batch.flush_id)
+        self.write_table::<rows::CounterRow>(0, &batch.counters, batch)
             .await;
-        self.write_table::<rows::GaugeRow>(1, &batch.gauges, batch.flush_id)
+        self.write_table::<rows::GaugeRow>(1, &batch.gauges, batch)
             .await;
-        self.write_table::<rows::TimerRow>(2, &batch.timers, batch.flush_id)
+        self.write_table::<rows::TimerRow>(2, &batch.timers, batch)
             .await;
-        self.write_table::<rows::SetRow>(3, &batch.sets, batch.flush_id)
+        self.write_table::<rows::SetRow>(3, &batch.sets, batch)
             .await;
     }
 
-    async fn write_table<T>(&self, table: usize, rows: &[T], flush_id: u64)
+    async fn write_table<T>(&self, table: usize, rows: &[T], batch: &Batch)
     where
         T: Row + RowWrite + for<'a> Row<Value<'a> = T> + Serialize + EncodedLen,
     {
@@ -195,9 +209,13 @@ impl Sink {
             return;
         }
         let name = TABLES[table];
+        let flush_id = batch.flush_id;
+        let token = self
+            .dedup_token
+            .then(|| format!("tallyd-{}-{}-{name}", batch.host, batch.flush_id));
         let mut attempt = 0;
         loop {
-            match self.insert(name, rows).await {
+            match self.insert(name, rows, token.as_deref()).await {
                 Ok(bytes) => {
                     self.telemetry.rows_written[table].fetch_add(rows.len() as u64, Relaxed);
                     self.telemetry.bytes_written[table].fetch_add(bytes, Relaxed);
@@ -242,7 +260,12 @@ impl Sink {
         }
     }
 
-    async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<u64, clickhouse::error::Error>
+    async fn insert<T>(
+        &self,
+        table: &str,
+        rows: &[T],
+        token: Option<&str>,
+    ) -> Result<u64, clickhouse::error::Error>
     where
         T: Row + RowWrite + for<'a> Row<Value<'a> = T> + Serialize + EncodedLen,
     {
@@ -251,6 +274,9 @@ impl Sink {
             .insert::<T>(table)
             .await?
             .with_timeouts(Some(self.config.timeout), Some(self.config.timeout));
+        if let Some(token) = token {
+            insert = insert.with_setting("insert_deduplication_token", token);
+        }
         let mut bytes = 0;
         for row in rows {
             insert.write(row).await?;

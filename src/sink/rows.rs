@@ -69,6 +69,7 @@ pub struct SetRow {
 pub struct Batch {
     /// The generation (interval) the rows come from.
     pub generation: u64,
+    pub host: String,
     pub flush_id: u64,
     /// Start of the interval, Unix seconds.
     pub ts: u32,
@@ -128,6 +129,7 @@ pub fn build(
     let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
     let mut batch = Batch {
         generation: generation.id,
+        host: host.to_owned(),
         flush_id,
         ts,
         samples: generation.pending.into_inner(),

@@ -7,10 +7,12 @@
 //! The DDL uses nothing newer than 18.16 has (no Map, LowCardinality, CODEC,
 //! TTL, DateTime64).
 
-/// The statements that create the database and tables, in order.
-pub fn ddl(database: &str) -> Vec<String> {
+/// The statements that create the database and tables, in order. With
+/// `dedup_window` (servers that have it, 22.2 and later), each table also
+/// drops a re-sent insert with a known `insert_deduplication_token`.
+pub fn ddl(database: &str, dedup_window: bool) -> Vec<String> {
     let db = quote_ident(database);
-    vec![
+    let mut statements = vec![
         format!("CREATE DATABASE IF NOT EXISTS {db}"),
         format!(
             "CREATE TABLE IF NOT EXISTS {db}.counters (
@@ -75,7 +77,23 @@ ORDER BY (name, tags, kind, host, flush_id)"
 PARTITION BY toYYYYMM(ts)
 ORDER BY (name, tags, host, flush_id)"
         ),
-    ]
+    ];
+    if dedup_window {
+        for s in statements.iter_mut().skip(1) {
+            s.push_str("\nSETTINGS non_replicated_deduplication_window = 1000");
+        }
+    }
+    statements
+}
+
+/// Whether a `SELECT version()` answer is 22.2 or later: the first version
+/// with `insert_deduplication_token` (unknown settings fail every request
+/// on older servers, so it is sent only to these).
+pub fn has_dedup_token(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= (22, 2)
 }
 
 /// Quotes an identifier with backticks (the database name comes from config).
@@ -89,7 +107,7 @@ mod tests {
 
     #[test]
     fn every_table_is_created_in_the_database() {
-        let ddl = ddl("metrics");
+        let ddl = ddl("metrics", false);
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `metrics`");
         for table in crate::telemetry::TABLES {
             assert!(
@@ -99,6 +117,17 @@ mod tests {
                 "{table}"
             );
         }
+    }
+
+    #[test]
+    fn dedup_window_only_for_modern_servers() {
+        assert!(ddl("m", true)[1].ends_with("SETTINGS non_replicated_deduplication_window = 1000"));
+        assert!(!ddl("m", false)[1].contains("SETTINGS"));
+        assert!(!has_dedup_token("18.16.1"));
+        assert!(!has_dedup_token("22.1.3.7"));
+        assert!(has_dedup_token("22.2.2.1"));
+        assert!(has_dedup_token("24.8.4.13"));
+        assert!(!has_dedup_token("garbage"));
     }
 
     #[test]
