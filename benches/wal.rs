@@ -14,7 +14,8 @@ use tallyd::wal::{SyncMode, Wal, WalConfig};
 const RECORD: usize = 1400;
 
 fn config(tag: &str, streams: u32, size_mib: u64) -> WalConfig {
-    let dir: PathBuf = std::env::temp_dir().join(format!("tallyd-bench-wal-{tag}-{}", std::process::id()));
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("tallyd-bench-wal-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     WalConfig {
         dir,
@@ -32,34 +33,38 @@ fn append(c: &mut Criterion) {
     let mut g = c.benchmark_group("wal_append");
     g.throughput(Throughput::Bytes(RECORD as u64 * 1000));
     for threads in [1usize, 2] {
-        let (wal, _) = Wal::open(config(&format!("append{threads}"), threads as u32, 64)).expect("open");
+        let (wal, _) =
+            Wal::open(config(&format!("append{threads}"), threads as u32, 64)).expect("open");
         let wal = Arc::new(wal);
         let mut generation = 1;
-        g.bench_function(format!("1000_records_of_1400_bytes_{threads}_threads"), |b| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                let handles: Vec<_> = (0..threads)
-                    .map(|t| {
-                        let (wal, payload) = (Arc::clone(&wal), payload.clone());
-                        std::thread::spawn(move || {
-                            for _ in 0..iters * 1000 / threads as u64 {
-                                if wal.append(t, generation, Kind::Statsd, &payload).is_err() {
-                                    // Full: release everything, as a flush would.
-                                    wal.confirm(generation).expect("confirm");
+        g.bench_function(
+            format!("1000_records_of_1400_bytes_{threads}_threads"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    let handles: Vec<_> = (0..threads)
+                        .map(|t| {
+                            let (wal, payload) = (Arc::clone(&wal), payload.clone());
+                            std::thread::spawn(move || {
+                                for _ in 0..iters * 1000 / threads as u64 {
+                                    if wal.append(t, generation, Kind::Statsd, &payload).is_err() {
+                                        // Full: release everything, as a flush would.
+                                        wal.confirm(generation).expect("confirm");
+                                    }
                                 }
-                            }
+                            })
                         })
-                    })
-                    .collect();
-                for h in handles {
-                    h.join().expect("thread");
-                }
-                let took = start.elapsed();
-                wal.confirm(generation).expect("confirm");
-                generation += 1;
-                took
-            })
-        });
+                        .collect();
+                    for h in handles {
+                        h.join().expect("thread");
+                    }
+                    let took = start.elapsed();
+                    wal.confirm(generation).expect("confirm");
+                    generation += 1;
+                    took
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -23,7 +23,9 @@ cargo build --release --locked -q
     --data-dir "$dir" --log-level warn ${TALLYD_ARGS:-} &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do curl -fsS "127.0.0.1:$admin/health" >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 300); do curl -fsS "127.0.0.1:$admin/health" >/dev/null 2>&1 && break; sleep 0.1; done
+# The WAL's segments were just preallocated: write them back before measuring.
+sync
 
 cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 cpu0=$(cpu)

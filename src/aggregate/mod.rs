@@ -46,7 +46,7 @@ pub struct AggregateLimits {
 pub struct Generation {
     /// Grows by one per interval, across restarts (the WAL records it).
     pub id: u64,
-    pub map: DashMap<Box<[u8]>, Acc>,
+    pub map: DashMap<Box<[u8]>, Acc, KeyHasher>,
     keys: AtomicUsize,
     /// Raw increments applied so far.
     pub pending: AtomicU64,
@@ -54,11 +54,29 @@ pub struct Generation {
     pub started: Duration,
 }
 
+/// Keys come from the network: a seeded hash (foldhash) resists crafted
+/// collisions at a fraction of SipHash's cost.
+pub type KeyHasher = foldhash::fast::RandomState;
+
+/// Shards of a generation's map: more than DashMap's default (4 per core)
+/// so that ingest threads rarely meet on one shard lock.
+const SHARDS: usize = 64;
+
 impl Generation {
     pub fn new(id: u64, started: Duration) -> Generation {
+        Generation::with_capacity(id, started, 0)
+    }
+
+    /// A generation with room for `keys` keys (sized like the last one, so
+    /// a busy interval does not rehash its way up every second).
+    pub fn with_capacity(id: u64, started: Duration, keys: usize) -> Generation {
         Generation {
             id,
-            map: DashMap::new(),
+            map: DashMap::with_capacity_and_hasher_and_shard_amount(
+                keys,
+                KeyHasher::default(),
+                SHARDS,
+            ),
             keys: AtomicUsize::new(0),
             pending: AtomicU64::new(0),
             started,
@@ -140,7 +158,12 @@ impl Aggregator {
     /// Installs a fresh generation that started at `now` and returns the old
     /// one. Blocks still applying to the old one may hold it for a moment.
     pub fn swap(&self, now: Duration) -> Arc<Generation> {
-        let fresh = Arc::new(Generation::new(self.next_id.fetch_add(1, Relaxed), now));
+        let hint = self.current().keys();
+        let fresh = Arc::new(Generation::with_capacity(
+            self.next_id.fetch_add(1, Relaxed),
+            now,
+            hint,
+        ));
         let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
         std::mem::replace(&mut *cur, fresh)
     }

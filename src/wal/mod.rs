@@ -86,7 +86,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use format::{Decoded, Kind, SEGMENT_HEADER, record_len};
@@ -237,8 +237,10 @@ struct Stream {
     offset: usize,
     next_lsn: u64,
     next_sequence: u64,
-    /// Start of the bytes of the current segment not yet msynced.
+    /// Start of the bytes of the current segment not yet synced.
     synced_to: usize,
+    /// Segments left since the last interval sync.
+    unsynced: Vec<Arc<File>>,
 }
 
 /// A generation rebuilt from the log at start.
@@ -417,8 +419,11 @@ impl Wal {
         if s.segments[next].max_generation > self.confirmed.load(Relaxed) {
             return Err(AppendError::Full);
         }
-        if self.config.sync != SyncMode::Never {
-            self.sync_stream(s);
+        match self.config.sync {
+            SyncMode::Always => self.sync_stream(s),
+            // The next interval sync writes the segment being left back too.
+            SyncMode::Interval => s.unsynced.push(s.segments[s.current].file()),
+            SyncMode::Never => {}
         }
         let header = format::SegmentHeader {
             stream: s.id,
@@ -445,9 +450,23 @@ impl Wal {
     }
 
     /// Forces every stream's new records to disk (the `interval` policy).
+    /// The files are synced after the stream locks are released, so
+    /// appends go on while the kernel writes.
     pub fn sync(&self) {
+        let mut files = Vec::new();
         for stream in &self.streams {
-            self.sync_stream(&mut lock(stream));
+            let mut s = lock(stream);
+            files.append(&mut s.unsynced);
+            if s.offset > s.synced_to {
+                s.synced_to = s.offset;
+                files.push(s.segments[s.current].file());
+            }
+        }
+        for f in files {
+            if let Err(e) = f.sync_data() {
+                self.stats.sync_errors.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, "WAL sync failed");
+            }
         }
     }
 
@@ -534,6 +553,7 @@ impl Stream {
             next_lsn: 1,
             next_sequence: 1,
             synced_to: 0,
+            unsynced: Vec::new(),
         })
     }
 }
@@ -708,6 +728,7 @@ fn scan_stream(
         next_lsn,
         next_sequence,
         synced_to: 0,
+        unsynced: Vec::new(),
     })
 }
 

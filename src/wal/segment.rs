@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::MmapMut;
 
@@ -18,7 +19,7 @@ pub(super) struct Segment {
     /// Highest generation of any record in the segment (0: none).
     pub max_generation: u64,
     map: MmapMut,
-    _file: File,
+    file: Arc<File>,
 }
 
 impl Segment {
@@ -105,7 +106,7 @@ impl Segment {
             used,
             max_generation: 0,
             map,
-            _file: file,
+            file: Arc::new(file),
         })
     }
 
@@ -125,6 +126,12 @@ impl Segment {
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         &mut self.map
+    }
+
+    /// The file, to `fdatasync` it without holding the stream (the kernel
+    /// writes back pages dirtied through the mapping too).
+    pub fn file(&self) -> Arc<File> {
+        Arc::clone(&self.file)
     }
 
     /// msync of `len` bytes from `offset` (widened to the header so the
