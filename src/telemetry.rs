@@ -260,15 +260,9 @@ impl Telemetry {
             "kind=\"rejected\"",
             &self.clickhouse_rejections,
         );
-        m.gauge(
-            "tallyd_wal_replayed_samples",
-            "Raw increments rebuilt from the WAL at start.",
-            "",
-            &self.replayed_samples,
-        );
         m.counter(
             "tallyd_rows_lost_at_shutdown_total",
-            "Rows still unsent when the shutdown timeout ran out, with the WAL off (with it, they stay in the WAL).",
+            "Rows still unsent when the shutdown timeout ran out.",
             "",
             &self.rows_lost_at_shutdown,
         );

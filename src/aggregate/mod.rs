@@ -46,17 +46,13 @@ pub struct AggregateLimits {
 pub struct Generation {
     /// Grows by one per interval, across restarts (the WAL records it).
     pub id: u64,
-    pub map: DashMap<Key, Acc, KeyHasher>,
+    pub map: DashMap<Box<[u8]>, Acc, KeyHasher>,
     keys: AtomicUsize,
     /// Raw increments applied so far.
     pub pending: AtomicU64,
     /// When the interval started (wall clock, since the Unix epoch).
     pub started: Duration,
 }
-
-/// A key's bytes, kept inside the map's entry when short (most keys), so a
-/// lookup does not chase a pointer to compare them.
-pub type Key = smallvec::SmallVec<[u8; 48]>;
 
 /// Keys come from the network: a seeded hash (foldhash) resists crafted
 /// collisions at a fraction of SipHash's cost.
@@ -235,7 +231,7 @@ impl Aggregator {
             stats.dropped_key_limit += line.value_count() as u64;
             return;
         }
-        match generation.map.entry(Key::from_slice(key)) {
+        match generation.map.entry(Box::from(key)) {
             Entry::Occupied(mut e) => {
                 // Another worker created it between our lookup and now.
                 generation.keys.fetch_sub(1, Relaxed);
@@ -313,7 +309,7 @@ mod tests {
         kind: MetricType,
         name: &str,
         tags: &str,
-    ) -> dashmap::mapref::one::Ref<'a, Key, Acc> {
+    ) -> dashmap::mapref::one::Ref<'a, Box<[u8]>, Acc> {
         let k = KeyBuf::default()
             .build(kind, name.as_bytes(), tags.as_bytes())
             .to_vec();

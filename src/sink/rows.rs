@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use clickhouse::Row;
 use serde::Serialize;
 
+use crate::aggregate::Generation;
 use crate::aggregate::acc::Acc;
 use crate::aggregate::key;
-use crate::aggregate::{Generation, Key};
 
 #[derive(Debug, Clone, PartialEq, Row, Serialize)]
 pub struct CounterRow {
@@ -92,7 +92,7 @@ impl Batch {
 /// not remembered (their later deltas start from 0) and that is counted.
 #[derive(Debug)]
 pub struct GaugeMemory {
-    values: HashMap<Key, f64>,
+    values: HashMap<Box<[u8]>, f64>,
     max_keys: usize,
 }
 
@@ -106,7 +106,7 @@ impl GaugeMemory {
 
     /// Resolves a gauge's value and remembers it. Returns the value and
     /// whether it could not be remembered.
-    fn settle(&mut self, key: Key, g: &crate::aggregate::acc::GaugeAcc) -> (f64, bool) {
+    fn settle(&mut self, key: Box<[u8]>, g: &crate::aggregate::acc::GaugeAcc) -> (f64, bool) {
         let previous = self.values.get(&key).copied();
         let value = g.resolve(previous);
         if previous.is_some() || self.values.len() < self.max_keys {
