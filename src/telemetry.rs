@@ -260,9 +260,15 @@ impl Telemetry {
             "kind=\"rejected\"",
             &self.clickhouse_rejections,
         );
+        m.gauge(
+            "tallyd_wal_replayed_samples",
+            "Raw increments rebuilt from the WAL at start.",
+            "",
+            &self.replayed_samples,
+        );
         m.counter(
             "tallyd_rows_lost_at_shutdown_total",
-            "Rows still unsent when the shutdown timeout ran out.",
+            "Rows still unsent when the shutdown timeout ran out, with the WAL off (with it, they stay in the WAL).",
             "",
             &self.rows_lost_at_shutdown,
         );
