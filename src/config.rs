@@ -34,6 +34,33 @@ pub struct Settings {
     pub aggregate: AggregateSettings,
     pub clickhouse: ClickhouseSettings,
     pub wal: WalSettings,
+    pub proto: ProtoSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtoSettings {
+    pub tcp: String,
+    pub udp: String,
+    pub max_frame: String,
+    pub max_connections: usize,
+    /// How long a batch waits for room in a full WAL before `OVERLOADED`.
+    pub overload_timeout: String,
+    /// How long a silent client's last sequence is remembered.
+    pub dedup_window: String,
+}
+
+impl Default for ProtoSettings {
+    fn default() -> Self {
+        ProtoSettings {
+            tcp: "127.0.0.1:8126".into(),
+            udp: "127.0.0.1:8126".into(),
+            max_frame: "4MiB".into(),
+            max_connections: 1024,
+            overload_timeout: "5s".into(),
+            dedup_window: "24h".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +142,7 @@ impl Default for Settings {
             aggregate: AggregateSettings::default(),
             clickhouse: ClickhouseSettings::default(),
             wal: WalSettings::default(),
+            proto: ProtoSettings::default(),
         }
     }
 }
@@ -201,6 +229,12 @@ pub struct Overrides {
     /// error, warn, info, debug or trace [default: info]
     #[arg(long, env = "TALLYD_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Protobuf TCP listen address (acknowledged batches), or `off` [default: 127.0.0.1:8126]
+    #[arg(long, env = "TALLYD_PROTO_TCP", value_name = "ADDR")]
+    pub proto_tcp: Option<String>,
+    /// Protobuf UDP listen address (one batch per datagram), or `off` [default: 127.0.0.1:8126]
+    #[arg(long, env = "TALLYD_PROTO_UDP", value_name = "ADDR")]
+    pub proto_udp: Option<String>,
     /// Total WAL size, e.g. 1GiB [default: 1GiB]
     #[arg(long, env = "TALLYD_WAL_SIZE", value_name = "SIZE")]
     pub wal_size: Option<String>,
@@ -229,6 +263,8 @@ impl Overrides {
         set(&mut s.data_dir, &self.data_dir);
         set(&mut s.log_level, &self.log_level);
         set(&mut s.wal.size, &self.wal_size);
+        set(&mut s.proto.tcp, &self.proto_tcp);
+        set(&mut s.proto.udp, &self.proto_udp);
         set(&mut s.wal.sync, &self.wal_sync);
     }
 }
@@ -342,8 +378,21 @@ impl Settings {
             s.udp_workers
         };
         let wal = self.wal_config(udp_workers)?;
+        let p = &self.proto;
+        if p.max_connections == 0 {
+            return Err(err("proto.max_connections", "must be at least 1"));
+        }
+        let proto = ProtoConfig {
+            tcp: listen("proto.tcp", &p.tcp)?,
+            udp: listen("proto.udp", &p.udp)?,
+            max_frame: size("proto.max_frame", &p.max_frame)?.max(1),
+            max_connections: p.max_connections,
+            overload_timeout: duration("proto.overload_timeout", &p.overload_timeout)?,
+            dedup_window: duration("proto.dedup_window", &p.dedup_window)?,
+        };
         Ok(Config {
             wal,
+            proto,
             host_id,
             data_dir: PathBuf::from(&self.data_dir),
             log_level: self.log_level.parse::<LevelFilter>().map_err(|_| {
@@ -410,6 +459,18 @@ pub struct Config {
     pub sink: SinkConfig,
     /// `None` when the WAL is disabled.
     pub wal: Option<WalConfig>,
+    pub proto: ProtoConfig,
+}
+
+/// The protobuf listeners.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProtoConfig {
+    pub tcp: Option<SocketAddr>,
+    pub udp: Option<SocketAddr>,
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub overload_timeout: Duration,
+    pub dedup_window: Duration,
 }
 
 impl Settings {

@@ -23,11 +23,14 @@ use crate::admin::{self, AdminState};
 use crate::aggregate::{Aggregator, Generation, Scratch};
 use crate::config::Config;
 use crate::flush::{self, Clock, FlushIds, Flusher};
-use crate::ingest::{tcp::TcpIngest, udp};
+use crate::ingest::{dedup::Dedup, proto::ProtoIngest, tcp::TcpIngest, udp};
+use crate::protocol::proto::Batch as ProtoBatch;
 use crate::sink::rows::{Batch, GaugeMemory};
 use crate::sink::{self, Sink};
 use crate::telemetry::{BlockStats, Telemetry};
+use crate::wal::format::Kind;
 use crate::wal::{Recovery, SyncMode, Wal};
+use prost::Message;
 
 /// Why tallyd could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,13 +51,17 @@ pub enum StartError {
 pub struct Running {
     pub udp_addr: Option<SocketAddr>,
     pub tcp_addr: Option<SocketAddr>,
+    pub proto_tcp_addr: Option<SocketAddr>,
+    pub proto_udp_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    proto_tcp: Option<JoinHandle<()>>,
     pub telemetry: Arc<Telemetry>,
     config: Config,
     state: Arc<AdminState>,
     udp_stop: Arc<AtomicBool>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
+    flush_stop: watch::Sender<bool>,
     tcp: Option<JoinHandle<()>>,
     flush: JoinHandle<()>,
     sink: JoinHandle<()>,
@@ -72,6 +79,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     std::fs::create_dir_all(&config.data_dir).map_err(data_dir_err)?;
     let ids = FlushIds::open(&config.data_dir).map_err(data_dir_err)?;
+    let dedup =
+        Arc::new(Dedup::open(&config.data_dir, config.proto.dedup_window).map_err(data_dir_err)?);
 
     let telemetry = Arc::new(Telemetry::default());
     let clock: Clock = Arc::new(crate::aggregate::wall_clock);
@@ -87,6 +96,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 .await
                 .map_err(bind_err("StatsD TCP", addr))?,
         ),
+        None => None,
+    };
+    let proto_tcp_listener = match config.proto.tcp {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("protobuf TCP", addr))?,
+        ),
+        None => None,
+    };
+    let proto_udp_socket = match config.proto.udp {
+        Some(addr) => {
+            Some(std::net::UdpSocket::bind(addr).map_err(bind_err("protobuf UDP", addr))?)
+        }
         None => None,
     };
     let admin_listener = match config.admin {
@@ -133,7 +156,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         wal: wal.clone(),
     });
 
-    let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry)).with_wal(wal.clone());
+    let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry))
+        .with_wal(wal.clone(), Some(Arc::clone(&dedup)));
     // Room for every replayed generation on top of the usual queue, so that
     // replay never waits for ClickHouse.
     let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue + recovery.generations.len());
@@ -149,8 +173,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         telemetry: Arc::clone(&telemetry),
         clock,
     };
-    replay(&mut flusher, recovery, &telemetry).await;
-    let flush = tokio::spawn(flush::run(flusher, config.flush_interval, stop_rx.clone()));
+    replay(&mut flusher, recovery, &telemetry, &dedup).await;
+    // The flush loop stops only after every listener has drained, so its
+    // last interval holds everything received.
+    let (flush_stop, flush_stop_rx) = watch::channel(false);
+    let flush = tokio::spawn(flush::run(flusher, config.flush_interval, flush_stop_rx));
     let wal_sync = wal
         .as_ref()
         .and_then(|w| spawn_wal_sync(Arc::clone(w), stop_rx.clone()));
@@ -168,32 +195,64 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .statsd_udp
             .unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
     ))?;
+    // TCP connections (StatsD and protobuf) share the streams after the
+    // UDP workers'.
+    let shared_streams = config.udp_workers
+        ..config.udp_workers + wal.as_ref().map_or(1, |w| w.streams() - config.udp_workers);
     let tcp = tcp_listener.map(|listener| {
         let ingest = TcpIngest {
             aggregator: Arc::clone(&aggregator),
             telemetry: Arc::clone(&telemetry),
             max_line: config.tcp_max_line,
             max_connections: config.tcp_max_connections,
-            wal_streams: config.udp_workers
-                ..config.udp_workers + wal.as_ref().map_or(1, |w| w.streams() - config.udp_workers),
+            wal_streams: shared_streams.clone(),
         };
         tokio::spawn(ingest.serve(listener, stop_rx.clone()))
     });
+    let proto = ProtoIngest {
+        aggregator: Arc::clone(&aggregator),
+        telemetry: Arc::clone(&telemetry),
+        wal: wal.clone(),
+        dedup,
+        max_frame: config.proto.max_frame,
+        max_connections: config.proto.max_connections,
+        overload_timeout: config.proto.overload_timeout,
+        wal_streams: shared_streams,
+    };
+    let proto_tcp_addr = proto_tcp_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok());
+    let proto_udp_addr = proto_udp_socket.as_ref().and_then(|s| s.local_addr().ok());
+    let mut udp_threads = udp_threads;
+    if let Some(socket) = proto_udp_socket {
+        let addr = proto_udp_addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+        udp_threads.push(
+            proto
+                .clone()
+                .spawn_udp(socket, Arc::clone(&udp_stop))
+                .map_err(bind_err("protobuf UDP", addr))?,
+        );
+    }
+    let proto_tcp = proto_tcp_listener.map(|l| tokio::spawn(proto.serve_tcp(l, stop_rx.clone())));
     let admin =
         admin_listener.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&state), stop_rx.clone())));
 
     state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
+    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
     Ok(Running {
         udp_addr,
         tcp_addr,
+        proto_tcp_addr,
+        proto_udp_addr,
         admin_addr,
+        proto_tcp,
         telemetry,
         config,
         state,
         udp_stop,
         udp_threads,
         stop,
+        flush_stop,
         tcp,
         flush,
         sink,
@@ -204,7 +263,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 /// Rebuilds each unflushed generation from the WAL and queues it.
-async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry) {
+async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry, dedup: &Dedup) {
     if recovery.generations.is_empty() {
         return;
     }
@@ -214,10 +273,29 @@ async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry
     let mut scratch = Scratch::default();
     for r in recovery.generations {
         let generation = Generation::new(r.generation, (flusher.clock)());
-        for (_, block) in &r.blocks {
-            flusher
-                .aggregator
-                .apply_block(&generation, block, &mut scratch, &mut stats);
+        for (kind, block) in &r.blocks {
+            match kind {
+                Kind::Statsd => {
+                    flusher
+                        .aggregator
+                        .apply_block(&generation, block, &mut scratch, &mut stats)
+                }
+                Kind::Proto => match ProtoBatch::decode(&block[..]) {
+                    Ok(batch) => {
+                        dedup.observe(&batch.client_id, batch.sequence);
+                        flusher.aggregator.apply_batch(
+                            &generation,
+                            &batch,
+                            &mut scratch,
+                            &mut stats,
+                        );
+                    }
+                    // It decoded when it was accepted: only damage gets here.
+                    Err(e) => {
+                        tracing::error!(error = %e, "a protobuf batch in the WAL does not decode; skipped")
+                    }
+                },
+            }
         }
         flusher.flush_replayed(generation, r.intent).await;
     }
@@ -288,9 +366,10 @@ impl Running {
             }
         })
         .await;
-        if let Some(tcp) = self.tcp {
-            let _ = tcp.await;
+        for task in [self.tcp, self.proto_tcp].into_iter().flatten() {
+            let _ = task.await;
         }
+        let _ = self.flush_stop.send(true);
         let _ = self.flush.await;
         tracing::info!("final interval closed; writing what is queued");
         let mut sink = self.sink;

@@ -50,6 +50,11 @@ pub const TABLES: [&str; 4] = ["counters", "gauges", "timers", "sets"];
 pub struct Telemetry {
     pub udp: ListenerStats,
     pub tcp: ListenerStats,
+    /// Protobuf batches (blocks), their bytes and events (lines).
+    pub proto: ListenerStats,
+    /// Protobuf batches by answer: OK, DUPLICATE, REJECTED, OVERLOADED.
+    pub proto_acks: [AtomicU64; 4],
+    pub proto_frames_too_large: AtomicU64,
     pub samples: AtomicU64,
     pub dropped_key_limit: AtomicU64,
     pub dropped_set_members: AtomicU64,
@@ -108,7 +113,11 @@ impl Telemetry {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let mut m = Metrics(&mut out);
-        for (name, l) in [("udp", &self.udp), ("tcp", &self.tcp)] {
+        for (name, l) in [
+            ("udp", &self.udp),
+            ("tcp", &self.tcp),
+            ("proto", &self.proto),
+        ] {
             let lab = format!("listener=\"{name}\"");
             m.counter(
                 "tallyd_received_blocks_total",
@@ -150,6 +159,23 @@ impl Telemetry {
                 );
             }
         }
+        for (status, c) in ["ok", "duplicate", "rejected", "overloaded"]
+            .iter()
+            .zip(&self.proto_acks)
+        {
+            m.counter(
+                "tallyd_proto_batches_total",
+                "Protobuf batches by answer (UDP batches are counted as if answered).",
+                &format!("status=\"{status}\""),
+                c,
+            );
+        }
+        m.counter(
+            "tallyd_proto_frames_too_large_total",
+            "Protobuf TCP frames over max_frame (the connection is closed).",
+            "",
+            &self.proto_frames_too_large,
+        );
         m.counter(
             "tallyd_samples_total",
             "Raw increments applied to accumulators.",

@@ -158,6 +158,7 @@ fn sigterm_flushes_everything_received_and_exits_zero() {
         .args(["--admin", &format!("127.0.0.1:{admin}")])
         .arg("--config")
         .arg(small_wal_config())
+        .args(["--proto-tcp", "off", "--proto-udp", "off"])
         .arg("--data-dir")
         .arg(temp_dir("sigterm"))
         .stderr(Stdio::piped())

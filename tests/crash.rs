@@ -53,6 +53,7 @@ fn start(dir: &Path, ports: &Ports, failpoints: &str, extra: &[&str]) -> Daemon 
         .args(["--statsd-udp", &format!("127.0.0.1:{}", ports.udp)])
         .args(["--statsd-tcp", &format!("127.0.0.1:{}", ports.tcp)])
         .args(["--admin", &format!("127.0.0.1:{}", ports.admin)])
+        .args(["--proto-tcp", "127.0.0.1:0", "--proto-udp", "127.0.0.1:0"])
         .args(extra)
         .env("TALLYD_FAILPOINTS", failpoints)
         .stderr(Stdio::null())

@@ -23,6 +23,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Notify;
 
+use crate::protocol::proto::{self, Batch};
 use crate::protocol::statsd::{self, Limits, Line, MetricType, Parsed};
 use crate::telemetry::BlockStats;
 use crate::wal::format::Kind;
@@ -93,6 +94,8 @@ impl Generation {
 #[derive(Default)]
 pub struct Scratch {
     key: KeyBuf,
+    /// Tags of a protobuf event, as `k:v,...`.
+    tags: Vec<u8>,
     /// The WAL stream this worker appends to.
     pub wal_stream: usize,
 }
@@ -186,6 +189,60 @@ impl Aggregator {
         Ok(())
     }
 
+    /// Records a protobuf batch (`raw`, its encoded bytes) in the WAL, then
+    /// applies its valid events. Returns the WAL ticket (0 without a WAL)
+    /// and how many events were invalid and skipped.
+    pub fn ingest_batch(
+        &self,
+        raw: &[u8],
+        batch: &Batch,
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+    ) -> Result<(u64, u32), AppendError> {
+        let generation = self.current();
+        let ticket = match &self.wal {
+            Some(wal) => wal.append(scratch.wal_stream, generation.id, Kind::Proto, raw)?,
+            None => 0,
+        };
+        Ok((ticket, self.apply_batch(&generation, batch, scratch, stats)))
+    }
+
+    /// Applies a batch's valid events to `generation` (also WAL replay).
+    /// Returns how many were invalid.
+    pub fn apply_batch(
+        &self,
+        generation: &Generation,
+        batch: &Batch,
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+    ) -> u32 {
+        let before = stats.samples;
+        let mut rejected = 0;
+        let mut tags = std::mem::take(&mut scratch.tags);
+        for event in &batch.events {
+            stats.lines += 1;
+            match proto::event_line(event, &mut tags, &self.parse_limits) {
+                Ok(line) => self.apply(generation, &line, scratch, stats),
+                Err(e) => {
+                    stats.parse_errors[e.index()] += 1;
+                    rejected += 1;
+                }
+            }
+        }
+        scratch.tags = tags;
+        self.count_pending(generation, stats.samples - before);
+        rejected
+    }
+
+    fn count_pending(&self, generation: &Generation, added: u64) {
+        if added > 0 {
+            let was = generation.pending.fetch_add(added, Relaxed);
+            if was < self.limits.max_depth && was + added >= self.limits.max_depth {
+                self.depth_reached.notify_one();
+            }
+        }
+    }
+
     /// Applies a block to `generation` without logging it (WAL replay).
     pub fn apply_block(
         &self,
@@ -205,13 +262,7 @@ impl Aggregator {
                 Err(e) => stats.parse_errors[e.index()] += 1,
             }
         }
-        let added = stats.samples - before;
-        if added > 0 {
-            let was = generation.pending.fetch_add(added, Relaxed);
-            if was < self.limits.max_depth && was + added >= self.limits.max_depth {
-                self.depth_reached.notify_one();
-            }
-        }
+        self.count_pending(generation, stats.samples - before);
     }
 
     fn apply(

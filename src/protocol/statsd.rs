@@ -355,7 +355,7 @@ pub fn for_each_tag<'a>(tags: &'a [u8], mut f: impl FnMut(&'a [u8])) {
     }
 }
 
-fn check_name(name: &[u8], limits: &Limits, plain: bool) -> Result<(), ParseError> {
+pub(crate) fn check_name(name: &[u8], limits: &Limits, plain: bool) -> Result<(), ParseError> {
     if name.is_empty() {
         return Err(ParseError::EmptyName);
     }
@@ -368,7 +368,7 @@ fn check_name(name: &[u8], limits: &Limits, plain: bool) -> Result<(), ParseErro
     check_text(name).map_err(|_| ParseError::InvalidName)
 }
 
-fn check_tags(tags: &[u8], limits: &Limits, plain: bool) -> Result<(), ParseError> {
+pub(crate) fn check_tags(tags: &[u8], limits: &Limits, plain: bool) -> Result<(), ParseError> {
     let mut count = 0usize;
     let mut result = Ok(());
     for_each_tag(tags, |t| {
@@ -395,7 +395,7 @@ fn is_printable_ascii(s: &[u8]) -> bool {
     s.iter().all(|&b| (0x20..0x7f).contains(&b))
 }
 
-fn check_text(s: &[u8]) -> Result<(), ()> {
+pub(crate) fn check_text(s: &[u8]) -> Result<(), ()> {
     if is_printable_ascii(s) {
         return Ok(());
     }

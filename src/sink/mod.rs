@@ -24,6 +24,7 @@ use clickhouse::{Client, Row, RowWrite};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::ingest::dedup::Dedup;
 use crate::telemetry::{TABLES, Telemetry};
 use crate::wal::Wal;
 use rows::{Batch, EncodedLen};
@@ -116,6 +117,8 @@ pub struct Sink {
     telemetry: Arc<Telemetry>,
     /// Told when a batch is in ClickHouse, so its WAL records can go.
     wal: Option<Arc<Wal>>,
+    /// Saved before the WAL lets records go (see `ingest::dedup`).
+    dedup: Option<Arc<Dedup>>,
     /// The server takes `insert_deduplication_token` (22.2 and later).
     dedup_token: bool,
 }
@@ -134,6 +137,7 @@ impl Sink {
             config,
             telemetry,
             wal: None,
+            dedup: None,
             dedup_token: false,
         }
     }
@@ -150,8 +154,9 @@ impl Sink {
     }
 
     /// Confirms each written batch's generation to `wal`.
-    pub fn with_wal(mut self, wal: Option<Arc<Wal>>) -> Sink {
+    pub fn with_wal(mut self, wal: Option<Arc<Wal>>, dedup: Option<Arc<Dedup>>) -> Sink {
         self.wal = wal;
+        self.dedup = dedup;
         self
     }
 
@@ -176,7 +181,13 @@ impl Sink {
         while let Some(batch) = queue.recv().await {
             self.write(&batch).await;
             crate::failpoint::hit("after_insert");
-            if let Some(wal) = &self.wal
+            if let Some(dedup) = &self.dedup
+                && let Err(e) = dedup.save()
+            {
+                // Keep the records: replay rebuilds the state and re-sends
+                // the batch harmlessly.
+                tracing::error!(error = %e, "could not save the protobuf dedup state; keeping the WAL records");
+            } else if let Some(wal) = &self.wal
                 && let Err(e) = wal.confirm(batch.generation)
             {
                 tracing::error!(error = %e, generation = batch.generation, "could not record the WAL checkpoint; the batch will be re-sent (harmlessly) after a restart");

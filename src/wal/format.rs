@@ -20,12 +20,15 @@ pub const ALIGN: usize = 8;
 pub enum Kind {
     /// A block of StatsD lines (a datagram, or whole lines of a TCP read).
     Statsd = 1,
+    /// One protobuf `Batch`, as received (without its length prefix).
+    Proto = 2,
 }
 
 impl Kind {
     fn from_u8(b: u8) -> Option<Kind> {
         match b {
             1 => Some(Kind::Statsd),
+            2 => Some(Kind::Proto),
             _ => None,
         }
     }

@@ -33,7 +33,7 @@
 //! 4   4  CRC32C, seeded with the segment signature, over bytes 0..4 and 8..24+len
 //! 8   8  LSN (per stream, +1 per record)
 //! 16  7  generation (the aggregation interval the block was applied to)
-//! 23  1  kind (1 = StatsD block)
+//! 23  1  kind (1 = StatsD block, 2 = protobuf Batch)
 //! 24  …  payload, zero-padded to a multiple of 8
 //! ```
 //!
@@ -264,6 +264,10 @@ pub struct Recovery {
 
 pub struct Wal {
     config: WalConfig,
+    /// Sync epoch: a record appended in epoch `e` is durable once
+    /// `synced` is above `e`.
+    epoch: AtomicU64,
+    synced: tokio::sync::watch::Sender<u64>,
     streams: Vec<Mutex<Stream>>,
     checkpoint: Mutex<Checkpoint>,
     confirmed: AtomicU64,
@@ -347,6 +351,8 @@ impl Wal {
             bytes: scan.bytes,
         };
         let wal = Wal {
+            epoch: AtomicU64::new(0),
+            synced: tokio::sync::watch::Sender::new(0),
             confirmed: AtomicU64::new(checkpoint.confirmed),
             checkpoint: Mutex::new(checkpoint),
             streams: wal_streams.into_iter().map(Mutex::new).collect(),
@@ -376,7 +382,7 @@ impl Wal {
         generation: u64,
         kind: Kind,
         payload: &[u8],
-    ) -> Result<(), AppendError> {
+    ) -> Result<u64, AppendError> {
         let mut s = lock(&self.streams[stream % self.streams.len()]);
         let need = record_len(payload.len());
         let size = self.config.segment_size as usize;
@@ -408,9 +414,31 @@ impl Wal {
         if self.config.sync == SyncMode::Always {
             self.sync_stream(&mut s);
         }
+        // Read under the stream lock: a sync that has not yet looked at this
+        // stream will see the record, and will publish an epoch above this.
+        let ticket = self.epoch.load(Relaxed);
+        drop(s);
         self.stats.records.fetch_add(1, Relaxed);
         self.stats.bytes.fetch_add(need as u64, Relaxed);
-        Ok(())
+        Ok(ticket)
+    }
+
+    /// Waits until the record that got `ticket` is durable under the sync
+    /// policy: at once for `never` and `always`, after the next interval
+    /// sync for `interval`.
+    pub async fn wait_durable(&self, ticket: u64) {
+        if self.config.sync != SyncMode::Interval {
+            return;
+        }
+        let mut synced = self.synced.subscribe();
+        // The sender lives as long as the WAL: an error cannot happen here.
+        let _ = synced.wait_for(|&epoch| epoch > ticket).await;
+    }
+
+    /// A ticket for "everything appended so far" (for a duplicate that must
+    /// not be acknowledged before its original is durable).
+    pub fn ticket(&self) -> u64 {
+        self.epoch.load(Relaxed)
     }
 
     /// Moves `s` to its next segment if every record there is confirmed.
@@ -453,6 +481,7 @@ impl Wal {
     /// The files are synced after the stream locks are released, so
     /// appends go on while the kernel writes.
     pub fn sync(&self) {
+        let epoch = self.epoch.fetch_add(1, Relaxed);
         let mut files = Vec::new();
         for stream in &self.streams {
             let mut s = lock(stream);
@@ -462,11 +491,18 @@ impl Wal {
                 files.push(s.segments[s.current].file());
             }
         }
+        let mut ok = true;
         for f in files {
             if let Err(e) = f.sync_data() {
+                ok = false;
                 self.stats.sync_errors.fetch_add(1, Relaxed);
                 tracing::error!(error = %e, "WAL sync failed");
             }
+        }
+        // Records appended before this sync began are durable now (a failed
+        // sync publishes nothing: their acks wait for a sync that works).
+        if ok {
+            self.synced.send_replace(epoch + 1);
         }
     }
 

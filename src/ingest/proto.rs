@@ -1,0 +1,291 @@
+//! Protobuf ingest: length-delimited `Batch`es over TCP, acknowledged once
+//! durable, and one `Batch` per UDP datagram, unacknowledged.
+//!
+//! TCP: each connection has a reader task and an ack writer task joined by a
+//! bounded queue of acks (so the reader can go on while earlier acks wait
+//! for the WAL's sync). Acks go out in order, each only after its batch is
+//! durable under the WAL's sync policy. A frame over `max_frame` or one that
+//! does not decode gets a `REJECTED` ack and the connection is closed. When
+//! the WAL ring is full the reader stops reading (the kernel pushes back on
+//! the client) and retries; past `overload_timeout` it answers `OVERLOADED`
+//! and the client should retry the same sequence later.
+
+use std::net::UdpSocket;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::dedup::Dedup;
+use crate::aggregate::{Aggregator, Scratch};
+use crate::protocol::proto::{self, Ack, Batch, FrameError, pb::ack::Status};
+use crate::telemetry::{BlockStats, Telemetry};
+use crate::wal::{AppendError, Wal};
+
+const READ_BUF: usize = 64 * 1024;
+const WAL_RETRY: Duration = Duration::from_millis(10);
+/// Acks a connection may have waiting for durability before it stops reading.
+const ACK_QUEUE: usize = 1024;
+
+#[derive(Clone)]
+pub struct ProtoIngest {
+    pub aggregator: Arc<Aggregator>,
+    pub telemetry: Arc<Telemetry>,
+    pub wal: Option<Arc<Wal>>,
+    pub dedup: Arc<Dedup>,
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub overload_timeout: Duration,
+    /// WAL streams, shared with StatsD TCP: connection `n` uses `start + n % len`.
+    pub wal_streams: Range<usize>,
+}
+
+/// What a frame produced.
+enum Handled {
+    /// Acknowledge when `ticket` is durable.
+    Ack(Ack, u64),
+    /// The WAL is full: try again later.
+    Full,
+    /// Answer and close the connection.
+    Reject(Ack),
+}
+
+fn ack(sequence: u64, status: Status, message: &str, rejected_events: u32) -> Ack {
+    Ack {
+        sequence,
+        status: status as i32,
+        message: message.to_owned(),
+        rejected_events,
+    }
+}
+
+impl ProtoIngest {
+    fn stream_for(&self, n: usize) -> usize {
+        self.wal_streams.start + n % self.wal_streams.len().max(1)
+    }
+
+    /// Decodes and applies one batch (its encoded bytes, without prefix).
+    fn handle(&self, raw: &[u8], scratch: &mut Scratch) -> Handled {
+        let batch = match Batch::decode(raw) {
+            Ok(b) => b,
+            Err(e) => {
+                return Handled::Reject(ack(
+                    0,
+                    Status::Rejected,
+                    &format!("undecodable Batch: {e}"),
+                    0,
+                ));
+            }
+        };
+        let mut stats = BlockStats {
+            bytes: raw.len() as u64,
+            ..BlockStats::default()
+        };
+        let admitted = self.dedup.admit(&batch.client_id, batch.sequence, || {
+            self.aggregator
+                .ingest_batch(raw, &batch, scratch, &mut stats)
+        });
+        match admitted {
+            Ok(Some((ticket, rejected))) => {
+                self.telemetry.record_block(&self.telemetry.proto, &stats);
+                Handled::Ack(ack(batch.sequence, Status::Ok, "", rejected), ticket)
+            }
+            Ok(None) => {
+                let ticket = self.wal.as_ref().map_or(0, |w| w.ticket());
+                let message = "already accepted";
+                Handled::Ack(ack(batch.sequence, Status::Duplicate, message, 0), ticket)
+            }
+            Err(AppendError::Full) => {
+                self.telemetry.wal_refused(AppendError::Full);
+                Handled::Full
+            }
+            Err(AppendError::TooLarge) => {
+                self.telemetry.wal_refused(AppendError::TooLarge);
+                Handled::Reject(ack(
+                    batch.sequence,
+                    Status::Rejected,
+                    "batch larger than a WAL segment",
+                    0,
+                ))
+            }
+        }
+    }
+
+    /// Counts an answer by status (`tallyd_proto_batches_total`).
+    fn count(&self, a: &Ack) {
+        let i = usize::try_from(a.status).unwrap_or(0).min(3);
+        self.telemetry.proto_acks[i].fetch_add(1, Relaxed);
+    }
+
+    /// Accepts connections until `stop` turns true, then lets each one
+    /// finish the frames it holds and send their acks.
+    pub async fn serve_tcp(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let mut connections = JoinSet::new();
+        let mut n = 0usize;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                            self.telemetry.tcp_connections_refused.fetch_add(1, Relaxed);
+                            continue;
+                        };
+                        let (this, stop) = (self.clone(), stop.clone());
+                        let wal_stream = self.stream_for(n);
+                        n += 1;
+                        connections.spawn(async move {
+                            this.connection(stream, wal_stream, stop).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "protobuf TCP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                _ = stop.changed() => break,
+            }
+        }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
+    }
+
+    async fn connection(
+        &self,
+        stream: TcpStream,
+        wal_stream: usize,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let (mut reader, mut writer) = stream.into_split();
+        let (acks, mut queue) = mpsc::channel::<(Ack, u64)>(ACK_QUEUE);
+        let wal = self.wal.clone();
+        let ack_writer = tokio::spawn(async move {
+            while let Some((ack, ticket)) = queue.recv().await {
+                if let Some(wal) = &wal {
+                    wal.wait_durable(ticket).await;
+                }
+                if writer.write_all(&proto::encode_frame(&ack)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        let mut scratch = Scratch::for_stream(wal_stream);
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
+        let mut chunk = vec![0u8; READ_BUF];
+        'read: loop {
+            // Every complete frame in the buffer.
+            loop {
+                let (prefix, len) = match proto::frame_header(&buf, self.max_frame) {
+                    Ok(Some(h)) => h,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.telemetry.proto_frames_too_large.fetch_add(1, Relaxed);
+                        let message = match e {
+                            FrameError::TooLarge(n) if n != u64::MAX => format!(
+                                "frame of {n} bytes is over the {} byte limit",
+                                self.max_frame
+                            ),
+                            _ => format!("{e} (limit {} bytes)", self.max_frame),
+                        };
+                        let a = ack(0, Status::Rejected, &message, 0);
+                        self.count(&a);
+                        let _ = acks.send((a, 0)).await;
+                        break 'read;
+                    }
+                };
+                if buf.len() < prefix + len {
+                    break;
+                }
+                let handled = self
+                    .handle_with_retry(&buf[prefix..prefix + len], &mut scratch)
+                    .await;
+                buf.drain(..prefix + len);
+                match handled {
+                    Handled::Ack(a, ticket) => {
+                        self.count(&a);
+                        if acks.send((a, ticket)).await.is_err() {
+                            break 'read;
+                        }
+                    }
+                    Handled::Reject(a) => {
+                        self.count(&a);
+                        let _ = acks.send((a, 0)).await;
+                        break 'read;
+                    }
+                    Handled::Full => unreachable!("handle_with_retry answers OVERLOADED instead"),
+                }
+            }
+            let n = tokio::select! {
+                r = reader.read(&mut chunk) => r,
+                _ = stop.changed() => break 'read,
+            };
+            match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        drop(acks);
+        let _ = ack_writer.await;
+    }
+
+    /// Retries a batch the full WAL refused until `overload_timeout`, then
+    /// answers `OVERLOADED` (nothing applied; the client retries later).
+    async fn handle_with_retry(&self, raw: &[u8], scratch: &mut Scratch) -> Handled {
+        let deadline = Instant::now() + self.overload_timeout;
+        loop {
+            match self.handle(raw, scratch) {
+                Handled::Full if Instant::now() < deadline => tokio::time::sleep(WAL_RETRY).await,
+                Handled::Full => {
+                    let sequence = Batch::decode(raw).map_or(0, |b| b.sequence);
+                    return Handled::Ack(
+                        ack(
+                            sequence,
+                            Status::Overloaded,
+                            "the write-ahead log is full; retry later",
+                            0,
+                        ),
+                        0,
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One `Batch` per datagram on a blocking thread, no ack; stops when
+    /// `stop` is set.
+    pub fn spawn_udp(
+        self,
+        socket: UdpSocket,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        std::thread::Builder::new()
+            .name("tallyd-proto-udp".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65_535];
+                let mut scratch = Scratch::for_stream(self.stream_for(0));
+                while !stop.load(Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        // No ack: a refused or undecodable datagram is counted, not answered.
+                        match self.handle(&buf[..n], &mut scratch) {
+                            Handled::Ack(a, _) | Handled::Reject(a) => self.count(&a),
+                            Handled::Full => {
+                                self.telemetry.proto_acks[Status::Overloaded as usize]
+                                    .fetch_add(1, Relaxed);
+                            }
+                        };
+                    }
+                }
+            })
+    }
+}
