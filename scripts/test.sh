@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of tallyd. On a fresh Debian machine (as root) it
 # first installs what the tests need: Debian's clickhouse-server (the tests
-# start their own private servers from it; nothing is started here).
+# start their own private servers from it; nothing is started here) and the
+# Python protobuf packages for the interop test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,13 @@ if [ ! -x /usr/sbin/clickhouse-server ] && [ -z "${TALLYD_TEST_CLICKHOUSE:-}" ];
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends clickhouse-server >/dev/null
+fi
+
+# The protobuf interop test encodes batches with Google's Python protobuf
+# library; grpcio-tools brings a protoc to compile proto/tallyd.proto.
+if ! python3 -c "import google.protobuf, grpc_tools" 2>/dev/null; then
+    echo "test.sh: installing protobuf and grpcio-tools (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check protobuf grpcio-tools
 fi
 
 cargo fmt --all -- --check

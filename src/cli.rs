@@ -1,5 +1,6 @@
 //! The command line: `tallyd run | check-config | schema`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -29,6 +30,32 @@ pub enum Command {
     /// Look into the write-ahead log.
     #[command(subcommand)]
     Wal(WalCommand),
+    /// Send StatsD lines (arguments, or standard input) to a tallyd.
+    Send(SendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// As protobuf batches over TCP, waiting for each ack (the default).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8126", conflicts_with_all = ["statsd_udp", "statsd_tcp"])]
+    pub proto: SocketAddr,
+    /// As StatsD datagrams instead.
+    #[arg(long, value_name = "ADDR")]
+    pub statsd_udp: Option<SocketAddr>,
+    /// As a StatsD TCP stream instead.
+    #[arg(long, value_name = "ADDR")]
+    pub statsd_tcp: Option<SocketAddr>,
+    /// Protobuf client id; with --sequence, lets a retried run be deduplicated.
+    #[arg(long, default_value = "tallyd-send")]
+    pub client_id: String,
+    /// Sequence of the first batch [default: Unix time in microseconds]
+    #[arg(long)]
+    pub sequence: Option<u64>,
+    /// Events per protobuf batch.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+    /// StatsD lines; read from standard input when absent.
+    pub lines: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,10 +78,14 @@ pub struct ConfigArgs {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run(args)
-    | Command::CheckConfig(args)
-    | Command::Schema(args)
-    | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args))) = &cli.command;
+
+    let args = match &cli.command {
+        Command::Send(args) => return send(args),
+        Command::Run(args)
+        | Command::CheckConfig(args)
+        | Command::Schema(args)
+        | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args)) => args,
+    };
     let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
         Ok(s) => s,
         Err(e) => return fail(&format!("configuration error: {e}")),
@@ -77,6 +108,7 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(_) => run(config),
+        Command::Send(_) => ExitCode::SUCCESS,
         Command::Wal(cmd) => {
             let dir = config.data_dir.join("wal");
             let report = match crate::wal::inspect::inspect(&dir) {
@@ -129,6 +161,32 @@ async fn shutdown_signal() {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
             std::future::pending::<()>().await;
         }
+    }
+}
+
+fn send(args: &SendArgs) -> ExitCode {
+    use crate::client::{self, Target};
+    let target = match (args.statsd_udp, args.statsd_tcp) {
+        (Some(a), _) => Target::StatsdUdp(a),
+        (_, Some(a)) => Target::StatsdTcp(a),
+        _ => Target::Proto(args.proto),
+    };
+    let lines = match client::read_lines(&args.lines) {
+        Ok(l) => l,
+        Err(e) => return fail(&format!("cannot read standard input: {e}")),
+    };
+    let sequence = args
+        .sequence
+        .unwrap_or_else(|| crate::aggregate::wall_clock().as_micros() as u64);
+    match client::send(target, &lines, &args.client_id, sequence, args.batch_size) {
+        Ok(s) => {
+            eprintln!(
+                "tallyd send: {} lines, {} batches acknowledged ({} duplicates), {} events rejected",
+                s.lines, s.batches, s.duplicates, s.rejected_events
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("send failed: {e}")),
     }
 }
 

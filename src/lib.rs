@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod aggregate;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod failpoint;
 pub mod flush;

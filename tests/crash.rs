@@ -23,6 +23,18 @@ struct Ports {
     udp: u16,
     tcp: u16,
     admin: u16,
+    proto: u16,
+}
+
+impl Ports {
+    fn new() -> Ports {
+        Ports {
+            udp: free_port(),
+            tcp: free_port(),
+            admin: free_port(),
+            proto: free_port(),
+        }
+    }
 }
 
 fn config_file(dir: &Path) -> PathBuf {
@@ -37,14 +49,14 @@ fn config_file(dir: &Path) -> PathBuf {
 
 fn start(dir: &Path, ports: &Ports, failpoints: &str, extra: &[&str]) -> Daemon {
     let ch = clickhouse();
+    let database = if extra.contains(&"--clickhouse-database") {
+        &[][..]
+    } else {
+        &["--clickhouse-database", "crash"][..]
+    };
     let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
-        .args([
-            "run",
-            "--clickhouse-database",
-            "crash",
-            "--host-id",
-            "crash-host",
-        ])
+        .args(["run", "--host-id", "crash-host"])
+        .args(database)
         .args(["--clickhouse-url", &ch.url()])
         .arg("--config")
         .arg(config_file(dir))
@@ -53,7 +65,12 @@ fn start(dir: &Path, ports: &Ports, failpoints: &str, extra: &[&str]) -> Daemon 
         .args(["--statsd-udp", &format!("127.0.0.1:{}", ports.udp)])
         .args(["--statsd-tcp", &format!("127.0.0.1:{}", ports.tcp)])
         .args(["--admin", &format!("127.0.0.1:{}", ports.admin)])
-        .args(["--proto-tcp", "127.0.0.1:0", "--proto-udp", "127.0.0.1:0"])
+        .args([
+            "--proto-tcp",
+            &format!("127.0.0.1:{}", ports.proto),
+            "--proto-udp",
+            "off",
+        ])
         .args(extra)
         .env("TALLYD_FAILPOINTS", failpoints)
         .stderr(Stdio::null())
@@ -173,11 +190,7 @@ fn random_ms(seed: &mut u64, max: u64) -> u64 {
 fn kill_9_and_crashes_lose_nothing_and_count_nothing_twice() {
     let ch = clickhouse();
     let dir = temp_dir("crash");
-    let ports = Ports {
-        udp: free_port(),
-        tcp: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::new();
     let mut seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(7, |d| d.as_nanos() as u64)
@@ -264,11 +277,7 @@ fn kill_9_and_crashes_lose_nothing_and_count_nothing_twice() {
 #[test]
 fn wal_verify_passes_a_clean_log_and_fails_a_corrupt_one() {
     let dir = temp_dir("verify");
-    let ports = Ports {
-        udp: free_port(),
-        tcp: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::new();
     let d = start(&dir, &ports, "", &["--flush-interval", "1h"]);
     let lines = burst(&ports, 1, &mut Expected::default());
     d.wait_received(lines);
@@ -298,4 +307,51 @@ fn wal_verify_passes_a_clean_log_and_fails_a_corrupt_one() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("corrupt record at offset 32"), "{text}");
+}
+
+#[test]
+fn an_acknowledged_batch_survives_kill_9_before_its_flush() {
+    use tallyd::client::ProtoClient;
+    use tallyd::protocol::proto::pb::ack::Status;
+    use tallyd::protocol::proto::pb::event::Value;
+    use tallyd::protocol::proto::{Batch, Event};
+    let ch = clickhouse();
+    let dir = temp_dir("acked");
+    let ports = Ports::new();
+    let proto: std::net::SocketAddr = format!("127.0.0.1:{}", ports.proto).parse().expect("addr");
+    let batch = Batch {
+        client_id: "acked".into(),
+        sequence: 1,
+        events: (0..1000)
+            .map(|_| Event {
+                name: "acked.c".into(),
+                tags: vec![],
+                value: Some(Value::Counter(3.0)),
+                sample_rate: 0.0,
+            })
+            .collect(),
+    };
+    // A 1 h interval: the acked batch is only in the WAL when tallyd dies.
+    let d = start(
+        &dir,
+        &ports,
+        "",
+        &["--flush-interval", "1h", "--clickhouse-database", "acked"],
+    );
+    let ack = ProtoClient::new(proto).send(&batch).expect("ack");
+    assert_eq!(ack.status, Status::Ok as i32);
+    d.kill9();
+
+    let d = start(&dir, &ports, "", &["--clickhouse-database", "acked"]);
+    let again = ProtoClient::new(proto).send(&batch).expect("ack");
+    assert_eq!(
+        again.status,
+        Status::Duplicate as i32,
+        "the dedup state came back from the WAL"
+    );
+    d.term();
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM acked.counters FINAL WHERE name = 'acked.c'"),
+        3000.0
+    );
 }
