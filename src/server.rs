@@ -322,6 +322,7 @@ fn spawn_wal_sync(wal: Arc<Wal>, mut stop: watch::Receiver<bool>) -> Option<Join
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
+                _ = wal.sync_wanted() => {}
                 _ = stop.changed() => break,
             }
             let wal = Arc::clone(&wal);

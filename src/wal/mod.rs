@@ -73,7 +73,9 @@
 //!   pages belong to the kernel); a power loss loses what the kernel had not
 //!   written back.
 //! - `interval` (default, every `wal.sync_interval`, 100 ms): a power loss
-//!   loses at most that interval.
+//!   loses at most that interval. An acknowledgement that waits for
+//!   durability asks for a sync at once (group commit: every ack waiting
+//!   then shares it).
 //! - `always`: msync after every append; a power loss loses nothing that was
 //!   appended.
 
@@ -268,6 +270,7 @@ pub struct Wal {
     /// `synced` is above `e`.
     epoch: AtomicU64,
     synced: tokio::sync::watch::Sender<u64>,
+    sync_wanted: tokio::sync::Notify,
     streams: Vec<Mutex<Stream>>,
     checkpoint: Mutex<Checkpoint>,
     confirmed: AtomicU64,
@@ -353,6 +356,7 @@ impl Wal {
         let wal = Wal {
             epoch: AtomicU64::new(0),
             synced: tokio::sync::watch::Sender::new(0),
+            sync_wanted: tokio::sync::Notify::new(),
             confirmed: AtomicU64::new(checkpoint.confirmed),
             checkpoint: Mutex::new(checkpoint),
             streams: wal_streams.into_iter().map(Mutex::new).collect(),
@@ -431,8 +435,19 @@ impl Wal {
             return;
         }
         let mut synced = self.synced.subscribe();
+        if *synced.borrow() > ticket {
+            return;
+        }
+        // Someone waits: the sync task syncs now instead of at its next
+        // tick, and every waiter of this epoch shares that one sync.
+        self.sync_wanted.notify_one();
         // The sender lives as long as the WAL: an error cannot happen here.
         let _ = synced.wait_for(|&epoch| epoch > ticket).await;
+    }
+
+    /// Resolves when an acknowledgement waits for a sync.
+    pub async fn sync_wanted(&self) {
+        self.sync_wanted.notified().await
     }
 
     /// A ticket for "everything appended so far" (for a duplicate that must
