@@ -200,13 +200,13 @@ impl Telemetry {
         }
         m.counter(
             "tallyd_tcp_connections_total",
-            "TCP connections accepted.",
+            "TCP connections accepted (StatsD and protobuf).",
             "",
             &self.tcp_connections,
         );
         m.counter(
             "tallyd_tcp_connections_refused_total",
-            "TCP connections closed at once: connection limit reached.",
+            "TCP connections closed at once: the listener's connection limit was reached.",
             "",
             &self.tcp_connections_refused,
         );

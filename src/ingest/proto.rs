@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch};
 
 use super::dedup::Dedup;
 use crate::aggregate::{Aggregator, Scratch};
@@ -66,10 +65,6 @@ fn ack(sequence: u64, status: Status, message: &str, rejected_events: u32) -> Ac
 }
 
 impl ProtoIngest {
-    fn stream_for(&self, n: usize) -> usize {
-        self.wal_streams.start + n % self.wal_streams.len().max(1)
-    }
-
     /// Decodes and applies one batch (its encoded bytes, without prefix).
     fn handle(&self, raw: &[u8], scratch: &mut Scratch) -> Handled {
         let batch = match Batch::decode(raw) {
@@ -125,37 +120,24 @@ impl ProtoIngest {
 
     /// Accepts connections until `stop` turns true, then lets each one
     /// finish the frames it holds and send their acks.
-    pub async fn serve_tcp(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(self.max_connections));
-        let mut connections = JoinSet::new();
-        let mut n = 0usize;
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                            self.telemetry.tcp_connections_refused.fetch_add(1, Relaxed);
-                            continue;
-                        };
-                        let (this, stop) = (self.clone(), stop.clone());
-                        let wal_stream = self.stream_for(n);
-                        n += 1;
-                        connections.spawn(async move {
-                            this.connection(stream, wal_stream, stop).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "protobuf TCP accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                _ = stop.changed() => break,
-            }
-        }
-        drop(listener);
-        while connections.join_next().await.is_some() {}
+    pub async fn serve_tcp(self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let (max, streams, telemetry) = (
+            self.max_connections,
+            self.wal_streams.clone(),
+            Arc::clone(&self.telemetry),
+        );
+        super::serve_connections(
+            listener,
+            max,
+            streams,
+            telemetry,
+            stop,
+            move |stream, wal_stream, stop| {
+                let this = self.clone();
+                async move { this.connection(stream, wal_stream, stop).await }
+            },
+        )
+        .await;
     }
 
     async fn connection(
@@ -273,7 +255,7 @@ impl ProtoIngest {
             .name("tallyd-proto-udp".into())
             .spawn(move || {
                 let mut buf = vec![0u8; 65_535];
-                let mut scratch = Scratch::for_stream(self.stream_for(0));
+                let mut scratch = Scratch::for_stream(self.wal_streams.start);
                 while !stop.load(Relaxed) {
                     if let Ok(n) = socket.recv(&mut buf) {
                         // No ack: a refused or undecodable datagram is counted, not answered.

@@ -12,8 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use crate::aggregate::{Aggregator, Scratch};
 use crate::telemetry::{BlockStats, Telemetry};
@@ -37,39 +36,24 @@ const WAL_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 impl TcpIngest {
     /// Accepts connections until `stop` turns true, then waits for every
     /// connection to apply what it has already received.
-    pub async fn serve(self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-        let slots = Arc::new(Semaphore::new(self.max_connections));
-        let mut connections = JoinSet::new();
-        let mut accepted_count = 0usize;
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                            self.telemetry.tcp_connections_refused.fetch_add(1, Relaxed);
-                            continue;
-                        };
-                        self.telemetry.tcp_connections.fetch_add(1, Relaxed);
-                        let (this, stop) = (self.clone(), stop.clone());
-                        let streams = self.wal_streams.len().max(1);
-                        let wal_stream = self.wal_streams.start + accepted_count % streams;
-                        accepted_count += 1;
-                        connections.spawn(async move {
-                            this.connection(stream, wal_stream, stop).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TCP accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                _ = stop.changed() => break,
-            }
-        }
-        drop(listener);
-        while connections.join_next().await.is_some() {}
+    pub async fn serve(self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let (max, streams, telemetry) = (
+            self.max_connections,
+            self.wal_streams.clone(),
+            Arc::clone(&self.telemetry),
+        );
+        super::serve_connections(
+            listener,
+            max,
+            streams,
+            telemetry,
+            stop,
+            move |stream, wal_stream, stop| {
+                let this = self.clone();
+                async move { this.connection(stream, wal_stream, stop).await }
+            },
+        )
+        .await;
     }
 
     async fn connection(
