@@ -339,3 +339,52 @@ async fn a_python_protobuf_client_is_understood() {
         4.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_wal_answers_overloaded_after_the_timeout() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "proto_full");
+    // Nothing is ever confirmed (no ClickHouse there), so the small ring fills.
+    s.clickhouse.url = format!("http://127.0.0.1:{}", common::free_port());
+    s.wal.size = "512KiB".into();
+    s.wal.segment_size = "64KiB".into();
+    s.proto.overload_timeout = "200ms".into();
+    s.shutdown_timeout = "1s".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let addr = running.proto_tcp_addr.expect("proto tcp");
+    let statuses = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut statuses = Vec::new();
+        for seq in 1..=40u64 {
+            let b = batch(
+                "filler",
+                seq,
+                (0..1000)
+                    .map(|_| event("fill", Value::Counter(1.0)))
+                    .collect(),
+            );
+            s.write_all(&encode_frame(&b)).expect("write");
+            let ack = read_ack(&mut s).expect("ack");
+            statuses.push(ack.status);
+            if ack.status == Status::Overloaded as i32 {
+                break;
+            }
+        }
+        statuses
+    })
+    .await
+    .expect("client");
+    assert_eq!(
+        statuses.last(),
+        Some(&(Status::Overloaded as i32)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[..statuses.len() - 1].iter().all(|&s| s == OK),
+        "{statuses:?}"
+    );
+    assert!(running.telemetry.dropped_wal_full.load(Relaxed) > 0);
+    running.shutdown().await;
+}
