@@ -10,11 +10,17 @@ if ! command -v cargo >/dev/null; then
     echo "test.sh: cargo not found: install Rust (https://rustup.rs) first" >&2
     exit 1
 fi
+missing=()
 if [ ! -x /usr/sbin/clickhouse-server ] && [ -z "${TALLYD_TEST_CLICKHOUSE:-}" ]; then
-    echo "test.sh: installing clickhouse-server (Debian package)"
+    missing+=(clickhouse-server)
+fi
+# systemd-analyze checks the unit file (systemd need not be running).
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "test.sh: installing ${missing[*]} (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends clickhouse-server >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # The protobuf interop test encodes batches with Google's Python protobuf

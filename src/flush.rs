@@ -225,6 +225,10 @@ async fn take(mut generation: Arc<Generation>) -> Generation {
 pub async fn run(mut flusher: Flusher, interval: Duration, mut stop: watch::Receiver<bool>) {
     let aggregator = Arc::clone(&flusher.aggregator);
     while !*stop.borrow() {
+        flusher
+            .telemetry
+            .flush_heartbeat_ms
+            .store(crate::notify::now_ms(), Relaxed);
         let delay = until_next_boundary((flusher.clock)(), interval);
         tokio::select! {
             _ = tokio::time::sleep(delay) => { flusher.flush(Reason::Tick).await; }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod failpoint;
 pub mod flush;
 pub mod ingest;
+pub mod notify;
 pub mod protocol;
 pub mod server;
 pub mod sink;

@@ -66,6 +66,7 @@ pub struct Running {
     flush: JoinHandle<()>,
     sink: JoinHandle<()>,
     admin: Option<JoinHandle<()>>,
+    systemd: JoinHandle<()>,
     wal: Option<Arc<Wal>>,
     wal_sync: Option<JoinHandle<()>>,
 }
@@ -237,7 +238,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin =
         admin_listener.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&state), stop_rx.clone())));
 
+    let now = crate::notify::now_ms();
+    telemetry.flush_heartbeat_ms.store(now, Ordering::Relaxed);
+    telemetry.udp_heartbeat_ms.store(now, Ordering::Relaxed);
+    let systemd = crate::notify::spawn(
+        Arc::clone(&telemetry),
+        Arc::clone(&aggregator),
+        config.flush_interval,
+        udp_addr.is_some(),
+        stop_rx.clone(),
+    );
     state.ready.store(true, Ordering::Relaxed);
+    crate::notify::ready(&format!(
+        "ready: StatsD UDP {udp_addr:?}, TCP {tcp_addr:?}; protobuf TCP {proto_tcp_addr:?}"
+    ));
     tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
     Ok(Running {
         udp_addr,
@@ -257,6 +271,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         flush,
         sink,
         admin,
+        systemd,
         wal,
         wal_sync,
     })
@@ -357,6 +372,7 @@ impl Running {
     /// not be written within `shutdown_timeout`.
     pub async fn shutdown(self) -> u64 {
         self.state.ready.store(false, Ordering::Relaxed);
+        crate::notify::stopping();
         tracing::info!("stopping: draining listeners");
         self.udp_stop.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
@@ -400,6 +416,7 @@ impl Running {
         if let Some(admin) = self.admin {
             let _ = admin.await;
         }
+        let _ = self.systemd.await;
         tracing::info!("stopped");
         lost
     }

@@ -78,6 +78,9 @@ pub struct Telemetry {
     pub clickhouse_rejections: AtomicU64,
     pub rows_lost_at_shutdown: AtomicU64,
     pub dropped_wal_full: AtomicU64,
+    /// Unix ms of the flush loop's and the UDP threads' last sign of life.
+    pub flush_heartbeat_ms: AtomicU64,
+    pub udp_heartbeat_ms: AtomicU64,
     pub replayed_samples: AtomicU64,
     pub dropped_wal_too_large: AtomicU64,
 }

@@ -104,7 +104,16 @@ fn receive(
             Err(e) => telemetry.wal_refused(e),
         }
     };
+    let mut since_beat = 0u32;
     while !stop.load(Ordering::Relaxed) {
+        // A sign of life for the watchdog, now and then (not per datagram).
+        since_beat += 1;
+        if since_beat >= 256 {
+            since_beat = 0;
+            telemetry
+                .udp_heartbeat_ms
+                .store(crate::notify::now_ms(), Ordering::Relaxed);
+        }
         match socket.recv(&mut buf) {
             Ok(n) => ingest(&buf[..n]),
             Err(e)
@@ -113,7 +122,10 @@ fn receive(
                     io::ErrorKind::WouldBlock
                         | io::ErrorKind::TimedOut
                         | io::ErrorKind::Interrupted
-                ) => {}
+                ) =>
+            {
+                since_beat = 256;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "UDP receive failed");
                 std::thread::sleep(POLL);
