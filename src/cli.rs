@@ -88,11 +88,11 @@ pub fn main() -> ExitCode {
     };
     let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
         Ok(s) => s,
-        Err(e) => return fail(&format!("configuration error: {e}")),
+        Err(e) => return fail_with(exit::CONFIG, &format!("configuration error: {e}")),
     };
     let config = match settings.validate() {
         Ok(c) => c,
-        Err(e) => return fail(&format!("configuration error: {e}")),
+        Err(e) => return fail_with(exit::CONFIG, &format!("configuration error: {e}")),
     };
     match cli.command {
         Command::CheckConfig(_) => {
@@ -107,7 +107,7 @@ pub fn main() -> ExitCode {
             println!("-- SETTINGS non_replicated_deduplication_window = 1000");
             ExitCode::SUCCESS
         }
-        Command::Run(_) => run(config),
+        Command::Run(args) => run(config, args.config.clone(), args.overrides.clone()),
         Command::Send(_) => ExitCode::SUCCESS,
         Command::Wal(cmd) => {
             let dir = config.data_dir.join("wal");
@@ -124,11 +124,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(config: crate::config::Config) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_max_level(config.log_level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+/// Exit codes (sysexits.h), so that a unit file can tell them apart.
+mod exit {
+    /// A configuration error.
+    pub const CONFIG: u8 = 78;
+    /// A listener could not be bound (port in use, no permission).
+    pub const UNAVAILABLE: u8 = 69;
+    /// The data dir or the WAL could not be created, opened or locked.
+    pub const CANT_CREATE: u8 = 73;
+    /// Rows were lost at shutdown (only without the WAL).
+    pub const LOST: u8 = 3;
+}
+
+fn run(config: crate::config::Config, file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (level, level_handle) = tracing_subscriber::reload::Layer::new(config.log_level);
+    tracing_subscriber::registry()
+        .with(level)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -137,10 +155,49 @@ fn run(config: crate::config::Config) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
-    match runtime.block_on(crate::server::run(config, shutdown_signal())) {
+    let result = runtime.block_on(async move {
+        let (reloads, reload_rx) = tokio::sync::mpsc::channel(4);
+        // SIGHUP: read the file again (same flags and environment); an
+        // invalid file is refused and the running configuration stays.
+        let reloader = tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                tracing::error!("cannot install the SIGHUP handler; reload needs a restart");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match Settings::load(file.as_deref(), &overrides).and_then(|s| s.validate()) {
+                    Ok(config) => {
+                        if let Err(e) = level_handle.modify(|l| *l = config.log_level) {
+                            tracing::error!(error = %e, "cannot change the log level");
+                        }
+                        if reloads.send(config).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("reload refused, the running configuration stays: {e}")
+                    }
+                }
+            }
+        });
+        let result = crate::server::run(config, shutdown_signal(), reload_rx).await;
+        reloader.abort();
+        result
+    });
+    match result {
         Ok(0) => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::from(3),
-        Err(e) => fail(&e.to_string()),
+        Ok(_) => ExitCode::from(exit::LOST),
+        Err(e) => {
+            let code = match e {
+                crate::server::StartError::Bind { .. } => exit::UNAVAILABLE,
+                crate::server::StartError::DataDir { .. } | crate::server::StartError::Wal(_) => {
+                    exit::CANT_CREATE
+                }
+            };
+            eprintln!("tallyd: {e}");
+            ExitCode::from(code)
+        }
     }
 }
 
@@ -191,6 +248,10 @@ fn send(args: &SendArgs) -> ExitCode {
 }
 
 fn fail(message: &str) -> ExitCode {
+    fail_with(2, message)
+}
+
+fn fail_with(code: u8, message: &str) -> ExitCode {
     eprintln!("tallyd: {message}");
-    ExitCode::from(2)
+    ExitCode::from(code)
 }

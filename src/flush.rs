@@ -221,18 +221,25 @@ async fn take(mut generation: Arc<Generation>) -> Generation {
 
 /// Runs the flush schedule until `stop` turns true, then closes the last
 /// interval (waiting for room in the queue) and returns. Dropping the flusher
-/// closes the queue, which tells the sink that no more batches come.
-pub async fn run(mut flusher: Flusher, interval: Duration, mut stop: watch::Receiver<bool>) {
+/// closes the queue, which tells the sink that no more batches come. A new
+/// `interval` (a config reload) applies from the next boundary.
+pub async fn run(
+    mut flusher: Flusher,
+    mut interval: watch::Receiver<Duration>,
+    mut stop: watch::Receiver<bool>,
+) {
     let aggregator = Arc::clone(&flusher.aggregator);
     while !*stop.borrow() {
         flusher
             .telemetry
             .flush_heartbeat_ms
             .store(crate::notify::now_ms(), Relaxed);
-        let delay = until_next_boundary((flusher.clock)(), interval);
+        let every = *interval.borrow_and_update();
+        let delay = until_next_boundary((flusher.clock)(), every);
         tokio::select! {
             _ = tokio::time::sleep(delay) => { flusher.flush(Reason::Tick).await; }
             _ = aggregator.depth_reached() => { flusher.flush(Reason::Depth).await; }
+            Ok(()) = interval.changed() => {}
             _ = stop.changed() => {}
         }
     }
@@ -301,7 +308,11 @@ mod tests {
             telemetry: Arc::new(Telemetry::default()),
             clock: paused_clock(Duration::from_millis(1_700_000_000_500)),
         };
-        let task = tokio::spawn(run(flusher, Duration::from_secs(1), stop_rx));
+        let (interval, interval_rx) = watch::channel(Duration::from_secs(1));
+        let task = tokio::spawn(async move {
+            let _keep = interval;
+            run(flusher, interval_rx, stop_rx).await
+        });
         Fixture {
             aggregator,
             rx,

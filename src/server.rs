@@ -14,6 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -62,6 +63,9 @@ pub struct Running {
     udp_threads: Vec<std::thread::JoinHandle<()>>,
     stop: watch::Sender<bool>,
     flush_stop: watch::Sender<bool>,
+    interval: watch::Sender<Duration>,
+    sink_config: watch::Sender<sink::SinkConfig>,
+    aggregator: Arc<Aggregator>,
     tcp: Option<JoinHandle<()>>,
     flush: JoinHandle<()>,
     sink: JoinHandle<()>,
@@ -157,7 +161,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         wal: wal.clone(),
     });
 
+    let (sink_config, sink_config_rx) = watch::channel(config.sink.clone());
     let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry))
+        .with_reload(sink_config_rx)
         .with_wal(wal.clone(), Some(Arc::clone(&dedup)));
     // Room for every replayed generation on top of the usual queue, so that
     // replay never waits for ClickHouse.
@@ -178,7 +184,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // The flush loop stops only after every listener has drained, so its
     // last interval holds everything received.
     let (flush_stop, flush_stop_rx) = watch::channel(false);
-    let flush = tokio::spawn(flush::run(flusher, config.flush_interval, flush_stop_rx));
+    let (interval, interval_rx) = watch::channel(config.flush_interval);
+    let flush = tokio::spawn(flush::run(flusher, interval_rx, flush_stop_rx));
     let wal_sync = wal
         .as_ref()
         .and_then(|w| spawn_wal_sync(Arc::clone(w), stop_rx.clone()));
@@ -267,6 +274,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         udp_threads,
         stop,
         flush_stop,
+        interval,
+        sink_config,
+        aggregator,
         tcp,
         flush,
         sink,
@@ -422,12 +432,76 @@ impl Running {
     }
 }
 
-/// Runs until `signal` resolves, then shuts down.
+/// Runs until `signal` resolves, then shuts down. Each configuration that
+/// arrives on `reloads` (already validated) is applied as it comes.
 pub async fn run(
     config: Config,
     signal: impl std::future::Future<Output = ()>,
+    mut reloads: mpsc::Receiver<Config>,
 ) -> Result<u64, StartError> {
-    let running = start(config).await?;
-    signal.await;
+    let mut running = start(config).await?;
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            Some(config) = reloads.recv() => running.reload(config),
+        }
+    }
     Ok(running.shutdown().await)
+}
+
+impl Running {
+    /// Applies a new configuration without losing pending data: limits,
+    /// flush interval and max depth, ClickHouse URL, credentials and
+    /// timeouts, and the shutdown timeout. What needs a restart (listeners,
+    /// the data dir, the WAL geometry, TCP limits) is logged, not applied.
+    pub fn reload(&mut self, new: Config) {
+        let old = &self.config;
+        let restart: Vec<&str> = [
+            ("statsd.udp", old.statsd_udp != new.statsd_udp),
+            ("statsd.tcp", old.statsd_tcp != new.statsd_tcp),
+            ("admin", old.admin != new.admin),
+            ("proto", old.proto != new.proto),
+            ("data_dir", old.data_dir != new.data_dir),
+            ("wal", old.wal != new.wal),
+            ("host_id", old.host_id != new.host_id),
+            ("statsd.udp_workers", old.udp_workers != new.udp_workers),
+            (
+                "statsd.udp_recv_buffer",
+                old.udp_recv_buffer != new.udp_recv_buffer,
+            ),
+            ("statsd.tcp_max_line", old.tcp_max_line != new.tcp_max_line),
+            (
+                "statsd.tcp_max_connections",
+                old.tcp_max_connections != new.tcp_max_connections,
+            ),
+            ("aggregate.flush_queue", old.flush_queue != new.flush_queue),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect();
+        if !restart.is_empty() {
+            tracing::warn!(fields = ?restart, "these settings changed but apply only after a restart");
+        }
+        self.aggregator.set_limits(new.aggregate, new.parse_limits);
+        self.interval.send_replace(new.flush_interval);
+        self.sink_config.send_replace(new.sink.clone());
+        let applied = Config {
+            aggregate: new.aggregate,
+            parse_limits: new.parse_limits,
+            flush_interval: new.flush_interval,
+            sink: new.sink,
+            shutdown_timeout: new.shutdown_timeout,
+            log_level: new.log_level,
+            ..self.config.clone()
+        };
+        self.config = applied;
+        tracing::info!(
+            flush_interval = ?self.config.flush_interval,
+            max_depth = self.config.aggregate.max_depth,
+            max_keys = self.config.aggregate.max_keys,
+            clickhouse = %self.config.sink.url,
+            "configuration reloaded"
+        );
+    }
 }

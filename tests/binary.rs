@@ -89,7 +89,7 @@ fn unknown_key_fails_naming_the_key() {
         .arg(&file)
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("udp_port"), "{err}");
 }
@@ -100,7 +100,7 @@ fn bad_value_fails_naming_the_field() {
         .args(["check-config", "--flush-interval", "often"])
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("aggregate.flush_interval") && err.contains("often"),
@@ -126,7 +126,7 @@ fn port_in_use_is_one_clear_line() {
         .arg(temp_dir("busy"))
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(69));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!("cannot listen on StatsD TCP {addr}")),
@@ -200,4 +200,80 @@ fn sigterm_flushes_everything_received_and_exits_zero() {
         ),
         "250\t200\tbin\n"
     );
+}
+
+#[test]
+fn an_unusable_data_dir_is_one_clear_line() {
+    let not_a_dir = temp_dir("file").join("plain-file");
+    std::fs::write(&not_a_dir, "x").expect("write");
+    let out = tallyd()
+        .args([
+            "run",
+            "--statsd-udp",
+            "off",
+            "--statsd-tcp",
+            "off",
+            "--admin",
+            "off",
+            "--proto-tcp",
+            "off",
+            "--proto-udp",
+            "off",
+        ])
+        .arg("--data-dir")
+        .arg(not_a_dir.join("data"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(73));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("data dir") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_tallyd_on_the_same_data_dir_is_refused() {
+    let dir = temp_dir("locked");
+    let config = small_wal_config();
+    let quiet = [
+        "--statsd-udp",
+        "off",
+        "--statsd-tcp",
+        "off",
+        "--admin",
+        "off",
+        "--proto-tcp",
+        "off",
+        "--proto-udp",
+        "off",
+    ];
+    let mut first = tallyd()
+        .arg("run")
+        .args(quiet)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    assert!(
+        wait_for(20, || dir.join("wal").join("meta").exists()),
+        "the first tallyd did not open its WAL"
+    );
+    let out = tallyd()
+        .arg("run")
+        .args(quiet)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .expect("run");
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(out.status.code(), Some(73));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("used by another tallyd"), "{err}");
 }

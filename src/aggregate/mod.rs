@@ -112,8 +112,8 @@ impl Scratch {
 pub struct Aggregator {
     current: RwLock<Arc<Generation>>,
     next_id: AtomicU64,
-    limits: AggregateLimits,
-    parse_limits: Limits,
+    /// Read once per block; replaced by a config reload.
+    limits: RwLock<(AggregateLimits, Limits)>,
     depth_reached: Notify,
     wal: Option<Arc<Wal>>,
 }
@@ -136,15 +136,21 @@ impl Aggregator {
         Aggregator {
             current: RwLock::new(Arc::new(Generation::new(first_id, started))),
             next_id: AtomicU64::new(first_id + 1),
-            limits,
-            parse_limits,
+            limits: RwLock::new((limits, parse_limits)),
             depth_reached: Notify::new(),
             wal,
         }
     }
 
-    pub fn limits(&self) -> AggregateLimits {
-        self.limits
+    /// The limits in force: (aggregation, per line).
+    pub fn limits(&self) -> (AggregateLimits, Limits) {
+        *self.limits.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// New limits (a config reload), for every block from now on. A lower
+    /// key limit does not evict keys already live in this interval.
+    pub fn set_limits(&self, limits: AggregateLimits, parse_limits: Limits) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = (limits, parse_limits);
     }
 
     /// Resolves when `max_depth` raw increments are pending in the current
@@ -217,12 +223,13 @@ impl Aggregator {
         stats: &mut BlockStats,
     ) -> u32 {
         let before = stats.samples;
+        let (limits, parse_limits) = self.limits();
         let mut rejected = 0;
         let mut tags = std::mem::take(&mut scratch.tags);
         for event in &batch.events {
             stats.lines += 1;
-            match proto::event_line(event, &mut tags, &self.parse_limits) {
-                Ok(line) => self.apply(generation, &line, scratch, stats),
+            match proto::event_line(event, &mut tags, &parse_limits) {
+                Ok(line) => self.apply(generation, &line, scratch, stats, &limits),
                 Err(e) => {
                     stats.parse_errors[e.index()] += 1;
                     rejected += 1;
@@ -230,14 +237,14 @@ impl Aggregator {
             }
         }
         scratch.tags = tags;
-        self.count_pending(generation, stats.samples - before);
+        self.count_pending(generation, stats.samples - before, limits.max_depth);
         rejected
     }
 
-    fn count_pending(&self, generation: &Generation, added: u64) {
+    fn count_pending(&self, generation: &Generation, added: u64, max_depth: u64) {
         if added > 0 {
             let was = generation.pending.fetch_add(added, Relaxed);
-            if was < self.limits.max_depth && was + added >= self.limits.max_depth {
+            if was < max_depth && was + added >= max_depth {
                 self.depth_reached.notify_one();
             }
         }
@@ -252,17 +259,18 @@ impl Aggregator {
         stats: &mut BlockStats,
     ) {
         let before = stats.samples;
+        let (limits, parse_limits) = self.limits();
         stats.bytes += block.len() as u64;
         for line in statsd::lines(block) {
             stats.lines += 1;
-            match statsd::parse_line(line, &self.parse_limits) {
-                Ok(Parsed::Metric(l)) => self.apply(generation, &l, scratch, stats),
+            match statsd::parse_line(line, &parse_limits) {
+                Ok(Parsed::Metric(l)) => self.apply(generation, &l, scratch, stats, &limits),
                 Ok(Parsed::Event) => stats.events += 1,
                 Ok(Parsed::ServiceCheck) => stats.service_checks += 1,
                 Err(e) => stats.parse_errors[e.index()] += 1,
             }
         }
-        self.count_pending(generation, stats.samples - before);
+        self.count_pending(generation, stats.samples - before, limits.max_depth);
     }
 
     fn apply(
@@ -271,13 +279,14 @@ impl Aggregator {
         line: &Line<'_>,
         scratch: &mut Scratch,
         stats: &mut BlockStats,
+        limits: &AggregateLimits,
     ) {
         let key = scratch.key.build(line.kind, line.name, line.tags);
         if let Some(mut acc) = generation.map.get_mut(key) {
-            self.merge(&mut acc, line, stats);
+            merge(&mut acc, line, stats, limits);
             return;
         }
-        if generation.keys.fetch_add(1, Relaxed) >= self.limits.max_keys {
+        if generation.keys.fetch_add(1, Relaxed) >= limits.max_keys {
             generation.keys.fetch_sub(1, Relaxed);
             stats.dropped_key_limit += line.value_count() as u64;
             return;
@@ -286,37 +295,38 @@ impl Aggregator {
             Entry::Occupied(mut e) => {
                 // Another worker created it between our lookup and now.
                 generation.keys.fetch_sub(1, Relaxed);
-                self.merge(e.get_mut(), line, stats);
+                merge(e.get_mut(), line, stats, limits);
             }
             Entry::Vacant(v) => {
                 let mut acc = Acc::new(line.kind);
-                self.merge(&mut acc, line, stats);
+                merge(&mut acc, line, stats, limits);
                 v.insert(acc);
             }
         }
     }
+}
 
-    fn merge(&self, acc: &mut Acc, line: &Line<'_>, stats: &mut BlockStats) {
-        match acc {
-            Acc::Counter { sum, samples } => {
-                for v in line.values() {
-                    *sum += v.value / line.sample_rate;
-                    *samples += 1;
-                }
-            }
-            Acc::Gauge(g) => line.values().for_each(|v| g.apply(v.value, v.delta)),
-            Acc::Dist(d) => line
-                .values()
-                .for_each(|v| d.record(v.value, line.sample_rate)),
-            Acc::Set(s) => {
-                if !s.insert(line.raw_values, self.limits.max_set_members) {
-                    stats.dropped_set_members += 1;
-                    return;
-                }
+/// Merges a line's values into its key's accumulator.
+fn merge(acc: &mut Acc, line: &Line<'_>, stats: &mut BlockStats, limits: &AggregateLimits) {
+    match acc {
+        Acc::Counter { sum, samples } => {
+            for v in line.values() {
+                *sum += v.value / line.sample_rate;
+                *samples += 1;
             }
         }
-        stats.samples += line.value_count() as u64;
+        Acc::Gauge(g) => line.values().for_each(|v| g.apply(v.value, v.delta)),
+        Acc::Dist(d) => line
+            .values()
+            .for_each(|v| d.record(v.value, line.sample_rate)),
+        Acc::Set(s) => {
+            if !s.insert(line.raw_values, limits.max_set_members) {
+                stats.dropped_set_members += 1;
+                return;
+            }
+        }
     }
+    stats.samples += line.value_count() as u64;
 }
 
 /// The wall clock as a duration since the Unix epoch.

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use clickhouse::{Client, Row, RowWrite};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::ingest::dedup::Dedup;
 use crate::telemetry::{TABLES, Telemetry};
@@ -111,9 +111,10 @@ fn jitter() -> f64 {
 }
 
 pub struct Sink {
-    client: Client,
-    admin: Client,
-    config: SinkConfig,
+    /// The clients and the settings they were built from; rebuilt when a
+    /// config reload brings new ones.
+    current: std::sync::Mutex<Current>,
+    reload: std::sync::Mutex<Option<watch::Receiver<SinkConfig>>>,
     telemetry: Arc<Telemetry>,
     /// Told when a batch is in ClickHouse, so its WAL records can go.
     wal: Option<Arc<Wal>>,
@@ -125,16 +126,9 @@ pub struct Sink {
 
 impl Sink {
     pub fn new(config: SinkConfig, telemetry: Arc<Telemetry>) -> Sink {
-        let admin = Client::default()
-            .with_url(&config.url)
-            .with_user(&config.user)
-            .with_password(&config.password)
-            .with_validation(false);
-        let client = admin.clone().with_database(&config.database);
         Sink {
-            client,
-            admin,
-            config,
+            current: std::sync::Mutex::new(Current::new(config)),
+            reload: std::sync::Mutex::new(None),
             telemetry,
             wal: None,
             dedup: None,
@@ -142,12 +136,31 @@ impl Sink {
         }
     }
 
+    /// Takes new settings (URL, credentials, database, timeouts) from
+    /// `reload` before each insert and each retry.
+    pub fn with_reload(self, reload: watch::Receiver<SinkConfig>) -> Sink {
+        *lock(&self.reload) = Some(reload);
+        self
+    }
+
+    /// The clients and settings in force, after taking a pending reload.
+    fn current(&self) -> Current {
+        if let Some(rx) = lock(&self.reload).as_mut()
+            && rx.has_changed().unwrap_or(false)
+        {
+            let config = rx.borrow_and_update().clone();
+            tracing::info!(url = %config.url, database = %config.database, "ClickHouse settings reloaded");
+            *lock(&self.current) = Current::new(config);
+        }
+        lock(&self.current).clone()
+    }
+
     /// Asks the server's version, creates the schema if configured, and
     /// turns on what the version allows. Returns the version.
     pub async fn connect(&mut self) -> Result<String, clickhouse::error::Error> {
         let version = self.server_version().await?;
         self.dedup_token = schema::has_dedup_token(&version);
-        if self.config.create_schema {
+        if self.current().config.create_schema {
             self.ensure_schema().await?;
         }
         Ok(version)
@@ -162,7 +175,8 @@ impl Sink {
 
     /// The server's version string (`SELECT version()`).
     pub async fn server_version(&self) -> Result<String, clickhouse::error::Error> {
-        self.admin
+        self.current()
+            .admin
             .query("SELECT version()")
             .fetch_one::<String>()
             .await
@@ -170,8 +184,9 @@ impl Sink {
 
     /// Creates the database and tables if they are missing.
     pub async fn ensure_schema(&self) -> Result<(), clickhouse::error::Error> {
-        for statement in schema::ddl(&self.config.database, self.dedup_token) {
-            self.admin.query(&statement).execute().await?;
+        let current = self.current();
+        for statement in schema::ddl(&current.config.database, self.dedup_token) {
+            current.admin.query(&statement).execute().await?;
         }
         Ok(())
     }
@@ -251,8 +266,8 @@ impl Sink {
                         self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
                         let delay = backoff(
                             attempt,
-                            self.config.retry_initial,
-                            self.config.retry_max,
+                            self.current().config.retry_initial,
+                            self.current().config.retry_max,
                             jitter(),
                         );
                         tracing::warn!(table = name, flush_id, attempt = attempt + 1, retry_in = ?delay, error = %err, "insert failed; will retry");
@@ -260,7 +275,7 @@ impl Sink {
                         attempt += 1;
                         if let clickhouse::error::Error::BadResponse(msg) = &err
                             && error_code(msg).is_some_and(|c| MISSING_SCHEMA_CODES.contains(&c))
-                            && self.config.create_schema
+                            && self.current().config.create_schema
                             && let Err(e) = self.ensure_schema().await
                         {
                             tracing::warn!(error = %e, "re-creating the schema failed");
@@ -280,11 +295,12 @@ impl Sink {
     where
         T: Row + RowWrite + for<'a> Row<Value<'a> = T> + Serialize + EncodedLen,
     {
-        let mut insert = self
+        let current = self.current();
+        let mut insert = current
             .client
             .insert::<T>(table)
             .await?
-            .with_timeouts(Some(self.config.timeout), Some(self.config.timeout));
+            .with_timeouts(Some(current.config.timeout), Some(current.config.timeout));
         if let Some(token) = token {
             insert = insert.with_setting("insert_deduplication_token", token);
         }
@@ -351,4 +367,32 @@ mod tests {
         let j = jitter();
         assert!((0.0..1.0).contains(&j));
     }
+}
+
+/// Clients built from one set of settings.
+#[derive(Clone)]
+struct Current {
+    client: Client,
+    admin: Client,
+    config: SinkConfig,
+}
+
+impl Current {
+    fn new(config: SinkConfig) -> Current {
+        let admin = Client::default()
+            .with_url(&config.url)
+            .with_user(&config.user)
+            .with_password(&config.password)
+            .with_validation(false);
+        let client = admin.clone().with_database(&config.database);
+        Current {
+            client,
+            admin,
+            config,
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
