@@ -137,6 +137,13 @@ mod exit {
 }
 
 fn run(config: crate::config::Config, file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
+    // Before any thread exists: it reads and clears LISTEN_* variables.
+    if let Err(e) = crate::activation::capture() {
+        return fail_with(
+            exit::UNAVAILABLE,
+            &format!("cannot take the sockets systemd passed: {e}"),
+        );
+    }
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (level, level_handle) = tracing_subscriber::reload::Layer::new(config.log_level);

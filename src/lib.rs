@@ -13,6 +13,7 @@
 //! - [`admin`]: `/health` and `/metrics`; [`telemetry`]: every self-metric.
 //! - [`config`], [`cli`]: settings and the command line; [`server`]: wiring and shutdown.
 
+pub mod activation;
 pub mod admin;
 pub mod aggregate;
 pub mod cli;

@@ -90,32 +90,64 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let telemetry = Arc::new(Telemetry::default());
     let clock: Clock = Arc::new(crate::aggregate::wall_clock);
     let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
-    let udp_sockets = match config.statsd_udp {
-        Some(addr) => udp::bind(addr, config.udp_workers, config.udp_recv_buffer)
-            .map_err(bind_err("StatsD UDP", addr))?,
-        None => Vec::new(),
+    let activated = crate::activation::take();
+    let activated_addr = |what: &'static str| {
+        move |source| StartError::Bind {
+            what,
+            addr: ([0, 0, 0, 0], 0).into(),
+            source,
+        }
     };
-    let tcp_listener = match config.statsd_tcp {
-        Some(addr) => Some(
+    let udp_sockets = match (activated.statsd_udp, config.statsd_udp) {
+        // One passed socket, read by every UDP worker.
+        (Some(socket), _) => {
+            let mut sockets = Vec::new();
+            for _ in 1..config.udp_workers.max(1) {
+                sockets.push(
+                    socket
+                        .try_clone()
+                        .map_err(activated_addr("StatsD UDP (passed by systemd)"))?,
+                );
+            }
+            sockets.push(socket);
+            for s in &sockets {
+                s.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+                    .map_err(activated_addr("StatsD UDP (passed by systemd)"))?;
+            }
+            sockets
+        }
+        (None, Some(addr)) => udp::bind(addr, config.udp_workers, config.udp_recv_buffer)
+            .map_err(bind_err("StatsD UDP", addr))?,
+        (None, None) => Vec::new(),
+    };
+    let tcp_listener = match (activated.statsd_tcp, config.statsd_tcp) {
+        (Some(l), _) => {
+            Some(from_std(l).map_err(activated_addr("StatsD TCP (passed by systemd)"))?)
+        }
+        (None, Some(addr)) => Some(
             TcpListener::bind(addr)
                 .await
                 .map_err(bind_err("StatsD TCP", addr))?,
         ),
-        None => None,
+        (None, None) => None,
     };
-    let proto_tcp_listener = match config.proto.tcp {
-        Some(addr) => Some(
+    let proto_tcp_listener = match (activated.proto_tcp, config.proto.tcp) {
+        (Some(l), _) => {
+            Some(from_std(l).map_err(activated_addr("protobuf TCP (passed by systemd)"))?)
+        }
+        (None, Some(addr)) => Some(
             TcpListener::bind(addr)
                 .await
                 .map_err(bind_err("protobuf TCP", addr))?,
         ),
-        None => None,
+        (None, None) => None,
     };
-    let proto_udp_socket = match config.proto.udp {
-        Some(addr) => {
+    let proto_udp_socket = match (activated.proto_udp, config.proto.udp) {
+        (Some(s), _) => Some(s),
+        (None, Some(addr)) => {
             Some(std::net::UdpSocket::bind(addr).map_err(bind_err("protobuf UDP", addr))?)
         }
-        None => None,
+        (None, None) => None,
     };
     let admin_listener = match config.admin {
         Some(addr) => Some(
@@ -285,6 +317,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         wal,
         wal_sync,
     })
+}
+
+/// A listener systemd passed, made ready for tokio.
+fn from_std(l: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
 }
 
 /// Rebuilds each unflushed generation from the WAL and queues it.

@@ -106,20 +106,23 @@ fn ready_watchdog_and_stopping_reach_the_service_manager() {
 }
 
 #[test]
-fn the_unit_file_passes_systemd_analyze_verify() {
+fn the_unit_files_pass_systemd_analyze_verify() {
     let dir = temp_dir("unit");
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/systemd/tallyd.service"
-    ))
-    .expect("unit");
-    // verify wants ExecStart's binary to exist.
-    let unit = unit.replace("/usr/bin/tallyd", env!("CARGO_BIN_EXE_tallyd"));
-    let path = dir.join("tallyd.service");
-    std::fs::write(&path, unit).expect("write");
+    for name in ["tallyd.service", "tallyd.socket"] {
+        let unit =
+            std::fs::read_to_string(format!("{}/systemd/{name}", env!("CARGO_MANIFEST_DIR")))
+                .expect("unit");
+        // verify wants ExecStart's binary to exist.
+        std::fs::write(
+            dir.join(name),
+            unit.replace("/usr/bin/tallyd", env!("CARGO_BIN_EXE_tallyd")),
+        )
+        .expect("write");
+    }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .arg(dir.join("tallyd.service"))
+        .arg(dir.join("tallyd.socket"))
         .output()
         .expect("systemd-analyze runs (scripts/test.sh installs Debian's systemd package)");
     assert!(
