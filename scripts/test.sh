@@ -34,3 +34,18 @@ cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 # --all-targets also runs each criterion bench once, as a smoke test.
 cargo test --locked --all-targets
+
+# Packaging: cargo deb builds the .deb (cargo-deb is installed from
+# crates.io if missing); check that it carries what a host needs.
+command -v cargo-deb >/dev/null || cargo install --locked -q cargo-deb
+cargo deb --locked -q
+deb=$(ls -t target/debian/tallyd_*.deb | head -n 1)
+contents=$(dpkg-deb -c "$deb")
+for f in ./usr/bin/tallyd ./lib/systemd/system/tallyd.service ./lib/systemd/system/tallyd.socket ./etc/tallyd/tallyd.toml; do
+    if ! grep -q " $f\$" <<<"$contents"; then
+        echo "test.sh: $deb lacks $f" >&2
+        exit 1
+    fi
+done
+dpkg-deb -f "$deb" Conffiles >/dev/null
+echo "test.sh: $deb holds the binary, both units and /etc/tallyd/tallyd.toml"

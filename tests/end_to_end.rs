@@ -362,3 +362,39 @@ async fn an_older_gauge_landing_late_does_not_win() {
         21.5
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_closed_and_counted() {
+    use std::io::{Read, Write};
+    let ch = clickhouse();
+    let mut s = settings(ch, "conn_limit");
+    s.statsd.tcp_max_connections = 2;
+    let running = server::start(config(&s)).await.expect("start");
+    let tcp = running.tcp_addr.expect("tcp");
+    let t = std::sync::Arc::clone(&running.telemetry);
+    tokio::task::spawn_blocking(move || {
+        let mut a = std::net::TcpStream::connect(tcp).expect("first");
+        let mut b = std::net::TcpStream::connect(tcp).expect("second");
+        assert!(wait_for(10, || t.tcp_connections.load(Relaxed) == 2));
+        let mut c = std::net::TcpStream::connect(tcp).expect("the kernel accepts the third");
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            c.read(&mut buf).map_err(|e| e.kind()),
+            Ok(0),
+            "the third connection is closed at once"
+        );
+        assert_eq!(t.tcp_connections_refused.load(Relaxed), 1);
+        a.write_all(b"limited:1|c\n").expect("first still works");
+        b.write_all(b"limited:2|c\n").expect("second still works");
+    })
+    .await
+    .expect("client");
+    wait_for_lines(&running.telemetry, 2);
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM conn_limit.counters FINAL"),
+        3.0
+    );
+}
