@@ -47,5 +47,8 @@ for f in ./usr/bin/tallyd ./lib/systemd/system/tallyd.service ./lib/systemd/syst
         exit 1
     fi
 done
-dpkg-deb -f "$deb" Conffiles >/dev/null
+if ! dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/tallyd/tallyd.toml; then
+    echo "test.sh: /etc/tallyd/tallyd.toml is not a conffile of $deb" >&2
+    exit 1
+fi
 echo "test.sh: $deb holds the binary, both units and /etc/tallyd/tallyd.toml"
