@@ -5,13 +5,18 @@
 //!
 //! Data flows top to bottom:
 //!
-//! - [`ingest`]: sockets only (UDP threads, TCP tasks); hands blocks of bytes on.
-//! - [`protocol`]: pure wire formats (the StatsD line parser).
+//! - [`ingest`]: sockets only (UDP threads, TCP tasks, protobuf batches with
+//!   acks); hands blocks of bytes on.
+//! - [`protocol`]: pure wire formats (the StatsD line parser, protobuf).
+//! - [`wal`]: every block is appended to the mmap'd ring write-ahead log
+//!   before it is aggregated; recovery replays it.
 //! - [`aggregate`]: per-key accumulators in generation-swapped striped maps.
 //! - [`flush`]: when an interval closes (1 s boundary or `max_depth`), and flush ids.
 //! - [`sink`]: rows, the ClickHouse schema, inserts with retry classification.
 //! - [`admin`]: `/health` and `/metrics`; [`telemetry`]: every self-metric.
 //! - [`config`], [`cli`]: settings and the command line; [`server`]: wiring and shutdown.
+//! - [`notify`], [`activation`]: systemd readiness, watchdog and socket activation.
+//! - [`client`]: `tallyd send`; [`failpoint`]: named crash points for tests.
 
 pub mod activation;
 pub mod admin;
