@@ -434,14 +434,36 @@ impl Running {
         for task in [self.tcp, self.proto_tcp].into_iter().flatten() {
             let _ = task.await;
         }
+        // One deadline for the last flush and the writes: with ClickHouse
+        // down and the queue full, the last interval cannot even be queued.
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
         let _ = self.flush_stop.send(true);
-        let _ = self.flush.await;
-        tracing::info!("final interval closed; writing what is queued");
+        let mut flush = self.flush;
+        if tokio::time::timeout_at(deadline, &mut flush).await.is_err() {
+            flush.abort();
+            // Wait for the cancelled task to be dropped (it holds the WAL).
+            let _ = flush.await;
+            let samples = self.aggregator.current().pending.load(Ordering::Relaxed);
+            if self.wal.is_some() {
+                tracing::warn!(
+                    samples,
+                    "the last interval could not be queued in time; it stays in the WAL for the next start"
+                );
+            } else {
+                tracing::error!(
+                    samples,
+                    "the last interval could not be queued in time; it is lost"
+                );
+            }
+        } else {
+            tracing::info!("final interval closed; writing what is queued");
+        }
         let mut sink = self.sink;
-        let lost = match tokio::time::timeout(self.config.shutdown_timeout, &mut sink).await {
+        let lost = match tokio::time::timeout_at(deadline, &mut sink).await {
             Ok(_) => 0,
             Err(_) => {
                 sink.abort();
+                let _ = sink.await;
                 let rows = self.telemetry.backlog_rows.load(Ordering::Relaxed);
                 if self.wal.is_some() {
                     tracing::warn!(rows, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they stay in the WAL for the next start");

@@ -1,5 +1,6 @@
-//! ClickHouse goes away mid-run: tallyd keeps aggregating, retries, and
-//! loses nothing once the server is back. Its own binary, because it stops
+//! ClickHouse goes away mid-run, or is unreachable when tallyd stops:
+//! tallyd keeps aggregating, retries, and loses nothing once the server is
+//! back. Its own binary, because it stops
 //! the binary's private server.
 
 mod common;
@@ -10,8 +11,12 @@ use std::time::Duration;
 use common::{clickhouse, config, send_tcp, settings, wait_for, wait_for_lines};
 use tallyd::server;
 
+/// The tests here stop this binary's ClickHouse server: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_restarted_mid_run_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let ch = clickhouse();
     let mut s = settings(ch, "outage");
     s.aggregate.flush_interval = "100ms".into();
@@ -77,5 +82,39 @@ async fn clickhouse_restarted_mid_run_loses_nothing() {
     assert_eq!(
         ch.number("SELECT sum(value) FROM outage.counters FINAL WHERE name = 'before'"),
         100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_clickhouse_is_unreachable_keeps_everything_for_the_next_start() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ch = clickhouse();
+    let mut s = settings(ch, "unreachable");
+    let right_url = s.clickhouse.url.clone();
+    s.clickhouse.url = format!("http://127.0.0.1:{}", common::free_port());
+    s.aggregate.flush_interval = "100ms".into();
+    s.aggregate.flush_queue = 1;
+    s.shutdown_timeout = "1s".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let tcp = running.tcp_addr.expect("tcp");
+    for i in 0..5 {
+        send_tcp(tcp, &format!("kept:{}|c\n", i + 1));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_for_lines(&running.telemetry, 5);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), running.shutdown()).await;
+    assert_eq!(
+        stopped,
+        Ok(0),
+        "the stop must end within its timeout and count nothing lost (the WAL keeps it)"
+    );
+
+    // Next start, ClickHouse reachable: the WAL is replayed and written.
+    s.clickhouse.url = right_url;
+    let running = server::start(config(&s)).await.expect("restart");
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM unreachable.counters FINAL WHERE name = 'kept'"),
+        15.0
     );
 }
