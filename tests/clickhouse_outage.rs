@@ -12,11 +12,11 @@ use common::{clickhouse, config, send_tcp, settings, wait_for, wait_for_lines};
 use tallyd::server;
 
 /// The tests here stop this binary's ClickHouse server: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_restarted_mid_run_loses_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let ch = clickhouse();
     let mut s = settings(ch, "outage");
     s.aggregate.flush_interval = "100ms".into();
@@ -87,7 +87,7 @@ async fn clickhouse_restarted_mid_run_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_clickhouse_is_unreachable_keeps_everything_for_the_next_start() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let ch = clickhouse();
     let mut s = settings(ch, "unreachable");
     let right_url = s.clickhouse.url.clone();
