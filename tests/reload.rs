@@ -1,6 +1,7 @@
 //! SIGHUP reloads the config file: a fixed ClickHouse URL takes effect
-//! without losing what was pending, and an invalid file is refused while the
-//! running configuration stays in force.
+//! without losing what was pending, a new flush interval and max depth
+//! apply, and an invalid file is refused while the running configuration
+//! stays in force.
 
 mod common;
 
@@ -10,11 +11,11 @@ use std::process::{Command, Stdio};
 
 use common::{clickhouse, free_port, http, send_tcp, temp_dir, wait_for};
 
-fn write_config(path: &Path, url: &str, extra: &str) {
+fn write_config(path: &Path, url: &str, aggregate: &str) {
     std::fs::write(
         path,
         format!(
-            "log_level = \"info\"\n{extra}\n[aggregate]\nflush_interval = \"200ms\"\n[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n[clickhouse]\nurl = \"{url}\"\ndatabase = \"reload\"\nretry_max = \"200ms\"\ntimeout = \"2s\"\n"
+            "log_level = \"info\"\n[aggregate]\n{aggregate}\n[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n[clickhouse]\nurl = \"{url}\"\ndatabase = \"reload\"\nretry_max = \"200ms\"\ntimeout = \"2s\"\n"
         ),
     )
     .expect("write config");
@@ -31,12 +32,12 @@ fn hup(pid: u32) {
 }
 
 #[test]
-fn sighup_applies_a_new_clickhouse_url_and_refuses_a_bad_file() {
+fn sighup_applies_new_settings_and_refuses_a_bad_file() {
     let ch = clickhouse();
     let dir = temp_dir("reload");
     let file = dir.join("tallyd.toml");
     let dead = format!("http://127.0.0.1:{}", free_port());
-    write_config(&file, &dead, "");
+    write_config(&file, &dead, "flush_interval = \"200ms\"");
     let (tcp, admin) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .arg("run")
@@ -77,7 +78,7 @@ fn sighup_applies_a_new_clickhouse_url_and_refuses_a_bad_file() {
     );
 
     // The right URL, by reload.
-    write_config(&file, &ch.url(), "");
+    write_config(&file, &ch.url(), "flush_interval = \"200ms\"");
     hup(child.id());
     assert!(
         wait_for(20, || ch
@@ -87,19 +88,36 @@ fn sighup_applies_a_new_clickhouse_url_and_refuses_a_bad_file() {
         "the pending rows did not reach ClickHouse after the reload"
     );
 
-    // A bad file is refused; the running configuration keeps working.
+    // A 1 h interval and a max depth of 50, by reload: 10 lines stay
+    // pending (no tick), 50 flush at once (the new depth).
+    write_config(&file, &ch.url(), "flush_interval = \"1h\"\nmax_depth = 50");
+    hup(child.id());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    send_tcp(addr, &"quiet:1|c\n".repeat(10));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert!(
+        ch.try_query("SELECT count() FROM reload.counters WHERE name = 'quiet'")
+            .is_none_or(|c| c == "0\n"),
+        "flushed on the old 200 ms interval"
+    );
+    send_tcp(addr, &"quiet:1|c\n".repeat(40));
+    assert!(
+        wait_for(20, || ch
+            .try_query("SELECT sum(value) FROM reload.counters FINAL WHERE name = 'quiet'")
+            .as_deref()
+            == Some("50\n")),
+        "the reloaded max_depth did not flush"
+    );
+
+    // A bad file is refused; the running configuration keeps working (the
+    // 5 lines stay pending under the 1 h interval until the stop).
     std::fs::write(&file, "[aggregate]\nflush_intervall = \"1s\"\n").expect("write");
     hup(child.id());
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(http(admin, "GET", "/health", "").as_deref(), Some("ok\n"));
     send_tcp(addr, &"after:1|c\n".repeat(5));
-    assert!(
-        wait_for(20, || ch
-            .try_query("SELECT sum(value) FROM reload.counters FINAL WHERE name = 'after'")
-            .as_deref()
-            == Some("5\n")),
-        "rows after a refused reload did not arrive"
-    );
+    assert!(wait_for(10, || http(admin, "GET", "/metrics", "")
+        .is_some_and(|m| m.contains("tallyd_samples_total 355\n"))));
 
     assert!(
         Command::new("kill")
@@ -123,6 +141,6 @@ fn sighup_applies_a_new_clickhouse_url_and_refuses_a_bad_file() {
     );
     assert_eq!(
         ch.number("SELECT sum(value) FROM reload.counters FINAL"),
-        305.0
+        355.0
     );
 }
