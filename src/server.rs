@@ -280,6 +280,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let now = crate::notify::now_ms();
     telemetry.flush_heartbeat_ms.store(now, Ordering::Relaxed);
     telemetry.udp_heartbeat_ms.store(now, Ordering::Relaxed);
+    state.ready.store(true, Ordering::Relaxed);
+    crate::notify::ready(&format!(
+        "ready: StatsD UDP {udp_addr:?}, TCP {tcp_addr:?}; protobuf TCP {proto_tcp_addr:?}"
+    ));
+    // Watchdog pings start after READY=1, never before it.
     let systemd = crate::notify::spawn(
         Arc::clone(&telemetry),
         Arc::clone(&aggregator),
@@ -287,10 +292,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         udp_addr.is_some(),
         stop_rx.clone(),
     );
-    state.ready.store(true, Ordering::Relaxed);
-    crate::notify::ready(&format!(
-        "ready: StatsD UDP {udp_addr:?}, TCP {tcp_addr:?}; protobuf TCP {proto_tcp_addr:?}"
-    ));
     tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
     Ok(Running {
         udp_addr,
