@@ -20,6 +20,7 @@ q() { curl -fsS "$url" --data-binary "$1"; }
 cargo build --release --locked -q
 ./target/release/tallyd run --clickhouse-url "$url" --clickhouse-database "$db" \
     --statsd-udp "127.0.0.1:$port" --statsd-tcp "127.0.0.1:$port" --admin "127.0.0.1:$admin" \
+    --proto-tcp off --proto-udp off \
     --data-dir "$dir" --log-level warn ${TALLYD_ARGS:-} &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
