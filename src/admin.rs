@@ -128,7 +128,7 @@ fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
         (
             "tallyd_wal_sync_errors_total",
             "counter",
-            "Failed msync calls.",
+            "Failed msync or fdatasync calls.",
             s.sync_errors.load(Relaxed).to_string(),
         ),
         (

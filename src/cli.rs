@@ -108,7 +108,8 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => run(config, args.config.clone(), args.overrides.clone()),
-        Command::Send(_) => ExitCode::SUCCESS,
+        // Handled before the configuration is read.
+        Command::Send(args) => send(&args),
         Command::Wal(cmd) => {
             let dir = config.data_dir.join("wal");
             let report = match crate::wal::inspect::inspect(&dir) {

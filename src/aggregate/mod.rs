@@ -24,7 +24,7 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::Notify;
 
 use crate::protocol::proto::{self, Batch};
-use crate::protocol::statsd::{self, Limits, Line, MetricType, Parsed};
+use crate::protocol::statsd::{self, Limits, Line, Parsed};
 use crate::telemetry::BlockStats;
 use crate::wal::format::Kind;
 use crate::wal::{AppendError, Wal};
@@ -336,14 +336,10 @@ pub fn wall_clock() -> Duration {
         .unwrap_or_default()
 }
 
-/// Which type a key holds (its first byte).
-pub fn key_type(key: &[u8]) -> Option<MetricType> {
-    key.first().copied().and_then(MetricType::from_byte)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::statsd::MetricType;
     use crate::protocol::statsd::ParseError;
 
     fn aggregator(max_keys: usize) -> Aggregator {

@@ -191,19 +191,10 @@ impl ProtoIngest {
                     .handle_with_retry(&buf[prefix..prefix + len], &mut scratch)
                     .await;
                 buf.drain(..prefix + len);
-                match handled {
-                    Handled::Ack(a, ticket) => {
-                        self.count(&a);
-                        if acks.send((a, ticket)).await.is_err() {
-                            break 'read;
-                        }
-                    }
-                    Handled::Reject(a) => {
-                        self.count(&a);
-                        let _ = acks.send((a, 0)).await;
-                        break 'read;
-                    }
-                    Handled::Full => unreachable!("handle_with_retry answers OVERLOADED instead"),
+                let (a, ticket, close) = handled;
+                self.count(&a);
+                if acks.send((a, ticket)).await.is_err() || close {
+                    break 'read;
                 }
             }
             let n = tokio::select! {
@@ -221,24 +212,19 @@ impl ProtoIngest {
 
     /// Retries a batch the full WAL refused until `overload_timeout`, then
     /// answers `OVERLOADED` (nothing applied; the client retries later).
-    async fn handle_with_retry(&self, raw: &[u8], scratch: &mut Scratch) -> Handled {
+    /// Returns the ack, the WAL ticket it waits for, and whether to close.
+    async fn handle_with_retry(&self, raw: &[u8], scratch: &mut Scratch) -> (Ack, u64, bool) {
         let deadline = Instant::now() + self.overload_timeout;
         loop {
             match self.handle(raw, scratch) {
                 Handled::Full if Instant::now() < deadline => tokio::time::sleep(WAL_RETRY).await,
                 Handled::Full => {
                     let sequence = Batch::decode(raw).map_or(0, |b| b.sequence);
-                    return Handled::Ack(
-                        ack(
-                            sequence,
-                            Status::Overloaded,
-                            "the write-ahead log is full; retry later",
-                            0,
-                        ),
-                        0,
-                    );
+                    let message = "the write-ahead log is full; retry later";
+                    return (ack(sequence, Status::Overloaded, message, 0), 0, false);
                 }
-                other => return other,
+                Handled::Ack(a, ticket) => return (a, ticket, false),
+                Handled::Reject(a) => return (a, 0, true),
             }
         }
     }

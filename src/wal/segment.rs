@@ -47,15 +47,7 @@ impl Segment {
             left -= n as u64;
         }
         file.sync_all().map_err(io_err(path))?;
-        let mut seg = Segment::map(
-            path,
-            file,
-            SegmentHeader {
-                stream: 0,
-                sequence: 0,
-            },
-            false,
-        )?;
+        let mut seg = Segment::map(path, file)?;
         if let Some(h) = header {
             seg.restart(h);
         }
@@ -74,15 +66,7 @@ impl Segment {
             .write(true)
             .open(path)
             .map_err(io_err(path))?;
-        let mut seg = Segment::map(
-            path,
-            file,
-            SegmentHeader {
-                stream: 0,
-                sequence: 0,
-            },
-            false,
-        )?;
+        let mut seg = Segment::map(path, file)?;
         if let Ok(h) = SegmentHeader::decode(seg.bytes()) {
             seg.header = h;
             seg.used = true;
@@ -90,20 +74,19 @@ impl Segment {
         Ok(seg)
     }
 
-    fn map(
-        path: &Path,
-        file: File,
-        header: SegmentHeader,
-        used: bool,
-    ) -> Result<Segment, WalError> {
+    /// Maps `file`; the segment starts unused until a header is read or written.
+    fn map(path: &Path, file: File) -> Result<Segment, WalError> {
         // SAFETY: the file is tallyd's own, locked against other tallyd
         // processes (the WAL lock file), and never truncated while mapped, so
         // the mapping stays valid for as long as `Segment` holds it.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(path))?;
         Ok(Segment {
             path: path.to_owned(),
-            header,
-            used,
+            header: SegmentHeader {
+                stream: 0,
+                sequence: 0,
+            },
+            used: false,
             max_generation: 0,
             map,
             file: Arc::new(file),
