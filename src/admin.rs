@@ -1,5 +1,9 @@
-//! The admin endpoint: `GET /health` (200 once ready, 503 before and while
-//! stopping) and `GET /metrics` (Prometheus text).
+//! The admin endpoint: `GET /health` and `GET /metrics` (Prometheus text).
+//!
+//! `/health` answers 200 `ok` once ready; 503 `not ready` before that and
+//! while stopping; 503 `degraded: …` naming each problem while a WAL sync
+//! has failed (no acks are sent) or a table is blocked by schema drift
+//! (its rows are kept and retried).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,6 +32,7 @@ pub struct AdminState {
     /// Inodes of the UDP sockets, for the kernel's drop counter.
     pub udp_inodes: Vec<u64>,
     pub wal: Option<Arc<Wal>>,
+    pub ledger: Arc<crate::ledger::Ledger>,
 }
 
 impl AdminState {
@@ -45,7 +50,7 @@ impl AdminState {
         }
         let mut text = t.render();
         if let Some(wal) = &self.wal {
-            let oldest = wal.oldest_intent_ts().map_or(started, |ts| {
+            let oldest = self.ledger.oldest_pending_ts().map_or(started, |ts| {
                 Duration::from_secs(u64::from(ts)).min(started)
             });
             let age = crate::aggregate::wall_clock().saturating_sub(oldest);
@@ -54,11 +59,33 @@ impl AdminState {
         text
     }
 
+    /// What makes tallyd degraded now, one phrase each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.wal.as_ref().is_some_and(|w| w.poisoned()) {
+            p.push(
+                "a WAL sync failed; no acknowledgement is sent until a full sync succeeds".into(),
+            );
+        }
+        for (i, table) in crate::telemetry::TABLES.iter().enumerate() {
+            if self.telemetry.tables_blocked[i].load(Relaxed) == 1 {
+                p.push(format!(
+                    "ClickHouse refuses rows of table {table} (schema drift); they are kept and retried"
+                ));
+            }
+        }
+        p
+    }
+
     fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let (status, body) = match (req.method(), req.uri().path()) {
-            (&Method::GET, "/health") if self.ready.load(Relaxed) => {
-                (StatusCode::OK, "ok\n".to_owned())
-            }
+            (&Method::GET, "/health") if self.ready.load(Relaxed) => match self.problems() {
+                p if p.is_empty() => (StatusCode::OK, "ok\n".to_owned()),
+                p => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("degraded: {}\n", p.join("; ")),
+                ),
+            },
             (&Method::GET, "/health") => {
                 (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
             }

@@ -1,5 +1,6 @@
-//! The flush stage: decides when an interval closes, turns it into rows and
-//! queues them for the sink.
+//! The flush stage: decides when an interval closes, turns it into a
+//! recorded flush ([`crate::ledger`], steps 3 to 5) and queues it for the
+//! sink.
 //!
 //! An interval closes at every wall-clock boundary of `flush_interval` (a 1 s
 //! interval closes at each whole second) or as soon as `max_depth` raw
@@ -7,15 +8,12 @@
 //! generation, so ingest never waits. When the sink's queue is full, the tick
 //! is skipped (counted in `tallyd_flushes_deferred_total`) and the interval
 //! keeps aggregating: nothing is dropped, memory stays bounded by the key
-//! limit, and the row's `ts` is the start of the longer interval.
+//! limit, and the row's `ts` is the start of the longer interval. A flush
+//! that could not be recorded (a full or failing disk) is held, not sent,
+//! and recorded again at the next tick before any new interval closes.
 //!
-//! Every flush gets a `flush_id`: Unix microseconds at the flush, forced
-//! strictly above every id this data dir has issued before (kept in the file
-//! `flush_id` under the data dir), so ids and gauge versions keep growing
-//! across restarts even if the clock steps back.
+//! Flush ids come from the ledger's instance identity ([`crate::ledger::identity`]).
 
-use std::io;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -23,9 +21,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregate::{Aggregator, Generation};
-use crate::sink::rows::{self, Batch, GaugeMemory};
+use crate::ledger::Ledger;
+use crate::ledger::spool::Flush;
+use crate::sink::Queued;
+use crate::sink::rows::{self, GaugeMemory};
 use crate::telemetry::Telemetry;
-use crate::wal::{Intent, Wal};
+use crate::wal::Intent;
 
 /// The wall clock, as a duration since the Unix epoch (injected for tests).
 pub type Clock = Arc<dyn Fn() -> Duration + Send + Sync>;
@@ -35,42 +36,6 @@ pub fn until_next_boundary(now: Duration, interval: Duration) -> Duration {
     let step = interval.as_nanos().max(1);
     let into = now.as_nanos() % step;
     Duration::from_nanos((step - into) as u64)
-}
-
-/// Issues flush ids that grow across restarts.
-#[derive(Debug)]
-pub struct FlushIds {
-    path: PathBuf,
-    last: u64,
-}
-
-impl FlushIds {
-    /// Reads the last issued id from `dir/flush_id` (0 if there is none).
-    pub fn open(dir: &Path) -> io::Result<FlushIds> {
-        let path = dir.join("flush_id");
-        let last = match std::fs::read_to_string(&path) {
-            Ok(text) => text.trim().parse().map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: not a flush id: {e}", path.display()),
-                )
-            })?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(e),
-        };
-        Ok(FlushIds { path, last })
-    }
-
-    /// The next id: `now` in microseconds, or one past the last id if that is
-    /// larger. The id is recorded before it is returned.
-    pub fn next(&mut self, now: Duration) -> io::Result<u64> {
-        let id = (now.as_micros() as u64).max(self.last + 1);
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{id}\n"))?;
-        std::fs::rename(&tmp, &self.path)?;
-        self.last = id;
-        Ok(id)
-    }
 }
 
 /// Why an interval closed.
@@ -84,55 +49,64 @@ pub enum Reason {
 
 pub struct Flusher {
     pub aggregator: Arc<Aggregator>,
-    pub wal: Option<Arc<Wal>>,
-    pub ids: FlushIds,
+    pub ledger: Arc<Ledger>,
     pub gauges: GaugeMemory,
     pub host: String,
-    pub queue: mpsc::Sender<Batch>,
+    pub queue: mpsc::Sender<Queued>,
     pub telemetry: Arc<Telemetry>,
     pub clock: Clock,
+    /// A flush that could not be recorded: recorded again before any other.
+    pub held: Option<Arc<Flush>>,
 }
 
 impl Flusher {
-    /// Closes the current interval and queues its rows. On a tick or depth
+    /// Closes the current interval and queues its flush. On a tick or depth
     /// flush with a full queue, does nothing and returns false; a shutdown
-    /// flush waits for room.
+    /// flush waits for room. Also false when the flush could not be recorded.
     pub async fn flush(&mut self, reason: Reason) -> bool {
-        let permit = if reason == Reason::Shutdown {
-            match self.queue.clone().reserve_owned().await {
-                Ok(p) => p,
-                Err(_) => return false,
-            }
-        } else {
-            match self.queue.clone().try_reserve_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    self.telemetry.flushes_deferred.fetch_add(1, Relaxed);
-                    return false;
-                }
-            }
+        let Some(permit) = self.reserve(reason).await else {
+            return false;
         };
         let started = Instant::now();
-        let now = (self.clock)();
-        let generation = take(self.aggregator.swap(now)).await;
-        if generation.keys() == 0 {
-            self.confirm_empty(generation.id);
-            return true;
-        }
-        let id = self.next_id(now);
-        self.send(generation, id, reason, started, permit);
-        true
+        let flush = match self.held.take() {
+            Some(held) => held,
+            None => {
+                let now = (self.clock)();
+                let generation = take(self.aggregator.swap(now)).await;
+                if generation.keys() == 0 {
+                    self.release(generation.id).await;
+                    return true;
+                }
+                let id = self.ledger.next_flush_id(now);
+                self.seal(generation, id)
+            }
+        };
+        self.record_and_send(flush, reason, started, permit).await
     }
 
-    /// Queues a generation rebuilt from the WAL at start: with its intent's
-    /// flush id and interval start if it had been sent before, so the copy
-    /// that may already be in ClickHouse collapses with it.
+    async fn reserve(&self, reason: Reason) -> Option<mpsc::OwnedPermit<Queued>> {
+        if matches!(reason, Reason::Shutdown | Reason::Replay) {
+            return self.queue.clone().reserve_owned().await.ok();
+        }
+        match self.queue.clone().try_reserve_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                self.telemetry.flushes_deferred.fetch_add(1, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Records and queues a generation rebuilt from the WAL at start. One
+    /// that the previous release had sent (`intent`, from its checkpoint)
+    /// keeps that flush id and interval start, so the copy that may already
+    /// be in ClickHouse collapses with it.
     pub async fn flush_replayed(&mut self, mut generation: Generation, intent: Option<Intent>) {
-        let Ok(permit) = self.queue.clone().reserve_owned().await else {
+        let Some(permit) = self.reserve(Reason::Replay).await else {
             return;
         };
         if generation.keys() == 0 {
-            self.confirm_empty(generation.id);
+            self.release(generation.id).await;
             return;
         }
         let id = match intent {
@@ -140,68 +114,79 @@ impl Flusher {
                 generation.started = Duration::from_secs(u64::from(i.ts));
                 i.flush_id
             }
-            None => self.next_id((self.clock)()),
+            None => self.ledger.next_flush_id((self.clock)()),
         };
-        self.send(generation, id, Reason::Replay, Instant::now(), permit);
+        let flush = self.seal(generation, id);
+        self.record_and_send(flush, Reason::Replay, Instant::now(), permit)
+            .await;
     }
 
-    fn next_id(&mut self, now: Duration) -> u64 {
-        match self.ids.next(now) {
-            Ok(id) => id,
-            Err(e) => {
-                // The id is still unique within this run; only its survival
-                // across a restart is at stake.
-                tracing::error!(error = %e, "could not record the flush id");
-                self.ids.last = (self.ids.last + 1).max(now.as_micros() as u64);
-                self.ids.last
-            }
-        }
+    /// Step 3: the rows of `generation`, fixed as RowBinary bytes.
+    fn seal(&mut self, generation: Generation, flush_id: u64) -> Arc<Flush> {
+        let (batch, forgotten) = rows::build(generation, flush_id, &self.host, &mut self.gauges);
+        self.telemetry
+            .dropped_gauge_memory
+            .fetch_add(forgotten, Relaxed);
+        Arc::new(Flush::seal(batch, self.ledger.instance()))
     }
 
-    /// A generation with no keys has nothing to write: its WAL records (only
-    /// malformed lines, if any) can go at once.
-    fn confirm_empty(&self, generation: u64) {
-        if let Some(wal) = &self.wal
-            && let Err(e) = wal.confirm(generation)
-        {
-            tracing::error!(error = %e, "could not record the WAL checkpoint");
-        }
-    }
-
-    fn send(
+    /// Steps 4 and 5: record, release the WAL records, queue. A flush that
+    /// cannot be recorded is held and not sent.
+    async fn record_and_send(
         &mut self,
-        generation: Generation,
-        id: u64,
+        flush: Arc<Flush>,
         reason: Reason,
         started: Instant,
-        permit: mpsc::OwnedPermit<Batch>,
-    ) {
-        if let Some(wal) = &self.wal {
-            let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
-            if let Err(e) = wal.record_intent(generation.id, Intent { flush_id: id, ts }) {
-                tracing::error!(error = %e, "could not record the flush intent; after a crash this flush may be counted twice");
-            }
-            crate::failpoint::hit("after_intent");
+        permit: mpsc::OwnedPermit<Queued>,
+    ) -> bool {
+        let gauges = (!flush.gauges.is_empty()).then(|| self.gauges.encode());
+        let (ledger, f) = (Arc::clone(&self.ledger), Arc::clone(&flush));
+        let recorded =
+            tokio::task::spawn_blocking(move || ledger.record(&f, gauges.as_deref())).await;
+        let error = match recorded {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = error {
+            self.telemetry.spool_errors.fetch_add(1, Relaxed);
+            tracing::error!(%error, flush_id = flush.flush_id, "could not record the flush in the spool; holding it (not sent) and trying again at the next tick");
+            self.held = Some(flush);
+            return false;
         }
-        let (batch, forgotten) = rows::build(generation, id, &self.host, &mut self.gauges);
+        crate::failpoint::hit("after_intent");
+        self.release(flush.generation).await;
         let t = &self.telemetry;
-        t.dropped_gauge_memory.fetch_add(forgotten, Relaxed);
         t.flushes.fetch_add(1, Relaxed);
         if reason == Reason::Depth {
             t.flushes_by_depth.fetch_add(1, Relaxed);
         }
         t.backlog_batches.fetch_add(1, Relaxed);
-        t.backlog_rows.fetch_add(batch.rows() as u64, Relaxed);
+        t.backlog_rows.fetch_add(flush.rows(), Relaxed);
         t.flush_nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
         tracing::debug!(
-            flush_id = id,
-            rows = batch.rows(),
-            samples = batch.samples,
+            flush_id = flush.flush_id,
+            rows = flush.rows(),
+            samples = flush.samples,
             ?reason,
             "interval closed"
         );
-        permit.send(batch);
+        permit.send(Queued {
+            flush,
+            resent: false,
+        });
+        true
+    }
+
+    /// Step 5 for `generation`. On failure its WAL records stay; at start the
+    /// ledger finds its spool file (if any) and does not rebuild it.
+    async fn release(&self, generation: u64) {
+        let ledger = Arc::clone(&self.ledger);
+        let released = tokio::task::spawn_blocking(move || ledger.release(generation)).await;
+        if let Ok(Err(e)) = released {
+            tracing::error!(error = %e, generation, "could not release the WAL records of a recorded flush; they stay until the next start");
+        }
     }
 }
 
@@ -250,8 +235,25 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::aggregate::{AggregateLimits, Scratch};
+    use crate::ledger::fs::RealFs;
     use crate::protocol::statsd::Limits;
     use crate::telemetry::BlockStats;
+    use std::path::PathBuf;
+
+    /// `(ts, value, samples)` of the first counter row of a flush, read back
+    /// from its RowBinary body.
+    fn first_counter(q: &Queued) -> (u32, f64, u64) {
+        let b = &q.flush.tables.bodies[0];
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4"));
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
+        let mut at = 4;
+        at += 1 + b[at] as usize; // name (short)
+        assert_eq!(b[at], 0, "no tags");
+        at += 1;
+        at += 1 + b[at] as usize; // host
+        at += 8; // flush_id
+        (u32_at(0), f64::from_bits(u64_at(at)), u64_at(at + 8))
+    }
 
     fn paused_clock(base: Duration) -> Clock {
         let start = tokio::time::Instant::now();
@@ -260,7 +262,7 @@ mod tests {
 
     struct Fixture {
         aggregator: Arc<Aggregator>,
-        rx: mpsc::Receiver<Batch>,
+        rx: mpsc::Receiver<Queued>,
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
         _dir: TempDir,
@@ -298,15 +300,17 @@ mod tests {
         let dir = temp_dir();
         let (tx, rx) = mpsc::channel(queue);
         let (stop, stop_rx) = watch::channel(false);
+        let (ledger, _) =
+            Ledger::open(&dir.0, Duration::from_secs(60), Arc::new(RealFs)).expect("ledger");
         let flusher = Flusher {
             aggregator: Arc::clone(&aggregator),
-            wal: None,
-            ids: FlushIds::open(&dir.0).expect("ids"),
+            ledger: Arc::new(ledger),
             gauges: GaugeMemory::new(100),
             host: "h".into(),
             queue: tx,
             telemetry: Arc::new(Telemetry::default()),
             clock: paused_clock(Duration::from_millis(1_700_000_000_500)),
+            held: None,
         };
         let (interval, interval_rx) = watch::channel(Duration::from_secs(1));
         let task = tokio::spawn(async move {
@@ -352,13 +356,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(499)).await;
         assert!(f.rx.try_recv().is_err(), "flushed before the boundary");
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let batch = f.rx.try_recv().expect("flushed at the boundary");
-        assert_eq!(batch.ts, 1_700_000_000);
-        assert_eq!(batch.counters[0].value, 1.0);
+        let q = f.rx.recv().await.expect("flushed at the boundary");
+        assert_eq!(first_counter(&q), (1_700_000_000, 1.0, 1));
+        assert!(!q.resent);
         ingest(&f.aggregator, "a:2|c");
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let batch = f.rx.try_recv().expect("second flush");
-        assert_eq!((batch.ts, batch.counters[0].value), (1_700_000_001, 2.0));
+        let q = f.rx.recv().await.expect("second flush");
+        assert_eq!(first_counter(&q), (1_700_000_001, 2.0, 1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -373,9 +377,8 @@ mod tests {
         let mut f = start(3, 4);
         ingest(&f.aggregator, "a:1|c\na:1|c\nb:1|c");
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let batch = f.rx.try_recv().expect("early flush");
-        assert_eq!(batch.samples, 3);
-        assert_eq!(batch.ts, 1_700_000_000);
+        let q = f.rx.recv().await.expect("early flush");
+        assert_eq!((q.flush.samples, q.flush.ts), (3, 1_700_000_000));
     }
 
     #[tokio::test(start_paused = true)]
@@ -387,13 +390,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await; // deferred
         ingest(&f.aggregator, "a:3|c");
         let first = f.rx.recv().await.expect("first");
-        assert_eq!(first.counters[0].value, 1.0);
+        assert_eq!(first_counter(&first).1, 1.0);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let second = f.rx.recv().await.expect("second");
-        assert_eq!(
-            (second.counters[0].value, second.counters[0].samples),
-            (5.0, 2)
-        );
+        assert_eq!(first_counter(&second), (1_700_000_001, 5.0, 2));
     }
 
     #[tokio::test(start_paused = true)]
@@ -402,31 +402,11 @@ mod tests {
         ingest(&f.aggregator, "a:7|c");
         f.stop.send(true).expect("loop alive");
         f.task.await.expect("loop ends");
-        assert_eq!(
-            f.rx.recv().await.expect("final flush").counters[0].value,
-            7.0
-        );
+        let q = f.rx.recv().await.expect("final flush");
+        assert_eq!(first_counter(&q).1, 7.0);
         assert!(
             f.rx.recv().await.is_none(),
             "queue closed after the final flush"
         );
-    }
-
-    #[test]
-    fn flush_ids_grow_across_restarts_even_if_the_clock_steps_back() {
-        let dir = temp_dir();
-        let mut ids = FlushIds::open(&dir.0).expect("open");
-        let a = ids.next(Duration::from_secs(100)).expect("id");
-        assert_eq!(a, 100_000_000);
-        let mut reopened = FlushIds::open(&dir.0).expect("reopen");
-        let b = reopened.next(Duration::from_secs(50)).expect("id");
-        assert_eq!(b, a + 1);
-    }
-
-    #[test]
-    fn corrupt_flush_id_file_is_an_error() {
-        let dir = temp_dir();
-        std::fs::write(dir.0.join("flush_id"), "garbage").expect("write");
-        assert!(FlushIds::open(&dir.0).is_err());
     }
 }

@@ -10,6 +10,8 @@
 //! - [`protocol`]: pure wire formats (the StatsD line parser, protobuf).
 //! - [`wal`]: every block is appended to the mmap'd ring write-ahead log
 //!   before it is aggregated; recovery replays it.
+//! - [`ledger`]: exactly-once: instance identity, flush ids, the spool of
+//!   recorded flushes, protobuf dedup, and the durable order (its module doc).
 //! - [`aggregate`]: per-key accumulators in generation-swapped striped maps.
 //! - [`flush`]: when an interval closes (1 s boundary or `max_depth`), and flush ids.
 //! - [`sink`]: rows, the ClickHouse schema, inserts with retry classification.
@@ -27,6 +29,7 @@ pub mod config;
 pub mod failpoint;
 pub mod flush;
 pub mod ingest;
+pub mod ledger;
 pub mod notify;
 pub mod protocol;
 pub mod server;

@@ -23,11 +23,13 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminState};
 use crate::aggregate::{Aggregator, Generation, Scratch};
 use crate::config::Config;
-use crate::flush::{self, Clock, FlushIds, Flusher};
-use crate::ingest::{dedup::Dedup, proto::ProtoIngest, tcp::TcpIngest, udp};
+use crate::flush::{self, Clock, Flusher};
+use crate::ingest::{proto::ProtoIngest, tcp::TcpIngest, udp};
+use crate::ledger::fs::{Fs, RealFs};
+use crate::ledger::{Ledger, Recovered};
 use crate::protocol::proto::Batch as ProtoBatch;
-use crate::sink::rows::{Batch, GaugeMemory};
-use crate::sink::{self, Sink};
+use crate::sink::rows::GaugeMemory;
+use crate::sink::{self, Queued, Sink};
 use crate::telemetry::{BlockStats, Telemetry};
 use crate::wal::format::Kind;
 use crate::wal::{Recovery, SyncMode, Wal};
@@ -73,19 +75,27 @@ pub struct Running {
     systemd: JoinHandle<()>,
     wal: Option<Arc<Wal>>,
     wal_sync: Option<JoinHandle<()>>,
+    wal_sync_stop: watch::Sender<bool>,
 }
 
 /// Binds everything and starts every stage. tallyd is ready (`/health` 200)
 /// when this returns.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with(config, Arc::new(RealFs)).await
+}
+
+/// [`start`], with every durable file operation going through `fs` (tests
+/// inject failed syncs, ENOSPC and torn writes).
+pub async fn start_with(config: Config, fs: Arc<dyn Fs>) -> Result<Running, StartError> {
     let data_dir_err = |source| StartError::DataDir {
         dir: config.data_dir.display().to_string(),
         source,
     };
     std::fs::create_dir_all(&config.data_dir).map_err(data_dir_err)?;
-    let ids = FlushIds::open(&config.data_dir).map_err(data_dir_err)?;
-    let dedup =
-        Arc::new(Dedup::open(&config.data_dir, config.proto.dedup_window).map_err(data_dir_err)?);
+    let (ledger, mut recovered) =
+        Ledger::open(&config.data_dir, config.proto.dedup_window, Arc::clone(&fs))
+            .map_err(data_dir_err)?;
+    let dedup = Arc::clone(&ledger.dedup);
 
     let telemetry = Arc::new(Telemetry::default());
     let clock: Clock = Arc::new(crate::aggregate::wall_clock);
@@ -159,9 +169,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     // Listeners are bound first (a taken port fails fast), served only after
     // the WAL is replayed.
-    let (wal, recovery) = match &config.wal {
+    let (wal, mut recovery) = match &config.wal {
         Some(wc) => {
-            let (wal, recovery) = Wal::open(wc.clone())?;
+            let (wal, recovery) = Wal::open_with(wc.clone(), Arc::clone(&fs))?;
             (Some(Arc::new(wal)), recovery)
         }
         None => (
@@ -172,6 +182,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             },
         ),
     };
+    let ledger = Arc::new(ledger.with_wal(wal.clone()));
+    // Generations recorded in the spool before a crash are not rebuilt.
+    if let Some(newest) = recovered.flushes.iter().map(|f| f.generation).max() {
+        recovery.next_generation = recovery.next_generation.max(newest + 1);
+    }
     let aggregator = Arc::new(Aggregator::with_wal(
         config.aggregate,
         config.parse_limits,
@@ -191,36 +206,44 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ready: AtomicBool::new(false),
         udp_inodes: udp::inodes(&udp_sockets),
         wal: wal.clone(),
+        ledger: Arc::clone(&ledger),
     });
 
     let (sink_config, sink_config_rx) = watch::channel(config.sink.clone());
     let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry))
         .with_reload(sink_config_rx)
-        .with_wal(wal.clone(), Some(Arc::clone(&dedup)));
-    // Room for every replayed generation on top of the usual queue, so that
-    // replay never waits for ClickHouse.
-    let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue + recovery.generations.len());
+        .with_ledger(Arc::clone(&ledger));
+    // Room for every spooled flush and replayed generation on top of the
+    // usual queue, so that replay never waits for ClickHouse.
+    let (queue_tx, queue_rx) =
+        mpsc::channel(config.flush_queue + recovered.flushes.len() + recovery.generations.len());
     let sink = tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx));
 
+    let mut gauges = GaugeMemory::new(config.aggregate.max_keys);
+    for (key, value) in std::mem::take(&mut recovered.gauges) {
+        gauges.remember(key, value);
+    }
     let mut flusher = Flusher {
         aggregator: Arc::clone(&aggregator),
-        wal: wal.clone(),
-        ids,
-        gauges: GaugeMemory::new(config.aggregate.max_keys),
+        ledger: Arc::clone(&ledger),
+        gauges,
         host: config.host_id.clone(),
         queue: queue_tx,
         telemetry: Arc::clone(&telemetry),
         clock,
+        held: None,
     };
-    replay(&mut flusher, recovery, &telemetry, &dedup).await;
+    replay(&mut flusher, recovered, recovery, &telemetry, &dedup).await;
     // The flush loop stops only after every listener has drained, so its
     // last interval holds everything received.
     let (flush_stop, flush_stop_rx) = watch::channel(false);
     let (interval, interval_rx) = watch::channel(config.flush_interval);
     let flush = tokio::spawn(flush::run(flusher, interval_rx, flush_stop_rx));
+    // The WAL sync task stops last, after every ack and the last flush.
+    let (wal_sync_stop, wal_sync_stop_rx) = watch::channel(false);
     let wal_sync = wal
         .as_ref()
-        .and_then(|w| spawn_wal_sync(Arc::clone(w), stop_rx.clone()));
+        .and_then(|w| spawn_wal_sync(Arc::clone(w), wal_sync_stop_rx));
 
     let udp_stop = Arc::new(AtomicBool::new(false));
     let udp_threads = udp::spawn(
@@ -317,6 +340,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         systemd,
         wal,
         wal_sync,
+        wal_sync_stop,
     })
 }
 
@@ -326,9 +350,40 @@ fn from_std(l: std::net::TcpListener) -> std::io::Result<TcpListener> {
     TcpListener::from_std(l)
 }
 
-/// Rebuilds each unflushed generation from the WAL and queues it.
-async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry, dedup: &Dedup) {
+/// Queues the spooled flushes again (as they are), then rebuilds each WAL
+/// generation that was not recorded and queues it (see the durable order in
+/// [`crate::ledger`]).
+async fn replay(
+    flusher: &mut Flusher,
+    recovered: Recovered,
+    recovery: Recovery,
+    telemetry: &Telemetry,
+    dedup: &crate::ledger::dedup::Dedup,
+) {
+    let spooled: std::collections::BTreeSet<u64> =
+        recovered.flushes.iter().map(|f| f.generation).collect();
+    let hosts: std::collections::BTreeSet<&str> =
+        recovered.flushes.iter().map(|f| f.host.as_str()).collect();
+    if hosts.iter().any(|h| *h != flusher.host) {
+        tracing::warn!(pending = ?hosts, configured = %flusher.host, "spooled flushes were recorded for another host_id; they are re-sent under the identity they were recorded with");
+    }
+    let resent = recovered.flushes.len();
+    for flush in recovered.flushes {
+        let rows = flush.rows();
+        let Ok(permit) = flusher.queue.reserve().await else {
+            return;
+        };
+        telemetry.backlog_batches.fetch_add(1, Ordering::Relaxed);
+        telemetry.backlog_rows.fetch_add(rows, Ordering::Relaxed);
+        permit.send(Queued {
+            flush: Arc::new(flush),
+            resent: true,
+        });
+    }
     if recovery.generations.is_empty() {
+        if resent > 0 {
+            tracing::info!(flushes = resent, "re-sending spooled flushes");
+        }
         return;
     }
     let started = std::time::Instant::now();
@@ -336,9 +391,11 @@ async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry
     let mut stats = BlockStats::default();
     let mut scratch = Scratch::default();
     for r in recovery.generations {
+        let recorded = spooled.contains(&r.generation);
         let generation = Generation::new(r.generation, (flusher.clock)());
         for (kind, block) in &r.blocks {
             match kind {
+                Kind::Statsd if recorded => {}
                 Kind::Statsd => {
                     flusher
                         .aggregator
@@ -347,12 +404,14 @@ async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry
                 Kind::Proto => match ProtoBatch::decode(&block[..]) {
                     Ok(batch) => {
                         dedup.observe(&batch.client_id, batch.sequence);
-                        flusher.aggregator.apply_batch(
-                            &generation,
-                            &batch,
-                            &mut scratch,
-                            &mut stats,
-                        );
+                        if !recorded {
+                            flusher.aggregator.apply_batch(
+                                &generation,
+                                &batch,
+                                &mut scratch,
+                                &mut stats,
+                            );
+                        }
                     }
                     // It decoded when it was accepted: only damage gets here.
                     Err(e) => {
@@ -361,13 +420,20 @@ async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry
                 },
             }
         }
-        flusher.flush_replayed(generation, r.intent).await;
+        if recorded {
+            // Its rows are in the spool: only its release was lost.
+            let empty = Generation::new(r.generation, generation.started);
+            flusher.flush_replayed(empty, None).await;
+        } else {
+            flusher.flush_replayed(generation, r.intent).await;
+        }
     }
     telemetry
         .replayed_samples
         .fetch_add(stats.samples, Ordering::Relaxed);
     tracing::info!(
         generations = count,
+        spooled_flushes = resent,
         records = recovery.records,
         bytes = recovery.bytes,
         samples = stats.samples,
@@ -376,10 +442,11 @@ async fn replay(flusher: &mut Flusher, recovery: Recovery, telemetry: &Telemetry
     );
 }
 
-/// The `interval` durability policy: msync new records every interval.
+/// The `interval` durability policy: sync new records every interval (and,
+/// with `always`, the full sync that follows a failed one).
 fn spawn_wal_sync(wal: Arc<Wal>, mut stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
     let (mode, every) = wal.sync_mode();
-    if mode != SyncMode::Interval {
+    if mode == SyncMode::Never {
         return None;
     }
     Some(tokio::spawn(async move {
@@ -397,7 +464,7 @@ fn spawn_wal_sync(wal: Arc<Wal>, mut stop: watch::Receiver<bool>) -> Option<Join
 
 /// Creates the schema (retrying while ClickHouse is unreachable), then
 /// writes batches. Batches queue up meanwhile; nothing is lost.
-async fn prepare_and_run(mut sink: Sink, config: sink::SinkConfig, queue: mpsc::Receiver<Batch>) {
+async fn prepare_and_run(mut sink: Sink, config: sink::SinkConfig, queue: mpsc::Receiver<Queued>) {
     let mut attempt = 0;
     loop {
         match sink.connect().await {
@@ -425,6 +492,15 @@ impl Running {
         tracing::info!("stopping: draining listeners");
         self.udp_stop.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
+        // Acks that still wait for durability at the deadline give up (a
+        // failing disk must not hold the shutdown).
+        let close_acks = self.wal.as_ref().map(|wal| {
+            let (wal, timeout) = (Arc::clone(wal), self.config.shutdown_timeout);
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                wal.close_acks();
+            })
+        });
         let threads = self.udp_threads;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
@@ -478,11 +554,17 @@ impl Running {
                 }
             }
         };
+        if let Some(task) = close_acks {
+            task.abort();
+            let _ = task.await; // it holds the WAL
+        }
+        let _ = self.wal_sync_stop.send(true);
         if let Some(task) = self.wal_sync {
             let _ = task.await;
         }
         if let Some(wal) = &self.wal {
-            wal.sync();
+            let wal = Arc::clone(wal);
+            let _ = tokio::task::spawn_blocking(move || wal.sync()).await;
         }
         if let Some(admin) = self.admin {
             let _ = admin.await;

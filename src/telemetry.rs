@@ -73,9 +73,18 @@ pub struct Telemetry {
     pub backlog_rows: AtomicU64,
     pub rows_written: [AtomicU64; 4],
     pub bytes_written: [AtomicU64; 4],
-    pub rows_rejected: [AtomicU64; 4],
+    /// Rows of flushes sent again from the spool after a restart (their
+    /// first send may have landed; ClickHouse collapses the copies).
+    pub rows_resent: [AtomicU64; 4],
+    /// 1 while the table's inserts are refused as not matching its schema.
+    pub tables_blocked: [AtomicU64; 4],
     pub clickhouse_retries: AtomicU64,
-    pub clickhouse_rejections: AtomicU64,
+    /// Inserts refused because the rows do not fit the table (retried).
+    pub clickhouse_schema_errors: AtomicU64,
+    /// Flushes that could not be recorded in the spool (held, not sent).
+    pub spool_errors: AtomicU64,
+    /// Protobuf batches refused as below the client's dedup window.
+    pub proto_too_old: AtomicU64,
     pub rows_lost_at_shutdown: AtomicU64,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
@@ -271,10 +280,16 @@ impl Telemetry {
                 &self.bytes_written[i],
             );
             m.counter(
-                "tallyd_rows_rejected_total",
-                "Rows ClickHouse refused as bad data (not retried).",
+                "tallyd_rows_resent_total",
+                "Rows of flushes re-sent from the spool after a restart (ClickHouse drops or collapses the copy).",
                 &lab,
-                &self.rows_rejected[i],
+                &self.rows_resent[i],
+            );
+            m.gauge(
+                "tallyd_table_blocked",
+                "1 while ClickHouse refuses this table's rows as not matching its schema (data kept, retried).",
+                &lab,
+                &self.tables_blocked[i],
             );
         }
         m.counter(
@@ -286,8 +301,20 @@ impl Telemetry {
         m.counter(
             "tallyd_clickhouse_errors_total",
             "Failed inserts that will be retried.",
-            "kind=\"rejected\"",
-            &self.clickhouse_rejections,
+            "kind=\"schema\"",
+            &self.clickhouse_schema_errors,
+        );
+        m.counter(
+            "tallyd_spool_errors_total",
+            "Flushes that could not be recorded in the spool (held and retried, not sent).",
+            "",
+            &self.spool_errors,
+        );
+        m.counter(
+            "tallyd_proto_too_old_total",
+            "Protobuf batches refused as below their client's deduplication window.",
+            "",
+            &self.proto_too_old,
         );
         m.gauge(
             "tallyd_wal_replayed_samples",

@@ -284,6 +284,14 @@ async fn admin_endpoint_serves_health_and_metrics() {
     running.shutdown().await;
 }
 
+/// A batch as the sink gets it from the flush stage.
+fn queued(batch: &tallyd::sink::rows::Batch) -> tallyd::sink::Queued {
+    tallyd::sink::Queued {
+        flush: std::sync::Arc::new(tallyd::ledger::spool::Flush::seal(batch.clone(), 1)),
+        resent: false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_sent_twice_is_counted_once() {
     use tallyd::sink::Sink;
@@ -308,8 +316,8 @@ async fn a_flush_sent_twice_is_counted_once() {
         counters: vec![row(5.0)],
         ..Batch::default()
     };
-    sink.write(&batch).await;
-    sink.write(&batch).await;
+    sink.write(&queued(&batch)).await;
+    sink.write(&queued(&batch)).await;
     let other = Batch {
         flush_id: 43,
         counters: vec![CounterRow {
@@ -318,7 +326,7 @@ async fn a_flush_sent_twice_is_counted_once() {
         }],
         ..batch.clone()
     };
-    sink.write(&other).await;
+    sink.write(&queued(&other)).await;
     assert_eq!(
         ch.number("SELECT sum(value) FROM resend.counters FINAL WHERE name = 'resent'"),
         7.0
@@ -351,8 +359,8 @@ async fn an_older_gauge_landing_late_does_not_win() {
         ..Batch::default()
     };
     // The newer flush lands first; a retried older one lands after it.
-    sink.write(&batch(200, 21.5)).await;
-    sink.write(&batch(100, 99.0)).await;
+    sink.write(&queued(&batch(200, 21.5))).await;
+    sink.write(&queued(&batch(100, 99.0))).await;
     assert_eq!(
         ch.number("SELECT argMax(value, version) FROM late_gauge.gauges WHERE name = 'temp'"),
         21.5

@@ -6,9 +6,7 @@
 //! - [`udp`]: `SO_REUSEPORT` sockets, one blocking receive thread each.
 //! - [`tcp`]: tokio tasks, newline framing, line and connection limits.
 //! - [`proto`]: protobuf batches over TCP (acknowledged) and UDP.
-//! - [`dedup`]: `(client_id, sequence)` idempotency for protobuf batches.
 
-pub mod dedup;
 pub mod proto;
 pub mod tcp;
 pub mod udp;

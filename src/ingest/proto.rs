@@ -8,7 +8,18 @@
 //! does not decode gets a `REJECTED` ack and the connection is closed. When
 //! the WAL ring is full the reader stops reading (the kernel pushes back on
 //! the client) and retries; past `overload_timeout` it answers `OVERLOADED`
-//! and the client should retry the same sequence later.
+//! and closes the connection, so that no later frame of that connection
+//! overtakes the refused one; the client retries the same sequence later
+//! (any order is fine: see [`crate::ledger::dedup`]).
+//!
+//! The ack contract: `OK` is sent once the batch's WAL record is durable
+//! under `wal.sync` (and never while a failed sync has not been followed by
+//! a full one); `DUPLICATE` once the batch was accepted before (and its
+//! original is durable); `REJECTED` for an undecodable, oversize, too-old
+//! (below the client's dedup window) batch or an overlong client id, then
+//! the connection closes. With `wal.enabled = false`, `OK` means the batch
+//! is applied in memory: a crash before its flush reaches ClickHouse loses
+//! it.
 
 use std::net::UdpSocket;
 use std::ops::Range;
@@ -21,8 +32,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::dedup::Dedup;
 use crate::aggregate::{Aggregator, Scratch};
+use crate::ledger::dedup::{Admit, Dedup, MAX_CLIENT_ID, WINDOW};
 use crate::protocol::proto::{self, Ack, Batch, FrameError, pb::ack::Status};
 use crate::telemetry::{BlockStats, Telemetry};
 use crate::wal::{AppendError, Wal};
@@ -87,14 +98,26 @@ impl ProtoIngest {
                 .ingest_batch(raw, &batch, scratch, &mut stats)
         });
         match admitted {
-            Ok(Some((ticket, rejected))) => {
+            Ok(Admit::Accepted((ticket, rejected))) => {
                 self.telemetry.record_block(&self.telemetry.proto, &stats);
                 Handled::Ack(ack(batch.sequence, Status::Ok, "", rejected), ticket)
             }
-            Ok(None) => {
+            Ok(Admit::Duplicate) => {
                 let ticket = self.wal.as_ref().map_or(0, |w| w.ticket());
                 let message = "already accepted";
                 Handled::Ack(ack(batch.sequence, Status::Duplicate, message, 0), ticket)
+            }
+            Ok(Admit::TooOld) => {
+                self.telemetry.proto_too_old.fetch_add(1, Relaxed);
+                let message = format!(
+                    "sequence {} is more than {WINDOW} below this client's highest accepted sequence: tallyd can no longer tell whether it was accepted",
+                    batch.sequence
+                );
+                Handled::Reject(ack(batch.sequence, Status::Rejected, &message, 0))
+            }
+            Ok(Admit::BadClientId) => {
+                let message = format!("client_id is longer than {MAX_CLIENT_ID} bytes");
+                Handled::Reject(ack(batch.sequence, Status::Rejected, &message, 0))
             }
             Err(AppendError::Full) => {
                 self.telemetry.wal_refused(AppendError::Full);
@@ -151,8 +174,12 @@ impl ProtoIngest {
         let wal = self.wal.clone();
         let ack_writer = tokio::spawn(async move {
             while let Some((ack, ticket)) = queue.recv().await {
-                if let Some(wal) = &wal {
-                    wal.wait_durable(ticket).await;
+                if let Some(wal) = &wal
+                    && !wal.wait_durable(ticket).await
+                {
+                    // Never durable before shutdown: no ack; the client
+                    // retries, and the batch is counted once.
+                    return;
                 }
                 if writer.write_all(&proto::encode_frame(&ack)).await.is_err() {
                     return;
@@ -221,7 +248,7 @@ impl ProtoIngest {
                 Handled::Full => {
                     let sequence = Batch::decode(raw).map_or(0, |b| b.sequence);
                     let message = "the write-ahead log is full; retry later";
-                    return (ack(sequence, Status::Overloaded, message, 0), 0, false);
+                    return (ack(sequence, Status::Overloaded, message, 0), 0, true);
                 }
                 Handled::Ack(a, ticket) => return (a, ticket, false),
                 Handled::Reject(a) => return (a, 0, true),

@@ -1,18 +1,25 @@
-//! The ClickHouse sink: takes closed batches off a bounded queue and writes
-//! them, one `INSERT ... FORMAT RowBinary` per table per batch.
+//! The ClickHouse sink: takes recorded flushes off a bounded queue and
+//! writes them, one `INSERT … FORMAT RowBinary` per table per flush, with
+//! the flush's fixed bytes (steps 6 and 7 of the durable order in
+//! [`crate::ledger`]).
 //!
 //! Errors are classified: an outage (network, timeout, a server error that is
 //! not about the data) is retried with capped exponential backoff and jitter,
-//! for as long as it takes; an answer that says the data itself is bad
-//! (`Code: 53`, `117`, ...) is logged with the reason, counted in
-//! `tallyd_rows_rejected_total` and not retried. A retried batch is sent with
-//! the same rows and `flush_id`, which the ReplacingMergeTree tables collapse.
+//! for as long as it takes. An answer that says the rows do not fit the
+//! table (`Code: 16`, `53`, `117`, ...: tallyd's rows come from fixed
+//! structs, so this means the table drifted from tallyd's schema) *blocks*
+//! the table: the flush is kept, retried with backoff, `tallyd_table_blocked`
+//! is 1 and `/health` says so, until the table is fixed. Nothing is confirmed
+//! that ClickHouse did not store. Every send of a flush carries the same
+//! bytes and deduplication token, which the ReplacingMergeTree tables (and,
+//! on 22.2+, the token) collapse.
 //!
-//! The queue in front of the sink is bounded (`flush_queue` batches); when it
+//! The queue in front of the sink is bounded (`flush_queue` flushes); when it
 //! is full, the flush stage does not close the interval, so the current
 //! generation keeps compacting samples and memory stays bounded by the key
 //! limit.
 
+pub mod rowbinary;
 pub mod rows;
 pub mod schema;
 
@@ -20,14 +27,21 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use clickhouse::{Client, Row, RowWrite};
-use serde::Serialize;
+use clickhouse::Client;
 use tokio::sync::{mpsc, watch};
 
-use crate::ingest::dedup::Dedup;
+use crate::ledger::Ledger;
+use crate::ledger::spool::Flush;
 use crate::telemetry::{TABLES, Telemetry};
-use crate::wal::Wal;
-use rows::{Batch, EncodedLen};
+
+/// A flush on its way to ClickHouse.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub flush: Arc<Flush>,
+    /// Sent again from the spool after a restart: its rows count in
+    /// `tallyd_rows_resent_total`, not `tallyd_rows_written_total`.
+    pub resent: bool,
+}
 
 /// How the sink reaches ClickHouse.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,11 +61,12 @@ pub struct SinkConfig {
 pub enum Failure {
     /// The server or the network failed: try again later.
     Retry,
-    /// The server says the data is bad: sending it again cannot help.
-    Reject,
+    /// The server says the rows do not fit the table: the table's schema
+    /// drifted. Retried (slowly) until an operator fixes the table.
+    Schema,
 }
 
-/// ClickHouse error codes that mean the rows themselves are unacceptable.
+/// ClickHouse error codes that mean the rows do not fit the table.
 const BAD_DATA_CODES: &[u32] = &[
     6,   // CANNOT_PARSE_TEXT
     16,  // NO_SUCH_COLUMN_IN_TABLE
@@ -86,11 +101,10 @@ pub fn classify(err: &clickhouse::error::Error) -> Failure {
     use clickhouse::error::Error as E;
     match err {
         E::BadResponse(msg) => match error_code(msg) {
-            Some(code) if BAD_DATA_CODES.contains(&code) => Failure::Reject,
+            Some(code) if BAD_DATA_CODES.contains(&code) => Failure::Schema,
             _ => Failure::Retry,
         },
-        // Our own rows failed to serialize: they will fail the same way again.
-        E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => Failure::Reject,
+        E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => Failure::Schema,
         _ => Failure::Retry,
     }
 }
@@ -116,10 +130,8 @@ pub struct Sink {
     current: std::sync::Mutex<Current>,
     reload: std::sync::Mutex<Option<watch::Receiver<SinkConfig>>>,
     telemetry: Arc<Telemetry>,
-    /// Told when a batch is in ClickHouse, so its WAL records can go.
-    wal: Option<Arc<Wal>>,
-    /// Saved before the WAL lets records go (see `ingest::dedup`).
-    dedup: Option<Arc<Dedup>>,
+    /// Told when a flush is in ClickHouse, so its spool file can go.
+    ledger: Option<Arc<Ledger>>,
     /// The server takes `insert_deduplication_token` (22.2 and later).
     dedup_token: bool,
 }
@@ -130,8 +142,7 @@ impl Sink {
             current: std::sync::Mutex::new(Current::new(config)),
             reload: std::sync::Mutex::new(None),
             telemetry,
-            wal: None,
-            dedup: None,
+            ledger: None,
             dedup_token: false,
         }
     }
@@ -140,6 +151,12 @@ impl Sink {
     /// `reload` before each insert and each retry.
     pub fn with_reload(self, reload: watch::Receiver<SinkConfig>) -> Sink {
         *lock(&self.reload) = Some(reload);
+        self
+    }
+
+    /// Reports each written flush to `ledger` (step 7).
+    pub fn with_ledger(mut self, ledger: Arc<Ledger>) -> Sink {
+        self.ledger = Some(ledger);
         self
     }
 
@@ -166,13 +183,6 @@ impl Sink {
         Ok(version)
     }
 
-    /// Confirms each written batch's generation to `wal`.
-    pub fn with_wal(mut self, wal: Option<Arc<Wal>>, dedup: Option<Arc<Dedup>>) -> Sink {
-        self.wal = wal;
-        self.dedup = dedup;
-        self
-    }
-
     /// The server's version string (`SELECT version()`).
     pub async fn server_version(&self) -> Result<String, clickhouse::error::Error> {
         self.current()
@@ -191,61 +201,62 @@ impl Sink {
         Ok(())
     }
 
-    /// Writes batches until the queue closes.
-    pub async fn run(self, mut queue: mpsc::Receiver<Batch>) {
-        while let Some(batch) = queue.recv().await {
-            self.write(&batch).await;
+    /// Writes flushes until the queue closes.
+    pub async fn run(self, mut queue: mpsc::Receiver<Queued>) {
+        while let Some(q) = queue.recv().await {
+            self.write(&q).await;
             crate::failpoint::hit("after_insert");
-            if let Some(dedup) = &self.dedup
-                && let Err(e) = dedup.save()
-            {
-                // Keep the records: replay rebuilds the state and re-sends
-                // the batch harmlessly.
-                tracing::error!(error = %e, "could not save the protobuf dedup state; keeping the WAL records");
-            } else if let Some(wal) = &self.wal
-                && let Err(e) = wal.confirm(batch.generation)
-            {
-                tracing::error!(error = %e, generation = batch.generation, "could not record the WAL checkpoint; the batch will be re-sent (harmlessly) after a restart");
+            if let Some(ledger) = &self.ledger {
+                let (ledger, id) = (Arc::clone(ledger), q.flush.flush_id);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || ledger.complete(id)).await {
+                    // The spool file stays: re-sent (identical) at the next start.
+                    tracing::error!(error = %e, flush_id = id, "could not remove a written flush from the spool");
+                }
             }
             self.telemetry.backlog_batches.fetch_sub(1, Relaxed);
             self.telemetry
                 .backlog_rows
-                .fetch_sub(batch.rows() as u64, Relaxed);
+                .fetch_sub(q.flush.rows(), Relaxed);
         }
     }
 
-    /// Writes one batch, every table, retrying until each table is either
-    /// written or rejected.
-    pub async fn write(&self, batch: &Batch) {
-        self.write_table::<rows::CounterRow>(0, &batch.counters, batch)
-            .await;
-        self.write_table::<rows::GaugeRow>(1, &batch.gauges, batch)
-            .await;
-        self.write_table::<rows::TimerRow>(2, &batch.timers, batch)
-            .await;
-        self.write_table::<rows::SetRow>(3, &batch.sets, batch)
-            .await;
+    /// Writes one flush, every table, retrying until each table is written.
+    pub async fn write(&self, q: &Queued) {
+        for table in 0..TABLES.len() {
+            self.write_table(table, q).await;
+        }
     }
 
-    async fn write_table<T>(&self, table: usize, rows: &[T], batch: &Batch)
-    where
-        T: Row + RowWrite + for<'a> Row<Value<'a> = T> + Serialize + EncodedLen,
-    {
-        if rows.is_empty() {
+    async fn write_table(&self, table: usize, q: &Queued) {
+        let flush = &q.flush;
+        let body = &flush.tables.bodies[table];
+        if body.is_empty() {
             return;
         }
+        let rows = u64::from(flush.tables.rows[table]);
         let name = TABLES[table];
-        let flush_id = batch.flush_id;
-        let token = self
-            .dedup_token
-            .then(|| format!("tallyd-{}-{}-{name}", batch.host, batch.flush_id));
+        let flush_id = flush.flush_id;
+        let token = self.dedup_token.then(|| flush.token(name));
+        let body = bytes::Bytes::copy_from_slice(body);
         let mut attempt = 0;
         loop {
-            match self.insert(name, rows, token.as_deref()).await {
-                Ok(bytes) => {
-                    self.telemetry.rows_written[table].fetch_add(rows.len() as u64, Relaxed);
-                    self.telemetry.bytes_written[table].fetch_add(bytes, Relaxed);
-                    if attempt > 0 {
+            match self.insert(name, body.clone(), token.as_deref()).await {
+                Ok(()) => {
+                    let t = &self.telemetry;
+                    let counter = if q.resent {
+                        &t.rows_resent[table]
+                    } else {
+                        &t.rows_written[table]
+                    };
+                    counter.fetch_add(rows, Relaxed);
+                    t.bytes_written[table].fetch_add(body.len() as u64, Relaxed);
+                    if t.tables_blocked[table].swap(0, Relaxed) == 1 {
+                        tracing::info!(
+                            table = name,
+                            flush_id,
+                            "ClickHouse takes the table's rows again; unblocked"
+                        );
+                    } else if attempt > 0 {
                         tracing::info!(
                             table = name,
                             flush_id,
@@ -255,62 +266,57 @@ impl Sink {
                     }
                     return;
                 }
-                Err(err) => match classify(&err) {
-                    Failure::Reject => {
-                        self.telemetry.clickhouse_rejections.fetch_add(1, Relaxed);
-                        self.telemetry.rows_rejected[table].fetch_add(rows.len() as u64, Relaxed);
-                        tracing::error!(table = name, flush_id, rows = rows.len(), error = %err, "ClickHouse rejected the rows as bad data; not retrying");
-                        return;
-                    }
-                    Failure::Retry => {
-                        self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
-                        let delay = backoff(
-                            attempt,
-                            self.current().config.retry_initial,
-                            self.current().config.retry_max,
-                            jitter(),
-                        );
-                        tracing::warn!(table = name, flush_id, attempt = attempt + 1, retry_in = ?delay, error = %err, "insert failed; will retry");
-                        tokio::time::sleep(delay).await;
-                        attempt += 1;
-                        if let clickhouse::error::Error::BadResponse(msg) = &err
-                            && error_code(msg).is_some_and(|c| MISSING_SCHEMA_CODES.contains(&c))
-                            && self.current().config.create_schema
-                            && let Err(e) = self.ensure_schema().await
-                        {
-                            tracing::warn!(error = %e, "re-creating the schema failed");
+                Err(err) => {
+                    let config = self.current().config;
+                    let delay = backoff(attempt, config.retry_initial, config.retry_max, jitter());
+                    match classify(&err) {
+                        Failure::Schema => {
+                            self.telemetry
+                                .clickhouse_schema_errors
+                                .fetch_add(1, Relaxed);
+                            if self.telemetry.tables_blocked[table].swap(1, Relaxed) == 0 {
+                                tracing::error!(table = name, flush_id, rows, error = %err, database = %config.database, "ClickHouse refuses the rows as not matching the table: its schema differs from tallyd's (see `tallyd schema`). The table is blocked: its rows are kept and retried until the table is fixed");
+                            }
+                        }
+                        Failure::Retry => {
+                            self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
+                            tracing::warn!(table = name, flush_id, attempt = attempt + 1, retry_in = ?delay, error = %err, "insert failed; will retry");
                         }
                     }
-                },
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                    if let clickhouse::error::Error::BadResponse(msg) = &err
+                        && error_code(msg).is_some_and(|c| MISSING_SCHEMA_CODES.contains(&c))
+                        && config.create_schema
+                        && let Err(e) = self.ensure_schema().await
+                    {
+                        tracing::warn!(error = %e, "re-creating the schema failed");
+                    }
+                }
             }
         }
     }
 
-    async fn insert<T>(
+    async fn insert(
         &self,
         table: &str,
-        rows: &[T],
+        body: bytes::Bytes,
         token: Option<&str>,
-    ) -> Result<u64, clickhouse::error::Error>
-    where
-        T: Row + RowWrite + for<'a> Row<Value<'a> = T> + Serialize + EncodedLen,
-    {
+    ) -> Result<(), clickhouse::error::Error> {
         let current = self.current();
+        let sql = format!(
+            "INSERT INTO {}.{table} FORMAT RowBinary",
+            schema::quote_ident(&current.config.database)
+        );
         let mut insert = current
             .client
-            .insert::<T>(table)
-            .await?
+            .insert_formatted_with(sql)
             .with_timeouts(Some(current.config.timeout), Some(current.config.timeout));
         if let Some(token) = token {
             insert = insert.with_setting("insert_deduplication_token", token);
         }
-        let mut bytes = 0;
-        for row in rows {
-            insert.write(row).await?;
-            bytes += row.encoded_len();
-        }
-        insert.end().await?;
-        Ok(bytes)
+        insert.send(body).await?;
+        insert.end().await
     }
 }
 
@@ -335,11 +341,11 @@ mod tests {
             classify(&E::BadResponse(
                 "Code: 53, e.displayText() = DB::Exception".into()
             )),
-            Failure::Reject
+            Failure::Schema
         );
         assert_eq!(
             classify(&E::BadResponse("Code: 117. DB::Exception".into())),
-            Failure::Reject
+            Failure::Schema
         );
         assert_eq!(
             classify(&E::BadResponse("Code: 241. Memory limit".into())),

@@ -79,6 +79,8 @@ pub struct Batch {
     pub sets: Vec<SetRow>,
     /// Raw increments the batch compacts.
     pub samples: u64,
+    /// (key, value) of every gauge row: the gauge memory after this flush.
+    pub gauge_values: Vec<(Box<[u8]>, f64)>,
 }
 
 impl Batch {
@@ -102,6 +104,19 @@ impl GaugeMemory {
             values: HashMap::new(),
             max_keys,
         }
+    }
+
+    /// Remembers `value` as the last flushed value of gauge `key` (the
+    /// ledger's saved values at start).
+    pub fn remember(&mut self, key: Box<[u8]>, value: f64) {
+        if self.values.contains_key(&key) || self.values.len() < self.max_keys {
+            self.values.insert(key, value);
+        }
+    }
+
+    /// The `gauges` file of the ledger for the values remembered now.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::ledger::encode_gauges(self.values.iter().map(|(k, v)| (&**k, *v)))
     }
 
     /// Resolves a gauge's value and remembers it. Returns the value and
@@ -156,7 +171,8 @@ pub fn build(
                 samples,
             }),
             Acc::Gauge(g) => {
-                let (value, lost) = gauges.settle(k, &g);
+                let (value, lost) = gauges.settle(k.clone(), &g);
+                batch.gauge_values.push((k, value));
                 forgotten += u64::from(lost);
                 batch.gauges.push(GaugeRow {
                     ts,

@@ -6,7 +6,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::format::{HeaderError, SegmentHeader};
-use super::{End, WalError, io_err, read_checkpoint, stream_ids, walk};
+use super::recovery::{read_checkpoint, stream_ids};
+use super::{End, WalError, io_err, walk};
 
 #[derive(Debug)]
 pub struct SegmentReport {

@@ -6,7 +6,7 @@
 //! ```text
 //! <data_dir>/wal/
 //!   meta                      geometry: streams, segments per stream, segment size
-//!   checkpoint                confirmed generations + flush intents (text, atomic rename)
+//!   checkpoint                done generations (text, atomic rename)
 //!   stream-<s>/seg-<i>.wal    preallocated segment files, written through mmap
 //! ```
 //!
@@ -42,30 +42,28 @@
 //! can never verify as a new one. Eight zero bytes (length 0, CRC 0) mark
 //! the end of the records in a segment.
 //!
-//! # Generations, flushes and checkpoints
+//! # Generations and checkpoints
 //!
 //! A record carries the id of the generation (interval) its block was applied
-//! to. Before a flush is queued for ClickHouse, its *intent* (generation,
-//! flush id, interval start) is written to `checkpoint`. When ClickHouse has
-//! confirmed every table of that flush (or rejected rows as bad data), the
-//! generation is *confirmed*; the checkpoint keeps the highest generation
-//! below which everything is confirmed. A segment is reused only when every
-//! record in it belongs to a confirmed generation: the ring never overwrites
-//! a record that has not been flushed. When the next segment is not free,
-//! the ring is full and appends fail with [`AppendError::Full`]: UDP drops
-//! the datagram and counts it, TCP stops reading until there is room.
+//! to. When a generation's rows are recorded in the spool (step 4 of the
+//! durable order in [`crate::ledger`]), the generation is *done*; the
+//! `checkpoint` file ([`checkpoint`]) keeps the highest generation below
+//! which everything is done. A segment is reused only when every record in
+//! it belongs to a done generation: the ring never overwrites a record whose
+//! rows are not yet in the spool. When the next segment is not free, the
+//! ring is full and appends fail with [`AppendError::Full`]: UDP drops the
+//! datagram and counts it, TCP stops reading until there is room.
 //!
 //! # Recovery
 //!
 //! At start, every segment is scanned in sequence order and each record is
-//! verified. Records of unconfirmed generations are replayed into one
-//! generation per id. A generation with an intent is re-sent with the *same*
-//! flush id and interval start, so the ReplacingMergeTree tables collapse it
-//! with the copy that may have landed before the crash: nothing is counted
-//! twice. A torn tail (the last record of the newest segment) is truncated
-//! with a warning. A record that fails its check but is followed by a valid
-//! record is corruption: by default recovery stops with an error naming the
-//! segment and offset; `wal.skip_corrupt = true` skips it and goes on.
+//! verified ([`recovery`]). Records of generations that are not done are
+//! returned by generation; the ledger rebuilds each one (or, if its spool
+//! file exists, only re-observes its protobuf batches). A torn tail (the
+//! last record of the newest segment) is truncated with a warning. A record
+//! that fails its check but is followed by a valid record is corruption: by
+//! default recovery stops with an error naming the segment and offset;
+//! `wal.skip_corrupt = true` skips it and goes on.
 //!
 //! # Durability
 //!
@@ -76,22 +74,34 @@
 //!   loses at most that interval. An acknowledgement that waits for
 //!   durability asks for a sync at once (group commit: every ack waiting
 //!   then shares it).
-//! - `always`: msync after every append; a power loss loses nothing that was
-//!   appended.
+//! - `always`: fdatasync after every append; a power loss loses nothing that
+//!   was appended.
+//!
+//! A failed sync is fatal to durability claims (raft-engine's rule): no
+//! acknowledgement is released until a *full* sync (every page of every
+//! segment with unfinished records dirtied again and synced) succeeds;
+//! `/health` reports the WAL as failing meanwhile.
 
+mod checkpoint;
 pub mod format;
 pub mod inspect;
+mod recovery;
 mod segment;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use format::{Decoded, Kind, SEGMENT_HEADER, record_len};
+use crate::ledger::fs::{Fs, RealFs};
+use checkpoint::Checkpoint;
+pub use checkpoint::Intent;
+use format::{Kind, SEGMENT_HEADER, record_len};
+pub use recovery::{End, Walk, walk};
+use recovery::{Scan, read_checkpoint, remove_streams, scan_dir};
 use segment::Segment;
 
 /// When appended records are forced to disk.
@@ -160,78 +170,6 @@ pub struct WalStats {
     pub corrupt_skipped: AtomicU64,
 }
 
-/// A flush written down before it is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Intent {
-    pub flush_id: u64,
-    pub ts: u32,
-}
-
-/// What the checkpoint file holds.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Checkpoint {
-    /// Every generation up to this one is confirmed.
-    confirmed: u64,
-    /// Confirmed generations above `confirmed` (waiting for a gap to close).
-    done: BTreeSet<u64>,
-    intents: BTreeMap<u64, Intent>,
-}
-
-impl Checkpoint {
-    fn encode(&self) -> String {
-        let mut s = format!("confirmed {}\n", self.confirmed);
-        for g in &self.done {
-            s.push_str(&format!("done {g}\n"));
-        }
-        for (g, i) in &self.intents {
-            s.push_str(&format!("intent {g} {} {}\n", i.flush_id, i.ts));
-        }
-        s
-    }
-
-    fn decode(text: &str) -> Result<Checkpoint, String> {
-        let mut c = Checkpoint::default();
-        for line in text.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let num = |i: usize| -> Result<u64, String> {
-                f.get(i)
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| format!("bad line {line:?}"))
-            };
-            match f.first() {
-                Some(&"confirmed") => c.confirmed = num(1)?,
-                Some(&"done") => {
-                    c.done.insert(num(1)?);
-                }
-                Some(&"intent") => {
-                    let ts = u32::try_from(num(3)?).map_err(|_| format!("bad ts in {line:?}"))?;
-                    c.intents.insert(
-                        num(1)?,
-                        Intent {
-                            flush_id: num(2)?,
-                            ts,
-                        },
-                    );
-                }
-                None => {}
-                Some(_) => return Err(format!("bad line {line:?}")),
-            }
-        }
-        Ok(c)
-    }
-
-    fn confirm(&mut self, generation: u64) {
-        if generation > self.confirmed {
-            self.done.insert(generation);
-        }
-        while self.done.remove(&(self.confirmed + 1)) {
-            self.confirmed += 1;
-        }
-        let confirmed = self.confirmed;
-        self.intents.retain(|g, _| *g > confirmed);
-    }
-}
-
 struct Stream {
     id: u32,
     segments: Vec<Segment>,
@@ -242,7 +180,7 @@ struct Stream {
     /// Start of the bytes of the current segment not yet synced.
     synced_to: usize,
     /// Segments left since the last interval sync.
-    unsynced: Vec<Arc<File>>,
+    unsynced: Vec<(PathBuf, Arc<File>)>,
 }
 
 /// A generation rebuilt from the log at start.
@@ -274,6 +212,12 @@ pub struct Wal {
     streams: Vec<Mutex<Stream>>,
     checkpoint: Mutex<Checkpoint>,
     confirmed: AtomicU64,
+    /// A sync failed and no full sync has succeeded since: nothing appended
+    /// may be called durable (no ack is sent) until one does.
+    poisoned: AtomicBool,
+    /// Set at shutdown: acknowledgements still waiting give up.
+    acks_closed: AtomicBool,
+    fs: Arc<dyn Fs>,
     pub stats: WalStats,
     _lock: File,
 }
@@ -281,6 +225,11 @@ pub struct Wal {
 impl Wal {
     /// Opens (or creates) the WAL and recovers what it holds.
     pub fn open(config: WalConfig) -> Result<(Wal, Recovery), WalError> {
+        Wal::open_with(config, Arc::new(RealFs))
+    }
+
+    /// [`Wal::open`], with every sync and state file going through `fs`.
+    pub fn open_with(config: WalConfig, fs: Arc<dyn Fs>) -> Result<(Wal, Recovery), WalError> {
         let started = std::time::Instant::now();
         let dir = config.dir.clone();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -322,7 +271,8 @@ impl Wal {
                 wal_streams.push(Stream::create(&dir, s, &config)?);
             }
         }
-        write_atomic(&meta_path, &format!("{geometry}\n"))?;
+        fs.write_atomic(&meta_path, format!("{geometry}\n").as_bytes())
+            .map_err(io_err(&meta_path))?;
 
         let mut checkpoint = checkpoint;
         let max_seen = recovery_blocks
@@ -358,6 +308,9 @@ impl Wal {
             synced: tokio::sync::watch::Sender::new(0),
             sync_wanted: tokio::sync::Notify::new(),
             confirmed: AtomicU64::new(checkpoint.confirmed),
+            poisoned: AtomicBool::new(false),
+            acks_closed: AtomicBool::new(false),
+            fs,
             checkpoint: Mutex::new(checkpoint),
             streams: wal_streams.into_iter().map(Mutex::new).collect(),
             config,
@@ -428,21 +381,45 @@ impl Wal {
     }
 
     /// Waits until the record that got `ticket` is durable under the sync
-    /// policy: at once for `never` and `always`, after the next interval
-    /// sync for `interval`.
-    pub async fn wait_durable(&self, ticket: u64) {
-        if self.config.sync != SyncMode::Interval {
-            return;
+    /// policy: at once for `never` and (unless a sync failed) `always`,
+    /// after the next interval sync for `interval`. While a failed sync has
+    /// not been followed by a successful full sync, nothing is durable: this
+    /// waits. Returns false if acknowledgements were closed (shutdown)
+    /// before the record became durable.
+    pub async fn wait_durable(&self, ticket: u64) -> bool {
+        match self.config.sync {
+            SyncMode::Never => return true,
+            SyncMode::Always if !self.poisoned() => return true,
+            _ => {}
         }
         let mut synced = self.synced.subscribe();
-        if *synced.borrow() > ticket {
-            return;
+        loop {
+            if *synced.borrow_and_update() > ticket && !self.poisoned() {
+                return true;
+            }
+            if self.acks_closed.load(Relaxed) {
+                return false;
+            }
+            // Someone waits: the sync task syncs now instead of at its next
+            // tick, and every waiter of this epoch shares that one sync.
+            self.sync_wanted.notify_one();
+            // The sender lives as long as the WAL: an error cannot happen here.
+            if synced.changed().await.is_err() {
+                return false;
+            }
         }
-        // Someone waits: the sync task syncs now instead of at its next
-        // tick, and every waiter of this epoch shares that one sync.
-        self.sync_wanted.notify_one();
-        // The sender lives as long as the WAL: an error cannot happen here.
-        let _ = synced.wait_for(|&epoch| epoch > ticket).await;
+    }
+
+    /// Wakes every acknowledgement still waiting for durability and makes
+    /// it give up (shutdown, past its deadline).
+    pub fn close_acks(&self) {
+        self.acks_closed.store(true, Relaxed);
+        self.synced.send_modify(|_| {});
+    }
+
+    /// A sync failed and no full sync has succeeded since.
+    pub fn poisoned(&self) -> bool {
+        self.poisoned.load(Relaxed)
     }
 
     /// Resolves when an acknowledgement waits for a sync.
@@ -465,7 +442,11 @@ impl Wal {
         match self.config.sync {
             SyncMode::Always => self.sync_stream(s),
             // The next interval sync writes the segment being left back too.
-            SyncMode::Interval => s.unsynced.push(s.segments[s.current].file()),
+            SyncMode::Interval => {
+                let seg = &s.segments[s.current];
+                let left = (seg.path.clone(), seg.file());
+                s.unsynced.push(left);
+            }
             SyncMode::Never => {}
         }
         let header = format::SegmentHeader {
@@ -483,40 +464,69 @@ impl Wal {
     fn sync_stream(&self, s: &mut Stream) {
         let (from, to) = (s.synced_to, s.offset + 8);
         if to > from {
-            if let Err(e) = s.segments[s.current].sync(from, to - from) {
-                self.stats.sync_errors.fetch_add(1, Relaxed);
-                tracing::error!(error = %e, "WAL msync failed");
+            if let Err(e) = s.segments[s.current].sync(self.fs.as_ref()) {
+                self.sync_failed(&e);
                 return;
             }
             s.synced_to = s.offset;
         }
     }
 
-    /// Forces every stream's new records to disk (the `interval` policy).
-    /// The files are synced after the stream locks are released, so
-    /// appends go on while the kernel writes.
+    fn sync_failed(&self, e: &io::Error) {
+        self.stats.sync_errors.fetch_add(1, Relaxed);
+        if !self.poisoned.swap(true, Relaxed) {
+            tracing::error!(error = %e, "WAL sync failed: no acknowledgement is sent until a full sync succeeds");
+        }
+    }
+
+    /// Forces every stream's new records to disk (the `interval` policy;
+    /// with `always`, only the full sync after a failure). The files are
+    /// synced after the stream locks are released, so appends go on while
+    /// the kernel writes. After a failed sync, the next one is *full*: the
+    /// pages of every segment that holds records not yet done are dirtied
+    /// again (Linux may have marked them clean after the failed writeback,
+    /// and a plain retry would write nothing) and synced; only when that
+    /// succeeds are acks released again.
     pub fn sync(&self) {
+        let full = self.poisoned();
+        if self.config.sync == SyncMode::Never || (self.config.sync == SyncMode::Always && !full) {
+            return;
+        }
         let epoch = self.epoch.fetch_add(1, Relaxed);
+        let confirmed = self.confirmed();
         let mut files = Vec::new();
         for stream in &self.streams {
             let mut s = lock(stream);
             files.append(&mut s.unsynced);
-            if s.offset > s.synced_to {
+            let current = s.current;
+            if full {
+                for (i, seg) in s.segments.iter_mut().enumerate() {
+                    if i == current || seg.max_generation > confirmed {
+                        seg.redirty();
+                        files.push((seg.path.clone(), seg.file()));
+                    }
+                }
                 s.synced_to = s.offset;
-                files.push(s.segments[s.current].file());
+            } else if s.offset > s.synced_to {
+                s.synced_to = s.offset;
+                let seg = &s.segments[current];
+                files.push((seg.path.clone(), seg.file()));
             }
         }
         let mut ok = true;
-        for f in files {
-            if let Err(e) = f.sync_data() {
+        for (path, f) in files {
+            if let Err(e) = self.fs.sync(&path, &f) {
                 ok = false;
-                self.stats.sync_errors.fetch_add(1, Relaxed);
-                tracing::error!(error = %e, "WAL sync failed");
+                self.sync_failed(&e);
             }
         }
-        // Records appended before this sync began are durable now (a failed
-        // sync publishes nothing: their acks wait for a sync that works).
+        // Records appended before this sync began are durable now. A failed
+        // sync publishes nothing: acks wait for a full sync that works.
         if ok {
+            if full {
+                self.poisoned.store(false, Relaxed);
+                tracing::info!("WAL full sync succeeded: acknowledgements resume");
+            }
             self.synced.send_replace(epoch + 1);
         }
     }
@@ -525,14 +535,8 @@ impl Wal {
         (self.config.sync, self.config.sync_interval)
     }
 
-    /// Writes down that `generation` is about to be sent as `intent`.
-    pub fn record_intent(&self, generation: u64, intent: Intent) -> Result<(), WalError> {
-        lock(&self.checkpoint).intents.insert(generation, intent);
-        self.persist_checkpoint()
-    }
-
-    /// `generation` is in ClickHouse (or was rejected there as bad data):
-    /// its records may be overwritten.
+    /// `generation` is done (its rows are in the spool, see
+    /// [`crate::ledger`]): its records may be overwritten.
     pub fn confirm(&self, generation: u64) -> Result<(), WalError> {
         let confirmed = {
             let mut c = lock(&self.checkpoint);
@@ -549,13 +553,11 @@ impl Wal {
     }
 
     fn persist_checkpoint(&self) -> Result<(), WalError> {
-        let c = lock(&self.checkpoint);
-        write_atomic(&self.config.dir.join("checkpoint"), &c.encode())
-    }
-
-    /// Interval start of the oldest flush sent but not yet confirmed.
-    pub fn oldest_intent_ts(&self) -> Option<u32> {
-        lock(&self.checkpoint).intents.values().map(|i| i.ts).min()
+        let text = lock(&self.checkpoint).encode();
+        let path = self.config.dir.join("checkpoint");
+        self.fs
+            .write_atomic(&path, text.as_bytes())
+            .map_err(io_err(&path))
     }
 
     /// (bytes in use, bytes free) over every segment.
@@ -607,278 +609,6 @@ impl Stream {
             unsynced: Vec::new(),
         })
     }
-}
-
-#[derive(Default)]
-struct Scan {
-    by_generation: BTreeMap<u64, Vec<(Kind, Vec<u8>)>>,
-    max_generation: u64,
-    records: u64,
-    bytes: u64,
-    torn: u64,
-    skipped: u64,
-}
-
-/// Reads every stream directory. Unless `read_only`, returns the streams
-/// positioned for appending (missing or mis-sized files are created).
-fn scan_dir(
-    dir: &Path,
-    checkpoint: &Checkpoint,
-    config: &WalConfig,
-    scan: &mut Scan,
-    read_only: bool,
-) -> Result<Vec<Stream>, WalError> {
-    let mut streams = Vec::new();
-    let ids: Vec<u32> = if read_only {
-        stream_ids(dir)?
-    } else {
-        (0..config.streams).collect()
-    };
-    for id in ids {
-        let sdir = dir.join(format!("stream-{id}"));
-        if !sdir.exists() {
-            if read_only {
-                continue;
-            }
-            streams.push(Stream::create(dir, id, config)?);
-            continue;
-        }
-        let mut segments = Vec::new();
-        let count = if read_only {
-            count_segments(&sdir)
-        } else {
-            config.segments_per_stream
-        };
-        for i in 0..count {
-            let path = sdir.join(format!("seg-{i}.wal"));
-            let size = if read_only {
-                std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
-            } else {
-                config.segment_size
-            };
-            segments.push(Segment::open_or_create(&path, size)?);
-        }
-        let stream = scan_stream(id, segments, checkpoint, config, scan)?;
-        if !read_only {
-            streams.push(stream);
-        }
-    }
-    Ok(streams)
-}
-
-fn stream_ids(dir: &Path) -> Result<Vec<u32>, WalError> {
-    let mut ids = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        if let Some(id) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_prefix("stream-")?.parse().ok())
-        {
-            ids.push(id);
-        }
-    }
-    ids.sort_unstable();
-    Ok(ids)
-}
-
-fn count_segments(sdir: &Path) -> u32 {
-    (0..)
-        .take_while(|i| sdir.join(format!("seg-{i}.wal")).exists())
-        .count() as u32
-}
-
-fn remove_streams(dir: &Path) -> Result<(), WalError> {
-    for id in stream_ids(dir)? {
-        let sdir = dir.join(format!("stream-{id}"));
-        std::fs::remove_dir_all(&sdir).map_err(io_err(&sdir))?;
-    }
-    Ok(())
-}
-
-/// Reads a stream's segments in sequence order, collects the records of
-/// unconfirmed generations, and positions the stream after its last record.
-fn scan_stream(
-    id: u32,
-    mut segments: Vec<Segment>,
-    checkpoint: &Checkpoint,
-    config: &WalConfig,
-    scan: &mut Scan,
-) -> Result<Stream, WalError> {
-    if !segments.iter().any(|s| s.used) {
-        segments[0].restart(format::SegmentHeader {
-            stream: id,
-            sequence: 0,
-        });
-    }
-    let mut order: Vec<usize> = (0..segments.len()).filter(|&i| segments[i].used).collect();
-    order.sort_by_key(|&i| segments[i].header.sequence);
-    let newest = order.last().copied().unwrap_or(0);
-    let mut end_offset = SEGMENT_HEADER;
-    let mut next_lsn = 1;
-    for &i in &order {
-        let seg = &mut segments[i];
-        let name = seg.path.display().to_string();
-        let mut max_generation = 0;
-        let walk = walk(
-            seg.bytes(),
-            seg.header.signature(),
-            config.skip_corrupt,
-            |r| {
-                max_generation = max_generation.max(r.generation);
-                next_lsn = next_lsn.max(r.lsn + 1);
-                if r.generation > checkpoint.confirmed && !checkpoint.done.contains(&r.generation) {
-                    scan.records += 1;
-                    scan.bytes += r.payload.len() as u64;
-                    scan.by_generation
-                        .entry(r.generation)
-                        .or_default()
-                        .push((r.kind, r.payload.to_vec()));
-                }
-            },
-        );
-        scan.max_generation = scan.max_generation.max(max_generation);
-        for &offset in &walk.skipped {
-            tracing::warn!(segment = %name, offset, "skipped a corrupt WAL record");
-            scan.skipped += 1;
-        }
-        match walk.end {
-            End::Clean => {}
-            End::Torn(offset) if i == newest => {
-                tracing::warn!(segment = %name, offset, "truncating a torn WAL tail");
-                scan.torn += 1;
-            }
-            End::Torn(offset) | End::Corrupt(offset) => {
-                return Err(WalError::Corrupt {
-                    segment: name,
-                    offset,
-                });
-            }
-        }
-        seg.max_generation = max_generation;
-        if i == newest {
-            end_offset = walk.end_offset;
-        }
-    }
-    let next_sequence = segments
-        .iter()
-        .filter(|s| s.used)
-        .map(|s| s.header.sequence)
-        .max()
-        .unwrap_or(0)
-        + 1;
-    // Cut a torn tail: the end marker goes where the next record will.
-    if end_offset + 8 <= segments[newest].bytes().len() {
-        segments[newest].bytes_mut()[end_offset..end_offset + 8].fill(0);
-    }
-    Ok(Stream {
-        id,
-        segments,
-        current: newest,
-        offset: end_offset,
-        next_lsn,
-        next_sequence,
-        synced_to: 0,
-        unsynced: Vec::new(),
-    })
-}
-
-/// How the records of a segment ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// An end marker (or the end of the file).
-    Clean,
-    /// Invalid bytes with nothing valid after them: a torn last write (or,
-    /// in a segment that is not the newest, lost data).
-    Torn(usize),
-    /// Invalid bytes followed by a valid record: corruption.
-    Corrupt(usize),
-}
-
-/// A walk over one segment's records.
-#[derive(Debug)]
-pub struct Walk {
-    /// Where the next record would go.
-    pub end_offset: usize,
-    pub end: End,
-    /// Offsets of corrupt records that were skipped (only with `skip_corrupt`).
-    pub skipped: Vec<usize>,
-}
-
-/// Calls `on_record` for each valid record of a segment, in order.
-pub fn walk<'a>(
-    bytes: &'a [u8],
-    sig: u32,
-    skip_corrupt: bool,
-    mut on_record: impl FnMut(format::Record<'a>),
-) -> Walk {
-    let mut at = SEGMENT_HEADER;
-    let mut skipped = Vec::new();
-    let end = loop {
-        match format::decode_record(bytes, at, sig) {
-            Decoded::Record(r, next) => {
-                on_record(r);
-                at = next;
-            }
-            Decoded::End => break End::Clean,
-            Decoded::Invalid(_) => {
-                let next = next_valid(bytes, at, sig);
-                if next >= bytes.len() {
-                    break End::Torn(at);
-                }
-                if !skip_corrupt {
-                    break End::Corrupt(at);
-                }
-                skipped.push(at);
-                at = next;
-            }
-        }
-    };
-    Walk {
-        end_offset: at,
-        end,
-        skipped,
-    }
-}
-
-/// The offset of the next valid record after the invalid one at `at`, or
-/// the segment's length if there is none.
-fn next_valid(bytes: &[u8], at: usize, sig: u32) -> usize {
-    let mut probe = at + format::ALIGN;
-    while probe + format::RECORD_HEADER <= bytes.len() {
-        if let Decoded::Record(..) = format::decode_record(bytes, probe, sig) {
-            return probe;
-        }
-        probe += format::ALIGN;
-    }
-    bytes.len()
-}
-
-fn read_checkpoint(dir: &Path) -> Result<Checkpoint, WalError> {
-    let path = dir.join("checkpoint");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Checkpoint::decode(&text).map_err(|reason| WalError::Checkpoint {
-            path: path.display().to_string(),
-            reason,
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Checkpoint::default()),
-        Err(e) => Err(io_err(&path)(e)),
-    }
-}
-
-/// Writes a small file durably: temp file, fsync, rename, fsync the dir.
-fn write_atomic(path: &Path, text: &str) -> Result<(), WalError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(parent) = path.parent()
-        && let Ok(d) = File::open(parent)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -941,20 +671,17 @@ mod tests {
     }
 
     #[test]
-    fn intents_come_back_with_their_generation() {
+    fn legacy_intents_come_back_with_their_generation() {
         let dir = temp_dir();
         {
             let (wal, _) = Wal::open(config(&dir)).expect("open");
             wal.append(0, 1, Kind::Statsd, b"a:1|c").expect("append");
-            wal.record_intent(
-                1,
-                Intent {
-                    flush_id: 77,
-                    ts: 1_700_000_000,
-                },
-            )
-            .expect("intent");
         }
+        std::fs::write(
+            dir.join("checkpoint"),
+            "confirmed 0\nintent 1 77 1700000000\n",
+        )
+        .expect("a checkpoint of the previous release");
         let (_, rec) = Wal::open(config(&dir)).expect("reopen");
         assert_eq!(
             rec.generations[0].intent,

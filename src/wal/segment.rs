@@ -117,13 +117,22 @@ impl Segment {
         Arc::clone(&self.file)
     }
 
-    /// msync of `len` bytes from `offset` (widened to the header so the
-    /// header of a restarted segment is durable with its first records).
-    pub fn sync(&self, offset: usize, len: usize) -> io::Result<()> {
-        let end = (offset + len).min(self.map.len());
-        if offset == 0 || offset <= SEGMENT_HEADER {
-            return self.map.flush_range(0, end);
+    /// Makes the segment's records durable: `fdatasync` on its file (which
+    /// writes back the mapping's dirty pages) through the `fs` seam.
+    pub fn sync(&self, fs: &dyn crate::ledger::fs::Fs) -> io::Result<()> {
+        fs.sync(&self.path, &self.file)
+    }
+
+    /// Marks every page of the mapping dirty again by rewriting one byte of
+    /// it with its own value, so that the next sync writes the whole segment
+    /// even if a failed writeback left its pages marked clean.
+    pub fn redirty(&mut self) {
+        const PAGE: usize = 4096;
+        for at in (0..self.map.len()).step_by(PAGE) {
+            let b = self.map[at];
+            // SAFETY: `at` is inside the mapping; a volatile write keeps the
+            // compiler from eliding a store of the value just read.
+            unsafe { std::ptr::write_volatile(self.map.as_mut_ptr().add(at), b) };
         }
-        self.map.flush_range(offset, end - offset)
     }
 }

@@ -1,0 +1,461 @@
+//! Idempotent protobuf batches: `(client_id, sequence)` is accepted once.
+//!
+//! Per client, tallyd keeps a *window* of the last [`WINDOW`] sequences: the
+//! highest sequence accepted (`high`) and a bitmap of which of the
+//! sequences `high - WINDOW + 1 ..= high` were accepted. A sequence is
+//!
+//! - accepted if it is above `high`, or inside the window and not yet
+//!   accepted: batches may arrive in any order (pipelined TCP, reordered UDP
+//!   datagrams, one client on several connections, a batch retried after
+//!   `OVERLOADED` while later ones went through);
+//! - a duplicate if it is inside the window and already accepted;
+//! - too old if it is below the window: tallyd can no longer tell, so it
+//!   refuses the batch (`REJECTED`, "outside the deduplication window")
+//!   rather than count it twice or call it a duplicate and lose it.
+//!
+//! The check, the WAL append and the apply run under the client's entry
+//! lock, so one client on two connections cannot race itself. An empty
+//! `client_id` opts out of deduplication.
+//!
+//! Across restarts: the state is saved to `<data_dir>/dedup` before the WAL
+//! releases any record (step 5 of the durable order in [`crate::ledger`]), so
+//! every accepted batch is either in the saved state or still in the WAL,
+//! whose replay feeds [`Dedup::observe`]. A client silent for longer than
+//! `window` (time, default 24 h) is forgotten and starts over.
+//!
+//! # The `dedup` file, version 1
+//!
+//! ```text
+//! tallyd-dedup 1
+//! <client id, hex> <high> <bitmap: 256 hex digits, bit i = high - i> <last seen, Unix s>
+//! ...
+//! ```
+//!
+//! A file without the header line is version 0 (`<client hex> <high>
+//! <seen>`, written before the window existed): every sequence up to `high`
+//! counts as accepted.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use super::fs::{Fs, read_optional};
+
+/// Sequences remembered per client below the highest accepted one.
+pub const WINDOW: u64 = 1024;
+const WORDS: usize = (WINDOW / 64) as usize;
+/// The longest `client_id` accepted, in bytes.
+pub const MAX_CLIENT_ID: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Client {
+    high: u64,
+    /// Bit `i` set: sequence `high - i` was accepted.
+    bits: [u64; WORDS],
+    /// Unix seconds of the last accepted batch (0: never accepted).
+    seen: u64,
+}
+
+impl Client {
+    const NEW: Client = Client {
+        high: 0,
+        bits: [0; WORDS],
+        seen: 0,
+    };
+
+    fn state(&self, sequence: u64) -> Seen {
+        if self.seen == 0 || sequence > self.high {
+            return Seen::New;
+        }
+        let back = self.high - sequence;
+        if back >= WINDOW {
+            return Seen::TooOld;
+        }
+        let (w, b) = ((back / 64) as usize, back % 64);
+        if self.bits[w] >> b & 1 == 1 {
+            Seen::Accepted
+        } else {
+            Seen::New
+        }
+    }
+
+    fn mark(&mut self, sequence: u64) {
+        if self.seen == 0 {
+            self.high = sequence;
+            self.bits = [0; WORDS];
+        } else if sequence > self.high {
+            self.shift(sequence - self.high);
+            self.high = sequence;
+        }
+        let back = self.high - sequence;
+        if back < WINDOW {
+            self.bits[(back / 64) as usize] |= 1 << (back % 64);
+        }
+    }
+
+    /// Moves the window up by `by` sequences.
+    fn shift(&mut self, by: u64) {
+        if by >= WINDOW {
+            self.bits = [0; WORDS];
+            return;
+        }
+        let (words, bits) = ((by / 64) as usize, (by % 64) as u32);
+        for i in (0..WORDS).rev() {
+            let lo = i.checked_sub(words).map_or(0, |j| self.bits[j]);
+            let carry = match i.checked_sub(words + 1) {
+                Some(j) if bits > 0 => self.bits[j] >> (64 - bits),
+                _ => 0,
+            };
+            self.bits[i] = if bits == 0 { lo } else { lo << bits | carry };
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    New,
+    Accepted,
+    TooOld,
+}
+
+/// The answer to a batch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit<R> {
+    /// Accepted now; `accept` returned this.
+    Accepted(R),
+    /// Accepted before: nothing was done.
+    Duplicate,
+    /// Below the client's window: refused, nothing was done.
+    TooOld,
+    /// `client_id` longer than [`MAX_CLIENT_ID`]: refused.
+    BadClientId,
+}
+
+pub struct Dedup {
+    clients: DashMap<String, Client>,
+    path: PathBuf,
+    window: Duration,
+    fs: Arc<dyn Fs>,
+}
+
+fn now_secs() -> u64 {
+    crate::aggregate::wall_clock().as_secs()
+}
+
+fn bad(path: &Path, what: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {what}", path.display()),
+    )
+}
+
+impl Dedup {
+    /// Loads the saved state from `data_dir/dedup` (none is fine).
+    pub fn open(data_dir: &Path, window: Duration, fs: Arc<dyn Fs>) -> io::Result<Dedup> {
+        let path = data_dir.join("dedup");
+        let clients = DashMap::new();
+        if let Some(bytes) = read_optional(&path)? {
+            let text = String::from_utf8(bytes).map_err(|_| bad(&path, "not UTF-8".into()))?;
+            let mut lines = text.lines().peekable();
+            let version = match lines.peek() {
+                Some(&"tallyd-dedup 1") => {
+                    lines.next();
+                    1
+                }
+                Some(h) if h.starts_with("tallyd-dedup ") => {
+                    return Err(bad(&path, format!("unknown version {h:?}")));
+                }
+                _ => 0,
+            };
+            for line in lines {
+                let (id, client) = parse_line(line, version)
+                    .ok_or_else(|| bad(&path, format!("bad line {line:?}")))?;
+                clients.insert(id, client);
+            }
+        }
+        Ok(Dedup {
+            clients,
+            path,
+            window,
+            fs,
+        })
+    }
+
+    /// Runs `accept` unless `(client, sequence)` was accepted before or is
+    /// below the client's window. The sequence is recorded only when
+    /// `accept` succeeds.
+    pub fn admit<R, E>(
+        &self,
+        client: &str,
+        sequence: u64,
+        accept: impl FnOnce() -> Result<R, E>,
+    ) -> Result<Admit<R>, E> {
+        if client.is_empty() {
+            return accept().map(Admit::Accepted);
+        }
+        if client.len() > MAX_CLIENT_ID {
+            return Ok(Admit::BadClientId);
+        }
+        // A failed accept leaves no entry behind.
+        if let Some(mut entry) = self.clients.get_mut(client) {
+            return match entry.state(sequence) {
+                Seen::Accepted => Ok(Admit::Duplicate),
+                Seen::TooOld => Ok(Admit::TooOld),
+                Seen::New => {
+                    let r = accept()?;
+                    entry.mark(sequence);
+                    entry.seen = now_secs();
+                    Ok(Admit::Accepted(r))
+                }
+            };
+        }
+        let mut entry = self.clients.entry(client.to_owned()).or_insert(Client::NEW);
+        match entry.state(sequence) {
+            Seen::Accepted => Ok(Admit::Duplicate),
+            Seen::TooOld => Ok(Admit::TooOld),
+            Seen::New => match accept() {
+                Ok(r) => {
+                    entry.mark(sequence);
+                    entry.seen = now_secs();
+                    Ok(Admit::Accepted(r))
+                }
+                Err(e) => {
+                    let fresh = entry.seen == 0;
+                    drop(entry);
+                    if fresh {
+                        self.clients.remove_if(client, |_, c| c.seen == 0);
+                    }
+                    Err(e)
+                }
+            },
+        }
+    }
+
+    /// Records a batch found in the WAL at start.
+    pub fn observe(&self, client: &str, sequence: u64) {
+        if client.is_empty() || client.len() > MAX_CLIENT_ID {
+            return;
+        }
+        let mut entry = self.clients.entry(client.to_owned()).or_insert(Client::NEW);
+        entry.mark(sequence);
+        entry.seen = now_secs();
+    }
+
+    /// Forgets clients silent for longer than the window, then writes the
+    /// state durably.
+    pub fn save(&self) -> io::Result<()> {
+        let oldest = now_secs().saturating_sub(self.window.as_secs());
+        self.clients.retain(|_, c| c.seen >= oldest);
+        let mut text = String::from("tallyd-dedup 1\n");
+        for e in self.clients.iter() {
+            let c = e.value();
+            text.push_str(&hex(e.key().as_bytes()));
+            text.push_str(&format!(" {} ", c.high));
+            for w in c.bits {
+                text.push_str(&format!("{w:016x}"));
+            }
+            text.push_str(&format!(" {}\n", c.seen));
+        }
+        self.fs.write_atomic(&self.path, text.as_bytes())
+    }
+
+    pub fn clients(&self) -> usize {
+        self.clients.len()
+    }
+}
+
+fn parse_line(line: &str, version: u32) -> Option<(String, Client)> {
+    let f: Vec<&str> = line.split(' ').collect();
+    match (version, f.as_slice()) {
+        (0, [id, high, seen]) => Some((
+            unhex(id)?,
+            Client {
+                high: high.parse().ok()?,
+                bits: [u64::MAX; WORDS],
+                seen: seen.parse().ok()?,
+            },
+        )),
+        (1, [id, high, bits, seen]) if bits.len() == WORDS * 16 => {
+            let mut words = [0; WORDS];
+            for (i, w) in words.iter_mut().enumerate() {
+                *w = u64::from_str_radix(bits.get(i * 16..i * 16 + 16)?, 16).ok()?;
+            }
+            Some((
+                unhex(id)?,
+                Client {
+                    high: high.parse().ok()?,
+                    bits: words,
+                    seen: seen.parse().ok()?,
+                },
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn hex(s: &[u8]) -> String {
+    s.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::fs::RealFs;
+
+    fn temp_dir() -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tallyd-dedup-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    fn open(dir: &Path) -> Dedup {
+        Dedup::open(dir, Duration::from_secs(60), Arc::new(RealFs)).expect("open")
+    }
+
+    fn ok() -> Result<(), ()> {
+        Ok(())
+    }
+
+    #[test]
+    fn a_sequence_is_accepted_once() {
+        let d = open(&temp_dir());
+        assert_eq!(d.admit("c", 1, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("c", 1, ok), Ok(Admit::Duplicate));
+        assert_eq!(d.admit("c", 2, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("c", 1, ok), Ok(Admit::Duplicate));
+        assert_eq!(d.admit("other", 1, ok), Ok(Admit::Accepted(())));
+    }
+
+    #[test]
+    fn out_of_order_sequences_are_each_accepted_once() {
+        let d = open(&temp_dir());
+        for s in [5, 3, 9, 1, 4, 2, 8, 7, 6] {
+            assert_eq!(d.admit("c", s, ok), Ok(Admit::Accepted(())), "seq {s}");
+        }
+        for s in 1..=9 {
+            assert_eq!(d.admit("c", s, ok), Ok(Admit::Duplicate), "seq {s} again");
+        }
+    }
+
+    #[test]
+    fn overloaded_then_later_seq_then_retry_counts_once() {
+        let d = open(&temp_dir());
+        assert_eq!(d.admit("c", 6, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("c", 7, || Err::<(), _>("full")), Err("full"));
+        assert_eq!(d.admit("c", 8, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("c", 7, ok), Ok(Admit::Accepted(())), "the retry");
+        assert_eq!(d.admit("c", 7, ok), Ok(Admit::Duplicate));
+    }
+
+    #[test]
+    fn below_the_window_is_refused_not_called_a_duplicate() {
+        let d = open(&temp_dir());
+        assert_eq!(d.admit("c", 10, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("c", 10 + WINDOW, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("c", 10, ok), Ok(Admit::TooOld));
+        assert_eq!(d.admit("c", 11, ok), Ok(Admit::Accepted(())), "at the edge");
+        assert_eq!(d.admit("c", 11, ok), Ok(Admit::Duplicate));
+    }
+
+    #[test]
+    fn the_window_slides_by_any_amount() {
+        let d = open(&temp_dir());
+        let mut accepted = Vec::new();
+        let mut seq = 0u64;
+        for step in [1u64, 63, 64, 65, 1, 130, 7, 1000, 3, 5000] {
+            seq += step;
+            assert_eq!(d.admit("c", seq, ok), Ok(Admit::Accepted(())));
+            accepted.push(seq);
+            for &a in &accepted {
+                let want = if seq - a < WINDOW {
+                    Admit::Duplicate
+                } else {
+                    Admit::TooOld
+                };
+                assert_eq!(d.admit("c", a, ok), Ok(want), "seq {a} after {seq}");
+            }
+        }
+    }
+
+    #[test]
+    fn sequence_zero_is_a_valid_first_batch() {
+        let d = open(&temp_dir());
+        assert_eq!(d.admit("c", 0, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("c", 0, ok), Ok(Admit::Duplicate));
+    }
+
+    #[test]
+    fn a_failed_accept_records_nothing() {
+        let d = open(&temp_dir());
+        assert_eq!(d.admit("c", 1, || Err::<(), _>("full")), Err("full"));
+        assert_eq!(d.clients(), 0);
+        assert_eq!(d.admit("c", 1, ok), Ok(Admit::Accepted(())));
+    }
+
+    #[test]
+    fn empty_client_id_is_never_deduplicated_and_long_ones_are_refused() {
+        let d = open(&temp_dir());
+        assert_eq!(d.admit("", 1, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("", 1, ok), Ok(Admit::Accepted(())));
+        let long = "x".repeat(MAX_CLIENT_ID + 1);
+        assert_eq!(d.admit(&long, 1, ok), Ok(Admit::BadClientId));
+        assert_eq!(d.clients(), 0);
+    }
+
+    #[test]
+    fn state_survives_a_restart() {
+        let dir = temp_dir();
+        let d = open(&dir);
+        d.admit("shipper 1\n", 41, ok).expect("admit");
+        d.admit("shipper 1\n", 43, ok).expect("admit");
+        d.observe("replayed", 9);
+        d.save().expect("save");
+        let d = open(&dir);
+        assert_eq!(d.admit("shipper 1\n", 41, ok), Ok(Admit::Duplicate));
+        assert_eq!(d.admit("shipper 1\n", 43, ok), Ok(Admit::Duplicate));
+        assert_eq!(d.admit("shipper 1\n", 42, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.admit("replayed", 9, ok), Ok(Admit::Duplicate));
+        assert_eq!(d.admit("replayed", 10, ok), Ok(Admit::Accepted(())));
+    }
+
+    #[test]
+    fn a_version_0_file_is_read() {
+        let dir = temp_dir();
+        let line = format!("{} 5 {}\n", hex(b"old"), now_secs());
+        std::fs::write(dir.join("dedup"), line).expect("write");
+        let d = open(&dir);
+        assert_eq!(d.admit("old", 5, ok), Ok(Admit::Duplicate));
+        assert_eq!(d.admit("old", 4, ok), Ok(Admit::Duplicate));
+        assert_eq!(d.admit("old", 6, ok), Ok(Admit::Accepted(())));
+    }
+
+    #[test]
+    fn silent_clients_are_forgotten_after_the_window() {
+        let dir = temp_dir();
+        let line = format!("{} 5 {}\n", hex(b"old"), now_secs() - 7200);
+        std::fs::write(dir.join("dedup"), line).expect("write");
+        let d = Dedup::open(&dir, Duration::from_secs(3600), Arc::new(RealFs)).expect("open");
+        assert_eq!(d.clients(), 1);
+        d.save().expect("save");
+        assert_eq!(d.clients(), 0);
+    }
+}

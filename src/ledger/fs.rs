@@ -1,0 +1,198 @@
+//! The filesystem seam: every durable step of the ledger and every WAL sync
+//! goes through an [`Fs`], so tests can fail a sync, fill the disk or tear a
+//! write at a chosen file (as raft-engine's `tests/failpoints` do).
+//!
+//! [`Fs::write_atomic`] is the one way a small state file is written: a temp
+//! file beside it, written and fsynced, renamed over the old one, then the
+//! directory fsynced. A reader sees the old version or the new one, never a
+//! mix; a crash can leave a stray `*.tmp`, which readers ignore.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// File operations the ledger and the WAL need to be durable.
+pub trait Fs: Send + Sync + 'static {
+    /// Creates (truncates) `path` and writes `bytes` to it, without syncing.
+    fn write(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
+        let mut f = File::create(path)?;
+        f.write_all(bytes)?;
+        Ok(f)
+    }
+
+    /// `fdatasync` on `file` (named `path` for fault matching and errors).
+    fn sync(&self, _path: &Path, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    /// fsync of a directory, so a rename or a removal in it is durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Writes a small file durably: temp file, fsync, rename, fsync the dir.
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let f = self.write(&tmp, bytes)?;
+        self.sync(&tmp, &f)?;
+        drop(f);
+        self.rename(&tmp, path)?;
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => self.sync_dir(dir),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+impl Fs for RealFs {}
+
+/// A fault a [`FaultyFs`] injects into operations on files whose path
+/// contains a given string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// `sync` fails with EIO.
+    SyncFails,
+    /// `write` fails with ENOSPC.
+    NoSpace,
+    /// `write` keeps only the first `n` bytes, then the "power" fails: the
+    /// call reports an error and the torn file stays (as after a crash).
+    TornWrite(usize),
+}
+
+/// The real filesystem with faults armed by tests.
+#[derive(Debug, Default)]
+pub struct FaultyFs {
+    faults: Mutex<Vec<(String, Fault)>>,
+}
+
+impl FaultyFs {
+    /// Arms `fault` for every file whose path contains `matching`.
+    pub fn arm(&self, matching: &str, fault: Fault) {
+        lock(&self.faults).push((matching.to_owned(), fault));
+    }
+
+    /// Disarms every fault.
+    pub fn heal(&self) {
+        lock(&self.faults).clear();
+    }
+
+    fn fault(&self, path: &Path) -> Option<Fault> {
+        let p = path.to_string_lossy();
+        lock(&self.faults)
+            .iter()
+            .find(|(m, _)| p.contains(m.as_str()))
+            .map(|(_, f)| f.clone())
+    }
+}
+
+impl Fs for FaultyFs {
+    fn write(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
+        match self.fault(path) {
+            Some(Fault::NoSpace) => Err(io::Error::from_raw_os_error(28)),
+            Some(Fault::TornWrite(n)) => {
+                let mut f = File::create(path)?;
+                f.write_all(&bytes[..n.min(bytes.len())])?;
+                Err(io::Error::other("torn write (injected power loss)"))
+            }
+            _ => RealFs.write(path, bytes),
+        }
+    }
+
+    fn sync(&self, path: &Path, file: &File) -> io::Result<()> {
+        match self.fault(path) {
+            Some(Fault::SyncFails) => Err(io::Error::from_raw_os_error(5)),
+            _ => file.sync_data(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads a state file; `None` if it does not exist.
+pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir() -> std::path::PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tallyd-fs-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_whole_file() {
+        let dir = temp_dir();
+        let path = dir.join("state");
+        RealFs.write_atomic(&path, b"one").expect("write");
+        RealFs.write_atomic(&path, b"two!").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two!");
+        assert!(!dir.join("state.tmp").exists());
+    }
+
+    #[test]
+    fn a_torn_atomic_write_leaves_the_old_version() {
+        let dir = temp_dir();
+        let path = dir.join("state");
+        let fs = FaultyFs::default();
+        fs.write_atomic(&path, b"old").expect("write");
+        fs.arm("state", Fault::TornWrite(2));
+        assert!(fs.write_atomic(&path, b"new version").is_err());
+        assert_eq!(std::fs::read(&path).expect("read"), b"old");
+        fs.arm("other", Fault::NoSpace);
+        fs.heal();
+        fs.write_atomic(&path, b"new").expect("healed");
+        assert_eq!(read_optional(&path).expect("read"), Some(b"new".to_vec()));
+    }
+
+    #[test]
+    fn injected_faults_match_by_path() {
+        let dir = temp_dir();
+        let fs = FaultyFs::default();
+        fs.arm("intent", Fault::NoSpace);
+        let err = fs
+            .write_atomic(&dir.join("intent-1"), b"x")
+            .expect_err("ENOSPC");
+        assert_eq!(err.raw_os_error(), Some(28));
+        fs.write_atomic(&dir.join("other"), b"x")
+            .expect("others work");
+        fs.arm("seg", Fault::SyncFails);
+        let f = File::create(dir.join("seg-0")).expect("create");
+        assert_eq!(
+            fs.sync(&dir.join("seg-0"), &f)
+                .expect_err("EIO")
+                .raw_os_error(),
+            Some(5)
+        );
+    }
+}

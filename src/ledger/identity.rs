@@ -1,0 +1,189 @@
+//! The instance identity and flush ids.
+//!
+//! An *instance* is a data dir: at its first start tallyd draws a random
+//! 64-bit instance id and keeps it in `<data_dir>/instance`. The id (not the
+//! configured host, which a recreated container may change) is what makes a
+//! flush's identity: its spool file carries it, and a replay re-sends the
+//! flush under the identity it was recorded with.
+//!
+//! A flush id is `tick << 20 | tag`: `tag` is the low 20 bits of the
+//! instance id, so two instances that share a `host_id` (two daemons on one
+//! host, or a copied config) draw different ids unless their tags collide
+//! (one chance in 2^20 per pair; give them distinct `host_id`s to be sure);
+//! `tick` is the wall clock in units of 2^20 µs (about 1.05 s), forced
+//! strictly above the last tick this instance used, so ids (and the gauge
+//! versions made from them) grow across restarts even if the clock steps
+//! back.
+//!
+//! # The `instance` file, version 1 (text, written atomically)
+//!
+//! ```text
+//! tallyd-instance 1
+//! <instance id, 16 hex digits>
+//! <last flush id issued, decimal>
+//! ```
+//!
+//! Before version 1, tallyd kept only the last flush id, in `flush_id`; it is
+//! read (an empty or damaged one is ignored with a warning) so that ids keep
+//! growing over an upgrade.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::fs::{Fs, read_optional};
+
+pub const TAG_BITS: u32 = 20;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub instance: u64,
+    /// The last flush id issued.
+    pub last: u64,
+    path: PathBuf,
+}
+
+impl Identity {
+    /// Reads `<data_dir>/instance`, or makes a new identity (not yet saved).
+    pub fn open(data_dir: &Path) -> io::Result<Identity> {
+        let path = data_dir.join("instance");
+        let legacy = legacy_last(data_dir);
+        let bad = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {what}", path.display()),
+            )
+        };
+        match read_optional(&path)? {
+            Some(bytes) => {
+                let text = String::from_utf8(bytes).map_err(|_| bad("not UTF-8"))?;
+                let mut lines = text.lines();
+                if lines.next() != Some("tallyd-instance 1") {
+                    return Err(bad("not a version 1 instance file"));
+                }
+                let instance = lines
+                    .next()
+                    .and_then(|l| u64::from_str_radix(l, 16).ok())
+                    .ok_or_else(|| bad("bad instance id"))?;
+                let last = lines
+                    .next()
+                    .and_then(|l| l.parse::<u64>().ok())
+                    .ok_or_else(|| bad("bad last flush id"))?;
+                Ok(Identity {
+                    instance,
+                    last: last.max(legacy),
+                    path,
+                })
+            }
+            None => Ok(Identity {
+                instance: random_id(),
+                last: legacy,
+                path,
+            }),
+        }
+    }
+
+    /// The next flush id (see the module doc). Does no I/O: the caller
+    /// saves the identity with the flush that uses the id.
+    pub fn next(&mut self, now: Duration) -> u64 {
+        let tick = (now.as_micros().min(u128::from(u64::MAX)) as u64) >> TAG_BITS;
+        let tick = tick.max((self.last >> TAG_BITS).saturating_add(1));
+        let id = (tick.min(u64::MAX >> TAG_BITS) << TAG_BITS) | (self.instance & TAG_MASK);
+        self.last = id;
+        id
+    }
+
+    pub fn encode(&self) -> String {
+        format!("tallyd-instance 1\n{:016x}\n{}\n", self.instance, self.last)
+    }
+
+    pub fn save(&self, fs: &dyn Fs) -> io::Result<()> {
+        fs.write_atomic(&self.path, self.encode().as_bytes())
+    }
+}
+
+/// The last id of the pre-version-1 `flush_id` file (0 when absent or unreadable).
+fn legacy_last(data_dir: &Path) -> u64 {
+    let path = data_dir.join("flush_id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(file = %path.display(), "ignoring an unreadable legacy flush id file");
+            0
+        }),
+        Err(_) => 0,
+    }
+}
+
+/// 64 random bits from the OS's hasher seeds, the clock and the pid.
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(crate::aggregate::wall_clock().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::fs::RealFs;
+
+    fn temp_dir() -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tallyd-identity-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
+
+    #[test]
+    fn the_instance_id_persists_and_ids_grow_even_if_the_clock_steps_back() {
+        let dir = temp_dir();
+        let mut a = Identity::open(&dir).expect("open");
+        let first = a.next(Duration::from_secs(100));
+        assert_eq!(first >> TAG_BITS, 100_000_000 >> TAG_BITS);
+        assert_eq!(first & TAG_MASK, a.instance & TAG_MASK);
+        a.save(&RealFs).expect("save");
+        let mut b = Identity::open(&dir).expect("reopen");
+        assert_eq!(b.instance, a.instance);
+        let second = b.next(Duration::from_secs(50));
+        assert!(second > first);
+        assert_eq!(
+            b.next(Duration::from_secs(50)) >> TAG_BITS,
+            (second >> TAG_BITS) + 1
+        );
+    }
+
+    #[test]
+    fn two_instances_draw_different_ids_at_the_same_instant() {
+        let (mut a, mut b) = (
+            Identity::open(&temp_dir()).expect("a"),
+            Identity::open(&temp_dir()).expect("b"),
+        );
+        assert_ne!(a.instance, b.instance);
+        let now = Duration::from_secs(1_700_000_000);
+        assert_ne!(a.next(now), b.next(now));
+    }
+
+    #[test]
+    fn legacy_flush_id_keeps_ids_growing_and_an_empty_one_is_ignored() {
+        let dir = temp_dir();
+        std::fs::write(dir.join("flush_id"), "1700000000000000\n").expect("write");
+        let mut i = Identity::open(&dir).expect("open");
+        assert!(i.next(Duration::from_secs(1)) > 1_700_000_000_000_000);
+        std::fs::write(dir.join("flush_id"), "").expect("torn by a power loss");
+        assert_eq!(Identity::open(&dir).expect("starts").last, 0);
+    }
+
+    #[test]
+    fn a_damaged_instance_file_is_an_error_naming_it() {
+        let dir = temp_dir();
+        std::fs::write(dir.join("instance"), "garbage").expect("write");
+        let e = Identity::open(&dir).expect_err("refused");
+        assert!(e.to_string().contains("instance"), "{e}");
+    }
+}

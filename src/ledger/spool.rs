@@ -1,0 +1,274 @@
+//! The spool: one file per flush recorded but not yet confirmed by
+//! ClickHouse, holding the exact RowBinary bodies that are (re-)sent.
+//!
+//! # A spool file, `<data_dir>/spool/<flush_id as 20 digits>.flush`, version 1
+//!
+//! ```text
+//! 0   8  magic "TALLYFLS"
+//! 8   4  format version (1)
+//! 12  4  CRC32C of bytes 16..end
+//! 16  8  instance id
+//! 24  8  flush id
+//! 32  8  generation (the WAL interval the rows come from)
+//! 40  4  ts: interval start, Unix seconds
+//! 44  8  samples (raw increments the rows compact)
+//! 52  4  host length H, then H bytes of host
+//! …      4 tables (counters, gauges, timers, sets), each:
+//!        4 rows, 8 body length L, L bytes of RowBinary body
+//! …      4 gauge count N, then N entries: 4 key length K, K key bytes,
+//!        8 value (f64): each gauge's value after this flush
+//! ```
+//!
+//! Integers are little-endian. Files are written with
+//! [`Fs::write_atomic`](super::fs::Fs::write_atomic), so a file is whole or
+//! absent; the CRC catches damage at rest.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::sink::rowbinary::Bodies;
+use crate::sink::rows::Batch;
+
+const MAGIC: &[u8; 8] = b"TALLYFLS";
+const VERSION: u32 = 1;
+
+/// A flush whose rows are fixed: what the sink sends, every time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flush {
+    pub instance: u64,
+    pub flush_id: u64,
+    pub generation: u64,
+    pub ts: u32,
+    pub samples: u64,
+    pub host: String,
+    pub tables: Bodies,
+    /// (gauge key, value after this flush) for every gauge row.
+    pub gauges: Vec<(Box<[u8]>, f64)>,
+}
+
+impl Flush {
+    /// Fixes the rows of `batch` as RowBinary bodies (step 3 of the durable
+    /// order).
+    pub fn seal(batch: Batch, instance: u64) -> Flush {
+        Flush {
+            instance,
+            flush_id: batch.flush_id,
+            generation: batch.generation,
+            ts: batch.ts,
+            samples: batch.samples,
+            tables: crate::sink::rowbinary::encode(&batch),
+            host: batch.host,
+            gauges: batch.gauge_values,
+        }
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.tables.rows.iter().map(|&r| u64::from(r)).sum()
+    }
+
+    /// The `insert_deduplication_token` of table `table` (index into
+    /// [`crate::telemetry::TABLES`]): the same for every send of this flush.
+    pub fn token(&self, table: &str) -> String {
+        format!("tallyd-{:016x}-{}-{table}", self.instance, self.flush_id)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let body: usize = self.tables.bodies.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(64 + self.host.len() + body);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&self.instance.to_le_bytes());
+        out.extend_from_slice(&self.flush_id.to_le_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.ts.to_le_bytes());
+        out.extend_from_slice(&self.samples.to_le_bytes());
+        bytes(&mut out, self.host.as_bytes());
+        for (rows, b) in self.tables.rows.iter().zip(&self.tables.bodies) {
+            out.extend_from_slice(&rows.to_le_bytes());
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        out.extend_from_slice(&len32(self.gauges.len()).to_le_bytes());
+        for (k, v) in &self.gauges {
+            bytes(&mut out, k);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&out[16..]);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Flush, String> {
+        if b.len() < 16 || &b[..8] != MAGIC {
+            return Err("not a tallyd spool file (bad magic)".into());
+        }
+        let mut r = Reader { b, at: 8 };
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(format!(
+                "spool format version {version}; this tallyd reads version {VERSION}"
+            ));
+        }
+        let crc = r.u32()?;
+        if crc32c::crc32c(&b[16..]) != crc {
+            return Err("checksum mismatch".into());
+        }
+        let instance = r.u64()?;
+        let flush_id = r.u64()?;
+        let generation = r.u64()?;
+        let ts = r.u32()?;
+        let samples = r.u64()?;
+        let host = String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| "host not UTF-8")?;
+        let mut tables = Bodies::default();
+        for i in 0..4 {
+            tables.rows[i] = r.u32()?;
+            let len = usize::try_from(r.u64()?).map_err(|_| "body too long")?;
+            tables.bodies[i] = r.take(len)?.to_vec();
+        }
+        let n = r.u32()?;
+        let mut gauges = Vec::new();
+        for _ in 0..n {
+            let k: Box<[u8]> = r.bytes32()?.into();
+            gauges.push((k, f64::from_le_bytes(r.array()?)));
+        }
+        if r.at != b.len() {
+            return Err("trailing bytes".into());
+        }
+        Ok(Flush {
+            instance,
+            flush_id,
+            generation,
+            ts,
+            samples,
+            host,
+            tables,
+            gauges,
+        })
+    }
+}
+
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&len32(b.len()).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let end = end.ok_or_else(|| "truncated".to_string())?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn bytes32(&mut self) -> Result<&'a [u8], String> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+/// The spool directory and its file names.
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("spool")
+}
+
+pub fn path(dir: &Path, flush_id: u64) -> PathBuf {
+    dir.join(format!("{flush_id:020}.flush"))
+}
+
+/// Every spooled flush in `dir`, in flush-id order. A file that does not
+/// decode is an error naming it.
+pub fn load(dir: &Path) -> io::Result<Vec<Flush>> {
+    let mut flushes = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(flushes),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("flush") {
+            continue; // a *.tmp left by a crash mid-write: never renamed, never sent
+        }
+        let bytes = std::fs::read(&path)?;
+        let flush = Flush::decode(&bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: {e}; move the file aside to start without it (its rows are lost)",
+                    path.display()
+                ),
+            )
+        })?;
+        flushes.push(flush);
+    }
+    flushes.sort_by_key(|f| f.flush_id);
+    Ok(flushes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn sample() -> Flush {
+        Flush {
+            instance: 0xabc,
+            flush_id: 42,
+            generation: 7,
+            ts: 1_700_000_000,
+            samples: 9,
+            host: "web-1".into(),
+            tables: Bodies {
+                bodies: [vec![1, 2, 3], vec![], vec![4], vec![5, 6]],
+                rows: [1, 0, 1, 2],
+            },
+            gauges: vec![(b"\x02g".to_vec().into(), 15.0)],
+        }
+    }
+
+    #[test]
+    fn a_flush_round_trips() {
+        let f = sample();
+        assert_eq!(Flush::decode(&f.encode()), Ok(f));
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let mut b = sample().encode();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        assert_eq!(Flush::decode(&b), Err("checksum mismatch".into()));
+        assert!(Flush::decode(&b[..20]).is_err());
+        let mut v2 = sample().encode();
+        v2[8] = 2;
+        assert!(Flush::decode(&v2).expect_err("v2").contains("version 2"));
+    }
+
+    #[test]
+    fn the_token_names_instance_flush_and_table() {
+        assert_eq!(
+            sample().token("counters"),
+            "tallyd-0000000000000abc-42-counters"
+        );
+    }
+}
