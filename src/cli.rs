@@ -45,9 +45,10 @@ pub struct SendArgs {
     /// As a StatsD TCP stream instead.
     #[arg(long, value_name = "ADDR")]
     pub statsd_tcp: Option<SocketAddr>,
-    /// Protobuf client id; with --sequence, lets a retried run be deduplicated.
-    #[arg(long, default_value = "tallyd-send")]
-    pub client_id: String,
+    /// Protobuf client id [default: unique to this run]. Give the same id and
+    /// --sequence to a retried run so that its batches are deduplicated.
+    #[arg(long)]
+    pub client_id: Option<String>,
     /// Sequence of the first batch [default: Unix time in microseconds]
     #[arg(long)]
     pub sequence: Option<u64>,
@@ -243,7 +244,15 @@ fn send(args: &SendArgs) -> ExitCode {
     let sequence = args
         .sequence
         .unwrap_or_else(|| crate::aggregate::wall_clock().as_micros() as u64);
-    match client::send(target, &lines, &args.client_id, sequence, args.batch_size) {
+    // Unique per run: two runs must never share a dedup window by accident.
+    let client_id = args.client_id.clone().unwrap_or_else(|| {
+        format!(
+            "tallyd-send-{}-{}",
+            std::process::id(),
+            crate::aggregate::wall_clock().as_nanos()
+        )
+    });
+    match client::send(target, &lines, &client_id, sequence, args.batch_size) {
         Ok(s) => {
             eprintln!(
                 "tallyd send: {} lines, {} batches acknowledged ({} duplicates), {} events rejected",

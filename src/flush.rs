@@ -156,6 +156,7 @@ impl Flusher {
         }
         crate::failpoint::hit("after_intent");
         self.release(flush.generation).await;
+        crate::failpoint::hit("after_release");
         let t = &self.telemetry;
         t.flushes.fetch_add(1, Relaxed);
         if reason == Reason::Depth {

@@ -92,9 +92,17 @@ pub async fn start_with(config: Config, fs: Arc<dyn Fs>) -> Result<Running, Star
         source,
     };
     std::fs::create_dir_all(&config.data_dir).map_err(data_dir_err)?;
-    let (ledger, mut recovered) =
-        Ledger::open(&config.data_dir, config.proto.dedup_window, Arc::clone(&fs))
-            .map_err(data_dir_err)?;
+    let (ledger, mut recovered) = {
+        let (dir, window, fs) = (
+            config.data_dir.clone(),
+            config.proto.dedup_window,
+            Arc::clone(&fs),
+        );
+        blocking(move || Ledger::open(&dir, window, fs))
+            .await
+            .and_then(|r| r)
+            .map_err(data_dir_err)?
+    };
     let dedup = Arc::clone(&ledger.dedup);
 
     let telemetry = Arc::new(Telemetry::default());
@@ -171,7 +179,14 @@ pub async fn start_with(config: Config, fs: Arc<dyn Fs>) -> Result<Running, Star
     // the WAL is replayed.
     let (wal, mut recovery) = match &config.wal {
         Some(wc) => {
-            let (wal, recovery) = Wal::open_with(wc.clone(), Arc::clone(&fs))?;
+            let (wc, fs) = (wc.clone(), Arc::clone(&fs));
+            let (wal, recovery) =
+                blocking(move || Wal::open_with(wc, fs))
+                    .await
+                    .map_err(|e| crate::wal::WalError::Io {
+                        path: "(recovery thread)".into(),
+                        source: e,
+                    })??;
             (Some(Arc::new(wal)), recovery)
         }
         None => (
@@ -342,6 +357,16 @@ pub async fn start_with(config: Config, fs: Arc<dyn Fs>) -> Result<Running, Star
         wal_sync,
         wal_sync_stop,
     })
+}
+
+/// Runs blocking file work (opening the ledger and the WAL) off the tokio
+/// workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, std::io::Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)
 }
 
 /// A listener systemd passed, made ready for tokio.

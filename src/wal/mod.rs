@@ -368,29 +368,34 @@ impl Wal {
         seg.max_generation = seg.max_generation.max(generation);
         s.offset += need;
         s.next_lsn += 1;
-        if self.config.sync == SyncMode::Always {
+        // `always`: a blocking thread (UDP) syncs here; a tokio task (TCP)
+        // must not block its worker, so the sync task does it at once.
+        let inline =
+            self.config.sync == SyncMode::Always && tokio::runtime::Handle::try_current().is_err();
+        if inline {
             self.sync_stream(&mut s);
         }
         // Read under the stream lock: a sync that has not yet looked at this
         // stream will see the record, and will publish an epoch above this.
         let ticket = self.epoch.load(Relaxed);
         drop(s);
+        if self.config.sync == SyncMode::Always && !inline {
+            self.sync_wanted.notify_one();
+        }
         self.stats.records.fetch_add(1, Relaxed);
         self.stats.bytes.fetch_add(need as u64, Relaxed);
         Ok(ticket)
     }
 
     /// Waits until the record that got `ticket` is durable under the sync
-    /// policy: at once for `never` and (unless a sync failed) `always`,
-    /// after the next interval sync for `interval`. While a failed sync has
+    /// policy: at once for `never`, after the next sync of the sync task
+    /// for `interval` and `always` (which the waiter asks for at once). While a failed sync has
     /// not been followed by a successful full sync, nothing is durable: this
     /// waits. Returns false if acknowledgements were closed (shutdown)
     /// before the record became durable.
     pub async fn wait_durable(&self, ticket: u64) -> bool {
-        match self.config.sync {
-            SyncMode::Never => return true,
-            SyncMode::Always if !self.poisoned() => return true,
-            _ => {}
+        if self.config.sync == SyncMode::Never {
+            return true;
         }
         let mut synced = self.synced.subscribe();
         loop {
@@ -479,8 +484,9 @@ impl Wal {
         }
     }
 
-    /// Forces every stream's new records to disk (the `interval` policy;
-    /// with `always`, only the full sync after a failure). The files are
+    /// Forces every stream's new records to disk (the sync task runs it
+    /// every `sync_interval` and whenever an ack or an `always` append on
+    /// a tokio thread asks). The files are
     /// synced after the stream locks are released, so appends go on while
     /// the kernel writes. After a failed sync, the next one is *full*: the
     /// pages of every segment that holds records not yet done are dirtied
@@ -489,7 +495,7 @@ impl Wal {
     /// succeeds are acks released again.
     pub fn sync(&self) {
         let full = self.poisoned();
-        if self.config.sync == SyncMode::Never || (self.config.sync == SyncMode::Always && !full) {
+        if self.config.sync == SyncMode::Never {
             return;
         }
         let epoch = self.epoch.fetch_add(1, Relaxed);

@@ -1,0 +1,424 @@
+//! Exactly-once as production runs it, against a real ClickHouse: protobuf
+//! batches in any order and on any connection, two instances with one host
+//! id, a table whose schema drifts under a running tallyd, and a disk that
+//! fails a sync, fills up or tears a write (through the filesystem seam).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::{clickhouse, config, http, send_tcp, settings, wait_for, wait_for_lines};
+use prost::Message;
+use tallyd::client::read_ack;
+use tallyd::ledger::fs::{Fault, FaultyFs};
+use tallyd::protocol::proto::pb::ack::Status;
+use tallyd::protocol::proto::pb::event::Value;
+use tallyd::protocol::proto::{Batch, Event, encode_frame};
+use tallyd::server;
+
+const OK: i32 = Status::Ok as i32;
+const DUPLICATE: i32 = Status::Duplicate as i32;
+const OVERLOADED: i32 = Status::Overloaded as i32;
+
+fn batch(client: &str, sequence: u64, name: &str, events: usize, value: f64) -> Batch {
+    Batch {
+        client_id: client.into(),
+        sequence,
+        events: (0..events)
+            .map(|_| Event {
+                name: name.into(),
+                tags: vec![],
+                value: Some(Value::Counter(value)),
+                sample_rate: 0.0,
+            })
+            .collect(),
+    }
+}
+
+/// Sends `b` on `s` and returns the ack's status.
+fn send(s: &mut TcpStream, b: &Batch) -> i32 {
+    s.write_all(&encode_frame(b)).expect("write");
+    let ack = read_ack(s).expect("ack");
+    assert_eq!(ack.sequence, b.sequence);
+    ack.status
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s
+}
+
+/// Runs blocking client code off the runtime's workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("client thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overloaded_then_later_seq_then_retry_counts_once() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "ledger_overload");
+    // A 1 h interval keeps everything in the WAL: the small ring fills.
+    s.aggregate.flush_interval = "1h".into();
+    s.wal.size = "512KiB".into();
+    s.wal.segment_size = "64KiB".into();
+    s.wal.tcp_streams = 1; // every connection appends to the one full ring
+    s.proto.overload_timeout = "200ms".into();
+    let mut running = server::start(config(&s)).await.expect("start");
+    let addr = running.proto_tcp_addr.expect("proto tcp");
+    let (filled, seven) = blocking(move || {
+        let mut c = connect(addr);
+        let mut filled = 0;
+        for seq in 1..=100u64 {
+            match send(&mut c, &batch("filler", seq, "fill", 1000, 1.0)) {
+                OK => filled += 1,
+                OVERLOADED => break,
+                other => panic!("status {other}"),
+            }
+        }
+        // Pipelined: 7 is refused while the ring is full.
+        let mut c = connect(addr);
+        let seven = send(&mut c, &batch("c", 7, "c.x", 1000, 7.0));
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).expect("closed after OVERLOADED");
+        assert!(rest.is_empty(), "nothing after OVERLOADED");
+        (filled, seven)
+    })
+    .await;
+    assert!(filled > 0);
+    assert_eq!(seven, OVERLOADED);
+    // A flush releases the ring: 8 goes through, then 7 is retried.
+    let mut quick = s.clone();
+    quick.aggregate.flush_interval = "100ms".into();
+    running.reload(config(&quick));
+    let t = Arc::clone(&running.telemetry);
+    assert!(blocking(move || wait_for(10, || t.flushes.load(Relaxed) > 0)).await);
+    let statuses = blocking(move || {
+        let mut c = connect(addr);
+        [
+            send(&mut c, &batch("c", 8, "c.x", 1000, 8.0)),
+            send(&mut c, &batch("c", 7, "c.x", 1000, 7.0)),
+            send(&mut c, &batch("c", 7, "c.x", 1000, 7.0)),
+        ]
+    })
+    .await;
+    assert_eq!(statuses, [OK, OK, DUPLICATE]);
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_overload.counters FINAL WHERE name = 'c.x'"),
+        15000.0
+    );
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_overload.counters FINAL WHERE name = 'fill'"),
+        f64::from(filled) * 1000.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_batches_reordered_all_count_once() {
+    let ch = clickhouse();
+    let running = server::start(config(&settings(ch, "ledger_udp")))
+        .await
+        .expect("start");
+    let addr = running.proto_udp_addr.expect("proto udp");
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for round in 0..2 {
+        for seq in [5u64, 3, 1, 4, 2] {
+            let b = batch("reorder", seq, "udp.r", 10, seq as f64);
+            sock.send_to(&b.encode_to_vec(), addr).expect("send");
+        }
+        if round == 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let t = Arc::clone(&running.telemetry);
+    let answered = move || t.proto_acks[0].load(Relaxed) + t.proto_acks[1].load(Relaxed);
+    let done = answered.clone();
+    assert!(
+        blocking(move || wait_for(10, || done() >= 10)).await,
+        "datagrams lost"
+    );
+    let acks = &running.telemetry.proto_acks;
+    assert_eq!((acks[0].load(Relaxed), acks[1].load(Relaxed)), (5, 5));
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_udp.counters FINAL WHERE name = 'udp.r'"),
+        150.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_two_connections_counts_each_batch_once() {
+    let ch = clickhouse();
+    let running = server::start(config(&settings(ch, "ledger_two_conns")))
+        .await
+        .expect("start");
+    let addr = running.proto_tcp_addr.expect("proto tcp");
+    let statuses = blocking(move || {
+        let (mut a, mut b) = (connect(addr), connect(addr));
+        let one = |seq| batch("shared", seq, "two.c", 10, 1.0);
+        vec![
+            send(&mut a, &one(2)),
+            send(&mut b, &one(1)),
+            send(&mut a, &one(4)),
+            send(&mut b, &one(3)),
+            send(&mut b, &one(2)),
+            send(&mut a, &one(1)),
+        ]
+    })
+    .await;
+    assert_eq!(statuses, [OK, OK, OK, OK, DUPLICATE, DUPLICATE]);
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_two_conns.counters FINAL WHERE name = 'two.c'"),
+        40.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_send_runs_default_client_id_both_count() {
+    let ch = clickhouse();
+    let running = server::start(config(&settings(ch, "ledger_send_runs")))
+        .await
+        .expect("start");
+    let addr = running.proto_tcp_addr.expect("proto tcp").to_string();
+    blocking(move || {
+        for _ in 0..2 {
+            // The same first sequence: only the client id tells the runs apart.
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tallyd"))
+                .args(["send", "--proto", &addr, "--sequence", "1"])
+                .args(["runs.c:1|c", "runs.c:2|c"])
+                .output()
+                .expect("tallyd send");
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{text}");
+            assert!(text.contains("(0 duplicates)"), "{text}");
+        }
+    })
+    .await;
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_send_runs.counters FINAL WHERE name = 'runs.c'"),
+        6.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_same_host_id_keep_both_rows() {
+    let ch = clickhouse();
+    let s = settings(ch, "ledger_twins");
+    let mut other = settings(ch, "ledger_twins");
+    other.host_id = s.host_id.clone();
+    let a = server::start(config(&s)).await.expect("start a");
+    let b = server::start(config(&other)).await.expect("start b");
+    let lines: String = (0..100).map(|_| "twins.c:1|c\n").collect();
+    for r in [&a, &b] {
+        send_tcp(r.tcp_addr.expect("tcp"), &lines);
+    }
+    for r in [&a, &b] {
+        let t = Arc::clone(&r.telemetry);
+        blocking(move || wait_for_lines(&t, 100)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    assert_eq!(
+        ch.query("SELECT sum(value), uniqExact(host) FROM ledger_twins.counters FINAL WHERE name = 'twins.c' FORMAT TSV"),
+        "200\t1\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_drift_blocks_table_keeps_data_and_resumes() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "ledger_drift");
+    s.aggregate.flush_interval = "100ms".into();
+    s.clickhouse.retry_initial = "50ms".into();
+    s.clickhouse.retry_max = "200ms".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let (tcp, admin) = (
+        running.tcp_addr.expect("tcp"),
+        running.admin_addr.expect("admin").port(),
+    );
+    let lines: String = (0..100).map(|_| "drift.c:1|c\n").collect();
+    send_tcp(tcp, &lines);
+    assert!(
+        blocking(move || wait_for(10, || clickhouse()
+            .try_query("SELECT sum(value) FROM ledger_drift.counters FINAL WHERE name = 'drift.c'")
+            .as_deref()
+            == Some("100\n")))
+        .await
+    );
+    // An operator's ALTER: tallyd's rows no longer fit the table.
+    ch.query("ALTER TABLE ledger_drift.counters ADD COLUMN extra UInt64");
+    send_tcp(tcp, &lines);
+    let t = Arc::clone(&running.telemetry);
+    assert!(
+        blocking(move || wait_for(10, || t.tables_blocked[0].load(Relaxed) == 1)).await,
+        "the table was not blocked"
+    );
+    let health = blocking(move || http(admin, "GET", "/health", "")).await;
+    assert!(
+        health
+            .as_deref()
+            .is_some_and(|h| h.contains("counters (schema drift)")),
+        "{health:?}"
+    );
+    // More data while blocked: kept too.
+    send_tcp(tcp, &lines);
+    let t = Arc::clone(&running.telemetry);
+    blocking(move || wait_for_lines(&t, 300)).await;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_drift.counters FINAL WHERE name = 'drift.c'"),
+        100.0,
+        "nothing lands while the table is blocked"
+    );
+    ch.query("ALTER TABLE ledger_drift.counters DROP COLUMN extra");
+    let t = Arc::clone(&running.telemetry);
+    assert!(
+        blocking(move || wait_for(10, || t.tables_blocked[0].load(Relaxed) == 0)).await,
+        "the table stayed blocked"
+    );
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_drift.counters FINAL WHERE name = 'drift.c'"),
+        300.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_fsync_never_acks() {
+    let ch = clickhouse();
+    let fs = Arc::new(FaultyFs::default());
+    let running = server::start_with(config(&settings(ch, "ledger_fsync")), fs.clone())
+        .await
+        .expect("start");
+    let (addr, admin) = (
+        running.proto_tcp_addr.expect("proto tcp"),
+        running.admin_addr.expect("admin").port(),
+    );
+    fs.arm("seg-", Fault::SyncFails);
+    let c = blocking(move || {
+        let mut c = connect(addr);
+        c.write_all(&encode_frame(&batch("f", 1, "fsync.c", 10, 1.0)))
+            .expect("write");
+        c.set_read_timeout(Some(Duration::from_millis(1500)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        let early = c.read(&mut byte);
+        assert!(
+            early.is_err(),
+            "an ack arrived while every sync fails: {early:?}"
+        );
+        c
+    })
+    .await;
+    let health = blocking(move || http(admin, "GET", "/health", "")).await;
+    assert!(
+        health
+            .as_deref()
+            .is_some_and(|h| h.contains("degraded: a WAL sync failed")),
+        "{health:?}"
+    );
+    fs.heal();
+    let status = blocking(move || {
+        let mut c = c;
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        read_ack(&mut c).expect("ack after a full sync").status
+    })
+    .await;
+    assert_eq!(status, OK);
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_fsync.counters FINAL WHERE name = 'fsync.c'"),
+        10.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_on_intent_does_not_send() {
+    let ch = clickhouse();
+    let fs = Arc::new(FaultyFs::default());
+    let mut s = settings(ch, "ledger_enospc");
+    s.aggregate.flush_interval = "100ms".into();
+    fs.arm("spool", Fault::NoSpace);
+    let running = server::start_with(config(&s), fs.clone())
+        .await
+        .expect("start");
+    let lines: String = (0..100).map(|_| "enospc.c:1|c\n").collect();
+    send_tcp(running.tcp_addr.expect("tcp"), &lines);
+    let t = Arc::clone(&running.telemetry);
+    assert!(
+        blocking(move || wait_for(10, || t.spool_errors.load(Relaxed) >= 3)).await,
+        "the spool write never failed"
+    );
+    send_tcp(running.tcp_addr.expect("tcp"), &lines);
+    let t = Arc::clone(&running.telemetry);
+    blocking(move || wait_for_lines(&t, 200)).await;
+    assert_eq!(
+        ch.try_query("SELECT count() FROM ledger_enospc.counters")
+            .map_or(0.0, |n| n.trim().parse().unwrap_or(0.0)),
+        0.0,
+        "a flush that was not recorded was sent"
+    );
+    fs.heal();
+    let t = Arc::clone(&running.telemetry);
+    assert!(blocking(move || wait_for(10, || t.flushes.load(Relaxed) >= 2)).await);
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM ledger_enospc.counters FINAL WHERE name = 'enospc.c'"),
+        200.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_torn_state_file_starts() {
+    let ch = clickhouse();
+    let fs = Arc::new(FaultyFs::default());
+    let mut s = settings(ch, "ledger_torn");
+    s.aggregate.flush_interval = "100ms".into();
+    s.shutdown_timeout = "1s".into();
+    let dir = std::path::PathBuf::from(&s.data_dir);
+    let running = server::start_with(config(&s), fs.clone())
+        .await
+        .expect("start");
+    // Every state file write tears from now on, as if power failed mid-write.
+    for file in ["instance", "dedup", "checkpoint", "gauges"] {
+        fs.arm(file, Fault::TornWrite(3));
+    }
+    let lines: String = (0..100).map(|_| "torn.c:1|c\ntorn.g:+1|g\n").collect();
+    send_tcp(running.tcp_addr.expect("tcp"), &lines);
+    let t = Arc::clone(&running.telemetry);
+    blocking(move || wait_for_lines(&t, 200)).await;
+    let t = Arc::clone(&running.telemetry);
+    assert!(blocking(move || wait_for(10, || t.spool_errors.load(Relaxed) > 0)).await);
+    running.shutdown().await;
+    assert!(
+        dir.join("instance.tmp").exists(),
+        "a torn temp file is left"
+    );
+    // A pre-ledger release could leave an empty flush id file too.
+    std::fs::write(dir.join("flush_id"), "").expect("write");
+    let running = server::start(config(&s))
+        .await
+        .expect("starts after a power loss");
+    running.shutdown().await;
+    assert_eq!(
+        ch.query(
+            "SELECT sum(value) FROM ledger_torn.counters FINAL WHERE name = 'torn.c' FORMAT TSV"
+        ),
+        "100\n"
+    );
+    assert_eq!(
+        ch.number(
+            "SELECT argMax(value, version) FROM ledger_torn.gauges FINAL WHERE name = 'torn.g'"
+        ),
+        100.0
+    );
+}
