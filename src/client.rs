@@ -106,6 +106,8 @@ impl ProtoClient {
             }
             match self.round_trip(&frame) {
                 Ok(ack) if ack.status == Status::Overloaded as i32 => {
+                    // tallyd closes the connection after OVERLOADED.
+                    self.stream = None;
                     last_error = Some(io::Error::other(ack.message))
                 }
                 Ok(ack) => return Ok(ack),
