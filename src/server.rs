@@ -6,10 +6,19 @@
 //!  TCP tasks ───┴─ Aggregator (gens) ──┘   (1 s / max_depth)  (flush_queue)
 //! ```
 //!
+//! Start-up, in order: `bind` every listener (a taken port fails fast);
+//! `recover` the ledger and the WAL from the data dir (off the tokio
+//! workers); `serve`: start the sink, re-send the spool, replay the WAL's
+//! unrecorded generations, start the flush loop and the WAL sync task, then
+//! serve the listeners and say READY.
+//!
 //! Shutdown, in order: `/health` turns 503; the listeners stop and drain
-//! what the kernel already holds; the flush loop closes the last interval;
-//! the sink writes what is queued, bounded by `shutdown_timeout` (rows still
-//! unsent then are counted and logged as lost).
+//! what the kernel already holds (acks still waiting for a sync give up at
+//! `shutdown_timeout`); the flush loop closes the last interval; the sink
+//! writes what is queued, bounded by `shutdown_timeout` (with the WAL, rows
+//! still unsent stay in the spool for the next start; without it they are
+//! counted and logged as lost); the WAL sync task stops last, after one
+//! final sync.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -87,26 +96,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// [`start`], with every durable file operation going through `fs` (tests
 /// inject failed syncs, ENOSPC and torn writes).
 pub async fn start_with(config: Config, fs: Arc<dyn Fs>) -> Result<Running, StartError> {
-    let data_dir_err = |source| StartError::DataDir {
-        dir: config.data_dir.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(&config.data_dir).map_err(data_dir_err)?;
-    let (ledger, mut recovered) = {
-        let (dir, window, fs) = (
-            config.data_dir.clone(),
-            config.proto.dedup_window,
-            Arc::clone(&fs),
-        );
-        blocking(move || Ledger::open(&dir, window, fs))
-            .await
-            .and_then(|r| r)
-            .map_err(data_dir_err)?
-    };
-    let dedup = Arc::clone(&ledger.dedup);
+    // Listeners are bound first (a taken port fails fast), served only after
+    // the ledger and the WAL are recovered and replayed.
+    let listeners = bind(&config).await?;
+    let opened = recover(&config, fs).await?;
+    serve(config, listeners, opened).await
+}
 
-    let telemetry = Arc::new(Telemetry::default());
-    let clock: Clock = Arc::new(crate::aggregate::wall_clock);
+/// Every socket tallyd listens on, bound (or passed by systemd).
+struct Listeners {
+    udp_sockets: Vec<std::net::UdpSocket>,
+    tcp_listener: Option<TcpListener>,
+    proto_tcp_listener: Option<TcpListener>,
+    proto_udp_socket: Option<std::net::UdpSocket>,
+    admin_listener: Option<TcpListener>,
+}
+
+/// Start-up phase 1: binds every listener.
+async fn bind(config: &Config) -> Result<Listeners, StartError> {
     let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
     let activated = crate::activation::take();
     let activated_addr = |what: &'static str| {
@@ -175,8 +182,42 @@ pub async fn start_with(config: Config, fs: Arc<dyn Fs>) -> Result<Running, Star
         ),
         None => None,
     };
-    // Listeners are bound first (a taken port fails fast), served only after
-    // the WAL is replayed.
+    Ok(Listeners {
+        udp_sockets,
+        tcp_listener,
+        proto_tcp_listener,
+        proto_udp_socket,
+        admin_listener,
+    })
+}
+
+/// What start-up phase 2 recovered from the data dir.
+struct Opened {
+    ledger: Arc<Ledger>,
+    recovered: Recovered,
+    wal: Option<Arc<Wal>>,
+    recovery: Recovery,
+}
+
+/// Start-up phase 2: opens the ledger and the WAL (off the tokio workers)
+/// and reads what they hold.
+async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, StartError> {
+    let data_dir_err = |source| StartError::DataDir {
+        dir: config.data_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(data_dir_err)?;
+    let (ledger, recovered) = {
+        let (dir, window, fs) = (
+            config.data_dir.clone(),
+            config.proto.dedup_window,
+            Arc::clone(&fs),
+        );
+        blocking(move || Ledger::open(&dir, window, fs))
+            .await
+            .and_then(|r| r)
+            .map_err(data_dir_err)?
+    };
     let (wal, mut recovery) = match &config.wal {
         Some(wc) => {
             let (wc, fs) = (wc.clone(), Arc::clone(&fs));
@@ -202,6 +243,37 @@ pub async fn start_with(config: Config, fs: Arc<dyn Fs>) -> Result<Running, Star
     if let Some(newest) = recovered.flushes.iter().map(|f| f.generation).max() {
         recovery.next_generation = recovery.next_generation.max(newest + 1);
     }
+    Ok(Opened {
+        ledger,
+        recovered,
+        wal,
+        recovery,
+    })
+}
+
+/// Start-up phase 3: starts every stage, replays, then serves.
+async fn serve(
+    config: Config,
+    listeners: Listeners,
+    opened: Opened,
+) -> Result<Running, StartError> {
+    let Listeners {
+        udp_sockets,
+        tcp_listener,
+        proto_tcp_listener,
+        proto_udp_socket,
+        admin_listener,
+    } = listeners;
+    let Opened {
+        ledger,
+        mut recovered,
+        wal,
+        recovery,
+    } = opened;
+    let dedup = Arc::clone(&ledger.dedup);
+    let telemetry = Arc::new(Telemetry::default());
+    let clock: Clock = Arc::new(crate::aggregate::wall_clock);
+    let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
     let aggregator = Arc::new(Aggregator::with_wal(
         config.aggregate,
         config.parse_limits,
