@@ -598,3 +598,78 @@ fn every_failpoint_in_turn_under_mixed_udp_and_proto_traffic() {
     let doubled = ch.number("SELECT count() FROM (SELECT name, sum(value) AS s FROM failpoints.counters FINAL WHERE name LIKE 'noise.%' GROUP BY name) WHERE s != 1");
     assert_eq!(doubled, 0.0, "a noise key was counted twice (seed {seed})");
 }
+
+#[test]
+fn a_data_dir_of_the_previous_release_is_replayed() {
+    use tallyd::client::ProtoClient;
+    use tallyd::protocol::proto::pb::ack::Status;
+    let _serial = serial();
+    let ch = clickhouse();
+    let dir = temp_dir("upgrade");
+    let ports = Ports::new();
+    let db = ["--clickhouse-database", "upgrade", "--flush-interval", "1h"];
+    // Unflushed records in the WAL (its format did not change).
+    let d = start(&dir, &ports, "", &db);
+    let lines: String = (0..100).map(|_| "up.c:2|c\n").collect();
+    send_tcp(
+        format!("127.0.0.1:{}", ports.tcp).parse().expect("addr"),
+        &lines,
+    );
+    d.wait_received(100);
+    d.kill9();
+    // The rest as the previous release left it: no instance file and no
+    // spool; a checkpoint (version 0) whose intent says generation 1 was
+    // sent as flush 1700000000000000 and landed; the last flush id; the
+    // dedup state (version 0: client "old" accepted up to sequence 5).
+    for f in ["instance", "dedup", "gauges"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let _ = std::fs::remove_dir_all(dir.join("spool"));
+    std::fs::write(
+        dir.join("wal/checkpoint"),
+        "confirmed 0\nintent 1 1700000000000000 1700000000\n",
+    )
+    .expect("checkpoint");
+    std::fs::write(dir.join("flush_id"), "1800000000000000\n").expect("flush_id");
+    let seen = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    std::fs::write(dir.join("dedup"), format!("6f6c64 5 {seen}\n")).expect("dedup");
+    ch.query("CREATE DATABASE IF NOT EXISTS upgrade");
+    for statement in tallyd::sink::schema::ddl("upgrade", false) {
+        ch.query(&statement);
+    }
+    ch.query("INSERT INTO upgrade.counters VALUES (1700000000, 'up.c', [], 'crash-host', 1700000000000000, 200, 100)");
+
+    let d = start(&dir, &ports, "", &["--clickhouse-database", "upgrade"]);
+    let proto: std::net::SocketAddr = format!("127.0.0.1:{}", ports.proto).parse().expect("addr");
+    let mut client = ProtoClient::new(proto);
+    let statuses: Vec<i32> = [5u64, 4, 6]
+        .iter()
+        .map(|&seq| {
+            client
+                .send(&proto_batch("old", seq, "after.c", 1, 1.0))
+                .expect("ack")
+                .status
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            Status::Duplicate as i32,
+            Status::Duplicate as i32,
+            Status::Ok as i32
+        ]
+    );
+    d.term();
+    assert_eq!(
+        ch.query("SELECT sum(value), sum(samples) FROM upgrade.counters FINAL WHERE name = 'up.c' FORMAT TSV"),
+        "200\t100\n",
+        "the interval the previous release sent was re-sent under its flush id"
+    );
+    assert_eq!(
+        ch.query("SELECT sum(value), min(flush_id) > 1800000000000000 FROM upgrade.counters FINAL WHERE name = 'after.c' FORMAT TSV"),
+        "1\t1\n"
+    );
+}

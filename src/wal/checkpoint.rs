@@ -1,15 +1,19 @@
 //! The WAL checkpoint: which generations are done (recorded in the spool,
 //! see [`crate::ledger`]), so that their records may be overwritten.
 //!
-//! # The `checkpoint` file (text, written atomically)
+//! # The `checkpoint` file, version 1 (text, written atomically)
 //!
 //! ```text
+//! tallyd-checkpoint 1
 //! confirmed <G>      every generation up to G is done
 //! done <g>           one line per done generation above G (a gap waits below it)
 //! intent <g> <flush id> <ts>   (read only) written by tallyd before the spool
 //!                    existed: generation g was sent with this flush id and
 //!                    interval start; replay re-sends it under them
 //! ```
+//!
+//! A file without the first line is version 0 (the release before the
+//! ledger): the same lines, `intent` lines included.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,7 +36,7 @@ pub(super) struct Checkpoint {
 
 impl Checkpoint {
     pub fn encode(&self) -> String {
-        let mut s = format!("confirmed {}\n", self.confirmed);
+        let mut s = format!("tallyd-checkpoint 1\nconfirmed {}\n", self.confirmed);
         for g in &self.done {
             s.push_str(&format!("done {g}\n"));
         }
@@ -52,6 +56,12 @@ impl Checkpoint {
                     .ok_or_else(|| format!("bad line {line:?}"))
             };
             match f.first() {
+                Some(&"tallyd-checkpoint") if f.get(1) == Some(&"1") => {}
+                Some(&"tallyd-checkpoint") => {
+                    return Err(format!(
+                        "unknown version in {line:?}; a newer tallyd wrote it"
+                    ));
+                }
                 Some(&"confirmed") => c.confirmed = num(1)?,
                 Some(&"done") => {
                     c.done.insert(num(1)?);

@@ -47,7 +47,7 @@
 //! A record carries the id of the generation (interval) its block was applied
 //! to. When a generation's rows are recorded in the spool (step 4 of the
 //! durable order in [`crate::ledger`]), the generation is *done*; the
-//! `checkpoint` file ([`checkpoint`]) keeps the highest generation below
+//! `checkpoint` file (see `checkpoint.rs`) keeps the highest generation below
 //! which everything is done. A segment is reused only when every record in
 //! it belongs to a done generation: the ring never overwrites a record whose
 //! rows are not yet in the spool. When the next segment is not free, the
@@ -57,7 +57,7 @@
 //! # Recovery
 //!
 //! At start, every segment is scanned in sequence order and each record is
-//! verified ([`recovery`]). Records of generations that are not done are
+//! verified (`recovery.rs`). Records of generations that are not done are
 //! returned by generation; the ledger rebuilds each one (or, if its spool
 //! file exists, only re-observes its protobuf batches). A torn tail (the
 //! last record of the newest segment) is truncated with a warning. A record
