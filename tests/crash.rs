@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use common::{clickhouse, free_port, http, send_tcp, temp_dir, wait_for};
+use common::{clickhouse, free_port, http, proto_batch, send_tcp, temp_dir, wait_for};
 
 struct Daemon {
     child: Child,
@@ -396,30 +396,6 @@ fn an_acknowledged_batch_survives_kill_9_before_its_flush() {
         ch.number("SELECT sum(value) FROM acked.counters FINAL WHERE name = 'acked.c'"),
         3000.0
     );
-}
-
-/// `count`, `value` each, in one protobuf batch.
-fn proto_batch(
-    client: &str,
-    sequence: u64,
-    name: &str,
-    count: usize,
-    value: f64,
-) -> tallyd::protocol::proto::Batch {
-    use tallyd::protocol::proto::pb::event::Value;
-    use tallyd::protocol::proto::{Batch, Event};
-    Batch {
-        client_id: client.into(),
-        sequence,
-        events: (0..count)
-            .map(|_| Event {
-                name: name.into(),
-                tags: vec![],
-                value: Some(Value::Counter(value)),
-                sample_rate: 0.0,
-            })
-            .collect(),
-    }
 }
 
 #[test]

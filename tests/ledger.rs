@@ -11,33 +11,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use common::{clickhouse, config, http, send_tcp, settings, wait_for, wait_for_lines};
+use common::{clickhouse, config, http, proto_batch, send_tcp, settings, wait_for, wait_for_lines};
 use prost::Message;
 use tallyd::client::read_ack;
 use tallyd::ledger::fs::{Fault, FaultyFs};
 use tallyd::protocol::proto::pb::ack::Status;
-use tallyd::protocol::proto::pb::event::Value;
-use tallyd::protocol::proto::{Batch, Event, encode_frame};
+use tallyd::protocol::proto::{Batch, encode_frame};
 use tallyd::server;
 
 const OK: i32 = Status::Ok as i32;
 const DUPLICATE: i32 = Status::Duplicate as i32;
 const OVERLOADED: i32 = Status::Overloaded as i32;
-
-fn batch(client: &str, sequence: u64, name: &str, events: usize, value: f64) -> Batch {
-    Batch {
-        client_id: client.into(),
-        sequence,
-        events: (0..events)
-            .map(|_| Event {
-                name: name.into(),
-                tags: vec![],
-                value: Some(Value::Counter(value)),
-                sample_rate: 0.0,
-            })
-            .collect(),
-    }
-}
 
 /// Sends `b` on `s` and returns the ack's status.
 fn send(s: &mut TcpStream, b: &Batch) -> i32 {
@@ -75,7 +59,7 @@ async fn overloaded_then_later_seq_then_retry_counts_once() {
         let mut c = connect(addr);
         let mut filled = 0;
         for seq in 1..=100u64 {
-            match send(&mut c, &batch("filler", seq, "fill", 1000, 1.0)) {
+            match send(&mut c, &proto_batch("filler", seq, "fill", 1000, 1.0)) {
                 OK => filled += 1,
                 OVERLOADED => break,
                 other => panic!("status {other}"),
@@ -83,7 +67,7 @@ async fn overloaded_then_later_seq_then_retry_counts_once() {
         }
         // Pipelined: 7 is refused while the ring is full.
         let mut c = connect(addr);
-        let seven = send(&mut c, &batch("c", 7, "c.x", 1000, 7.0));
+        let seven = send(&mut c, &proto_batch("c", 7, "c.x", 1000, 7.0));
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).expect("closed after OVERLOADED");
         assert!(rest.is_empty(), "nothing after OVERLOADED");
@@ -101,9 +85,9 @@ async fn overloaded_then_later_seq_then_retry_counts_once() {
     let statuses = blocking(move || {
         let mut c = connect(addr);
         [
-            send(&mut c, &batch("c", 8, "c.x", 1000, 8.0)),
-            send(&mut c, &batch("c", 7, "c.x", 1000, 7.0)),
-            send(&mut c, &batch("c", 7, "c.x", 1000, 7.0)),
+            send(&mut c, &proto_batch("c", 8, "c.x", 1000, 8.0)),
+            send(&mut c, &proto_batch("c", 7, "c.x", 1000, 7.0)),
+            send(&mut c, &proto_batch("c", 7, "c.x", 1000, 7.0)),
         ]
     })
     .await;
@@ -129,7 +113,7 @@ async fn udp_batches_reordered_all_count_once() {
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
     for round in 0..2 {
         for seq in [5u64, 3, 1, 4, 2] {
-            let b = batch("reorder", seq, "udp.r", 10, seq as f64);
+            let b = proto_batch("reorder", seq, "udp.r", 10, seq as f64);
             sock.send_to(&b.encode_to_vec(), addr).expect("send");
         }
         if round == 0 {
@@ -161,7 +145,7 @@ async fn one_client_two_connections_counts_each_batch_once() {
     let addr = running.proto_tcp_addr.expect("proto tcp");
     let statuses = blocking(move || {
         let (mut a, mut b) = (connect(addr), connect(addr));
-        let one = |seq| batch("shared", seq, "two.c", 10, 1.0);
+        let one = |seq| proto_batch("shared", seq, "two.c", 10, 1.0);
         vec![
             send(&mut a, &one(2)),
             send(&mut b, &one(1)),
@@ -305,7 +289,7 @@ async fn failed_fsync_never_acks() {
     fs.arm("seg-", Fault::SyncFails);
     let c = blocking(move || {
         let mut c = connect(addr);
-        c.write_all(&encode_frame(&batch("f", 1, "fsync.c", 10, 1.0)))
+        c.write_all(&encode_frame(&proto_batch("f", 1, "fsync.c", 10, 1.0)))
             .expect("write");
         c.set_read_timeout(Some(Duration::from_millis(1500)))
             .expect("timeout");

@@ -316,15 +316,8 @@ mod tests {
     use super::*;
     use crate::ledger::fs::RealFs;
 
-    fn temp_dir() -> PathBuf {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tallyd-dedup-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("dir");
-        dir
+    fn temp_dir() -> std::path::PathBuf {
+        crate::ledger::test_dir("dedup")
     }
 
     fn open(dir: &Path) -> Dedup {

@@ -264,3 +264,27 @@ pub fn wait_for_lines(t: &tallyd::telemetry::Telemetry, lines: u64) {
         got()
     );
 }
+
+/// A protobuf batch of `count` counter events `name` of `value` each.
+pub fn proto_batch(
+    client: &str,
+    sequence: u64,
+    name: &str,
+    count: usize,
+    value: f64,
+) -> tallyd::protocol::proto::Batch {
+    use tallyd::protocol::proto::pb::event::Value;
+    use tallyd::protocol::proto::{Batch, Event};
+    Batch {
+        client_id: client.into(),
+        sequence,
+        events: (0..count)
+            .map(|_| Event {
+                name: name.into(),
+                tags: vec![],
+                value: Some(Value::Counter(value)),
+                sample_rate: 0.0,
+            })
+            .collect(),
+    }
+}
