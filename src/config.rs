@@ -241,6 +241,9 @@ pub struct Overrides {
     /// WAL durability: never, interval or always [default: interval]
     #[arg(long, env = "TALLYD_WAL_SYNC", value_name = "MODE")]
     pub wal_sync: Option<String>,
+    /// UDP receive threads; 0 = one per core [default: 0]
+    #[arg(long, env = "TALLYD_UDP_WORKERS", value_name = "N")]
+    pub udp_workers: Option<usize>,
 }
 
 impl Overrides {
@@ -266,6 +269,7 @@ impl Overrides {
         set(&mut s.proto.tcp, &self.proto_tcp);
         set(&mut s.proto.udp, &self.proto_udp);
         set(&mut s.wal.sync, &self.wal_sync);
+        set(&mut s.statsd.udp_workers, &self.udp_workers);
     }
 }
 
@@ -377,7 +381,8 @@ impl Settings {
         } else {
             s.udp_workers
         };
-        let wal = self.wal_config(udp_workers)?;
+        let max_frame = size("proto.max_frame", &self.proto.max_frame)?.max(1);
+        let (wal, udp_wal_streams) = self.wal_config(udp_workers, max_frame as u64)?;
         let p = &self.proto;
         if p.max_connections == 0 {
             return Err(err("proto.max_connections", "must be at least 1"));
@@ -385,13 +390,14 @@ impl Settings {
         let proto = ProtoConfig {
             tcp: listen("proto.tcp", &p.tcp)?,
             udp: listen("proto.udp", &p.udp)?,
-            max_frame: size("proto.max_frame", &p.max_frame)?.max(1),
+            max_frame,
             max_connections: p.max_connections,
             overload_timeout: duration("proto.overload_timeout", &p.overload_timeout)?,
             dedup_window: duration("proto.dedup_window", &p.dedup_window)?,
         };
         Ok(Config {
             wal,
+            udp_wal_streams,
             proto,
             host_id,
             data_dir: PathBuf::from(&self.data_dir),
@@ -459,6 +465,9 @@ pub struct Config {
     pub sink: SinkConfig,
     /// `None` when the WAL is disabled.
     pub wal: Option<WalConfig>,
+    /// WAL streams the UDP workers share (worker `i` appends to stream
+    /// `i % udp_wal_streams`); the TCP streams come after them.
+    pub udp_wal_streams: usize,
     pub proto: ProtoConfig,
 }
 
@@ -474,10 +483,14 @@ pub struct ProtoConfig {
 }
 
 impl Settings {
-    fn wal_config(&self, udp_workers: usize) -> Result<Option<WalConfig>, ConfigError> {
+    fn wal_config(
+        &self,
+        udp_workers: usize,
+        max_frame: u64,
+    ) -> Result<(Option<WalConfig>, usize), ConfigError> {
         let w = &self.wal;
         if !w.enabled {
-            return Ok(None);
+            return Ok((None, udp_workers.max(1)));
         }
         let size = size("wal.size", &w.size)? as u64;
         let segment_size = size_of("wal.segment_size", &w.segment_size)?;
@@ -487,17 +500,14 @@ impl Settings {
         if w.tcp_streams == 0 {
             return Err(err("wal.tcp_streams", "must be at least 1"));
         }
-        let streams = udp_workers as u64 + u64::from(w.tcp_streams);
-        let segments_per_stream = size / segment_size / streams;
-        if segments_per_stream < 2 {
-            return Err(err(
-                "wal.size",
-                format!(
-                    "{} holds fewer than 2 segments of {} for each of {streams} streams (UDP workers + wal.tcp_streams)",
-                    w.size, w.segment_size
-                ),
-            ));
-        }
+        let g = wal_geometry(
+            size,
+            segment_size,
+            max_frame,
+            udp_workers as u64,
+            u64::from(w.tcp_streams),
+        )
+        .map_err(|why| err("wal.size", format!("{} {why}", w.size)))?;
         let sync = match w.sync.as_str() {
             "never" => SyncMode::Never,
             "interval" => SyncMode::Interval,
@@ -509,16 +519,73 @@ impl Settings {
                 ));
             }
         };
-        Ok(Some(WalConfig {
+        let config = WalConfig {
             dir: PathBuf::from(&self.data_dir).join("wal"),
-            streams: streams as u32,
-            segments_per_stream: segments_per_stream.min(u64::from(u32::MAX)) as u32,
-            segment_size,
+            streams: g.streams,
+            segments_per_stream: g.segments_per_stream,
+            segment_size: g.segment_size,
             sync,
             sync_interval: duration("wal.sync_interval", &w.sync_interval)?,
             skip_corrupt: w.skip_corrupt,
-        }))
+        };
+        Ok((Some(config), g.udp_streams as usize))
     }
+}
+
+/// How `wal.size` is laid out (see [`wal_geometry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalGeometry {
+    pub streams: u32,
+    pub udp_streams: u32,
+    pub segment_size: u64,
+    pub segments_per_stream: u32,
+}
+
+/// Lays `size` bytes of WAL out for `udp_workers` UDP workers and
+/// `tcp_streams` TCP streams, whatever the core count: the total is always
+/// at most `size`.
+///
+/// 1. One stream per UDP worker plus `tcp_streams` is wanted, with 4
+///    segments each.
+/// 2. The segment size shrinks from `segment_size` to fit that, but not
+///    below what the largest protobuf batch needs (`max_frame` + 64 KiB,
+///    unless `segment_size` is smaller still), in steps of 64 KiB.
+/// 3. If the streams still do not fit with 2 segments each, there are
+///    fewer UDP streams and UDP workers share them (`i % udp_streams`).
+///
+/// Errors (a reason) when not even one UDP stream fits beside the TCP ones.
+pub fn wal_geometry(
+    size: u64,
+    segment_size: u64,
+    max_frame: u64,
+    udp_workers: u64,
+    tcp_streams: u64,
+) -> Result<WalGeometry, String> {
+    const STEP: u64 = 64 * 1024;
+    let wanted = udp_workers.max(1).saturating_add(tcp_streams);
+    let floor = max_frame
+        .saturating_add(STEP)
+        .div_ceil(STEP)
+        .saturating_mul(STEP);
+    let floor = floor.min(segment_size);
+    let fit = size / wanted.saturating_mul(4) / STEP * STEP;
+    let seg = fit.clamp(floor, segment_size);
+    let streams = wanted.min(size / seg.saturating_mul(2));
+    if streams <= tcp_streams {
+        return Err(format!(
+            "holds fewer than 2 segments of {} for each of {} streams (one UDP stream and wal.tcp_streams); give it at least {}",
+            bytesize::ByteSize(seg),
+            tcp_streams + 1,
+            bytesize::ByteSize(seg.saturating_mul(2).saturating_mul(tcp_streams + 1)),
+        ));
+    }
+    let to_u32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    Ok(WalGeometry {
+        streams: to_u32(streams),
+        udp_streams: to_u32(streams - tcp_streams),
+        segment_size: seg,
+        segments_per_stream: to_u32(size / seg / streams),
+    })
 }
 
 fn size_of(field: &str, text: &str) -> Result<u64, ConfigError> {
@@ -619,13 +686,40 @@ mod tests {
             (wal.streams, wal.segment_size, wal.segments_per_stream),
             (4, 32 << 20, 8)
         );
-        s.wal.size = "64MiB".into();
+        s.wal.size = "64KiB".into();
         assert_eq!(s.validate().unwrap_err().field, "wal.size");
         s.wal.size = "1GiB".into();
         s.wal.sync = "sometimes".into();
         assert_eq!(s.validate().unwrap_err().field, "wal.sync");
         s.wal.enabled = false;
         assert_eq!(s.validate().expect("valid").wal, None);
+    }
+
+    #[test]
+    fn the_default_wal_fits_any_core_count_in_its_size() {
+        let size = 1 << 30;
+        for workers in [1u64, 2, 15, 64, 256] {
+            let g = wal_geometry(size, 32 << 20, 4 << 20, workers, 2).expect("fits");
+            let total = u64::from(g.streams) * u64::from(g.segments_per_stream) * g.segment_size;
+            assert!(total <= size, "{workers} workers: {g:?}");
+            assert!(g.segments_per_stream >= 2, "{workers} workers: {g:?}");
+            assert!(
+                g.segment_size >= (4 << 20) + (64 << 10),
+                "a 4 MiB batch fits: {g:?}"
+            );
+            assert_eq!(g.streams - g.udp_streams, 2);
+            assert!(u64::from(g.udp_streams) <= workers);
+        }
+        let g = wal_geometry(size, 32 << 20, 4 << 20, 64, 2).expect("fits");
+        assert_eq!(g.udp_streams, 64, "64 workers still get a stream each");
+        let g = wal_geometry(size, 32 << 20, 4 << 20, 256, 2).expect("fits");
+        assert!(g.udp_streams < 256, "256 workers share streams");
+        let mut s = Settings::default();
+        s.statsd.udp_workers = 256;
+        assert_eq!(
+            s.validate().expect("valid").udp_wal_streams as u32,
+            g.udp_streams
+        );
     }
 
     #[test]

@@ -335,6 +335,7 @@ async fn serve(
     let udp_stop = Arc::new(AtomicBool::new(false));
     let udp_threads = udp::spawn(
         udp_sockets,
+        config.udp_wal_streams,
         Arc::clone(&aggregator),
         Arc::clone(&telemetry),
         Arc::clone(&udp_stop),
@@ -347,8 +348,11 @@ async fn serve(
     ))?;
     // TCP connections (StatsD and protobuf) share the streams after the
     // UDP workers'.
-    let shared_streams = config.udp_workers
-        ..config.udp_workers + wal.as_ref().map_or(1, |w| w.streams() - config.udp_workers);
+    let udp_streams = config.udp_wal_streams;
+    let shared_streams = udp_streams
+        ..wal
+            .as_ref()
+            .map_or(udp_streams + 1, |w| w.streams().max(udp_streams + 1));
     let tcp = tcp_listener.map(|listener| {
         let ingest = TcpIngest {
             aggregator: Arc::clone(&aggregator),

@@ -649,3 +649,42 @@ fn a_data_dir_of_the_previous_release_is_replayed() {
         "1\t1\n"
     );
 }
+
+#[test]
+fn a_changed_core_count_replays_the_old_wal_streams() {
+    let _serial = serial();
+    let ch = clickhouse();
+    let dir = temp_dir("geometry");
+    let ports = Ports::new();
+    let db = ["--clickhouse-database", "geometry"];
+    let d = start(
+        &dir,
+        &ports,
+        "",
+        &[&db[..], &["--flush-interval", "1h", "--udp-workers", "2"]].concat(),
+    );
+    let mut exp = Expected::default();
+    let lines = burst(&ports, 1, &mut exp);
+    d.wait_received(lines);
+    d.kill9();
+    // The container comes back with more cores: more UDP streams.
+    let d = start(
+        &dir,
+        &ports,
+        "",
+        &[&db[..], &["--udp-workers", "5"]].concat(),
+    );
+    let lines = burst(&ports, 2, &mut exp);
+    d.wait_received(lines);
+    d.term();
+    assert_eq!(
+        ch.query("SELECT sum(value), sum(samples) FROM geometry.counters FINAL WHERE name = 'crash.c' FORMAT TSV"),
+        format!("{}\t{}\n", exp.counter, exp.samples)
+    );
+    assert!(
+        !std::fs::read_dir(dir.join("wal"))
+            .expect("wal dir")
+            .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("previous-"))),
+        "the old streams were removed once drained"
+    );
+}

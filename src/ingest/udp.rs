@@ -63,9 +63,11 @@ pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<
     Ok(sockets)
 }
 
-/// Starts one receive thread per socket. They stop when `stop` is set.
+/// Starts one receive thread per socket; thread `i` appends to WAL stream
+/// `i % wal_streams`. They stop when `stop` is set.
 pub fn spawn(
     sockets: Vec<UdpSocket>,
+    wal_streams: usize,
     aggregator: Arc<Aggregator>,
     telemetry: Arc<Telemetry>,
     stop: Arc<AtomicBool>,
@@ -81,21 +83,24 @@ pub fn spawn(
             );
             std::thread::Builder::new()
                 .name(format!("tallyd-udp-{i}"))
-                .spawn(move || receive(&socket, i, &aggregator, &telemetry, &stop))
+                .spawn(move || {
+                    let stream = i % wal_streams.max(1);
+                    receive(&socket, stream, &aggregator, &telemetry, &stop)
+                })
         })
         .collect()
 }
 
-/// Worker `index` writes to WAL stream `index`.
+/// A worker that writes to WAL stream `wal_stream`.
 fn receive(
     socket: &UdpSocket,
-    index: usize,
+    wal_stream: usize,
     aggregator: &Aggregator,
     telemetry: &Telemetry,
     stop: &AtomicBool,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut scratch = Scratch::for_stream(index);
+    let mut scratch = Scratch::for_stream(wal_stream);
     let mut ingest = |block: &[u8]| {
         let mut stats = BlockStats::default();
         match aggregator.ingest_block(block, &mut scratch, &mut stats) {

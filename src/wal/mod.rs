@@ -88,7 +88,6 @@ pub mod inspect;
 mod recovery;
 mod segment;
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -101,7 +100,7 @@ use checkpoint::Checkpoint;
 pub use checkpoint::Intent;
 use format::{Kind, SEGMENT_HEADER, record_len};
 pub use recovery::{End, Walk, walk};
-use recovery::{Scan, read_checkpoint, remove_streams, scan_dir};
+use recovery::{Scan, move_streams, previous_dirs, read_checkpoint, remove_streams, scan_dir};
 use segment::Segment;
 
 /// When appended records are forced to disk.
@@ -129,10 +128,6 @@ pub enum WalError {
     Io { path: String, source: io::Error },
     #[error("{0} is used by another tallyd (lock held)")]
     Locked(String),
-    #[error(
-        "the WAL in {dir} was written with {old}; it holds unflushed records from generation {from} on. Start with the old settings to drain it, or remove {dir} to discard them"
-    )]
-    Geometry { dir: String, old: String, from: u64 },
     #[error(
         "corrupt record in {segment} at offset {offset}; set wal.skip_corrupt = true to skip it"
     )]
@@ -212,6 +207,9 @@ pub struct Wal {
     streams: Vec<Mutex<Stream>>,
     checkpoint: Mutex<Checkpoint>,
     confirmed: AtomicU64,
+    /// Streams of an older geometry (see `Wal::open`), each with the newest
+    /// generation it holds: removed once that generation is done.
+    previous: Mutex<Vec<(PathBuf, u64)>>,
     /// A sync failed and no full sync has succeeded since: nothing appended
     /// may be called durable (no ack is sent) until one does.
     poisoned: AtomicBool,
@@ -249,22 +247,32 @@ impl Wal {
             .map(|s| s.trim().to_owned());
 
         let mut scan = Scan::default();
-        let (streams, recovery_blocks) = if old_geometry.as_deref().is_some_and(|g| g != geometry) {
-            // Read the old layout: refuse if it holds anything unflushed.
-            scan_dir(&dir, &checkpoint, &config, &mut scan, true)?;
-            if let Some(&from) = scan.by_generation.keys().next() {
-                return Err(WalError::Geometry {
-                    dir: dir.display().to_string(),
-                    old: old_geometry.unwrap_or_default(),
-                    from,
-                });
+        if old_geometry.as_deref().is_some_and(|g| g != geometry) {
+            // The old layout is kept aside, read only, while it holds
+            // records not yet done; the new one starts empty.
+            let mut old = Scan::default();
+            scan_dir(&dir, &checkpoint, &config, &mut old, true)?;
+            if old.by_generation.is_empty() {
+                remove_streams(&dir)?;
+            } else {
+                let aside = previous_dirs(&dir)?.len();
+                let to = dir.join(format!("previous-{aside}"));
+                move_streams(&dir, &to)?;
+                tracing::warn!(old = old_geometry.as_deref().unwrap_or(""), new = %geometry, kept = %to.display(), "the WAL geometry changed; the old streams are replayed read-only");
             }
-            remove_streams(&dir)?;
-            (Vec::new(), BTreeMap::new())
-        } else {
-            let streams = scan_dir(&dir, &checkpoint, &config, &mut scan, false)?;
-            (streams, std::mem::take(&mut scan.by_generation))
-        };
+        }
+        let streams = scan_dir(&dir, &checkpoint, &config, &mut scan, false)?;
+        let mut previous = Vec::new();
+        for p in previous_dirs(&dir)? {
+            let mut old = Scan::default();
+            scan_dir(&p, &checkpoint, &config, &mut old, true)?;
+            match old.by_generation.keys().next_back().copied() {
+                None => std::fs::remove_dir_all(&p).map_err(io_err(&p))?,
+                Some(newest) => previous.push((p, newest)),
+            }
+            scan.absorb(old);
+        }
+        let recovery_blocks = std::mem::take(&mut scan.by_generation);
         let mut wal_streams = streams;
         if wal_streams.is_empty() {
             for s in 0..config.streams {
@@ -308,6 +316,7 @@ impl Wal {
             synced: tokio::sync::watch::Sender::new(0),
             sync_wanted: tokio::sync::Notify::new(),
             confirmed: AtomicU64::new(checkpoint.confirmed),
+            previous: Mutex::new(previous),
             poisoned: AtomicBool::new(false),
             acks_closed: AtomicBool::new(false),
             fs,
@@ -550,7 +559,20 @@ impl Wal {
             c.confirmed
         };
         self.confirmed.store(confirmed, Relaxed);
-        self.persist_checkpoint()
+        self.persist_checkpoint()?;
+        let done: Vec<PathBuf> = {
+            let mut previous = lock(&self.previous);
+            let (done, kept) = std::mem::take(&mut *previous)
+                .into_iter()
+                .partition(|(_, newest)| *newest <= confirmed);
+            *previous = kept;
+            done.into_iter().map(|(p, _)| p).collect()
+        };
+        for p in done {
+            std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
+            tracing::info!(dir = %p.display(), "the streams of the old WAL geometry are drained and removed");
+        }
+        Ok(())
     }
 
     /// The generation up to which everything is confirmed.
@@ -842,25 +864,36 @@ mod tests {
     }
 
     #[test]
-    fn changed_geometry_is_refused_while_records_are_unflushed() {
+    fn changed_geometry_replays_the_old_streams_read_only() {
         let dir = temp_dir();
         {
             let (wal, _) = Wal::open(config(&dir)).expect("open");
             wal.append(0, 1, Kind::Statsd, b"a:1|c").expect("append");
+            wal.append(1, 2, Kind::Statsd, b"b:1|c").expect("append");
         }
         let mut bigger = config(&dir);
+        bigger.streams = 5;
         bigger.segment_size = 8192;
-        assert!(matches!(
-            Wal::open(bigger.clone()),
-            Err(WalError::Geometry { from: 1, .. })
-        ));
         {
-            let (wal, rec) = Wal::open(config(&dir)).expect("old settings still open it");
-            assert_eq!(rec.records, 1);
+            let (wal, rec) = Wal::open(bigger.clone()).expect("the new geometry opens");
+            assert_eq!(
+                payloads(&rec),
+                vec![(1, vec!["a:1|c".into()]), (2, vec!["b:1|c".into()])]
+            );
+            assert_eq!(rec.next_generation, 3);
+            assert!(dir.join("previous-0").exists());
+            wal.append(4, 3, Kind::Statsd, b"c:1|c")
+                .expect("new streams take appends");
             wal.confirm(1).expect("confirm");
+            assert!(
+                dir.join("previous-0").exists(),
+                "generation 2 is still there"
+            );
+            wal.confirm(2).expect("confirm");
+            assert!(!dir.join("previous-0").exists(), "drained and removed");
         }
-        let (_, rec) = Wal::open(bigger).expect("drained: the new geometry applies");
-        assert_eq!(rec.records, 0);
+        let (_, rec) = Wal::open(bigger).expect("reopen");
+        assert_eq!(payloads(&rec), vec![(3, vec!["c:1|c".into()])]);
     }
 
     #[test]

@@ -12,6 +12,20 @@ use super::format::{self, Decoded, Kind, SEGMENT_HEADER};
 use super::segment::Segment;
 use super::{Stream, WalConfig, WalError, io_err};
 
+impl Scan {
+    /// Adds what another scan found.
+    pub(super) fn absorb(&mut self, other: Scan) {
+        for (g, mut blocks) in other.by_generation {
+            self.by_generation.entry(g).or_default().append(&mut blocks);
+        }
+        self.max_generation = self.max_generation.max(other.max_generation);
+        self.records += other.records;
+        self.bytes += other.bytes;
+        self.torn += other.torn;
+        self.skipped += other.skipped;
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Scan {
     pub(super) by_generation: BTreeMap<u64, Vec<(Kind, Vec<u8>)>>,
@@ -89,6 +103,40 @@ fn count_segments(sdir: &Path) -> u32 {
     (0..)
         .take_while(|i| sdir.join(format!("seg-{i}.wal")).exists())
         .count() as u32
+}
+
+/// Moves every `stream-*` directory of `dir` into `to` (a rename each: the
+/// segments are not copied).
+pub(super) fn move_streams(dir: &Path, to: &Path) -> Result<(), WalError> {
+    std::fs::create_dir_all(to).map_err(io_err(to))?;
+    for id in stream_ids(dir)? {
+        let (from, dest) = (
+            dir.join(format!("stream-{id}")),
+            to.join(format!("stream-{id}")),
+        );
+        std::fs::rename(&from, &dest).map_err(io_err(&from))?;
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        d.sync_all().map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+/// The `previous-*` directories of `dir`: streams of older geometries.
+pub(super) fn previous_dirs(dir: &Path) -> Result<Vec<std::path::PathBuf>, WalError> {
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("previous-"))
+        {
+            dirs.push(entry.path());
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
 }
 
 pub(super) fn remove_streams(dir: &Path) -> Result<(), WalError> {
