@@ -34,7 +34,25 @@ pub struct Settings {
     pub aggregate: AggregateSettings,
     pub clickhouse: ClickhouseSettings,
     pub wal: WalSettings,
+    pub spool: SpoolSettings,
     pub proto: ProtoSettings,
+}
+
+/// `[spool]`: flushes recorded on disk until ClickHouse has them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolSettings {
+    /// Past this size, each new interval is merged into the newest waiting
+    /// one (coarser `ts`, same totals) instead of adding a file.
+    pub max_size: String,
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        SpoolSettings {
+            max_size: "1GiB".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,6 +160,7 @@ impl Default for Settings {
             aggregate: AggregateSettings::default(),
             clickhouse: ClickhouseSettings::default(),
             wal: WalSettings::default(),
+            spool: SpoolSettings::default(),
             proto: ProtoSettings::default(),
         }
     }
@@ -397,6 +416,7 @@ impl Settings {
         };
         Ok(Config {
             wal,
+            spool_max_size: size("spool.max_size", &self.spool.max_size)? as u64,
             udp_wal_streams,
             proto,
             host_id,
@@ -465,6 +485,8 @@ pub struct Config {
     pub sink: SinkConfig,
     /// `None` when the WAL is disabled.
     pub wal: Option<WalConfig>,
+    /// `spool.max_size`, bytes.
+    pub spool_max_size: u64,
     /// WAL streams the UDP workers share (worker `i` appends to stream
     /// `i % udp_wal_streams`); the TCP streams come after them.
     pub udp_wal_streams: usize,

@@ -5,12 +5,15 @@
 //! An interval closes at every wall-clock boundary of `flush_interval` (a 1 s
 //! interval closes at each whole second) or as soon as `max_depth` raw
 //! increments are pending, whichever is first. Closing swaps in a fresh
-//! generation, so ingest never waits. When the sink's queue is full, the tick
-//! is skipped (counted in `tallyd_flushes_deferred_total`) and the interval
-//! keeps aggregating: nothing is dropped, memory stays bounded by the key
-//! limit, and the row's `ts` is the start of the longer interval. A flush
-//! that could not be recorded (a full or failing disk) is held, not sent,
-//! and recorded again at the next tick before any new interval closes.
+//! generation, so ingest never waits. Every closed interval is recorded in
+//! the spool, which releases its raw WAL records; it then goes to the sink's
+//! bounded queue or, when that is full (ClickHouse down or slow), stays
+//! parked on disk (counted in `tallyd_flushes_parked_total`) until the sink
+//! reads it back. So an outage fills the spool with compacted rows (merged
+//! into coarser intervals past `spool.max_size`), not the WAL with raw
+//! lines. A flush that could not be recorded (a full or failing disk) is
+//! held, not sent, and recorded again at the next tick before any new
+//! interval closes; the open interval keeps aggregating meanwhile.
 //!
 //! Flush ids come from the ledger's instance identity ([`crate::ledger::identity`]).
 
@@ -55,8 +58,20 @@ pub struct Flusher {
     pub queue: mpsc::Sender<Queued>,
     pub telemetry: Arc<Telemetry>,
     pub clock: Clock,
-    /// A flush that could not be recorded: recorded again before any other.
-    pub held: Option<Arc<Flush>>,
+    /// A flush stopped at a durable step: taken up again before any new
+    /// interval closes.
+    pub held: Option<Held>,
+}
+
+/// A flush that could not finish its durable steps (see [`crate::ledger`]).
+/// Neither kind is sent: sending, then removing its spool file, before its
+/// WAL records are released would let a restart rebuild and count it again.
+#[derive(Debug)]
+pub enum Held {
+    /// Not recorded in the spool.
+    Unrecorded(Arc<Flush>),
+    /// Recorded, but its WAL records not released.
+    Unreleased { flush: Arc<Flush>, merged: bool },
 }
 
 impl Flusher {
@@ -64,12 +79,12 @@ impl Flusher {
     /// flush with a full queue, does nothing and returns false; a shutdown
     /// flush waits for room. Also false when the flush could not be recorded.
     pub async fn flush(&mut self, reason: Reason) -> bool {
-        let Some(permit) = self.reserve(reason).await else {
-            return false;
-        };
         let started = Instant::now();
         let flush = match self.held.take() {
-            Some(held) => held,
+            Some(Held::Unreleased { flush, merged }) => {
+                return self.release_and_send(flush, merged, reason, started).await;
+            }
+            Some(Held::Unrecorded(flush)) => flush,
             None => {
                 let now = (self.clock)();
                 let generation = take(self.aggregator.swap(now)).await;
@@ -81,33 +96,22 @@ impl Flusher {
                 self.seal(generation, id)
             }
         };
-        self.record_and_send(flush, reason, started, permit).await
-    }
-
-    async fn reserve(&self, reason: Reason) -> Option<mpsc::OwnedPermit<Queued>> {
-        if matches!(reason, Reason::Shutdown | Reason::Replay) {
-            return self.queue.clone().reserve_owned().await.ok();
-        }
-        match self.queue.clone().try_reserve_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                self.telemetry.flushes_deferred.fetch_add(1, Relaxed);
-                None
-            }
-        }
+        self.record_and_send(flush, reason, started).await
     }
 
     /// Records and queues a generation rebuilt from the WAL at start. One
     /// that the previous release had sent (`intent`, from its checkpoint)
     /// keeps that flush id and interval start, so the copy that may already
     /// be in ClickHouse collapses with it.
-    pub async fn flush_replayed(&mut self, mut generation: Generation, intent: Option<Intent>) {
-        let Some(permit) = self.reserve(Reason::Replay).await else {
-            return;
-        };
+    /// Errors (the start must fail) when the flush cannot be recorded and
+    /// released; its records stay in the WAL.
+    pub async fn flush_replayed(
+        &mut self,
+        mut generation: Generation,
+        intent: Option<Intent>,
+    ) -> std::io::Result<()> {
         if generation.keys() == 0 {
-            self.release(generation.id).await;
-            return;
+            return self.release_checked(generation.id).await;
         }
         let id = match intent {
             Some(i) => {
@@ -117,8 +121,16 @@ impl Flusher {
             None => self.ledger.next_flush_id((self.clock)()),
         };
         let flush = self.seal(generation, id);
-        self.record_and_send(flush, Reason::Replay, Instant::now(), permit)
-            .await;
+        if self
+            .record_and_send(flush, Reason::Replay, Instant::now())
+            .await
+        {
+            return Ok(());
+        }
+        self.held = None;
+        Err(std::io::Error::other(
+            "could not record or release a replayed interval (see the log above)",
+        ))
     }
 
     /// Step 3: the rows of `generation`, fixed as RowBinary bytes.
@@ -130,40 +142,60 @@ impl Flusher {
         Arc::new(Flush::seal(batch, self.ledger.instance()))
     }
 
-    /// Steps 4 and 5: record, release the WAL records, queue. A flush that
-    /// cannot be recorded is held and not sent.
+    /// Steps 4 and 5: record, release the WAL records, queue or park. A
+    /// flush that cannot be recorded is held and not sent.
     async fn record_and_send(
         &mut self,
         flush: Arc<Flush>,
         reason: Reason,
         started: Instant,
-        permit: mpsc::OwnedPermit<Queued>,
     ) -> bool {
-        let gauges = (!flush.gauges.is_empty()).then(|| self.gauges.encode());
+        let gauges = (!flush.gauges.is_empty()).then(|| self.gauges.encode(flush.flush_id));
         let (ledger, f) = (Arc::clone(&self.ledger), Arc::clone(&flush));
         let recorded =
-            tokio::task::spawn_blocking(move || ledger.record(&f, gauges.as_deref())).await;
-        let error = match recorded {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(e.to_string()),
+            tokio::task::spawn_blocking(move || ledger.record(f, gauges.as_deref())).await;
+        let (recorded, error) = match recorded {
+            Ok(Ok(r)) => (Some(r), None),
+            Ok(Err(e)) => (None, Some(e.to_string())),
+            Err(e) => (None, Some(e.to_string())),
         };
-        if let Some(error) = error {
+        let Some((recorded, merged)) = recorded else {
+            let error = error.unwrap_or_default();
             self.telemetry.spool_errors.fetch_add(1, Relaxed);
             tracing::error!(%error, flush_id = flush.flush_id, "could not record the flush in the spool; holding it (not sent) and trying again at the next tick");
-            self.held = Some(flush);
+            self.held = Some(Held::Unrecorded(flush));
+            return false;
+        };
+        crate::failpoint::hit("after_intent");
+        self.release_and_send(recorded, merged, reason, started)
+            .await
+    }
+
+    /// Step 5, then the queue or the spool's parked flushes. A flush whose
+    /// release fails is held and not sent.
+    async fn release_and_send(
+        &mut self,
+        recorded: Arc<Flush>,
+        merged: bool,
+        reason: Reason,
+        started: Instant,
+    ) -> bool {
+        if let Err(error) = self.release_checked(recorded.generation).await {
+            self.telemetry.spool_errors.fetch_add(1, Relaxed);
+            tracing::error!(%error, flush_id = recorded.flush_id, "could not release the WAL records of a recorded flush; holding it (not sent) and trying again at the next tick");
+            self.held = Some(Held::Unreleased {
+                flush: recorded,
+                merged,
+            });
             return false;
         }
-        crate::failpoint::hit("after_intent");
-        self.release(flush.generation).await;
         crate::failpoint::hit("after_release");
+        let flush = &recorded;
         let t = &self.telemetry;
         t.flushes.fetch_add(1, Relaxed);
         if reason == Reason::Depth {
             t.flushes_by_depth.fetch_add(1, Relaxed);
         }
-        t.backlog_batches.fetch_add(1, Relaxed);
-        t.backlog_rows.fetch_add(flush.rows(), Relaxed);
         t.flush_nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
         tracing::debug!(
@@ -173,21 +205,42 @@ impl Flusher {
             ?reason,
             "interval closed"
         );
-        permit.send(Queued {
-            flush,
-            resent: false,
-        });
+        // Behind parked flushes, or with the queue full: park on disk.
+        let permit = if merged || self.ledger.has_parked() {
+            None
+        } else {
+            self.queue.clone().try_reserve_owned().ok()
+        };
+        crate::ledger::publish_backlog(&self.ledger, t);
+        match permit {
+            Some(permit) => {
+                permit.send(Queued {
+                    flush: recorded,
+                    resent: false,
+                });
+            }
+            None => {
+                t.flushes_parked.fetch_add(1, Relaxed);
+                self.ledger.park(recorded.flush_id);
+            }
+        }
         true
     }
 
-    /// Step 5 for `generation`. On failure its WAL records stay; at start the
-    /// ledger finds its spool file (if any) and does not rebuild it.
+    /// Step 5 for a generation with no rows: on failure its records stay
+    /// in the WAL and a start rebuilds it (empty again).
     async fn release(&self, generation: u64) {
-        let ledger = Arc::clone(&self.ledger);
-        let released = tokio::task::spawn_blocking(move || ledger.release(generation)).await;
-        if let Ok(Err(e)) = released {
-            tracing::error!(error = %e, generation, "could not release the WAL records of a recorded flush; they stay until the next start");
+        if let Err(e) = self.release_checked(generation).await {
+            tracing::error!(error = %e, generation, "could not release the WAL records of an empty interval; they stay until the next start");
         }
+    }
+
+    /// Step 5 for `generation`, on a blocking thread.
+    pub async fn release_checked(&self, generation: u64) -> std::io::Result<()> {
+        let ledger = Arc::clone(&self.ledger);
+        tokio::task::spawn_blocking(move || ledger.release(generation))
+            .await
+            .map_err(std::io::Error::other)?
     }
 }
 
@@ -213,7 +266,7 @@ pub async fn run(
     mut flusher: Flusher,
     mut interval: watch::Receiver<Duration>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> u64 {
     let aggregator = Arc::clone(&flusher.aggregator);
     while !*stop.borrow() {
         flusher
@@ -229,7 +282,18 @@ pub async fn run(
             _ = stop.changed() => {}
         }
     }
-    flusher.flush(Reason::Shutdown).await;
+    // The last interval: a held flush first, then the open one.
+    for _ in 0..2 {
+        let had_held = flusher.held.is_some();
+        if !flusher.flush(Reason::Shutdown).await || !had_held {
+            break;
+        }
+    }
+    let held = match &flusher.held {
+        Some(Held::Unrecorded(f)) => f.samples,
+        _ => 0,
+    };
+    held + aggregator.current().pending.load(Relaxed)
 }
 
 #[cfg(test)]
@@ -265,7 +329,8 @@ mod tests {
         aggregator: Arc<Aggregator>,
         rx: mpsc::Receiver<Queued>,
         stop: watch::Sender<bool>,
-        task: tokio::task::JoinHandle<()>,
+        task: tokio::task::JoinHandle<u64>,
+        ledger: Arc<Ledger>,
         _dir: TempDir,
     }
 
@@ -301,11 +366,12 @@ mod tests {
         let dir = temp_dir();
         let (tx, rx) = mpsc::channel(queue);
         let (stop, stop_rx) = watch::channel(false);
-        let (ledger, _) =
-            Ledger::open(&dir.0, Duration::from_secs(60), Arc::new(RealFs)).expect("ledger");
+        let (ledger, _) = Ledger::open(&dir.0, Duration::from_secs(60), 1 << 30, Arc::new(RealFs))
+            .expect("ledger");
+        let ledger = Arc::new(ledger);
         let flusher = Flusher {
             aggregator: Arc::clone(&aggregator),
-            ledger: Arc::new(ledger),
+            ledger: Arc::clone(&ledger),
             gauges: GaugeMemory::new(100),
             host: "h".into(),
             queue: tx,
@@ -323,6 +389,7 @@ mod tests {
             rx,
             stop,
             task,
+            ledger,
             _dir: dir,
         }
     }
@@ -383,18 +450,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn full_queue_defers_and_keeps_aggregating() {
+    async fn full_queue_parks_each_interval_on_disk() {
         let mut f = start(1_000_000, 1);
         ingest(&f.aggregator, "a:1|c");
-        tokio::time::sleep(Duration::from_millis(600)).await; // first flush fills the queue
+        tokio::time::sleep(Duration::from_millis(600)).await; // the queue is full
         ingest(&f.aggregator, "a:2|c");
-        tokio::time::sleep(Duration::from_secs(1)).await; // deferred
+        tokio::time::sleep(Duration::from_secs(1)).await; // parked
         ingest(&f.aggregator, "a:3|c");
+        tokio::time::sleep(Duration::from_secs(1)).await; // parked behind it
         let first = f.rx.recv().await.expect("first");
-        assert_eq!(first_counter(&first).1, 1.0);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let second = f.rx.recv().await.expect("second");
-        assert_eq!(first_counter(&second), (1_700_000_001, 5.0, 2));
+        assert_eq!(first_counter(&first), (1_700_000_000, 1.0, 1));
+        let mut parked = Vec::new();
+        while let Some((id, earlier)) = f.ledger.take_parked() {
+            assert!(!earlier);
+            let flush = f.ledger.read(id).expect("read back");
+            parked.push(first_counter(&Queued {
+                flush: Arc::new(flush),
+                resent: false,
+            }));
+        }
+        assert_eq!(parked, vec![(1_700_000_001, 2.0, 1), (1_700_000_002, 3.0, 1)]);
     }
 
     #[tokio::test(start_paused = true)]

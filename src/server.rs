@@ -78,7 +78,7 @@ pub struct Running {
     sink_config: watch::Sender<sink::SinkConfig>,
     aggregator: Arc<Aggregator>,
     tcp: Option<JoinHandle<()>>,
-    flush: JoinHandle<()>,
+    flush: JoinHandle<u64>,
     sink: JoinHandle<()>,
     admin: Option<JoinHandle<()>>,
     systemd: JoinHandle<()>,
@@ -213,7 +213,8 @@ async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, StartError>
             config.proto.dedup_window,
             Arc::clone(&fs),
         );
-        blocking(move || Ledger::open(&dir, window, fs))
+        let budget = config.spool_max_size;
+        blocking(move || Ledger::open(&dir, window, budget, fs))
             .await
             .and_then(|r| r)
             .map_err(data_dir_err)?
@@ -320,7 +321,12 @@ async fn serve(
         clock,
         held: None,
     };
-    replay(&mut flusher, recovered, recovery, &telemetry, &dedup).await;
+    replay(&mut flusher, recovered, recovery, &telemetry, &dedup)
+        .await
+        .map_err(|source| StartError::DataDir {
+            dir: config.data_dir.display().to_string(),
+            source,
+        })?;
     // The flush loop stops only after every listener has drained, so its
     // last interval holds everything received.
     let (flush_stop, flush_stop_rx) = watch::channel(false);
@@ -460,7 +466,7 @@ async fn replay(
     recovery: Recovery,
     telemetry: &Telemetry,
     dedup: &crate::ledger::dedup::Dedup,
-) {
+) -> std::io::Result<()> {
     let spooled: std::collections::BTreeSet<u64> =
         recovered.flushes.iter().map(|f| f.generation).collect();
     let hosts: std::collections::BTreeSet<&str> =
@@ -468,79 +474,76 @@ async fn replay(
     if hosts.iter().any(|h| *h != flusher.host) {
         tracing::warn!(pending = ?hosts, configured = %flusher.host, "spooled flushes were recorded for another host_id; they are re-sent under the identity they were recorded with");
     }
-    let resent = recovered.flushes.len();
-    for flush in recovered.flushes {
-        let rows = flush.rows();
-        let Ok(permit) = flusher.queue.reserve().await else {
-            return;
-        };
-        telemetry.backlog_batches.fetch_add(1, Ordering::Relaxed);
-        telemetry.backlog_rows.fetch_add(rows, Ordering::Relaxed);
-        permit.send(Queued {
-            flush: Arc::new(flush),
-            resent: true,
-        });
-    }
-    if recovery.generations.is_empty() {
-        if resent > 0 {
-            tracing::info!(flushes = resent, "re-sending spooled flushes");
-        }
-        return;
-    }
     let started = std::time::Instant::now();
-    let count = recovery.generations.len();
+    // 1. Every protobuf batch in the WAL goes back into the dedup state, and
+    //    the generations already in the spool are released; only then may
+    //    the sink take spooled flushes (sending and completing one must not
+    //    leave its generation in the WAL to be rebuilt).
+    let decode = |block: &[u8]| match ProtoBatch::decode(block) {
+        Ok(batch) => Some(batch),
+        // It decoded when it was accepted: only damage gets here.
+        Err(e) => {
+            tracing::error!(error = %e, "a protobuf batch in the WAL does not decode; skipped");
+            None
+        }
+    };
+    for r in &recovery.generations {
+        for (_, block) in r.blocks.iter().filter(|(k, _)| *k == Kind::Proto) {
+            if let Some(batch) = decode(block) {
+                dedup.observe(&batch.client_id, batch.sequence);
+            }
+        }
+        if spooled.contains(&r.generation) {
+            flusher.release_checked(r.generation).await?;
+        }
+    }
+    flusher.ledger.park_recovered();
+    crate::ledger::publish_backlog(&flusher.ledger, telemetry);
+    // 2. The other generations are rebuilt and flushed, oldest first.
     let mut stats = BlockStats::default();
     let mut scratch = Scratch::default();
+    let count = recovery.generations.len();
     for r in recovery.generations {
-        let recorded = spooled.contains(&r.generation);
+        if spooled.contains(&r.generation) {
+            continue;
+        }
         let generation = Generation::new(r.generation, (flusher.clock)());
         for (kind, block) in &r.blocks {
             match kind {
-                Kind::Statsd if recorded => {}
                 Kind::Statsd => {
                     flusher
                         .aggregator
                         .apply_block(&generation, block, &mut scratch, &mut stats)
                 }
-                Kind::Proto => match ProtoBatch::decode(&block[..]) {
-                    Ok(batch) => {
-                        dedup.observe(&batch.client_id, batch.sequence);
-                        if !recorded {
-                            flusher.aggregator.apply_batch(
-                                &generation,
-                                &batch,
-                                &mut scratch,
-                                &mut stats,
-                            );
-                        }
+                Kind::Proto => {
+                    if let Some(batch) = decode(block) {
+                        flusher.aggregator.apply_batch(
+                            &generation,
+                            &batch,
+                            &mut scratch,
+                            &mut stats,
+                        );
                     }
-                    // It decoded when it was accepted: only damage gets here.
-                    Err(e) => {
-                        tracing::error!(error = %e, "a protobuf batch in the WAL does not decode; skipped")
-                    }
-                },
+                }
             }
         }
-        if recorded {
-            // Its rows are in the spool: only its release was lost.
-            let empty = Generation::new(r.generation, generation.started);
-            flusher.flush_replayed(empty, None).await;
-        } else {
-            flusher.flush_replayed(generation, r.intent).await;
-        }
+        flusher.flush_replayed(generation, r.intent).await?;
     }
     telemetry
         .replayed_samples
         .fetch_add(stats.samples, Ordering::Relaxed);
-    tracing::info!(
-        generations = count,
-        spooled_flushes = resent,
-        records = recovery.records,
-        bytes = recovery.bytes,
-        samples = stats.samples,
-        took = ?started.elapsed(),
-        "replayed the write-ahead log"
-    );
+    if count > 0 || !spooled.is_empty() {
+        tracing::info!(
+            generations = count,
+            spooled_flushes = recovered.flushes.len(),
+            records = recovery.records,
+            bytes = recovery.bytes,
+            samples = stats.samples,
+            took = ?started.elapsed(),
+            "replayed the write-ahead log"
+        );
+    }
+    Ok(())
 }
 
 /// The `interval` durability policy: sync new records every interval (and,
@@ -591,14 +594,18 @@ impl Running {
         self.state.ready.store(false, Ordering::Relaxed);
         crate::notify::stopping();
         tracing::info!("stopping: draining listeners");
+        // One deadline for the whole stop; the listeners get half of it.
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.config.shutdown_timeout;
+        let listen_deadline = started + self.config.shutdown_timeout / 2;
         self.udp_stop.store(true, Ordering::Relaxed);
         let _ = self.stop.send(true);
-        // Acks that still wait for durability at the deadline give up (a
-        // failing disk must not hold the shutdown).
+        // Acks that still wait for durability then give up (a failing disk
+        // must not hold the stop).
         let close_acks = self.wal.as_ref().map(|wal| {
-            let (wal, timeout) = (Arc::clone(wal), self.config.shutdown_timeout);
+            let wal = Arc::clone(wal);
             tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
+                tokio::time::sleep_until(listen_deadline).await;
                 wal.close_acks();
             })
         });
@@ -609,52 +616,59 @@ impl Running {
             }
         })
         .await;
-        for task in [self.tcp, self.proto_tcp].into_iter().flatten() {
-            let _ = task.await;
+        for mut task in [self.tcp, self.proto_tcp].into_iter().flatten() {
+            if tokio::time::timeout_at(listen_deadline, &mut task)
+                .await
+                .is_err()
+            {
+                // A sender that never pauses, or a client that stopped
+                // reading its acks: its connection is cut.
+                task.abort();
+                let _ = task.await;
+                tracing::warn!("TCP connections did not drain in time; cut");
+            }
         }
-        // One deadline for the last flush and the writes: with ClickHouse
-        // down and the queue full, the last interval cannot even be queued.
-        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
+        // The last interval is recorded in the spool (parked if the queue is
+        // full), so it does not wait for ClickHouse.
         let _ = self.flush_stop.send(true);
         let mut flush = self.flush;
-        if tokio::time::timeout_at(deadline, &mut flush).await.is_err() {
-            flush.abort();
-            // Wait for the cancelled task to be dropped (it holds the WAL).
-            let _ = flush.await;
-            let samples = self.aggregator.current().pending.load(Ordering::Relaxed);
-            if self.wal.is_some() {
-                tracing::warn!(
-                    samples,
-                    "the last interval could not be queued in time; it stays in the WAL for the next start"
-                );
-            } else {
-                tracing::error!(
-                    samples,
-                    "the last interval could not be queued in time; it is lost"
-                );
-            }
-        } else {
-            tracing::info!("final interval closed; writing what is queued");
-        }
-        let mut sink = self.sink;
-        let lost = match tokio::time::timeout_at(deadline, &mut sink).await {
-            Ok(_) => 0,
+        let unrecorded = match tokio::time::timeout_at(deadline, &mut flush).await {
+            Ok(Ok(samples)) => samples,
+            Ok(Err(_)) => 0,
             Err(_) => {
-                sink.abort();
-                let _ = sink.await;
-                let rows = self.telemetry.backlog_rows.load(Ordering::Relaxed);
-                if self.wal.is_some() {
-                    tracing::warn!(rows, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they stay in the WAL for the next start");
-                    0
-                } else {
-                    self.telemetry
-                        .rows_lost_at_shutdown
-                        .fetch_add(rows, Ordering::Relaxed);
-                    tracing::error!(rows, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they are lost");
-                    rows
-                }
+                flush.abort();
+                // Wait for the cancelled task to be dropped (it holds the WAL).
+                let _ = flush.await;
+                self.aggregator.current().pending.load(Ordering::Relaxed)
             }
         };
+        let lost = match (unrecorded, &self.wal) {
+            (0, _) => 0,
+            (samples, Some(_)) => {
+                tracing::warn!(
+                    samples,
+                    "the last interval could not be recorded in time; it stays in the WAL for the next start"
+                );
+                0
+            }
+            (samples, None) => {
+                self.telemetry
+                    .rows_lost_at_shutdown
+                    .fetch_add(samples, Ordering::Relaxed);
+                tracing::error!(
+                    samples,
+                    "the last interval could not be recorded in time and the WAL is off; it is lost"
+                );
+                samples
+            }
+        };
+        let mut sink = self.sink;
+        if tokio::time::timeout_at(deadline, &mut sink).await.is_err() {
+            sink.abort();
+            let _ = sink.await;
+            let rows = self.telemetry.backlog_rows.load(Ordering::Relaxed);
+            tracing::warn!(rows, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they stay in the spool for the next start");
+        }
         if let Some(task) = close_acks {
             task.abort();
             let _ = task.await; // it holds the WAL

@@ -67,7 +67,10 @@ pub struct Telemetry {
     pub pending_samples: AtomicU64,
     pub flushes: AtomicU64,
     pub flushes_by_depth: AtomicU64,
-    pub flushes_deferred: AtomicU64,
+    /// Flushes left on disk for the sink (its queue was full).
+    pub flushes_parked: AtomicU64,
+    /// Bytes of the spool (read at scrape time).
+    pub spool_bytes: AtomicU64,
     pub flush_nanos: AtomicU64,
     pub backlog_batches: AtomicU64,
     pub backlog_rows: AtomicU64,
@@ -246,7 +249,18 @@ impl Telemetry {
             "",
             &self.flushes_by_depth,
         );
-        m.counter("tallyd_flushes_deferred_total", "Flush ticks skipped because the ClickHouse queue was full (the interval keeps aggregating).", "", &self.flushes_deferred);
+        m.counter(
+            "tallyd_flushes_parked_total",
+            "Flushes left in the spool on disk because the sink's queue was full (ClickHouse down or slow); the sink reads them back.",
+            "",
+            &self.flushes_parked,
+        );
+        m.gauge(
+            "tallyd_spool_bytes",
+            "Bytes of flushes recorded in the spool and not yet in ClickHouse.",
+            "",
+            &self.spool_bytes,
+        );
         m.counter(
             "tallyd_flush_seconds_total",
             "Time spent closing intervals into rows.",

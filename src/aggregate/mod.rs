@@ -195,6 +195,14 @@ impl Aggregator {
         Ok(())
     }
 
+    /// With `wal.sync = always`, syncs what this blocking thread appended to
+    /// its WAL stream (see [`Wal::settle`]); call it outside other locks.
+    pub fn settle(&self, wal_stream: usize) {
+        if let Some(wal) = &self.wal {
+            wal.settle(wal_stream);
+        }
+    }
+
     /// Records a protobuf batch (`raw`, its encoded bytes) in the WAL, then
     /// applies its valid events. Returns the WAL ticket (0 without a WAL)
     /// and how many events were invalid and skipped.

@@ -272,7 +272,9 @@ impl ProtoIngest {
                 while !stop.load(Relaxed) {
                     if let Ok(n) = socket.recv(&mut buf) {
                         // No ack: a refused or undecodable datagram is counted, not answered.
-                        match self.handle(&buf[..n], &mut scratch) {
+                        let handled = self.handle(&buf[..n], &mut scratch);
+                        self.aggregator.settle(self.wal_streams.start);
+                        match handled {
                             Handled::Ack(a, _) | Handled::Reject(a) => self.count(&a),
                             Handled::Full => {
                                 self.telemetry.proto_acks[Status::Overloaded as usize]

@@ -104,7 +104,10 @@ fn receive(
     let mut ingest = |block: &[u8]| {
         let mut stats = BlockStats::default();
         match aggregator.ingest_block(block, &mut scratch, &mut stats) {
-            Ok(()) => telemetry.record_block(&telemetry.udp, &stats),
+            Ok(()) => {
+                aggregator.settle(wal_stream);
+                telemetry.record_block(&telemetry.udp, &stats)
+            }
             // A datagram the WAL cannot take is dropped, and counted.
             Err(e) => telemetry.wal_refused(e),
         }

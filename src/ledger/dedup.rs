@@ -247,6 +247,14 @@ impl Dedup {
     /// Forgets clients silent for longer than the window, then writes the
     /// state durably.
     pub fn save(&self) -> io::Result<()> {
+        self.write(&self.snapshot())
+    }
+
+    /// The state as of now, encoded (forgetting clients silent for longer
+    /// than the window). Every sequence in it was appended to the WAL
+    /// before this returns (a mark follows its append, under the client's
+    /// lock).
+    pub fn snapshot(&self) -> String {
         let oldest = now_secs().saturating_sub(self.window.as_secs());
         self.clients.retain(|_, c| c.seen >= oldest);
         let mut text = String::from("tallyd-dedup 1\n");
@@ -259,7 +267,12 @@ impl Dedup {
             }
             text.push_str(&format!(" {}\n", c.seen));
         }
-        self.fs.write_atomic(&self.path, text.as_bytes())
+        text
+    }
+
+    /// Writes a [`Dedup::snapshot`] durably.
+    pub fn write(&self, snapshot: &str) -> io::Result<()> {
+        self.fs.write_atomic(&self.path, snapshot.as_bytes())
     }
 
     pub fn clients(&self) -> usize {

@@ -37,6 +37,16 @@
 //!    overwritten: the spool holds the compacted rows from now on.
 //!    *Crash before the checkpoint:* the generation's protobuf batches are
 //!    re-observed from the WAL into the dedup state, then released.
+//!    The flush then goes to the sink's bounded queue, or, when the queue
+//!    is full (ClickHouse down or slow) or older flushes wait on disk, it
+//!    stays *parked* in the spool, and the sink reads it back when it gets
+//!    there. While the spool is over `spool.max_size`, a new flush is
+//!    *merged* into the newest parked flush of this run (coarser `ts`, the
+//!    same totals, [`crate::sink::rows::merge`]): the merged file is
+//!    written under the new flush's id and lists the flush it absorbed,
+//!    then the absorbed file is removed. *Crash between the two:* at start
+//!    the absorbed file is removed unread. Flushes recovered from an
+//!    earlier run are never merged (a copy of them may have landed).
 //! 6. **Send.** The sink sends each table's body with
 //!    `insert_deduplication_token = tallyd-<instance>-<flush_id>-<table>`
 //!    (22.2+). Retries and re-sends after a restart carry identical bytes,
@@ -56,7 +66,7 @@ pub mod fs;
 pub mod identity;
 pub mod spool;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -72,10 +82,30 @@ use crate::wal::Wal;
 /// What the ledger found at start.
 #[derive(Debug, Default)]
 pub struct Recovered {
-    /// Spooled flushes, oldest first: to be sent again as they are.
-    pub flushes: Vec<Flush>,
+    /// Spooled flushes, oldest first: parked, to be sent again as they are.
+    pub flushes: Vec<spool::Entry>,
     /// Last values of gauges: the `gauges` file, then each spooled flush's.
     pub gauges: Vec<(Box<[u8]>, f64)>,
+}
+
+/// A flush in the spool.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    ts: u32,
+    bytes: u64,
+    rows: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Every recorded flush not yet complete.
+    flushes: BTreeMap<u64, Pending>,
+    /// Parked: recorded, waiting on disk for the sink.
+    parked: BTreeSet<u64>,
+    /// Recovered from an earlier run (sent again; never merged).
+    earlier: BTreeSet<u64>,
+    /// Bytes of every spool file.
+    bytes: u64,
 }
 
 pub struct Ledger {
@@ -85,32 +115,59 @@ pub struct Ledger {
     identity: Mutex<Identity>,
     pub dedup: Arc<Dedup>,
     wal: Option<Arc<Wal>>,
-    /// Flushes recorded and not yet complete: flush id → interval start.
-    pending: Mutex<BTreeMap<u64, u32>>,
+    state: Mutex<State>,
+    parked_ready: tokio::sync::Notify,
+    /// `spool.max_size`: past it, new flushes are merged.
+    budget: u64,
+    /// `<data_dir>/lock`: one tallyd per data dir.
+    _lock: std::fs::File,
 }
 
 impl Ledger {
     /// Opens the ledger in `data_dir`: identity, dedup state, spool, gauges.
+    /// Spooled flushes come back parked.
     pub fn open(
         data_dir: &Path,
         dedup_window: Duration,
+        budget: u64,
         fs: Arc<dyn Fs>,
     ) -> io::Result<(Ledger, Recovered)> {
         std::fs::create_dir_all(data_dir)?;
+        let lock_path = data_dir.join("lock");
+        let dir_lock = std::fs::File::create(&lock_path)?;
+        if dir_lock.try_lock().is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is used by another tallyd (lock held)",
+                    data_dir.display()
+                ),
+            ));
+        }
         let spool_dir = spool::dir(data_dir);
         std::fs::create_dir_all(&spool_dir)?;
         let mut identity = Identity::open(data_dir)?;
-        let flushes = spool::load(&spool_dir)?;
+        let flushes = spool::scan(&spool_dir)?;
         if let Some(last) = flushes.iter().map(|f| f.flush_id).max() {
             identity.last = identity.last.max(last);
         }
         identity.save(fs.as_ref())?;
-        let mut gauges = read_gauges(&data_dir.join("gauges"))?;
-        for f in &flushes {
+        let (as_of, mut gauges) = read_gauges(&data_dir.join("gauges"))?;
+        for f in flushes.iter().filter(|f| f.flush_id > as_of) {
             gauges.extend(f.gauges.iter().cloned());
         }
         let dedup = Arc::new(Dedup::open(data_dir, dedup_window, Arc::clone(&fs))?);
-        let pending = flushes.iter().map(|f| (f.flush_id, f.ts)).collect();
+        let mut state = State::default();
+        for f in &flushes {
+            let p = Pending {
+                ts: f.ts,
+                bytes: f.bytes,
+                rows: f.rows,
+            };
+            state.flushes.insert(f.flush_id, p);
+            state.earlier.insert(f.flush_id);
+            state.bytes += f.bytes;
+        }
         let ledger = Ledger {
             data_dir: data_dir.to_owned(),
             spool_dir,
@@ -118,7 +175,10 @@ impl Ledger {
             identity: Mutex::new(identity),
             dedup,
             wal: None,
-            pending: Mutex::new(pending),
+            state: Mutex::new(state),
+            parked_ready: tokio::sync::Notify::new(),
+            budget,
+            _lock: dir_lock,
         };
         Ok((ledger, Recovered { flushes, gauges }))
     }
@@ -139,24 +199,141 @@ impl Ledger {
     }
 
     /// Step 4: records `flush` durably, with the gauge memory (`gauges`, the
-    /// encoded `gauges` file) when the flush changed it. Blocking file work:
-    /// call it from a blocking thread.
-    pub fn record(&self, flush: &Flush, gauges: Option<&[u8]>) -> io::Result<()> {
+    /// encoded `gauges` file) when the flush changed it. Over the spool
+    /// budget, merges it into the newest parked flush of this run first;
+    /// returns the flush recorded and whether it is a merge (then it must
+    /// be parked). Blocking file work: call it from a blocking thread.
+    pub fn record(
+        &self,
+        flush: Arc<Flush>,
+        gauges: Option<&[u8]>,
+    ) -> io::Result<(Arc<Flush>, bool)> {
+        let tail = self.claim_tail(flush.body_len());
+        let (flush, absorbed) = match tail {
+            None => (flush, None),
+            Some(id) => match self.merge(id, &flush) {
+                Ok(m) => (Arc::new(m), Some(id)),
+                Err(e) => {
+                    lock(&self.state).parked.insert(id);
+                    return Err(e);
+                }
+            },
+        };
         let path = spool::path(&self.spool_dir, flush.flush_id);
-        self.fs.write_atomic(&path, &flush.encode())?;
-        lock(&self.pending).insert(flush.flush_id, flush.ts);
+        let encoded = flush.encode();
+        if let Err(e) = self.fs.write_atomic(&path, &encoded) {
+            if let Some(id) = absorbed {
+                lock(&self.state).parked.insert(id);
+            }
+            return Err(e);
+        }
+        {
+            let mut st = lock(&self.state);
+            let p = Pending {
+                ts: flush.ts,
+                bytes: encoded.len() as u64,
+                rows: flush.rows(),
+            };
+            st.bytes += p.bytes;
+            st.flushes.insert(flush.flush_id, p);
+        }
+        if let Some(id) = absorbed {
+            self.forget(id)?;
+        }
         let identity = lock(&self.identity).clone();
         identity.save(self.fs.as_ref())?;
         if let Some(g) = gauges {
             self.fs.write_atomic(&self.data_dir.join("gauges"), g)?;
         }
+        Ok((flush, absorbed.is_some()))
+    }
+
+    /// Over the budget with `extra` more bytes: takes the newest parked
+    /// flush of this run out of the parked set (so the sink cannot take it).
+    fn claim_tail(&self, extra: u64) -> Option<u64> {
+        let mut st = lock(&self.state);
+        if st.bytes.saturating_add(extra) <= self.budget {
+            return None;
+        }
+        let tail = st.parked.iter().next_back().copied()?;
+        if st.earlier.contains(&tail) {
+            return None;
+        }
+        st.parked.remove(&tail);
+        Some(tail)
+    }
+
+    fn merge(&self, tail: u64, newer: &Flush) -> io::Result<Flush> {
+        let older = spool::read(&self.spool_dir, tail)?;
+        older
+            .merge(newer.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Removes a flush's spool file and its bookkeeping.
+    fn forget(&self, flush_id: u64) -> io::Result<()> {
+        self.fs.remove(&spool::path(&self.spool_dir, flush_id))?;
+        let mut st = lock(&self.state);
+        if let Some(p) = st.flushes.remove(&flush_id) {
+            st.bytes = st.bytes.saturating_sub(p.bytes);
+        }
+        st.parked.remove(&flush_id);
+        st.earlier.remove(&flush_id);
         Ok(())
     }
 
+    /// Leaves a recorded flush on disk for the sink (the queue is full, or
+    /// older flushes are parked).
+    pub fn park(&self, flush_id: u64) {
+        lock(&self.state).parked.insert(flush_id);
+        self.parked_ready.notify_one();
+    }
+
+    /// Parks the flushes found in the spool at start, once the WAL records
+    /// of their generations are released (so that sending and completing
+    /// one can never leave its generation to be rebuilt).
+    pub fn park_recovered(&self) {
+        let mut st = lock(&self.state);
+        let earlier: Vec<u64> = st.earlier.iter().copied().collect();
+        st.parked.extend(earlier);
+        drop(st);
+        self.parked_ready.notify_one();
+    }
+
+    /// Whether flushes are parked (new ones must queue behind them).
+    pub fn has_parked(&self) -> bool {
+        !lock(&self.state).parked.is_empty()
+    }
+
+    /// The oldest parked flush, taken for sending: (id, from an earlier run).
+    pub fn take_parked(&self) -> Option<(u64, bool)> {
+        let mut st = lock(&self.state);
+        let id = st.parked.pop_first()?;
+        Some((id, st.earlier.contains(&id)))
+    }
+
+    /// Resolves when a flush is parked.
+    pub async fn parked(&self) {
+        self.parked_ready.notified().await
+    }
+
+    /// Reads a parked flush back. Blocking.
+    pub fn read(&self, flush_id: u64) -> io::Result<Flush> {
+        spool::read(&self.spool_dir, flush_id)
+    }
+
     /// Step 5: saves the dedup state, then lets the WAL overwrite
-    /// `generation`'s records. Blocking.
+    /// `generation`'s records. The state is taken first and the WAL synced
+    /// before it is written, so it never names a batch whose record a power
+    /// loss could still take (a retry of that batch must not be called a
+    /// duplicate). Errors, leaving the records, while the WAL is not
+    /// durable. Blocking.
     pub fn release(&self, generation: u64) -> io::Result<()> {
-        self.dedup.save()?;
+        let snapshot = self.dedup.snapshot();
+        if let Some(wal) = &self.wal {
+            wal.sync_checked()?;
+        }
+        self.dedup.write(&snapshot)?;
         if let Some(wal) = &self.wal {
             wal.confirm(generation).map_err(io::Error::other)?;
         }
@@ -165,20 +342,30 @@ impl Ledger {
 
     /// Step 7: `flush_id` is in ClickHouse; its spool file goes. Blocking.
     pub fn complete(&self, flush_id: u64) -> io::Result<()> {
-        self.fs.remove(&spool::path(&self.spool_dir, flush_id))?;
-        lock(&self.pending).remove(&flush_id);
+        self.forget(flush_id)?;
         self.fs.sync_dir(&self.spool_dir)
     }
 
     /// Interval start of the oldest flush not yet complete.
     pub fn oldest_pending_ts(&self) -> Option<u32> {
-        lock(&self.pending).values().min().copied()
+        lock(&self.state).flushes.values().map(|p| p.ts).min()
     }
 
-    /// Flushes recorded and not yet complete.
-    pub fn pending(&self) -> usize {
-        lock(&self.pending).len()
+    /// (flushes, rows, bytes) in the spool, parked or queued.
+    pub fn backlog(&self) -> (u64, u64, u64) {
+        let st = lock(&self.state);
+        let rows = st.flushes.values().map(|p| p.rows).sum();
+        (st.flushes.len() as u64, rows, st.bytes)
     }
+}
+
+/// Stores the ledger's backlog in the telemetry gauges.
+pub fn publish_backlog(ledger: &Ledger, t: &crate::telemetry::Telemetry) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (flushes, rows, bytes) = ledger.backlog();
+    t.backlog_batches.store(flushes, Relaxed);
+    t.backlog_rows.store(rows, Relaxed);
+    t.spool_bytes.store(bytes, Relaxed);
 }
 
 /// A fresh directory for a unit test.
@@ -203,16 +390,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 //   0  8  magic "TALLYGAU"
 //   8  4  version (1)
 //   12 4  CRC32C of bytes 16..end
-//   16 4  entry count N
-//   20 …  N entries: 4 key length K, K key bytes, 8 value (f64)
+//   16 8  as of: the id of the last flush whose values it holds
+//   24 4  entry count N
+//   28 …  N entries: 4 key length K, K key bytes, 8 value (f64)
+//
+// At start, spooled flushes newer than "as of" are laid over it.
 const GAUGES_MAGIC: &[u8; 8] = b"TALLYGAU";
 
-/// Encodes the last values of gauges (the `gauges` file).
-pub fn encode_gauges<'a>(entries: impl ExactSizeIterator<Item = (&'a [u8], f64)>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(20 + entries.len() * 48);
+/// (gauge key, last value) pairs.
+type GaugeValues = Vec<(Box<[u8]>, f64)>;
+
+/// Encodes the last values of gauges as of flush `as_of` (the `gauges` file).
+pub fn encode_gauges<'a>(
+    as_of: u64,
+    entries: impl ExactSizeIterator<Item = (&'a [u8], f64)>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(28 + entries.len() * 48);
     out.extend_from_slice(GAUGES_MAGIC);
     out.extend_from_slice(&1u32.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&as_of.to_le_bytes());
     out.extend_from_slice(
         &u32::try_from(entries.len())
             .unwrap_or(u32::MAX)
@@ -228,9 +425,9 @@ pub fn encode_gauges<'a>(entries: impl ExactSizeIterator<Item = (&'a [u8], f64)>
     out
 }
 
-fn read_gauges(path: &Path) -> io::Result<Vec<(Box<[u8]>, f64)>> {
+fn read_gauges(path: &Path) -> io::Result<(u64, GaugeValues)> {
     let Some(b) = read_optional(path)? else {
-        return Ok(Vec::new());
+        return Ok((0, Vec::new()));
     };
     decode_gauges(&b).ok_or_else(|| {
         io::Error::new(
@@ -243,7 +440,7 @@ fn read_gauges(path: &Path) -> io::Result<Vec<(Box<[u8]>, f64)>> {
     })
 }
 
-fn decode_gauges(b: &[u8]) -> Option<Vec<(Box<[u8]>, f64)>> {
+fn decode_gauges(b: &[u8]) -> Option<(u64, GaugeValues)> {
     if b.get(..8)? != GAUGES_MAGIC || b.get(8..12)? != 1u32.to_le_bytes() {
         return None;
     }
@@ -251,8 +448,9 @@ fn decode_gauges(b: &[u8]) -> Option<Vec<(Box<[u8]>, f64)>> {
     if crc32c::crc32c(b.get(16..)?) != crc {
         return None;
     }
-    let n = u32::from_le_bytes(b.get(16..20)?.try_into().ok()?);
-    let mut at = 20usize;
+    let as_of = u64::from_le_bytes(b.get(16..24)?.try_into().ok()?);
+    let n = u32::from_le_bytes(b.get(24..28)?.try_into().ok()?);
+    let mut at = 28usize;
     let mut out = Vec::new();
     for _ in 0..n {
         let k = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
@@ -263,7 +461,7 @@ fn decode_gauges(b: &[u8]) -> Option<Vec<(Box<[u8]>, f64)>> {
         at += 8;
         out.push((key, v));
     }
-    (at == b.len()).then_some(out)
+    (at == b.len()).then_some((as_of, out))
 }
 
 #[cfg(test)]
@@ -273,8 +471,9 @@ mod tests {
     #[test]
     fn the_gauges_file_round_trips_and_damage_is_caught() {
         let entries: Vec<(&[u8], f64)> = vec![(b"\x02a", 1.5), (b"\x02bb", -3.0)];
-        let mut b = encode_gauges(entries.iter().copied());
-        let back = decode_gauges(&b).expect("decodes");
+        let mut b = encode_gauges(7, entries.iter().copied());
+        let (as_of, back) = decode_gauges(&b).expect("decodes");
+        assert_eq!(as_of, 7);
         assert_eq!(back.len(), 2);
         assert_eq!((&*back[1].0, back[1].1), (&b"\x02bb"[..], -3.0));
         let last = b.len() - 1;

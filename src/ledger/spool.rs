@@ -17,6 +17,9 @@
 //!        4 rows, 8 body length L, L bytes of RowBinary body
 //! …      4 gauge count N, then N entries: 4 key length K, K key bytes,
 //!        8 value (f64): each gauge's value after this flush
+//! …      4 absorbed count A, then A flush ids (8 each): spooled flushes
+//!        merged into this one (see [`crate::ledger`]); their files, if a
+//!        crash left them, are removed unread at start
 //! ```
 //!
 //! Integers are little-endian. Files are written with
@@ -44,6 +47,8 @@ pub struct Flush {
     pub tables: Bodies,
     /// (gauge key, value after this flush) for every gauge row.
     pub gauges: Vec<(Box<[u8]>, f64)>,
+    /// Flushes merged into this one.
+    pub absorbed: Vec<u64>,
 }
 
 impl Flush {
@@ -59,7 +64,40 @@ impl Flush {
             tables: crate::sink::rowbinary::encode(&batch),
             host: batch.host,
             gauges: batch.gauge_values,
+            absorbed: Vec::new(),
         }
+    }
+
+    /// Merges the unsent `self` (older) and `newer` into one flush with
+    /// `newer`'s id and `self`'s interval start, absorbing `self`.
+    pub fn merge(self, newer: Flush) -> Result<Flush, String> {
+        let older_id = self.flush_id;
+        let mut absorbed = self.absorbed.clone();
+        absorbed.push(older_id);
+        absorbed.extend(&newer.absorbed);
+        let (instance, id) = (newer.instance, newer.flush_id);
+        let older = self.into_batch()?;
+        let newer = newer.into_batch()?;
+        let mut merged = Flush::seal(crate::sink::rows::merge(older, newer, id), instance);
+        merged.absorbed = absorbed;
+        Ok(merged)
+    }
+
+    /// The rows back (decoded from the bodies).
+    fn into_batch(self) -> Result<Batch, String> {
+        let mut batch = crate::sink::rowbinary::decode(&self.tables)?;
+        batch.generation = self.generation;
+        batch.host = self.host;
+        batch.flush_id = self.flush_id;
+        batch.ts = self.ts;
+        batch.samples = self.samples;
+        batch.gauge_values = self.gauges;
+        Ok(batch)
+    }
+
+    /// Bytes of the bodies.
+    pub fn body_len(&self) -> u64 {
+        self.tables.bodies.iter().map(|b| b.len() as u64).sum()
     }
 
     pub fn rows(&self) -> u64 {
@@ -93,6 +131,10 @@ impl Flush {
         for (k, v) in &self.gauges {
             bytes(&mut out, k);
             out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&len32(self.absorbed.len()).to_le_bytes());
+        for id in &self.absorbed {
+            out.extend_from_slice(&id.to_le_bytes());
         }
         let crc = crc32c::crc32c(&out[16..]);
         out[12..16].copy_from_slice(&crc.to_le_bytes());
@@ -132,6 +174,11 @@ impl Flush {
             let k: Box<[u8]> = r.bytes32()?.into();
             gauges.push((k, f64::from_le_bytes(r.array()?)));
         }
+        let n = r.u32()?;
+        let mut absorbed = Vec::new();
+        for _ in 0..n {
+            absorbed.push(r.u64()?);
+        }
         if r.at != b.len() {
             return Err("trailing bytes".into());
         }
@@ -144,6 +191,7 @@ impl Flush {
             host,
             tables,
             gauges,
+            absorbed,
         })
     }
 }
@@ -196,34 +244,76 @@ pub fn path(dir: &Path, flush_id: u64) -> PathBuf {
     dir.join(format!("{flush_id:020}.flush"))
 }
 
-/// Every spooled flush in `dir`, in flush-id order. A file that does not
-/// decode is an error naming it.
-pub fn load(dir: &Path) -> io::Result<Vec<Flush>> {
-    let mut flushes = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
+/// What start-up needs of a spooled flush (its bodies stay on disk).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub flush_id: u64,
+    pub generation: u64,
+    pub ts: u32,
+    pub host: String,
+    pub rows: u64,
+    /// Size of the file.
+    pub bytes: u64,
+    pub gauges: Vec<(Box<[u8]>, f64)>,
+}
+
+/// Reads every spooled flush in `dir` once (one at a time, bodies
+/// dropped), removes the files of flushes another one absorbed, and returns
+/// the rest in flush-id order. A file that does not decode is an error
+/// naming it.
+pub fn scan(dir: &Path) -> io::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let mut absorbed = std::collections::BTreeSet::new();
+    let files = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(flushes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(entries),
         Err(e) => return Err(e),
     };
-    for entry in entries {
-        let path = entry?.path();
+    for file in files {
+        let path = file?.path();
         if path.extension().and_then(|e| e.to_str()) != Some("flush") {
             continue; // a *.tmp left by a crash mid-write: never renamed, never sent
         }
         let bytes = std::fs::read(&path)?;
-        let flush = Flush::decode(&bytes).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: {e}; move the file aside to start without it (its rows are lost)",
-                    path.display()
-                ),
-            )
-        })?;
-        flushes.push(flush);
+        let flush = Flush::decode(&bytes).map_err(|e| damaged(&path, &e))?;
+        absorbed.extend(flush.absorbed.iter().copied());
+        entries.push(Entry {
+            flush_id: flush.flush_id,
+            generation: flush.generation,
+            ts: flush.ts,
+            rows: flush.rows(),
+            host: flush.host,
+            bytes: bytes.len() as u64,
+            gauges: flush.gauges,
+        });
     }
-    flushes.sort_by_key(|f| f.flush_id);
-    Ok(flushes)
+    entries.retain(|e| {
+        if !absorbed.contains(&e.flush_id) {
+            return true;
+        }
+        // Merged into a later flush just before a crash.
+        let _ = std::fs::remove_file(path(dir, e.flush_id));
+        false
+    });
+    entries.sort_by_key(|e| e.flush_id);
+    Ok(entries)
+}
+
+/// Reads spooled flush `flush_id`.
+pub fn read(dir: &Path, flush_id: u64) -> io::Result<Flush> {
+    let path = path(dir, flush_id);
+    let bytes = std::fs::read(&path)?;
+    Flush::decode(&bytes).map_err(|e| damaged(&path, &e))
+}
+
+fn damaged(path: &Path, e: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{}: {e}; move the file aside to start without it (its rows are lost)",
+            path.display()
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -243,6 +333,7 @@ mod tests {
                 rows: [1, 0, 1, 2],
             },
             gauges: vec![(b"\x02g".to_vec().into(), 15.0)],
+            absorbed: vec![41],
         }
     }
 

@@ -201,22 +201,75 @@ impl Sink {
         Ok(())
     }
 
-    /// Writes flushes until the queue closes.
+    /// Writes flushes until the queue closes and no flush is parked: the
+    /// queue's first (they are older), then those parked in the spool,
+    /// read back one at a time.
     pub async fn run(self, mut queue: mpsc::Receiver<Queued>) {
-        while let Some(q) = queue.recv().await {
+        let mut open = true;
+        loop {
+            let q = match queue.try_recv() {
+                Ok(q) => q,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    match self.next_parked().await {
+                        Some(q) => q,
+                        None => return,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match self.next_parked().await {
+                    Some(q) => q,
+                    None if !open => return,
+                    None => {
+                        let parked = async {
+                            match &self.ledger {
+                                Some(l) => l.parked().await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            q = queue.recv() => match q {
+                                Some(q) => q,
+                                None => { open = false; continue; }
+                            },
+                            _ = parked => continue,
+                        }
+                    }
+                },
+            };
             self.write(&q).await;
             crate::failpoint::hit("after_insert");
             if let Some(ledger) = &self.ledger {
-                let (ledger, id) = (Arc::clone(ledger), q.flush.flush_id);
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || ledger.complete(id)).await {
+                let (l, id) = (Arc::clone(ledger), q.flush.flush_id);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.complete(id)).await {
                     // The spool file stays: re-sent (identical) at the next start.
                     tracing::error!(error = %e, flush_id = id, "could not remove a written flush from the spool");
                 }
+                crate::ledger::publish_backlog(ledger, &self.telemetry);
             }
-            self.telemetry.backlog_batches.fetch_sub(1, Relaxed);
-            self.telemetry
-                .backlog_rows
-                .fetch_sub(q.flush.rows(), Relaxed);
+        }
+    }
+
+    /// The oldest parked flush, read back from the spool. One that cannot be
+    /// read is left on disk for the next start (and logged).
+    async fn next_parked(&self) -> Option<Queued> {
+        let ledger = self.ledger.as_ref()?;
+        loop {
+            let (id, resent) = ledger.take_parked()?;
+            let l = Arc::clone(ledger);
+            match tokio::task::spawn_blocking(move || l.read(id)).await {
+                Ok(Ok(flush)) => {
+                    return Some(Queued {
+                        flush: Arc::new(flush),
+                        resent,
+                    });
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, flush_id = id, "cannot read a parked flush back; it stays in the spool")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, flush_id = id, "cannot read a parked flush back; it stays in the spool")
+                }
+            }
         }
     }
 

@@ -120,6 +120,153 @@ fn set(out: &mut Vec<u8>, r: &SetRow) {
     u64s(out, &r.member_hashes);
 }
 
+/// Decodes bodies written by [`encode`] back into rows (to merge spooled
+/// flushes). Errors name what was cut short or malformed.
+pub fn decode(bodies: &Bodies) -> Result<Batch, String> {
+    let mut batch = Batch::default();
+    let mut r = Reader::new(&bodies.bodies[0]);
+    while !r.done() {
+        let (ts, name, tags, host) = r.head()?;
+        batch.counters.push(CounterRow {
+            ts,
+            name,
+            tags,
+            host,
+            flush_id: r.u64()?,
+            value: r.f64()?,
+            samples: r.u64()?,
+        });
+    }
+    let mut r = Reader::new(&bodies.bodies[1]);
+    while !r.done() {
+        let (ts, name, tags, host) = r.head()?;
+        batch.gauges.push(GaugeRow {
+            ts,
+            name,
+            tags,
+            host,
+            value: r.f64()?,
+            version: r.u64()?,
+            samples: r.u64()?,
+        });
+    }
+    let mut r = Reader::new(&bodies.bodies[2]);
+    while !r.done() {
+        let (ts, name, tags, host) = r.head()?;
+        batch.timers.push(TimerRow {
+            ts,
+            name,
+            tags,
+            host,
+            flush_id: r.u64()?,
+            kind: r.string()?,
+            count: r.u64()?,
+            sum: r.f64()?,
+            min: r.f64()?,
+            max: r.f64()?,
+            p50: r.f64()?,
+            p90: r.f64()?,
+            p95: r.f64()?,
+            p99: r.f64()?,
+            samples: r.u64()?,
+            bucket_values: r.array(Reader::f64)?,
+            bucket_counts: r.array(Reader::u64)?,
+        });
+    }
+    let mut r = Reader::new(&bodies.bodies[3]);
+    while !r.done() {
+        let (ts, name, tags, host) = r.head()?;
+        batch.sets.push(SetRow {
+            ts,
+            name,
+            tags,
+            host,
+            flush_id: r.u64()?,
+            cardinality: r.u64()?,
+            samples: r.u64()?,
+            member_hashes: r.array(Reader::u64)?,
+        });
+    }
+    Ok(batch)
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8]) -> Reader<'a> {
+        Reader { b, at: 0 }
+    }
+
+    fn done(&self) -> bool {
+        self.at >= self.b.len()
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or("a RowBinary body is cut short")?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut a = [0; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn f64(&mut self) -> Result<f64, String> {
+        self.u64().map(f64::from_bits)
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.take(1)?[0];
+            n |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err("a varint is too long".into())
+    }
+
+    fn len(&mut self) -> Result<usize, String> {
+        let n = self.varint()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.b.len())
+            .ok_or_else(|| format!("a length of {n} is past the body"))
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.len()?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "a string is not UTF-8".into())
+    }
+
+    fn array<T>(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<T, String>,
+    ) -> Result<Vec<T>, String> {
+        let n = self.len()?;
+        (0..n).map(|_| item(self)).collect()
+    }
+
+    fn head(&mut self) -> Result<(u32, String, Vec<String>, String), String> {
+        let mut ts = [0; 4];
+        ts.copy_from_slice(self.take(4)?);
+        let name = self.string()?;
+        let tags = self.array(Reader::string)?;
+        Ok((u32::from_le_bytes(ts), name, tags, self.string()?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +293,77 @@ mod tests {
         assert_eq!(b.bodies[0], want);
         assert_eq!(b.rows, [1, 0, 0, 0]);
         assert!(b.bodies[1].is_empty());
+    }
+
+    #[test]
+    fn every_table_decodes_to_what_was_encoded() {
+        let head = |name: &str| {
+            (
+                7u32,
+                name.to_string(),
+                vec!["a:1".to_string()],
+                "h".to_string(),
+            )
+        };
+        let (ts, name, tags, host) = head("t");
+        let batch = Batch {
+            counters: vec![CounterRow {
+                ts,
+                name: "c".into(),
+                tags: tags.clone(),
+                host: host.clone(),
+                flush_id: 1,
+                value: 2.5,
+                samples: 3,
+            }],
+            gauges: vec![GaugeRow {
+                ts,
+                name: "g".into(),
+                tags: vec![],
+                host: host.clone(),
+                value: -1.0,
+                version: 9,
+                samples: 1,
+            }],
+            timers: vec![TimerRow {
+                ts,
+                name: name.clone(),
+                tags: tags.clone(),
+                host: host.clone(),
+                flush_id: 1,
+                kind: "ms".into(),
+                count: 2,
+                sum: 3.0,
+                min: 1.0,
+                max: 2.0,
+                p50: 1.0,
+                p90: 2.0,
+                p95: 2.0,
+                p99: 2.0,
+                samples: 2,
+                bucket_values: vec![1.0, 2.0],
+                bucket_counts: vec![1, 1],
+            }],
+            sets: vec![SetRow {
+                ts,
+                name: "s".into(),
+                tags,
+                host,
+                flush_id: 1,
+                cardinality: 2,
+                samples: 3,
+                member_hashes: vec![5, 6],
+            }],
+            ..Batch::default()
+        };
+        let mut cut = encode(&batch);
+        let back = decode(&cut).expect("decodes");
+        assert_eq!(
+            (back.counters, back.gauges, back.timers, back.sets),
+            (batch.counters, batch.gauges, batch.timers, batch.sets)
+        );
+        cut.bodies[2].pop();
+        assert!(decode(&cut).is_err());
     }
 
     #[test]

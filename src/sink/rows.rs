@@ -114,9 +114,10 @@ impl GaugeMemory {
         }
     }
 
-    /// The `gauges` file of the ledger for the values remembered now.
-    pub fn encode(&self) -> Vec<u8> {
-        crate::ledger::encode_gauges(self.values.iter().map(|(k, v)| (&**k, *v)))
+    /// The `gauges` file of the ledger for the values remembered now, which
+    /// are those after flush `as_of`.
+    pub fn encode(&self, as_of: u64) -> Vec<u8> {
+        crate::ledger::encode_gauges(as_of, self.values.iter().map(|(k, v)| (&**k, *v)))
     }
 
     /// Resolves a gauge's value and remembers it. Returns the value and
@@ -223,6 +224,145 @@ pub fn build(
         }
     }
     (batch, forgotten)
+}
+
+/// Merges two consecutive flushes of one host into one coarser interval with
+/// the same totals: `older`'s `ts`, the given `flush_id` (also the gauges'
+/// version). Counters and set members add up; a gauge keeps its newer value;
+/// timers add counts, sums and histogram buckets, and their percentiles are
+/// read again from the merged buckets (within the buckets' precision).
+pub fn merge(older: Batch, newer: Batch, flush_id: u64) -> Batch {
+    let ts = older.ts;
+    let mut out = Batch {
+        generation: newer.generation,
+        host: newer.host,
+        flush_id,
+        ts,
+        samples: older.samples.saturating_add(newer.samples),
+        ..Batch::default()
+    };
+    let mut counters: HashMap<(String, Vec<String>), CounterRow> = HashMap::new();
+    for r in older.counters.into_iter().chain(newer.counters) {
+        match counters.entry((r.name.clone(), r.tags.clone())) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let m = e.get_mut();
+                m.value += r.value;
+                m.samples = m.samples.saturating_add(r.samples);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(r);
+            }
+        }
+    }
+    out.counters = counters
+        .into_values()
+        .map(|r| CounterRow { ts, flush_id, ..r })
+        .collect();
+    let mut gauges: HashMap<(String, Vec<String>), GaugeRow> = HashMap::new();
+    for r in older.gauges.into_iter().chain(newer.gauges) {
+        let key = (r.name.clone(), r.tags.clone());
+        let samples = gauges.get(&key).map_or(0, |g| g.samples);
+        gauges.insert(
+            key,
+            GaugeRow {
+                samples: samples.saturating_add(r.samples),
+                ..r
+            },
+        );
+    }
+    out.gauges = gauges
+        .into_values()
+        .map(|r| GaugeRow {
+            ts,
+            version: flush_id,
+            ..r
+        })
+        .collect();
+    let mut timers: HashMap<(String, Vec<String>, String), TimerRow> = HashMap::new();
+    for r in older.timers.into_iter().chain(newer.timers) {
+        match timers.entry((r.name.clone(), r.tags.clone(), r.kind.clone())) {
+            std::collections::hash_map::Entry::Occupied(mut e) => merge_timer(e.get_mut(), r),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(r);
+            }
+        }
+    }
+    out.timers = timers
+        .into_values()
+        .map(|r| TimerRow { ts, flush_id, ..r })
+        .collect();
+    let mut sets: HashMap<(String, Vec<String>), SetRow> = HashMap::new();
+    for r in older.sets.into_iter().chain(newer.sets) {
+        match sets.entry((r.name.clone(), r.tags.clone())) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let m = e.get_mut();
+                m.member_hashes.extend(r.member_hashes);
+                m.member_hashes.sort_unstable();
+                m.member_hashes.dedup();
+                m.cardinality = m.member_hashes.len() as u64;
+                m.samples = m.samples.saturating_add(r.samples);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(r);
+            }
+        }
+    }
+    out.sets = sets
+        .into_values()
+        .map(|r| SetRow { ts, flush_id, ..r })
+        .collect();
+    let mut gauge_values: HashMap<Box<[u8]>, f64> = older.gauge_values.into_iter().collect();
+    gauge_values.extend(newer.gauge_values);
+    out.gauge_values = gauge_values.into_iter().collect();
+    out
+}
+
+fn merge_timer(m: &mut TimerRow, r: TimerRow) {
+    m.count = m.count.saturating_add(r.count);
+    m.sum += r.sum;
+    m.min = m.min.min(r.min);
+    m.max = m.max.max(r.max);
+    m.samples = m.samples.saturating_add(r.samples);
+    let mut values = Vec::with_capacity(m.bucket_values.len() + r.bucket_values.len());
+    let mut counts = Vec::with_capacity(values.capacity());
+    let (mut i, mut j) = (0, 0);
+    let (a, b) = (
+        (&m.bucket_values, &m.bucket_counts),
+        (&r.bucket_values, &r.bucket_counts),
+    );
+    while i < a.0.len() || j < b.0.len() {
+        let take_a = j >= b.0.len() || (i < a.0.len() && a.0[i] <= b.0[j]);
+        let take_b = i >= a.0.len() || (j < b.0.len() && b.0[j] <= a.0[i]);
+        let (v, mut c) = if take_a {
+            (a.0[i], a.1.get(i).copied().unwrap_or(0))
+        } else {
+            (b.0[j], 0)
+        };
+        if take_a {
+            i += 1;
+        }
+        if take_b {
+            c = c.saturating_add(b.1.get(j).copied().unwrap_or(0));
+            j += 1;
+        }
+        values.push(v);
+        counts.push(c);
+    }
+    let total: u64 = counts.iter().fold(0, |t: u64, &c| t.saturating_add(c));
+    let at = |q: f64| {
+        let target = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0u64;
+        for (v, c) in values.iter().zip(&counts) {
+            seen = seen.saturating_add(*c);
+            if seen >= target {
+                return v.clamp(m.min, m.max);
+            }
+        }
+        m.max
+    };
+    (m.p50, m.p90, m.p95, m.p99) = (at(0.50), at(0.90), at(0.95), at(0.99));
+    m.bucket_values = values;
+    m.bucket_counts = counts;
 }
 
 /// Bytes a row takes in RowBinary (what is sent to ClickHouse).
@@ -392,6 +532,46 @@ mod tests {
         );
         assert_eq!((batch.sets[0].cardinality, batch.sets[0].samples), (2, 3));
         assert_eq!(batch.sets[0].member_hashes.len(), 2);
+    }
+
+    #[test]
+    fn merged_flushes_keep_every_total() {
+        let mut memory = GaugeMemory::new(10);
+        let (a, _) = build(
+            generation("c:1|c\nc:2|c\ng:10|g\nt:10:20|ms\ns:x|s\nonly.a:5|c", 100),
+            1,
+            "h",
+            &mut memory,
+        );
+        let (b, _) = build(
+            generation("c:4|c\ng:+5|g\nt:20:30|ms\ns:x|s\ns:y|s", 101),
+            2,
+            "h",
+            &mut memory,
+        );
+        let mut m = merge(a, b, 2);
+        m.counters.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(m.ts, 100);
+        assert_eq!(
+            m.counters
+                .iter()
+                .map(|r| (r.name.as_str(), r.value, r.samples, r.flush_id, r.ts))
+                .collect::<Vec<_>>(),
+            vec![("c", 7.0, 3, 2, 100), ("only.a", 5.0, 1, 2, 100)]
+        );
+        assert_eq!(
+            (m.gauges[0].value, m.gauges[0].version, m.gauges[0].samples),
+            (15.0, 2, 2)
+        );
+        let t = &m.timers[0];
+        assert_eq!(
+            (t.count, t.sum, t.min, t.max, t.samples),
+            (4, 80.0, 10.0, 30.0, 4)
+        );
+        assert_eq!(t.bucket_counts.iter().sum::<u64>(), 4);
+        assert!(t.p50 >= 10.0 && t.p50 <= 20.5 && t.p99 >= 29.5, "{t:?}");
+        assert_eq!((m.sets[0].cardinality, m.sets[0].samples), (2, 3));
+        assert_eq!(m.gauge_values.len(), 1);
     }
 
     #[test]

@@ -213,6 +213,8 @@ pub struct Wal {
     /// A sync failed and no full sync has succeeded since: nothing appended
     /// may be called durable (no ack is sent) until one does.
     poisoned: AtomicBool,
+    /// Held for the whole of a sync.
+    sync_lock: Mutex<()>,
     /// Set at shutdown: acknowledgements still waiting give up.
     acks_closed: AtomicBool,
     fs: Arc<dyn Fs>,
@@ -255,7 +257,17 @@ impl Wal {
             if old.by_generation.is_empty() {
                 remove_streams(&dir)?;
             } else {
-                let aside = previous_dirs(&dir)?.len();
+                let aside = previous_dirs(&dir)?
+                    .iter()
+                    .filter_map(|p| {
+                        p.file_name()?
+                            .to_str()?
+                            .strip_prefix("previous-")?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .max()
+                    .map_or(0, |n| n + 1);
                 let to = dir.join(format!("previous-{aside}"));
                 move_streams(&dir, &to)?;
                 tracing::warn!(old = old_geometry.as_deref().unwrap_or(""), new = %geometry, kept = %to.display(), "the WAL geometry changed; the old streams are replayed read-only");
@@ -287,6 +299,7 @@ impl Wal {
             .keys()
             .copied()
             .chain(checkpoint.intents.keys().copied())
+            .chain(checkpoint.done.last().copied())
             .chain([checkpoint.confirmed, scan.max_generation])
             .max()
             .unwrap_or(0);
@@ -318,6 +331,7 @@ impl Wal {
             confirmed: AtomicU64::new(checkpoint.confirmed),
             previous: Mutex::new(previous),
             poisoned: AtomicBool::new(false),
+            sync_lock: Mutex::new(()),
             acks_closed: AtomicBool::new(false),
             fs,
             checkpoint: Mutex::new(checkpoint),
@@ -377,18 +391,13 @@ impl Wal {
         seg.max_generation = seg.max_generation.max(generation);
         s.offset += need;
         s.next_lsn += 1;
-        // `always`: a blocking thread (UDP) syncs here; a tokio task (TCP)
-        // must not block its worker, so the sync task does it at once.
-        let inline =
-            self.config.sync == SyncMode::Always && tokio::runtime::Handle::try_current().is_err();
-        if inline {
-            self.sync_stream(&mut s);
-        }
         // Read under the stream lock: a sync that has not yet looked at this
         // stream will see the record, and will publish an epoch above this.
         let ticket = self.epoch.load(Relaxed);
         drop(s);
-        if self.config.sync == SyncMode::Always && !inline {
+        if self.config.sync == SyncMode::Always {
+            // UDP threads sync their own stream at once ([`Wal::settle`]);
+            // for a tokio task (TCP), the sync task does it.
             self.sync_wanted.notify_one();
         }
         self.stats.records.fetch_add(1, Relaxed);
@@ -453,15 +462,11 @@ impl Wal {
         if s.segments[next].max_generation > self.confirmed.load(Relaxed) {
             return Err(AppendError::Full);
         }
-        match self.config.sync {
-            SyncMode::Always => self.sync_stream(s),
-            // The next interval sync writes the segment being left back too.
-            SyncMode::Interval => {
-                let seg = &s.segments[s.current];
-                let left = (seg.path.clone(), seg.file());
-                s.unsynced.push(left);
-            }
-            SyncMode::Never => {}
+        if self.config.sync != SyncMode::Never {
+            // The next sync writes the segment being left back too.
+            let seg = &s.segments[s.current];
+            let left = (seg.path.clone(), seg.file());
+            s.unsynced.push(left);
         }
         let header = format::SegmentHeader {
             stream: s.id,
@@ -475,14 +480,28 @@ impl Wal {
         Ok(())
     }
 
-    fn sync_stream(&self, s: &mut Stream) {
-        let (from, to) = (s.synced_to, s.offset + 8);
-        if to > from {
-            if let Err(e) = s.segments[s.current].sync(self.fs.as_ref()) {
-                self.sync_failed(&e);
-                return;
+    /// With `always`, syncs what this blocking thread (a UDP worker)
+    /// appended to `stream`, outside every other lock. Does nothing in the
+    /// other modes or on a tokio thread (the sync task syncs those).
+    pub fn settle(&self, stream: usize) {
+        if self.config.sync != SyncMode::Always || tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        let _one = lock(&self.sync_lock);
+        let files = {
+            let mut s = lock(&self.streams[stream % self.streams.len()]);
+            let mut files = std::mem::take(&mut s.unsynced);
+            if s.offset > s.synced_to {
+                s.synced_to = s.offset;
+                let seg = &s.segments[s.current];
+                files.push((seg.path.clone(), seg.file()));
             }
-            s.synced_to = s.offset;
+            files
+        };
+        for (path, f) in files {
+            if let Err(e) = self.fs.sync(&path, &f) {
+                self.sync_failed(&e);
+            }
         }
     }
 
@@ -503,10 +522,14 @@ impl Wal {
     /// and a plain retry would write nothing) and synced; only when that
     /// succeeds are acks released again.
     pub fn sync(&self) {
-        let full = self.poisoned();
         if self.config.sync == SyncMode::Never {
             return;
         }
+        // One sync at a time: a second one must not publish an epoch while
+        // the first still writes the records it marked as synced.
+        let _one = lock(&self.sync_lock);
+        let full = self.poisoned();
+        let errors = self.stats.sync_errors.load(Relaxed);
         let epoch = self.epoch.fetch_add(1, Relaxed);
         let confirmed = self.confirmed();
         let mut files = Vec::new();
@@ -537,13 +560,27 @@ impl Wal {
         }
         // Records appended before this sync began are durable now. A failed
         // sync publishes nothing: acks wait for a full sync that works.
-        if ok {
+        // A sync that failed elsewhere meanwhile (a UDP worker's) keeps the
+        // poison: the next full sync must cover it.
+        if ok && self.stats.sync_errors.load(Relaxed) == errors {
             if full {
                 self.poisoned.store(false, Relaxed);
                 tracing::info!("WAL full sync succeeded: acknowledgements resume");
             }
             self.synced.send_replace(epoch + 1);
         }
+    }
+
+    /// [`Wal::sync`], then an error if the WAL is not durable (a sync
+    /// failed and no full sync has succeeded since).
+    pub fn sync_checked(&self) -> io::Result<()> {
+        self.sync();
+        if self.poisoned() {
+            return Err(io::Error::other(
+                "a WAL sync failed; nothing is durable until a full sync succeeds",
+            ));
+        }
+        Ok(())
     }
 
     pub fn sync_mode(&self) -> (SyncMode, Duration) {

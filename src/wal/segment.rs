@@ -2,7 +2,7 @@
 //! the crate is here: mapping the file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -115,12 +115,6 @@ impl Segment {
     /// writes back pages dirtied through the mapping too).
     pub fn file(&self) -> Arc<File> {
         Arc::clone(&self.file)
-    }
-
-    /// Makes the segment's records durable: `fdatasync` on its file (which
-    /// writes back the mapping's dirty pages) through the `fs` seam.
-    pub fn sync(&self, fs: &dyn crate::ledger::fs::Fs) -> io::Result<()> {
-        fs.sync(&self.path, &self.file)
     }
 
     /// Marks every page of the mapping dirty again by rewriting one byte of
