@@ -469,7 +469,10 @@ mod tests {
                 resent: false,
             }));
         }
-        assert_eq!(parked, vec![(1_700_000_001, 2.0, 1), (1_700_000_002, 3.0, 1)]);
+        assert_eq!(
+            parked,
+            vec![(1_700_000_001, 2.0, 1), (1_700_000_002, 3.0, 1)]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -193,7 +193,11 @@ async fn a_spool_over_its_budget_merges_intervals_and_keeps_totals() {
     for round in 0..30 {
         let mut lines = String::new();
         for k in 0..200 {
-            lines.push_str(&format!("merged.c{k}:1|c\nmerged.t{}:{}|ms\n", k % 10, round + 1));
+            lines.push_str(&format!(
+                "merged.c{k}:1|c\nmerged.t{}:{}|ms\n",
+                k % 10,
+                round + 1
+            ));
         }
         lines.push_str(&format!("merged.g:{round}|g\nmerged.s:m{round}|s\n"));
         send_tcp(tcp, &lines);
@@ -203,7 +207,10 @@ async fn a_spool_over_its_budget_merges_intervals_and_keeps_totals() {
     running.shutdown().await;
     let files = std::fs::read_dir(data_dir.join("spool"))
         .expect("spool")
-        .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "flush")))
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "flush"))
+        })
         .count();
     assert!(files < 10, "{files} spool files: intervals were not merged");
 
@@ -236,7 +243,9 @@ async fn sixty_four_udp_workers_start_and_count_exactly() {
     let mut s = settings(ch, "workers64");
     s.statsd.udp_workers = 64;
     s.wal.size = "64MiB".into();
-    let running = server::start(config(&s)).await.expect("start with 64 UDP workers");
+    let running = server::start(config(&s))
+        .await
+        .expect("start with 64 UDP workers");
     let udp = running.udp_addr.expect("udp");
     tokio::task::spawn_blocking(move || {
         // Many source ports, so that SO_REUSEPORT spreads them over the sockets.

@@ -406,3 +406,58 @@ async fn power_loss_torn_state_file_starts() {
         100.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_under_sixteen_streaming_connections_ends_in_time_and_keeps_every_acked_batch() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "ledger_stop");
+    s.shutdown_timeout = "3s".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let addr = running.proto_tcp_addr.expect("proto tcp");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|c| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut sent, mut acked) = (0u64, 0u64);
+                let Ok(mut conn) = TcpStream::connect(addr) else {
+                    return (sent, acked);
+                };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let name = format!("stop.c{c}");
+                while !stop.load(Relaxed) {
+                    let b = proto_batch(&format!("streamer-{c}"), sent + 1, &name, 10, 1.0);
+                    if conn.write_all(&encode_frame(&b)).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                    match read_ack(&mut conn) {
+                        Ok(a) if a.status == OK => acked += 1,
+                        _ => break,
+                    }
+                }
+                (sent, acked)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let began = std::time::Instant::now();
+    running.shutdown().await;
+    let took = began.elapsed();
+    stop.store(true, Relaxed);
+    let counts: Vec<(u64, u64)> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+    for (c, (sent, acked)) in counts.into_iter().enumerate() {
+        assert!(acked > 0, "client {c} never got an ack");
+        let stored = ch.number(&format!(
+            "SELECT sum(value) FROM ledger_stop.counters FINAL WHERE name = 'stop.c{c}'"
+        )) as u64;
+        assert!(
+            stored >= acked * 10 && stored <= sent * 10 && stored.is_multiple_of(10),
+            "client {c}: sent {sent}, acked {acked}, stored {stored}"
+        );
+    }
+}
