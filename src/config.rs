@@ -66,6 +66,11 @@ pub struct ProtoSettings {
     pub overload_timeout: String,
     /// How long a silent client's last sequence is remembered.
     pub dedup_window: String,
+    /// Clients whose sequences are remembered; past it, the least recently
+    /// seen are forgotten.
+    pub max_clients: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: String,
 }
 
 impl Default for ProtoSettings {
@@ -77,6 +82,8 @@ impl Default for ProtoSettings {
             max_connections: 1024,
             overload_timeout: "5s".into(),
             dedup_window: "24h".into(),
+            max_clients: 100_000,
+            idle_timeout: "10m".into(),
         }
     }
 }
@@ -120,6 +127,8 @@ pub struct StatsdSettings {
     pub udp_recv_buffer: String,
     pub tcp_max_line: String,
     pub tcp_max_connections: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub tcp_idle_timeout: String,
     pub max_name_len: usize,
     pub max_tags: usize,
     pub max_tag_len: usize,
@@ -175,6 +184,7 @@ impl Default for StatsdSettings {
             udp_recv_buffer: "8MiB".into(),
             tcp_max_line: "64KiB".into(),
             tcp_max_connections: 1024,
+            tcp_idle_timeout: "10m".into(),
             max_name_len: 256,
             max_tags: 64,
             max_tag_len: 256,
@@ -413,6 +423,8 @@ impl Settings {
             max_connections: p.max_connections,
             overload_timeout: duration("proto.overload_timeout", &p.overload_timeout)?,
             dedup_window: duration("proto.dedup_window", &p.dedup_window)?,
+            max_clients: p.max_clients.max(1),
+            idle_timeout: duration("proto.idle_timeout", &p.idle_timeout)?,
         };
         Ok(Config {
             wal,
@@ -438,6 +450,7 @@ impl Settings {
             udp_recv_buffer: size("statsd.udp_recv_buffer", &s.udp_recv_buffer)?,
             tcp_max_line,
             tcp_max_connections: s.tcp_max_connections,
+            tcp_idle_timeout: duration("statsd.tcp_idle_timeout", &s.tcp_idle_timeout)?,
             parse_limits: Limits {
                 max_name_len: s.max_name_len,
                 max_tags: s.max_tags,
@@ -478,6 +491,7 @@ pub struct Config {
     pub udp_recv_buffer: usize,
     pub tcp_max_line: usize,
     pub tcp_max_connections: usize,
+    pub tcp_idle_timeout: Duration,
     pub parse_limits: Limits,
     pub aggregate: AggregateLimits,
     pub flush_interval: Duration,
@@ -502,6 +516,8 @@ pub struct ProtoConfig {
     pub max_connections: usize,
     pub overload_timeout: Duration,
     pub dedup_window: Duration,
+    pub max_clients: usize,
+    pub idle_timeout: Duration,
 }
 
 impl Settings {

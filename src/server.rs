@@ -214,7 +214,8 @@ async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, StartError>
             Arc::clone(&fs),
         );
         let budget = config.spool_max_size;
-        blocking(move || Ledger::open(&dir, window, budget, fs))
+        let max_clients = config.proto.max_clients;
+        blocking(move || Ledger::open(&dir, window, max_clients, budget, fs))
             .await
             .and_then(|r| r)
             .map_err(data_dir_err)?
@@ -365,6 +366,7 @@ async fn serve(
             telemetry: Arc::clone(&telemetry),
             max_line: config.tcp_max_line,
             max_connections: config.tcp_max_connections,
+            idle_timeout: config.tcp_idle_timeout,
             wal_streams: shared_streams.clone(),
         };
         tokio::spawn(ingest.serve(listener, stop_rx.clone()))
@@ -377,6 +379,7 @@ async fn serve(
         max_frame: config.proto.max_frame,
         max_connections: config.proto.max_connections,
         overload_timeout: config.proto.overload_timeout,
+        idle_timeout: config.proto.idle_timeout,
         wal_streams: shared_streams,
     };
     let proto_tcp_addr = proto_tcp_listener

@@ -88,6 +88,8 @@ pub struct Telemetry {
     pub spool_errors: AtomicU64,
     /// Protobuf batches refused as below the client's dedup window.
     pub proto_too_old: AtomicU64,
+    /// TCP and protobuf connections closed after `idle_timeout` of silence.
+    pub connections_idle_closed: AtomicU64,
     pub rows_lost_at_shutdown: AtomicU64,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
@@ -323,6 +325,12 @@ impl Telemetry {
             "Flushes that could not be recorded in the spool (held and retried, not sent).",
             "",
             &self.spool_errors,
+        );
+        m.counter(
+            "tallyd_connections_idle_closed_total",
+            "TCP and protobuf connections closed after their idle timeout.",
+            "",
+            &self.connections_idle_closed,
         );
         m.counter(
             "tallyd_proto_too_old_total",

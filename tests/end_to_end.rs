@@ -406,3 +406,36 @@ async fn connections_over_the_limit_are_closed_and_counted() {
         3.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_the_idle_timeout() {
+    use std::io::Read;
+    let ch = clickhouse();
+    let mut s = settings(ch, "idle");
+    s.statsd.tcp_idle_timeout = "300ms".into();
+    s.proto.idle_timeout = "300ms".into();
+    let running = tallyd::server::start(config(&s)).await.expect("start");
+    let addrs = [
+        running.tcp_addr.expect("tcp"),
+        running.proto_tcp_addr.expect("proto tcp"),
+    ];
+    tokio::task::spawn_blocking(move || {
+        for addr in addrs {
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .expect("timeout");
+            let mut rest = Vec::new();
+            assert_eq!(c.read_to_end(&mut rest).expect("closed by tallyd"), 0);
+        }
+    })
+    .await
+    .expect("client");
+    assert_eq!(
+        running
+            .telemetry
+            .connections_idle_closed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    running.shutdown().await;
+}

@@ -52,6 +52,8 @@ pub struct ProtoIngest {
     pub max_frame: usize,
     pub max_connections: usize,
     pub overload_timeout: Duration,
+    /// A connection silent for this long is closed.
+    pub idle_timeout: Duration,
     /// WAL streams, shared with StatsD TCP: connection `n` uses `start + n % len`.
     pub wal_streams: Range<usize>,
 }
@@ -225,7 +227,13 @@ impl ProtoIngest {
                 }
             }
             let n = tokio::select! {
-                r = reader.read(&mut chunk) => r,
+                r = tokio::time::timeout(self.idle_timeout, reader.read(&mut chunk)) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.telemetry.connections_idle_closed.fetch_add(1, Relaxed);
+                        break 'read;
+                    }
+                },
                 _ = stop.changed() => break 'read,
             };
             match n {

@@ -26,9 +26,14 @@ pub struct TcpIngest {
     pub telemetry: Arc<Telemetry>,
     pub max_line: usize,
     pub max_connections: usize,
+    /// A connection silent for this long is closed.
+    pub idle_timeout: std::time::Duration,
     /// WAL streams for TCP: connection `n` appends to `streams.start + n % len`.
     pub wal_streams: std::ops::Range<usize>,
 }
+
+/// Reads a connection gets at a stop to apply what the kernel holds.
+const DRAIN_READS: usize = 256;
 
 /// How long a connection waits before it retries a block the WAL refused.
 const WAL_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
@@ -74,12 +79,21 @@ impl TcpIngest {
                 tokio::time::sleep(WAL_RETRY).await;
             }
             let n = tokio::select! {
-                r = stream.read(&mut buf) => r,
+                r = tokio::time::timeout(self.idle_timeout, stream.read(&mut buf)) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.telemetry.connections_idle_closed.fetch_add(1, Relaxed);
+                        break;
+                    }
+                },
                 _ = stop.changed() => {
-                    // Apply what the kernel already holds, then close.
-                    while let Ok(n) = stream.try_read(&mut buf) {
-                        if n == 0 { break; }
-                        self.apply(&mut lines, &buf[..n], &mut scratch);
+                    // Apply what the kernel already holds (bounded: a sender
+                    // that never pauses must not hold the stop), then close.
+                    for _ in 0..DRAIN_READS {
+                        match stream.try_read(&mut buf) {
+                            Ok(n) if n > 0 => self.apply(&mut lines, &buf[..n], &mut scratch),
+                            _ => break,
+                        }
                     }
                     break;
                 }

@@ -138,6 +138,8 @@ pub struct Dedup {
     clients: DashMap<String, Client>,
     path: PathBuf,
     window: Duration,
+    /// Past this many clients, the least recently seen tenth is forgotten.
+    max_clients: usize,
     fs: Arc<dyn Fs>,
 }
 
@@ -180,8 +182,34 @@ impl Dedup {
             clients,
             path,
             window,
+            max_clients: 100_000,
             fs,
         })
+    }
+
+    /// Caps the client table (`proto.max_clients`).
+    pub fn with_max_clients(mut self, max_clients: usize) -> Dedup {
+        self.max_clients = max_clients.max(1);
+        self
+    }
+
+    /// Forgets the least recently seen tenth of the clients when the table
+    /// is full (LRU by last accepted batch). A forgotten client starts over:
+    /// a batch of it retried after that would count again, so the cap is a
+    /// memory bound, set well above the number of live clients.
+    fn make_room(&self) {
+        if self.clients.len() < self.max_clients {
+            return;
+        }
+        let mut seen: Vec<u64> = self.clients.iter().map(|e| e.seen).collect();
+        let cut = (seen.len() / 10).max(1);
+        let (_, &mut oldest, _) = seen.select_nth_unstable(cut - 1);
+        self.clients.retain(|_, c| c.seen > oldest);
+        tracing::warn!(
+            max_clients = self.max_clients,
+            left = self.clients.len(),
+            "the protobuf client table was full: forgot the least recently seen clients"
+        );
     }
 
     /// Runs `accept` unless `(client, sequence)` was accepted before or is
@@ -212,6 +240,7 @@ impl Dedup {
                 }
             };
         }
+        self.make_room();
         let mut entry = self.clients.entry(client.to_owned()).or_insert(Client::NEW);
         match entry.state(sequence) {
             Seen::Accepted => Ok(Admit::Duplicate),
@@ -400,6 +429,26 @@ mod tests {
                 assert_eq!(d.admit("c", a, ok), Ok(want), "seq {a} after {seq}");
             }
         }
+    }
+
+    #[test]
+    fn a_full_client_table_forgets_the_least_recently_seen() {
+        let d = open(&temp_dir()).with_max_clients(20);
+        for c in 0..20 {
+            d.observe(&format!("c{c}"), 1);
+            d.clients.alter(&format!("c{c}"), |_, mut cl| {
+                cl.seen = 1000 + c;
+                cl
+            });
+        }
+        assert_eq!(d.admit("new", 1, ok), Ok(Admit::Accepted(())));
+        assert_eq!(d.clients(), 19, "the oldest tenth (and ties) went");
+        assert_eq!(
+            d.admit("c0", 1, ok),
+            Ok(Admit::Accepted(())),
+            "c0 was forgotten"
+        );
+        assert_eq!(d.admit("c19", 1, ok), Ok(Admit::Duplicate), "c19 was kept");
     }
 
     #[test]

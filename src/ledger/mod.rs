@@ -129,6 +129,7 @@ impl Ledger {
     pub fn open(
         data_dir: &Path,
         dedup_window: Duration,
+        max_clients: usize,
         budget: u64,
         fs: Arc<dyn Fs>,
     ) -> io::Result<(Ledger, Recovered)> {
@@ -156,7 +157,9 @@ impl Ledger {
         for f in flushes.iter().filter(|f| f.flush_id > as_of) {
             gauges.extend(f.gauges.iter().cloned());
         }
-        let dedup = Arc::new(Dedup::open(data_dir, dedup_window, Arc::clone(&fs))?);
+        let dedup = Arc::new(
+            Dedup::open(data_dir, dedup_window, Arc::clone(&fs))?.with_max_clients(max_clients),
+        );
         let mut state = State::default();
         for f in &flushes {
             let p = Pending {
