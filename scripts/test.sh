@@ -51,4 +51,26 @@ if ! dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/tallyd
     echo "test.sh: /etc/tallyd/tallyd.toml is not a conffile of $deb" >&2
     exit 1
 fi
-echo "test.sh: $deb holds the binary, both units and /etc/tallyd/tallyd.toml"
+# Maintainer scripts: enable and start on install, restart on upgrade, stop
+# on remove, state removed on purge only.
+control=$(mktemp -d)
+dpkg-deb --ctrl-tarfile "$deb" | tar -x -C "$control"
+expect() {
+    if ! grep -q -- "$2" "$control/$1"; then
+        echo "test.sh: $deb: $1 lacks: $2" >&2
+        exit 1
+    fi
+}
+expect postinst 'deb-systemd-helper enable tallyd.service'
+expect postinst 'deb-systemd-helper enable tallyd.socket'
+expect postinst '_dh_action=restart'
+expect postinst 'deb-systemd-invoke $_dh_action tallyd.service'
+expect prerm 'deb-systemd-invoke stop tallyd.service'
+expect postrm 'if \[ "$1" = "purge" \]; then'
+expect postrm 'rm -rf /var/lib/private/tallyd /var/lib/tallyd'
+if grep -B3 'rm -rf /var/lib/private/tallyd' "$control/postrm" | grep -q 'remove\|upgrade'; then
+    echo "test.sh: postrm removes the state on something other than purge" >&2
+    exit 1
+fi
+rm -rf "$control"
+echo "test.sh: $deb holds the binary, both units, /etc/tallyd/tallyd.toml and its maintainer scripts"

@@ -285,6 +285,11 @@ async fn serve(
     ));
 
     let udp_addr = udp_sockets.first().and_then(|s| s.local_addr().ok());
+    if let Some(bytes) = udp::receive_buffer(&udp_sockets, config.udp_recv_buffer) {
+        telemetry
+            .udp_receive_buffer
+            .store(bytes as u64, Ordering::Relaxed);
+    }
     let tcp_addr = tcp_listener.as_ref().and_then(|l| l.local_addr().ok());
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
@@ -302,10 +307,10 @@ async fn serve(
     let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry))
         .with_reload(sink_config_rx)
         .with_ledger(Arc::clone(&ledger));
-    // Room for every spooled flush and replayed generation on top of the
-    // usual queue, so that replay never waits for ClickHouse.
-    let (queue_tx, queue_rx) =
-        mpsc::channel(config.flush_queue + recovered.flushes.len() + recovery.generations.len());
+    // Replayed generations beyond the queue are parked in the spool, like
+    // any flush that finds the queue full: replay never waits for
+    // ClickHouse, and holds one generation in memory at a time.
+    let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue.max(1));
     let sink = tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx));
 
     let mut gauges = GaugeMemory::new(config.aggregate.max_keys);

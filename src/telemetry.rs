@@ -88,6 +88,8 @@ pub struct Telemetry {
     pub spool_errors: AtomicU64,
     /// Protobuf batches refused as below the client's dedup window.
     pub proto_too_old: AtomicU64,
+    /// SO_RCVBUF of the StatsD UDP sockets, as the kernel reports it.
+    pub udp_receive_buffer: AtomicU64,
     /// TCP and protobuf connections closed after `idle_timeout` of silence.
     pub connections_idle_closed: AtomicU64,
     pub rows_lost_at_shutdown: AtomicU64,
@@ -325,6 +327,12 @@ impl Telemetry {
             "Flushes that could not be recorded in the spool (held and retried, not sent).",
             "",
             &self.spool_errors,
+        );
+        m.gauge(
+            "tallyd_udp_receive_buffer_bytes",
+            "Receive buffer of the StatsD UDP sockets as the kernel reports it (SO_RCVBUF: twice the bytes granted, capped by net.core.rmem_max).",
+            "",
+            &self.udp_receive_buffer,
         );
         m.counter(
             "tallyd_connections_idle_closed_total",

@@ -439,3 +439,27 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_udp_receive_buffer_the_kernel_gave() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "rcvbuf");
+    s.statsd.udp_recv_buffer = "64KiB".into();
+    let running = tallyd::server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin").port();
+    // What the kernel gives a socket asking for the same buffer.
+    let probe =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    probe.set_recv_buffer_size(64 * 1024).expect("set");
+    let want = probe.recv_buffer_size().expect("get");
+    assert!(want >= 64 * 1024, "{want}");
+    let metrics = tokio::task::spawn_blocking(move || common::http(admin, "GET", "/metrics", ""))
+        .await
+        .expect("get")
+        .expect("metrics");
+    assert!(
+        metrics.contains(&format!("tallyd_udp_receive_buffer_bytes {want}\n")),
+        "{metrics}"
+    );
+    running.shutdown().await;
+}

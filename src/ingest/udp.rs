@@ -50,17 +50,25 @@ pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<
         addr = s.local_addr()?;
         sockets.push(s);
     }
-    if let Some(s) = sockets.first() {
-        let got = socket2::SockRef::from(s).recv_buffer_size().unwrap_or(0);
-        if got < recv_buffer {
-            tracing::warn!(
-                wanted = recv_buffer,
-                got,
-                "UDP receive buffer is smaller than configured: raise net.core.rmem_max"
-            );
-        }
-    }
     Ok(sockets)
+}
+
+/// The receive buffer the kernel gave the first socket (`SO_RCVBUF`: on
+/// Linux twice the bytes granted, the other half being its bookkeeping),
+/// with a warning when it is smaller than `wanted`, the configured
+/// `statsd.udp_recv_buffer`.
+pub fn receive_buffer(sockets: &[UdpSocket], wanted: usize) -> Option<usize> {
+    let got = socket2::SockRef::from(sockets.first()?)
+        .recv_buffer_size()
+        .ok()?;
+    if got < wanted {
+        tracing::warn!(
+            wanted,
+            got,
+            "the UDP receive buffer is smaller than configured: the kernel caps it at net.core.rmem_max (the package raises it; see README, Running on every host)"
+        );
+    }
+    Some(got)
 }
 
 /// Starts one receive thread per socket; thread `i` appends to WAL stream
