@@ -41,7 +41,7 @@ command -v cargo-deb >/dev/null || cargo install --locked -q cargo-deb
 cargo deb --locked -q
 deb=$(ls -t target/debian/tallyd_*.deb | head -n 1)
 contents=$(dpkg-deb -c "$deb")
-for f in ./usr/bin/tallyd ./lib/systemd/system/tallyd.service ./lib/systemd/system/tallyd.socket ./etc/tallyd/tallyd.toml; do
+for f in ./usr/bin/tallyd ./usr/lib/systemd/system/tallyd.service ./usr/lib/systemd/system/tallyd.socket ./etc/tallyd/tallyd.toml; do
     if ! grep -q " $f\$" <<<"$contents"; then
         echo "test.sh: $deb lacks $f" >&2
         exit 1
