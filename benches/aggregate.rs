@@ -22,6 +22,7 @@ fn aggregator() -> Aggregator {
             max_keys: 10_000_000,
             max_set_members: 100_000,
             max_depth: u64::MAX,
+            max_memory: u64::MAX,
         },
         Limits::default(),
         Duration::ZERO,

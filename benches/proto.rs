@@ -48,6 +48,7 @@ fn decode_and_aggregate(c: &mut Criterion) {
             max_keys: 1_000_000,
             max_set_members: 1000,
             max_depth: u64::MAX,
+            max_memory: u64::MAX,
         },
         Limits::default(),
         Duration::ZERO,

@@ -142,6 +142,8 @@ pub struct AggregateSettings {
     pub max_keys: usize,
     pub max_set_members: usize,
     pub flush_queue: usize,
+    /// Memory one interval's keys and accumulators may take (estimated).
+    pub max_memory: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,6 +202,7 @@ impl Default for AggregateSettings {
             max_keys: 1_000_000,
             max_set_members: 100_000,
             flush_queue: 8,
+            max_memory: "1GiB".into(),
         }
     }
 }
@@ -460,6 +463,7 @@ impl Settings {
                 max_keys: a.max_keys,
                 max_set_members: a.max_set_members,
                 max_depth: a.max_depth,
+                max_memory: size("aggregate.max_memory", &a.max_memory)? as u64,
             },
             flush_interval,
             flush_queue: a.flush_queue,

@@ -359,6 +359,7 @@ mod tests {
                 max_keys: 100,
                 max_set_members: 10,
                 max_depth,
+                max_memory: u64::MAX,
             },
             Limits::default(),
             Duration::from_secs(1_700_000_000),

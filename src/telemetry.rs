@@ -35,6 +35,8 @@ pub struct BlockStats {
     pub dropped_key_limit: u64,
     /// Set members refused because their set was at its member limit.
     pub dropped_set_members: u64,
+    /// Samples refused because the generation's memory budget was spent.
+    pub dropped_memory: u64,
 }
 
 impl BlockStats {
@@ -57,6 +59,8 @@ pub struct Telemetry {
     pub proto_frames_too_large: AtomicU64,
     pub samples: AtomicU64,
     pub dropped_key_limit: AtomicU64,
+    /// Samples refused past `aggregate.max_memory`.
+    pub dropped_memory: AtomicU64,
     pub dropped_set_members: AtomicU64,
     pub dropped_gauge_memory: AtomicU64,
     pub tcp_lines_too_long: AtomicU64,
@@ -125,6 +129,7 @@ impl Telemetry {
         add_nonzero(&listener.service_checks, b.service_checks);
         self.samples.fetch_add(b.samples, Relaxed);
         add_nonzero(&self.dropped_key_limit, b.dropped_key_limit);
+        add_nonzero(&self.dropped_memory, b.dropped_memory);
         add_nonzero(&self.dropped_set_members, b.dropped_set_members);
     }
 
@@ -203,6 +208,7 @@ impl Telemetry {
         );
         for (reason, c) in [
             ("key_limit", &self.dropped_key_limit),
+            ("memory", &self.dropped_memory),
             ("set_member_limit", &self.dropped_set_members),
             ("gauge_memory_limit", &self.dropped_gauge_memory),
             ("tcp_line_too_long", &self.tcp_lines_too_long),

@@ -15,6 +15,22 @@ pub const SIGFIGS: u8 = 2;
 /// The largest scaled value a histogram takes; larger values are clamped.
 const MAX_SCALED: u64 = 1 << 52;
 
+/// Estimated bytes of a new key beyond its own bytes: the map entry, the
+/// boxed key's header and the largest accumulator (the memory budget's
+/// unit; `benches/aggregate.rs` measures the real figures).
+pub const KEY_OVERHEAD: u64 = 96;
+/// Estimated bytes of one more value in a short timer list.
+const FEW_VALUE: u64 = 16;
+/// Estimated bytes of one more set member (hash, control byte, load factor).
+const SET_MEMBER: u64 = 16;
+
+/// Bytes of an HDR histogram's counts at [`SIGFIGS`] = 2: 128 counters of
+/// 8 bytes per power of two it spans (its memory grows with the largest
+/// value recorded: about 47 KB for the full range).
+fn hist_bytes(h: &Histogram<u64>) -> u64 {
+    (u64::from(h.buckets()) + 1) * 128 * 8
+}
+
 /// The state of one key within one interval.
 #[derive(Debug)]
 pub enum Acc {
@@ -136,11 +152,15 @@ pub struct Summary {
 
 impl DistAcc {
     /// Records a non-negative value seen with the given sample rate.
-    pub fn record(&mut self, value: f64, sample_rate: f64) {
+    /// Returns the estimated bytes the accumulator grew by.
+    pub fn record(&mut self, value: f64, sample_rate: f64) -> u64 {
         let weight = (1.0 / sample_rate).round().max(1.0) as u64;
         let scaled = ((value * SCALE).round() as u64).min(MAX_SCALED);
-        match &mut self.values {
-            Values::Few(list) if list.len() < FEW => list.push((scaled, weight)),
+        let grew = match &mut self.values {
+            Values::Few(list) if list.len() < FEW => {
+                list.push((scaled, weight));
+                FEW_VALUE
+            }
             Values::Few(list) => {
                 let mut hist = Box::new(histogram());
                 for &(v, w) in list.iter().chain([(scaled, weight)].iter()) {
@@ -148,17 +168,22 @@ impl DistAcc {
                     // which MAX_SCALED rules out.
                     let _ = hist.record_n(v, w);
                 }
+                let grew = hist_bytes(&hist).saturating_sub(FEW as u64 * FEW_VALUE);
                 self.values = Values::Hist(hist);
+                grew
             }
             Values::Hist(hist) => {
+                let before = hist_bytes(hist);
                 let _ = hist.record_n(scaled, weight);
+                hist_bytes(hist).saturating_sub(before)
             }
-        }
+        };
         self.count += weight;
         self.sum += value * weight as f64;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
         self.samples += 1;
+        grew
     }
 
     /// Percentiles (within HDR precision, clamped to the exact min and max)
@@ -208,16 +233,20 @@ pub struct SetAcc {
 }
 
 impl SetAcc {
-    /// Adds a member. Returns false when the set is at `max_members` and the
-    /// member is new (it is not added).
-    pub fn insert(&mut self, member: &[u8], max_members: usize) -> bool {
+    /// Adds a member and returns the estimated bytes the set grew by, or
+    /// `None` when the set is at `max_members` and the member is new (it is
+    /// not added).
+    pub fn insert(&mut self, member: &[u8], max_members: usize) -> Option<u64> {
         self.samples += 1;
         let h = member_hash(member);
         if self.members.len() >= max_members && !self.members.contains(&h) {
-            return false;
+            return None;
         }
-        self.members.insert(h);
-        true
+        Some(if self.members.insert(h) {
+            SET_MEMBER
+        } else {
+            0
+        })
     }
 }
 
@@ -360,19 +389,37 @@ mod tests {
     #[test]
     fn set_counts_distinct_members() {
         let mut s = SetAcc::default();
-        for m in ["a", "b", "a", "c", "b"] {
-            assert!(s.insert(m.as_bytes(), 10));
-        }
+        let grew: Vec<Option<u64>> = ["a", "b", "a", "c", "b"]
+            .iter()
+            .map(|m| s.insert(m.as_bytes(), 10))
+            .collect();
+        assert_eq!(grew, [Some(16), Some(16), Some(0), Some(16), Some(0)]);
         assert_eq!((s.members.len(), s.samples), (3, 5));
     }
 
     #[test]
     fn set_member_cap() {
         let mut s = SetAcc::default();
-        assert!(s.insert(b"a", 1));
-        assert!(!s.insert(b"b", 1));
-        assert!(s.insert(b"a", 1));
+        assert_eq!(s.insert(b"a", 1), Some(16));
+        assert_eq!(s.insert(b"b", 1), None);
+        assert_eq!(s.insert(b"a", 1), Some(0));
         assert_eq!(s.members.len(), 1);
+    }
+
+    #[test]
+    fn a_timer_reports_its_growth_up_to_the_full_histogram() {
+        let mut d = DistAcc::default();
+        let few: u64 = (0..FEW).map(|i| d.record(i as f64, 1.0)).sum();
+        assert_eq!(few, FEW as u64 * FEW_VALUE);
+        // The 65th value, near the top of the range, makes the histogram span
+        // every power of two: its counts are the crafted line's 47 KB.
+        let hist = d.record(4.5e12, 1.0);
+        assert!(
+            few + hist >= 45_000 && few + hist <= 50_000,
+            "{}",
+            few + hist
+        );
+        assert_eq!(d.record(1.0, 1.0), 0, "no new bucket");
     }
 
     #[test]

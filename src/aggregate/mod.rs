@@ -40,6 +40,10 @@ pub struct AggregateLimits {
     pub max_set_members: usize,
     /// Pending raw increments that trigger an early flush.
     pub max_depth: u64,
+    /// Bytes one generation's keys and accumulators may take (estimated per
+    /// type, see [`acc::KEY_OVERHEAD`]); past it, new keys, timer values
+    /// and new set members are dropped and counted.
+    pub max_memory: u64,
 }
 
 /// One interval's accumulators.
@@ -51,6 +55,8 @@ pub struct Generation {
     keys: AtomicUsize,
     /// Raw increments applied so far.
     pub pending: AtomicU64,
+    /// Estimated bytes of its keys and accumulators.
+    pub bytes: AtomicU64,
     /// When the interval started (wall clock, since the Unix epoch).
     pub started: Duration,
 }
@@ -80,6 +86,7 @@ impl Generation {
             ),
             keys: AtomicUsize::new(0),
             pending: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             started,
         }
     }
@@ -290,8 +297,16 @@ impl Aggregator {
         limits: &AggregateLimits,
     ) {
         let key = scratch.key.build(line.kind, line.name, line.tags);
+        let full = generation.bytes.load(Relaxed) >= limits.max_memory;
         if let Some(mut acc) = generation.map.get_mut(key) {
-            merge(&mut acc, line, stats, limits);
+            let grew = merge(&mut acc, line, stats, limits, full);
+            drop(acc);
+            generation.bytes.fetch_add(grew, Relaxed);
+            return;
+        }
+        let cost = acc::KEY_OVERHEAD + key.len() as u64;
+        if generation.bytes.load(Relaxed).saturating_add(cost) > limits.max_memory {
+            stats.dropped_memory += line.value_count() as u64;
             return;
         }
         if generation.keys.fetch_add(1, Relaxed) >= limits.max_keys {
@@ -299,23 +314,35 @@ impl Aggregator {
             stats.dropped_key_limit += line.value_count() as u64;
             return;
         }
-        match generation.map.entry(Box::from(key)) {
+        let grew = match generation.map.entry(Box::from(key)) {
             Entry::Occupied(mut e) => {
                 // Another worker created it between our lookup and now.
                 generation.keys.fetch_sub(1, Relaxed);
-                merge(e.get_mut(), line, stats, limits);
+                merge(e.get_mut(), line, stats, limits, full)
             }
             Entry::Vacant(v) => {
                 let mut acc = Acc::new(line.kind);
-                merge(&mut acc, line, stats, limits);
+                let grew = merge(&mut acc, line, stats, limits, full);
                 v.insert(acc);
+                grew + cost
             }
-        }
+        };
+        generation.bytes.fetch_add(grew, Relaxed);
     }
 }
 
-/// Merges a line's values into its key's accumulator.
-fn merge(acc: &mut Acc, line: &Line<'_>, stats: &mut BlockStats, limits: &AggregateLimits) {
+/// Merges a line's values into its key's accumulator and returns the bytes
+/// it grew by. When the generation is `full` (its memory budget spent),
+/// what would grow it (timer values, new set members) is dropped and
+/// counted instead; counters and gauges never grow.
+fn merge(
+    acc: &mut Acc,
+    line: &Line<'_>,
+    stats: &mut BlockStats,
+    limits: &AggregateLimits,
+    full: bool,
+) -> u64 {
+    let mut grew = 0;
     match acc {
         Acc::Counter { sum, samples } => {
             for v in line.values() {
@@ -324,17 +351,34 @@ fn merge(acc: &mut Acc, line: &Line<'_>, stats: &mut BlockStats, limits: &Aggreg
             }
         }
         Acc::Gauge(g) => line.values().for_each(|v| g.apply(v.value, v.delta)),
+        Acc::Dist(_) if full => {
+            stats.dropped_memory += line.value_count() as u64;
+            return 0;
+        }
         Acc::Dist(d) => line
             .values()
-            .for_each(|v| d.record(v.value, line.sample_rate)),
+            .for_each(|v| grew += d.record(v.value, line.sample_rate)),
         Acc::Set(s) => {
-            if !s.insert(line.raw_values, limits.max_set_members) {
-                stats.dropped_set_members += 1;
-                return;
+            let max = if full {
+                s.members.len()
+            } else {
+                limits.max_set_members
+            };
+            match s.insert(line.raw_values, max) {
+                Some(g) => grew = g,
+                None if full => {
+                    stats.dropped_memory += 1;
+                    return 0;
+                }
+                None => {
+                    stats.dropped_set_members += 1;
+                    return 0;
+                }
             }
         }
     }
     stats.samples += line.value_count() as u64;
+    grew
 }
 
 /// The wall clock as a duration since the Unix epoch.
@@ -356,6 +400,7 @@ mod tests {
                 max_keys,
                 max_set_members: 1000,
                 max_depth: 1_000_000,
+                max_memory: u64::MAX,
             },
             Limits::default(),
             Duration::ZERO,
@@ -455,6 +500,7 @@ mod tests {
                 max_keys: 10,
                 max_set_members: 2,
                 max_depth: 100,
+                max_memory: u64::MAX,
             },
             Limits::default(),
             Duration::ZERO,
@@ -470,6 +516,7 @@ mod tests {
                 max_keys: 10,
                 max_set_members: 2,
                 max_depth: 3,
+                max_memory: u64::MAX,
             },
             Limits::default(),
             Duration::ZERO,

@@ -440,6 +440,7 @@ mod tests {
                 max_keys: 100,
                 max_set_members: 100,
                 max_depth: 1000,
+                max_memory: u64::MAX,
             },
             Limits::default(),
             Duration::ZERO,

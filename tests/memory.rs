@@ -1,0 +1,56 @@
+//! A crafted flood against the memory budget (`aggregate.max_memory`): its
+//! own test binary, so that the resident memory it measures is its own.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use common::{clickhouse, config, send_tcp, settings, wait_for_lines};
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_timer_flood_stays_within_max_memory() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "memory");
+    s.aggregate.max_memory = "4MiB".into();
+    s.aggregate.flush_interval = "1h".into();
+    let running = tallyd::server::start(config(&s)).await.expect("start");
+    let tcp = running.tcp_addr.expect("tcp");
+    send_tcp(tcp, "kept.c:1|c\n");
+    wait_for_lines(&running.telemetry, 1);
+    let before = rss_kib();
+    // 2,000 timer keys, each one line of 64 small values and one near the
+    // top of the range: about 47 KB of histogram per key, 94 MB unbounded.
+    let small: String = (1..=64).map(|v| format!(":{v}")).collect();
+    let mut flood = String::new();
+    for k in 0..2000 {
+        flood.push_str(&format!("flood.t{k}{small}:4500000000000|ms\n"));
+    }
+    send_tcp(tcp, &flood);
+    send_tcp(tcp, "kept.c:1|c\n");
+    wait_for_lines(&running.telemetry, 2002);
+    let grown_kib = rss_kib().saturating_sub(before);
+    let t = &running.telemetry;
+    assert!(
+        grown_kib < 16 * 1024,
+        "resident memory grew by {grown_kib} KiB for a 4 MiB budget"
+    );
+    assert!(t.dropped_memory.load(Relaxed) > 0, "nothing was dropped");
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM memory.counters FINAL WHERE name = 'kept.c'"),
+        2.0,
+        "a key that existed before the budget was spent still counts"
+    );
+    let stored = ch.number("SELECT count() FROM memory.timers FINAL WHERE name LIKE 'flood.t%'");
+    assert!(stored > 0.0 && stored < 200.0, "{stored} timer keys kept");
+}
