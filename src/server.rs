@@ -540,6 +540,14 @@ async fn replay(
     telemetry
         .replayed_samples
         .fetch_add(stats.samples, Ordering::Relaxed);
+    // What the replay dropped (limits apply as to live traffic) is counted.
+    for (counter, n) in [
+        (&telemetry.dropped_memory, stats.dropped_memory),
+        (&telemetry.dropped_key_limit, stats.dropped_key_limit),
+        (&telemetry.dropped_set_members, stats.dropped_set_members),
+    ] {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
     if count > 0 || !spooled.is_empty() {
         tracing::info!(
             generations = count,
@@ -547,6 +555,8 @@ async fn replay(
             records = recovery.records,
             bytes = recovery.bytes,
             samples = stats.samples,
+            dropped_memory = stats.dropped_memory,
+            dropped_key_limit = stats.dropped_key_limit,
             took = ?started.elapsed(),
             "replayed the write-ahead log"
         );

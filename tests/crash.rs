@@ -52,11 +52,14 @@ impl Ports {
     }
 }
 
+/// The test config; a test may leave `[aggregate]` keys for the next start
+/// in `<dir>/aggregate.toml`.
 fn config_file(dir: &Path) -> PathBuf {
     let file = dir.join("tallyd.toml");
+    let aggregate = std::fs::read_to_string(dir.join("aggregate.toml")).unwrap_or_default();
     std::fs::write(
         &file,
-        "[aggregate]\nflush_interval = \"200ms\"\n[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n[clickhouse]\nretry_max = \"300ms\"\ntimeout = \"2s\"\n",
+        format!("[aggregate]\nflush_interval = \"200ms\"\n{aggregate}[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n[clickhouse]\nretry_max = \"300ms\"\ntimeout = \"2s\"\n"),
     )
     .expect("write config");
     file
@@ -687,4 +690,50 @@ fn a_changed_core_count_replays_the_old_wal_streams() {
             .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("previous-"))),
         "the old streams were removed once drained"
     );
+}
+
+#[test]
+fn replay_of_a_crafted_flood_stays_within_max_memory() {
+    let _serial = serial();
+    let ch = clickhouse();
+    let dir = temp_dir("replaymem");
+    let ports = Ports::new();
+    let db = ["--clickhouse-database", "replaymem"];
+    // 2,000 timer keys built for the largest histogram (94 MB unbounded),
+    // left in the WAL by a kill -9.
+    let d = start(
+        &dir,
+        &ports,
+        "",
+        &[&db[..], &["--flush-interval", "1h"]].concat(),
+    );
+    let small: String = (1..=64).map(|v| format!(":{v}")).collect();
+    let flood: String = (0..2000)
+        .map(|k| format!("flood.t{k}{small}:4500000000000|ms\n"))
+        .collect();
+    send_tcp(
+        format!("127.0.0.1:{}", ports.tcp).parse().expect("addr"),
+        &flood,
+    );
+    d.wait_received(2000);
+    d.kill9();
+    // The replay goes through the same budget as live traffic.
+    std::fs::write(dir.join("aggregate.toml"), "max_memory = \"4MiB\"\n").expect("write");
+    let d = start(&dir, &ports, "", &db);
+    let peak_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", d.child.id()))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .expect("VmHWM");
+    let dropped = d.metric("tallyd_dropped_total{reason=\"memory\"}");
+    d.term();
+    assert!(dropped > 0, "the replay dropped nothing");
+    assert!(
+        peak_kib < 64 * 1024,
+        "peak RSS {peak_kib} KiB during replay"
+    );
+    let stored = ch.number("SELECT count() FROM replaymem.timers FINAL WHERE name LIKE 'flood.t%'");
+    assert!(stored > 0.0 && stored < 200.0, "{stored} timer keys kept");
 }
