@@ -707,10 +707,7 @@ fn replay_of_a_crafted_flood_stays_within_max_memory() {
         "",
         &[&db[..], &["--flush-interval", "1h"]].concat(),
     );
-    let small: String = (1..=64).map(|v| format!(":{v}")).collect();
-    let flood: String = (0..2000)
-        .map(|k| format!("flood.t{k}{small}:4500000000000|ms\n"))
-        .collect();
+    let flood = common::crafted_timer_flood(2000);
     send_tcp(
         format!("127.0.0.1:{}", ports.tcp).parse().expect("addr"),
         &flood,
@@ -720,13 +717,7 @@ fn replay_of_a_crafted_flood_stays_within_max_memory() {
     // The replay goes through the same budget as live traffic.
     std::fs::write(dir.join("aggregate.toml"), "max_memory = \"4MiB\"\n").expect("write");
     let d = start(&dir, &ports, "", &db);
-    let peak_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", d.child.id()))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_owned();
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
-        .expect("VmHWM");
+    let peak_kib = common::proc_status_kib(&d.child.id().to_string(), "VmHWM:");
     let dropped = d.metric("tallyd_dropped_total{reason=\"memory\"}");
     d.term();
     assert!(dropped > 0, "the replay dropped nothing");

@@ -5,16 +5,12 @@ mod common;
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use common::{clickhouse, config, send_tcp, settings, wait_for_lines};
+use common::{
+    clickhouse, config, crafted_timer_flood, proc_status_kib, send_tcp, settings, wait_for_lines,
+};
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0)
+    proc_status_kib("self", "VmRSS:")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,11 +26,7 @@ async fn a_crafted_timer_flood_stays_within_max_memory() {
     let before = rss_kib();
     // 2,000 timer keys, each one line of 64 small values and one near the
     // top of the range: about 47 KB of histogram per key, 94 MB unbounded.
-    let small: String = (1..=64).map(|v| format!(":{v}")).collect();
-    let mut flood = String::new();
-    for k in 0..2000 {
-        flood.push_str(&format!("flood.t{k}{small}:4500000000000|ms\n"));
-    }
+    let flood = crafted_timer_flood(2000);
     send_tcp(tcp, &flood);
     send_tcp(tcp, "kept.c:1|c\n");
     wait_for_lines(&running.telemetry, 2002);

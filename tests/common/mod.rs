@@ -288,3 +288,23 @@ pub fn proto_batch(
             .collect(),
     }
 }
+
+/// `keys` timer lines, each 64 small values and one near the top of the
+/// range: the largest histogram a line can make (about 47 KB per key).
+pub fn crafted_timer_flood(keys: usize) -> String {
+    let small: String = (1..=64).map(|v| format!(":{v}")).collect();
+    (0..keys)
+        .map(|k| format!("flood.t{k}{small}:4500000000000|ms\n"))
+        .collect()
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`), 0 if unreadable.
+pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with(field))?.to_owned();
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
