@@ -240,8 +240,11 @@ impl Ledger {
             st.bytes += p.bytes;
             st.flushes.insert(flush.flush_id, p);
         }
-        if let Some(id) = absorbed {
-            self.forget(id)?;
+        if let Some(id) = absorbed
+            && let Err(e) = self.forget(id)
+        {
+            // The merged file lists it as absorbed: a start removes it unread.
+            tracing::error!(error = %e, flush_id = id, "could not remove a merged flush's file; the next start will");
         }
         let identity = lock(&self.identity).clone();
         identity.save(self.fs.as_ref())?;
@@ -275,14 +278,14 @@ impl Ledger {
 
     /// Removes a flush's spool file and its bookkeeping.
     fn forget(&self, flush_id: u64) -> io::Result<()> {
-        self.fs.remove(&spool::path(&self.spool_dir, flush_id))?;
+        let removed = self.fs.remove(&spool::path(&self.spool_dir, flush_id));
         let mut st = lock(&self.state);
         if let Some(p) = st.flushes.remove(&flush_id) {
             st.bytes = st.bytes.saturating_sub(p.bytes);
         }
         st.parked.remove(&flush_id);
         st.earlier.remove(&flush_id);
-        Ok(())
+        removed
     }
 
     /// Leaves a recorded flush on disk for the sink (the queue is full, or
