@@ -121,6 +121,9 @@ pub struct Ledger {
     budget: u64,
     /// `<data_dir>/lock`: one tallyd per data dir.
     _lock: std::fs::File,
+    /// The last flush id issued before this start: ids up to it are older
+    /// flushes' (re-sent under them, never merged).
+    opened_last: u64,
 }
 
 impl Ledger {
@@ -172,6 +175,7 @@ impl Ledger {
             state.bytes += f.bytes;
         }
         let ledger = Ledger {
+            opened_last: identity.last,
             data_dir: data_dir.to_owned(),
             spool_dir,
             fs,
@@ -211,7 +215,18 @@ impl Ledger {
         flush: Arc<Flush>,
         gauges: Option<&[u8]>,
     ) -> io::Result<(Arc<Flush>, bool)> {
-        let tail = self.claim_tail(flush.body_len());
+        // The id first: nothing is written under an id a restart could draw
+        // again.
+        let identity = lock(&self.identity).clone();
+        identity.save(self.fs.as_ref())?;
+        // An id from before this start (an interval the previous release had
+        // sent) may have landed: it is never merged, nor merged into.
+        let earlier = flush.flush_id <= self.opened_last;
+        let tail = if earlier {
+            None
+        } else {
+            self.claim_tail(flush.body_len())
+        };
         let (flush, absorbed) = match tail {
             None => (flush, None),
             Some(id) => match self.merge(id, &flush) {
@@ -230,6 +245,7 @@ impl Ledger {
             }
             return Err(e);
         }
+        // Recorded: from here on nothing may make the caller record it again.
         {
             let mut st = lock(&self.state);
             let p = Pending {
@@ -238,7 +254,12 @@ impl Ledger {
                 rows: flush.rows(),
             };
             st.bytes += p.bytes;
-            st.flushes.insert(flush.flush_id, p);
+            if let Some(old) = st.flushes.insert(flush.flush_id, p) {
+                st.bytes = st.bytes.saturating_sub(old.bytes);
+            }
+            if earlier {
+                st.earlier.insert(flush.flush_id);
+            }
         }
         if let Some(id) = absorbed
             && let Err(e) = self.forget(id)
@@ -246,10 +267,12 @@ impl Ledger {
             // The merged file lists it as absorbed: a start removes it unread.
             tracing::error!(error = %e, flush_id = id, "could not remove a merged flush's file; the next start will");
         }
-        let identity = lock(&self.identity).clone();
-        identity.save(self.fs.as_ref())?;
-        if let Some(g) = gauges {
-            self.fs.write_atomic(&self.data_dir.join("gauges"), g)?;
+        // After the spool file: a gauges file must never hold values of an
+        // interval that a crash could still rebuild from the WAL.
+        if let Some(g) = gauges
+            && let Err(e) = self.fs.write_atomic(&self.data_dir.join("gauges"), g)
+        {
+            tracing::error!(error = %e, "could not save the last gauge values; a restart resolves delta gauges against the older ones while this flush's file is gone");
         }
         Ok((flush, absorbed.is_some()))
     }
@@ -473,6 +496,78 @@ fn decode_gauges(b: &[u8]) -> Option<(u64, GaugeValues)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::rows::{Batch, CounterRow};
+
+    fn counter_flush(ledger: &Ledger, flush_id: u64, value: f64) -> Arc<Flush> {
+        let batch = Batch {
+            flush_id,
+            ts: 100,
+            host: "h".into(),
+            counters: vec![CounterRow {
+                ts: 100,
+                name: "c".into(),
+                tags: vec![],
+                host: "h".into(),
+                flush_id,
+                value,
+                samples: 1,
+            }],
+            ..Batch::default()
+        };
+        Arc::new(Flush::seal(batch, ledger.instance()))
+    }
+
+    fn total(flush: &Flush) -> f64 {
+        let rows = crate::sink::rowbinary::decode(&flush.tables).expect("decodes");
+        rows.counters.iter().map(|r| r.value).sum()
+    }
+
+    #[test]
+    fn over_budget_a_new_flush_absorbs_the_newest_parked_one_even_if_gauges_fail() {
+        let dir = test_dir("ledger-merge");
+        let fs = Arc::new(fs::FaultyFs::default());
+        let (ledger, _) =
+            Ledger::open(&dir, Duration::from_secs(60), 10, 1, fs.clone()).expect("open");
+        let now = Duration::from_secs(1_700_000_000);
+        let a = ledger.next_flush_id(now);
+        let (first, merged) = ledger
+            .record(counter_flush(&ledger, a, 2.0), None)
+            .expect("a");
+        assert!(!merged);
+        ledger.park(first.flush_id);
+        fs.arm("gauges", fs::Fault::NoSpace);
+        let b = ledger.next_flush_id(now);
+        let (second, merged) = ledger
+            .record(counter_flush(&ledger, b, 3.0), Some(b"g"))
+            .expect("recorded although the gauges file failed");
+        assert!(merged);
+        assert_eq!((second.flush_id, second.absorbed.clone()), (b, vec![a]));
+        assert_eq!(total(&ledger.read(b).expect("read")), 5.0);
+        assert!(ledger.read(a).is_err(), "the absorbed file is gone");
+        assert_eq!(
+            ledger.take_parked(),
+            None,
+            "the merged one is for the caller to park"
+        );
+    }
+
+    #[test]
+    fn a_flush_under_an_id_from_before_the_start_is_never_merged() {
+        let dir = test_dir("ledger-old-id");
+        let (ledger, _) =
+            Ledger::open(&dir, Duration::from_secs(60), 10, 1, Arc::new(fs::RealFs)).expect("open");
+        let (old, merged) = ledger
+            .record(counter_flush(&ledger, 0, 2.0), None)
+            .expect("old");
+        assert!(!merged, "an old id merges nothing");
+        ledger.park(old.flush_id);
+        let b = ledger.next_flush_id(Duration::from_secs(1_700_000_000));
+        let (_, merged) = ledger
+            .record(counter_flush(&ledger, b, 3.0), None)
+            .expect("b");
+        assert!(!merged, "nothing merges into an old id");
+        assert_eq!(ledger.take_parked(), Some((0, true)));
+    }
 
     #[test]
     fn the_gauges_file_round_trips_and_damage_is_caught() {
