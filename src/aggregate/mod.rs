@@ -301,7 +301,11 @@ impl Aggregator {
         if let Some(mut acc) = generation.map.get_mut(key) {
             let grew = merge(&mut acc, line, stats, limits, full);
             drop(acc);
-            generation.bytes.fetch_add(grew, Relaxed);
+            // Counters and gauges of live keys (most lines) never grow: no
+            // write to the shared counter for them.
+            if grew > 0 {
+                generation.bytes.fetch_add(grew, Relaxed);
+            }
             return;
         }
         let cost = acc::KEY_OVERHEAD + key.len() as u64;

@@ -233,88 +233,76 @@ pub fn build(
 /// read again from the merged buckets (within the buckets' precision).
 pub fn merge(older: Batch, newer: Batch, flush_id: u64) -> Batch {
     let ts = older.ts;
-    let mut out = Batch {
+    let counters = fold(
+        older.counters.into_iter().chain(newer.counters),
+        |r| (r.name.clone(), r.tags.clone()),
+        |m, r| {
+            m.value += r.value;
+            m.samples = m.samples.saturating_add(r.samples);
+        },
+    );
+    let gauges = fold(
+        older.gauges.into_iter().chain(newer.gauges),
+        |r| (r.name.clone(), r.tags.clone()),
+        |m, r| {
+            let samples = m.samples.saturating_add(r.samples);
+            *m = GaugeRow { samples, ..r };
+        },
+    );
+    let timers = fold(
+        older.timers.into_iter().chain(newer.timers),
+        |r| (r.name.clone(), r.tags.clone(), r.kind.clone()),
+        merge_timer,
+    );
+    let sets = fold(
+        older.sets.into_iter().chain(newer.sets),
+        |r| (r.name.clone(), r.tags.clone()),
+        |m, r| {
+            m.member_hashes.extend(r.member_hashes);
+            m.member_hashes.sort_unstable();
+            m.member_hashes.dedup();
+            m.cardinality = m.member_hashes.len() as u64;
+            m.samples = m.samples.saturating_add(r.samples);
+        },
+    );
+    let mut gauge_values: HashMap<Box<[u8]>, f64> = older.gauge_values.into_iter().collect();
+    gauge_values.extend(newer.gauge_values);
+    Batch {
         generation: newer.generation,
         host: newer.host,
         flush_id,
         ts,
         samples: older.samples.saturating_add(newer.samples),
-        ..Batch::default()
-    };
-    let mut counters: HashMap<(String, Vec<String>), CounterRow> = HashMap::new();
-    for r in older.counters.into_iter().chain(newer.counters) {
-        match counters.entry((r.name.clone(), r.tags.clone())) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                let m = e.get_mut();
-                m.value += r.value;
-                m.samples = m.samples.saturating_add(r.samples);
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(r);
-            }
-        }
-    }
-    out.counters = counters
-        .into_values()
-        .map(|r| CounterRow { ts, flush_id, ..r })
-        .collect();
-    let mut gauges: HashMap<(String, Vec<String>), GaugeRow> = HashMap::new();
-    for r in older.gauges.into_iter().chain(newer.gauges) {
-        let key = (r.name.clone(), r.tags.clone());
-        let samples = gauges.get(&key).map_or(0, |g| g.samples);
-        gauges.insert(
-            key,
-            GaugeRow {
-                samples: samples.saturating_add(r.samples),
+        counters: counters.map(|r| CounterRow { ts, flush_id, ..r }).collect(),
+        gauges: gauges
+            .map(|r| GaugeRow {
+                ts,
+                version: flush_id,
                 ..r
-            },
-        );
+            })
+            .collect(),
+        timers: timers.map(|r| TimerRow { ts, flush_id, ..r }).collect(),
+        sets: sets.map(|r| SetRow { ts, flush_id, ..r }).collect(),
+        gauge_values: gauge_values.into_iter().collect(),
     }
-    out.gauges = gauges
-        .into_values()
-        .map(|r| GaugeRow {
-            ts,
-            version: flush_id,
-            ..r
-        })
-        .collect();
-    let mut timers: HashMap<(String, Vec<String>, String), TimerRow> = HashMap::new();
-    for r in older.timers.into_iter().chain(newer.timers) {
-        match timers.entry((r.name.clone(), r.tags.clone(), r.kind.clone())) {
-            std::collections::hash_map::Entry::Occupied(mut e) => merge_timer(e.get_mut(), r),
+}
+
+/// Rows with one row per `key`, later ones folded into earlier ones by `add`.
+fn fold<K: std::hash::Hash + Eq, R>(
+    rows: impl Iterator<Item = R>,
+    key: impl Fn(&R) -> K,
+    add: impl Fn(&mut R, R),
+) -> impl Iterator<Item = R> {
+    let mut by_key: HashMap<K, R> = HashMap::new();
+    for r in rows {
+        match by_key.entry(key(&r)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => add(e.get_mut(), r),
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(r);
             }
         }
     }
-    out.timers = timers
-        .into_values()
-        .map(|r| TimerRow { ts, flush_id, ..r })
-        .collect();
-    let mut sets: HashMap<(String, Vec<String>), SetRow> = HashMap::new();
-    for r in older.sets.into_iter().chain(newer.sets) {
-        match sets.entry((r.name.clone(), r.tags.clone())) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                let m = e.get_mut();
-                m.member_hashes.extend(r.member_hashes);
-                m.member_hashes.sort_unstable();
-                m.member_hashes.dedup();
-                m.cardinality = m.member_hashes.len() as u64;
-                m.samples = m.samples.saturating_add(r.samples);
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(r);
-            }
-        }
-    }
-    out.sets = sets
-        .into_values()
-        .map(|r| SetRow { ts, flush_id, ..r })
-        .collect();
-    let mut gauge_values: HashMap<Box<[u8]>, f64> = older.gauge_values.into_iter().collect();
-    gauge_values.extend(newer.gauge_values);
-    out.gauge_values = gauge_values.into_iter().collect();
-    out
+    by_key.into_values()
 }
 
 fn merge_timer(m: &mut TimerRow, r: TimerRow) {
