@@ -45,12 +45,16 @@ pub struct SpoolSettings {
     /// Past this size, each new interval is merged into the newest waiting
     /// one (coarser `ts`, same totals) instead of adding a file.
     pub max_size: String,
+    /// While a backlog drains, parked intervals are sent together, up to
+    /// this many bytes of spool files per INSERT (fewer, larger parts).
+    pub drain_batch: String,
 }
 
 impl Default for SpoolSettings {
     fn default() -> Self {
         SpoolSettings {
             max_size: "1GiB".into(),
+            drain_batch: "32MiB".into(),
         }
     }
 }
@@ -432,6 +436,7 @@ impl Settings {
         Ok(Config {
             wal,
             spool_max_size: size("spool.max_size", &self.spool.max_size)? as u64,
+            spool_drain_batch: size("spool.drain_batch", &self.spool.drain_batch)? as u64,
             udp_wal_streams,
             proto,
             host_id,
@@ -505,6 +510,8 @@ pub struct Config {
     pub wal: Option<WalConfig>,
     /// `spool.max_size`, bytes.
     pub spool_max_size: u64,
+    /// `spool.drain_batch`, bytes.
+    pub spool_drain_batch: u64,
     /// WAL streams the UDP workers share (worker `i` appends to stream
     /// `i % udp_wal_streams`); the TCP streams come after them.
     pub udp_wal_streams: usize,

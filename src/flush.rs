@@ -468,13 +468,15 @@ mod tests {
         let first = f.rx.recv().await.expect("first");
         assert_eq!(first_counter(&first), (1_700_000_000, 1.0, 1));
         let mut parked = Vec::new();
-        while let Some((id, earlier)) = f.ledger.take_parked() {
-            assert!(!earlier);
-            let flush = f.ledger.read(id).expect("read back");
-            parked.push(first_counter(&Queued {
-                flush: Arc::new(flush),
-                resent: false,
-            }));
+        while let Some(taken) = f.ledger.take_parked() {
+            assert!(!taken.earlier);
+            for id in taken.ids {
+                let flush = f.ledger.read(id).expect("read back");
+                parked.push(first_counter(&Queued {
+                    flush: Arc::new(flush),
+                    resent: false,
+                }));
+            }
         }
         assert_eq!(
             parked,

@@ -240,7 +240,11 @@ async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, StartError>
             },
         ),
     };
-    let ledger = Arc::new(ledger.with_wal(wal.clone()));
+    let ledger = Arc::new(
+        ledger
+            .with_wal(wal.clone())
+            .with_drain_batch(config.spool_drain_batch),
+    );
     // Generations recorded in the spool before a crash are not rebuilt.
     if let Some(newest) = recovered.flushes.iter().map(|f| f.generation).max() {
         recovery.next_generation = recovery.next_generation.max(newest + 1);

@@ -80,6 +80,8 @@ pub struct Telemetry {
     pub backlog_rows: AtomicU64,
     pub rows_written: [AtomicU64; 4],
     pub bytes_written: [AtomicU64; 4],
+    /// INSERTs ClickHouse confirmed (each makes a part).
+    pub inserts: [AtomicU64; 4],
     /// Rows of flushes sent again from the spool after a restart (their
     /// first send may have landed; ClickHouse collapses the copies).
     pub rows_resent: [AtomicU64; 4],
@@ -302,6 +304,12 @@ impl Telemetry {
                 "RowBinary bytes ClickHouse confirmed.",
                 &lab,
                 &self.bytes_written[i],
+            );
+            m.counter(
+                "tallyd_inserts_total",
+                "INSERTs ClickHouse confirmed; each makes at least one part (a drain joins intervals).",
+                &lab,
+                &self.inserts[i],
             );
             m.counter(
                 "tallyd_rows_resent_total",

@@ -168,6 +168,12 @@ async fn an_outage_longer_than_the_wal_holds_loses_nothing() {
             .expect("poll"),
         "the backlog did not drain"
     );
+    let t = &running.telemetry;
+    let (inserts, flushes) = (t.inserts[0].load(Relaxed), t.flushes.load(Relaxed));
+    assert!(
+        inserts * 2 < flushes,
+        "the backlog drained in batches: {inserts} counter inserts for {flushes} flushes"
+    );
     running.shutdown().await;
     assert_eq!(
         ch.query("SELECT sum(value), uniqExact(name) FROM long_outage.counters FINAL WHERE name LIKE 'outage.k%' FORMAT TSV"),

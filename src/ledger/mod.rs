@@ -47,6 +47,12 @@
 //!    then the absorbed file is removed. *Crash between the two:* at start
 //!    the absorbed file is removed unread. Flushes recovered from an
 //!    earlier run are never merged (a copy of them may have landed).
+//!    When the sink drains parked flushes of this run (never sent), it
+//!    takes several at once, up to `spool.drain_batch`, and *joins* them
+//!    for one INSERT per table: the bodies are concatenated, each row
+//!    keeping its own `ts` and flush id. The joined file is written under
+//!    the newest id and lists the others as absorbed, then their files are
+//!    removed; a crash between is handled as for a merge.
 //! 6. **Send.** The sink sends each table's body with
 //!    `insert_deduplication_token = tallyd-<instance>-<flush_id>-<table>`
 //!    (22.2+). Retries and re-sends after a restart carry identical bytes,
@@ -78,6 +84,17 @@ use identity::Identity;
 use spool::Flush;
 
 use crate::wal::Wal;
+
+/// `spool.drain_batch` unless configured: 32 MiB of spool files per INSERT.
+pub const DEFAULT_DRAIN_BATCH: u64 = 32 << 20;
+
+/// Parked flushes taken for sending, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub ids: Vec<u64>,
+    /// Recovered from an earlier run (then it is one flush, sent alone).
+    pub earlier: bool,
+}
 
 /// What the ledger found at start.
 #[derive(Debug, Default)]
@@ -119,6 +136,8 @@ pub struct Ledger {
     parked_ready: tokio::sync::Notify,
     /// `spool.max_size`: past it, new flushes are merged.
     budget: u64,
+    /// `spool.drain_batch`: parked flushes sent in one INSERT, in bytes.
+    drain_batch: u64,
     /// `<data_dir>/lock`: one tallyd per data dir.
     _lock: std::fs::File,
     /// The last flush id issued before this start: ids up to it are older
@@ -185,6 +204,7 @@ impl Ledger {
             state: Mutex::new(state),
             parked_ready: tokio::sync::Notify::new(),
             budget,
+            drain_batch: DEFAULT_DRAIN_BATCH,
             _lock: dir_lock,
         };
         Ok((ledger, Recovered { flushes, gauges }))
@@ -193,6 +213,13 @@ impl Ledger {
     /// The WAL whose generations this ledger releases.
     pub fn with_wal(mut self, wal: Option<Arc<Wal>>) -> Ledger {
         self.wal = wal;
+        self
+    }
+
+    /// Sends parked flushes of this run together, up to `bytes` of spool
+    /// files per INSERT (at least one flush each time).
+    pub fn with_drain_batch(mut self, bytes: u64) -> Ledger {
+        self.drain_batch = bytes;
         self
     }
 
@@ -334,11 +361,84 @@ impl Ledger {
         !lock(&self.state).parked.is_empty()
     }
 
-    /// The oldest parked flush, taken for sending: (id, from an earlier run).
-    pub fn take_parked(&self) -> Option<(u64, bool)> {
+    /// The oldest parked flush, taken for sending, and the parked flushes of
+    /// this run after it while their files fit `spool.drain_batch` (they
+    /// were never sent, so they may be joined; see [`Ledger::read_taken`]).
+    pub fn take_parked(&self) -> Option<Taken> {
         let mut st = lock(&self.state);
-        let id = st.parked.pop_first()?;
-        Some((id, st.earlier.contains(&id)))
+        let first = st.parked.pop_first()?;
+        if st.earlier.contains(&first) {
+            return Some(Taken {
+                ids: vec![first],
+                earlier: true,
+            });
+        }
+        let size = |st: &State, id| st.flushes.get(&id).map_or(0, |p| p.bytes);
+        let mut bytes = size(&st, first);
+        let mut ids = vec![first];
+        while let Some(&next) = st.parked.first() {
+            bytes = bytes.saturating_add(size(&st, next));
+            if bytes > self.drain_batch || st.earlier.contains(&next) {
+                break;
+            }
+            st.parked.remove(&next);
+            ids.push(next);
+        }
+        Some(Taken {
+            ids,
+            earlier: false,
+        })
+    }
+
+    /// Reads taken flushes back as one. Several are joined
+    /// ([`Flush::concat`]) and recorded under the newest id, listing the
+    /// others as absorbed, before their files are removed (as a merge in
+    /// step 5), so every send of the joined flush carries the same bytes.
+    /// If joining fails, the first is read alone and the rest parked
+    /// again. Blocking.
+    pub fn read_taken(&self, taken: &Taken) -> io::Result<Flush> {
+        let (first, rest) = match taken.ids.split_first() {
+            Some((first, rest)) if !rest.is_empty() => (*first, rest),
+            Some((first, _)) => return self.read(*first),
+            None => return Err(io::Error::other("nothing taken")),
+        };
+        match self.join(&taken.ids) {
+            Ok(flush) => Ok(flush),
+            Err(e) => {
+                tracing::warn!(error = %e, flushes = taken.ids.len(), "could not join parked flushes; sending them one by one");
+                lock(&self.state).parked.extend(rest);
+                self.read(first)
+            }
+        }
+    }
+
+    fn join(&self, ids: &[u64]) -> io::Result<Flush> {
+        let parts = ids
+            .iter()
+            .map(|&id| self.read(id))
+            .collect::<io::Result<_>>()?;
+        let joined = Flush::concat(parts).ok_or_else(|| io::Error::other("nothing to join"))?;
+        let encoded = joined.encode();
+        self.fs
+            .write_atomic(&spool::path(&self.spool_dir, joined.flush_id), &encoded)?;
+        {
+            let mut st = lock(&self.state);
+            let p = Pending {
+                ts: joined.ts,
+                bytes: encoded.len() as u64,
+                rows: joined.rows(),
+            };
+            st.bytes += p.bytes;
+            if let Some(old) = st.flushes.insert(joined.flush_id, p) {
+                st.bytes = st.bytes.saturating_sub(old.bytes);
+            }
+        }
+        for &id in ids.iter().filter(|&&id| id != joined.flush_id) {
+            if let Err(e) = self.forget(id) {
+                tracing::error!(error = %e, flush_id = id, "could not remove a joined flush's file; the next start will");
+            }
+        }
+        Ok(joined)
     }
 
     /// Resolves when a flush is parked.
@@ -566,7 +666,86 @@ mod tests {
             .record(counter_flush(&ledger, b, 3.0), None)
             .expect("b");
         assert!(!merged, "nothing merges into an old id");
-        assert_eq!(ledger.take_parked(), Some((0, true)));
+        assert_eq!(
+            ledger.take_parked(),
+            Some(Taken {
+                ids: vec![0],
+                earlier: true
+            })
+        );
+    }
+
+    #[test]
+    fn a_drain_joins_parked_flushes_of_this_run_into_one_and_keeps_earlier_ones_apart() {
+        let dir = test_dir("ledger-join");
+        let fs = Arc::new(fs::FaultyFs::default());
+        let (ledger, _) =
+            Ledger::open(&dir, Duration::from_secs(60), 10, 1 << 30, fs.clone()).expect("open");
+        let (old, _) = ledger
+            .record(counter_flush(&ledger, 0, 1.0), None)
+            .expect("old");
+        ledger.park(old.flush_id);
+        let now = Duration::from_secs(1_700_000_000);
+        let mut ids = vec![];
+        for v in [2.0, 3.0, 4.0] {
+            let id = ledger.next_flush_id(now);
+            let (f, _) = ledger
+                .record(counter_flush(&ledger, id, v), None)
+                .expect("record");
+            ledger.park(f.flush_id);
+            ids.push(id);
+        }
+        let earlier = ledger.take_parked().expect("the old one");
+        assert_eq!(earlier.ids, vec![0], "an earlier run's flush goes alone");
+        let taken = ledger.take_parked().expect("the rest");
+        assert_eq!(taken.ids, ids);
+        assert!(ledger.take_parked().is_none());
+        fs.arm("spool", fs::Fault::NoSpace);
+        let alone = ledger.read_taken(&taken).expect("the first, alone");
+        assert_eq!((alone.flush_id, total(&alone)), (ids[0], 2.0));
+        fs.heal();
+        assert_eq!(
+            ledger.take_parked().map(|t| t.ids),
+            Some(ids[1..].to_vec()),
+            "the others are parked again"
+        );
+        let joined = ledger
+            .read_taken(&Taken {
+                ids: ids.clone(),
+                earlier: false,
+            })
+            .expect("joined");
+        assert_eq!(joined.flush_id, ids[2]);
+        assert_eq!(joined.absorbed, ids[..2].to_vec());
+        assert_eq!(total(&joined), 9.0);
+        assert_eq!(ledger.read(ids[2]).expect("on disk"), joined);
+        assert!(ledger.read(ids[0]).is_err() && ledger.read(ids[1]).is_err());
+        let (flushes, rows, _) = ledger.backlog();
+        assert_eq!((flushes, rows), (2, 4), "the old one and the joined one");
+    }
+
+    #[test]
+    fn a_drain_batch_smaller_than_one_flush_takes_one() {
+        let dir = test_dir("ledger-join-small");
+        let (ledger, _) = Ledger::open(
+            &dir,
+            Duration::from_secs(60),
+            10,
+            1 << 30,
+            Arc::new(fs::RealFs),
+        )
+        .expect("open");
+        let ledger = ledger.with_drain_batch(1);
+        let now = Duration::from_secs(1_700_000_000);
+        for v in [2.0, 3.0] {
+            let id = ledger.next_flush_id(now);
+            let (f, _) = ledger
+                .record(counter_flush(&ledger, id, v), None)
+                .expect("record");
+            ledger.park(f.flush_id);
+        }
+        assert_eq!(ledger.take_parked().map(|t| t.ids.len()), Some(1));
+        assert_eq!(ledger.take_parked().map(|t| t.ids.len()), Some(1));
     }
 
     #[test]

@@ -83,6 +83,30 @@ impl Flush {
         Ok(merged)
     }
 
+    /// Joins the unsent flushes `parts` (oldest first, at least one) into
+    /// one, for one INSERT per table while a backlog drains: the bodies are
+    /// concatenated, so every row keeps its own `ts` and flush id (the
+    /// resolution is unchanged). The result has the newest part's id and
+    /// generation, the oldest part's `ts`, and absorbs every other part.
+    pub fn concat(parts: Vec<Flush>) -> Option<Flush> {
+        let mut parts = parts.into_iter();
+        let mut out = parts.next()?;
+        for newer in parts {
+            out.absorbed.push(out.flush_id);
+            out.absorbed.extend(&newer.absorbed);
+            out.flush_id = newer.flush_id;
+            out.generation = newer.generation;
+            out.instance = newer.instance;
+            out.samples = out.samples.saturating_add(newer.samples);
+            for (i, body) in newer.tables.bodies.iter().enumerate() {
+                out.tables.bodies[i].extend_from_slice(body);
+                out.tables.rows[i] = out.tables.rows[i].saturating_add(newer.tables.rows[i]);
+            }
+            out.gauges.extend(newer.gauges);
+        }
+        Some(out)
+    }
+
     /// The rows back (decoded from the bodies).
     fn into_batch(self) -> Result<Batch, String> {
         let mut batch = crate::sink::rowbinary::decode(&self.tables)?;
@@ -341,6 +365,29 @@ mod tests {
     fn a_flush_round_trips() {
         let f = sample();
         assert_eq!(Flush::decode(&f.encode()), Ok(f));
+    }
+
+    #[test]
+    fn concatenated_flushes_keep_every_row_under_the_newest_id() {
+        let a = sample();
+        let mut b = sample();
+        b.flush_id = 43;
+        b.generation = 8;
+        b.ts = a.ts + 1;
+        b.absorbed = vec![];
+        b.gauges = vec![(b"\x02g".to_vec().into(), 16.0)];
+        let c = Flush::concat(vec![a, b]).expect("two parts");
+        assert_eq!((c.flush_id, c.generation, c.ts), (43, 8, 1_700_000_000));
+        assert_eq!(c.absorbed, vec![41, 42]);
+        assert_eq!(c.samples, 18);
+        assert_eq!(c.tables.rows, [2, 0, 2, 4]);
+        assert_eq!(c.tables.bodies[0], vec![1, 2, 3, 1, 2, 3]);
+        assert_eq!(
+            c.gauges.last().map(|g| g.1),
+            Some(16.0),
+            "the newest value last"
+        );
+        assert_eq!(Flush::concat(vec![]), None);
     }
 
     #[test]

@@ -249,25 +249,26 @@ impl Sink {
         }
     }
 
-    /// The oldest parked flush, read back from the spool. One that cannot be
-    /// read is left on disk for the next start (and logged).
+    /// The oldest parked flushes, read back from the spool (several joined
+    /// into one, see [`Ledger::read_taken`]). One that cannot be read is
+    /// left on disk for the next start (and logged).
     async fn next_parked(&self) -> Option<Queued> {
         let ledger = self.ledger.as_ref()?;
         loop {
-            let (id, resent) = ledger.take_parked()?;
-            let l = Arc::clone(ledger);
-            match tokio::task::spawn_blocking(move || l.read(id)).await {
+            let taken = ledger.take_parked()?;
+            let (l, t) = (Arc::clone(ledger), taken.clone());
+            let read = tokio::task::spawn_blocking(move || l.read_taken(&t))
+                .await
+                .map_err(std::io::Error::other);
+            match read {
                 Ok(Ok(flush)) => {
                     return Some(Queued {
                         flush: Arc::new(flush),
-                        resent,
+                        resent: taken.earlier,
                     });
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, flush_id = id, "cannot read a parked flush back; it stays in the spool")
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, flush_id = id, "cannot read a parked flush back; it stays in the spool")
+                Ok(Err(e)) | Err(e) => {
+                    tracing::error!(error = %e, flush_ids = ?taken.ids, "cannot read a parked flush back; it stays in the spool")
                 }
             }
         }
@@ -303,6 +304,7 @@ impl Sink {
                     };
                     counter.fetch_add(rows, Relaxed);
                     t.bytes_written[table].fetch_add(body.len() as u64, Relaxed);
+                    t.inserts[table].fetch_add(1, Relaxed);
                     if t.tables_blocked[table].swap(0, Relaxed) == 1 {
                         tracing::info!(
                             table = name,
