@@ -67,12 +67,19 @@ start_tallyd() {
     done
     echo "outage.sh: tallyd did not become healthy" >&2; tail "$dir/tallyd.log" >&2; exit 1
 }
-peak_rss_kb=0 peak_spool=0
+# Peaks: VmHWM (all resident pages, WAL file pages included), RssAnon
+# (sampled each second: tallyd's own memory) and RssFile (mapped file pages:
+# the WAL's, which the kernel can write back and drop).
+peak_rss_kb=0 peak_anon_kb=0 peak_file_kb=0 peak_spool=0
 watch_peaks() {
-    local rss spool
+    local rss anon file spool
     rss=$(awk '/VmHWM/ { print $2 }' "/proc/$t_pid/status" 2>/dev/null || echo 0)
+    anon=$(awk '/RssAnon/ { print $2 }' "/proc/$t_pid/status" 2>/dev/null || echo 0)
+    file=$(awk '/RssFile/ { print $2 }' "/proc/$t_pid/status" 2>/dev/null || echo 0)
     spool=$(metric tallyd_spool_bytes)
     [ "${rss:-0}" -gt "$peak_rss_kb" ] && peak_rss_kb=$rss
+    [ "${anon:-0}" -gt "$peak_anon_kb" ] && peak_anon_kb=$anon
+    [ "${file:-0}" -gt "$peak_file_kb" ] && peak_file_kb=$file
     [ "${spool:-0}" -gt "$peak_spool" ] && peak_spool=$spool
     true
 }
@@ -113,12 +120,14 @@ start_ch
 began=$(date +%s.%N)
 before=$(metric tallyd_received_lines_total)
 send_part 20
-received=$((received + now_received - before))
+live=$((now_received - before))
+received=$((received + live))
 while [ "$(metric tallyd_backlog_batches)" != 0 ]; do watch_peaks; sleep 1; done
 drained=$(awk -v a="$began" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 dropped=$(metric tallyd_dropped_total)
 kill -TERM "$t_pid"; wait "$t_pid" || true; t_pid=""
 stored=$(curl -sf "$ch_url" --data-binary "SELECT sum(value) FROM outage.counters FINAL WHERE name LIKE 'outage.%'")
 echo "sent $sent, received $received, stored $stored (difference $((stored - received))); backlog drained in ${drained}s (with 20 s of live traffic)"
-echo "peak spool $((peak_spool / 1048576)) MiB, peak RSS $((peak_rss_kb / 1024)) MiB, tallyd drops in its last life: $dropped"
+echo "live traffic while draining: received $live of $((rate * 20)) lines ($(awk -v l="$live" -v n="$((rate * 20))" 'BEGIN { printf "%.3f", 100 * (n - l) / n }') % lost at the socket)"
+echo "peak spool $((peak_spool / 1048576)) MiB; peak RSS $((peak_rss_kb / 1024)) MiB (VmHWM), of which at most $((peak_anon_kb / 1024)) MiB anonymous and $((peak_file_kb / 1024)) MiB mapped WAL pages (sampled each second); inserts $(metric tallyd_inserts_total); tallyd drops in its last life: $dropped"
 [ "$stored" = "$received" ]

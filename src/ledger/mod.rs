@@ -45,15 +45,20 @@
 //!    same totals, [`crate::sink::rows::merge`]): the merged file is
 //!    written under the new flush's id and lists the flush it absorbed,
 //!    then the absorbed file is removed. *Crash between the two:* at start
-//!    the absorbed file is removed unread. Flushes recovered from an
-//!    earlier run are never merged (a copy of them may have landed).
-//!    When the sink drains parked flushes of this run (never sent), it
+//!    the absorbed file is removed unread. A flush that may have landed
+//!    (its sent marker is on disk, see step 6, or it was recorded under an
+//!    id from before this start) is never merged or joined; one recovered
+//!    without a marker was never sent and is merged and joined like this
+//!    run's, so restarts during an outage do not push the spool past its
+//!    budget.
+//!    When the sink drains parked flushes that were never sent, it
 //!    takes several at once, up to `spool.drain_batch`, and *joins* them
 //!    for one INSERT per table: the bodies are concatenated, each row
 //!    keeping its own `ts` and flush id. The joined file is written under
 //!    the newest id and lists the others as absorbed, then their files are
 //!    removed; a crash between is handled as for a merge.
-//! 6. **Send.** The sink sends each table's body with
+//! 6. **Send.** The sink writes the flush's sent marker
+//!    (`spool/<flush_id>.sent`, durably), then sends each table's body with
 //!    `insert_deduplication_token = tallyd-<instance>-<flush_id>-<table>`
 //!    (22.2+). Retries and re-sends after a restart carry identical bytes,
 //!    so the ReplacingMergeTree (18.16: under `FINAL` or after a merge) or
@@ -92,7 +97,7 @@ pub const DEFAULT_DRAIN_BATCH: u64 = 32 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     pub ids: Vec<u64>,
-    /// Recovered from an earlier run (then it is one flush, sent alone).
+    /// It may have landed (sent before): one flush, re-sent alone.
     pub earlier: bool,
 }
 
@@ -106,11 +111,13 @@ pub struct Recovered {
 }
 
 /// A flush in the spool.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pending {
     ts: u32,
     bytes: u64,
     rows: u64,
+    /// The host it was built for (only flushes of one host are merged).
+    host: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -119,8 +126,12 @@ struct State {
     flushes: BTreeMap<u64, Pending>,
     /// Parked: recorded, waiting on disk for the sink.
     parked: BTreeSet<u64>,
-    /// Recovered from an earlier run (sent again; never merged).
+    /// May have landed: sent at least once (a sent marker is on disk), or
+    /// recorded under an id from before this start. Re-sent as they are,
+    /// alone; never merged or joined.
     earlier: BTreeSet<u64>,
+    /// Found in the spool at start, to be parked once released.
+    recovered: Vec<u64>,
     /// Bytes of every spool file.
     bytes: u64,
 }
@@ -188,9 +199,13 @@ impl Ledger {
                 ts: f.ts,
                 bytes: f.bytes,
                 rows: f.rows,
+                host: f.host.as_str().into(),
             };
             state.flushes.insert(f.flush_id, p);
-            state.earlier.insert(f.flush_id);
+            if f.sent {
+                state.earlier.insert(f.flush_id);
+            }
+            state.recovered.push(f.flush_id);
             state.bytes += f.bytes;
         }
         let ledger = Ledger {
@@ -252,7 +267,7 @@ impl Ledger {
         let tail = if earlier {
             None
         } else {
-            self.claim_tail(flush.body_len())
+            self.claim_tail(flush.body_len(), &flush.host)
         };
         let (flush, absorbed) = match tail {
             None => (flush, None),
@@ -279,6 +294,7 @@ impl Ledger {
                 ts: flush.ts,
                 bytes: encoded.len() as u64,
                 rows: flush.rows(),
+                host: flush.host.as_str().into(),
             };
             st.bytes += p.bytes;
             if let Some(old) = st.flushes.insert(flush.flush_id, p) {
@@ -305,14 +321,16 @@ impl Ledger {
     }
 
     /// Over the budget with `extra` more bytes: takes the newest parked
-    /// flush of this run out of the parked set (so the sink cannot take it).
-    fn claim_tail(&self, extra: u64) -> Option<u64> {
+    /// flush out of the parked set (so the sink cannot take it), if it was
+    /// never sent and is for the same `host`.
+    fn claim_tail(&self, extra: u64, host: &str) -> Option<u64> {
         let mut st = lock(&self.state);
         if st.bytes.saturating_add(extra) <= self.budget {
             return None;
         }
         let tail = st.parked.iter().next_back().copied()?;
-        if st.earlier.contains(&tail) {
+        let same_host = st.flushes.get(&tail).is_some_and(|p| &*p.host == host);
+        if st.earlier.contains(&tail) || !same_host {
             return None;
         }
         st.parked.remove(&tail);
@@ -326,9 +344,13 @@ impl Ledger {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
-    /// Removes a flush's spool file and its bookkeeping.
+    /// Removes a flush's spool file (then its sent marker) and its
+    /// bookkeeping.
     fn forget(&self, flush_id: u64) -> io::Result<()> {
-        let removed = self.fs.remove(&spool::path(&self.spool_dir, flush_id));
+        let removed = self
+            .fs
+            .remove(&spool::path(&self.spool_dir, flush_id))
+            .and_then(|()| self.fs.remove(&spool::sent_path(&self.spool_dir, flush_id)));
         let mut st = lock(&self.state);
         if let Some(p) = st.flushes.remove(&flush_id) {
             st.bytes = st.bytes.saturating_sub(p.bytes);
@@ -350,8 +372,8 @@ impl Ledger {
     /// one can never leave its generation to be rebuilt).
     pub fn park_recovered(&self) {
         let mut st = lock(&self.state);
-        let earlier: Vec<u64> = st.earlier.iter().copied().collect();
-        st.parked.extend(earlier);
+        let recovered = std::mem::take(&mut st.recovered);
+        st.parked.extend(recovered);
         drop(st);
         self.parked_ready.notify_one();
     }
@@ -427,6 +449,7 @@ impl Ledger {
                 ts: joined.ts,
                 bytes: encoded.len() as u64,
                 rows: joined.rows(),
+                host: joined.host.as_str().into(),
             };
             st.bytes += p.bytes;
             if let Some(old) = st.flushes.insert(joined.flush_id, p) {
@@ -444,6 +467,19 @@ impl Ledger {
     /// Resolves when a flush is parked.
     pub async fn parked(&self) {
         self.parked_ready.notified().await
+    }
+
+    /// Writes the sent marker of `flush_id` before its first INSERT (from
+    /// then on it may have landed: never merged or joined, also after a
+    /// restart). Errors leave it unsent. Blocking.
+    pub fn sending(&self, flush_id: u64) -> io::Result<()> {
+        if lock(&self.state).earlier.contains(&flush_id) {
+            return Ok(());
+        }
+        self.fs
+            .write_atomic(&spool::sent_path(&self.spool_dir, flush_id), b"")?;
+        lock(&self.state).earlier.insert(flush_id);
+        Ok(())
     }
 
     /// Reads a parked flush back. Blocking.
@@ -722,6 +758,68 @@ mod tests {
         assert!(ledger.read(ids[0]).is_err() && ledger.read(ids[1]).is_err());
         let (flushes, rows, _) = ledger.backlog();
         assert_eq!((flushes, rows), (2, 4), "the old one and the joined one");
+    }
+
+    #[test]
+    fn after_a_restart_a_sent_flush_stays_apart_and_an_unsent_one_is_merged() {
+        let dir = test_dir("ledger-sent");
+        let now = Duration::from_secs(1_700_000_000);
+        let (a, b) = {
+            let (ledger, _) =
+                Ledger::open(&dir, Duration::from_secs(60), 10, 1, Arc::new(fs::RealFs))
+                    .expect("open");
+            let a = ledger.next_flush_id(now);
+            let (fa, _) = ledger
+                .record(counter_flush(&ledger, a, 2.0), None)
+                .expect("a");
+            ledger.park(fa.flush_id);
+            ledger.sending(a).expect("marker");
+            let b = ledger.next_flush_id(now);
+            let (fb, merged) = ledger
+                .record(counter_flush(&ledger, b, 3.0), None)
+                .expect("b");
+            assert!(!merged, "a was sent: nothing merges into it");
+            ledger.park(fb.flush_id);
+            (a, b)
+        };
+        let (ledger, recovered) =
+            Ledger::open(&dir, Duration::from_secs(60), 10, 1, Arc::new(fs::RealFs))
+                .expect("reopen");
+        assert_eq!(
+            recovered
+                .flushes
+                .iter()
+                .map(|f| (f.flush_id, f.sent))
+                .collect::<Vec<_>>(),
+            vec![(a, true), (b, false)]
+        );
+        ledger.park_recovered();
+        let c = ledger.next_flush_id(now);
+        let (fc, merged) = ledger
+            .record(counter_flush(&ledger, c, 4.0), None)
+            .expect("c");
+        assert!(merged, "b was never sent: the new flush absorbs it");
+        assert_eq!((fc.absorbed.clone(), total(&fc)), (vec![b], 7.0));
+        ledger.park(c);
+        assert_eq!(
+            ledger.take_parked(),
+            Some(Taken {
+                ids: vec![a],
+                earlier: true
+            })
+        );
+        assert_eq!(
+            ledger.take_parked(),
+            Some(Taken {
+                ids: vec![c],
+                earlier: false
+            })
+        );
+        ledger.complete(a).expect("complete");
+        assert!(
+            !spool::sent_path(&ledger.spool_dir, a).exists(),
+            "the marker goes with the flush"
+        );
     }
 
     #[test]

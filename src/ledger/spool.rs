@@ -22,6 +22,15 @@
 //!        crash left them, are removed unread at start
 //! ```
 //!
+//! # The sent marker, `<data_dir>/spool/<flush_id as 20 digits>.sent`
+//!
+//! An empty file, written durably before the flush's first INSERT. A flush
+//! with a marker may have landed: after a restart it is re-sent as it is,
+//! alone, and never merged or joined. A flush without one was never sent,
+//! so a later run may merge or join it like its own. The marker goes after
+//! the flush file when the flush is complete; a marker without a flush file
+//! is removed at start.
+//!
 //! Integers are little-endian. Files are written with
 //! [`Fs::write_atomic`](super::fs::Fs::write_atomic), so a file is whole or
 //! absent; the CRC catches damage at rest.
@@ -268,6 +277,11 @@ pub fn path(dir: &Path, flush_id: u64) -> PathBuf {
     dir.join(format!("{flush_id:020}.flush"))
 }
 
+/// The sent marker of flush `flush_id`.
+pub fn sent_path(dir: &Path, flush_id: u64) -> PathBuf {
+    dir.join(format!("{flush_id:020}.sent"))
+}
+
 /// What start-up needs of a spooled flush (its bodies stay on disk).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -279,6 +293,8 @@ pub struct Entry {
     /// Size of the file.
     pub bytes: u64,
     pub gauges: Vec<(Box<[u8]>, f64)>,
+    /// It has a sent marker: it may have landed.
+    pub sent: bool,
 }
 
 /// Reads every spooled flush in `dir` once (one at a time, bodies
@@ -293,9 +309,15 @@ pub fn scan(dir: &Path) -> io::Result<Vec<Entry>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(entries),
         Err(e) => return Err(e),
     };
+    let mut markers = std::collections::BTreeSet::new();
     for file in files {
         let path = file?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("flush") {
+        let ext = path.extension().and_then(|e| e.to_str());
+        if ext == Some("sent") {
+            markers.insert(path);
+            continue;
+        }
+        if ext != Some("flush") {
             continue; // a *.tmp left by a crash mid-write: never renamed, never sent
         }
         let bytes = std::fs::read(&path)?;
@@ -309,7 +331,16 @@ pub fn scan(dir: &Path) -> io::Result<Vec<Entry>> {
             host: flush.host,
             bytes: bytes.len() as u64,
             gauges: flush.gauges,
+            sent: markers.remove(&sent_path(dir, flush.flush_id)),
         });
+    }
+    // Complete flushes whose marker a crash left behind (the file is gone,
+    // so the marker is found after it).
+    for e in &mut entries {
+        e.sent |= markers.remove(&sent_path(dir, e.flush_id));
+    }
+    for stale in markers {
+        let _ = std::fs::remove_file(stale);
     }
     entries.retain(|e| {
         if !absorbed.contains(&e.flush_id) {

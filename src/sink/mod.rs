@@ -236,6 +236,7 @@ impl Sink {
                     }
                 },
             };
+            self.mark_sending(&q).await;
             self.write(&q).await;
             crate::failpoint::hit("after_insert");
             if let Some(ledger) = &self.ledger {
@@ -269,6 +270,32 @@ impl Sink {
                 }
                 Ok(Err(e)) | Err(e) => {
                     tracing::error!(error = %e, flush_ids = ?taken.ids, "cannot read a parked flush back; it stays in the spool")
+                }
+            }
+        }
+    }
+
+    /// Writes the flush's sent marker (step 6), retrying until it is on
+    /// disk: a flush is never sent without it, or a restart could merge a
+    /// copy that landed.
+    async fn mark_sending(&self, q: &Queued) {
+        let Some(ledger) = &self.ledger else { return };
+        let mut attempt = 0;
+        loop {
+            let (l, id) = (Arc::clone(ledger), q.flush.flush_id);
+            let marked = tokio::task::spawn_blocking(move || l.sending(id))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            match marked {
+                Ok(()) => return,
+                Err(e) => {
+                    let config = self.current().config;
+                    let delay = backoff(attempt, config.retry_initial, config.retry_max, jitter());
+                    self.telemetry.spool_errors.fetch_add(1, Relaxed);
+                    tracing::error!(error = %e, flush_id = id, retry_in = ?delay, "cannot write a flush's sent marker; it is not sent until it can");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
                 }
             }
         }
