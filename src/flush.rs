@@ -139,6 +139,10 @@ impl Flusher {
         self.telemetry
             .dropped_gauge_memory
             .fetch_add(forgotten, Relaxed);
+        let overflowed = std::mem::take(&mut self.gauges.overflowed);
+        self.telemetry
+            .dropped_overflow
+            .fetch_add(overflowed, Relaxed);
         Arc::new(Flush::seal(batch, self.ledger.instance()))
     }
 

@@ -19,6 +19,8 @@ pub struct ListenerStats {
     pub parse_errors: [AtomicU64; ParseError::ALL.len()],
     pub events: AtomicU64,
     pub service_checks: AtomicU64,
+    /// Unknown DogStatsD fields skipped (their lines counted).
+    pub skipped_fields: AtomicU64,
 }
 
 /// What one block of input produced, counted locally.
@@ -31,12 +33,15 @@ pub struct BlockStats {
     pub parse_errors: [u64; ParseError::ALL.len()],
     pub events: u64,
     pub service_checks: u64,
+    pub skipped_fields: u64,
     /// Samples of new keys refused because the key limit was reached.
     pub dropped_key_limit: u64,
     /// Set members refused because their set was at its member limit.
     pub dropped_set_members: u64,
     /// Samples refused because the generation's memory budget was spent.
     pub dropped_memory: u64,
+    /// Samples refused because their key's sum would not be finite.
+    pub dropped_overflow: u64,
 }
 
 impl BlockStats {
@@ -61,6 +66,7 @@ pub struct Telemetry {
     pub dropped_key_limit: AtomicU64,
     /// Samples refused past `aggregate.max_memory`.
     pub dropped_memory: AtomicU64,
+    pub dropped_overflow: AtomicU64,
     pub dropped_set_members: AtomicU64,
     pub dropped_gauge_memory: AtomicU64,
     pub tcp_lines_too_long: AtomicU64,
@@ -129,9 +135,11 @@ impl Telemetry {
         }
         add_nonzero(&listener.events, b.events);
         add_nonzero(&listener.service_checks, b.service_checks);
+        add_nonzero(&listener.skipped_fields, b.skipped_fields);
         self.samples.fetch_add(b.samples, Relaxed);
         add_nonzero(&self.dropped_key_limit, b.dropped_key_limit);
         add_nonzero(&self.dropped_memory, b.dropped_memory);
+        add_nonzero(&self.dropped_overflow, b.dropped_overflow);
         add_nonzero(&self.dropped_set_members, b.dropped_set_members);
     }
 
@@ -175,6 +183,12 @@ impl Telemetry {
                 &lab,
                 &l.service_checks,
             );
+            m.counter(
+                "tallyd_skipped_fields_total",
+                "Unknown DogStatsD |fields skipped; their lines still count.",
+                &lab,
+                &l.skipped_fields,
+            );
             for (e, c) in ParseError::ALL.iter().zip(&l.parse_errors) {
                 let lab = format!("{lab},reason=\"{}\"", e.reason());
                 m.counter(
@@ -211,6 +225,7 @@ impl Telemetry {
         for (reason, c) in [
             ("key_limit", &self.dropped_key_limit),
             ("memory", &self.dropped_memory),
+            ("overflow", &self.dropped_overflow),
             ("set_member_limit", &self.dropped_set_members),
             ("gauge_memory_limit", &self.dropped_gauge_memory),
             ("tcp_line_too_long", &self.tcp_lines_too_long),

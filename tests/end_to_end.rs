@@ -162,6 +162,37 @@ async fn malformed_lines_are_counted_and_neighbours_still_count() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dogstatsd_fields_of_every_version_count_unknown_ones_are_skipped_and_no_sum_is_inf() {
+    let ch = clickhouse();
+    let s = settings(ch, "dsd_fields");
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    let datagram = "dd:1|c|card:low\ndd:1|c|e:some-value\ndd:1|c|zz:new|\ndd:1|c|T1656581400|c:abc|@1\no:1e308|c\no:1e308|c\n";
+    send_udp(udp, &[datagram.to_string()]);
+    wait_for_lines(&running.telemetry, 6);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(
+        ch.query("SELECT sum(value), sum(samples) FROM dsd_fields.counters FINAL WHERE name = 'dd' FORMAT TSV"),
+        "4\t4\n"
+    );
+    assert_eq!(
+        ch.query("SELECT value = 1e308, samples, isInfinite(value) FROM dsd_fields.counters FINAL WHERE name = 'o' FORMAT TSV"),
+        "1\t1\t0\n"
+    );
+    assert_eq!(t.udp.skipped_fields.load(Relaxed), 2);
+    assert_eq!(t.dropped_overflow.load(Relaxed), 1);
+    assert_eq!(
+        t.udp
+            .parse_errors
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .sum::<u64>(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_row_per_key_compacts_every_increment() {
     let ch = clickhouse();
     let mut s = settings(ch, "compaction");

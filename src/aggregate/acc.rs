@@ -68,23 +68,31 @@ pub struct GaugeAcc {
 }
 
 impl GaugeAcc {
-    pub fn apply(&mut self, value: f64, delta: bool) {
+    /// Applies a sample; `false` (and nothing changed) when a delta would
+    /// take the value past the range of `f64`.
+    pub fn apply(&mut self, value: f64, delta: bool) -> bool {
         if delta {
-            self.value += value;
+            let next = self.value + value;
+            if !next.is_finite() {
+                return false;
+            }
+            self.value = next;
         } else {
             self.value = value;
             self.absolute = true;
         }
         self.samples += 1;
+        true
     }
 
     /// The gauge's value at the end of the interval, given the value flushed
-    /// before it (if any).
-    pub fn resolve(&self, previous: Option<f64>) -> f64 {
+    /// before it (if any). `None` when the deltas would take the previous
+    /// value past the range of `f64`.
+    pub fn resolve(&self, previous: Option<f64>) -> Option<f64> {
         if self.absolute {
-            self.value
+            Some(self.value)
         } else {
-            previous.unwrap_or(0.0) + self.value
+            Some(previous.unwrap_or(0.0) + self.value).filter(|v| v.is_finite())
         }
     }
 }
@@ -152,9 +160,14 @@ pub struct Summary {
 
 impl DistAcc {
     /// Records a non-negative value seen with the given sample rate.
-    /// Returns the estimated bytes the accumulator grew by.
-    pub fn record(&mut self, value: f64, sample_rate: f64) -> u64 {
+    /// Returns the estimated bytes the accumulator grew by, or `None` (and
+    /// records nothing) when the sum would pass the range of `f64`.
+    pub fn record(&mut self, value: f64, sample_rate: f64) -> Option<u64> {
         let weight = (1.0 / sample_rate).round().max(1.0) as u64;
+        let sum = self.sum + value * weight as f64;
+        if !sum.is_finite() {
+            return None;
+        }
         let scaled = ((value * SCALE).round() as u64).min(MAX_SCALED);
         let grew = match &mut self.values {
             Values::Few(list) if list.len() < FEW => {
@@ -178,12 +191,12 @@ impl DistAcc {
                 hist_bytes(hist).saturating_sub(before)
             }
         };
-        self.count += weight;
-        self.sum += value * weight as f64;
+        self.count = self.count.saturating_add(weight);
+        self.sum = sum;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
         self.samples += 1;
-        grew
+        Some(grew)
     }
 
     /// Percentiles (within HDR precision, clamped to the exact min and max)
@@ -284,7 +297,7 @@ mod tests {
         let mut g = GaugeAcc::default();
         g.apply(5.0, false);
         g.apply(7.0, false);
-        assert_eq!(g.resolve(Some(100.0)), 7.0);
+        assert_eq!(g.resolve(Some(100.0)), Some(7.0));
     }
 
     #[test]
@@ -292,8 +305,8 @@ mod tests {
         let mut g = GaugeAcc::default();
         g.apply(2.0, true);
         g.apply(-0.5, true);
-        assert_eq!(g.resolve(Some(10.0)), 11.5);
-        assert_eq!(g.resolve(None), 1.5);
+        assert_eq!(g.resolve(Some(10.0)), Some(11.5));
+        assert_eq!(g.resolve(None), Some(1.5));
     }
 
     #[test]
@@ -302,7 +315,7 @@ mod tests {
         g.apply(2.0, true);
         g.apply(10.0, false);
         g.apply(3.0, true);
-        assert_eq!(g.resolve(Some(1000.0)), 13.0);
+        assert_eq!(g.resolve(Some(1000.0)), Some(13.0));
         assert_eq!(g.samples, 3);
     }
 
@@ -409,17 +422,17 @@ mod tests {
     #[test]
     fn a_timer_reports_its_growth_up_to_the_full_histogram() {
         let mut d = DistAcc::default();
-        let few: u64 = (0..FEW).map(|i| d.record(i as f64, 1.0)).sum();
+        let few: u64 = (0..FEW).filter_map(|i| d.record(i as f64, 1.0)).sum();
         assert_eq!(few, FEW as u64 * FEW_VALUE);
         // The 65th value, near the top of the range, makes the histogram span
         // every power of two: its counts are the crafted line's 47 KB.
-        let hist = d.record(4.5e12, 1.0);
+        let hist = d.record(4.5e12, 1.0).expect("finite");
         assert!(
             few + hist >= 45_000 && few + hist <= 50_000,
             "{}",
             few + hist
         );
-        assert_eq!(d.record(1.0, 1.0), 0, "no new bucket");
+        assert_eq!(d.record(1.0, 1.0), Some(0), "no new bucket");
     }
 
     #[test]

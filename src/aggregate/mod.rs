@@ -279,7 +279,12 @@ impl Aggregator {
         for line in statsd::lines(block) {
             stats.lines += 1;
             match statsd::parse_line(line, &parse_limits) {
-                Ok(Parsed::Metric(l)) => self.apply(generation, &l, scratch, stats, &limits),
+                Ok(Parsed::Metric(l)) => {
+                    if l.skipped_fields > 0 {
+                        stats.skipped_fields += u64::from(l.skipped_fields);
+                    }
+                    self.apply(generation, &l, scratch, stats, &limits)
+                }
                 Ok(Parsed::Event) => stats.events += 1,
                 Ok(Parsed::ServiceCheck) => stats.service_checks += 1,
                 Err(e) => stats.parse_errors[e.index()] += 1,
@@ -347,21 +352,36 @@ fn merge(
     full: bool,
 ) -> u64 {
     let mut grew = 0;
+    // Values whose result would not be finite (a sum past ±1.8e308) are
+    // refused and counted; the key keeps what it had.
+    let mut overflow = 0;
     match acc {
         Acc::Counter { sum, samples } => {
             for v in line.values() {
-                *sum += v.value / line.sample_rate;
-                *samples += 1;
+                let next = *sum + v.value / line.sample_rate;
+                if next.is_finite() {
+                    *sum = next;
+                    *samples += 1;
+                } else {
+                    overflow += 1;
+                }
             }
         }
-        Acc::Gauge(g) => line.values().for_each(|v| g.apply(v.value, v.delta)),
+        Acc::Gauge(g) => line.values().for_each(|v| {
+            if !g.apply(v.value, v.delta) {
+                overflow += 1;
+            }
+        }),
         Acc::Dist(_) if full => {
             stats.dropped_memory += line.value_count() as u64;
             return 0;
         }
         Acc::Dist(d) => line
             .values()
-            .for_each(|v| grew += d.record(v.value, line.sample_rate)),
+            .for_each(|v| match d.record(v.value, line.sample_rate) {
+                Some(g) => grew += g,
+                None => overflow += 1,
+            }),
         Acc::Set(s) => {
             let max = if full {
                 s.members.len()
@@ -381,7 +401,8 @@ fn merge(
             }
         }
     }
-    stats.samples += line.value_count() as u64;
+    stats.samples += line.value_count() as u64 - overflow;
+    stats.dropped_overflow += overflow;
     grew
 }
 
@@ -452,6 +473,40 @@ mod tests {
         assert_eq!(stats.parse_errors[ParseError::UnknownType.index()], 1);
         match &*acc(&a.current(), MetricType::Counter, "a", "") {
             Acc::Counter { sum, .. } => assert_eq!(*sum, 2.0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sum_past_the_range_of_f64_is_refused_and_the_key_keeps_its_value() {
+        let a = aggregator(100);
+        let stats = ingest(
+            &a,
+            "o:1e308|c\no:1e308|c\no:1|c\ng:1e308|g\ng:+1e308|g\nt:1e308|ms\nt:1e308|ms\nr:1e300|c|@1e-10",
+        );
+        assert_eq!((stats.dropped_overflow, stats.samples), (4, 4));
+        let g = a.current();
+        match &*acc(&g, MetricType::Counter, "o", "") {
+            Acc::Counter { sum, samples } => assert_eq!((*sum, *samples), (1e308 + 1.0, 2)),
+            other => panic!("{other:?}"),
+        }
+        match &*acc(&g, MetricType::Gauge, "g", "") {
+            Acc::Gauge(gauge) => assert_eq!(gauge.value, 1e308),
+            other => panic!("{other:?}"),
+        }
+        match &*acc(&g, MetricType::Timer, "t", "") {
+            Acc::Dist(d) => assert_eq!((d.count, d.sum, d.max), (1, 1e308, 1e308)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_dogstatsd_fields_are_counted_and_their_lines_count() {
+        let a = aggregator(100);
+        let stats = ingest(&a, "x:1|c|card:low|e:ext\nx:2|c|zz:1|\nx:4|c|#a|new:field");
+        assert_eq!((stats.skipped_fields, stats.parse_error_total()), (3, 0));
+        match &*acc(&a.current(), MetricType::Counter, "x", "") {
+            Acc::Counter { sum, .. } => assert_eq!(*sum, 3.0),
             other => panic!("{other:?}"),
         }
     }

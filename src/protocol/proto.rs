@@ -119,6 +119,7 @@ pub fn event_line<'a>(
         sample_rate: rate,
         tags: &tags[..],
         timestamp: None,
+        skipped_fields: 0,
     })
 }
 

@@ -6,9 +6,19 @@
 //! Grammar (one line, without its `\n` / `\r\n`):
 //!
 //! ```text
-//! name:value[:value...]|type[|@rate][|#tag1:v1,tag2][|c:container][|T<unix_ts>]
+//! name:value[:value...]|type[|field]...
 //! type  = c | g | ms | h | d | s
+//! field = @rate | #tag1:v1,tag2 | c:container | T<unix_ts> | e:external | card:cardinality
 //! ```
+//!
+//! Fields follow the DogStatsD datagram format ("Datagram Format and Shell
+//! Usage", Datadog docs), by protocol version: 1.0 `@rate` and `#tags`;
+//! 1.1 packed values; 1.2 `c:` container id; 1.3 `T` timestamp; 1.4 cgroup
+//! origin detection (a `c:` value, no new field); 1.5 `e:` external data;
+//! 1.6 `card:` tag cardinality. Fields come in any order, each at most once
+//! (a repeated one rejects the line). Any other field, empty ones included,
+//! is skipped as DogStatsD servers do, and counted
+//! ([`Line::skipped_fields`]), so a client newer than tallyd loses nothing.
 //!
 //! - `c` counter (float allowed), `g` gauge (a leading `+`/`-` makes it a
 //!   delta), `ms` timer, `h` histogram, `d` distribution, `s` set (the whole
@@ -22,7 +32,9 @@
 //!   as such, not as errors.
 //! - `|c:` (container id) and `|T` (timestamp) are validated; the container id
 //!   is not part of the key and the timestamp does not move the sample out of
-//!   the interval that receives it.
+//!   the interval that receives it. `|e:` and `|card:` steer the DogStatsD
+//!   agent's tag enrichment, which tallyd does not do: they are accepted and
+//!   ignored.
 
 use std::fmt;
 
@@ -89,7 +101,7 @@ pub enum ParseError {
     TagTooLong,
     InvalidContainer,
     InvalidTimestamp,
-    UnknownField,
+    DuplicateField,
 }
 
 impl ParseError {
@@ -109,7 +121,7 @@ impl ParseError {
         ParseError::TagTooLong,
         ParseError::InvalidContainer,
         ParseError::InvalidTimestamp,
-        ParseError::UnknownField,
+        ParseError::DuplicateField,
     ];
 
     /// A short snake_case reason, used as a metric label.
@@ -129,7 +141,7 @@ impl ParseError {
             ParseError::TagTooLong => "tag_too_long",
             ParseError::InvalidContainer => "invalid_container",
             ParseError::InvalidTimestamp => "invalid_timestamp",
-            ParseError::UnknownField => "unknown_field",
+            ParseError::DuplicateField => "duplicate_field",
         }
     }
 
@@ -182,6 +194,8 @@ pub struct Line<'a> {
     /// The tag section without its `#` (comma separated, not canonical).
     pub tags: &'a [u8],
     pub timestamp: Option<u64>,
+    /// Fields tallyd does not know, skipped (saturating at 255).
+    pub skipped_fields: u8,
 }
 
 /// A value of a line: the number and, for gauges, whether it is a delta.
@@ -292,6 +306,7 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
         sample_rate: 1.0,
         tags: &[],
         timestamp: None,
+        skipped_fields: 0,
     };
     if kind == MetricType::Set {
         if !plain {
@@ -307,39 +322,61 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
         }
     }
 
-    let (mut seen_rate, mut seen_tags, mut seen_container, mut seen_ts) =
-        (false, false, false, false);
+    let mut seen = Seen::default();
     for field in fields {
         match field.first() {
-            Some(b'@') if !seen_rate => {
-                seen_rate = true;
+            Some(b'@') => {
+                seen.once(Seen::RATE)?;
                 let rate = parse_f64(&field[1..]).ok_or(ParseError::InvalidSampleRate)?;
                 if !(rate > 0.0 && rate <= 1.0) {
                     return Err(ParseError::InvalidSampleRate);
                 }
                 parsed.sample_rate = rate;
             }
-            Some(b'#') if !seen_tags => {
-                seen_tags = true;
+            Some(b'#') => {
+                seen.once(Seen::TAGS)?;
                 parsed.tags = &field[1..];
                 check_tags(parsed.tags, limits, plain)?;
             }
-            Some(b'c') if !seen_container && field.get(1) == Some(&b':') => {
-                seen_container = true;
+            Some(b'c') if field.get(1) == Some(&b':') => {
+                seen.once(Seen::CONTAINER)?;
                 let id = &field[2..];
                 if id.is_empty() || (!plain && check_text(id).is_err()) {
                     return Err(ParseError::InvalidContainer);
                 }
             }
-            Some(b'T') if !seen_ts => {
-                seen_ts = true;
+            Some(b'T') => {
+                seen.once(Seen::TIMESTAMP)?;
                 let ts = parse_u64(&field[1..]).ok_or(ParseError::InvalidTimestamp)?;
                 parsed.timestamp = Some(ts);
             }
-            _ => return Err(ParseError::UnknownField),
+            Some(b'e') if field.get(1) == Some(&b':') => seen.once(Seen::EXTERNAL)?,
+            Some(b'c') if field.starts_with(b"card:") => seen.once(Seen::CARDINALITY)?,
+            _ => parsed.skipped_fields = parsed.skipped_fields.saturating_add(1),
         }
     }
     Ok(Parsed::Metric(parsed))
+}
+
+/// The known fields a line has had so far, one bit each.
+#[derive(Default)]
+struct Seen(u8);
+
+impl Seen {
+    const RATE: u8 = 1;
+    const TAGS: u8 = 2;
+    const CONTAINER: u8 = 4;
+    const TIMESTAMP: u8 = 8;
+    const EXTERNAL: u8 = 16;
+    const CARDINALITY: u8 = 32;
+
+    fn once(&mut self, field: u8) -> Result<(), ParseError> {
+        if self.0 & field != 0 {
+            return Err(ParseError::DuplicateField);
+        }
+        self.0 |= field;
+        Ok(())
+    }
 }
 
 /// Calls `f` for each non-empty tag of a tag section, trimmed of nothing:
@@ -603,8 +640,49 @@ mod tests {
 
     #[test]
     fn duplicate_field_is_rejected() {
-        assert_eq!(parse("x:1|c|@0.5|@0.5"), Err(ParseError::UnknownField));
-        assert_eq!(parse("x:1|c|#a|#b"), Err(ParseError::UnknownField));
+        for line in [
+            "x:1|c|@0.5|@0.5",
+            "x:1|c|#a|#b",
+            "x:1|c|c:a|c:b",
+            "x:1|c|T1|T2",
+            "x:1|c|e:a|e:b",
+            "x:1|c|card:low|card:high",
+        ] {
+            assert_eq!(parse(line), Err(ParseError::DuplicateField), "{line}");
+        }
+    }
+
+    /// One line per DogStatsD protocol version (datagram format docs), each
+    /// with the fields that version added.
+    #[test]
+    fn every_dogstatsd_protocol_version_is_accepted() {
+        let cases: &[(&str, &str)] = &[
+            ("1.0", "page.views:1|c|@0.5|#country:china,env"),
+            ("1.1", "song.length:240:230:250|h|@0.5|#genre:rock"),
+            ("1.2", "x:1|c|#env:prod|c:83c3e7f1b1f0c3b56e7b6d8e1d8a7b1a"),
+            ("1.3", "x:1|c|#env:prod|T1656581400"),
+            ("1.4", "x:1|c|c:ci-4026531835"),
+            ("1.5", "x:1|c|e:it-false,cn-nginx,pu-1234"),
+            ("1.6", "x:1|c|#env:prod|card:low"),
+            ("all", "x:1|d|@1|#a:b|c:id|T1|e:ext|card:high"),
+        ];
+        for (version, line) in cases {
+            let l = parse(line).unwrap_or_else(|e| panic!("{version}: {line}: {e}"));
+            assert_eq!(l.skipped_fields, 0, "{version}: {line}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_counted_and_the_line_counts() {
+        let l = parse("x:2|c|zzz|#env:prod|q:1||x:y").expect("kept");
+        assert_eq!(
+            (l.first, l.tags, l.skipped_fields),
+            (2.0, &b"env:prod"[..], 4)
+        );
+        assert_eq!(parse("x:1|c|").expect("kept").skipped_fields, 1);
+        assert_eq!(parse("x:1|c|cardinal").expect("kept").skipped_fields, 1);
+        let many = format!("x:1|c{}", "|z".repeat(300));
+        assert_eq!(parse(&many).expect("kept").skipped_fields, 255);
     }
 
     #[test]
@@ -643,8 +721,6 @@ mod tests {
             ("x:1|c|Tabc", ParseError::InvalidTimestamp),
             ("x:1|c|T", ParseError::InvalidTimestamp),
             ("x:1|c|c:", ParseError::InvalidContainer),
-            ("x:1|c|zzz", ParseError::UnknownField),
-            ("x:1|c|", ParseError::UnknownField),
             ("x\u{1}y:1|c", ParseError::InvalidName),
             ("x:1|c|#a\u{7f}", ParseError::InvalidTag),
         ];

@@ -96,6 +96,10 @@ impl Batch {
 pub struct GaugeMemory {
     values: HashMap<Box<[u8]>, f64>,
     max_keys: usize,
+    /// Gauges whose deltas would have taken their value past the range of
+    /// `f64`: they kept the previous value (taken by the flush stage, which
+    /// counts them as dropped).
+    pub overflowed: u64,
 }
 
 impl GaugeMemory {
@@ -103,6 +107,7 @@ impl GaugeMemory {
         GaugeMemory {
             values: HashMap::new(),
             max_keys,
+            overflowed: 0,
         }
     }
 
@@ -124,7 +129,10 @@ impl GaugeMemory {
     /// whether it could not be remembered.
     fn settle(&mut self, key: Box<[u8]>, g: &crate::aggregate::acc::GaugeAcc) -> (f64, bool) {
         let previous = self.values.get(&key).copied();
-        let value = g.resolve(previous);
+        let value = g.resolve(previous).unwrap_or_else(|| {
+            self.overflowed += 1;
+            previous.unwrap_or(0.0)
+        });
         if previous.is_some() || self.values.len() < self.max_keys {
             self.values.insert(key, value);
             (value, false)
