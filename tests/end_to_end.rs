@@ -103,7 +103,7 @@ async fn every_type_over_tcp_and_udp() {
     }
     // The merged p99 from bucket columns, as documented in the README.
     let merged = ch.number(&format!(
-        "SELECT quantileExactWeighted(0.99)(v, c) FROM {db}.timers FINAL ARRAY JOIN bucket_values AS v, bucket_counts AS c WHERE name = 'api.latency'"
+        "SELECT quantileExactWeighted(0.99)(v, toUInt64(round(c * 1000))) FROM {db}.timers FINAL ARRAY JOIN bucket_values AS v, bucket_counts AS c WHERE name = 'api.latency'"
     ));
     assert!(
         (merged - 990.0).abs() / 990.0 <= 0.01,
@@ -122,6 +122,94 @@ async fn every_type_over_tcp_and_udp() {
     assert_eq!(
         ch.number(&format!("SELECT uniqExact(h) FROM {db}.sets FINAL ARRAY JOIN member_hashes AS h WHERE has(member_hashes, sipHash64('carol'))")),
         3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_weights_are_exact_and_percentiles_hold_from_1e_minus_9_to_1e15() {
+    let ch = clickhouse();
+    let s = settings(ch, "weights");
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    let mut lines = vec!["x:10|h|@0.4"; 2];
+    lines.extend(["y:10|ms|@0.75"; 4]);
+    lines.extend(["tiny:1|d|@1e-19"; 3]);
+    lines.extend(["s:0.0001|d", "s:0.0004|d", "s:0.0004|d"]);
+    lines.extend([
+        "n:3600000000000|h",
+        "n:7200000000000|h",
+        "n:7200000000000|h",
+    ]);
+    lines.extend([
+        "lo:0.000000001|d",
+        "lo:0.000000002|d",
+        "hi:1000000000000000|d",
+    ]);
+    lines.extend(["neg:-5|h", "neg:-1|h", "neg:0|h", "neg:2|h"]);
+    send_udp(udp, &[lines.join("\n")]);
+    wait_for_lines(&running.telemetry, lines.len() as u64);
+    assert_eq!(running.shutdown().await, 0);
+    let q = |sql: &str| ch.query(&format!("{sql} FORMAT TSV"));
+    assert_eq!(
+        q("SELECT count, sum, samples FROM weights.timers FINAL WHERE name = 'x'"),
+        "5\t50\t2\n"
+    );
+    assert_eq!(
+        q("SELECT round(count, 9), round(sum, 9) FROM weights.timers FINAL WHERE name = 'y'"),
+        "5.333333333\t53.333333333\n"
+    );
+    assert_eq!(
+        q(
+            "SELECT count = 3e19, arraySum(bucket_counts) = 3e19 FROM weights.timers FINAL WHERE name = 'tiny'"
+        ),
+        "1\t1\n"
+    );
+    let within = |sql: &str, want: f64| {
+        let got = ch.number(sql);
+        assert!(
+            (got - want).abs() <= 0.01 * want.abs(),
+            "{sql}: {got}, want {want} within 1 %"
+        );
+    };
+    let t = "FROM weights.timers FINAL WHERE name =";
+    within(&format!("SELECT p50 {t} 's'"), 0.0004);
+    within(&format!("SELECT p50 {t} 'n'"), 7.2e12);
+    within(&format!("SELECT p99 {t} 'n'"), 7.2e12);
+    within(&format!("SELECT p50 {t} 'lo'"), 1e-9);
+    within(&format!("SELECT p99 {t} 'lo'"), 2e-9);
+    within(&format!("SELECT p50 {t} 'hi'"), 1e15);
+    within(&format!("SELECT p50 {t} 'neg'"), -1.0);
+    within(&format!("SELECT min {t} 'neg'"), -5.0);
+    // No bucket lies below its key's minimum (beyond the 1 %).
+    assert_eq!(
+        q(
+            "SELECT countIf(arrayMin(bucket_values) < min - 0.01 * abs(min)) FROM weights.timers FINAL"
+        ),
+        "0\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timers_table_of_the_previous_release_is_migrated_and_keeps_its_rows() {
+    let ch = clickhouse();
+    let s = settings(ch, "migrate");
+    ch.query("CREATE DATABASE IF NOT EXISTS migrate");
+    ch.query("DROP TABLE IF EXISTS migrate.timers");
+    // The timers table as the previous release created it.
+    ch.query("CREATE TABLE migrate.timers (ts DateTime, name String, tags Array(String), host String, flush_id UInt64, kind String, count UInt64, sum Float64, min Float64, max Float64, p50 Float64, p90 Float64, p95 Float64, p99 Float64, samples UInt64, bucket_values Array(Float64), bucket_counts Array(UInt64)) ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(ts) ORDER BY (name, tags, kind, host, flush_id)");
+    ch.query("INSERT INTO migrate.timers VALUES (now(), 'old', [], 'h', 1, 'ms', 3, 6, 1, 3, 2, 3, 3, 3, 3, [1, 2, 3], [1, 1, 1])");
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    send_udp(udp, &["old:10|ms|@0.5".to_string()]);
+    wait_for_lines(&running.telemetry, 1);
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(
+        ch.query("SELECT type FROM system.columns WHERE database = 'migrate' AND table = 'timers' AND name IN ('count', 'bucket_counts') ORDER BY name FORMAT TSV"),
+        "Array(Float64)\nFloat64\n"
+    );
+    assert_eq!(
+        ch.query("SELECT sum(count), sum(sum), sum(arraySum(bucket_counts)) FROM migrate.timers FINAL WHERE name = 'old' FORMAT TSV"),
+        "5\t26\t5\n"
     );
 }
 

@@ -3,33 +3,15 @@
 use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use hdrhistogram::Histogram;
-
+use super::sketch::{self, Sketch};
 use crate::protocol::statsd::MetricType;
-
-/// Timer, histogram and distribution values are recorded in the HDR histogram
-/// as `round(value * SCALE)`, so a timer in milliseconds keeps microseconds.
-pub const SCALE: f64 = 1000.0;
-/// Significant decimal digits the HDR histograms keep (1 % relative error).
-pub const SIGFIGS: u8 = 2;
-/// The largest scaled value a histogram takes; larger values are clamped.
-const MAX_SCALED: u64 = 1 << 52;
 
 /// Estimated bytes of a new key beyond its own bytes: the map entry, the
 /// boxed key's header and the largest accumulator (the memory budget's
 /// unit; `benches/aggregate.rs` measures the real figures).
 pub const KEY_OVERHEAD: u64 = 96;
-/// Estimated bytes of one more value in a short timer list.
-const FEW_VALUE: u64 = 16;
 /// Estimated bytes of one more set member (hash, control byte, load factor).
 const SET_MEMBER: u64 = 16;
-
-/// Bytes of an HDR histogram's counts at [`SIGFIGS`] = 2: 128 counters of
-/// 8 bytes per power of two it spans (its memory grows with the largest
-/// value recorded: about 47 KB for the full range).
-fn hist_bytes(h: &Histogram<u64>) -> u64 {
-    (u64::from(h.buckets()) + 1) * 128 * 8
-}
 
 /// The state of one key within one interval.
 #[derive(Debug)]
@@ -97,18 +79,16 @@ impl GaugeAcc {
     }
 }
 
-/// Timer / histogram / distribution accumulator.
-///
-/// Most keys see a few values per interval, and an HDR histogram costs
-/// kilobytes, so values are first kept as a short list and moved into a
-/// histogram only past [`FEW`] entries. Summaries come from an HDR histogram
-/// either way (a reused one for short lists), so the percentiles and bucket
-/// columns do not depend on which form a key was in.
+/// Timer / histogram / distribution accumulator: exact count (weighted by
+/// `1 / sample rate`), sum, min and max, and a [`Sketch`] for percentiles
+/// and mergeable buckets (see [`super::sketch`] for the precision, range and
+/// memory).
 #[derive(Debug)]
 pub struct DistAcc {
-    values: Values,
-    /// Sample-rate scaled count.
-    pub count: u64,
+    sketch: Sketch,
+    /// Sum of the weights: `@0.75` counts 4/3.
+    pub count: f64,
+    /// Sum of value × weight.
     pub sum: f64,
     pub min: f64,
     pub max: f64,
@@ -116,33 +96,17 @@ pub struct DistAcc {
     pub samples: u64,
 }
 
-/// Entries a key keeps as a plain list before it gets a histogram.
-pub const FEW: usize = 64;
-
-#[derive(Debug)]
-enum Values {
-    /// (scaled value, weight)
-    Few(Vec<(u64, u64)>),
-    Hist(Box<Histogram<u64>>),
-}
-
 impl Default for DistAcc {
     fn default() -> Self {
         DistAcc {
-            values: Values::Few(Vec::new()),
-            count: 0,
+            sketch: Sketch::default(),
+            count: 0.0,
             sum: 0.0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
             samples: 0,
         }
     }
-}
-
-/// A fresh histogram of the precision tallyd uses.
-pub fn histogram() -> Histogram<u64> {
-    // `new` only fails for sigfigs > 5.
-    Histogram::new(SIGFIGS).expect("2 significant figures are valid")
 }
 
 /// What a flushed distribution row holds beyond count/sum/min/max.
@@ -152,46 +116,26 @@ pub struct Summary {
     pub p90: f64,
     pub p95: f64,
     pub p99: f64,
-    /// Mergeable buckets: highest value of each bucket, ascending...
+    /// Mergeable buckets: each bucket's value, ascending...
     pub bucket_values: Vec<f64>,
-    /// ...and how many values fell in it.
-    pub bucket_counts: Vec<u64>,
+    /// ...and the weight of the values that fell in it.
+    pub bucket_counts: Vec<f64>,
 }
 
 impl DistAcc {
-    /// Records a non-negative value seen with the given sample rate.
-    /// Returns the estimated bytes the accumulator grew by, or `None` (and
-    /// records nothing) when the sum would pass the range of `f64`.
+    /// Records a finite value seen with the given sample rate (in (0, 1],
+    /// with a finite inverse, as the parser guarantees). Returns the bytes
+    /// the accumulator grew by, or `None` (and records nothing) when the sum
+    /// or the count would pass the range of `f64`.
     pub fn record(&mut self, value: f64, sample_rate: f64) -> Option<u64> {
-        let weight = (1.0 / sample_rate).round().max(1.0) as u64;
-        let sum = self.sum + value * weight as f64;
-        if !sum.is_finite() {
+        let weight = 1.0 / sample_rate;
+        let sum = self.sum + value * weight;
+        let count = self.count + weight;
+        if !sum.is_finite() || !count.is_finite() {
             return None;
         }
-        let scaled = ((value * SCALE).round() as u64).min(MAX_SCALED);
-        let grew = match &mut self.values {
-            Values::Few(list) if list.len() < FEW => {
-                list.push((scaled, weight));
-                FEW_VALUE
-            }
-            Values::Few(list) => {
-                let mut hist = Box::new(histogram());
-                for &(v, w) in list.iter().chain([(scaled, weight)].iter()) {
-                    // Auto-resizing: recording only fails past u64 range,
-                    // which MAX_SCALED rules out.
-                    let _ = hist.record_n(v, w);
-                }
-                let grew = hist_bytes(&hist).saturating_sub(FEW as u64 * FEW_VALUE);
-                self.values = Values::Hist(hist);
-                grew
-            }
-            Values::Hist(hist) => {
-                let before = hist_bytes(hist);
-                let _ = hist.record_n(scaled, weight);
-                hist_bytes(hist).saturating_sub(before)
-            }
-        };
-        self.count = self.count.saturating_add(weight);
+        let grew = self.sketch.add(value, weight);
+        self.count = count;
         self.sum = sum;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
@@ -199,32 +143,14 @@ impl DistAcc {
         Some(grew)
     }
 
-    /// Percentiles (within HDR precision, clamped to the exact min and max)
-    /// and buckets. `scratch` is a reusable histogram for short lists.
-    pub fn summarize(&self, scratch: &mut Histogram<u64>) -> Summary {
-        let hist: &Histogram<u64> = match &self.values {
-            Values::Hist(h) => h,
-            Values::Few(list) => {
-                scratch.reset();
-                for &(v, w) in list {
-                    let _ = scratch.record_n(v, w);
-                }
-                scratch
-            }
-        };
+    /// Percentiles (within the sketch's 1 %, clamped to the exact min and
+    /// max) and buckets.
+    pub fn summarize(&self) -> Summary {
+        let (bucket_values, bucket_counts) = self.sketch.buckets();
         let q = |q: f64| {
-            if hist.is_empty() {
-                0.0
-            } else {
-                (hist.value_at_quantile(q) as f64 / SCALE).clamp(self.min, self.max)
-            }
+            sketch::quantile(&bucket_values, &bucket_counts, q)
+                .map_or(0.0, |v| v.clamp(self.min, self.max))
         };
-        let mut bucket_values = Vec::new();
-        let mut bucket_counts = Vec::new();
-        for it in hist.iter_recorded() {
-            bucket_values.push(hist.highest_equivalent(it.value_iterated_to()) as f64 / SCALE);
-            bucket_counts.push(it.count_at_value());
-        }
         Summary {
             p50: q(0.50),
             p90: q(0.90),
@@ -327,76 +253,63 @@ mod tests {
         }
         assert_eq!(
             (d.count, d.sum, d.min, d.max, d.samples),
-            (4, 10.0, 1.0, 4.0, 4)
+            (4.0, 10.0, 1.0, 4.0, 4)
         );
     }
 
     #[test]
-    fn dist_sample_rate_scales_count() {
-        let mut d = DistAcc::default();
-        d.record(10.0, 0.1);
-        assert_eq!((d.count, d.sum, d.samples), (10, 100.0, 1));
+    fn dist_count_and_sum_are_weighted_by_exactly_one_over_the_rate() {
+        let mut h = DistAcc::default();
+        h.record(10.0, 0.4);
+        h.record(10.0, 0.4);
+        assert_eq!((h.count, h.sum, h.samples), (5.0, 50.0, 2));
+        let mut t = DistAcc::default();
+        for _ in 0..4 {
+            t.record(10.0, 0.75);
+        }
+        assert!((t.count - 16.0 / 3.0).abs() < 1e-12, "{}", t.count);
+        let mut tiny = DistAcc::default();
+        tiny.record(1.0, 1e-19);
+        tiny.record(1.0, 1e-19);
+        assert_eq!(tiny.count, 2e19, "no integer to overflow");
+        let s = tiny.summarize();
+        assert_eq!(s.bucket_counts.iter().sum::<f64>(), 2e19);
     }
 
     #[test]
-    fn dist_quantiles_within_hdr_precision() {
+    fn dist_quantiles_within_one_percent() {
         let mut d = DistAcc::default();
         for v in 1..=1000 {
             d.record(v as f64, 1.0);
         }
-        let s = d.summarize(&mut histogram());
+        let s = d.summarize();
         for (got, want) in [(s.p50, 500.0), (s.p90, 900.0), (s.p99, 990.0)] {
             assert!((got - want).abs() / want <= 0.01, "{got} vs {want}");
         }
     }
 
     #[test]
-    fn dist_buckets_sum_to_count() {
+    fn dist_buckets_sum_to_count_and_negative_values_have_their_own() {
         let mut d = DistAcc::default();
-        for v in [0.5, 0.5, 3.0, 250.0] {
+        for v in [0.5, 0.5, 3.0, 250.0, -2.0, 0.0] {
             d.record(v, 1.0);
         }
-        let s = d.summarize(&mut histogram());
-        assert_eq!(s.bucket_counts.iter().sum::<u64>(), 4);
+        let s = d.summarize();
+        assert_eq!(s.bucket_counts.iter().sum::<f64>(), 6.0);
         assert!(s.bucket_values.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!((d.min, d.max), (-2.0, 250.0));
+        assert_eq!(s.bucket_values[1], 0.0);
     }
 
     #[test]
-    fn short_list_and_histogram_give_the_same_summary() {
-        let values: Vec<f64> = (0..FEW + 10)
-            .map(|i| (i * 37 % 101) as f64 + 0.25)
-            .collect();
-        let mut few = DistAcc::default();
-        let mut scratch = histogram();
-        for (i, &v) in values.iter().enumerate() {
-            few.record(v, 1.0);
-            if i + 1 == FEW {
-                // Still a list: compare against a histogram fed the same values.
-                let mut direct = histogram();
-                for &v in &values[..FEW] {
-                    direct.record((v * SCALE).round() as u64).expect("record");
-                }
-                let s = few.summarize(&mut scratch);
-                assert_eq!(s.bucket_counts.iter().sum::<u64>(), FEW as u64);
-                assert_eq!(
-                    s.p99,
-                    (direct.value_at_quantile(0.99) as f64 / SCALE).clamp(few.min, few.max)
-                );
-            }
-        }
-        let s = few.summarize(&mut scratch);
-        assert_eq!(s.bucket_counts.iter().sum::<u64>(), values.len() as u64);
-    }
-
-    #[test]
-    fn scratch_histogram_is_reset_between_keys() {
-        let mut scratch = histogram();
-        let mut a = DistAcc::default();
-        a.record(5.0, 1.0);
-        let mut b = DistAcc::default();
-        b.record(7.0, 1.0);
-        a.summarize(&mut scratch);
-        assert_eq!(b.summarize(&mut scratch).bucket_counts, vec![1]);
+    fn a_timer_reports_its_growth_and_a_crafted_line_stays_small() {
+        let mut d = DistAcc::default();
+        // The line that cost 46 KB with the HDR histogram: 64 small values
+        // and one near 4.5e12.
+        let mut grew: u64 = (0..64).filter_map(|i| d.record(i as f64, 1.0)).sum();
+        grew += d.record(4.5e12, 1.0).expect("finite");
+        assert!(grew <= 8 * 2048, "{grew}");
+        assert_eq!(d.record(4.5e12, 1.0), Some(0), "no new bucket");
     }
 
     #[test]
@@ -417,22 +330,6 @@ mod tests {
         assert_eq!(s.insert(b"b", 1), None);
         assert_eq!(s.insert(b"a", 1), Some(0));
         assert_eq!(s.members.len(), 1);
-    }
-
-    #[test]
-    fn a_timer_reports_its_growth_up_to_the_full_histogram() {
-        let mut d = DistAcc::default();
-        let few: u64 = (0..FEW).filter_map(|i| d.record(i as f64, 1.0)).sum();
-        assert_eq!(few, FEW as u64 * FEW_VALUE);
-        // The 65th value, near the top of the range, makes the histogram span
-        // every power of two: its counts are the crafted line's 47 KB.
-        let hist = d.record(4.5e12, 1.0).expect("finite");
-        assert!(
-            few + hist >= 45_000 && few + hist <= 50_000,
-            "{}",
-            few + hist
-        );
-        assert_eq!(d.record(1.0, 1.0), Some(0), "no new bucket");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 pub mod acc;
 pub mod key;
+pub mod sketch;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
@@ -495,7 +496,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match &*acc(&g, MetricType::Timer, "t", "") {
-            Acc::Dist(d) => assert_eq!((d.count, d.sum, d.max), (1, 1e308, 1e308)),
+            Acc::Dist(d) => assert_eq!((d.count, d.sum, d.max), (1.0, 1e308, 1e308)),
             other => panic!("{other:?}"),
         }
     }

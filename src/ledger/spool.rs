@@ -1,11 +1,11 @@
 //! The spool: one file per flush recorded but not yet confirmed by
 //! ClickHouse, holding the exact RowBinary bodies that are (re-)sent.
 //!
-//! # A spool file, `<data_dir>/spool/<flush_id as 20 digits>.flush`, version 1
+//! # A spool file, `<data_dir>/spool/<flush_id as 20 digits>.flush`, version 2
 //!
 //! ```text
 //! 0   8  magic "TALLYFLS"
-//! 8   4  format version (1)
+//! 8   4  format version (2)
 //! 12  4  CRC32C of bytes 16..end
 //! 16  8  instance id
 //! 24  8  flush id
@@ -21,6 +21,13 @@
 //!        merged into this one (see [`crate::ledger`]); their files, if a
 //!        crash left them, are removed unread at start
 //! ```
+//!
+//! The bodies are RowBinary in the columns of [`crate::sink::schema`].
+//! Version 1 (the release before weighted timer counts) is laid out the
+//! same, but its timers body has `count UInt64` and `bucket_counts
+//! Array(UInt64)`: it is read, and that body re-encoded with `Float64`
+//! counts (same rows, same values), so a spool left by that release is sent
+//! to the migrated table.
 //!
 //! # The sent marker, `<data_dir>/spool/<flush_id as 20 digits>.sent`
 //!
@@ -42,7 +49,7 @@ use crate::sink::rowbinary::Bodies;
 use crate::sink::rows::Batch;
 
 const MAGIC: &[u8; 8] = b"TALLYFLS";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// A flush whose rows are fixed: what the sink sends, every time.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,9 +187,9 @@ impl Flush {
         }
         let mut r = Reader { b, at: 8 };
         let version = r.u32()?;
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(format!(
-                "spool format version {version}; this tallyd reads version {VERSION}"
+                "spool format version {version}; this tallyd reads versions 1 and {VERSION}"
             ));
         }
         let crc = r.u32()?;
@@ -200,6 +207,9 @@ impl Flush {
             tables.rows[i] = r.u32()?;
             let len = usize::try_from(r.u64()?).map_err(|_| "body too long")?;
             tables.bodies[i] = r.take(len)?.to_vec();
+        }
+        if version == 1 {
+            tables.bodies[2] = crate::sink::rowbinary::upgrade_v1_timers(&tables.bodies[2])?;
         }
         let n = r.u32()?;
         let mut gauges = Vec::new();
@@ -428,9 +438,9 @@ mod tests {
         b[last] ^= 1;
         assert_eq!(Flush::decode(&b), Err("checksum mismatch".into()));
         assert!(Flush::decode(&b[..20]).is_err());
-        let mut v2 = sample().encode();
-        v2[8] = 2;
-        assert!(Flush::decode(&v2).expect_err("v2").contains("version 2"));
+        let mut v3 = sample().encode();
+        v3[8] = 3;
+        assert!(Flush::decode(&v3).expect_err("v3").contains("version 3"));
     }
 
     #[test]

@@ -100,11 +100,9 @@ pub fn event_line<'a>(
     if !value.is_finite() {
         return Err(ParseError::InvalidValue);
     }
-    if matches!(
-        kind,
-        MetricType::Timer | MetricType::Histogram | MetricType::Distribution
-    ) && value < 0.0
-    {
+    // A duration is never negative; histogram and distribution values may
+    // be (as in DogStatsD).
+    if kind == MetricType::Timer && value < 0.0 {
         return Err(ParseError::NegativeValue);
     }
     if kind == MetricType::Set && member.is_empty() {

@@ -26,8 +26,10 @@
 //! - Several `:`-separated values (DogStatsD packing) are accepted for every
 //!   type but sets. A line is accepted or rejected as a whole: one bad value
 //!   rejects the line, so a line never half counts.
-//! - Timer, histogram and distribution values must be finite and not
-//!   negative (they feed an HDR histogram).
+//! - Values must be finite; timer values (durations) must not be negative,
+//!   histogram and distribution values may be.
+//! - A sample rate must be in (0, 1] with a finite inverse (the weight of
+//!   each value: rates below about 5.6e-309 are refused).
 //! - `_e{...}` events and `_sc|...` service checks are recognised and returned
 //!   as such, not as errors.
 //! - `|c:` (container id) and `|T` (timestamp) are validated; the container id
@@ -74,13 +76,6 @@ impl MetricType {
             b's' => MetricType::Set,
             _ => return None,
         })
-    }
-
-    fn is_sampled_distribution(self) -> bool {
-        matches!(
-            self,
-            MetricType::Timer | MetricType::Histogram | MetricType::Distribution
-        )
     }
 }
 
@@ -328,7 +323,7 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
             Some(b'@') => {
                 seen.once(Seen::RATE)?;
                 let rate = parse_f64(&field[1..]).ok_or(ParseError::InvalidSampleRate)?;
-                if !(rate > 0.0 && rate <= 1.0) {
+                if !(rate > 0.0 && rate <= 1.0 && (1.0 / rate).is_finite()) {
                     return Err(ParseError::InvalidSampleRate);
                 }
                 parsed.sample_rate = rate;
@@ -448,7 +443,9 @@ fn parse_value(v: &[u8], kind: MetricType) -> Result<Value, ParseError> {
     }
     let delta = kind == MetricType::Gauge && matches!(v[0], b'+' | b'-');
     let value = parse_f64(v).ok_or(ParseError::InvalidValue)?;
-    if kind.is_sampled_distribution() && value < 0.0 {
+    // A duration is never negative; histogram and distribution values may
+    // be (DogStatsD allows them).
+    if kind == MetricType::Timer && value < 0.0 {
         return Err(ParseError::NegativeValue);
     }
     Ok(Value { value, delta })
@@ -593,7 +590,9 @@ mod tests {
     #[test]
     fn negative_timer_is_rejected() {
         assert_eq!(parse("t:-1|ms"), Err(ParseError::NegativeValue));
-        assert_eq!(parse("t:1:-1|h"), Err(ParseError::NegativeValue));
+        assert_eq!(parse("t:1:-1|ms"), Err(ParseError::NegativeValue));
+        assert_eq!(parse("h:1:-1|h").map(|l| l.value_count()), Ok(2));
+        assert_eq!(parse("d:-0.5|d").map(|l| l.first), Ok(-0.5));
     }
 
     #[test]
@@ -717,6 +716,7 @@ mod tests {
             ("x:1|c|@0", ParseError::InvalidSampleRate),
             ("x:1|c|@1.5", ParseError::InvalidSampleRate),
             ("x:1|c|@-1", ParseError::InvalidSampleRate),
+            ("x:1|c|@1e-320", ParseError::InvalidSampleRate),
             ("x:1|c|@", ParseError::InvalidSampleRate),
             ("x:1|c|Tabc", ParseError::InvalidTimestamp),
             ("x:1|c|T", ParseError::InvalidTimestamp),

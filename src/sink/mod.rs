@@ -14,6 +14,14 @@
 //! bytes and deduplication token, which the ReplacingMergeTree tables (and,
 //! on 22.2+, the token) collapse.
 //!
+//! Before the first insert into a table (and again after the table refused
+//! rows), the sink compares the table's columns with what it writes
+//! ([`schema::plan`]): a missing column, or a timer count of the previous
+//! release, is migrated with `ALTER TABLE` when `create_schema` is on; a
+//! column it cannot fix blocks the table as above, with the statement to
+//! run. RowBinary carries no types, so this check is what keeps a `Float64`
+//! from landing in a `UInt64` column as garbage.
+//!
 //! The queue in front of the sink is bounded (`flush_queue` flushes); when it
 //! is full, the flush stage does not close the interval, so the current
 //! generation keeps compacting samples and memory stays bounded by the key
@@ -24,6 +32,7 @@ pub mod rows;
 pub mod schema;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -134,6 +143,42 @@ pub struct Sink {
     ledger: Option<Arc<Ledger>>,
     /// The server takes `insert_deduplication_token` (22.2 and later).
     dedup_token: bool,
+    /// Per table: its columns were found to be what tallyd writes.
+    checked: [AtomicBool; 4],
+}
+
+/// Why an attempt to write a table failed.
+#[derive(Debug)]
+enum Failed {
+    Insert(clickhouse::error::Error),
+    /// The table's columns are not what tallyd writes (and it will not
+    /// change them): why, and what to run.
+    Refused(String),
+}
+
+impl Failed {
+    fn failure(&self) -> Failure {
+        match self {
+            Failed::Insert(e) => classify(e),
+            Failed::Refused(_) => Failure::Schema,
+        }
+    }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::Insert(e) => e.fmt(f),
+            Failed::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+/// A row of `system.columns`.
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct ColumnRow {
+    name: String,
+    r#type: String,
 }
 
 impl Sink {
@@ -144,6 +189,7 @@ impl Sink {
             telemetry,
             ledger: None,
             dedup_token: false,
+            checked: Default::default(),
         }
     }
 
@@ -321,7 +367,14 @@ impl Sink {
         let body = bytes::Bytes::copy_from_slice(body);
         let mut attempt = 0;
         loop {
-            match self.insert(name, body.clone(), token.as_deref()).await {
+            let result = match self.prepare(table).await {
+                Ok(()) => self
+                    .insert(table, body.clone(), token.as_deref())
+                    .await
+                    .map_err(Failed::Insert),
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(()) => {
                     let t = &self.telemetry;
                     let counter = if q.resent {
@@ -351,8 +404,11 @@ impl Sink {
                 Err(err) => {
                     let config = self.current().config;
                     let delay = backoff(attempt, config.retry_initial, config.retry_max, jitter());
-                    match classify(&err) {
+                    match err.failure() {
                         Failure::Schema => {
+                            // Looked at again before the next attempt (an
+                            // operator may have fixed it).
+                            self.checked[table].store(false, Relaxed);
                             self.telemetry
                                 .clickhouse_schema_errors
                                 .fetch_add(1, Relaxed);
@@ -367,7 +423,7 @@ impl Sink {
                     }
                     tokio::time::sleep(delay).await;
                     attempt += 1;
-                    if let clickhouse::error::Error::BadResponse(msg) = &err
+                    if let Failed::Insert(clickhouse::error::Error::BadResponse(msg)) = &err
                         && error_code(msg).is_some_and(|c| MISSING_SCHEMA_CODES.contains(&c))
                         && config.create_schema
                         && let Err(e) = self.ensure_schema().await
@@ -379,16 +435,63 @@ impl Sink {
         }
     }
 
+    /// Checks table `table`'s columns once (see the module doc), migrating
+    /// them when allowed.
+    async fn prepare(&self, table: usize) -> Result<(), Failed> {
+        if self.checked[table].load(Relaxed) {
+            return Ok(());
+        }
+        let current = self.current();
+        let database = &current.config.database;
+        let name = TABLES[table];
+        let existing: Vec<(String, String)> = current
+            .admin
+            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+            .bind(database.as_str())
+            .bind(name)
+            .fetch_all::<ColumnRow>()
+            .await
+            .map_err(Failed::Insert)?
+            .into_iter()
+            .map(|c| (c.name, c.r#type))
+            .collect();
+        match schema::plan(database, table, &existing) {
+            schema::Plan::Ready => {}
+            schema::Plan::Migrate(alters) if current.config.create_schema => {
+                for alter in &alters {
+                    current
+                        .admin
+                        .query(alter)
+                        .execute()
+                        .await
+                        .map_err(Failed::Insert)?;
+                    tracing::info!(table = name, statement = %alter, "migrated the table to tallyd's columns");
+                }
+            }
+            schema::Plan::Migrate(alters) => {
+                return Err(Failed::Refused(format!(
+                    "{database}.{name} lacks tallyd's columns and clickhouse.create_schema is off, so tallyd does not change it; run: {}",
+                    alters.join("; ")
+                )));
+            }
+            schema::Plan::Refuse(why) => return Err(Failed::Refused(why)),
+        }
+        self.checked[table].store(true, Relaxed);
+        Ok(())
+    }
+
     async fn insert(
         &self,
-        table: &str,
+        table: usize,
         body: bytes::Bytes,
         token: Option<&str>,
     ) -> Result<(), clickhouse::error::Error> {
         let current = self.current();
         let sql = format!(
-            "INSERT INTO {}.{table} FORMAT RowBinary",
-            schema::quote_ident(&current.config.database)
+            "INSERT INTO {}.{} {} FORMAT RowBinary",
+            schema::quote_ident(&current.config.database),
+            TABLES[table],
+            schema::insert_columns(table)
         );
         let mut insert = current
             .client

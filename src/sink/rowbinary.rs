@@ -109,7 +109,7 @@ fn timer(out: &mut Vec<u8>, r: &TimerRow) {
     }
     out.extend_from_slice(&r.samples.to_le_bytes());
     f64s(out, &r.bucket_values);
-    u64s(out, &r.bucket_counts);
+    f64s(out, &r.bucket_counts);
 }
 
 fn set(out: &mut Vec<u8>, r: &SetRow) {
@@ -150,29 +150,7 @@ pub fn decode(bodies: &Bodies) -> Result<Batch, String> {
             samples: r.u64()?,
         });
     }
-    let mut r = Reader::new(&bodies.bodies[2]);
-    while !r.done() {
-        let (ts, name, tags, host) = r.head()?;
-        batch.timers.push(TimerRow {
-            ts,
-            name,
-            tags,
-            host,
-            flush_id: r.u64()?,
-            kind: r.string()?,
-            count: r.u64()?,
-            sum: r.f64()?,
-            min: r.f64()?,
-            max: r.f64()?,
-            p50: r.f64()?,
-            p90: r.f64()?,
-            p95: r.f64()?,
-            p99: r.f64()?,
-            samples: r.u64()?,
-            bucket_values: r.array(Reader::f64)?,
-            bucket_counts: r.array(Reader::u64)?,
-        });
-    }
+    batch.timers = timers(&bodies.bodies[2], false)?;
     let mut r = Reader::new(&bodies.bodies[3]);
     while !r.done() {
         let (ts, name, tags, host) = r.head()?;
@@ -188,6 +166,53 @@ pub fn decode(bodies: &Bodies) -> Result<Batch, String> {
         });
     }
     Ok(batch)
+}
+
+/// Timer rows of a body; `v1`: as tallyd wrote them before weighted counts
+/// (`count UInt64`, `bucket_counts Array(UInt64)`).
+fn timers(body: &[u8], v1: bool) -> Result<Vec<TimerRow>, String> {
+    let mut rows = Vec::new();
+    let mut r = Reader::new(body);
+    let count = |r: &mut Reader<'_>| {
+        if v1 {
+            r.u64().map(|c| c as f64)
+        } else {
+            r.f64()
+        }
+    };
+    while !r.done() {
+        let (ts, name, tags, host) = r.head()?;
+        rows.push(TimerRow {
+            ts,
+            name,
+            tags,
+            host,
+            flush_id: r.u64()?,
+            kind: r.string()?,
+            count: count(&mut r)?,
+            sum: r.f64()?,
+            min: r.f64()?,
+            max: r.f64()?,
+            p50: r.f64()?,
+            p90: r.f64()?,
+            p95: r.f64()?,
+            p99: r.f64()?,
+            samples: r.u64()?,
+            bucket_values: r.array(Reader::f64)?,
+            bucket_counts: r.array(|r| count(r))?,
+        });
+    }
+    Ok(rows)
+}
+
+/// Re-encodes a timers body written before weighted counts (spool format
+/// 1) as today's columns, the same rows with each count as a `Float64`.
+pub fn upgrade_v1_timers(body: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(body.len());
+    for row in timers(body, true)? {
+        timer(&mut out, &row);
+    }
+    Ok(out)
 }
 
 struct Reader<'a> {
@@ -332,7 +357,7 @@ mod tests {
                 host: host.clone(),
                 flush_id: 1,
                 kind: "ms".into(),
-                count: 2,
+                count: 2.5,
                 sum: 3.0,
                 min: 1.0,
                 max: 2.0,
@@ -342,7 +367,7 @@ mod tests {
                 p99: 2.0,
                 samples: 2,
                 bucket_values: vec![1.0, 2.0],
-                bucket_counts: vec![1, 1],
+                bucket_counts: vec![1.25, 1.25],
             }],
             sets: vec![SetRow {
                 ts,
@@ -364,6 +389,47 @@ mod tests {
         );
         cut.bodies[2].pop();
         assert!(decode(&cut).is_err());
+    }
+
+    #[test]
+    fn a_timers_body_of_the_previous_release_is_upgraded_to_float_counts() {
+        let row = TimerRow {
+            ts: 1_700_000_000,
+            name: "t".into(),
+            tags: vec!["a:b".into()],
+            host: "h".into(),
+            flush_id: 7,
+            kind: "ms".into(),
+            count: 3.0,
+            sum: 6.0,
+            min: 1.0,
+            max: 3.0,
+            p50: 2.0,
+            p90: 3.0,
+            p95: 3.0,
+            p99: 3.0,
+            samples: 3,
+            bucket_values: vec![1.0, 2.0, 3.0],
+            bucket_counts: vec![1.0, 1.0, 1.0],
+        };
+        // The columns as version 1 wrote them: UInt64 counts.
+        let mut v1 = Vec::new();
+        head(&mut v1, row.ts, &row.name, &row.tags, &row.host);
+        v1.extend_from_slice(&row.flush_id.to_le_bytes());
+        string(&mut v1, &row.kind);
+        v1.extend_from_slice(&3u64.to_le_bytes());
+        for x in [
+            row.sum, row.min, row.max, row.p50, row.p90, row.p95, row.p99,
+        ] {
+            v1.extend_from_slice(&x.to_le_bytes());
+        }
+        v1.extend_from_slice(&row.samples.to_le_bytes());
+        f64s(&mut v1, &row.bucket_values);
+        u64s(&mut v1, &[1, 1, 1]);
+        let mut today = Vec::new();
+        timer(&mut today, &row);
+        assert_eq!(upgrade_v1_timers(&v1), Ok(today));
+        assert!(upgrade_v1_timers(&v1[..v1.len() - 1]).is_err());
     }
 
     #[test]

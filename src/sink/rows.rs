@@ -39,7 +39,8 @@ pub struct TimerRow {
     pub host: String,
     pub flush_id: u64,
     pub kind: String,
-    pub count: u64,
+    /// Values weighted by `1 / sample rate`.
+    pub count: f64,
     pub sum: f64,
     pub min: f64,
     pub max: f64,
@@ -49,7 +50,7 @@ pub struct TimerRow {
     pub p99: f64,
     pub samples: u64,
     pub bucket_values: Vec<f64>,
-    pub bucket_counts: Vec<u64>,
+    pub bucket_counts: Vec<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Row, Serialize)]
@@ -160,7 +161,6 @@ pub fn build(
         ..Batch::default()
     };
     let mut forgotten = 0;
-    let mut scratch = crate::aggregate::acc::histogram();
     for (k, acc) in generation.map {
         let Some(parts) = key::split(&k) else {
             continue;
@@ -194,7 +194,7 @@ pub fn build(
                 });
             }
             Acc::Dist(d) => {
-                let summary = d.summarize(&mut scratch);
+                let summary = d.summarize();
                 batch.timers.push(TimerRow {
                     ts,
                     name,
@@ -314,7 +314,7 @@ fn fold<K: std::hash::Hash + Eq, R>(
 }
 
 fn merge_timer(m: &mut TimerRow, r: TimerRow) {
-    m.count = m.count.saturating_add(r.count);
+    m.count += r.count;
     m.sum += r.sum;
     m.min = m.min.min(r.min);
     m.max = m.max.max(r.max);
@@ -330,31 +330,23 @@ fn merge_timer(m: &mut TimerRow, r: TimerRow) {
         let take_a = j >= b.0.len() || (i < a.0.len() && a.0[i] <= b.0[j]);
         let take_b = i >= a.0.len() || (j < b.0.len() && b.0[j] <= a.0[i]);
         let (v, mut c) = if take_a {
-            (a.0[i], a.1.get(i).copied().unwrap_or(0))
+            (a.0[i], a.1.get(i).copied().unwrap_or(0.0))
         } else {
-            (b.0[j], 0)
+            (b.0[j], 0.0)
         };
         if take_a {
             i += 1;
         }
         if take_b {
-            c = c.saturating_add(b.1.get(j).copied().unwrap_or(0));
+            c += b.1.get(j).copied().unwrap_or(0.0);
             j += 1;
         }
         values.push(v);
         counts.push(c);
     }
-    let total: u64 = counts.iter().fold(0, |t: u64, &c| t.saturating_add(c));
     let at = |q: f64| {
-        let target = ((q * total as f64).ceil() as u64).max(1);
-        let mut seen = 0u64;
-        for (v, c) in values.iter().zip(&counts) {
-            seen = seen.saturating_add(*c);
-            if seen >= target {
-                return v.clamp(m.min, m.max);
-            }
-        }
-        m.max
+        crate::aggregate::sketch::quantile(&values, &counts, q)
+            .map_or(m.max, |v| v.clamp(m.min, m.max))
     };
     (m.p50, m.p90, m.p95, m.p99) = (at(0.50), at(0.90), at(0.95), at(0.99));
     m.bucket_values = values;
@@ -514,9 +506,9 @@ mod tests {
         let t = &batch.timers[0];
         assert_eq!(
             (t.kind.as_str(), t.count, t.sum, t.min, t.max, t.samples),
-            ("ms", 6, 120.0, 10.0, 30.0, 3)
+            ("ms", 6.0, 120.0, 10.0, 30.0, 3)
         );
-        assert_eq!(t.bucket_counts.iter().sum::<u64>(), 6);
+        assert_eq!(t.bucket_counts.iter().sum::<f64>(), 6.0);
     }
 
     #[test]
@@ -563,9 +555,9 @@ mod tests {
         let t = &m.timers[0];
         assert_eq!(
             (t.count, t.sum, t.min, t.max, t.samples),
-            (4, 80.0, 10.0, 30.0, 4)
+            (4.0, 80.0, 10.0, 30.0, 4)
         );
-        assert_eq!(t.bucket_counts.iter().sum::<u64>(), 4);
+        assert_eq!(t.bucket_counts.iter().sum::<f64>(), 4.0);
         assert!(t.p50 >= 10.0 && t.p50 <= 20.5 && t.p99 >= 29.5, "{t:?}");
         assert_eq!((m.sets[0].cardinality, m.sets[0].samples), (2, 3));
         assert_eq!(m.gauge_values.len(), 1);

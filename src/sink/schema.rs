@@ -7,83 +7,159 @@
 //! The DDL uses nothing newer than 18.16 has (no Map, LowCardinality, CODEC,
 //! TTL, DateTime64).
 
+/// The columns tallyd writes, per table in [`crate::telemetry::TABLES`]
+/// order: (name, type). Inserts name them, so a table may have more
+/// columns (with defaults) and any column order.
+pub const COLUMNS: [&[(&str, &str)]; 4] = [
+    &[
+        ("ts", "DateTime"),
+        ("name", "String"),
+        ("tags", "Array(String)"),
+        ("host", "String"),
+        ("flush_id", "UInt64"),
+        ("value", "Float64"),
+        ("samples", "UInt64"),
+    ],
+    &[
+        ("ts", "DateTime"),
+        ("name", "String"),
+        ("tags", "Array(String)"),
+        ("host", "String"),
+        ("value", "Float64"),
+        ("version", "UInt64"),
+        ("samples", "UInt64"),
+    ],
+    &[
+        ("ts", "DateTime"),
+        ("name", "String"),
+        ("tags", "Array(String)"),
+        ("host", "String"),
+        ("flush_id", "UInt64"),
+        ("kind", "String"),
+        ("count", "Float64"),
+        ("sum", "Float64"),
+        ("min", "Float64"),
+        ("max", "Float64"),
+        ("p50", "Float64"),
+        ("p90", "Float64"),
+        ("p95", "Float64"),
+        ("p99", "Float64"),
+        ("samples", "UInt64"),
+        ("bucket_values", "Array(Float64)"),
+        ("bucket_counts", "Array(Float64)"),
+    ],
+    &[
+        ("ts", "DateTime"),
+        ("name", "String"),
+        ("tags", "Array(String)"),
+        ("host", "String"),
+        ("flush_id", "UInt64"),
+        ("cardinality", "UInt64"),
+        ("samples", "UInt64"),
+        ("member_hashes", "Array(UInt64)"),
+    ],
+];
+
+/// Engine and keys of each table.
+const ENGINES: [&str; 4] = [
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, flush_id)",
+    "ReplacingMergeTree(version)\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, version)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, kind, host, flush_id)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, flush_id)",
+];
+
 /// The statements that create the database and tables, in order. With
 /// `dedup_window` (servers that have it, 22.2 and later), each table also
 /// drops a re-sent insert with a known `insert_deduplication_token`.
 pub fn ddl(database: &str, dedup_window: bool) -> Vec<String> {
     let db = quote_ident(database);
-    let mut statements = vec![
-        format!("CREATE DATABASE IF NOT EXISTS {db}"),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.counters (
-    ts DateTime,
-    name String,
-    tags Array(String),
-    host String,
-    flush_id UInt64,
-    value Float64,
-    samples UInt64
-) ENGINE = ReplacingMergeTree()
-PARTITION BY toYYYYMM(ts)
-ORDER BY (name, tags, host, flush_id)"
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.gauges (
-    ts DateTime,
-    name String,
-    tags Array(String),
-    host String,
-    value Float64,
-    version UInt64,
-    samples UInt64
-) ENGINE = ReplacingMergeTree(version)
-PARTITION BY toYYYYMM(ts)
-ORDER BY (name, tags, host, version)"
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.timers (
-    ts DateTime,
-    name String,
-    tags Array(String),
-    host String,
-    flush_id UInt64,
-    kind String,
-    count UInt64,
-    sum Float64,
-    min Float64,
-    max Float64,
-    p50 Float64,
-    p90 Float64,
-    p95 Float64,
-    p99 Float64,
-    samples UInt64,
-    bucket_values Array(Float64),
-    bucket_counts Array(UInt64)
-) ENGINE = ReplacingMergeTree()
-PARTITION BY toYYYYMM(ts)
-ORDER BY (name, tags, kind, host, flush_id)"
-        ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.sets (
-    ts DateTime,
-    name String,
-    tags Array(String),
-    host String,
-    flush_id UInt64,
-    cardinality UInt64,
-    samples UInt64,
-    member_hashes Array(UInt64)
-) ENGINE = ReplacingMergeTree()
-PARTITION BY toYYYYMM(ts)
-ORDER BY (name, tags, host, flush_id)"
-        ),
-    ];
+    let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS {db}")];
+    for (i, table) in crate::telemetry::TABLES.iter().enumerate() {
+        let columns: Vec<String> = COLUMNS[i]
+            .iter()
+            .map(|(name, ty)| format!("    {name} {ty}"))
+            .collect();
+        statements.push(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{table} (\n{}\n) ENGINE = {}",
+            columns.join(",\n"),
+            ENGINES[i]
+        ));
+    }
     if dedup_window {
         for s in statements.iter_mut().skip(1) {
             s.push_str("\nSETTINGS non_replicated_deduplication_window = 1000");
         }
     }
     statements
+}
+
+/// The column list of an insert into table `table`: `(ts, name, ...)`.
+pub fn insert_columns(table: usize) -> String {
+    let names: Vec<&str> = COLUMNS[table].iter().map(|(n, _)| *n).collect();
+    format!("({})", names.join(", "))
+}
+
+/// What an existing table needs before tallyd writes to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// It has every column, of the type tallyd writes.
+    Ready,
+    /// `ALTER TABLE` statements that make it so without losing data:
+    /// missing columns added, counts of the previous release widened to
+    /// `Float64`.
+    Migrate(Vec<String>),
+    /// A column tallyd cannot fix: the reason, naming the column, the type
+    /// found and the type needed, and the statement an operator may run.
+    Refuse(String),
+}
+
+/// Compares table `table`'s columns as ClickHouse lists them (`name`,
+/// `type`, from `system.columns`) with [`COLUMNS`]. `LowCardinality(T)` is
+/// taken as `T` (RowBinary encodes both alike). A table without columns is
+/// missing: [`Plan::Ready`] (it is created, or the insert fails as missing).
+pub fn plan(database: &str, table: usize, existing: &[(String, String)]) -> Plan {
+    if existing.is_empty() {
+        return Plan::Ready;
+    }
+    let target = format!(
+        "{}.{}",
+        quote_ident(database),
+        crate::telemetry::TABLES[table]
+    );
+    let mut alters = Vec::new();
+    for (name, ty) in COLUMNS[table] {
+        let found = existing.iter().find(|(n, _)| n == name).map(|(_, t)| {
+            t.strip_prefix("LowCardinality(")
+                .and_then(|t| t.strip_suffix(')'))
+                .unwrap_or(t)
+        });
+        match found {
+            Some(t) if t == *ty => {}
+            None => alters.push(format!("ALTER TABLE {target} ADD COLUMN {name} {ty}")),
+            Some(t) if widened(t, ty) => {
+                alters.push(format!("ALTER TABLE {target} MODIFY COLUMN {name} {ty}"))
+            }
+            Some(t) => {
+                return Plan::Refuse(format!(
+                    "column {name} of {target} is {t}; tallyd writes {ty} (to convert it: ALTER TABLE {target} MODIFY COLUMN {name} {ty})"
+                ));
+            }
+        }
+    }
+    if alters.is_empty() {
+        Plan::Ready
+    } else {
+        Plan::Migrate(alters)
+    }
+}
+
+/// Whether a column of type `from` (written by an earlier release) converts
+/// to `to` without loss: the timer counts, once whole numbers.
+fn widened(from: &str, to: &str) -> bool {
+    matches!(
+        (from, to),
+        ("UInt64", "Float64") | ("Array(UInt64)", "Array(Float64)")
+    )
 }
 
 /// Whether a `SELECT version()` answer is 22.2 or later: the first version
@@ -128,6 +204,67 @@ mod tests {
         assert!(has_dedup_token("22.2.2.1"));
         assert!(has_dedup_token("24.8.4.13"));
         assert!(!has_dedup_token("garbage"));
+    }
+
+    fn columns(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, t)| ((*n).to_owned(), (*t).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_table_of_today_is_ready_whatever_its_order_and_extra_columns() {
+        let mut cols = columns(COLUMNS[2]);
+        cols.reverse();
+        cols.push(("note".into(), "String".into()));
+        assert_eq!(plan("m", 2, &cols), Plan::Ready);
+        let mut low = columns(COLUMNS[0]);
+        low[1].1 = "LowCardinality(String)".into();
+        assert_eq!(plan("m", 0, &low), Plan::Ready);
+        assert_eq!(plan("m", 2, &[]), Plan::Ready, "missing: created");
+    }
+
+    #[test]
+    fn timer_counts_of_the_previous_release_are_widened_and_missing_columns_added() {
+        let mut cols = columns(COLUMNS[2]);
+        for (n, t) in &mut cols {
+            if n == "count" {
+                *t = "UInt64".into();
+            }
+            if n == "bucket_counts" {
+                *t = "Array(UInt64)".into();
+            }
+        }
+        cols.retain(|(n, _)| n != "p95");
+        assert_eq!(
+            plan("m", 2, &cols),
+            Plan::Migrate(vec![
+                "ALTER TABLE `m`.timers MODIFY COLUMN count Float64".into(),
+                "ALTER TABLE `m`.timers ADD COLUMN p95 Float64".into(),
+                "ALTER TABLE `m`.timers MODIFY COLUMN bucket_counts Array(Float64)".into(),
+            ])
+        );
+    }
+
+    #[test]
+    fn an_incompatible_column_is_refused_naming_it_and_the_fix() {
+        let mut cols = columns(COLUMNS[0]);
+        cols[5].1 = "String".into();
+        match plan("m", 0, &cols) {
+            Plan::Refuse(why) => assert_eq!(
+                why,
+                "column value of `m`.counters is String; tallyd writes Float64 (to convert it: ALTER TABLE `m`.counters MODIFY COLUMN value Float64)"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn inserts_name_their_columns() {
+        assert_eq!(
+            insert_columns(1),
+            "(ts, name, tags, host, value, version, samples)"
+        );
     }
 
     #[test]

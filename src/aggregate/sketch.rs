@@ -1,0 +1,305 @@
+//! The distribution sketch of timers, histograms and distributions: a
+//! DDSketch (Masson, Rim, Lee, "DDSketch: A Fast and Fully-Mergeable
+//! Quantile Sketch with Relative-Error Guarantees", VLDB 2019), which is
+//! also what DogStatsD distributions are defined with.
+//!
+//! # The rule
+//!
+//! With relative accuracy `α` = [`RELATIVE_ACCURACY`] (1 %), `γ = (1 + α) /
+//! (1 − α)`. A value `v > 0` falls in bucket `i = ⌈ln v / ln γ⌉`, which holds
+//! `(γ^(i−1), γ^i]`; the bucket's value is `2 γ^i / (γ + 1)`, within `α` of
+//! every value in it. Negative values go to a mirrored store by `|v|`;
+//! zero (and anything smaller in magnitude than `f64::MIN_POSITIVE`) to a
+//! zero bucket. So any finite value, from 1e-300 to 1e300, keeps 1 %
+//! relative precision, and a bucket's value depends on the bucket alone:
+//! rows of any key, flush and host merge by adding the weights of equal
+//! bucket values (`sumMap` in ClickHouse).
+//!
+//! # Weights and memory
+//!
+//! Each value carries a weight (`1 / sample rate`, a float: `@0.75` counts
+//! 4/3). A store keeps up to [`SPARSE`] buckets as a sorted list of (index,
+//! weight), 16 bytes each, then turns dense: one 8-byte weight per bucket
+//! between its lowest and highest index, at most [`MAX_BINS`] of them. Past
+//! that the lowest buckets collapse into one (the paper's
+//! collapsing-lowest store): the upper percentiles keep their precision and
+//! memory stays bounded, at most 2 × 8 × [`MAX_BINS`] = 32 KiB per key for a
+//! key whose values span more than 17 orders of magnitude on both signs
+//! (γ^2048 ≈ 4e17). A typical latency key (1 ms to 10 s) uses about 460
+//! buckets, 3.7 KB, once it has seen more than 64 distinct buckets.
+
+/// `α`: every percentile is within this fraction of a value that was sent.
+pub const RELATIVE_ACCURACY: f64 = 0.01;
+/// Buckets a store keeps as a sorted list before it turns dense.
+pub const SPARSE: usize = 64;
+/// Most buckets of a dense store; past it the lowest collapse.
+pub const MAX_BINS: usize = 2048;
+
+fn gamma() -> f64 {
+    (1.0 + RELATIVE_ACCURACY) / (1.0 - RELATIVE_ACCURACY)
+}
+
+/// The bucket of `v` (> 0).
+pub fn index(v: f64) -> i32 {
+    // |ln v| ≤ 745 for every positive finite f64, so this is within ±38,000.
+    (v.ln() / gamma().ln()).ceil() as i32
+}
+
+/// The value of bucket `i`: `2 γ^i / (γ + 1)`.
+pub fn bucket_value(i: i32) -> f64 {
+    let g = gamma();
+    2.0 * (f64::from(i) * g.ln()).exp() / (g + 1.0)
+}
+
+/// One sign's buckets.
+#[derive(Debug, Clone, PartialEq)]
+enum Store {
+    /// (index, weight), ascending by index.
+    Sparse(Vec<(i32, f64)>),
+    /// `weights[k]` is bucket `offset + k`.
+    Dense { offset: i32, weights: Vec<f64> },
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::Sparse(Vec::new())
+    }
+}
+
+impl Store {
+    /// Adds `w` to bucket `i`; returns the bytes the store grew by.
+    fn add(&mut self, i: i32, w: f64) -> u64 {
+        match self {
+            Store::Sparse(list) => match list.binary_search_by_key(&i, |&(k, _)| k) {
+                Ok(at) => {
+                    list[at].1 += w;
+                    0
+                }
+                Err(at) if list.len() < SPARSE => {
+                    list.insert(at, (i, w));
+                    16
+                }
+                Err(_) => {
+                    let before = 16 * list.len() as u64;
+                    let mut dense = Store::Dense {
+                        offset: list[0].0,
+                        weights: Vec::new(),
+                    };
+                    for &(k, v) in list.iter().chain([(i, w)].iter()) {
+                        dense.add(k, v);
+                    }
+                    *self = dense;
+                    self.bytes().saturating_sub(before)
+                }
+            },
+            Store::Dense { offset, weights } => {
+                let before = weights.len();
+                let lo = i64::from(*offset);
+                let hi = lo + weights.len() as i64 - 1;
+                let i64_i = i64::from(i);
+                if weights.is_empty() {
+                    *offset = i;
+                    weights.push(w);
+                } else if i64_i < lo {
+                    let room = MAX_BINS.saturating_sub(weights.len());
+                    let grow = ((lo - i64_i) as usize).min(room);
+                    if grow > 0 {
+                        weights.splice(0..0, std::iter::repeat_n(0.0, grow));
+                        *offset -= grow as i32;
+                    }
+                    // Collapsed into the lowest bucket kept when there is no
+                    // more room.
+                    let at = (i64_i - i64::from(*offset)).max(0) as usize;
+                    weights[at] += w;
+                } else if i64_i > hi {
+                    let grow = (i64_i - hi) as usize;
+                    weights.extend(std::iter::repeat_n(0.0, grow));
+                    let excess = weights.len().saturating_sub(MAX_BINS);
+                    if excess > 0 {
+                        let collapsed: f64 = weights.drain(..excess).sum();
+                        weights[0] += collapsed;
+                        *offset += excess as i32;
+                    }
+                    let last = weights.len() - 1;
+                    weights[last] += w;
+                } else {
+                    weights[(i64_i - lo) as usize] += w;
+                }
+                8 * weights.len().saturating_sub(before) as u64
+            }
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Store::Sparse(list) => 16 * list.len() as u64,
+            Store::Dense { weights, .. } => 8 * weights.len() as u64,
+        }
+    }
+
+    /// (index, weight) of every non-empty bucket, ascending by index.
+    fn buckets(&self) -> Vec<(i32, f64)> {
+        match self {
+            Store::Sparse(list) => list.clone(),
+            Store::Dense { offset, weights } => weights
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w > 0.0)
+                .map(|(k, w)| (offset + k as i32, *w))
+                .collect(),
+        }
+    }
+}
+
+/// A DDSketch with float weights.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sketch {
+    positive: Store,
+    negative: Store,
+    zero: f64,
+}
+
+impl Sketch {
+    /// Adds finite `v` with weight `w` (> 0); returns the bytes the sketch
+    /// grew by.
+    pub fn add(&mut self, v: f64, w: f64) -> u64 {
+        if v.abs() < f64::MIN_POSITIVE {
+            self.zero += w;
+            0
+        } else if v > 0.0 {
+            self.positive.add(index(v), w)
+        } else {
+            self.negative.add(index(-v), w)
+        }
+    }
+
+    /// Bytes the buckets use.
+    pub fn bytes(&self) -> u64 {
+        self.positive.bytes() + self.negative.bytes()
+    }
+
+    /// (bucket values ascending, their weights): what a row stores.
+    pub fn buckets(&self) -> (Vec<f64>, Vec<f64>) {
+        let mut values = Vec::new();
+        let mut weights = Vec::new();
+        for (i, w) in self.negative.buckets().into_iter().rev() {
+            values.push(-bucket_value(i));
+            weights.push(w);
+        }
+        if self.zero > 0.0 {
+            values.push(0.0);
+            weights.push(self.zero);
+        }
+        for (i, w) in self.positive.buckets() {
+            values.push(bucket_value(i));
+            weights.push(w);
+        }
+        (values, weights)
+    }
+}
+
+/// The `q`-quantile of buckets (values ascending, weights): the value of the
+/// first bucket whose cumulative weight reaches `q` × the total. `None`
+/// without weight. Used for a flushed key and for rows merged from buckets,
+/// so both give the same answer for the same buckets.
+pub fn quantile(values: &[f64], weights: &[f64], q: f64) -> Option<f64> {
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 || !total.is_finite() {
+        return None;
+    }
+    let target = q.clamp(0.0, 1.0) * total;
+    let mut seen = 0.0;
+    let mut last = None;
+    for (v, w) in values.iter().zip(weights) {
+        seen += w;
+        last = Some(*v);
+        if seen >= target && *w > 0.0 {
+            return last;
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sketch(values: &[(f64, f64)]) -> Sketch {
+        let mut s = Sketch::default();
+        for &(v, w) in values {
+            s.add(v, w);
+        }
+        s
+    }
+
+    fn q(s: &Sketch, q: f64) -> f64 {
+        let (v, w) = s.buckets();
+        quantile(&v, &w, q).expect("not empty")
+    }
+
+    fn within(got: f64, want: f64) -> bool {
+        (got - want).abs() <= RELATIVE_ACCURACY * want.abs()
+    }
+
+    #[test]
+    fn every_value_from_1e_minus_300_to_1e300_is_within_one_percent() {
+        let mut v = 1e-300;
+        while v < 1e300 {
+            for x in [v, -v] {
+                let got = q(&sketch(&[(x, 1.0)]), 0.5);
+                assert!(within(got, x), "{x}: {got}");
+            }
+            v *= 7.3;
+        }
+    }
+
+    #[test]
+    fn sub_millisecond_seconds_and_hour_long_nanoseconds_keep_their_percentiles() {
+        let s = sketch(&[(0.0001, 1.0), (0.0004, 1.0), (0.0004, 1.0)]);
+        assert!(within(q(&s, 0.5), 0.0004), "{}", q(&s, 0.5));
+        assert!(within(q(&s, 0.0), 0.0001));
+        let n = sketch(&[(3.6e12, 1.0), (7.2e12, 1.0), (7.2e12, 1.0)]);
+        assert!(within(q(&n, 0.5), 7.2e12) && within(q(&n, 0.99), 7.2e12));
+    }
+
+    #[test]
+    fn zero_and_negative_values_sort_below_positive_ones() {
+        let s = sketch(&[(-5.0, 1.0), (0.0, 1.0), (3.0, 1.0), (-0.5, 1.0)]);
+        let (values, weights) = s.buckets();
+        assert!(values.windows(2).all(|p| p[0] < p[1]), "{values:?}");
+        assert_eq!(weights, vec![1.0; 4]);
+        assert!(within(q(&s, 0.25), -5.0));
+        assert_eq!(q(&s, 0.75), 0.0);
+    }
+
+    #[test]
+    fn weights_are_exact_fractions() {
+        let s = sketch(&[(10.0, 1.0 / 0.75); 4]);
+        let (_, w) = s.buckets();
+        assert!((w.iter().sum::<f64>() - 16.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_store_turns_dense_and_collapses_its_lowest_buckets_past_the_limit() {
+        let mut s = Sketch::default();
+        let mut grew = 0;
+        for k in 0..SPARSE as i32 {
+            grew += s.add(bucket_value(k * 10), 1.0);
+        }
+        assert_eq!(grew, 16 * SPARSE as u64);
+        grew += s.add(1e300, 1.0);
+        assert_eq!(grew, s.bytes());
+        assert_eq!(s.bytes(), 8 * MAX_BINS as u64, "bounded");
+        let (values, weights) = s.buckets();
+        assert_eq!(weights.iter().sum::<f64>(), SPARSE as f64 + 1.0);
+        assert!(within(*values.last().expect("top"), 1e300));
+        assert!(within(q(&s, 1.0), 1e300));
+    }
+
+    #[test]
+    fn bucket_values_are_the_same_for_every_key_and_merge_by_equality() {
+        let a = sketch(&[(12.5, 1.0)]).buckets().0;
+        let b = sketch(&[(12.49, 1.0)]).buckets().0;
+        assert_eq!(a, b, "one bucket, one value, bit for bit");
+    }
+}
