@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test of tallyd. On a fresh Debian machine (as root) it
 # first installs what the tests need: Debian's clickhouse-server (the tests
-# start their own private servers from it; nothing is started here) and the
-# Python protobuf packages for the interop test.
+# start their own private servers from it; nothing is started here), the
+# Python protobuf packages for the interop test, and the DogStatsD clients
+# (Python's datadog, node's hot-shots) for the Unix socket test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,12 @@ if [ ! -x /usr/sbin/clickhouse-server ] && [ -z "${TALLYD_TEST_CLICKHOUSE:-}" ];
 fi
 # systemd-analyze checks the unit file (systemd need not be running).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# node and a C++ toolchain: hot-shots over a Unix socket needs the
+# unix-dgram native module, built at npm install.
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+command -v g++ >/dev/null || missing+=(g++)
+command -v make >/dev/null || missing+=(make)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]} (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
@@ -28,6 +35,17 @@ fi
 if ! python3 -c "import google.protobuf, grpc_tools" 2>/dev/null; then
     echo "test.sh: installing protobuf and grpcio-tools (PyPI)"
     python3 -m pip install -q --disable-pip-version-check protobuf grpcio-tools
+fi
+
+# The DogStatsD clients of tests/dogstatsd.rs: Datadog's Python client, and
+# node's hot-shots with unix-dgram (versions pinned in tests/uds).
+if ! python3 -c "import datadog" 2>/dev/null; then
+    echo "test.sh: installing datadog (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check datadog
+fi
+if [ ! -e tests/uds/node_modules/unix-dgram/build/Release/unix_dgram.node ]; then
+    echo "test.sh: installing hot-shots and unix-dgram (npm)"
+    (cd tests/uds && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 cargo fmt --all -- --check

@@ -1,6 +1,8 @@
 //! systemd socket activation: listeners passed in `LISTEN_FDS`, named by
 //! `FileDescriptorName=` (`LISTEN_FDNAMES`): `statsd-udp`, `statsd-tcp`,
-//! `proto-tcp`, `proto-udp`. Sockets with any other name (such as the one
+//! `proto-tcp`, `proto-udp`, and `dogstatsd` (a Unix datagram socket,
+//! `ListenDatagram=/run/datadog/dsd.socket`; unnamed, it is told apart by
+//! its type too). Sockets with any other name (such as the one
 //! systemd gives every socket of `tallyd.socket`) are StatsD, UDP or TCP by
 //! their type. A listener that comes this way replaces the
 //! configured address; the others are bound as usual. Datagrams the kernel
@@ -19,6 +21,7 @@ pub struct Activated {
     pub statsd_tcp: Option<TcpListener>,
     pub proto_udp: Option<UdpSocket>,
     pub proto_tcp: Option<TcpListener>,
+    pub dogstatsd_socket: Option<std::os::unix::net::UnixDatagram>,
 }
 
 static CAPTURED: Mutex<Option<Activated>> = Mutex::new(None);
@@ -36,6 +39,7 @@ pub fn capture() -> std::io::Result<()> {
             Some("statsd-tcp") => activated.statsd_tcp = fds.take_tcp_listener(i)?,
             Some("proto-udp") => activated.proto_udp = fds.take_udp_socket(i)?,
             Some("proto-tcp") => activated.proto_tcp = fds.take_tcp_listener(i)?,
+            Some("dogstatsd") => activated.dogstatsd_socket = fds.take_unix_datagram(i)?,
             // Unnamed (or named after the unit, as with one tallyd.socket
             // holding both): StatsD, told apart by socket type.
             other => {
@@ -47,8 +51,12 @@ pub fn capture() -> std::io::Result<()> {
                     && let Ok(Some(l)) = fds.take_tcp_listener(i)
                 {
                     activated.statsd_tcp = Some(l);
+                } else if activated.dogstatsd_socket.is_none()
+                    && let Ok(Some(s)) = fds.take_unix_datagram(i)
+                {
+                    activated.dogstatsd_socket = Some(s);
                 } else {
-                    tracing::warn!(index = i, name = ?other, "ignoring a passed socket: name it statsd-udp, statsd-tcp, proto-udp or proto-tcp");
+                    tracing::warn!(index = i, name = ?other, "ignoring a passed socket: name it statsd-udp, statsd-tcp, proto-udp, proto-tcp or dogstatsd");
                 }
             }
         }

@@ -199,7 +199,8 @@ fn run(config: crate::config::Config, file: Option<PathBuf>, overrides: Override
         Ok(_) => ExitCode::from(exit::LOST),
         Err(e) => {
             let code = match e {
-                crate::server::StartError::Bind { .. } => exit::UNAVAILABLE,
+                crate::server::StartError::Bind { .. }
+                | crate::server::StartError::BindPath { .. } => exit::UNAVAILABLE,
                 crate::server::StartError::DataDir { .. } | crate::server::StartError::Wal(_) => {
                     exit::CANT_CREATE
                 }

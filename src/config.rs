@@ -136,6 +136,11 @@ pub struct StatsdSettings {
     pub max_name_len: usize,
     pub max_tags: usize,
     pub max_tag_len: usize,
+    /// A Unix datagram socket for DogStatsD clients (`socket_path=`), e.g.
+    /// `/var/run/datadog/dsd.socket`; empty: off.
+    pub dogstatsd_socket: String,
+    /// The socket file's permissions, octal (senders need write access).
+    pub dogstatsd_socket_mode: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,6 +199,8 @@ impl Default for StatsdSettings {
             max_name_len: 256,
             max_tags: 64,
             max_tag_len: 256,
+            dogstatsd_socket: String::new(),
+            dogstatsd_socket_mode: "0622".into(),
         }
     }
 }
@@ -280,6 +287,9 @@ pub struct Overrides {
     /// UDP receive threads; 0 = one per core [default: 0]
     #[arg(long, env = "TALLYD_UDP_WORKERS", value_name = "N")]
     pub udp_workers: Option<usize>,
+    /// DogStatsD Unix datagram socket path, e.g. /var/run/datadog/dsd.socket [default: off]
+    #[arg(long, env = "TALLYD_DOGSTATSD_SOCKET", value_name = "PATH")]
+    pub dogstatsd_socket: Option<String>,
 }
 
 impl Overrides {
@@ -306,6 +316,7 @@ impl Overrides {
         set(&mut s.proto.udp, &self.proto_udp);
         set(&mut s.wal.sync, &self.wal_sync);
         set(&mut s.statsd.udp_workers, &self.udp_workers);
+        set(&mut s.statsd.dogstatsd_socket, &self.dogstatsd_socket);
     }
 }
 
@@ -454,6 +465,31 @@ impl Settings {
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
             statsd_udp: listen("statsd.udp", &s.udp)?,
             statsd_tcp: listen("statsd.tcp", &s.tcp)?,
+            dogstatsd_socket: match s.dogstatsd_socket.as_str() {
+                "" | "off" => None,
+                path if !path.starts_with('/') => {
+                    return Err(err(
+                        "statsd.dogstatsd_socket",
+                        format!("{path:?} is not an absolute path"),
+                    ));
+                }
+                path => Some(PathBuf::from(path)),
+            },
+            dogstatsd_socket_mode: u32::from_str_radix(
+                s.dogstatsd_socket_mode.trim_start_matches("0o"),
+                8,
+            )
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                err(
+                    "statsd.dogstatsd_socket_mode",
+                    format!(
+                        "{:?} is not an octal file mode such as \"0622\"",
+                        s.dogstatsd_socket_mode
+                    ),
+                )
+            })?,
             udp_workers,
             udp_recv_buffer: size("statsd.udp_recv_buffer", &s.udp_recv_buffer)?,
             tcp_max_line,
@@ -496,6 +532,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub statsd_udp: Option<SocketAddr>,
     pub statsd_tcp: Option<SocketAddr>,
+    /// The DogStatsD Unix datagram socket, and its file mode.
+    pub dogstatsd_socket: Option<PathBuf>,
+    pub dogstatsd_socket_mode: u32,
     pub udp_workers: usize,
     pub udp_recv_buffer: usize,
     pub tcp_max_line: usize,

@@ -57,6 +57,12 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on {what} {path}: {source}")]
+    BindPath {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// A running tallyd.
@@ -72,6 +78,8 @@ pub struct Running {
     state: Arc<AdminState>,
     udp_stop: Arc<AtomicBool>,
     udp_threads: Vec<std::thread::JoinHandle<()>>,
+    /// The DogStatsD socket file tallyd made, removed at stop.
+    uds_path: Option<std::path::PathBuf>,
     stop: watch::Sender<bool>,
     flush_stop: watch::Sender<bool>,
     interval: watch::Sender<Duration>,
@@ -109,6 +117,9 @@ struct Listeners {
     tcp_listener: Option<TcpListener>,
     proto_tcp_listener: Option<TcpListener>,
     proto_udp_socket: Option<std::net::UdpSocket>,
+    /// The DogStatsD Unix datagram socket, and its path when tallyd made it
+    /// (removed at stop).
+    uds_socket: Option<(std::os::unix::net::UnixDatagram, Option<std::path::PathBuf>)>,
     admin_listener: Option<TcpListener>,
 }
 
@@ -174,6 +185,32 @@ async fn bind(config: &Config) -> Result<Listeners, StartError> {
         }
         (None, None) => None,
     };
+    let uds_socket = match (activated.dogstatsd_socket, &config.dogstatsd_socket) {
+        (Some(s), _) => {
+            s.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+                .map_err(activated_addr("DogStatsD socket (passed by systemd)"))?;
+            Some((s, None))
+        }
+        (None, Some(path)) => {
+            let (p, mode, buffer) = (
+                path.clone(),
+                config.dogstatsd_socket_mode,
+                config.udp_recv_buffer,
+            );
+            let socket =
+                tokio::task::spawn_blocking(move || crate::ingest::uds::bind(&p, mode, buffer))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|source| StartError::BindPath {
+                        what: "the DogStatsD socket",
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+            Some((socket, Some(path.clone())))
+        }
+        (None, None) => None,
+    };
     let admin_listener = match config.admin {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -187,6 +224,7 @@ async fn bind(config: &Config) -> Result<Listeners, StartError> {
         tcp_listener,
         proto_tcp_listener,
         proto_udp_socket,
+        uds_socket,
         admin_listener,
     })
 }
@@ -268,6 +306,7 @@ async fn serve(
         tcp_listener,
         proto_tcp_listener,
         proto_udp_socket,
+        uds_socket,
         admin_listener,
     } = listeners;
     let Opened {
@@ -396,6 +435,28 @@ async fn serve(
         .and_then(|l| l.local_addr().ok());
     let proto_udp_addr = proto_udp_socket.as_ref().and_then(|s| s.local_addr().ok());
     let mut udp_threads = udp_threads;
+    let uds_path = match uds_socket {
+        Some((socket, path)) => {
+            udp_threads.push(
+                crate::ingest::uds::spawn(
+                    socket,
+                    0,
+                    Arc::clone(&aggregator),
+                    Arc::clone(&telemetry),
+                    Arc::clone(&udp_stop),
+                )
+                .map_err(|source| StartError::BindPath {
+                    what: "the DogStatsD socket",
+                    path: path
+                        .as_ref()
+                        .map_or("(passed by systemd)".into(), |p| p.display().to_string()),
+                    source,
+                })?,
+            );
+            path
+        }
+        None => None,
+    };
     if let Some(socket) = proto_udp_socket {
         let addr = proto_udp_addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
         udp_threads.push(
@@ -437,6 +498,7 @@ async fn serve(
         state,
         udp_stop,
         udp_threads,
+        uds_path,
         stop,
         flush_stop,
         interval,
@@ -632,9 +694,13 @@ impl Running {
             })
         });
         let threads = self.udp_threads;
+        let uds_path = self.uds_path;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
+            }
+            if let Some(path) = uds_path {
+                let _ = std::fs::remove_file(path);
             }
         })
         .await;
@@ -756,6 +822,11 @@ impl Running {
                 old.tcp_max_connections != new.tcp_max_connections,
             ),
             ("aggregate.flush_queue", old.flush_queue != new.flush_queue),
+            (
+                "statsd.dogstatsd_socket",
+                old.dogstatsd_socket != new.dogstatsd_socket
+                    || old.dogstatsd_socket_mode != new.dogstatsd_socket_mode,
+            ),
         ]
         .into_iter()
         .filter_map(|(field, changed)| changed.then_some(field))

@@ -57,6 +57,8 @@ pub const TABLES: [&str; 4] = ["counters", "gauges", "timers", "sets"];
 pub struct Telemetry {
     pub udp: ListenerStats,
     pub tcp: ListenerStats,
+    /// The DogStatsD Unix datagram socket.
+    pub uds: ListenerStats,
     /// Protobuf batches (blocks), their bytes and events (lines).
     pub proto: ListenerStats,
     /// Protobuf batches by answer: OK, DUPLICATE, REJECTED, OVERLOADED.
@@ -150,6 +152,7 @@ impl Telemetry {
         for (name, l) in [
             ("udp", &self.udp),
             ("tcp", &self.tcp),
+            ("uds", &self.uds),
             ("proto", &self.proto),
         ] {
             let lab = format!("listener=\"{name}\"");

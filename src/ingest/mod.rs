@@ -6,10 +6,12 @@
 //! - [`udp`]: `SO_REUSEPORT` sockets, one blocking receive thread each.
 //! - [`tcp`]: tokio tasks, newline framing, line and connection limits.
 //! - [`proto`]: protobuf batches over TCP (acknowledged) and UDP.
+//! - [`uds`]: DogStatsD over a Unix datagram socket, one blocking thread.
 
 pub mod proto;
 pub mod tcp;
 pub mod udp;
+pub mod uds;
 
 use std::future::Future;
 use std::ops::Range;

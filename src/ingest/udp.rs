@@ -21,7 +21,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::aggregate::{Aggregator, Scratch};
-use crate::telemetry::{BlockStats, Telemetry};
+use crate::telemetry::{BlockStats, ListenerStats, Telemetry};
 
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
@@ -93,18 +93,51 @@ pub fn spawn(
                 .name(format!("tallyd-udp-{i}"))
                 .spawn(move || {
                     let stream = i % wal_streams.max(1);
-                    receive(&socket, stream, &aggregator, &telemetry, &stop)
+                    receive(
+                        &socket,
+                        stream,
+                        &aggregator,
+                        &telemetry,
+                        &telemetry.udp,
+                        &stop,
+                    )
                 })
         })
         .collect()
 }
 
-/// A worker that writes to WAL stream `wal_stream`.
-fn receive(
-    socket: &UdpSocket,
+/// A datagram socket a receive thread reads: UDP, or a Unix datagram
+/// socket ([`super::uds`]).
+pub(crate) trait Datagrams {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
+}
+
+impl Datagrams for UdpSocket {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        UdpSocket::recv(self, buf)
+    }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        UdpSocket::set_nonblocking(self, on)
+    }
+}
+
+impl Datagrams for std::os::unix::net::UnixDatagram {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        std::os::unix::net::UnixDatagram::recv(self, buf)
+    }
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        std::os::unix::net::UnixDatagram::set_nonblocking(self, on)
+    }
+}
+
+/// A worker that writes to WAL stream `wal_stream` and counts in `listener`.
+pub(crate) fn receive(
+    socket: &impl Datagrams,
     wal_stream: usize,
     aggregator: &Aggregator,
     telemetry: &Telemetry,
+    listener: &ListenerStats,
     stop: &AtomicBool,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -114,7 +147,7 @@ fn receive(
         match aggregator.ingest_block(block, &mut scratch, &mut stats) {
             Ok(()) => {
                 aggregator.settle(wal_stream);
-                telemetry.record_block(&telemetry.udp, &stats)
+                telemetry.record_block(listener, &stats)
             }
             // A datagram the WAL cannot take is dropped, and counted.
             Err(e) => telemetry.wal_refused(e),

@@ -1,0 +1,83 @@
+//! DogStatsD clients over a Unix datagram socket (`statsd.dogstatsd_socket`):
+//! Datadog's Python client (`socket_path=`) and node's hot-shots (`protocol:
+//! 'uds'`, with the unix-dgram native module), against a running tallyd and
+//! the private ClickHouse. `scripts/test.sh` installs both clients.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+
+use common::*;
+use tallyd::server;
+
+/// Runs `program args…` and fails the test with its output if it fails.
+async fn run(program: &'static str, args: Vec<String>, hint: &'static str) {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(program)
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program} does not run ({hint}): {e}"))
+    })
+    .await
+    .expect("client thread");
+    assert!(
+        out.status.success(),
+        "{program} failed ({hint}):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn client(file: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/uds")
+        .join(file)
+        .display()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_node_clients_over_the_unix_socket_count_exactly() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "dsd_uds");
+    let socket: PathBuf = temp_dir("uds").join("dsd.socket");
+    s.statsd.dogstatsd_socket = socket.display().to_string();
+    let running = server::start(config(&s)).await.expect("start");
+    assert!(socket.exists(), "the socket file is made");
+    let path = socket.display().to_string();
+    run(
+        "python3",
+        vec![client("client.py"), path.clone()],
+        "scripts/test.sh installs the datadog package from PyPI",
+    )
+    .await;
+    run(
+        "node",
+        vec![client("client.js"), path],
+        "scripts/test.sh runs npm install in tests/uds",
+    )
+    .await;
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert_eq!(running.shutdown().await, 0);
+    assert!(!socket.exists(), "the socket file is removed at stop");
+    assert!(t.uds.lines.load(Relaxed) >= 2, "lines came over the socket");
+    assert_eq!(t.udp.lines.load(Relaxed), 0, "and not over UDP");
+    let q = |sql: &str| ch.query(&format!("{sql} FORMAT TSV"));
+    assert_eq!(
+        q(
+            "SELECT name, tags, sum(value) FROM dsd_uds.counters FINAL WHERE name IN ('py.hits', 'node.hits') GROUP BY name, tags ORDER BY name"
+        ),
+        "node.hits\t['lang:node']\t100\npy.hits\t['lang:python']\t100\n"
+    );
+    assert_eq!(
+        q("SELECT argMax(value, version) FROM dsd_uds.gauges WHERE name = 'py.queue'"),
+        "7\n"
+    );
+    assert_eq!(
+        q(
+            "SELECT name, kind, sum(count), sum(sum) FROM dsd_uds.timers FINAL WHERE name IN ('py.latency', 'node.latency') GROUP BY name, kind ORDER BY name"
+        ),
+        "node.latency\th\t4\t10\npy.latency\td\t4\t8\n"
+    );
+}
