@@ -125,9 +125,10 @@ received=$((received + live))
 while [ "$(metric tallyd_backlog_batches)" != 0 ]; do watch_peaks; sleep 1; done
 drained=$(awk -v a="$began" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 dropped=$(metric tallyd_dropped_total)
+inserts=$(metric tallyd_inserts_total)
 kill -TERM "$t_pid"; wait "$t_pid" || true; t_pid=""
 stored=$(curl -sf "$ch_url" --data-binary "SELECT sum(value) FROM outage.counters FINAL WHERE name LIKE 'outage.%'")
 echo "sent $sent, received $received, stored $stored (difference $((stored - received))); backlog drained in ${drained}s (with 20 s of live traffic)"
 echo "live traffic while draining: received $live of $((rate * 20)) lines ($(awk -v l="$live" -v n="$((rate * 20))" 'BEGIN { printf "%.3f", 100 * (n - l) / n }') % lost at the socket)"
-echo "peak spool $((peak_spool / 1048576)) MiB; peak RSS $((peak_rss_kb / 1024)) MiB (VmHWM), of which at most $((peak_anon_kb / 1024)) MiB anonymous and $((peak_file_kb / 1024)) MiB mapped WAL pages (sampled each second); inserts $(metric tallyd_inserts_total); tallyd drops in its last life: $dropped"
+echo "peak spool $((peak_spool / 1048576)) MiB; peak RSS $((peak_rss_kb / 1024)) MiB (VmHWM), of which at most $((peak_anon_kb / 1024)) MiB anonymous and $((peak_file_kb / 1024)) MiB mapped WAL pages (sampled each second); INSERTs in the last life $inserts; tallyd drops in its last life: $dropped"
 [ "$stored" = "$received" ]

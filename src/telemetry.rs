@@ -51,7 +51,14 @@ impl BlockStats {
 }
 
 /// Tables tallyd writes, in a stable order.
-pub const TABLES: [&str; 4] = ["counters", "gauges", "timers", "sets"];
+pub const TABLES: [&str; 6] = [
+    "counters",
+    "gauges",
+    "timers",
+    "sets",
+    "events",
+    "service_checks",
+];
 
 #[derive(Debug, Default)]
 pub struct Telemetry {
@@ -86,15 +93,15 @@ pub struct Telemetry {
     pub flush_nanos: AtomicU64,
     pub backlog_batches: AtomicU64,
     pub backlog_rows: AtomicU64,
-    pub rows_written: [AtomicU64; 4],
-    pub bytes_written: [AtomicU64; 4],
+    pub rows_written: [AtomicU64; TABLES.len()],
+    pub bytes_written: [AtomicU64; TABLES.len()],
     /// INSERTs ClickHouse confirmed (each makes a part).
-    pub inserts: [AtomicU64; 4],
+    pub inserts: [AtomicU64; TABLES.len()],
     /// Rows of flushes sent again from the spool after a restart (their
     /// first send may have landed; ClickHouse collapses the copies).
-    pub rows_resent: [AtomicU64; 4],
+    pub rows_resent: [AtomicU64; TABLES.len()],
     /// 1 while the table's inserts are refused as not matching its schema.
-    pub tables_blocked: [AtomicU64; 4],
+    pub tables_blocked: [AtomicU64; TABLES.len()],
     pub clickhouse_retries: AtomicU64,
     /// Inserts refused because the rows do not fit the table (retried).
     pub clickhouse_schema_errors: AtomicU64,
@@ -176,13 +183,13 @@ impl Telemetry {
             );
             m.counter(
                 "tallyd_events_total",
-                "DogStatsD events recognised (not stored yet).",
+                "DogStatsD events kept (stored one row each).",
                 &lab,
                 &l.events,
             );
             m.counter(
                 "tallyd_service_checks_total",
-                "DogStatsD service checks recognised (not stored yet).",
+                "DogStatsD service checks kept (stored one row each).",
                 &lab,
                 &l.service_checks,
             );

@@ -44,7 +44,7 @@ fn schema_prints_the_ddl_for_the_configured_database() {
     assert_eq!(
         text.matches("CREATE TABLE IF NOT EXISTS `metrics`.")
             .count(),
-        4
+        6
     );
 }
 

@@ -464,8 +464,11 @@ fn replayed_flush_is_byte_identical() {
         "after_insert",
         &[&db[..], &["--flush-interval", "1h"]].concat(),
     );
-    send_tcp(tcp, "id.g:+5|g\nid.c:3|c\n");
-    d.wait_received(2);
+    send_tcp(
+        tcp,
+        "id.g:+5|g\nid.c:3|c\n_e{4,2}:boom|hi|t:error\n_sc|id.sc|1|m:slow\n",
+    );
+    d.wait_received(4);
     d.term_into_failpoint("after_insert");
     // The next start re-sends the flush from the spool.
     let d = start(&dir, &ports, "", &db);
@@ -489,6 +492,20 @@ fn replayed_flush_is_byte_identical() {
     assert_eq!(
         ch.number("SELECT sum(value) FROM identical.counters FINAL WHERE name = 'id.c'"),
         3.0
+    );
+    // Events and service checks: the same two identical copies, one row
+    // under FINAL.
+    assert_eq!(
+        ch.query("SELECT count(), uniqExact(ts, host, flush_id, seq, event_ts, title, text, alert_type) FROM identical.events FORMAT TSV"),
+        "2\t1\n"
+    );
+    assert_eq!(
+        ch.query("SELECT count(), uniqExact(ts, host, flush_id, seq, name, status, message) FROM identical.service_checks FORMAT TSV"),
+        "2\t1\n"
+    );
+    assert_eq!(
+        ch.query("SELECT (SELECT count() FROM identical.events FINAL), (SELECT count() FROM identical.service_checks FINAL) FORMAT TSV"),
+        "1\t1\n"
     );
 }
 
@@ -699,20 +716,21 @@ fn replay_of_a_crafted_flood_stays_within_max_memory() {
     let dir = temp_dir("replaymem");
     let ports = Ports::new();
     let db = ["--clickhouse-database", "replaymem"];
-    // 2,000 timer keys built for the largest histogram (94 MB unbounded),
-    // left in the WAL by a kill -9.
+    // 1,000 histogram keys built for the largest sketch (32 MiB unbounded;
+    // 2.4 MB of lines, which the test's WAL holds), left in the WAL by a
+    // kill -9.
     let d = start(
         &dir,
         &ports,
         "",
         &[&db[..], &["--flush-interval", "1h"]].concat(),
     );
-    let flood = common::crafted_timer_flood(2000);
+    let flood = common::crafted_timer_flood(1000);
     send_tcp(
         format!("127.0.0.1:{}", ports.tcp).parse().expect("addr"),
         &flood,
     );
-    d.wait_received(2000);
+    d.wait_received(1000);
     d.kill9();
     // The replay goes through the same budget as live traffic.
     std::fs::write(dir.join("aggregate.toml"), "max_memory = \"4MiB\"\n").expect("write");

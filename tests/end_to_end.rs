@@ -183,7 +183,7 @@ async fn sampled_weights_are_exact_and_percentiles_hold_from_1e_minus_9_to_1e15(
     // No bucket lies below its key's minimum (beyond the 1 %).
     assert_eq!(
         q(
-            "SELECT countIf(arrayMin(bucket_values) < min - 0.01 * abs(min)) FROM weights.timers FINAL"
+            "SELECT countIf(arrayReduce('min', bucket_values) < min - 0.01 * abs(min)) FROM weights.timers FINAL"
         ),
         "0\n"
     );
@@ -211,6 +211,60 @@ async fn a_timers_table_of_the_previous_release_is_migrated_and_keeps_its_rows()
         ch.query("SELECT sum(count), sum(sum), sum(arraySum(bucket_counts)) FROM migrate.timers FINAL WHERE name = 'old' FORMAT TSV"),
         "5\t26\t5\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_service_checks_are_stored_one_row_each() {
+    let ch = clickhouse();
+    let s = settings(ch, "dsd_events");
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    let tcp = running.tcp_addr.expect("tcp");
+    let lines = [
+        "_e{21,37}:An exception occurred|Cannot parse CSV file\\nfrom 10.0.0.17|d:1700000000|h:web-1|k:csv|p:low|s:python|t:error|#env:prod,b",
+        "_e{3,5}:a|b|c|d|e",
+        "_sc|redis.can_connect|2|d:1700000100|h:db-1|#env:prod|m:timed out | after 10s",
+        "_sc|app.ok|0",
+        "_e{9,5}:too short|x",
+        "_sc|bad.status|7",
+        "c:1|c",
+    ];
+    send_udp(udp, &[lines.join("\n")]);
+    send_tcp(tcp, "_e{2,2}:hi|yo|t:success\n");
+    wait_for_lines(&running.telemetry, lines.len() as u64 + 1);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert_eq!(running.shutdown().await, 0);
+    let q = |sql: &str| ch.query(&format!("{sql} FORMAT TSV"));
+    assert_eq!(
+        q("SELECT title, text, hostname, aggregation_key, priority, source_type, alert_type, tags, toUnixTimestamp(event_ts) FROM dsd_events.events FINAL ORDER BY title"),
+        "An exception occurred\tCannot parse CSV file\\nfrom 10.0.0.17\tweb-1\tcsv\tlow\tpython\terror\t['b','env:prod']\t1700000000\n\
+         a|b\tc|d|e\t\t\tnormal\t\tinfo\t[]\t"
+            .to_string()
+            + &q("SELECT toUnixTimestamp(ts) FROM dsd_events.events FINAL WHERE title = 'a|b'")
+            + "hi\tyo\t\t\tnormal\t\tsuccess\t[]\t"
+            + &q("SELECT toUnixTimestamp(ts) FROM dsd_events.events FINAL WHERE title = 'hi'")
+    );
+    assert_eq!(
+        q(
+            "SELECT name, status, hostname, tags, message, toUnixTimestamp(check_ts) FROM dsd_events.service_checks FINAL ORDER BY name"
+        ),
+        "app.ok\t0\t\t[]\t\t".to_string()
+            + &q(
+                "SELECT toUnixTimestamp(ts) FROM dsd_events.service_checks FINAL WHERE name = 'app.ok'"
+            )
+            + "redis.can_connect\t2\tdb-1\t['env:prod']\ttimed out | after 10s\t1700000100\n"
+    );
+    let text = t.render();
+    for reason in ["invalid_event", "invalid_service_check"] {
+        assert!(
+            text.contains(&format!(
+                "tallyd_parse_errors_total{{listener=\"udp\",reason=\"{reason}\"}} 1\n"
+            )),
+            "{reason}"
+        );
+    }
+    assert_eq!(t.udp.events.load(Relaxed) + t.tcp.events.load(Relaxed), 3);
+    assert_eq!(t.udp.service_checks.load(Relaxed), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -237,8 +237,9 @@ async fn schema_drift_blocks_table_keeps_data_and_resumes() {
             == Some("100\n")))
         .await
     );
-    // An operator's ALTER: tallyd's rows no longer fit the table.
-    ch.query("ALTER TABLE ledger_drift.counters ADD COLUMN extra UInt64");
+    // An operator's ALTER: tallyd's rows no longer fit the table (RowBinary
+    // would land them as garbage strings: the column check must block).
+    ch.query("ALTER TABLE ledger_drift.counters MODIFY COLUMN value String");
     send_tcp(tcp, &lines);
     let t = Arc::clone(&running.telemetry);
     assert!(
@@ -258,11 +259,13 @@ async fn schema_drift_blocks_table_keeps_data_and_resumes() {
     blocking(move || wait_for_lines(&t, 300)).await;
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        ch.number("SELECT sum(value) FROM ledger_drift.counters FINAL WHERE name = 'drift.c'"),
+        ch.number(
+            "SELECT sum(toFloat64(value)) FROM ledger_drift.counters FINAL WHERE name = 'drift.c'"
+        ),
         100.0,
         "nothing lands while the table is blocked"
     );
-    ch.query("ALTER TABLE ledger_drift.counters DROP COLUMN extra");
+    ch.query("ALTER TABLE ledger_drift.counters MODIFY COLUMN value Float64");
     let t = Arc::clone(&running.telemetry);
     assert!(
         blocking(move || wait_for(10, || t.tables_blocked[0].load(Relaxed) == 0)).await,

@@ -24,8 +24,8 @@ async fn a_crafted_timer_flood_stays_within_max_memory() {
     send_tcp(tcp, "kept.c:1|c\n");
     wait_for_lines(&running.telemetry, 1);
     let before = rss_kib();
-    // 2,000 timer keys, each one line of 64 small values and one near the
-    // top of the range: about 47 KB of histogram per key, 94 MB unbounded.
+    // 2,000 histogram keys, each one line built for the largest sketch:
+    // 32 KiB per key, 64 MiB unbounded.
     let flood = crafted_timer_flood(2000);
     send_tcp(tcp, &flood);
     send_tcp(tcp, "kept.c:1|c\n");

@@ -24,6 +24,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Notify;
 
+use crate::protocol::dogstatsd;
 use crate::protocol::proto::{self, Batch};
 use crate::protocol::statsd::{self, Limits, Line, Parsed};
 use crate::telemetry::BlockStats;
@@ -60,7 +61,19 @@ pub struct Generation {
     pub bytes: AtomicU64,
     /// When the interval started (wall clock, since the Unix epoch).
     pub started: Duration,
+    /// DogStatsD events and service checks, in arrival order: kept whole,
+    /// one row each (their bytes count in `bytes`).
+    notes: std::sync::Mutex<Notes>,
 }
+
+#[derive(Debug, Default)]
+struct Notes {
+    events: Vec<dogstatsd::Event>,
+    service_checks: Vec<dogstatsd::ServiceCheck>,
+}
+
+/// Estimated bytes of a kept event or service check beyond its text.
+const NOTE_OVERHEAD: u64 = 160;
 
 /// Keys come from the network: a seeded hash (foldhash) resists crafted
 /// collisions at a fraction of SipHash's cost.
@@ -89,7 +102,15 @@ impl Generation {
             pending: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             started,
+            notes: Default::default(),
         }
+    }
+
+    /// Takes the events and service checks, in arrival order.
+    pub fn take_notes(&self) -> (Vec<dogstatsd::Event>, Vec<dogstatsd::ServiceCheck>) {
+        let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        let notes = std::mem::take(&mut *notes);
+        (notes.events, notes.service_checks)
     }
 
     /// Keys in this generation.
@@ -286,12 +307,53 @@ impl Aggregator {
                     }
                     self.apply(generation, &l, scratch, stats, &limits)
                 }
-                Ok(Parsed::Event) => stats.events += 1,
-                Ok(Parsed::ServiceCheck) => stats.service_checks += 1,
+                Ok(Parsed::Event) => match dogstatsd::parse_event(line, &parse_limits) {
+                    Ok(e) => {
+                        let cost = (e.title.len() + e.text.len() + e.hostname.len()) as u64;
+                        if self.keep(generation, cost, stats, &limits, |n| n.events.push(e)) {
+                            stats.events += 1;
+                        }
+                    }
+                    Err(e) => stats.parse_errors[e.index()] += 1,
+                },
+                Ok(Parsed::ServiceCheck) => {
+                    match dogstatsd::parse_service_check(line, &parse_limits) {
+                        Ok(c) => {
+                            let cost = (c.name.len() + c.message.len() + c.hostname.len()) as u64;
+                            if self.keep(generation, cost, stats, &limits, |n| {
+                                n.service_checks.push(c)
+                            }) {
+                                stats.service_checks += 1;
+                            }
+                        }
+                        Err(e) => stats.parse_errors[e.index()] += 1,
+                    }
+                }
                 Err(e) => stats.parse_errors[e.index()] += 1,
             }
         }
         self.count_pending(generation, stats.samples - before, limits.max_depth);
+    }
+
+    /// Keeps an event or service check of `cost` bytes of text in
+    /// `generation`, within the memory budget (else it is dropped and
+    /// counted). Returns whether it was kept.
+    fn keep(
+        &self,
+        generation: &Generation,
+        cost: u64,
+        stats: &mut BlockStats,
+        limits: &AggregateLimits,
+        add: impl FnOnce(&mut Notes),
+    ) -> bool {
+        let cost = cost.saturating_add(NOTE_OVERHEAD);
+        if generation.bytes.load(Relaxed).saturating_add(cost) > limits.max_memory {
+            stats.dropped_memory += 1;
+            return false;
+        }
+        generation.bytes.fetch_add(cost, Relaxed);
+        add(&mut generation.notes.lock().unwrap_or_else(|e| e.into_inner()));
+        true
     }
 
     fn apply(

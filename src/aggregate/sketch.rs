@@ -76,11 +76,12 @@ impl Store {
                     0
                 }
                 Err(at) if list.len() < SPARSE => {
+                    let before = list.capacity();
                     list.insert(at, (i, w));
-                    16
+                    16 * list.capacity().saturating_sub(before) as u64
                 }
                 Err(_) => {
-                    let before = 16 * list.len() as u64;
+                    let before = 16 * list.capacity() as u64;
                     let mut dense = Store::Dense {
                         offset: list[0].0,
                         weights: Vec::new(),
@@ -93,7 +94,7 @@ impl Store {
                 }
             },
             Store::Dense { offset, weights } => {
-                let before = weights.len();
+                let before = weights.capacity();
                 let lo = i64::from(*offset);
                 let hi = lo + weights.len() as i64 - 1;
                 let i64_i = i64::from(i);
@@ -104,6 +105,7 @@ impl Store {
                     let room = MAX_BINS.saturating_sub(weights.len());
                     let grow = ((lo - i64_i) as usize).min(room);
                     if grow > 0 {
+                        reserve(weights, weights.len() + grow);
                         weights.splice(0..0, std::iter::repeat_n(0.0, grow));
                         *offset -= grow as i32;
                     }
@@ -112,28 +114,35 @@ impl Store {
                     let at = (i64_i - i64::from(*offset)).max(0) as usize;
                     weights[at] += w;
                 } else if i64_i > hi {
-                    let grow = (i64_i - hi) as usize;
-                    weights.extend(std::iter::repeat_n(0.0, grow));
-                    let excess = weights.len().saturating_sub(MAX_BINS);
-                    if excess > 0 {
-                        let collapsed: f64 = weights.drain(..excess).sum();
+                    // The lowest bucket kept once `i` is in: buckets below
+                    // it collapse into it (never a vector longer than
+                    // MAX_BINS, even for a jump across the whole range).
+                    let keep_from = (i64_i - MAX_BINS as i64 + 1).max(lo);
+                    if keep_from > lo {
+                        let cut = ((keep_from - lo) as usize).min(weights.len());
+                        let collapsed: f64 = weights.drain(..cut).sum();
+                        *offset = keep_from as i32;
+                        if weights.is_empty() {
+                            weights.push(0.0);
+                        }
                         weights[0] += collapsed;
-                        *offset += excess as i32;
                     }
-                    let last = weights.len() - 1;
-                    weights[last] += w;
+                    let len = (i64_i - i64::from(*offset) + 1) as usize;
+                    reserve(weights, len);
+                    weights.resize(len, 0.0);
+                    weights[len - 1] += w;
                 } else {
                     weights[(i64_i - lo) as usize] += w;
                 }
-                8 * weights.len().saturating_sub(before) as u64
+                8 * weights.capacity().saturating_sub(before) as u64
             }
         }
     }
 
     fn bytes(&self) -> u64 {
         match self {
-            Store::Sparse(list) => 16 * list.len() as u64,
-            Store::Dense { weights, .. } => 8 * weights.len() as u64,
+            Store::Sparse(list) => 16 * list.capacity() as u64,
+            Store::Dense { weights, .. } => 8 * weights.capacity() as u64,
         }
     }
 
@@ -148,6 +157,15 @@ impl Store {
                 .map(|(k, w)| (offset + k as i32, *w))
                 .collect(),
         }
+    }
+}
+
+/// Makes room for `len` weights: doubling, but never past [`MAX_BINS`]
+/// (so the bytes the store reports are the bytes it holds).
+fn reserve(weights: &mut Vec<f64>, len: usize) {
+    if len > weights.capacity() {
+        let target = (weights.capacity() * 2).clamp(len, MAX_BINS.max(len));
+        weights.reserve_exact(target - weights.len());
     }
 }
 

@@ -13,8 +13,9 @@
 //! 40  4  ts: interval start, Unix seconds
 //! 44  8  samples (raw increments the rows compact)
 //! 52  4  host length H, then H bytes of host
-//! …      4 tables (counters, gauges, timers, sets), each:
-//!        4 rows, 8 body length L, L bytes of RowBinary body
+//! …      6 tables (counters, gauges, timers, sets, events,
+//!        service_checks), each: 4 rows, 8 body length L, L bytes of
+//!        RowBinary body
 //! …      4 gauge count N, then N entries: 4 key length K, K key bytes,
 //!        8 value (f64): each gauge's value after this flush
 //! …      4 absorbed count A, then A flush ids (8 each): spooled flushes
@@ -24,10 +25,10 @@
 //!
 //! The bodies are RowBinary in the columns of [`crate::sink::schema`].
 //! Version 1 (the release before weighted timer counts) is laid out the
-//! same, but its timers body has `count UInt64` and `bucket_counts
-//! Array(UInt64)`: it is read, and that body re-encoded with `Float64`
-//! counts (same rows, same values), so a spool left by that release is sent
-//! to the migrated table.
+//! same, but with the 4 metric tables only, and its timers body has `count
+//! UInt64` and `bucket_counts Array(UInt64)`: it is read, and that body
+//! re-encoded with `Float64` counts (same rows, same values), so a spool
+//! left by that release is sent to the migrated table.
 //!
 //! # The sent marker, `<data_dir>/spool/<flush_id as 20 digits>.sent`
 //!
@@ -203,7 +204,9 @@ impl Flush {
         let samples = r.u64()?;
         let host = String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| "host not UTF-8")?;
         let mut tables = Bodies::default();
-        for i in 0..4 {
+        // Version 1 had the four metric tables only.
+        let tables_in_file = if version == 1 { 4 } else { tables.bodies.len() };
+        for i in 0..tables_in_file {
             tables.rows[i] = r.u32()?;
             let len = usize::try_from(r.u64()?).map_err(|_| "body too long")?;
             tables.bodies[i] = r.take(len)?.to_vec();
@@ -394,8 +397,8 @@ mod tests {
             samples: 9,
             host: "web-1".into(),
             tables: Bodies {
-                bodies: [vec![1, 2, 3], vec![], vec![4], vec![5, 6]],
-                rows: [1, 0, 1, 2],
+                bodies: [vec![1, 2, 3], vec![], vec![4], vec![5, 6], vec![7], vec![]],
+                rows: [1, 0, 1, 2, 1, 0],
             },
             gauges: vec![(b"\x02g".to_vec().into(), 15.0)],
             absorbed: vec![41],
@@ -421,7 +424,7 @@ mod tests {
         assert_eq!((c.flush_id, c.generation, c.ts), (43, 8, 1_700_000_000));
         assert_eq!(c.absorbed, vec![41, 42]);
         assert_eq!(c.samples, 18);
-        assert_eq!(c.tables.rows, [2, 0, 2, 4]);
+        assert_eq!(c.tables.rows, [2, 0, 2, 4, 2, 0]);
         assert_eq!(c.tables.bodies[0], vec![1, 2, 3, 1, 2, 3]);
         assert_eq!(
             c.gauges.last().map(|g| g.1),
@@ -429,6 +432,52 @@ mod tests {
             "the newest value last"
         );
         assert_eq!(Flush::concat(vec![]), None);
+    }
+
+    /// A spool file as version 1 wrote it: 4 tables, UInt64 timer counts.
+    fn version_1(f: &Flush, timers_v1: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        for n in [f.instance, f.flush_id, f.generation] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&f.ts.to_le_bytes());
+        out.extend_from_slice(&f.samples.to_le_bytes());
+        bytes(&mut out, f.host.as_bytes());
+        for i in 0..4 {
+            let body = if i == 2 {
+                timers_v1
+            } else {
+                &f.tables.bodies[i][..]
+            };
+            out.extend_from_slice(&f.tables.rows[i].to_le_bytes());
+            out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+            out.extend_from_slice(body);
+        }
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        let crc = crc32c::crc32c(&out[16..]);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_with_its_timer_counts_as_floats() {
+        let mut f = sample();
+        f.gauges.clear();
+        f.absorbed.clear();
+        f.tables = Bodies::default();
+        f.tables.bodies[0] = vec![9, 9];
+        f.tables.rows[0] = 1;
+        f.tables.rows[2] = 0;
+        let read = Flush::decode(&version_1(&f, &[])).expect("version 1 reads");
+        assert_eq!(read, f);
+        assert!(
+            Flush::decode(&version_1(&f, &[1, 2, 3])).is_err(),
+            "a damaged timers body is an error"
+        );
     }
 
     #[test]

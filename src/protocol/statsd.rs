@@ -97,11 +97,13 @@ pub enum ParseError {
     InvalidContainer,
     InvalidTimestamp,
     DuplicateField,
+    InvalidEvent,
+    InvalidServiceCheck,
 }
 
 impl ParseError {
     /// Every reason, in a stable order (indexes the telemetry counters).
-    pub const ALL: [ParseError; 15] = [
+    pub const ALL: [ParseError; 17] = [
         ParseError::EmptyName,
         ParseError::NameTooLong,
         ParseError::InvalidName,
@@ -117,6 +119,8 @@ impl ParseError {
         ParseError::InvalidContainer,
         ParseError::InvalidTimestamp,
         ParseError::DuplicateField,
+        ParseError::InvalidEvent,
+        ParseError::InvalidServiceCheck,
     ];
 
     /// A short snake_case reason, used as a metric label.
@@ -137,6 +141,8 @@ impl ParseError {
             ParseError::InvalidContainer => "invalid_container",
             ParseError::InvalidTimestamp => "invalid_timestamp",
             ParseError::DuplicateField => "duplicate_field",
+            ParseError::InvalidEvent => "invalid_event",
+            ParseError::InvalidServiceCheck => "invalid_service_check",
         }
     }
 

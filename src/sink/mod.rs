@@ -14,13 +14,13 @@
 //! bytes and deduplication token, which the ReplacingMergeTree tables (and,
 //! on 22.2+, the token) collapse.
 //!
-//! Before the first insert into a table (and again after the table refused
-//! rows), the sink compares the table's columns with what it writes
-//! ([`schema::plan`]): a missing column, or a timer count of the previous
-//! release, is migrated with `ALTER TABLE` when `create_schema` is on; a
-//! column it cannot fix blocks the table as above, with the statement to
-//! run. RowBinary carries no types, so this check is what keeps a `Float64`
-//! from landing in a `UInt64` column as garbage.
+//! Before each flush's inserts (one query for every table), the sink
+//! compares the tables' columns with what it writes ([`schema::plan`]): a
+//! missing column, or a timer count of the previous release, is migrated
+//! with `ALTER TABLE` when `create_schema` is on; a column it cannot fix
+//! blocks the table as above, with the statement to run. RowBinary carries
+//! no types, so this check is what keeps a `Float64` from landing in a
+//! `UInt64` or `String` column as garbage after an operator's `ALTER`.
 //!
 //! The queue in front of the sink is bounded (`flush_queue` flushes); when it
 //! is full, the flush stage does not close the interval, so the current
@@ -144,7 +144,7 @@ pub struct Sink {
     /// The server takes `insert_deduplication_token` (22.2 and later).
     dedup_token: bool,
     /// Per table: its columns were found to be what tallyd writes.
-    checked: [AtomicBool; 4],
+    checked: [AtomicBool; TABLES.len()],
 }
 
 /// Why an attempt to write a table failed.
@@ -177,6 +177,7 @@ impl std::fmt::Display for Failed {
 /// A row of `system.columns`.
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
 struct ColumnRow {
+    table: String,
     name: String,
     r#type: String,
 }
@@ -348,7 +349,11 @@ impl Sink {
     }
 
     /// Writes one flush, every table, retrying until each table is written.
+    /// The tables' columns are checked again first.
     pub async fn write(&self, q: &Queued) {
+        for checked in &self.checked {
+            checked.store(false, Relaxed);
+        }
         for table in 0..TABLES.len() {
             self.write_table(table, q).await;
         }
@@ -435,8 +440,9 @@ impl Sink {
         }
     }
 
-    /// Checks table `table`'s columns once (see the module doc), migrating
-    /// them when allowed.
+    /// Checks table `table`'s columns (see the module doc), migrating them
+    /// when allowed. One query reads every table's columns, and marks those
+    /// that are ready, so a flush costs one such query.
     async fn prepare(&self, table: usize) -> Result<(), Failed> {
         if self.checked[table].load(Relaxed) {
             return Ok(());
@@ -444,17 +450,25 @@ impl Sink {
         let current = self.current();
         let database = &current.config.database;
         let name = TABLES[table];
-        let existing: Vec<(String, String)> = current
+        let rows = current
             .admin
-            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+            .query("SELECT table, name, type FROM system.columns WHERE database = ?")
             .bind(database.as_str())
-            .bind(name)
             .fetch_all::<ColumnRow>()
             .await
-            .map_err(Failed::Insert)?
-            .into_iter()
-            .map(|c| (c.name, c.r#type))
-            .collect();
+            .map_err(Failed::Insert)?;
+        let columns = |t: &str| -> Vec<(String, String)> {
+            rows.iter()
+                .filter(|c| c.table == t)
+                .map(|c| (c.name.clone(), c.r#type.clone()))
+                .collect()
+        };
+        for (other, other_name) in TABLES.iter().enumerate() {
+            if schema::plan(database, other, &columns(other_name)) == schema::Plan::Ready {
+                self.checked[other].store(true, Relaxed);
+            }
+        }
+        let existing = columns(name);
         match schema::plan(database, table, &existing) {
             schema::Plan::Ready => {}
             schema::Plan::Migrate(alters) if current.config.create_schema => {

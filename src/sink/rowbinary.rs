@@ -8,15 +8,18 @@
 //! as an unsigned LEB128 varint, then its bytes; an `Array(T)` is its length
 //! as a varint, then its elements.
 
-use super::rows::{Batch, CounterRow, GaugeRow, SetRow, TimerRow};
+use super::rows::{Batch, CounterRow, EventRow, GaugeRow, ServiceCheckRow, SetRow, TimerRow};
 
 /// One body per table, in [`crate::telemetry::TABLES`] order, and the row
 /// count of each.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Bodies {
-    pub bodies: [Vec<u8>; 4],
-    pub rows: [u32; 4],
+    pub bodies: [Vec<u8>; TABLES],
+    pub rows: [u32; TABLES],
 }
+
+/// Tables (bodies) of a flush: [`crate::telemetry::TABLES`].
+pub const TABLES: usize = crate::telemetry::TABLES.len();
 
 /// Encodes every row of `batch`.
 pub fn encode(batch: &Batch) -> Bodies {
@@ -33,12 +36,20 @@ pub fn encode(batch: &Batch) -> Bodies {
     for r in &batch.sets {
         set(&mut out.bodies[3], r);
     }
+    for r in &batch.events {
+        event(&mut out.bodies[4], r);
+    }
+    for r in &batch.service_checks {
+        service_check(&mut out.bodies[5], r);
+    }
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     out.rows = [
         count(batch.counters.len()),
         count(batch.gauges.len()),
         count(batch.timers.len()),
         count(batch.sets.len()),
+        count(batch.events.len()),
+        count(batch.service_checks.len()),
     ];
     out
 }
@@ -120,6 +131,39 @@ fn set(out: &mut Vec<u8>, r: &SetRow) {
     u64s(out, &r.member_hashes);
 }
 
+fn event(out: &mut Vec<u8>, r: &EventRow) {
+    out.extend_from_slice(&r.ts.to_le_bytes());
+    string(out, &r.host);
+    out.extend_from_slice(&r.flush_id.to_le_bytes());
+    out.extend_from_slice(&r.seq.to_le_bytes());
+    out.extend_from_slice(&r.event_ts.to_le_bytes());
+    for s in [
+        &r.title,
+        &r.text,
+        &r.hostname,
+        &r.aggregation_key,
+        &r.priority,
+        &r.source_type,
+        &r.alert_type,
+    ] {
+        string(out, s);
+    }
+    strings(out, &r.tags);
+}
+
+fn service_check(out: &mut Vec<u8>, r: &ServiceCheckRow) {
+    out.extend_from_slice(&r.ts.to_le_bytes());
+    string(out, &r.host);
+    out.extend_from_slice(&r.flush_id.to_le_bytes());
+    out.extend_from_slice(&r.seq.to_le_bytes());
+    out.extend_from_slice(&r.check_ts.to_le_bytes());
+    string(out, &r.name);
+    out.push(r.status);
+    string(out, &r.hostname);
+    strings(out, &r.tags);
+    string(out, &r.message);
+}
+
 /// Decodes bodies written by [`encode`] back into rows (to merge spooled
 /// flushes). Errors name what was cut short or malformed.
 pub fn decode(bodies: &Bodies) -> Result<Batch, String> {
@@ -163,6 +207,39 @@ pub fn decode(bodies: &Bodies) -> Result<Batch, String> {
             cardinality: r.u64()?,
             samples: r.u64()?,
             member_hashes: r.array(Reader::u64)?,
+        });
+    }
+    let mut r = Reader::new(&bodies.bodies[4]);
+    while !r.done() {
+        batch.events.push(EventRow {
+            ts: r.u32()?,
+            host: r.string()?,
+            flush_id: r.u64()?,
+            seq: r.u32()?,
+            event_ts: r.u32()?,
+            title: r.string()?,
+            text: r.string()?,
+            hostname: r.string()?,
+            aggregation_key: r.string()?,
+            priority: r.string()?,
+            source_type: r.string()?,
+            alert_type: r.string()?,
+            tags: r.array(Reader::string)?,
+        });
+    }
+    let mut r = Reader::new(&bodies.bodies[5]);
+    while !r.done() {
+        batch.service_checks.push(ServiceCheckRow {
+            ts: r.u32()?,
+            host: r.string()?,
+            flush_id: r.u64()?,
+            seq: r.u32()?,
+            check_ts: r.u32()?,
+            name: r.string()?,
+            status: r.take(1)?[0],
+            hostname: r.string()?,
+            tags: r.array(Reader::string)?,
+            message: r.string()?,
         });
     }
     Ok(batch)
@@ -246,6 +323,12 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(a))
     }
 
+    fn u32(&mut self) -> Result<u32, String> {
+        let mut a = [0; 4];
+        a.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(a))
+    }
+
     fn f64(&mut self) -> Result<f64, String> {
         self.u64().map(f64::from_bits)
     }
@@ -316,7 +399,7 @@ mod tests {
         want.extend_from_slice(&1.5f64.to_le_bytes());
         want.extend_from_slice(&3u64.to_le_bytes());
         assert_eq!(b.bodies[0], want);
-        assert_eq!(b.rows, [1, 0, 0, 0]);
+        assert_eq!(b.rows, [1, 0, 0, 0, 0, 0]);
         assert!(b.bodies[1].is_empty());
     }
 
@@ -379,13 +462,45 @@ mod tests {
                 samples: 3,
                 member_hashes: vec![5, 6],
             }],
+            events: vec![EventRow {
+                ts,
+                host: "h".into(),
+                flush_id: 1,
+                seq: 0,
+                event_ts: ts - 5,
+                title: "deploy | v2".into(),
+                text: "line 1\nline 2".into(),
+                hostname: "web-1".into(),
+                aggregation_key: "k".into(),
+                priority: "low".into(),
+                source_type: "ci".into(),
+                alert_type: "success".into(),
+                tags: vec!["env:prod".into()],
+            }],
+            service_checks: vec![ServiceCheckRow {
+                ts,
+                host: "h".into(),
+                flush_id: 1,
+                seq: 0,
+                check_ts: ts,
+                name: "db.up".into(),
+                status: 2,
+                hostname: String::new(),
+                tags: vec![],
+                message: "down".into(),
+            }],
             ..Batch::default()
         };
         let mut cut = encode(&batch);
+        assert_eq!(cut.rows, [1, 1, 1, 1, 1, 1]);
         let back = decode(&cut).expect("decodes");
         assert_eq!(
             (back.counters, back.gauges, back.timers, back.sets),
             (batch.counters, batch.gauges, batch.timers, batch.sets)
+        );
+        assert_eq!(
+            (back.events, back.service_checks),
+            (batch.events, batch.service_checks)
         );
         cut.bodies[2].pop();
         assert!(decode(&cut).is_err());

@@ -65,6 +65,42 @@ pub struct SetRow {
     pub member_hashes: Vec<u64>,
 }
 
+/// A DogStatsD event, one row each (not aggregated). `ts`, `host`,
+/// `flush_id` and `seq` (its place in the flush) identify it, so a re-sent
+/// flush collapses like any other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub ts: u32,
+    pub host: String,
+    pub flush_id: u64,
+    pub seq: u32,
+    /// The event's own time (`d:`), else the interval's start.
+    pub event_ts: u32,
+    pub title: String,
+    pub text: String,
+    pub hostname: String,
+    pub aggregation_key: String,
+    pub priority: String,
+    pub source_type: String,
+    pub alert_type: String,
+    pub tags: Vec<String>,
+}
+
+/// A DogStatsD service check, one row each; identified as [`EventRow`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCheckRow {
+    pub ts: u32,
+    pub host: String,
+    pub flush_id: u64,
+    pub seq: u32,
+    pub check_ts: u32,
+    pub name: String,
+    pub status: u8,
+    pub hostname: String,
+    pub tags: Vec<String>,
+    pub message: String,
+}
+
 /// The rows of one flush: one per key, split by table.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Batch {
@@ -78,6 +114,8 @@ pub struct Batch {
     pub gauges: Vec<GaugeRow>,
     pub timers: Vec<TimerRow>,
     pub sets: Vec<SetRow>,
+    pub events: Vec<EventRow>,
+    pub service_checks: Vec<ServiceCheckRow>,
     /// Raw increments the batch compacts.
     pub samples: u64,
     /// (key, value) of every gauge row: the gauge memory after this flush.
@@ -86,7 +124,12 @@ pub struct Batch {
 
 impl Batch {
     pub fn rows(&self) -> usize {
-        self.counters.len() + self.gauges.len() + self.timers.len() + self.sets.len()
+        self.counters.len()
+            + self.gauges.len()
+            + self.timers.len()
+            + self.sets.len()
+            + self.events.len()
+            + self.service_checks.len()
     }
 }
 
@@ -152,7 +195,44 @@ pub fn build(
     gauges: &mut GaugeMemory,
 ) -> (Batch, u64) {
     let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
+    let at = |t: Option<u64>| t.map_or(ts, |t| u32::try_from(t).unwrap_or(u32::MAX));
+    let (events, service_checks) = generation.take_notes();
     let mut batch = Batch {
+        events: events
+            .into_iter()
+            .zip(0u32..)
+            .map(|(e, seq)| EventRow {
+                ts,
+                host: host.to_owned(),
+                flush_id,
+                seq,
+                event_ts: at(e.timestamp),
+                title: e.title,
+                text: e.text,
+                hostname: e.hostname,
+                aggregation_key: e.aggregation_key,
+                priority: e.priority.to_owned(),
+                source_type: e.source_type,
+                alert_type: e.alert_type.to_owned(),
+                tags: e.tags,
+            })
+            .collect(),
+        service_checks: service_checks
+            .into_iter()
+            .zip(0u32..)
+            .map(|(c, seq)| ServiceCheckRow {
+                ts,
+                host: host.to_owned(),
+                flush_id,
+                seq,
+                check_ts: at(c.timestamp),
+                name: c.name,
+                status: c.status,
+                hostname: c.hostname,
+                tags: c.tags,
+                message: c.message,
+            })
+            .collect(),
         generation: generation.id,
         host: host.to_owned(),
         flush_id,
@@ -241,6 +321,12 @@ pub fn build(
 /// read again from the merged buckets (within the buckets' precision).
 pub fn merge(older: Batch, newer: Batch, flush_id: u64) -> Batch {
     let ts = older.ts;
+    // Events and service checks are not aggregated: each keeps its row and
+    // identity.
+    let mut events = older.events;
+    events.extend(newer.events);
+    let mut service_checks = older.service_checks;
+    service_checks.extend(newer.service_checks);
     let counters = fold(
         older.counters.into_iter().chain(newer.counters),
         |r| (r.name.clone(), r.tags.clone()),
@@ -291,6 +377,8 @@ pub fn merge(older: Batch, newer: Batch, flush_id: u64) -> Batch {
             .collect(),
         timers: timers.map(|r| TimerRow { ts, flush_id, ..r }).collect(),
         sets: sets.map(|r| SetRow { ts, flush_id, ..r }).collect(),
+        events,
+        service_checks,
         gauge_values: gauge_values.into_iter().collect(),
     }
 }

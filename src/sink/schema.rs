@@ -10,7 +10,7 @@
 /// The columns tallyd writes, per table in [`crate::telemetry::TABLES`]
 /// order: (name, type). Inserts name them, so a table may have more
 /// columns (with defaults) and any column order.
-pub const COLUMNS: [&[(&str, &str)]; 4] = [
+pub const COLUMNS: [&[(&str, &str)]; 6] = [
     &[
         ("ts", "DateTime"),
         ("name", "String"),
@@ -58,14 +58,43 @@ pub const COLUMNS: [&[(&str, &str)]; 4] = [
         ("samples", "UInt64"),
         ("member_hashes", "Array(UInt64)"),
     ],
+    &[
+        ("ts", "DateTime"),
+        ("host", "String"),
+        ("flush_id", "UInt64"),
+        ("seq", "UInt32"),
+        ("event_ts", "DateTime"),
+        ("title", "String"),
+        ("text", "String"),
+        ("hostname", "String"),
+        ("aggregation_key", "String"),
+        ("priority", "String"),
+        ("source_type", "String"),
+        ("alert_type", "String"),
+        ("tags", "Array(String)"),
+    ],
+    &[
+        ("ts", "DateTime"),
+        ("host", "String"),
+        ("flush_id", "UInt64"),
+        ("seq", "UInt32"),
+        ("check_ts", "DateTime"),
+        ("name", "String"),
+        ("status", "UInt8"),
+        ("hostname", "String"),
+        ("tags", "Array(String)"),
+        ("message", "String"),
+    ],
 ];
 
 /// Engine and keys of each table.
-const ENGINES: [&str; 4] = [
+const ENGINES: [&str; 6] = [
     "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, flush_id)",
     "ReplacingMergeTree(version)\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, version)",
     "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, kind, host, flush_id)",
     "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, flush_id)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (ts, host, flush_id, seq)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (ts, host, flush_id, seq)",
 ];
 
 /// The statements that create the database and tables, in order. With

@@ -289,12 +289,14 @@ pub fn proto_batch(
     }
 }
 
-/// `keys` timer lines, each 64 small values and one near the top of the
-/// range: the largest histogram a line can make (about 47 KB per key).
+/// `keys` histogram lines, each with 64 values in distinct sketch buckets
+/// and one at the top of the range, on both signs: the largest sketch a
+/// line can make (two dense stores of 2,048 buckets, 32 KiB per key).
 pub fn crafted_timer_flood(keys: usize) -> String {
-    let small: String = (1..=64).map(|v| format!(":{v}")).collect();
+    let pos: String = (1..=64).map(|k| format!(":{}", 1.1f64.powi(k))).collect();
+    let neg: String = (1..=64).map(|k| format!(":-{}", 1.1f64.powi(k))).collect();
     (0..keys)
-        .map(|k| format!("flood.t{k}{small}:4500000000000|ms\n"))
+        .map(|k| format!("flood.t{k}{pos}:1e300{neg}:-1e300|h\n"))
         .collect()
 }
 
