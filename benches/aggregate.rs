@@ -142,21 +142,24 @@ fn memory_per_key() {
         ("timer, 1 value", |k| {
             format!("app.timer.k{k:07}:{}|ms", k % 1000)
         }),
-        ("timer, 100 values", |k| {
-            format!("app.timer.k{k:07}:{}|ms", k % 1000)
+        ("timer, 100 values 1..100 (about 100 buckets)", |k| {
+            let values: Vec<String> = (1..=100).map(|v| v.to_string()).collect();
+            format!("app.timer.k{k:07}:{}|ms", values.join(":"))
+        }),
+        ("timer, 100 values 1 ms..10 s (460 buckets)", |k| {
+            let values: Vec<String> = (0..100)
+                .map(|i| format!("{:.3}", 10f64.powf(f64::from(i) * 4.0 / 99.0)))
+                .collect();
+            format!("app.timer.k{k:07}:{}|ms", values.join(":"))
         }),
         ("set, 1 member", |k| format!("app.set.k{k:07}:u|s")),
     ] {
-        let mut data = blocks(keys, line);
-        if name.contains("100 values") {
-            let base = blocks(keys / 100, line);
-            data = (0..100).flat_map(|_| base.clone()).collect();
-        }
         let keys = if name.contains("100 values") {
             keys / 100
         } else {
             keys
         };
+        let data = blocks(keys, line);
         let a = aggregator();
         let before = LIVE.load(Relaxed);
         ingest_all(&a, &data, &mut Scratch::default());
