@@ -1,6 +1,7 @@
 //! systemd socket activation: listeners passed in `LISTEN_FDS`, named by
 //! `FileDescriptorName=` (`LISTEN_FDNAMES`): `statsd-udp`, `statsd-tcp`,
-//! `proto-tcp`, `proto-udp`, and `dogstatsd` (a Unix datagram socket,
+//! `proto-tcp`, `proto-udp`, `dogstatsd-stream` (a Unix stream socket,
+//! `ListenStream=/run/datadog/dsd.socket`) and `dogstatsd` (a Unix datagram socket,
 //! `ListenDatagram=/run/datadog/dsd.socket`; unnamed, it is told apart by
 //! its type too). Sockets with any other name (such as the one
 //! systemd gives every socket of `tallyd.socket`) are StatsD, UDP or TCP by
@@ -22,6 +23,7 @@ pub struct Activated {
     pub proto_udp: Option<UdpSocket>,
     pub proto_tcp: Option<TcpListener>,
     pub dogstatsd_socket: Option<std::os::unix::net::UnixDatagram>,
+    pub dogstatsd_stream_socket: Option<std::os::unix::net::UnixListener>,
 }
 
 static CAPTURED: Mutex<Option<Activated>> = Mutex::new(None);
@@ -40,6 +42,9 @@ pub fn capture() -> std::io::Result<()> {
             Some("proto-udp") => activated.proto_udp = fds.take_udp_socket(i)?,
             Some("proto-tcp") => activated.proto_tcp = fds.take_tcp_listener(i)?,
             Some("dogstatsd") => activated.dogstatsd_socket = fds.take_unix_datagram(i)?,
+            Some("dogstatsd-stream") => {
+                activated.dogstatsd_stream_socket = fds.take_unix_listener(i)?
+            }
             // Unnamed (or named after the unit, as with one tallyd.socket
             // holding both): StatsD, told apart by socket type.
             other => {
@@ -55,8 +60,12 @@ pub fn capture() -> std::io::Result<()> {
                     && let Ok(Some(s)) = fds.take_unix_datagram(i)
                 {
                     activated.dogstatsd_socket = Some(s);
+                } else if activated.dogstatsd_stream_socket.is_none()
+                    && let Ok(Some(l)) = fds.take_unix_listener(i)
+                {
+                    activated.dogstatsd_stream_socket = Some(l);
                 } else {
-                    tracing::warn!(index = i, name = ?other, "ignoring a passed socket: name it statsd-udp, statsd-tcp, proto-udp, proto-tcp or dogstatsd");
+                    tracing::warn!(index = i, name = ?other, "ignoring a passed socket: name it statsd-udp, statsd-tcp, proto-udp, proto-tcp, dogstatsd or dogstatsd-stream");
                 }
             }
         }

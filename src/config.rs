@@ -139,7 +139,10 @@ pub struct StatsdSettings {
     /// A Unix datagram socket for DogStatsD clients (`socket_path=`), e.g.
     /// `/var/run/datadog/dsd.socket`; empty: off.
     pub dogstatsd_socket: String,
-    /// The socket file's permissions, octal (senders need write access).
+    /// A Unix stream socket for DogStatsD clients (`unixstream://` in
+    /// Datadog's clients: each payload prefixed by its length); empty: off.
+    pub dogstatsd_stream_socket: String,
+    /// The socket files' permissions, octal (senders need write access).
     pub dogstatsd_socket_mode: String,
 }
 
@@ -200,6 +203,7 @@ impl Default for StatsdSettings {
             max_tags: 64,
             max_tag_len: 256,
             dogstatsd_socket: String::new(),
+            dogstatsd_stream_socket: String::new(),
             dogstatsd_socket_mode: "0622".into(),
         }
     }
@@ -290,6 +294,9 @@ pub struct Overrides {
     /// DogStatsD Unix datagram socket path, e.g. /var/run/datadog/dsd.socket [default: off]
     #[arg(long, env = "TALLYD_DOGSTATSD_SOCKET", value_name = "PATH")]
     pub dogstatsd_socket: Option<String>,
+    /// DogStatsD Unix stream socket path (length-prefixed payloads) [default: off]
+    #[arg(long, env = "TALLYD_DOGSTATSD_STREAM_SOCKET", value_name = "PATH")]
+    pub dogstatsd_stream_socket: Option<String>,
 }
 
 impl Overrides {
@@ -317,6 +324,19 @@ impl Overrides {
         set(&mut s.wal.sync, &self.wal_sync);
         set(&mut s.statsd.udp_workers, &self.udp_workers);
         set(&mut s.statsd.dogstatsd_socket, &self.dogstatsd_socket);
+        set(
+            &mut s.statsd.dogstatsd_stream_socket,
+            &self.dogstatsd_stream_socket,
+        );
+    }
+}
+
+/// A Unix socket path setting: absolute, or empty / `off`.
+fn socket_path(field: &str, path: &str) -> Result<Option<PathBuf>, ConfigError> {
+    match path {
+        "" | "off" => Ok(None),
+        p if !p.starts_with('/') => Err(err(field, format!("{p:?} is not an absolute path"))),
+        p => Ok(Some(PathBuf::from(p))),
     }
 }
 
@@ -465,16 +485,11 @@ impl Settings {
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
             statsd_udp: listen("statsd.udp", &s.udp)?,
             statsd_tcp: listen("statsd.tcp", &s.tcp)?,
-            dogstatsd_socket: match s.dogstatsd_socket.as_str() {
-                "" | "off" => None,
-                path if !path.starts_with('/') => {
-                    return Err(err(
-                        "statsd.dogstatsd_socket",
-                        format!("{path:?} is not an absolute path"),
-                    ));
-                }
-                path => Some(PathBuf::from(path)),
-            },
+            dogstatsd_socket: socket_path("statsd.dogstatsd_socket", &s.dogstatsd_socket)?,
+            dogstatsd_stream_socket: socket_path(
+                "statsd.dogstatsd_stream_socket",
+                &s.dogstatsd_stream_socket,
+            )?,
             dogstatsd_socket_mode: u32::from_str_radix(
                 s.dogstatsd_socket_mode.trim_start_matches("0o"),
                 8,
@@ -534,6 +549,7 @@ pub struct Config {
     pub statsd_tcp: Option<SocketAddr>,
     /// The DogStatsD Unix datagram socket, and its file mode.
     pub dogstatsd_socket: Option<PathBuf>,
+    pub dogstatsd_stream_socket: Option<PathBuf>,
     pub dogstatsd_socket_mode: u32,
     pub udp_workers: usize,
     pub udp_recv_buffer: usize,

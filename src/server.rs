@@ -80,6 +80,9 @@ pub struct Running {
     udp_threads: Vec<std::thread::JoinHandle<()>>,
     /// The DogStatsD socket file tallyd made, removed at stop.
     uds_path: Option<std::path::PathBuf>,
+    /// The DogStatsD stream socket's task and the file tallyd made.
+    uds_stream: Option<JoinHandle<()>>,
+    uds_stream_path: Option<std::path::PathBuf>,
     stop: watch::Sender<bool>,
     flush_stop: watch::Sender<bool>,
     interval: watch::Sender<Duration>,
@@ -120,6 +123,8 @@ struct Listeners {
     /// The DogStatsD Unix datagram socket, and its path when tallyd made it
     /// (removed at stop).
     uds_socket: Option<(std::os::unix::net::UnixDatagram, Option<std::path::PathBuf>)>,
+    /// The DogStatsD Unix stream socket, likewise.
+    uds_stream: Option<(tokio::net::UnixListener, Option<std::path::PathBuf>)>,
     admin_listener: Option<TcpListener>,
 }
 
@@ -211,6 +216,36 @@ async fn bind(config: &Config) -> Result<Listeners, StartError> {
         }
         (None, None) => None,
     };
+    let uds_stream = match (
+        activated.dogstatsd_stream_socket,
+        &config.dogstatsd_stream_socket,
+    ) {
+        (Some(l), _) => {
+            let l = l
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(l))
+                .map_err(activated_addr(
+                    "DogStatsD stream socket (passed by systemd)",
+                ))?;
+            Some((l, None))
+        }
+        (None, Some(path)) => {
+            let (p, mode) = (path.clone(), config.dogstatsd_socket_mode);
+            let listener =
+                tokio::task::spawn_blocking(move || crate::ingest::uds::bind_stream(&p, mode))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .and_then(tokio::net::UnixListener::from_std)
+                    .map_err(|source| StartError::BindPath {
+                        what: "the DogStatsD stream socket",
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+            Some((listener, Some(path.clone())))
+        }
+        (None, None) => None,
+    };
     let admin_listener = match config.admin {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -225,6 +260,7 @@ async fn bind(config: &Config) -> Result<Listeners, StartError> {
         proto_tcp_listener,
         proto_udp_socket,
         uds_socket,
+        uds_stream,
         admin_listener,
     })
 }
@@ -307,6 +343,7 @@ async fn serve(
         proto_tcp_listener,
         proto_udp_socket,
         uds_socket,
+        uds_stream,
         admin_listener,
     } = listeners;
     let Opened {
@@ -419,6 +456,23 @@ async fn serve(
         };
         tokio::spawn(ingest.serve(listener, stop_rx.clone()))
     });
+    let (uds_stream, uds_stream_path) = match uds_stream {
+        Some((listener, path)) => {
+            let ingest = crate::ingest::uds::StreamIngest {
+                aggregator: Arc::clone(&aggregator),
+                telemetry: Arc::clone(&telemetry),
+                max_frame: config.tcp_max_line,
+                max_connections: config.tcp_max_connections,
+                idle_timeout: config.tcp_idle_timeout,
+                wal_streams: shared_streams.clone(),
+            };
+            (
+                Some(tokio::spawn(ingest.serve(listener, stop_rx.clone()))),
+                path,
+            )
+        }
+        None => (None, None),
+    };
     let proto = ProtoIngest {
         aggregator: Arc::clone(&aggregator),
         telemetry: Arc::clone(&telemetry),
@@ -499,6 +553,8 @@ async fn serve(
         udp_stop,
         udp_threads,
         uds_path,
+        uds_stream,
+        uds_stream_path,
         stop,
         flush_stop,
         interval,
@@ -695,16 +751,20 @@ impl Running {
         });
         let threads = self.udp_threads;
         let uds_path = self.uds_path;
+        let uds_stream_path = self.uds_stream_path;
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
             }
-            if let Some(path) = uds_path {
+            for path in [uds_path, uds_stream_path].into_iter().flatten() {
                 let _ = std::fs::remove_file(path);
             }
         })
         .await;
-        for mut task in [self.tcp, self.proto_tcp].into_iter().flatten() {
+        for mut task in [self.tcp, self.proto_tcp, self.uds_stream]
+            .into_iter()
+            .flatten()
+        {
             if tokio::time::timeout_at(listen_deadline, &mut task)
                 .await
                 .is_err()
@@ -825,6 +885,7 @@ impl Running {
             (
                 "statsd.dogstatsd_socket",
                 old.dogstatsd_socket != new.dogstatsd_socket
+                    || old.dogstatsd_stream_socket != new.dogstatsd_stream_socket
                     || old.dogstatsd_socket_mode != new.dogstatsd_socket_mode,
             ),
         ]

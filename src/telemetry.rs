@@ -76,6 +76,8 @@ pub struct Telemetry {
     /// Samples refused past `aggregate.max_memory`.
     pub dropped_memory: AtomicU64,
     pub dropped_overflow: AtomicU64,
+    /// DogStatsD stream frames over the length limit (connection closed).
+    pub uds_frames_too_large: AtomicU64,
     pub dropped_set_members: AtomicU64,
     pub dropped_gauge_memory: AtomicU64,
     pub tcp_lines_too_long: AtomicU64,
@@ -236,6 +238,7 @@ impl Telemetry {
             ("key_limit", &self.dropped_key_limit),
             ("memory", &self.dropped_memory),
             ("overflow", &self.dropped_overflow),
+            ("uds_frame_too_large", &self.uds_frames_too_large),
             ("set_member_limit", &self.dropped_set_members),
             ("gauge_memory_limit", &self.dropped_gauge_memory),
             ("tcp_line_too_long", &self.tcp_lines_too_long),

@@ -24,48 +24,85 @@ use tokio::task::JoinSet;
 
 use crate::telemetry::Telemetry;
 
-/// The accept loop both TCP listeners share: at most `max_connections`
+/// A listener the accept loop serves: TCP, or a Unix stream socket.
+pub(crate) trait Listener {
+    type Stream;
+    fn accept_stream(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_stream(&self) -> std::io::Result<TcpStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_stream(&self) -> std::io::Result<tokio::net::UnixStream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// The accept loop the stream listeners share: at most `max_connections`
 /// at once (more are closed at once and counted), connection `n` gets WAL
 /// stream `streams.start + n % streams.len()`. Stops accepting when `stop`
-/// turns true, then waits for every connection to finish.
-pub(crate) async fn serve_connections<F, Fut>(
-    listener: TcpListener,
+/// turns true (connections the kernel had already completed are taken,
+/// so what their clients sent is applied too), then waits for every
+/// connection to finish.
+pub(crate) async fn serve_connections<L, F, Fut>(
+    listener: L,
     max_connections: usize,
     streams: Range<usize>,
     telemetry: Arc<Telemetry>,
     mut stop: watch::Receiver<bool>,
     connection: F,
 ) where
-    F: Fn(TcpStream, usize, watch::Receiver<bool>) -> Fut,
+    L: Listener,
+    F: Fn(L::Stream, usize, watch::Receiver<bool>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(max_connections));
     let mut connections = JoinSet::new();
     let mut accepted = 0usize;
+    let mut serve = |stream, connections: &mut JoinSet<()>, stop: &watch::Receiver<bool>| {
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            telemetry.tcp_connections_refused.fetch_add(1, Relaxed);
+            return;
+        };
+        telemetry.tcp_connections.fetch_add(1, Relaxed);
+        let stream_index = streams.start + accepted % streams.len().max(1);
+        accepted += 1;
+        let mut stop = stop.clone();
+        if *stop.borrow() {
+            // Seen by the accept loop already: the connection must see it.
+            stop.mark_changed();
+        }
+        let task = connection(stream, stream_index, stop);
+        connections.spawn(async move {
+            task.await;
+            drop(slot);
+        });
+    };
     loop {
         tokio::select! {
-            result = listener.accept() => match result {
-                Ok((stream, _)) => {
-                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                        telemetry.tcp_connections_refused.fetch_add(1, Relaxed);
-                        continue;
-                    };
-                    telemetry.tcp_connections.fetch_add(1, Relaxed);
-                    let stream_index = streams.start + accepted % streams.len().max(1);
-                    accepted += 1;
-                    let task = connection(stream, stream_index, stop.clone());
-                    connections.spawn(async move {
-                        task.await;
-                        drop(slot);
-                    });
-                }
+            result = listener.accept_stream() => match result {
+                Ok(stream) => serve(stream, &mut connections, &stop),
                 Err(e) => {
-                    tracing::warn!(error = %e, "TCP accept failed");
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             _ = stop.changed() => break,
+        }
+    }
+    // Connections already completed by the kernel: their data counts too
+    // (they see the stop at once and only drain).
+    for _ in 0..max_connections {
+        match tokio::time::timeout(std::time::Duration::ZERO, listener.accept_stream()).await {
+            Ok(Ok(stream)) => serve(stream, &mut connections, &stop),
+            _ => break,
         }
     }
     drop(listener);

@@ -1,6 +1,8 @@
-//! DogStatsD over a Unix datagram socket: the transport DogStatsD clients
-//! use in containers (`socket_path=` in Datadog's clients, `protocol:
-//! 'uds'` in hot-shots), conventionally `/var/run/datadog/dsd.socket`.
+//! DogStatsD over Unix sockets: the transport DogStatsD clients use in
+//! containers (`socket_path=` in Datadog's clients, `protocol: 'uds'` in
+//! hot-shots), conventionally `/var/run/datadog/dsd.socket`.
+//!
+//! # Datagrams
 //!
 //! One blocking thread reads it, exactly as a UDP worker reads its socket
 //! ([`super::udp::receive`]): one datagram is one block, appended to the WAL
@@ -9,7 +11,20 @@
 //! a sender on a Unix datagram socket is blocked by the kernel while the
 //! socket's receive buffer is full, so nothing is lost there.
 //!
-//! The socket file: a stale one (left by a crash: a socket nobody is bound
+//! # Streams (`unixstream`)
+//!
+//! DogStatsD's stream framing: each payload (what a datagram would hold)
+//! is prefixed by its length, 4 bytes little-endian. Connections are served
+//! like StatsD TCP connections ([`super::serve_connections`]: the same
+//! connection limit, idle timeout and WAL streams, backpressure while the
+//! WAL is full); a frame longer than `statsd.tcp_max_line` closes its
+//! connection and is counted (`tallyd_dropped_total{reason=
+//! "uds_frame_too_large"}`). At a stop, a connection applies the whole
+//! frames the kernel already holds (bounded), then closes.
+//!
+//! # The socket files
+//!
+//! A stale one (left by a crash: a socket nobody is bound
 //! to) is replaced; a live one (another process receives on it) or a file
 //! that is not a socket is an error naming the path. The file's mode is
 //! `statsd.dogstatsd_socket_mode` (senders need write access). It is
@@ -24,8 +39,11 @@ use std::sync::atomic::AtomicBool;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::aggregate::Aggregator;
-use crate::telemetry::Telemetry;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::aggregate::{Aggregator, Scratch};
+use crate::telemetry::{BlockStats, Telemetry};
 
 /// How often the blocked thread looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
@@ -34,7 +52,7 @@ const POLL: Duration = Duration::from_millis(100);
 /// a stale socket file, and asks for a receive buffer of `recv_buffer`
 /// bytes. Blocking file work: call it from a blocking thread.
 pub fn bind(path: &Path, mode: u32, recv_buffer: usize) -> io::Result<UnixDatagram> {
-    clear_stale(path)?;
+    clear_stale(path, |p| UnixDatagram::unbound()?.connect(p))?;
     let socket = UnixDatagram::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     if let Err(e) = socket2::SockRef::from(&socket).set_recv_buffer_size(recv_buffer) {
@@ -44,8 +62,21 @@ pub fn bind(path: &Path, mode: u32, recv_buffer: usize) -> io::Result<UnixDatagr
     Ok(socket)
 }
 
-/// Removes a socket file nobody is bound to; refuses anything else.
-fn clear_stale(path: &Path) -> io::Result<()> {
+/// Binds a Unix stream socket at `path` with file mode `mode`, replacing a
+/// stale socket file. Blocking file work: call it from a blocking thread.
+pub fn bind_stream(path: &Path, mode: u32) -> io::Result<std::os::unix::net::UnixListener> {
+    clear_stale(path, |p| {
+        std::os::unix::net::UnixStream::connect(p).map(drop)
+    })?;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Removes a socket file nobody is bound to (`probe` connecting to it is
+/// refused); refuses anything else.
+fn clear_stale(path: &Path, probe: impl Fn(&Path) -> io::Result<()>) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         other => other?,
@@ -56,7 +87,7 @@ fn clear_stale(path: &Path) -> io::Result<()> {
             "the path exists and is not a socket; tallyd does not remove it",
         ));
     }
-    match UnixDatagram::unbound()?.connect(path) {
+    match probe(path) {
         Ok(()) => Err(io::Error::new(
             io::ErrorKind::AddrInUse,
             "another process receives on this socket",
@@ -90,6 +121,180 @@ pub fn spawn(
         })
 }
 
+/// Reads a connection gets at a stop to apply what the kernel holds.
+const DRAIN_READS: usize = 256;
+/// How long a connection waits before it retries a block the WAL refused.
+const WAL_RETRY: Duration = Duration::from_millis(10);
+
+/// DogStatsD over a Unix stream socket, length-prefixed frames.
+#[derive(Clone)]
+pub struct StreamIngest {
+    pub aggregator: Arc<Aggregator>,
+    pub telemetry: Arc<Telemetry>,
+    /// Longest frame (`statsd.tcp_max_line`).
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub wal_streams: std::ops::Range<usize>,
+}
+
+impl StreamIngest {
+    /// Accepts connections until `stop` turns true, then waits for every
+    /// connection to apply what it has already received.
+    pub async fn serve(self, listener: tokio::net::UnixListener, stop: watch::Receiver<bool>) {
+        let (max, streams, telemetry) = (
+            self.max_connections,
+            self.wal_streams.clone(),
+            Arc::clone(&self.telemetry),
+        );
+        super::serve_connections(
+            listener,
+            max,
+            streams,
+            telemetry,
+            stop,
+            move |stream, wal_stream, stop| {
+                let this = self.clone();
+                async move { this.connection(stream, wal_stream, stop).await }
+            },
+        )
+        .await;
+    }
+
+    async fn connection(
+        &self,
+        mut stream: tokio::net::UnixStream,
+        wal_stream: usize,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut frames = Frames::new(self.max_frame);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut scratch = Scratch::for_stream(wal_stream);
+        loop {
+            if !self.apply(&mut frames, &mut scratch, &stop).await {
+                return;
+            }
+            let n = tokio::select! {
+                r = tokio::time::timeout(self.idle_timeout, stream.read(&mut buf)) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.telemetry.connections_idle_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                },
+                _ = stop.changed() => {
+                    for _ in 0..DRAIN_READS {
+                        match stream.try_read(&mut buf) {
+                            Ok(n) if n > 0 => frames.push(&buf[..n]),
+                            _ => break,
+                        }
+                    }
+                    self.apply(&mut frames, &mut scratch, &stop).await;
+                    return;
+                }
+            };
+            match n {
+                Ok(0) | Err(_) => {
+                    self.apply(&mut frames, &mut scratch, &stop).await;
+                    return;
+                }
+                Ok(n) => frames.push(&buf[..n]),
+            }
+        }
+    }
+
+    /// Applies every whole frame; waits while the WAL refuses one (not
+    /// past a stop). False when the connection must close (a frame over
+    /// the limit, or a stop while the WAL is full).
+    async fn apply(
+        &self,
+        frames: &mut Frames,
+        scratch: &mut Scratch,
+        stop: &watch::Receiver<bool>,
+    ) -> bool {
+        loop {
+            match frames.next() {
+                Frame::Whole(payload) => {
+                    let mut stats = BlockStats::default();
+                    match self.aggregator.ingest_block(&payload, scratch, &mut stats) {
+                        Ok(()) => self.telemetry.record_block(&self.telemetry.uds, &stats),
+                        Err(e) => {
+                            self.telemetry.wal_refused(e);
+                            frames.unread(payload);
+                            if *stop.borrow() {
+                                return false;
+                            }
+                            tokio::time::sleep(WAL_RETRY).await;
+                        }
+                    }
+                }
+                Frame::Partial => return true,
+                Frame::TooLarge => {
+                    self.telemetry
+                        .uds_frames_too_large
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// What [`Frames::next`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Frame {
+    Whole(Vec<u8>),
+    /// More bytes are needed.
+    Partial,
+    /// A length over the limit: the stream cannot be followed further.
+    TooLarge,
+}
+
+/// Cuts a byte stream into length-prefixed frames (pure; no I/O).
+struct Frames {
+    buf: Vec<u8>,
+    max: usize,
+    /// A frame the WAL refused, to be offered first.
+    refused: Option<Vec<u8>>,
+}
+
+impl Frames {
+    fn new(max: usize) -> Frames {
+        Frames {
+            buf: Vec::new(),
+            max,
+            refused: None,
+        }
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    fn unread(&mut self, frame: Vec<u8>) {
+        self.refused = Some(frame);
+    }
+
+    fn next(&mut self) -> Frame {
+        if let Some(frame) = self.refused.take() {
+            return Frame::Whole(frame);
+        }
+        let Some(head) = self.buf.first_chunk::<4>() else {
+            return Frame::Partial;
+        };
+        let len = u32::from_le_bytes(*head) as usize;
+        if len > self.max {
+            return Frame::TooLarge;
+        }
+        if self.buf.len() - 4 < len {
+            return Frame::Partial;
+        }
+        let frame = self.buf[4..4 + len].to_vec();
+        self.buf.drain(..4 + len);
+        Frame::Whole(frame)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +317,48 @@ mod tests {
         client.send_to(b"x:1|c", &path).expect("send");
         let mut buf = [0u8; 16];
         assert_eq!(second.recv(&mut buf).expect("recv"), 5);
+    }
+
+    #[test]
+    fn frames_are_cut_by_their_length_prefix_across_reads() {
+        let mut f = Frames::new(16);
+        let mut data = Vec::new();
+        for payload in [&b"a:1|c"[..], b"", b"b:2|c\nc:3|c"] {
+            data.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            data.extend_from_slice(payload);
+        }
+        let (one, two) = data.split_at(7);
+        f.push(one);
+        assert_eq!(f.next(), Frame::Partial);
+        f.push(two);
+        assert_eq!(f.next(), Frame::Whole(b"a:1|c".to_vec()));
+        assert_eq!(f.next(), Frame::Whole(Vec::new()));
+        let third = match f.next() {
+            Frame::Whole(b) => b,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(third, b"b:2|c\nc:3|c");
+        f.unread(third.clone());
+        assert_eq!(
+            f.next(),
+            Frame::Whole(third),
+            "a refused frame comes back first"
+        );
+        assert_eq!(f.next(), Frame::Partial);
+        f.push(&17u32.to_le_bytes());
+        assert_eq!(f.next(), Frame::TooLarge);
+    }
+
+    #[test]
+    fn a_stale_stream_socket_file_is_replaced() {
+        let path = dir().join("dsd-stream.socket");
+        let first = bind_stream(&path, 0o622).expect("bind");
+        assert_eq!(
+            bind_stream(&path, 0o622).expect_err("in use").kind(),
+            io::ErrorKind::AddrInUse
+        );
+        drop(first);
+        bind_stream(&path, 0o622).expect("stale file replaced");
     }
 
     #[test]
