@@ -23,6 +23,8 @@ fn aggregator() -> Aggregator {
             max_set_members: 100_000,
             max_depth: u64::MAX,
             max_memory: u64::MAX,
+            timestamp_window: std::time::Duration::from_secs(3600),
+            interval: std::time::Duration::from_secs(1),
         },
         Limits::default(),
         Duration::ZERO,

@@ -49,6 +49,8 @@ fn decode_and_aggregate(c: &mut Criterion) {
             max_set_members: 1000,
             max_depth: u64::MAX,
             max_memory: u64::MAX,
+            timestamp_window: std::time::Duration::from_secs(3600),
+            interval: std::time::Duration::from_secs(1),
         },
         Limits::default(),
         Duration::ZERO,

@@ -156,6 +156,9 @@ pub struct AggregateSettings {
     pub flush_queue: usize,
     /// Memory one interval's keys and accumulators may take (estimated).
     pub max_memory: String,
+    /// Samples with a `|T` timestamp further than this from their
+    /// interval are refused and counted.
+    pub timestamp_window: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -218,6 +221,7 @@ impl Default for AggregateSettings {
             max_set_members: 100_000,
             flush_queue: 8,
             max_memory: "1GiB".into(),
+            timestamp_window: "1h".into(),
         }
     }
 }
@@ -520,6 +524,8 @@ impl Settings {
                 max_set_members: a.max_set_members,
                 max_depth: a.max_depth,
                 max_memory: size("aggregate.max_memory", &a.max_memory)? as u64,
+                timestamp_window: duration("aggregate.timestamp_window", &a.timestamp_window)?,
+                interval: flush_interval,
             },
             flush_interval,
             flush_queue: a.flush_queue,

@@ -88,7 +88,7 @@ impl Flusher {
             None => {
                 let now = (self.clock)();
                 let generation = take(self.aggregator.swap(now)).await;
-                if generation.keys() == 0 {
+                if generation.is_empty() {
                     self.release(generation.id).await;
                     return true;
                 }
@@ -110,7 +110,7 @@ impl Flusher {
         mut generation: Generation,
         intent: Option<Intent>,
     ) -> std::io::Result<()> {
-        if generation.keys() == 0 {
+        if generation.is_empty() {
             return self.release_checked(generation.id).await;
         }
         let id = match intent {
@@ -135,7 +135,15 @@ impl Flusher {
 
     /// Step 3: the rows of `generation`, fixed as RowBinary bytes.
     fn seal(&mut self, generation: Generation, flush_id: u64) -> Arc<Flush> {
-        let (batch, forgotten) = rows::build(generation, flush_id, &self.host, &mut self.gauges);
+        let (ledger, now) = (Arc::clone(&self.ledger), (self.clock)());
+        let mut next_id = || ledger.next_flush_id(now);
+        let (batch, forgotten) = rows::build(
+            generation,
+            flush_id,
+            &self.host,
+            &mut self.gauges,
+            &mut next_id,
+        );
         self.telemetry
             .dropped_gauge_memory
             .fetch_add(forgotten, Relaxed);
@@ -364,6 +372,8 @@ mod tests {
                 max_set_members: 10,
                 max_depth,
                 max_memory: u64::MAX,
+                timestamp_window: std::time::Duration::from_secs(3600),
+                interval: std::time::Duration::from_secs(1),
             },
             Limits::default(),
             Duration::from_secs(1_700_000_000),

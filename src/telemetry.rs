@@ -42,6 +42,8 @@ pub struct BlockStats {
     pub dropped_memory: u64,
     /// Samples refused because their key's sum would not be finite.
     pub dropped_overflow: u64,
+    /// Samples whose `|T` timestamp is outside `aggregate.timestamp_window`.
+    pub dropped_timestamp: u64,
 }
 
 impl BlockStats {
@@ -76,6 +78,7 @@ pub struct Telemetry {
     /// Samples refused past `aggregate.max_memory`.
     pub dropped_memory: AtomicU64,
     pub dropped_overflow: AtomicU64,
+    pub dropped_timestamp: AtomicU64,
     /// DogStatsD stream frames over the length limit (connection closed).
     pub uds_frames_too_large: AtomicU64,
     pub dropped_set_members: AtomicU64,
@@ -151,6 +154,7 @@ impl Telemetry {
         add_nonzero(&self.dropped_key_limit, b.dropped_key_limit);
         add_nonzero(&self.dropped_memory, b.dropped_memory);
         add_nonzero(&self.dropped_overflow, b.dropped_overflow);
+        add_nonzero(&self.dropped_timestamp, b.dropped_timestamp);
         add_nonzero(&self.dropped_set_members, b.dropped_set_members);
     }
 
@@ -238,6 +242,7 @@ impl Telemetry {
             ("key_limit", &self.dropped_key_limit),
             ("memory", &self.dropped_memory),
             ("overflow", &self.dropped_overflow),
+            ("timestamp_out_of_window", &self.dropped_timestamp),
             ("uds_frame_too_large", &self.uds_frames_too_large),
             ("set_member_limit", &self.dropped_set_members),
             ("gauge_memory_limit", &self.dropped_gauge_memory),

@@ -268,6 +268,58 @@ async fn events_and_service_checks_are_stored_one_row_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamped_samples_land_in_their_own_interval_and_far_ones_are_refused() {
+    let ch = clickhouse();
+    let s = settings(ch, "stamped");
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let past = now - 120;
+    let lines = [
+        format!("st.c:1|c|T{past}"),
+        format!("st.c:2|c|#env:prod|T{past}"),
+        format!("st.c:4|c|T{past}"),
+        "st.c:8|c".to_string(),
+        format!("st.g:7|g|T{past}"),
+        "st.g:9|g".to_string(),
+        format!("st.t:10|ms|T{past}"),
+        format!("st.c:1000|c|T{}", now - 7200),
+    ];
+    send_udp(udp, &[lines.join("\n")]);
+    wait_for_lines(&running.telemetry, lines.len() as u64);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(t.dropped_timestamp.load(Relaxed), 1);
+    let q = |sql: &str| ch.query(&format!("{sql} FORMAT TSV"));
+    // The stamped samples are one row at their own second; the live one
+    // is in today's interval, under another flush id.
+    assert_eq!(
+        q(&format!(
+            "SELECT toUnixTimestamp(ts) = {past}, tags, sum(value) FROM stamped.counters FINAL WHERE name = 'st.c' GROUP BY ts, tags ORDER BY ts, tags"
+        )),
+        "1\t[]\t5\n1\t['env:prod']\t2\n0\t[]\t8\n"
+    );
+    assert_eq!(
+        q("SELECT uniqExact(flush_id) FROM stamped.counters FINAL WHERE name = 'st.c'"),
+        "2\n"
+    );
+    // The newest gauge value is the live one, whichever row landed last.
+    assert_eq!(
+        q("SELECT argMax(value, (ts, version)) FROM stamped.gauges WHERE name = 'st.g'"),
+        "9\n"
+    );
+    assert_eq!(
+        q(&format!(
+            "SELECT toUnixTimestamp(ts) = {past}, count, sum FROM stamped.timers FINAL WHERE name = 'st.t'"
+        )),
+        "1\t1\t10\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_lines_are_counted_and_neighbours_still_count() {
     let ch = clickhouse();
     let s = settings(ch, "malformed");

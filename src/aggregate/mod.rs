@@ -46,6 +46,12 @@ pub struct AggregateLimits {
     /// type, see [`acc::KEY_OVERHEAD`]); past it, new keys, timer values
     /// and new set members are dropped and counted.
     pub max_memory: u64,
+    /// A sample whose `|T` timestamp is further than this from its
+    /// interval's start is refused and counted.
+    pub timestamp_window: Duration,
+    /// The flush interval: a timestamped sample belongs to the interval
+    /// `⌊T / interval⌋ · interval` (whole seconds, at least 1).
+    pub interval: Duration,
 }
 
 /// One interval's accumulators.
@@ -64,6 +70,11 @@ pub struct Generation {
     /// DogStatsD events and service checks, in arrival order: kept whole,
     /// one row each (their bytes count in `bytes`).
     notes: std::sync::Mutex<Notes>,
+    /// Samples whose `|T` timestamp falls in another interval, keyed by
+    /// that interval's start (Unix seconds, 4 bytes LE) then the key. They
+    /// count in `keys` and `bytes` like the others, and are flushed as
+    /// rows of their own interval (see [`crate::sink::rows::build`]).
+    pub late: DashMap<Box<[u8]>, Acc, KeyHasher>,
 }
 
 #[derive(Debug, Default)]
@@ -103,6 +114,15 @@ impl Generation {
             bytes: AtomicU64::new(0),
             started,
             notes: Default::default(),
+            late: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
+        }
+    }
+
+    /// Whether nothing at all was applied to it (no key, event or check).
+    pub fn is_empty(&self) -> bool {
+        self.keys() == 0 && {
+            let notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+            notes.events.is_empty() && notes.service_checks.is_empty()
         }
     }
 
@@ -123,6 +143,8 @@ impl Generation {
 #[derive(Default)]
 pub struct Scratch {
     key: KeyBuf,
+    /// A late sample's key: its interval start (4 bytes, LE), then the key.
+    late_key: Vec<u8>,
     /// Tags of a protobuf event, as `k:v,...`.
     tags: Vec<u8>,
     /// The WAL stream this worker appends to.
@@ -365,8 +387,21 @@ impl Aggregator {
         limits: &AggregateLimits,
     ) {
         let key = scratch.key.build(line.kind, line.name, line.tags);
+        let (map, key) = match line.timestamp.map(|t| interval_of(t, generation, limits)) {
+            None | Some(Interval::This) => (&generation.map, key),
+            Some(Interval::Other(start)) => {
+                scratch.late_key.clear();
+                scratch.late_key.extend_from_slice(&start.to_le_bytes());
+                scratch.late_key.extend_from_slice(key);
+                (&generation.late, &scratch.late_key[..])
+            }
+            Some(Interval::OutOfWindow) => {
+                stats.dropped_timestamp += line.value_count() as u64;
+                return;
+            }
+        };
         let full = generation.bytes.load(Relaxed) >= limits.max_memory;
-        if let Some(mut acc) = generation.map.get_mut(key) {
+        if let Some(mut acc) = map.get_mut(key) {
             let grew = merge(&mut acc, line, stats, limits, full);
             drop(acc);
             // Counters and gauges of live keys (most lines) never grow: no
@@ -386,7 +421,7 @@ impl Aggregator {
             stats.dropped_key_limit += line.value_count() as u64;
             return;
         }
-        let grew = match generation.map.entry(Box::from(key)) {
+        let grew = match map.entry(Box::from(key)) {
             Entry::Occupied(mut e) => {
                 // Another worker created it between our lookup and now.
                 generation.keys.fetch_sub(1, Relaxed);
@@ -401,6 +436,33 @@ impl Aggregator {
         };
         generation.bytes.fetch_add(grew, Relaxed);
     }
+}
+
+/// Where a timestamped sample belongs.
+enum Interval {
+    /// The generation's own interval.
+    This,
+    /// Another interval, by its start (Unix seconds).
+    Other(u32),
+    /// Further than `timestamp_window` from the generation's start.
+    OutOfWindow,
+}
+
+/// The interval of a sample stamped `t` (Unix seconds), judged against
+/// `generation`'s start, never the wall clock, so a replay routes it the
+/// same way.
+fn interval_of(t: u64, generation: &Generation, limits: &AggregateLimits) -> Interval {
+    let started = generation.started.as_secs();
+    let window = limits.timestamp_window.as_secs();
+    if t.saturating_add(window) < started || t > started.saturating_add(window) {
+        return Interval::OutOfWindow;
+    }
+    let step = limits.interval.as_secs().max(1);
+    let start = t - t % step;
+    if start == started - started % step {
+        return Interval::This;
+    }
+    u32::try_from(start).map_or(Interval::OutOfWindow, Interval::Other)
 }
 
 /// Merges a line's values into its key's accumulator and returns the bytes
@@ -489,6 +551,8 @@ mod tests {
                 max_set_members: 1000,
                 max_depth: 1_000_000,
                 max_memory: u64::MAX,
+                timestamp_window: std::time::Duration::from_secs(3600),
+                interval: std::time::Duration::from_secs(1),
             },
             Limits::default(),
             Duration::ZERO,
@@ -623,6 +687,8 @@ mod tests {
                 max_set_members: 2,
                 max_depth: 100,
                 max_memory: u64::MAX,
+                timestamp_window: std::time::Duration::from_secs(3600),
+                interval: std::time::Duration::from_secs(1),
             },
             Limits::default(),
             Duration::ZERO,
@@ -639,6 +705,8 @@ mod tests {
                 max_set_members: 2,
                 max_depth: 3,
                 max_memory: u64::MAX,
+                timestamp_window: std::time::Duration::from_secs(3600),
+                interval: std::time::Duration::from_secs(1),
             },
             Limits::default(),
             Duration::ZERO,

@@ -193,6 +193,7 @@ pub fn build(
     flush_id: u64,
     host: &str,
     gauges: &mut GaugeMemory,
+    next_id: &mut dyn FnMut() -> u64,
 ) -> (Batch, u64) {
     let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
     let at = |t: Option<u64>| t.map_or(ts, |t| u32::try_from(t).unwrap_or(u32::MAX));
@@ -242,76 +243,120 @@ pub fn build(
     };
     let mut forgotten = 0;
     for (k, acc) in generation.map {
-        let Some(parts) = key::split(&k) else {
-            continue;
-        };
-        let name = parts.name.to_owned();
-        let tags: Vec<String> = parts.tags.iter().map(|t| (*t).to_owned()).collect();
-        let host = host.to_owned();
-        let kind = parts.kind.as_str();
-        match acc {
-            Acc::Counter { sum, samples } => batch.counters.push(CounterRow {
+        forgotten += push_row(&mut batch, k, acc, ts, flush_id, host, Some(&mut *gauges));
+    }
+    // Samples stamped (`|T`) for other intervals: rows of their interval,
+    // each interval under a flush id of its own, so that they never
+    // collapse with that key's row of this interval. A late gauge is its
+    // own value (a delta applies to 0) and does not move the gauge memory.
+    let mut late: std::collections::BTreeMap<u32, KeyedAccs> = Default::default();
+    for (k, acc) in generation.late {
+        if let Some((start, key)) = k.split_first_chunk::<4>() {
+            late.entry(u32::from_le_bytes(*start))
+                .or_default()
+                .push((key.into(), acc));
+        }
+    }
+    for (start, rows) in late {
+        let id = next_id();
+        for (k, acc) in rows {
+            push_row(&mut batch, k, acc, start, id, host, None);
+        }
+    }
+    (batch, forgotten)
+}
+
+/// Accumulators with their keys.
+type KeyedAccs = Vec<(Box<[u8]>, Acc)>;
+
+/// Adds the row of key `k` to `batch`, for interval `ts` under `flush_id`.
+/// A gauge resolves against (and updates) `gauges` when given; returns 1
+/// when it could not be remembered.
+fn push_row(
+    batch: &mut Batch,
+    k: Box<[u8]>,
+    acc: Acc,
+    ts: u32,
+    flush_id: u64,
+    host: &str,
+    gauges: Option<&mut GaugeMemory>,
+) -> u64 {
+    let Some(parts) = key::split(&k) else {
+        return 0;
+    };
+    let name = parts.name.to_owned();
+    let tags: Vec<String> = parts.tags.iter().map(|t| (*t).to_owned()).collect();
+    let host = host.to_owned();
+    let kind = parts.kind.as_str();
+    let mut forgotten = 0;
+    match acc {
+        Acc::Counter { sum, samples } => batch.counters.push(CounterRow {
+            ts,
+            name,
+            tags,
+            host,
+            flush_id,
+            value: sum,
+            samples,
+        }),
+        Acc::Gauge(g) => {
+            let value = match gauges {
+                Some(memory) => {
+                    let (value, lost) = memory.settle(k.clone(), &g);
+                    batch.gauge_values.push((k, value));
+                    forgotten += u64::from(lost);
+                    value
+                }
+                None => g.resolve(None).unwrap_or(0.0),
+            };
+            batch.gauges.push(GaugeRow {
+                ts,
+                name,
+                tags,
+                host,
+                value,
+                version: flush_id,
+                samples: g.samples,
+            });
+        }
+        Acc::Dist(d) => {
+            let summary = d.summarize();
+            batch.timers.push(TimerRow {
                 ts,
                 name,
                 tags,
                 host,
                 flush_id,
-                value: sum,
-                samples,
-            }),
-            Acc::Gauge(g) => {
-                let (value, lost) = gauges.settle(k.clone(), &g);
-                batch.gauge_values.push((k, value));
-                forgotten += u64::from(lost);
-                batch.gauges.push(GaugeRow {
-                    ts,
-                    name,
-                    tags,
-                    host,
-                    value,
-                    version: flush_id,
-                    samples: g.samples,
-                });
-            }
-            Acc::Dist(d) => {
-                let summary = d.summarize();
-                batch.timers.push(TimerRow {
-                    ts,
-                    name,
-                    tags,
-                    host,
-                    flush_id,
-                    kind: kind.to_owned(),
-                    count: d.count,
-                    sum: d.sum,
-                    min: d.min,
-                    max: d.max,
-                    p50: summary.p50,
-                    p90: summary.p90,
-                    p95: summary.p95,
-                    p99: summary.p99,
-                    samples: d.samples,
-                    bucket_values: summary.bucket_values,
-                    bucket_counts: summary.bucket_counts,
-                });
-            }
-            Acc::Set(s) => {
-                let mut member_hashes: Vec<u64> = s.members.into_iter().collect();
-                member_hashes.sort_unstable();
-                batch.sets.push(SetRow {
-                    ts,
-                    name,
-                    tags,
-                    host,
-                    flush_id,
-                    cardinality: member_hashes.len() as u64,
-                    samples: s.samples,
-                    member_hashes,
-                });
-            }
+                kind: kind.to_owned(),
+                count: d.count,
+                sum: d.sum,
+                min: d.min,
+                max: d.max,
+                p50: summary.p50,
+                p90: summary.p90,
+                p95: summary.p95,
+                p99: summary.p99,
+                samples: d.samples,
+                bucket_values: summary.bucket_values,
+                bucket_counts: summary.bucket_counts,
+            });
+        }
+        Acc::Set(s) => {
+            let mut member_hashes: Vec<u64> = s.members.into_iter().collect();
+            member_hashes.sort_unstable();
+            batch.sets.push(SetRow {
+                ts,
+                name,
+                tags,
+                host,
+                flush_id,
+                cardinality: member_hashes.len() as u64,
+                samples: s.samples,
+                member_hashes,
+            });
         }
     }
-    (batch, forgotten)
+    forgotten
 }
 
 /// Merges two consecutive flushes of one host into one coarser interval with
@@ -504,6 +549,18 @@ impl EncodedLen for SetRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `build` for generations without timestamped samples.
+    fn build4(
+        generation: Generation,
+        flush_id: u64,
+        host: &str,
+        gauges: &mut GaugeMemory,
+    ) -> (Batch, u64) {
+        build(generation, flush_id, host, gauges, &mut || {
+            panic!("no late rows")
+        })
+    }
     use crate::aggregate::{AggregateLimits, Aggregator, Scratch};
     use crate::protocol::statsd::Limits;
     use crate::telemetry::BlockStats;
@@ -517,6 +574,8 @@ mod tests {
                 max_set_members: 100,
                 max_depth: 1000,
                 max_memory: u64::MAX,
+                timestamp_window: std::time::Duration::from_secs(3600),
+                interval: std::time::Duration::from_secs(1),
             },
             Limits::default(),
             Duration::ZERO,
@@ -534,9 +593,65 @@ mod tests {
     }
 
     #[test]
+    fn timestamped_samples_become_rows_of_their_interval_under_ids_of_their_own() {
+        let started = 1_700_000_010u64;
+        let a = Aggregator::new(
+            AggregateLimits {
+                max_keys: 100,
+                max_set_members: 100,
+                max_depth: 1000,
+                max_memory: u64::MAX,
+                timestamp_window: Duration::from_secs(3600),
+                interval: Duration::from_secs(10),
+            },
+            Limits::default(),
+            Duration::from_secs(started),
+        );
+        let block = format!(
+            "c:1|c|T{now}\nc:2|c\nc:4|c|T{a}\nc:8|c|T{b}\ng:5|g|T{a}\ng:+1|g|T{a}\nc:16|c|T{old}\nc:32|c|T{future}",
+            now = started + 5,
+            a = started - 60,
+            b = started - 55,
+            old = started - 3601,
+            future = started + 3601,
+        );
+        let mut stats = BlockStats::default();
+        a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats)
+            .expect("no WAL");
+        assert_eq!(stats.dropped_timestamp, 2, "outside the hour's window");
+        let g = Arc::try_unwrap(a.swap(Duration::from_secs(started + 10))).expect("unique");
+        let mut ids = 100..;
+        let mut memory = GaugeMemory::new(10);
+        let (batch, _) = build(g, 7, "h", &mut memory, &mut || ids.next().expect("id"));
+        let mut counters: Vec<(u32, u64, f64)> = batch
+            .counters
+            .iter()
+            .map(|r| (r.ts, r.flush_id, r.value))
+            .collect();
+        counters.sort_by_key(|c| c.0);
+        // T-60 and T-55 share the interval starting at T-60 (10 s intervals).
+        assert_eq!(
+            counters,
+            vec![(1_699_999_950, 100, 12.0), (1_700_000_010, 7, 3.0)]
+        );
+        assert_eq!(
+            batch
+                .gauges
+                .iter()
+                .map(|r| (r.ts, r.version, r.value))
+                .collect::<Vec<_>>(),
+            vec![(1_699_999_950, 100, 6.0)]
+        );
+        assert!(
+            batch.gauge_values.is_empty(),
+            "a late gauge is not remembered"
+        );
+    }
+
+    #[test]
     fn one_counter_row_per_key() {
         let g = generation("c:1|c|#b,a\nc:2|c|#a,b\nc:5|c", 1_700_000_000);
-        let (mut batch, _) = build(g, 7, "h1", &mut GaugeMemory::new(10));
+        let (mut batch, _) = build4(g, 7, "h1", &mut GaugeMemory::new(10));
         batch.counters.sort_by(|a, b| a.tags.cmp(&b.tags));
         assert_eq!(
             batch.counters,
@@ -567,9 +682,9 @@ mod tests {
     #[test]
     fn gauge_delta_applies_to_the_previous_flush() {
         let mut memory = GaugeMemory::new(10);
-        let (first, _) = build(generation("g:10|g", 1), 1, "h", &mut memory);
+        let (first, _) = build4(generation("g:10|g", 1), 1, "h", &mut memory);
         assert_eq!(first.gauges[0].value, 10.0);
-        let (second, _) = build(generation("g:+5|g\ng:-1|g", 2), 2, "h", &mut memory);
+        let (second, _) = build4(generation("g:+5|g\ng:-1|g", 2), 2, "h", &mut memory);
         assert_eq!(
             (second.gauges[0].value, second.gauges[0].version),
             (14.0, 2)
@@ -579,13 +694,13 @@ mod tests {
     #[test]
     fn gauge_memory_is_bounded() {
         let mut memory = GaugeMemory::new(1);
-        let (_, forgotten) = build(generation("a:1|g\nb:2|g", 1), 1, "h", &mut memory);
+        let (_, forgotten) = build4(generation("a:1|g\nb:2|g", 1), 1, "h", &mut memory);
         assert_eq!(forgotten, 1);
     }
 
     #[test]
     fn timer_row_has_summary_and_buckets() {
-        let (batch, _) = build(
+        let (batch, _) = build4(
             generation("t:10:20:30|ms|@0.5", 1),
             1,
             "h",
@@ -601,7 +716,7 @@ mod tests {
 
     #[test]
     fn set_row_counts_distinct_members() {
-        let (batch, _) = build(
+        let (batch, _) = build4(
             generation("s:a|s\ns:b|s\ns:a|s", 1),
             1,
             "h",
@@ -614,13 +729,13 @@ mod tests {
     #[test]
     fn merged_flushes_keep_every_total() {
         let mut memory = GaugeMemory::new(10);
-        let (a, _) = build(
+        let (a, _) = build4(
             generation("c:1|c\nc:2|c\ng:10|g\nt:10:20|ms\ns:x|s\nonly.a:5|c", 100),
             1,
             "h",
             &mut memory,
         );
-        let (b, _) = build(
+        let (b, _) = build4(
             generation("c:4|c\ng:+5|g\nt:20:30|ms\ns:x|s\ns:y|s", 101),
             2,
             "h",
