@@ -361,8 +361,14 @@ async fn dogstatsd_fields_of_every_version_count_unknown_ones_are_skipped_and_no
     let s = settings(ch, "dsd_fields");
     let running = server::start(config(&s)).await.expect("start");
     let udp = running.udp_addr.expect("udp");
-    let datagram = "dd:1|c|card:low\ndd:1|c|e:some-value\ndd:1|c|zz:new|\ndd:1|c|T1656581400|c:abc|@1\no:1e308|c\no:1e308|c\n";
-    send_udp(udp, &[datagram.to_string()]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let datagram = format!(
+        "dd:1|c|card:low\ndd:1|c|e:some-value\ndd:1|c|zz:new|\ndd:1|c|T{now}|c:abc|@1\no:1e308|c\no:1e308|c\n"
+    );
+    send_udp(udp, &[datagram]);
     wait_for_lines(&running.telemetry, 6);
     let t = std::sync::Arc::clone(&running.telemetry);
     assert_eq!(running.shutdown().await, 0);
