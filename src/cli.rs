@@ -175,7 +175,19 @@ fn run(config: crate::config::Config, file: Option<PathBuf>, overrides: Override
                 return;
             };
             while hup.recv().await.is_some() {
-                match Settings::load(file.as_deref(), &overrides).and_then(|s| s.validate()) {
+                // Reading the files (config, TLS) is blocking work.
+                let (f, o) = (file.clone(), overrides.clone());
+                let loaded = tokio::task::spawn_blocking(move || {
+                    Settings::load(f.as_deref(), &o).and_then(|s| s.validate())
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::config::ConfigError {
+                        field: "(reload)".into(),
+                        reason: e.to_string(),
+                    })
+                });
+                match loaded {
                     Ok(config) => {
                         if let Err(e) = level_handle.modify(|l| *l = config.log_level) {
                             tracing::error!(error = %e, "cannot change the log level");

@@ -172,6 +172,11 @@ pub struct ClickhouseSettings {
     pub timeout: String,
     pub retry_initial: String,
     pub retry_max: String,
+    /// PEM roots to trust for an https:// URL instead of the system's.
+    pub ca_file: String,
+    /// A PEM client certificate (chain) and its key, for servers that ask.
+    pub client_cert: String,
+    pub client_key: String,
 }
 
 impl Default for Settings {
@@ -237,6 +242,9 @@ impl Default for ClickhouseSettings {
             timeout: "30s".into(),
             retry_initial: "100ms".into(),
             retry_max: "10s".into(),
+            ca_file: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
         }
     }
 }
@@ -434,12 +442,27 @@ impl Settings {
                 format!("{:?} is not an http:// URL", c.url),
             ));
         }
-        if c.url.starts_with("https://") {
-            return Err(err(
-                "clickhouse.url",
-                "https is not built in; put a TLS proxy in front or use http://",
-            ));
-        }
+        let pem = |field: &str, path: &str, key: bool| {
+            (!path.is_empty())
+                .then(|| crate::sink::tls::Pem::read(path, key).map_err(|e| err(field, e)))
+                .transpose()
+        };
+        let tls = crate::sink::tls::TlsFiles {
+            ca: pem("clickhouse.ca_file", &c.ca_file, false)?,
+            client: match (
+                pem("clickhouse.client_cert", &c.client_cert, false)?,
+                pem("clickhouse.client_key", &c.client_key, true)?,
+            ) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => {
+                    return Err(err(
+                        "clickhouse.client_cert",
+                        "client_cert and client_key go together",
+                    ));
+                }
+            },
+        };
         if c.database.is_empty() {
             return Err(err("clickhouse.database", "must not be empty"));
         }
@@ -538,6 +561,7 @@ impl Settings {
                 timeout: duration("clickhouse.timeout", &c.timeout)?,
                 retry_initial,
                 retry_max,
+                tls,
             },
         })
     }

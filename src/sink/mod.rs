@@ -30,6 +30,7 @@
 pub mod rowbinary;
 pub mod rows;
 pub mod schema;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -63,6 +64,8 @@ pub struct SinkConfig {
     pub timeout: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Trust and client certificate for an `https://` URL.
+    pub tls: tls::TlsFiles,
 }
 
 /// What to do about a failed insert.
@@ -103,6 +106,15 @@ pub fn error_code(message: &str) -> Option<u32> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
+}
+
+/// Whether an error is a TLS certificate the client does not trust (or a
+/// name it does not match): a config problem, not an outage.
+pub fn is_certificate_error(err: &clickhouse::error::Error) -> bool {
+    let text = err.to_string();
+    text.contains("certificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("NotValidForName")
 }
 
 /// Classifies a failed insert.
@@ -199,6 +211,11 @@ impl Sink {
     pub fn with_reload(self, reload: watch::Receiver<SinkConfig>) -> Sink {
         *lock(&self.reload) = Some(reload);
         self
+    }
+
+    /// Counts a failed attempt to reach ClickHouse (before the first insert).
+    pub fn count_retry(&self) {
+        self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
     }
 
     /// Reports each written flush to `ledger` (step 7).
@@ -423,7 +440,11 @@ impl Sink {
                         }
                         Failure::Retry => {
                             self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
-                            tracing::warn!(table = name, flush_id, attempt = attempt + 1, retry_in = ?delay, error = %err, "insert failed; will retry");
+                            if matches!(&err, Failed::Insert(e) if is_certificate_error(e)) {
+                                tracing::error!(table = name, flush_id, url = %config.url, retry_in = ?delay, error = %err, "ClickHouse's TLS certificate is not trusted (set clickhouse.ca_file for a private CA); the rows wait in the spool");
+                            } else {
+                                tracing::warn!(table = name, flush_id, attempt = attempt + 1, retry_in = ?delay, error = %err, "insert failed; will retry");
+                            }
                         }
                     }
                     tokio::time::sleep(delay).await;
@@ -584,7 +605,15 @@ struct Current {
 
 impl Current {
     fn new(config: SinkConfig) -> Current {
-        let admin = Client::default()
+        let base = if config.url.starts_with("https://") {
+            tls::client(&config.tls).unwrap_or_else(|e| {
+                tracing::error!(url = %config.url, error = %e, "cannot set up TLS for ClickHouse");
+                Client::default()
+            })
+        } else {
+            Client::default()
+        };
+        let admin = base
             .with_url(&config.url)
             .with_user(&config.user)
             .with_password(&config.password)

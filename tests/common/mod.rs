@@ -17,6 +17,8 @@ use tallyd::config::{Config, Settings};
 /// A private ClickHouse server.
 pub struct ClickHouse {
     pub port: u16,
+    /// The HTTPS port, when started with a certificate (else 0).
+    pub https_port: u16,
     dir: PathBuf,
     child: Mutex<Option<Child>>,
 }
@@ -60,14 +62,30 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A private ClickHouse that also serves HTTPS with `cert` and `key` (PEM).
+pub fn clickhouse_tls(cert: &Path, key: &Path) -> ClickHouse {
+    ClickHouse::start_with(&format!(
+        "  <openSSL><server><certificateFile>{}</certificateFile><privateKeyFile>{}</privateKeyFile><verificationMode>none</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile></server></openSSL>\n",
+        cert.display(),
+        key.display()
+    ))
+}
+
 impl ClickHouse {
     fn start_new() -> ClickHouse {
+        ClickHouse::start_with("")
+    }
+
+    /// A server whose config.xml also holds `extra`; with an `<openSSL>`
+    /// block it serves HTTPS too.
+    fn start_with(extra: &str) -> ClickHouse {
         let dir = temp_dir("clickhouse");
         std::fs::write(
             dir.join("config.xml"),
-            "<yandex>\n  <logger><level>warning</level><log>server.log</log><errorlog>server.err.log</errorlog></logger>\n  <mark_cache_size>5368709</mark_cache_size>\n  <listen_host>127.0.0.1</listen_host>\n  <users_config>users.xml</users_config>\n  <default_profile>default</default_profile>\n  <default_database>default</default_database>\n</yandex>\n",
+            format!("<yandex>\n  <logger><level>warning</level><log>server.log</log><errorlog>server.err.log</errorlog></logger>\n  <mark_cache_size>5368709</mark_cache_size>\n  <listen_host>127.0.0.1</listen_host>\n  <users_config>users.xml</users_config>\n  <default_profile>default</default_profile>\n  <default_database>default</default_database>\n{extra}</yandex>\n"),
         )
         .expect("write config");
+        let tls = extra.contains("<openSSL>");
         std::fs::write(
             dir.join("users.xml"),
             "<yandex>\n  <profiles><default></default></profiles>\n  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>\n  <quotas><default></default></quotas>\n</yandex>\n",
@@ -75,12 +93,14 @@ impl ClickHouse {
         .expect("write users");
         let server = ClickHouse {
             port: 0,
+            https_port: 0,
             dir,
             child: Mutex::new(None),
         };
         for _ in 0..10 {
             let s = ClickHouse {
                 port: free_port(),
+                https_port: if tls { free_port() } else { 0 },
                 ..server.clone_dir()
             };
             if s.start() {
@@ -96,6 +116,7 @@ impl ClickHouse {
     fn clone_dir(&self) -> ClickHouse {
         ClickHouse {
             port: self.port,
+            https_port: self.https_port,
             dir: self.dir.clone(),
             child: Mutex::new(None),
         }
@@ -107,13 +128,18 @@ impl ClickHouse {
         // A shell minds the server: it stops it when this test process
         // ends (however it ends) or when the shell gets SIGTERM.
         let script = format!(
-            "cd '{dir}' && '{bin}' --config-file=config.xml -- --http_port={port} --tcp_port=0 --path='{dir}/data/' >server.out 2>&1 & ch=$!; \
+            "cd '{dir}' && '{bin}' --config-file=config.xml -- --http_port={port} {https} --tcp_port=0 --path='{dir}/data/' >server.out 2>&1 & ch=$!; \
              trap 'kill $ch 2>/dev/null; wait $ch; exit 0' TERM; \
              while kill -0 {pid} 2>/dev/null && kill -0 $ch 2>/dev/null; do sleep 0.2; done; \
              kill $ch 2>/dev/null; wait $ch; echo $? > '{dir}/exit_code'",
             dir = self.dir.display(),
             bin = binary.display(),
             port = self.port,
+            https = if self.https_port == 0 {
+                String::new()
+            } else {
+                format!("--https_port={}", self.https_port)
+            },
             pid = std::process::id(),
         );
         let _ = std::fs::remove_file(self.dir.join("exit_code"));

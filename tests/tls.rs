@@ -1,0 +1,155 @@
+//! ClickHouse over HTTPS: a private 18.16 server with a certificate signed
+//! by a CA made here (with the `openssl` command), and tallyd trusting that
+//! CA through `clickhouse.ca_file`. Without it, the certificate is refused,
+//! the data waits in the spool, and it lands once the config is fixed.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering::Relaxed;
+
+use common::*;
+use tallyd::server;
+
+/// A CA and a server certificate for 127.0.0.1 in `dir`: (ca.crt,
+/// server.crt, server.key).
+fn certificates(dir: &Path) -> (String, String, String) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (scripts/test.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tallyd test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let path = |f: &str| dir.join(f).display().to_string();
+    (path("ca.crt"), path("server.crt"), path("server.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_private_ca_counts_exactly_and_an_untrusted_server_waits() {
+    let dir = temp_dir("tls");
+    let (ca, cert, key) = certificates(&dir);
+    let ch = clickhouse_tls(Path::new(&cert), Path::new(&key));
+    let https = format!("https://127.0.0.1:{}", ch.https_port);
+
+    // Without the CA: nothing is trusted, nothing is lost.
+    let mut s = settings(&ch, "tls");
+    s.clickhouse.url = https.clone();
+    s.clickhouse.retry_max = "200ms".into();
+    s.aggregate.flush_interval = "100ms".into();
+    // What ClickHouse has not taken by then stays in the spool.
+    s.shutdown_timeout = "2s".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    send_udp(udp, &["tls.c:1|c\ntls.c:2|c".to_string()]);
+    wait_for_lines(&running.telemetry, 2);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert!(
+        tokio::task::spawn_blocking(
+            move || wait_for(10, || t.clickhouse_retries.load(Relaxed) >= 2)
+        )
+        .await
+        .expect("poll"),
+        "the untrusted server was not retried"
+    );
+    assert_eq!(running.shutdown().await, 0);
+    assert!(
+        ch.try_query("SELECT count() FROM tls.counters")
+            .is_none_or(|n| n == "0\n"),
+        "nothing may land over an untrusted connection"
+    );
+
+    // The same data dir with the CA: the spooled rows land, and new ones.
+    s.clickhouse.ca_file = ca.clone();
+    let running = server::start(config(&s)).await.expect("restart");
+    let udp = running.udp_addr.expect("udp");
+    send_udp(udp, &["tls.c:4|c".to_string()]);
+    wait_for_lines(&running.telemetry, 1);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert!(
+        tokio::task::spawn_blocking(move || wait_for(20, || t.backlog_batches.load(Relaxed) == 0
+            && t.rows_written[0].load(Relaxed) + t.rows_resent[0].load(Relaxed) >= 2))
+        .await
+        .expect("poll"),
+        "the backlog did not drain over HTTPS"
+    );
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM tls.counters FINAL WHERE name = 'tls.c'"),
+        7.0
+    );
+}
+
+#[test]
+fn a_ca_file_that_is_not_pem_is_a_config_error_naming_the_field() {
+    let dir = temp_dir("tls-bad");
+    let bad = dir.join("ca.crt");
+    std::fs::write(&bad, "not a certificate").expect("write");
+    let mut s = tallyd::config::Settings::default();
+    s.clickhouse.url = "https://127.0.0.1:8443".into();
+    s.clickhouse.ca_file = bad.display().to_string();
+    let e = s.validate().expect_err("refused");
+    assert_eq!(e.field, "clickhouse.ca_file");
+    assert!(e.reason.contains("no certificate"), "{}", e.reason);
+    let mut s = tallyd::config::Settings::default();
+    s.clickhouse.client_cert = bad.display().to_string();
+    assert_eq!(
+        s.validate().expect_err("key missing").field,
+        "clickhouse.client_cert"
+    );
+}
