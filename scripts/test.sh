@@ -41,6 +41,12 @@ fi
 
 # The DogStatsD clients of tests/dogstatsd.rs: Datadog's Python client, and
 # node's hot-shots with unix-dgram (versions pinned in tests/uds).
+# The modern ClickHouse engine (26.9), embedded by chdb, behind
+# tests/modern/chdb_front.py: the ClickHouse-facing tests run against it too.
+if ! python3 -c "import chdb" 2>/dev/null; then
+    echo "test.sh: installing chdb (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check chdb
+fi
 if ! python3 -c "import datadog" 2>/dev/null; then
     echo "test.sh: installing datadog (PyPI)"
     python3 -m pip install -q --disable-pip-version-check datadog
@@ -54,6 +60,10 @@ cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 # --all-targets also runs each criterion bench once, as a smoke test.
 cargo test --locked --all-targets
+# The same sink, schema and exactly-once tests against the modern engine.
+TALLYD_TEST_ENGINE=chdb cargo test --locked --test end_to_end --test ledger \
+    --test crash --test clickhouse_outage --test proto --test dogstatsd \
+    --test memory --test reload
 
 # Packaging: cargo deb builds the .deb (cargo-deb is installed from
 # crates.io if missing); check that it carries what a host needs.

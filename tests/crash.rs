@@ -473,14 +473,16 @@ fn replayed_flush_is_byte_identical() {
     // The next start re-sends the flush from the spool.
     let d = start(&dir, &ports, "", &db);
     d.term();
-    // Both sends of the flush are in the table (no FINAL), row for row the same.
+    // Both sends of the flush are in the table (no FINAL), row for row the
+    // same; on 22.2+ the deduplication token drops the second at insert.
+    let copies = if common::modern() { "1\t1\n" } else { "2\t1\n" };
     assert_eq!(
         ch.query("SELECT count(), uniqExact(ts, name, tags, host, value, version, samples) FROM identical.gauges WHERE name = 'id.g' AND version = (SELECT max(version) FROM identical.gauges WHERE name = 'id.g') FORMAT TSV"),
-        "2\t1\n"
+        copies
     );
     assert_eq!(
         ch.query("SELECT count(), uniqExact(ts, name, tags, host, flush_id, value, samples) FROM identical.counters WHERE name = 'id.c' FORMAT TSV"),
-        "2\t1\n"
+        copies
     );
     for sql in [
         "SELECT value FROM identical.gauges FINAL WHERE name = 'id.g' ORDER BY version DESC LIMIT 1",
@@ -493,15 +495,15 @@ fn replayed_flush_is_byte_identical() {
         ch.number("SELECT sum(value) FROM identical.counters FINAL WHERE name = 'id.c'"),
         3.0
     );
-    // Events and service checks: the same two identical copies, one row
-    // under FINAL.
+    // Events and service checks: the same identical copies, one row under
+    // FINAL.
     assert_eq!(
         ch.query("SELECT count(), uniqExact(ts, host, flush_id, seq, event_ts, title, text, alert_type) FROM identical.events FORMAT TSV"),
-        "2\t1\n"
+        copies
     );
     assert_eq!(
         ch.query("SELECT count(), uniqExact(ts, host, flush_id, seq, name, status, message) FROM identical.service_checks FORMAT TSV"),
-        "2\t1\n"
+        copies
     );
     assert_eq!(
         ch.query("SELECT (SELECT count() FROM identical.events FINAL), (SELECT count() FROM identical.service_checks FINAL) FORMAT TSV"),

@@ -320,6 +320,32 @@ async fn timestamped_samples_land_in_their_own_interval_and_far_ones_are_refused
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_made_before_a_server_upgrade_gets_the_deduplication_window() {
+    let ch = clickhouse();
+    let s = settings(ch, "upgraded");
+    ch.query("CREATE DATABASE IF NOT EXISTS upgraded");
+    ch.query("DROP TABLE IF EXISTS upgraded.counters");
+    // The table as tallyd makes it for an 18.16 server: no window.
+    ch.query("CREATE TABLE upgraded.counters (ts DateTime, name String, tags Array(String), host String, flush_id UInt64, value Float64, samples UInt64) ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(ts) ORDER BY (name, tags, host, flush_id)");
+    let running = server::start(config(&s)).await.expect("start");
+    send_udp(running.udp_addr.expect("udp"), &["up.c:3|c".to_string()]);
+    wait_for_lines(&running.telemetry, 1);
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM upgraded.counters FINAL WHERE name = 'up.c'"),
+        3.0
+    );
+    if common::modern() {
+        // 22.2+: the token only drops a re-sent insert with the window.
+        assert!(
+            ch.query("SELECT engine_full FROM system.tables WHERE database = 'upgraded' AND name = 'counters'")
+                .contains("non_replicated_deduplication_window = 1000"),
+            "the window was not added"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_lines_are_counted_and_neighbours_still_count() {
     let ch = clickhouse();
     let s = settings(ch, "malformed");

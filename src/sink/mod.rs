@@ -155,6 +155,10 @@ pub struct Sink {
     ledger: Option<Arc<Ledger>>,
     /// The server takes `insert_deduplication_token` (22.2 and later).
     dedup_token: bool,
+    /// The server knows `async_insert` (pinned to 0 on every insert).
+    async_insert: bool,
+    /// Per table: its deduplication window was checked (modern servers).
+    window_checked: [AtomicBool; TABLES.len()],
     /// Per table: its columns were found to be what tallyd writes.
     checked: [AtomicBool; TABLES.len()],
 }
@@ -202,6 +206,8 @@ impl Sink {
             telemetry,
             ledger: None,
             dedup_token: false,
+            async_insert: false,
+            window_checked: Default::default(),
             checked: Default::default(),
         }
     }
@@ -241,6 +247,7 @@ impl Sink {
     pub async fn connect(&mut self) -> Result<String, clickhouse::error::Error> {
         let version = self.server_version().await?;
         self.dedup_token = schema::has_dedup_token(&version);
+        self.async_insert = schema::has_async_insert(&version);
         if self.current().config.create_schema {
             self.ensure_schema().await?;
         }
@@ -465,9 +472,16 @@ impl Sink {
     /// when allowed. One query reads every table's columns, and marks those
     /// that are ready, so a flush costs one such query.
     async fn prepare(&self, table: usize) -> Result<(), Failed> {
-        if self.checked[table].load(Relaxed) {
-            return Ok(());
+        if !self.checked[table].load(Relaxed) {
+            self.check_columns(table).await?;
         }
+        if self.dedup_token && !self.window_checked[table].load(Relaxed) {
+            self.add_dedup_window(table).await?;
+        }
+        Ok(())
+    }
+
+    async fn check_columns(&self, table: usize) -> Result<(), Failed> {
         let current = self.current();
         let database = &current.config.database;
         let name = TABLES[table];
@@ -515,6 +529,43 @@ impl Sink {
         Ok(())
     }
 
+    /// A table made before the server was upgraded to 22.2+ (or by hand)
+    /// may lack `non_replicated_deduplication_window`, without which the
+    /// token drops nothing: it is added (`create_schema`) or logged.
+    async fn add_dedup_window(&self, table: usize) -> Result<(), Failed> {
+        let current = self.current();
+        let database = &current.config.database;
+        let name = TABLES[table];
+        let engines = current
+            .admin
+            .query("SELECT engine_full FROM system.tables WHERE database = ? AND name = ?")
+            .bind(database.as_str())
+            .bind(name)
+            .fetch_all::<String>()
+            .await
+            .map_err(Failed::Insert)?;
+        let statement = engines
+            .first()
+            .and_then(|e| schema::dedup_window_statement(database, name, e));
+        match statement {
+            Some(alter) if current.config.create_schema => {
+                current
+                    .admin
+                    .query(&alter)
+                    .execute()
+                    .await
+                    .map_err(Failed::Insert)?;
+                tracing::info!(table = name, statement = %alter, "gave the table the deduplication window its token needs");
+            }
+            Some(alter) => {
+                tracing::warn!(table = name, statement = %alter, "the table has no deduplication window, so re-sent flushes are only collapsed under FINAL; run the statement to drop them at insert");
+            }
+            None => {}
+        }
+        self.window_checked[table].store(true, Relaxed);
+        Ok(())
+    }
+
     async fn insert(
         &self,
         table: usize,
@@ -534,6 +585,9 @@ impl Sink {
             .with_timeouts(Some(current.config.timeout), Some(current.config.timeout));
         if let Some(token) = token {
             insert = insert.with_setting("insert_deduplication_token", token);
+        }
+        if self.async_insert {
+            insert = insert.with_setting("async_insert", "0");
         }
         insert.send(body).await?;
         insert.end().await

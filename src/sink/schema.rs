@@ -201,6 +201,29 @@ pub fn has_dedup_token(version: &str) -> bool {
     (major, minor) >= (22, 2)
 }
 
+/// Whether a server of `version` knows `async_insert` (21.11 and later):
+/// tallyd pins it to 0 there, so that a profile turning asynchronous
+/// inserts on (with `wait_for_async_insert = 0`) cannot make ClickHouse
+/// answer OK before the rows are stored.
+pub fn has_async_insert(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= (21, 11)
+}
+
+/// The statement that gives a table of an older server (or made before
+/// the upgrade) the deduplication window the token needs, when its
+/// `engine_full` lacks it.
+pub fn dedup_window_statement(database: &str, table: &str, engine_full: &str) -> Option<String> {
+    (!engine_full.contains("non_replicated_deduplication_window")).then(|| {
+        format!(
+            "ALTER TABLE {}.{table} MODIFY SETTING non_replicated_deduplication_window = 1000",
+            quote_ident(database)
+        )
+    })
+}
+
 /// Quotes an identifier with backticks (the database name comes from config).
 pub fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
@@ -233,6 +256,21 @@ mod tests {
         assert!(has_dedup_token("22.2.2.1"));
         assert!(has_dedup_token("24.8.4.13"));
         assert!(!has_dedup_token("garbage"));
+        assert!(!has_async_insert("18.16.1"));
+        assert!(has_async_insert("21.11.2"));
+        assert!(has_async_insert("26.9.2.1"));
+        assert_eq!(
+            dedup_window_statement("m", "counters", "ReplacingMergeTree ORDER BY x"),
+            Some("ALTER TABLE `m`.counters MODIFY SETTING non_replicated_deduplication_window = 1000".into())
+        );
+        assert_eq!(
+            dedup_window_statement(
+                "m",
+                "counters",
+                "... SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 8192"
+            ),
+            None
+        );
     }
 
     fn columns(list: &[(&str, &str)]) -> Vec<(String, String)> {

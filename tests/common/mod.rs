@@ -14,9 +14,13 @@ use std::time::{Duration, Instant};
 
 use tallyd::config::{Config, Settings};
 
-/// A private ClickHouse server.
+/// A private ClickHouse server: Debian's clickhouse-server (18.16), or,
+/// with `TALLYD_TEST_ENGINE=chdb`, the modern engine embedded by PyPI's
+/// chdb behind `tests/modern/chdb_front.py` (26.9 with chdb 4.4).
 pub struct ClickHouse {
     pub port: u16,
+    /// Served by the chdb front rather than clickhouse-server.
+    pub chdb: bool,
     /// The HTTPS port, when started with a certificate (else 0).
     pub https_port: u16,
     dir: PathBuf,
@@ -40,7 +44,18 @@ fn server_binary() -> PathBuf {
 /// The server shared by the tests of this binary (started on first use).
 pub fn clickhouse() -> &'static ClickHouse {
     static SERVER: OnceLock<ClickHouse> = OnceLock::new();
-    SERVER.get_or_init(ClickHouse::start_new)
+    SERVER.get_or_init(|| {
+        if modern() {
+            ClickHouse::start_chdb()
+        } else {
+            ClickHouse::start_new()
+        }
+    })
+}
+
+/// Whether this run's tests talk to the modern engine (chdb).
+pub fn modern() -> bool {
+    std::env::var("TALLYD_TEST_ENGINE").is_ok_and(|e| e == "chdb")
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -76,6 +91,23 @@ impl ClickHouse {
         ClickHouse::start_with("")
     }
 
+    fn start_chdb() -> ClickHouse {
+        let dir = temp_dir("chdb");
+        for _ in 0..10 {
+            let s = ClickHouse {
+                port: free_port(),
+                chdb: true,
+                https_port: 0,
+                dir: dir.clone(),
+                child: Mutex::new(None),
+            };
+            if s.start() {
+                return s;
+            }
+        }
+        panic!("the chdb front did not start; see {}", dir.display());
+    }
+
     /// A server whose config.xml also holds `extra`; with an `<openSSL>`
     /// block it serves HTTPS too.
     fn start_with(extra: &str) -> ClickHouse {
@@ -93,6 +125,7 @@ impl ClickHouse {
         .expect("write users");
         let server = ClickHouse {
             port: 0,
+            chdb: false,
             https_port: 0,
             dir,
             child: Mutex::new(None),
@@ -116,6 +149,7 @@ impl ClickHouse {
     fn clone_dir(&self) -> ClickHouse {
         ClickHouse {
             port: self.port,
+            chdb: self.chdb,
             https_port: self.https_port,
             dir: self.dir.clone(),
             child: Mutex::new(None),
@@ -124,22 +158,36 @@ impl ClickHouse {
 
     /// Starts the server on its port; false if the port was taken.
     pub fn start(&self) -> bool {
-        let binary = server_binary();
+        let command = if self.chdb {
+            format!(
+                "python3 '{front}' {port} '{dir}/data' >server.out 2>&1",
+                front = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/modern/chdb_front.py")
+                    .display(),
+                port = self.port,
+                dir = self.dir.display(),
+            )
+        } else {
+            format!(
+                "'{bin}' --config-file=config.xml -- --http_port={port} {https} --tcp_port=0 --path='{dir}/data/' >server.out 2>&1",
+                bin = server_binary().display(),
+                port = self.port,
+                https = if self.https_port == 0 {
+                    String::new()
+                } else {
+                    format!("--https_port={}", self.https_port)
+                },
+                dir = self.dir.display(),
+            )
+        };
         // A shell minds the server: it stops it when this test process
         // ends (however it ends) or when the shell gets SIGTERM.
         let script = format!(
-            "cd '{dir}' && '{bin}' --config-file=config.xml -- --http_port={port} {https} --tcp_port=0 --path='{dir}/data/' >server.out 2>&1 & ch=$!; \
+            "cd '{dir}' && {command} & ch=$!; \
              trap 'kill $ch 2>/dev/null; wait $ch; exit 0' TERM; \
              while kill -0 {pid} 2>/dev/null && kill -0 $ch 2>/dev/null; do sleep 0.2; done; \
              kill $ch 2>/dev/null; wait $ch; echo $? > '{dir}/exit_code'",
             dir = self.dir.display(),
-            bin = binary.display(),
-            port = self.port,
-            https = if self.https_port == 0 {
-                String::new()
-            } else {
-                format!("--https_port={}", self.https_port)
-            },
             pid = std::process::id(),
         );
         let _ = std::fs::remove_file(self.dir.join("exit_code"));
