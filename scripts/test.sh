@@ -25,6 +25,9 @@ command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
 # openssl makes the certificates of the HTTPS test.
 command -v openssl >/dev/null || missing+=(openssl)
+# The cluster test runs ZooKeeper (Java) for two replicated 18.16 servers.
+command -v java >/dev/null || missing+=(default-jre-headless)
+[ -e /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]} (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive

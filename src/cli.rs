@@ -26,12 +26,22 @@ pub enum Command {
     /// Validate the configuration and print the effective settings.
     CheckConfig(ConfigArgs),
     /// Print the ClickHouse DDL tallyd runs at start.
-    Schema(ConfigArgs),
+    Schema(SchemaArgs),
     /// Look into the write-ahead log.
     #[command(subcommand)]
     Wal(WalCommand),
     /// Send StatsD lines (arguments, or standard input) to a tallyd.
     Send(SendArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SchemaArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The DDL for this cluster (replicated tables, ON CLUSTER, Distributed
+    /// `*_all` tables) [default: clickhouse.cluster]
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,7 +94,7 @@ pub fn main() -> ExitCode {
         Command::Send(args) => return send(args),
         Command::Run(args)
         | Command::CheckConfig(args)
-        | Command::Schema(args)
+        | Command::Schema(SchemaArgs { config: args, .. })
         | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args)) => args,
     };
     let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
@@ -100,8 +110,9 @@ pub fn main() -> ExitCode {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        Command::Schema(_) => {
-            for statement in crate::sink::schema::ddl(&config.sink.database, false) {
+        Command::Schema(schema) => {
+            let cluster = schema.cluster.as_deref().or(config.sink.cluster.as_deref());
+            for statement in crate::sink::schema::ddl(&config.sink.database, false, cluster) {
                 println!("{statement};\n");
             }
             println!("-- On ClickHouse 22.2 and later, each table also gets");

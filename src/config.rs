@@ -177,6 +177,12 @@ pub struct ClickhouseSettings {
     /// A PEM client certificate (chain) and its key, for servers that ask.
     pub client_cert: String,
     pub client_key: String,
+    /// Other replicas of the shard `url` belongs to: tried in turn when
+    /// the one in use fails.
+    pub replicas: Vec<String>,
+    /// A cluster name from the servers' `remote_servers`: the schema is
+    /// made ON CLUSTER with replicated tables. Empty: one server.
+    pub cluster: String,
 }
 
 impl Default for Settings {
@@ -245,6 +251,8 @@ impl Default for ClickhouseSettings {
             ca_file: String::new(),
             client_cert: String::new(),
             client_key: String::new(),
+            replicas: Vec::new(),
+            cluster: String::new(),
         }
     }
 }
@@ -442,6 +450,16 @@ impl Settings {
                 format!("{:?} is not an http:// URL", c.url),
             ));
         }
+        if let Some(bad) = c
+            .replicas
+            .iter()
+            .find(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+        {
+            return Err(err(
+                "clickhouse.replicas",
+                format!("{bad:?} is not an http:// URL"),
+            ));
+        }
         let pem = |field: &str, path: &str, key: bool| {
             (!path.is_empty())
                 .then(|| crate::sink::tls::Pem::read(path, key).map_err(|e| err(field, e)))
@@ -562,6 +580,8 @@ impl Settings {
                 retry_initial,
                 retry_max,
                 tls,
+                replicas: c.replicas.clone(),
+                cluster: (!c.cluster.is_empty()).then(|| c.cluster.clone()),
             },
         })
     }

@@ -66,6 +66,12 @@ pub struct SinkConfig {
     pub retry_max: Duration,
     /// Trust and client certificate for an `https://` URL.
     pub tls: tls::TlsFiles,
+    /// More endpoints of the same shard (replicas), tried in turn after
+    /// `url` when one fails.
+    pub replicas: Vec<String>,
+    /// The cluster (in the servers' `remote_servers`) the schema is made
+    /// on: replicated tables, `ON CLUSTER` DDL, `Distributed` `*_all`.
+    pub cluster: Option<String>,
 }
 
 /// What to do about a failed insert.
@@ -159,6 +165,8 @@ pub struct Sink {
     async_insert: bool,
     /// Per table: its deduplication window was checked (modern servers).
     window_checked: [AtomicBool; TABLES.len()],
+    /// The endpoint in use: `url`, then `replicas` (see [`Sink::fail_over`]).
+    active: std::sync::atomic::AtomicUsize,
     /// Per table: its columns were found to be what tallyd writes.
     checked: [AtomicBool; TABLES.len()],
 }
@@ -208,6 +216,7 @@ impl Sink {
             dedup_token: false,
             async_insert: false,
             window_checked: Default::default(),
+            active: Default::default(),
             checked: Default::default(),
         }
     }
@@ -219,9 +228,30 @@ impl Sink {
         self
     }
 
-    /// Counts a failed attempt to reach ClickHouse (before the first insert).
+    /// Counts a failed attempt to reach ClickHouse (before the first insert)
+    /// and moves to the next replica, if there is one.
     pub fn count_retry(&self) {
         self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
+        self.fail_over();
+    }
+
+    /// The endpoint in use.
+    fn active(&self) -> usize {
+        self.active.load(Relaxed)
+    }
+
+    /// After a failure that is not about the data (refused, timed out, a
+    /// server error): the next attempt goes to the next of `url` and
+    /// `replicas`, round robin. A flush is only ever sent to another
+    /// replica as a retry of the same bytes (and token), which replicated
+    /// tables drop as a duplicate block if the first attempt landed.
+    fn fail_over(&self) {
+        let current = self.current();
+        let n = current.endpoints.len();
+        if n > 1 {
+            let next = (self.active.fetch_add(1, Relaxed) + 1) % n;
+            tracing::warn!(url = %current.at(next).url, "failing over to the next ClickHouse replica");
+        }
     }
 
     /// Reports each written flush to `ledger` (step 7).
@@ -256,7 +286,9 @@ impl Sink {
 
     /// The server's version string (`SELECT version()`).
     pub async fn server_version(&self) -> Result<String, clickhouse::error::Error> {
-        self.current()
+        let current = self.current();
+        current
+            .at(self.active())
             .admin
             .query("SELECT version()")
             .fetch_one::<String>()
@@ -266,8 +298,14 @@ impl Sink {
     /// Creates the database and tables if they are missing.
     pub async fn ensure_schema(&self) -> Result<(), clickhouse::error::Error> {
         let current = self.current();
-        for statement in schema::ddl(&current.config.database, self.dedup_token) {
-            current.admin.query(&statement).execute().await?;
+        let cluster = current.config.cluster.as_deref();
+        for statement in schema::ddl(&current.config.database, self.dedup_token, cluster) {
+            current
+                .at(self.active())
+                .admin
+                .query(&statement)
+                .execute()
+                .await?;
         }
         Ok(())
     }
@@ -447,6 +485,7 @@ impl Sink {
                         }
                         Failure::Retry => {
                             self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
+                            self.fail_over();
                             if matches!(&err, Failed::Insert(e) if is_certificate_error(e)) {
                                 tracing::error!(table = name, flush_id, url = %config.url, retry_in = ?delay, error = %err, "ClickHouse's TLS certificate is not trusted (set clickhouse.ca_file for a private CA); the rows wait in the spool");
                             } else {
@@ -475,7 +514,11 @@ impl Sink {
         if !self.checked[table].load(Relaxed) {
             self.check_columns(table).await?;
         }
-        if self.dedup_token && !self.window_checked[table].load(Relaxed) {
+        // Replicated tables (a cluster) deduplicate without that setting.
+        if self.dedup_token
+            && self.current().config.cluster.is_none()
+            && !self.window_checked[table].load(Relaxed)
+        {
             self.add_dedup_window(table).await?;
         }
         Ok(())
@@ -486,6 +529,7 @@ impl Sink {
         let database = &current.config.database;
         let name = TABLES[table];
         let rows = current
+            .at(self.active())
             .admin
             .query("SELECT table, name, type FROM system.columns WHERE database = ?")
             .bind(database.as_str())
@@ -509,6 +553,7 @@ impl Sink {
             schema::Plan::Migrate(alters) if current.config.create_schema => {
                 for alter in &alters {
                     current
+                        .at(self.active())
                         .admin
                         .query(alter)
                         .execute()
@@ -537,6 +582,7 @@ impl Sink {
         let database = &current.config.database;
         let name = TABLES[table];
         let engines = current
+            .at(self.active())
             .admin
             .query("SELECT engine_full FROM system.tables WHERE database = ? AND name = ?")
             .bind(database.as_str())
@@ -550,6 +596,7 @@ impl Sink {
         match statement {
             Some(alter) if current.config.create_schema => {
                 current
+                    .at(self.active())
                     .admin
                     .query(&alter)
                     .execute()
@@ -580,6 +627,7 @@ impl Sink {
             schema::insert_columns(table)
         );
         let mut insert = current
+            .at(self.active())
             .client
             .insert_formatted_with(sql)
             .with_timeouts(Some(current.config.timeout), Some(current.config.timeout));
@@ -649,35 +697,53 @@ mod tests {
     }
 }
 
-/// Clients built from one set of settings.
+/// Clients of one ClickHouse endpoint.
 #[derive(Clone)]
-struct Current {
+struct Endpoint {
+    url: String,
     client: Client,
     admin: Client,
+}
+
+/// Clients built from one set of settings: `url`, then each of `replicas`.
+#[derive(Clone)]
+struct Current {
+    endpoints: Vec<Endpoint>,
     config: SinkConfig,
 }
 
 impl Current {
     fn new(config: SinkConfig) -> Current {
-        let base = if config.url.starts_with("https://") {
-            tls::client(&config.tls).unwrap_or_else(|e| {
-                tracing::error!(url = %config.url, error = %e, "cannot set up TLS for ClickHouse");
-                Client::default()
+        let endpoints = std::iter::once(&config.url)
+            .chain(&config.replicas)
+            .map(|url| {
+                let base = if url.starts_with("https://") {
+                    tls::client(&config.tls).unwrap_or_else(|e| {
+                        tracing::error!(url = %url, error = %e, "cannot set up TLS for ClickHouse");
+                        Client::default()
+                    })
+                } else {
+                    Client::default()
+                };
+                let admin = base
+                    .with_url(url)
+                    .with_user(&config.user)
+                    .with_password(&config.password)
+                    .with_validation(false);
+                let client = admin.clone().with_database(&config.database);
+                Endpoint {
+                    url: url.clone(),
+                    client,
+                    admin,
+                }
             })
-        } else {
-            Client::default()
-        };
-        let admin = base
-            .with_url(&config.url)
-            .with_user(&config.user)
-            .with_password(&config.password)
-            .with_validation(false);
-        let client = admin.clone().with_database(&config.database);
-        Current {
-            client,
-            admin,
-            config,
-        }
+            .collect();
+        Current { endpoints, config }
+    }
+
+    /// Endpoint `active` (wrapping).
+    fn at(&self, active: usize) -> &Endpoint {
+        &self.endpoints[active % self.endpoints.len()]
     }
 }
 

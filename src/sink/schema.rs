@@ -100,23 +100,56 @@ const ENGINES: [&str; 6] = [
 /// The statements that create the database and tables, in order. With
 /// `dedup_window` (servers that have it, 22.2 and later), each table also
 /// drops a re-sent insert with a known `insert_deduplication_token`.
-pub fn ddl(database: &str, dedup_window: bool) -> Vec<String> {
+///
+/// With a `cluster` (a name in the servers' `remote_servers`), every
+/// statement runs `ON CLUSTER`, the tables are
+/// `ReplicatedReplacingMergeTree` at `/clickhouse/tables/{shard}/<database>/<table>`
+/// with replica `{replica}` (the servers' macros), and each table gets a
+/// `Distributed` table `<table>_all` over the cluster, for reads. Replicated
+/// tables drop a re-sent identical block by its hash on every version (the
+/// token too from 22.2), whichever replica gets it.
+pub fn ddl(database: &str, dedup_window: bool, cluster: Option<&str>) -> Vec<String> {
     let db = quote_ident(database);
-    let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS {db}")];
+    let on = cluster.map_or(String::new(), |c| format!(" ON CLUSTER {}", quote_ident(c)));
+    let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
     for (i, table) in crate::telemetry::TABLES.iter().enumerate() {
         let columns: Vec<String> = COLUMNS[i]
             .iter()
             .map(|(name, ty)| format!("    {name} {ty}"))
             .collect();
-        statements.push(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{table} (\n{}\n) ENGINE = {}",
+        let engine = match cluster {
+            None => ENGINES[i].to_string(),
+            Some(_) => {
+                let path = format!(
+                    "'/clickhouse/tables/{{shard}}/{}/{table}', '{{replica}}'",
+                    database.replace('\\', "\\\\").replace('\'', "\\'")
+                );
+                ENGINES[i]
+                    .replacen(
+                        "ReplacingMergeTree()",
+                        &format!("ReplicatedReplacingMergeTree({path})"),
+                        1,
+                    )
+                    .replacen(
+                        "ReplacingMergeTree(version)",
+                        &format!("ReplicatedReplacingMergeTree({path}, version)"),
+                        1,
+                    )
+            }
+        };
+        let mut create = format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{table}{on} (\n{}\n) ENGINE = {engine}",
             columns.join(",\n"),
-            ENGINES[i]
-        ));
-    }
-    if dedup_window {
-        for s in statements.iter_mut().skip(1) {
-            s.push_str("\nSETTINGS non_replicated_deduplication_window = 1000");
+        );
+        if dedup_window && cluster.is_none() {
+            create.push_str("\nSETTINGS non_replicated_deduplication_window = 1000");
+        }
+        statements.push(create);
+        if let Some(c) = cluster {
+            statements.push(format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{table}_all{on} AS {db}.{table}\nENGINE = Distributed({}, {db}, {table})",
+                quote_ident(c)
+            ));
         }
     }
     statements
@@ -235,7 +268,7 @@ mod tests {
 
     #[test]
     fn every_table_is_created_in_the_database() {
-        let ddl = ddl("metrics", false);
+        let ddl = ddl("metrics", false, None);
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `metrics`");
         for table in crate::telemetry::TABLES {
             assert!(
@@ -249,8 +282,11 @@ mod tests {
 
     #[test]
     fn dedup_window_only_for_modern_servers() {
-        assert!(ddl("m", true)[1].ends_with("SETTINGS non_replicated_deduplication_window = 1000"));
-        assert!(!ddl("m", false)[1].contains("SETTINGS"));
+        assert!(
+            ddl("m", true, None)[1]
+                .ends_with("SETTINGS non_replicated_deduplication_window = 1000")
+        );
+        assert!(!ddl("m", false, None)[1].contains("SETTINGS"));
         assert!(!has_dedup_token("18.16.1"));
         assert!(!has_dedup_token("22.1.3.7"));
         assert!(has_dedup_token("22.2.2.1"));
@@ -332,6 +368,28 @@ mod tests {
             insert_columns(1),
             "(ts, name, tags, host, value, version, samples)"
         );
+    }
+
+    #[test]
+    fn a_cluster_gets_replicated_tables_on_cluster_and_distributed_ones_for_reads() {
+        let ddl = ddl("m", true, Some("c1"));
+        assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `m` ON CLUSTER `c1`");
+        assert!(ddl[1].starts_with("CREATE TABLE IF NOT EXISTS `m`.counters ON CLUSTER `c1` ("));
+        assert!(ddl[1].contains(
+            "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/m/counters', '{replica}')"
+        ));
+        assert!(
+            !ddl[1].contains("non_replicated"),
+            "not for replicated tables"
+        );
+        assert_eq!(
+            ddl[2],
+            "CREATE TABLE IF NOT EXISTS `m`.counters_all ON CLUSTER `c1` AS `m`.counters\nENGINE = Distributed(`c1`, `m`, counters)"
+        );
+        assert!(ddl[3].contains(
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/m/gauges', '{replica}', version)"
+        ));
+        assert_eq!(ddl.len(), 1 + 2 * crate::telemetry::TABLES.len());
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct ClickHouse {
     pub chdb: bool,
     /// The HTTPS port, when started with a certificate (else 0).
     pub https_port: u16,
+    /// More server arguments (ports a cluster needs), kept across restarts.
+    args: String,
     dir: PathBuf,
     child: Mutex<Option<Child>>,
 }
@@ -77,6 +79,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A private ClickHouse whose config.xml also holds `extra`, started with
+/// `args` after `--` (e.g. `--tcp_port=N`), on a free HTTP port.
+pub fn clickhouse_with(extra: &str, args: &str) -> ClickHouse {
+    ClickHouse::start_full(extra, args)
+}
+
 /// A private ClickHouse that also serves HTTPS with `cert` and `key` (PEM).
 pub fn clickhouse_tls(cert: &Path, key: &Path) -> ClickHouse {
     ClickHouse::start_with(&format!(
@@ -98,6 +106,7 @@ impl ClickHouse {
                 port: free_port(),
                 chdb: true,
                 https_port: 0,
+                args: String::new(),
                 dir: dir.clone(),
                 child: Mutex::new(None),
             };
@@ -111,6 +120,10 @@ impl ClickHouse {
     /// A server whose config.xml also holds `extra`; with an `<openSSL>`
     /// block it serves HTTPS too.
     fn start_with(extra: &str) -> ClickHouse {
+        ClickHouse::start_full(extra, "--tcp_port=0")
+    }
+
+    fn start_full(extra: &str, args: &str) -> ClickHouse {
         let dir = temp_dir("clickhouse");
         std::fs::write(
             dir.join("config.xml"),
@@ -127,6 +140,7 @@ impl ClickHouse {
             port: 0,
             chdb: false,
             https_port: 0,
+            args: args.to_owned(),
             dir,
             child: Mutex::new(None),
         };
@@ -151,6 +165,7 @@ impl ClickHouse {
             port: self.port,
             chdb: self.chdb,
             https_port: self.https_port,
+            args: self.args.clone(),
             dir: self.dir.clone(),
             child: Mutex::new(None),
         }
@@ -169,7 +184,7 @@ impl ClickHouse {
             )
         } else {
             format!(
-                "'{bin}' --config-file=config.xml -- --http_port={port} {https} --tcp_port=0 --path='{dir}/data/' >server.out 2>&1",
+                "'{bin}' --config-file=config.xml -- --http_port={port} {https} {args} --path='{dir}/data/' >server.out 2>&1",
                 bin = server_binary().display(),
                 port = self.port,
                 https = if self.https_port == 0 {
@@ -178,6 +193,7 @@ impl ClickHouse {
                     format!("--https_port={}", self.https_port)
                 },
                 dir = self.dir.display(),
+                args = self.args,
             )
         };
         // A shell minds the server: it stops it when this test process

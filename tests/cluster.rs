@@ -1,0 +1,175 @@
+//! A replicated cluster, as users scale past one ClickHouse: ZooKeeper
+//! (Debian's `zookeeper` package, one node on a free loopback port, in a
+//! temp dir) and two 18.16 servers as two replicas of one shard. tallyd
+//! makes the schema ON CLUSTER (replicated tables, Distributed `*_all`),
+//! writes to the first replica, and fails over to the second when the first
+//! is killed. Totals must be exact on both replicas, with and without
+//! `FINAL`. Skipped, loudly, when Java or ZooKeeper is missing
+//! (`scripts/test.sh` installs both).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::*;
+use tallyd::server;
+
+/// A one-node ZooKeeper, killed when dropped.
+struct ZooKeeper {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts ZooKeeper, or says why it cannot.
+fn zookeeper() -> Result<ZooKeeper, String> {
+    if Command::new("java").arg("-version").output().is_err() {
+        return Err("java is not installed".into());
+    }
+    if !Path::new("/usr/share/java/zookeeper.jar").exists() {
+        return Err("Debian's zookeeper package is not installed".into());
+    }
+    let jars: Vec<String> = std::fs::read_dir("/usr/share/java")
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jar"))
+        .map(|p| p.display().to_string())
+        .collect();
+    let dir = temp_dir("zookeeper");
+    let port = free_port();
+    std::fs::write(
+        dir.join("zoo.cfg"),
+        format!(
+            "tickTime=500\ndataDir={}/data\nclientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n4lw.commands.whitelist=ruok\n",
+            dir.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join("zk.log")).map_err(|e| e.to_string())?;
+    let child = Command::new("java")
+        .arg("-cp")
+        .arg(jars.join(":"))
+        .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+        .arg(dir.join("zoo.cfg"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let zk = ZooKeeper { child, port };
+    let ok = wait_for(60, || {
+        use std::io::{Read, Write};
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| {
+                s.write_all(b"ruok")?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok(answer == "imok")
+            })
+            .unwrap_or(false)
+    });
+    if ok {
+        Ok(zk)
+    } else {
+        Err(format!(
+            "ZooKeeper did not answer; see {}/zk.log",
+            dir.display()
+        ))
+    }
+}
+
+/// Replica `n` (1 or 2) of shard 01 of cluster `tallyd_cluster`, whose
+/// replicas listen for TCP on `tcp`.
+fn replica(n: usize, zk: u16, tcp: [u16; 2]) -> ClickHouse {
+    let extra = format!(
+        "  <zookeeper><node><host>127.0.0.1</host><port>{zk}</port></node></zookeeper>\n  <macros><shard>01</shard><replica>r{n}</replica></macros>\n  <remote_servers><tallyd_cluster><shard><internal_replication>true</internal_replication><replica><host>127.0.0.1</host><port>{}</port></replica><replica><host>127.0.0.1</host><port>{}</port></replica></shard></tallyd_cluster></remote_servers>\n  <interserver_http_host>127.0.0.1</interserver_http_host>\n  <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>\n",
+        tcp[0], tcp[1]
+    );
+    clickhouse_with(
+        &extra,
+        &format!(
+            "--tcp_port={} --interserver_http_port={}",
+            tcp[n - 1],
+            free_port()
+        ),
+    )
+}
+
+/// Sends `rounds` datagrams of 20 `cluster.c:1|c` lines, 20 ms apart.
+async fn send_rounds(udp: std::net::SocketAddr, rounds: usize) {
+    for _ in 0..rounds {
+        send_udp(udp, &[vec!["cluster.c:1|c"; 20].join("\n")]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_fails_over_and_both_replicas_hold_exact_totals() {
+    let zk = match zookeeper() {
+        Ok(zk) => zk,
+        Err(why) => {
+            eprintln!(
+                "\n\n*** SKIPPED a_killed_replica_fails_over_and_both_replicas_hold_exact_totals: {why} (scripts/test.sh installs default-jre-headless and zookeeper) ***\n\n"
+            );
+            return;
+        }
+    };
+    let tcp = [free_port(), free_port()];
+    let (r1, r2) = (replica(1, zk.port, tcp), replica(2, zk.port, tcp));
+    let mut s = settings(&r1, "clustered");
+    s.clickhouse.replicas = vec![r2.url()];
+    s.clickhouse.cluster = "tallyd_cluster".into();
+    s.clickhouse.timeout = "2s".into();
+    s.clickhouse.retry_max = "300ms".into();
+    s.aggregate.flush_interval = "100ms".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let udp = running.udp_addr.expect("udp");
+    send_rounds(udp, 50).await;
+    // The replica in use dies while traffic goes on; tallyd moves to the
+    // other. Then it comes back and catches up from its peer.
+    tokio::task::block_in_place(|| r1.stop());
+    send_rounds(udp, 50).await;
+    assert!(
+        tokio::task::block_in_place(|| r1.start()),
+        "the replica restarts on its ports"
+    );
+    send_rounds(udp, 50).await;
+    wait_for_lines(&running.telemetry, 150 * 20);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert_eq!(running.shutdown().await, 0);
+    assert!(
+        t.clickhouse_retries.load(Relaxed) > 0,
+        "no failover happened"
+    );
+    let total = format!("{}\n", 150 * 20);
+    for r in [&r1, &r2] {
+        r.query("SYSTEM SYNC REPLICA clustered.counters");
+        // Not one row twice, even without FINAL: a retry to the other
+        // replica is the same block, which replication drops.
+        assert_eq!(
+            r.query("SELECT sum(value) FROM clustered.counters WHERE name = 'cluster.c'"),
+            total,
+            "replica {}",
+            r.url()
+        );
+        assert_eq!(
+            r.query("SELECT sum(value) FROM clustered.counters FINAL WHERE name = 'cluster.c'"),
+            total
+        );
+    }
+    assert_eq!(
+        r2.query("SELECT sum(value) FROM clustered.counters_all WHERE name = 'cluster.c'"),
+        total,
+        "the Distributed table reads one replica per shard"
+    );
+    drop(zk);
+}
