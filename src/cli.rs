@@ -42,6 +42,13 @@ pub struct SchemaArgs {
     /// `*_all` tables) [default: clickhouse.cluster]
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
+    /// The DDL for this ClickHouse version [default: ask the configured server]
+    #[arg(long, value_name = "VERSION")]
+    pub server_version: Option<String>,
+    /// Print what tallyd would change in the existing tables (ALTER
+    /// statements), without changing anything.
+    #[arg(long)]
+    pub migrate: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,15 +117,7 @@ pub fn main() -> ExitCode {
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
         }
-        Command::Schema(schema) => {
-            let cluster = schema.cluster.as_deref().or(config.sink.cluster.as_deref());
-            for statement in crate::sink::schema::ddl(&config.sink.database, false, cluster) {
-                println!("{statement};\n");
-            }
-            println!("-- On ClickHouse 22.2 and later, each table also gets");
-            println!("-- SETTINGS non_replicated_deduplication_window = 1000");
-            ExitCode::SUCCESS
-        }
+        Command::Schema(schema) => schema_command(config, &schema),
         Command::Run(args) => run(config, args.config.clone(), args.overrides.clone()),
         // Handled before the configuration is read.
         Command::Send(args) => send(&args),
@@ -290,6 +289,81 @@ fn send(args: &SendArgs) -> ExitCode {
 
 fn fail(message: &str) -> ExitCode {
     fail_with(2, message)
+}
+
+/// `tallyd schema`: the DDL for the server tallyd would talk to (or a
+/// given version), or with `--migrate` what it would change in the
+/// existing tables.
+fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitCode {
+    if let Some(c) = &args.cluster {
+        config.sink.cluster = Some(c.clone());
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    let mut sink_config = config.sink.clone();
+    sink_config.timeout = std::time::Duration::from_secs(5);
+    let telemetry = std::sync::Arc::new(crate::telemetry::Telemetry::default());
+    let mut out = String::new();
+    macro_rules! outln {
+        ($out:ident, $($arg:tt)*) => {{
+            use std::fmt::Write as _;
+            let _ = writeln!($out, $($arg)*);
+        }};
+    }
+    let sink = crate::sink::Sink::new(sink_config.clone(), telemetry);
+    if args.migrate {
+        return match runtime.block_on(sink.migration_plan()) {
+            Ok(plan) if plan.is_empty() => {
+                outln!(
+                    out,
+                    "-- the tables have tallyd's columns and settings: nothing to change"
+                );
+                emit(&out)
+            }
+            Ok(plan) => {
+                for statement in plan {
+                    outln!(out, "{statement};");
+                }
+                emit(&out)
+            }
+            Err(e) => fail(&format!(
+                "cannot read the tables at {}: {e}",
+                sink_config.url
+            )),
+        };
+    }
+    let version = match &args.server_version {
+        Some(v) => Some(v.clone()),
+        None => runtime.block_on(sink.server_version()).ok(),
+    };
+    match &version {
+        Some(v) => outln!(out, "-- For ClickHouse {v}.\n"),
+        None => outln!(
+            out,
+            "-- {} did not answer: the DDL for 18.16 to 22.1; on 22.2 and later each\n-- table also gets SETTINGS non_replicated_deduplication_window = 1000.\n",
+            sink_config.url
+        ),
+    }
+    let window = version
+        .as_deref()
+        .is_some_and(crate::sink::schema::has_dedup_token);
+    let cluster = config.sink.cluster.as_deref();
+    for statement in crate::sink::schema::ddl(&config.sink.database, window, cluster) {
+        outln!(out, "{statement};\n");
+    }
+    emit(&out)
+}
+
+/// Writes `text` to standard output; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> ExitCode {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    ExitCode::SUCCESS
 }
 
 fn fail_with(code: u8, message: &str) -> ExitCode {

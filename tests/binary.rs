@@ -31,18 +31,44 @@ fn version_names_the_crate_version() {
 
 #[test]
 fn schema_prints_the_ddl_for_the_configured_database() {
+    // No server answers there: the DDL for 18.16 to 22.1, said so.
     let out = tallyd()
         .args(["schema", "--clickhouse-database", "metrics"])
+        .args(["--clickhouse-url", "http://127.0.0.1:1"])
         .output()
         .expect("run");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.starts_with("CREATE DATABASE IF NOT EXISTS `metrics`;"),
+        text.starts_with("-- http://127.0.0.1:1 did not answer"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nCREATE DATABASE IF NOT EXISTS `metrics`;"),
         "{text}"
     );
     assert_eq!(
         text.matches("CREATE TABLE IF NOT EXISTS `metrics`.")
+            .count(),
+        6
+    );
+    assert!(!text.contains("SETTINGS non_replicated_deduplication_window = 1000\n"));
+    // For a given version and cluster.
+    let out = tallyd()
+        .args(["schema", "--server-version", "24.8.4", "--cluster", "c1"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("-- For ClickHouse 24.8.4."), "{text}");
+    assert_eq!(text.matches(" ON CLUSTER `c1`").count(), 13, "{text}");
+    assert_eq!(text.matches("ENGINE = Distributed(").count(), 6);
+    let out = tallyd()
+        .args(["schema", "--server-version", "24.8.4"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("SETTINGS non_replicated_deduplication_window = 1000;")
             .count(),
         6
     );

@@ -198,6 +198,26 @@ async fn a_timers_table_of_the_previous_release_is_migrated_and_keeps_its_rows()
     // The timers table as the previous release created it.
     ch.query("CREATE TABLE migrate.timers (ts DateTime, name String, tags Array(String), host String, flush_id UInt64, kind String, count UInt64, sum Float64, min Float64, max Float64, p50 Float64, p90 Float64, p95 Float64, p99 Float64, samples UInt64, bucket_values Array(Float64), bucket_counts Array(UInt64)) ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(ts) ORDER BY (name, tags, kind, host, flush_id)");
     ch.query("INSERT INTO migrate.timers VALUES (now(), 'old', [], 'h', 1, 'ms', 3, 6, 1, 3, 2, 3, 3, 3, 3, [1, 2, 3], [1, 1, 1])");
+    // `tallyd schema --migrate` says what would change, and changes nothing.
+    let plan = tallyd::sink::Sink::new(
+        config(&s).sink,
+        std::sync::Arc::new(tallyd::telemetry::Telemetry::default()),
+    )
+    .migration_plan()
+    .await
+    .expect("plan");
+    let timers: Vec<&String> = plan.iter().filter(|p| p.contains(".timers ")).collect();
+    assert_eq!(
+        timers,
+        [
+            "ALTER TABLE `migrate`.timers MODIFY COLUMN count Float64",
+            "ALTER TABLE `migrate`.timers MODIFY COLUMN bucket_counts Array(Float64)"
+        ]
+    );
+    assert!(
+        ch.query("SELECT type FROM system.columns WHERE database = 'migrate' AND table = 'timers' AND name = 'count' FORMAT TSV")
+            == "UInt64\n"
+    );
     let running = server::start(config(&s)).await.expect("start");
     let udp = running.udp_addr.expect("udp");
     send_udp(udp, &["old:10|ms|@0.5".to_string()]);

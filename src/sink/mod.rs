@@ -284,6 +284,53 @@ impl Sink {
         Ok(version)
     }
 
+    /// What tallyd would change in the existing tables before writing to
+    /// them ([`schema::plan`], and the deduplication window on 22.2+),
+    /// without changing anything: the statements, and a comment for a
+    /// column it would refuse.
+    pub async fn migration_plan(&self) -> Result<Vec<String>, clickhouse::error::Error> {
+        let version = self.server_version().await?;
+        let current = self.current();
+        let database = &current.config.database;
+        let admin = &current.at(self.active()).admin;
+        let rows = admin
+            .query("SELECT table, name, type FROM system.columns WHERE database = ?")
+            .bind(database.as_str())
+            .fetch_all::<ColumnRow>()
+            .await?;
+        let mut out = Vec::new();
+        for (i, table) in TABLES.iter().enumerate() {
+            let columns: Vec<(String, String)> = rows
+                .iter()
+                .filter(|c| c.table == *table)
+                .map(|c| (c.name.clone(), c.r#type.clone()))
+                .collect();
+            match schema::plan(database, i, &columns) {
+                schema::Plan::Ready => {}
+                schema::Plan::Migrate(alters) => out.extend(alters),
+                schema::Plan::Refuse(why) => out.push(format!("-- refused: {why}")),
+            }
+            if schema::has_dedup_token(&version)
+                && current.config.cluster.is_none()
+                && !columns.is_empty()
+            {
+                let engines = admin
+                    .query("SELECT engine_full FROM system.tables WHERE database = ? AND name = ?")
+                    .bind(database.as_str())
+                    .bind(*table)
+                    .fetch_all::<String>()
+                    .await?;
+                if let Some(alter) = engines
+                    .first()
+                    .and_then(|e| schema::dedup_window_statement(database, table, e))
+                {
+                    out.push(alter);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The server's version string (`SELECT version()`).
     pub async fn server_version(&self) -> Result<String, clickhouse::error::Error> {
         let current = self.current();
