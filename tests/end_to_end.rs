@@ -206,7 +206,16 @@ async fn a_timers_table_of_the_previous_release_is_migrated_and_keeps_its_rows()
     .migration_plan()
     .await
     .expect("plan");
-    let timers: Vec<&String> = plan.iter().filter(|p| p.contains(".timers ")).collect();
+    let timers: Vec<&String> = plan
+        .iter()
+        .filter(|p| p.contains(".timers MODIFY COLUMN"))
+        .collect();
+    if common::modern() {
+        assert!(
+            plan.contains(&"ALTER TABLE `migrate`.timers MODIFY SETTING non_replicated_deduplication_window = 1000".to_string()),
+            "{plan:?}"
+        );
+    }
     assert_eq!(
         timers,
         [
@@ -230,6 +239,10 @@ async fn a_timers_table_of_the_previous_release_is_migrated_and_keeps_its_rows()
     assert_eq!(
         ch.query("SELECT sum(count), sum(sum), sum(arraySum(bucket_counts)) FROM migrate.timers FINAL WHERE name = 'old' FORMAT TSV"),
         "5\t26\t5\n"
+    );
+    assert_eq!(
+        ch.query("SELECT max(version) FROM migrate.tallyd_schema FORMAT TSV"),
+        format!("{}\n", tallyd::sink::schema::SCHEMA_VERSION)
     );
 }
 

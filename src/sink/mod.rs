@@ -346,7 +346,11 @@ impl Sink {
     pub async fn ensure_schema(&self) -> Result<(), clickhouse::error::Error> {
         let current = self.current();
         let cluster = current.config.cluster.as_deref();
-        for statement in schema::ddl(&current.config.database, self.dedup_token, cluster) {
+        let database = &current.config.database;
+        for statement in schema::ddl(database, self.dedup_token, cluster)
+            .into_iter()
+            .chain(schema::version_table_ddl(database, cluster))
+        {
             current
                 .at(self.active())
                 .admin
@@ -607,6 +611,16 @@ impl Sink {
                         .await
                         .map_err(Failed::Insert)?;
                     tracing::info!(table = name, statement = %alter, "migrated the table to tallyd's columns");
+                }
+                let cluster = current.config.cluster.as_deref();
+                for statement in schema::version_table_ddl(database, cluster) {
+                    current
+                        .at(self.active())
+                        .admin
+                        .query(&statement)
+                        .execute()
+                        .await
+                        .map_err(Failed::Insert)?;
                 }
             }
             schema::Plan::Migrate(alters) => {

@@ -7,6 +7,35 @@
 //! The DDL uses nothing newer than 18.16 has (no Map, LowCardinality, CODEC,
 //! TTL, DateTime64).
 
+/// The version of the schema below, recorded in `<database>.tallyd_schema`
+/// when tallyd makes or migrates the tables: 1 had `UInt64` timer counts
+/// and no events tables; 2 has `Float64` timer counts and the `events` and
+/// `service_checks` tables.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The table that records [`SCHEMA_VERSION`]: one row per version a
+/// tallyd made or migrated the tables to.
+pub fn version_table_ddl(database: &str, cluster: Option<&str>) -> [String; 2] {
+    let db = quote_ident(database);
+    let on = cluster.map_or(String::new(), |c| format!(" ON CLUSTER {}", quote_ident(c)));
+    let engine = match cluster {
+        None => "ReplacingMergeTree()".to_string(),
+        Some(_) => format!(
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{}/tallyd_schema', '{{replica}}')",
+            database.replace('\\', "\\\\").replace('\'', "\\'")
+        ),
+    };
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.tallyd_schema{on} (version UInt32, tallyd String, applied DateTime) ENGINE = {engine} ORDER BY version"
+        ),
+        format!(
+            "INSERT INTO {db}.tallyd_schema VALUES ({SCHEMA_VERSION}, '{}', now())",
+            env!("CARGO_PKG_VERSION")
+        ),
+    ]
+}
+
 /// The columns tallyd writes, per table in [`crate::telemetry::TABLES`]
 /// order: (name, type). Inserts name them, so a table may have more
 /// columns (with defaults) and any column order.
