@@ -345,13 +345,15 @@ fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitC
         Some(v) => outln!(out, "-- For ClickHouse {v}.\n"),
         None => outln!(
             out,
-            "-- {} did not answer: the DDL for 18.16 to 22.1; on 22.2 and later each\n-- table also gets SETTINGS non_replicated_deduplication_window = 1000.\n",
-            sink_config.url
+            "-- {} did not answer: the DDL for 18.16 to 22.1; on 22.2 and later each\n-- table also gets SETTINGS non_replicated_deduplication_window = {}.\n",
+            sink_config.url,
+            sink_config.dedup_window
         ),
     }
     let window = version
         .as_deref()
-        .is_some_and(crate::sink::schema::has_dedup_token);
+        .is_some_and(crate::sink::schema::has_dedup_token)
+        .then_some(config.sink.dedup_window);
     let cluster = config.sink.cluster.as_deref();
     for statement in crate::sink::schema::ddl(&config.sink.database, window, cluster) {
         outln!(out, "{statement};\n");

@@ -183,6 +183,9 @@ pub struct ClickhouseSettings {
     /// A cluster name from the servers' `remote_servers`: the schema is
     /// made ON CLUSTER with replicated tables. Empty: one server.
     pub cluster: String,
+    /// Inserts per table whose deduplication tokens a 22.2+ server keeps
+    /// (`non_replicated_deduplication_window` of the tables tallyd makes).
+    pub dedup_window: u64,
 }
 
 impl Default for Settings {
@@ -253,6 +256,7 @@ impl Default for ClickhouseSettings {
             client_key: String::new(),
             replicas: Vec::new(),
             cluster: String::new(),
+            dedup_window: 1000,
         }
     }
 }
@@ -582,6 +586,7 @@ impl Settings {
                 tls,
                 replicas: c.replicas.clone(),
                 cluster: (!c.cluster.is_empty()).then(|| c.cluster.clone()),
+                dedup_window: c.dedup_window,
             },
         })
     }

@@ -72,6 +72,9 @@ pub struct SinkConfig {
     /// The cluster (in the servers' `remote_servers`) the schema is made
     /// on: replicated tables, `ON CLUSTER` DDL, `Distributed` `*_all`.
     pub cluster: Option<String>,
+    /// `non_replicated_deduplication_window` of the tables tallyd makes on
+    /// 22.2+: the inserts per table whose tokens are remembered.
+    pub dedup_window: u64,
 }
 
 /// What to do about a failed insert.
@@ -320,10 +323,9 @@ impl Sink {
                     .bind(*table)
                     .fetch_all::<String>()
                     .await?;
-                if let Some(alter) = engines
-                    .first()
-                    .and_then(|e| schema::dedup_window_statement(database, table, e))
-                {
+                if let Some(alter) = engines.first().and_then(|e| {
+                    schema::dedup_window_statement(database, table, e, current.config.dedup_window)
+                }) {
                     out.push(alter);
                 }
             }
@@ -347,7 +349,8 @@ impl Sink {
         let current = self.current();
         let cluster = current.config.cluster.as_deref();
         let database = &current.config.database;
-        for statement in schema::ddl(database, self.dedup_token, cluster)
+        let window = self.dedup_token.then_some(current.config.dedup_window);
+        for statement in schema::ddl(database, window, cluster)
             .into_iter()
             .chain(schema::version_table_ddl(database, cluster))
         {
@@ -651,9 +654,9 @@ impl Sink {
             .fetch_all::<String>()
             .await
             .map_err(Failed::Insert)?;
-        let statement = engines
-            .first()
-            .and_then(|e| schema::dedup_window_statement(database, name, e));
+        let statement = engines.first().and_then(|e| {
+            schema::dedup_window_statement(database, name, e, current.config.dedup_window)
+        });
         match statement {
             Some(alter) if current.config.create_schema => {
                 current

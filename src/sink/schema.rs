@@ -127,8 +127,9 @@ const ENGINES: [&str; 6] = [
 ];
 
 /// The statements that create the database and tables, in order. With
-/// `dedup_window` (servers that have it, 22.2 and later), each table also
-/// drops a re-sent insert with a known `insert_deduplication_token`.
+/// `dedup_window` (servers that have it, 22.2 and later: the
+/// `clickhouse.dedup_window` inserts each table remembers), each table
+/// also drops a re-sent insert with a known `insert_deduplication_token`.
 ///
 /// With a `cluster` (a name in the servers' `remote_servers`), every
 /// statement runs `ON CLUSTER`, the tables are
@@ -137,7 +138,7 @@ const ENGINES: [&str; 6] = [
 /// `Distributed` table `<table>_all` over the cluster, for reads. Replicated
 /// tables drop a re-sent identical block by its hash on every version (the
 /// token too from 22.2), whichever replica gets it.
-pub fn ddl(database: &str, dedup_window: bool, cluster: Option<&str>) -> Vec<String> {
+pub fn ddl(database: &str, dedup_window: Option<u64>, cluster: Option<&str>) -> Vec<String> {
     let db = quote_ident(database);
     let on = cluster.map_or(String::new(), |c| format!(" ON CLUSTER {}", quote_ident(c)));
     let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
@@ -170,8 +171,10 @@ pub fn ddl(database: &str, dedup_window: bool, cluster: Option<&str>) -> Vec<Str
             "CREATE TABLE IF NOT EXISTS {db}.{table}{on} (\n{}\n) ENGINE = {engine}",
             columns.join(",\n"),
         );
-        if dedup_window && cluster.is_none() {
-            create.push_str("\nSETTINGS non_replicated_deduplication_window = 1000");
+        if let (Some(window), None) = (dedup_window, cluster) {
+            create.push_str(&format!(
+                "\nSETTINGS non_replicated_deduplication_window = {window}"
+            ));
         }
         statements.push(create);
         if let Some(c) = cluster {
@@ -277,10 +280,15 @@ pub fn has_async_insert(version: &str) -> bool {
 /// The statement that gives a table of an older server (or made before
 /// the upgrade) the deduplication window the token needs, when its
 /// `engine_full` lacks it.
-pub fn dedup_window_statement(database: &str, table: &str, engine_full: &str) -> Option<String> {
+pub fn dedup_window_statement(
+    database: &str,
+    table: &str,
+    engine_full: &str,
+    window: u64,
+) -> Option<String> {
     (!engine_full.contains("non_replicated_deduplication_window")).then(|| {
         format!(
-            "ALTER TABLE {}.{table} MODIFY SETTING non_replicated_deduplication_window = 1000",
+            "ALTER TABLE {}.{table} MODIFY SETTING non_replicated_deduplication_window = {window}",
             quote_ident(database)
         )
     })
@@ -297,7 +305,7 @@ mod tests {
 
     #[test]
     fn every_table_is_created_in_the_database() {
-        let ddl = ddl("metrics", false, None);
+        let ddl = ddl("metrics", None, None);
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `metrics`");
         for table in crate::telemetry::TABLES {
             assert!(
@@ -312,10 +320,10 @@ mod tests {
     #[test]
     fn dedup_window_only_for_modern_servers() {
         assert!(
-            ddl("m", true, None)[1]
+            ddl("m", Some(1000), None)[1]
                 .ends_with("SETTINGS non_replicated_deduplication_window = 1000")
         );
-        assert!(!ddl("m", false, None)[1].contains("SETTINGS"));
+        assert!(!ddl("m", None, None)[1].contains("SETTINGS"));
         assert!(!has_dedup_token("18.16.1"));
         assert!(!has_dedup_token("22.1.3.7"));
         assert!(has_dedup_token("22.2.2.1"));
@@ -325,14 +333,15 @@ mod tests {
         assert!(has_async_insert("21.11.2"));
         assert!(has_async_insert("26.9.2.1"));
         assert_eq!(
-            dedup_window_statement("m", "counters", "ReplacingMergeTree ORDER BY x"),
+            dedup_window_statement("m", "counters", "ReplacingMergeTree ORDER BY x", 1000),
             Some("ALTER TABLE `m`.counters MODIFY SETTING non_replicated_deduplication_window = 1000".into())
         );
         assert_eq!(
             dedup_window_statement(
                 "m",
                 "counters",
-                "... SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 8192"
+                "... SETTINGS non_replicated_deduplication_window = 1000, index_granularity = 8192",
+                1000
             ),
             None
         );
@@ -401,7 +410,7 @@ mod tests {
 
     #[test]
     fn a_cluster_gets_replicated_tables_on_cluster_and_distributed_ones_for_reads() {
-        let ddl = ddl("m", true, Some("c1"));
+        let ddl = ddl("m", Some(1000), Some("c1"));
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `m` ON CLUSTER `c1`");
         assert!(ddl[1].starts_with("CREATE TABLE IF NOT EXISTS `m`.counters ON CLUSTER `c1` ("));
         assert!(ddl[1].contains(
