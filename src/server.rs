@@ -637,7 +637,8 @@ async fn replay(
         if spooled.contains(&r.generation) {
             continue;
         }
-        let generation = Generation::new(r.generation, (flusher.clock)());
+        let mut generation = Generation::new(r.generation, (flusher.clock)());
+        generation.replayed = true;
         for (kind, block) in &r.blocks {
             match kind {
                 Kind::Statsd => {

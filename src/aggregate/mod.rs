@@ -75,6 +75,8 @@ pub struct Generation {
     /// count in `keys` and `bytes` like the others, and are flushed as
     /// rows of their own interval (see [`crate::sink::rows::build`]).
     pub late: DashMap<Box<[u8]>, Acc, KeyHasher>,
+    /// Rebuilt from the WAL at start (see [`interval_of`]).
+    pub replayed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +87,15 @@ struct Notes {
 
 /// Estimated bytes of a kept event or service check beyond its text.
 const NOTE_OVERHEAD: u64 = 160;
+
+/// Estimated bytes of an event or service check parsed from `line`: its
+/// text (at most the line), once more for the copies being built, and a
+/// string header per tag.
+fn note_cost(line: &[u8], tags: usize) -> u64 {
+    (line.len() as u64)
+        .saturating_mul(2)
+        .saturating_add((tags as u64).saturating_mul(24))
+}
 
 /// Keys come from the network: a seeded hash (foldhash) resists crafted
 /// collisions at a fraction of SipHash's cost.
@@ -115,6 +126,7 @@ impl Generation {
             started,
             notes: Default::default(),
             late: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
+            replayed: false,
         }
     }
 
@@ -331,7 +343,7 @@ impl Aggregator {
                 }
                 Ok(Parsed::Event) => match dogstatsd::parse_event(line, &parse_limits) {
                     Ok(e) => {
-                        let cost = (e.title.len() + e.text.len() + e.hostname.len()) as u64;
+                        let cost = note_cost(line, e.tags.len());
                         if self.keep(generation, cost, stats, &limits, |n| n.events.push(e)) {
                             stats.events += 1;
                         }
@@ -341,7 +353,7 @@ impl Aggregator {
                 Ok(Parsed::ServiceCheck) => {
                     match dogstatsd::parse_service_check(line, &parse_limits) {
                         Ok(c) => {
-                            let cost = (c.name.len() + c.message.len() + c.hostname.len()) as u64;
+                            let cost = note_cost(line, c.tags.len());
                             if self.keep(generation, cost, stats, &limits, |n| {
                                 n.service_checks.push(c)
                             }) {
@@ -449,12 +461,15 @@ enum Interval {
 }
 
 /// The interval of a sample stamped `t` (Unix seconds), judged against
-/// `generation`'s start, never the wall clock, so a replay routes it the
-/// same way.
+/// `generation`'s start. A generation rebuilt from the WAL has the start
+/// of the replay (the WAL does not keep it), so there the window is not
+/// applied: a stamped sample still lands in its own interval, and one that
+/// was refused live as out of the window counts after a crash.
 fn interval_of(t: u64, generation: &Generation, limits: &AggregateLimits) -> Interval {
     let started = generation.started.as_secs();
     let window = limits.timestamp_window.as_secs();
-    if t.saturating_add(window) < started || t > started.saturating_add(window) {
+    let outside = t.saturating_add(window) < started || t > started.saturating_add(window);
+    if outside && !generation.replayed {
         return Interval::OutOfWindow;
     }
     let step = limits.interval.as_secs().max(1);
@@ -625,6 +640,46 @@ mod tests {
             Acc::Dist(d) => assert_eq!((d.count, d.sum, d.max), (1.0, 1e308, 1e308)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_replayed_generation_routes_stamped_samples_without_the_window() {
+        let a = aggregator(100);
+        let mut g = Generation::new(9, Duration::from_secs(1_700_100_000));
+        g.replayed = true;
+        let mut stats = BlockStats::default();
+        a.apply_block(
+            &g,
+            b"r:1|c|T1700000000",
+            &mut Scratch::default(),
+            &mut stats,
+        );
+        assert_eq!((stats.dropped_timestamp, g.late.len()), (0, 1));
+        g.replayed = false;
+        a.apply_block(
+            &g,
+            b"r:1|c|T1700000000",
+            &mut Scratch::default(),
+            &mut stats,
+        );
+        assert_eq!(stats.dropped_timestamp, 1, "live, it is out of the window");
+    }
+
+    #[test]
+    fn an_event_is_charged_its_whole_line() {
+        let limits = AggregateLimits {
+            max_keys: 100,
+            max_set_members: 10,
+            max_depth: 1000,
+            max_memory: 10_000,
+            timestamp_window: Duration::from_secs(3600),
+            interval: Duration::from_secs(1),
+        };
+        let a = Aggregator::new(limits, Limits::default(), Duration::ZERO);
+        let key = "k".repeat(3000);
+        let line = format!("_e{{1,1}}:a|b|k:{key}");
+        let stats = ingest(&a, &format!("{line}\n{line}\n{line}"));
+        assert_eq!((stats.events, stats.dropped_memory), (1, 2), "6 KB each");
     }
 
     #[test]

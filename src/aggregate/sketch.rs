@@ -45,10 +45,13 @@ pub fn index(v: f64) -> i32 {
     (v.ln() / gamma().ln()).ceil() as i32
 }
 
-/// The value of bucket `i`: `2 γ^i / (γ + 1)`.
+/// The value of bucket `i`: `2 γ^i / (γ + 1)`, at most `f64::MAX` (the
+/// top bucket's value would pass it for values near 1.8e308).
 pub fn bucket_value(i: i32) -> f64 {
     let g = gamma();
-    2.0 * (f64::from(i) * g.ln()).exp() / (g + 1.0)
+    (f64::from(i) * g.ln() + (2.0 / (g + 1.0)).ln())
+        .exp()
+        .min(f64::MAX)
 }
 
 /// One sign's buckets.
@@ -312,6 +315,12 @@ mod tests {
         assert_eq!(weights.iter().sum::<f64>(), SPARSE as f64 + 1.0);
         assert!(within(*values.last().expect("top"), 1e300));
         assert!(within(q(&s, 1.0), 1e300));
+    }
+
+    #[test]
+    fn the_largest_values_have_finite_buckets() {
+        let (values, _) = sketch(&[(f64::MAX, 1.0), (-1e308, 1.0), (8.9e307, 1.0)]).buckets();
+        assert!(values.iter().all(|v| v.is_finite()), "{values:?}");
     }
 
     #[test]

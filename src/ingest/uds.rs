@@ -250,9 +250,13 @@ enum Frame {
     TooLarge,
 }
 
-/// Cuts a byte stream into length-prefixed frames (pure; no I/O).
+/// Cuts a byte stream into length-prefixed frames (pure; no I/O). Empty
+/// frames are skipped.
 struct Frames {
     buf: Vec<u8>,
+    /// Bytes of `buf` already cut (compacted once per push, so that many
+    /// small frames cost no more than their bytes).
+    at: usize,
     max: usize,
     /// A frame the WAL refused, to be offered first.
     refused: Option<Vec<u8>>,
@@ -262,12 +266,15 @@ impl Frames {
     fn new(max: usize) -> Frames {
         Frames {
             buf: Vec::new(),
+            at: 0,
             max,
             refused: None,
         }
     }
 
     fn push(&mut self, data: &[u8]) {
+        self.buf.drain(..self.at);
+        self.at = 0;
         self.buf.extend_from_slice(data);
     }
 
@@ -279,19 +286,24 @@ impl Frames {
         if let Some(frame) = self.refused.take() {
             return Frame::Whole(frame);
         }
-        let Some(head) = self.buf.first_chunk::<4>() else {
-            return Frame::Partial;
-        };
-        let len = u32::from_le_bytes(*head) as usize;
-        if len > self.max {
-            return Frame::TooLarge;
+        loop {
+            let rest = &self.buf[self.at..];
+            let Some(head) = rest.first_chunk::<4>() else {
+                return Frame::Partial;
+            };
+            let len = u32::from_le_bytes(*head) as usize;
+            if len > self.max {
+                return Frame::TooLarge;
+            }
+            if rest.len() - 4 < len {
+                return Frame::Partial;
+            }
+            let frame = rest[4..4 + len].to_vec();
+            self.at += 4 + len;
+            if !frame.is_empty() {
+                return Frame::Whole(frame);
+            }
         }
-        if self.buf.len() - 4 < len {
-            return Frame::Partial;
-        }
-        let frame = self.buf[4..4 + len].to_vec();
-        self.buf.drain(..4 + len);
-        Frame::Whole(frame)
     }
 }
 
@@ -332,7 +344,6 @@ mod tests {
         assert_eq!(f.next(), Frame::Partial);
         f.push(two);
         assert_eq!(f.next(), Frame::Whole(b"a:1|c".to_vec()));
-        assert_eq!(f.next(), Frame::Whole(Vec::new()));
         let third = match f.next() {
             Frame::Whole(b) => b,
             other => panic!("{other:?}"),

@@ -130,6 +130,8 @@ struct State {
     /// recorded under an id from before this start. Re-sent as they are,
     /// alone; never merged or joined.
     earlier: BTreeSet<u64>,
+    /// Those whose sent marker is on disk.
+    marked: BTreeSet<u64>,
     /// Found in the spool at start, to be parked once released.
     recovered: Vec<u64>,
     /// Bytes of every spool file.
@@ -204,6 +206,7 @@ impl Ledger {
             state.flushes.insert(f.flush_id, p);
             if f.sent {
                 state.earlier.insert(f.flush_id);
+                state.marked.insert(f.flush_id);
             }
             state.recovered.push(f.flush_id);
             state.bytes += f.bytes;
@@ -281,7 +284,7 @@ impl Ledger {
         };
         let path = spool::path(&self.spool_dir, flush.flush_id);
         let encoded = flush.encode();
-        if let Err(e) = self.fs.write_atomic(&path, &encoded) {
+        if let Err(e) = self.write_spool_file(&path, &encoded) {
             if let Some(id) = absorbed {
                 lock(&self.state).parked.insert(id);
             }
@@ -304,6 +307,12 @@ impl Ledger {
                 st.earlier.insert(flush.flush_id);
             }
         }
+        // An interval the previous release had sent may have landed: its
+        // marker now, so that no later start merges it (else the first
+        // INSERT writes it, see `sending`).
+        if earlier && let Err(e) = self.sending(flush.flush_id) {
+            tracing::warn!(error = %e, flush_id = flush.flush_id, "could not mark a re-recorded flush as sent yet; it is marked before it is sent");
+        }
         if let Some(id) = absorbed
             && let Err(e) = self.forget(id)
         {
@@ -318,6 +327,21 @@ impl Ledger {
             tracing::error!(error = %e, "could not save the last gauge values; a restart resolves delta gauges against the older ones while this flush's file is gone");
         }
         Ok((flush, absorbed.is_some()))
+    }
+
+    /// Writes a spool file atomically. Once the rename is done the file is
+    /// in place (a start finds it, with whatever it absorbs), so a failure
+    /// after it (the directory sync) is logged, not returned: the caller
+    /// must not act as if the old files were still the record.
+    fn write_spool_file(&self, path: &Path, encoded: &[u8]) -> io::Result<()> {
+        match self.fs.write_atomic(path, encoded) {
+            Ok(()) => Ok(()),
+            Err(e) if std::fs::read(path).is_ok_and(|b| b == encoded) => {
+                tracing::warn!(error = %e, file = %path.display(), "a spool file is in place but its directory could not be synced; a power loss could still undo it");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Over the budget with `extra` more bytes: takes the newest parked
@@ -357,6 +381,7 @@ impl Ledger {
         }
         st.parked.remove(&flush_id);
         st.earlier.remove(&flush_id);
+        st.marked.remove(&flush_id);
         removed
     }
 
@@ -396,11 +421,17 @@ impl Ledger {
             });
         }
         let size = |st: &State, id| st.flushes.get(&id).map_or(0, |p| p.bytes);
+        let host = |st: &State, id| st.flushes.get(&id).map(|p| Arc::clone(&p.host));
+        let first_host = host(&st, first);
         let mut bytes = size(&st, first);
         let mut ids = vec![first];
         while let Some(&next) = st.parked.first() {
             bytes = bytes.saturating_add(size(&st, next));
-            if bytes > self.drain_batch || st.earlier.contains(&next) {
+            // One host per joined flush (a later merge folds by key only).
+            if bytes > self.drain_batch
+                || st.earlier.contains(&next)
+                || host(&st, next) != first_host
+            {
                 break;
             }
             st.parked.remove(&next);
@@ -441,8 +472,7 @@ impl Ledger {
             .collect::<io::Result<_>>()?;
         let joined = Flush::concat(parts).ok_or_else(|| io::Error::other("nothing to join"))?;
         let encoded = joined.encode();
-        self.fs
-            .write_atomic(&spool::path(&self.spool_dir, joined.flush_id), &encoded)?;
+        self.write_spool_file(&spool::path(&self.spool_dir, joined.flush_id), &encoded)?;
         {
             let mut st = lock(&self.state);
             let p = Pending {
@@ -473,12 +503,14 @@ impl Ledger {
     /// then on it may have landed: never merged or joined, also after a
     /// restart). Errors leave it unsent. Blocking.
     pub fn sending(&self, flush_id: u64) -> io::Result<()> {
-        if lock(&self.state).earlier.contains(&flush_id) {
+        if lock(&self.state).marked.contains(&flush_id) {
             return Ok(());
         }
         self.fs
             .write_atomic(&spool::sent_path(&self.spool_dir, flush_id), b"")?;
-        lock(&self.state).earlier.insert(flush_id);
+        let mut st = lock(&self.state);
+        st.marked.insert(flush_id);
+        st.earlier.insert(flush_id);
         Ok(())
     }
 
@@ -820,6 +852,56 @@ mod tests {
             !spool::sent_path(&ledger.spool_dir, a).exists(),
             "the marker goes with the flush"
         );
+    }
+
+    #[test]
+    fn a_flush_under_an_old_id_is_marked_sent_when_recorded() {
+        let dir = test_dir("ledger-old-marked");
+        let (ledger, _) = Ledger::open(
+            &dir,
+            Duration::from_secs(60),
+            10,
+            1 << 30,
+            Arc::new(fs::RealFs),
+        )
+        .expect("open");
+        ledger
+            .record(counter_flush(&ledger, 0, 2.0), None)
+            .expect("old");
+        assert!(spool::sent_path(&ledger.spool_dir, 0).exists());
+        drop(ledger);
+        let (_, recovered) = Ledger::open(
+            &dir,
+            Duration::from_secs(60),
+            10,
+            1 << 30,
+            Arc::new(fs::RealFs),
+        )
+        .expect("reopen");
+        assert!(recovered.flushes[0].sent, "never merged after a restart");
+    }
+
+    #[test]
+    fn a_drain_joins_one_host_at_a_time() {
+        let dir = test_dir("ledger-join-hosts");
+        let (ledger, _) = Ledger::open(
+            &dir,
+            Duration::from_secs(60),
+            10,
+            1 << 30,
+            Arc::new(fs::RealFs),
+        )
+        .expect("open");
+        let now = Duration::from_secs(1_700_000_000);
+        for host in ["a", "a", "b"] {
+            let id = ledger.next_flush_id(now);
+            let mut f = (*counter_flush(&ledger, id, 1.0)).clone();
+            f.host = host.into();
+            let (f, _) = ledger.record(Arc::new(f), None).expect("record");
+            ledger.park(f.flush_id);
+        }
+        assert_eq!(ledger.take_parked().map(|t| t.ids.len()), Some(2));
+        assert_eq!(ledger.take_parked().map(|t| t.ids.len()), Some(1));
     }
 
     #[test]

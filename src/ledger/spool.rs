@@ -32,8 +32,10 @@
 //!
 //! # The sent marker, `<data_dir>/spool/<flush_id as 20 digits>.sent`
 //!
-//! An empty file, written durably before the flush's first INSERT. A flush
-//! with a marker may have landed: after a restart it is re-sent as it is,
+//! An empty file, written durably before the flush's first INSERT (and when
+//! a flush is recorded under an id from before this start). A flush
+//! with a marker, or in a version 1 file (that release wrote no markers),
+//! may have landed: after a restart it is re-sent as it is,
 //! alone, and never merged or joined. A flush without one was never sent,
 //! so a later run may merge or join it like its own. The marker goes after
 //! the flush file when the flush is complete; a marker without a flush file
@@ -344,7 +346,10 @@ pub fn scan(dir: &Path) -> io::Result<Vec<Entry>> {
             host: flush.host,
             bytes: bytes.len() as u64,
             gauges: flush.gauges,
-            sent: markers.remove(&sent_path(dir, flush.flush_id)),
+            // The release that wrote version 1 files wrote no markers: any
+            // of them may have been sent.
+            sent: markers.remove(&sent_path(dir, flush.flush_id))
+                || bytes.get(8..12) == Some(&1u32.to_le_bytes()[..]),
         });
     }
     // Complete flushes whose marker a crash left behind (the file is gone,
@@ -477,6 +482,27 @@ mod tests {
         assert!(
             Flush::decode(&version_1(&f, &[1, 2, 3])).is_err(),
             "a damaged timers body is an error"
+        );
+    }
+
+    #[test]
+    fn a_version_1_file_counts_as_sent_and_a_stale_marker_goes() {
+        let dir = crate::ledger::test_dir("spool-v1");
+        let mut f = sample();
+        f.gauges.clear();
+        f.absorbed.clear();
+        f.tables = Bodies::default();
+        std::fs::write(path(&dir, f.flush_id), version_1(&f, &[])).expect("write");
+        std::fs::write(sent_path(&dir, 77), b"").expect("stale marker");
+        let entries = scan(&dir).expect("scan");
+        assert_eq!(entries.len(), 1);
+        assert!(
+            entries[0].sent,
+            "the release that wrote it wrote no markers"
+        );
+        assert!(
+            !sent_path(&dir, 77).exists(),
+            "a marker without its flush goes"
         );
     }
 

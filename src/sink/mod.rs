@@ -569,11 +569,15 @@ impl Sink {
             self.check_columns(table).await?;
         }
         // Replicated tables (a cluster) deduplicate without that setting.
+        // Best effort: without it re-sends collapse under FINAL only, which
+        // must not hold the rows back.
         if self.dedup_token
             && self.current().config.cluster.is_none()
             && !self.window_checked[table].load(Relaxed)
+            && let Err(e) = self.add_dedup_window(table).await
         {
-            self.add_dedup_window(table).await?;
+            tracing::warn!(table = TABLES[table], error = %e, "could not check or add the table's deduplication window; re-sent flushes collapse under FINAL only");
+            self.window_checked[table].store(true, Relaxed);
         }
         Ok(())
     }

@@ -384,8 +384,14 @@ pub fn merge(older: Batch, newer: Batch, flush_id: u64) -> Batch {
         older.gauges.into_iter().chain(newer.gauges),
         |r| (r.name.clone(), r.tags.clone()),
         |m, r| {
+            // The newest value wins: by interval, then flush (a row of a
+            // past interval, from a |T timestamp, has a newer flush id).
             let samples = m.samples.saturating_add(r.samples);
-            *m = GaugeRow { samples, ..r };
+            if (r.ts, r.version) >= (m.ts, m.version) {
+                *m = GaugeRow { samples, ..r };
+            } else {
+                m.samples = samples;
+            }
         },
     );
     let timers = fold(
@@ -645,6 +651,35 @@ mod tests {
         assert!(
             batch.gauge_values.is_empty(),
             "a late gauge is not remembered"
+        );
+    }
+
+    #[test]
+    fn a_merge_keeps_the_gauge_of_the_newest_interval_not_the_newest_flush() {
+        let gauge = |ts, version, value| GaugeRow {
+            ts,
+            name: "g".into(),
+            tags: vec![],
+            host: "h".into(),
+            value,
+            version,
+            samples: 1,
+        };
+        let older = Batch {
+            ts: 100,
+            flush_id: 7,
+            // This interval's value, and a stamped one for an hour before,
+            // under the later flush id the late rows get.
+            gauges: vec![gauge(100, 7, 10.0), gauge(40, 9, 3.0)],
+            ..Batch::default()
+        };
+        let m = merge(older, Batch::default(), 11);
+        assert_eq!(
+            m.gauges
+                .iter()
+                .map(|g| (g.value, g.samples))
+                .collect::<Vec<_>>(),
+            vec![(10.0, 2)]
         );
     }
 

@@ -222,12 +222,11 @@ pub fn plan(database: &str, table: usize, existing: &[(String, String)]) -> Plan
     );
     let mut alters = Vec::new();
     for (name, ty) in COLUMNS[table] {
-        let found = existing.iter().find(|(n, _)| n == name).map(|(_, t)| {
-            t.strip_prefix("LowCardinality(")
-                .and_then(|t| t.strip_suffix(')'))
-                .unwrap_or(t)
-        });
-        match found {
+        let found = existing
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| normalize(t));
+        match found.as_deref() {
             Some(t) if t == *ty => {}
             None => alters.push(format!("ALTER TABLE {target} ADD COLUMN {name} {ty}")),
             Some(t) if widened(t, ty) => {
@@ -245,6 +244,32 @@ pub fn plan(database: &str, table: usize, existing: &[(String, String)]) -> Plan
     } else {
         Plan::Migrate(alters)
     }
+}
+
+/// A column type as RowBinary sees it: `LowCardinality(T)` is `T` at any
+/// depth (`Array(LowCardinality(String))`), and `DateTime('tz')` is
+/// `DateTime` (the time zone only changes how it is shown).
+fn normalize(ty: &str) -> String {
+    let mut t = ty.trim().to_string();
+    while let Some(at) = t.find("LowCardinality(") {
+        let inner = at + "LowCardinality(".len();
+        let mut depth = 1;
+        let Some(close) = t[inner..].char_indices().find_map(|(i, c)| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            (depth == 0).then_some(inner + i)
+        }) else {
+            break;
+        };
+        t = format!("{}{}{}", &t[..at], &t[inner..close], &t[close + 1..]);
+    }
+    if t.starts_with("DateTime('") && t.ends_with("')") {
+        t = "DateTime".into();
+    }
+    t
 }
 
 /// Whether a column of type `from` (written by an earlier release) converts
@@ -363,6 +388,22 @@ mod tests {
         low[1].1 = "LowCardinality(String)".into();
         assert_eq!(plan("m", 0, &low), Plan::Ready);
         assert_eq!(plan("m", 2, &[]), Plan::Ready, "missing: created");
+    }
+
+    #[test]
+    fn nested_low_cardinality_and_time_zones_are_the_same_for_rowbinary() {
+        assert_eq!(normalize("Array(LowCardinality(String))"), "Array(String)");
+        assert_eq!(normalize("LowCardinality(String)"), "String");
+        assert_eq!(normalize("DateTime('UTC')"), "DateTime");
+        assert_eq!(
+            normalize("LowCardinality(Nullable(String))"),
+            "Nullable(String)"
+        );
+        assert_eq!(normalize("LowCardinality(String"), "LowCardinality(String");
+        let mut cols = columns(COLUMNS[0]);
+        cols[0].1 = "DateTime('Europe/Paris')".into();
+        cols[2].1 = "Array(LowCardinality(String))".into();
+        assert_eq!(plan("m", 0, &cols), Plan::Ready);
     }
 
     #[test]
