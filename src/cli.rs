@@ -355,7 +355,12 @@ fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitC
         .is_some_and(crate::sink::schema::has_dedup_token)
         .then_some(config.sink.dedup_window);
     let cluster = config.sink.cluster.as_deref();
-    for statement in crate::sink::schema::ddl(&config.sink.database, window, cluster) {
+    let low_cardinality = version
+        .as_deref()
+        .is_some_and(crate::sink::schema::has_low_cardinality);
+    for statement in
+        crate::sink::schema::ddl(&config.sink.database, window, cluster, low_cardinality)
+    {
         outln!(out, "{statement};\n");
     }
     emit(&out)

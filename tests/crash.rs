@@ -635,7 +635,7 @@ fn a_data_dir_of_the_previous_release_is_replayed() {
         .as_secs();
     std::fs::write(dir.join("dedup"), format!("6f6c64 5 {seen}\n")).expect("dedup");
     ch.query("CREATE DATABASE IF NOT EXISTS upgrade");
-    for statement in tallyd::sink::schema::ddl("upgrade", None, None) {
+    for statement in tallyd::sink::schema::ddl("upgrade", None, None, false) {
         ch.query(&statement);
     }
     ch.query("INSERT INTO upgrade.counters VALUES (1700000000, 'up.c', [], 'crash-host', 1700000000000000, 200, 100)");

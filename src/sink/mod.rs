@@ -166,6 +166,8 @@ pub struct Sink {
     dedup_token: bool,
     /// The server knows `async_insert` (pinned to 0 on every insert).
     async_insert: bool,
+    /// New tables get `LowCardinality` strings (20.1 and later).
+    low_cardinality: bool,
     /// Per table: its deduplication window was checked (modern servers).
     window_checked: [AtomicBool; TABLES.len()],
     /// The endpoint in use: `url`, then `replicas` (see [`Sink::fail_over`]).
@@ -218,6 +220,7 @@ impl Sink {
             ledger: None,
             dedup_token: false,
             async_insert: false,
+            low_cardinality: false,
             window_checked: Default::default(),
             active: Default::default(),
             checked: Default::default(),
@@ -281,6 +284,7 @@ impl Sink {
         let version = self.server_version().await?;
         self.dedup_token = schema::has_dedup_token(&version);
         self.async_insert = schema::has_async_insert(&version);
+        self.low_cardinality = schema::has_low_cardinality(&version);
         if self.current().config.create_schema {
             self.ensure_schema().await?;
         }
@@ -350,7 +354,8 @@ impl Sink {
         let cluster = current.config.cluster.as_deref();
         let database = &current.config.database;
         let window = self.dedup_token.then_some(current.config.dedup_window);
-        for statement in schema::ddl(database, window, cluster)
+        let low_cardinality = self.low_cardinality;
+        for statement in schema::ddl(database, window, cluster, low_cardinality)
             .into_iter()
             .chain(schema::version_table_ddl(database, cluster))
         {

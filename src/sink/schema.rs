@@ -118,10 +118,10 @@ pub const COLUMNS: [&[(&str, &str)]; 6] = [
 
 /// Engine and keys of each table.
 const ENGINES: [&str; 6] = [
-    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, flush_id)",
-    "ReplacingMergeTree(version)\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, version)",
-    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, kind, host, flush_id)",
-    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, flush_id)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, ts, flush_id)",
+    "ReplacingMergeTree(version)\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, ts, version)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, kind, host, ts, flush_id)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, ts, flush_id)",
     "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (ts, host, flush_id, seq)",
     "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (ts, host, flush_id, seq)",
 ];
@@ -138,14 +138,19 @@ const ENGINES: [&str; 6] = [
 /// `Distributed` table `<table>_all` over the cluster, for reads. Replicated
 /// tables drop a re-sent identical block by its hash on every version (the
 /// token too from 22.2), whichever replica gets it.
-pub fn ddl(database: &str, dedup_window: Option<u64>, cluster: Option<&str>) -> Vec<String> {
+pub fn ddl(
+    database: &str,
+    dedup_window: Option<u64>,
+    cluster: Option<&str>,
+    low_cardinality: bool,
+) -> Vec<String> {
     let db = quote_ident(database);
     let on = cluster.map_or(String::new(), |c| format!(" ON CLUSTER {}", quote_ident(c)));
     let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
     for (i, table) in crate::telemetry::TABLES.iter().enumerate() {
         let columns: Vec<String> = COLUMNS[i]
             .iter()
-            .map(|(name, ty)| format!("    {name} {ty}"))
+            .map(|(name, ty)| format!("    {name} {}", column_type(name, ty, low_cardinality)))
             .collect();
         let engine = match cluster {
             None => ENGINES[i].to_string(),
@@ -185,6 +190,25 @@ pub fn ddl(database: &str, dedup_window: Option<u64>, cluster: Option<&str>) -> 
         }
     }
     statements
+}
+
+/// The type a new table's column gets: with `low_cardinality` (servers
+/// from 20.1), the repetitive strings (`name`, `host`, `kind`, the tags)
+/// are `LowCardinality`, which took a third off the bytes on disk per row
+/// in `scripts/schema_size.py` (RowBinary writes them alike).
+fn column_type(name: &str, ty: &str, low_cardinality: bool) -> String {
+    match (low_cardinality, name, ty) {
+        (true, "name" | "host" | "kind", "String") => "LowCardinality(String)".into(),
+        (true, "tags", "Array(String)") => "Array(LowCardinality(String))".into(),
+        _ => ty.into(),
+    }
+}
+
+/// Whether a server of `version` has `LowCardinality` (20.1 and later
+/// for tallyd; it came in 19.x).
+pub fn has_low_cardinality(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    parts.next().unwrap_or(0) >= 20
 }
 
 /// The column list of an insert into table `table`: `(ts, name, ...)`.
@@ -330,7 +354,7 @@ mod tests {
 
     #[test]
     fn every_table_is_created_in_the_database() {
-        let ddl = ddl("metrics", None, None);
+        let ddl = ddl("metrics", None, None, false);
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `metrics`");
         for table in crate::telemetry::TABLES {
             assert!(
@@ -345,10 +369,19 @@ mod tests {
     #[test]
     fn dedup_window_only_for_modern_servers() {
         assert!(
-            ddl("m", Some(1000), None)[1]
+            ddl("m", Some(1000), None, true)[1]
                 .ends_with("SETTINGS non_replicated_deduplication_window = 1000")
         );
-        assert!(!ddl("m", None, None)[1].contains("SETTINGS"));
+        assert!(!ddl("m", None, None, false)[1].contains("SETTINGS"));
+        assert!(!ddl("m", None, None, false)[1].contains("LowCardinality"));
+        assert!(ddl("m", None, None, true)[1].contains("    name LowCardinality(String),\n"));
+        assert!(
+            ddl("m", None, None, true)[1].contains("    tags Array(LowCardinality(String)),\n")
+        );
+        assert!(
+            ddl("m", None, None, true)[1].contains("ORDER BY (name, tags, host, ts, flush_id)")
+        );
+        assert!(!has_low_cardinality("18.16.1") && has_low_cardinality("20.3.1"));
         assert!(!has_dedup_token("18.16.1"));
         assert!(!has_dedup_token("22.1.3.7"));
         assert!(has_dedup_token("22.2.2.1"));
@@ -451,7 +484,7 @@ mod tests {
 
     #[test]
     fn a_cluster_gets_replicated_tables_on_cluster_and_distributed_ones_for_reads() {
-        let ddl = ddl("m", Some(1000), Some("c1"));
+        let ddl = ddl("m", Some(1000), Some("c1"), false);
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `m` ON CLUSTER `c1`");
         assert!(ddl[1].starts_with("CREATE TABLE IF NOT EXISTS `m`.counters ON CLUSTER `c1` ("));
         assert!(ddl[1].contains(
