@@ -485,6 +485,18 @@ impl Settings {
                 }
             },
         };
+        // The files parse; now rustls must take them together (a version 1
+        // certificate, a key that does not match the certificate...).
+        if tls.ca.is_some() || tls.client.is_some() {
+            crate::sink::tls::client(&tls).map_err(|e| {
+                let field = if tls.client.is_some() {
+                    "clickhouse.client_cert"
+                } else {
+                    "clickhouse.ca_file"
+                };
+                err(field, e)
+            })?;
+        }
         if c.database.is_empty() {
             return Err(err("clickhouse.database", "must not be empty"));
         }

@@ -76,8 +76,74 @@ fn certificates(dir: &Path) -> (String, String, String) {
         "-extfile",
         "ext.cnf",
     ]);
+    // A client certificate from the same CA.
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=tallyd",
+    ]);
+    std::fs::write(dir.join("client.cnf"), "extendedKeyUsage=clientAuth\n").expect("cnf");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "client.cnf",
+    ]);
     let path = |f: &str| dir.join(f).display().to_string();
     (path("ca.crt"), path("server.crt"), path("server.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_asks_for_a_client_certificate_gets_ours() {
+    let dir = temp_dir("mtls");
+    let (ca, cert, key) = certificates(&dir);
+    let ch = clickhouse_mtls(Path::new(&cert), Path::new(&key), Path::new(&ca));
+    let mut s = settings(&ch, "mtls");
+    s.clickhouse.url = format!("https://127.0.0.1:{}", ch.https_port);
+    s.clickhouse.ca_file = ca;
+    s.clickhouse.client_cert = dir.join("client.crt").display().to_string();
+    s.clickhouse.client_key = dir.join("client.key").display().to_string();
+    let running = server::start(config(&s)).await.expect("start");
+    send_udp(running.udp_addr.expect("udp"), &["mtls.c:5|c".to_string()]);
+    wait_for_lines(&running.telemetry, 1);
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM mtls.counters FINAL WHERE name = 'mtls.c'"),
+        5.0
+    );
+    // Without the client certificate, the same server takes nothing (the
+    // rows wait in the spool).
+    s.clickhouse.client_cert.clear();
+    s.clickhouse.client_key.clear();
+    s.data_dir = temp_dir("mtls-bare").display().to_string();
+    s.shutdown_timeout = "2s".into();
+    let running = server::start(config(&s)).await.expect("start");
+    send_udp(running.udp_addr.expect("udp"), &["mtls.c:7|c".to_string()]);
+    wait_for_lines(&running.telemetry, 1);
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM mtls.counters FINAL WHERE name = 'mtls.c'"),
+        5.0,
+        "a client without a certificate got in"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

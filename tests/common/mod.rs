@@ -94,6 +94,17 @@ pub fn clickhouse_tls(cert: &Path, key: &Path) -> ClickHouse {
     ))
 }
 
+/// As [`clickhouse_tls`], and HTTPS clients must show a certificate signed
+/// by `client_ca`.
+pub fn clickhouse_mtls(cert: &Path, key: &Path, client_ca: &Path) -> ClickHouse {
+    ClickHouse::start_with(&format!(
+        "  <openSSL><server><certificateFile>{}</certificateFile><privateKeyFile>{}</privateKeyFile><caConfig>{}</caConfig><verificationMode>strict</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile></server></openSSL>\n",
+        cert.display(),
+        key.display(),
+        client_ca.display()
+    ))
+}
+
 impl ClickHouse {
     fn start_new() -> ClickHouse {
         ClickHouse::start_with("")
