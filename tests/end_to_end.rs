@@ -547,7 +547,9 @@ async fn key_limit_drops_new_keys_and_counts_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoint_serves_health_and_metrics() {
     let ch = clickhouse();
-    let s = settings(ch, "admin");
+    let mut s = settings(ch, "admin");
+    // One interval for the whole test: the live key is still live when read.
+    s.aggregate.flush_interval = "1h".into();
     let running = server::start(config(&s)).await.expect("start");
     let port = running.admin_addr.expect("admin").port();
     send_tcp(running.tcp_addr.expect("tcp"), "a:1|c\nbroken\n");
