@@ -243,7 +243,7 @@ pub fn build(
     };
     let mut forgotten = 0;
     for (k, acc) in generation.map {
-        forgotten += push_row(&mut batch, k, acc, ts, flush_id, host, Some(&mut *gauges));
+        forgotten += push_row(&mut batch, &k, acc, ts, flush_id, host, Some(&mut *gauges));
     }
     // Samples stamped (`|T`) for other intervals: rows of their interval,
     // each interval under a flush id of its own, so that they never
@@ -254,34 +254,34 @@ pub fn build(
         if let Some((start, key)) = k.split_first_chunk::<4>() {
             late.entry(u32::from_le_bytes(*start))
                 .or_default()
-                .push((key.into(), acc));
+                .push((crate::aggregate::MapKey::from_slice(key), acc));
         }
     }
     for (start, rows) in late {
         let id = next_id();
         for (k, acc) in rows {
-            push_row(&mut batch, k, acc, start, id, host, None);
+            push_row(&mut batch, &k, acc, start, id, host, None);
         }
     }
     (batch, forgotten)
 }
 
 /// Accumulators with their keys.
-type KeyedAccs = Vec<(Box<[u8]>, Acc)>;
+type KeyedAccs = Vec<(crate::aggregate::MapKey, Acc)>;
 
 /// Adds the row of key `k` to `batch`, for interval `ts` under `flush_id`.
 /// A gauge resolves against (and updates) `gauges` when given; returns 1
 /// when it could not be remembered.
 fn push_row(
     batch: &mut Batch,
-    k: Box<[u8]>,
+    k: &[u8],
     acc: Acc,
     ts: u32,
     flush_id: u64,
     host: &str,
     gauges: Option<&mut GaugeMemory>,
 ) -> u64 {
-    let Some(parts) = key::split(&k) else {
+    let Some(parts) = key::split(k) else {
         return 0;
     };
     let name = parts.name.to_owned();
@@ -302,8 +302,8 @@ fn push_row(
         Acc::Gauge(g) => {
             let value = match gauges {
                 Some(memory) => {
-                    let (value, lost) = memory.settle(k.clone(), &g);
-                    batch.gauge_values.push((k, value));
+                    let (value, lost) = memory.settle(k.into(), &g);
+                    batch.gauge_values.push((k.into(), value));
                     forgotten += u64::from(lost);
                     value
                 }
