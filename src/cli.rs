@@ -295,6 +295,7 @@ fn fail(message: &str) -> ExitCode {
 /// given version), or with `--migrate` what it would change in the
 /// existing tables.
 fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitCode {
+    use std::fmt::Write as _;
     if let Some(c) = &args.cluster {
         config.sink.cluster = Some(c.clone());
     }
@@ -308,18 +309,13 @@ fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitC
     let mut sink_config = config.sink.clone();
     sink_config.timeout = std::time::Duration::from_secs(5);
     let telemetry = std::sync::Arc::new(crate::telemetry::Telemetry::default());
+    // Written at the end, at once: a closed pipe (`| head`) is no error.
     let mut out = String::new();
-    macro_rules! outln {
-        ($out:ident, $($arg:tt)*) => {{
-            use std::fmt::Write as _;
-            let _ = writeln!($out, $($arg)*);
-        }};
-    }
     let sink = crate::sink::Sink::new(sink_config.clone(), telemetry);
     if args.migrate {
         return match runtime.block_on(sink.migration_plan()) {
             Ok(plan) if plan.is_empty() => {
-                outln!(
+                let _ = writeln!(
                     out,
                     "-- the tables have tallyd's columns and settings: nothing to change"
                 );
@@ -327,7 +323,7 @@ fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitC
             }
             Ok(plan) => {
                 for statement in plan {
-                    outln!(out, "{statement};");
+                    let _ = writeln!(out, "{statement};");
                 }
                 emit(&out)
             }
@@ -341,15 +337,14 @@ fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitC
         Some(v) => Some(v.clone()),
         None => runtime.block_on(sink.server_version()).ok(),
     };
-    match &version {
-        Some(v) => outln!(out, "-- For ClickHouse {v}.\n"),
-        None => outln!(
+    let _ = match &version {
+        Some(v) => writeln!(out, "-- For ClickHouse {v}.\n"),
+        None => writeln!(
             out,
             "-- {} did not answer: the DDL for 18.16 to 22.1; on 22.2 and later each\n-- table also gets SETTINGS non_replicated_deduplication_window = {}.\n",
-            sink_config.url,
-            sink_config.dedup_window
+            sink_config.url, sink_config.dedup_window
         ),
-    }
+    };
     let window = version
         .as_deref()
         .is_some_and(crate::sink::schema::has_dedup_token)
@@ -361,7 +356,7 @@ fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitC
     for statement in
         crate::sink::schema::ddl(&config.sink.database, window, cluster, low_cardinality)
     {
-        outln!(out, "{statement};\n");
+        let _ = writeln!(out, "{statement};\n");
     }
     emit(&out)
 }

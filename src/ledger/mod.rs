@@ -666,6 +666,11 @@ mod tests {
     use super::*;
     use crate::sink::rows::{Batch, CounterRow};
 
+    /// A ledger in `dir` with a spool budget of `budget` bytes.
+    fn open(dir: &Path, budget: u64, fs: Arc<dyn Fs>) -> (Ledger, Recovered) {
+        Ledger::open(dir, Duration::from_secs(60), 10, budget, fs).expect("open")
+    }
+
     fn counter_flush(ledger: &Ledger, flush_id: u64, value: f64) -> Arc<Flush> {
         let batch = Batch {
             flush_id,
@@ -694,8 +699,7 @@ mod tests {
     fn over_budget_a_new_flush_absorbs_the_newest_parked_one_even_if_gauges_fail() {
         let dir = test_dir("ledger-merge");
         let fs = Arc::new(fs::FaultyFs::default());
-        let (ledger, _) =
-            Ledger::open(&dir, Duration::from_secs(60), 10, 1, fs.clone()).expect("open");
+        let (ledger, _) = open(&dir, 1, fs.clone());
         let now = Duration::from_secs(1_700_000_000);
         let a = ledger.next_flush_id(now);
         let (first, merged) = ledger
@@ -722,8 +726,7 @@ mod tests {
     #[test]
     fn a_flush_under_an_id_from_before_the_start_is_never_merged() {
         let dir = test_dir("ledger-old-id");
-        let (ledger, _) =
-            Ledger::open(&dir, Duration::from_secs(60), 10, 1, Arc::new(fs::RealFs)).expect("open");
+        let (ledger, _) = open(&dir, 1, Arc::new(fs::RealFs));
         let (old, merged) = ledger
             .record(counter_flush(&ledger, 0, 2.0), None)
             .expect("old");
@@ -747,8 +750,7 @@ mod tests {
     fn a_drain_joins_parked_flushes_of_this_run_into_one_and_keeps_earlier_ones_apart() {
         let dir = test_dir("ledger-join");
         let fs = Arc::new(fs::FaultyFs::default());
-        let (ledger, _) =
-            Ledger::open(&dir, Duration::from_secs(60), 10, 1 << 30, fs.clone()).expect("open");
+        let (ledger, _) = open(&dir, 1 << 30, fs.clone());
         let (old, _) = ledger
             .record(counter_flush(&ledger, 0, 1.0), None)
             .expect("old");
@@ -797,9 +799,7 @@ mod tests {
         let dir = test_dir("ledger-sent");
         let now = Duration::from_secs(1_700_000_000);
         let (a, b) = {
-            let (ledger, _) =
-                Ledger::open(&dir, Duration::from_secs(60), 10, 1, Arc::new(fs::RealFs))
-                    .expect("open");
+            let (ledger, _) = open(&dir, 1, Arc::new(fs::RealFs));
             let a = ledger.next_flush_id(now);
             let (fa, _) = ledger
                 .record(counter_flush(&ledger, a, 2.0), None)
@@ -814,9 +814,7 @@ mod tests {
             ledger.park(fb.flush_id);
             (a, b)
         };
-        let (ledger, recovered) =
-            Ledger::open(&dir, Duration::from_secs(60), 10, 1, Arc::new(fs::RealFs))
-                .expect("reopen");
+        let (ledger, recovered) = open(&dir, 1, Arc::new(fs::RealFs));
         assert_eq!(
             recovered
                 .flushes
@@ -857,41 +855,20 @@ mod tests {
     #[test]
     fn a_flush_under_an_old_id_is_marked_sent_when_recorded() {
         let dir = test_dir("ledger-old-marked");
-        let (ledger, _) = Ledger::open(
-            &dir,
-            Duration::from_secs(60),
-            10,
-            1 << 30,
-            Arc::new(fs::RealFs),
-        )
-        .expect("open");
+        let (ledger, _) = open(&dir, 1 << 30, Arc::new(fs::RealFs));
         ledger
             .record(counter_flush(&ledger, 0, 2.0), None)
             .expect("old");
         assert!(spool::sent_path(&ledger.spool_dir, 0).exists());
         drop(ledger);
-        let (_, recovered) = Ledger::open(
-            &dir,
-            Duration::from_secs(60),
-            10,
-            1 << 30,
-            Arc::new(fs::RealFs),
-        )
-        .expect("reopen");
+        let (_, recovered) = open(&dir, 1 << 30, Arc::new(fs::RealFs));
         assert!(recovered.flushes[0].sent, "never merged after a restart");
     }
 
     #[test]
     fn a_drain_joins_one_host_at_a_time() {
         let dir = test_dir("ledger-join-hosts");
-        let (ledger, _) = Ledger::open(
-            &dir,
-            Duration::from_secs(60),
-            10,
-            1 << 30,
-            Arc::new(fs::RealFs),
-        )
-        .expect("open");
+        let (ledger, _) = open(&dir, 1 << 30, Arc::new(fs::RealFs));
         let now = Duration::from_secs(1_700_000_000);
         for host in ["a", "a", "b"] {
             let id = ledger.next_flush_id(now);
@@ -907,14 +884,7 @@ mod tests {
     #[test]
     fn a_drain_batch_smaller_than_one_flush_takes_one() {
         let dir = test_dir("ledger-join-small");
-        let (ledger, _) = Ledger::open(
-            &dir,
-            Duration::from_secs(60),
-            10,
-            1 << 30,
-            Arc::new(fs::RealFs),
-        )
-        .expect("open");
+        let (ledger, _) = open(&dir, 1 << 30, Arc::new(fs::RealFs));
         let ledger = ledger.with_drain_batch(1);
         let now = Duration::from_secs(1_700_000_000);
         for v in [2.0, 3.0] {

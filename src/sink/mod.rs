@@ -566,9 +566,8 @@ impl Sink {
         }
     }
 
-    /// Checks table `table`'s columns (see the module doc), migrating them
-    /// when allowed. One query reads every table's columns, and marks those
-    /// that are ready, so a flush costs one such query.
+    /// Makes table `table` ready for an insert: its columns checked (and
+    /// migrated when allowed), and on 22.2+ its deduplication window.
     async fn prepare(&self, table: usize) -> Result<(), Failed> {
         if !self.checked[table].load(Relaxed) {
             self.check_columns(table).await?;
@@ -587,6 +586,9 @@ impl Sink {
         Ok(())
     }
 
+    /// Checks table `table`'s columns (see the module doc), migrating them
+    /// when allowed. One query reads every table's columns and marks those
+    /// that are ready, so a flush costs one such query.
     async fn check_columns(&self, table: usize) -> Result<(), Failed> {
         let current = self.current();
         let database = &current.config.database;

@@ -207,8 +207,7 @@ fn column_type(name: &str, ty: &str, low_cardinality: bool) -> String {
 /// Whether a server of `version` has `LowCardinality` (20.1 and later
 /// for tallyd; it came in 19.x).
 pub fn has_low_cardinality(version: &str) -> bool {
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    parts.next().unwrap_or(0) >= 20
+    at_least(version, 20, 1)
 }
 
 /// The column list of an insert into table `table`: `(ts, name, ...)`.
@@ -309,10 +308,15 @@ fn widened(from: &str, to: &str) -> bool {
 /// with `insert_deduplication_token` (unknown settings fail every request
 /// on older servers, so it is sent only to these).
 pub fn has_dedup_token(version: &str) -> bool {
+    at_least(version, 22, 2)
+}
+
+/// Whether a `SELECT version()` answer (`22.8.4.7`) is `major.minor` or
+/// later; an answer that does not parse is older than any.
+fn at_least(version: &str, major: u32, minor: u32) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let major = parts.next().unwrap_or(0);
-    let minor = parts.next().unwrap_or(0);
-    (major, minor) >= (22, 2)
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
 }
 
 /// Whether a server of `version` knows `async_insert` (21.11 and later):
@@ -320,10 +324,7 @@ pub fn has_dedup_token(version: &str) -> bool {
 /// inserts on (with `wait_for_async_insert = 0`) cannot make ClickHouse
 /// answer OK before the rows are stored.
 pub fn has_async_insert(version: &str) -> bool {
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let major = parts.next().unwrap_or(0);
-    let minor = parts.next().unwrap_or(0);
-    (major, minor) >= (21, 11)
+    at_least(version, 21, 11)
 }
 
 /// The statement that gives a table of an older server (or made before
