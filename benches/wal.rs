@@ -1,6 +1,6 @@
 //! WAL append throughput (1 and 2 threads, datagram-sized records) and
 //! replay speed: `cargo bench --bench wal`. The files go to the system temp
-//! dir; sync mode `never` measures the WAL's own cost (the interval msync
+//! dir and are removed after each bench; sync mode `never` measures the WAL's own cost (the interval msync
 //! runs off the hot path).
 
 use std::path::PathBuf;
@@ -33,8 +33,9 @@ fn append(c: &mut Criterion) {
     let mut g = c.benchmark_group("wal_append");
     g.throughput(Throughput::Bytes(RECORD as u64 * 1000));
     for threads in [1usize, 2] {
-        let (wal, _) =
-            Wal::open(config(&format!("append{threads}"), threads as u32, 64)).expect("open");
+        let cfg = config(&format!("append{threads}"), threads as u32, 64);
+        let dir = cfg.dir.clone();
+        let (wal, _) = Wal::open(cfg).expect("open");
         let wal = Arc::new(wal);
         let mut generation = 1;
         g.bench_function(
@@ -65,6 +66,8 @@ fn append(c: &mut Criterion) {
                 })
             },
         );
+        drop(wal);
+        let _ = std::fs::remove_dir_all(dir);
     }
     g.finish();
 }
@@ -89,6 +92,7 @@ fn replay(c: &mut Criterion) {
         })
     });
     g.finish();
+    let _ = std::fs::remove_dir_all(&cfg.dir);
 }
 
 criterion_group!(benches, append, replay);

@@ -59,6 +59,16 @@ if [ ! -e tests/uds/node_modules/unix-dgram/build/Release/unix_dgram.node ]; the
     (cd tests/uds && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# Everything the tests write (WAL segments, the private servers' data) goes
+# under one temp dir of this run, removed when it ends.
+TMPDIR=$(mktemp -d "${TMPDIR:-/tmp}/tallyd-tests.XXXXXX")
+export TMPDIR
+trap 'rm -rf "$TMPDIR"' EXIT
+free_mib=$(df -Pm "$TMPDIR" | awk 'NR == 2 { print $4 }')
+if [ "${free_mib:-0}" -lt 4096 ]; then
+    echo "test.sh: warning: only ${free_mib} MiB free under $TMPDIR; the tests write up to about 2 GiB there" >&2
+fi
+
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 # --all-targets also runs each criterion bench once, as a smoke test.

@@ -315,7 +315,6 @@ mod tests {
     use crate::ledger::fs::RealFs;
     use crate::protocol::statsd::Limits;
     use crate::telemetry::BlockStats;
-    use std::path::PathBuf;
 
     /// `(ts, value, samples)` of the first counter row of a flush, read back
     /// from its RowBinary body.
@@ -343,25 +342,11 @@ mod tests {
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<u64>,
         ledger: Arc<Ledger>,
-        _dir: TempDir,
+        _dir: crate::test_dir::TestDir,
     }
 
-    struct TempDir(PathBuf);
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn temp_dir() -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tallyd-flush-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
+    fn temp_dir() -> crate::test_dir::TestDir {
+        crate::test_dir::test_dir("flush")
     }
 
     /// Starts a flush loop at 0.5 s past a whole second, with a queue of `queue`.
@@ -382,7 +367,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(queue);
         let (stop, stop_rx) = watch::channel(false);
         let (ledger, _) = Ledger::open(
-            &dir.0,
+            &dir,
             Duration::from_secs(60),
             1000,
             1 << 30,

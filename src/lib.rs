@@ -35,4 +35,6 @@ pub mod protocol;
 pub mod server;
 pub mod sink;
 pub mod telemetry;
+#[cfg(test)]
+mod test_dir;
 pub mod wal;

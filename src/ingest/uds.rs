@@ -311,13 +311,14 @@ impl Frames {
 mod tests {
     use super::*;
 
-    fn dir() -> std::path::PathBuf {
+    fn dir() -> crate::test_dir::TestDir {
         crate::ledger::test_dir("uds")
     }
 
     #[test]
     fn a_stale_socket_file_is_replaced_and_a_live_one_refused() {
-        let path = dir().join("dsd.socket");
+        let dir = dir();
+        let path = dir.join("dsd.socket");
         let first = bind(&path, 0o622, 1 << 20).expect("bind");
         let err = bind(&path, 0o622, 1 << 20).expect_err("in use");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
@@ -362,7 +363,8 @@ mod tests {
 
     #[test]
     fn a_stale_stream_socket_file_is_replaced() {
-        let path = dir().join("dsd-stream.socket");
+        let dir = dir();
+        let path = dir.join("dsd-stream.socket");
         let first = bind_stream(&path, 0o622).expect("bind");
         assert_eq!(
             bind_stream(&path, 0o622).expect_err("in use").kind(),
@@ -374,7 +376,8 @@ mod tests {
 
     #[test]
     fn a_file_that_is_not_a_socket_is_left_alone() {
-        let path = dir().join("notes.txt");
+        let dir = dir();
+        let path = dir.join("notes.txt");
         std::fs::write(&path, b"keep me").expect("write");
         let err = bind(&path, 0o622, 1 << 20).expect_err("not a socket");
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);

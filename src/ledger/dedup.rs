@@ -359,7 +359,7 @@ mod tests {
     use super::*;
     use crate::ledger::fs::RealFs;
 
-    fn temp_dir() -> std::path::PathBuf {
+    fn temp_dir() -> crate::test_dir::TestDir {
         crate::ledger::test_dir("dedup")
     }
 
@@ -373,7 +373,8 @@ mod tests {
 
     #[test]
     fn a_sequence_is_accepted_once() {
-        let d = open(&temp_dir());
+        let dir = temp_dir();
+        let d = open(&dir);
         assert_eq!(d.admit("c", 1, ok), Ok(Admit::Accepted(())));
         assert_eq!(d.admit("c", 1, ok), Ok(Admit::Duplicate));
         assert_eq!(d.admit("c", 2, ok), Ok(Admit::Accepted(())));
@@ -383,7 +384,8 @@ mod tests {
 
     #[test]
     fn out_of_order_sequences_are_each_accepted_once() {
-        let d = open(&temp_dir());
+        let dir = temp_dir();
+        let d = open(&dir);
         for s in [5, 3, 9, 1, 4, 2, 8, 7, 6] {
             assert_eq!(d.admit("c", s, ok), Ok(Admit::Accepted(())), "seq {s}");
         }
@@ -394,7 +396,8 @@ mod tests {
 
     #[test]
     fn overloaded_then_later_seq_then_retry_counts_once() {
-        let d = open(&temp_dir());
+        let dir = temp_dir();
+        let d = open(&dir);
         assert_eq!(d.admit("c", 6, ok), Ok(Admit::Accepted(())));
         assert_eq!(d.admit("c", 7, || Err::<(), _>("full")), Err("full"));
         assert_eq!(d.admit("c", 8, ok), Ok(Admit::Accepted(())));
@@ -404,7 +407,8 @@ mod tests {
 
     #[test]
     fn below_the_window_is_refused_not_called_a_duplicate() {
-        let d = open(&temp_dir());
+        let dir = temp_dir();
+        let d = open(&dir);
         assert_eq!(d.admit("c", 10, ok), Ok(Admit::Accepted(())));
         assert_eq!(d.admit("c", 10 + WINDOW, ok), Ok(Admit::Accepted(())));
         assert_eq!(d.admit("c", 10, ok), Ok(Admit::TooOld));
@@ -414,7 +418,8 @@ mod tests {
 
     #[test]
     fn the_window_slides_by_any_amount() {
-        let d = open(&temp_dir());
+        let dir = temp_dir();
+        let d = open(&dir);
         let mut accepted = Vec::new();
         let mut seq = 0u64;
         for step in [1u64, 63, 64, 65, 1, 130, 7, 1000, 3, 5000] {
@@ -434,7 +439,8 @@ mod tests {
 
     #[test]
     fn a_full_client_table_forgets_the_least_recently_seen() {
-        let d = open(&temp_dir()).with_max_clients(20);
+        let dir = temp_dir();
+        let d = open(&dir).with_max_clients(20);
         for c in 0..20 {
             d.observe(&format!("c{c}"), 1);
             d.clients.alter(&format!("c{c}"), |_, mut cl| {
@@ -454,14 +460,16 @@ mod tests {
 
     #[test]
     fn sequence_zero_is_a_valid_first_batch() {
-        let d = open(&temp_dir());
+        let dir = temp_dir();
+        let d = open(&dir);
         assert_eq!(d.admit("c", 0, ok), Ok(Admit::Accepted(())));
         assert_eq!(d.admit("c", 0, ok), Ok(Admit::Duplicate));
     }
 
     #[test]
     fn a_failed_accept_records_nothing() {
-        let d = open(&temp_dir());
+        let dir = temp_dir();
+        let d = open(&dir);
         assert_eq!(d.admit("c", 1, || Err::<(), _>("full")), Err("full"));
         assert_eq!(d.clients(), 0);
         assert_eq!(d.admit("c", 1, ok), Ok(Admit::Accepted(())));
@@ -469,7 +477,8 @@ mod tests {
 
     #[test]
     fn empty_client_id_is_never_deduplicated_and_long_ones_are_refused() {
-        let d = open(&temp_dir());
+        let dir = temp_dir();
+        let d = open(&dir);
         assert_eq!(d.admit("", 1, ok), Ok(Admit::Accepted(())));
         assert_eq!(d.admit("", 1, ok), Ok(Admit::Accepted(())));
         let long = "x".repeat(MAX_CLIENT_ID + 1);

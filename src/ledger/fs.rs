@@ -139,7 +139,7 @@ pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
 mod tests {
     use super::*;
 
-    fn temp_dir() -> std::path::PathBuf {
+    fn temp_dir() -> crate::test_dir::TestDir {
         crate::ledger::test_dir("fs")
     }
 

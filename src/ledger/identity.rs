@@ -129,7 +129,7 @@ mod tests {
     use super::*;
     use crate::ledger::fs::RealFs;
 
-    fn temp_dir() -> std::path::PathBuf {
+    fn temp_dir() -> crate::test_dir::TestDir {
         crate::ledger::test_dir("identity")
     }
 
@@ -153,9 +153,10 @@ mod tests {
 
     #[test]
     fn two_instances_draw_different_ids_at_the_same_instant() {
+        let (dir_a, dir_b) = (temp_dir(), temp_dir());
         let (mut a, mut b) = (
-            Identity::open(&temp_dir()).expect("a"),
-            Identity::open(&temp_dir()).expect("b"),
+            Identity::open(&dir_a).expect("a"),
+            Identity::open(&dir_b).expect("b"),
         );
         assert_ne!(a.instance, b.instance);
         let now = Duration::from_secs(1_700_000_000);

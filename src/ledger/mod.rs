@@ -565,18 +565,8 @@ pub fn publish_backlog(ledger: &Ledger, t: &crate::telemetry::Telemetry) {
     t.spool_bytes.store(bytes, Relaxed);
 }
 
-/// A fresh directory for a unit test.
 #[cfg(test)]
-pub(crate) fn test_dir(tag: &str) -> PathBuf {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tallyd-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
-}
+pub(crate) use crate::test_dir::test_dir;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

@@ -180,15 +180,10 @@ mod tests {
     use crate::wal::{SyncMode, Wal, WalConfig};
     use std::time::Duration;
 
-    fn wal_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "tallyd-inspect-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
+    fn wal_dir() -> crate::test_dir::TestDir {
+        let dir = crate::test_dir::test_dir("inspect");
         let config = WalConfig {
-            dir: dir.clone(),
+            dir: dir.to_path_buf(),
             streams: 1,
             segments_per_stream: 2,
             segment_size: 4096,

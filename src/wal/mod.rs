@@ -680,15 +680,8 @@ impl Stream {
 mod tests {
     use super::*;
 
-    fn temp_dir() -> PathBuf {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tallyd-wal-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    fn temp_dir() -> crate::test_dir::TestDir {
+        crate::test_dir::test_dir("wal")
     }
 
     fn config(dir: &Path) -> WalConfig {

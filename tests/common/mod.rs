@@ -60,8 +60,14 @@ pub fn modern() -> bool {
     std::env::var("TALLYD_TEST_ENGINE").is_ok_and(|e| e == "chdb")
 }
 
+/// A fresh directory `tallyd-test-{tag}-{pid}-{n}` under the temp dir. Test
+/// dirs outlive their test (a crash test reopens them, a failing test leaves
+/// them to read), so the first call of each test binary removes those of
+/// test processes that have ended.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    SWEPT.get_or_init(remove_dirs_of_ended_tests);
     let dir = std::env::temp_dir().join(format!(
         "tallyd-test-{tag}-{}-{}",
         std::process::id(),
@@ -70,6 +76,26 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir
+}
+
+/// Removes `tallyd-test-*-{pid}-{n}` dirs whose process is gone.
+fn remove_dirs_of_ended_tests() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("tallyd-test-")) else {
+            continue;
+        };
+        let pid = rest.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 pub fn free_port() -> u16 {
