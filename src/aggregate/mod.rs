@@ -166,6 +166,34 @@ pub struct Scratch {
     tags: Vec<u8>,
     /// The WAL stream this worker appends to.
     pub wal_stream: usize,
+    /// The keys of a block's pending lines, end to end.
+    arena: Vec<u8>,
+    /// Pending lines (their indexes) grouped by shard, arrival order kept.
+    order: Vec<u32>,
+    /// Where each shard's group starts in `order` (and a cursor copy).
+    starts: Vec<u32>,
+    next: Vec<u32>,
+    /// Pending lines whose key was not in the map yet.
+    missed: Vec<u32>,
+    /// The pending lines' buffer, kept empty between blocks (see [`relabel`]).
+    pending: Vec<Pending<'static>>,
+}
+
+/// A metric line waiting for its shard, with its key hashed once.
+struct Pending<'a> {
+    line: Line<'a>,
+    hash: u64,
+    shard: u32,
+    /// The key's bytes in [`Scratch::arena`].
+    key: std::ops::Range<usize>,
+}
+
+/// Empties `v` and gives its buffer to lines of another block. The
+/// in-place collect of a `vec::IntoIter` keeps the allocation when the
+/// element layout is the same, so each worker reuses one buffer.
+#[allow(clippy::unnecessary_filter_map)] // `filter` cannot change the lifetime
+fn relabel<'b>(v: Vec<Pending<'_>>) -> Vec<Pending<'b>> {
+    v.into_iter().filter_map(|_| None).collect()
 }
 
 impl Scratch {
@@ -337,6 +365,8 @@ impl Aggregator {
         let before = stats.samples;
         let (limits, parse_limits) = self.limits();
         stats.bytes += block.len() as u64;
+        let mut pending = relabel(std::mem::take(&mut scratch.pending));
+        scratch.arena.clear();
         for line in statsd::lines(block) {
             stats.lines += 1;
             match statsd::parse_line(line, &parse_limits) {
@@ -344,7 +374,23 @@ impl Aggregator {
                     if l.skipped_fields > 0 {
                         stats.skipped_fields += u64::from(l.skipped_fields);
                     }
-                    self.apply(generation, &l, scratch, stats, &limits)
+                    if l.timestamp.is_some() {
+                        // It may go to another interval's map: apply what
+                        // waits first, to keep each key's arrival order.
+                        self.apply_pending(generation, &mut pending, scratch, stats, &limits);
+                        self.apply(generation, &l, scratch, stats, &limits);
+                        continue;
+                    }
+                    let key = scratch.key.build(l.kind, l.name, l.tags);
+                    let hash = generation.map.hash_usize(&key);
+                    let start = scratch.arena.len();
+                    scratch.arena.extend_from_slice(key);
+                    pending.push(Pending {
+                        line: l,
+                        hash: hash as u64,
+                        shard: generation.map.determine_shard(hash) as u32,
+                        key: start..scratch.arena.len(),
+                    });
                 }
                 Ok(Parsed::Event) => match dogstatsd::parse_event(line, &parse_limits) {
                     Ok(e) => {
@@ -371,7 +417,86 @@ impl Aggregator {
                 Err(e) => stats.parse_errors[e.index()] += 1,
             }
         }
+        self.apply_pending(generation, &mut pending, scratch, stats, &limits);
+        scratch.pending = relabel(pending);
         self.count_pending(generation, stats.samples - before, limits.max_depth);
+    }
+
+    /// Applies `pending` (and empties it) shard by shard: one lock per
+    /// shard, and the lookups under it run back to back, so the CPU waits
+    /// for several entries' cache misses at once instead of one per line.
+    /// Lines of keys not yet in the map then take [`Self::apply`] one by
+    /// one, in arrival order (a key's lines all miss together, as its shard
+    /// stays locked while they are looked up).
+    fn apply_pending(
+        &self,
+        generation: &Generation,
+        pending: &mut Vec<Pending<'_>>,
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+        limits: &AggregateLimits,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let map = &generation.map;
+        let full = generation.bytes.load(Relaxed) >= limits.max_memory;
+        // A counting sort by shard: stable, so a key's lines keep their order.
+        let mut starts = std::mem::take(&mut scratch.starts);
+        starts.clear();
+        starts.resize(map.shards().len() + 1, 0);
+        for p in pending.iter() {
+            starts[p.shard as usize + 1] += 1;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut order = std::mem::take(&mut scratch.order);
+        order.clear();
+        order.resize(pending.len(), 0);
+        let mut next = std::mem::take(&mut scratch.next);
+        next.clone_from(&starts);
+        for (i, p) in pending.iter().enumerate() {
+            order[next[p.shard as usize] as usize] = i as u32;
+            next[p.shard as usize] += 1;
+        }
+        let mut missed = std::mem::take(&mut scratch.missed);
+        missed.clear();
+        let mut grew = 0;
+        for (shard, range) in starts.windows(2).enumerate() {
+            let group = &order[range[0] as usize..range[1] as usize];
+            if group.is_empty() {
+                continue;
+            }
+            let mut table = map.shards()[shard].write();
+            for &i in group {
+                let p = &pending[i as usize];
+                let key = &scratch.arena[p.key.clone()];
+                match table.get_mut(p.hash, |(k, _)| k.as_slice() == key) {
+                    Some((_, acc)) => grew += merge(acc.get_mut(), &p.line, stats, limits, full),
+                    None => missed.push(i),
+                }
+            }
+        }
+        scratch.order = order;
+        scratch.starts = starts;
+        scratch.next = next;
+        if grew > 0 {
+            generation.bytes.fetch_add(grew, Relaxed);
+        }
+        missed.sort_unstable();
+        for &i in &missed {
+            self.apply(
+                generation,
+                &pending[i as usize].line,
+                scratch,
+                stats,
+                limits,
+            );
+        }
+        scratch.missed = missed;
+        pending.clear();
+        scratch.arena.clear();
     }
 
     /// Keeps an event or service check of `cost` bytes of text in
@@ -608,6 +733,32 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(g.pending.load(Relaxed), 4);
+    }
+
+    #[test]
+    fn a_keys_lines_apply_in_arrival_order_whether_new_or_live() {
+        let a = aggregator(100);
+        let gauge = |a: &Aggregator| match &*acc(&a.current(), MetricType::Gauge, "g", "") {
+            Acc::Gauge(g) => g.value,
+            other => panic!("{other:?}"),
+        };
+        // New key: all its lines take the one-by-one path.
+        ingest(&a, "g:1|g\nother:1|c\ng:7|g\ng:+2|g");
+        assert_eq!(gauge(&a), 9.0);
+        // Live key; the timestamped line (same interval) comes last.
+        ingest(&a, "g:3|g\ng:-1|g\nother:1|c\ng:4|g|T0");
+        assert_eq!(gauge(&a), 4.0);
+        let g = a.current();
+        match &*acc(&g, MetricType::Counter, "other", "") {
+            Acc::Counter { sum, .. } => assert_eq!(*sum, 2.0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_pending_buffer_is_reused_across_blocks() {
+        let v: Vec<Pending<'static>> = Vec::with_capacity(64);
+        assert!(relabel(v).capacity() >= 64);
     }
 
     #[test]
