@@ -1,7 +1,9 @@
 //! Ingest cost per sample (parse + canonical key + map merge) at 1k, 100k and
-//! 1M live keys, on one and two threads: `cargo bench --bench aggregate`.
-//! Subtract the `parse/*_with_key` figure to get the aggregation alone.
-//! Before the benches it prints the memory cost per live key.
+//! 1M live keys, on one and two threads, and the flush's cost per key (a
+//! closed interval of counters turned into rows and RowBinary bodies):
+//! `cargo bench --bench aggregate`. Subtract the `parse/*_with_key` figure
+//! to get the aggregation alone. Before the benches it prints the memory
+//! cost per live key.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -9,9 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group};
-use tallyd::aggregate::{AggregateLimits, Aggregator, Scratch};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group};
+use tallyd::aggregate::{AggregateLimits, Aggregator, Generation, Scratch};
 use tallyd::protocol::statsd::Limits;
+use tallyd::sink::{rowbinary, rows};
 use tallyd::telemetry::BlockStats;
 
 const LINES_PER_BLOCK: usize = 40;
@@ -173,7 +176,38 @@ fn memory_per_key() {
     }
 }
 
-criterion_group!(benches, aggregate);
+/// A closed interval holding `keys` counter keys.
+fn closed_interval(keys: usize, data: &[Vec<u8>]) -> Generation {
+    let a = aggregator();
+    ingest_all(&a, data, &mut Scratch::default());
+    let old = a.swap(Duration::from_secs(1));
+    let generation = Arc::try_unwrap(old).expect("no other holder");
+    assert_eq!(generation.keys(), keys);
+    generation
+}
+
+fn flush(c: &mut Criterion) {
+    let mut g = c.benchmark_group("flush");
+    g.sample_size(10);
+    for keys in [100_000usize, 1_000_000] {
+        let data = blocks(keys, counter_line);
+        g.throughput(Throughput::Elements(keys as u64));
+        g.bench_function(format!("counters_{keys}_keys_rows_and_rowbinary"), |b| {
+            b.iter_batched(
+                || closed_interval(keys, &data),
+                |generation| {
+                    let mut gauges = rows::GaugeMemory::new(keys);
+                    let (batch, _) = rows::build(generation, 1, "host-a", &mut gauges, &mut || 2);
+                    black_box(rowbinary::encode(&batch))
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, aggregate, flush);
 
 fn main() {
     memory_per_key();
