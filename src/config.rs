@@ -126,7 +126,7 @@ impl Default for WalSettings {
 pub struct StatsdSettings {
     pub udp: String,
     pub tcp: String,
-    /// UDP sockets (SO_REUSEPORT), one thread each. 0: one per core.
+    /// Threads reading the UDP socket. 0: one per core.
     pub udp_workers: usize,
     pub udp_recv_buffer: String,
     pub tcp_max_line: String,

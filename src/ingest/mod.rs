@@ -3,7 +3,7 @@
 //! [`Aggregator::ingest_block`](crate::aggregate::Aggregator::ingest_block);
 //! parsing and aggregation live elsewhere.
 //!
-//! - [`udp`]: `SO_REUSEPORT` sockets, one blocking receive thread each.
+//! - [`udp`]: one socket, read by several blocking receive threads.
 //! - [`tcp`]: tokio tasks, newline framing, line and connection limits.
 //! - [`proto`]: protobuf batches over TCP (acknowledged) and UDP.
 //! - [`uds`]: DogStatsD over a Unix datagram socket, one blocking thread.

@@ -1,7 +1,7 @@
-//! StatsD over UDP: several sockets on one port (`SO_REUSEPORT`), each read
-//! by its own thread with blocking `recv`, one syscall per datagram. The
-//! kernel spreads datagrams over the sockets; a thread never waits for
-//! anything but its socket, so a flush never slows the receive path.
+//! StatsD over UDP: one socket read by several threads with blocking
+//! `recv`, one syscall per datagram. The kernel hands each datagram to a
+//! waiting thread; a thread never waits for anything but the socket, so a
+//! flush never slows the receive path.
 //!
 //! Each thread appends to its own WAL stream. A datagram the WAL cannot
 //! take (ring full) is dropped and counted: UDP has no way to push back.
@@ -30,26 +30,28 @@ const POLL: Duration = Duration::from_millis(100);
 /// Datagrams a thread drains from its socket after stop, at most.
 const DRAIN_LIMIT: usize = 1 << 16;
 
-/// Binds `workers` sockets to `addr` with `SO_REUSEPORT` and a receive buffer
-/// of `recv_buffer` bytes. With port 0, every socket gets the port the first
-/// one was given.
+/// Binds one socket to `addr` with a receive buffer of `recv_buffer` bytes,
+/// and returns it `workers` times (clones of one descriptor). Every worker
+/// reads the same queue, so whichever is free takes the next datagram: one
+/// heavy sender (one flow) is spread over all workers, where per-worker
+/// `SO_REUSEPORT` sockets would pin it to one, and a worker stalled for a
+/// moment (preempted, or waiting on its WAL stream) leaves the others
+/// draining the queue. Socket activation passes one socket the same way.
 pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<Vec<UdpSocket>> {
-    let mut sockets = Vec::with_capacity(workers.max(1));
-    let mut addr = addr;
-    for _ in 0..workers.max(1) {
-        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        s.set_reuse_port(true)?;
-        // The kernel caps this at net.core.rmem_max; a smaller buffer is not
-        // fatal, only lossier under bursts.
-        if let Err(e) = s.set_recv_buffer_size(recv_buffer) {
-            tracing::warn!(error = %e, "could not set the UDP receive buffer");
-        }
-        s.bind(&addr.into())?;
-        s.set_read_timeout(Some(POLL))?;
-        let s: UdpSocket = s.into();
-        addr = s.local_addr()?;
-        sockets.push(s);
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // The kernel caps this at net.core.rmem_max; a smaller buffer is not
+    // fatal, only lossier under bursts.
+    if let Err(e) = s.set_recv_buffer_size(recv_buffer) {
+        tracing::warn!(error = %e, "could not set the UDP receive buffer");
     }
+    s.bind(&addr.into())?;
+    s.set_read_timeout(Some(POLL))?;
+    let first: UdpSocket = s.into();
+    let mut sockets = Vec::with_capacity(workers.max(1));
+    for _ in 1..workers.max(1) {
+        sockets.push(first.try_clone()?);
+    }
+    sockets.push(first);
     Ok(sockets)
 }
 
@@ -192,9 +194,10 @@ pub(crate) fn receive(
     }
 }
 
-/// The socket inode of each socket (to find it in `/proc/net/udp`).
+/// The socket inodes of these sockets, each once (clones share one), to
+/// find them in `/proc/net/udp`.
 pub fn inodes(sockets: &[UdpSocket]) -> Vec<u64> {
-    sockets
+    let mut inodes: Vec<u64> = sockets
         .iter()
         .filter_map(|s| {
             let link = std::fs::read_link(format!("/proc/self/fd/{}", s.as_raw_fd())).ok()?;
@@ -204,7 +207,10 @@ pub fn inodes(sockets: &[UdpSocket]) -> Vec<u64> {
                 .parse()
                 .ok()
         })
-        .collect()
+        .collect();
+    inodes.sort_unstable();
+    inodes.dedup();
+    inodes
 }
 
 /// Datagrams the kernel dropped on these sockets (receive buffer full), from
@@ -250,14 +256,32 @@ mod tests {
     }
 
     #[test]
-    fn reuseport_sockets_share_one_port() {
+    fn workers_share_one_socket_and_its_drops_count_once() {
         let sockets = bind("127.0.0.1:0".parse().expect("addr"), 3, 1 << 20).expect("bind");
         let ports: Vec<u16> = sockets
             .iter()
             .map(|s| s.local_addr().expect("addr").port())
             .collect();
         assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
-        assert_eq!(inodes(&sockets).len(), 3);
+        assert_eq!(sockets.len(), 3);
+        assert_eq!(inodes(&sockets).len(), 1);
         assert_eq!(kernel_drops(&inodes(&sockets)), Some(0));
+    }
+
+    #[test]
+    fn one_flow_is_spread_over_every_worker() {
+        let sockets = bind("127.0.0.1:0".parse().expect("addr"), 2, 1 << 20).expect("bind");
+        let addr = sockets[0].local_addr().expect("addr");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        for _ in 0..2 {
+            sender.send_to(b"x:1|c", addr).expect("send");
+        }
+        // Both datagrams come from one source port; each worker's handle
+        // can take one (with per-worker SO_REUSEPORT sockets, one worker
+        // would have both and the other none).
+        let mut buf = [0u8; 16];
+        for s in &sockets {
+            assert_eq!(s.recv(&mut buf).expect("a datagram for each worker"), 5);
+        }
     }
 }

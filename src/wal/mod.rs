@@ -597,6 +597,7 @@ impl Wal {
         };
         self.confirmed.store(confirmed, Relaxed);
         self.persist_checkpoint()?;
+        self.release_confirmed_pages(confirmed);
         let done: Vec<PathBuf> = {
             let mut previous = lock(&self.previous);
             let (done, kept) = std::mem::take(&mut *previous)
@@ -610,6 +611,24 @@ impl Wal {
             tracing::info!(dir = %p.display(), "the streams of the old WAL geometry are drained and removed");
         }
         Ok(())
+    }
+
+    /// Unmaps the pages of every segment that is not being written and
+    /// holds only confirmed records (see [`Segment::release_pages`]); a
+    /// failure costs memory only, so it is logged.
+    fn release_confirmed_pages(&self, confirmed: u64) {
+        for stream in &self.streams {
+            let mut s = lock(stream);
+            let current = s.current;
+            for (i, seg) in s.segments.iter_mut().enumerate() {
+                if i != current
+                    && seg.max_generation <= confirmed
+                    && let Err(e) = seg.release_pages()
+                {
+                    tracing::warn!(segment = %seg.path.display(), error = %e, "could not give a confirmed WAL segment's pages back");
+                }
+            }
+        }
     }
 
     /// The generation up to which everything is confirmed.
@@ -748,6 +767,56 @@ mod tests {
                 ts: 1_700_000_000
             })
         );
+    }
+
+    /// The resident size in kB of this process's mapping of `path`, from
+    /// `/proc/self/smaps`.
+    fn resident_kb(path: &Path) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            if line.ends_with(path.to_str()?) {
+                return lines
+                    .find_map(|l| l.strip_prefix("Rss:"))?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn confirmed_segments_give_their_pages_back_and_keep_their_bytes() {
+        let dir = temp_dir();
+        let cfg = WalConfig {
+            streams: 1,
+            segment_size: 64 * 1024,
+            ..config(&dir)
+        };
+        let (wal, _) = Wal::open(cfg).expect("open");
+        // Generation 1 fills segment 0 and goes on into segment 1.
+        let record = vec![b'x'; 1000];
+        for _ in 0..80 {
+            wal.append(0, 1, Kind::Statsd, &record).expect("append");
+        }
+        let (seg0, seg1) = (
+            dir.join("stream-0").join("seg-0.wal"),
+            dir.join("stream-0").join("seg-1.wal"),
+        );
+        assert!(resident_kb(&seg0) >= Some(60), "{:?}", resident_kb(&seg0));
+        let before = std::fs::read(&seg0).expect("read");
+        wal.confirm(1).expect("confirm");
+        assert_eq!(resident_kb(&seg0), Some(0), "the left segment is released");
+        assert!(resident_kb(&seg1) > Some(0), "the current one is kept");
+        assert_eq!(std::fs::read(&seg0).expect("read"), before);
+        // The ring comes round to it again: it is written as before.
+        for _ in 0..120 {
+            wal.append(0, 2, Kind::Statsd, &record).expect("append");
+        }
+        assert!(resident_kb(&seg0) > Some(0));
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! One preallocated segment file, mapped into memory. The only `unsafe` of
-//! the crate is here: mapping the file.
+//! the crate is here: mapping the file, and giving its pages back.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::MmapMut;
+use memmap2::{MmapMut, UncheckedAdvice};
 
 use super::format::{SEGMENT_HEADER, SegmentHeader};
 use super::{WalError, io_err};
@@ -18,6 +18,8 @@ pub(super) struct Segment {
     pub used: bool,
     /// Highest generation of any record in the segment (0: none).
     pub max_generation: u64,
+    /// False after [`Segment::release_pages`] until the segment restarts.
+    resident: bool,
     map: MmapMut,
     file: Arc<File>,
 }
@@ -88,6 +90,7 @@ impl Segment {
             },
             used: false,
             max_generation: 0,
+            resident: true,
             map,
             file: Arc::new(file),
         })
@@ -101,6 +104,26 @@ impl Segment {
         self.header = header;
         self.used = true;
         self.max_generation = 0;
+        self.resident = true;
+    }
+
+    /// Gives the mapping's pages back (`MADV_DONTNEED`), so that a segment
+    /// whose records are all confirmed stops counting in tallyd's RSS (and
+    /// a container's memory) until the ring comes round to it again. The
+    /// data stays in the file: on a shared file mapping the kernel keeps
+    /// dirty pages in the page cache for writeback, and the next access
+    /// maps the page again from there.
+    pub fn release_pages(&mut self) -> std::io::Result<()> {
+        if !self.resident {
+            return Ok(());
+        }
+        // SAFETY: `&mut self` means no borrow of the mapping's bytes is
+        // alive. The mapping is a shared file mapping, where MADV_DONTNEED
+        // only drops the page table entries: the bytes any later access
+        // reads are the file's, the same as before the call.
+        unsafe { self.map.unchecked_advise(UncheckedAdvice::DontNeed) }?;
+        self.resident = false;
+        Ok(())
     }
 
     pub fn bytes(&self) -> &[u8] {
