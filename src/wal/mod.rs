@@ -820,6 +820,24 @@ mod tests {
     }
 
     #[test]
+    fn segments_have_their_blocks_reserved_at_creation() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = temp_dir();
+        let cfg = WalConfig {
+            segment_size: 1 << 20,
+            ..config(&dir)
+        };
+        let (_wal, _) = Wal::open(cfg).expect("open");
+        let meta = std::fs::metadata(dir.join("stream-1").join("seg-2.wal")).expect("meta");
+        assert_eq!(meta.len(), 1 << 20);
+        assert!(
+            meta.blocks() * 512 >= 1 << 20,
+            "sparse: {} blocks",
+            meta.blocks()
+        );
+    }
+
+    #[test]
     fn a_full_ring_refuses_until_flushes_are_confirmed() {
         let dir = temp_dir();
         let (wal, _) = Wal::open(config(&dir)).expect("open");

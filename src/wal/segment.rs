@@ -24,11 +24,26 @@ pub(super) struct Segment {
     file: Arc<File>,
 }
 
+/// Writes `size` zero bytes at the file's position.
+fn write_zeros(file: &mut File, size: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
 impl Segment {
     /// Creates (or re-creates) the file at full size, its blocks really
-    /// allocated (zeros written, so a full disk shows now, not as a fault on a
-    /// later write through the map). With a header it is the stream's current
-    /// segment; without, it waits unused.
+    /// allocated, so that a full disk shows now, not as a fault on a later
+    /// write through the map: `fallocate` reserves them (milliseconds for a
+    /// 1 GiB WAL, where writing zeros took seconds, during which datagrams
+    /// already queued on the bound sockets overflowed them); where the
+    /// filesystem cannot, zeros are written. With a header it is the
+    /// stream's current segment; without, it waits unused.
     pub fn create(
         path: &Path,
         size: u64,
@@ -41,12 +56,12 @@ impl Segment {
             .truncate(true)
             .open(path)
             .map_err(io_err(path))?;
-        let zeros = vec![0u8; 1 << 20];
-        let mut left = size;
-        while left > 0 {
-            let n = left.min(zeros.len() as u64) as usize;
-            file.write_all(&zeros[..n]).map_err(io_err(path))?;
-            left -= n as u64;
+        match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
+                write_zeros(&mut file, size).map_err(io_err(path))?
+            }
+            Err(e) => return Err(io_err(path)(e.into())),
         }
         file.sync_all().map_err(io_err(path))?;
         let mut seg = Segment::map(path, file)?;
