@@ -25,7 +25,7 @@ pub enum Command {
     Run(ConfigArgs),
     /// Validate the configuration and print the effective settings.
     CheckConfig(ConfigArgs),
-    /// Print the ClickHouse DDL tallyd runs at start.
+    /// Print the DDL of the ClickHouse tables tallyd makes at start.
     Schema(SchemaArgs),
     /// Look into the write-ahead log.
     #[command(subcommand)]

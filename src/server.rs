@@ -141,22 +141,8 @@ async fn bind(config: &Config) -> Result<Listeners, StartError> {
     };
     let udp_sockets = match (activated.statsd_udp, config.statsd_udp) {
         // One passed socket, read by every UDP worker.
-        (Some(socket), _) => {
-            let mut sockets = Vec::new();
-            for _ in 1..config.udp_workers.max(1) {
-                sockets.push(
-                    socket
-                        .try_clone()
-                        .map_err(activated_addr("StatsD UDP (passed by systemd)"))?,
-                );
-            }
-            sockets.push(socket);
-            for s in &sockets {
-                s.set_read_timeout(Some(std::time::Duration::from_millis(100)))
-                    .map_err(activated_addr("StatsD UDP (passed by systemd)"))?;
-            }
-            sockets
-        }
+        (Some(socket), _) => udp::share(socket, config.udp_workers)
+            .map_err(activated_addr("StatsD UDP (passed by systemd)"))?,
         (None, Some(addr)) => udp::bind(addr, config.udp_workers, config.udp_recv_buffer)
             .map_err(bind_err("StatsD UDP", addr))?,
         (None, None) => Vec::new(),

@@ -254,7 +254,7 @@ async fn sixty_four_udp_workers_start_and_count_exactly() {
         .expect("start with 64 UDP workers");
     let udp = running.udp_addr.expect("udp");
     tokio::task::spawn_blocking(move || {
-        // Many source ports, so that SO_REUSEPORT spreads them over the sockets.
+        // Many source ports, as from many senders.
         for c in 0..128 {
             let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
             for _ in 0..10 {

@@ -45,13 +45,19 @@ pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<
         tracing::warn!(error = %e, "could not set the UDP receive buffer");
     }
     s.bind(&addr.into())?;
-    s.set_read_timeout(Some(POLL))?;
-    let first: UdpSocket = s.into();
+    share(s.into(), workers)
+}
+
+/// `socket` once per worker (clones of one descriptor, see [`bind`]), with
+/// the read timeout that lets a blocked worker see the stop flag (a socket
+/// option: the clones share it).
+pub fn share(socket: UdpSocket, workers: usize) -> io::Result<Vec<UdpSocket>> {
+    socket.set_read_timeout(Some(POLL))?;
     let mut sockets = Vec::with_capacity(workers.max(1));
     for _ in 1..workers.max(1) {
-        sockets.push(first.try_clone()?);
+        sockets.push(socket.try_clone()?);
     }
-    sockets.push(first);
+    sockets.push(socket);
     Ok(sockets)
 }
 
@@ -269,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn one_flow_is_spread_over_every_worker() {
+    fn one_flows_datagrams_reach_every_workers_handle() {
         let sockets = bind("127.0.0.1:0".parse().expect("addr"), 2, 1 << 20).expect("bind");
         let addr = sockets[0].local_addr().expect("addr");
         let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");

@@ -312,7 +312,7 @@ mod tests {
     use super::*;
 
     fn dir() -> crate::test_dir::TestDir {
-        crate::ledger::test_dir("uds")
+        crate::test_dir::test_dir("uds")
     }
 
     #[test]

@@ -33,8 +33,8 @@
 //! - `_e{...}` events and `_sc|...` service checks are recognised and returned
 //!   as such, not as errors.
 //! - `|c:` (container id) and `|T` (timestamp) are validated; the container id
-//!   is not part of the key and the timestamp does not move the sample out of
-//!   the interval that receives it. `|e:` and `|card:` steer the DogStatsD
+//!   is not part of the key; the timestamp is returned, and the aggregator
+//!   files the sample under the interval it names. `|e:` and `|card:` steer the DogStatsD
 //!   agent's tag enrichment, which tallyd does not do: they are accepted and
 //!   ignored.
 

@@ -4,8 +4,8 @@
 //! identity (`host`, `flush_id`, or `version` for gauges) next to the series
 //! key. A flush that is sent twice therefore collapses into one row per key
 //! under `FINAL` (or after a merge), on every ClickHouse version from 18.16.
-//! The DDL uses nothing newer than 18.16 has (no Map, LowCardinality, CODEC,
-//! TTL, DateTime64).
+//! The DDL uses nothing newer than 18.16 has (no Map, CODEC, TTL,
+//! DateTime64), except `LowCardinality` strings on servers from 20.1.
 
 /// The version of the schema below, recorded in `<database>.tallyd_schema`
 /// when tallyd makes or migrates the tables: 1 had `UInt64` timer counts

@@ -6,7 +6,8 @@
 //! private CA. `clickhouse.client_cert` and `clickhouse.client_key` (PEM)
 //! add a client certificate. The files are read and parsed when the
 //! configuration is validated ([`Pem::read`]), so a bad file is a config
-//! error naming the field, and building a client does no I/O. A server
+//! error naming the field. Without a CA file, building a client reads the
+//! system's roots. A server
 //! whose certificate is not trusted fails every request with rustls's
 //! reason (e.g. `invalid peer certificate: UnknownIssuer`), which the sink
 //! logs with the URL; the data waits in the spool meanwhile.
