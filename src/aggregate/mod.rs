@@ -374,10 +374,12 @@ impl Aggregator {
                     if l.skipped_fields > 0 {
                         stats.skipped_fields += u64::from(l.skipped_fields);
                     }
-                    if l.timestamp.is_some() {
-                        // It may go to another interval's map: apply what
-                        // waits first, to keep each key's arrival order.
-                        self.apply_pending(generation, &mut pending, scratch, stats, &limits);
+                    let this_interval = l.timestamp.is_none_or(|t| {
+                        matches!(interval_of(t, generation, &limits), Interval::This)
+                    });
+                    if !this_interval {
+                        // Another interval's map (`late`, keyed apart) or
+                        // refused: nothing that waits here can be reordered.
                         self.apply(generation, &l, scratch, stats, &limits);
                         continue;
                     }
@@ -745,7 +747,8 @@ mod tests {
         // New key: all its lines take the one-by-one path.
         ingest(&a, "g:1|g\nother:1|c\ng:7|g\ng:+2|g");
         assert_eq!(gauge(&a), 9.0);
-        // Live key; the timestamped line (same interval) comes last.
+        // Live key; the timestamped line (same interval) comes last and
+        // waits in the block's batch like the others.
         ingest(&a, "g:3|g\ng:-1|g\nother:1|c\ng:4|g|T0");
         assert_eq!(gauge(&a), 4.0);
         let g = a.current();
