@@ -170,11 +170,11 @@ pub struct Scratch {
     arena: Vec<u8>,
     /// Pending lines (their indexes) grouped by shard, arrival order kept.
     order: Vec<u32>,
+    /// Pending lines whose key was not in the map yet.
+    missed: Vec<u32>,
     /// Where each shard's group starts in `order` (and a cursor copy).
     starts: Vec<u32>,
     next: Vec<u32>,
-    /// Pending lines whose key was not in the map yet.
-    missed: Vec<u32>,
     /// The pending lines' buffer, kept empty between blocks (see [`relabel`]).
     pending: Vec<Pending<'static>>,
 }
@@ -427,9 +427,9 @@ impl Aggregator {
     /// Applies `pending` (and empties it) shard by shard: one lock per
     /// shard, and the lookups under it run back to back, so the CPU waits
     /// for several entries' cache misses at once instead of one per line.
-    /// Lines of keys not yet in the map then take [`Self::apply`] one by
-    /// one, in arrival order (a key's lines all miss together, as its shard
-    /// stays locked while they are looked up).
+    /// Keys not yet in the map are then made one by one in arrival order,
+    /// with the key and hash already taken (a key's lines all miss
+    /// together, as its shard stays locked while they are looked up).
     fn apply_pending(
         &self,
         generation: &Generation,
@@ -486,15 +486,29 @@ impl Aggregator {
         if grew > 0 {
             generation.bytes.fetch_add(grew, Relaxed);
         }
+        // New keys, in arrival order (the key limit admits the first ones).
         missed.sort_unstable();
         for &i in &missed {
-            self.apply(
-                generation,
-                &pending[i as usize].line,
-                scratch,
-                stats,
-                limits,
-            );
+            let p = &pending[i as usize];
+            let key = &scratch.arena[p.key.clone()];
+            let mut table = map.shards()[p.shard as usize].write();
+            let added = match table.get_mut(p.hash, |(k, _)| k.as_slice() == key) {
+                // Another worker made it meanwhile.
+                Some((_, acc)) => merge(acc.get_mut(), &p.line, stats, limits, full),
+                None => {
+                    let Some(cost) = admit_key(generation, key.len(), &p.line, stats, limits)
+                    else {
+                        continue;
+                    };
+                    let mut acc = Acc::new(p.line.kind);
+                    let grew = merge(&mut acc, &p.line, stats, limits, full);
+                    let entry = (MapKey::from_slice(key), dashmap::SharedValue::new(acc));
+                    table.insert(p.hash, entry, |(k, _)| map.hash_usize(&k.as_slice()) as u64);
+                    cost + grew
+                }
+            };
+            drop(table);
+            generation.bytes.fetch_add(added, Relaxed);
         }
         scratch.missed = missed;
         pending.clear();
@@ -555,16 +569,9 @@ impl Aggregator {
             }
             return;
         }
-        let cost = acc::KEY_OVERHEAD + key.len() as u64;
-        if generation.bytes.load(Relaxed).saturating_add(cost) > limits.max_memory {
-            stats.dropped_memory += line.value_count() as u64;
+        let Some(cost) = admit_key(generation, key.len(), line, stats, limits) else {
             return;
-        }
-        if generation.keys.fetch_add(1, Relaxed) >= limits.max_keys {
-            generation.keys.fetch_sub(1, Relaxed);
-            stats.dropped_key_limit += line.value_count() as u64;
-            return;
-        }
+        };
         let grew = match map.entry(MapKey::from_slice(key)) {
             Entry::Occupied(mut e) => {
                 // Another worker created it between our lookup and now.
@@ -580,6 +587,29 @@ impl Aggregator {
         };
         generation.bytes.fetch_add(grew, Relaxed);
     }
+}
+
+/// Takes a place for a new key of `key_len` bytes in `generation` and
+/// returns its estimated cost in bytes; `None` (the line's values dropped
+/// and counted) past the memory budget or the key limit.
+fn admit_key(
+    generation: &Generation,
+    key_len: usize,
+    line: &Line<'_>,
+    stats: &mut BlockStats,
+    limits: &AggregateLimits,
+) -> Option<u64> {
+    let cost = acc::KEY_OVERHEAD + key_len as u64;
+    if generation.bytes.load(Relaxed).saturating_add(cost) > limits.max_memory {
+        stats.dropped_memory += line.value_count() as u64;
+        return None;
+    }
+    if generation.keys.fetch_add(1, Relaxed) >= limits.max_keys {
+        generation.keys.fetch_sub(1, Relaxed);
+        stats.dropped_key_limit += line.value_count() as u64;
+        return None;
+    }
+    Some(cost)
 }
 
 /// Where a timestamped sample belongs.
