@@ -35,6 +35,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# A Debian-managed python3 refuses pip installs into it (PEP 668) unless
+# told; the packages below are the tests' own.
+export PIP_BREAK_SYSTEM_PACKAGES=1
+
 # The protobuf interop test encodes batches with Google's Python protobuf
 # library; grpcio-tools brings a protoc to compile proto/tallyd.proto.
 if ! python3 -c "import google.protobuf, grpc_tools" 2>/dev/null; then
@@ -48,11 +52,11 @@ fi
 # tests/modern/chdb_front.py: the ClickHouse-facing tests run against it too.
 if ! python3 -c "import chdb" 2>/dev/null; then
     echo "test.sh: installing chdb (PyPI)"
-    python3 -m pip install -q --disable-pip-version-check chdb
+    python3 -m pip install -q --disable-pip-version-check chdb==4.4.0
 fi
 if ! python3 -c "import datadog" 2>/dev/null; then
     echo "test.sh: installing datadog (PyPI)"
-    python3 -m pip install -q --disable-pip-version-check datadog
+    python3 -m pip install -q --disable-pip-version-check datadog==0.56.0
 fi
 if [ ! -e tests/uds/node_modules/unix-dgram/build/Release/unix_dgram.node ]; then
     echo "test.sh: installing hot-shots and unix-dgram (npm)"
