@@ -260,13 +260,13 @@ impl Telemetry {
         }
         m.counter(
             "tallyd_tcp_connections_total",
-            "TCP connections accepted (StatsD and protobuf).",
+            "Stream connections accepted: StatsD and protobuf over TCP, DogStatsD over a Unix stream socket.",
             "",
             &self.tcp_connections,
         );
         m.counter(
             "tallyd_tcp_connections_refused_total",
-            "TCP connections closed at once: the listener's connection limit was reached.",
+            "Stream connections (TCP or Unix) closed at once: the listener's connection limit was reached.",
             "",
             &self.tcp_connections_refused,
         );

@@ -138,6 +138,15 @@ async fn a_server_that_asks_for_a_client_certificate_gets_ours() {
     let running = server::start(config(&s)).await.expect("start");
     send_udp(running.udp_addr.expect("udp"), &["mtls.c:7|c".to_string()]);
     wait_for_lines(&running.telemetry, 1);
+    let t = std::sync::Arc::clone(&running.telemetry);
+    assert!(
+        tokio::task::spawn_blocking(
+            move || wait_for(10, || t.clickhouse_retries.load(Relaxed) >= 1)
+        )
+        .await
+        .expect("poll"),
+        "tallyd never tried the server without its certificate"
+    );
     assert_eq!(running.shutdown().await, 0);
     assert_eq!(
         ch.number("SELECT sum(value) FROM mtls.counters FINAL WHERE name = 'mtls.c'"),

@@ -81,7 +81,7 @@ pub fn event_line<'a>(
     } else {
         e.sample_rate
     };
-    if !(rate > 0.0 && rate <= 1.0) {
+    if !statsd::valid_sample_rate(rate) {
         return Err(ParseError::InvalidSampleRate);
     }
     let (kind, value, delta, member): (MetricType, f64, bool, &[u8]) = match &e.value {
@@ -240,6 +240,12 @@ mod tests {
         );
         let mut e = event("x", Value::Counter(1.0), &[]);
         e.sample_rate = 2.0;
+        assert_eq!(
+            event_line(&e, &mut tags, &limits).err(),
+            Some(ParseError::InvalidSampleRate)
+        );
+        // A subnormal rate: its weight, 1/rate, is not finite.
+        e.sample_rate = 1e-320;
         assert_eq!(
             event_line(&e, &mut tags, &limits).err(),
             Some(ParseError::InvalidSampleRate)

@@ -260,6 +260,12 @@ pub fn lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|l| !l.is_empty())
 }
 
+/// A sample rate tallyd accepts (StatsD and protobuf alike): in (0, 1],
+/// with a finite inverse, the weight each value counts for.
+pub(crate) fn valid_sample_rate(rate: f64) -> bool {
+    rate > 0.0 && rate <= 1.0 && (1.0 / rate).is_finite()
+}
+
 /// Parses one line (without its line ending).
 pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, ParseError> {
     if line.starts_with(b"_e{") {
@@ -329,7 +335,7 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
             Some(b'@') => {
                 seen.once(Seen::RATE)?;
                 let rate = parse_f64(&field[1..]).ok_or(ParseError::InvalidSampleRate)?;
-                if !(rate > 0.0 && rate <= 1.0 && (1.0 / rate).is_finite()) {
+                if !valid_sample_rate(rate) {
                     return Err(ParseError::InvalidSampleRate);
                 }
                 parsed.sample_rate = rate;
