@@ -1,5 +1,6 @@
 //! Ingest cost per sample (parse + canonical key + map merge) at 1k, 100k and
-//! 1M live keys, on one and two threads, and the flush's cost per key (a
+//! 1M live keys, on one and two threads, per datagram and per batch of
+//! datagrams, and the flush's cost per key (a
 //! closed interval of counters turned into rows and RowBinary bodies):
 //! `cargo bench --bench aggregate`. Subtract the `parse/*_with_key` figure
 //! to get the aggregation alone. Before the benches it prints the memory
@@ -18,6 +19,8 @@ use tallyd::sink::{rowbinary, rows};
 use tallyd::telemetry::BlockStats;
 
 const LINES_PER_BLOCK: usize = 40;
+/// Datagrams a UDP worker applies together when they queue up (its batch).
+const DATAGRAMS_PER_BATCH: usize = 16;
 
 fn aggregator() -> Aggregator {
     Aggregator::new(
@@ -62,6 +65,34 @@ fn ingest_all(a: &Aggregator, blocks: &[Vec<u8>], scratch: &mut Scratch) {
     }
 }
 
+/// The blocks joined as a UDP worker joins queued datagrams: each followed
+/// by `\n`, with their ranges.
+fn batches(blocks: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<std::ops::Range<usize>>)> {
+    blocks
+        .chunks(DATAGRAMS_PER_BATCH)
+        .map(|c| {
+            let (mut joined, mut ranges) = (Vec::new(), Vec::new());
+            for b in c {
+                ranges.push(joined.len()..joined.len() + b.len());
+                joined.extend_from_slice(b);
+                joined.push(b'\n');
+            }
+            (joined, ranges)
+        })
+        .collect()
+}
+
+fn ingest_batches(
+    a: &Aggregator,
+    batches: &[(Vec<u8>, Vec<std::ops::Range<usize>>)],
+    scratch: &mut Scratch,
+) {
+    let mut stats = BlockStats::default();
+    for (joined, ranges) in batches {
+        a.ingest_datagrams(black_box(joined), ranges, scratch, &mut stats, |_| {});
+    }
+}
+
 fn aggregate(c: &mut Criterion) {
     let mut g = c.benchmark_group("ingest");
     g.sample_size(10);
@@ -73,6 +104,10 @@ fn aggregate(c: &mut Criterion) {
         let mut scratch = Scratch::default();
         g.bench_function(format!("counters_{keys}_keys_1_thread"), |b| {
             b.iter(|| ingest_all(&a, &data, &mut scratch))
+        });
+        let batches = batches(&data);
+        g.bench_function(format!("counters_{keys}_keys_1_thread_batched"), |b| {
+            b.iter(|| ingest_batches(&a, &batches, &mut scratch))
         });
         let a = Arc::new(a);
         let halves: Vec<Arc<Vec<Vec<u8>>>> = data

@@ -26,6 +26,8 @@ pub struct ListenerStats {
 /// What one block of input produced, counted locally.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BlockStats {
+    /// Blocks received: datagrams, TCP reads, frames or protobuf batches.
+    pub blocks: u64,
     pub bytes: u64,
     pub lines: u64,
     /// Raw increments applied to accumulators.
@@ -139,7 +141,7 @@ impl Telemetry {
 
     /// Adds a block's local counts to a listener and to the totals.
     pub fn record_block(&self, listener: &ListenerStats, b: &BlockStats) {
-        listener.blocks.fetch_add(1, Relaxed);
+        listener.blocks.fetch_add(b.blocks, Relaxed);
         listener.bytes.fetch_add(b.bytes, Relaxed);
         listener.lines.fetch_add(b.lines, Relaxed);
         for (c, n) in listener.parse_errors.iter().zip(b.parse_errors) {
@@ -466,6 +468,7 @@ mod tests {
     fn record_block_adds_to_listener_and_totals() {
         let t = Telemetry::default();
         let mut b = BlockStats {
+            blocks: 1,
             bytes: 100,
             lines: 5,
             samples: 4,

@@ -92,6 +92,7 @@ impl ProtoIngest {
             }
         };
         let mut stats = BlockStats {
+            blocks: 1,
             bytes: raw.len() as u64,
             ..BlockStats::default()
         };

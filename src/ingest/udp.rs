@@ -1,7 +1,8 @@
 //! StatsD over UDP: one socket read by several threads with blocking
 //! `recv`, one syscall per datagram. The kernel hands each datagram to a
 //! waiting thread; a thread never waits for anything but the socket, so a
-//! flush never slows the receive path.
+//! flush never slows the receive path. A thread that finds more datagrams
+//! queued takes them too (up to a batch) and applies them together.
 //!
 //! Each thread appends to its own WAL stream. A datagram the WAL cannot
 //! take (ring full) is dropped and counted: UDP has no way to push back.
@@ -12,12 +13,14 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rustix::net::RecvFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::aggregate::{Aggregator, Scratch};
@@ -25,6 +28,10 @@ use crate::telemetry::{BlockStats, ListenerStats, Telemetry};
 
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
+/// A worker applies at most this many datagrams together...
+const BATCH_DATAGRAMS: usize = 64;
+/// ... and takes no more once it holds this many bytes.
+const BATCH_BYTES: usize = 64 * 1024;
 /// How often a blocked thread looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
 /// Datagrams a thread drains from its socket after stop, at most.
@@ -114,52 +121,32 @@ pub fn spawn(
         .collect()
 }
 
-/// A datagram socket a receive thread reads: UDP, or a Unix datagram
-/// socket ([`super::uds`]).
-pub(crate) trait Datagrams {
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
-    fn set_nonblocking(&self, on: bool) -> io::Result<()>;
-}
-
-impl Datagrams for UdpSocket {
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        UdpSocket::recv(self, buf)
-    }
-    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        UdpSocket::set_nonblocking(self, on)
-    }
-}
-
-impl Datagrams for std::os::unix::net::UnixDatagram {
-    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        std::os::unix::net::UnixDatagram::recv(self, buf)
-    }
-    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        std::os::unix::net::UnixDatagram::set_nonblocking(self, on)
-    }
-}
-
 /// A worker that writes to WAL stream `wal_stream` and counts in `listener`.
+/// `socket` is UDP, or a Unix datagram socket ([`super::uds`]), with a read
+/// timeout so that a blocked worker sees `stop`.
 pub(crate) fn receive(
-    socket: &impl Datagrams,
+    socket: &impl AsFd,
     wal_stream: usize,
     aggregator: &Aggregator,
     telemetry: &Telemetry,
     listener: &ListenerStats,
     stop: &AtomicBool,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut batch = Batch::new();
     let mut scratch = Scratch::for_stream(wal_stream);
-    let mut ingest = |block: &[u8]| {
+    let mut ingest = |batch: &mut Batch| {
         let mut stats = BlockStats::default();
-        match aggregator.ingest_block(block, &mut scratch, &mut stats) {
-            Ok(()) => {
-                aggregator.settle(wal_stream);
-                telemetry.record_block(listener, &stats)
-            }
+        aggregator.ingest_datagrams(
+            batch.joined(),
+            &batch.datagrams,
+            &mut scratch,
+            &mut stats,
             // A datagram the WAL cannot take is dropped, and counted.
-            Err(e) => telemetry.wal_refused(e),
-        }
+            |e| telemetry.wal_refused(e),
+        );
+        aggregator.settle(wal_stream);
+        telemetry.record_block(listener, &stats);
+        batch.clear();
     };
     let mut since_beat = 0u32;
     while !stop.load(Ordering::Relaxed) {
@@ -171,8 +158,12 @@ pub(crate) fn receive(
                 .udp_heartbeat_ms
                 .store(crate::notify::now_ms(), Ordering::Relaxed);
         }
-        match socket.recv(&mut buf) {
-            Ok(n) => ingest(&buf[..n]),
+        match batch.recv(socket, RecvFlags::empty()) {
+            Ok(()) => {
+                // What the kernel already holds joins it, up to a batch.
+                while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
+                ingest(&mut batch);
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -189,14 +180,66 @@ pub(crate) fn receive(
             }
         }
     }
-    if socket.set_nonblocking(true).is_err() {
-        return;
-    }
-    for _ in 0..DRAIN_LIMIT {
-        match socket.recv(&mut buf) {
-            Ok(n) => ingest(&buf[..n]),
-            Err(_) => break,
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT {
+        while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
+        if batch.datagrams.is_empty() {
+            return;
         }
+        drained += batch.datagrams.len();
+        ingest(&mut batch);
+    }
+}
+
+/// Datagrams received back to back, kept one after the other for one
+/// [`Aggregator::ingest_datagrams`]: a batch forms only from what the
+/// kernel already holds, so it costs no wait, and it grows when the
+/// worker falls behind, which is when the shared apply pays most.
+struct Batch {
+    /// The datagrams, each followed by `\n`. Sized so that a datagram of
+    /// the largest size always fits after [`BATCH_BYTES`].
+    buf: Vec<u8>,
+    len: usize,
+    /// Their ranges in `buf`, without the `\n`.
+    datagrams: Vec<Range<usize>>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            buf: vec![0; BATCH_BYTES + MAX_DATAGRAM + 1],
+            len: 0,
+            datagrams: Vec::with_capacity(BATCH_DATAGRAMS),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.datagrams.len() >= BATCH_DATAGRAMS || self.len >= BATCH_BYTES
+    }
+
+    fn joined(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.datagrams.clear();
+    }
+
+    /// Receives one datagram after those held (an empty one is skipped).
+    /// With `RecvFlags::DONTWAIT`, `WouldBlock` when none is waiting.
+    fn recv(&mut self, socket: &impl AsFd, flags: RecvFlags) -> io::Result<()> {
+        let start = self.len;
+        let Some(spare) = self.buf.get_mut(start..start + MAX_DATAGRAM + 1) else {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        };
+        let (n, _) = rustix::net::recv(socket, &mut spare[..MAX_DATAGRAM], flags)?;
+        if n > 0 {
+            spare[n] = b'\n';
+            self.datagrams.push(start..start + n);
+            self.len = start + n + 1;
+        }
+        Ok(())
     }
 }
 
@@ -272,6 +315,47 @@ mod tests {
         assert_eq!(sockets.len(), 3);
         assert_eq!(inodes(&sockets).len(), 1);
         assert_eq!(kernel_drops(&inodes(&sockets)), Some(0));
+    }
+
+    #[test]
+    fn queued_datagrams_are_taken_together_and_no_line_runs_into_the_next() {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        for d in ["x:1|c", "", "x:2|c\ny:1|c", "y:1|c\n"] {
+            sender
+                .send_to(d.as_bytes(), socket.local_addr().expect("addr"))
+                .expect("send");
+        }
+        let mut batch = Batch::new();
+        batch.recv(&socket, RecvFlags::empty()).expect("one waits");
+        while !batch.is_full() && batch.recv(&socket, RecvFlags::DONTWAIT).is_ok() {}
+        assert_eq!(batch.joined(), b"x:1|c\nx:2|c\ny:1|c\ny:1|c\n\n");
+        assert_eq!(batch.datagrams, [0..5, 6..17, 18..24]);
+        let limits = crate::aggregate::AggregateLimits {
+            max_keys: 100,
+            max_set_members: 100,
+            max_depth: u64::MAX,
+            max_memory: u64::MAX,
+            timestamp_window: Duration::from_secs(3600),
+            interval: Duration::from_secs(1),
+        };
+        let a = Aggregator::new(limits, Default::default(), Duration::ZERO);
+        let mut stats = BlockStats::default();
+        let refused = |_| panic!("no WAL");
+        a.ingest_datagrams(
+            batch.joined(),
+            &batch.datagrams,
+            &mut Scratch::default(),
+            &mut stats,
+            refused,
+        );
+        assert_eq!((stats.blocks, stats.bytes, stats.samples), (3, 22, 4));
+        assert_eq!(stats.parse_error_total(), 0);
+        batch.clear();
+        assert!(batch.joined().is_empty() && batch.datagrams.is_empty());
     }
 
     #[test]
