@@ -36,13 +36,12 @@ use crate::flush::{self, Clock, Flusher};
 use crate::ingest::{proto::ProtoIngest, tcp::TcpIngest, udp};
 use crate::ledger::fs::{Fs, RealFs};
 use crate::ledger::{Ledger, Recovered};
-use crate::protocol::proto::Batch as ProtoBatch;
+use crate::protocol::batch::BatchView;
 use crate::sink::rows::GaugeMemory;
 use crate::sink::{self, Queued, Sink};
 use crate::telemetry::{BlockStats, Telemetry};
 use crate::wal::format::Kind;
 use crate::wal::{Recovery, SyncMode, Wal};
-use prost::Message;
 
 /// Why tallyd could not start.
 #[derive(Debug, thiserror::Error)]
@@ -595,18 +594,10 @@ async fn replay(
     //    the generations already in the spool are released; only then may
     //    the sink take spooled flushes (sending and completing one must not
     //    leave its generation in the WAL to be rebuilt).
-    let decode = |block: &[u8]| match ProtoBatch::decode(block) {
-        Ok(batch) => Some(batch),
-        // It decoded when it was accepted: only damage gets here.
-        Err(e) => {
-            tracing::error!(error = %e, "a protobuf batch in the WAL does not decode; skipped");
-            None
-        }
-    };
     for r in &recovery.generations {
         for (_, block) in r.blocks.iter().filter(|(k, _)| *k == Kind::Proto) {
-            if let Some(batch) = decode(block) {
-                dedup.observe(&batch.client_id, batch.sequence);
+            if let Some(batch) = decode_recorded(block) {
+                dedup.observe(batch.client_id, batch.sequence);
             }
         }
         if spooled.contains(&r.generation) {
@@ -633,7 +624,7 @@ async fn replay(
                         .apply_block(&generation, block, &mut scratch, &mut stats)
                 }
                 Kind::Proto => {
-                    if let Some(batch) = decode(block) {
+                    if let Some(batch) = decode_recorded(block) {
                         flusher.aggregator.apply_batch(
                             &generation,
                             &batch,
@@ -907,5 +898,17 @@ impl Running {
             clickhouse = %self.config.sink.url,
             "configuration reloaded"
         );
+    }
+}
+
+/// A protobuf batch read back from the WAL.
+fn decode_recorded(block: &[u8]) -> Option<BatchView<'_>> {
+    match BatchView::decode(block) {
+        Ok(batch) => Some(batch),
+        // It decoded when it was accepted: only damage gets here.
+        Err(e) => {
+            tracing::error!(error = %e, "a protobuf batch in the WAL does not decode; skipped");
+            None
+        }
     }
 }

@@ -1,16 +1,122 @@
 //! Property tests over the three decoders that take bytes from outside: the
 //! StatsD parser, the protobuf decoder and the WAL record decoder. Arbitrary
-//! input never panics, and what is accepted round-trips.
+//! input never panics, and what is accepted round-trips. The in-place
+//! protobuf reader accepts exactly what prost's generated code decodes, and
+//! reads the same values.
 
 use proptest::prelude::*;
 use prost::Message;
 use tallyd::aggregate::key::{self, KeyBuf};
-use tallyd::protocol::proto::{self, Batch};
+use tallyd::protocol::batch::{BatchView, EventValue};
+use tallyd::protocol::proto::pb::event::Value;
+use tallyd::protocol::proto::{self, Batch, Event, Tag};
 use tallyd::protocol::statsd::{self, Limits, MetricType, Parsed};
 use tallyd::wal::format::{self, Decoded, Kind};
 
+/// Whether the in-place view read what prost decoded (floats by their bits).
+fn same_batch(view: &BatchView<'_>, batch: &Batch) -> bool {
+    let value = |v: Option<EventValue<'_>>, p: &Option<Value>| match (v, p) {
+        (None, None) => true,
+        (Some(EventValue::SetMember(a)), Some(Value::SetMember(b))) => a == b.as_bytes(),
+        (Some(EventValue::Counter(a)), Some(Value::Counter(b)))
+        | (Some(EventValue::Gauge(a)), Some(Value::Gauge(b)))
+        | (Some(EventValue::GaugeDelta(a)), Some(Value::GaugeDelta(b)))
+        | (Some(EventValue::TimerMs(a)), Some(Value::TimerMs(b)))
+        | (Some(EventValue::Histogram(a)), Some(Value::Histogram(b)))
+        | (Some(EventValue::Distribution(a)), Some(Value::Distribution(b))) => {
+            a.to_bits() == b.to_bits()
+        }
+        _ => false,
+    };
+    view.client_id == batch.client_id
+        && view.sequence == batch.sequence
+        && view.len == batch.events.len()
+        && view.events().count() == batch.events.len()
+        && view.events().zip(&batch.events).all(|(v, p)| {
+            v.name == p.name.as_bytes()
+                && v.sample_rate.to_bits() == p.sample_rate.to_bits()
+                && value(v.value, &p.value)
+                && v.tags().eq(p
+                    .tags
+                    .iter()
+                    .map(|t| (t.key.as_bytes(), t.value.as_bytes())))
+        })
+}
+
+fn pb_batch() -> impl Strategy<Value = Batch> {
+    let value = prop_oneof![
+        any::<f64>().prop_map(Value::Counter),
+        any::<f64>().prop_map(Value::Gauge),
+        any::<f64>().prop_map(Value::GaugeDelta),
+        any::<f64>().prop_map(Value::TimerMs),
+        any::<f64>().prop_map(Value::Histogram),
+        any::<f64>().prop_map(Value::Distribution),
+        "\\PC{0,6}".prop_map(Value::SetMember),
+    ];
+    let tag = ("\\PC{0,4}", "\\PC{0,4}").prop_map(|(key, value)| Tag { key, value });
+    let event = (
+        "\\PC{0,12}",
+        proptest::collection::vec(tag, 0..3),
+        proptest::option::of(value),
+        any::<f64>(),
+    )
+        .prop_map(|(name, tags, value, sample_rate)| Event {
+            name,
+            tags,
+            value,
+            sample_rate,
+        });
+    (
+        "\\PC{0,8}",
+        any::<u64>(),
+        proptest::collection::vec(event, 0..4),
+    )
+        .prop_map(|(client_id, sequence, events)| Batch {
+            client_id,
+            sequence,
+            events,
+        })
+}
+
+/// The view and prost agree on `bytes`: both refuse it, or both read it the same.
+fn agree(bytes: &[u8]) -> Result<(), TestCaseError> {
+    match (BatchView::decode(bytes), Batch::decode(bytes)) {
+        (Ok(v), Ok(p)) => prop_assert!(same_batch(&v, &p), "{:?} vs {:?}", v, p),
+        (Err(_), Err(_)) => {}
+        (v, p) => prop_assert!(
+            false,
+            "view {:?}, prost {:?} for {:?}",
+            v.err(),
+            p.err(),
+            bytes
+        ),
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_in_place_batch_reader_agrees_with_prost_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        agree(&bytes)?;
+    }
+
+    #[test]
+    fn the_in_place_batch_reader_agrees_with_prost_on_damaged_batches(
+        batch in pb_batch(),
+        at in any::<proptest::sample::Index>(),
+        byte in any::<u8>(),
+        cut in any::<bool>(),
+    ) {
+        let mut bytes = batch.encode_to_vec();
+        agree(&bytes)?;
+        if !bytes.is_empty() {
+            let i = at.index(bytes.len());
+            if cut { bytes.truncate(i) } else { bytes[i] = byte }
+            agree(&bytes)?;
+        }
+    }
 
     #[test]
     fn statsd_never_panics_on_arbitrary_bytes(block in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -60,10 +166,10 @@ proptest! {
     #[test]
     fn protobuf_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = proto::frame_header(&bytes, 4 << 20);
-        if let Ok(batch) = Batch::decode(&bytes[..]) {
+        if let Ok(batch) = BatchView::decode(&bytes[..]) {
             let mut tags = Vec::new();
-            for e in &batch.events {
-                if let Ok(l) = proto::event_line(e, &mut tags, &Limits::default()) {
+            for e in batch.events() {
+                if let Ok(l) = proto::event_line(&e, &mut tags, &Limits::default()) {
                     prop_assert!(l.first.is_finite());
                 }
             }

@@ -25,8 +25,9 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Notify;
 
+use crate::protocol::batch::BatchView;
 use crate::protocol::dogstatsd;
-use crate::protocol::proto::{self, Batch};
+use crate::protocol::proto;
 use crate::protocol::statsd::{self, Limits, Line, Parsed};
 use crate::telemetry::BlockStats;
 use crate::wal::format::Kind;
@@ -349,7 +350,7 @@ impl Aggregator {
     pub fn ingest_batch(
         &self,
         raw: &[u8],
-        batch: &Batch,
+        batch: &BatchView<'_>,
         scratch: &mut Scratch,
         stats: &mut BlockStats,
     ) -> Result<(u64, u32), AppendError> {
@@ -366,7 +367,7 @@ impl Aggregator {
     pub fn apply_batch(
         &self,
         generation: &Generation,
-        batch: &Batch,
+        batch: &BatchView<'_>,
         scratch: &mut Scratch,
         stats: &mut BlockStats,
     ) -> u32 {
@@ -374,9 +375,9 @@ impl Aggregator {
         let (limits, parse_limits) = self.limits();
         let mut rejected = 0;
         let mut tags = std::mem::take(&mut scratch.tags);
-        for event in &batch.events {
+        for event in batch.events() {
             stats.lines += 1;
-            match proto::event_line(event, &mut tags, &parse_limits) {
+            match proto::event_line(&event, &mut tags, &parse_limits) {
                 Ok(line) => self.apply(generation, &line, scratch, stats, &limits),
                 Err(e) => {
                     stats.parse_errors[e.index()] += 1;

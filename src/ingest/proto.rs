@@ -27,14 +27,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregate::{Aggregator, Scratch};
 use crate::ledger::dedup::{Admit, Dedup, MAX_CLIENT_ID, WINDOW};
-use crate::protocol::proto::{self, Ack, Batch, FrameError, pb::ack::Status};
+use crate::protocol::batch::BatchView;
+use crate::protocol::proto::{self, Ack, FrameError, pb::ack::Status};
 use crate::telemetry::{BlockStats, Telemetry};
 use crate::wal::{AppendError, Wal};
 
@@ -80,7 +80,7 @@ fn ack(sequence: u64, status: Status, message: &str, rejected_events: u32) -> Ac
 impl ProtoIngest {
     /// Decodes and applies one batch (its encoded bytes, without prefix).
     fn handle(&self, raw: &[u8], scratch: &mut Scratch) -> Handled {
-        let batch = match Batch::decode(raw) {
+        let batch = match BatchView::decode(raw) {
             Ok(b) => b,
             Err(e) => {
                 return Handled::Reject(ack(
@@ -96,7 +96,7 @@ impl ProtoIngest {
             bytes: raw.len() as u64,
             ..BlockStats::default()
         };
-        let admitted = self.dedup.admit(&batch.client_id, batch.sequence, || {
+        let admitted = self.dedup.admit(batch.client_id, batch.sequence, || {
             self.aggregator
                 .ingest_batch(raw, &batch, scratch, &mut stats)
         });
@@ -255,7 +255,7 @@ impl ProtoIngest {
             match self.handle(raw, scratch) {
                 Handled::Full if Instant::now() < deadline => tokio::time::sleep(WAL_RETRY).await,
                 Handled::Full => {
-                    let sequence = Batch::decode(raw).map_or(0, |b| b.sequence);
+                    let sequence = BatchView::decode(raw).map_or(0, |b| b.sequence);
                     let message = "the write-ahead log is full; retry later";
                     return (ack(sequence, Status::Overloaded, message, 0), 0, true);
                 }

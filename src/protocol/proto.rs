@@ -4,6 +4,7 @@
 //!
 //! Pure code: no sockets, no tokio.
 
+use super::batch::{EventValue, EventView};
 use super::statsd::{self, Limits, Line, MetricType, ParseError};
 
 /// The types generated from proto/tallyd.proto (package `tallyd.v1`).
@@ -54,25 +55,24 @@ pub fn encode_frame(msg: &impl prost::Message) -> Vec<u8> {
 /// Turns an event into a line. Tags are written into `tags` (reused) as
 /// `key:value` (a bare key when the value is empty), comma separated.
 pub fn event_line<'a>(
-    e: &'a Event,
+    e: &EventView<'a>,
     tags: &'a mut Vec<u8>,
     limits: &Limits,
 ) -> Result<Line<'a>, ParseError> {
-    use pb::event::Value;
-    let name = e.name.as_bytes();
+    let name = e.name;
     statsd::check_name(name, limits, false)?;
     tags.clear();
-    for t in &e.tags {
-        if t.key.is_empty() || t.key.contains(',') || t.value.contains(',') {
+    for (key, value) in e.tags() {
+        if key.is_empty() || key.contains(&b',') || value.contains(&b',') {
             return Err(ParseError::InvalidTag);
         }
         if !tags.is_empty() {
             tags.push(b',');
         }
-        tags.extend_from_slice(t.key.as_bytes());
-        if !t.value.is_empty() {
+        tags.extend_from_slice(key);
+        if !value.is_empty() {
             tags.push(b':');
-            tags.extend_from_slice(t.value.as_bytes());
+            tags.extend_from_slice(value);
         }
     }
     statsd::check_tags(tags, limits, false)?;
@@ -84,17 +84,17 @@ pub fn event_line<'a>(
     if !statsd::valid_sample_rate(rate) {
         return Err(ParseError::InvalidSampleRate);
     }
-    let (kind, value, delta, member): (MetricType, f64, bool, &[u8]) = match &e.value {
+    let (kind, value, delta, member): (MetricType, f64, bool, &[u8]) = match e.value {
         None => return Err(ParseError::MissingValue),
-        Some(Value::Counter(v)) => (MetricType::Counter, *v, false, &[]),
-        Some(Value::Gauge(v)) => (MetricType::Gauge, *v, false, &[]),
-        Some(Value::GaugeDelta(v)) => (MetricType::Gauge, *v, true, &[]),
-        Some(Value::TimerMs(v)) => (MetricType::Timer, *v, false, &[]),
-        Some(Value::Histogram(v)) => (MetricType::Histogram, *v, false, &[]),
-        Some(Value::Distribution(v)) => (MetricType::Distribution, *v, false, &[]),
-        Some(Value::SetMember(m)) => {
-            statsd::check_text(m.as_bytes()).map_err(|_| ParseError::InvalidValue)?;
-            (MetricType::Set, 0.0, false, m.as_bytes())
+        Some(EventValue::Counter(v)) => (MetricType::Counter, v, false, &[]),
+        Some(EventValue::Gauge(v)) => (MetricType::Gauge, v, false, &[]),
+        Some(EventValue::GaugeDelta(v)) => (MetricType::Gauge, v, true, &[]),
+        Some(EventValue::TimerMs(v)) => (MetricType::Timer, v, false, &[]),
+        Some(EventValue::Histogram(v)) => (MetricType::Histogram, v, false, &[]),
+        Some(EventValue::Distribution(v)) => (MetricType::Distribution, v, false, &[]),
+        Some(EventValue::SetMember(m)) => {
+            statsd::check_text(m).map_err(|_| ParseError::InvalidValue)?;
+            (MetricType::Set, 0.0, false, m)
         }
     };
     if !value.is_finite() {
@@ -126,6 +126,12 @@ mod tests {
     use super::*;
     use pb::event::Value;
     use prost::Message;
+
+    /// The event as tallyd reads it off the wire (the bytes live on: a test).
+    fn view(e: &Event) -> EventView<'static> {
+        let bytes: &'static [u8] = Box::leak(e.encode_to_vec().into_boxed_slice());
+        EventView::decode(bytes).expect("decodes")
+    }
 
     fn event(name: &str, value: Value, tags: &[(&str, &str)]) -> Event {
         Event {
@@ -190,14 +196,14 @@ mod tests {
         ];
         for (value, kind, delta) in cases {
             let e = event("x", value, &[]);
-            let l = event_line(&e, &mut tags, &limits).expect("valid");
+            let l = event_line(&view(&e), &mut tags, &limits).expect("valid");
             assert_eq!(
                 (l.kind, l.first_is_delta, l.value_count(), l.sample_rate),
                 (kind, delta, 1, 1.0)
             );
         }
         let e = event("u", Value::SetMember("alice".into()), &[]);
-        let l = event_line(&e, &mut tags, &limits).expect("valid");
+        let l = event_line(&view(&e), &mut tags, &limits).expect("valid");
         assert_eq!((l.kind, l.raw_values), (MetricType::Set, &b"alice"[..]));
     }
 
@@ -205,7 +211,7 @@ mod tests {
     fn tags_become_key_value_strings() {
         let e = event("x", Value::Counter(1.0), &[("env", "prod"), ("canary", "")]);
         let mut tags = Vec::new();
-        let l = event_line(&e, &mut tags, &Limits::default()).expect("valid");
+        let l = event_line(&view(&e), &mut tags, &Limits::default()).expect("valid");
         assert_eq!(l.tags, b"env:prod,canary");
     }
 
@@ -215,39 +221,39 @@ mod tests {
         let mut tags = Vec::new();
         let mut e = event("x", Value::Counter(f64::NAN), &[]);
         assert_eq!(
-            event_line(&e, &mut tags, &limits).err(),
+            event_line(&view(&e), &mut tags, &limits).err(),
             Some(ParseError::InvalidValue)
         );
         e.value = Some(Value::TimerMs(-1.0));
         assert_eq!(
-            event_line(&e, &mut tags, &limits).err(),
+            event_line(&view(&e), &mut tags, &limits).err(),
             Some(ParseError::NegativeValue)
         );
         e.value = None;
         assert_eq!(
-            event_line(&e, &mut tags, &limits).err(),
+            event_line(&view(&e), &mut tags, &limits).err(),
             Some(ParseError::MissingValue)
         );
         let e = event("", Value::Counter(1.0), &[]);
         assert_eq!(
-            event_line(&e, &mut tags, &limits).err(),
+            event_line(&view(&e), &mut tags, &limits).err(),
             Some(ParseError::EmptyName)
         );
         let e = event("x", Value::Counter(1.0), &[("a,b", "1")]);
         assert_eq!(
-            event_line(&e, &mut tags, &limits).err(),
+            event_line(&view(&e), &mut tags, &limits).err(),
             Some(ParseError::InvalidTag)
         );
         let mut e = event("x", Value::Counter(1.0), &[]);
         e.sample_rate = 2.0;
         assert_eq!(
-            event_line(&e, &mut tags, &limits).err(),
+            event_line(&view(&e), &mut tags, &limits).err(),
             Some(ParseError::InvalidSampleRate)
         );
         // A subnormal rate: its weight, 1/rate, is not finite.
         e.sample_rate = 1e-320;
         assert_eq!(
-            event_line(&e, &mut tags, &limits).err(),
+            event_line(&view(&e), &mut tags, &limits).err(),
             Some(ParseError::InvalidSampleRate)
         );
     }

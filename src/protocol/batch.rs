@@ -1,0 +1,438 @@
+//! A protobuf `Batch` (proto/tallyd.proto) read in place: [`BatchView`]
+//! checks the whole message first, then hands out its events as views into
+//! the received bytes, so no string is allocated, and no vector either.
+//! prost's generated types ([`super::proto::pb`]) stay for encoding and for
+//! clients; this reader accepts and refuses exactly what they decode.
+//!
+//! The wire format is protobuf's (<https://protobuf.dev/programming-guides/encoding/>):
+//! each field is a varint key, `field_number << 3 | wire_type`, then a
+//! varint (type 0), 8 bytes little-endian (1), a varint length and that many
+//! bytes (2), or 4 bytes (5). Types 3 and 4 open and close a group (only
+//! ever skipped here). For a field that is not repeated, the last occurrence
+//! wins, a `oneof` included; unknown fields are skipped; strings must be
+//! UTF-8.
+//!
+//! Pure code: no sockets, no tokio.
+
+/// Why a message does not decode. The texts name the field and the fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("truncated or overlong varint")]
+    Varint,
+    #[error("field number 0 or above 2^29-1")]
+    FieldNumber,
+    #[error("unknown wire type {0}")]
+    WireType(u8),
+    #[error("{0}: wrong wire type")]
+    UnexpectedWireType(&'static str),
+    #[error("{0}: runs past the end of the message")]
+    Truncated(&'static str),
+    #[error("{0}: not UTF-8")]
+    Utf8(&'static str),
+    #[error("unmatched or too deeply nested group")]
+    Group,
+}
+
+/// Groups nested deeper than this are refused (prost's recursion limit).
+const MAX_GROUP_DEPTH: u32 = 100;
+
+/// One field's value as it lies on the wire.
+#[derive(Clone, Copy)]
+enum Value<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    Bytes(&'a [u8]),
+    /// A fixed32 or a skipped group: nothing any field here holds.
+    Other,
+}
+
+/// The fields of one message, in order.
+struct Fields<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    #[inline(always)]
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        // One byte: most keys and lengths.
+        if let Some((&b, rest)) = self.buf.split_first()
+            && b < 0x80
+        {
+            self.buf = rest;
+            return Ok(u64::from(b));
+        }
+        let mut value = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = self.buf.split_first().ok_or(DecodeError::Varint)?;
+            self.buf = rest;
+            // The tenth byte holds bit 63 only.
+            if i == 9 && b > 1 {
+                return Err(DecodeError::Varint);
+            }
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(DecodeError::Varint)
+    }
+
+    #[inline(always)]
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
+        if n > self.buf.len() {
+            return Err(DecodeError::Truncated(field));
+        }
+        let (taken, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(taken)
+    }
+
+    /// The next key: (field number, wire type).
+    #[inline(always)]
+    fn key(&mut self) -> Result<(u32, u8), DecodeError> {
+        let key = self.varint()?;
+        let number = key >> 3;
+        if number == 0 || number > (1 << 29) - 1 {
+            return Err(DecodeError::FieldNumber);
+        }
+        Ok((number as u32, (key & 7) as u8))
+    }
+
+    #[inline(always)]
+    fn value(&mut self, number: u32, wire: u8) -> Result<Value<'a>, DecodeError> {
+        Ok(match wire {
+            0 => Value::Varint(self.varint()?),
+            1 => {
+                let b = self.take(8, "fixed64")?;
+                Value::Fixed64(u64::from_le_bytes(b.try_into().unwrap_or_default()))
+            }
+            2 => {
+                let n = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
+                Value::Bytes(self.take(n, "length-delimited field")?)
+            }
+            3 => {
+                self.skip_group(number, 0)?;
+                Value::Other
+            }
+            4 => return Err(DecodeError::Group),
+            5 => {
+                self.take(4, "fixed32")?;
+                Value::Other
+            }
+            w => return Err(DecodeError::WireType(w)),
+        })
+    }
+
+    /// Skips a group's fields up to the end-group key of `number`.
+    #[cold]
+    fn skip_group(&mut self, number: u32, depth: u32) -> Result<(), DecodeError> {
+        if depth >= MAX_GROUP_DEPTH {
+            return Err(DecodeError::Group);
+        }
+        loop {
+            let (inner, wire) = self.key()?;
+            match wire {
+                4 if inner == number => return Ok(()),
+                3 => self.skip_group(inner, depth + 1)?,
+                _ => {
+                    self.value(inner, wire)?;
+                }
+            }
+        }
+    }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(u32, Value<'a>), DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let field = self
+            .key()
+            .and_then(|(number, wire)| Ok((number, self.value(number, wire)?)));
+        if field.is_err() {
+            self.buf = &[];
+        }
+        Some(field)
+    }
+}
+
+fn fields(buf: &[u8]) -> Fields<'_> {
+    Fields { buf }
+}
+
+/// A string field's bytes; with `check`, they must be UTF-8. A batch is
+/// checked once, in [`BatchView::decode`]; reading it again need not.
+fn text<'a>(v: Value<'a>, field: &'static str, check: bool) -> Result<&'a [u8], DecodeError> {
+    match v {
+        Value::Bytes(b) if check && std::str::from_utf8(b).is_err() => {
+            Err(DecodeError::Utf8(field))
+        }
+        Value::Bytes(b) => Ok(b),
+        _ => Err(DecodeError::UnexpectedWireType(field)),
+    }
+}
+
+fn double(v: Value<'_>, field: &'static str) -> Result<f64, DecodeError> {
+    match v {
+        Value::Fixed64(bits) => Ok(f64::from_bits(bits)),
+        _ => Err(DecodeError::UnexpectedWireType(field)),
+    }
+}
+
+/// A checked `Batch`: its header, and its events to read in order.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchView<'a> {
+    /// `client_id` (field 1); empty when absent.
+    pub client_id: &'a str,
+    /// `sequence` (field 2); 0 when absent.
+    pub sequence: u64,
+    /// How many events (field 3) the batch holds.
+    pub len: usize,
+    bytes: &'a [u8],
+}
+
+impl<'a> BatchView<'a> {
+    /// Checks the whole of `bytes` (a `Batch`, without length prefix): every
+    /// field's wire type, every length, every string's UTF-8, every event
+    /// and tag. Nothing is allocated.
+    pub fn decode(bytes: &'a [u8]) -> Result<BatchView<'a>, DecodeError> {
+        let mut view = BatchView {
+            client_id: "",
+            sequence: 0,
+            len: 0,
+            bytes,
+        };
+        for field in fields(bytes) {
+            match field? {
+                (1, Value::Bytes(b)) => {
+                    view.client_id =
+                        std::str::from_utf8(b).map_err(|_| DecodeError::Utf8("Batch.client_id"))?
+                }
+                (1, _) => return Err(DecodeError::UnexpectedWireType("Batch.client_id")),
+                (2, Value::Varint(s)) => view.sequence = s,
+                (2, _) => return Err(DecodeError::UnexpectedWireType("Batch.sequence")),
+                (3, Value::Bytes(e)) => {
+                    EventView::read(e, true)?;
+                    view.len += 1;
+                }
+                (3, _) => return Err(DecodeError::UnexpectedWireType("Batch.events")),
+                _ => {}
+            }
+        }
+        Ok(view)
+    }
+
+    /// The events, in order (each was checked by [`BatchView::decode`]).
+    pub fn events(&self) -> impl Iterator<Item = EventView<'a>> + use<'a> {
+        fields(self.bytes).filter_map(|f| match f {
+            Ok((3, Value::Bytes(e))) => EventView::read(e, false).ok(),
+            _ => None,
+        })
+    }
+}
+
+/// An event's metric value (the `value` oneof).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EventValue<'a> {
+    Counter(f64),
+    Gauge(f64),
+    GaugeDelta(f64),
+    TimerMs(f64),
+    Histogram(f64),
+    Distribution(f64),
+    /// UTF-8 (checked by [`BatchView::decode`]).
+    SetMember(&'a [u8]),
+}
+
+/// A checked `Event`.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    /// `name` (field 1), UTF-8 (checked by [`BatchView::decode`]); empty
+    /// when absent.
+    pub name: &'a [u8],
+    /// The last value field present, if any.
+    pub value: Option<EventValue<'a>>,
+    /// `sample_rate` (field 10); 0 when absent, which means 1.
+    pub sample_rate: f64,
+    bytes: &'a [u8],
+}
+
+impl<'a> EventView<'a> {
+    /// Checks one `Event` message (without length prefix).
+    pub fn decode(bytes: &'a [u8]) -> Result<EventView<'a>, DecodeError> {
+        EventView::read(bytes, true)
+    }
+
+    /// Reads an event; with `check`, its strings and tags are checked too
+    /// (else the tags are read when [`EventView::tags`] is called).
+    fn read(bytes: &'a [u8], check: bool) -> Result<EventView<'a>, DecodeError> {
+        let mut e = EventView {
+            name: b"",
+            value: None,
+            sample_rate: 0.0,
+            bytes,
+        };
+        for field in fields(bytes) {
+            let (number, v) = field?;
+            let num = |field| double(v, field);
+            match number {
+                1 => e.name = text(v, "Event.name", check)?,
+                2 => match v {
+                    Value::Bytes(t) if check => {
+                        tag(t, true)?;
+                    }
+                    Value::Bytes(_) => {}
+                    _ => return Err(DecodeError::UnexpectedWireType("Event.tags")),
+                },
+                3 => e.value = Some(EventValue::Counter(num("Event.counter")?)),
+                4 => e.value = Some(EventValue::Gauge(num("Event.gauge")?)),
+                5 => e.value = Some(EventValue::GaugeDelta(num("Event.gauge_delta")?)),
+                6 => e.value = Some(EventValue::TimerMs(num("Event.timer_ms")?)),
+                7 => e.value = Some(EventValue::Histogram(num("Event.histogram")?)),
+                8 => e.value = Some(EventValue::Distribution(num("Event.distribution")?)),
+                9 => e.value = Some(EventValue::SetMember(text(v, "Event.set_member", check)?)),
+                10 => e.sample_rate = double(v, "Event.sample_rate")?,
+                _ => {}
+            }
+        }
+        Ok(e)
+    }
+
+    /// The tags, in order, as (key, value), UTF-8; a value is empty when
+    /// absent.
+    pub fn tags(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + use<'a> {
+        fields(self.bytes).filter_map(|f| match f {
+            Ok((2, Value::Bytes(t))) => tag(t, false).ok(),
+            _ => None,
+        })
+    }
+}
+
+/// A `Tag`: (key, value); with `check`, both must be UTF-8.
+fn tag(bytes: &[u8], check: bool) -> Result<(&[u8], &[u8]), DecodeError> {
+    let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
+    for field in fields(bytes) {
+        match field? {
+            (1, v) => key = text(v, "Tag.key", check)?,
+            (2, v) => value = text(v, "Tag.value", check)?,
+            _ => {}
+        }
+    }
+    Ok((key, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::proto::pb::{self, event::Value as PbValue};
+    use prost::Message;
+
+    fn pb_event(name: &str, value: Option<PbValue>, tags: &[(&str, &str)], rate: f64) -> pb::Event {
+        pb::Event {
+            name: name.into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| pb::Tag {
+                    key: (*k).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            value,
+            sample_rate: rate,
+        }
+    }
+
+    #[test]
+    fn a_batch_reads_as_prost_wrote_it() {
+        let batch = pb::Batch {
+            client_id: "shipper-7".into(),
+            sequence: u64::MAX,
+            events: vec![
+                pb_event(
+                    "a",
+                    Some(PbValue::Counter(2.5)),
+                    &[("env", "prod"), ("canary", "")],
+                    0.5,
+                ),
+                pb_event("b", Some(PbValue::SetMember("ü".into())), &[], 0.0),
+                pb_event("", None, &[], 0.0),
+                pb_event("d", Some(PbValue::GaugeDelta(-1.0)), &[], 0.0),
+            ],
+        };
+        let bytes = batch.encode_to_vec();
+        let view = BatchView::decode(&bytes).expect("decodes");
+        assert_eq!(
+            (view.client_id, view.sequence, view.len),
+            ("shipper-7", u64::MAX, 4)
+        );
+        let events: Vec<EventView> = view.events().collect();
+        assert_eq!(events.len(), 4);
+        assert_eq!((events[0].name, events[0].sample_rate), (&b"a"[..], 0.5));
+        assert_eq!(events[0].value, Some(EventValue::Counter(2.5)));
+        let tags: Vec<_> = events[0].tags().collect();
+        assert_eq!(tags, [(&b"env"[..], &b"prod"[..]), (b"canary", b"")]);
+        assert_eq!(events[1].value, Some(EventValue::SetMember("ü".as_bytes())));
+        assert_eq!((events[2].name, events[2].value), (&b""[..], None));
+        assert_eq!(events[3].value, Some(EventValue::GaugeDelta(-1.0)));
+    }
+
+    #[test]
+    fn the_last_value_of_the_oneof_wins_and_unknown_fields_are_skipped() {
+        let mut bytes = pb_event("x", Some(PbValue::Counter(1.0)), &[], 0.0).encode_to_vec();
+        bytes.extend(pb_event("", Some(PbValue::Gauge(3.0)), &[], 0.0).encode_to_vec());
+        // Field 99 as a varint, a fixed32, and a group with a field inside.
+        bytes.extend([
+            0x98, 0x06, 0x01, 0x9d, 0x06, 1, 2, 3, 4, 0x9b, 0x06, 0x08, 0x01, 0x9c, 0x06,
+        ]);
+        let batch = [&[0x1a, bytes.len() as u8][..], &bytes].concat();
+        let e = BatchView::decode(&batch)
+            .expect("decodes")
+            .events()
+            .next()
+            .expect("one");
+        assert_eq!((e.name, e.value), (&b"x"[..], Some(EventValue::Gauge(3.0))));
+        assert_eq!(
+            pb::Batch::decode(&batch[..]).expect("prost agrees").events[0].value,
+            Some(PbValue::Gauge(3.0))
+        );
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_with_the_field_named() {
+        let cases: [(&[u8], DecodeError); 6] = [
+            (
+                &[0x0a, 0x02, 0xff, 0xfe],
+                DecodeError::Utf8("Batch.client_id"),
+            ),
+            (&[0x10], DecodeError::Varint),
+            (
+                &[0x11, 0, 0, 0, 0, 0, 0, 0, 0],
+                DecodeError::UnexpectedWireType("Batch.sequence"),
+            ),
+            (
+                &[0x1a, 0x05, 0x0a],
+                DecodeError::Truncated("length-delimited field"),
+            ),
+            (&[0x1a, 0x02, 0x1d, 0x00], DecodeError::Truncated("fixed32")),
+            (
+                &[0x1a, 0x02, 0x18, 0x01],
+                DecodeError::UnexpectedWireType("Event.counter"),
+            ),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(BatchView::decode(bytes).err(), Some(want), "{bytes:?}");
+            assert!(
+                pb::Batch::decode(bytes).is_err(),
+                "prost refuses {bytes:?} too"
+            );
+        }
+        assert_eq!(
+            BatchView::decode(&[0x00]).err(),
+            Some(DecodeError::FieldNumber)
+        );
+        assert_eq!(BatchView::decode(&[0x0c]).err(), Some(DecodeError::Group));
+    }
+}
