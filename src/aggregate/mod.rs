@@ -2,13 +2,15 @@
 //!
 //! The [`Aggregator`] owns the *current* [`Generation`]: a `DashMap` from key
 //! bytes (see [`key`]) to an [`acc::Acc`]. Ingest workers apply whole blocks
-//! (a datagram, a TCP read) through [`Aggregator::ingest_block`]; a flush calls
+//! (a TCP read, a frame) through [`Aggregator::ingest_block`], and the
+//! datagrams a UDP worker found queued together through
+//! [`Aggregator::ingest_datagrams`]; a flush calls
 //! [`Aggregator::swap`], which installs a fresh generation at once, so ingest
 //! never waits for a flush. The old generation is handed to the flush when
 //! the last block that was applying to it is done (its `Arc` is unique).
 //!
-//! A block is also the unit of the write-ahead log: with a WAL, the block is
-//! appended with its generation's id before it is applied.
+//! A block (each datagram) is also the unit of the write-ahead log: with a
+//! WAL, it is appended with its generation's id before it is applied.
 //!
 //! Nothing here does I/O or awaits.
 
@@ -257,7 +259,8 @@ impl Aggregator {
         self.depth_reached.notified().await
     }
 
-    /// The current generation (held for the length of one block at most).
+    /// The current generation (held for the length of one block, or one
+    /// batch of datagrams, at most).
     pub fn current(&self) -> Arc<Generation> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -312,6 +315,11 @@ impl Aggregator {
         stats: &mut BlockStats,
         mut refused: impl FnMut(AppendError),
     ) {
+        debug_assert!(
+            datagrams.windows(2).all(|w| w[0].end < w[1].start)
+                && datagrams.last().is_none_or(|d| d.end < joined.len()),
+            "datagrams in order, each followed by its \\n"
+        );
         let generation = self.current();
         // The start of the recorded datagrams not yet applied.
         let mut from = 0;
@@ -423,7 +431,9 @@ impl Aggregator {
                     });
                     if !this_interval {
                         // Another interval's map (`late`, keyed apart) or
-                        // refused: nothing that waits here can be reordered.
+                        // refused. The lines before it go first, so that the
+                        // key limit and memory budget meet lines in order.
+                        self.apply_pending(generation, &mut pending, scratch, stats, &limits);
                         self.apply(generation, &l, scratch, stats, &limits);
                         continue;
                     }
@@ -440,6 +450,7 @@ impl Aggregator {
                 }
                 Ok(Parsed::Event) => match dogstatsd::parse_event(line, &parse_limits) {
                     Ok(e) => {
+                        self.apply_pending(generation, &mut pending, scratch, stats, &limits);
                         let cost = note_cost(line, e.tags.len());
                         if self.keep(generation, cost, stats, &limits, |n| n.events.push(e)) {
                             stats.events += 1;
@@ -450,6 +461,7 @@ impl Aggregator {
                 Ok(Parsed::ServiceCheck) => {
                     match dogstatsd::parse_service_check(line, &parse_limits) {
                         Ok(c) => {
+                            self.apply_pending(generation, &mut pending, scratch, stats, &limits);
                             let cost = note_cost(line, c.tags.len());
                             if self.keep(generation, cost, stats, &limits, |n| {
                                 n.service_checks.push(c)
@@ -486,7 +498,6 @@ impl Aggregator {
             return;
         }
         let map = &generation.map;
-        let full = generation.bytes.load(Relaxed) >= limits.max_memory;
         // A counting sort by shard: stable, so a key's lines keep their order.
         let mut starts = std::mem::take(&mut scratch.starts);
         starts.clear();
@@ -514,6 +525,8 @@ impl Aggregator {
             if group.is_empty() {
                 continue;
             }
+            // The memory budget, as it stands before this shard's lines.
+            let full = generation.bytes.load(Relaxed).saturating_add(grew) >= limits.max_memory;
             let mut table = map.shards()[shard].write();
             // Touch the group's entries first, with nothing depending on
             // the loads: their cache misses overlap, and the lookups below
@@ -547,6 +560,7 @@ impl Aggregator {
         for &i in &missed {
             let p = &pending[i as usize];
             let key = &scratch.arena[p.key.clone()];
+            let full = generation.bytes.load(Relaxed) >= limits.max_memory;
             let mut table = map.shards()[p.shard as usize].write();
             let added = match table.get_mut(p.hash, |(k, _)| k.as_slice() == key) {
                 // Another worker made it meanwhile.
@@ -998,6 +1012,25 @@ mod tests {
         assert_eq!(stats.dropped_key_limit, 3);
         assert_eq!(stats.samples, 3);
         assert_eq!(a.current().keys(), 2);
+    }
+
+    #[test]
+    fn the_key_limit_meets_lines_in_arrival_order_across_a_batch() {
+        // Two datagrams: a live line, then another interval's (applied at
+        // once, into `late`). The first arrived first, so it takes the
+        // only key.
+        let a = aggregator(1);
+        let joined = b"a:1|c\nb:1|c|T5\n";
+        let mut stats = BlockStats::default();
+        a.ingest_datagrams(
+            joined,
+            &[0..5, 6..14],
+            &mut Scratch::default(),
+            &mut stats,
+            |_| {},
+        );
+        assert_eq!((stats.samples, stats.dropped_key_limit), (1, 1));
+        assert_eq!((a.current().map.len(), a.current().late.len()), (1, 0));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Ingest: sockets only. Each listener reads blocks of bytes (a datagram, a
 //! TCP read of whole lines) and hands them to
-//! [`Aggregator::ingest_block`](crate::aggregate::Aggregator::ingest_block);
+//! [`Aggregator::ingest_block`](crate::aggregate::Aggregator::ingest_block),
+//! or, for datagrams found queued together,
+//! [`Aggregator::ingest_datagrams`](crate::aggregate::Aggregator::ingest_datagrams);
 //! parsing and aggregation live elsewhere.
 //!
 //! - [`udp`]: one socket, read by several blocking receive threads.

@@ -226,19 +226,19 @@ impl Batch {
         self.datagrams.clear();
     }
 
-    /// Receives one datagram after those held (an empty one is skipped).
-    /// With `RecvFlags::DONTWAIT`, `WouldBlock` when none is waiting.
+    /// Receives one datagram after those held. An empty one counts too (as
+    /// it always has: a block, and an empty WAL record), so a flood of
+    /// empty datagrams still fills a batch and ends it. With
+    /// `RecvFlags::DONTWAIT`, `WouldBlock` when none is waiting.
     fn recv(&mut self, socket: &impl AsFd, flags: RecvFlags) -> io::Result<()> {
         let start = self.len;
         let Some(spare) = self.buf.get_mut(start..start + MAX_DATAGRAM + 1) else {
             return Err(io::ErrorKind::OutOfMemory.into());
         };
         let (n, _) = rustix::net::recv(socket, &mut spare[..MAX_DATAGRAM], flags)?;
-        if n > 0 {
-            spare[n] = b'\n';
-            self.datagrams.push(start..start + n);
-            self.len = start + n + 1;
-        }
+        spare[n] = b'\n';
+        self.datagrams.push(start..start + n);
+        self.len = start + n + 1;
         Ok(())
     }
 }
@@ -332,8 +332,8 @@ mod tests {
         let mut batch = Batch::new();
         batch.recv(&socket, RecvFlags::empty()).expect("one waits");
         while !batch.is_full() && batch.recv(&socket, RecvFlags::DONTWAIT).is_ok() {}
-        assert_eq!(batch.joined(), b"x:1|c\nx:2|c\ny:1|c\ny:1|c\n\n");
-        assert_eq!(batch.datagrams, [0..5, 6..17, 18..24]);
+        assert_eq!(batch.joined(), b"x:1|c\n\nx:2|c\ny:1|c\ny:1|c\n\n");
+        assert_eq!(batch.datagrams, [0..5, 6..6, 7..18, 19..25]);
         let limits = crate::aggregate::AggregateLimits {
             max_keys: 100,
             max_set_members: 100,
@@ -352,10 +352,26 @@ mod tests {
             &mut stats,
             refused,
         );
-        assert_eq!((stats.blocks, stats.bytes, stats.samples), (3, 22, 4));
+        assert_eq!((stats.blocks, stats.bytes, stats.samples), (4, 22, 4));
         assert_eq!(stats.parse_error_total(), 0);
         batch.clear();
         assert!(batch.joined().is_empty() && batch.datagrams.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_empty_datagrams_still_ends_a_batch() {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        for _ in 0..BATCH_DATAGRAMS + 10 {
+            sender
+                .send_to(b"", socket.local_addr().expect("addr"))
+                .expect("send");
+        }
+        let mut batch = Batch::new();
+        while !batch.is_full() && batch.recv(&socket, RecvFlags::DONTWAIT).is_ok() {}
+        assert_eq!(batch.datagrams.len(), BATCH_DATAGRAMS);
+        let mut buf = [0u8; 4];
+        assert_eq!(socket.recv(&mut buf).expect("the rest wait"), 0);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!
 //! One blocking thread reads it, exactly as a UDP worker reads its socket
 //! ([`super::udp::receive`]): one datagram is one block, appended to the WAL
-//! (stream 0, shared with the first UDP worker) and counted under
+//! (stream 0, shared with the first UDP worker), datagrams found queued
+//! together are applied together, and they are counted under
 //! `listener="uds"`. A datagram the WAL cannot take is dropped and counted;
 //! a sender on a Unix datagram socket is blocked by the kernel while the
 //! socket's receive buffer is full, so nothing is lost there.
