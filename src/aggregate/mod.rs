@@ -27,7 +27,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::Notify;
 
-use crate::protocol::batch::BatchView;
+use crate::protocol::batch::{BatchView, EventValue};
 use crate::protocol::dogstatsd;
 use crate::protocol::proto;
 use crate::protocol::statsd::{self, Limits, Line, Parsed};
@@ -383,17 +383,49 @@ impl Aggregator {
         let (limits, parse_limits) = self.limits();
         let mut rejected = 0;
         let mut tags = std::mem::take(&mut scratch.tags);
+        let mut pending = relabel(std::mem::take(&mut scratch.pending));
+        scratch.arena.clear();
         for event in batch.events() {
             stats.lines += 1;
-            match proto::event_line(&event, &mut tags, &parse_limits) {
-                Ok(line) => self.apply(generation, &line, scratch, stats, &limits),
+            let line = match proto::event_line(&event, &mut tags, &parse_limits) {
+                Ok(line) => line,
                 Err(e) => {
                     stats.parse_errors[e.index()] += 1;
                     rejected += 1;
+                    continue;
                 }
-            }
+            };
+            let key = scratch.key.build(line.kind, line.name, line.tags);
+            let hash = generation.map.hash_usize(&key);
+            let start = scratch.arena.len();
+            scratch.arena.extend_from_slice(key);
+            // The key holds the name and tags now. The line waits with its
+            // values only, which borrow the batch (not the reused tags).
+            let member = match event.value {
+                Some(EventValue::SetMember(m)) => m,
+                _ => b"",
+            };
+            let line = Line {
+                name: b"",
+                kind: line.kind,
+                first: line.first,
+                first_is_delta: line.first_is_delta,
+                raw_values: member,
+                sample_rate: line.sample_rate,
+                tags: b"",
+                timestamp: None,
+                skipped_fields: 0,
+            };
+            pending.push(Pending {
+                line,
+                hash: hash as u64,
+                shard: generation.map.determine_shard(hash) as u32,
+                key: start..scratch.arena.len(),
+            });
         }
         scratch.tags = tags;
+        self.apply_pending(generation, &mut pending, scratch, stats, &limits);
+        scratch.pending = relabel(pending);
         self.count_pending(generation, stats.samples - before, limits.max_depth);
         rejected
     }
@@ -902,6 +934,51 @@ mod tests {
             .map(|(_, b)| &b[..])
             .collect();
         assert_eq!(records, [&b"a:1|c"[..], b"a:2|c"]);
+    }
+
+    #[test]
+    fn a_protobuf_batchs_events_apply_in_order_with_their_tags_and_members() {
+        use crate::protocol::proto::pb::{self, event::Value};
+        use prost::Message;
+        let event = |name: &str, tags: &[(&str, &str)], value| pb::Event {
+            name: name.into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| pb::Tag {
+                    key: (*k).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            value: Some(value),
+            sample_rate: 0.0,
+        };
+        let bytes = pb::Batch {
+            client_id: String::new(),
+            sequence: 1,
+            events: vec![
+                event("g", &[("b", "2"), ("a", "1")], Value::Gauge(1.0)),
+                event("u", &[], Value::SetMember("alice".into())),
+                event("g", &[("a", "1"), ("b", "2")], Value::Gauge(7.0)),
+                event("bad", &[], Value::Counter(f64::NAN)),
+                event("u", &[], Value::SetMember("bob".into())),
+                event("g", &[("a", "1"), ("b", "2")], Value::GaugeDelta(2.0)),
+            ],
+        }
+        .encode_to_vec();
+        let batch = BatchView::decode(&bytes).expect("decodes");
+        let a = aggregator(100);
+        let mut stats = BlockStats::default();
+        let rejected = a.apply_batch(&a.current(), &batch, &mut Scratch::default(), &mut stats);
+        assert_eq!((rejected, stats.lines, stats.samples), (1, 6, 5));
+        let g = a.current();
+        match &*acc(&g, MetricType::Gauge, "g", "a:1,b:2") {
+            Acc::Gauge(g) => assert_eq!(g.value, 9.0),
+            other => panic!("{other:?}"),
+        }
+        match &*acc(&g, MetricType::Set, "u", "") {
+            Acc::Set(s) => assert_eq!(s.members.len(), 2),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
