@@ -940,17 +940,8 @@ mod tests {
     fn a_protobuf_batchs_events_apply_in_order_with_their_tags_and_members() {
         use crate::protocol::proto::pb::{self, event::Value};
         use prost::Message;
-        let event = |name: &str, tags: &[(&str, &str)], value| pb::Event {
-            name: name.into(),
-            tags: tags
-                .iter()
-                .map(|(k, v)| pb::Tag {
-                    key: (*k).into(),
-                    value: (*v).into(),
-                })
-                .collect(),
-            value: Some(value),
-            sample_rate: 0.0,
+        let event = |name: &str, tags: &[(&str, &str)], value| {
+            proto::test_event(name, Some(value), tags, 0.0)
         };
         let bytes = pb::Batch {
             client_id: String::new(),

@@ -9,8 +9,8 @@
 //! varint (type 0), 8 bytes little-endian (1), a varint length and that many
 //! bytes (2), or 4 bytes (5). Types 3 and 4 open and close a group (only
 //! ever skipped here). For a field that is not repeated, the last occurrence
-//! wins, a `oneof` included; unknown fields are skipped; strings must be
-//! UTF-8.
+//! wins, a `oneof` included; unknown fields are skipped, within prost's
+//! recursion limit; strings must be UTF-8.
 //!
 //! Pure code: no sockets, no tokio.
 
@@ -33,8 +33,12 @@ pub enum DecodeError {
     Group,
 }
 
-/// Groups nested deeper than this are refused (prost's recursion limit).
-const MAX_GROUP_DEPTH: u32 = 100;
+/// prost's recursion budget (`RECURSION_LIMIT`), which this reader keeps
+/// the same way so that both refuse the same deep nesting: the Batch's
+/// fields have 100, an Event's 99, a Tag's 98, and each level of an
+/// unknown group one less for the fields inside it; a field with none
+/// left is refused.
+const BATCH_BUDGET: u32 = 100;
 
 /// One field's value as it lies on the wire.
 #[derive(Clone, Copy)]
@@ -49,6 +53,8 @@ enum Value<'a> {
 /// The fields of one message, in order.
 struct Fields<'a> {
     buf: &'a [u8],
+    /// The recursion budget of this message's fields.
+    budget: u32,
 }
 
 impl<'a> Fields<'a> {
@@ -111,7 +117,7 @@ impl<'a> Fields<'a> {
                 Value::Bytes(self.take(n, "length-delimited field")?)
             }
             3 => {
-                self.skip_group(number, 0)?;
+                self.skip_group(number, self.budget)?;
                 Value::Other
             }
             4 => return Err(DecodeError::Group),
@@ -123,20 +129,27 @@ impl<'a> Fields<'a> {
         })
     }
 
-    /// Skips a group's fields up to the end-group key of `number`.
+    /// Skips a group's fields up to the end-group key of `number`; the
+    /// group itself has `budget`, its fields one less.
     #[cold]
-    fn skip_group(&mut self, number: u32, depth: u32) -> Result<(), DecodeError> {
-        if depth >= MAX_GROUP_DEPTH {
-            return Err(DecodeError::Group);
-        }
+    fn skip_group(&mut self, number: u32, budget: u32) -> Result<(), DecodeError> {
         loop {
             let (inner, wire) = self.key()?;
-            match wire {
-                4 if inner == number => return Ok(()),
-                3 => self.skip_group(inner, depth + 1)?,
-                _ => {
-                    self.value(inner, wire)?;
-                }
+            if wire == 4 {
+                return if inner == number {
+                    Ok(())
+                } else {
+                    Err(DecodeError::Group)
+                };
+            }
+            let inner_budget = budget.saturating_sub(1);
+            if inner_budget == 0 {
+                return Err(DecodeError::Group);
+            }
+            if wire == 3 {
+                self.skip_group(inner, inner_budget)?;
+            } else {
+                self.value(inner, wire)?;
             }
         }
     }
@@ -159,8 +172,9 @@ impl<'a> Iterator for Fields<'a> {
     }
 }
 
-fn fields(buf: &[u8]) -> Fields<'_> {
-    Fields { buf }
+/// The fields of a message whose fields have `budget` (see [`BATCH_BUDGET`]).
+fn fields(buf: &[u8], budget: u32) -> Fields<'_> {
+    Fields { buf, budget }
 }
 
 /// A string field's bytes; with `check`, they must be UTF-8. A batch is
@@ -205,7 +219,7 @@ impl<'a> BatchView<'a> {
             len: 0,
             bytes,
         };
-        for field in fields(bytes) {
+        for field in fields(bytes, BATCH_BUDGET) {
             match field? {
                 (1, Value::Bytes(b)) => {
                     view.client_id =
@@ -227,7 +241,7 @@ impl<'a> BatchView<'a> {
 
     /// The events, in order (each was checked by [`BatchView::decode`]).
     pub fn events(&self) -> impl Iterator<Item = EventView<'a>> + use<'a> {
-        fields(self.bytes).filter_map(|f| match f {
+        fields(self.bytes, BATCH_BUDGET).filter_map(|f| match f {
             Ok((3, Value::Bytes(e))) => EventView::read(e, false).ok(),
             _ => None,
         })
@@ -275,7 +289,7 @@ impl<'a> EventView<'a> {
             sample_rate: 0.0,
             bytes,
         };
-        for field in fields(bytes) {
+        for field in fields(bytes, BATCH_BUDGET - 1) {
             let (number, v) = field?;
             let num = |field| double(v, field);
             match number {
@@ -304,7 +318,7 @@ impl<'a> EventView<'a> {
     /// The tags, in order, as (key, value), UTF-8; a value is empty when
     /// absent.
     pub fn tags(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + use<'a> {
-        fields(self.bytes).filter_map(|f| match f {
+        fields(self.bytes, BATCH_BUDGET - 1).filter_map(|f| match f {
             Ok((2, Value::Bytes(t))) => tag(t, false).ok(),
             _ => None,
         })
@@ -314,7 +328,7 @@ impl<'a> EventView<'a> {
 /// A `Tag`: (key, value); with `check`, both must be UTF-8.
 fn tag(bytes: &[u8], check: bool) -> Result<(&[u8], &[u8]), DecodeError> {
     let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
-    for field in fields(bytes) {
+    for field in fields(bytes, BATCH_BUDGET - 2) {
         match field? {
             (1, v) => key = text(v, "Tag.key", check)?,
             (2, v) => value = text(v, "Tag.value", check)?,
@@ -330,20 +344,7 @@ mod tests {
     use crate::protocol::proto::pb::{self, event::Value as PbValue};
     use prost::Message;
 
-    fn pb_event(name: &str, value: Option<PbValue>, tags: &[(&str, &str)], rate: f64) -> pb::Event {
-        pb::Event {
-            name: name.into(),
-            tags: tags
-                .iter()
-                .map(|(k, v)| pb::Tag {
-                    key: (*k).into(),
-                    value: (*v).into(),
-                })
-                .collect(),
-            value,
-            sample_rate: rate,
-        }
-    }
+    use crate::protocol::proto::test_event as pb_event;
 
     #[test]
     fn a_batch_reads_as_prost_wrote_it() {
@@ -398,6 +399,46 @@ mod tests {
             pb::Batch::decode(&batch[..]).expect("prost agrees").events[0].value,
             Some(PbValue::Gauge(3.0))
         );
+    }
+
+    #[test]
+    fn unknown_groups_nest_as_deep_as_prost_allows_and_no_deeper() {
+        // `n` groups of field 15 one inside the other, a varint field in
+        // the innermost or not.
+        let groups = |n: usize, inner: bool| {
+            let mut b = vec![0x7b; n];
+            if inner {
+                b.extend([0x08, 0x00]);
+            }
+            b.extend(vec![0x7c; n]);
+            b
+        };
+        // Length-delimited field `key` around `body`.
+        let wrap = |key: u8, body: Vec<u8>| {
+            let mut b = vec![key];
+            let mut n = body.len();
+            while n >= 0x80 {
+                b.push((n as u8) | 0x80);
+                n >>= 7;
+            }
+            b.push(n as u8);
+            b.extend(body);
+            b
+        };
+        let mut accepted = 0;
+        for n in 95..=102 {
+            for inner in [false, true] {
+                let body = groups(n, inner);
+                let event = wrap(0x1a, body.clone());
+                let tag = wrap(0x1a, wrap(0x12, body.clone()));
+                for bytes in [body, event, tag] {
+                    let ours = BatchView::decode(&bytes).is_ok();
+                    assert_eq!(ours, pb::Batch::decode(&bytes[..]).is_ok(), "{n} {inner}");
+                    accepted += usize::from(ours);
+                }
+            }
+        }
+        assert!(accepted > 0 && accepted < 48, "{accepted}");
     }
 
     #[test]

@@ -121,6 +121,28 @@ pub fn event_line<'a>(
     })
 }
 
+/// An event built with prost's types, for tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_event(
+    name: &str,
+    value: Option<pb::event::Value>,
+    tags: &[(&str, &str)],
+    sample_rate: f64,
+) -> Event {
+    Event {
+        name: name.into(),
+        tags: tags
+            .iter()
+            .map(|(k, v)| Tag {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        value,
+        sample_rate,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,18 +156,7 @@ mod tests {
     }
 
     fn event(name: &str, value: Value, tags: &[(&str, &str)]) -> Event {
-        Event {
-            name: name.into(),
-            tags: tags
-                .iter()
-                .map(|(k, v)| Tag {
-                    key: (*k).into(),
-                    value: (*v).into(),
-                })
-                .collect(),
-            value: Some(value),
-            sample_rate: 0.0,
-        }
+        test_event(name, Some(value), tags, 0.0)
     }
 
     #[test]
