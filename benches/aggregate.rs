@@ -149,6 +149,10 @@ fn aggregate(c: &mut Criterion) {
     g.bench_function("mixed_10000_keys_1_thread", |b| {
         b.iter(|| ingest_all(&a, &mixed, &mut scratch))
     });
+    let mixed_batches = batches(&mixed);
+    g.bench_function("mixed_10000_keys_1_thread_batched", |b| {
+        b.iter(|| ingest_batches(&a, &mixed_batches, &mut scratch))
+    });
     g.finish();
 }
 
