@@ -110,9 +110,6 @@ pub type MapKey = smallvec::SmallVec<[u8; 48]>;
 /// collisions at a fraction of SipHash's cost.
 pub type KeyHasher = foldhash::fast::RandomState;
 
-/// Shards of a generation's map: more than DashMap's default (4 per core)
-/// so that ingest threads rarely meet on one shard lock.
-const SHARDS: usize = 64;
 
 impl Generation {
     pub fn new(id: u64, started: Duration) -> Generation {
@@ -124,11 +121,13 @@ impl Generation {
     pub fn with_capacity(id: u64, started: Duration, keys: usize) -> Generation {
         Generation {
             id,
-            map: DashMap::with_capacity_and_hasher_and_shard_amount(
-                keys,
-                KeyHasher::default(),
-                SHARDS,
-            ),
+            // DashMap's default shard count, four per core (rounded up to a
+            // power of two): a datagram's lines then meet several to a
+            // shard, so the apply's touch pass overlaps their cache misses
+            // (with 64 shards on 2 cores each line had a shard to itself),
+            // and ingest threads, at most one per core, still rarely meet
+            // on one lock.
+            map: DashMap::with_capacity_and_hasher(keys, KeyHasher::default()),
             keys: AtomicUsize::new(0),
             pending: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
