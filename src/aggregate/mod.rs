@@ -110,7 +110,6 @@ pub type MapKey = smallvec::SmallVec<[u8; 48]>;
 /// collisions at a fraction of SipHash's cost.
 pub type KeyHasher = foldhash::fast::RandomState;
 
-
 impl Generation {
     pub fn new(id: u64, started: Duration) -> Generation {
         Generation::with_capacity(id, started, 0)
