@@ -12,6 +12,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use common::*;
 use tallyd::server;
 
+/// Whether tallyd retried ClickHouse at least `times` times within 10 s
+/// (polled off the runtime's threads).
+async fn retried(telemetry: &std::sync::Arc<tallyd::telemetry::Telemetry>, times: u64) -> bool {
+    let t = std::sync::Arc::clone(telemetry);
+    tokio::task::spawn_blocking(move || {
+        wait_for(10, || t.clickhouse_retries.load(Relaxed) >= times)
+    })
+    .await
+    .expect("poll")
+}
+
 /// A CA and a server certificate for 127.0.0.1 in `dir`: (ca.crt,
 /// server.crt, server.key).
 fn certificates(dir: &Path) -> (String, String, String) {
@@ -138,13 +149,8 @@ async fn a_server_that_asks_for_a_client_certificate_gets_ours() {
     let running = server::start(config(&s)).await.expect("start");
     send_udp(running.udp_addr.expect("udp"), &["mtls.c:7|c".to_string()]);
     wait_for_lines(&running.telemetry, 1);
-    let t = std::sync::Arc::clone(&running.telemetry);
     assert!(
-        tokio::task::spawn_blocking(
-            move || wait_for(10, || t.clickhouse_retries.load(Relaxed) >= 1)
-        )
-        .await
-        .expect("poll"),
+        retried(&running.telemetry, 1).await,
         "tallyd never tried the server without its certificate"
     );
     assert_eq!(running.shutdown().await, 0);
@@ -173,13 +179,8 @@ async fn https_with_a_private_ca_counts_exactly_and_an_untrusted_server_waits() 
     let udp = running.udp_addr.expect("udp");
     send_udp(udp, &["tls.c:1|c\ntls.c:2|c".to_string()]);
     wait_for_lines(&running.telemetry, 2);
-    let t = std::sync::Arc::clone(&running.telemetry);
     assert!(
-        tokio::task::spawn_blocking(
-            move || wait_for(10, || t.clickhouse_retries.load(Relaxed) >= 2)
-        )
-        .await
-        .expect("poll"),
+        retried(&running.telemetry, 2).await,
         "the untrusted server was not retried"
     );
     assert_eq!(running.shutdown().await, 0);
