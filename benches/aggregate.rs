@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 use tallyd::aggregate::{AggregateLimits, Aggregator, Generation, Scratch};
 use tallyd::protocol::statsd::Limits;
-use tallyd::sink::{rowbinary, rows};
+use tallyd::sink::rows;
 use tallyd::telemetry::BlockStats;
 
 const LINES_PER_BLOCK: usize = 40;
@@ -231,13 +231,19 @@ fn flush(c: &mut Criterion) {
     for keys in [100_000usize, 1_000_000] {
         let data = blocks(keys, counter_line);
         g.throughput(Throughput::Elements(keys as u64));
-        g.bench_function(format!("counters_{keys}_keys_rows_and_rowbinary"), |b| {
+        g.bench_function(format!("counters_{keys}_keys_to_rowbinary"), |b| {
             b.iter_batched(
                 || closed_interval(keys, &data),
                 |generation| {
                     let mut gauges = rows::GaugeMemory::new(keys);
-                    let (batch, _) = rows::build(generation, 1, "host-a", &mut gauges, &mut || 2);
-                    black_box(rowbinary::encode(&batch))
+                    black_box(rows::build(
+                        generation,
+                        1,
+                        "host-a",
+                        1,
+                        &mut gauges,
+                        &mut || 2,
+                    ))
                 },
                 BatchSize::PerIteration,
             )

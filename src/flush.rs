@@ -137,10 +137,11 @@ impl Flusher {
     fn seal(&mut self, generation: Generation, flush_id: u64) -> Arc<Flush> {
         let (ledger, now) = (Arc::clone(&self.ledger), (self.clock)());
         let mut next_id = || ledger.next_flush_id(now);
-        let (batch, forgotten) = rows::build(
+        let (flush, forgotten) = rows::build(
             generation,
             flush_id,
             &self.host,
+            self.ledger.instance(),
             &mut self.gauges,
             &mut next_id,
         );
@@ -151,7 +152,7 @@ impl Flusher {
         self.telemetry
             .dropped_overflow
             .fetch_add(overflowed, Relaxed);
-        Arc::new(Flush::seal(batch, self.ledger.instance()))
+        Arc::new(flush)
     }
 
     /// Steps 4 and 5: record, release the WAL records, queue or park. A

@@ -50,16 +50,41 @@ pub struct KeyParts<'a> {
 /// Splits a key built by [`KeyBuf::build`]. Keys are only built from parsed
 /// (valid UTF-8) lines; anything else yields `None`.
 pub fn split(key: &[u8]) -> Option<KeyParts<'_>> {
-    let (&kind, rest) = key.split_first()?;
-    let kind = MetricType::from_byte(kind)?;
-    let text = std::str::from_utf8(rest).ok()?;
-    let mut parts = text.split('\0');
-    let name = parts.next()?;
+    let (kind, name, tags) = parts(key)?;
     Some(KeyParts {
         kind,
         name,
-        tags: parts.collect(),
+        tags: tags.tags().collect(),
     })
+}
+
+/// A key's tags as they are laid out in it: each tag after a `0x00`, so
+/// `""` is no tags and `"\0"` one empty tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyTags<'a>(&'a str);
+
+impl<'a> KeyTags<'a> {
+    pub fn len(self) -> usize {
+        self.0.bytes().filter(|&b| b == 0).count()
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn tags(self) -> impl Iterator<Item = &'a str> {
+        self.0.split('\0').skip(1)
+    }
+}
+
+/// `(type, name, tags)` of a key built by [`KeyBuf::build`], borrowed from
+/// it; `None` as for [`split`].
+pub fn parts(key: &[u8]) -> Option<(MetricType, &str, KeyTags<'_>)> {
+    let (&kind, rest) = key.split_first()?;
+    let kind = MetricType::from_byte(kind)?;
+    let text = std::str::from_utf8(rest).ok()?;
+    let end = text.find('\0').unwrap_or(text.len());
+    Some((kind, &text[..end], KeyTags(&text[end..])))
 }
 
 #[cfg(test)]

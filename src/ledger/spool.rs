@@ -127,7 +127,7 @@ impl Flush {
     }
 
     /// The rows back (decoded from the bodies).
-    fn into_batch(self) -> Result<Batch, String> {
+    pub(crate) fn into_batch(self) -> Result<Batch, String> {
         let mut batch = crate::sink::rowbinary::decode(&self.tables)?;
         batch.generation = self.generation;
         batch.host = self.host;

@@ -9,6 +9,7 @@
 //! as a varint, then its elements.
 
 use super::rows::{Batch, CounterRow, EventRow, GaugeRow, ServiceCheckRow, SetRow, TimerRow};
+use crate::aggregate::key::KeyTags;
 
 /// One body per table, in [`crate::telemetry::TABLES`] order, and the row
 /// count of each.
@@ -25,33 +26,135 @@ pub const TABLES: usize = crate::telemetry::TABLES.len();
 pub fn encode(batch: &Batch) -> Bodies {
     let mut out = Bodies::default();
     for r in &batch.counters {
-        counter(&mut out.bodies[0], r);
+        out.counter(
+            Head::of(r.ts, &r.name, &r.tags, &r.host),
+            r.flush_id,
+            r.value,
+            r.samples,
+        );
     }
     for r in &batch.gauges {
-        gauge(&mut out.bodies[1], r);
+        out.gauge(
+            Head::of(r.ts, &r.name, &r.tags, &r.host),
+            r.value,
+            r.version,
+            r.samples,
+        );
     }
     for r in &batch.timers {
-        timer(&mut out.bodies[2], r);
+        out.timer(Head::of(r.ts, &r.name, &r.tags, &r.host), r);
     }
     for r in &batch.sets {
-        set(&mut out.bodies[3], r);
+        out.set(Head::of(r.ts, &r.name, &r.tags, &r.host), r);
     }
     for r in &batch.events {
-        event(&mut out.bodies[4], r);
+        out.event(r);
     }
     for r in &batch.service_checks {
-        service_check(&mut out.bodies[5], r);
+        out.service_check(r);
     }
-    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    out.rows = [
-        count(batch.counters.len()),
-        count(batch.gauges.len()),
-        count(batch.timers.len()),
-        count(batch.sets.len()),
-        count(batch.events.len()),
-        count(batch.service_checks.len()),
-    ];
     out
+}
+
+/// `ts, name, tags, host`: the columns every metric table starts with.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub ts: u32,
+    pub name: &'a str,
+    pub tags: Tags<'a>,
+    pub host: &'a str,
+}
+
+/// The `tags` column: a row's list, or a series key's tags read in place.
+#[derive(Debug, Clone, Copy)]
+pub enum Tags<'a> {
+    List(&'a [String]),
+    Key(KeyTags<'a>),
+}
+
+impl<'a> Head<'a> {
+    pub fn of(ts: u32, name: &'a str, tags: &'a [String], host: &'a str) -> Head<'a> {
+        Head {
+            ts,
+            name,
+            tags: Tags::List(tags),
+            host,
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.ts.to_le_bytes());
+        string(out, self.name);
+        match self.tags {
+            Tags::List(tags) => strings(out, tags),
+            Tags::Key(tags) => {
+                varint(out, tags.len() as u64);
+                for t in tags.tags() {
+                    string(out, t);
+                }
+            }
+        }
+        string(out, self.host);
+    }
+}
+
+/// Appending rows: each adds to its table's body and row count.
+impl Bodies {
+    fn body(&mut self, table: usize) -> &mut Vec<u8> {
+        self.rows[table] = self.rows[table].saturating_add(1);
+        &mut self.bodies[table]
+    }
+
+    pub fn counter(&mut self, head: Head<'_>, flush_id: u64, value: f64, samples: u64) {
+        let out = self.body(0);
+        head.encode(out);
+        out.extend_from_slice(&flush_id.to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+        out.extend_from_slice(&samples.to_le_bytes());
+    }
+
+    pub fn gauge(&mut self, head: Head<'_>, value: f64, version: u64, samples: u64) {
+        let out = self.body(1);
+        head.encode(out);
+        out.extend_from_slice(&value.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&samples.to_le_bytes());
+    }
+
+    /// A timer row: `head`, then the other columns from `r` (whose own
+    /// head columns are not read).
+    pub fn timer(&mut self, head: Head<'_>, r: &TimerRow) {
+        let out = self.body(2);
+        head.encode(out);
+        out.extend_from_slice(&r.flush_id.to_le_bytes());
+        string(out, &r.kind);
+        out.extend_from_slice(&r.count.to_le_bytes());
+        for x in [r.sum, r.min, r.max, r.p50, r.p90, r.p95, r.p99] {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.extend_from_slice(&r.samples.to_le_bytes());
+        f64s(out, &r.bucket_values);
+        f64s(out, &r.bucket_counts);
+    }
+
+    /// A set row: `head`, then the other columns from `r` (whose own head
+    /// columns are not read).
+    pub fn set(&mut self, head: Head<'_>, r: &SetRow) {
+        let out = self.body(3);
+        head.encode(out);
+        out.extend_from_slice(&r.flush_id.to_le_bytes());
+        out.extend_from_slice(&r.cardinality.to_le_bytes());
+        out.extend_from_slice(&r.samples.to_le_bytes());
+        u64s(out, &r.member_hashes);
+    }
+
+    pub fn event(&mut self, r: &EventRow) {
+        event(self.body(4), r);
+    }
+
+    pub fn service_check(&mut self, r: &ServiceCheckRow) {
+        service_check(self.body(5), r);
+    }
 }
 
 fn varint(out: &mut Vec<u8>, mut n: u64) {
@@ -86,49 +189,6 @@ fn f64s(out: &mut Vec<u8>, v: &[f64]) {
     for x in v {
         out.extend_from_slice(&x.to_le_bytes());
     }
-}
-
-/// `ts, name, tags, host`: the columns every table starts with.
-fn head(out: &mut Vec<u8>, ts: u32, name: &str, tags: &[String], host: &str) {
-    out.extend_from_slice(&ts.to_le_bytes());
-    string(out, name);
-    strings(out, tags);
-    string(out, host);
-}
-
-fn counter(out: &mut Vec<u8>, r: &CounterRow) {
-    head(out, r.ts, &r.name, &r.tags, &r.host);
-    out.extend_from_slice(&r.flush_id.to_le_bytes());
-    out.extend_from_slice(&r.value.to_le_bytes());
-    out.extend_from_slice(&r.samples.to_le_bytes());
-}
-
-fn gauge(out: &mut Vec<u8>, r: &GaugeRow) {
-    head(out, r.ts, &r.name, &r.tags, &r.host);
-    out.extend_from_slice(&r.value.to_le_bytes());
-    out.extend_from_slice(&r.version.to_le_bytes());
-    out.extend_from_slice(&r.samples.to_le_bytes());
-}
-
-fn timer(out: &mut Vec<u8>, r: &TimerRow) {
-    head(out, r.ts, &r.name, &r.tags, &r.host);
-    out.extend_from_slice(&r.flush_id.to_le_bytes());
-    string(out, &r.kind);
-    out.extend_from_slice(&r.count.to_le_bytes());
-    for x in [r.sum, r.min, r.max, r.p50, r.p90, r.p95, r.p99] {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.extend_from_slice(&r.samples.to_le_bytes());
-    f64s(out, &r.bucket_values);
-    f64s(out, &r.bucket_counts);
-}
-
-fn set(out: &mut Vec<u8>, r: &SetRow) {
-    head(out, r.ts, &r.name, &r.tags, &r.host);
-    out.extend_from_slice(&r.flush_id.to_le_bytes());
-    out.extend_from_slice(&r.cardinality.to_le_bytes());
-    out.extend_from_slice(&r.samples.to_le_bytes());
-    u64s(out, &r.member_hashes);
 }
 
 fn event(out: &mut Vec<u8>, r: &EventRow) {
@@ -285,11 +345,12 @@ fn timers(body: &[u8], v1: bool) -> Result<Vec<TimerRow>, String> {
 /// Re-encodes a timers body written before weighted counts (spool format
 /// 1) as today's columns, the same rows with each count as a `Float64`.
 pub fn upgrade_v1_timers(body: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(body.len());
-    for row in timers(body, true)? {
-        timer(&mut out, &row);
+    let mut out = Bodies::default();
+    for r in timers(body, true)? {
+        out.timer(Head::of(r.ts, &r.name, &r.tags, &r.host), &r);
     }
-    Ok(out)
+    let [_, _, timers, ..] = out.bodies;
+    Ok(timers)
 }
 
 struct Reader<'a> {
@@ -529,7 +590,7 @@ mod tests {
         };
         // The columns as version 1 wrote them: UInt64 counts.
         let mut v1 = Vec::new();
-        head(&mut v1, row.ts, &row.name, &row.tags, &row.host);
+        Head::of(row.ts, &row.name, &row.tags, &row.host).encode(&mut v1);
         v1.extend_from_slice(&row.flush_id.to_le_bytes());
         string(&mut v1, &row.kind);
         v1.extend_from_slice(&3u64.to_le_bytes());
@@ -541,9 +602,9 @@ mod tests {
         v1.extend_from_slice(&row.samples.to_le_bytes());
         f64s(&mut v1, &row.bucket_values);
         u64s(&mut v1, &[1, 1, 1]);
-        let mut today = Vec::new();
-        timer(&mut today, &row);
-        assert_eq!(upgrade_v1_timers(&v1), Ok(today));
+        let mut today = Bodies::default();
+        today.timer(Head::of(row.ts, &row.name, &row.tags, &row.host), &row);
+        assert_eq!(upgrade_v1_timers(&v1), Ok(today.bodies[2].clone()));
         assert!(upgrade_v1_timers(&v1[..v1.len() - 1]).is_err());
     }
 

@@ -8,6 +8,8 @@ use serde::Serialize;
 use crate::aggregate::Generation;
 use crate::aggregate::acc::Acc;
 use crate::aggregate::key;
+use crate::ledger::spool::Flush;
+use crate::sink::rowbinary::{Bodies, Head, Tags};
 
 #[derive(Debug, Clone, PartialEq, Row, Serialize)]
 pub struct CounterRow {
@@ -186,64 +188,63 @@ impl GaugeMemory {
     }
 }
 
-/// Turns a closed generation into rows. Returns the batch and how many
-/// gauges could not be remembered.
+/// Turns a closed generation into its flush (step 3 of the durable order):
+/// one row per key, encoded as RowBinary straight from the accumulators, so
+/// no row struct or owned string is made per counter or gauge (timers and
+/// sets go through a row struct for their vectors). Returns the flush and
+/// how many gauges could not be remembered.
 pub fn build(
     generation: Generation,
     flush_id: u64,
     host: &str,
+    instance: u64,
     gauges: &mut GaugeMemory,
     next_id: &mut dyn FnMut() -> u64,
-) -> (Batch, u64) {
+) -> (Flush, u64) {
     let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
     let at = |t: Option<u64>| t.map_or(ts, |t| u32::try_from(t).unwrap_or(u32::MAX));
     let (events, service_checks) = generation.take_notes();
-    let mut batch = Batch {
-        events: events
-            .into_iter()
-            .zip(0u32..)
-            .map(|(e, seq)| EventRow {
-                ts,
-                host: host.to_owned(),
-                flush_id,
-                seq,
-                event_ts: at(e.timestamp),
-                title: e.title,
-                text: e.text,
-                hostname: e.hostname,
-                aggregation_key: e.aggregation_key,
-                priority: e.priority.to_owned(),
-                source_type: e.source_type,
-                alert_type: e.alert_type.to_owned(),
-                tags: e.tags,
-            })
-            .collect(),
-        service_checks: service_checks
-            .into_iter()
-            .zip(0u32..)
-            .map(|(c, seq)| ServiceCheckRow {
-                ts,
-                host: host.to_owned(),
-                flush_id,
-                seq,
-                check_ts: at(c.timestamp),
-                name: c.name,
-                status: c.status,
-                hostname: c.hostname,
-                tags: c.tags,
-                message: c.message,
-            })
-            .collect(),
-        generation: generation.id,
-        host: host.to_owned(),
-        flush_id,
-        ts,
-        samples: generation.pending.into_inner(),
-        ..Batch::default()
+    let mut out = Rows {
+        tables: Bodies::default(),
+        gauge_values: Vec::new(),
+        host,
     };
+    for (e, seq) in events.into_iter().zip(0u32..) {
+        out.tables.event(&EventRow {
+            ts,
+            host: host.to_owned(),
+            flush_id,
+            seq,
+            event_ts: at(e.timestamp),
+            title: e.title,
+            text: e.text,
+            hostname: e.hostname,
+            aggregation_key: e.aggregation_key,
+            priority: e.priority.to_owned(),
+            source_type: e.source_type,
+            alert_type: e.alert_type.to_owned(),
+            tags: e.tags,
+        });
+    }
+    for (c, seq) in service_checks.into_iter().zip(0u32..) {
+        out.tables.service_check(&ServiceCheckRow {
+            ts,
+            host: host.to_owned(),
+            flush_id,
+            seq,
+            check_ts: at(c.timestamp),
+            name: c.name,
+            status: c.status,
+            hostname: c.hostname,
+            tags: c.tags,
+            message: c.message,
+        });
+    }
+    let id = generation.id;
+    let samples = generation.pending.into_inner();
     let mut forgotten = 0;
     for (k, acc) in generation.map {
-        forgotten += push_row(&mut batch, &k, acc, ts, flush_id, host, Some(&mut *gauges));
+        forgotten += out.push(&k, acc, ts, flush_id, Some(&mut *gauges));
     }
     // Samples stamped (`|T`) for other intervals: rows of their interval,
     // each interval under a flush id of its own, so that they never
@@ -260,103 +261,112 @@ pub fn build(
     for (start, rows) in late {
         let id = next_id();
         for (k, acc) in rows {
-            push_row(&mut batch, &k, acc, start, id, host, None);
+            out.push(&k, acc, start, id, None);
         }
     }
-    (batch, forgotten)
+    let flush = Flush {
+        instance,
+        flush_id,
+        generation: id,
+        ts,
+        samples,
+        host: host.to_owned(),
+        tables: out.tables,
+        gauges: out.gauge_values,
+        absorbed: Vec::new(),
+    };
+    (flush, forgotten)
 }
 
 /// Accumulators with their keys.
 type KeyedAccs = Vec<(crate::aggregate::MapKey, Acc)>;
 
-/// Adds the row of key `k` to `batch`, for interval `ts` under `flush_id`.
-/// A gauge resolves against (and updates) `gauges` when given; returns 1
-/// when it could not be remembered.
-fn push_row(
-    batch: &mut Batch,
-    k: &[u8],
-    acc: Acc,
-    ts: u32,
-    flush_id: u64,
-    host: &str,
-    gauges: Option<&mut GaugeMemory>,
-) -> u64 {
-    let Some(parts) = key::split(k) else {
-        return 0;
-    };
-    let name = parts.name.to_owned();
-    let tags: Vec<String> = parts.tags.iter().map(|t| (*t).to_owned()).collect();
-    let host = host.to_owned();
-    let kind = parts.kind.as_str();
-    let mut forgotten = 0;
-    match acc {
-        Acc::Counter { sum, samples } => batch.counters.push(CounterRow {
+/// A flush's bodies as [`build`] fills them.
+struct Rows<'a> {
+    tables: Bodies,
+    /// (key, value) of every gauge row: the gauge memory after this flush.
+    gauge_values: Vec<(Box<[u8]>, f64)>,
+    host: &'a str,
+}
+
+impl Rows<'_> {
+    /// Adds the row of key `k` for interval `ts` under `flush_id`. A gauge
+    /// resolves against (and updates) `gauges` when given; returns 1 when
+    /// it could not be remembered.
+    fn push(
+        &mut self,
+        k: &[u8],
+        acc: Acc,
+        ts: u32,
+        flush_id: u64,
+        gauges: Option<&mut GaugeMemory>,
+    ) -> u64 {
+        let Some((kind, name, tags)) = key::parts(k) else {
+            return 0;
+        };
+        let head = Head {
             ts,
             name,
-            tags,
-            host,
-            flush_id,
-            value: sum,
-            samples,
-        }),
-        Acc::Gauge(g) => {
-            let value = match gauges {
-                Some(memory) => {
-                    let (value, lost) = memory.settle(k.into(), &g);
-                    batch.gauge_values.push((k.into(), value));
-                    forgotten += u64::from(lost);
-                    value
-                }
-                None => g.resolve(None).unwrap_or(0.0),
-            };
-            batch.gauges.push(GaugeRow {
-                ts,
-                name,
-                tags,
-                host,
-                value,
-                version: flush_id,
-                samples: g.samples,
-            });
+            tags: Tags::Key(tags),
+            host: self.host,
+        };
+        let mut forgotten = 0;
+        match acc {
+            Acc::Counter { sum, samples } => self.tables.counter(head, flush_id, sum, samples),
+            Acc::Gauge(g) => {
+                let value = match gauges {
+                    Some(memory) => {
+                        let (value, lost) = memory.settle(k.into(), &g);
+                        self.gauge_values.push((k.into(), value));
+                        forgotten += u64::from(lost);
+                        value
+                    }
+                    None => g.resolve(None).unwrap_or(0.0),
+                };
+                self.tables.gauge(head, value, flush_id, g.samples);
+            }
+            Acc::Dist(d) => {
+                let summary = d.summarize();
+                // The head columns come from `head`.
+                let row = TimerRow {
+                    ts,
+                    name: String::new(),
+                    tags: Vec::new(),
+                    host: String::new(),
+                    flush_id,
+                    kind: kind.as_str().to_owned(),
+                    count: d.count,
+                    sum: d.sum,
+                    min: d.min,
+                    max: d.max,
+                    p50: summary.p50,
+                    p90: summary.p90,
+                    p95: summary.p95,
+                    p99: summary.p99,
+                    samples: d.samples,
+                    bucket_values: summary.bucket_values,
+                    bucket_counts: summary.bucket_counts,
+                };
+                self.tables.timer(head, &row);
+            }
+            Acc::Set(s) => {
+                let mut member_hashes: Vec<u64> = s.members.into_iter().collect();
+                member_hashes.sort_unstable();
+                let row = SetRow {
+                    ts,
+                    name: String::new(),
+                    tags: Vec::new(),
+                    host: String::new(),
+                    flush_id,
+                    cardinality: member_hashes.len() as u64,
+                    samples: s.samples,
+                    member_hashes,
+                };
+                self.tables.set(head, &row);
+            }
         }
-        Acc::Dist(d) => {
-            let summary = d.summarize();
-            batch.timers.push(TimerRow {
-                ts,
-                name,
-                tags,
-                host,
-                flush_id,
-                kind: kind.to_owned(),
-                count: d.count,
-                sum: d.sum,
-                min: d.min,
-                max: d.max,
-                p50: summary.p50,
-                p90: summary.p90,
-                p95: summary.p95,
-                p99: summary.p99,
-                samples: d.samples,
-                bucket_values: summary.bucket_values,
-                bucket_counts: summary.bucket_counts,
-            });
-        }
-        Acc::Set(s) => {
-            let mut member_hashes: Vec<u64> = s.members.into_iter().collect();
-            member_hashes.sort_unstable();
-            batch.sets.push(SetRow {
-                ts,
-                name,
-                tags,
-                host,
-                flush_id,
-                cardinality: member_hashes.len() as u64,
-                samples: s.samples,
-                member_hashes,
-            });
-        }
+        forgotten
     }
-    forgotten
 }
 
 /// Merges two consecutive flushes of one host into one coarser interval with
@@ -556,14 +566,26 @@ impl EncodedLen for SetRow {
 mod tests {
     use super::*;
 
-    /// `build` for generations without timestamped samples.
+    /// The rows `build` encodes, decoded again.
+    fn build_rows(
+        generation: Generation,
+        flush_id: u64,
+        host: &str,
+        gauges: &mut GaugeMemory,
+        next_id: &mut dyn FnMut() -> u64,
+    ) -> (Batch, u64) {
+        let (flush, forgotten) = build(generation, flush_id, host, 1, gauges, next_id);
+        (flush.into_batch().expect("decodes"), forgotten)
+    }
+
+    /// `build_rows` for generations without timestamped samples.
     fn build4(
         generation: Generation,
         flush_id: u64,
         host: &str,
         gauges: &mut GaugeMemory,
     ) -> (Batch, u64) {
-        build(generation, flush_id, host, gauges, &mut || {
+        build_rows(generation, flush_id, host, gauges, &mut || {
             panic!("no late rows")
         })
     }
@@ -628,7 +650,7 @@ mod tests {
         let g = Arc::try_unwrap(a.swap(Duration::from_secs(started + 10))).expect("unique");
         let mut ids = 100..;
         let mut memory = GaugeMemory::new(10);
-        let (batch, _) = build(g, 7, "h", &mut memory, &mut || ids.next().expect("id"));
+        let (batch, _) = build_rows(g, 7, "h", &mut memory, &mut || ids.next().expect("id"));
         let mut counters: Vec<(u32, u64, f64)> = batch
             .counters
             .iter()
@@ -799,6 +821,47 @@ mod tests {
         assert!(t.p50 >= 10.0 && t.p50 <= 20.5 && t.p99 >= 29.5, "{t:?}");
         assert_eq!((m.sets[0].cardinality, m.sets[0].samples), (2, 3));
         assert_eq!(m.gauge_values.len(), 1);
+    }
+
+    #[test]
+    fn rows_encoded_from_keys_carry_each_tables_tags_as_row_structs_would() {
+        let g = generation(
+            "c:1|c|#b:2,a:1\nc:1|c\ng:3|g|#z\nt:5|ms|#a:1\ns:m|s|#x,y\nd:1|d|#a:1,,b",
+            1,
+        );
+        let (flush, _) = build(g, 9, "host-a", 1, &mut GaugeMemory::new(10), &mut || 2);
+        let batch = flush.clone().into_batch().expect("decodes");
+        // The same rows through the row structs: the same bytes.
+        assert_eq!(crate::sink::rowbinary::encode(&batch), flush.tables);
+        let mut counters: Vec<_> = batch
+            .counters
+            .iter()
+            .map(|r| (r.name.as_str(), r.tags.clone(), r.host.as_str(), r.value))
+            .collect();
+        counters.sort_by(|a, b| a.1.cmp(&b.1));
+        assert_eq!(
+            counters,
+            vec![
+                ("c", vec![], "host-a", 1.0),
+                ("c", vec!["a:1".to_owned(), "b:2".to_owned()], "host-a", 1.0),
+            ]
+        );
+        assert_eq!(batch.gauges[0].tags, vec!["z".to_owned()]);
+        let mut timers: Vec<_> = batch
+            .timers
+            .iter()
+            .map(|r| (r.kind.as_str(), r.tags.clone()))
+            .collect();
+        timers.sort();
+        assert_eq!(
+            timers,
+            vec![
+                ("d", vec!["a:1".to_owned(), "b".to_owned()]),
+                ("ms", vec!["a:1".to_owned()]),
+            ]
+        );
+        assert_eq!(batch.sets[0].tags, vec!["x".to_owned(), "y".to_owned()]);
+        assert_eq!(flush.tables.rows, [2, 1, 2, 1, 0, 0]);
     }
 
     #[test]
