@@ -119,6 +119,22 @@ proptest! {
     }
 
     #[test]
+    fn lines_and_tags_split_as_plain_splits_do(block in proptest::collection::vec(
+        prop_oneof![Just(b'\n'), Just(b'\r'), Just(b','), Just(b'a'), Just(b'b')], 0..64)) {
+        // The SIMD searches against the obvious definitions.
+        let want: Vec<&[u8]> = block
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter(|l| !l.is_empty())
+            .collect();
+        prop_assert_eq!(statsd::lines(&block).collect::<Vec<_>>(), want);
+        let want: Vec<&[u8]> = block.split(|&b| b == b',').filter(|t| !t.is_empty()).collect();
+        let mut got = Vec::new();
+        statsd::for_each_tag(&block, |t| got.push(t));
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
     fn statsd_never_panics_on_arbitrary_bytes(block in proptest::collection::vec(any::<u8>(), 0..512)) {
         for line in statsd::lines(&block) {
             if let Ok(Parsed::Metric(l)) = statsd::parse_line(line, &Limits::default()) {

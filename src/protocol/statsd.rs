@@ -254,10 +254,21 @@ pub enum Parsed<'a> {
 /// Splits a block (a datagram, a read) into lines: `\n` separated, a `\r`
 /// before the `\n` dropped, a trailing newline optional, empty lines skipped.
 pub fn lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
-    block
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-        .filter(|l| !l.is_empty())
+    let mut rest = block;
+    std::iter::from_fn(move || {
+        while !rest.is_empty() {
+            let (line, next) = match memchr::memchr(b'\n', rest) {
+                Some(end) => (&rest[..end], &rest[end + 1..]),
+                None => (rest, &rest[rest.len()..]),
+            };
+            rest = next;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if !line.is_empty() {
+                return Some(line);
+            }
+        }
+        None
+    })
 }
 
 /// A sample rate tallyd accepts (StatsD and protobuf alike): in (0, 1],
@@ -274,10 +285,7 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
     if line.starts_with(b"_sc|") {
         return Ok(Parsed::ServiceCheck);
     }
-    let colon = line
-        .iter()
-        .position(|&b| b == b':' || b == b'|')
-        .ok_or(ParseError::MissingValue)?;
+    let colon = memchr::memchr2(b':', b'|', line).ok_or(ParseError::MissingValue)?;
     if line[colon] == b'|' {
         return Err(ParseError::MissingValue);
     }
@@ -389,13 +397,13 @@ impl Seen {
 /// Calls `f` for each non-empty tag of a tag section, trimmed of nothing:
 /// tags are taken as written.
 pub fn for_each_tag<'a>(tags: &'a [u8], mut f: impl FnMut(&'a [u8])) {
-    if tags.is_empty() {
-        return;
-    }
-    for t in tags.split(|&b| b == b',') {
+    let mut start = 0;
+    for end in memchr::memchr_iter(b',', tags).chain([tags.len()]) {
+        let t = &tags[start..end];
         if !t.is_empty() {
             f(t);
         }
+        start = end + 1;
     }
 }
 
@@ -436,7 +444,8 @@ pub(crate) fn check_tags(tags: &[u8], limits: &Limits, plain: bool) -> Result<()
 /// Text stored in ClickHouse: valid UTF-8 without control characters (which
 /// also keeps the key separator, 0x00, out of names and tags).
 fn is_printable_ascii(s: &[u8]) -> bool {
-    s.iter().all(|&b| (0x20..0x7f).contains(&b))
+    // No early exit: the compiler checks 16 or 32 bytes per instruction.
+    s.iter().fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b))
 }
 
 pub(crate) fn check_text(s: &[u8]) -> Result<(), ()> {
