@@ -135,6 +135,24 @@ fn aggregate(c: &mut Criterion) {
                 start.elapsed()
             })
         });
+        // The same from a fresh interval: every key is new once.
+        g.bench_function(format!("counters_{keys}_keys_2_threads_new_keys"), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    drop(a.swap(Duration::ZERO));
+                    let start = Instant::now();
+                    std::thread::scope(|s| {
+                        for half in &halves {
+                            let a = &a;
+                            s.spawn(move || ingest_all(a, half, &mut Scratch::default()));
+                        }
+                    });
+                    spent += start.elapsed();
+                }
+                spent
+            })
+        });
     }
     let mixed = blocks(10_000, |k| match k % 4 {
         0 => format!("app.c.k{k:06}:1|c|#env:prod"),
