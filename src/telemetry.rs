@@ -379,7 +379,7 @@ impl Telemetry {
         );
         m.gauge(
             "tallyd_udp_receive_buffer_bytes",
-            "Receive buffer of the StatsD UDP sockets as the kernel reports it (SO_RCVBUF: twice the bytes granted, capped by net.core.rmem_max).",
+            "Receive buffer of the StatsD UDP sockets as the kernel reports it (SO_RCVBUF: twice the bytes granted; capped by net.core.rmem_max unless tallyd has CAP_NET_ADMIN).",
             "",
             &self.udp_receive_buffer,
         );

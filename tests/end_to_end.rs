@@ -732,6 +732,40 @@ async fn silent_connections_are_closed_after_the_idle_timeout() {
     running.shutdown().await;
 }
 
+/// Past `net.core.rmem_max`: with CAP_NET_ADMIN (the test command runs as
+/// root) tallyd gets the buffer configured, as systemd's socket unit does;
+/// without it, the kernel's cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_privileged_tallyd_gets_the_udp_buffer_configured_past_the_kernels_cap() {
+    let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .expect("rmem_max")
+        .trim()
+        .parse()
+        .expect("a number");
+    let wanted = cap * 2;
+    let ch = clickhouse();
+    let mut s = settings(ch, "rcvbuf_force");
+    s.statsd.udp_recv_buffer = format!("{wanted}B");
+    let running = tallyd::server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin").port();
+    let metrics = tokio::task::spawn_blocking(move || common::http(admin, "GET", "/metrics", ""))
+        .await
+        .expect("get")
+        .expect("metrics");
+    // SO_RCVBUF reads back twice the bytes granted.
+    let root =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("proc")) == 0;
+    let granted = if root { wanted } else { cap };
+    assert!(
+        metrics.contains(&format!(
+            "tallyd_udp_receive_buffer_bytes {}\n",
+            2 * granted
+        )),
+        "{metrics}"
+    );
+    running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_the_udp_receive_buffer_the_kernel_gave() {
     let ch = clickhouse();
