@@ -1,7 +1,7 @@
 //! Ingest cost per sample (parse + canonical key + map merge) at 1k, 100k and
 //! 1M live keys, on one and two threads, per datagram and per batch of
 //! datagrams, and the flush's cost per key (a
-//! closed interval of counters turned into rows and RowBinary bodies):
+//! closed interval of counters encoded as RowBinary bodies):
 //! `cargo bench --bench aggregate`. Subtract the `parse/*_with_key` figure
 //! to get the aggregation alone. Before the benches it prints the memory
 //! cost per live key.

@@ -750,10 +750,6 @@ fn interval_of(t: u64, generation: &Generation, limits: &AggregateLimits) -> Int
     u32::try_from(start).map_or(Interval::OutOfWindow, Interval::Other)
 }
 
-/// Merges a line's values into its key's accumulator and returns the bytes
-/// it grew by. When the generation is `full` (its memory budget spent),
-/// what would grow it (timer values, new set members) is dropped and
-/// counted instead; counters and gauges never grow.
 /// Whether two keys are equal, compared 8 bytes at a time in line: keys are
 /// short, and a call to libc's `memcmp` cost more than the compare.
 fn same_key(a: &[u8], b: &[u8]) -> bool {
@@ -770,6 +766,10 @@ fn same_key(a: &[u8], b: &[u8]) -> bool {
     tail && a8.zip(b8).all(|(x, y)| word(x) == word(y))
 }
 
+/// Merges a line's values into its key's accumulator and returns the bytes
+/// it grew by. When the generation is `full` (its memory budget spent),
+/// what would grow it (timer values, new set members) is dropped and
+/// counted instead; counters and gauges never grow.
 fn merge(
     acc: &mut Acc,
     line: &Line<'_>,

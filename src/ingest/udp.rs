@@ -46,18 +46,23 @@ const DRAIN_LIMIT: usize = 1 << 16;
 /// draining the queue. Socket activation passes one socket the same way.
 pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<Vec<UdpSocket>> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // With CAP_NET_ADMIN (root; the packaged unit has none, and gets its
-    // buffer from tallyd.socket instead) SO_RCVBUFFORCE gives the size
-    // configured, as systemd does for a socket unit. Else SO_RCVBUF, which
-    // the kernel caps at net.core.rmem_max: a smaller buffer is not fatal,
-    // only lossier under bursts.
-    if rustix::net::sockopt::set_socket_recv_buffer_size_force(&s, recv_buffer).is_err()
-        && let Err(e) = s.set_recv_buffer_size(recv_buffer)
-    {
+    // A smaller buffer is not fatal, only lossier under bursts.
+    if let Err(e) = set_receive_buffer(&s, recv_buffer) {
         tracing::warn!(error = %e, "could not set the UDP receive buffer");
     }
     s.bind(&addr.into())?;
     share(s.into(), workers)
+}
+
+/// Asks for a receive buffer of `bytes` on a datagram socket. With
+/// CAP_NET_ADMIN (root; the packaged unit has none, and gets its buffer
+/// from tallyd.socket instead) `SO_RCVBUFFORCE` gives the size asked for,
+/// as systemd does for a socket unit; else `SO_RCVBUF`, which the kernel
+/// caps at `net.core.rmem_max`.
+pub(crate) fn set_receive_buffer(socket: impl AsFd, bytes: usize) -> io::Result<()> {
+    rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, bytes)
+        .or_else(|_| rustix::net::sockopt::set_socket_recv_buffer_size(&socket, bytes))
+        .map_err(io::Error::from)
 }
 
 /// `socket` once per worker (clones of one descriptor, see [`bind`]), with

@@ -56,7 +56,7 @@ pub fn bind(path: &Path, mode: u32, recv_buffer: usize) -> io::Result<UnixDatagr
     clear_stale(path, |p| UnixDatagram::unbound()?.connect(p))?;
     let socket = UnixDatagram::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    if let Err(e) = socket2::SockRef::from(&socket).set_recv_buffer_size(recv_buffer) {
+    if let Err(e) = super::udp::set_receive_buffer(&socket, recv_buffer) {
         tracing::warn!(error = %e, "could not set the DogStatsD socket's receive buffer");
     }
     socket.set_read_timeout(Some(POLL))?;

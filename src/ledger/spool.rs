@@ -71,8 +71,8 @@ pub struct Flush {
 }
 
 impl Flush {
-    /// Fixes the rows of `batch` as RowBinary bodies (step 3 of the durable
-    /// order).
+    /// Fixes the rows of `batch` as RowBinary bodies (merged flushes; a
+    /// closed interval's flush is sealed by [`crate::sink::rows::build`]).
     pub fn seal(batch: Batch, instance: u64) -> Flush {
         Flush {
             instance,

@@ -240,7 +240,7 @@ pub fn build(
             message: c.message,
         });
     }
-    let id = generation.id;
+    let generation_id = generation.id;
     let samples = generation.pending.into_inner();
     let mut forgotten = 0;
     for (k, acc) in generation.map {
@@ -267,7 +267,7 @@ pub fn build(
     let flush = Flush {
         instance,
         flush_id,
-        generation: id,
+        generation: generation_id,
         ts,
         samples,
         host: host.to_owned(),
@@ -831,7 +831,8 @@ mod tests {
         );
         let (flush, _) = build(g, 9, "host-a", 1, &mut GaugeMemory::new(10), &mut || 2);
         let batch = flush.clone().into_batch().expect("decodes");
-        // The same rows through the row structs: the same bytes.
+        // The bodies are well-formed RowBinary of these rows: decoded and
+        // encoded again through the row structs, the same bytes.
         assert_eq!(crate::sink::rowbinary::encode(&batch), flush.tables);
         let mut counters: Vec<_> = batch
             .counters
