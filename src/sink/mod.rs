@@ -53,6 +53,16 @@ pub struct Queued {
     pub resent: bool,
 }
 
+/// Table `.1`'s RowBinary body of flush `.0`, for a request body that
+/// shares the flush's bytes.
+struct Body(Arc<Flush>, usize);
+
+impl AsRef<[u8]> for Body {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.tables.bodies[self.1]
+    }
+}
+
 /// How the sink reaches ClickHouse.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SinkConfig {
@@ -490,7 +500,8 @@ impl Sink {
         let name = TABLES[table];
         let flush_id = flush.flush_id;
         let token = self.dedup_token.then(|| flush.token(name));
-        let body = bytes::Bytes::copy_from_slice(body);
+        // The body as the flush holds it: shared, not copied.
+        let body = bytes::Bytes::from_owner(Body(Arc::clone(flush), table));
         let mut attempt = 0;
         loop {
             let result = match self.prepare(table).await {
