@@ -1,4 +1,6 @@
-//! Rows: a closed generation turned into one row per key, per table.
+//! Rows: a closed generation encoded as one RowBinary row per key, per
+//! table ([`build`]), and the row structs that spooled flushes are decoded
+//! into to be merged ([`merge`]).
 
 use std::collections::HashMap;
 
