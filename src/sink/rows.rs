@@ -175,18 +175,23 @@ impl GaugeMemory {
 
     /// Resolves a gauge's value and remembers it. Returns the value and
     /// whether it could not be remembered.
-    fn settle(&mut self, key: Box<[u8]>, g: &crate::aggregate::acc::GaugeAcc) -> (f64, bool) {
-        let previous = self.values.get(&key).copied();
+    /// A known gauge's key is not copied again.
+    fn settle(&mut self, key: &[u8], g: &crate::aggregate::acc::GaugeAcc) -> (f64, bool) {
+        let room = self.values.len() < self.max_keys;
+        let slot = self.values.get_mut(key);
+        let previous = slot.as_deref().copied();
         let value = g.resolve(previous).unwrap_or_else(|| {
             self.overflowed += 1;
             previous.unwrap_or(0.0)
         });
-        if previous.is_some() || self.values.len() < self.max_keys {
-            self.values.insert(key, value);
-            (value, false)
-        } else {
-            (value, true)
+        match slot {
+            Some(v) => *v = value,
+            None if room => {
+                self.values.insert(key.into(), value);
+            }
+            None => return (value, true),
         }
+        (value, false)
     }
 }
 
@@ -318,7 +323,7 @@ impl Rows<'_> {
             Acc::Gauge(g) => {
                 let value = match gauges {
                     Some(memory) => {
-                        let (value, lost) = memory.settle(k.into(), &g);
+                        let (value, lost) = memory.settle(k, &g);
                         self.gauge_values.push((k.into(), value));
                         forgotten += u64::from(lost);
                         value
