@@ -842,6 +842,7 @@ pub fn wall_clock() -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::statsd::ParseError;
 
     #[test]
     fn a_map_entry_is_80_bytes() {
@@ -865,8 +866,6 @@ mod tests {
             }
         }
     }
-    use crate::protocol::statsd::ParseError;
-
     fn aggregator(max_keys: usize) -> Aggregator {
         Aggregator::new(
             AggregateLimits {
