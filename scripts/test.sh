@@ -28,6 +28,9 @@ command -v openssl >/dev/null || missing+=(openssl)
 # The cluster test runs ZooKeeper (Java) for two replicated 18.16 servers.
 command -v java >/dev/null || missing+=(default-jre-headless)
 [ -e /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
+# Python and pip for the protobuf interop, chDB and DogStatsD tests.
+command -v python3 >/dev/null || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "test.sh: installing ${missing[*]} (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
