@@ -171,9 +171,11 @@ fn aggregate(c: &mut Criterion) {
     g.bench_function("mixed_10000_keys_1_thread_batched", |b| {
         b.iter(|| ingest_batches(&a, &mixed_batches, &mut scratch))
     });
-    // Timers as statsd-blast sends them: 2,000 keys, values uniform in
-    // 0..1000 ms, 200 per key: a sketch turns dense after about 70 (its
-    // first 64 buckets), and ends with about 200 buckets.
+    // Timers as statsd-blast sends them, values uniform in 0..1000 ms, one
+    // interval of 400,000 lines: 2,000 keys get 200 values each (a sketch
+    // turns dense after about 70, its first 64 buckets, and ends with about
+    // 200 buckets); 10,000 keys get 40 each and stay sparse (the 10k mixed
+    // workload at 2 M lines/s).
     let mut seed = 42u64;
     let mut next = move |n: u64| {
         seed = seed
@@ -181,24 +183,29 @@ fn aggregate(c: &mut Criterion) {
             .wrapping_add(1_442_695_040_888_963_407);
         (seed >> 33) % n
     };
-    let timers: Vec<Vec<u8>> = (0..10_000)
-        .map(|_| {
-            (0..LINES_PER_BLOCK)
-                .map(|_| format!("app.ms.k{:04}:{}|ms\n", next(2_000), next(1_000)))
-                .collect::<String>()
-                .into_bytes()
-        })
-        .collect();
-    let timer_batches = batches(&timers);
-    let a = aggregator();
-    g.throughput(Throughput::Elements((10_000 * LINES_PER_BLOCK) as u64));
-    g.bench_function("timers_2000_keys_1_thread_batched_one_interval", |b| {
-        b.iter_batched(
-            || drop(a.swap(Duration::ZERO)),
-            |()| ingest_batches(&a, &timer_batches, &mut scratch),
-            BatchSize::PerIteration,
-        )
-    });
+    for keys in [2_000, 10_000] {
+        let timers: Vec<Vec<u8>> = (0..10_000)
+            .map(|_| {
+                (0..LINES_PER_BLOCK)
+                    .map(|_| format!("app.ms.k{:05}:{}|ms\n", next(keys), next(1_000)))
+                    .collect::<String>()
+                    .into_bytes()
+            })
+            .collect();
+        let timer_batches = batches(&timers);
+        let a = aggregator();
+        g.throughput(Throughput::Elements((10_000 * LINES_PER_BLOCK) as u64));
+        g.bench_function(
+            format!("timers_{keys}_keys_1_thread_batched_one_interval"),
+            |b| {
+                b.iter_batched(
+                    || drop(a.swap(Duration::ZERO)),
+                    |()| ingest_batches(&a, &timer_batches, &mut scratch),
+                    BatchSize::PerIteration,
+                )
+            },
+        );
+    }
     g.finish();
 }
 
