@@ -142,6 +142,59 @@ impl Store {
         }
     }
 
+    /// Adds `w` to bucket `i` for each `i` of `sorted` (ascending, repeats
+    /// allowed); returns the bytes the store grew by. The same buckets and
+    /// weights, bit for bit, as [`Store::add`] of each in turn: a bucket's
+    /// weights are added in the same order. A sparse store that stays
+    /// sparse takes them in one merge from the back, instead of a search
+    /// and an insert per index.
+    fn add_sorted(&mut self, sorted: &[i32], w: f64) -> u64 {
+        if let Store::Sparse(list) = self {
+            let mut new = 0;
+            let mut at = 0;
+            for (k, &i) in sorted.iter().enumerate() {
+                if k > 0 && sorted[k - 1] == i {
+                    continue;
+                }
+                while at < list.len() && list[at].0 < i {
+                    at += 1;
+                }
+                if at == list.len() || list[at].0 != i {
+                    new += 1;
+                }
+            }
+            if list.len() + new <= SPARSE {
+                let before = list.capacity();
+                let mut read = list.len();
+                list.resize(read + new, (0, 0.0));
+                let mut write = list.len();
+                let mut rest = sorted;
+                while let Some((&i, _)) = rest.split_last() {
+                    let run = rest.iter().rev().take_while(|&&k| k == i).count();
+                    rest = &rest[..rest.len() - run];
+                    while read > 0 && list[read - 1].0 > i {
+                        read -= 1;
+                        write -= 1;
+                        list[write] = list[read];
+                    }
+                    let mut weight = if read > 0 && list[read - 1].0 == i {
+                        read -= 1;
+                        list[read].1 + w
+                    } else {
+                        w
+                    };
+                    for _ in 1..run {
+                        weight += w;
+                    }
+                    write -= 1;
+                    list[write] = (i, weight);
+                }
+                return 16 * list.capacity().saturating_sub(before) as u64;
+            }
+        }
+        sorted.iter().map(|&i| self.add(i, w)).sum()
+    }
+
     fn bytes(&self) -> u64 {
         match self {
             Store::Sparse(list) => 16 * list.capacity() as u64,
@@ -192,6 +245,15 @@ impl Sketch {
         } else {
             self.negative.add(index(-v), w)
         }
+    }
+
+    /// Adds weight `w` to the bucket of every positive value whose bucket
+    /// [`index`] is in `indexes` (sorted here, in place); returns the bytes
+    /// the sketch grew by. The same sketch as [`Sketch::add`] of each value
+    /// in turn.
+    pub fn add_positive(&mut self, indexes: &mut [i32], w: f64) -> u64 {
+        indexes.sort_unstable();
+        self.positive.add_sorted(indexes, w)
     }
 
     /// Bytes the buckets use.
