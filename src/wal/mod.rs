@@ -176,7 +176,17 @@ struct Stream {
     synced_to: usize,
     /// Segments left since the last interval sync.
     unsynced: Vec<(PathBuf, Arc<File>)>,
+    /// The current segment's pages before this are unmapped (see
+    /// [`Segment::release_written`]); a multiple of [`RELEASE_ALIGN`].
+    released_to: usize,
 }
+
+/// Written pages behind a stream's appends are unmapped once this many
+/// bytes of them have gathered (see [`Segment::release_written`]).
+const RELEASE_CHUNK: usize = 256 * 1024;
+/// What [`Stream::released_to`] is a multiple of: a page of every size
+/// Linux uses (4, 16 or 64 KiB) starts on it.
+const RELEASE_ALIGN: usize = 64 * 1024;
 
 /// A generation rebuilt from the log at start.
 #[derive(Debug)]
@@ -391,6 +401,16 @@ impl Wal {
         seg.max_generation = seg.max_generation.max(generation);
         s.offset += need;
         s.next_lsn += 1;
+        // With `never`, tallyd writes nothing back, and the pages stay
+        // mapped until their segment is confirmed.
+        let written = s.offset - s.offset % RELEASE_ALIGN;
+        if self.config.sync != SyncMode::Never && written >= s.released_to + RELEASE_CHUNK {
+            let from = s.released_to;
+            s.released_to = written;
+            if let Err(e) = s.segments[current].release_written(from, written - from) {
+                tracing::warn!(error = %e, "could not unmap written WAL pages");
+            }
+        }
         // Read under the stream lock: a sync that has not yet looked at this
         // stream will see the record, and will publish an epoch above this.
         let ticket = self.epoch.load(Relaxed);
@@ -477,6 +497,7 @@ impl Wal {
         s.current = next;
         s.offset = SEGMENT_HEADER;
         s.synced_to = 0;
+        s.released_to = 0;
         Ok(())
     }
 
@@ -691,6 +712,7 @@ impl Stream {
             next_sequence: 1,
             synced_to: 0,
             unsynced: Vec::new(),
+            released_to: 0,
         })
     }
 }
@@ -786,6 +808,37 @@ mod tests {
             }
         }
         None
+    }
+
+    #[test]
+    fn written_pages_are_unmapped_behind_the_appends_and_keep_their_bytes() {
+        let dir = temp_dir();
+        let cfg = WalConfig {
+            streams: 1,
+            segment_size: 4 * 1024 * 1024,
+            sync: SyncMode::Interval,
+            ..config(&dir)
+        };
+        let records: Vec<String> = (0..2000).map(|i| format!("{i:0>1000}")).collect();
+        {
+            let (wal, _) = Wal::open(cfg.clone()).expect("open");
+            for (i, r) in records.iter().enumerate() {
+                wal.append(0, 1, Kind::Statsd, r.as_bytes())
+                    .expect("append");
+                if i % 500 == 0 {
+                    wal.sync();
+                }
+            }
+            let seg = dir.join("stream-0").join("seg-0.wal");
+            // About 2 MB written: no more than the last chunk, the page
+            // being written and the end marker's stay mapped.
+            let most = (RELEASE_CHUNK + RELEASE_ALIGN) as u64 / 1024 + 8;
+            let resident = resident_kb(&seg).expect("mapped");
+            assert!(resident <= most, "{resident} kB resident");
+            wal.sync();
+        }
+        let (_, rec) = Wal::open(cfg).expect("reopen");
+        assert_eq!(payloads(&rec), vec![(1, records)]);
     }
 
     #[test]

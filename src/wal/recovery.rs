@@ -231,6 +231,7 @@ fn scan_stream(
         next_sequence,
         synced_to: 0,
         unsynced: Vec::new(),
+        released_to: end_offset - end_offset % super::RELEASE_ALIGN,
     })
 }
 

@@ -141,6 +141,27 @@ impl Segment {
         Ok(())
     }
 
+    /// Unmaps the `len` bytes from `offset` (`MADV_DONTNEED`, as
+    /// [`Segment::release_pages`] does for a whole segment): pages the
+    /// appends have left behind and will not write again. Their bytes stay
+    /// in the page cache, dirty until the next sync writes them. A page
+    /// still mapped writable when it is written back must be write-protected
+    /// again, with a TLB shootdown to every core running tallyd (an
+    /// inter-processor interrupt, per 4 KiB page); unmapped in one call per
+    /// 256 KiB behind the appends, that is one shootdown per call.
+    /// The mapping of recycled segments costs no resident memory either.
+    /// `offset` and `len` are multiples of the page size.
+    pub fn release_written(&mut self, offset: usize, len: usize) -> std::io::Result<()> {
+        // SAFETY: as in `release_pages`: `&mut self` means no borrow of the
+        // mapping's bytes is alive, and on a shared file mapping
+        // MADV_DONTNEED only drops page table entries; a later access reads
+        // the file's bytes, the same as before the call.
+        unsafe {
+            self.map
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len)
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.map
     }
