@@ -707,7 +707,7 @@ fn admit_key(
     stats: &mut BlockStats,
     limits: &AggregateLimits,
 ) -> Option<u64> {
-    let cost = acc::KEY_OVERHEAD + key_len as u64;
+    let cost = acc::KEY_OVERHEAD + key_len as u64 + acc::boxed_bytes(line.kind);
     if generation.bytes.load(Relaxed).saturating_add(cost) > limits.max_memory {
         stats.dropped_memory += line.value_count() as u64;
         return None;

@@ -34,6 +34,8 @@ pub const RELATIVE_ACCURACY: f64 = 0.01;
 pub const SPARSE: usize = 64;
 /// Most buckets of a dense store; past it the lowest collapse.
 pub const MAX_BINS: usize = 2048;
+/// Most indexes [`Sketch::add_positive`] merges at once.
+pub const BATCH: usize = 32;
 
 fn gamma() -> f64 {
     (1.0 + RELATIVE_ACCURACY) / (1.0 - RELATIVE_ACCURACY)
@@ -143,56 +145,62 @@ impl Store {
     }
 
     /// Adds `w` to bucket `i` for each `i` of `sorted` (ascending, repeats
-    /// allowed); returns the bytes the store grew by. The same buckets and
-    /// weights, bit for bit, as [`Store::add`] of each in turn: a bucket's
-    /// weights are added in the same order. A sparse store that stays
-    /// sparse takes them in one merge from the back, instead of a search
-    /// and an insert per index.
-    fn add_sorted(&mut self, sorted: &[i32], w: f64) -> u64 {
-        if let Store::Sparse(list) = self {
-            let mut new = 0;
-            let mut at = 0;
-            for (k, &i) in sorted.iter().enumerate() {
-                if k > 0 && sorted[k - 1] == i {
-                    continue;
-                }
-                while at < list.len() && list[at].0 < i {
-                    at += 1;
-                }
-                if at == list.len() || list[at].0 != i {
-                    new += 1;
-                }
+    /// allowed) in one merge from the back, instead of a search and an
+    /// insert per index, when the store is sparse and stays so; returns the
+    /// bytes it grew by, or `None` (and nothing changed) otherwise. The same
+    /// buckets and weights, bit for bit, as [`Store::add`] of each in turn:
+    /// a bucket's weights are added in the same order.
+    fn merge_sparse(&mut self, sorted: &[i32], w: f64) -> Option<u64> {
+        let Store::Sparse(list) = self else {
+            return None;
+        };
+        let mut new = 0;
+        let mut at = 0;
+        for (k, &i) in sorted.iter().enumerate() {
+            if k > 0 && sorted[k - 1] == i {
+                continue;
             }
-            if list.len() + new <= SPARSE {
-                let before = list.capacity();
-                let mut read = list.len();
-                list.resize(read + new, (0, 0.0));
-                let mut write = list.len();
-                let mut rest = sorted;
-                while let Some((&i, _)) = rest.split_last() {
-                    let run = rest.iter().rev().take_while(|&&k| k == i).count();
-                    rest = &rest[..rest.len() - run];
-                    while read > 0 && list[read - 1].0 > i {
-                        read -= 1;
-                        write -= 1;
-                        list[write] = list[read];
-                    }
-                    let mut weight = if read > 0 && list[read - 1].0 == i {
-                        read -= 1;
-                        list[read].1 + w
-                    } else {
-                        w
-                    };
-                    for _ in 1..run {
-                        weight += w;
-                    }
-                    write -= 1;
-                    list[write] = (i, weight);
-                }
-                return 16 * list.capacity().saturating_sub(before) as u64;
+            while at < list.len() && list[at].0 < i {
+                at += 1;
+            }
+            if at == list.len() || list[at].0 != i {
+                new += 1;
             }
         }
-        sorted.iter().map(|&i| self.add(i, w)).sum()
+        let len = list.len() + new;
+        if len > SPARSE {
+            return None;
+        }
+        let before = list.capacity();
+        if len > before {
+            // Doubling as inserts would, but never past SPARSE entries.
+            list.reserve_exact((before * 2).clamp(len, SPARSE) - list.len());
+        }
+        let mut read = list.len();
+        list.resize(len, (0, 0.0));
+        let mut write = len;
+        let mut rest = sorted;
+        while let Some((&i, _)) = rest.split_last() {
+            let run = rest.iter().rev().take_while(|&&k| k == i).count();
+            rest = &rest[..rest.len() - run];
+            while read > 0 && list[read - 1].0 > i {
+                read -= 1;
+                write -= 1;
+                list[write] = list[read];
+            }
+            let mut weight = if read > 0 && list[read - 1].0 == i {
+                read -= 1;
+                list[read].1 + w
+            } else {
+                w
+            };
+            for _ in 1..run {
+                weight += w;
+            }
+            write -= 1;
+            list[write] = (i, weight);
+        }
+        Some(16 * list.capacity().saturating_sub(before) as u64)
     }
 
     fn bytes(&self) -> u64 {
@@ -248,12 +256,22 @@ impl Sketch {
     }
 
     /// Adds weight `w` to the bucket of every positive value whose bucket
-    /// [`index`] is in `indexes` (sorted here, in place); returns the bytes
-    /// the sketch grew by. The same sketch as [`Sketch::add`] of each value
-    /// in turn.
-    pub fn add_positive(&mut self, indexes: &mut [i32], w: f64) -> u64 {
-        indexes.sort_unstable();
-        self.positive.add_sorted(indexes, w)
+    /// [`index`] is in `indexes`, in that order (at most [`BATCH`]; more
+    /// are added one by one); returns the bytes the sketch grew by. The
+    /// same sketch, bit for bit, as [`Sketch::add`] of each value in turn:
+    /// a sparse store that stays sparse takes them sorted, in one merge;
+    /// otherwise they go in one by one, in the order given (collapsed
+    /// buckets' float sums depend on it).
+    pub fn add_positive(&mut self, indexes: &[i32], w: f64) -> u64 {
+        let mut sorted = [0; BATCH];
+        if let Some(sorted) = sorted.get_mut(..indexes.len()) {
+            sorted.copy_from_slice(indexes);
+            sorted.sort_unstable();
+            if let Some(grew) = self.positive.merge_sparse(sorted, w) {
+                return grew;
+            }
+        }
+        indexes.iter().map(|&i| self.positive.add(i, w)).sum()
     }
 
     /// Bytes the buckets use.
@@ -377,6 +395,18 @@ mod tests {
         assert_eq!(weights.iter().sum::<f64>(), SPARSE as f64 + 1.0);
         assert!(within(*values.last().expect("top"), 1e300));
         assert!(within(q(&s, 1.0), 1e300));
+    }
+
+    #[test]
+    fn merged_batches_keep_a_sparse_store_within_its_64_buckets() {
+        let mut s = Sketch::default();
+        let mut grew = 0;
+        for batch in (0..SPARSE as i32).collect::<Vec<_>>().chunks(19) {
+            grew += s.add_positive(batch, 1.0);
+            assert!(s.bytes() <= 16 * SPARSE as u64, "{}", s.bytes());
+        }
+        assert_eq!((grew, s.positive.buckets().len()), (s.bytes(), SPARSE));
+        assert!(matches!(s.positive, Store::Sparse(_)));
     }
 
     #[test]

@@ -332,7 +332,7 @@ impl Rows<'_> {
                 };
                 self.tables.gauge(head, value, flush_id, g.samples);
             }
-            Acc::Dist(d) => {
+            Acc::Dist(mut d) => {
                 let summary = d.summarize();
                 // The head columns come from `head`.
                 let row = TimerRow {

@@ -422,8 +422,11 @@ pub fn proto_batch(
 pub fn crafted_timer_flood(keys: usize) -> String {
     let pos: String = (1..=64).map(|k| format!(":{}", 1.1f64.powi(k))).collect();
     let neg: String = (1..=64).map(|k| format!(":-{}", 1.1f64.powi(k))).collect();
+    // 19 more positive values: the timer's queue takes 1e300 into the
+    // sketch while the line is applied, not at the flush.
+    let after = ":2".repeat(19);
     (0..keys)
-        .map(|k| format!("flood.t{k}{pos}:1e300{neg}:-1e300|h\n"))
+        .map(|k| format!("flood.t{k}{pos}:1e300{after}{neg}:-1e300|h\n"))
         .collect()
 }
 
