@@ -231,7 +231,9 @@ fn scan_stream(
         next_sequence,
         synced_to: 0,
         unsynced: Vec::new(),
-        released_to: end_offset - end_offset % super::RELEASE_ALIGN,
+        // Recovery read the records before `end_offset` through the map;
+        // the first release gives those pages back too.
+        released_to: 0,
     })
 }
 
