@@ -47,8 +47,8 @@ pub struct AggregateLimits {
     /// Pending raw increments that trigger an early flush.
     pub max_depth: u64,
     /// Bytes one generation's keys and accumulators may take (estimated per
-    /// type, see [`acc::KEY_OVERHEAD`]); past it, new keys, timer values
-    /// and new set members are dropped and counted.
+    /// type, see [`acc::KEY_OVERHEAD`] and [`acc::boxed_bytes`]); past it,
+    /// new keys, timer values and new set members are dropped and counted.
     pub max_memory: u64,
     /// A sample whose `|T` timestamp is further than this from its
     /// interval's start is refused and counted.
@@ -866,6 +866,7 @@ mod tests {
             }
         }
     }
+
     fn aggregator(max_keys: usize) -> Aggregator {
         Aggregator::new(
             AggregateLimits {
