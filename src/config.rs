@@ -469,8 +469,17 @@ impl Settings {
                 .then(|| crate::sink::tls::Pem::read(path, key).map_err(|e| err(field, e)))
                 .transpose()
         };
+        let ca = pem("clickhouse.ca_file", &c.ca_file, false)?;
+        let https = std::iter::once(&c.url)
+            .chain(&c.replicas)
+            .any(|u| u.starts_with("https://"));
         let tls = crate::sink::tls::TlsFiles {
-            ca: pem("clickhouse.ca_file", &c.ca_file, false)?,
+            system: if https && ca.is_none() {
+                crate::sink::tls::SystemRoots::load()
+            } else {
+                Default::default()
+            },
+            ca,
             client: match (
                 pem("clickhouse.client_cert", &c.client_cert, false)?,
                 pem("clickhouse.client_key", &c.client_key, true)?,
@@ -822,6 +831,18 @@ mod tests {
         assert_eq!(c.aggregate.max_depth, 1_000_000);
         assert_eq!(c.udp_recv_buffer, 8 << 20);
         assert!(!c.host_id.is_empty());
+    }
+
+    #[test]
+    fn the_system_roots_are_read_with_the_config_for_an_https_url_without_a_ca_file() {
+        // Building a client (at start and at each reload, on an async
+        // thread) then reads no file.
+        let plain = Settings::default().validate().expect("valid");
+        assert!(plain.sink.tls.system.is_empty());
+        let mut s = Settings::default();
+        s.clickhouse.replicas = vec!["https://replica-2:8443".into()];
+        let https = s.validate().expect("valid");
+        assert_eq!(https.sink.tls.system, crate::sink::tls::SystemRoots::load());
     }
 
     #[test]

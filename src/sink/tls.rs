@@ -6,8 +6,8 @@
 //! private CA. `clickhouse.client_cert` and `clickhouse.client_key` (PEM)
 //! add a client certificate. The files are read and parsed when the
 //! configuration is validated ([`Pem::read`]), so a bad file is a config
-//! error naming the field. Without a CA file, building a client reads the
-//! system's roots. A server
+//! error naming the field. Without a CA file, the system's roots are read
+//! then too ([`SystemRoots`]), so building a client reads no file. A server
 //! whose certificate is not trusted fails every request with rustls's
 //! reason (e.g. `invalid peer certificate: UnknownIssuer`), which the sink
 //! logs with the URL; the data waits in the spool meanwhile.
@@ -60,11 +60,45 @@ impl Pem {
     }
 }
 
+/// The operating system's trusted root certificates (DER), as
+/// `rustls-native-certs` finds them (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else
+/// the distribution's bundle). Read with the configuration, on a thread
+/// that may block, so that building a client does no file I/O on an async
+/// thread (a reload rebuilds clients there).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SystemRoots(Vec<CertificateDer<'static>>);
+
+impl std::fmt::Debug for SystemRoots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SystemRoots({} certificates)", self.0.len())
+    }
+}
+
+impl SystemRoots {
+    /// Reads the system's roots (blocking file I/O). Unreadable ones are
+    /// skipped; none at all is reported when a client is built.
+    pub fn load() -> SystemRoots {
+        SystemRoots(rustls_native_certs::load_native_certs().certs)
+    }
+
+    /// How many certificates were found.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What the TLS client trusts and shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
     /// Trusted roots instead of the system's.
     pub ca: Option<Pem>,
+    /// The system's roots, trusted when `ca` is not set (loaded only when
+    /// a URL is `https://`).
+    pub system: SystemRoots,
     /// A client certificate chain and its key.
     pub client: Option<(Pem, Pem)>,
 }
@@ -82,8 +116,7 @@ pub fn client(files: &TlsFiles) -> Result<clickhouse::Client, String> {
             }
         }
         None => {
-            let native = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(native.certs);
+            let (added, _) = roots.add_parsable_certificates(files.system.0.iter().cloned());
             if added == 0 {
                 tracing::warn!(
                     "no system root certificates found; set clickhouse.ca_file for an https:// ClickHouse"
