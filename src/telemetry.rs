@@ -83,6 +83,8 @@ pub struct Telemetry {
     pub dropped_timestamp: AtomicU64,
     /// DogStatsD stream frames over the length limit (connection closed).
     pub uds_frames_too_large: AtomicU64,
+    /// Datagrams over 65,535 bytes (a Unix socket's), dropped whole.
+    pub datagrams_too_large: AtomicU64,
     pub dropped_set_members: AtomicU64,
     pub dropped_gauge_memory: AtomicU64,
     pub tcp_lines_too_long: AtomicU64,
@@ -246,6 +248,7 @@ impl Telemetry {
             ("overflow", &self.dropped_overflow),
             ("timestamp_out_of_window", &self.dropped_timestamp),
             ("uds_frame_too_large", &self.uds_frames_too_large),
+            ("datagram_too_large", &self.datagrams_too_large),
             ("set_member_limit", &self.dropped_set_members),
             ("gauge_memory_limit", &self.dropped_gauge_memory),
             ("tcp_line_too_long", &self.tcp_lines_too_long),

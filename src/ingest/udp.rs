@@ -9,7 +9,8 @@
 //!
 //! On stop, each thread drains what its socket has already queued (bounded)
 //! and returns. The kernel's own drop counter for these sockets is read from
-//! `/proc/net/udp{,6}` by [`kernel_drops`].
+//! `/proc/net/udp{,6}` by [`kernel_drops`]. A datagram longer than 65,535
+//! bytes (only a Unix socket carries one) is dropped whole and counted.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -156,6 +157,11 @@ pub(crate) fn receive(
         );
         aggregator.settle(wal_stream);
         telemetry.record_block(listener, &stats);
+        if batch.too_large > 0 {
+            telemetry
+                .datagrams_too_large
+                .fetch_add(batch.too_large, Ordering::Relaxed);
+        }
         batch.clear();
     };
     let mut since_beat = 0u32;
@@ -193,7 +199,7 @@ pub(crate) fn receive(
     let mut drained = 0;
     while drained < DRAIN_LIMIT {
         while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
-        if batch.datagrams.is_empty() {
+        if batch.datagrams.is_empty() && batch.too_large == 0 {
             return;
         }
         drained += batch.datagrams.len();
@@ -212,6 +218,9 @@ struct Batch {
     len: usize,
     /// Their ranges in `buf`, without the `\n`.
     datagrams: Vec<Range<usize>>,
+    /// Datagrams longer than [`MAX_DATAGRAM`] (only a Unix socket carries
+    /// them), dropped whole: their cut last line could count a wrong value.
+    too_large: u64,
 }
 
 impl Batch {
@@ -220,11 +229,12 @@ impl Batch {
             buf: vec![0; BATCH_BYTES + MAX_DATAGRAM + 1],
             len: 0,
             datagrams: Vec::with_capacity(BATCH_DATAGRAMS),
+            too_large: 0,
         }
     }
 
     fn is_full(&self) -> bool {
-        self.datagrams.len() >= BATCH_DATAGRAMS || self.len >= BATCH_BYTES
+        self.datagrams.len() + self.too_large as usize >= BATCH_DATAGRAMS || self.len >= BATCH_BYTES
     }
 
     fn joined(&self) -> &[u8] {
@@ -234,18 +244,26 @@ impl Batch {
     fn clear(&mut self) {
         self.len = 0;
         self.datagrams.clear();
+        self.too_large = 0;
     }
 
     /// Receives one datagram after those held. An empty one counts too (as
     /// it always has: a block, and an empty WAL record), so a flood of
     /// empty datagrams still fills a batch and ends it. With
-    /// `RecvFlags::DONTWAIT`, `WouldBlock` when none is waiting.
+    /// `RecvFlags::DONTWAIT`, `WouldBlock` when none is waiting. One longer
+    /// than [`MAX_DATAGRAM`] is counted in `too_large` instead.
     fn recv(&mut self, socket: &impl AsFd, flags: RecvFlags) -> io::Result<()> {
         let start = self.len;
         let Some(spare) = self.buf.get_mut(start..start + MAX_DATAGRAM + 1) else {
             return Err(io::ErrorKind::OutOfMemory.into());
         };
-        let (n, _) = rustix::net::recv(socket, &mut spare[..MAX_DATAGRAM], flags)?;
+        // With TRUNC, the datagram's whole length comes back.
+        let (n, whole) =
+            rustix::net::recv(socket, &mut spare[..MAX_DATAGRAM], flags | RecvFlags::TRUNC)?;
+        if whole > n {
+            self.too_large += 1;
+            return Ok(());
+        }
         spare[n] = b'\n';
         self.datagrams.push(start..start + n);
         self.len = start + n + 1;
@@ -366,6 +384,23 @@ mod tests {
         assert_eq!(stats.parse_error_total(), 0);
         batch.clear();
         assert!(batch.joined().is_empty() && batch.datagrams.is_empty());
+    }
+
+    #[test]
+    fn a_unix_datagram_over_65535_bytes_is_dropped_whole_and_counted() {
+        let (socket, sender) = std::os::unix::net::UnixDatagram::pair().expect("pair");
+        // Whole lines past the 65,535 bytes a datagram may hold: a cut one
+        // would count 1 for `b`, not 2.
+        let big = "a:1|c\n".repeat(MAX_DATAGRAM / 6) + "b:10|c|@0.5\n";
+        assert!(big.len() > MAX_DATAGRAM);
+        sender.send(big.as_bytes()).expect("send");
+        sender.send(b"x:1|c").expect("send");
+        let mut batch = Batch::new();
+        while !batch.is_full() && batch.recv(&socket, RecvFlags::DONTWAIT).is_ok() {}
+        assert_eq!(batch.too_large, 1);
+        assert_eq!(batch.joined(), b"x:1|c\n");
+        batch.clear();
+        assert_eq!(batch.too_large, 0);
     }
 
     #[test]
