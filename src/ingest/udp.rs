@@ -1,6 +1,8 @@
-//! StatsD over UDP: one socket read by several threads with blocking
-//! `recv`, one syscall per datagram. The kernel hands each datagram to a
-//! waiting thread; a thread never waits for anything but the socket, so a
+//! StatsD over UDP: one socket read by several threads, one `recv` per
+//! datagram. The first thread (the lead) waits on the socket; the others
+//! (helpers) wait until the lead finds a backlog, then take what is queued
+//! without waiting, and wait again once the socket is empty (see [`Crew`]).
+//! A thread never waits for anything but the socket or the lead, so a
 //! flush never slows the receive path. A thread that finds more datagrams
 //! queued takes them too (up to a batch) and applies them together.
 //!
@@ -18,6 +20,7 @@ use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,11 +43,11 @@ const DRAIN_LIMIT: usize = 1 << 16;
 
 /// Binds one socket to `addr` with a receive buffer of `recv_buffer` bytes,
 /// and returns it `workers` times (clones of one descriptor). Every worker
-/// reads the same queue, so whichever is free takes the next datagram: one
-/// heavy sender (one flow) is spread over all workers, where per-worker
-/// `SO_REUSEPORT` sockets would pin it to one, and a worker stalled for a
-/// moment (preempted, or waiting on its WAL stream) leaves the others
-/// draining the queue. Socket activation passes one socket the same way.
+/// reads the same queue: under a backlog, one heavy sender (one flow) is
+/// spread over all workers, where per-worker `SO_REUSEPORT` sockets would
+/// pin it to one, and a worker stalled for a moment (preempted, or waiting
+/// on its WAL stream) leaves the others draining the queue. Socket
+/// activation passes one socket the same way.
 pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<Vec<UdpSocket>> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // A smaller buffer is not fatal, only lossier under bursts.
@@ -97,8 +100,69 @@ pub fn receive_buffer(sockets: &[UdpSocket], wanted: usize) -> Option<usize> {
     Some(got)
 }
 
+/// Where the UDP workers after the first wait: the first (the lead) always
+/// waits on the socket; the others (helpers) wait here until the lead
+/// finds a backlog (a full batch queued), then take what the socket holds
+/// without waiting, and come back when it is empty. Below the rate one
+/// worker keeps up with, one thread stays busy and takes several datagrams
+/// per wake-up, where workers sharing every datagram would each wake for
+/// one or two and pass the map's entries between their cores (measured at
+/// 10k mixed keys, 2 M lines/s: 9 % less CPU per line, see README).
+pub(crate) struct Crew {
+    /// A call no helper has taken yet (calls made meanwhile are one).
+    call: Mutex<bool>,
+    called: Condvar,
+    /// How long a helper waits for a call before it looks anyway.
+    poll: Duration,
+}
+
+impl Crew {
+    fn new(poll: Duration) -> Crew {
+        Crew {
+            call: Mutex::new(false),
+            called: Condvar::new(),
+            poll,
+        }
+    }
+
+    /// Wakes a helper (the lead found a backlog).
+    fn call(&self) {
+        *lock(&self.call) = true;
+        self.called.notify_one();
+    }
+
+    /// Waits for a call, at most its `poll`, and takes it; whether one
+    /// came. A helper looks at the socket after a timeout too, so a backlog
+    /// behind a lead that stalls (preempted, a slow WAL sync) waits at most
+    /// that long, and a stop is seen.
+    fn wait(&self) -> bool {
+        let mut call = lock(&self.call);
+        if !*call {
+            call = self
+                .called
+                .wait_timeout(call, self.poll)
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+        }
+        std::mem::take(&mut *call)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A worker's part (see [`Crew`]).
+#[derive(Clone, Copy)]
+pub(crate) enum Role<'a> {
+    /// The only worker on its socket.
+    Alone,
+    Lead(&'a Crew),
+    Helper(&'a Crew),
+}
+
 /// Starts one receive thread per socket; thread `i` appends to WAL stream
-/// `i % wal_streams`. They stop when `stop` is set.
+/// `i % wal_streams`. Thread 0 leads, the others help (see [`Crew`]). They
+/// stop when `stop` is set.
 pub fn spawn(
     sockets: Vec<UdpSocket>,
     wal_streams: usize,
@@ -106,19 +170,27 @@ pub fn spawn(
     telemetry: Arc<Telemetry>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
+    let crew = Arc::new(Crew::new(POLL));
+    let alone = sockets.len() == 1;
     sockets
         .into_iter()
         .enumerate()
         .map(|(i, socket)| {
-            let (aggregator, telemetry, stop) = (
+            let (aggregator, telemetry, stop, crew) = (
                 Arc::clone(&aggregator),
                 Arc::clone(&telemetry),
                 Arc::clone(&stop),
+                Arc::clone(&crew),
             );
             std::thread::Builder::new()
                 .name(format!("tallyd-udp-{i}"))
                 .spawn(move || {
                     let stream = i % wal_streams.max(1);
+                    let role = match i {
+                        _ if alone => Role::Alone,
+                        0 => Role::Lead(&crew),
+                        _ => Role::Helper(&crew),
+                    };
                     receive(
                         &socket,
                         stream,
@@ -126,6 +198,7 @@ pub fn spawn(
                         &telemetry,
                         &telemetry.udp,
                         &stop,
+                        role,
                     )
                 })
         })
@@ -135,6 +208,7 @@ pub fn spawn(
 /// A worker that writes to WAL stream `wal_stream` and counts in `listener`.
 /// `socket` is UDP, or a Unix datagram socket ([`super::uds`]), with a read
 /// timeout so that a blocked worker sees `stop`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn receive(
     socket: &impl AsFd,
     wal_stream: usize,
@@ -142,6 +216,7 @@ pub(crate) fn receive(
     telemetry: &Telemetry,
     listener: &ListenerStats,
     stop: &AtomicBool,
+    role: Role<'_>,
 ) {
     let mut batch = Batch::new();
     let mut scratch = Scratch::for_stream(wal_stream);
@@ -164,6 +239,20 @@ pub(crate) fn receive(
         }
         batch.clear();
     };
+    if let Role::Helper(crew) = role {
+        while !stop.load(Ordering::Relaxed) {
+            crew.wait();
+            // What the socket holds, without waiting; then back to the crew.
+            loop {
+                while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
+                if batch.datagrams.is_empty() && batch.too_large == 0 {
+                    break;
+                }
+                ingest(&mut batch);
+            }
+        }
+        return;
+    }
     let mut since_beat = 0u32;
     while !stop.load(Ordering::Relaxed) {
         // A sign of life for the watchdog, now and then (not per datagram).
@@ -178,6 +267,12 @@ pub(crate) fn receive(
             Ok(()) => {
                 // What the kernel already holds joins it, up to a batch.
                 while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
+                // A full batch: more may wait behind it.
+                if let Role::Lead(crew) = role
+                    && batch.is_full()
+                {
+                    crew.call();
+                }
                 ingest(&mut batch);
             }
             Err(e)
@@ -401,6 +496,84 @@ mod tests {
         assert_eq!(batch.joined(), b"x:1|c\n");
         batch.clear();
         assert_eq!(batch.too_large, 0);
+    }
+
+    #[test]
+    fn a_call_wakes_one_helper_once_and_calls_made_meanwhile_are_one() {
+        let crew = Crew::new(Duration::from_millis(1));
+        assert!(!crew.wait(), "no call: a timeout");
+        crew.call();
+        crew.call();
+        assert!(crew.wait(), "taken");
+        assert!(!crew.wait(), "taken once");
+        // A helper parked in `wait` is woken by a call.
+        let crew = Arc::new(Crew::new(Duration::from_secs(3600)));
+        let parked = {
+            let crew = Arc::clone(&crew);
+            std::thread::spawn(move || crew.wait())
+        };
+        while !parked.is_finished() {
+            crew.call();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(parked.join().expect("helper"));
+    }
+
+    #[test]
+    fn a_called_helper_takes_the_whole_backlog_then_waits_again() {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        // Three batches' worth, queued before the helper looks.
+        let datagrams = 3 * BATCH_DATAGRAMS;
+        for _ in 0..datagrams {
+            sender
+                .send_to(b"x:1|c\ny:2|c", socket.local_addr().expect("addr"))
+                .expect("send");
+        }
+        let limits = crate::aggregate::AggregateLimits {
+            max_keys: 100,
+            max_set_members: 100,
+            max_depth: u64::MAX,
+            max_memory: u64::MAX,
+            timestamp_window: Duration::from_secs(3600),
+            interval: Duration::from_secs(1),
+        };
+        let a = Arc::new(Aggregator::new(limits, Default::default(), Duration::ZERO));
+        let telemetry = Arc::new(Telemetry::default());
+        // Only a call wakes this helper (its poll is an hour): the backlog
+        // must go on the one call.
+        let crew = Arc::new(Crew::new(Duration::from_secs(3600)));
+        let stop = Arc::new(AtomicBool::new(false));
+        crew.call();
+        let helper = {
+            let (a, telemetry, crew, stop) =
+                (a.clone(), telemetry.clone(), crew.clone(), stop.clone());
+            let socket = socket.try_clone().expect("clone");
+            std::thread::spawn(move || {
+                let role = Role::Helper(&crew);
+                receive(&socket, 0, &a, &telemetry, &telemetry.udp, &stop, role)
+            })
+        };
+        let blocks = || telemetry.udp.blocks.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while blocks() < datagrams as u64 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let taken = blocks();
+        stop.store(true, Ordering::Relaxed);
+        crew.call();
+        helper.join().expect("helper");
+        assert_eq!(taken, datagrams as u64);
+        let sum = |name: &[u8]| {
+            let mut key = crate::aggregate::key::KeyBuf::default();
+            let key = key.build(crate::protocol::statsd::MetricType::Counter, name, b"");
+            match a.current().map.get(key).as_deref() {
+                Some(crate::aggregate::acc::Acc::Counter { sum, .. }) => *sum,
+                other => panic!("{other:?}"),
+            }
+        };
+        let sent = datagrams as f64;
+        assert_eq!((sum(b"x"), sum(b"y")), (sent, 2.0 * sent));
     }
 
     #[test]

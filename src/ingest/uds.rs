@@ -118,6 +118,7 @@ pub fn spawn(
                 &telemetry,
                 &telemetry.uds,
                 &stop,
+                super::udp::Role::Alone,
             )
         })
 }
