@@ -473,12 +473,19 @@ impl Settings {
         let https = std::iter::once(&c.url)
             .chain(&c.replicas)
             .any(|u| u.starts_with("https://"));
+        let system = if https && ca.is_none() {
+            let roots = crate::sink::tls::SystemRoots::load();
+            if roots.is_empty() {
+                tracing::warn!(
+                    "no system root certificates found; set clickhouse.ca_file for an https:// ClickHouse"
+                );
+            }
+            roots
+        } else {
+            Default::default()
+        };
         let tls = crate::sink::tls::TlsFiles {
-            system: if https && ca.is_none() {
-                crate::sink::tls::SystemRoots::load()
-            } else {
-                Default::default()
-            },
+            system,
             ca,
             client: match (
                 pem("clickhouse.client_cert", &c.client_cert, false)?,

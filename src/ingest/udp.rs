@@ -6,13 +6,16 @@
 //! flush never slows the receive path. A thread that finds more datagrams
 //! queued takes them too (up to a batch) and applies them together.
 //!
-//! Each thread appends to its own WAL stream. A datagram the WAL cannot
-//! take (ring full) is dropped and counted: UDP has no way to push back.
+//! Each helper appends to its own WAL stream, the lead to all the UDP
+//! streams in turn (a batch each), so that it has the room of all of them.
+//! A datagram the WAL cannot take (ring full) is dropped and counted: UDP
+//! has no way to push back.
 //!
-//! On stop, each thread drains what its socket has already queued (bounded)
-//! and returns. The kernel's own drop counter for these sockets is read from
-//! `/proc/net/udp{,6}` by [`kernel_drops`]. A datagram longer than 65,535
-//! bytes (only a Unix socket carries one) is dropped whole and counted.
+//! On stop, helpers return and the lead drains what the socket has already
+//! queued (bounded). The kernel's own drop counter for these sockets is
+//! read from `/proc/net/udp{,6}` by [`kernel_drops`]. A datagram longer
+//! than 65,535 bytes (only a Unix socket carries one) is dropped whole and
+//! counted.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -38,6 +41,11 @@ const BATCH_DATAGRAMS: usize = 64;
 const BATCH_BYTES: usize = 64 * 1024;
 /// How often a blocked thread looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
+/// How often a helper looks at the socket uncalled: a lead stalled (by the
+/// flush's or ClickHouse's CPU, a slow sync) leaves a backlog of at most
+/// about this long (20,000 lines at 2 M/s; the default 8 MiB receive
+/// buffer holds about 70 ms of it).
+const HELPER_POLL: Duration = Duration::from_millis(10);
 /// Datagrams a thread drains from its socket after stop, at most.
 const DRAIN_LIMIT: usize = 1 << 16;
 
@@ -45,9 +53,9 @@ const DRAIN_LIMIT: usize = 1 << 16;
 /// and returns it `workers` times (clones of one descriptor). Every worker
 /// reads the same queue: under a backlog, one heavy sender (one flow) is
 /// spread over all workers, where per-worker `SO_REUSEPORT` sockets would
-/// pin it to one, and a worker stalled for a moment (preempted, or waiting
-/// on its WAL stream) leaves the others draining the queue. Socket
-/// activation passes one socket the same way.
+/// pin it to one. Behind a lead stalled without a call (preempted, a slow
+/// sync), helpers look every [`HELPER_POLL`]; the receive buffer holds the
+/// queue meanwhile. Socket activation passes one socket the same way.
 pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<Vec<UdpSocket>> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     // A smaller buffer is not fatal, only lossier under bursts.
@@ -101,13 +109,14 @@ pub fn receive_buffer(sockets: &[UdpSocket], wanted: usize) -> Option<usize> {
 }
 
 /// Where the UDP workers after the first wait: the first (the lead) always
-/// waits on the socket; the others (helpers) wait here until the lead
-/// finds a backlog (a full batch queued), then take what the socket holds
-/// without waiting, and come back when it is empty. Below the rate one
-/// worker keeps up with, one thread stays busy and takes several datagrams
-/// per wake-up, where workers sharing every datagram would each wake for
-/// one or two and pass the map's entries between their cores (measured at
-/// 10k mixed keys, 2 M lines/s: 9 % less CPU per line, see README).
+/// waits on the socket; the others (helpers) wait here until the lead finds a
+/// backlog (a full batch queued), then take what the socket holds without
+/// waiting, and come back when it is empty (or look every [`HELPER_POLL`]
+/// uncalled). Below the rate one worker keeps up with, one thread stays busy
+/// and takes several datagrams per wake-up, where workers sharing every
+/// datagram would each wake for one or two and pass the map's entries between
+/// their cores (measured at 10k mixed keys, 2 M lines/s: about 10 % less CPU
+/// per line, see the README's Performance section).
 pub(crate) struct Crew {
     /// A call no helper has taken yet (calls made meanwhile are one).
     call: Mutex<bool>,
@@ -156,7 +165,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) enum Role<'a> {
     /// The only worker on its socket.
     Alone,
-    Lead(&'a Crew),
+    /// Appends to the UDP WAL streams `0..streams` in turn.
+    Lead {
+        crew: &'a Crew,
+        streams: usize,
+    },
     Helper(&'a Crew),
 }
 
@@ -170,7 +183,7 @@ pub fn spawn(
     telemetry: Arc<Telemetry>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    let crew = Arc::new(Crew::new(POLL));
+    let crew = Arc::new(Crew::new(HELPER_POLL));
     let alone = sockets.len() == 1;
     sockets
         .into_iter()
@@ -188,7 +201,10 @@ pub fn spawn(
                     let stream = i % wal_streams.max(1);
                     let role = match i {
                         _ if alone => Role::Alone,
-                        0 => Role::Lead(&crew),
+                        0 => Role::Lead {
+                            crew: &crew,
+                            streams: wal_streams,
+                        },
                         _ => Role::Helper(&crew),
                     };
                     receive(
@@ -220,8 +236,9 @@ pub(crate) fn receive(
 ) {
     let mut batch = Batch::new();
     let mut scratch = Scratch::for_stream(wal_stream);
-    let mut ingest = |batch: &mut Batch| {
+    let mut ingest = |batch: &mut Batch, stream: usize| {
         let mut stats = BlockStats::default();
+        scratch.wal_stream = stream;
         aggregator.ingest_datagrams(
             batch.joined(),
             &batch.datagrams,
@@ -230,7 +247,7 @@ pub(crate) fn receive(
             // A datagram the WAL cannot take is dropped, and counted.
             |e| telemetry.wal_refused(e),
         );
-        aggregator.settle(wal_stream);
+        aggregator.settle(stream);
         telemetry.record_block(listener, &stats);
         if batch.too_large > 0 {
             telemetry
@@ -239,41 +256,49 @@ pub(crate) fn receive(
         }
         batch.clear();
     };
-    if let Role::Helper(crew) = role {
-        while !stop.load(Ordering::Relaxed) {
-            crew.wait();
-            // What the socket holds, without waiting; then back to the crew.
-            loop {
-                while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
-                if batch.datagrams.is_empty() && batch.too_large == 0 {
-                    break;
+    let streams = match role {
+        Role::Helper(crew) => {
+            while !stop.load(Ordering::Relaxed) {
+                crew.wait();
+                // What the socket holds, without waiting, then back to the
+                // crew; a stop ends it (the lead drains, bounded).
+                while !stop.load(Ordering::Relaxed) {
+                    while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
+                    if batch.datagrams.is_empty() && batch.too_large == 0 {
+                        break;
+                    }
+                    ingest(&mut batch, wal_stream);
                 }
-                ingest(&mut batch);
             }
+            return;
         }
-        return;
-    }
-    let mut since_beat = 0u32;
+        Role::Lead { streams, .. } => streams.max(1),
+        Role::Alone => 1,
+    };
+    // The lead's batches go to the UDP WAL streams in turn, so that it has
+    // the room of all of them, as workers that each took datagrams had.
+    let mut turn = 0;
+    let mut next_stream = || {
+        turn = (turn + 1) % streams;
+        if streams > 1 { turn } else { wal_stream }
+    };
     while !stop.load(Ordering::Relaxed) {
-        // A sign of life for the watchdog, now and then (not per datagram).
-        since_beat += 1;
-        if since_beat >= 256 {
-            since_beat = 0;
-            telemetry
-                .udp_heartbeat_ms
-                .store(crate::notify::now_ms(), Ordering::Relaxed);
-        }
+        // A sign of life for the watchdog at each wake-up (a batch, or the
+        // read timeout), not per datagram.
+        telemetry
+            .udp_heartbeat_ms
+            .store(crate::notify::now_ms(), Ordering::Relaxed);
         match batch.recv(socket, RecvFlags::empty()) {
             Ok(()) => {
                 // What the kernel already holds joins it, up to a batch.
                 while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
                 // A full batch: more may wait behind it.
-                if let Role::Lead(crew) = role
+                if let Role::Lead { crew, .. } = role
                     && batch.is_full()
                 {
                     crew.call();
                 }
-                ingest(&mut batch);
+                ingest(&mut batch, next_stream());
             }
             Err(e)
                 if matches!(
@@ -281,10 +306,7 @@ pub(crate) fn receive(
                     io::ErrorKind::WouldBlock
                         | io::ErrorKind::TimedOut
                         | io::ErrorKind::Interrupted
-                ) =>
-            {
-                since_beat = 256;
-            }
+                ) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "UDP receive failed");
                 std::thread::sleep(POLL);
@@ -297,8 +319,8 @@ pub(crate) fn receive(
         if batch.datagrams.is_empty() && batch.too_large == 0 {
             return;
         }
-        drained += batch.datagrams.len();
-        ingest(&mut batch);
+        drained += batch.datagrams.len() + batch.too_large as usize;
+        ingest(&mut batch, next_stream());
     }
 }
 
@@ -522,6 +544,7 @@ mod tests {
     #[test]
     fn a_called_helper_takes_the_whole_backlog_then_waits_again() {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        set_receive_buffer(&socket, 4 << 20).expect("buffer");
         let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
         // Three batches' worth, queued before the helper looks.
         let datagrams = 3 * BATCH_DATAGRAMS;
@@ -560,10 +583,21 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         let taken = blocks();
+        // Back in the crew: a datagram now waits for the next call.
+        sender
+            .send_to(b"x:1|c", socket.local_addr().expect("addr"))
+            .expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+        let waited = blocks();
+        crew.call();
+        while blocks() == waited && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         stop.store(true, Ordering::Relaxed);
         crew.call();
         helper.join().expect("helper");
         assert_eq!(taken, datagrams as u64);
+        assert_eq!((waited, blocks()), (taken, taken + 1));
         let sum = |name: &[u8]| {
             let mut key = crate::aggregate::key::KeyBuf::default();
             let key = key.build(crate::protocol::statsd::MetricType::Counter, name, b"");
@@ -573,7 +607,52 @@ mod tests {
             }
         };
         let sent = datagrams as f64;
-        assert_eq!((sum(b"x"), sum(b"y")), (sent, 2.0 * sent));
+        assert_eq!((sum(b"x"), sum(b"y")), (sent + 1.0, 2.0 * sent));
+    }
+
+    #[test]
+    fn a_lead_that_finds_a_full_batch_queued_calls_a_helper() {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        set_receive_buffer(&socket, 4 << 20).expect("buffer");
+        socket.set_read_timeout(Some(POLL)).expect("timeout");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        let datagrams = BATCH_DATAGRAMS + 10;
+        for _ in 0..datagrams {
+            sender
+                .send_to(b"x:1|c", socket.local_addr().expect("addr"))
+                .expect("send");
+        }
+        let limits = crate::aggregate::AggregateLimits {
+            max_keys: 100,
+            max_set_members: 100,
+            max_depth: u64::MAX,
+            max_memory: u64::MAX,
+            timestamp_window: Duration::from_secs(3600),
+            interval: Duration::from_secs(1),
+        };
+        let a = Arc::new(Aggregator::new(limits, Default::default(), Duration::ZERO));
+        let telemetry = Arc::new(Telemetry::default());
+        // This test's own wait gives up after 30 s.
+        let crew = Arc::new(Crew::new(Duration::from_secs(30)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let lead = {
+            let (a, telemetry, crew, stop) =
+                (a.clone(), telemetry.clone(), crew.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let role = Role::Lead {
+                    crew: &crew,
+                    streams: 2,
+                };
+                receive(&socket, 0, &a, &telemetry, &telemetry.udp, &stop, role)
+            })
+        };
+        assert!(crew.wait(), "called");
+        stop.store(true, Ordering::Relaxed);
+        lead.join().expect("lead");
+        assert_eq!(
+            telemetry.udp.blocks.load(Ordering::Relaxed),
+            datagrams as u64
+        );
     }
 
     #[test]

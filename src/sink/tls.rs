@@ -65,8 +65,14 @@ impl Pem {
 /// the distribution's bundle). Read with the configuration, on a thread
 /// that may block, so that building a client does no file I/O on an async
 /// thread (a reload rebuilds clients there).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct SystemRoots(Vec<CertificateDer<'static>>);
+#[derive(Clone, PartialEq, Eq)]
+pub struct SystemRoots(Arc<[CertificateDer<'static>]>);
+
+impl Default for SystemRoots {
+    fn default() -> Self {
+        SystemRoots(Arc::new([]))
+    }
+}
 
 impl std::fmt::Debug for SystemRoots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,10 +81,10 @@ impl std::fmt::Debug for SystemRoots {
 }
 
 impl SystemRoots {
-    /// Reads the system's roots (blocking file I/O). Unreadable ones are
-    /// skipped; none at all is reported when a client is built.
+    /// Reads the system's roots (blocking file I/O); unreadable ones are
+    /// skipped.
     pub fn load() -> SystemRoots {
-        SystemRoots(rustls_native_certs::load_native_certs().certs)
+        SystemRoots(rustls_native_certs::load_native_certs().certs.into())
     }
 
     /// How many certificates were found.
@@ -116,12 +122,7 @@ pub fn client(files: &TlsFiles) -> Result<clickhouse::Client, String> {
             }
         }
         None => {
-            let (added, _) = roots.add_parsable_certificates(files.system.0.iter().cloned());
-            if added == 0 {
-                tracing::warn!(
-                    "no system root certificates found; set clickhouse.ca_file for an https:// ClickHouse"
-                );
-            }
+            roots.add_parsable_certificates(files.system.0.iter().cloned());
         }
     }
     let builder = rustls::ClientConfig::builder_with_provider(provider)
