@@ -440,6 +440,33 @@ fn drops_in_table(text: &str, inodes: &[u64]) -> u64 {
 mod tests {
     use super::*;
 
+    fn aggregator() -> Aggregator {
+        let limits = crate::aggregate::AggregateLimits {
+            max_keys: 100,
+            max_set_members: 100,
+            max_depth: u64::MAX,
+            max_memory: u64::MAX,
+            timestamp_window: Duration::from_secs(3600),
+            interval: Duration::from_secs(1),
+        };
+        Aggregator::new(limits, Default::default(), Duration::ZERO)
+    }
+
+    /// A socket (a 4 MiB buffer, the workers' read timeout) holding
+    /// `datagrams` copies of `payload`, and their sender.
+    fn queued(datagrams: usize, payload: &[u8]) -> (UdpSocket, UdpSocket) {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        set_receive_buffer(&socket, 4 << 20).expect("buffer");
+        socket.set_read_timeout(Some(POLL)).expect("timeout");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        for _ in 0..datagrams {
+            sender
+                .send_to(payload, socket.local_addr().expect("addr"))
+                .expect("send");
+        }
+        (socket, sender)
+    }
+
     #[test]
     fn drops_are_read_for_our_inodes_only() {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
@@ -479,15 +506,7 @@ mod tests {
         while !batch.is_full() && batch.recv(&socket, RecvFlags::DONTWAIT).is_ok() {}
         assert_eq!(batch.joined(), b"x:1|c\n\nx:2|c\ny:1|c\ny:1|c\n\n");
         assert_eq!(batch.datagrams, [0..5, 6..6, 7..18, 19..25]);
-        let limits = crate::aggregate::AggregateLimits {
-            max_keys: 100,
-            max_set_members: 100,
-            max_depth: u64::MAX,
-            max_memory: u64::MAX,
-            timestamp_window: Duration::from_secs(3600),
-            interval: Duration::from_secs(1),
-        };
-        let a = Aggregator::new(limits, Default::default(), Duration::ZERO);
+        let a = aggregator();
         let mut stats = BlockStats::default();
         let refused = |_| panic!("no WAL");
         a.ingest_datagrams(
@@ -543,25 +562,10 @@ mod tests {
 
     #[test]
     fn a_called_helper_takes_the_whole_backlog_then_waits_again() {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        set_receive_buffer(&socket, 4 << 20).expect("buffer");
-        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
         // Three batches' worth, queued before the helper looks.
         let datagrams = 3 * BATCH_DATAGRAMS;
-        for _ in 0..datagrams {
-            sender
-                .send_to(b"x:1|c\ny:2|c", socket.local_addr().expect("addr"))
-                .expect("send");
-        }
-        let limits = crate::aggregate::AggregateLimits {
-            max_keys: 100,
-            max_set_members: 100,
-            max_depth: u64::MAX,
-            max_memory: u64::MAX,
-            timestamp_window: Duration::from_secs(3600),
-            interval: Duration::from_secs(1),
-        };
-        let a = Arc::new(Aggregator::new(limits, Default::default(), Duration::ZERO));
+        let (socket, sender) = queued(datagrams, b"x:1|c\ny:2|c");
+        let a = Arc::new(aggregator());
         let telemetry = Arc::new(Telemetry::default());
         // Only a call wakes this helper (its poll is an hour): the backlog
         // must go on the one call.
@@ -612,25 +616,9 @@ mod tests {
 
     #[test]
     fn a_lead_that_finds_a_full_batch_queued_calls_a_helper() {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        set_receive_buffer(&socket, 4 << 20).expect("buffer");
-        socket.set_read_timeout(Some(POLL)).expect("timeout");
-        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
         let datagrams = BATCH_DATAGRAMS + 10;
-        for _ in 0..datagrams {
-            sender
-                .send_to(b"x:1|c", socket.local_addr().expect("addr"))
-                .expect("send");
-        }
-        let limits = crate::aggregate::AggregateLimits {
-            max_keys: 100,
-            max_set_members: 100,
-            max_depth: u64::MAX,
-            max_memory: u64::MAX,
-            timestamp_window: Duration::from_secs(3600),
-            interval: Duration::from_secs(1),
-        };
-        let a = Arc::new(Aggregator::new(limits, Default::default(), Duration::ZERO));
+        let (socket, _sender) = queued(datagrams, b"x:1|c");
+        let a = Arc::new(aggregator());
         let telemetry = Arc::new(Telemetry::default());
         // This test's own wait gives up after 30 s.
         let crew = Arc::new(Crew::new(Duration::from_secs(30)));
