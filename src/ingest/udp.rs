@@ -115,7 +115,7 @@ pub fn receive_buffer(sockets: &[UdpSocket], wanted: usize) -> Option<usize> {
 /// uncalled). Below the rate one worker keeps up with, one thread stays busy
 /// and takes several datagrams per wake-up, where workers sharing every
 /// datagram would each wake for one or two and pass the map's entries between
-/// their cores (measured at 10k mixed keys, 2 M lines/s: about 10 % less CPU
+/// their cores (measured at 10k mixed keys, 2 M lines/s: 7-10 % less CPU
 /// per line, see the README's Performance section).
 pub(crate) struct Crew {
     /// A call no helper has taken yet (calls made meanwhile are one).
