@@ -41,9 +41,10 @@ const BATCH_DATAGRAMS: usize = 64;
 const BATCH_BYTES: usize = 64 * 1024;
 /// How often a blocked thread looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
-/// How often a helper looks at the socket uncalled: a lead stalled (by the
-/// flush's or ClickHouse's CPU, a slow sync) leaves a backlog of at most
-/// about this long (20,000 lines at 2 M/s; the default 8 MiB receive
+/// How often the first helper looks at the socket uncalled (the others every
+/// [`POLL`], so that an idle host with many cores wakes little): a lead stalled
+/// (by the flush's or ClickHouse's CPU, a slow sync) leaves a backlog of at
+/// most about this long (20,000 lines at 2 M/s; the default 8 MiB receive
 /// buffer holds about 70 ms of it).
 const HELPER_POLL: Duration = Duration::from_millis(10);
 /// Datagrams a thread drains from its socket after stop, at most.
@@ -54,7 +55,7 @@ const DRAIN_LIMIT: usize = 1 << 16;
 /// reads the same queue: under a backlog, one heavy sender (one flow) is
 /// spread over all workers, where per-worker `SO_REUSEPORT` sockets would
 /// pin it to one. Behind a lead stalled without a call (preempted, a slow
-/// sync), helpers look every [`HELPER_POLL`]; the receive buffer holds the
+/// sync), a helper looks every [`HELPER_POLL`]; the receive buffer holds the
 /// queue meanwhile. Socket activation passes one socket the same way.
 pub fn bind(addr: SocketAddr, workers: usize, recv_buffer: usize) -> io::Result<Vec<UdpSocket>> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -111,7 +112,7 @@ pub fn receive_buffer(sockets: &[UdpSocket], wanted: usize) -> Option<usize> {
 /// Where the UDP workers after the first wait: the first (the lead) always
 /// waits on the socket; the others (helpers) wait here until the lead finds a
 /// backlog (a full batch queued), then take what the socket holds without
-/// waiting, and come back when it is empty (or look every [`HELPER_POLL`]
+/// waiting, and come back when it is empty (one looks every [`HELPER_POLL`]
 /// uncalled). Below the rate one worker keeps up with, one thread stays busy
 /// and takes several datagrams per wake-up, where workers sharing every
 /// datagram would each wake for one or two and pass the map's entries between
@@ -121,16 +122,13 @@ pub(crate) struct Crew {
     /// A call no helper has taken yet (calls made meanwhile are one).
     call: Mutex<bool>,
     called: Condvar,
-    /// How long a helper waits for a call before it looks anyway.
-    poll: Duration,
 }
 
 impl Crew {
-    fn new(poll: Duration) -> Crew {
+    fn new() -> Crew {
         Crew {
             call: Mutex::new(false),
             called: Condvar::new(),
-            poll,
         }
     }
 
@@ -140,16 +138,16 @@ impl Crew {
         self.called.notify_one();
     }
 
-    /// Waits for a call, at most its `poll`, and takes it; whether one
+    /// Waits for a call, at most `timeout`, and takes it; whether one
     /// came. A helper looks at the socket after a timeout too, so a backlog
     /// behind a lead that stalls (preempted, a slow WAL sync) waits at most
     /// that long, and a stop is seen.
-    fn wait(&self) -> bool {
+    fn wait(&self, timeout: Duration) -> bool {
         let mut call = lock(&self.call);
         if !*call {
             call = self
                 .called
-                .wait_timeout(call, self.poll)
+                .wait_timeout(call, timeout)
                 .map_or_else(|e| e.into_inner().0, |(g, _)| g);
         }
         std::mem::take(&mut *call)
@@ -166,11 +164,9 @@ pub(crate) enum Role<'a> {
     /// The only worker on its socket.
     Alone,
     /// Appends to the UDP WAL streams `0..streams` in turn.
-    Lead {
-        crew: &'a Crew,
-        streams: usize,
-    },
-    Helper(&'a Crew),
+    Lead { crew: &'a Crew, streams: usize },
+    /// Looks at the socket uncalled every so often.
+    Helper(&'a Crew, Duration),
 }
 
 /// Starts one receive thread per socket; thread `i` appends to WAL stream
@@ -183,7 +179,7 @@ pub fn spawn(
     telemetry: Arc<Telemetry>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    let crew = Arc::new(Crew::new(HELPER_POLL));
+    let crew = Arc::new(Crew::new());
     let alone = sockets.len() == 1;
     sockets
         .into_iter()
@@ -205,7 +201,10 @@ pub fn spawn(
                             crew: &crew,
                             streams: wal_streams,
                         },
-                        _ => Role::Helper(&crew),
+                        // One helper looks often uncalled; more would
+                        // only wake an idle host more.
+                        1 => Role::Helper(&crew, HELPER_POLL),
+                        _ => Role::Helper(&crew, POLL),
                     };
                     receive(
                         &socket,
@@ -257,9 +256,9 @@ pub(crate) fn receive(
         batch.clear();
     };
     let streams = match role {
-        Role::Helper(crew) => {
+        Role::Helper(crew, poll) => {
             while !stop.load(Ordering::Relaxed) {
-                crew.wait();
+                crew.wait(poll);
                 // What the socket holds, without waiting, then back to the
                 // crew; a stop ends it (the lead drains, bounded).
                 while !stop.load(Ordering::Relaxed) {
@@ -541,17 +540,18 @@ mod tests {
 
     #[test]
     fn a_call_wakes_one_helper_once_and_calls_made_meanwhile_are_one() {
-        let crew = Crew::new(Duration::from_millis(1));
-        assert!(!crew.wait(), "no call: a timeout");
+        let crew = Crew::new();
+        let (ms, hour) = (Duration::from_millis(1), Duration::from_secs(3600));
+        assert!(!crew.wait(ms), "no call: a timeout");
         crew.call();
         crew.call();
-        assert!(crew.wait(), "taken");
-        assert!(!crew.wait(), "taken once");
+        assert!(crew.wait(hour), "taken");
+        assert!(!crew.wait(ms), "taken once");
         // A helper parked in `wait` is woken by a call.
-        let crew = Arc::new(Crew::new(Duration::from_secs(3600)));
+        let crew = Arc::new(Crew::new());
         let parked = {
             let crew = Arc::clone(&crew);
-            std::thread::spawn(move || crew.wait())
+            std::thread::spawn(move || crew.wait(hour))
         };
         while !parked.is_finished() {
             crew.call();
@@ -569,7 +569,7 @@ mod tests {
         let telemetry = Arc::new(Telemetry::default());
         // Only a call wakes this helper (its poll is an hour): the backlog
         // must go on the one call.
-        let crew = Arc::new(Crew::new(Duration::from_secs(3600)));
+        let crew = Arc::new(Crew::new());
         let stop = Arc::new(AtomicBool::new(false));
         crew.call();
         let helper = {
@@ -577,7 +577,7 @@ mod tests {
                 (a.clone(), telemetry.clone(), crew.clone(), stop.clone());
             let socket = socket.try_clone().expect("clone");
             std::thread::spawn(move || {
-                let role = Role::Helper(&crew);
+                let role = Role::Helper(&crew, Duration::from_secs(3600));
                 receive(&socket, 0, &a, &telemetry, &telemetry.udp, &stop, role)
             })
         };
@@ -620,8 +620,7 @@ mod tests {
         let (socket, _sender) = queued(datagrams, b"x:1|c");
         let a = Arc::new(aggregator());
         let telemetry = Arc::new(Telemetry::default());
-        // This test's own wait gives up after 30 s.
-        let crew = Arc::new(Crew::new(Duration::from_secs(30)));
+        let crew = Arc::new(Crew::new());
         let stop = Arc::new(AtomicBool::new(false));
         let lead = {
             let (a, telemetry, crew, stop) =
@@ -634,7 +633,7 @@ mod tests {
                 receive(&socket, 0, &a, &telemetry, &telemetry.udp, &stop, role)
             })
         };
-        assert!(crew.wait(), "called");
+        assert!(crew.wait(Duration::from_secs(30)), "called");
         stop.store(true, Ordering::Relaxed);
         lead.join().expect("lead");
         assert_eq!(
