@@ -38,3 +38,9 @@ pub mod telemetry;
 #[cfg(test)]
 mod test_dir;
 pub mod wal;
+
+/// Locks `m`. A mutex poisoned by a thread that panicked is taken as it
+/// is, so that one panic does not stop every other thread that uses it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -17,6 +17,7 @@
 //! than 65,535 bytes (only a Unix socket carries one) is dropped whole and
 //! counted.
 
+use crate::lock;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
@@ -154,10 +155,6 @@ impl Crew {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// A worker's part (see [`Crew`]).
 #[derive(Clone, Copy)]
 pub(crate) enum Role<'a> {
@@ -263,7 +260,7 @@ pub(crate) fn receive(
                 // crew; a stop ends it (the lead drains, bounded).
                 while !stop.load(Ordering::Relaxed) {
                     while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
-                    if batch.datagrams.is_empty() && batch.too_large == 0 {
+                    if batch.is_empty() {
                         break;
                     }
                     ingest(&mut batch, wal_stream);
@@ -315,7 +312,7 @@ pub(crate) fn receive(
     let mut drained = 0;
     while drained < DRAIN_LIMIT {
         while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
-        if batch.datagrams.is_empty() && batch.too_large == 0 {
+        if batch.is_empty() {
             return;
         }
         drained += batch.datagrams.len() + batch.too_large as usize;
@@ -351,6 +348,11 @@ impl Batch {
 
     fn is_full(&self) -> bool {
         self.datagrams.len() + self.too_large as usize >= BATCH_DATAGRAMS || self.len >= BATCH_BYTES
+    }
+
+    /// Whether it holds nothing, not even an oversized datagram to count.
+    fn is_empty(&self) -> bool {
+        self.datagrams.is_empty() && self.too_large == 0
     }
 
     fn joined(&self) -> &[u8] {

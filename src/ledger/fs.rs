@@ -7,6 +7,7 @@
 //! directory fsynced. A reader sees the old version or the new one, never a
 //! mix; a crash can leave a stray `*.tmp`, which readers ignore.
 
+use crate::lock;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
@@ -120,10 +121,6 @@ impl Fs for FaultyFs {
             _ => file.sync_data(),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads a state file; `None` if it does not exist.

@@ -77,6 +77,7 @@ pub mod fs;
 pub mod identity;
 pub mod spool;
 
+use crate::lock;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -567,10 +568,6 @@ pub fn publish_backlog(ledger: &Ledger, t: &crate::telemetry::Telemetry) {
 
 #[cfg(test)]
 pub(crate) use crate::test_dir::test_dir;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 // The `gauges` file, version 1:
 //

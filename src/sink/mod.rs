@@ -32,6 +32,7 @@ pub mod rows;
 pub mod schema;
 pub mod tls;
 
+use crate::lock;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
@@ -831,8 +832,4 @@ impl Current {
     fn at(&self, active: usize) -> &Endpoint {
         &self.endpoints[active % self.endpoints.len()]
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

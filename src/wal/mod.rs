@@ -88,11 +88,12 @@ pub mod inspect;
 mod recovery;
 mod segment;
 
+use crate::lock;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::ledger::fs::{Fs, RealFs};
@@ -689,10 +690,6 @@ impl Wal {
         }
         (used, total - used)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Stream {
