@@ -87,11 +87,7 @@ impl SystemRoots {
         SystemRoots(rustls_native_certs::load_native_certs().certs.into())
     }
 
-    /// How many certificates were found.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
+    /// Whether none were found.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
