@@ -16,7 +16,7 @@
 //! as for metrics; a repeated known field, a length that does not match, a
 //! bad priority, alert type, status or timestamp rejects the line.
 
-use super::statsd::{Limits, ParseError, check_tags, check_text, for_each_tag};
+use super::statsd::{Limits, ParseError, check_tags, check_text, for_each_tag, parse_u64};
 
 /// A parsed event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,21 +178,16 @@ pub fn parse_service_check(line: &[u8], limits: &Limits) -> Result<ServiceCheck,
     Ok(check)
 }
 
+/// A length: 1 to 9 ASCII digits, so that it fits any `usize`.
 fn number(b: &[u8]) -> Option<usize> {
-    if b.is_empty() || b.len() > 9 || !b.iter().all(u8::is_ascii_digit) {
+    if b.len() > 9 {
         return None;
     }
-    std::str::from_utf8(b).ok()?.parse().ok()
+    usize::try_from(parse_u64(b)?).ok()
 }
 
 fn timestamp(b: &[u8]) -> Result<u64, ParseError> {
-    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
-        return Err(ParseError::InvalidTimestamp);
-    }
-    std::str::from_utf8(b)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or(ParseError::InvalidTimestamp)
+    parse_u64(b).ok_or(ParseError::InvalidTimestamp)
 }
 
 /// UTF-8 text with `\n` turned into newlines; control bytes refused.
@@ -261,14 +256,18 @@ mod tests {
             "_e{5,4}:title|text|p:urgent",
             "_e{5,4}:title|text|t:fatal",
             "_e{99999999999,4}:title|text",
+            "_e{+5,4}:title|text",
             "_e{5,4}:title|te\u{1}t",
         ] {
             assert_eq!(event(line), Err(ParseError::InvalidEvent), "{line}");
         }
-        assert_eq!(
-            event("_e{5,4}:title|text|d:x"),
-            Err(ParseError::InvalidTimestamp)
-        );
+        // Past a u64: refused, not wrapped.
+        for stamp in ["x", "+1", "18446744073709551616"] {
+            assert_eq!(
+                event(&format!("_e{{5,4}}:title|text|d:{stamp}")),
+                Err(ParseError::InvalidTimestamp)
+            );
+        }
         assert_eq!(
             event("_e{5,4}:title|text|h:a|h:b"),
             Err(ParseError::DuplicateField)

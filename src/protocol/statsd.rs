@@ -514,7 +514,9 @@ const POW10: [f64; 16] = [
     1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
 ];
 
-fn parse_u64(s: &[u8]) -> Option<u64> {
+/// 1 to 19 ASCII digits (no sign, no spaces), so the value fits a `u64`;
+/// `None` otherwise.
+pub(crate) fn parse_u64(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
