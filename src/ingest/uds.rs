@@ -32,6 +32,7 @@
 //! removed when tallyd stops.
 
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -216,13 +217,17 @@ impl StreamIngest {
     ) -> bool {
         loop {
             match frames.next() {
-                Frame::Whole(payload) => {
+                Frame::Whole(frame) => {
                     let mut stats = BlockStats::default();
-                    match self.aggregator.ingest_block(&payload, scratch, &mut stats) {
-                        Ok(()) => self.telemetry.record_block(&self.telemetry.uds, &stats),
+                    let payload = &frames.buf[frame.clone()];
+                    match self.aggregator.ingest_block(payload, scratch, &mut stats) {
+                        Ok(()) => {
+                            frames.take(frame);
+                            self.telemetry.record_block(&self.telemetry.uds, &stats);
+                        }
                         Err(e) => {
+                            // The same frame comes next.
                             self.telemetry.wal_refused(e);
-                            frames.unread(payload);
                             if *stop.borrow() {
                                 return false;
                             }
@@ -245,23 +250,22 @@ impl StreamIngest {
 /// What [`Frames::next`] found.
 #[derive(Debug, PartialEq, Eq)]
 enum Frame {
-    Whole(Vec<u8>),
+    /// A whole frame's payload: its bytes in [`Frames::buf`].
+    Whole(Range<usize>),
     /// More bytes are needed.
     Partial,
     /// A length over the limit: the stream cannot be followed further.
     TooLarge,
 }
 
-/// Cuts a byte stream into length-prefixed frames (pure; no I/O). Empty
-/// frames are skipped.
+/// Cuts a byte stream into length-prefixed frames (pure; no I/O), read in
+/// place. Empty frames are skipped.
 struct Frames {
     buf: Vec<u8>,
-    /// Bytes of `buf` already cut (compacted once per push, so that many
+    /// Bytes of `buf` already taken (compacted once per push, so that many
     /// small frames cost no more than their bytes).
     at: usize,
     max: usize,
-    /// A frame the WAL refused, to be offered first.
-    refused: Option<Vec<u8>>,
 }
 
 impl Frames {
@@ -270,7 +274,6 @@ impl Frames {
             buf: Vec::new(),
             at: 0,
             max,
-            refused: None,
         }
     }
 
@@ -280,14 +283,9 @@ impl Frames {
         self.buf.extend_from_slice(data);
     }
 
-    fn unread(&mut self, frame: Vec<u8>) {
-        self.refused = Some(frame);
-    }
-
+    /// The next whole frame, left in `buf` until [`Frames::take`]: a frame
+    /// the WAL refused comes again.
     fn next(&mut self) -> Frame {
-        if let Some(frame) = self.refused.take() {
-            return Frame::Whole(frame);
-        }
         loop {
             let rest = &self.buf[self.at..];
             let Some(head) = rest.first_chunk::<4>() else {
@@ -300,12 +298,18 @@ impl Frames {
             if rest.len() - 4 < len {
                 return Frame::Partial;
             }
-            let frame = rest[4..4 + len].to_vec();
-            self.at += 4 + len;
-            if !frame.is_empty() {
-                return Frame::Whole(frame);
+            let start = self.at + 4;
+            if len == 0 {
+                self.at = start;
+                continue;
             }
+            return Frame::Whole(start..start + len);
         }
+    }
+
+    /// Moves past `frame`, the last [`Frames::next`] gave (applied).
+    fn take(&mut self, frame: Range<usize>) {
+        self.at = frame.end;
     }
 }
 
@@ -346,18 +350,21 @@ mod tests {
         f.push(one);
         assert_eq!(f.next(), Frame::Partial);
         f.push(two);
-        assert_eq!(f.next(), Frame::Whole(b"a:1|c".to_vec()));
-        let third = match f.next() {
-            Frame::Whole(b) => b,
+        let whole = |f: &mut Frames| match f.next() {
+            Frame::Whole(r) => (f.buf[r.clone()].to_vec(), r),
             other => panic!("{other:?}"),
         };
-        assert_eq!(third, b"b:2|c\nc:3|c");
-        f.unread(third.clone());
+        let (first, r) = whole(&mut f);
+        assert_eq!(first, b"a:1|c");
         assert_eq!(
-            f.next(),
-            Frame::Whole(third),
-            "a refused frame comes back first"
+            whole(&mut f).0,
+            first,
+            "not taken: a refused frame comes again"
         );
+        f.take(r);
+        let (third, r) = whole(&mut f);
+        assert_eq!(third, b"b:2|c\nc:3|c");
+        f.take(r);
         assert_eq!(f.next(), Frame::Partial);
         f.push(&17u32.to_le_bytes());
         assert_eq!(f.next(), Frame::TooLarge);
