@@ -3,7 +3,8 @@
 //! temp dir) and two 18.16 servers as two replicas of one shard. tallyd
 //! makes the schema ON CLUSTER (replicated tables, Distributed `*_all`),
 //! writes to the first replica, and fails over to the second when the first
-//! is killed. Totals must be exact on both replicas, with and without
+//! is killed (the second gets lines sent meanwhile while the first is still
+//! down). Totals must be exact on both replicas, with and without
 //! `FINAL`. Skipped, loudly, when Java or ZooKeeper is missing
 //! (`scripts/test.sh` installs both).
 
@@ -106,8 +107,13 @@ fn replica(n: usize, zk: u16, tcp: [u16; 2]) -> ClickHouse {
 
 /// Sends `rounds` datagrams of 20 `cluster.c:1|c` lines, 20 ms apart.
 async fn send_rounds(udp: std::net::SocketAddr, rounds: usize) {
+    send_lines(udp, rounds, "cluster.c:1|c").await;
+}
+
+/// Sends `rounds` datagrams of 20 copies of `line`, 20 ms apart.
+async fn send_lines(udp: std::net::SocketAddr, rounds: usize, line: &str) {
     for _ in 0..rounds {
-        send_udp(udp, &[vec!["cluster.c:1|c"; 20].join("\n")]);
+        send_udp(udp, &[vec![line; 20].join("\n")]);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -138,17 +144,26 @@ async fn a_killed_replica_fails_over_and_both_replicas_hold_exact_totals() {
     // other. Then it comes back and catches up from its peer.
     tokio::task::block_in_place(|| r1.stop());
     send_rounds(udp, 50).await;
+    // Only an insert into the second replica itself can bring it these
+    // while the first is down: that is the failover.
+    send_lines(udp, 10, "cluster.down:1|c").await;
+    let down = || r2.query("SELECT sum(value) FROM clustered.counters WHERE name = 'cluster.down'");
+    assert!(
+        tokio::task::block_in_place(|| wait_for(60, || down() == "200\n")),
+        "the second replica got {:?} of 200 while the first was down",
+        down()
+    );
     assert!(
         tokio::task::block_in_place(|| r1.start()),
         "the replica restarts on its ports"
     );
     send_rounds(udp, 50).await;
-    wait_for_lines(&running.telemetry, 150 * 20);
+    wait_for_lines(&running.telemetry, 160 * 20);
     let t = std::sync::Arc::clone(&running.telemetry);
     assert_eq!(running.shutdown().await, 0);
     assert!(
         t.clickhouse_retries.load(Relaxed) > 0,
-        "no failover happened"
+        "no insert was retried"
     );
     let total = format!("{}\n", 150 * 20);
     for r in [&r1, &r2] {
@@ -164,6 +179,10 @@ async fn a_killed_replica_fails_over_and_both_replicas_hold_exact_totals() {
         assert_eq!(
             r.query("SELECT sum(value) FROM clustered.counters FINAL WHERE name = 'cluster.c'"),
             total
+        );
+        assert_eq!(
+            r.query("SELECT sum(value) FROM clustered.counters FINAL WHERE name = 'cluster.down'"),
+            "200\n"
         );
     }
     assert_eq!(
