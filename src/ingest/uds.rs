@@ -262,8 +262,8 @@ enum Frame {
 /// place. Empty frames are skipped.
 struct Frames {
     buf: Vec<u8>,
-    /// Bytes of `buf` already taken (compacted once per push, so that many
-    /// small frames cost no more than their bytes).
+    /// Bytes of `buf` already taken or skipped (compacted once per push, so
+    /// that many small frames cost no more than their bytes).
     at: usize,
     max: usize,
 }
@@ -309,6 +309,7 @@ impl Frames {
 
     /// Moves past `frame`, the last [`Frames::next`] gave (applied).
     fn take(&mut self, frame: Range<usize>) {
+        debug_assert!(frame.start >= self.at + 4 && frame.end <= self.buf.len());
         self.at = frame.end;
     }
 }

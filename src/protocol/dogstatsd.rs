@@ -178,7 +178,7 @@ pub fn parse_service_check(line: &[u8], limits: &Limits) -> Result<ServiceCheck,
     Ok(check)
 }
 
-/// A length: 1 to 9 ASCII digits, so that it fits any `usize`.
+/// A length: 1 to 9 ASCII digits (it fits a 32-bit `usize`).
 fn number(b: &[u8]) -> Option<usize> {
     if b.len() > 9 {
         return None;
@@ -261,7 +261,7 @@ mod tests {
         ] {
             assert_eq!(event(line), Err(ParseError::InvalidEvent), "{line}");
         }
-        // Past a u64: refused, not wrapped.
+        // Not digits, or over 19 of them (past a u64): refused, not wrapped.
         for stamp in ["x", "+1", "18446744073709551616"] {
             assert_eq!(
                 event(&format!("_e{{5,4}}:title|text|d:{stamp}")),
