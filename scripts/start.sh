@@ -6,7 +6,8 @@
 # and starts a private server with its data under ./.tallyd/clickhouse. Then
 # it builds tallyd (release) and runs it in the foreground with its state
 # under ./.tallyd/data. Extra arguments go to `tallyd run`. Ctrl-C stops
-# tallyd (after a final flush); the private ClickHouse keeps running.
+# tallyd (after a final flush); the private ClickHouse keeps running (its
+# PID is in ./.tallyd/clickhouse/clickhouse.pid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 url=${TALLYD_CLICKHOUSE_URL:-http://127.0.0.1:8123}
@@ -52,7 +53,7 @@ XML
 </yandex>
 XML
     echo "start.sh: starting a private ClickHouse on 127.0.0.1:$port (data in $state/clickhouse)"
-    (cd "$state/clickhouse" && nohup /usr/sbin/clickhouse-server --config-file=config.xml >server.out 2>&1 &)
+    (cd "$state/clickhouse" && { nohup /usr/sbin/clickhouse-server --config-file=config.xml >server.out 2>&1 & echo $! >clickhouse.pid; })
     for _ in $(seq 100); do ping_clickhouse && break; sleep 0.1; done
     ping_clickhouse || { echo "start.sh: ClickHouse did not start; see $state/clickhouse/server.out" >&2; exit 1; }
 fi
