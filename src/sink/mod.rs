@@ -222,6 +222,14 @@ struct ColumnRow {
     r#type: String,
 }
 
+/// Table `table`'s (name, type) pairs among `rows`.
+fn columns_of(rows: &[ColumnRow], table: &str) -> Vec<(String, String)> {
+    rows.iter()
+        .filter(|c| c.table == table)
+        .map(|c| (c.name.clone(), c.r#type.clone()))
+        .collect()
+}
+
 impl Sink {
     pub fn new(config: SinkConfig, telemetry: Arc<Telemetry>) -> Sink {
         Sink {
@@ -303,7 +311,8 @@ impl Sink {
     }
 
     /// What tallyd would change in the existing tables before writing to
-    /// them ([`schema::plan`], and the deduplication window on 22.2+),
+    /// them ([`schema::plan`]; with a cluster, [`schema::plan_distributed`]
+    /// for the `Distributed` copies; the deduplication window on 22.2+),
     /// without changing anything: the statements, and a comment for a
     /// column it would refuse.
     pub async fn migration_plan(&self) -> Result<Vec<String>, clickhouse::error::Error> {
@@ -318,15 +327,17 @@ impl Sink {
             .await?;
         let mut out = Vec::new();
         for (i, table) in TABLES.iter().enumerate() {
-            let columns: Vec<(String, String)> = rows
-                .iter()
-                .filter(|c| c.table == *table)
-                .map(|c| (c.name.clone(), c.r#type.clone()))
-                .collect();
-            match schema::plan(database, i, &columns) {
-                schema::Plan::Ready => {}
-                schema::Plan::Migrate(alters) => out.extend(alters),
-                schema::Plan::Refuse(why) => out.push(format!("-- refused: {why}")),
+            let columns = columns_of(&rows, table);
+            // This server's copy; each server's needs its own ALTERs.
+            let distributed = current.config.cluster.as_ref().map(|_| {
+                schema::plan_distributed(database, i, &columns_of(&rows, &format!("{table}_all")))
+            });
+            for plan in std::iter::once(schema::plan(database, i, &columns)).chain(distributed) {
+                match plan {
+                    schema::Plan::Ready => {}
+                    schema::Plan::Migrate(alters) => out.extend(alters),
+                    schema::Plan::Refuse(why) => out.push(format!("-- refused: {why}")),
+                }
             }
             if schema::has_dedup_token(&version)
                 && current.config.cluster.is_none()
@@ -613,14 +624,14 @@ impl Sink {
             .fetch_all::<ColumnRow>()
             .await
             .map_err(Failed::Insert)?;
-        let columns = |t: &str| -> Vec<(String, String)> {
-            rows.iter()
-                .filter(|c| c.table == t)
-                .map(|c| (c.name.clone(), c.r#type.clone()))
-                .collect()
-        };
+        let columns = |t: &str| columns_of(&rows, t);
+        let cluster = current.config.cluster.as_deref();
+        // With a cluster, each table comes here once, to check every
+        // server's `Distributed` copy too.
         for (other, other_name) in TABLES.iter().enumerate() {
-            if schema::plan(database, other, &columns(other_name)) == schema::Plan::Ready {
+            if cluster.is_none()
+                && schema::plan(database, other, &columns(other_name)) == schema::Plan::Ready
+            {
                 self.checked[other].store(true, Relaxed);
             }
         }
@@ -638,7 +649,6 @@ impl Sink {
                         .map_err(Failed::Insert)?;
                     tracing::info!(table = name, statement = %alter, "migrated the table to tallyd's columns");
                 }
-                let cluster = current.config.cluster.as_deref();
                 for statement in schema::version_table_ddl(database, cluster) {
                     current
                         .at(self.active())
@@ -656,6 +666,11 @@ impl Sink {
                 )));
             }
             schema::Plan::Refuse(why) => return Err(Failed::Refused(why)),
+        }
+        if cluster.is_some() {
+            // Off the flush's path: a replica that is down costs its
+            // timeout there, and the copies serve reads only.
+            tokio::spawn(migrate_distributed(current, table));
         }
         self.checked[table].store(true, Relaxed);
         Ok(())
@@ -790,6 +805,53 @@ struct Endpoint {
     url: String,
     client: Client,
     admin: Client,
+}
+
+/// Brings table `table`'s `Distributed` copy (`<table>_all`) to
+/// tallyd's columns on every server tallyd knows (its URL and
+/// replicas), when `create_schema` allows ([`schema::plan_distributed`]).
+/// The copies serve reads only, so a server that fails is logged, not a
+/// reason to hold the rows.
+async fn migrate_distributed(current: Current, table: usize) {
+    let database = &current.config.database;
+    let name = format!("{}_all", TABLES[table]);
+    for endpoint in &current.endpoints {
+        let rows = endpoint
+            .admin
+            .query("SELECT table, name, type FROM system.columns WHERE database = ? AND table = ?")
+            .bind(database.as_str())
+            .bind(name.as_str())
+            .fetch_all::<ColumnRow>()
+            .await;
+        let plan = rows.map(|r| schema::plan_distributed(database, table, &columns_of(&r, &name)));
+        let alters = match plan {
+            Ok(schema::Plan::Ready) => continue,
+            Ok(schema::Plan::Migrate(alters)) if current.config.create_schema => alters,
+            Ok(schema::Plan::Migrate(alters)) => {
+                tracing::warn!(table = %name, url = %endpoint.url, statements = %alters.join("; "), "the Distributed table lacks tallyd's columns and clickhouse.create_schema is off; reads through it miss them until these run");
+                continue;
+            }
+            Ok(schema::Plan::Refuse(why)) => {
+                tracing::warn!(table = %name, url = %endpoint.url, "{why}");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(table = %name, url = %endpoint.url, error = %e, "could not check the Distributed table's columns");
+                continue;
+            }
+        };
+        for alter in &alters {
+            match endpoint.admin.query(alter).execute().await {
+                Ok(()) => {
+                    tracing::info!(url = %endpoint.url, statement = %alter, "migrated the Distributed table")
+                }
+                Err(e) => {
+                    tracing::warn!(url = %endpoint.url, statement = %alter, error = %e, "could not migrate the Distributed table");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Clients built from one set of settings: `url`, then each of `replicas`.

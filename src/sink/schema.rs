@@ -235,14 +235,32 @@ pub enum Plan {
 /// taken as `T` (RowBinary encodes both alike). A table without columns is
 /// missing: [`Plan::Ready`] (it is created, or the insert fails as missing).
 pub fn plan(database: &str, table: usize, existing: &[(String, String)]) -> Plan {
-    if existing.is_empty() {
-        return Plan::Ready;
-    }
     let target = format!(
         "{}.{}",
         quote_ident(database),
         crate::telemetry::TABLES[table]
     );
+    plan_for(target, table, existing)
+}
+
+/// [`plan`] for table `table`'s `Distributed` table `<table>_all` over the
+/// cluster ([`ddl`]), from its columns on one server, to run on that
+/// server: ClickHouse does not replicate a `Distributed` table's columns,
+/// and 18.16 refuses an `ON CLUSTER` ALTER of one on a cluster whose shards
+/// replicate internally (`Code: 371`).
+pub fn plan_distributed(database: &str, table: usize, existing: &[(String, String)]) -> Plan {
+    let target = format!(
+        "{}.{}_all",
+        quote_ident(database),
+        crate::telemetry::TABLES[table]
+    );
+    plan_for(target, table, existing)
+}
+
+fn plan_for(target: String, table: usize, existing: &[(String, String)]) -> Plan {
+    if existing.is_empty() {
+        return Plan::Ready;
+    }
     let mut alters = Vec::new();
     for (name, ty) in COLUMNS[table] {
         let found = existing
