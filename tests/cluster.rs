@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
+use tallyd::config::Settings;
 use tallyd::server;
 
 /// The tests take turns: with two clusters at once (two ZooKeepers, four
@@ -110,6 +111,33 @@ fn replica(n: usize, zk: u16, tcp: [u16; 2]) -> ClickHouse {
     )
 }
 
+/// ZooKeeper and the shard's two replicas, or `None` (said loudly, as a
+/// skip of `test`) when Java or ZooKeeper is missing.
+fn cluster(test: &str) -> Option<(ZooKeeper, ClickHouse, ClickHouse)> {
+    let zk = match zookeeper() {
+        Ok(zk) => zk,
+        Err(why) => {
+            eprintln!(
+                "\n\n*** SKIPPED {test}: {why} (scripts/test.sh installs default-jre-headless and zookeeper) ***\n\n"
+            );
+            return None;
+        }
+    };
+    let tcp = [free_port(), free_port()];
+    let (r1, r2) = (replica(1, zk.port, tcp), replica(2, zk.port, tcp));
+    Some((zk, r1, r2))
+}
+
+/// Settings for a tallyd that writes `database` to `first`, then `second`,
+/// on the cluster, flushing every 100 ms.
+fn writing_to(first: &ClickHouse, second: &ClickHouse, database: &str) -> Settings {
+    let mut s = settings(first, database);
+    s.clickhouse.replicas = vec![second.url()];
+    s.clickhouse.cluster = "tallyd_cluster".into();
+    s.aggregate.flush_interval = "100ms".into();
+    s
+}
+
 /// Sends `rounds` datagrams of 20 `cluster.c:1|c` lines, 20 ms apart.
 async fn send_rounds(udp: std::net::SocketAddr, rounds: usize) {
     send_lines(udp, rounds, "cluster.c:1|c").await;
@@ -126,23 +154,14 @@ async fn send_lines(udp: std::net::SocketAddr, rounds: usize, line: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_fails_over_and_both_replicas_hold_exact_totals() {
     let _one = ONE_CLUSTER.lock().await;
-    let zk = match zookeeper() {
-        Ok(zk) => zk,
-        Err(why) => {
-            eprintln!(
-                "\n\n*** SKIPPED a_killed_replica_fails_over_and_both_replicas_hold_exact_totals: {why} (scripts/test.sh installs default-jre-headless and zookeeper) ***\n\n"
-            );
-            return;
-        }
+    let Some((zk, r1, r2)) =
+        cluster("a_killed_replica_fails_over_and_both_replicas_hold_exact_totals")
+    else {
+        return;
     };
-    let tcp = [free_port(), free_port()];
-    let (r1, r2) = (replica(1, zk.port, tcp), replica(2, zk.port, tcp));
-    let mut s = settings(&r1, "clustered");
-    s.clickhouse.replicas = vec![r2.url()];
-    s.clickhouse.cluster = "tallyd_cluster".into();
+    let mut s = writing_to(&r1, &r2, "clustered");
     s.clickhouse.timeout = "2s".into();
     s.clickhouse.retry_max = "300ms".into();
-    s.aggregate.flush_interval = "100ms".into();
     let running = server::start(config(&s)).await.expect("start");
     let udp = running.udp_addr.expect("udp");
     send_rounds(udp, 50).await;
@@ -206,21 +225,12 @@ async fn a_killed_replica_fails_over_and_both_replicas_hold_exact_totals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_on_a_cluster_reaches_every_servers_distributed_table() {
     let _one = ONE_CLUSTER.lock().await;
-    let zk = match zookeeper() {
-        Ok(zk) => zk,
-        Err(why) => {
-            eprintln!(
-                "\n\n*** SKIPPED a_migration_on_a_cluster_reaches_every_servers_distributed_table: {why} (scripts/test.sh installs default-jre-headless and zookeeper) ***\n\n"
-            );
-            return;
-        }
+    let Some((zk, r1, r2)) =
+        cluster("a_migration_on_a_cluster_reaches_every_servers_distributed_table")
+    else {
+        return;
     };
-    let tcp = [free_port(), free_port()];
-    let (r1, r2) = (replica(1, zk.port, tcp), replica(2, zk.port, tcp));
-    let mut s = settings(&r1, "migrated");
-    s.clickhouse.replicas = vec![r2.url()];
-    s.clickhouse.cluster = "tallyd_cluster".into();
-    s.aggregate.flush_interval = "100ms".into();
+    let s = writing_to(&r1, &r2, "migrated");
     // tallyd makes the tables on the cluster; then they lose `samples`, as
     // tables of a release without it: the replicated table (both replicas)
     // and each server's Distributed copy.

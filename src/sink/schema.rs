@@ -235,12 +235,7 @@ pub enum Plan {
 /// taken as `T` (RowBinary encodes both alike). A table without columns is
 /// missing: [`Plan::Ready`] (it is created, or the insert fails as missing).
 pub fn plan(database: &str, table: usize, existing: &[(String, String)]) -> Plan {
-    let target = format!(
-        "{}.{}",
-        quote_ident(database),
-        crate::telemetry::TABLES[table]
-    );
-    plan_for(target, table, existing)
+    plan_for(database, table, "", existing)
 }
 
 /// [`plan`] for table `table`'s `Distributed` table `<table>_all` over the
@@ -249,18 +244,19 @@ pub fn plan(database: &str, table: usize, existing: &[(String, String)]) -> Plan
 /// and 18.16 refuses an `ON CLUSTER` ALTER of one on a cluster whose shards
 /// replicate internally (`Code: 371`).
 pub fn plan_distributed(database: &str, table: usize, existing: &[(String, String)]) -> Plan {
-    let target = format!(
-        "{}.{}_all",
-        quote_ident(database),
-        crate::telemetry::TABLES[table]
-    );
-    plan_for(target, table, existing)
+    plan_for(database, table, "_all", existing)
 }
 
-fn plan_for(target: String, table: usize, existing: &[(String, String)]) -> Plan {
+/// [`plan`] for table `<table><suffix>`.
+fn plan_for(database: &str, table: usize, suffix: &str, existing: &[(String, String)]) -> Plan {
     if existing.is_empty() {
         return Plan::Ready;
     }
+    let target = format!(
+        "{}.{}{suffix}",
+        quote_ident(database),
+        crate::telemetry::TABLES[table]
+    );
     let mut alters = Vec::new();
     for (name, ty) in COLUMNS[table] {
         let found = existing
