@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group};
 use tallyd::aggregate::{AggregateLimits, Aggregator, Generation, Scratch};
+use tallyd::outbox::rows;
 use tallyd::protocol::statsd::Limits;
-use tallyd::sink::rows;
 use tallyd::telemetry::BlockStats;
 
 const LINES_PER_BLOCK: usize = 40;
@@ -288,7 +288,7 @@ fn flush(c: &mut Criterion) {
             b.iter_batched(
                 || closed_interval(keys, &data),
                 |generation| {
-                    let mut gauges = rows::GaugeMemory::new(keys);
+                    let mut gauges = tallyd::outbox::gauges::GaugeMemory::new(keys);
                     black_box(rows::build(
                         generation,
                         1,

@@ -77,6 +77,9 @@ if [ "${free_mib:-0}" -lt 4096 ]; then
 fi
 
 cargo fmt --all -- --check
+# Lower layers never import higher ones: no import cycle between src/'s
+# top-level modules.
+python3 scripts/cycles.py src
 cargo clippy --locked --all-targets -- -D warnings
 # --all-targets also runs each criterion bench once, as a smoke test.
 cargo test --locked --all-targets

@@ -53,7 +53,7 @@ impl AdminState {
             let oldest = self.ledger.oldest_pending_ts().map_or(started, |ts| {
                 Duration::from_secs(u64::from(ts)).min(started)
             });
-            let age = crate::aggregate::wall_clock().saturating_sub(oldest);
+            let age = crate::clock::wall_clock().saturating_sub(oldest);
             wal_metrics(&mut text, wal, age);
         }
         text

@@ -266,13 +266,13 @@ fn send(args: &SendArgs) -> ExitCode {
     };
     let sequence = args
         .sequence
-        .unwrap_or_else(|| crate::aggregate::wall_clock().as_micros() as u64);
+        .unwrap_or_else(|| crate::clock::wall_clock().as_micros() as u64);
     // Unique per run: two runs must never share a dedup window by accident.
     let client_id = args.client_id.clone().unwrap_or_else(|| {
         format!(
             "tallyd-send-{}-{}",
             std::process::id(),
-            crate::aggregate::wall_clock().as_nanos()
+            crate::clock::wall_clock().as_nanos()
         )
     });
     match client::send(target, &lines, &client_id, sequence, args.batch_size) {

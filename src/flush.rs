@@ -25,9 +25,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::aggregate::{Aggregator, Generation};
 use crate::ledger::Ledger;
-use crate::ledger::spool::Flush;
+use crate::outbox::flush::Flush;
+use crate::outbox::gauges::GaugeMemory;
+use crate::outbox::rows;
 use crate::sink::Queued;
-use crate::sink::rows::{self, GaugeMemory};
 use crate::telemetry::Telemetry;
 use crate::wal::Intent;
 
@@ -313,7 +314,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::aggregate::{AggregateLimits, Scratch};
-    use crate::ledger::fs::RealFs;
+    use crate::fs::RealFs;
     use crate::protocol::statsd::Limits;
     use crate::telemetry::BlockStats;
 

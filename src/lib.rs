@@ -13,11 +13,20 @@
 //! - [`ledger`]: exactly-once: instance identity, flush ids, the spool of
 //!   recorded flushes, protobuf dedup, and the durable order (its module doc).
 //! - [`aggregate`]: per-key accumulators in generation-swapped striped maps.
+//! - [`outbox`]: a closed interval as a flush: rows, their RowBinary
+//!   bodies, merge and concatenation, gauge memory; pure, no I/O.
 //! - [`flush`]: when an interval closes (1 s boundary or `max_depth`), and flush ids.
-//! - [`sink`]: rows, the ClickHouse schema, inserts with retry classification.
+//! - [`sink`]: the ClickHouse schema, inserts with retry classification.
 //! - [`admin`]: `/health` and `/metrics`; [`telemetry`]: every self-metric.
 //! - [`config`], [`cli`]: settings and the command line; [`server`]: wiring and shutdown.
 //! - [`notify`], [`activation`]: systemd readiness, watchdog and socket activation.
+//! - Under every stage: [`fs`], the filesystem seam every durable write
+//!   goes through, and [`clock`], the wall clock.
+//!
+//! Lower layers never import higher ones (`scripts/cycles.py` checks it):
+//! `protocol`, `fs` and `clock` at the bottom, then `wal`, `telemetry`,
+//! `aggregate`, `outbox`, `ledger` (persists the outbox's flushes), `sink`
+//! (transports them), and `flush` and `server` on top.
 //! - [`client`]: `tallyd send`; [`failpoint`]: named crash points for tests.
 
 pub mod activation;
@@ -25,12 +34,15 @@ pub mod admin;
 pub mod aggregate;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod failpoint;
 pub mod flush;
+pub mod fs;
 pub mod ingest;
 pub mod ledger;
 pub mod notify;
+pub mod outbox;
 pub mod protocol;
 pub mod server;
 pub mod sink;

@@ -13,7 +13,8 @@ use sd_notify::NotifyState;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::aggregate::{Aggregator, wall_clock};
+use crate::aggregate::Aggregator;
+use crate::clock::wall_clock;
 use crate::telemetry::Telemetry;
 
 /// How often `STATUS=` is refreshed.

@@ -33,11 +33,11 @@ use crate::admin::{self, AdminState};
 use crate::aggregate::{Aggregator, Generation, Scratch};
 use crate::config::Config;
 use crate::flush::{self, Clock, Flusher};
+use crate::fs::{Fs, RealFs};
 use crate::ingest::{proto::ProtoIngest, tcp::TcpIngest, udp};
-use crate::ledger::fs::{Fs, RealFs};
 use crate::ledger::{Ledger, Recovered};
+use crate::outbox::gauges::GaugeMemory;
 use crate::protocol::batch::BatchView;
-use crate::sink::rows::GaugeMemory;
 use crate::sink::{self, Queued, Sink};
 use crate::telemetry::{BlockStats, Telemetry};
 use crate::wal::format::Kind;
@@ -339,7 +339,7 @@ async fn serve(
     } = opened;
     let dedup = Arc::clone(&ledger.dedup);
     let telemetry = Arc::new(Telemetry::default());
-    let clock: Clock = Arc::new(crate::aggregate::wall_clock);
+    let clock: Clock = Arc::new(crate::clock::wall_clock);
     let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
     let aggregator = Arc::new(Aggregator::with_wal(
         config.aggregate,

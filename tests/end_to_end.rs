@@ -577,17 +577,17 @@ async fn admin_endpoint_serves_health_and_metrics() {
 }
 
 /// A batch as the sink gets it from the flush stage.
-fn queued(batch: &tallyd::sink::rows::Batch) -> tallyd::sink::Queued {
+fn queued(batch: &tallyd::outbox::rows::Batch) -> tallyd::sink::Queued {
     tallyd::sink::Queued {
-        flush: std::sync::Arc::new(tallyd::ledger::spool::Flush::seal(batch.clone(), 1)),
+        flush: std::sync::Arc::new(tallyd::outbox::flush::Flush::seal(batch.clone(), 1)),
         resent: false,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_sent_twice_is_counted_once() {
+    use tallyd::outbox::rows::{Batch, CounterRow};
     use tallyd::sink::Sink;
-    use tallyd::sink::rows::{Batch, CounterRow};
     let ch = clickhouse();
     let s = settings(ch, "resend");
     let c = config(&s);
@@ -631,8 +631,8 @@ async fn a_flush_sent_twice_is_counted_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_gauge_landing_late_does_not_win() {
+    use tallyd::outbox::rows::{Batch, GaugeRow};
     use tallyd::sink::Sink;
-    use tallyd::sink::rows::{Batch, GaugeRow};
     let ch = clickhouse();
     let c = config(&settings(ch, "late_gauge"));
     let sink = Sink::new(c.sink.clone(), Default::default());

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{clickhouse, config, http, proto_batch, send_tcp, settings, wait_for, wait_for_lines};
 use prost::Message;
 use tallyd::client::read_ack;
-use tallyd::ledger::fs::{Fault, FaultyFs};
+use tallyd::fs::{Fault, FaultyFs};
 use tallyd::protocol::proto::pb::ack::Status;
 use tallyd::protocol::proto::{Batch, encode_frame};
 use tallyd::server;

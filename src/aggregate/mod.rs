@@ -21,7 +21,7 @@ pub mod sketch;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -77,7 +77,7 @@ pub struct Generation {
     /// Samples whose `|T` timestamp falls in another interval, keyed by
     /// that interval's start (Unix seconds, 4 bytes LE) then the key. They
     /// count in `keys` and `bytes` like the others, and are flushed as
-    /// rows of their own interval (see [`crate::sink::rows::build`]).
+    /// rows of their own interval (see [`crate::outbox::rows::build`]).
     pub late: DashMap<MapKey, Acc, KeyHasher>,
     /// Rebuilt from the WAL at start (see [`interval_of`]).
     pub replayed: bool,
@@ -830,13 +830,6 @@ fn merge(
     stats.samples += line.value_count() as u64 - overflow;
     stats.dropped_overflow += overflow;
     grew
-}
-
-/// The wall clock as a duration since the Unix epoch.
-pub fn wall_clock() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use super::fs::{Fs, read_optional};
+use crate::fs::{Fs, read_optional};
 
 /// Sequences remembered per client below the highest accepted one.
 pub const WINDOW: u64 = 1024;
@@ -144,7 +144,7 @@ pub struct Dedup {
 }
 
 fn now_secs() -> u64 {
-    crate::aggregate::wall_clock().as_secs()
+    crate::clock::wall_clock().as_secs()
 }
 
 fn bad(path: &Path, what: String) -> io::Error {
@@ -357,7 +357,7 @@ fn unhex(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::fs::RealFs;
+    use crate::fs::RealFs;
 
     fn temp_dir() -> crate::test_dir::TestDir {
         crate::ledger::test_dir("dedup")

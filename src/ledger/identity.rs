@@ -31,7 +31,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::fs::{Fs, read_optional};
+use crate::fs::{Fs, read_optional};
 
 pub const TAG_BITS: u32 = 20;
 const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
@@ -119,7 +119,7 @@ fn legacy_last(data_dir: &Path) -> u64 {
 fn random_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(crate::aggregate::wall_clock().as_nanos());
+    h.write_u128(crate::clock::wall_clock().as_nanos());
     h.write_u32(std::process::id());
     h.finish()
 }
@@ -127,7 +127,7 @@ fn random_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::fs::RealFs;
+    use crate::fs::RealFs;
 
     fn temp_dir() -> crate::test_dir::TestDir {
         crate::ledger::test_dir("identity")

@@ -2,7 +2,7 @@
 //! flush ids ([`identity`]), the protobuf deduplication state ([`dedup`]),
 //! the spool of flushes recorded but not yet in ClickHouse ([`spool`]), the
 //! last value of each gauge, and what start-up recovers. Every durable step
-//! goes through the filesystem seam ([`fs`]).
+//! goes through the filesystem seam ([`crate::fs`]).
 //!
 //! # The durable order
 //!
@@ -42,7 +42,7 @@
 //!    stays *parked* in the spool, and the sink reads it back when it gets
 //!    there. While the spool is over `spool.max_size`, a new flush is
 //!    *merged* into the newest parked flush of this run (coarser `ts`, the
-//!    same totals, [`crate::sink::rows::merge`]): the merged file is
+//!    same totals, [`crate::outbox::rows::merge`]): the merged file is
 //!    written under the new flush's id and lists the flush it absorbed,
 //!    then the absorbed file is removed. *Crash between the two:* at start
 //!    the absorbed file is removed unread. A flush that may have landed
@@ -70,10 +70,9 @@
 //!    collapsed as in 6).
 //!
 //! Every state file has a version and is written only with
-//! [`fs::Fs::write_atomic`], so a reader sees the old or the new version.
+//! [`crate::fs::Fs::write_atomic`], so a reader sees the old or the new version.
 
 pub mod dedup;
-pub mod fs;
 pub mod identity;
 pub mod spool;
 
@@ -84,10 +83,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::fs::{Fs, read_optional};
+use crate::outbox::flush::Flush;
 use dedup::Dedup;
-use fs::{Fs, read_optional};
 use identity::Identity;
-use spool::Flush;
 
 use crate::wal::Wal;
 
@@ -569,51 +568,11 @@ pub fn publish_backlog(ledger: &Ledger, t: &crate::telemetry::Telemetry) {
 #[cfg(test)]
 pub(crate) use crate::test_dir::test_dir;
 
-// The `gauges` file, version 1:
-//
-//   0  8  magic "TALLYGAU"
-//   8  4  version (1)
-//   12 4  CRC32C of bytes 16..end
-//   16 8  as of: the id of the last flush whose values it holds
-//   24 4  entry count N
-//   28 …  N entries: 4 key length K, K key bytes, 8 value (f64)
-//
-// At start, spooled flushes newer than "as of" are laid over it.
-const GAUGES_MAGIC: &[u8; 8] = b"TALLYGAU";
-
-/// (gauge key, last value) pairs.
-type GaugeValues = Vec<(Box<[u8]>, f64)>;
-
-/// Encodes the last values of gauges as of flush `as_of` (the `gauges` file).
-pub fn encode_gauges<'a>(
-    as_of: u64,
-    entries: impl ExactSizeIterator<Item = (&'a [u8], f64)>,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(28 + entries.len() * 48);
-    out.extend_from_slice(GAUGES_MAGIC);
-    out.extend_from_slice(&1u32.to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&as_of.to_le_bytes());
-    out.extend_from_slice(
-        &u32::try_from(entries.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
-    for (k, v) in entries {
-        out.extend_from_slice(&u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes());
-        out.extend_from_slice(k);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    let crc = crc32c::crc32c(&out[16..]);
-    out[12..16].copy_from_slice(&crc.to_le_bytes());
-    out
-}
-
-fn read_gauges(path: &Path) -> io::Result<(u64, GaugeValues)> {
+fn read_gauges(path: &Path) -> io::Result<(u64, crate::outbox::gauges::GaugeValues)> {
     let Some(b) = read_optional(path)? else {
         return Ok((0, Vec::new()));
     };
-    decode_gauges(&b).ok_or_else(|| {
+    crate::outbox::gauges::decode(&b).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
@@ -624,34 +583,10 @@ fn read_gauges(path: &Path) -> io::Result<(u64, GaugeValues)> {
     })
 }
 
-fn decode_gauges(b: &[u8]) -> Option<(u64, GaugeValues)> {
-    if b.get(..8)? != GAUGES_MAGIC || b.get(8..12)? != 1u32.to_le_bytes() {
-        return None;
-    }
-    let crc = u32::from_le_bytes(b.get(12..16)?.try_into().ok()?);
-    if crc32c::crc32c(b.get(16..)?) != crc {
-        return None;
-    }
-    let as_of = u64::from_le_bytes(b.get(16..24)?.try_into().ok()?);
-    let n = u32::from_le_bytes(b.get(24..28)?.try_into().ok()?);
-    let mut at = 28usize;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let k = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
-        at += 4;
-        let key: Box<[u8]> = b.get(at..at.checked_add(k)?)?.into();
-        at += k;
-        let v = f64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?);
-        at += 8;
-        out.push((key, v));
-    }
-    (at == b.len()).then_some((as_of, out))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::rows::{Batch, CounterRow};
+    use crate::outbox::rows::{Batch, CounterRow};
 
     /// A ledger in `dir` with a spool budget of `budget` bytes.
     fn open(dir: &Path, budget: u64, fs: Arc<dyn Fs>) -> (Ledger, Recovered) {
@@ -678,14 +613,14 @@ mod tests {
     }
 
     fn total(flush: &Flush) -> f64 {
-        let rows = crate::sink::rowbinary::decode(&flush.tables).expect("decodes");
+        let rows = crate::outbox::rowbinary::decode(&flush.tables).expect("decodes");
         rows.counters.iter().map(|r| r.value).sum()
     }
 
     #[test]
     fn over_budget_a_new_flush_absorbs_the_newest_parked_one_even_if_gauges_fail() {
         let dir = test_dir("ledger-merge");
-        let fs = Arc::new(fs::FaultyFs::default());
+        let fs = Arc::new(crate::fs::FaultyFs::default());
         let (ledger, _) = open(&dir, 1, fs.clone());
         let now = Duration::from_secs(1_700_000_000);
         let a = ledger.next_flush_id(now);
@@ -694,7 +629,7 @@ mod tests {
             .expect("a");
         assert!(!merged);
         ledger.park(first.flush_id);
-        fs.arm("gauges", fs::Fault::NoSpace);
+        fs.arm("gauges", crate::fs::Fault::NoSpace);
         let b = ledger.next_flush_id(now);
         let (second, merged) = ledger
             .record(counter_flush(&ledger, b, 3.0), Some(b"g"))
@@ -713,7 +648,7 @@ mod tests {
     #[test]
     fn a_flush_under_an_id_from_before_the_start_is_never_merged() {
         let dir = test_dir("ledger-old-id");
-        let (ledger, _) = open(&dir, 1, Arc::new(fs::RealFs));
+        let (ledger, _) = open(&dir, 1, Arc::new(crate::fs::RealFs));
         let (old, merged) = ledger
             .record(counter_flush(&ledger, 0, 2.0), None)
             .expect("old");
@@ -736,7 +671,7 @@ mod tests {
     #[test]
     fn a_drain_joins_parked_flushes_of_this_run_into_one_and_keeps_earlier_ones_apart() {
         let dir = test_dir("ledger-join");
-        let fs = Arc::new(fs::FaultyFs::default());
+        let fs = Arc::new(crate::fs::FaultyFs::default());
         let (ledger, _) = open(&dir, 1 << 30, fs.clone());
         let (old, _) = ledger
             .record(counter_flush(&ledger, 0, 1.0), None)
@@ -757,7 +692,7 @@ mod tests {
         let taken = ledger.take_parked().expect("the rest");
         assert_eq!(taken.ids, ids);
         assert!(ledger.take_parked().is_none());
-        fs.arm("spool", fs::Fault::NoSpace);
+        fs.arm("spool", crate::fs::Fault::NoSpace);
         let alone = ledger.read_taken(&taken).expect("the first, alone");
         assert_eq!((alone.flush_id, total(&alone)), (ids[0], 2.0));
         fs.heal();
@@ -786,7 +721,7 @@ mod tests {
         let dir = test_dir("ledger-sent");
         let now = Duration::from_secs(1_700_000_000);
         let (a, b) = {
-            let (ledger, _) = open(&dir, 1, Arc::new(fs::RealFs));
+            let (ledger, _) = open(&dir, 1, Arc::new(crate::fs::RealFs));
             let a = ledger.next_flush_id(now);
             let (fa, _) = ledger
                 .record(counter_flush(&ledger, a, 2.0), None)
@@ -801,7 +736,7 @@ mod tests {
             ledger.park(fb.flush_id);
             (a, b)
         };
-        let (ledger, recovered) = open(&dir, 1, Arc::new(fs::RealFs));
+        let (ledger, recovered) = open(&dir, 1, Arc::new(crate::fs::RealFs));
         assert_eq!(
             recovered
                 .flushes
@@ -842,20 +777,20 @@ mod tests {
     #[test]
     fn a_flush_under_an_old_id_is_marked_sent_when_recorded() {
         let dir = test_dir("ledger-old-marked");
-        let (ledger, _) = open(&dir, 1 << 30, Arc::new(fs::RealFs));
+        let (ledger, _) = open(&dir, 1 << 30, Arc::new(crate::fs::RealFs));
         ledger
             .record(counter_flush(&ledger, 0, 2.0), None)
             .expect("old");
         assert!(spool::sent_path(&ledger.spool_dir, 0).exists());
         drop(ledger);
-        let (_, recovered) = open(&dir, 1 << 30, Arc::new(fs::RealFs));
+        let (_, recovered) = open(&dir, 1 << 30, Arc::new(crate::fs::RealFs));
         assert!(recovered.flushes[0].sent, "never merged after a restart");
     }
 
     #[test]
     fn a_drain_joins_one_host_at_a_time() {
         let dir = test_dir("ledger-join-hosts");
-        let (ledger, _) = open(&dir, 1 << 30, Arc::new(fs::RealFs));
+        let (ledger, _) = open(&dir, 1 << 30, Arc::new(crate::fs::RealFs));
         let now = Duration::from_secs(1_700_000_000);
         for host in ["a", "a", "b"] {
             let id = ledger.next_flush_id(now);
@@ -871,7 +806,7 @@ mod tests {
     #[test]
     fn a_drain_batch_smaller_than_one_flush_takes_one() {
         let dir = test_dir("ledger-join-small");
-        let (ledger, _) = open(&dir, 1 << 30, Arc::new(fs::RealFs));
+        let (ledger, _) = open(&dir, 1 << 30, Arc::new(crate::fs::RealFs));
         let ledger = ledger.with_drain_batch(1);
         let now = Duration::from_secs(1_700_000_000);
         for v in [2.0, 3.0] {
@@ -888,13 +823,13 @@ mod tests {
     #[test]
     fn the_gauges_file_round_trips_and_damage_is_caught() {
         let entries: Vec<(&[u8], f64)> = vec![(b"\x02a", 1.5), (b"\x02bb", -3.0)];
-        let mut b = encode_gauges(7, entries.iter().copied());
-        let (as_of, back) = decode_gauges(&b).expect("decodes");
+        let mut b = crate::outbox::gauges::encode(7, entries.iter().copied());
+        let (as_of, back) = crate::outbox::gauges::decode(&b).expect("decodes");
         assert_eq!(as_of, 7);
         assert_eq!(back.len(), 2);
         assert_eq!((&*back[1].0, back[1].1), (&b"\x02bb"[..], -3.0));
         let last = b.len() - 1;
         b[last] ^= 1;
-        assert!(decode_gauges(&b).is_none());
+        assert!(crate::outbox::gauges::decode(&b).is_none());
     }
 }

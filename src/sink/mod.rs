@@ -27,8 +27,6 @@
 //! generation keeps compacting samples and memory stays bounded by the key
 //! limit.
 
-pub mod rowbinary;
-pub mod rows;
 pub mod schema;
 pub mod tls;
 
@@ -42,7 +40,7 @@ use clickhouse::Client;
 use tokio::sync::{mpsc, watch};
 
 use crate::ledger::Ledger;
-use crate::ledger::spool::Flush;
+use crate::outbox::flush::Flush;
 use crate::telemetry::{TABLES, Telemetry};
 
 /// A flush on its way to ClickHouse.
@@ -160,7 +158,7 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> D
 }
 
 fn jitter() -> f64 {
-    let nanos = crate::aggregate::wall_clock().subsec_nanos() as u64;
+    let nanos = crate::clock::wall_clock().subsec_nanos() as u64;
     let mixed = nanos.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
     mixed as f64 / (1u64 << 53) as f64
 }

@@ -96,7 +96,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::ledger::fs::{Fs, RealFs};
+use crate::fs::{Fs, RealFs};
 use checkpoint::Checkpoint;
 pub use checkpoint::Intent;
 use format::{Kind, SEGMENT_HEADER, record_len};

@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use clickhouse::Row;
 use serde::Serialize;
 
+use super::flush::Flush;
+use super::gauges::GaugeMemory;
+use super::rowbinary::{Bodies, Head, Tags};
 use crate::aggregate::Generation;
 use crate::aggregate::acc::Acc;
 use crate::aggregate::key;
-use crate::ledger::spool::Flush;
-use crate::sink::rowbinary::{Bodies, Head, Tags};
 
 #[derive(Debug, Clone, PartialEq, Row, Serialize)]
 pub struct CounterRow {
@@ -134,64 +135,6 @@ impl Batch {
             + self.sets.len()
             + self.events.len()
             + self.service_checks.len()
-    }
-}
-
-/// The last flushed value of each gauge, so that a delta arriving in a later
-/// interval applies to it. Bounded: past `max_keys` gauges, new gauges are
-/// not remembered (their later deltas start from 0) and that is counted.
-#[derive(Debug)]
-pub struct GaugeMemory {
-    values: HashMap<Box<[u8]>, f64>,
-    max_keys: usize,
-    /// Gauges whose deltas would have taken their value past the range of
-    /// `f64`: they kept the previous value (taken by the flush stage, which
-    /// counts them as dropped).
-    pub overflowed: u64,
-}
-
-impl GaugeMemory {
-    pub fn new(max_keys: usize) -> GaugeMemory {
-        GaugeMemory {
-            values: HashMap::new(),
-            max_keys,
-            overflowed: 0,
-        }
-    }
-
-    /// Remembers `value` as the last flushed value of gauge `key` (the
-    /// ledger's saved values at start).
-    pub fn remember(&mut self, key: Box<[u8]>, value: f64) {
-        if self.values.contains_key(&key) || self.values.len() < self.max_keys {
-            self.values.insert(key, value);
-        }
-    }
-
-    /// The `gauges` file of the ledger for the values remembered now, which
-    /// are those after flush `as_of`.
-    pub fn encode(&self, as_of: u64) -> Vec<u8> {
-        crate::ledger::encode_gauges(as_of, self.values.iter().map(|(k, v)| (&**k, *v)))
-    }
-
-    /// Resolves a gauge's value and remembers it. Returns the value and
-    /// whether it could not be remembered.
-    /// A known gauge's key is not copied again.
-    fn settle(&mut self, key: &[u8], g: &crate::aggregate::acc::GaugeAcc) -> (f64, bool) {
-        let room = self.values.len() < self.max_keys;
-        let slot = self.values.get_mut(key);
-        let previous = slot.as_deref().copied();
-        let value = g.resolve(previous).unwrap_or_else(|| {
-            self.overflowed += 1;
-            previous.unwrap_or(0.0)
-        });
-        match slot {
-            Some(v) => *v = value,
-            None if room => {
-                self.values.insert(key.into(), value);
-            }
-            None => return (value, true),
-        }
-        (value, false)
     }
 }
 
@@ -840,7 +783,7 @@ mod tests {
         let batch = flush.clone().into_batch().expect("decodes");
         // The bodies are well-formed RowBinary of these rows: decoded and
         // encoded again through the row structs, the same bytes.
-        assert_eq!(crate::sink::rowbinary::encode(&batch), flush.tables);
+        assert_eq!(crate::outbox::rowbinary::encode(&batch), flush.tables);
         let mut counters: Vec<_> = batch
             .counters
             .iter()

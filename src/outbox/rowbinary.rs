@@ -225,7 +225,7 @@ fn service_check(out: &mut Vec<u8>, r: &ServiceCheckRow) {
 }
 
 /// Decodes bodies written by [`Bodies`]'s row methods (as [`encode`] and
-/// [`crate::sink::rows::build`] do) back into rows (to merge spooled
+/// [`crate::outbox::rows::build`] do) back into rows (to merge spooled
 /// flushes). Errors name what was cut short or malformed.
 pub fn decode(bodies: &Bodies) -> Result<Batch, String> {
     let mut batch = Batch::default();

@@ -1,0 +1,387 @@
+//! A flush: a closed interval's rows, fixed as the exact RowBinary bodies
+//! that are (re-)sent, with what identifies them (instance, host, flush id:
+//! the deduplication token) and the gauge values after them. Merging,
+//! concatenating, and the persisted form the ledger's spool keeps.
+//!
+//! # The persisted form (a spool file), version 2
+//!
+//! ```text
+//! 0   8  magic "TALLYFLS"
+//! 8   4  format version (2)
+//! 12  4  CRC32C of bytes 16..end
+//! 16  8  instance id
+//! 24  8  flush id
+//! 32  8  generation (the WAL interval the rows come from)
+//! 40  4  ts: interval start, Unix seconds
+//! 44  8  samples (raw increments the rows compact)
+//! 52  4  host length H, then H bytes of host
+//! …      6 tables (counters, gauges, timers, sets, events,
+//!        service_checks), each: 4 rows, 8 body length L, L bytes of
+//!        RowBinary body
+//! …      4 gauge count N, then N entries: 4 key length K, K key bytes,
+//!        8 value (f64): each gauge's value after this flush
+//! …      4 absorbed count A, then A flush ids (8 each): spooled flushes
+//!        merged into this one (see [`crate::ledger`]); their files, if a
+//!        crash left them, are removed unread at start
+//! ```
+//!
+//! The bodies are RowBinary in the columns of [`crate::sink::schema`].
+//! Version 1 (the release before weighted timer counts) is laid out the
+//! same, but with the 4 metric tables only, and its timers body has `count
+//! UInt64` and `bucket_counts Array(UInt64)`: it is read, and that body
+//! re-encoded with `Float64` counts (same rows, same values), so a spool
+//! left by that release is sent to the migrated table.
+//!
+//! Integers are little-endian.
+
+use super::rowbinary::Bodies;
+use super::rows::Batch;
+
+const MAGIC: &[u8; 8] = b"TALLYFLS";
+const VERSION: u32 = 2;
+
+/// A flush whose rows are fixed: what the sink sends, every time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flush {
+    pub instance: u64,
+    pub flush_id: u64,
+    pub generation: u64,
+    pub ts: u32,
+    pub samples: u64,
+    pub host: String,
+    pub tables: Bodies,
+    /// (gauge key, value after this flush) for every gauge row.
+    pub gauges: Vec<(Box<[u8]>, f64)>,
+    /// Flushes merged into this one.
+    pub absorbed: Vec<u64>,
+}
+
+impl Flush {
+    /// Fixes the rows of `batch` as RowBinary bodies (merged flushes; a
+    /// closed interval's flush is sealed by [`super::rows::build`]).
+    pub fn seal(batch: Batch, instance: u64) -> Flush {
+        Flush {
+            instance,
+            flush_id: batch.flush_id,
+            generation: batch.generation,
+            ts: batch.ts,
+            samples: batch.samples,
+            tables: super::rowbinary::encode(&batch),
+            host: batch.host,
+            gauges: batch.gauge_values,
+            absorbed: Vec::new(),
+        }
+    }
+
+    /// Merges the unsent `self` (older) and `newer` into one flush with
+    /// `newer`'s id and `self`'s interval start, absorbing `self`.
+    pub fn merge(self, newer: Flush) -> Result<Flush, String> {
+        let older_id = self.flush_id;
+        let mut absorbed = self.absorbed.clone();
+        absorbed.push(older_id);
+        absorbed.extend(&newer.absorbed);
+        let (instance, id) = (newer.instance, newer.flush_id);
+        let older = self.into_batch()?;
+        let newer = newer.into_batch()?;
+        let mut merged = Flush::seal(super::rows::merge(older, newer, id), instance);
+        merged.absorbed = absorbed;
+        Ok(merged)
+    }
+
+    /// Joins the unsent flushes `parts` (oldest first, at least one) into
+    /// one, for one INSERT per table while a backlog drains: the bodies are
+    /// concatenated, so every row keeps its own `ts` and flush id (the
+    /// resolution is unchanged). The result has the newest part's id and
+    /// generation, the oldest part's `ts`, and absorbs every other part.
+    pub fn concat(parts: Vec<Flush>) -> Option<Flush> {
+        let mut parts = parts.into_iter();
+        let mut out = parts.next()?;
+        for newer in parts {
+            out.absorbed.push(out.flush_id);
+            out.absorbed.extend(&newer.absorbed);
+            out.flush_id = newer.flush_id;
+            out.generation = newer.generation;
+            out.instance = newer.instance;
+            out.samples = out.samples.saturating_add(newer.samples);
+            for (i, body) in newer.tables.bodies.iter().enumerate() {
+                out.tables.bodies[i].extend_from_slice(body);
+                out.tables.rows[i] = out.tables.rows[i].saturating_add(newer.tables.rows[i]);
+            }
+            out.gauges.extend(newer.gauges);
+        }
+        Some(out)
+    }
+
+    /// The rows back (decoded from the bodies).
+    pub(crate) fn into_batch(self) -> Result<Batch, String> {
+        let mut batch = super::rowbinary::decode(&self.tables)?;
+        batch.generation = self.generation;
+        batch.host = self.host;
+        batch.flush_id = self.flush_id;
+        batch.ts = self.ts;
+        batch.samples = self.samples;
+        batch.gauge_values = self.gauges;
+        Ok(batch)
+    }
+
+    /// Bytes of the bodies.
+    pub fn body_len(&self) -> u64 {
+        self.tables.bodies.iter().map(|b| b.len() as u64).sum()
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.tables.rows.iter().map(|&r| u64::from(r)).sum()
+    }
+
+    /// The `insert_deduplication_token` of table `table` (index into
+    /// [`crate::telemetry::TABLES`]): the same for every send of this flush.
+    pub fn token(&self, table: &str) -> String {
+        format!("tallyd-{:016x}-{}-{table}", self.instance, self.flush_id)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let body: usize = self.tables.bodies.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(64 + self.host.len() + body);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&self.instance.to_le_bytes());
+        out.extend_from_slice(&self.flush_id.to_le_bytes());
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.ts.to_le_bytes());
+        out.extend_from_slice(&self.samples.to_le_bytes());
+        bytes(&mut out, self.host.as_bytes());
+        for (rows, b) in self.tables.rows.iter().zip(&self.tables.bodies) {
+            out.extend_from_slice(&rows.to_le_bytes());
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+        out.extend_from_slice(&len32(self.gauges.len()).to_le_bytes());
+        for (k, v) in &self.gauges {
+            bytes(&mut out, k);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&len32(self.absorbed.len()).to_le_bytes());
+        for id in &self.absorbed {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&out[16..]);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Flush, String> {
+        if b.len() < 16 || &b[..8] != MAGIC {
+            return Err("not a tallyd spool file (bad magic)".into());
+        }
+        let mut r = Reader { b, at: 8 };
+        let version = r.u32()?;
+        if version != VERSION && version != 1 {
+            return Err(format!(
+                "spool format version {version}; this tallyd reads versions 1 and {VERSION}"
+            ));
+        }
+        let crc = r.u32()?;
+        if crc32c::crc32c(&b[16..]) != crc {
+            return Err("checksum mismatch".into());
+        }
+        let instance = r.u64()?;
+        let flush_id = r.u64()?;
+        let generation = r.u64()?;
+        let ts = r.u32()?;
+        let samples = r.u64()?;
+        let host = String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| "host not UTF-8")?;
+        let mut tables = Bodies::default();
+        // Version 1 had the four metric tables only.
+        let tables_in_file = if version == 1 { 4 } else { tables.bodies.len() };
+        for i in 0..tables_in_file {
+            tables.rows[i] = r.u32()?;
+            let len = usize::try_from(r.u64()?).map_err(|_| "body too long")?;
+            tables.bodies[i] = r.take(len)?.to_vec();
+        }
+        if version == 1 {
+            tables.bodies[2] = super::rowbinary::upgrade_v1_timers(&tables.bodies[2])?;
+        }
+        let n = r.u32()?;
+        let mut gauges = Vec::new();
+        for _ in 0..n {
+            let k: Box<[u8]> = r.bytes32()?.into();
+            gauges.push((k, f64::from_le_bytes(r.array()?)));
+        }
+        let n = r.u32()?;
+        let mut absorbed = Vec::new();
+        for _ in 0..n {
+            absorbed.push(r.u64()?);
+        }
+        if r.at != b.len() {
+            return Err("trailing bytes".into());
+        }
+        Ok(Flush {
+            instance,
+            flush_id,
+            generation,
+            ts,
+            samples,
+            host,
+            tables,
+            gauges,
+            absorbed,
+        })
+    }
+}
+
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&len32(b.len()).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let end = end.ok_or_else(|| "truncated".to_string())?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn bytes32(&mut self) -> Result<&'a [u8], String> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample() -> Flush {
+        Flush {
+            instance: 0xabc,
+            flush_id: 42,
+            generation: 7,
+            ts: 1_700_000_000,
+            samples: 9,
+            host: "web-1".into(),
+            tables: Bodies {
+                bodies: [vec![1, 2, 3], vec![], vec![4], vec![5, 6], vec![7], vec![]],
+                rows: [1, 0, 1, 2, 1, 0],
+            },
+            gauges: vec![(b"\x02g".to_vec().into(), 15.0)],
+            absorbed: vec![41],
+        }
+    }
+
+    #[test]
+    fn a_flush_round_trips() {
+        let f = sample();
+        assert_eq!(Flush::decode(&f.encode()), Ok(f));
+    }
+
+    #[test]
+    fn concatenated_flushes_keep_every_row_under_the_newest_id() {
+        let a = sample();
+        let mut b = sample();
+        b.flush_id = 43;
+        b.generation = 8;
+        b.ts = a.ts + 1;
+        b.absorbed = vec![];
+        b.gauges = vec![(b"\x02g".to_vec().into(), 16.0)];
+        let c = Flush::concat(vec![a, b]).expect("two parts");
+        assert_eq!((c.flush_id, c.generation, c.ts), (43, 8, 1_700_000_000));
+        assert_eq!(c.absorbed, vec![41, 42]);
+        assert_eq!(c.samples, 18);
+        assert_eq!(c.tables.rows, [2, 0, 2, 4, 2, 0]);
+        assert_eq!(c.tables.bodies[0], vec![1, 2, 3, 1, 2, 3]);
+        assert_eq!(
+            c.gauges.last().map(|g| g.1),
+            Some(16.0),
+            "the newest value last"
+        );
+        assert_eq!(Flush::concat(vec![]), None);
+    }
+
+    /// A spool file as version 1 wrote it: 4 tables, UInt64 timer counts.
+    pub fn version_1(f: &Flush, timers_v1: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        for n in [f.instance, f.flush_id, f.generation] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out.extend_from_slice(&f.ts.to_le_bytes());
+        out.extend_from_slice(&f.samples.to_le_bytes());
+        bytes(&mut out, f.host.as_bytes());
+        for i in 0..4 {
+            let body = if i == 2 {
+                timers_v1
+            } else {
+                &f.tables.bodies[i][..]
+            };
+            out.extend_from_slice(&f.tables.rows[i].to_le_bytes());
+            out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+            out.extend_from_slice(body);
+        }
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        let crc = crc32c::crc32c(&out[16..]);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_with_its_timer_counts_as_floats() {
+        let mut f = sample();
+        f.gauges.clear();
+        f.absorbed.clear();
+        f.tables = Bodies::default();
+        f.tables.bodies[0] = vec![9, 9];
+        f.tables.rows[0] = 1;
+        f.tables.rows[2] = 0;
+        let read = Flush::decode(&version_1(&f, &[])).expect("version 1 reads");
+        assert_eq!(read, f);
+        assert!(
+            Flush::decode(&version_1(&f, &[1, 2, 3])).is_err(),
+            "a damaged timers body is an error"
+        );
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let mut b = sample().encode();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        assert_eq!(Flush::decode(&b), Err("checksum mismatch".into()));
+        assert!(Flush::decode(&b[..20]).is_err());
+        let mut v3 = sample().encode();
+        v3[8] = 3;
+        assert!(Flush::decode(&v3).expect_err("v3").contains("version 3"));
+    }
+
+    #[test]
+    fn the_token_names_instance_flush_and_table() {
+        assert_eq!(
+            sample().token("counters"),
+            "tallyd-0000000000000abc-42-counters"
+        );
+    }
+}
