@@ -216,6 +216,50 @@ async fn two_instances_same_host_id_keep_both_rows() {
     );
 }
 
+/// A golden image, a VM clone or a restored backup carries the data dir's
+/// identity to another host: both then flush under the same instance and
+/// flush ids. On 22.2+ the token must still tell their inserts apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clones_of_a_data_dir_on_two_hosts_keep_both_rows() {
+    let ch = clickhouse();
+    let s = settings(ch, "ledger_clones");
+    server::start(config(&s))
+        .await
+        .expect("first start")
+        .shutdown()
+        .await;
+    let mut clone = settings(ch, "ledger_clones");
+    clone.host_id = "cloned-host".into();
+    for file in ["instance", "dedup", "gauges"] {
+        let from = std::path::Path::new(&s.data_dir).join(file);
+        if from.exists() {
+            std::fs::copy(&from, std::path::Path::new(&clone.data_dir).join(file)).expect("copy");
+        }
+    }
+    let a = server::start(config(&s)).await.expect("start a");
+    let b = server::start(config(&clone)).await.expect("start b");
+    let lines: String = (0..100).map(|_| "clones.c:1|c\n").collect();
+    for round in 0..3 {
+        for r in [&a, &b] {
+            send_tcp(r.tcp_addr.expect("tcp"), &lines);
+        }
+        for r in [&a, &b] {
+            let t = Arc::clone(&r.telemetry);
+            blocking(move || wait_for_lines(&t, 100 * (round + 1))).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    for fin in ["", "FINAL"] {
+        assert_eq!(
+            ch.query(&format!("SELECT sum(value), uniqExact(host) FROM ledger_clones.counters {fin} WHERE name = 'clones.c' FORMAT TSV")),
+            "600\t2\n",
+            "{fin}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_drift_blocks_table_keeps_data_and_resumes() {
     let ch = clickhouse();

@@ -59,7 +59,7 @@
 //!    removed; a crash between is handled as for a merge.
 //! 6. **Send.** The sink writes the flush's sent marker
 //!    (`spool/<flush_id>.sent`, durably), then sends each table's body with
-//!    `insert_deduplication_token = tallyd-<instance>-<flush_id>-<table>`
+//!    `insert_deduplication_token = tallyd-<instance>-<host hash>-<flush_id>-<table>`
 //!    (22.2+). Retries and re-sends after a restart carry identical bytes,
 //!    so the ReplacingMergeTree (18.16: under `FINAL` or after a merge) or
 //!    the token (insert time) collapses them. A table whose answer says the

@@ -3,11 +3,11 @@
 //! the deduplication token) and the gauge values after them. Merging,
 //! concatenating, and the persisted form the ledger's spool keeps.
 //!
-//! # The persisted form (a spool file), version 2
+//! # The persisted form (a spool file), version 3
 //!
 //! ```text
 //! 0   8  magic "TALLYFLS"
-//! 8   4  format version (2)
+//! 8   4  format version (3)
 //! 12  4  CRC32C of bytes 16..end
 //! 16  8  instance id
 //! 24  8  flush id
@@ -26,6 +26,8 @@
 //! ```
 //!
 //! The bodies are RowBinary in the columns of [`crate::sink::schema`].
+//! Version 2 is laid out as version 3; its flushes were sent under the
+//! token without the host ([`Flush::token`]), and are re-sent under it.
 //! Version 1 (the release before weighted timer counts) is laid out the
 //! same, but with the 4 metric tables only, and its timers body has `count
 //! UInt64` and `bucket_counts Array(UInt64)`: it is read, and that body
@@ -38,7 +40,7 @@ use super::rowbinary::Bodies;
 use super::rows::Batch;
 
 const MAGIC: &[u8; 8] = b"TALLYFLS";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 /// A flush whose rows are fixed: what the sink sends, every time.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +56,9 @@ pub struct Flush {
     pub gauges: Vec<(Box<[u8]>, f64)>,
     /// Flushes merged into this one.
     pub absorbed: Vec<u64>,
+    /// Read from a version 1 or 2 file: it may have been sent under the
+    /// token of those releases, which did not name the host, and keeps it.
+    pub legacy_token: bool,
 }
 
 impl Flush {
@@ -70,6 +75,7 @@ impl Flush {
             host: batch.host,
             gauges: batch.gauge_values,
             absorbed: Vec::new(),
+            legacy_token: false,
         }
     }
 
@@ -96,6 +102,8 @@ impl Flush {
     pub fn concat(parts: Vec<Flush>) -> Option<Flush> {
         let mut parts = parts.into_iter();
         let mut out = parts.next()?;
+        // Joined flushes were never sent: the joined one is a new insert.
+        out.legacy_token = false;
         for newer in parts {
             out.absorbed.push(out.flush_id);
             out.absorbed.extend(&newer.absorbed);
@@ -133,10 +141,24 @@ impl Flush {
         self.tables.rows.iter().map(|&r| u64::from(r)).sum()
     }
 
-    /// The `insert_deduplication_token` of table `table` (index into
-    /// [`crate::telemetry::TABLES`]): the same for every send of this flush.
+    /// The `insert_deduplication_token` of table `table` (a name of
+    /// [`crate::telemetry::TABLES`]): the same for every send of this flush,
+    /// and different for every (instance, host, flush id), so that two
+    /// hosts whose data dirs were cloned (one golden image, a VM clone, a
+    /// restored backup: one instance id, the same flush ids each second)
+    /// never have one's insert dropped as the other's retry. The host is
+    /// named by a 64-bit SipHash-1-3 (keys 0) of its bytes, so a token stays
+    /// short whatever the host; its value never changes across releases.
     pub fn token(&self, table: &str) -> String {
-        format!("tallyd-{:016x}-{}-{table}", self.instance, self.flush_id)
+        if self.legacy_token {
+            return format!("tallyd-{:016x}-{}-{table}", self.instance, self.flush_id);
+        }
+        format!(
+            "tallyd-{:016x}-{:016x}-{}-{table}",
+            self.instance,
+            host_hash(&self.host),
+            self.flush_id
+        )
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -176,9 +198,9 @@ impl Flush {
         }
         let mut r = Reader { b, at: 8 };
         let version = r.u32()?;
-        if version != VERSION && version != 1 {
+        if !(1..=VERSION).contains(&version) {
             return Err(format!(
-                "spool format version {version}; this tallyd reads versions 1 and {VERSION}"
+                "spool format version {version}; this tallyd reads versions 1 to {VERSION}"
             ));
         }
         let crc = r.u32()?;
@@ -226,8 +248,18 @@ impl Flush {
             tables,
             gauges,
             absorbed,
+            legacy_token: version < 3,
         })
     }
+}
+
+/// SipHash-1-3 with keys (0, 0) of `host`: fixed by the algorithm, so the
+/// same host names the same token in every release.
+fn host_hash(host: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0, 0);
+    h.write(host.as_bytes());
+    h.finish()
 }
 
 fn len32(n: usize) -> u32 {
@@ -287,6 +319,7 @@ pub(crate) mod tests {
             },
             gauges: vec![(b"\x02g".to_vec().into(), 15.0)],
             absorbed: vec![41],
+            legacy_token: false,
         }
     }
 
@@ -357,6 +390,7 @@ pub(crate) mod tests {
         f.tables.bodies[0] = vec![9, 9];
         f.tables.rows[0] = 1;
         f.tables.rows[2] = 0;
+        f.legacy_token = true;
         let read = Flush::decode(&version_1(&f, &[])).expect("version 1 reads");
         assert_eq!(read, f);
         assert!(
@@ -372,16 +406,44 @@ pub(crate) mod tests {
         b[last] ^= 1;
         assert_eq!(Flush::decode(&b), Err("checksum mismatch".into()));
         assert!(Flush::decode(&b[..20]).is_err());
-        let mut v3 = sample().encode();
-        v3[8] = 3;
-        assert!(Flush::decode(&v3).expect_err("v3").contains("version 3"));
+        let mut v4 = sample().encode();
+        v4[8] = 4;
+        assert!(Flush::decode(&v4).expect_err("v4").contains("version 4"));
     }
 
     #[test]
-    fn the_token_names_instance_flush_and_table() {
-        assert_eq!(
-            sample().token("counters"),
-            "tallyd-0000000000000abc-42-counters"
+    fn the_token_names_instance_host_flush_and_table() {
+        let a = sample();
+        let token = a.token("counters");
+        assert!(token.starts_with("tallyd-0000000000000abc-"), "{token}");
+        assert!(token.ends_with("-42-counters"), "{token}");
+        assert_eq!(token, sample().token("counters"), "stable for re-sends");
+        let mut clone = sample();
+        clone.host = "web-2".into();
+        assert_ne!(
+            clone.token("counters"),
+            token,
+            "a cloned data dir on another host"
         );
+    }
+
+    #[test]
+    fn a_flush_of_the_previous_release_keeps_its_token_and_a_joined_one_gets_the_new() {
+        let mut b = sample().encode();
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b[16..]);
+        b[12..16].copy_from_slice(&crc.to_le_bytes());
+        let old = Flush::decode(&b).expect("version 2 reads");
+        assert_eq!(old.token("counters"), "tallyd-0000000000000abc-42-counters");
+        let mut newer = sample();
+        newer.flush_id = 43;
+        let joined = Flush::concat(vec![old, newer]).expect("joined");
+        assert_eq!(joined.token("counters"), {
+            let mut n = sample();
+            n.flush_id = 43;
+            n.token("counters")
+        });
+        let back = Flush::decode(&joined.encode()).expect("decodes");
+        assert_eq!(back.token("counters"), joined.token("counters"));
     }
 }

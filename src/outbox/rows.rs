@@ -224,6 +224,7 @@ pub fn build(
         tables: out.tables,
         gauges: out.gauge_values,
         absorbed: Vec::new(),
+        legacy_token: false,
     };
     (flush, forgotten)
 }
