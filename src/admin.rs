@@ -1,9 +1,12 @@
 //! The admin endpoint: `GET /health` and `GET /metrics` (Prometheus text).
 //!
 //! `/health` answers 200 `ok` once ready; 503 `not ready` before that and
-//! while stopping; 503 `degraded: …` naming each problem while a WAL sync
-//! has failed (no acks are sent) or a table is blocked by schema drift
-//! (its rows are kept and retried).
+//! while stopping; 503 `degraded: …` naming each problem while:
+//! - a WAL sync has failed (no acks are sent);
+//! - a closed interval is held (it could not be recorded or released: no
+//!   new interval closes and the WAL fills);
+//! - the WAL refused a block as full in the last [`WAL_REFUSED_RECENTLY`];
+//! - a table is blocked by schema drift (its rows are kept and retried).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +27,9 @@ use crate::telemetry::Telemetry;
 use crate::wal::Wal;
 use std::fmt::Write;
 use std::time::Duration;
+
+/// How long `/health` stays degraded after the WAL refused a block.
+pub const WAL_REFUSED_RECENTLY: Duration = Duration::from_secs(10);
 
 pub struct AdminState {
     pub telemetry: Arc<Telemetry>,
@@ -66,6 +72,21 @@ impl AdminState {
             p.push(
                 "a WAL sync failed; no acknowledgement is sent until a full sync succeeds".into(),
             );
+        }
+        let t = &self.telemetry;
+        if t.flush_held.load(Relaxed) == 1 {
+            p.push(format!(
+                "a closed interval is held and not sent ({}); no new interval closes until it is recorded, and the WAL fills",
+                crate::lock(&t.flush_held_error)
+            ));
+        }
+        let refused = t.wal_refused_ms.load(Relaxed);
+        let now = crate::clock::wall_clock().as_millis() as u64;
+        if refused != 0 && now.saturating_sub(refused) < WAL_REFUSED_RECENTLY.as_millis() as u64 {
+            p.push(format!(
+                "the WAL was full in the last {} s: StatsD blocks were dropped (tallyd_dropped_total{{reason=\"wal_full\"}}), protobuf batches answered OVERLOADED",
+                WAL_REFUSED_RECENTLY.as_secs()
+            ));
         }
         for (i, table) in crate::telemetry::TABLES.iter().enumerate() {
             if self.telemetry.tables_blocked[i].load(Relaxed) == 1 {

@@ -177,6 +177,8 @@ impl Flusher {
             let error = error.unwrap_or_default();
             self.telemetry.spool_errors.fetch_add(1, Relaxed);
             tracing::error!(%error, flush_id = flush.flush_id, "could not record the flush in the spool; holding it (not sent) and trying again at the next tick");
+            self.telemetry
+                .set_flush_held(Some(&format!("could not record it in the spool: {error}")));
             self.held = Some(Held::Unrecorded(flush));
             return false;
         };
@@ -197,6 +199,8 @@ impl Flusher {
         if let Err(error) = self.release_checked(recorded.generation).await {
             self.telemetry.spool_errors.fetch_add(1, Relaxed);
             tracing::error!(%error, flush_id = recorded.flush_id, "could not release the WAL records of a recorded flush; holding it (not sent) and trying again at the next tick");
+            self.telemetry
+                .set_flush_held(Some(&format!("could not release its WAL records: {error}")));
             self.held = Some(Held::Unreleased {
                 flush: recorded,
                 merged,
@@ -206,6 +210,7 @@ impl Flusher {
         crate::failpoint::hit("after_release");
         let flush = &recorded;
         let t = &self.telemetry;
+        t.set_flush_held(None);
         t.flushes.fetch_add(1, Relaxed);
         if reason == Reason::Depth {
             t.flushes_by_depth.fetch_add(1, Relaxed);

@@ -129,16 +129,38 @@ pub struct Telemetry {
     pub udp_heartbeat_ms: AtomicU64,
     pub replayed_samples: AtomicU64,
     pub dropped_wal_too_large: AtomicU64,
+    /// 1 while a closed interval is held: it could not be recorded in the
+    /// spool or its WAL records not released, so it is not sent and no new
+    /// interval closes (the WAL fills meanwhile).
+    pub flush_held: AtomicU64,
+    /// Why the flush is held (the last error), for `/health`.
+    pub flush_held_error: std::sync::Mutex<String>,
+    /// Unix ms of the last block the WAL refused as full (0: never).
+    pub wal_refused_ms: AtomicU64,
 }
 
 impl Telemetry {
     /// Counts a block the WAL refused.
     pub fn wal_refused(&self, e: crate::wal::AppendError) {
         match e {
-            crate::wal::AppendError::Full => &self.dropped_wal_full,
-            crate::wal::AppendError::TooLarge => &self.dropped_wal_too_large,
+            crate::wal::AppendError::Full => {
+                self.dropped_wal_full.fetch_add(1, Relaxed);
+                let now = crate::clock::wall_clock().as_millis();
+                self.wal_refused_ms
+                    .store(u64::try_from(now).unwrap_or(u64::MAX), Relaxed);
+            }
+            crate::wal::AppendError::TooLarge => {
+                self.dropped_wal_too_large.fetch_add(1, Relaxed);
+            }
         }
-        .fetch_add(1, Relaxed);
+    }
+
+    /// A flush is held (`Some(error)`) or no longer (`None`).
+    pub fn set_flush_held(&self, error: Option<&str>) {
+        self.flush_held.store(u64::from(error.is_some()), Relaxed);
+        if let Some(e) = error {
+            e.clone_into(&mut crate::lock(&self.flush_held_error));
+        }
     }
 
     /// Adds a block's local counts to a listener and to the totals.
@@ -373,6 +395,12 @@ impl Telemetry {
             "Failed inserts that will be retried.",
             "kind=\"schema\"",
             &self.clickhouse_schema_errors,
+        );
+        m.gauge(
+            "tallyd_flush_held",
+            "1 while a closed interval cannot be recorded in the spool or released from the WAL: it is not sent, no new interval closes, and the WAL fills (see /health for the error).",
+            "",
+            &self.flush_held,
         );
         m.counter(
             "tallyd_spool_errors_total",

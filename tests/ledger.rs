@@ -76,6 +76,14 @@ async fn overloaded_then_later_seq_then_retry_counts_once() {
     .await;
     assert!(filled > 0);
     assert_eq!(seven, OVERLOADED);
+    let admin = running.admin_addr.expect("admin").port();
+    let health = blocking(move || http(admin, "GET", "/health", "")).await;
+    assert!(
+        health
+            .as_deref()
+            .is_some_and(|h| h.contains("degraded: the WAL was full")),
+        "{health:?}"
+    );
     // A flush releases the ring: 8 goes through, then 7 is retried.
     let mut quick = s.clone();
     quick.aggregate.flush_interval = "100ms".into();
@@ -389,6 +397,24 @@ async fn enospc_on_intent_does_not_send() {
         blocking(move || wait_for(10, || t.spool_errors.load(Relaxed) >= 3)).await,
         "the spool write never failed"
     );
+    // Degraded from the first held flush, before the WAL fills and drops.
+    let admin = running.admin_addr.expect("admin").port();
+    let health = blocking(move || http(admin, "GET", "/health", "")).await;
+    assert!(
+        health
+            .as_deref()
+            .is_some_and(|h| h.contains("degraded: a closed interval is held")
+                && h.contains("could not record it in the spool")),
+        "{health:?}"
+    );
+    assert_eq!(running.telemetry.dropped_wal_full.load(Relaxed), 0);
+    let metrics = blocking(move || http(admin, "GET", "/metrics", "")).await;
+    assert!(
+        metrics
+            .as_deref()
+            .is_some_and(|m| m.contains("\ntallyd_flush_held 1\n")),
+        "{metrics:?}"
+    );
     send_tcp(running.tcp_addr.expect("tcp"), &lines);
     let t = Arc::clone(&running.telemetry);
     blocking(move || wait_for_lines(&t, 200)).await;
@@ -401,6 +427,8 @@ async fn enospc_on_intent_does_not_send() {
     fs.heal();
     let t = Arc::clone(&running.telemetry);
     assert!(blocking(move || wait_for(10, || t.flushes.load(Relaxed) >= 2)).await);
+    let health = blocking(move || http(admin, "GET", "/health", "")).await;
+    assert_eq!(health.as_deref(), Some("ok\n"), "healed");
     running.shutdown().await;
     assert_eq!(
         ch.number("SELECT sum(value) FROM ledger_enospc.counters FINAL WHERE name = 'enospc.c'"),
