@@ -6,7 +6,8 @@
 //! - a closed interval is held (it could not be recorded or released: no
 //!   new interval closes and the WAL fills);
 //! - the WAL refused a block as full in the last [`WAL_REFUSED_RECENTLY`];
-//! - a table is blocked by schema drift (its rows are kept and retried).
+//! - a table is blocked by schema drift (its rows are kept and retried);
+//! - a damaged file was quarantined since the start.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -55,6 +56,11 @@ impl AdminState {
             t.udp_kernel_drops.store(drops, Relaxed);
         }
         let mut text = t.render();
+        let _ = writeln!(
+            text,
+            "# HELP tallyd_files_quarantined Damaged files (spool, state) moved aside to <name>.damaged since the start; their contents are lost.\n# TYPE tallyd_files_quarantined gauge\ntallyd_files_quarantined {}",
+            self.ledger.quarantined().len()
+        );
         if let Some(wal) = &self.wal {
             let oldest = self.ledger.oldest_pending_ts().map_or(started, |ts| {
                 Duration::from_secs(u64::from(ts)).min(started)
@@ -86,6 +92,14 @@ impl AdminState {
             p.push(format!(
                 "the WAL was full in the last {} s: StatsD blocks were dropped (tallyd_dropped_total{{reason=\"wal_full\"}}), protobuf batches answered OVERLOADED",
                 WAL_REFUSED_RECENTLY.as_secs()
+            ));
+        }
+        let quarantined = self.ledger.quarantined();
+        if !quarantined.is_empty() {
+            p.push(format!(
+                "{} damaged file(s) moved aside since the start, their contents lost (inspect, then remove them; a restart clears this): {}",
+                quarantined.len(),
+                quarantined.join(", ")
             ));
         }
         for (i, table) in crate::telemetry::TABLES.iter().enumerate() {

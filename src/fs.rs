@@ -123,6 +123,29 @@ impl Fs for FaultyFs {
     }
 }
 
+/// The one recovery policy for a file that does not decode (a bad magic,
+/// version or checksum, a torn or truncated body): it is renamed to
+/// `<name>.damaged` (`<name>.damaged.1`, … when taken), beside where it was,
+/// so it is never read again and stays for an operator to inspect; the
+/// caller counts it, says so in `/health`, and goes on without its
+/// contents. Never a refused start, never a restart loop (raft-engine's
+/// recovery modes are the model: here every file tolerates corruption).
+/// Returns the new path.
+pub fn quarantine(fs: &dyn Fs, path: &Path) -> io::Result<std::path::PathBuf> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut to = path.with_file_name(format!("{name}.damaged"));
+    let mut n = 0u32;
+    while to.exists() && n < 1000 {
+        n += 1;
+        to = path.with_file_name(format!("{name}.damaged.{n}"));
+    }
+    fs.rename(path, &to)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs.sync_dir(dir)?;
+    }
+    Ok(to)
+}
+
 /// Reads a state file; `None` if it does not exist.
 pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
     match std::fs::read(path) {
@@ -138,6 +161,21 @@ mod tests {
 
     fn temp_dir() -> crate::test_dir::TestDir {
         crate::ledger::test_dir("fs")
+    }
+
+    #[test]
+    fn a_damaged_file_is_moved_aside_and_a_second_one_does_not_overwrite_the_first() {
+        let dir = temp_dir();
+        let path = dir.join("gauges");
+        std::fs::write(&path, b"one").expect("write");
+        let first = quarantine(&RealFs, &path).expect("quarantine");
+        assert_eq!(first, dir.join("gauges.damaged"));
+        std::fs::write(&path, b"two").expect("write");
+        let second = quarantine(&RealFs, &path).expect("quarantine");
+        assert_eq!(second, dir.join("gauges.damaged.1"));
+        assert!(!path.exists());
+        assert_eq!(std::fs::read(first).expect("kept"), b"one");
+        assert_eq!(std::fs::read(second).expect("kept"), b"two");
     }
 
     #[test]

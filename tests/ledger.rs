@@ -437,7 +437,7 @@ async fn enospc_on_intent_does_not_send() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn power_loss_torn_state_file_starts() {
+async fn torn_and_damaged_state_and_spool_files_are_quarantined_and_the_start_goes_on() {
     let ch = clickhouse();
     let fs = Arc::new(FaultyFs::default());
     let mut s = settings(ch, "ledger_torn");
@@ -474,6 +474,46 @@ async fn power_loss_torn_state_file_starts() {
         ),
         "100\n"
     );
+    // Damage at rest in every state file and in a spool file: each is moved
+    // aside, the start goes on, /health says so, and new data counts.
+    for file in ["instance", "dedup", "gauges"] {
+        std::fs::write(dir.join(file), b"\xffdamaged").expect("damage");
+    }
+    std::fs::write(
+        dir.join("spool/00000000000000000001.flush"),
+        b"TALLYFLS torn",
+    )
+    .expect("damage");
+    let running = server::start(config(&s))
+        .await
+        .expect("starts past damaged files");
+    let admin = running.admin_addr.expect("admin").port();
+    let health = blocking(move || http(admin, "GET", "/health", "")).await;
+    let health = health.unwrap_or_default();
+    assert!(health.contains("4 damaged file(s) moved aside"), "{health}");
+    for file in [
+        "instance",
+        "dedup",
+        "gauges",
+        "spool/00000000000000000001.flush",
+    ] {
+        assert!(dir.join(format!("{file}.damaged")).exists(), "{file}");
+    }
+    send_tcp(running.tcp_addr.expect("tcp"), &lines);
+    let t = Arc::clone(&running.telemetry);
+    blocking(move || wait_for_lines(&t, 200)).await;
+    running.shutdown().await;
+    for fin in ["", "FINAL"] {
+        assert_eq!(
+            ch.query(&format!(
+                "SELECT sum(value) FROM ledger_torn.counters {fin} WHERE name = 'torn.c' FORMAT TSV"
+            )),
+            "200\n",
+            "{fin}"
+        );
+    }
+    // The gauge memory went with the quarantined `gauges` file (the spool
+    // was empty): the hundred `+1` deltas since resolve against 0, not 100.
     assert_eq!(
         ch.number(
             "SELECT argMax(value, version) FROM ledger_torn.gauges FINAL WHERE name = 'torn.g'"

@@ -71,6 +71,21 @@
 //!
 //! Every state file has a version and is written only with
 //! [`crate::fs::Fs::write_atomic`], so a reader sees the old or the new version.
+//!
+//! # Damage
+//!
+//! One policy for every file the ledger reads, at start or at runtime: a
+//! file that does not decode is moved aside ([`crate::fs::quarantine`]),
+//! listed in [`Ledger::quarantined`] (`/health` degraded, and
+//! `tallyd_files_quarantined`), and tallyd goes on without its contents:
+//! - `instance`: a new instance id (flush ids still grow past the spool's);
+//! - `gauges`: gauge deltas resolve against the spooled flushes' values,
+//!   else 0;
+//! - `dedup`: protobuf clients start over (a batch retried from before
+//!   the start counts again);
+//! - a spool file: its rows are lost. A damaged newest parked flush met by
+//!   a merge is quarantined and the new flush recorded alone, so a damaged
+//!   file never holds the flush loop.
 
 pub mod dedup;
 pub mod identity;
@@ -156,6 +171,8 @@ pub struct Ledger {
     /// The last flush id issued before this start: ids up to it are older
     /// flushes' (re-sent under them, never merged).
     opened_last: u64,
+    /// Damaged files moved aside since the start, with the reason.
+    quarantined: Mutex<Vec<String>>,
 }
 
 impl Ledger {
@@ -182,19 +199,40 @@ impl Ledger {
         }
         let spool_dir = spool::dir(data_dir);
         std::fs::create_dir_all(&spool_dir)?;
-        let mut identity = Identity::open(data_dir)?;
-        let flushes = spool::scan(&spool_dir)?;
+        // A damaged state or spool file is quarantined (see
+        // `crate::fs::quarantine`) and the start goes on without it.
+        let scanned = spool::scan(fs.as_ref(), &spool_dir)?;
+        let (flushes, mut quarantined) = (scanned.entries, scanned.quarantined);
+        let mut identity = open_or_quarantine(
+            fs.as_ref(),
+            &data_dir.join("instance"),
+            &mut quarantined,
+            "a new instance id is drawn",
+            || Identity::open(data_dir),
+        )?;
         if let Some(last) = flushes.iter().map(|f| f.flush_id).max() {
             identity.last = identity.last.max(last);
         }
         identity.save(fs.as_ref())?;
-        let (as_of, mut gauges) = read_gauges(&data_dir.join("gauges"))?;
+        let gauges_path = data_dir.join("gauges");
+        let (as_of, mut gauges) = open_or_quarantine(
+            fs.as_ref(),
+            &gauges_path,
+            &mut quarantined,
+            "gauge deltas resolve against the spooled flushes' values, or 0",
+            || read_gauges(&gauges_path),
+        )?;
         for f in flushes.iter().filter(|f| f.flush_id > as_of) {
             gauges.extend(f.gauges.iter().cloned());
         }
-        let dedup = Arc::new(
-            Dedup::open(data_dir, dedup_window, Arc::clone(&fs))?.with_max_clients(max_clients),
-        );
+        let dedup = open_or_quarantine(
+            fs.as_ref(),
+            &data_dir.join("dedup"),
+            &mut quarantined,
+            "protobuf clients start over: a batch retried from before the start counts again",
+            || Dedup::open(data_dir, dedup_window, Arc::clone(&fs)),
+        )?;
+        let dedup = Arc::new(dedup.with_max_clients(max_clients));
         let mut state = State::default();
         for f in &flushes {
             let p = Pending {
@@ -224,6 +262,7 @@ impl Ledger {
             budget,
             drain_batch: DEFAULT_DRAIN_BATCH,
             _lock: dir_lock,
+            quarantined: Mutex::new(quarantined),
         };
         Ok((ledger, Recovered { flushes, gauges }))
     }
@@ -276,6 +315,9 @@ impl Ledger {
             None => (flush, None),
             Some(id) => match self.merge(id, &flush) {
                 Ok(m) => (Arc::new(m), Some(id)),
+                // The tail did not decode: it is quarantined (see `read`),
+                // and the new flush is recorded alone.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => (flush, None),
                 Err(e) => {
                     lock(&self.state).parked.insert(id);
                     return Err(e);
@@ -362,7 +404,7 @@ impl Ledger {
     }
 
     fn merge(&self, tail: u64, newer: &Flush) -> io::Result<Flush> {
-        let older = spool::read(&self.spool_dir, tail)?;
+        let older = self.read(tail)?;
         older
             .merge(newer.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
@@ -450,8 +492,8 @@ impl Ledger {
     /// If joining fails, the first is read alone and the rest parked
     /// again. Blocking.
     pub fn read_taken(&self, taken: &Taken) -> io::Result<Flush> {
-        let (first, rest) = match taken.ids.split_first() {
-            Some((first, rest)) if !rest.is_empty() => (*first, rest),
+        match taken.ids.split_first() {
+            Some((_, rest)) if !rest.is_empty() => {}
             Some((first, _)) => return self.read(*first),
             None => return Err(io::Error::other("nothing taken")),
         };
@@ -459,7 +501,19 @@ impl Ledger {
             Ok(flush) => Ok(flush),
             Err(e) => {
                 tracing::warn!(error = %e, flushes = taken.ids.len(), "could not join parked flushes; sending them one by one");
-                lock(&self.state).parked.extend(rest);
+                // Those still recorded: a damaged one was quarantined.
+                let mut st = lock(&self.state);
+                let alive: Vec<u64> = taken
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|id| st.flushes.contains_key(id))
+                    .collect();
+                let Some((&first, rest)) = alive.split_first() else {
+                    return Err(e);
+                };
+                st.parked.extend(rest);
+                drop(st);
                 self.read(first)
             }
         }
@@ -514,9 +568,31 @@ impl Ledger {
         Ok(())
     }
 
-    /// Reads a parked flush back. Blocking.
+    /// Reads a parked flush back. One that does not decode is quarantined
+    /// and forgotten (its rows are lost), and the error returned. Blocking.
     pub fn read(&self, flush_id: u64) -> io::Result<Flush> {
-        spool::read(&self.spool_dir, flush_id)
+        let read = spool::read(&self.spool_dir, flush_id);
+        if let Err(e) = &read
+            && e.kind() == io::ErrorKind::InvalidData
+        {
+            let path = spool::path(&self.spool_dir, flush_id);
+            match crate::fs::quarantine(self.fs.as_ref(), &path) {
+                Ok(to) => {
+                    tracing::error!(flush_id, moved_to = %to.display(), error = %e, "a spool file is damaged; moved aside, its rows are lost");
+                    lock(&self.quarantined).push(format!("{} ({e})", to.display()));
+                    let _ = self.forget(flush_id);
+                }
+                Err(q) => {
+                    tracing::error!(flush_id, error = %q, "could not move a damaged spool file aside");
+                }
+            }
+        }
+        read
+    }
+
+    /// Damaged files moved aside since the start, each with the reason.
+    pub fn quarantined(&self) -> Vec<String> {
+        lock(&self.quarantined).clone()
     }
 
     /// Step 5: saves the dedup state, then lets the WAL overwrite
@@ -567,6 +643,27 @@ pub fn publish_backlog(ledger: &Ledger, t: &crate::telemetry::Telemetry) {
 
 #[cfg(test)]
 pub(crate) use crate::test_dir::test_dir;
+
+/// Opens a state file with `open`; if it is damaged (`InvalidData`), moves
+/// it aside ([`crate::fs::quarantine`]), notes it in `quarantined` with
+/// `consequence`, and opens again without it.
+fn open_or_quarantine<T>(
+    fs: &dyn Fs,
+    path: &Path,
+    quarantined: &mut Vec<String>,
+    consequence: &str,
+    open: impl Fn() -> io::Result<T>,
+) -> io::Result<T> {
+    match open() {
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            let to = crate::fs::quarantine(fs, path)?;
+            tracing::error!(file = %path.display(), moved_to = %to.display(), error = %e, "a state file is damaged; moved aside, the start goes on: {consequence}");
+            quarantined.push(format!("{} ({e}; {consequence})", to.display()));
+            open()
+        }
+        other => other,
+    }
+}
 
 fn read_gauges(path: &Path) -> io::Result<(u64, crate::outbox::gauges::GaugeValues)> {
     let Some(b) = read_optional(path)? else {
@@ -642,6 +739,68 @@ mod tests {
             ledger.take_parked(),
             None,
             "the merged one is for the caller to park"
+        );
+    }
+
+    #[test]
+    fn over_budget_a_damaged_newest_parked_file_is_quarantined_and_the_new_flush_recorded_alone() {
+        let dir = test_dir("ledger-merge-damaged");
+        let (ledger, _) = open(&dir, 1, Arc::new(crate::fs::RealFs));
+        let now = Duration::from_secs(1_700_000_000);
+        let a = ledger.next_flush_id(now);
+        let (first, _) = ledger
+            .record(counter_flush(&ledger, a, 2.0), None)
+            .expect("a");
+        ledger.park(first.flush_id);
+        let path = spool::path(&spool::dir(&dir), a);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).expect("damage it");
+        let b = ledger.next_flush_id(now);
+        let (second, merged) = ledger
+            .record(counter_flush(&ledger, b, 3.0), None)
+            .expect("recorded: a damaged tail must not hold the flush");
+        assert!(!merged);
+        assert_eq!(second.absorbed, Vec::<u64>::new());
+        assert_eq!(total(&ledger.read(b).expect("read")), 3.0);
+        assert_eq!(ledger.quarantined().len(), 1, "{:?}", ledger.quarantined());
+        assert!(
+            path.with_file_name(format!("{a:020}.flush.damaged"))
+                .exists()
+        );
+        assert_eq!(ledger.backlog().0, 1, "the damaged flush is forgotten");
+        assert_eq!(ledger.take_parked(), None);
+    }
+
+    #[test]
+    fn a_damaged_state_file_of_each_kind_is_quarantined_and_the_ledger_opens() {
+        let dir = test_dir("ledger-damaged-state");
+        let (ledger, _) = open(&dir, 1 << 30, Arc::new(crate::fs::RealFs));
+        let now = Duration::from_secs(1_700_000_000);
+        let a = ledger.next_flush_id(now);
+        ledger
+            .record(counter_flush(&ledger, a, 2.0), Some(b"x"))
+            .expect("a");
+        ledger.release(1).expect("release");
+        drop(ledger);
+        for file in ["instance", "gauges", "dedup"] {
+            std::fs::write(dir.join(file), b"\x00garbage").expect("damage");
+        }
+        let (ledger, recovered) = open(&dir, 1 << 30, Arc::new(crate::fs::RealFs));
+        let q = ledger.quarantined();
+        assert_eq!(q.len(), 3, "{q:?}");
+        for file in ["instance", "gauges", "dedup"] {
+            assert!(dir.join(format!("{file}.damaged")).exists(), "{file}");
+            assert!(
+                q.iter().any(|m| m.contains(&format!("{file}.damaged"))),
+                "{q:?}"
+            );
+        }
+        assert_eq!(recovered.flushes.len(), 1, "the spool is still read");
+        assert!(
+            ledger.next_flush_id(now) > a,
+            "flush ids still grow past the spool's"
         );
     }
 

@@ -19,6 +19,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::fs::Fs;
 use crate::outbox::flush::Flush;
 
 /// The spool directory and its file names.
@@ -50,16 +51,27 @@ pub struct Entry {
     pub sent: bool,
 }
 
+/// What [`scan`] found.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// Spooled flushes in flush-id order.
+    pub entries: Vec<Entry>,
+    /// Files that did not decode, moved aside ([`crate::fs::quarantine`]),
+    /// each with the reason.
+    pub quarantined: Vec<String>,
+}
+
 /// Reads every spooled flush in `dir` once (one at a time, bodies
-/// dropped), removes the files of flushes another one absorbed, and returns
-/// the rest in flush-id order. A file that does not decode is an error
-/// naming it.
-pub fn scan(dir: &Path) -> io::Result<Vec<Entry>> {
-    let mut entries = Vec::new();
+/// dropped), removes the files of flushes another one absorbed and the
+/// `*.tmp` files a crash left mid-write (never renamed, so never sent),
+/// quarantines files that do not decode, and returns the rest in flush-id
+/// order.
+pub fn scan(fs: &dyn Fs, dir: &Path) -> io::Result<Scanned> {
+    let mut out = Scanned::default();
     let mut absorbed = std::collections::BTreeSet::new();
     let files = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(entries),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e),
     };
     let mut markers = std::collections::BTreeSet::new();
@@ -70,13 +82,25 @@ pub fn scan(dir: &Path) -> io::Result<Vec<Entry>> {
             markers.insert(path);
             continue;
         }
+        if ext == Some("tmp") {
+            fs.remove(&path)?;
+            continue;
+        }
         if ext != Some("flush") {
-            continue; // a *.tmp left by a crash mid-write: never renamed, never sent
+            continue; // a quarantined `*.damaged`, or not tallyd's
         }
         let bytes = std::fs::read(&path)?;
-        let flush = Flush::decode(&bytes).map_err(|e| damaged(&path, &e))?;
+        let flush = match Flush::decode(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                let to = crate::fs::quarantine(fs, &path)?;
+                tracing::error!(file = %path.display(), moved_to = %to.display(), error = %e, "a spool file is damaged; moved aside, its rows are lost");
+                out.quarantined.push(format!("{} ({e})", to.display()));
+                continue;
+            }
+        };
         absorbed.extend(flush.absorbed.iter().copied());
-        entries.push(Entry {
+        out.entries.push(Entry {
             flush_id: flush.flush_id,
             generation: flush.generation,
             ts: flush.ts,
@@ -92,13 +116,13 @@ pub fn scan(dir: &Path) -> io::Result<Vec<Entry>> {
     }
     // Complete flushes whose marker a crash left behind (the file is gone,
     // so the marker is found after it).
-    for e in &mut entries {
+    for e in &mut out.entries {
         e.sent |= markers.remove(&sent_path(dir, e.flush_id));
     }
     for stale in markers {
         let _ = std::fs::remove_file(stale);
     }
-    entries.retain(|e| {
+    out.entries.retain(|e| {
         if !absorbed.contains(&e.flush_id) {
             return true;
         }
@@ -106,8 +130,8 @@ pub fn scan(dir: &Path) -> io::Result<Vec<Entry>> {
         let _ = std::fs::remove_file(path(dir, e.flush_id));
         false
     });
-    entries.sort_by_key(|e| e.flush_id);
-    Ok(entries)
+    out.entries.sort_by_key(|e| e.flush_id);
+    Ok(out)
 }
 
 /// Reads spooled flush `flush_id`.
@@ -120,10 +144,7 @@ pub fn read(dir: &Path, flush_id: u64) -> io::Result<Flush> {
 fn damaged(path: &Path, e: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!(
-            "{}: {e}; move the file aside to start without it (its rows are lost)",
-            path.display()
-        ),
+        format!("{}: {e}", path.display()),
     )
 }
 
@@ -142,7 +163,7 @@ mod tests {
         f.tables = Bodies::default();
         std::fs::write(path(&dir, f.flush_id), version_1(&f, &[])).expect("write");
         std::fs::write(sent_path(&dir, 77), b"").expect("stale marker");
-        let entries = scan(&dir).expect("scan");
+        let entries = scan(&crate::fs::RealFs, &dir).expect("scan").entries;
         assert_eq!(entries.len(), 1);
         assert!(
             entries[0].sent,
@@ -152,5 +173,34 @@ mod tests {
             !sent_path(&dir, 77).exists(),
             "a marker without its flush goes"
         );
+    }
+
+    #[test]
+    fn a_damaged_file_is_quarantined_and_a_torn_temp_file_removed() {
+        let dir = crate::ledger::test_dir("spool-damaged");
+        let good = sample();
+        std::fs::write(path(&dir, good.flush_id), good.encode()).expect("write");
+        let mut bad = sample();
+        bad.flush_id = 43;
+        let mut bytes = bad.encode();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(path(&dir, 43), &bytes).expect("write");
+        std::fs::write(dir.join("00000000000000000044.tmp"), b"torn").expect("write");
+        let scanned = scan(&crate::fs::RealFs, &dir).expect("a damaged file does not stop a scan");
+        assert_eq!(scanned.entries.len(), 1);
+        assert_eq!(scanned.entries[0].flush_id, 42);
+        assert_eq!(scanned.quarantined.len(), 1);
+        assert!(
+            scanned.quarantined[0].contains("checksum mismatch"),
+            "{:?}",
+            scanned.quarantined
+        );
+        assert!(!path(&dir, 43).exists());
+        assert_eq!(
+            std::fs::read(dir.join("00000000000000000043.flush.damaged")).expect("kept"),
+            bytes
+        );
+        assert!(!dir.join("00000000000000000044.tmp").exists());
     }
 }

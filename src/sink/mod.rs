@@ -439,8 +439,9 @@ impl Sink {
     }
 
     /// The oldest parked flushes, read back from the spool (several joined
-    /// into one, see [`Ledger::read_taken`]). One that cannot be read is
-    /// left on disk for the next start (and logged).
+    /// into one, see [`Ledger::read_taken`]). One that does not decode is
+    /// quarantined by the ledger; one that cannot be read for another
+    /// reason is left on disk for the next start (and logged).
     async fn next_parked(&self) -> Option<Queued> {
         let ledger = self.ledger.as_ref()?;
         loop {
@@ -457,7 +458,7 @@ impl Sink {
                     });
                 }
                 Ok(Err(e)) | Err(e) => {
-                    tracing::error!(error = %e, flush_ids = ?taken.ids, "cannot read a parked flush back; it stays in the spool")
+                    tracing::error!(error = %e, flush_ids = ?taken.ids, "cannot read a parked flush back; skipped (a damaged one is moved aside, see /health)")
                 }
             }
         }
