@@ -330,6 +330,78 @@ async fn schema_drift_blocks_table_keeps_data_and_resumes() {
     );
 }
 
+/// A drifted table holds only itself: the other tables of its flushes go
+/// on, and its own rows land, each once, when it is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drifted_sets_table_does_not_stop_counters() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "ledger_drift_sets");
+    s.aggregate.flush_interval = "100ms".into();
+    s.clickhouse.retry_initial = "50ms".into();
+    s.clickhouse.retry_max = "200ms".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let tcp = running.tcp_addr.expect("tcp");
+    let round = |r: usize| -> String {
+        (0..50)
+            .map(|i| format!("drift2.c:1|c\ndrift2.s:m{r}-{i}|s\n"))
+            .collect()
+    };
+    send_tcp(tcp, &round(0));
+    let counters = "SELECT sum(value) FROM ledger_drift_sets.counters WHERE name = 'drift2.c'";
+    assert!(
+        blocking(
+            move || wait_for(10, || clickhouse().try_query(counters).as_deref()
+                == Some("50\n"))
+        )
+        .await
+    );
+    ch.query("ALTER TABLE ledger_drift_sets.sets MODIFY COLUMN samples String");
+    for r in 1..=3 {
+        send_tcp(tcp, &round(r));
+        let want = format!("{}\n", 50 * (r + 1));
+        assert!(
+            blocking(
+                move || wait_for(10, || clickhouse().try_query(counters).as_deref()
+                    == Some(want.as_str()))
+            )
+            .await,
+            "counters stopped behind the blocked sets table (round {r}): {:?} {:?}",
+            clickhouse().try_query(counters),
+            http(
+                running.admin_addr.expect("admin").port(),
+                "GET",
+                "/metrics",
+                ""
+            )
+        );
+    }
+    let t = Arc::clone(&running.telemetry);
+    assert_eq!(t.tables_blocked[3].load(Relaxed), 1, "sets is blocked");
+    assert_eq!(t.tables_blocked[0].load(Relaxed), 0, "counters is not");
+    ch.query("ALTER TABLE ledger_drift_sets.sets MODIFY COLUMN samples UInt64");
+    assert!(
+        blocking(move || wait_for(10, || t.tables_blocked[3].load(Relaxed) == 0)).await,
+        "the sets table stayed blocked"
+    );
+    running.shutdown().await;
+    for fin in ["", "FINAL"] {
+        assert_eq!(
+            ch.query(&format!(
+                "SELECT count() FROM ledger_drift_sets.sets {fin} ARRAY JOIN member_hashes WHERE name = 'drift2.s' FORMAT TSV"
+            )),
+            "200\n",
+            "{fin}"
+        );
+        assert_eq!(
+            ch.query(&format!(
+                "SELECT sum(value) FROM ledger_drift_sets.counters {fin} WHERE name = 'drift2.c' FORMAT TSV"
+            )),
+            "200\n",
+            "{fin}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_fsync_never_acks() {
     let ch = clickhouse();

@@ -8,8 +8,10 @@
 //! for as long as it takes. An answer that says the rows do not fit the
 //! table (`Code: 16`, `53`, `117`, ...: tallyd's rows come from fixed
 //! structs, so this means the table drifted from tallyd's schema) *blocks*
-//! the table: the flush is kept, retried with backoff, `tallyd_table_blocked`
-//! is 1 and `/health` says so, until the table is fixed. Nothing is confirmed
+//! the table: its bodies are kept (in the spool), retried with backoff,
+//! `tallyd_table_blocked` is 1 and `/health` says so, until the table is
+//! fixed. A blocked table holds only itself: the other tables of its flush
+//! and of later flushes are written meanwhile. Nothing is confirmed
 //! that ClickHouse did not store. Every send of a flush carries the same
 //! bytes and deduplication token, which the ReplacingMergeTree tables (and,
 //! on 22.2+, the token) collapse.
@@ -126,6 +128,13 @@ pub fn error_code(message: &str) -> Option<u32> {
     rest[..end].parse().ok()
 }
 
+/// Every `Code: N` of a ClickHouse error message, outermost first.
+fn error_codes(message: &str) -> impl Iterator<Item = u32> + '_ {
+    message
+        .match_indices("Code: ")
+        .filter_map(|(at, _)| error_code(&message[at..]))
+}
+
 /// Whether an error is a TLS certificate the client does not trust (or a
 /// name it does not match): a config problem, not an outage.
 pub fn is_certificate_error(err: &clickhouse::error::Error) -> bool {
@@ -139,10 +148,11 @@ pub fn is_certificate_error(err: &clickhouse::error::Error) -> bool {
 pub fn classify(err: &clickhouse::error::Error) -> Failure {
     use clickhouse::error::Error as E;
     match err {
-        E::BadResponse(msg) => match error_code(msg) {
-            Some(code) if BAD_DATA_CODES.contains(&code) => Failure::Schema,
-            _ => Failure::Retry,
-        },
+        // A code nested in another (a wrapped exception, as the embedded
+        // engine's `Code: 1000. … Code: 33. …`) counts as well.
+        E::BadResponse(msg) if error_codes(msg).any(|c| BAD_DATA_CODES.contains(&c)) => {
+            Failure::Schema
+        }
         E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => Failure::Schema,
         _ => Failure::Retry,
     }
@@ -183,6 +193,19 @@ pub struct Sink {
     active: std::sync::atomic::AtomicUsize,
     /// Per table: its columns were found to be what tallyd writes.
     checked: [AtomicBool; TABLES.len()],
+}
+
+/// Tables blocked by schema drift in [`Sink::run`]: per table, the flushes
+/// whose body for it waits, oldest first; per flush, the tables it still
+/// needs (a bit each) and whether it is a re-send. Bounded by the spool:
+/// each entry is a flush id whose file stays until every table has its rows.
+#[derive(Debug, Default)]
+struct Blocked {
+    waiting: [std::collections::VecDeque<u64>; TABLES.len()],
+    left: std::collections::BTreeMap<u64, (u8, bool)>,
+    /// When to try the blocked tables again.
+    retry_at: Option<tokio::time::Instant>,
+    attempt: u32,
 }
 
 /// Why an attempt to write a table failed.
@@ -391,10 +414,15 @@ impl Sink {
 
     /// Writes flushes until the queue closes and no flush is parked: the
     /// queue's first (they are older), then those parked in the spool,
-    /// read back one at a time.
+    /// read back one at a time. A table blocked by schema drift holds only
+    /// itself: the other tables of its flush and of later flushes go on,
+    /// and its bodies wait in order ([`Blocked`]) for the table to take
+    /// rows again. A flush is complete when every table has its rows.
     pub async fn run(self, mut queue: mpsc::Receiver<Queued>) {
         let mut open = true;
+        let mut blocked = Blocked::default();
         loop {
+            self.retry_blocked(&mut blocked).await;
             let q = match queue.try_recv() {
                 Ok(q) => q,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -414,27 +442,127 @@ impl Sink {
                                 None => std::future::pending().await,
                             }
                         };
+                        let retry = async {
+                            match blocked.retry_at {
+                                Some(at) => tokio::time::sleep_until(at).await,
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             q = queue.recv() => match q {
                                 Some(q) => q,
                                 None => { open = false; continue; }
                             },
                             _ = parked => continue,
+                            _ = retry => continue,
                         }
                     }
                 },
             };
             self.mark_sending(&q).await;
-            self.write(&q).await;
-            crate::failpoint::hit("after_insert");
-            if let Some(ledger) = &self.ledger {
-                let (l, id) = (Arc::clone(ledger), q.flush.flush_id);
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.complete(id)).await {
-                    // The spool file stays: re-sent (identical) at the next start.
-                    tracing::error!(error = %e, flush_id = id, "could not remove a written flush from the spool");
-                }
-                crate::ledger::publish_backlog(ledger, &self.telemetry);
+            for checked in &self.checked {
+                checked.store(false, Relaxed);
             }
+            let mut left = 0u8;
+            for table in 0..TABLES.len() {
+                if q.flush.tables.bodies[table].is_empty() {
+                    continue;
+                }
+                // Without a ledger nothing can be read back: a blocked
+                // table is retried in place, holding every table.
+                let hold = self.ledger.is_none();
+                let behind_blocked = !blocked.waiting[table].is_empty();
+                if behind_blocked || !self.write_table(table, &q, hold).await {
+                    blocked.waiting[table].push_back(q.flush.flush_id);
+                    left |= 1 << table;
+                }
+            }
+            crate::failpoint::hit("after_insert");
+            if left == 0 {
+                self.complete(q.flush.flush_id).await;
+            } else {
+                blocked.left.insert(q.flush.flush_id, (left, q.resent));
+                blocked.retry_at.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + self.current().config.retry_initial
+                });
+            }
+        }
+    }
+
+    /// Step 7 for `flush_id`: its spool file goes.
+    async fn complete(&self, flush_id: u64) {
+        if let Some(ledger) = &self.ledger {
+            let l = Arc::clone(ledger);
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.complete(flush_id)).await {
+                // The spool file stays: re-sent (identical) at the next start.
+                tracing::error!(error = %e, flush_id, "could not remove a written flush from the spool");
+            }
+            crate::ledger::publish_backlog(ledger, &self.telemetry);
+        }
+    }
+
+    /// When it is time, tries each blocked table's oldest waiting body once
+    /// (read back from the spool), and on success the ones after it.
+    async fn retry_blocked(&self, blocked: &mut Blocked) {
+        let Some(at) = blocked.retry_at else { return };
+        if tokio::time::Instant::now() < at {
+            return;
+        }
+        let Some(ledger) = &self.ledger else { return };
+        let mut still = false;
+        for table in 0..TABLES.len() {
+            while let Some(&id) = blocked.waiting[table].front() {
+                let Some(&(mask, resent)) = blocked.left.get(&id) else {
+                    blocked.waiting[table].pop_front();
+                    continue;
+                };
+                let l = Arc::clone(ledger);
+                let read = tokio::task::spawn_blocking(move || l.read(id))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r);
+                let written = match read {
+                    Ok(flush) => {
+                        self.checked[table].store(false, Relaxed);
+                        let q = Queued {
+                            flush: Arc::new(flush),
+                            resent,
+                        };
+                        self.write_table(table, &q, false).await
+                    }
+                    Err(e) => {
+                        // Quarantined or gone: nothing left to write.
+                        tracing::error!(error = %e, flush_id = id, table = TABLES[table], "cannot read a flush back for its blocked table; its rows of that table are lost");
+                        true
+                    }
+                };
+                if !written {
+                    still = true;
+                    break;
+                }
+                blocked.waiting[table].pop_front();
+                let mask = mask & !(1 << table);
+                if mask == 0 {
+                    blocked.left.remove(&id);
+                    self.complete(id).await;
+                } else {
+                    blocked.left.insert(id, (mask, resent));
+                }
+            }
+        }
+        blocked.retry_at = still.then(|| {
+            let config = self.current().config;
+            let delay = backoff(
+                blocked.attempt,
+                config.retry_initial,
+                config.retry_max,
+                jitter(),
+            );
+            blocked.attempt = blocked.attempt.saturating_add(1);
+            tokio::time::Instant::now() + delay
+        });
+        if !still {
+            blocked.attempt = 0;
         }
     }
 
@@ -490,22 +618,26 @@ impl Sink {
         }
     }
 
-    /// Writes one flush, every table, retrying until each table is written.
+    /// Writes one flush, every table, retrying until each table is written
+    /// (a blocked table too: [`Sink::run`] holds it apart instead).
     /// The tables' columns are checked again first.
     pub async fn write(&self, q: &Queued) {
         for checked in &self.checked {
             checked.store(false, Relaxed);
         }
         for table in 0..TABLES.len() {
-            self.write_table(table, q).await;
+            self.write_table(table, q, true).await;
         }
     }
 
-    async fn write_table(&self, table: usize, q: &Queued) {
+    /// Writes table `table` of `q`, retrying an outage for as long as it
+    /// takes. A table whose rows ClickHouse refuses as not fitting it is
+    /// blocked: retried here too if `hold`, else false is returned at once.
+    async fn write_table(&self, table: usize, q: &Queued, hold: bool) -> bool {
         let flush = &q.flush;
         let body = &flush.tables.bodies[table];
         if body.is_empty() {
-            return;
+            return true;
         }
         let rows = u64::from(flush.tables.rows[table]);
         let name = TABLES[table];
@@ -547,7 +679,7 @@ impl Sink {
                             "insert succeeded after retries"
                         );
                     }
-                    return;
+                    return true;
                 }
                 Err(err) => {
                     let config = self.current().config;
@@ -561,7 +693,10 @@ impl Sink {
                                 .clickhouse_schema_errors
                                 .fetch_add(1, Relaxed);
                             if self.telemetry.tables_blocked[table].swap(1, Relaxed) == 0 {
-                                tracing::error!(table = name, flush_id, rows, error = %err, database = %config.database, "ClickHouse refuses the rows as not matching the table: its schema differs from tallyd's (see `tallyd schema`). The table is blocked: its rows are kept and retried until the table is fixed");
+                                tracing::error!(table = name, flush_id, rows, error = %err, database = %config.database, "ClickHouse refuses the rows as not matching the table: its schema differs from tallyd's (see `tallyd schema`). The table is blocked: its rows are kept and retried until the table is fixed; the other tables go on");
+                            }
+                            if !hold {
+                                return false;
                             }
                         }
                         Failure::Retry => {
@@ -755,6 +890,17 @@ mod tests {
         );
         assert_eq!(error_code("Code: 117. DB::Exception: bad"), Some(117));
         assert_eq!(error_code("connection refused"), None);
+    }
+
+    #[test]
+    fn a_bad_data_code_wrapped_in_another_is_a_schema_failure() {
+        use clickhouse::error::Error as E;
+        let wrapped = "Code: 1000. DB::Exception: Streaming insert finish failed: Code: 33. DB::Exception: Cannot read all data. Bytes read: 3. Bytes expected: 8: (at row 1)";
+        assert_eq!(classify(&E::BadResponse(wrapped.into())), Failure::Schema);
+        assert_eq!(
+            classify(&E::BadResponse("Code: 1000. DB::Exception: Timeout".into())),
+            Failure::Retry
+        );
     }
 
     #[test]
