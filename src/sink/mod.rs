@@ -510,7 +510,7 @@ impl Sink {
         }
         let Some(ledger) = &self.ledger else { return };
         let mut still = false;
-        for table in 0..TABLES.len() {
+        for (table, name) in TABLES.iter().enumerate() {
             while let Some(&id) = blocked.waiting[table].front() {
                 let Some(&(mask, resent)) = blocked.left.get(&id) else {
                     blocked.waiting[table].pop_front();
@@ -532,7 +532,7 @@ impl Sink {
                     }
                     Err(e) => {
                         // Quarantined or gone: nothing left to write.
-                        tracing::error!(error = %e, flush_id = id, table = TABLES[table], "cannot read a flush back for its blocked table; its rows of that table are lost");
+                        tracing::error!(error = %e, flush_id = id, table = name, "cannot read a flush back for its blocked table; its rows of that table are lost");
                         true
                     }
                 };
