@@ -60,7 +60,10 @@
 //! verified (`recovery.rs`). Records of generations that are not done are
 //! returned by generation; the ledger rebuilds each one (or, if its spool
 //! file exists, only re-observes its protobuf batches). A torn tail (the
-//! last record of the newest segment) is truncated with a warning. A record
+//! last record of the newest segment) is truncated with a warning. So is a
+//! torn tail of an older segment under `never` or `interval` sync, where a
+//! power loss may leave one (counted in `torn_tails`: a loss within the
+//! policy); under `always` it is corruption, as below. A record
 //! that fails its check but is followed by a valid record is corruption: by
 //! default recovery stops with an error naming the segment and offset;
 //! `wal.skip_corrupt = true` skips it and goes on.
@@ -995,6 +998,42 @@ mod tests {
         drop(wal);
         let (_, rec) = Wal::open(config(&dir)).expect("reopen");
         assert_eq!(rec.records, 2);
+    }
+
+    #[test]
+    fn a_torn_older_segment_starts_under_interval_sync_and_stops_under_always() {
+        let dir = temp_dir();
+        let big = |c: char| c.to_string().repeat(1000);
+        {
+            let (wal, _) = Wal::open(config(&dir)).expect("open");
+            for c in ['a', 'b', 'c', 'd'] {
+                wal.append(0, 1, Kind::Statsd, big(c).as_bytes())
+                    .expect("append");
+            }
+        }
+        // Three records fill seg-0; the fourth went to seg-1. Tear the third,
+        // as a power loss does to pages never written back.
+        let seg0 = dir.join("stream-0").join("seg-0.wal");
+        let mut bytes = std::fs::read(&seg0).expect("read");
+        let third = SEGMENT_HEADER + 2 * record_len(1000);
+        bytes[third + 24..third + 64].fill(0);
+        std::fs::write(&seg0, &bytes).expect("write");
+        let (wal, rec) =
+            Wal::open(config(&dir)).expect("a torn older segment starts under interval");
+        assert_eq!(
+            payloads(&rec),
+            vec![(1, vec![big('a'), big('b'), big('d')])]
+        );
+        assert_eq!(wal.stats.torn_tails.load(Relaxed), 1);
+        drop(wal);
+        let mut always = config(&dir);
+        always.sync = SyncMode::Always;
+        assert!(matches!(
+            Wal::open(always.clone()),
+            Err(WalError::Corrupt { .. })
+        ));
+        always.skip_corrupt = true;
+        Wal::open(always).expect("skip_corrupt applies to it");
     }
 
     #[test]

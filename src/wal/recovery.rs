@@ -199,6 +199,15 @@ fn scan_stream(
                 tracing::warn!(segment = %name, offset, "truncating a torn WAL tail");
                 scan.torn += 1;
             }
+            // An older segment's tail that never reached the disk: a power
+            // loss under `never` or `interval` may leave one (its pages were
+            // not written back before the writer moved on), and losing it
+            // is within that policy. Under `always` every append was
+            // synced, so it is damage, skipped only if told to.
+            End::Torn(offset) if config.sync != super::SyncMode::Always || config.skip_corrupt => {
+                tracing::warn!(segment = %name, offset, sync = ?config.sync, "an older WAL segment ends in a torn record (a power loss within the sync policy); its records from there on are lost, the rest recovered");
+                scan.torn += 1;
+            }
             End::Torn(offset) | End::Corrupt(offset) => {
                 return Err(WalError::Corrupt {
                     segment: name,
