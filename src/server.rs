@@ -392,12 +392,26 @@ async fn serve(
         clock,
         held: None,
     };
+    let first_open = recovery.next_generation;
     replay(&mut flusher, recovered, recovery, &telemetry, &dedup)
         .await
         .map_err(|source| StartError::DataDir {
             dir: config.data_dir.display().to_string(),
             source,
         })?;
+    // Every generation before the first open one is released or was never
+    // in this WAL (see `Wal::confirm_through`).
+    if let Some(w) = &wal {
+        let w = Arc::clone(w);
+        blocking(move || w.confirm_through(first_open.saturating_sub(1)))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r.map_err(std::io::Error::other))
+            .map_err(|source| StartError::DataDir {
+                dir: config.data_dir.display().to_string(),
+                source,
+            })?;
+    }
     // The flush loop stops only after every listener has drained, so its
     // last interval holds everything received.
     let (flush_stop, flush_stop_rx) = watch::channel(false);

@@ -402,6 +402,63 @@ async fn a_drifted_sets_table_does_not_stop_counters() {
     }
 }
 
+/// The WAL directory is lost (or the WAL turned off and on) while the
+/// spool holds a backlog: generation ids go on past the spool's, and the
+/// WAL must not wait for the generations it never held, or the ring, once
+/// lapped, refuses every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_wal_dir_with_a_backlog_then_more_than_a_ring_of_traffic_loses_nothing() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "ledger_wal_lost");
+    s.aggregate.flush_interval = "100ms".into();
+    s.shutdown_timeout = "1s".into();
+    s.wal.size = "1MiB".into();
+    s.wal.segment_size = "128KiB".into();
+    s.wal.tcp_streams = 1;
+    let mut down = s.clone();
+    down.clickhouse.url = format!("http://127.0.0.1:{}", common::free_port());
+    let running = server::start(config(&down)).await.expect("start");
+    send_tcp(running.tcp_addr.expect("tcp"), &"lost.c:1|c\n".repeat(100));
+    let t = Arc::clone(&running.telemetry);
+    assert!(
+        blocking(move || wait_for(10, || t.tcp.lines.load(Relaxed) >= 100
+            && t.flushes.load(Relaxed) >= 1))
+        .await,
+        "the backlog's interval was not recorded"
+    );
+    running.shutdown().await;
+    std::fs::remove_dir_all(std::path::Path::new(&s.data_dir).join("wal")).expect("rm -rf wal");
+    let running = server::start(config(&s))
+        .await
+        .expect("start without its wal/");
+    let tcp = running.tcp_addr.expect("tcp");
+    // 2.4 MB through a 1 MiB ring, over TCP (which waits for room).
+    for round in 1..=6u64 {
+        send_tcp(tcp, &"lost.c:1|c\n".repeat(40_000));
+        let t = Arc::clone(&running.telemetry);
+        assert!(
+            blocking(move || wait_for(20, || t.tcp.lines.load(Relaxed) >= 40_000 * round)).await,
+            "the ring refused records after a lap (round {round}): {:?}",
+            http(
+                running.admin_addr.expect("admin").port(),
+                "GET",
+                "/metrics",
+                ""
+            )
+        );
+    }
+    running.shutdown().await;
+    for fin in ["", "FINAL"] {
+        assert_eq!(
+            ch.query(&format!(
+                "SELECT sum(value) FROM ledger_wal_lost.counters {fin} WHERE name = 'lost.c' FORMAT TSV"
+            )),
+            "240100\n",
+            "{fin}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_fsync_never_acks() {
     let ch = clickhouse();

@@ -83,6 +83,13 @@ impl Checkpoint {
         Ok(c)
     }
 
+    /// Marks every generation up to `generation` done.
+    pub fn confirm_through(&mut self, generation: u64) {
+        self.confirmed = self.confirmed.max(generation);
+        self.done.retain(|&g| g > generation);
+        self.confirm(generation);
+    }
+
     pub fn confirm(&mut self, generation: u64) {
         if generation > self.confirmed {
             self.done.insert(generation);

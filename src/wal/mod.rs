@@ -662,6 +662,33 @@ impl Wal {
     }
 
     /// The generation up to which everything is confirmed.
+    /// Marks every generation up to `generation` done. For start-up only,
+    /// once replay has released every generation this WAL holds records of:
+    /// the generations up to the first open one that it holds no record of
+    /// (its `wal/` was lost, or the WAL newly turned on, while the spool ran
+    /// ahead) were never appended here. Without this the checkpoint would
+    /// wait for them for ever, and the ring, once lapped, refuse every
+    /// record.
+    pub fn confirm_through(&self, generation: u64) -> Result<(), WalError> {
+        let confirmed = {
+            let mut c = lock(&self.checkpoint);
+            if generation <= c.confirmed {
+                return Ok(());
+            }
+            tracing::info!(
+                from = c.confirmed,
+                to = generation,
+                "the WAL holds no record of the generations before the first open one; marked done"
+            );
+            c.confirm_through(generation);
+            c.confirmed
+        };
+        self.confirmed.store(confirmed, Relaxed);
+        self.persist_checkpoint()?;
+        self.release_confirmed_pages(confirmed);
+        Ok(())
+    }
+
     pub fn confirmed(&self) -> u64 {
         self.confirmed.load(Relaxed)
     }
