@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# tallyd side by side with brubeck and a null receiver (lines counted, nothing else: the
+# machine's floor), same load generator, same machine, interleaved runs (A B C A B C ...), so
+# the noise of a shared host hits all alike. Compare only figures from one run of this script.
+#
+#   bench/compare.sh KEYS MIX RATES REPEAT [PEERS] [-- extra `tallyd run` args]
+#   e.g. bench/compare.sh 100000 counters 1M,2M,3M 2
+#        bench/compare.sh 10000 mixed 2M,4M 2 null,brubeck,tallyd -- --config tuned.toml
+#
+# MIX: counters (c=100), mixed (c=60,cs=10,g=10,ms=20), mixed_sets, or a blast -m string.
+# Env: TALLYD (default: target/release/tallyd of this project), CH (a ClickHouse HTTP URL;
+# default: a private 18.16 server is started for the run and stopped after), PEERS_DIR (default
+# $TMPDIR/peers), BRUBECK_BIN (default $PEERS_DIR/src/brubeck/brubeck).
+# Needs brubeck built first (bench/README.md says how). Prints a markdown table: the highest offered
+# rate with < 0.1 % loss per daemon, CPU µs per line there, and peak RSS; per-run lines go to stderr.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+keys=$1 mix=$2 rates=$3 repeat=$4
+peers=${5:-null,brubeck,tallyd}
+shift 4; [ $# -gt 0 ] && [ "$1" != "--" ] && shift; [ "${1:-}" = "--" ] && shift
+extra="$*"
+export PEERS_DIR=${PEERS_DIR:-${TMPDIR:-/tmp}/peers}
+TALLYD=$(realpath -m "${TALLYD:-$here/../target/release/tallyd}")
+[ -x "$TALLYD" ] || { echo "no tallyd binary at $TALLYD (cargo build --release)" >&2; exit 1; }
+ch_pid="" d=""
+cleanup() { [ -n "$ch_pid" ] && kill "$ch_pid" 2>/dev/null && wait "$ch_pid" 2>/dev/null; [ -n "$d" ] && rm -rf "$d"; true; }
+trap cleanup EXIT
+if [ -z "${CH:-}" ]; then
+  d=$(mktemp -d); port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  cat >"$d/ch.xml" <<XML
+<yandex><logger><console>1</console><level>warning</level></logger><listen_host>127.0.0.1</listen_host>
+<http_port>$port</http_port><tcp_port>0</tcp_port><path>$d/data/</path><mark_cache_size>536870912</mark_cache_size>
+<users_config>$d/ch.xml</users_config><profiles><default/></profiles>
+<users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+<quotas><default/></quotas></yandex>
+XML
+  /usr/sbin/clickhouse-server --config-file="$d/ch.xml" >"$d/ch.log" 2>&1 & ch_pid=$!
+  CH=http://127.0.0.1:$port
+  for _ in $(seq 100); do curl -sf "$CH/ping" >/dev/null && break; sleep 0.1; done
+fi
+out=${OUT:-$PEERS_DIR/results/tallyd-$(date +%Y%m%d%H%M%S).jsonl}
+mkdir -p "$(dirname "$out")"
+curl -sf "$CH" --data-binary "CREATE DATABASE IF NOT EXISTS bench" >/dev/null
+cmd="$TALLYD run --statsd-udp 127.0.0.1:{port} --statsd-tcp off --proto-tcp off --proto-udp off --admin off \
+ --clickhouse-url $CH --clickhouse-database bench --data-dir {rundir}/data --host-id bench --flush-interval 1s $extra"
+verify="curl -s '$CH' --data-binary \"SELECT sum(value) FROM bench.counters FINAL WHERE name LIKE '\${PREFIX}.c.%'\""
+python3 "$here/measure.py" compare --bindir "$PEERS_DIR/bin" --workdir "$PEERS_DIR/runs" --peers "$peers" \
+  --cmd "$cmd" --verify-cmd "$verify" --peer-version tallyd --port 18725 --flush 1 --unique-prefix \
+  --keys "$keys" --mix "$mix" --rates "$rates" --repeat "$repeat" --out "$out" >&2
+# Each tallyd run preallocates a WAL in its run dir: free the disk.
+find "$PEERS_DIR/runs" -mindepth 2 -maxdepth 2 -type d -name data -exec rm -rf {} + 2>/dev/null || true
+python3 "$here/measure.py" table --summary "$out"
+echo "per-run results: $out"
