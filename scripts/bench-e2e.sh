@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# End-to-end throughput: a release tallyd, the team's StatsD load generator
-# (statsd-blast, from ../shared/tools), and ClickHouse; reports lines/s, loss
+# End-to-end throughput: a release tallyd, the project's StatsD load generator
+# (bench/blast.c), and ClickHouse; reports lines/s, loss
 # (against ClickHouse totals and the kernel's drop counter) and tallyd's CPU
 # time per line; and the flush's CPU per row written: the CPU of every thread
 # but the UDP receive threads (closing intervals, encoding, the spool, the
@@ -8,8 +8,9 @@
 # anonymous memory apart from the peak of mapped file pages (the WAL),
 # sampled every 0.2 s.
 #
-#   scripts/bench-e2e.sh CLICKHOUSE_URL BLAST_BINARY [statsd-blast options...]
-#   e.g. scripts/bench-e2e.sh http://127.0.0.1:8123 ./statsd-blast -k 100000 -r 2000000 -d 10
+#   scripts/bench-e2e.sh CLICKHOUSE_URL BLAST_BINARY [blast options...]
+#   e.g. gcc -O2 -o blast bench/blast.c -lm
+#        scripts/bench-e2e.sh http://127.0.0.1:8123 ./blast -k 100000 -r 2000000 -d 10
 #
 # Only loopback. Each run writes to a fresh database named bench_<pid>.
 set -euo pipefail

@@ -3,9 +3,9 @@
 # the ClickHouse totals must equal what tallyd received, exactly.
 #
 #   scripts/outage.sh BLAST [MINUTES] [RATE] [KEYS] [KILLS]
-#   e.g. gcc -O2 -o statsd-blast ../shared/tools/statsd-blast.c -lm
+#   e.g. gcc -O2 -o blast bench/blast.c -lm
 #        cargo deb   # or: cargo build --release, and TALLYD=target/release/tallyd
-#        scripts/outage.sh ./statsd-blast 10 1000000 100000 3
+#        scripts/outage.sh ./blast 10 1000000 100000 3
 #
 # 1. A private ClickHouse (Debian's clickhouse-server) and a release tallyd
 #    with the default config (1 GiB WAL, 1 GiB spool, 1 s intervals).
