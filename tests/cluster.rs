@@ -77,6 +77,9 @@ fn zookeeper() -> Result<ZooKeeper, String> {
         use std::io::{Read, Write};
         std::net::TcpStream::connect(("127.0.0.1", port))
             .and_then(|mut s| {
+                // Not ZooKeeper yet (another server took the free port in
+                // between) must not hang the poll.
+                s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
                 s.write_all(b"ruok")?;
                 let mut answer = String::new();
                 s.read_to_string(&mut answer)?;
