@@ -628,8 +628,10 @@ async fn replay(
         if spooled.contains(&r.generation) {
             continue;
         }
-        let mut generation = Generation::new(r.generation, (flusher.clock)());
-        generation.replayed = true;
+        // The live start when the WAL has it: the same `ts` and `|T`
+        // window as live.
+        let mut generation = Generation::new(r.generation, r.started.unwrap_or((flusher.clock)()));
+        generation.replayed = r.started.is_none();
         for (kind, block) in &r.blocks {
             match kind {
                 Kind::Statsd => {
@@ -637,6 +639,7 @@ async fn replay(
                         .aggregator
                         .apply_block(&generation, block, &mut scratch, &mut stats)
                 }
+                Kind::Start => {}
                 Kind::Proto => {
                     if let Some(batch) = decode_recorded(block) {
                         flusher.aggregator.apply_batch(

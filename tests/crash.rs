@@ -408,6 +408,51 @@ fn an_acknowledged_batch_survives_kill_9_before_its_flush() {
     );
 }
 
+/// A generation rebuilt from the WAL after kill -9 gets the interval start
+/// it had live (its WAL start record), not the time of the replay.
+#[test]
+fn a_replayed_interval_has_its_live_ts() {
+    let _serial = serial();
+    let ch = clickhouse();
+    let dir = temp_dir("replay-ts");
+    let ports = Ports::new();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    };
+    let before = now();
+    // A 1 h interval: the lines are only in the WAL when tallyd dies.
+    let d = start(
+        &dir,
+        &ports,
+        "",
+        &[
+            "--flush-interval",
+            "1h",
+            "--clickhouse-database",
+            "replay_ts",
+        ],
+    );
+    let tcp: std::net::SocketAddr = format!("127.0.0.1:{}", ports.tcp).parse().expect("addr");
+    send_tcp(tcp, &"ts.c:1|c\n".repeat(10));
+    d.wait_received(10);
+    let killed = now();
+    d.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    let d = start(&dir, &ports, "", &["--clickhouse-database", "replay_ts"]);
+    d.term();
+    let row = ch.query("SELECT toUInt32(ts), sum(value) FROM replay_ts.counters FINAL WHERE name = 'ts.c' GROUP BY ts FORMAT TSV");
+    let (ts, value) = row.trim().split_once('\t').expect("one row");
+    assert_eq!(value, "10");
+    let ts: u64 = ts.parse().expect("ts");
+    assert!(
+        (before..=killed).contains(&ts),
+        "ts {ts} is not the live interval's start (between {before} and {killed})"
+    );
+}
+
 #[test]
 fn recreated_container_new_hostname_no_double_count() {
     let _serial = serial();

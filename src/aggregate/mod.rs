@@ -79,8 +79,11 @@ pub struct Generation {
     /// count in `keys` and `bytes` like the others, and are flushed as
     /// rows of their own interval (see [`crate::outbox::rows::build`]).
     pub late: DashMap<MapKey, Acc, KeyHasher>,
-    /// Rebuilt from the WAL at start (see [`interval_of`]).
+    /// Rebuilt from the WAL at start without its live start (see
+    /// [`interval_of`]).
     pub replayed: bool,
+    /// Its start is recorded in the WAL (a [`Kind::Start`] record).
+    start_recorded: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -134,6 +137,7 @@ impl Generation {
             notes: Default::default(),
             late: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
             replayed: false,
+            start_recorded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -310,6 +314,7 @@ impl Aggregator {
     ) -> Result<(), AppendError> {
         let generation = self.current();
         if let Some(wal) = &self.wal {
+            record_start(wal, scratch.wal_stream, &generation)?;
             wal.append(scratch.wal_stream, generation.id, Kind::Statsd, block)?;
         }
         stats.blocks += 1;
@@ -348,8 +353,9 @@ impl Aggregator {
                 continue;
             };
             if let Some(wal) = &self.wal
-                && let Err(e) =
+                && let Err(e) = record_start(wal, scratch.wal_stream, &generation).and_then(|()| {
                     wal.append(scratch.wal_stream, generation.id, Kind::Statsd, datagram)
+                })
             {
                 refused(e);
                 let before = joined.get(from..d.start).unwrap_or_default();
@@ -384,7 +390,10 @@ impl Aggregator {
     ) -> Result<(u64, u32), AppendError> {
         let generation = self.current();
         let ticket = match &self.wal {
-            Some(wal) => wal.append(scratch.wal_stream, generation.id, Kind::Proto, raw)?,
+            Some(wal) => {
+                record_start(wal, scratch.wal_stream, &generation)?;
+                wal.append(scratch.wal_stream, generation.id, Kind::Proto, raw)?
+            }
             None => 0,
         };
         Ok((ticket, self.apply_batch(&generation, batch, scratch, stats)))
@@ -730,11 +739,25 @@ enum Interval {
     OutOfWindow,
 }
 
+/// Appends `generation`'s start to the WAL before its first block, so that
+/// a replay rebuilds it with the live start (its `ts` and `|T` window).
+/// Nothing is written for a generation that gets no block. If the append
+/// fails, the next block tries again.
+fn record_start(wal: &Wal, stream: usize, generation: &Generation) -> Result<(), AppendError> {
+    use std::sync::atomic::Ordering::{Acquire, Relaxed};
+    if generation.start_recorded.load(Relaxed) || generation.start_recorded.swap(true, Acquire) {
+        return Ok(());
+    }
+    let payload = crate::wal::format::encode_start(generation.started);
+    wal.append(stream, generation.id, Kind::Start, &payload)
+        .map(|_| ())
+        .inspect_err(|_| generation.start_recorded.store(false, Relaxed))
+}
+
 /// The interval of a sample stamped `t` (Unix seconds), judged against
-/// `generation`'s start. A generation rebuilt from the WAL has the start
-/// of the replay (the WAL does not keep it), so there the window is not
-/// applied: a stamped sample still lands in its own interval, and one that
-/// was refused live as out of the window counts after a crash.
+/// `generation`'s start. A generation rebuilt from a WAL without its start
+/// (an earlier release's) has the start of the replay, so there the window
+/// is not applied: a stamped sample still lands in its own interval.
 fn interval_of(t: u64, generation: &Generation, limits: &AggregateLimits) -> Interval {
     let started = generation.started.as_secs();
     let window = limits.timestamp_window.as_secs();

@@ -22,6 +22,28 @@ pub enum Kind {
     Statsd = 1,
     /// One protobuf `Batch`, as received (without its length prefix).
     Proto = 2,
+    /// When the generation started: 8 bytes of Unix seconds, then 4 of
+    /// nanoseconds ([`encode_start`]). Written before the generation's
+    /// first block (on whichever stream gets it), so that a replay gets
+    /// the live interval start. A generation without one (a WAL of an
+    /// earlier release) replays with the time of the replay.
+    Start = 3,
+}
+
+/// The payload of a [`Kind::Start`] record.
+pub fn encode_start(started: std::time::Duration) -> [u8; 12] {
+    let mut out = [0; 12];
+    out[..8].copy_from_slice(&started.as_secs().to_le_bytes());
+    out[8..].copy_from_slice(&started.subsec_nanos().to_le_bytes());
+    out
+}
+
+/// A [`Kind::Start`] payload back; `None` if it is not 12 bytes or the
+/// nanoseconds are out of range.
+pub fn decode_start(b: &[u8]) -> Option<std::time::Duration> {
+    let secs = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+    let nanos = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?);
+    (b.len() == 12 && nanos < 1_000_000_000).then(|| std::time::Duration::new(secs, nanos))
 }
 
 impl Kind {
@@ -29,6 +51,7 @@ impl Kind {
         match b {
             1 => Some(Kind::Statsd),
             2 => Some(Kind::Proto),
+            3 => Some(Kind::Start),
             _ => None,
         }
     }

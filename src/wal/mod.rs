@@ -33,7 +33,7 @@
 //! 4   4  CRC32C, seeded with the segment signature, over bytes 0..4 and 8..24+len
 //! 8   8  LSN (per stream, +1 per record)
 //! 16  7  generation (the aggregation interval the block was applied to)
-//! 23  1  kind (1 = StatsD block, 2 = protobuf Batch)
+//! 23  1  kind (1 = StatsD block, 2 = protobuf Batch, 3 = generation start)
 //! 24  …  payload, zero-padded to a multiple of 8
 //! ```
 //!
@@ -197,7 +197,11 @@ const RELEASE_ALIGN: usize = 64 * 1024;
 pub struct Replayed {
     pub generation: u64,
     pub intent: Option<Intent>,
-    /// (kind, payload) in log order, stream by stream.
+    /// When the generation started live (its [`Kind::Start`] record), if
+    /// the WAL has it.
+    pub started: Option<Duration>,
+    /// (kind, payload) of its StatsD and protobuf records, in log order,
+    /// stream by stream.
     pub blocks: Vec<(Kind, Vec<u8>)>,
 }
 
@@ -326,10 +330,18 @@ impl Wal {
         }
         let generations: Vec<Replayed> = recovery_blocks
             .into_iter()
-            .map(|(generation, blocks)| Replayed {
-                generation,
-                intent: checkpoint.intents.get(&generation).copied(),
-                blocks,
+            .map(|(generation, mut blocks)| {
+                let started = blocks
+                    .iter()
+                    .find(|(k, _)| *k == Kind::Start)
+                    .and_then(|(_, b)| format::decode_start(b));
+                blocks.retain(|(k, _)| *k != Kind::Start);
+                Replayed {
+                    generation,
+                    intent: checkpoint.intents.get(&generation).copied(),
+                    started,
+                    blocks,
+                }
             })
             .collect();
         let recovery = Recovery {
@@ -1002,6 +1014,30 @@ mod tests {
 
     fn segment_path(dir: &Path) -> PathBuf {
         dir.join("stream-0").join("seg-0.wal")
+    }
+
+    #[test]
+    fn a_generation_start_record_comes_back_apart_from_the_blocks() {
+        let dir = temp_dir();
+        let started = Duration::new(1_700_000_000, 250_000_000);
+        {
+            let (wal, _) = Wal::open(config(&dir)).expect("open");
+            wal.append(1, 1, Kind::Start, &format::encode_start(started))
+                .expect("append");
+            wal.append(0, 1, Kind::Statsd, b"a:1|c").expect("append");
+            wal.append(0, 2, Kind::Statsd, b"b:1|c").expect("append");
+        }
+        let (_, rec) = Wal::open(config(&dir)).expect("reopen");
+        assert_eq!(rec.generations[0].started, Some(started));
+        assert_eq!(
+            payloads(&rec),
+            vec![(1, vec!["a:1|c".into()]), (2, vec!["b:1|c".into()])]
+        );
+        assert_eq!(
+            rec.generations[1].started, None,
+            "a generation of an earlier release"
+        );
+        assert_eq!(format::decode_start(&[0; 11]), None);
     }
 
     #[test]
