@@ -159,6 +159,9 @@ pub struct AggregateSettings {
     /// Samples with a `|T` timestamp further than this from their
     /// interval are refused and counted.
     pub timestamp_window: String,
+    /// A gauge not updated for this long (counted in flush intervals) is
+    /// forgotten: a later delta resolves against 0.
+    pub gauge_ttl: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -236,6 +239,7 @@ impl Default for AggregateSettings {
             flush_queue: 8,
             max_memory: "1GiB".into(),
             timestamp_window: "1h".into(),
+            gauge_ttl: "24h".into(),
         }
     }
 }
@@ -421,6 +425,13 @@ impl Settings {
         if flush_interval < Duration::from_millis(10) {
             return Err(err("aggregate.flush_interval", "must be at least 10ms"));
         }
+        let gauge_ttl = duration("aggregate.gauge_ttl", &a.gauge_ttl)?;
+        if gauge_ttl < flush_interval {
+            return Err(err(
+                "aggregate.gauge_ttl",
+                "must be at least aggregate.flush_interval (a gauge is kept for whole intervals)",
+            ));
+        }
         let retry_initial = duration("clickhouse.retry_initial", &c.retry_initial)?;
         let retry_max = duration("clickhouse.retry_max", &c.retry_max)?;
         if retry_initial.is_zero() || retry_max < retry_initial {
@@ -601,6 +612,7 @@ impl Settings {
                 interval: flush_interval,
             },
             flush_interval,
+            gauge_ttl,
             flush_queue: a.flush_queue,
             sink: SinkConfig {
                 url: c.url.clone(),
@@ -642,6 +654,8 @@ pub struct Config {
     pub parse_limits: Limits,
     pub aggregate: AggregateLimits,
     pub flush_interval: Duration,
+    /// `aggregate.gauge_ttl`: see [`crate::outbox::gauges::GaugeMemory`].
+    pub gauge_ttl: Duration,
     pub flush_queue: usize,
     pub sink: SinkConfig,
     /// `None` when the WAL is disabled.

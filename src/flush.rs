@@ -149,6 +149,8 @@ impl Flusher {
         self.telemetry
             .dropped_gauge_memory
             .fetch_add(forgotten, Relaxed);
+        let aged_out = std::mem::take(&mut self.gauges.aged_out);
+        self.telemetry.gauges_aged_out.fetch_add(aged_out, Relaxed);
         let overflowed = std::mem::take(&mut self.gauges.overflowed);
         self.telemetry
             .dropped_overflow

@@ -378,7 +378,11 @@ async fn serve(
     let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue.max(1));
     let sink = tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx));
 
-    let mut gauges = GaugeMemory::new(config.aggregate.max_keys);
+    // The TTL in flushes at the configured interval (a reload of the
+    // interval keeps the count).
+    let ttl_flushes = config.gauge_ttl.as_nanos() / config.flush_interval.as_nanos().max(1);
+    let mut gauges = GaugeMemory::new(config.aggregate.max_keys)
+        .with_ttl(u64::try_from(ttl_flushes).unwrap_or(u64::MAX));
     for (key, value) in std::mem::take(&mut recovered.gauges) {
         gauges.remember(key, value);
     }

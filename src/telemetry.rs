@@ -135,6 +135,8 @@ pub struct Telemetry {
     pub flush_held: AtomicU64,
     /// Why the flush is held (the last error), for `/health`.
     pub flush_held_error: std::sync::Mutex<String>,
+    /// Gauges forgotten after `aggregate.gauge_ttl` without an update.
+    pub gauges_aged_out: AtomicU64,
     /// Unix ms of the last block the WAL refused as full (0: never).
     pub wal_refused_ms: AtomicU64,
 }
@@ -395,6 +397,12 @@ impl Telemetry {
             "Failed inserts that will be retried.",
             "kind=\"schema\"",
             &self.clickhouse_schema_errors,
+        );
+        m.counter(
+            "tallyd_gauges_aged_out_total",
+            "Gauges forgotten after aggregate.gauge_ttl without an update (a later delta resolves against 0).",
+            "",
+            &self.gauges_aged_out,
         );
         m.gauge(
             "tallyd_flush_held",

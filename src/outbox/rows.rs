@@ -151,6 +151,7 @@ pub fn build(
     gauges: &mut GaugeMemory,
     next_id: &mut dyn FnMut() -> u64,
 ) -> (Flush, u64) {
+    gauges.start_flush();
     let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
     let at = |t: Option<u64>| t.map_or(ts, |t| u32::try_from(t).unwrap_or(u32::MAX));
     let (events, service_checks) = generation.take_notes();
