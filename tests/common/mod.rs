@@ -234,12 +234,15 @@ impl ClickHouse {
             )
         };
         // A shell minds the server: it stops it when this test process
-        // ends (however it ends) or when the shell gets SIGTERM.
+        // ends (however it ends) or when the shell gets SIGTERM. The exit
+        // code it leaves tells `start` the server died; once the test
+        // process is gone, its temp dir may be too, and nobody reads it.
         let script = format!(
             "cd '{dir}' && {command} & ch=$!; \
              trap 'kill $ch 2>/dev/null; wait $ch; exit 0' TERM; \
              while kill -0 {pid} 2>/dev/null && kill -0 $ch 2>/dev/null; do sleep 0.2; done; \
-             kill $ch 2>/dev/null; wait $ch; echo $? > '{dir}/exit_code'",
+             kill $ch 2>/dev/null; wait $ch; rc=$?; \
+             {{ echo $rc > '{dir}/exit_code'; }} 2>/dev/null",
             dir = self.dir.display(),
             pid = std::process::id(),
         );
