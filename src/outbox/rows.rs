@@ -4,9 +4,6 @@
 
 use std::collections::HashMap;
 
-use clickhouse::Row;
-use serde::Serialize;
-
 use super::flush::Flush;
 use super::gauges::GaugeMemory;
 use super::rowbinary::{Bodies, Head, Tags};
@@ -14,7 +11,7 @@ use crate::aggregate::Generation;
 use crate::aggregate::acc::Acc;
 use crate::aggregate::key;
 
-#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CounterRow {
     pub ts: u32,
     pub name: String,
@@ -25,7 +22,7 @@ pub struct CounterRow {
     pub samples: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GaugeRow {
     pub ts: u32,
     pub name: String,
@@ -36,7 +33,7 @@ pub struct GaugeRow {
     pub samples: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TimerRow {
     pub ts: u32,
     pub name: String,
@@ -58,7 +55,7 @@ pub struct TimerRow {
     pub bucket_counts: Vec<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Row, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SetRow {
     pub ts: u32,
     pub name: String,
@@ -454,66 +451,6 @@ fn merge_timer(m: &mut TimerRow, r: TimerRow) {
     m.bucket_counts = counts;
 }
 
-/// Bytes a row takes in RowBinary (what is sent to ClickHouse).
-pub trait EncodedLen {
-    fn encoded_len(&self) -> u64;
-}
-
-fn str_len(s: &str) -> u64 {
-    varint_len(s.len() as u64) + s.len() as u64
-}
-
-fn strings_len(v: &[String]) -> u64 {
-    varint_len(v.len() as u64) + v.iter().map(|s| str_len(s)).sum::<u64>()
-}
-
-fn array8_len(n: usize) -> u64 {
-    varint_len(n as u64) + 8 * n as u64
-}
-
-fn varint_len(mut n: u64) -> u64 {
-    let mut len = 1;
-    while n >= 0x80 {
-        n >>= 7;
-        len += 1;
-    }
-    len
-}
-
-impl EncodedLen for CounterRow {
-    fn encoded_len(&self) -> u64 {
-        4 + str_len(&self.name) + strings_len(&self.tags) + str_len(&self.host) + 8 * 3
-    }
-}
-
-impl EncodedLen for GaugeRow {
-    fn encoded_len(&self) -> u64 {
-        4 + str_len(&self.name) + strings_len(&self.tags) + str_len(&self.host) + 8 * 3
-    }
-}
-
-impl EncodedLen for TimerRow {
-    fn encoded_len(&self) -> u64 {
-        4 + str_len(&self.name)
-            + strings_len(&self.tags)
-            + str_len(&self.host)
-            + str_len(&self.kind)
-            + 8 * 10
-            + array8_len(self.bucket_values.len())
-            + array8_len(self.bucket_counts.len())
-    }
-}
-
-impl EncodedLen for SetRow {
-    fn encoded_len(&self) -> u64 {
-        4 + str_len(&self.name)
-            + strings_len(&self.tags)
-            + str_len(&self.host)
-            + 8 * 3
-            + array8_len(self.member_hashes.len())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -815,20 +752,5 @@ mod tests {
         );
         assert_eq!(batch.sets[0].tags, vec!["x".to_owned(), "y".to_owned()]);
         assert_eq!(flush.tables.rows, [2, 1, 2, 1, 0, 0]);
-    }
-
-    #[test]
-    fn encoded_len_counts_varints_and_arrays() {
-        let row = CounterRow {
-            ts: 0,
-            name: "ab".into(),
-            tags: vec!["x".into()],
-            host: "h".into(),
-            flush_id: 0,
-            value: 0.0,
-            samples: 0,
-        };
-        // ts 4, name 1+2, tags 1+(1+1), host 1+1, 3 x 8
-        assert_eq!(row.encoded_len(), 4 + 3 + 3 + 2 + 24);
     }
 }
