@@ -88,6 +88,7 @@ impl Flusher {
             Some(Held::Unrecorded(flush)) => flush,
             None => {
                 let now = (self.clock)();
+                self.notice_a_step_back(now);
                 let generation = take(self.aggregator.swap(now)).await;
                 if generation.is_empty() {
                     self.release(generation.id).await;
@@ -98,6 +99,22 @@ impl Flusher {
             }
         };
         self.record_and_send(flush, reason, started).await
+    }
+
+    /// Logs and counts a wall clock that stepped back behind the open
+    /// interval's start (NTP correcting a fast clock, a VM resumed from an
+    /// old snapshot). What follows: new intervals start at the clock's time,
+    /// so their rows get `ts` earlier than rows already written; flush ids,
+    /// and the gauge versions made from them, keep growing (forced above the
+    /// last one, see [`crate::ledger::identity`]), so `argMax(value,
+    /// version)` still returns the gauge value sent last, and counters stay
+    /// exact (each interval has its own flush id).
+    fn notice_a_step_back(&self, now: Duration) {
+        let started = self.aggregator.current().started;
+        if now.saturating_add(Duration::from_secs(1)) < started {
+            self.telemetry.clock_steps_back.fetch_add(1, Relaxed);
+            tracing::warn!(by = ?started.saturating_sub(now), "the wall clock stepped back; new rows get the clock's ts, earlier than rows already written; gauge versions keep growing");
+        }
     }
 
     /// Records and queues a generation rebuilt from the WAL at start. One

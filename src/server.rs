@@ -106,11 +106,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// [`start`], with every durable file operation going through `fs` (tests
 /// inject failed syncs, ENOSPC and torn writes).
 pub async fn start_with(config: Config, fs: Arc<dyn Fs>) -> Result<Running, StartError> {
+    start_with_clock(config, fs, Arc::new(crate::clock::wall_clock)).await
+}
+
+/// [`start_with`], with intervals started and flush ids drawn by `clock`
+/// (tests step it, as NTP or a VM resumed from a snapshot would).
+pub async fn start_with_clock(
+    config: Config,
+    fs: Arc<dyn Fs>,
+    clock: Clock,
+) -> Result<Running, StartError> {
     // Listeners are bound first (a taken port fails fast), served only after
     // the ledger and the WAL are recovered and replayed.
     let listeners = bind(&config).await?;
     let opened = recover(&config, fs).await?;
-    serve(config, listeners, opened).await
+    serve(config, listeners, opened, clock).await
 }
 
 /// Every socket tallyd listens on, bound (or passed by systemd).
@@ -321,6 +331,7 @@ async fn serve(
     config: Config,
     listeners: Listeners,
     opened: Opened,
+    clock: Clock,
 ) -> Result<Running, StartError> {
     let Listeners {
         udp_sockets,
@@ -339,7 +350,6 @@ async fn serve(
     } = opened;
     let dedup = Arc::clone(&ledger.dedup);
     let telemetry = Arc::new(Telemetry::default());
-    let clock: Clock = Arc::new(crate::clock::wall_clock);
     let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
     let aggregator = Arc::new(Aggregator::with_wal(
         config.aggregate,

@@ -135,6 +135,8 @@ pub struct Telemetry {
     pub flush_held: AtomicU64,
     /// Why the flush is held (the last error), for `/health`.
     pub flush_held_error: std::sync::Mutex<String>,
+    /// Times the wall clock was found behind the open interval's start.
+    pub clock_steps_back: AtomicU64,
     /// Gauges forgotten after `aggregate.gauge_ttl` without an update.
     pub gauges_aged_out: AtomicU64,
     /// Unix ms of the last block the WAL refused as full (0: never).
@@ -397,6 +399,12 @@ impl Telemetry {
             "Failed inserts that will be retried.",
             "kind=\"schema\"",
             &self.clickhouse_schema_errors,
+        );
+        m.counter(
+            "tallyd_clock_steps_back_total",
+            "Times the wall clock was found behind the open interval's start (NTP stepping a fast clock back, a VM resumed from a snapshot); later rows get earlier ts, gauge versions keep growing.",
+            "",
+            &self.clock_steps_back,
         );
         m.counter(
             "tallyd_gauges_aged_out_total",

@@ -341,7 +341,7 @@ async fn timestamped_samples_land_in_their_own_interval_and_far_ones_are_refused
     );
     // The newest gauge value is the live one, whichever row landed last.
     assert_eq!(
-        q("SELECT argMax(value, (ts, version)) FROM stamped.gauges WHERE name = 'st.g'"),
+        q("SELECT argMax(value, version) FROM stamped.gauges WHERE name = 'st.g'"),
         "9\n"
     );
     assert_eq!(

@@ -459,6 +459,111 @@ async fn a_lost_wal_dir_with_a_backlog_then_more_than_a_ring_of_traffic_loses_no
     }
 }
 
+/// A wall clock an hour fast, then stepped back by NTP, while running and
+/// across restarts: the README's newest-gauge query returns the value sent
+/// last (a gauge stamped for an earlier moment never overtakes it), and
+/// every counter is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_an_hour_fast_then_stepped_back_keeps_the_newest_gauge_newest() {
+    use std::sync::atomic::AtomicI64;
+    let ch = clickhouse();
+    let mut s = settings(ch, "ledger_clock");
+    s.aggregate.flush_interval = "100ms".into();
+    let offset = Arc::new(AtomicI64::new(3600));
+    let clock: tallyd::flush::Clock = {
+        let offset = Arc::clone(&offset);
+        Arc::new(move || {
+            let wall = tallyd::clock::wall_clock();
+            let by = Duration::from_secs(offset.load(Relaxed).unsigned_abs());
+            if offset.load(Relaxed) >= 0 {
+                wall + by
+            } else {
+                wall - by
+            }
+        })
+    };
+    let newest =
+        "SELECT argMax(value, version) FROM ledger_clock.gauges WHERE name = 'clock.g' FORMAT TSV";
+    let counted = |n: u64| {
+        move || {
+            wait_for(10, || {
+                clickhouse()
+                    .try_query("SELECT sum(value) FROM ledger_clock.counters WHERE name = 'clock.c' FORMAT TSV")
+                    .as_deref()
+                    == Some(format!("{n}\n").as_str())
+            })
+        }
+    };
+    // Counters and gauges are two INSERTs: wait for the gauge row too.
+    let newest_is = |v: u32| {
+        move || {
+            wait_for(10, || {
+                clickhouse().try_query(newest).as_deref() == Some(format!("{v}\n").as_str())
+            })
+        }
+    };
+    let stamped_in = || {
+        wait_for(10, || {
+            clickhouse()
+                .try_query("SELECT count() FROM ledger_clock.gauges WHERE name = 'clock.g' AND value = 9 FORMAT TSV")
+                .as_deref()
+                == Some("1\n")
+        })
+    };
+    let start =
+        || server::start_with_clock(config(&s), Arc::new(tallyd::fs::RealFs), Arc::clone(&clock));
+    let running = start().await.expect("start");
+    let tcp = running.tcp_addr.expect("tcp");
+    send_tcp(tcp, "clock.g:1|g\nclock.c:1|c\n");
+    assert!(blocking(counted(1)).await && blocking(newest_is(1)).await);
+    // NTP steps the clock back an hour, while tallyd runs.
+    offset.store(0, Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_tcp(tcp, "clock.g:2|g\nclock.c:1|c\n");
+    assert!(blocking(counted(2)).await);
+    assert!(
+        blocking(newest_is(2)).await,
+        "the value sent last, after the step: {}",
+        ch.query(newest)
+    );
+    assert!(running.telemetry.clock_steps_back.load(Relaxed) >= 1);
+    // A gauge stamped half a minute ago is not newer than the live value.
+    let stamp = tallyd::clock::wall_clock().as_secs() - 30;
+    send_tcp(tcp, &format!("clock.g:9|g|T{stamp}\nclock.c:1|c\n"));
+    assert!(blocking(counted(3)).await && blocking(stamped_in).await);
+    assert_eq!(
+        ch.query(newest),
+        "2\n",
+        "a stamped gauge overtook the live one"
+    );
+    running.shutdown().await;
+    // Across restarts: a run with the fast clock, then one with it stepped back.
+    for (ahead, value, total) in [(3600, 3, 4), (0, 4, 5)] {
+        offset.store(ahead, Relaxed);
+        let running = start().await.expect("restart");
+        send_tcp(
+            running.tcp_addr.expect("tcp"),
+            &format!("clock.g:{value}|g\nclock.c:1|c\n"),
+        );
+        assert!(blocking(counted(total)).await);
+        running.shutdown().await;
+        assert!(
+            blocking(newest_is(value)).await,
+            "after a restart {ahead} s ahead: {}",
+            ch.query(newest)
+        );
+    }
+    for fin in ["", "FINAL"] {
+        assert_eq!(
+            ch.query(&format!(
+                "SELECT sum(value) FROM ledger_clock.counters {fin} WHERE name = 'clock.c' FORMAT TSV"
+            )),
+            "5\n",
+            "{fin}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_fsync_never_acks() {
     let ch = clickhouse();

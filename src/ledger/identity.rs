@@ -6,14 +6,15 @@
 //! flush's identity: its spool file carries it, and a replay re-sends the
 //! flush under the identity it was recorded with.
 //!
-//! A flush id is `tick << 20 | tag`: `tag` is the low 20 bits of the
-//! instance id, so two instances that share a `host_id` (two daemons on one
-//! host, or a copied config) draw different ids unless their tags collide
-//! (one chance in 2^20 per pair; give them distinct `host_id`s to be sure);
-//! `tick` is the wall clock in units of 2^20 µs (about 1.05 s), forced
-//! strictly above the last tick this instance used, so ids (and the gauge
-//! versions made from them) grow across restarts even if the clock steps
-//! back.
+//! A flush id is `tick << 20 | tag` ([`crate::outbox::flush::flush_id`]):
+//! `tag` is the low 20 bits of the instance id, so two instances that share
+//! a `host_id` (two daemons on one host, or a copied config) draw different
+//! ids unless their tags collide (one chance in 2^20 per pair; give them
+//! distinct `host_id`s to be sure); `tick` is the wall clock in units of
+//! 2^10 µs (1.024 ms), forced strictly above the last tick this instance
+//! used, so ids (and the gauge versions made from them) grow across
+//! restarts even if the clock steps back. Releases before this one counted
+//! ticks of 2^20 µs; their ids are below every id drawn now.
 //!
 //! # The `instance` file, version 1 (text, written atomically)
 //!
@@ -32,9 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::fs::{Fs, read_optional};
-
-pub const TAG_BITS: u32 = 20;
-const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+use crate::outbox::flush::{TAG_BITS, flush_id, tick_of};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -87,9 +86,8 @@ impl Identity {
     /// The next flush id (see the module doc). Does no I/O: the caller
     /// saves the identity with the flush that uses the id.
     pub fn next(&mut self, now: Duration) -> u64 {
-        let tick = (now.as_micros().min(u128::from(u64::MAX)) as u64) >> TAG_BITS;
-        let tick = tick.max((self.last >> TAG_BITS).saturating_add(1));
-        let id = (tick.min(u64::MAX >> TAG_BITS) << TAG_BITS) | (self.instance & TAG_MASK);
+        let tick = tick_of(now).max((self.last >> TAG_BITS).saturating_add(1));
+        let id = flush_id(tick, self.instance);
         self.last = id;
         id
     }
@@ -138,8 +136,9 @@ mod tests {
         let dir = temp_dir();
         let mut a = Identity::open(&dir).expect("open");
         let first = a.next(Duration::from_secs(100));
-        assert_eq!(first >> TAG_BITS, 100_000_000 >> TAG_BITS);
-        assert_eq!(first & TAG_MASK, a.instance & TAG_MASK);
+        assert_eq!(first >> TAG_BITS, 100_000_000 >> 10);
+        let tag = (1 << TAG_BITS) - 1;
+        assert_eq!(first & tag, a.instance & tag);
         a.save(&RealFs).expect("save");
         let mut b = Identity::open(&dir).expect("reopen");
         assert_eq!(b.instance, a.instance);
@@ -148,6 +147,22 @@ mod tests {
         assert_eq!(
             b.next(Duration::from_secs(50)) >> TAG_BITS,
             (second >> TAG_BITS) + 1
+        );
+    }
+
+    #[test]
+    fn a_flush_a_second_keeps_ids_with_the_clock() {
+        let mut a = Identity::open(&temp_dir()).expect("open");
+        let start = Duration::from_secs(1_700_000_000);
+        let first = a.next(start);
+        let mut last = first;
+        for s in 1..=86_400 {
+            last = a.next(start + Duration::from_secs(s));
+        }
+        let drift_ms = ((last >> TAG_BITS) - (first >> TAG_BITS)) * 1024 / 1000;
+        assert!(
+            (86_400_000..=86_400_100).contains(&drift_ms),
+            "a day of 1 s flushes spans {drift_ms} ms of ids"
         );
     }
 

@@ -39,6 +39,28 @@
 use super::rowbinary::Bodies;
 use super::rows::Batch;
 
+/// Low bits of a flush id: the instance's tag (see [`flush_id`]).
+pub const TAG_BITS: u32 = 20;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+/// A tick is 2^10 µs (1.024 ms): a 1 s interval's ids follow the clock
+/// instead of being pushed ahead of it by one tick a flush.
+const TICK_SHIFT: u32 = 10;
+
+/// The tick of wall-clock time `now` (since the Unix epoch).
+pub fn tick_of(now: std::time::Duration) -> u64 {
+    (now.as_micros().min(u128::from(u64::MAX)) as u64) >> TICK_SHIFT
+}
+
+/// The flush id of `tick` for `instance`: `tick << 20 | tag`, where `tag`
+/// is the low 20 bits of the instance id, so two instances that share a
+/// `host_id` draw different ids at one instant unless their tags collide.
+/// Also the version of a gauge row: a live row's is its flush id, a row
+/// stamped (`|T`) for an earlier interval gets the id of that interval's
+/// start, so that it orders before every live row flushed since.
+pub fn flush_id(tick: u64, instance: u64) -> u64 {
+    (tick.min(u64::MAX >> TAG_BITS) << TAG_BITS) | (instance & TAG_MASK)
+}
+
 const MAGIC: &[u8; 8] = b"TALLYFLS";
 const VERSION: u32 = 3;
 

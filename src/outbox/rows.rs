@@ -156,6 +156,7 @@ pub fn build(
         tables: Bodies::default(),
         gauge_values: Vec::new(),
         host,
+        instance,
     };
     for (e, seq) in events.into_iter().zip(0u32..) {
         out.tables.event(&EventRow {
@@ -197,7 +198,8 @@ pub fn build(
     // Samples stamped (`|T`) for other intervals: rows of their interval,
     // each interval under a flush id of its own, so that they never
     // collapse with that key's row of this interval. A late gauge is its
-    // own value (a delta applies to 0) and does not move the gauge memory.
+    // own value (a delta applies to 0), does not move the gauge memory, and
+    // orders by its interval's start, never after a live value.
     let mut late: std::collections::BTreeMap<u32, KeyedAccs> = Default::default();
     for (k, acc) in generation.late {
         if let Some((start, key)) = k.split_first_chunk::<4>() {
@@ -236,6 +238,7 @@ struct Rows<'a> {
     /// (key, value) of every gauge row: the gauge memory after this flush.
     gauge_values: Vec<(Box<[u8]>, f64)>,
     host: &'a str,
+    instance: u64,
 }
 
 impl Rows<'_> {
@@ -263,16 +266,24 @@ impl Rows<'_> {
         match acc {
             Acc::Counter { sum, samples } => self.tables.counter(head, flush_id, sum, samples),
             Acc::Gauge(g) => {
-                let value = match gauges {
+                // A live gauge's version is its flush id; a stamped one's is
+                // the id of its interval's start, below every live row
+                // flushed since (see `flush::flush_id`).
+                let (value, version) = match gauges {
                     Some(memory) => {
                         let (value, lost) = memory.settle(k, &g);
                         self.gauge_values.push((k.into(), value));
                         forgotten += u64::from(lost);
-                        value
+                        (value, flush_id)
                     }
-                    None => g.resolve(None).unwrap_or(0.0),
+                    None => {
+                        let start = std::time::Duration::from_secs(u64::from(ts));
+                        let version =
+                            super::flush::flush_id(super::flush::tick_of(start), self.instance);
+                        (g.resolve(None).unwrap_or(0.0), version)
+                    }
                 };
-                self.tables.gauge(head, value, flush_id, g.samples);
+                self.tables.gauge(head, value, version, g.samples);
             }
             Acc::Dist(mut d) => {
                 let summary = d.summarize();
@@ -557,7 +568,22 @@ mod tests {
                 .iter()
                 .map(|r| (r.ts, r.version, r.value))
                 .collect::<Vec<_>>(),
-            vec![(1_699_999_950, 100, 6.0)]
+            vec![(
+                1_699_999_950,
+                crate::outbox::flush::flush_id(
+                    crate::outbox::flush::tick_of(Duration::from_secs(1_699_999_950)),
+                    1
+                ),
+                6.0
+            )],
+            "a stamped gauge's version is its interval start's id, below the live flush's"
+        );
+        assert!(
+            batch.gauges[0].version
+                < crate::outbox::flush::flush_id(
+                    crate::outbox::flush::tick_of(Duration::from_secs(started)),
+                    1
+                )
         );
         assert!(
             batch.gauge_values.is_empty(),
