@@ -392,14 +392,7 @@ mod tests {
         let dir = temp_dir();
         let (tx, rx) = mpsc::channel(queue);
         let (stop, stop_rx) = watch::channel(false);
-        let (ledger, _) = Ledger::open(
-            &dir,
-            Duration::from_secs(60),
-            1000,
-            1 << 30,
-            Arc::new(RealFs),
-        )
-        .expect("ledger");
+        let (ledger, _) = Ledger::open(&dir, 60, 1000, 1 << 30, Arc::new(RealFs)).expect("ledger");
         let ledger = Arc::new(ledger);
         let flusher = Flusher {
             aggregator: Arc::clone(&aggregator),

@@ -277,9 +277,12 @@ async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, StartError>
     };
     std::fs::create_dir_all(&config.data_dir).map_err(data_dir_err)?;
     let (ledger, recovered) = {
+        // The window in flushes at the configured interval.
+        let flushes =
+            config.proto.dedup_window.as_nanos() / config.flush_interval.as_nanos().max(1);
         let (dir, window, fs) = (
             config.data_dir.clone(),
-            config.proto.dedup_window,
+            u64::try_from(flushes).unwrap_or(u64::MAX),
             Arc::clone(&fs),
         );
         let budget = config.spool_max_size;

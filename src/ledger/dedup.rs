@@ -21,24 +21,28 @@
 //! releases any record (step 5 of the durable order in [`crate::ledger`]), so
 //! every accepted batch is either in the saved state or still in the WAL,
 //! whose replay feeds [`Dedup::observe`]. A client silent for longer than
-//! `window` (time, default 24 h) is forgotten and starts over.
+//! the window (`proto.dedup_window`, 24 h, counted in flushes: each
+//! [`Dedup::snapshot`] is one) is forgotten and starts over. Counting
+//! flushes, not the wall clock, a clock that jumps forward forgets nobody.
 //!
-//! # The `dedup` file, version 1
+//! # The `dedup` file, version 2
 //!
 //! ```text
-//! tallyd-dedup 1
-//! <client id, hex> <high> <bitmap: 256 hex digits, bit i = high - i> <last seen, Unix s>
+//! tallyd-dedup 2 <flushes counted so far>
+//! <client id, hex> <high> <bitmap: 256 hex digits, bit i = high - i> <last seen: the flush count then>
 //! ...
 //! ```
 //!
-//! A file without the header line is version 0 (`<client hex> <high>
-//! <seen>`, written before the window existed): every sequence up to `high`
-//! counts as accepted.
+//! Version 1 (`tallyd-dedup 1`) has the same lines with the last seen time
+//! in Unix seconds; a file without the header line is version 0
+//! (`<client hex> <high> <seen>`, written before the window existed): every
+//! sequence up to `high` counts as accepted. Their clients are read as seen
+//! at the start.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use dashmap::DashMap;
 
@@ -55,7 +59,7 @@ struct Client {
     high: u64,
     /// Bit `i` set: sequence `high - i` was accepted.
     bits: [u64; WORDS],
-    /// Unix seconds of the last accepted batch (0: never accepted).
+    /// The flush count at its last accepted batch (0: never accepted).
     seen: u64,
 }
 
@@ -137,14 +141,13 @@ pub enum Admit<R> {
 pub struct Dedup {
     clients: DashMap<String, Client>,
     path: PathBuf,
-    window: Duration,
+    /// Flushes a client may stay silent before it is forgotten.
+    window: u64,
+    /// Flushes counted so far (snapshots taken), from 1.
+    now: AtomicU64,
     /// Past this many clients, the least recently seen tenth is forgotten.
     max_clients: usize,
     fs: Arc<dyn Fs>,
-}
-
-fn now_secs() -> u64 {
-    crate::clock::wall_clock().as_secs()
 }
 
 fn bad(path: &Path, what: String) -> io::Error {
@@ -155,36 +158,54 @@ fn bad(path: &Path, what: String) -> io::Error {
 }
 
 impl Dedup {
-    /// Loads the saved state from `data_dir/dedup` (none is fine).
-    pub fn open(data_dir: &Path, window: Duration, fs: Arc<dyn Fs>) -> io::Result<Dedup> {
+    /// Loads the saved state from `data_dir/dedup` (none is fine). A client
+    /// silent for more than `window` flushes is forgotten.
+    pub fn open(data_dir: &Path, window: u64, fs: Arc<dyn Fs>) -> io::Result<Dedup> {
         let path = data_dir.join("dedup");
         let clients = DashMap::new();
+        let mut now = 1;
         if let Some(bytes) = read_optional(&path)? {
             let text = String::from_utf8(bytes).map_err(|_| bad(&path, "not UTF-8".into()))?;
             let mut lines = text.lines().peekable();
-            let version = match lines.peek() {
-                Some(&"tallyd-dedup 1") => {
-                    lines.next();
-                    1
+            let version = match lines.peek().map(|h| h.split(' ').collect::<Vec<_>>()) {
+                Some(h) if h[..] == ["tallyd-dedup", "1"] => 1,
+                Some(h) if h.len() == 3 && h[..2] == ["tallyd-dedup", "2"] => {
+                    now = h[2]
+                        .parse::<u64>()
+                        .map_err(|_| bad(&path, "bad flush count".into()))?
+                        .max(1);
+                    2
                 }
-                Some(h) if h.starts_with("tallyd-dedup ") => {
+                Some(h) if h.first() == Some(&"tallyd-dedup") => {
                     return Err(bad(&path, format!("unknown version {h:?}")));
                 }
                 _ => 0,
             };
+            if version > 0 {
+                lines.next();
+            }
             for line in lines {
-                let (id, client) = parse_line(line, version)
+                let (id, mut client) = parse_line(line, version)
                     .ok_or_else(|| bad(&path, format!("bad line {line:?}")))?;
+                // Earlier versions kept Unix seconds: seen at the start.
+                if version < 2 || client.seen > now {
+                    client.seen = now;
+                }
                 clients.insert(id, client);
             }
         }
         Ok(Dedup {
             clients,
             path,
-            window,
+            window: window.max(1),
+            now: AtomicU64::new(now),
             max_clients: 100_000,
             fs,
         })
+    }
+
+    fn now(&self) -> u64 {
+        self.now.load(Relaxed)
     }
 
     /// Caps the client table (`proto.max_clients`).
@@ -235,7 +256,7 @@ impl Dedup {
                 Seen::New => {
                     let r = accept()?;
                     entry.mark(sequence);
-                    entry.seen = now_secs();
+                    entry.seen = self.now();
                     Ok(Admit::Accepted(r))
                 }
             };
@@ -248,7 +269,7 @@ impl Dedup {
             Seen::New => match accept() {
                 Ok(r) => {
                     entry.mark(sequence);
-                    entry.seen = now_secs();
+                    entry.seen = self.now();
                     Ok(Admit::Accepted(r))
                 }
                 Err(e) => {
@@ -270,7 +291,7 @@ impl Dedup {
         }
         let mut entry = self.clients.entry(client.to_owned()).or_insert(Client::NEW);
         entry.mark(sequence);
-        entry.seen = now_secs();
+        entry.seen = self.now();
     }
 
     /// Forgets clients silent for longer than the window, then writes the
@@ -280,14 +301,15 @@ impl Dedup {
         self.write(&self.snapshot())
     }
 
-    /// The state as of now, encoded (forgetting clients silent for longer
-    /// than the window). Every sequence in it was appended to the WAL
-    /// before this returns (a mark follows its append, under the client's
-    /// lock).
+    /// Counts a flush, and returns the state as of now, encoded
+    /// (forgetting clients silent for longer than the window). Every
+    /// sequence in it was appended to the WAL before this returns (a mark
+    /// follows its append, under the client's lock).
     pub fn snapshot(&self) -> String {
-        let oldest = now_secs().saturating_sub(self.window.as_secs());
+        let now = self.now.fetch_add(1, Relaxed).saturating_add(1);
+        let oldest = now.saturating_sub(self.window);
         self.clients.retain(|_, c| c.seen >= oldest);
-        let mut text = String::from("tallyd-dedup 1\n");
+        let mut text = format!("tallyd-dedup 2 {now}\n");
         for e in self.clients.iter() {
             let c = e.value();
             text.push_str(&hex(e.key().as_bytes()));
@@ -321,7 +343,7 @@ fn parse_line(line: &str, version: u32) -> Option<(String, Client)> {
                 seen: seen.parse().ok()?,
             },
         )),
-        (1, [id, high, bits, seen]) if bits.len() == WORDS * 16 => {
+        (1 | 2, [id, high, bits, seen]) if bits.len() == WORDS * 16 => {
             let mut words = [0; WORDS];
             for (i, w) in words.iter_mut().enumerate() {
                 *w = u64::from_str_radix(bits.get(i * 16..i * 16 + 16)?, 16).ok()?;
@@ -364,7 +386,7 @@ mod tests {
     }
 
     fn open(dir: &Path) -> Dedup {
-        Dedup::open(dir, Duration::from_secs(60), Arc::new(RealFs)).expect("open")
+        Dedup::open(dir, 60, Arc::new(RealFs)).expect("open")
     }
 
     fn ok() -> Result<(), ()> {
@@ -505,7 +527,7 @@ mod tests {
     #[test]
     fn a_version_0_file_is_read() {
         let dir = temp_dir();
-        let line = format!("{} 5 {}\n", hex(b"old"), now_secs());
+        let line = format!("{} 5 1700000000\n", hex(b"old"));
         std::fs::write(dir.join("dedup"), line).expect("write");
         let d = open(&dir);
         assert_eq!(d.admit("old", 5, ok), Ok(Admit::Duplicate));
@@ -514,13 +536,32 @@ mod tests {
     }
 
     #[test]
-    fn silent_clients_are_forgotten_after_the_window() {
+    fn silent_clients_are_forgotten_after_the_window_counted_in_flushes() {
         let dir = temp_dir();
-        let line = format!("{} 5 {}\n", hex(b"old"), now_secs() - 7200);
+        let d = Dedup::open(&dir, 3, Arc::new(RealFs)).expect("open");
+        assert_eq!(d.admit("quiet", 1, ok), Ok(Admit::Accepted(())));
+        for _ in 0..3 {
+            d.save().expect("save");
+            assert_eq!(d.admit("busy", d.now(), ok), Ok(Admit::Accepted(())));
+        }
+        assert_eq!(d.clients(), 2, "within the window");
+        d.save().expect("save");
+        assert_eq!(d.clients(), 1, "the quiet client is forgotten");
+        // The count carries over a restart: the busy client is kept.
+        let again = Dedup::open(&dir, 3, Arc::new(RealFs)).expect("reopen");
+        assert_eq!(again.now(), d.now());
+        assert_eq!(again.admit("busy", 4, ok), Ok(Admit::Duplicate));
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_as_seen_at_the_start() {
+        let dir = temp_dir();
+        let bits = "0".repeat(WORDS * 16);
+        let line = format!("tallyd-dedup 1\n{} 5 {bits} 1700000000\n", hex(b"old"));
         std::fs::write(dir.join("dedup"), line).expect("write");
-        let d = Dedup::open(&dir, Duration::from_secs(3600), Arc::new(RealFs)).expect("open");
+        let d = Dedup::open(&dir, 2, Arc::new(RealFs)).expect("open");
         assert_eq!(d.clients(), 1);
         d.save().expect("save");
-        assert_eq!(d.clients(), 0);
+        assert_eq!(d.clients(), 1, "kept for a window from the start");
     }
 }

@@ -178,9 +178,10 @@ pub struct Ledger {
 impl Ledger {
     /// Opens the ledger in `data_dir`: identity, dedup state, spool, gauges.
     /// Spooled flushes come back parked.
+    /// `dedup_window` is in flushes (see [`dedup`]).
     pub fn open(
         data_dir: &Path,
-        dedup_window: Duration,
+        dedup_window: u64,
         max_clients: usize,
         budget: u64,
         fs: Arc<dyn Fs>,
@@ -687,7 +688,7 @@ mod tests {
 
     /// A ledger in `dir` with a spool budget of `budget` bytes.
     fn open(dir: &Path, budget: u64, fs: Arc<dyn Fs>) -> (Ledger, Recovered) {
-        Ledger::open(dir, Duration::from_secs(60), 10, budget, fs).expect("open")
+        Ledger::open(dir, 60, 10, budget, fs).expect("open")
     }
 
     fn counter_flush(ledger: &Ledger, flush_id: u64, value: f64) -> Arc<Flush> {
