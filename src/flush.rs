@@ -91,7 +91,7 @@ impl Flusher {
                 self.notice_a_step_back(now);
                 let generation = take(self.aggregator.swap(now)).await;
                 if generation.is_empty() {
-                    self.release(generation.id).await;
+                    self.ledger.release_empty(generation.id);
                     return true;
                 }
                 let id = self.ledger.next_flush_id(now);
@@ -265,14 +265,6 @@ impl Flusher {
         true
     }
 
-    /// Step 5 for a generation with no rows: on failure its records stay
-    /// in the WAL and a start rebuilds it (empty again).
-    async fn release(&self, generation: u64) {
-        if let Err(e) = self.release_checked(generation).await {
-            tracing::error!(error = %e, generation, "could not release the WAL records of an empty interval; they stay until the next start");
-        }
-    }
-
     /// Step 5 for `generation`, on a blocking thread.
     pub async fn release_checked(&self, generation: u64) -> std::io::Result<()> {
         let ledger = Arc::clone(&self.ledger);
@@ -417,6 +409,106 @@ mod tests {
             ledger,
             _dir: dir,
         }
+    }
+
+    /// A flusher over a real WAL and ledger whose file operations `fs`
+    /// counts, with no flush loop: the test closes intervals itself.
+    fn counted(
+        fs: &Arc<crate::fs::CountingFs>,
+        dir: &std::path::Path,
+    ) -> (Flusher, mpsc::Receiver<Queued>) {
+        let wal_config = crate::wal::WalConfig {
+            dir: dir.join("wal"),
+            streams: 1,
+            segments_per_stream: 4,
+            segment_size: 8 << 20,
+            sync: crate::wal::SyncMode::Interval,
+            sync_interval: Duration::from_millis(100),
+            skip_corrupt: false,
+        };
+        let fs_dyn: Arc<dyn crate::fs::Fs> = Arc::clone(fs) as Arc<dyn crate::fs::Fs>;
+        let (wal, _) = crate::wal::Wal::open_with(wal_config, Arc::clone(&fs_dyn)).expect("wal");
+        let wal = Arc::new(wal);
+        let limits = AggregateLimits {
+            max_keys: 100_000,
+            max_set_members: 10,
+            max_depth: u64::MAX,
+            max_memory: u64::MAX,
+            timestamp_window: Duration::from_secs(3600),
+            interval: Duration::from_secs(1),
+        };
+        let aggregator = Arc::new(Aggregator::with_wal(
+            limits,
+            Limits::default(),
+            Duration::from_secs(1_700_000_000),
+            Some(Arc::clone(&wal)),
+            1,
+        ));
+        let (ledger, _) = Ledger::open(dir, 60, 100_000, 1 << 30, fs_dyn).expect("ledger");
+        let (tx, rx) = mpsc::channel(1000);
+        let flusher = Flusher {
+            aggregator,
+            ledger: Arc::new(ledger.with_wal(Some(wal))),
+            gauges: GaugeMemory::new(100_000),
+            host: "h".into(),
+            queue: tx,
+            telemetry: Arc::new(Telemetry::default()),
+            clock: Arc::new(|| Duration::from_secs(1_700_000_000)),
+            held: None,
+        };
+        (flusher, rx)
+    }
+
+    /// fsyncs of one flush of `block` (also protobuf batches of `clients`).
+    async fn fsyncs_of_a_flush(
+        flusher: &mut Flusher,
+        fs: &crate::fs::CountingFs,
+        block: &str,
+        clients: usize,
+    ) -> u64 {
+        let before = fs.counts().0;
+        let mut scratch = Scratch::default();
+        let mut stats = BlockStats::default();
+        flusher
+            .aggregator
+            .ingest_block(block.as_bytes(), &mut scratch, &mut stats)
+            .expect("append");
+        for c in 0..clients {
+            let batch = crate::protocol::proto::Batch {
+                client_id: format!("client-{c}"),
+                sequence: 1,
+                events: vec![],
+            };
+            let raw = prost::Message::encode_to_vec(&batch);
+            let view = crate::protocol::batch::BatchView::decode(&raw).expect("view");
+            flusher.ledger.dedup.admit(&batch.client_id, 1, || {
+                flusher
+                    .aggregator
+                    .ingest_batch(&raw, &view, &mut scratch, &mut stats)
+            })
+            .expect("admit");
+        }
+        assert!(flusher.flush(Reason::Tick).await, "recorded");
+        fs.counts().0 - before
+    }
+
+    #[tokio::test]
+    async fn fsyncs_per_flush_are_constant_in_keys_gauges_and_clients_and_an_idle_interval_does_none() {
+        let dir = temp_dir();
+        let fs = Arc::new(crate::fs::CountingFs::default());
+        let (mut flusher, _rx) = counted(&fs, &dir);
+        let small = fsyncs_of_a_flush(&mut flusher, &fs, "c:1|c\ng:+1|g\n", 1).await;
+        let keys: String = (0..5_000)
+            .map(|i| format!("c{i}:1|c\ng{i}:+1|g\nt{i}:{i}|ms\n"))
+            .collect();
+        let large = fsyncs_of_a_flush(&mut flusher, &fs, &keys, 500).await;
+        assert!(small > 0);
+        assert_eq!(small, large, "5,000 keys of each kind and 500 clients cost more fsyncs");
+        let before = fs.counts();
+        for _ in 0..10 {
+            assert!(flusher.flush(Reason::Tick).await);
+        }
+        assert_eq!(fs.counts(), before, "idle intervals wrote or synced");
     }
 
     fn ingest(a: &Aggregator, block: &str) {

@@ -63,6 +63,41 @@ pub struct RealFs;
 
 impl Fs for RealFs {}
 
+/// The real filesystem, counting what durability costs: fsyncs (of files
+/// and of directories) and bytes written (tests hold these to their
+/// bounds).
+#[derive(Debug, Default)]
+pub struct CountingFs {
+    pub syncs: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
+impl CountingFs {
+    /// (fsyncs, bytes written) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.syncs.load(Relaxed), self.bytes.load(Relaxed))
+    }
+}
+
+impl Fs for CountingFs {
+    fn write(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
+        self.bytes
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        RealFs.write(path, bytes)
+    }
+
+    fn sync(&self, _path: &Path, file: &File) -> io::Result<()> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        file.sync_data()
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        RealFs.sync_dir(dir)
+    }
+}
+
 /// A fault a [`FaultyFs`] injects into operations on files whose path
 /// contains a given string.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -614,6 +614,14 @@ impl Ledger {
         Ok(())
     }
 
+    /// Step 5 for a generation with no rows: nothing to save, nothing
+    /// written (see [`Wal::confirm_in_memory`]).
+    pub fn release_empty(&self, generation: u64) {
+        if let Some(wal) = &self.wal {
+            wal.confirm_in_memory(generation);
+        }
+    }
+
     /// Step 7: `flush_id` is in ClickHouse; its spool file goes. Blocking.
     pub fn complete(&self, flush_id: u64) -> io::Result<()> {
         self.forget(flush_id)?;

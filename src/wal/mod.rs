@@ -629,6 +629,20 @@ impl Wal {
         (self.config.sync, self.config.sync_interval)
     }
 
+    /// [`Wal::confirm`] for a generation that had no rows, without writing
+    /// the checkpoint: the next confirm writes it, and a restart before
+    /// that finds nothing of the generation to rebuild (its records, if
+    /// any, hold only lines that counted nothing). An idle interval writes
+    /// nothing.
+    pub fn confirm_in_memory(&self, generation: u64) {
+        let confirmed = {
+            let mut c = lock(&self.checkpoint);
+            c.confirm(generation);
+            c.confirmed
+        };
+        self.confirmed.store(confirmed, Relaxed);
+    }
+
     /// `generation` is done (its rows are in the spool, see
     /// [`crate::ledger`]): its records may be overwritten.
     pub fn confirm(&self, generation: u64) -> Result<(), WalError> {
