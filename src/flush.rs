@@ -183,10 +183,13 @@ impl Flusher {
         reason: Reason,
         started: Instant,
     ) -> bool {
-        let gauges = (!flush.gauges.is_empty()).then(|| self.gauges.encode(flush.flush_id));
+        if self.ledger.take_gauges_failed() {
+            self.gauges.persist_failed();
+        }
+        let gauges =
+            (!flush.gauges.is_empty()).then(|| self.gauges.persist(flush.flush_id, &flush.gauges));
         let (ledger, f) = (Arc::clone(&self.ledger), Arc::clone(&flush));
-        let recorded =
-            tokio::task::spawn_blocking(move || ledger.record(f, gauges.as_deref())).await;
+        let recorded = tokio::task::spawn_blocking(move || ledger.record(f, gauges.as_ref())).await;
         let (recorded, error) = match recorded {
             Ok(Ok(r)) => (Some(r), None),
             Ok(Err(e)) => (None, Some(e.to_string())),
@@ -481,34 +484,72 @@ mod tests {
             };
             let raw = prost::Message::encode_to_vec(&batch);
             let view = crate::protocol::batch::BatchView::decode(&raw).expect("view");
-            flusher.ledger.dedup.admit(&batch.client_id, 1, || {
-                flusher
-                    .aggregator
-                    .ingest_batch(&raw, &view, &mut scratch, &mut stats)
-            })
-            .expect("admit");
+            flusher
+                .ledger
+                .dedup
+                .admit(&batch.client_id, 1, || {
+                    flusher
+                        .aggregator
+                        .ingest_batch(&raw, &view, &mut scratch, &mut stats)
+                })
+                .expect("admit");
         }
         assert!(flusher.flush(Reason::Tick).await, "recorded");
         fs.counts().0 - before
     }
 
     #[tokio::test]
-    async fn fsyncs_per_flush_are_constant_in_keys_gauges_and_clients_and_an_idle_interval_does_none() {
+    async fn fsyncs_per_flush_are_constant_in_keys_gauges_and_clients_and_an_idle_interval_does_none()
+     {
         let dir = temp_dir();
         let fs = Arc::new(crate::fs::CountingFs::default());
         let (mut flusher, _rx) = counted(&fs, &dir);
+        // The first flush with gauges writes the gauge log whole.
+        fsyncs_of_a_flush(&mut flusher, &fs, "g:1|g\n", 0).await;
         let small = fsyncs_of_a_flush(&mut flusher, &fs, "c:1|c\ng:+1|g\n", 1).await;
         let keys: String = (0..5_000)
             .map(|i| format!("c{i}:1|c\ng{i}:+1|g\nt{i}:{i}|ms\n"))
             .collect();
         let large = fsyncs_of_a_flush(&mut flusher, &fs, &keys, 500).await;
         assert!(small > 0);
-        assert_eq!(small, large, "5,000 keys of each kind and 500 clients cost more fsyncs");
+        assert_eq!(
+            small, large,
+            "5,000 keys of each kind and 500 clients cost more fsyncs"
+        );
         let before = fs.counts();
         for _ in 0..10 {
             assert!(flusher.flush(Reason::Tick).await);
         }
         assert_eq!(fs.counts(), before, "idle intervals wrote or synced");
+    }
+
+    #[tokio::test]
+    async fn with_many_gauges_remembered_a_flush_writes_at_most_twice_its_spool_file() {
+        let dir = temp_dir();
+        let fs = Arc::new(crate::fs::CountingFs::default());
+        let (mut flusher, _rx) = counted(&fs, &dir);
+        let many: String = (0..20_000).map(|i| format!("gauge.{i}:{i}|g\n")).collect();
+        fsyncs_of_a_flush(&mut flusher, &fs, &many, 0).await;
+        for round in 0..20 {
+            let before = fs.counts().1;
+            let few: String = (0..10)
+                .map(|i| format!("gauge.{}:+1|g\nc{i}:1|c\n", round * 10 + i))
+                .collect();
+            fsyncs_of_a_flush(&mut flusher, &fs, &few, 0).await;
+            let written = fs.counts().1 - before;
+            let spool = crate::ledger::spool::dir(&dir);
+            let newest = std::fs::read_dir(&spool)
+                .expect("spool")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "flush"))
+                .max()
+                .expect("a spool file");
+            let file = std::fs::metadata(&newest).expect("meta").len();
+            assert!(
+                written <= 2 * file + 512,
+                "round {round}: {written} bytes written for a {file}-byte spool file"
+            );
+        }
     }
 
     fn ingest(a: &Aggregator, block: &str) {

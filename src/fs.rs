@@ -22,6 +22,16 @@ pub trait Fs: Send + Sync + 'static {
         Ok(f)
     }
 
+    /// Appends `bytes` to `path` (created if missing), without syncing.
+    fn append(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        f.write_all(bytes)?;
+        Ok(f)
+    }
+
     /// `fdatasync` on `file` (named `path` for fault matching and errors).
     fn sync(&self, _path: &Path, file: &File) -> io::Result<()> {
         file.sync_data()
@@ -81,6 +91,12 @@ impl CountingFs {
 }
 
 impl Fs for CountingFs {
+    fn append(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
+        self.bytes
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        RealFs.append(path, bytes)
+    }
+
     fn write(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
         self.bytes
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -88,12 +104,14 @@ impl Fs for CountingFs {
     }
 
     fn sync(&self, _path: &Path, file: &File) -> io::Result<()> {
-        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         file.sync_data()
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         RealFs.sync_dir(dir)
     }
 }
@@ -138,6 +156,17 @@ impl FaultyFs {
 }
 
 impl Fs for FaultyFs {
+    fn append(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
+        match self.fault(path) {
+            Some(Fault::NoSpace) => Err(io::Error::from_raw_os_error(28)),
+            Some(Fault::TornWrite(n)) => {
+                RealFs.append(path, &bytes[..n.min(bytes.len())])?;
+                Err(io::Error::other("torn write (injected power loss)"))
+            }
+            _ => RealFs.append(path, bytes),
+        }
+    }
+
     fn write(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
         match self.fault(path) {
             Some(Fault::NoSpace) => Err(io::Error::from_raw_os_error(28)),

@@ -396,6 +396,9 @@ async fn serve(
     let ttl_flushes = config.gauge_ttl.as_nanos() / config.flush_interval.as_nanos().max(1);
     let mut gauges = GaugeMemory::new(config.aggregate.max_keys)
         .with_ttl(u64::try_from(ttl_flushes).unwrap_or(u64::MAX));
+    if let Some(bytes) = recovered.gauges_log_bytes {
+        gauges = gauges.with_log_bytes(bytes);
+    }
     for (key, value) in std::mem::take(&mut recovered.gauges) {
         gauges.remember(key, value);
     }

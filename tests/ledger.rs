@@ -238,7 +238,7 @@ async fn two_clones_of_a_data_dir_on_two_hosts_keep_both_rows() {
         .await;
     let mut clone = settings(ch, "ledger_clones");
     clone.host_id = "cloned-host".into();
-    for file in ["instance", "dedup", "gauges"] {
+    for file in ["instance", "dedup", "gauges.log"] {
         let from = std::path::Path::new(&s.data_dir).join(file);
         if from.exists() {
             std::fs::copy(&from, std::path::Path::new(&clone.data_dir).join(file)).expect("copy");
@@ -710,7 +710,7 @@ async fn torn_and_damaged_state_and_spool_files_are_quarantined_and_the_start_go
     );
     // Damage at rest in every state file and in a spool file: each is moved
     // aside, the start goes on, /health says so, and new data counts.
-    for file in ["instance", "dedup", "gauges"] {
+    for file in ["instance", "dedup", "gauges.log"] {
         std::fs::write(dir.join(file), b"\xffdamaged").expect("damage");
     }
     std::fs::write(
@@ -728,7 +728,7 @@ async fn torn_and_damaged_state_and_spool_files_are_quarantined_and_the_start_go
     for file in [
         "instance",
         "dedup",
-        "gauges",
+        "gauges.log",
         "spool/00000000000000000001.flush",
     ] {
         assert!(dir.join(format!("{file}.damaged")).exists(), "{file}");
@@ -746,7 +746,7 @@ async fn torn_and_damaged_state_and_spool_files_are_quarantined_and_the_start_go
             "{fin}"
         );
     }
-    // The gauge memory went with the quarantined `gauges` file (the spool
+    // The gauge memory went with the quarantined `gauges.log` (the spool
     // was empty): the hundred `+1` deltas since resolve against 0, not 100.
     assert_eq!(
         ch.number(

@@ -23,11 +23,15 @@
 //!    resolved against the last flushed values), given a new flush id, and
 //!    encoded to RowBinary once: these bytes are what ClickHouse gets, on
 //!    every send. *Crash:* nothing was written; replay rebuilds it.
-//! 4. **Record.** The flush is written to `spool/<flush_id>.flush`
+//! 4. **Record.** The `instance` file is saved with the last flush id
+//!    issued (no file is ever written under an id a restart could draw
+//!    again); then the flush is written to `spool/<flush_id>.flush`
 //!    (atomically: temp file, fsync, rename, fsync dir), with the instance
-//!    id, the host it was built for and the gauge values after it; then the
-//!    `instance` file (last flush id), and the `gauges` file if the flush
-//!    has gauges. If this fails (ENOSPC, EIO) the flush is **not sent**: it
+//!    id, the host it was built for and the gauge values after it; then,
+//!    if the flush has gauges, a record of their values is appended to
+//!    `gauges.log` (see [`crate::outbox::gauges`]; a failed append is
+//!    logged, and the next write rewrites the log whole). If the spool
+//!    write fails (ENOSPC, EIO) the flush is **not sent**: it
 //!    is held and recorded again at the next tick, the open interval keeps
 //!    aggregating meanwhile. *Crash before the rename:* as 3. *After:* the
 //!    spool file is found at start and (re-)sent as is; its generation,
@@ -100,6 +104,10 @@ use std::time::Duration;
 
 use crate::fs::{Fs, read_optional};
 use crate::outbox::flush::Flush;
+use crate::outbox::gauges::GaugesWrite;
+
+/// The gauge memory's change log (see [`crate::outbox::gauges`]).
+const GAUGES_LOG: &str = "gauges.log";
 use dedup::Dedup;
 use identity::Identity;
 
@@ -121,8 +129,11 @@ pub struct Taken {
 pub struct Recovered {
     /// Spooled flushes, oldest first: parked, to be sent again as they are.
     pub flushes: Vec<spool::Entry>,
-    /// Last values of gauges: the `gauges` file, then each spooled flush's.
+    /// Last values of gauges: the `gauges` file of an earlier release,
+    /// `gauges.log`, then each spooled flush's.
     pub gauges: Vec<(Box<[u8]>, f64)>,
+    /// Bytes of `gauges.log` that check (`None`: rewrite it first).
+    pub gauges_log_bytes: Option<u64>,
 }
 
 /// A flush in the spool.
@@ -173,6 +184,8 @@ pub struct Ledger {
     opened_last: u64,
     /// Damaged files moved aside since the start, with the reason.
     quarantined: Mutex<Vec<String>>,
+    /// A gauge write failed (see [`Ledger::take_gauges_failed`]).
+    gauges_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Ledger {
@@ -216,13 +229,26 @@ impl Ledger {
         }
         identity.save(fs.as_ref())?;
         let gauges_path = data_dir.join("gauges");
-        let (as_of, mut gauges) = open_or_quarantine(
+        let (legacy_as_of, mut gauges) = open_or_quarantine(
             fs.as_ref(),
             &gauges_path,
             &mut quarantined,
-            "gauge deltas resolve against the spooled flushes' values, or 0",
+            "gauge deltas resolve against the log's and the spooled flushes' values, or 0",
             || read_gauges(&gauges_path),
         )?;
+        let log_path = data_dir.join(GAUGES_LOG);
+        let log = open_or_quarantine(
+            fs.as_ref(),
+            &log_path,
+            &mut quarantined,
+            "gauge deltas resolve against the spooled flushes' values, or 0",
+            || read_gauges_log(&log_path),
+        )?;
+        // The legacy file goes at the first rewrite of the log: until then
+        // the log's length is not trusted.
+        let gauges_log_bytes = (!gauges_path.exists() && log.good_len > 0).then_some(log.good_len);
+        let as_of = legacy_as_of.max(log.as_of);
+        gauges.extend(log.values);
         for f in flushes.iter().filter(|f| f.flush_id > as_of) {
             gauges.extend(f.gauges.iter().cloned());
         }
@@ -264,8 +290,16 @@ impl Ledger {
             drain_batch: DEFAULT_DRAIN_BATCH,
             _lock: dir_lock,
             quarantined: Mutex::new(quarantined),
+            gauges_failed: std::sync::atomic::AtomicBool::new(false),
         };
-        Ok((ledger, Recovered { flushes, gauges }))
+        Ok((
+            ledger,
+            Recovered {
+                flushes,
+                gauges,
+                gauges_log_bytes,
+            },
+        ))
     }
 
     /// The WAL whose generations this ledger releases.
@@ -290,15 +324,16 @@ impl Ledger {
         lock(&self.identity).next(now)
     }
 
-    /// Step 4: records `flush` durably, with the gauge memory (`gauges`, the
-    /// encoded `gauges` file) when the flush changed it. Over the spool
-    /// budget, merges it into the newest parked flush of this run first;
-    /// returns the flush recorded and whether it is a merge (then it must
-    /// be parked). Blocking file work: call it from a blocking thread.
+    /// Step 4: records `flush` durably, then the gauge memory's write
+    /// (`gauges`) when the flush changed it. Over the spool budget, merges
+    /// it into the newest parked flush of this run first; returns the flush
+    /// recorded and whether it is a merge (then it must be parked). A gauge
+    /// write that fails is logged and reported by [`Ledger::take_gauges_failed`].
+    /// Blocking file work: call it from a blocking thread.
     pub fn record(
         &self,
         flush: Arc<Flush>,
-        gauges: Option<&[u8]>,
+        gauges: Option<&GaugesWrite>,
     ) -> io::Result<(Arc<Flush>, bool)> {
         // The id first: nothing is written under an id a restart could draw
         // again.
@@ -365,11 +400,36 @@ impl Ledger {
         // After the spool file: a gauges file must never hold values of an
         // interval that a crash could still rebuild from the WAL.
         if let Some(g) = gauges
-            && let Err(e) = self.fs.write_atomic(&self.data_dir.join("gauges"), g)
+            && let Err(e) = self.write_gauges(g)
         {
+            self.gauges_failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(error = %e, "could not save the last gauge values; a restart resolves delta gauges against the older ones while this flush's file is gone");
         }
         Ok((flush, absorbed.is_some()))
+    }
+
+    /// Appends a record to `gauges.log` and syncs it, or rewrites the log
+    /// (then the legacy `gauges` file, superseded, goes).
+    fn write_gauges(&self, write: &GaugesWrite) -> io::Result<()> {
+        let path = self.data_dir.join(GAUGES_LOG);
+        match write {
+            GaugesWrite::Append(record) => {
+                let f = self.fs.append(&path, record)?;
+                self.fs.sync(&path, &f)
+            }
+            GaugesWrite::Rewrite(all) => {
+                self.fs.write_atomic(&path, all)?;
+                self.fs.remove(&self.data_dir.join("gauges"))
+            }
+        }
+    }
+
+    /// Whether a gauge write failed since the last call (the next one must
+    /// rewrite the log: a failed append may have left a torn record).
+    pub fn take_gauges_failed(&self) -> bool {
+        self.gauges_failed
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Writes a spool file atomically. Once the rename is done the file is
@@ -674,6 +734,30 @@ fn open_or_quarantine<T>(
     }
 }
 
+/// Reads `gauges.log` (none is empty), and cuts a torn last append off so
+/// that the next append follows a whole record.
+fn read_gauges_log(path: &Path) -> io::Result<crate::outbox::gauges::Log> {
+    let Some(b) = read_optional(path)? else {
+        return Ok(crate::outbox::gauges::Log {
+            good_len: 0,
+            ..Default::default()
+        });
+    };
+    let log = crate::outbox::gauges::decode_log(&b).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    if log.good_len < b.len() as u64 {
+        tracing::warn!(file = %path.display(), cut = b.len() as u64 - log.good_len, "cutting a torn append off the gauges log");
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(log.good_len)?;
+        f.sync_all()?;
+    }
+    Ok(log)
+}
+
 fn read_gauges(path: &Path) -> io::Result<(u64, crate::outbox::gauges::GaugeValues)> {
     let Some(b) = read_optional(path)? else {
         return Ok((0, Vec::new()));
@@ -738,7 +822,10 @@ mod tests {
         fs.arm("gauges", crate::fs::Fault::NoSpace);
         let b = ledger.next_flush_id(now);
         let (second, merged) = ledger
-            .record(counter_flush(&ledger, b, 3.0), Some(b"g"))
+            .record(
+                counter_flush(&ledger, b, 3.0),
+                Some(&GaugesWrite::Rewrite(b"g".to_vec())),
+            )
             .expect("recorded although the gauges file failed");
         assert!(merged);
         assert_eq!((second.flush_id, second.absorbed.clone()), (b, vec![a]));
@@ -789,17 +876,20 @@ mod tests {
         let now = Duration::from_secs(1_700_000_000);
         let a = ledger.next_flush_id(now);
         ledger
-            .record(counter_flush(&ledger, a, 2.0), Some(b"x"))
+            .record(
+                counter_flush(&ledger, a, 2.0),
+                Some(&GaugesWrite::Append(b"x".to_vec())),
+            )
             .expect("a");
         ledger.release(1).expect("release");
         drop(ledger);
-        for file in ["instance", "gauges", "dedup"] {
+        for file in ["instance", "gauges", "gauges.log", "dedup"] {
             std::fs::write(dir.join(file), b"\x00garbage").expect("damage");
         }
         let (ledger, recovered) = open(&dir, 1 << 30, Arc::new(crate::fs::RealFs));
         let q = ledger.quarantined();
-        assert_eq!(q.len(), 3, "{q:?}");
-        for file in ["instance", "gauges", "dedup"] {
+        assert_eq!(q.len(), 4, "{q:?}");
+        for file in ["instance", "gauges", "gauges.log", "dedup"] {
             assert!(dir.join(format!("{file}.damaged")).exists(), "{file}");
             assert!(
                 q.iter().any(|m| m.contains(&format!("{file}.damaged"))),

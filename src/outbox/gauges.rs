@@ -1,6 +1,29 @@
 //! Gauge memory: the last flushed value of each gauge, against which a
 //! gauge delta (`name:+3|g`, StatsD's signed gauge) resolves in a later
-//! interval, and its persisted form, the ledger's `gauges` file.
+//! interval, and its persisted form, the ledger's `gauges.log`.
+//!
+//! # `gauges.log`, version 1: a change log, compacted when it doubles
+//!
+//! ```text
+//! 0   8  magic "TALLYGLG"
+//! 8   4  version (1)
+//! 12  4  reserved (0)
+//! 16  …  records, each:
+//!        0   4  length L of the bytes after the CRC
+//!        4   4  CRC32C of those L bytes
+//!        8   8  as of: the id of the flush whose values it holds
+//!        16  4  entry count N
+//!        20  …  N entries: 4 key length K, K key bytes, 8 value (f64)
+//! ```
+//!
+//! After each flush with gauges, one record of that flush's gauge values is
+//! appended (bytes in proportion to the flush's gauge rows, not to every
+//! gauge remembered). When the log has grown past twice what one record of
+//! every remembered value takes (and 64 KiB), it is rewritten atomically as
+//! the header and that one record ([`GaugesWrite::Rewrite`]). Reading
+//! applies the records in order; a record that does not check (a torn
+//! append) ends the log there. The `gauges` file of earlier releases (a
+//! single snapshot, below) is read first when present.
 
 use std::collections::HashMap;
 
@@ -31,6 +54,11 @@ pub struct GaugeMemory {
     pub overflowed: u64,
     /// Gauges forgotten as aged out (taken by the flush stage).
     pub aged_out: u64,
+    /// Bytes of one log record of every remembered value.
+    live_bytes: u64,
+    /// Bytes of `gauges.log` as written so far (`None`: unknown, so the
+    /// next write rewrites it).
+    log_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +79,46 @@ impl GaugeMemory {
             next_sweep: u64::MAX,
             overflowed: 0,
             aged_out: 0,
+            live_bytes: 20,
+            log_bytes: None,
         }
+    }
+
+    /// The log on disk holds `bytes` (read at start, no torn tail).
+    pub fn with_log_bytes(mut self, bytes: u64) -> GaugeMemory {
+        self.log_bytes = Some(bytes);
+        self
+    }
+
+    /// What to write after flush `as_of`, whose gauge values are `changed`:
+    /// a record of them, or the whole log again once it has doubled.
+    pub fn persist(&mut self, as_of: u64, changed: &[(Box<[u8]>, f64)]) -> GaugesWrite {
+        let record = record_len(changed.iter().map(|(k, _)| &**k));
+        let bound = self.live_bytes.saturating_mul(2).max(COMPACT_FLOOR);
+        match self.log_bytes {
+            Some(bytes) if bytes.saturating_add(record) <= bound => {
+                self.log_bytes = Some(bytes + record);
+                GaugesWrite::Append(encode_record(
+                    as_of,
+                    changed.iter().map(|(k, v)| (&**k, *v)),
+                ))
+            }
+            _ => {
+                let mut out = log_header().to_vec();
+                out.extend(encode_record(
+                    as_of,
+                    self.values.iter().map(|(k, r)| (&**k, r.value)),
+                ));
+                self.log_bytes = Some(out.len() as u64);
+                GaugesWrite::Rewrite(out)
+            }
+        }
+    }
+
+    /// The last write failed (or its outcome is unknown): the next one
+    /// rewrites the log.
+    pub fn persist_failed(&mut self) {
+        self.log_bytes = None;
     }
 
     /// Forgets a gauge not updated for `flushes` flushes (at least 1).
@@ -86,7 +153,15 @@ impl GaugeMemory {
         }
         let (now, ttl) = (self.flushes, self.ttl);
         let before = self.values.len();
-        self.values.retain(|_, r| now.saturating_sub(r.seen) <= ttl);
+        let mut freed = 0;
+        self.values.retain(|k, r| {
+            let keep = now.saturating_sub(r.seen) <= ttl;
+            if !keep {
+                freed += 12 + k.len() as u64;
+            }
+            keep
+        });
+        self.live_bytes = self.live_bytes.saturating_sub(freed);
         self.aged_out += (before - self.values.len()) as u64;
         self.next_sweep = self.sweep_every();
     }
@@ -95,15 +170,15 @@ impl GaugeMemory {
     /// ledger's saved values at start).
     pub fn remember(&mut self, key: Box<[u8]>, value: f64) {
         if self.values.contains_key(&key) || self.values.len() < self.max_keys {
-            let seen = self.flushes;
-            self.values.insert(key, Remembered { value, seen });
+            let (seen, len) = (self.flushes, 12 + key.len() as u64);
+            if self
+                .values
+                .insert(key, Remembered { value, seen })
+                .is_none()
+            {
+                self.live_bytes += len;
+            }
         }
-    }
-
-    /// The `gauges` file of the ledger for the values remembered now, which
-    /// are those after flush `as_of`.
-    pub fn encode(&self, as_of: u64) -> Vec<u8> {
-        encode(as_of, self.values.iter().map(|(k, r)| (&**k, r.value)))
     }
 
     /// Resolves a gauge's value and remembers it. Returns the value and
@@ -126,6 +201,7 @@ impl GaugeMemory {
             Some(r) => *r = Remembered { value, seen },
             None if room => {
                 self.values.insert(key.into(), Remembered { value, seen });
+                self.live_bytes += 12 + key.len() as u64;
             }
             None => return (value, true),
         }
@@ -133,7 +209,7 @@ impl GaugeMemory {
     }
 }
 
-// The `gauges` file, version 1 (written by the ledger):
+// The `gauges` file of earlier releases, version 1 (read, no longer written):
 //
 //   0  8  magic "TALLYGAU"
 //   8  4  version (1)
@@ -194,9 +270,121 @@ pub fn decode(b: &[u8]) -> Option<(u64, GaugeValues)> {
     (at == b.len()).then_some((as_of, out))
 }
 
+const LOG_MAGIC: &[u8; 8] = b"TALLYGLG";
+/// Bytes of the log's header.
+pub const LOG_HEADER: usize = 16;
+/// A log smaller than this is never compacted.
+const COMPACT_FLOOR: u64 = 64 << 10;
+
+/// What the ledger writes of the gauge memory after a flush.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GaugesWrite {
+    /// Append this record to `gauges.log` (and sync it).
+    Append(Vec<u8>),
+    /// Replace `gauges.log` with these bytes (header and one record of
+    /// every remembered value), atomically.
+    Rewrite(Vec<u8>),
+}
+
+/// Bytes of `entries` as one log record.
+fn record_len<'a>(entries: impl Iterator<Item = &'a [u8]>) -> u64 {
+    20 + entries.map(|k| 12 + k.len() as u64).sum::<u64>()
+}
+
+/// One log record: the values after flush `as_of`.
+pub fn encode_record<'a>(
+    as_of: u64,
+    entries: impl ExactSizeIterator<Item = (&'a [u8], f64)>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(20 + entries.len() * 48);
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&as_of.to_le_bytes());
+    out.extend_from_slice(
+        &u32::try_from(entries.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    for (k, v) in entries {
+        out.extend_from_slice(&u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    let len = u32::try_from(out.len() - 8).unwrap_or(u32::MAX);
+    let crc = crc32c::crc32c(&out[8..]);
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The log's header.
+pub fn log_header() -> [u8; LOG_HEADER] {
+    let mut h = [0; LOG_HEADER];
+    h[..8].copy_from_slice(LOG_MAGIC);
+    h[8..12].copy_from_slice(&1u32.to_le_bytes());
+    h
+}
+
+/// What a log holds.
+#[derive(Debug, Default, PartialEq)]
+pub struct Log {
+    /// The flush id of the last record (0: none).
+    pub as_of: u64,
+    /// (key, value) in record order: a later entry of a key wins.
+    pub values: GaugeValues,
+    /// Bytes of the header and the records that check; a torn append
+    /// after them is cut off.
+    pub good_len: u64,
+}
+
+/// Reads a log. `Err` when the header is not a version 1 log's (the file
+/// is damaged as a whole); a record that does not check ends the log.
+pub fn decode_log(b: &[u8]) -> Result<Log, &'static str> {
+    if b.get(..8) != Some(&LOG_MAGIC[..]) || b.get(8..12) != Some(&1u32.to_le_bytes()[..]) {
+        return Err("not a version 1 gauges log");
+    }
+    let mut log = Log {
+        good_len: LOG_HEADER as u64,
+        ..Log::default()
+    };
+    let mut at = LOG_HEADER;
+    while let Some((as_of, entries, next)) = record_at(b, at) {
+        log.as_of = as_of;
+        log.values.extend(entries);
+        log.good_len = next as u64;
+        at = next;
+    }
+    Ok(log)
+}
+
+/// The record at `at`: (as of, entries, where the next one starts).
+fn record_at(b: &[u8], at: usize) -> Option<(u64, GaugeValues, usize)> {
+    let len = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(b.get(at + 4..at + 8)?.try_into().ok()?);
+    let end = at.checked_add(8)?.checked_add(len)?;
+    let body = b.get(at + 8..end)?;
+    if crc32c::crc32c(body) != crc {
+        return None;
+    }
+    let as_of = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
+    let n = u32::from_le_bytes(body.get(8..12)?.try_into().ok()?);
+    let mut p = 12usize;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let k = u32::from_le_bytes(body.get(p..p + 4)?.try_into().ok()?) as usize;
+        p += 4;
+        let key: Box<[u8]> = body.get(p..p.checked_add(k)?)?.into();
+        p += k;
+        let v = f64::from_le_bytes(body.get(p..p + 8)?.try_into().ok()?);
+        p += 8;
+        out.push((key, v));
+    }
+    (p == body.len()).then_some((as_of, out, end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn delta(memory: &mut GaugeMemory, key: &[u8], d: f64) -> f64 {
         let mut g = crate::aggregate::acc::GaugeAcc {
@@ -250,6 +438,56 @@ mod tests {
         assert_eq!(m.len(), 0, "a full memory is swept at once");
         delta(&mut m, b"c", 2.0);
         assert_eq!(delta(&mut m, b"c", 1.0), 3.0, "remembered");
+    }
+
+    #[test]
+    fn the_log_appends_each_flush_and_is_rewritten_once_it_doubles() {
+        let mut m = GaugeMemory::new(100_000).with_log_bytes(LOG_HEADER as u64);
+        let mut log = log_header().to_vec();
+        let mut appends = 0;
+        for flush in 1..=5_000u64 {
+            m.start_flush();
+            let key = format!("g{}", flush % 2_000).into_bytes();
+            let value = delta(&mut m, &key, 1.0);
+            let changed = vec![(key.into_boxed_slice(), value)];
+            match m.persist(flush, &changed) {
+                GaugesWrite::Append(r) => {
+                    appends += 1;
+                    log.extend(r);
+                }
+                GaugesWrite::Rewrite(all) => log = all,
+            }
+            assert!(log.len() as u64 <= (2 * m.live_bytes).max(COMPACT_FLOOR) + LOG_HEADER as u64);
+        }
+        assert!(appends > 4_000, "mostly appends: {appends}");
+        let read = decode_log(&log).expect("reads");
+        assert_eq!(read.as_of, 5_000);
+        let last: HashMap<Box<[u8]>, f64> = read.values.into_iter().collect();
+        assert_eq!(last.len(), 2_000);
+        assert_eq!(
+            last[&b"g0"[..]],
+            2.0,
+            "g0 was updated in flushes 2000 and 4000"
+        );
+        assert_eq!(
+            last[&b"g1"[..]],
+            3.0,
+            "g1 was updated in flushes 1, 2001 and 4001"
+        );
+    }
+
+    #[test]
+    fn a_torn_append_ends_the_log_and_a_bad_header_is_damage() {
+        let mut log = log_header().to_vec();
+        log.extend(encode_record(7, [(&b"a"[..], 1.0)].into_iter()));
+        let good = log.len() as u64;
+        let mut torn = encode_record(8, [(&b"a"[..], 2.0)].into_iter());
+        torn.truncate(torn.len() - 3);
+        log.extend(torn);
+        let read = decode_log(&log).expect("reads");
+        assert_eq!((read.as_of, read.good_len), (7, good));
+        assert_eq!(read.values, vec![(b"a".to_vec().into_boxed_slice(), 1.0)]);
+        assert!(decode_log(b"TALLYGAU\x01\0\0\0").is_err());
     }
 
     #[test]
