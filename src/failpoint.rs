@@ -2,19 +2,44 @@
 //! makes the process abort (as a crash would) when it reaches that point.
 //! Read once; costs one branch per point when unset.
 //!
-//! Each names a step of the durable order in [`crate::ledger`]:
+//! Each names a durable write of the order in [`crate::ledger`], and fires
+//! right after it:
 //!
-//! - `after_intent`: a flush is recorded in the spool (step 4), its WAL
-//!   records not yet released.
+//! - `after_identity`: the `instance` file holds the new flush id (step 4),
+//!   the spool file is not written.
+//! - `after_merge_write`: over the spool budget, the merged spool file is
+//!   written (step 5), the file it absorbed not yet removed.
+//! - `after_intent`: a flush is recorded in the spool and its gauge values
+//!   in `gauges.log` (step 4), its WAL records not yet released.
+//! - `after_dedup`: the dedup state is saved (step 5), the WAL checkpoint
+//!   not yet written.
 //! - `after_release`: its WAL records are released (step 5), the flush not
 //!   yet queued for the sink.
+//! - `after_join_write`: a drain's joined spool file is written (step 5),
+//!   the files it absorbed not yet removed.
+//! - `after_marker`: a flush's sent marker is written (step 6), nothing
+//!   inserted.
+//! - `after_table`: the flush's `counters` are in ClickHouse (step 6), its
+//!   other tables not.
 //! - `after_insert`: a flush is in ClickHouse (step 6), its spool file not
 //!   yet removed.
+//! - `after_complete`: its spool file is removed (step 7).
 
 use std::sync::OnceLock;
 
 /// Every failpoint, in the order a flush reaches them.
-pub const ALL: [&str; 3] = ["after_intent", "after_release", "after_insert"];
+pub const ALL: [&str; 10] = [
+    "after_identity",
+    "after_merge_write",
+    "after_intent",
+    "after_dedup",
+    "after_release",
+    "after_join_write",
+    "after_marker",
+    "after_table",
+    "after_insert",
+    "after_complete",
+];
 
 /// Aborts the process if `name` is listed in `TALLYD_FAILPOINTS`.
 pub fn hit(name: &str) {

@@ -339,6 +339,7 @@ impl Ledger {
         // again.
         let identity = lock(&self.identity).clone();
         identity.save(self.fs.as_ref())?;
+        crate::failpoint::hit("after_identity");
         // An id from before this start (an interval the previous release had
         // sent) may have landed: it is never merged, nor merged into.
         let earlier = flush.flush_id <= self.opened_last;
@@ -367,6 +368,9 @@ impl Ledger {
                 lock(&self.state).parked.insert(id);
             }
             return Err(e);
+        }
+        if absorbed.is_some() {
+            crate::failpoint::hit("after_merge_write");
         }
         // Recorded: from here on nothing may make the caller record it again.
         {
@@ -588,6 +592,7 @@ impl Ledger {
         let joined = Flush::concat(parts).ok_or_else(|| io::Error::other("nothing to join"))?;
         let encoded = joined.encode();
         self.write_spool_file(&spool::path(&self.spool_dir, joined.flush_id), &encoded)?;
+        crate::failpoint::hit("after_join_write");
         {
             let mut st = lock(&self.state);
             let p = Pending {
@@ -623,6 +628,7 @@ impl Ledger {
         }
         self.fs
             .write_atomic(&spool::sent_path(&self.spool_dir, flush_id), b"")?;
+        crate::failpoint::hit("after_marker");
         let mut st = lock(&self.state);
         st.marked.insert(flush_id);
         st.earlier.insert(flush_id);
@@ -668,6 +674,7 @@ impl Ledger {
             wal.sync_checked()?;
         }
         self.dedup.write(&snapshot)?;
+        crate::failpoint::hit("after_dedup");
         if let Some(wal) = &self.wal {
             wal.confirm(generation).map_err(io::Error::other)?;
         }

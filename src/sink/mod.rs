@@ -475,6 +475,8 @@ impl Sink {
                 if behind_blocked || !self.write_table(table, &q, hold).await {
                     blocked.waiting[table].push_back(q.flush.flush_id);
                     left |= 1 << table;
+                } else if table == 0 {
+                    crate::failpoint::hit("after_table");
                 }
             }
             crate::failpoint::hit("after_insert");
@@ -493,9 +495,12 @@ impl Sink {
     async fn complete(&self, flush_id: u64) {
         if let Some(ledger) = &self.ledger {
             let l = Arc::clone(ledger);
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || l.complete(flush_id)).await {
+            match tokio::task::spawn_blocking(move || l.complete(flush_id)).await {
                 // The spool file stays: re-sent (identical) at the next start.
-                tracing::error!(error = %e, flush_id, "could not remove a written flush from the spool");
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, flush_id, "could not remove a written flush from the spool")
+                }
+                _ => crate::failpoint::hit("after_complete"),
             }
             crate::ledger::publish_backlog(ledger, &self.telemetry);
         }
