@@ -213,6 +213,7 @@ impl Ledger {
         }
         let spool_dir = spool::dir(data_dir);
         std::fs::create_dir_all(&spool_dir)?;
+        let machine = identity::machine_id();
         // A damaged state or spool file is quarantined (see
         // `crate::fs::quarantine`) and the start goes on without it.
         let scanned = spool::scan(fs.as_ref(), &spool_dir)?;
@@ -222,7 +223,7 @@ impl Ledger {
             &data_dir.join("instance"),
             &mut quarantined,
             "a new instance id is drawn",
-            || Identity::open(data_dir),
+            || Identity::open(data_dir, &machine),
         )?;
         if let Some(last) = flushes.iter().map(|f| f.flush_id).max() {
             identity.last = identity.last.max(last);
@@ -336,9 +337,15 @@ impl Ledger {
         gauges: Option<&GaugesWrite>,
     ) -> io::Result<(Arc<Flush>, bool)> {
         // The id first: nothing is written under an id a restart could draw
-        // again.
-        let identity = lock(&self.identity).clone();
-        identity.save(self.fs.as_ref())?;
+        // again (the file reserves a block of ids; saved when past it).
+        let wanted = {
+            let i = lock(&self.identity);
+            i.wanted().map(|r| (i.clone(), r))
+        };
+        if let Some((mut identity, reserved)) = wanted {
+            identity.save_reserved(self.fs.as_ref(), reserved)?;
+            lock(&self.identity).save_reserved_in_memory(reserved);
+        }
         crate::failpoint::hit("after_identity");
         // An id from before this start (an interval the previous release had
         // sent) may have landed: it is never merged, nor merged into.
