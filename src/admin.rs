@@ -5,6 +5,7 @@
 //! - a WAL sync has failed (no acks are sent);
 //! - a closed interval is held (it could not be recorded or released: no
 //!   new interval closes and the WAL fills);
+//! - the spool is at `spool.hard_limit`, so intervals stay open;
 //! - the WAL refused a block as full in the last [`WAL_REFUSED_RECENTLY`];
 //! - a table is blocked by schema drift (its rows are kept and retried);
 //! - a damaged file was quarantined since the start.
@@ -85,6 +86,9 @@ impl AdminState {
                 "a closed interval is held and not sent ({}); no new interval closes until it is recorded, and the WAL fills",
                 crate::lock(&t.flush_held_error)
             ));
+        }
+        if t.spool_full.load(Relaxed) == 1 {
+            p.push("the spool is at spool.hard_limit (ClickHouse has not taken the backlog): intervals stay open and coarsen in memory, and the WAL fills".into());
         }
         let refused = t.wal_refused_ms.load(Relaxed);
         let now = crate::clock::wall_clock().as_millis() as u64;

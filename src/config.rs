@@ -48,6 +48,10 @@ pub struct SpoolSettings {
     /// While a backlog drains, parked intervals are sent together, up to
     /// this many bytes of spool files per INSERT (fewer, larger parts).
     pub drain_batch: String,
+    /// The spool's hard cap. At it, intervals are not closed (the overflow
+    /// policy "defer"): the open one keeps compacting in memory, within
+    /// `aggregate.max_memory`, and the WAL fills.
+    pub hard_limit: String,
 }
 
 impl Default for SpoolSettings {
@@ -55,6 +59,7 @@ impl Default for SpoolSettings {
         SpoolSettings {
             max_size: "1GiB".into(),
             drain_batch: "32MiB".into(),
+            hard_limit: "4GiB".into(),
         }
     }
 }
@@ -425,6 +430,14 @@ impl Settings {
         if flush_interval < Duration::from_millis(10) {
             return Err(err("aggregate.flush_interval", "must be at least 10ms"));
         }
+        let spool_max_size = size("spool.max_size", &self.spool.max_size)? as u64;
+        let spool_hard_limit = size("spool.hard_limit", &self.spool.hard_limit)? as u64;
+        if spool_hard_limit < spool_max_size {
+            return Err(err(
+                "spool.hard_limit",
+                "must be at least spool.max_size (past max_size intervals merge; at hard_limit they stay open)",
+            ));
+        }
         let gauge_ttl = duration("aggregate.gauge_ttl", &a.gauge_ttl)?;
         if gauge_ttl < flush_interval {
             return Err(err(
@@ -554,7 +567,8 @@ impl Settings {
         };
         Ok(Config {
             wal,
-            spool_max_size: size("spool.max_size", &self.spool.max_size)? as u64,
+            spool_max_size,
+            spool_hard_limit,
             spool_drain_batch: size("spool.drain_batch", &self.spool.drain_batch)? as u64,
             udp_wal_streams,
             proto,
@@ -662,6 +676,8 @@ pub struct Config {
     pub wal: Option<WalConfig>,
     /// `spool.max_size`, bytes.
     pub spool_max_size: u64,
+    /// `spool.hard_limit`, bytes.
+    pub spool_hard_limit: u64,
     /// `spool.drain_batch`, bytes.
     pub spool_drain_batch: u64,
     /// WAL streams the UDP workers share (worker `i` appends to stream

@@ -87,6 +87,14 @@ impl Flusher {
             }
             Some(Held::Unrecorded(flush)) => flush,
             None => {
+                // At the spool's hard limit the interval stays open (the
+                // overflow policy "defer"), but a stop still closes it.
+                let full = reason != Reason::Shutdown && self.ledger.spool_full();
+                self.telemetry.spool_full.store(u64::from(full), Relaxed);
+                if full {
+                    self.telemetry.flushes_deferred.fetch_add(1, Relaxed);
+                    return false;
+                }
                 let now = (self.clock)();
                 self.notice_a_step_back(now);
                 let generation = take(self.aggregator.swap(now)).await;
@@ -308,9 +316,12 @@ pub async fn run(
             .store(crate::notify::now_ms(), Relaxed);
         let every = *interval.borrow_and_update();
         let delay = until_next_boundary((flusher.clock)(), every);
+        // While the spool is full only ticks look again (a depth trigger
+        // would spin).
+        let deferring = flusher.telemetry.spool_full.load(Relaxed) == 1;
         tokio::select! {
             _ = tokio::time::sleep(delay) => { flusher.flush(Reason::Tick).await; }
-            _ = aggregator.depth_reached() => { flusher.flush(Reason::Depth).await; }
+            _ = aggregator.depth_reached(), if !deferring => { flusher.flush(Reason::Depth).await; }
             Ok(()) = interval.changed() => {}
             _ = stop.changed() => {}
         }

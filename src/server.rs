@@ -315,7 +315,8 @@ async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, StartError>
     let ledger = Arc::new(
         ledger
             .with_wal(wal.clone())
-            .with_drain_batch(config.spool_drain_batch),
+            .with_drain_batch(config.spool_drain_batch)
+            .with_hard_limit(config.spool_hard_limit),
     );
     // Generations recorded in the spool before a crash are not rebuilt.
     if let Some(newest) = recovered.flushes.iter().map(|f| f.generation).max() {

@@ -135,6 +135,10 @@ pub struct Telemetry {
     pub flush_held: AtomicU64,
     /// Why the flush is held (the last error), for `/health`.
     pub flush_held_error: std::sync::Mutex<String>,
+    /// 1 while the spool is at `spool.hard_limit` and intervals stay open.
+    pub spool_full: AtomicU64,
+    /// Ticks that did not close the interval because the spool was full.
+    pub flushes_deferred: AtomicU64,
     /// Times the wall clock was found behind the open interval's start.
     pub clock_steps_back: AtomicU64,
     /// Gauges forgotten after `aggregate.gauge_ttl` without an update.
@@ -399,6 +403,18 @@ impl Telemetry {
             "Failed inserts that will be retried.",
             "kind=\"schema\"",
             &self.clickhouse_schema_errors,
+        );
+        m.gauge(
+            "tallyd_spool_full",
+            "1 while the spool is at spool.hard_limit: intervals are not closed (they keep compacting in memory) and the WAL fills.",
+            "",
+            &self.spool_full,
+        );
+        m.counter(
+            "tallyd_flushes_deferred_total",
+            "Ticks that left the interval open because the spool was at spool.hard_limit.",
+            "",
+            &self.flushes_deferred,
         );
         m.counter(
             "tallyd_clock_steps_back_total",

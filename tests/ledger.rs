@@ -564,6 +564,68 @@ async fn a_clock_an_hour_fast_then_stepped_back_keeps_the_newest_gauge_newest() 
     }
 }
 
+/// New keys every interval through an outage: merged intervals still grow
+/// (their key sets add up). The spool stops at its hard limit: intervals
+/// stay open meanwhile, and once ClickHouse is back every line counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churning_keys_through_an_outage_keep_the_spool_within_its_hard_limit() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "ledger_churn");
+    s.aggregate.flush_interval = "100ms".into();
+    s.spool.max_size = "64KiB".into();
+    s.spool.hard_limit = "256KiB".into();
+    let mut down = s.clone();
+    down.clickhouse.url = format!("http://127.0.0.1:{}", common::free_port());
+    let mut running = server::start(config(&down)).await.expect("start");
+    let tcp = running.tcp_addr.expect("tcp");
+    let mut peak = 0;
+    for round in 0..30 {
+        let lines: String = (0..1000)
+            .map(|i| format!("churn.{round}.{i}:1|c\n"))
+            .collect();
+        send_tcp(tcp, &lines);
+        let t = Arc::clone(&running.telemetry);
+        blocking(move || wait_for_lines(&t, 1000 * (round + 1))).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        peak = peak.max(running.telemetry.spool_bytes.load(Relaxed));
+    }
+    assert!(peak <= 2 * 256 * 1024, "the spool reached {peak} bytes");
+    assert!(
+        running.telemetry.flushes_deferred.load(Relaxed) > 0,
+        "never at the limit"
+    );
+    let admin = running.admin_addr.expect("admin").port();
+    let health = blocking(move || http(admin, "GET", "/health", "")).await;
+    assert!(
+        health
+            .as_deref()
+            .is_some_and(|h| h.contains("the spool is at spool.hard_limit")),
+        "{health:?}"
+    );
+    // ClickHouse is back (the URL fixed by a reload): everything lands.
+    running.reload(config(&s));
+    let sum = "SELECT sum(value) FROM ledger_churn.counters WHERE name LIKE 'churn.%' FORMAT TSV";
+    assert!(
+        blocking(
+            move || wait_for(30, || clickhouse().try_query(sum).as_deref()
+                == Some("30000\n"))
+        )
+        .await,
+        "{:?}",
+        ch.try_query(sum)
+    );
+    running.shutdown().await;
+    for fin in ["", "FINAL"] {
+        assert_eq!(
+            ch.query(&format!(
+                "SELECT sum(value), count() > 0 FROM ledger_churn.counters {fin} WHERE name LIKE 'churn.%' FORMAT TSV"
+            )),
+            "30000\t1\n",
+            "{fin}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_fsync_never_acks() {
     let ch = clickhouse();

@@ -177,6 +177,8 @@ pub struct Ledger {
     budget: u64,
     /// `spool.drain_batch`: parked flushes sent in one INSERT, in bytes.
     drain_batch: u64,
+    /// `spool.hard_limit`: at it, no interval is closed.
+    hard_limit: u64,
     /// `<data_dir>/lock`: one tallyd per data dir.
     _lock: std::fs::File,
     /// The last flush id issued before this start: ids up to it are older
@@ -289,6 +291,7 @@ impl Ledger {
             parked_ready: tokio::sync::Notify::new(),
             budget,
             drain_batch: DEFAULT_DRAIN_BATCH,
+            hard_limit: u64::MAX,
             _lock: dir_lock,
             quarantined: Mutex::new(quarantined),
             gauges_failed: std::sync::atomic::AtomicBool::new(false),
@@ -314,6 +317,17 @@ impl Ledger {
     pub fn with_drain_batch(mut self, bytes: u64) -> Ledger {
         self.drain_batch = bytes;
         self
+    }
+
+    /// Stops closing intervals while the spool holds `bytes` or more.
+    pub fn with_hard_limit(mut self, bytes: u64) -> Ledger {
+        self.hard_limit = bytes;
+        self
+    }
+
+    /// Whether the spool is at its hard limit (no interval may close).
+    pub fn spool_full(&self) -> bool {
+        lock(&self.state).bytes >= self.hard_limit
     }
 
     pub fn instance(&self) -> u64 {
