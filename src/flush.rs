@@ -103,7 +103,7 @@ impl Flusher {
                     return true;
                 }
                 let id = self.ledger.next_flush_id(now);
-                self.seal(generation, id)
+                self.seal(generation, id).await
             }
         };
         self.record_and_send(flush, reason, started).await
@@ -146,7 +146,7 @@ impl Flusher {
             }
             None => self.ledger.next_flush_id((self.clock)()),
         };
-        let flush = self.seal(generation, id);
+        let flush = self.seal(generation, id).await;
         if self
             .record_and_send(flush, Reason::Replay, Instant::now())
             .await
@@ -159,18 +159,31 @@ impl Flusher {
         ))
     }
 
-    /// Step 3: the rows of `generation`, fixed as RowBinary bytes.
-    fn seal(&mut self, generation: Generation, flush_id: u64) -> Arc<Flush> {
+    /// Step 3: the rows of `generation`, fixed as RowBinary bytes. The
+    /// build (a pass over every key) runs on a blocking thread, with the
+    /// gauge memory lent to it, so that a large interval never stalls a
+    /// tokio worker.
+    async fn seal(&mut self, generation: Generation, flush_id: u64) -> Arc<Flush> {
         let (ledger, now) = (Arc::clone(&self.ledger), (self.clock)());
-        let mut next_id = || ledger.next_flush_id(now);
-        let (flush, forgotten) = rows::build(
-            generation,
-            flush_id,
-            &self.host,
-            self.ledger.instance(),
-            &mut self.gauges,
-            &mut next_id,
-        );
+        let (host, instance) = (self.host.clone(), self.ledger.instance());
+        let mut gauges = std::mem::replace(&mut self.gauges, GaugeMemory::new(0));
+        let built = tokio::task::spawn_blocking(move || {
+            let mut next_id = || ledger.next_flush_id(now);
+            let built = rows::build(
+                generation,
+                flush_id,
+                &host,
+                instance,
+                &mut gauges,
+                &mut next_id,
+            );
+            (built, gauges)
+        })
+        .await;
+        // A panic in the build is a bug: it goes on as one.
+        let ((flush, forgotten), gauges) =
+            built.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        self.gauges = gauges;
         self.telemetry
             .dropped_gauge_memory
             .fetch_add(forgotten, Relaxed);
