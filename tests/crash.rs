@@ -824,6 +824,144 @@ fn tallyd_down(f: impl FnOnce()) {
     assert!(clickhouse().start(), "ClickHouse restarts on its port");
 }
 
+/// A data dir as the release before the outbox left it (instance file
+/// version 1, a `gauges` snapshot file, dedup version 1, spool files
+/// version 2, one of them sent): read, its sent flush re-sent under the
+/// token it was sent with, its unsent one sent, delta gauges resolved
+/// against its saved value, its protobuf client remembered.
+#[test]
+fn a_data_dir_of_the_release_before_the_outbox_is_replayed() {
+    use tallyd::client::ProtoClient;
+    use tallyd::outbox::flush::Flush;
+    use tallyd::outbox::rows::{Batch, CounterRow};
+    use tallyd::protocol::proto::pb::ack::Status;
+    use tallyd::protocol::statsd::MetricType;
+    let _serial = serial();
+    let ch = clickhouse();
+    let dir = temp_dir("upgrade-outbox");
+    let ports = Ports::new();
+    let db = ["--clickhouse-database", "upgrade2"];
+    ch.query("CREATE DATABASE IF NOT EXISTS upgrade2");
+    let window = common::modern().then_some(1000);
+    for statement in tallyd::sink::schema::ddl("upgrade2", window, None, false) {
+        ch.query(&statement);
+    }
+    let instance = 0x00c0_ffee_u64;
+    // Flush ids of that release: ticks of 2^20 us, then the 20-bit tag.
+    let old_id = |secs: u64| ((secs * 1_000_000) >> 20) << 20 | (instance & 0xf_ffff);
+    let (sent_id, unsent_id) = (old_id(1_700_000_000), old_id(1_700_000_001));
+    std::fs::write(
+        dir.join("instance"),
+        format!("tallyd-instance 1\n{instance:016x}\n{unsent_id}\n"),
+    )
+    .expect("instance");
+    let key = tallyd::aggregate::key::KeyBuf::default()
+        .build(MetricType::Gauge, b"up2.g", b"")
+        .to_vec();
+    std::fs::write(
+        dir.join("gauges"),
+        tallyd::outbox::gauges::encode(unsent_id, [(&key[..], 41.0)].into_iter()),
+    )
+    .expect("gauges");
+    let bits = format!("{:016x}", 0b11111u64) + &"0".repeat(15 * 16);
+    std::fs::write(
+        dir.join("dedup"),
+        format!("tallyd-dedup 1\n{} 5 {bits} 1700000000\n", "6f6c6432"),
+    )
+    .expect("dedup");
+    // Spool files as version 2 wrote them.
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(&spool).expect("spool");
+    let flush = |id: u64, generation: u64, value: f64| {
+        let batch = Batch {
+            generation,
+            host: "crash-host".into(),
+            flush_id: id,
+            ts: 1_700_000_000,
+            counters: vec![CounterRow {
+                ts: 1_700_000_000,
+                name: "up2.c".into(),
+                tags: vec![],
+                host: "crash-host".into(),
+                flush_id: id,
+                value,
+                samples: 1,
+            }],
+            samples: 1,
+            ..Batch::default()
+        };
+        let mut bytes = Flush::seal(batch, instance).encode();
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[16..]);
+        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(spool.join(format!("{id:020}.flush")), bytes).expect("spool file");
+    };
+    flush(sent_id, 1, 7.0);
+    std::fs::write(spool.join(format!("{sent_id:020}.sent")), b"").expect("marker");
+    flush(unsent_id, 2, 11.0);
+    // The sent one landed, under that release's token.
+    let token = format!("tallyd-{instance:016x}-{sent_id}-counters");
+    let settings = if common::modern() {
+        format!(" SETTINGS insert_deduplication_token = '{token}'")
+    } else {
+        String::new()
+    };
+    ch.query(&format!(
+        "INSERT INTO upgrade2.counters{settings} VALUES (1700000000, 'up2.c', [], 'crash-host', {sent_id}, 7, 1)"
+    ));
+
+    let d = start(&dir, &ports, "", &db);
+    send_tcp(
+        format!("127.0.0.1:{}", ports.tcp).parse().expect("addr"),
+        "up2.g:+1|g\n",
+    );
+    d.wait_received(1);
+    let proto: std::net::SocketAddr = format!("127.0.0.1:{}", ports.proto).parse().expect("addr");
+    let mut client = ProtoClient::new(proto);
+    let statuses: Vec<i32> = [5u64, 6]
+        .iter()
+        .map(|&seq| {
+            client
+                .send(&proto_batch("old2", seq, "up2.p", 1, 1.0))
+                .expect("ack")
+                .status
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [Status::Duplicate as i32, Status::Ok as i32],
+        "the dedup state of that release"
+    );
+    d.term();
+    for fin in ["", "FINAL"] {
+        if fin.is_empty() && !common::modern() {
+            continue;
+        }
+        assert_eq!(
+            ch.number(&format!(
+                "SELECT sum(value) FROM upgrade2.counters {fin} WHERE name = 'up2.c'"
+            )),
+            18.0,
+            "the sent flush once, the unsent one once ({fin})"
+        );
+    }
+    assert_eq!(
+        ch.number("SELECT argMax(value, version) FROM upgrade2.gauges WHERE name = 'up2.g'"),
+        42.0,
+        "a delta resolves against the saved value"
+    );
+    assert!(
+        ch.number("SELECT min(flush_id) FROM upgrade2.counters WHERE name = 'up2.p'")
+            > unsent_id as f64,
+        "new flush ids are above that release's"
+    );
+    assert!(
+        !dir.join("gauges").exists(),
+        "the snapshot file goes once the log is written"
+    );
+    assert!(dir.join("gauges.log").exists());
+}
+
 #[test]
 fn a_data_dir_of_the_previous_release_is_replayed() {
     use tallyd::client::ProtoClient;
