@@ -1,0 +1,66 @@
+//! A configuration reload (SIGHUP): what applies live, and what needs a
+//! restart.
+
+use super::*;
+
+impl Running {
+    /// Applies a new configuration without losing pending data: limits,
+    /// flush interval and max depth, ClickHouse URL, credentials and
+    /// timeouts, and the shutdown timeout. What needs a restart (listeners,
+    /// the data dir, the WAL geometry, TCP limits) is logged, not applied.
+    pub fn reload(&mut self, new: Config) {
+        let old = &self.config;
+        let restart: Vec<&str> = [
+            ("statsd.udp", old.statsd_udp != new.statsd_udp),
+            ("statsd.tcp", old.statsd_tcp != new.statsd_tcp),
+            ("admin", old.admin != new.admin),
+            ("proto", old.proto != new.proto),
+            ("data_dir", old.data_dir != new.data_dir),
+            ("wal", old.wal != new.wal),
+            ("host_id", old.host_id != new.host_id),
+            ("statsd.udp_workers", old.udp_workers != new.udp_workers),
+            (
+                "statsd.udp_recv_buffer",
+                old.udp_recv_buffer != new.udp_recv_buffer,
+            ),
+            ("statsd.tcp_max_line", old.tcp_max_line != new.tcp_max_line),
+            (
+                "statsd.tcp_max_connections",
+                old.tcp_max_connections != new.tcp_max_connections,
+            ),
+            ("aggregate.flush_queue", old.flush_queue != new.flush_queue),
+            (
+                "statsd.dogstatsd_socket",
+                old.dogstatsd_socket != new.dogstatsd_socket
+                    || old.dogstatsd_stream_socket != new.dogstatsd_stream_socket
+                    || old.dogstatsd_socket_mode != new.dogstatsd_socket_mode,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect();
+        if !restart.is_empty() {
+            tracing::warn!(fields = ?restart, "these settings changed but apply only after a restart");
+        }
+        self.aggregator.set_limits(new.aggregate, new.parse_limits);
+        self.interval.send_replace(new.flush_interval);
+        self.sink_config.send_replace(new.sink.clone());
+        let applied = Config {
+            aggregate: new.aggregate,
+            parse_limits: new.parse_limits,
+            flush_interval: new.flush_interval,
+            sink: new.sink,
+            shutdown_timeout: new.shutdown_timeout,
+            log_level: new.log_level,
+            ..self.config.clone()
+        };
+        self.config = applied;
+        tracing::info!(
+            flush_interval = ?self.config.flush_interval,
+            max_depth = self.config.aggregate.max_depth,
+            max_keys = self.config.aggregate.max_keys,
+            clickhouse = %self.config.sink.url,
+            "configuration reloaded"
+        );
+    }
+}

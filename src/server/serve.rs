@@ -1,0 +1,313 @@
+//! Start-up phase 3: every stage started (the sink, the replay, the flush
+//! loop, the WAL sync task), then the listeners served and READY said.
+
+use super::bind::Listeners;
+use super::recover::{Opened, replay};
+use super::*;
+
+/// Start-up phase 3: starts every stage, replays, then serves.
+pub(super) async fn serve(
+    config: Config,
+    listeners: Listeners,
+    opened: Opened,
+    clock: Clock,
+) -> Result<Running, StartError> {
+    let Listeners {
+        udp_sockets,
+        tcp_listener,
+        proto_tcp_listener,
+        proto_udp_socket,
+        uds_socket,
+        uds_stream,
+        admin_listener,
+    } = listeners;
+    let Opened {
+        ledger,
+        mut recovered,
+        wal,
+        recovery,
+    } = opened;
+    let dedup = Arc::clone(&ledger.dedup);
+    let telemetry = Arc::new(Telemetry::default());
+    let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
+    let aggregator = Arc::new(Aggregator::with_wal(
+        config.aggregate,
+        config.parse_limits,
+        clock(),
+        wal.clone(),
+        recovery.next_generation,
+    ));
+
+    let udp_addr = udp_sockets.first().and_then(|s| s.local_addr().ok());
+    if let Some(bytes) = udp::receive_buffer(&udp_sockets, config.udp_recv_buffer) {
+        telemetry
+            .udp_receive_buffer
+            .store(bytes as u64, Ordering::Relaxed);
+    }
+    let tcp_addr = tcp_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let (stop, stop_rx) = watch::channel(false);
+    let state = Arc::new(AdminState {
+        telemetry: Arc::clone(&telemetry),
+        aggregator: Arc::clone(&aggregator),
+        ready: AtomicBool::new(false),
+        udp_inodes: udp::inodes(&udp_sockets),
+        wal: wal.clone(),
+        ledger: Arc::clone(&ledger),
+    });
+
+    let (sink_config, sink_config_rx) = watch::channel(config.sink.clone());
+    let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry))
+        .with_reload(sink_config_rx)
+        .with_ledger(Arc::clone(&ledger));
+    // Replayed generations beyond the queue are parked in the spool, like
+    // any flush that finds the queue full: replay never waits for
+    // ClickHouse, and holds one generation in memory at a time.
+    let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue.max(1));
+    let sink = tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx));
+
+    // The TTL in flushes at the configured interval (a reload of the
+    // interval keeps the count).
+    let ttl_flushes = config.gauge_ttl.as_nanos() / config.flush_interval.as_nanos().max(1);
+    let mut gauges = GaugeMemory::new(config.aggregate.max_keys)
+        .with_ttl(u64::try_from(ttl_flushes).unwrap_or(u64::MAX));
+    if let Some(bytes) = recovered.gauges_log_bytes {
+        gauges = gauges.with_log_bytes(bytes);
+    }
+    for (key, value) in std::mem::take(&mut recovered.gauges) {
+        gauges.remember(key, value);
+    }
+    let mut flusher = Flusher {
+        aggregator: Arc::clone(&aggregator),
+        ledger: Arc::clone(&ledger),
+        gauges,
+        host: config.host_id.clone(),
+        queue: queue_tx,
+        telemetry: Arc::clone(&telemetry),
+        clock,
+        held: None,
+    };
+    let first_open = recovery.next_generation;
+    replay(&mut flusher, recovered, recovery, &telemetry, &dedup)
+        .await
+        .map_err(|source| StartError::DataDir {
+            dir: config.data_dir.display().to_string(),
+            source,
+        })?;
+    // Every generation before the first open one is released or was never
+    // in this WAL (see `Wal::confirm_through`).
+    if let Some(w) = &wal {
+        let w = Arc::clone(w);
+        blocking(move || w.confirm_through(first_open.saturating_sub(1)))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r.map_err(std::io::Error::other))
+            .map_err(|source| StartError::DataDir {
+                dir: config.data_dir.display().to_string(),
+                source,
+            })?;
+    }
+    // The flush loop stops only after every listener has drained, so its
+    // last interval holds everything received.
+    let (flush_stop, flush_stop_rx) = watch::channel(false);
+    let (interval, interval_rx) = watch::channel(config.flush_interval);
+    let flush = tokio::spawn(flush::run(flusher, interval_rx, flush_stop_rx));
+    // The WAL sync task stops last, after every ack and the last flush.
+    let (wal_sync_stop, wal_sync_stop_rx) = watch::channel(false);
+    let wal_sync = wal
+        .as_ref()
+        .and_then(|w| spawn_wal_sync(Arc::clone(w), wal_sync_stop_rx));
+
+    let udp_stop = Arc::new(AtomicBool::new(false));
+    let udp_threads = udp::spawn(
+        udp_sockets,
+        config.udp_wal_streams,
+        Arc::clone(&aggregator),
+        Arc::clone(&telemetry),
+        Arc::clone(&udp_stop),
+    )
+    .map_err(bind_err(
+        "StatsD UDP",
+        config
+            .statsd_udp
+            .unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+    ))?;
+    // TCP connections (StatsD and protobuf) share the streams after the
+    // UDP workers'.
+    let udp_streams = config.udp_wal_streams;
+    let shared_streams = udp_streams
+        ..wal
+            .as_ref()
+            .map_or(udp_streams + 1, |w| w.streams().max(udp_streams + 1));
+    let tcp = tcp_listener.map(|listener| {
+        let ingest = TcpIngest {
+            aggregator: Arc::clone(&aggregator),
+            telemetry: Arc::clone(&telemetry),
+            max_line: config.tcp_max_line,
+            max_connections: config.tcp_max_connections,
+            idle_timeout: config.tcp_idle_timeout,
+            wal_streams: shared_streams.clone(),
+        };
+        tokio::spawn(ingest.serve(listener, stop_rx.clone()))
+    });
+    let (uds_stream, uds_stream_path) = match uds_stream {
+        Some((listener, path)) => {
+            let ingest = crate::ingest::uds::StreamIngest {
+                aggregator: Arc::clone(&aggregator),
+                telemetry: Arc::clone(&telemetry),
+                max_frame: config.tcp_max_line,
+                max_connections: config.tcp_max_connections,
+                idle_timeout: config.tcp_idle_timeout,
+                wal_streams: shared_streams.clone(),
+            };
+            (
+                Some(tokio::spawn(ingest.serve(listener, stop_rx.clone()))),
+                path,
+            )
+        }
+        None => (None, None),
+    };
+    let proto = ProtoIngest {
+        aggregator: Arc::clone(&aggregator),
+        telemetry: Arc::clone(&telemetry),
+        wal: wal.clone(),
+        dedup,
+        max_frame: config.proto.max_frame,
+        max_connections: config.proto.max_connections,
+        overload_timeout: config.proto.overload_timeout,
+        idle_timeout: config.proto.idle_timeout,
+        wal_streams: shared_streams,
+    };
+    let proto_tcp_addr = proto_tcp_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok());
+    let proto_udp_addr = proto_udp_socket.as_ref().and_then(|s| s.local_addr().ok());
+    let mut udp_threads = udp_threads;
+    let uds_path = match uds_socket {
+        Some((socket, path)) => {
+            udp_threads.push(
+                crate::ingest::uds::spawn(
+                    socket,
+                    0,
+                    Arc::clone(&aggregator),
+                    Arc::clone(&telemetry),
+                    Arc::clone(&udp_stop),
+                )
+                .map_err(|source| StartError::BindPath {
+                    what: "the DogStatsD socket",
+                    path: path
+                        .as_ref()
+                        .map_or("(passed by systemd)".into(), |p| p.display().to_string()),
+                    source,
+                })?,
+            );
+            path
+        }
+        None => None,
+    };
+    if let Some(socket) = proto_udp_socket {
+        let addr = proto_udp_addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+        udp_threads.push(
+            proto
+                .clone()
+                .spawn_udp(socket, Arc::clone(&udp_stop))
+                .map_err(bind_err("protobuf UDP", addr))?,
+        );
+    }
+    let proto_tcp = proto_tcp_listener.map(|l| tokio::spawn(proto.serve_tcp(l, stop_rx.clone())));
+    let admin =
+        admin_listener.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&state), stop_rx.clone())));
+
+    let now = crate::notify::now_ms();
+    telemetry.flush_heartbeat_ms.store(now, Ordering::Relaxed);
+    telemetry.udp_heartbeat_ms.store(now, Ordering::Relaxed);
+    state.ready.store(true, Ordering::Relaxed);
+    crate::notify::ready(&format!(
+        "ready: StatsD UDP {udp_addr:?}, TCP {tcp_addr:?}; protobuf TCP {proto_tcp_addr:?}"
+    ));
+    // Watchdog pings start after READY=1, never before it.
+    let systemd = crate::notify::spawn(
+        Arc::clone(&telemetry),
+        Arc::clone(&aggregator),
+        config.flush_interval,
+        udp_addr.is_some(),
+        stop_rx.clone(),
+    );
+    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
+    Ok(Running {
+        udp_addr,
+        tcp_addr,
+        proto_tcp_addr,
+        proto_udp_addr,
+        admin_addr,
+        proto_tcp,
+        telemetry,
+        config,
+        state,
+        udp_stop,
+        udp_threads,
+        uds_path,
+        uds_stream,
+        uds_stream_path,
+        stop,
+        flush_stop,
+        interval,
+        sink_config,
+        aggregator,
+        tcp,
+        flush,
+        sink,
+        admin,
+        systemd,
+        wal,
+        wal_sync,
+        wal_sync_stop,
+    })
+}
+
+/// The `interval` durability policy: sync new records every interval (and,
+/// with `always`, the full sync that follows a failed one).
+fn spawn_wal_sync(wal: Arc<Wal>, mut stop: watch::Receiver<bool>) -> Option<JoinHandle<()>> {
+    let (mode, every) = wal.sync_mode();
+    if mode == SyncMode::Never {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = wal.sync_wanted() => {}
+                _ = stop.changed() => break,
+            }
+            let wal = Arc::clone(&wal);
+            let _ = tokio::task::spawn_blocking(move || wal.sync()).await;
+        }
+    }))
+}
+
+/// Creates the schema (retrying while ClickHouse is unreachable), then
+/// writes batches. Batches queue up meanwhile; nothing is lost.
+async fn prepare_and_run(mut sink: Sink, config: sink::SinkConfig, queue: mpsc::Receiver<Queued>) {
+    let mut attempt = 0;
+    loop {
+        match sink.connect().await {
+            Ok(version) => {
+                tracing::info!(%version, url = %config.url, database = %config.database, "connected to ClickHouse");
+                break;
+            }
+            Err(e) => {
+                let delay = sink::backoff(attempt, config.retry_initial, config.retry_max, 1.0);
+                sink.count_retry();
+                if sink::is_certificate_error(&e) {
+                    tracing::error!(error = %e, url = %config.url, retry_in = ?delay, "ClickHouse's TLS certificate is not trusted (set clickhouse.ca_file for a private CA); buffering");
+                } else {
+                    tracing::warn!(error = %e, url = %config.url, retry_in = ?delay, "ClickHouse is not usable yet; buffering");
+                }
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+        }
+    }
+    sink.run(queue).await;
+}
