@@ -217,6 +217,9 @@ impl Flusher {
             Err(e) => (None, Some(e.to_string())),
         };
         let Some((recorded, merged)) = recorded else {
+            // The gauge write did not happen (or its outcome is unknown):
+            // the next one rewrites the log rather than append after it.
+            self.gauges.persist_failed();
             let error = error.unwrap_or_default();
             self.telemetry.spool_errors.fetch_add(1, Relaxed);
             tracing::error!(%error, flush_id = flush.flush_id, "could not record the flush in the spool; holding it (not sent) and trying again at the next tick");
@@ -444,6 +447,15 @@ mod tests {
         fs: &Arc<crate::fs::CountingFs>,
         dir: &std::path::Path,
     ) -> (Flusher, mpsc::Receiver<Queued>) {
+        over(Arc::clone(fs) as Arc<dyn crate::fs::Fs>, dir)
+    }
+
+    /// A flusher over a real WAL and ledger whose file operations go
+    /// through `fs`.
+    fn over(
+        fs_dyn: Arc<dyn crate::fs::Fs>,
+        dir: &std::path::Path,
+    ) -> (Flusher, mpsc::Receiver<Queued>) {
         let wal_config = crate::wal::WalConfig {
             dir: dir.join("wal"),
             streams: 1,
@@ -453,7 +465,6 @@ mod tests {
             sync_interval: Duration::from_millis(100),
             skip_corrupt: false,
         };
-        let fs_dyn: Arc<dyn crate::fs::Fs> = Arc::clone(fs) as Arc<dyn crate::fs::Fs>;
         let (wal, _) = crate::wal::Wal::open_with(wal_config, Arc::clone(&fs_dyn)).expect("wal");
         let wal = Arc::new(wal);
         let limits = AggregateLimits {
@@ -574,6 +585,47 @@ mod tests {
                 "round {round}: {written} bytes written for a {file}-byte spool file"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn after_a_torn_gauge_append_and_a_failed_record_the_log_is_rewritten_not_appended_to() {
+        use crate::fs::{Fault, FaultyFs};
+        let dir = temp_dir();
+        let fs = Arc::new(FaultyFs::default());
+        let (mut flusher, _rx) = over(Arc::clone(&fs) as Arc<dyn crate::fs::Fs>, &dir);
+        let ingest = |f: &Flusher, block: &str| {
+            f.aggregator
+                .ingest_block(
+                    block.as_bytes(),
+                    &mut Scratch::default(),
+                    &mut BlockStats::default(),
+                )
+                .expect("append")
+        };
+        ingest(&flusher, "g:10|g\n");
+        assert!(
+            flusher.flush(Reason::Tick).await,
+            "the log is written whole"
+        );
+        // A power cut tears the next append (the flush itself is recorded).
+        fs.arm("gauges.log", Fault::TornWrite(5));
+        ingest(&flusher, "g:+1|g\n");
+        assert!(flusher.flush(Reason::Tick).await);
+        fs.heal();
+        // The next flush cannot be recorded at all (a full disk), then can.
+        fs.arm("spool", Fault::NoSpace);
+        ingest(&flusher, "g:+1|g\n");
+        assert!(!flusher.flush(Reason::Tick).await, "held");
+        fs.heal();
+        assert!(flusher.flush(Reason::Tick).await, "recorded");
+        let log = std::fs::read(dir.join("gauges.log")).expect("log");
+        let read = crate::outbox::gauges::decode_log(&log).expect("decodes");
+        assert_eq!(
+            read.good_len,
+            log.len() as u64,
+            "no torn bytes left in the log"
+        );
+        assert_eq!(read.values.last().map(|v| v.1), Some(12.0));
     }
 
     fn ingest(a: &Aggregator, block: &str) {

@@ -61,6 +61,9 @@ pub struct Identity {
     path: PathBuf,
 }
 
+/// 2400-01-01, Unix time: a clock beyond it is broken.
+const SANE_CLOCK_LIMIT: Duration = Duration::from_secs(13_569_465_600);
+
 /// Ticks reserved per save of the file (about 67 s).
 const RESERVE_TICKS: u64 = 1 << 16;
 
@@ -130,6 +133,13 @@ impl Identity {
     /// The next flush id (see the module doc). Does no I/O: before the id
     /// is used, [`Identity::wanted`] says whether the file must be saved.
     pub fn next(&mut self, now: Duration) -> u64 {
+        // A clock reading past 2400 (a bad RTC) is not taken: ids drawn
+        // from it would reach the top of the id space and stick there.
+        let now = if now > SANE_CLOCK_LIMIT {
+            Duration::ZERO
+        } else {
+            now
+        };
         let tick = tick_of(now).max((self.last >> TAG_BITS).saturating_add(1));
         let id = flush_id(tick, self.instance);
         self.last = id;

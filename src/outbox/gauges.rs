@@ -162,7 +162,12 @@ impl GaugeMemory {
             keep
         });
         self.live_bytes = self.live_bytes.saturating_sub(freed);
-        self.aged_out += (before - self.values.len()) as u64;
+        if self.values.len() < before {
+            self.aged_out += (before - self.values.len()) as u64;
+            // The log still holds them: its next write rewrites it, so that
+            // a restart does not bring them back.
+            self.log_bytes = None;
+        }
         self.next_sweep = self.sweep_every();
     }
 
@@ -177,6 +182,20 @@ impl GaugeMemory {
                 .is_none()
             {
                 self.live_bytes += len;
+            }
+        }
+    }
+
+    /// Remembers saved values (`gauges.log`, then spooled flushes: oldest
+    /// first, a key's later value winning), newest first and each key
+    /// once, so that with more saved than `max_keys` the recently flushed
+    /// gauges are the ones kept.
+    pub fn remember_saved(&mut self, saved: Vec<(Box<[u8]>, f64)>) {
+        let mut seen = std::collections::HashSet::new();
+        for (key, value) in saved.into_iter().rev() {
+            if !seen.contains(&key) {
+                seen.insert(key.clone());
+                self.remember(key, value);
             }
         }
     }
@@ -488,6 +507,33 @@ mod tests {
         assert_eq!((read.as_of, read.good_len), (7, good));
         assert_eq!(read.values, vec![(b"a".to_vec().into_boxed_slice(), 1.0)]);
         assert!(decode_log(b"TALLYGAU\x01\0\0\0").is_err());
+    }
+
+    #[test]
+    fn saved_values_are_remembered_newest_first_within_max_keys() {
+        let mut m = GaugeMemory::new(2);
+        let key = |s: &str| s.as_bytes().to_vec().into_boxed_slice();
+        m.remember_saved(vec![
+            (key("old"), 1.0),
+            (key("a"), 1.0),
+            (key("b"), 1.0),
+            (key("a"), 5.0),
+        ]);
+        assert_eq!(m.len(), 2);
+        assert_eq!(delta(&mut m, b"a", 1.0), 6.0, "a's last value");
+        assert_eq!(delta(&mut m, b"b", 1.0), 2.0);
+        assert!(
+            m.settle(
+                b"old",
+                &crate::aggregate::acc::GaugeAcc {
+                    value: 1.0,
+                    absolute: false,
+                    samples: 1
+                }
+            )
+            .1,
+            "the oldest key found no room"
+        );
     }
 
     #[test]

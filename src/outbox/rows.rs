@@ -389,13 +389,10 @@ pub fn merge(older: Batch, newer: Batch, flush_id: u64) -> Batch {
         ts,
         samples: older.samples.saturating_add(newer.samples),
         counters: counters.map(|r| CounterRow { ts, flush_id, ..r }).collect(),
-        gauges: gauges
-            .map(|r| GaugeRow {
-                ts,
-                version: flush_id,
-                ..r
-            })
-            .collect(),
+        // A gauge keeps its own version (the newest folded row's): a live
+        // row's is its flush id, a stamped one's its interval start's, so a
+        // stamped value never outranks a live one sent before it.
+        gauges: gauges.map(|r| GaugeRow { ts, ..r }).collect(),
         timers: timers.map(|r| TimerRow { ts, flush_id, ..r }).collect(),
         sets: sets.map(|r| SetRow { ts, flush_id, ..r }).collect(),
         events,
@@ -617,6 +614,45 @@ mod tests {
                 .map(|g| (g.value, g.samples))
                 .collect::<Vec<_>>(),
             vec![(10.0, 2)]
+        );
+    }
+
+    #[test]
+    fn a_merge_keeps_a_stamped_gauges_own_version() {
+        let gauge = |name: &str, ts, version, value| GaugeRow {
+            ts,
+            name: name.into(),
+            tags: vec![],
+            host: "h".into(),
+            value,
+            version,
+            samples: 1,
+        };
+        let older = Batch {
+            ts: 100,
+            flush_id: 7_000,
+            gauges: vec![gauge("live", 100, 7_000, 10.0)],
+            ..Batch::default()
+        };
+        // Only a stamped value of "late" in the newer flush: its version is
+        // its interval start's id, below the live one's.
+        let newer = Batch {
+            ts: 101,
+            flush_id: 8_000,
+            gauges: vec![gauge("late", 40, 4_000, 3.0)],
+            ..Batch::default()
+        };
+        let m = merge(older, newer, 8_000);
+        let mut versions: Vec<(String, u64)> = m
+            .gauges
+            .iter()
+            .map(|g| (g.name.clone(), g.version))
+            .collect();
+        versions.sort();
+        assert_eq!(
+            versions,
+            vec![("late".to_owned(), 4_000), ("live".to_owned(), 7_000)],
+            "a merged flush's id would rank the stamped value above live ones"
         );
     }
 

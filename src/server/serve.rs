@@ -75,9 +75,7 @@ pub(super) async fn serve(
     if let Some(bytes) = recovered.gauges_log_bytes {
         gauges = gauges.with_log_bytes(bytes);
     }
-    for (key, value) in std::mem::take(&mut recovered.gauges) {
-        gauges.remember(key, value);
-    }
+    gauges.remember_saved(std::mem::take(&mut recovered.gauges));
     let mut flusher = Flusher {
         aggregator: Arc::clone(&aggregator),
         ledger: Arc::clone(&ledger),

@@ -535,10 +535,20 @@ impl Sink {
                         };
                         self.write_table(table, &q, false).await
                     }
-                    Err(e) => {
-                        // Quarantined or gone: nothing left to write.
+                    // Quarantined (damaged) or gone: nothing left to write.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::InvalidData | std::io::ErrorKind::NotFound
+                        ) =>
+                    {
                         tracing::error!(error = %e, flush_id = id, table = name, "cannot read a flush back for its blocked table; its rows of that table are lost");
                         true
+                    }
+                    // Anything else may pass: tried again later.
+                    Err(e) => {
+                        tracing::warn!(error = %e, flush_id = id, table = name, "cannot read a flush back for its blocked table yet; trying again");
+                        false
                     }
                 };
                 if !written {
