@@ -656,6 +656,29 @@ impl Ledger {
         Ok(())
     }
 
+    /// Rewrites flush `flush`'s spool file (it may have landed: it has its
+    /// sent marker) with only the bodies of the tables in `pending` (bit
+    /// `i`: table `i`), the others being in ClickHouse. Blocking.
+    pub fn keep_pending(&self, flush: &Flush, pending: u8) -> io::Result<()> {
+        let mut kept = flush.clone();
+        for i in 0..kept.tables.bodies.len() {
+            if pending & (1 << i) == 0 {
+                kept.tables.bodies[i].clear();
+                kept.tables.rows[i] = 0;
+            }
+        }
+        let encoded = kept.encode();
+        self.write_spool_file(&spool::path(&self.spool_dir, kept.flush_id), &encoded)?;
+        let mut st = lock(&self.state);
+        if let Some(p) = st.flushes.get_mut(&kept.flush_id) {
+            let (old, new) = (p.bytes, encoded.len() as u64);
+            p.bytes = new;
+            p.rows = kept.rows();
+            st.bytes = st.bytes.saturating_sub(old).saturating_add(new);
+        }
+        Ok(())
+    }
+
     /// Reads a parked flush back. One that does not decode is quarantined
     /// and forgotten (its rows are lost), and the error returned. Blocking.
     pub fn read(&self, flush_id: u64) -> io::Result<Flush> {

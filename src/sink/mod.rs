@@ -483,11 +483,28 @@ impl Sink {
             if left == 0 {
                 self.complete(q.flush.flush_id).await;
             } else {
+                self.keep_pending(&q.flush, left).await;
                 blocked.left.insert(q.flush.flush_id, (left, q.resent));
                 blocked.retry_at.get_or_insert_with(|| {
                     tokio::time::Instant::now() + self.current().config.retry_initial
                 });
             }
+        }
+    }
+
+    /// Rewrites a flush's spool file with only the bodies of the tables in
+    /// `pending` (a bit each): a restart then sends those, not the tables
+    /// already in ClickHouse again. If it fails the file stays whole (a
+    /// restart re-sends every table, which the token and `FINAL` collapse).
+    async fn keep_pending(&self, flush: &Arc<Flush>, pending: u8) {
+        let Some(ledger) = &self.ledger else { return };
+        let (l, f) = (Arc::clone(ledger), Arc::clone(flush));
+        let kept = tokio::task::spawn_blocking(move || l.keep_pending(&f, pending))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(e) = kept {
+            tracing::warn!(error = %e, flush_id = flush.flush_id, "could not drop the written tables from a flush's spool file; a restart sends them again");
         }
     }
 
@@ -526,6 +543,7 @@ impl Sink {
                     .await
                     .map_err(std::io::Error::other)
                     .and_then(|r| r);
+                let mut read_back = None;
                 let written = match read {
                     Ok(flush) => {
                         self.checked[table].store(false, Relaxed);
@@ -533,7 +551,9 @@ impl Sink {
                             flush: Arc::new(flush),
                             resent,
                         };
-                        self.write_table(table, &q, false).await
+                        let written = self.write_table(table, &q, false).await;
+                        read_back = Some(q.flush);
+                        written
                     }
                     // Quarantined (damaged) or gone: nothing left to write.
                     Err(e)
@@ -561,6 +581,9 @@ impl Sink {
                     blocked.left.remove(&id);
                     self.complete(id).await;
                 } else {
+                    if let Some(flush) = &read_back {
+                        self.keep_pending(flush, mask).await;
+                    }
                     blocked.left.insert(id, (mask, resent));
                 }
             }
