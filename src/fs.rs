@@ -53,6 +53,29 @@ pub trait Fs: Send + Sync + 'static {
         }
     }
 
+    /// Creates (truncates) `path` and writes `parts` one after the other,
+    /// without syncing (a file written from pieces it is not copied into).
+    fn write_parts(&self, path: &Path, parts: &[&[u8]]) -> io::Result<File> {
+        let mut f = io::BufWriter::with_capacity(1 << 16, File::create(path)?);
+        for p in parts {
+            f.write_all(p)?;
+        }
+        f.into_inner().map_err(|e| e.into_error())
+    }
+
+    /// [`Fs::write_atomic`] of the concatenation of `parts`.
+    fn write_atomic_parts(&self, path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let f = self.write_parts(&tmp, parts)?;
+        self.sync(&tmp, &f)?;
+        drop(f);
+        self.rename(&tmp, path)?;
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => self.sync_dir(dir),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes a small file durably: temp file, fsync, rename, fsync the dir.
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         let tmp = path.with_extension("tmp");
@@ -91,6 +114,13 @@ impl CountingFs {
 }
 
 impl Fs for CountingFs {
+    fn write_parts(&self, path: &Path, parts: &[&[u8]]) -> io::Result<File> {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        self.bytes
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        RealFs.write_parts(path, parts)
+    }
+
     fn append(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
         self.bytes
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -156,6 +186,10 @@ impl FaultyFs {
 }
 
 impl Fs for FaultyFs {
+    fn write_parts(&self, path: &Path, parts: &[&[u8]]) -> io::Result<File> {
+        self.write(path, &parts.concat())
+    }
+
     fn append(&self, path: &Path, bytes: &[u8]) -> io::Result<File> {
         match self.fault(path) {
             Some(Fault::NoSpace) => Err(io::Error::from_raw_os_error(28)),

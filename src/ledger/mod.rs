@@ -383,13 +383,15 @@ impl Ledger {
             },
         };
         let path = spool::path(&self.spool_dir, flush.flush_id);
-        let encoded = flush.encode();
-        if let Err(e) = self.write_spool_file(&path, &encoded) {
-            if let Some(id) = absorbed {
-                lock(&self.state).parked.insert(id);
+        let written = match self.write_spool_file(&path, &flush) {
+            Ok(len) => len,
+            Err(e) => {
+                if let Some(id) = absorbed {
+                    lock(&self.state).parked.insert(id);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         if absorbed.is_some() {
             crate::failpoint::hit("after_merge_write");
         }
@@ -398,7 +400,7 @@ impl Ledger {
             let mut st = lock(&self.state);
             let p = Pending {
                 ts: flush.ts,
-                bytes: encoded.len() as u64,
+                bytes: written,
                 rows: flush.rows(),
                 host: flush.host.as_str().into(),
             };
@@ -461,12 +463,15 @@ impl Ledger {
     /// in place (a start finds it, with whatever it absorbs), so a failure
     /// after it (the directory sync) is logged, not returned: the caller
     /// must not act as if the old files were still the record.
-    fn write_spool_file(&self, path: &Path, encoded: &[u8]) -> io::Result<()> {
-        match self.fs.write_atomic(path, encoded) {
-            Ok(()) => Ok(()),
-            Err(e) if std::fs::read(path).is_ok_and(|b| b == encoded) => {
+    fn write_spool_file(&self, path: &Path, flush: &Flush) -> io::Result<u64> {
+        let parts = flush.encoded_parts();
+        let parts: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        match self.fs.write_atomic_parts(path, &parts) {
+            Ok(()) => Ok(len),
+            Err(e) if std::fs::read(path).is_ok_and(|b| b == parts.concat()) => {
                 tracing::warn!(error = %e, file = %path.display(), "a spool file is in place but its directory could not be synced; a power loss could still undo it");
-                Ok(())
+                Ok(len)
             }
             Err(e) => Err(e),
         }
@@ -611,14 +616,14 @@ impl Ledger {
             .map(|&id| self.read(id))
             .collect::<io::Result<_>>()?;
         let joined = Flush::concat(parts).ok_or_else(|| io::Error::other("nothing to join"))?;
-        let encoded = joined.encode();
-        self.write_spool_file(&spool::path(&self.spool_dir, joined.flush_id), &encoded)?;
+        let written =
+            self.write_spool_file(&spool::path(&self.spool_dir, joined.flush_id), &joined)?;
         crate::failpoint::hit("after_join_write");
         {
             let mut st = lock(&self.state);
             let p = Pending {
                 ts: joined.ts,
-                bytes: encoded.len() as u64,
+                bytes: written,
                 rows: joined.rows(),
                 host: joined.host.as_str().into(),
             };
@@ -667,11 +672,10 @@ impl Ledger {
                 kept.tables.rows[i] = 0;
             }
         }
-        let encoded = kept.encode();
-        self.write_spool_file(&spool::path(&self.spool_dir, kept.flush_id), &encoded)?;
+        let written = self.write_spool_file(&spool::path(&self.spool_dir, kept.flush_id), &kept)?;
         let mut st = lock(&self.state);
         if let Some(p) = st.flushes.get_mut(&kept.flush_id) {
-            let (old, new) = (p.bytes, encoded.len() as u64);
+            let (old, new) = (p.bytes, written);
             p.bytes = new;
             p.rows = kept.rows();
             st.bytes = st.bytes.saturating_sub(old).saturating_add(new);

@@ -191,6 +191,7 @@ pub fn build(
     }
     let generation_id = generation.id;
     let samples = generation.pending.into_inner();
+    out.reserve(&generation.map);
     let mut forgotten = 0;
     for (k, acc) in generation.map {
         forgotten += out.push(&k, acc, ts, flush_id, Some(&mut *gauges));
@@ -242,6 +243,36 @@ struct Rows<'a> {
 }
 
 impl Rows<'_> {
+    /// Sizes each body once for the rows of `map` (a row is about its key,
+    /// the host and its fixed columns), so that a body does not grow by
+    /// doubling: each step of that touches the old and the new copy at
+    /// once, up to three times the body at 1M keys. Timers and sets are
+    /// estimated; they grow if they need more.
+    fn reserve(
+        &mut self,
+        map: &dashmap::DashMap<crate::aggregate::MapKey, Acc, crate::aggregate::KeyHasher>,
+    ) {
+        let mut sizes = [0usize; super::rowbinary::TABLES];
+        let mut gauges = 0;
+        let head = self.host.len() + 12;
+        for e in map.iter() {
+            let (table, fixed) = match e.value() {
+                Acc::Counter { .. } => (0, 24),
+                Acc::Gauge(_) => {
+                    gauges += 1;
+                    (1, 24)
+                }
+                Acc::Dist(_) => (2, 128),
+                Acc::Set(s) => (3, 32 + 8 * s.members.len()),
+            };
+            sizes[table] += e.key().len() + head + fixed;
+        }
+        for (body, size) in self.tables.bodies.iter_mut().zip(sizes) {
+            body.reserve(size);
+        }
+        self.gauge_values.reserve(gauges);
+    }
+
     /// Adds the row of key `k` for interval `ts` under `flush_id`. A gauge
     /// resolves against (and updates) `gauges` when given; returns 1 when
     /// it could not be remembered.
