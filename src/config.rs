@@ -241,7 +241,7 @@ impl Default for AggregateSettings {
             max_depth: 1_000_000,
             max_keys: 1_000_000,
             max_set_members: 100_000,
-            flush_queue: 8,
+            flush_queue: 1,
             max_memory: "1GiB".into(),
             timestamp_window: "1h".into(),
             gauge_ttl: "24h".into(),
