@@ -25,19 +25,31 @@
 //! [`Dedup::snapshot`] is one) is forgotten and starts over. Counting
 //! flushes, not the wall clock, a clock that jumps forward forgets nobody.
 //!
-//! # The `dedup` file, version 2
+//! # The `dedup` file, version 3: a change log, compacted when it doubles
 //!
 //! ```text
-//! tallyd-dedup 2 <flushes counted so far>
+//! tallyd-dedup 3
+//! now <flushes counted so far>
 //! <client id, hex> <high> <bitmap: 256 hex digits, bit i = high - i> <last seen: the flush count then>
+//! ...
+//! now <N>
+//! <the clients changed since the lines before>
 //! ...
 //! ```
 //!
-//! Version 1 (`tallyd-dedup 1`) has the same lines with the last seen time
-//! in Unix seconds; a file without the header line is version 0
-//! (`<client hex> <high> <seen>`, written before the window existed): every
-//! sequence up to `high` counts as accepted. Their clients are read as seen
-//! at the start.
+//! Each release appends one chunk: its flush count, then a line for every
+//! client accepted since the last chunk (a later line of a client replaces
+//! the earlier). When the file has grown past twice what one line per
+//! remembered client takes (and 64 KiB), it is rewritten atomically as one
+//! chunk of every client. A torn last line (a crash mid-append) is cut off
+//! at start.
+//!
+//! Version 2 (`tallyd-dedup 2 <now>`, then one line per client) and
+//! version 1 (`tallyd-dedup 1`, the last seen time in Unix seconds) are
+//! read, as is a file without a header line, version 0 (`<client hex>
+//! <high> <seen>`, written before the window existed): every sequence up
+//! to `high` counts as accepted. Clients of versions 0 and 1 are read as
+//! seen at the start.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -47,6 +59,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use dashmap::DashMap;
 
 use crate::fs::{Fs, read_optional};
+use crate::lock;
 
 /// Sequences remembered per client below the highest accepted one.
 pub const WINDOW: u64 = 1024;
@@ -61,6 +74,8 @@ struct Client {
     bits: [u64; WORDS],
     /// The flush count at its last accepted batch (0: never accepted).
     seen: u64,
+    /// Accepted a batch since the last chunk written.
+    dirty: bool,
 }
 
 impl Client {
@@ -68,6 +83,7 @@ impl Client {
         high: 0,
         bits: [0; WORDS],
         seen: 0,
+        dirty: false,
     };
 
     fn state(&self, sequence: u64) -> Seen {
@@ -145,6 +161,8 @@ pub struct Dedup {
     window: u64,
     /// Flushes counted so far (snapshots taken), from 1.
     now: AtomicU64,
+    /// Bytes of the file as written (`None`: unknown, rewrite it next).
+    log_bytes: std::sync::Mutex<Option<u64>>,
     /// Past this many clients, the least recently seen tenth is forgotten.
     max_clients: usize,
     fs: Arc<dyn Fs>,
@@ -164,11 +182,16 @@ impl Dedup {
         let path = data_dir.join("dedup");
         let clients = DashMap::new();
         let mut now = 1;
+        let mut log_bytes = None;
         if let Some(bytes) = read_optional(&path)? {
-            let text = String::from_utf8(bytes).map_err(|_| bad(&path, "not UTF-8".into()))?;
-            let mut lines = text.lines().peekable();
-            let version = match lines.peek().map(|h| h.split(' ').collect::<Vec<_>>()) {
+            let mut text = String::from_utf8(bytes).map_err(|_| bad(&path, "not UTF-8".into()))?;
+            let version = match text
+                .lines()
+                .next()
+                .map(|h| h.split(' ').collect::<Vec<_>>())
+            {
                 Some(h) if h[..] == ["tallyd-dedup", "1"] => 1,
+                Some(h) if h[..] == ["tallyd-dedup", "3"] => 3,
                 Some(h) if h.len() == 3 && h[..2] == ["tallyd-dedup", "2"] => {
                     now = h[2]
                         .parse::<u64>()
@@ -181,10 +204,22 @@ impl Dedup {
                 }
                 _ => 0,
             };
+            if version == 3 {
+                let whole = cut_torn_tail(&path, &mut text)?;
+                log_bytes = Some(whole);
+            }
+            let mut lines = text.lines();
             if version > 0 {
                 lines.next();
             }
             for line in lines {
+                if let Some(n) = line.strip_prefix("now ").filter(|_| version == 3) {
+                    now = n
+                        .parse::<u64>()
+                        .map_err(|_| bad(&path, "bad flush count".into()))?
+                        .max(1);
+                    continue;
+                }
                 let (id, mut client) = parse_line(line, version)
                     .ok_or_else(|| bad(&path, format!("bad line {line:?}")))?;
                 // Earlier versions kept Unix seconds: seen at the start.
@@ -199,6 +234,7 @@ impl Dedup {
             path,
             window: window.max(1),
             now: AtomicU64::new(now),
+            log_bytes: std::sync::Mutex::new(log_bytes),
             max_clients: 100_000,
             fs,
         })
@@ -257,6 +293,7 @@ impl Dedup {
                     let r = accept()?;
                     entry.mark(sequence);
                     entry.seen = self.now();
+                    entry.dirty = true;
                     Ok(Admit::Accepted(r))
                 }
             };
@@ -270,6 +307,7 @@ impl Dedup {
                 Ok(r) => {
                     entry.mark(sequence);
                     entry.seen = self.now();
+                    entry.dirty = true;
                     Ok(Admit::Accepted(r))
                 }
                 Err(e) => {
@@ -292,6 +330,7 @@ impl Dedup {
         let mut entry = self.clients.entry(client.to_owned()).or_insert(Client::NEW);
         entry.mark(sequence);
         entry.seen = self.now();
+        entry.dirty = true;
     }
 
     /// Forgets clients silent for longer than the window, then writes the
@@ -301,35 +340,114 @@ impl Dedup {
         self.write(&self.snapshot())
     }
 
-    /// Counts a flush, and returns the state as of now, encoded
-    /// (forgetting clients silent for longer than the window). Every
-    /// sequence in it was appended to the WAL before this returns (a mark
-    /// follows its append, under the client's lock).
-    pub fn snapshot(&self) -> String {
+    /// Counts a flush, and returns what to write of the state as of now:
+    /// a chunk of the clients accepted since the last one, or the whole
+    /// file again once it has doubled (forgetting clients silent for longer
+    /// than the window). Every sequence in it was appended to the WAL
+    /// before this returns (a mark follows its append, under the client's
+    /// lock).
+    pub fn snapshot(&self) -> DedupWrite {
         let now = self.now.fetch_add(1, Relaxed).saturating_add(1);
         let oldest = now.saturating_sub(self.window);
         self.clients.retain(|_, c| c.seen >= oldest);
-        let mut text = format!("tallyd-dedup 2 {now}\n");
-        for e in self.clients.iter() {
-            let c = e.value();
-            text.push_str(&hex(e.key().as_bytes()));
-            text.push_str(&format!(" {} ", c.high));
-            for w in c.bits {
-                text.push_str(&format!("{w:016x}"));
+        let mut log = lock(&self.log_bytes);
+        let mut chunk = format!("now {now}\n");
+        let mut live = 0u64;
+        for mut e in self.clients.iter_mut() {
+            live += LINE + 2 * e.key().len() as u64;
+            if e.dirty {
+                e.dirty = false;
+                line(&mut chunk, e.key(), e.value());
             }
-            text.push_str(&format!(" {}\n", c.seen));
         }
-        text
+        let bound = live.saturating_mul(2).max(COMPACT_FLOOR);
+        match *log {
+            Some(bytes) if bytes.saturating_add(chunk.len() as u64) <= bound => {
+                DedupWrite::Append(chunk)
+            }
+            _ => {
+                let mut all = format!("tallyd-dedup 3\nnow {now}\n");
+                for e in self.clients.iter() {
+                    line(&mut all, e.key(), e.value());
+                }
+                // Until it is written, the next write rewrites too.
+                *log = None;
+                DedupWrite::Rewrite(all)
+            }
+        }
     }
 
-    /// Writes a [`Dedup::snapshot`] durably.
-    pub fn write(&self, snapshot: &str) -> io::Result<()> {
-        self.fs.write_atomic(&self.path, snapshot.as_bytes())
+    /// Writes a [`Dedup::snapshot`] durably: an append and its sync, or an
+    /// atomic rewrite. A failure makes the next write a rewrite.
+    pub fn write(&self, snapshot: &DedupWrite) -> io::Result<()> {
+        let written = match snapshot {
+            DedupWrite::Append(chunk) => self
+                .fs
+                .append(&self.path, chunk.as_bytes())
+                .and_then(|f| self.fs.sync(&self.path, &f))
+                .map(|()| chunk.len() as u64),
+            DedupWrite::Rewrite(all) => self
+                .fs
+                .write_atomic(&self.path, all.as_bytes())
+                .map(|()| all.len() as u64),
+        };
+        let mut log = lock(&self.log_bytes);
+        match (&written, snapshot) {
+            (Ok(n), DedupWrite::Append(_)) => *log = log.map(|b| b + n),
+            (Ok(n), DedupWrite::Rewrite(_)) => *log = Some(*n),
+            (Err(_), _) => *log = None,
+        }
+        written.map(|_| ())
+    }
+
+    /// A snapshot was taken but will not be written (the WAL sync before
+    /// it failed): its clients must go into the next write.
+    pub fn write_failed(&self) {
+        *lock(&self.log_bytes) = None;
     }
 
     pub fn clients(&self) -> usize {
         self.clients.len()
     }
+}
+
+/// What a [`Dedup::snapshot`] writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DedupWrite {
+    /// A chunk to append to the file.
+    Append(String),
+    /// The whole file again.
+    Rewrite(String),
+}
+
+/// Bytes of a client's line beside its hex id (the high sequence, the
+/// bitmap, the last seen count, separators).
+const LINE: u64 = 20 + WORDS as u64 * 16 + 20 + 3;
+/// A file smaller than this is never compacted.
+const COMPACT_FLOOR: u64 = 64 << 10;
+
+fn line(out: &mut String, id: &str, c: &Client) {
+    use std::fmt::Write;
+    out.push_str(&hex(id.as_bytes()));
+    let _ = write!(out, " {} ", c.high);
+    for w in c.bits {
+        let _ = write!(out, "{w:016x}");
+    }
+    let _ = writeln!(out, " {}", c.seen);
+}
+
+/// Cuts a last line without its newline (a torn append) off `text` and the
+/// file; returns the bytes kept.
+fn cut_torn_tail(path: &Path, text: &mut String) -> io::Result<u64> {
+    if !text.is_empty() && !text.ends_with('\n') {
+        let keep = text.rfind('\n').map_or(0, |i| i + 1);
+        tracing::warn!(file = %path.display(), cut = text.len() - keep, "cutting a torn append off the dedup file");
+        text.truncate(keep);
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(keep as u64)?;
+        f.sync_all()?;
+    }
+    Ok(text.len() as u64)
 }
 
 fn parse_line(line: &str, version: u32) -> Option<(String, Client)> {
@@ -341,9 +459,10 @@ fn parse_line(line: &str, version: u32) -> Option<(String, Client)> {
                 high: high.parse().ok()?,
                 bits: [u64::MAX; WORDS],
                 seen: seen.parse().ok()?,
+                dirty: false,
             },
         )),
-        (1 | 2, [id, high, bits, seen]) if bits.len() == WORDS * 16 => {
+        (1..=3, [id, high, bits, seen]) if bits.len() == WORDS * 16 => {
             let mut words = [0; WORDS];
             for (i, w) in words.iter_mut().enumerate() {
                 *w = u64::from_str_radix(bits.get(i * 16..i * 16 + 16)?, 16).ok()?;
@@ -354,6 +473,7 @@ fn parse_line(line: &str, version: u32) -> Option<(String, Client)> {
                     high: high.parse().ok()?,
                     bits: words,
                     seen: seen.parse().ok()?,
+                    dirty: false,
                 },
             ))
         }
@@ -551,6 +671,67 @@ mod tests {
         let again = Dedup::open(&dir, 3, Arc::new(RealFs)).expect("reopen");
         assert_eq!(again.now(), d.now());
         assert_eq!(again.admit("busy", 4, ok), Ok(Admit::Duplicate));
+    }
+
+    #[test]
+    fn each_write_appends_the_changed_clients_and_the_file_is_rewritten_once_it_doubles() {
+        let dir = temp_dir();
+        let d = Dedup::open(&dir, 1_000_000, Arc::new(RealFs)).expect("open");
+        for c in 0..300 {
+            assert_eq!(d.admit(&format!("c{c}"), 1, ok), Ok(Admit::Accepted(())));
+        }
+        d.save().expect("the first write is whole");
+        let whole = std::fs::metadata(dir.join("dedup")).expect("meta").len();
+        let mut appends = 0;
+        for flush in 0..2_000u64 {
+            let client = format!("c{}", flush % 300);
+            assert_eq!(d.admit(&client, flush + 2, ok), Ok(Admit::Accepted(())));
+            let w = d.snapshot();
+            if let DedupWrite::Append(chunk) = &w {
+                appends += 1;
+                assert_eq!(chunk.lines().count(), 2, "the count and the one client");
+            }
+            d.write(&w).expect("write");
+            let len = std::fs::metadata(dir.join("dedup")).expect("meta").len();
+            assert!(len <= 2 * whole + COMPACT_FLOOR + 1024, "{len} bytes");
+        }
+        assert!(appends > 1_500, "mostly appends: {appends}");
+        let again = Dedup::open(&dir, 1_000_000, Arc::new(RealFs)).expect("reopen");
+        assert_eq!(again.clients(), 300);
+        assert_eq!(again.now(), d.now());
+        for flush in 1_700..2_000u64 {
+            let client = format!("c{}", flush % 300);
+            assert_eq!(
+                again.admit(&client, flush + 2, ok),
+                Ok(Admit::Duplicate),
+                "{client}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_torn_append_is_cut_and_a_failed_write_makes_the_next_one_whole() {
+        let dir = temp_dir();
+        let d = Dedup::open(&dir, 100, Arc::new(RealFs)).expect("open");
+        assert_eq!(d.admit("a", 1, ok), Ok(Admit::Accepted(())));
+        d.save().expect("save");
+        assert_eq!(d.admit("b", 1, ok), Ok(Admit::Accepted(())));
+        d.save().expect("append");
+        // A crash mid-append leaves half a line.
+        let path = dir.join("dedup");
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes.extend_from_slice(b"now 9\n6363 5 00");
+        std::fs::write(&path, &bytes).expect("write");
+        let again = Dedup::open(&dir, 100, Arc::new(RealFs)).expect("a torn tail is cut");
+        assert_eq!(again.clients(), 2);
+        assert!(std::fs::read(&path).expect("read").ends_with(b"\n"));
+        assert_eq!(again.admit("c", 1, ok), Ok(Admit::Accepted(())));
+        let _lost = again.snapshot();
+        again.write_failed();
+        assert!(
+            matches!(again.snapshot(), DedupWrite::Rewrite(_)),
+            "after a failure, whole"
+        );
     }
 
     #[test]

@@ -718,8 +718,11 @@ impl Ledger {
     /// durable. Blocking.
     pub fn release(&self, generation: u64) -> io::Result<()> {
         let snapshot = self.dedup.snapshot();
-        if let Some(wal) = &self.wal {
-            wal.sync_checked()?;
+        if let Some(wal) = &self.wal
+            && let Err(e) = wal.sync_checked()
+        {
+            self.dedup.write_failed();
+            return Err(e);
         }
         self.dedup.write(&snapshot)?;
         crate::failpoint::hit("after_dedup");
