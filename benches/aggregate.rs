@@ -57,6 +57,13 @@ fn counter_line(k: usize) -> String {
     format!("app.counter.k{k:07}:1|c")
 }
 
+/// A timer key with 30 values, each in a bucket of its own (5 % apart, the
+/// sketch's buckets 2 % wide).
+fn timer_line(k: usize) -> String {
+    let values: Vec<String> = (0..30).map(|j| format!("{:.3}", 1.05f64.powi(j))).collect();
+    format!("app.timer.k{k:07}:{}|ms", values.join(":"))
+}
+
 fn ingest_all(a: &Aggregator, blocks: &[Vec<u8>], scratch: &mut Scratch) {
     let mut stats = BlockStats::default();
     for b in blocks {
@@ -268,7 +275,7 @@ fn memory_per_key() {
     }
 }
 
-/// A closed interval holding `keys` counter keys.
+/// A closed interval holding `keys` keys.
 fn closed_interval(keys: usize, data: &[Vec<u8>]) -> Generation {
     let a = aggregator();
     ingest_all(&a, data, &mut Scratch::default());
@@ -281,10 +288,18 @@ fn closed_interval(keys: usize, data: &[Vec<u8>]) -> Generation {
 fn flush(c: &mut Criterion) {
     let mut g = c.benchmark_group("flush");
     g.sample_size(10);
-    for keys in [100_000usize, 1_000_000] {
-        let data = blocks(keys, counter_line);
+    for (name, keys, line) in [
+        (
+            "counters",
+            100_000usize,
+            counter_line as fn(usize) -> String,
+        ),
+        ("counters", 1_000_000, counter_line),
+        ("timers_30_buckets", 100_000, timer_line),
+    ] {
+        let data = blocks(keys, line);
         g.throughput(Throughput::Elements(keys as u64));
-        g.bench_function(format!("counters_{keys}_keys_to_rowbinary"), |b| {
+        g.bench_function(format!("{name}_{keys}_keys_to_rowbinary"), |b| {
             b.iter_batched(
                 || closed_interval(keys, &data),
                 |generation| {

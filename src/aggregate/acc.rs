@@ -213,15 +213,14 @@ impl DistAcc {
     pub fn summarize(&mut self) -> Summary {
         self.drain();
         let (bucket_values, bucket_counts) = self.sketch.buckets();
-        let q = |q: f64| {
-            sketch::quantile(&bucket_values, &bucket_counts, q)
-                .map_or(0.0, |v| v.clamp(self.min, self.max))
-        };
+        let [p50, p90, p95, p99] =
+            sketch::quantiles(&bucket_values, &bucket_counts, [0.50, 0.90, 0.95, 0.99])
+                .map(|q| q.map_or(0.0, |v| v.clamp(self.min, self.max)));
         Summary {
-            p50: q(0.50),
-            p90: q(0.90),
-            p95: q(0.95),
-            p99: q(0.99),
+            p50,
+            p90,
+            p95,
+            p99,
             bucket_values,
             bucket_counts,
         }

@@ -50,10 +50,14 @@ pub fn index(v: f64) -> i32 {
 /// The value of bucket `i`: `2 γ^i / (γ + 1)`, at most `f64::MAX` (the
 /// top bucket's value would pass it for values near 1.8e308).
 pub fn bucket_value(i: i32) -> f64 {
-    let g = gamma();
-    (f64::from(i) * g.ln() + (2.0 / (g + 1.0)).ln())
-        .exp()
-        .min(f64::MAX)
+    // The two logarithms once, not per bucket (the same values, so the
+    // same bits as computing them each time).
+    static LN: std::sync::OnceLock<(f64, f64)> = std::sync::OnceLock::new();
+    let &(ln_gamma, ln_offset) = LN.get_or_init(|| {
+        let g = gamma();
+        (g.ln(), (2.0 / (g + 1.0)).ln())
+    });
+    (f64::from(i) * ln_gamma + ln_offset).exp().min(f64::MAX)
 }
 
 /// One sign's buckets.
@@ -210,16 +214,26 @@ impl Store {
         }
     }
 
-    /// (index, weight) of every non-empty bucket, ascending by index.
-    fn buckets(&self) -> Vec<(i32, f64)> {
+    /// Each bucket with weight, ascending by index, to `f` (nothing
+    /// copied).
+    fn each(&self, mut f: impl FnMut(i32, f64)) {
         match self {
-            Store::Sparse(list) => list.clone(),
-            Store::Dense { offset, weights } => weights
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| **w > 0.0)
-                .map(|(k, w)| (offset + k as i32, *w))
-                .collect(),
+            Store::Sparse(list) => list.iter().for_each(|&(i, w)| f(i, w)),
+            Store::Dense { offset, weights } => {
+                for (k, &w) in weights.iter().enumerate() {
+                    if w > 0.0 {
+                        f(offset + k as i32, w);
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many buckets have weight.
+    fn len(&self) -> usize {
+        match self {
+            Store::Sparse(list) => list.len(),
+            Store::Dense { weights, .. } => weights.iter().filter(|w| **w > 0.0).count(),
         }
     }
 }
@@ -281,20 +295,24 @@ impl Sketch {
 
     /// (bucket values ascending, their weights): what a row stores.
     pub fn buckets(&self) -> (Vec<f64>, Vec<f64>) {
-        let mut values = Vec::new();
-        let mut weights = Vec::new();
-        for (i, w) in self.negative.buckets().into_iter().rev() {
+        let n = self.negative.len() + usize::from(self.zero > 0.0) + self.positive.len();
+        let mut values = Vec::with_capacity(n);
+        let mut weights = Vec::with_capacity(n);
+        // Negative values ascend as their indexes descend.
+        self.negative.each(|i, w| {
             values.push(-bucket_value(i));
             weights.push(w);
-        }
+        });
+        values.reverse();
+        weights.reverse();
         if self.zero > 0.0 {
             values.push(0.0);
             weights.push(self.zero);
         }
-        for (i, w) in self.positive.buckets() {
+        self.positive.each(|i, w| {
             values.push(bucket_value(i));
             weights.push(w);
-        }
+        });
         (values, weights)
     }
 }
@@ -304,6 +322,44 @@ impl Sketch {
 /// without weight. Used for a flushed key and for rows merged from buckets,
 /// so both give the same answer for the same buckets.
 pub fn quantile(values: &[f64], weights: &[f64], q: f64) -> Option<f64> {
+    quantiles(values, weights, [q])[0]
+}
+
+/// [`quantile`] for each of `qs` (ascending), in one pass over the buckets.
+pub fn quantiles<const N: usize>(
+    values: &[f64],
+    weights: &[f64],
+    qs: [f64; N],
+) -> [Option<f64>; N] {
+    let mut out = [None; N];
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 || !total.is_finite() {
+        return out;
+    }
+    let mut next = 0;
+    let mut seen = 0.0;
+    let mut last = None;
+    for (v, w) in values.iter().zip(weights) {
+        seen += w;
+        last = Some(*v);
+        while next < N && seen >= qs[next].clamp(0.0, 1.0) * total && *w > 0.0 {
+            out[next] = last;
+            next += 1;
+        }
+        if next == N {
+            return out;
+        }
+    }
+    for o in &mut out[next..] {
+        *o = last;
+    }
+    out
+}
+
+/// [`quantile`] as it was written first, one pass per `q`: what
+/// [`quantiles`] must agree with.
+#[cfg(test)]
+fn quantile_reference(values: &[f64], weights: &[f64], q: f64) -> Option<f64> {
     let total: f64 = weights.iter().sum();
     if total <= 0.0 || !total.is_finite() {
         return None;
@@ -324,6 +380,32 @@ pub fn quantile(values: &[f64], weights: &[f64], q: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_in_one_pass_agree_with_one_pass_each() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let qs = [0.0, 0.5, 0.9, 0.95, 0.99, 1.0];
+        for _ in 0..2_000 {
+            let n = (next() % 40) as usize;
+            let values: Vec<f64> = (0..n).map(|i| i as f64).collect();
+            // Some zero weights, as a merge can leave.
+            let weights: Vec<f64> = (0..n).map(|_| (next() % 5) as f64 * 0.5).collect();
+            let all = quantiles(&values, &weights, qs);
+            for (q, got) in qs.iter().zip(all) {
+                assert_eq!(
+                    got,
+                    quantile_reference(&values, &weights, *q),
+                    "q {q} over {weights:?}"
+                );
+            }
+        }
+    }
 
     fn sketch(values: &[(f64, f64)]) -> Sketch {
         let mut s = Sketch::default();
@@ -405,7 +487,7 @@ mod tests {
             grew += s.add_positive(batch, 1.0);
             assert!(s.bytes() <= 16 * SPARSE as u64, "{}", s.bytes());
         }
-        assert_eq!((grew, s.positive.buckets().len()), (s.bytes(), SPARSE));
+        assert_eq!((grew, s.positive.len()), (s.bytes(), SPARSE));
         assert!(matches!(s.positive, Store::Sparse(_)));
     }
 
