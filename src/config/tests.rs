@@ -1,0 +1,132 @@
+//! Unit tests of [`super`].
+
+use super::*;
+
+#[test]
+fn shipped_example_is_valid_and_matches_the_defaults() {
+    let text = include_str!("../../tallyd.example.toml");
+    let example = Settings::from_toml(text, "tallyd.example.toml").expect("example parses");
+    assert_eq!(example, Settings::default());
+    example.validate().expect("example validates");
+}
+
+#[test]
+fn defaults_validate() {
+    let c = Settings::default().validate().expect("valid");
+    assert_eq!(c.statsd_udp, Some("127.0.0.1:8125".parse().expect("addr")));
+    assert_eq!(c.flush_interval, Duration::from_secs(1));
+    assert_eq!(c.aggregate.max_depth, 1_000_000);
+    assert_eq!(c.udp_recv_buffer, 8 << 20);
+    assert!(!c.host_id.is_empty());
+}
+
+#[test]
+fn the_system_roots_are_read_with_the_config_for_an_https_url_without_a_ca_file() {
+    // Building a client (at start and at each reload, on an async
+    // thread) then reads no file.
+    let plain = Settings::default().validate().expect("valid");
+    assert!(plain.sink.tls.system.is_empty());
+    let mut s = Settings::default();
+    s.clickhouse.replicas = vec!["https://replica-2:8443".into()];
+    let https = s.validate().expect("valid");
+    assert_eq!(https.sink.tls.system, crate::sink::tls::SystemRoots::load());
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = Settings::from_toml("[aggregate]\nflush_intervall = \"1s\"\n", "f.toml").unwrap_err();
+    assert_eq!(e.field, "f.toml");
+    assert!(e.reason.contains("flush_intervall"), "{e}");
+}
+
+#[test]
+fn bad_value_names_its_field() {
+    let mut s = Settings::default();
+    s.aggregate.flush_interval = "soon".into();
+    assert_eq!(s.validate().unwrap_err().field, "aggregate.flush_interval");
+    let mut s = Settings::default();
+    s.statsd.udp = "localhost".into();
+    assert_eq!(s.validate().unwrap_err().field, "statsd.udp");
+    let mut s = Settings::default();
+    s.aggregate.max_keys = 0;
+    assert_eq!(s.validate().unwrap_err().field, "aggregate.max_keys");
+    let mut s = Settings::default();
+    s.statsd.udp_recv_buffer = "lots".into();
+    assert_eq!(s.validate().unwrap_err().field, "statsd.udp_recv_buffer");
+}
+
+#[test]
+fn wal_geometry_is_derived_and_checked() {
+    let mut s = Settings::default();
+    s.statsd.udp_workers = 2;
+    let wal = s.validate().expect("valid").wal.expect("enabled");
+    assert_eq!(
+        (wal.streams, wal.segment_size, wal.segments_per_stream),
+        (4, 32 << 20, 8)
+    );
+    s.wal.size = "64KiB".into();
+    assert_eq!(s.validate().unwrap_err().field, "wal.size");
+    s.wal.size = "1GiB".into();
+    s.wal.sync = "sometimes".into();
+    assert_eq!(s.validate().unwrap_err().field, "wal.sync");
+    s.wal.enabled = false;
+    assert_eq!(s.validate().expect("valid").wal, None);
+}
+
+#[test]
+fn the_default_wal_fits_any_core_count_in_its_size() {
+    let size = 1 << 30;
+    for workers in [1u64, 2, 15, 64, 256] {
+        let g = wal_geometry(size, 32 << 20, 4 << 20, workers, 2).expect("fits");
+        let total = u64::from(g.streams) * u64::from(g.segments_per_stream) * g.segment_size;
+        assert!(total <= size, "{workers} workers: {g:?}");
+        assert!(g.segments_per_stream >= 2, "{workers} workers: {g:?}");
+        assert!(
+            g.segment_size >= (4 << 20) + (64 << 10),
+            "a 4 MiB batch fits: {g:?}"
+        );
+        assert_eq!(g.streams - g.udp_streams, 2);
+        assert!(u64::from(g.udp_streams) <= workers);
+    }
+    let g = wal_geometry(size, 32 << 20, 4 << 20, 64, 2).expect("fits");
+    assert_eq!(g.udp_streams, 64, "64 workers still get a stream each");
+    let g = wal_geometry(size, 32 << 20, 4 << 20, 256, 2).expect("fits");
+    assert!(g.udp_streams < 256, "256 workers share streams");
+    let mut s = Settings::default();
+    s.statsd.udp_workers = 256;
+    assert_eq!(
+        s.validate().expect("valid").udp_wal_streams as u32,
+        g.udp_streams
+    );
+}
+
+#[test]
+fn off_disables_a_listener() {
+    let mut s = Settings::default();
+    s.statsd.tcp = "off".into();
+    assert_eq!(s.validate().expect("valid").statsd_tcp, None);
+}
+
+#[test]
+fn flags_override_the_file() {
+    let mut s = Settings::from_toml("[aggregate]\nmax_depth = 5\nflush_interval = \"2s\"\n", "f")
+        .expect("parse");
+    let o = Overrides {
+        max_depth: Some(9),
+        ..Overrides::default()
+    };
+    o.apply(&mut s);
+    assert_eq!(
+        (s.aggregate.max_depth, s.aggregate.flush_interval.as_str()),
+        (9, "2s")
+    );
+}
+
+#[test]
+fn password_is_redacted() {
+    let mut s = Settings::default();
+    s.clickhouse.password = "hunter2".into();
+    let text = s.to_redacted_toml();
+    assert!(!text.contains("hunter2"));
+    assert!(text.contains("<redacted>"));
+}
