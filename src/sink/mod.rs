@@ -29,8 +29,14 @@
 //! generation keeps compacting samples and memory stays bounded by the key
 //! limit.
 
+mod blocked;
+mod retry;
 pub mod schema;
 pub mod tls;
+
+use blocked::Blocked;
+pub use retry::{Failure, backoff, classify, error_code, is_certificate_error};
+use retry::{MISSING_SCHEMA_CODES, jitter};
 
 use crate::lock;
 use std::sync::Arc;
@@ -88,91 +94,6 @@ pub struct SinkConfig {
     pub dedup_window: u64,
 }
 
-/// What to do about a failed insert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// The server or the network failed: try again later.
-    Retry,
-    /// The server says the rows do not fit the table: the table's schema
-    /// drifted. Retried (slowly) until an operator fixes the table.
-    Schema,
-}
-
-/// ClickHouse error codes that mean the rows do not fit the table.
-const BAD_DATA_CODES: &[u32] = &[
-    6,   // CANNOT_PARSE_TEXT
-    16,  // NO_SUCH_COLUMN_IN_TABLE
-    26,  // CANNOT_PARSE_QUOTED_STRING
-    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
-    33,  // CANNOT_READ_ALL_DATA
-    38,  // CANNOT_PARSE_DATE
-    41,  // CANNOT_PARSE_DATETIME
-    53,  // TYPE_MISMATCH
-    69,  // ARGUMENT_OUT_OF_BOUND
-    70,  // CANNOT_CONVERT_TYPE
-    72,  // CANNOT_PARSE_NUMBER
-    117, // INCORRECT_DATA
-    130, // CANNOT_READ_ARRAY_FROM_TEXT
-    190, // SIZES_OF_ARRAYS_DOESNT_MATCH
-];
-
-/// ClickHouse error codes meaning the database or a table is missing.
-const MISSING_SCHEMA_CODES: &[u32] = &[60, 81];
-
-/// The `Code: N` of a ClickHouse error message, if it has one.
-pub fn error_code(message: &str) -> Option<u32> {
-    let rest = &message[message.find("Code: ")? + 6..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// Every `Code: N` of a ClickHouse error message, outermost first.
-fn error_codes(message: &str) -> impl Iterator<Item = u32> + '_ {
-    message
-        .match_indices("Code: ")
-        .filter_map(|(at, _)| error_code(&message[at..]))
-}
-
-/// Whether an error is a TLS certificate the client does not trust (or a
-/// name it does not match): a config problem, not an outage.
-pub fn is_certificate_error(err: &clickhouse::error::Error) -> bool {
-    let text = err.to_string();
-    text.contains("certificate")
-        || text.contains("UnknownIssuer")
-        || text.contains("NotValidForName")
-}
-
-/// Classifies a failed insert.
-pub fn classify(err: &clickhouse::error::Error) -> Failure {
-    use clickhouse::error::Error as E;
-    match err {
-        // A code nested in another (a wrapped exception, as the embedded
-        // engine's `Code: 1000. … Code: 33. …`) counts as well.
-        E::BadResponse(msg) if error_codes(msg).any(|c| BAD_DATA_CODES.contains(&c)) => {
-            Failure::Schema
-        }
-        E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => Failure::Schema,
-        _ => Failure::Retry,
-    }
-}
-
-/// The delay before retry number `attempt` (0-based): exponential from
-/// `initial`, capped at `max`, with jitter in [50 %, 100 %] of the step.
-pub fn backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
-    let step = initial
-        .saturating_mul(2u32.saturating_pow(attempt.min(30)))
-        .min(max);
-    step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
-}
-
-fn jitter() -> f64 {
-    let nanos = crate::clock::wall_clock().subsec_nanos() as u64;
-    let mixed = nanos.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
-    mixed as f64 / (1u64 << 53) as f64
-}
-
 pub struct Sink {
     /// The clients and the settings they were built from; rebuilt when a
     /// config reload brings new ones.
@@ -193,19 +114,6 @@ pub struct Sink {
     active: std::sync::atomic::AtomicUsize,
     /// Per table: its columns were found to be what tallyd writes.
     checked: [AtomicBool; TABLES.len()],
-}
-
-/// Tables blocked by schema drift in [`Sink::run`]: per table, the flushes
-/// whose body for it waits, oldest first; per flush, the tables it still
-/// needs (a bit each) and whether it is a re-send. Bounded by the spool:
-/// each entry is a flush id whose file stays until every table has its rows.
-#[derive(Debug, Default)]
-struct Blocked {
-    waiting: [std::collections::VecDeque<u64>; TABLES.len()],
-    left: std::collections::BTreeMap<u64, (u8, bool)>,
-    /// When to try the blocked tables again.
-    retry_at: Option<tokio::time::Instant>,
-    attempt: u32,
 }
 
 /// Why an attempt to write a table failed.
@@ -492,22 +400,6 @@ impl Sink {
         }
     }
 
-    /// Rewrites a flush's spool file with only the bodies of the tables in
-    /// `pending` (a bit each): a restart then sends those, not the tables
-    /// already in ClickHouse again. If it fails the file stays whole (a
-    /// restart re-sends every table, which the token and `FINAL` collapse).
-    async fn keep_pending(&self, flush: &Arc<Flush>, pending: u8) {
-        let Some(ledger) = &self.ledger else { return };
-        let (l, f) = (Arc::clone(ledger), Arc::clone(flush));
-        let kept = tokio::task::spawn_blocking(move || l.keep_pending(&f, pending))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-        if let Err(e) = kept {
-            tracing::warn!(error = %e, flush_id = flush.flush_id, "could not drop the written tables from a flush's spool file; a restart sends them again");
-        }
-    }
-
     /// Step 7 for `flush_id`: its spool file goes.
     async fn complete(&self, flush_id: u64) {
         if let Some(ledger) = &self.ledger {
@@ -520,87 +412,6 @@ impl Sink {
                 _ => crate::failpoint::hit("after_complete"),
             }
             crate::ledger::publish_backlog(ledger, &self.telemetry);
-        }
-    }
-
-    /// When it is time, tries each blocked table's oldest waiting body once
-    /// (read back from the spool), and on success the ones after it.
-    async fn retry_blocked(&self, blocked: &mut Blocked) {
-        let Some(at) = blocked.retry_at else { return };
-        if tokio::time::Instant::now() < at {
-            return;
-        }
-        let Some(ledger) = &self.ledger else { return };
-        let mut still = false;
-        for (table, name) in TABLES.iter().enumerate() {
-            while let Some(&id) = blocked.waiting[table].front() {
-                let Some(&(mask, resent)) = blocked.left.get(&id) else {
-                    blocked.waiting[table].pop_front();
-                    continue;
-                };
-                let l = Arc::clone(ledger);
-                let read = tokio::task::spawn_blocking(move || l.read(id))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r);
-                let mut read_back = None;
-                let written = match read {
-                    Ok(flush) => {
-                        self.checked[table].store(false, Relaxed);
-                        let q = Queued {
-                            flush: Arc::new(flush),
-                            resent,
-                        };
-                        let written = self.write_table(table, &q, false).await;
-                        read_back = Some(q.flush);
-                        written
-                    }
-                    // Quarantined (damaged) or gone: nothing left to write.
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::InvalidData | std::io::ErrorKind::NotFound
-                        ) =>
-                    {
-                        tracing::error!(error = %e, flush_id = id, table = name, "cannot read a flush back for its blocked table; its rows of that table are lost");
-                        true
-                    }
-                    // Anything else may pass: tried again later.
-                    Err(e) => {
-                        tracing::warn!(error = %e, flush_id = id, table = name, "cannot read a flush back for its blocked table yet; trying again");
-                        false
-                    }
-                };
-                if !written {
-                    still = true;
-                    break;
-                }
-                blocked.waiting[table].pop_front();
-                let mask = mask & !(1 << table);
-                if mask == 0 {
-                    blocked.left.remove(&id);
-                    self.complete(id).await;
-                } else {
-                    if let Some(flush) = &read_back {
-                        self.keep_pending(flush, mask).await;
-                    }
-                    blocked.left.insert(id, (mask, resent));
-                }
-            }
-        }
-        blocked.retry_at = still.then(|| {
-            let config = self.current().config;
-            let delay = backoff(
-                blocked.attempt,
-                config.retry_initial,
-                config.retry_max,
-                jitter(),
-            );
-            blocked.attempt = blocked.attempt.saturating_add(1);
-            tokio::time::Instant::now() + delay
-        });
-        if !still {
-            blocked.attempt = 0;
         }
     }
 
