@@ -78,15 +78,7 @@ pub trait Fs: Send + Sync + 'static {
 
     /// Writes a small file durably: temp file, fsync, rename, fsync the dir.
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let f = self.write(&tmp, bytes)?;
-        self.sync(&tmp, &f)?;
-        drop(f);
-        self.rename(&tmp, path)?;
-        match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => self.sync_dir(dir),
-            _ => Ok(()),
-        }
+        self.write_atomic_parts(path, &[bytes])
     }
 }
 

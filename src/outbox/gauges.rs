@@ -250,16 +250,7 @@ pub fn encode<'a>(as_of: u64, entries: impl ExactSizeIterator<Item = (&'a [u8], 
     out.extend_from_slice(&1u32.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&as_of.to_le_bytes());
-    out.extend_from_slice(
-        &u32::try_from(entries.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
-    for (k, v) in entries {
-        out.extend_from_slice(&u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes());
-        out.extend_from_slice(k);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    put_entries(&mut out, entries);
     let crc = crc32c::crc32c(&out[16..]);
     out[12..16].copy_from_slice(&crc.to_le_bytes());
     out
@@ -305,6 +296,21 @@ pub enum GaugesWrite {
     Rewrite(Vec<u8>),
 }
 
+/// `entries` as both persisted forms hold them: 4 count N, then N entries
+/// of 4 key length K, K key bytes, 8 value (f64).
+fn put_entries<'a>(out: &mut Vec<u8>, entries: impl ExactSizeIterator<Item = (&'a [u8], f64)>) {
+    out.extend_from_slice(
+        &u32::try_from(entries.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    for (k, v) in entries {
+        out.extend_from_slice(&u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(k);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
 /// Bytes of `entries` as one log record.
 fn record_len<'a>(entries: impl Iterator<Item = &'a [u8]>) -> u64 {
     20 + entries.map(|k| 12 + k.len() as u64).sum::<u64>()
@@ -318,16 +324,7 @@ pub fn encode_record<'a>(
     let mut out = Vec::with_capacity(20 + entries.len() * 48);
     out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(&as_of.to_le_bytes());
-    out.extend_from_slice(
-        &u32::try_from(entries.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes(),
-    );
-    for (k, v) in entries {
-        out.extend_from_slice(&u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes());
-        out.extend_from_slice(k);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    put_entries(&mut out, entries);
     let len = u32::try_from(out.len() - 8).unwrap_or(u32::MAX);
     let crc = crc32c::crc32c(&out[8..]);
     out[..4].copy_from_slice(&len.to_le_bytes());
