@@ -711,8 +711,19 @@ impl Settings {
         }
         let size = size("wal.size", &w.size)? as u64;
         let segment_size = size_of("wal.segment_size", &w.segment_size)?;
-        if segment_size < 64 * 1024 {
-            return Err(err("wal.segment_size", "must be at least 64KiB"));
+        // A TCP read or a UDP datagram (64 KiB at most) is one record: it
+        // must fit a segment, or it would be refused and dropped.
+        let least =
+            (crate::wal::format::SEGMENT_HEADER + crate::wal::format::record_len(64 * 1024) + 8)
+                .next_multiple_of(4096) as u64;
+        if segment_size < least {
+            return Err(err(
+                "wal.segment_size",
+                format!(
+                    "must be at least {} (a TCP read or a UDP datagram, up to 64 KiB, is one record and must fit a segment)",
+                    bytesize::ByteSize(least)
+                ),
+            ));
         }
         if w.tcp_streams == 0 {
             return Err(err("wal.tcp_streams", "must be at least 1"));

@@ -50,7 +50,7 @@ async fn overloaded_then_later_seq_then_retry_counts_once() {
     // A 1 h interval keeps everything in the WAL: the small ring fills.
     s.aggregate.flush_interval = "1h".into();
     s.wal.size = "512KiB".into();
-    s.wal.segment_size = "64KiB".into();
+    s.wal.segment_size = "128KiB".into();
     s.wal.tcp_streams = 1; // every connection appends to the one full ring
     s.proto.overload_timeout = "200ms".into();
     let mut running = server::start(config(&s)).await.expect("start");

@@ -347,7 +347,7 @@ async fn a_full_wal_answers_overloaded_after_the_timeout() {
     // Nothing is ever confirmed (no ClickHouse there), so the small ring fills.
     s.clickhouse.url = format!("http://127.0.0.1:{}", common::free_port());
     s.wal.size = "512KiB".into();
-    s.wal.segment_size = "64KiB".into();
+    s.wal.segment_size = "68KiB".into();
     s.proto.overload_timeout = "200ms".into();
     s.shutdown_timeout = "1s".into();
     let running = server::start(config(&s)).await.expect("start");

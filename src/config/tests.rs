@@ -130,3 +130,14 @@ fn password_is_redacted() {
     assert!(!text.contains("hunter2"));
     assert!(text.contains("<redacted>"));
 }
+
+#[test]
+fn a_wal_segment_that_cannot_hold_a_64_kib_block_is_refused_by_name() {
+    let mut s = Settings::default();
+    s.wal.segment_size = "64KiB".into();
+    let e = s.validate().expect_err("a 64 KiB TCP read would not fit");
+    assert!(e.to_string().contains("wal.segment_size"), "{e}");
+    s.wal.segment_size = "68KiB".into();
+    s.wal.size = "16MiB".into();
+    s.validate().expect("68 KiB holds one");
+}
