@@ -265,19 +265,25 @@ pub fn decode(b: &[u8]) -> Option<(u64, GaugeValues)> {
         return None;
     }
     let as_of = u64::from_le_bytes(b.get(16..24)?.try_into().ok()?);
-    let n = u32::from_le_bytes(b.get(24..28)?.try_into().ok()?);
-    let mut at = 28usize;
+    let (out, at) = take_entries(b, 24)?;
+    (at == b.len()).then_some((as_of, out))
+}
+
+/// The entries [`put_entries`] wrote at `at` in `b`, and where they end.
+fn take_entries(b: &[u8], mut at: usize) -> Option<(GaugeValues, usize)> {
+    let n = u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?);
+    at += 4;
     let mut out = Vec::new();
     for _ in 0..n {
-        let k = u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize;
+        let k = u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize;
         at += 4;
         let key: Box<[u8]> = b.get(at..at.checked_add(k)?)?.into();
         at += k;
-        let v = f64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?);
+        let v = f64::from_le_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?);
         at += 8;
         out.push((key, v));
     }
-    (at == b.len()).then_some((as_of, out))
+    Some((out, at))
 }
 
 const LOG_MAGIC: &[u8; 8] = b"TALLYGLG";
@@ -382,18 +388,7 @@ fn record_at(b: &[u8], at: usize) -> Option<(u64, GaugeValues, usize)> {
         return None;
     }
     let as_of = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
-    let n = u32::from_le_bytes(body.get(8..12)?.try_into().ok()?);
-    let mut p = 12usize;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let k = u32::from_le_bytes(body.get(p..p + 4)?.try_into().ok()?) as usize;
-        p += 4;
-        let key: Box<[u8]> = body.get(p..p.checked_add(k)?)?.into();
-        p += k;
-        let v = f64::from_le_bytes(body.get(p..p + 8)?.try_into().ok()?);
-        p += 8;
-        out.push((key, v));
-    }
+    let (out, p) = take_entries(body, 8)?;
     (p == body.len()).then_some((as_of, out, end))
 }
 
