@@ -1,13 +1,16 @@
-//! Aggregation: one accumulator per key in a lock-striped map, by generation.
+//! Aggregation: one accumulator per key and interval, in a lock-striped
+//! series table ([`series`]) that keeps its keys from one interval to the
+//! next.
 //!
-//! The [`Aggregator`] owns the *current* [`Generation`]: a `DashMap` from key
-//! bytes (see [`key`]) to an [`acc::Acc`]. Ingest workers apply whole blocks
-//! (a TCP read, a frame) through [`Aggregator::ingest_block`], and the
-//! datagrams a UDP worker found queued together through
-//! [`Aggregator::ingest_datagrams`]; a flush calls
-//! [`Aggregator::swap`], which installs a fresh generation at once, so ingest
-//! never waits for a flush. The old generation is handed to the flush when
-//! the last block that was applying to it is done (its `Arc` is unique).
+//! The [`Aggregator`] owns the *current* [`Generation`] (an interval: its
+//! id, start, counts, events and late samples; its values are column
+//! `id % 2` of the table). Ingest workers apply whole blocks (a TCP read, a
+//! frame) through [`Aggregator::ingest_block`], and the datagrams a UDP
+//! worker found queued together through [`Aggregator::ingest_datagrams`]; a
+//! flush calls [`Aggregator::swap`], which installs the next generation at
+//! once, so ingest never waits for a flush. The old generation is handed to
+//! the flush when the last block that was applying to it is done (its `Arc`
+//! is unique), and the flush drains its column.
 //!
 //! A block (each datagram) is also the unit of the write-ahead log: with a
 //! WAL, it is appended with its generation's id before it is applied.
@@ -16,6 +19,7 @@
 
 pub mod acc;
 pub mod key;
+pub mod series;
 pub mod sketch;
 
 use std::ops::Range;
@@ -58,13 +62,20 @@ pub struct AggregateLimits {
     pub interval: Duration,
 }
 
-/// One interval's accumulators.
+/// One interval: its id and start, its counts, events and late samples.
+/// Its keys' values are column `id % 2` of its [`series::Series`].
 #[derive(Debug)]
 pub struct Generation {
     /// Grows by one per interval, across restarts (the WAL records it).
     pub id: u64,
-    pub map: DashMap<MapKey, Acc, KeyHasher>,
+    series: Arc<series::Series>,
+    /// Keys written in this interval.
     keys: AtomicUsize,
+    /// Rows and estimated RowBinary bytes of its rows (beyond the host), per
+    /// table (counters, gauges, timers, sets), so that the flush sizes each
+    /// body once.
+    row_counts: [AtomicUsize; 4],
+    row_bytes: [AtomicUsize; 4],
     /// Raw increments applied so far.
     pub pending: AtomicU64,
     /// Estimated bytes of its keys and accumulators.
@@ -84,6 +95,8 @@ pub struct Generation {
     pub replayed: bool,
     /// Its start is recorded in the WAL (a [`Kind::Start`] record).
     start_recorded: std::sync::atomic::AtomicBool,
+    /// Its column was taken (see [`Generation::drain`]).
+    drained: bool,
 }
 
 #[derive(Debug, Default)]
@@ -104,9 +117,8 @@ fn note_cost(line: &[u8], tags: usize) -> u64 {
         .saturating_add((tags as u64).saturating_mul(24))
 }
 
-/// A key in a generation's map: keys up to 48 bytes (most) live inline in
-/// the map's entry, so a lookup compares them without chasing a pointer
-/// (half of the ingest time at 100k keys was that lookup).
+/// A key of a generation's late samples: keys up to 48 bytes (most) live
+/// inline in the map's entry.
 pub type MapKey = smallvec::SmallVec<[u8; 48]>;
 
 /// Keys come from the network: a seeded hash (foldhash) resists crafted
@@ -114,23 +126,19 @@ pub type MapKey = smallvec::SmallVec<[u8; 48]>;
 pub type KeyHasher = foldhash::fast::RandomState;
 
 impl Generation {
+    /// A generation with a series table of its own (tests, tools).
     pub fn new(id: u64, started: Duration) -> Generation {
-        Generation::with_capacity(id, started, 0)
+        Generation::in_table(Arc::default(), id, started)
     }
 
-    /// A generation with room for `keys` keys (sized like the last one, so
-    /// a busy interval does not rehash its way up every second).
-    pub fn with_capacity(id: u64, started: Duration, keys: usize) -> Generation {
+    /// A generation whose values go to `series`.
+    pub fn in_table(series: Arc<series::Series>, id: u64, started: Duration) -> Generation {
         Generation {
             id,
-            // DashMap's default shard count, four per core (rounded up to a
-            // power of two): a datagram's lines then meet several to a
-            // shard, so the apply's touch pass overlaps their cache misses
-            // (with 64 shards on 2 cores each line had a shard to itself),
-            // and ingest threads, at most one per core, still rarely meet
-            // on one lock.
-            map: DashMap::with_capacity_and_hasher(keys, KeyHasher::default()),
+            series,
             keys: AtomicUsize::new(0),
+            row_counts: Default::default(),
+            row_bytes: Default::default(),
             pending: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             started,
@@ -138,6 +146,7 @@ impl Generation {
             late: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
             replayed: false,
             start_recorded: std::sync::atomic::AtomicBool::new(false),
+            drained: false,
         }
     }
 
@@ -156,9 +165,41 @@ impl Generation {
         (notes.events, notes.service_checks)
     }
 
-    /// Keys in this generation.
+    /// Keys written in this interval.
     pub fn keys(&self) -> usize {
         self.keys.load(Relaxed)
+    }
+
+    /// Rows and estimated RowBinary bytes of the rows beyond the host, per
+    /// table (counters, gauges, timers, sets).
+    pub fn row_sizes(&self) -> [(usize, usize); 4] {
+        std::array::from_fn(|t| {
+            (
+                self.row_counts[t].load(Relaxed),
+                self.row_bytes[t].load(Relaxed),
+            )
+        })
+    }
+
+    /// Gives every key's value, once, to `each` (see [`series::Series::drain`]).
+    pub fn drain(&mut self, each: impl FnMut(&[u8], Acc)) {
+        self.drained = true;
+        self.series.drain(self.id, each);
+    }
+
+    /// The value of `key` in this interval (its shard locked meanwhile).
+    pub fn get(&self, key: &[u8]) -> Option<series::ValueRef<'_>> {
+        self.series.get((self.id & 1) as usize, key)
+    }
+}
+
+impl Drop for Generation {
+    /// A generation dropped without its flush empties its column, which
+    /// generation `id + 2` writes next.
+    fn drop(&mut self) {
+        if !self.drained && self.keys() > 0 {
+            self.series.drain(self.id, |_, _| {});
+        }
     }
 }
 
@@ -204,13 +245,13 @@ impl<'a> Pending<'a> {
         line: Line<'a>,
     ) -> Pending<'a> {
         let key = scratch.key.build(kind, name, tags);
-        let hash = generation.map.hash_usize(&key);
+        let hash = generation.series.hash(key);
         let start = scratch.arena.len();
         scratch.arena.extend_from_slice(key);
         Pending {
             line,
-            hash: hash as u64,
-            shard: generation.map.determine_shard(hash) as u32,
+            hash,
+            shard: generation.series.shard_of(hash) as u32,
             key: start..scratch.arena.len(),
         }
     }
@@ -234,6 +275,7 @@ impl Scratch {
 }
 
 pub struct Aggregator {
+    series: Arc<series::Series>,
     current: RwLock<Arc<Generation>>,
     next_id: AtomicU64,
     /// Read once per block; replaced by a config reload.
@@ -257,8 +299,14 @@ impl Aggregator {
         wal: Option<Arc<Wal>>,
         first_id: u64,
     ) -> Aggregator {
+        let series = Arc::new(series::Series::new());
         Aggregator {
-            current: RwLock::new(Arc::new(Generation::new(first_id, started))),
+            current: RwLock::new(Arc::new(Generation::in_table(
+                Arc::clone(&series),
+                first_id,
+                started,
+            ))),
+            series,
             next_id: AtomicU64::new(first_id + 1),
             limits: RwLock::new((limits, parse_limits)),
             depth_reached: Notify::new(),
@@ -292,14 +340,20 @@ impl Aggregator {
     /// Installs a fresh generation that started at `now` and returns the old
     /// one. Blocks still applying to the old one may hold it for a moment.
     pub fn swap(&self, now: Duration) -> Arc<Generation> {
-        let hint = self.current().keys();
-        let fresh = Arc::new(Generation::with_capacity(
-            self.next_id.fetch_add(1, Relaxed),
-            now,
-            hint,
-        ));
+        let fresh = Arc::new(self.generation(self.next_id.fetch_add(1, Relaxed), now));
         let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
         std::mem::replace(&mut *cur, fresh)
+    }
+
+    /// A generation `id` that started at `started`, in this aggregator's
+    /// series table (a replayed interval's keys stay for the live ones).
+    pub fn generation(&self, id: u64, started: Duration) -> Generation {
+        Generation::in_table(Arc::clone(&self.series), id, started)
+    }
+
+    /// Keys in the series table (this interval's and the last one's).
+    pub fn series_len(&self) -> usize {
+        self.series.len()
     }
 
     /// Records `block` in the WAL (if there is one), then parses every line
@@ -479,19 +533,22 @@ impl Aggregator {
                     if l.skipped_fields > 0 {
                         stats.skipped_fields += u64::from(l.skipped_fields);
                     }
-                    let this_interval = l.timestamp.is_none_or(|t| {
-                        matches!(interval_of(t, generation, &limits), Interval::This)
-                    });
-                    if !this_interval {
-                        // Another interval's map (`late`, keyed apart) or
-                        // refused. The lines before it go first, so that the
-                        // key limit and memory budget meet lines in order.
-                        self.apply_pending(generation, &mut pending, scratch, stats, &limits);
-                        self.apply(generation, &l, scratch, stats, &limits);
-                        continue;
+                    match l.timestamp.map(|t| interval_of(t, generation, &limits)) {
+                        None | Some(Interval::This) => {
+                            let key = (l.kind, l.name, l.tags);
+                            pending.push(Pending::new(generation, scratch, key, l));
+                        }
+                        Some(Interval::Other(start)) => {
+                            // Another interval's map (`late`, keyed apart).
+                            // The lines before it go first, so that the key
+                            // limit and memory budget meet lines in order.
+                            self.apply_pending(generation, &mut pending, scratch, stats, &limits);
+                            self.apply_late(generation, &l, start, scratch, stats, &limits);
+                        }
+                        Some(Interval::OutOfWindow) => {
+                            stats.dropped_timestamp += l.value_count() as u64;
+                        }
                     }
-                    let key = (l.kind, l.name, l.tags);
-                    pending.push(Pending::new(generation, scratch, key, l));
                 }
                 Ok(Parsed::Event) => match dogstatsd::parse_event(line, &parse_limits) {
                     Ok(e) => {
@@ -542,11 +599,12 @@ impl Aggregator {
         if pending.is_empty() {
             return;
         }
-        let map = &generation.map;
+        let series = &generation.series;
+        let column = (generation.id & 1) as usize;
         // A counting sort by shard: stable, so a key's lines keep their order.
         let mut starts = std::mem::take(&mut scratch.starts);
         starts.clear();
-        starts.resize(map.shards().len() + 1, 0);
+        starts.resize(series.shard_count() + 1, 0);
         for p in pending.iter() {
             starts[p.shard as usize + 1] += 1;
         }
@@ -572,26 +630,27 @@ impl Aggregator {
             }
             // The memory budget, as it stands before this shard's lines.
             let full = generation.bytes.load(Relaxed).saturating_add(grew) >= limits.max_memory;
-            let mut table = map.shards()[shard].write();
+            let mut table = series.lock(shard);
             // Touch the group's entries first, with nothing depending on
             // the loads: their cache misses overlap, and the lookups below
             // find them in cache.
             if group.len() > 1 {
                 let mut touched = 0usize;
                 for &i in group {
-                    table.find(pending[i as usize].hash, |(k, acc)| {
-                        touched ^= usize::from(k.last().copied().unwrap_or(0))
-                            ^ usize::from(matches!(acc.get(), Acc::Counter { .. }));
-                        false
-                    });
+                    touched ^= table.touch(pending[i as usize].hash, column);
                 }
                 std::hint::black_box(touched);
             }
             for &i in group {
                 let p = &pending[i as usize];
                 let key = &scratch.arena[p.key.clone()];
-                match table.get_mut(p.hash, |(k, _)| same_key(k, key)) {
-                    Some((_, acc)) => grew += merge(acc.get_mut(), &p.line, stats, limits, full),
+                // A key not yet written in this interval is admitted below.
+                let Some(id) = table.find(p.hash, key) else {
+                    missed.push(i);
+                    continue;
+                };
+                match table.value(id, column, generation.id) {
+                    Some(acc) => grew += merge(acc, &p.line, stats, limits, full),
                     None => missed.push(i),
                 }
             }
@@ -602,30 +661,43 @@ impl Aggregator {
         if grew > 0 {
             generation.bytes.fetch_add(grew, Relaxed);
         }
-        // New keys, in arrival order (the key limit admits the first ones).
+        // Keys new to this interval, in arrival order (the key limit admits
+        // the first ones).
         missed.sort_unstable();
         for &i in &missed {
             let p = &pending[i as usize];
             let key = &scratch.arena[p.key.clone()];
             let full = generation.bytes.load(Relaxed) >= limits.max_memory;
-            let mut table = map.shards()[p.shard as usize].write();
-            let added = match table.get_mut(p.hash, |(k, _)| same_key(k, key)) {
-                // Another worker made it meanwhile.
-                Some((_, acc)) => merge(acc.get_mut(), &p.line, stats, limits, full),
-                None => {
-                    let Some(cost) = admit_key(generation, key.len(), &p.line, stats, limits)
-                    else {
-                        continue;
-                    };
-                    let mut acc = Acc::new(p.line.kind);
-                    let grew = merge(&mut acc, &p.line, stats, limits, full);
-                    let entry = (MapKey::from_slice(key), dashmap::SharedValue::new(acc));
-                    table.insert(p.hash, entry, |(k, _)| map.hash_usize(&k.as_slice()) as u64);
-                    cost + grew
-                }
+            let mut table = series.lock(p.shard as usize);
+            let id = table.find(p.hash, key);
+            if let Some(id) = id
+                && let Some(acc) = table.value(id, column, generation.id)
+            {
+                // Another worker (or a line before) admitted it meanwhile.
+                let grew = merge(acc, &p.line, stats, limits, full);
+                drop(table);
+                generation.bytes.fetch_add(grew, Relaxed);
+                continue;
+            }
+            let Some(cost) = admit_key(generation, key.len(), &p.line, stats, limits) else {
+                continue;
             };
+            let id = match id {
+                Some(id) => id,
+                None => match table.insert(p.hash, key, series.hasher()) {
+                    Some(id) => id,
+                    None => {
+                        drop(table);
+                        unadmit(generation, key.len(), &p.line, stats);
+                        continue;
+                    }
+                },
+            };
+            let mut acc = Acc::new(p.line.kind);
+            let grew = merge(&mut acc, &p.line, stats, limits, full);
+            *table.value(id, column, generation.id) = Some(acc);
             drop(table);
-            generation.bytes.fetch_add(added, Relaxed);
+            generation.bytes.fetch_add(cost + grew, Relaxed);
         }
         scratch.missed = missed;
         pending.clear();
@@ -653,34 +725,26 @@ impl Aggregator {
         true
     }
 
-    fn apply(
+    /// Applies a line stamped (`|T`) for another interval, the one that
+    /// starts at `start`, to `generation`'s late samples.
+    fn apply_late(
         &self,
         generation: &Generation,
         line: &Line<'_>,
+        start: u32,
         scratch: &mut Scratch,
         stats: &mut BlockStats,
         limits: &AggregateLimits,
     ) {
         let key = scratch.key.build(line.kind, line.name, line.tags);
-        let (map, key) = match line.timestamp.map(|t| interval_of(t, generation, limits)) {
-            None | Some(Interval::This) => (&generation.map, key),
-            Some(Interval::Other(start)) => {
-                scratch.late_key.clear();
-                scratch.late_key.extend_from_slice(&start.to_le_bytes());
-                scratch.late_key.extend_from_slice(key);
-                (&generation.late, &scratch.late_key[..])
-            }
-            Some(Interval::OutOfWindow) => {
-                stats.dropped_timestamp += line.value_count() as u64;
-                return;
-            }
-        };
+        scratch.late_key.clear();
+        scratch.late_key.extend_from_slice(&start.to_le_bytes());
+        scratch.late_key.extend_from_slice(key);
+        let (map, key) = (&generation.late, &scratch.late_key[..]);
         let full = generation.bytes.load(Relaxed) >= limits.max_memory;
         if let Some(mut acc) = map.get_mut(key) {
             let grew = merge(&mut acc, line, stats, limits, full);
             drop(acc);
-            // Counters and gauges of live keys (most lines) never grow: no
-            // write to the shared counter for them.
             if grew > 0 {
                 generation.bytes.fetch_add(grew, Relaxed);
             }
@@ -692,7 +756,7 @@ impl Aggregator {
         let grew = match map.entry(MapKey::from_slice(key)) {
             Entry::Occupied(mut e) => {
                 // Another worker created it between our lookup and now.
-                generation.keys.fetch_sub(1, Relaxed);
+                unadmit(generation, key.len(), line, &mut BlockStats::default());
                 merge(e.get_mut(), line, stats, limits, full)
             }
             Entry::Vacant(v) => {
@@ -703,6 +767,17 @@ impl Aggregator {
             }
         };
         generation.bytes.fetch_add(grew, Relaxed);
+    }
+}
+
+/// The flushed table of a key of type `kind` (counters, gauges, timers,
+/// sets) and the estimated bytes of its row beyond the key and the host.
+fn row_shape(kind: MetricType) -> (usize, usize) {
+    match kind {
+        MetricType::Counter => (0, 36),
+        MetricType::Gauge => (1, 36),
+        MetricType::Timer | MetricType::Histogram | MetricType::Distribution => (2, 140),
+        MetricType::Set => (3, 44),
     }
 }
 
@@ -726,7 +801,20 @@ fn admit_key(
         stats.dropped_key_limit += line.value_count() as u64;
         return None;
     }
+    let (table, fixed) = row_shape(line.kind);
+    generation.row_counts[table].fetch_add(1, Relaxed);
+    generation.row_bytes[table].fetch_add(key_len + fixed, Relaxed);
     Some(cost)
+}
+
+/// Gives back a place [`admit_key`] took, for a line that did not get it
+/// after all (counted as dropped for memory in `stats`).
+fn unadmit(generation: &Generation, key_len: usize, line: &Line<'_>, stats: &mut BlockStats) {
+    generation.keys.fetch_sub(1, Relaxed);
+    let (table, fixed) = row_shape(line.kind);
+    generation.row_counts[table].fetch_sub(1, Relaxed);
+    generation.row_bytes[table].fetch_sub(key_len + fixed, Relaxed);
+    stats.dropped_memory += line.value_count() as u64;
 }
 
 /// Where a timestamped sample belongs.

@@ -4,12 +4,11 @@ use super::*;
 use crate::protocol::statsd::ParseError;
 
 #[test]
-fn a_map_entry_is_80_bytes() {
-    // A 48-byte inline key and an accumulator no larger than a gauge's:
-    // timers and sets are boxed (with a set inline it was 104).
-    assert_eq!(size_of::<MapKey>(), 56);
+fn a_value_slot_is_24_bytes() {
+    // No larger than a gauge's accumulator, with room for "none": timers
+    // and sets are boxed (with a set inline it was 48).
     assert_eq!(size_of::<Acc>(), 24);
-    assert_eq!(size_of::<(MapKey, dashmap::SharedValue<Acc>)>(), 80);
+    assert_eq!(size_of::<Option<Acc>>(), 24);
 }
 
 #[test]
@@ -48,16 +47,11 @@ fn ingest(a: &Aggregator, block: &str) -> BlockStats {
     stats
 }
 
-fn acc<'a>(
-    g: &'a Generation,
-    kind: MetricType,
-    name: &str,
-    tags: &str,
-) -> dashmap::mapref::one::Ref<'a, MapKey, Acc> {
+fn acc<'a>(g: &'a Generation, kind: MetricType, name: &str, tags: &str) -> series::ValueRef<'a> {
     let k = KeyBuf::default()
         .build(kind, name.as_bytes(), tags.as_bytes())
         .to_vec();
-    g.map.get(&k[..]).expect("key present")
+    g.get(&k[..]).expect("key present")
 }
 
 #[test]
@@ -127,7 +121,7 @@ fn a_batch_records_each_datagram_and_applies_all_but_one_the_wal_refuses() {
         Acc::Counter { sum, .. } => assert_eq!(*sum, 3.0),
         other => panic!("{other:?}"),
     }
-    assert!(a.current().map.len() == 1, "nothing of the refused one");
+    assert!(a.current().keys() == 1, "nothing of the refused one");
     drop(a);
     // Each recorded datagram is a record of its own, as it arrived.
     let (_, recovery) = Wal::open(config()).expect("reopen");
@@ -300,7 +294,13 @@ fn the_key_limit_meets_lines_in_arrival_order_across_a_batch() {
         |_| {},
     );
     assert_eq!((stats.samples, stats.dropped_key_limit), (1, 1));
-    assert_eq!((a.current().map.len(), a.current().late.len()), (1, 0));
+    assert_eq!(
+        (
+            a.current().keys() - a.current().late.len(),
+            a.current().late.len()
+        ),
+        (1, 0)
+    );
 }
 
 #[test]

@@ -141,7 +141,7 @@ impl Batch {
 /// sets go through a row struct for their vectors). Returns the flush and
 /// how many gauges could not be remembered.
 pub fn build(
-    generation: Generation,
+    mut generation: Generation,
     flush_id: u64,
     host: &str,
     instance: u64,
@@ -190,19 +190,19 @@ pub fn build(
         });
     }
     let generation_id = generation.id;
-    let samples = generation.pending.into_inner();
-    out.reserve(&generation.map);
+    let samples = generation
+        .pending
+        .load(std::sync::atomic::Ordering::Relaxed);
+    out.reserve(&generation);
     let mut forgotten = 0;
-    for (k, acc) in generation.map {
-        forgotten += out.push(&k, acc, ts, flush_id, Some(&mut *gauges));
-    }
+    generation.drain(|k, acc| forgotten += out.push(k, acc, ts, flush_id, Some(&mut *gauges)));
     // Samples stamped (`|T`) for other intervals: rows of their interval,
     // each interval under a flush id of its own, so that they never
     // collapse with that key's row of this interval. A late gauge is its
     // own value (a delta applies to 0), does not move the gauge memory, and
     // orders by its interval's start, never after a live value.
     let mut late: std::collections::BTreeMap<u32, KeyedAccs> = Default::default();
-    for (k, acc) in generation.late {
+    for (k, acc) in std::mem::take(&mut generation.late) {
         if let Some((start, key)) = k.split_first_chunk::<4>() {
             late.entry(u32::from_le_bytes(*start))
                 .or_default()
@@ -243,34 +243,17 @@ struct Rows<'a> {
 }
 
 impl Rows<'_> {
-    /// Sizes each body once for the rows of `map` (a row is about its key,
-    /// the host and its fixed columns), so that a body does not grow by
-    /// doubling: each step of that touches the old and the new copy at
-    /// once, up to three times the body at 1M keys. Timers and sets are
+    /// Sizes each body once for the rows of `generation` (a row is about
+    /// its key, the host and its fixed columns), so that a body does not
+    /// grow by doubling: each step of that touches the old and the new copy
+    /// at once, up to three times the body at 1M keys. Timers and sets are
     /// estimated; they grow if they need more.
-    fn reserve(
-        &mut self,
-        map: &dashmap::DashMap<crate::aggregate::MapKey, Acc, crate::aggregate::KeyHasher>,
-    ) {
-        let mut sizes = [0usize; super::rowbinary::TABLES];
-        let mut gauges = 0;
-        let head = self.host.len() + 12;
-        for e in map.iter() {
-            let (table, fixed) = match e.value() {
-                Acc::Counter { .. } => (0, 24),
-                Acc::Gauge(_) => {
-                    gauges += 1;
-                    (1, 24)
-                }
-                Acc::Dist(_) => (2, 128),
-                Acc::Set(s) => (3, 32 + 8 * s.members.len()),
-            };
-            sizes[table] += e.key().len() + head + fixed;
+    fn reserve(&mut self, generation: &Generation) {
+        let sizes = generation.row_sizes();
+        for (body, (rows, bytes)) in self.tables.bodies.iter_mut().zip(sizes) {
+            body.reserve(bytes.saturating_add(rows.saturating_mul(self.host.len())));
         }
-        for (body, size) in self.tables.bodies.iter_mut().zip(sizes) {
-            body.reserve(size);
-        }
-        self.gauge_values.reserve(gauges);
+        self.gauge_values.reserve(sizes[1].0);
     }
 
     /// Adds the row of key `k` for interval `ts` under `flush_id`. A gauge

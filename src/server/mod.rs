@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState};
-use crate::aggregate::{Aggregator, Generation, Scratch};
+use crate::aggregate::{Aggregator, Scratch};
 use crate::config::Config;
 use crate::flush::{self, Clock, Flusher};
 use crate::fs::{Fs, RealFs};

@@ -118,7 +118,8 @@ pub(super) async fn replay(
         }
         // The live start when the WAL has it: the same `ts` and `|T`
         // window as live.
-        let mut generation = Generation::new(r.generation, r.started.unwrap_or((flusher.clock)()));
+        let started = r.started.unwrap_or((flusher.clock)());
+        let mut generation = flusher.aggregator.generation(r.generation, started);
         generation.replayed = r.started.is_none();
         for (kind, block) in &r.blocks {
             match kind {

@@ -167,7 +167,7 @@ fn a_called_helper_takes_the_whole_backlog_then_waits_again() {
     let sum = |name: &[u8]| {
         let mut key = crate::aggregate::key::KeyBuf::default();
         let key = key.build(crate::protocol::statsd::MetricType::Counter, name, b"");
-        match a.current().map.get(key).as_deref() {
+        match a.current().get(key).as_deref() {
             Some(crate::aggregate::acc::Acc::Counter { sum, .. }) => *sum,
             other => panic!("{other:?}"),
         }
