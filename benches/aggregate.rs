@@ -256,6 +256,7 @@ fn memory_per_key() {
                 .collect();
             format!("app.timer.k{k:07}:{}|ms", values.join(":"))
         }),
+        ("timer, 30 values in 30 buckets", timer_line),
         ("set, 1 member", |k| format!("app.set.k{k:07}:u|s")),
     ] {
         let keys = if name.contains("100 values") {

@@ -148,7 +148,7 @@ impl Default for DistAcc {
 }
 
 /// What a flushed distribution row holds beyond count/sum/min/max.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
     pub p50: f64,
     pub p90: f64,
@@ -211,19 +211,22 @@ impl DistAcc {
     /// Percentiles (within the sketch's 1 %, clamped to the exact min and
     /// max) and buckets, the queued values added first.
     pub fn summarize(&mut self) -> Summary {
+        let mut summary = Summary::default();
+        self.summarize_into(&mut summary);
+        summary
+    }
+
+    /// [`DistAcc::summarize`] into `out`, reusing its buffers.
+    pub fn summarize_into(&mut self, out: &mut Summary) {
         self.drain();
-        let (bucket_values, bucket_counts) = self.sketch.buckets();
-        let [p50, p90, p95, p99] =
-            sketch::quantiles(&bucket_values, &bucket_counts, [0.50, 0.90, 0.95, 0.99])
-                .map(|q| q.map_or(0.0, |v| v.clamp(self.min, self.max)));
-        Summary {
-            p50,
-            p90,
-            p95,
-            p99,
-            bucket_values,
-            bucket_counts,
-        }
+        self.sketch
+            .buckets_into(&mut out.bucket_values, &mut out.bucket_counts);
+        [out.p50, out.p90, out.p95, out.p99] = sketch::quantiles(
+            &out.bucket_values,
+            &out.bucket_counts,
+            [0.50, 0.90, 0.95, 0.99],
+        )
+        .map(|q| q.map_or(0.0, |v| v.clamp(self.min, self.max)));
     }
 }
 

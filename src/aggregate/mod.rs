@@ -181,6 +181,17 @@ impl Generation {
         })
     }
 
+    /// Counts `bytes` more of an accumulator of `table` (a timer's buckets,
+    /// a set's members): in the memory budget, and in the estimate of its
+    /// table's rows (a bucket or a member costs a row about what it costs
+    /// the accumulator).
+    fn grew(&self, table: usize, bytes: u64) {
+        if bytes > 0 {
+            self.bytes.fetch_add(bytes, Relaxed);
+            self.row_bytes[table].fetch_add(bytes as usize, Relaxed);
+        }
+    }
+
     /// Gives every key's value, once, to `each` (see [`series::Series::drain`]).
     pub fn drain(&mut self, each: impl FnMut(&[u8], Acc)) {
         self.drained = true;
@@ -622,14 +633,19 @@ impl Aggregator {
         }
         let mut missed = std::mem::take(&mut scratch.missed);
         missed.clear();
-        let mut grew = 0;
+        // Bytes grown per table (timers' buckets, sets' members).
+        let mut grew = [0u64; 4];
         for (shard, range) in starts.windows(2).enumerate() {
             let group = &order[range[0] as usize..range[1] as usize];
             if group.is_empty() {
                 continue;
             }
             // The memory budget, as it stands before this shard's lines.
-            let full = generation.bytes.load(Relaxed).saturating_add(grew) >= limits.max_memory;
+            let full = generation
+                .bytes
+                .load(Relaxed)
+                .saturating_add(grew.iter().sum())
+                >= limits.max_memory;
             let mut table = series.lock(shard);
             // Touch the group's entries first, with nothing depending on
             // the loads: their cache misses overlap, and the lookups below
@@ -650,7 +666,9 @@ impl Aggregator {
                     continue;
                 };
                 match table.value(id, column, generation.id) {
-                    Some(acc) => grew += merge(acc, &p.line, stats, limits, full),
+                    Some(acc) => {
+                        grew[row_shape(p.line.kind).0] += merge(acc, &p.line, stats, limits, full)
+                    }
                     None => missed.push(i),
                 }
             }
@@ -658,8 +676,8 @@ impl Aggregator {
         scratch.order = order;
         scratch.starts = starts;
         scratch.next = next;
-        if grew > 0 {
-            generation.bytes.fetch_add(grew, Relaxed);
+        for (table, &g) in grew.iter().enumerate() {
+            generation.grew(table, g);
         }
         // Keys new to this interval, in arrival order (the key limit admits
         // the first ones).
@@ -676,7 +694,7 @@ impl Aggregator {
                 // Another worker (or a line before) admitted it meanwhile.
                 let grew = merge(acc, &p.line, stats, limits, full);
                 drop(table);
-                generation.bytes.fetch_add(grew, Relaxed);
+                generation.grew(row_shape(p.line.kind).0, grew);
                 continue;
             }
             let Some(cost) = admit_key(generation, key.len(), &p.line, stats, limits) else {
@@ -697,7 +715,8 @@ impl Aggregator {
             let grew = merge(&mut acc, &p.line, stats, limits, full);
             *table.value(id, column, generation.id) = Some(acc);
             drop(table);
-            generation.bytes.fetch_add(cost + grew, Relaxed);
+            generation.bytes.fetch_add(cost, Relaxed);
+            generation.grew(row_shape(p.line.kind).0, grew);
         }
         scratch.missed = missed;
         pending.clear();
@@ -745,9 +764,7 @@ impl Aggregator {
         if let Some(mut acc) = map.get_mut(key) {
             let grew = merge(&mut acc, line, stats, limits, full);
             drop(acc);
-            if grew > 0 {
-                generation.bytes.fetch_add(grew, Relaxed);
-            }
+            generation.grew(row_shape(line.kind).0, grew);
             return;
         }
         let Some(cost) = admit_key(generation, key.len(), line, stats, limits) else {
@@ -763,10 +780,11 @@ impl Aggregator {
                 let mut acc = Acc::new(line.kind);
                 let grew = merge(&mut acc, line, stats, limits, full);
                 v.insert(acc);
-                grew + cost
+                generation.bytes.fetch_add(cost, Relaxed);
+                grew
             }
         };
-        generation.bytes.fetch_add(grew, Relaxed);
+        generation.grew(row_shape(line.kind).0, grew);
     }
 }
 

@@ -48,8 +48,23 @@ pub fn index(v: f64) -> i32 {
 }
 
 /// The value of bucket `i`: `2 γ^i / (γ + 1)`, at most `f64::MAX` (the
-/// top bucket's value would pass it for values near 1.8e308).
+/// top bucket's value would pass it for values near 1.8e308). Buckets of
+/// values from about 1e-18 to 1e18 come from a table computed once (32
+/// KiB), the others are computed each time: the same bits either way. The
+/// `exp` per bucket was most of a timer's flush.
 pub fn bucket_value(i: i32) -> f64 {
+    static TABLE: std::sync::OnceLock<Box<[f64]>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| (-TABLED..TABLED).map(compute_bucket_value).collect());
+    match usize::try_from(i + TABLED) {
+        Ok(at) if at < table.len() => table[at],
+        _ => compute_bucket_value(i),
+    }
+}
+
+/// Bucket indexes `-TABLED..TABLED` have their value in a table.
+const TABLED: i32 = 2048;
+
+fn compute_bucket_value(i: i32) -> f64 {
     // The two logarithms once, not per bucket (the same values, so the
     // same bits as computing them each time).
     static LN: std::sync::OnceLock<(f64, f64)> = std::sync::OnceLock::new();
@@ -295,16 +310,26 @@ impl Sketch {
 
     /// (bucket values ascending, their weights): what a row stores.
     pub fn buckets(&self) -> (Vec<f64>, Vec<f64>) {
+        let (mut values, mut weights) = (Vec::new(), Vec::new());
+        self.buckets_into(&mut values, &mut weights);
+        (values, weights)
+    }
+
+    /// [`Sketch::buckets`] into `values` and `weights` (emptied first), so
+    /// that a flush reuses two buffers for every key.
+    pub fn buckets_into(&self, values: &mut Vec<f64>, weights: &mut Vec<f64>) {
+        values.clear();
+        weights.clear();
         let n = self.negative.len() + usize::from(self.zero > 0.0) + self.positive.len();
-        let mut values = Vec::with_capacity(n);
-        let mut weights = Vec::with_capacity(n);
+        values.reserve(n);
+        weights.reserve(n);
         // Negative values ascend as their indexes descend.
         self.negative.each(|i, w| {
             values.push(-bucket_value(i));
             weights.push(w);
         });
-        values.reverse();
-        weights.reverse();
+        values[..].reverse();
+        weights[..].reverse();
         if self.zero > 0.0 {
             values.push(0.0);
             weights.push(self.zero);
@@ -313,7 +338,6 @@ impl Sketch {
             values.push(bucket_value(i));
             weights.push(w);
         });
-        (values, weights)
     }
 }
 
@@ -495,6 +519,17 @@ mod tests {
     fn the_largest_values_have_finite_buckets() {
         let (values, _) = sketch(&[(f64::MAX, 1.0), (-1e308, 1.0), (8.9e307, 1.0)]).buckets();
         assert!(values.iter().all(|v| v.is_finite()), "{values:?}");
+    }
+
+    #[test]
+    fn tabled_bucket_values_are_the_computed_ones_bit_for_bit() {
+        for i in (-TABLED - 3..TABLED + 3).chain([i32::MIN / 2, -38_000, 38_000]) {
+            assert_eq!(
+                bucket_value(i).to_bits(),
+                compute_bucket_value(i).to_bits(),
+                "{i}"
+            );
+        }
     }
 
     #[test]

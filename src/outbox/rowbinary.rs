@@ -42,7 +42,10 @@ pub fn encode(batch: &Batch) -> Bodies {
         );
     }
     for r in &batch.timers {
-        out.timer(Head::of(r.ts, &r.name, &r.tags, &r.host), r);
+        out.timer(
+            Head::of(r.ts, &r.name, &r.tags, &r.host),
+            TimerColumns::of(r),
+        );
     }
     for r in &batch.sets {
         out.set(Head::of(r.ts, &r.name, &r.tags, &r.host), r);
@@ -98,6 +101,37 @@ impl<'a> Head<'a> {
     }
 }
 
+/// A timer row's columns after the head, borrowed (a flush encodes them
+/// from the accumulator, with no row struct per key).
+#[derive(Debug, Clone, Copy)]
+pub struct TimerColumns<'a> {
+    pub flush_id: u64,
+    pub kind: &'a str,
+    pub count: f64,
+    pub sum_min_max: [f64; 3],
+    /// p50, p90, p95, p99.
+    pub percentiles: [f64; 4],
+    pub samples: u64,
+    pub bucket_values: &'a [f64],
+    pub bucket_counts: &'a [f64],
+}
+
+impl<'a> TimerColumns<'a> {
+    /// The columns of a decoded or merged row.
+    pub fn of(r: &'a TimerRow) -> TimerColumns<'a> {
+        TimerColumns {
+            flush_id: r.flush_id,
+            kind: &r.kind,
+            count: r.count,
+            sum_min_max: [r.sum, r.min, r.max],
+            percentiles: [r.p50, r.p90, r.p95, r.p99],
+            samples: r.samples,
+            bucket_values: &r.bucket_values,
+            bucket_counts: &r.bucket_counts,
+        }
+    }
+}
+
 /// Appending rows: each adds to its table's body and row count.
 impl Bodies {
     fn body(&mut self, table: usize) -> &mut Vec<u8> {
@@ -121,20 +155,19 @@ impl Bodies {
         out.extend_from_slice(&samples.to_le_bytes());
     }
 
-    /// A timer row: `head`, then the other columns from `r` (whose own
-    /// head columns are not read).
-    pub fn timer(&mut self, head: Head<'_>, r: &TimerRow) {
+    /// A timer row: `head`, then the other columns.
+    pub fn timer(&mut self, head: Head<'_>, r: TimerColumns<'_>) {
         let out = self.body(2);
         head.encode(out);
         out.extend_from_slice(&r.flush_id.to_le_bytes());
-        string(out, &r.kind);
+        string(out, r.kind);
         out.extend_from_slice(&r.count.to_le_bytes());
-        for x in [r.sum, r.min, r.max, r.p50, r.p90, r.p95, r.p99] {
+        for x in r.sum_min_max.into_iter().chain(r.percentiles) {
             out.extend_from_slice(&x.to_le_bytes());
         }
         out.extend_from_slice(&r.samples.to_le_bytes());
-        f64s(out, &r.bucket_values);
-        f64s(out, &r.bucket_counts);
+        f64s(out, r.bucket_values);
+        f64s(out, r.bucket_counts);
     }
 
     /// A set row: `head`, then the other columns from `r` (whose own head
@@ -348,7 +381,10 @@ fn timers(body: &[u8], v1: bool) -> Result<Vec<TimerRow>, String> {
 pub fn upgrade_v1_timers(body: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Bodies::default();
     for r in timers(body, true)? {
-        out.timer(Head::of(r.ts, &r.name, &r.tags, &r.host), &r);
+        out.timer(
+            Head::of(r.ts, &r.name, &r.tags, &r.host),
+            TimerColumns::of(&r),
+        );
     }
     let [_, _, timers, ..] = out.bodies;
     Ok(timers)
@@ -604,7 +640,10 @@ mod tests {
         f64s(&mut v1, &row.bucket_values);
         u64s(&mut v1, &[1, 1, 1]);
         let mut today = Bodies::default();
-        today.timer(Head::of(row.ts, &row.name, &row.tags, &row.host), &row);
+        today.timer(
+            Head::of(row.ts, &row.name, &row.tags, &row.host),
+            TimerColumns::of(&row),
+        );
         assert_eq!(upgrade_v1_timers(&v1), Ok(today.bodies[2].clone()));
         assert!(upgrade_v1_timers(&v1[..v1.len() - 1]).is_err());
     }

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use super::flush::Flush;
 use super::gauges::GaugeMemory;
-use super::rowbinary::{Bodies, Head, Tags};
+use super::rowbinary::{Bodies, Head, Tags, TimerColumns};
 use crate::aggregate::Generation;
-use crate::aggregate::acc::Acc;
+use crate::aggregate::acc::{Acc, Summary};
 use crate::aggregate::key;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +157,7 @@ pub fn build(
         gauge_values: Vec::new(),
         host,
         instance,
+        summary: Summary::default(),
     };
     for (e, seq) in events.into_iter().zip(0u32..) {
         out.tables.event(&EventRow {
@@ -240,6 +241,8 @@ struct Rows<'a> {
     gauge_values: Vec<(Box<[u8]>, f64)>,
     host: &'a str,
     instance: u64,
+    /// A timer's percentiles and buckets, reused for every timer key.
+    summary: Summary,
 }
 
 impl Rows<'_> {
@@ -300,28 +303,21 @@ impl Rows<'_> {
                 self.tables.gauge(head, value, version, g.samples);
             }
             Acc::Dist(mut d) => {
-                let summary = d.summarize();
-                // The head columns come from `head`.
-                let row = TimerRow {
-                    ts,
-                    name: String::new(),
-                    tags: Vec::new(),
-                    host: String::new(),
-                    flush_id,
-                    kind: kind.as_str().to_owned(),
-                    count: d.count,
-                    sum: d.sum,
-                    min: d.min,
-                    max: d.max,
-                    p50: summary.p50,
-                    p90: summary.p90,
-                    p95: summary.p95,
-                    p99: summary.p99,
-                    samples: d.samples,
-                    bucket_values: summary.bucket_values,
-                    bucket_counts: summary.bucket_counts,
-                };
-                self.tables.timer(head, &row);
+                d.summarize_into(&mut self.summary);
+                let s = &self.summary;
+                self.tables.timer(
+                    head,
+                    TimerColumns {
+                        flush_id,
+                        kind: kind.as_str(),
+                        count: d.count,
+                        sum_min_max: [d.sum, d.min, d.max],
+                        percentiles: [s.p50, s.p90, s.p95, s.p99],
+                        samples: d.samples,
+                        bucket_values: &s.bucket_values,
+                        bucket_counts: &s.bucket_counts,
+                    },
+                );
             }
             Acc::Set(s) => {
                 let mut member_hashes: Vec<u64> = s.members.into_iter().collect();
