@@ -49,6 +49,8 @@ impl AdminState {
         let t = &self.telemetry;
         let current = self.aggregator.current();
         t.live_keys.store(current.keys() as u64, Relaxed);
+        t.series_keys
+            .store(self.aggregator.series_len() as u64, Relaxed);
         t.pending_samples
             .store(current.pending.load(Relaxed), Relaxed);
         let started = current.started;

@@ -92,6 +92,8 @@ pub struct Telemetry {
     pub tcp_connections_refused: AtomicU64,
     pub udp_kernel_drops: AtomicU64,
     pub live_keys: AtomicU64,
+    /// Keys in the series table (read at scrape time).
+    pub series_keys: AtomicU64,
     pub pending_samples: AtomicU64,
     pub flushes: AtomicU64,
     pub flushes_by_depth: AtomicU64,
@@ -310,6 +312,12 @@ impl Telemetry {
             "Keys in the current interval.",
             "",
             &self.live_keys,
+        );
+        m.gauge(
+            "tallyd_series_keys",
+            "Keys in the series table: those written in this interval or the one before (a key idle for a whole interval leaves it).",
+            "",
+            &self.series_keys,
         );
         m.gauge(
             "tallyd_pending_samples",

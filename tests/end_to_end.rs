@@ -569,6 +569,7 @@ async fn admin_endpoint_serves_health_and_metrics() {
         "{metrics}"
     );
     assert!(metrics.contains("tallyd_live_keys 1\n"), "{metrics}");
+    assert!(metrics.contains("tallyd_series_keys 1\n"), "{metrics}");
     assert!(
         metrics.contains("tallyd_dropped_total{reason=\"udp_kernel\"} 0\n"),
         "{metrics}"

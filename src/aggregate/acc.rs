@@ -6,17 +6,18 @@ use std::hash::{BuildHasherDefault, Hasher};
 use super::sketch::{self, Sketch};
 use crate::protocol::statsd::MetricType;
 
-/// Estimated bytes of a new key beyond its own bytes and a boxed
-/// accumulator's ([`boxed_bytes`]): the map entry (with room for a 48-byte
-/// key inline), rounded up (the memory budget's unit; `benches/aggregate.rs`
-/// measures the real figures: 106 bytes for a counter key, 306 for a timer
-/// key with one value).
+/// Estimated bytes of a key new to an interval beyond its own bytes and a
+/// boxed accumulator's ([`boxed_bytes`]): its slot in the series table
+/// (16 bytes), its two value columns (24 each) and its index bucket at the
+/// table's load factor, rounded up (the memory budget's unit;
+/// `benches/aggregate.rs` measures the real figures: 117 bytes for a
+/// counter key with its 21 bytes, 315 for a timer key with one value).
 pub const KEY_OVERHEAD: u64 = 120;
 /// Estimated bytes of one more set member (hash, control byte, load factor).
 const SET_MEMBER: u64 = 16;
 
 /// The state of one key within one interval. Boxed where larger than a
-/// gauge, so that a map entry (key inline and accumulator, 80 bytes) stays
+/// gauge, so that a value column (24 bytes a key, `Option<Acc>`) stays
 /// small for the common counters and gauges.
 #[derive(Debug)]
 pub enum Acc {
