@@ -220,11 +220,14 @@ fn aggregate(c: &mut Criterion) {
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The most `LIVE` has been since it was last reset.
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; only counts sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Relaxed);
+        let live = LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
+        PEAK.fetch_max(live, Relaxed);
         // SAFETY: same layout contract as our caller's.
         unsafe { System.alloc(layout) }
     }
@@ -276,6 +279,35 @@ fn memory_per_key() {
     }
 }
 
+/// The heap a spool merge takes beyond its two flushes (the spool past its
+/// budget folds each new flush into the newest parked one).
+fn merge_memory() {
+    let keys = 1_000_000;
+    let data = blocks(keys, counter_line);
+    let flush = |id| {
+        let mut gauges = tallyd::outbox::gauges::GaugeMemory::new(0);
+        rows::build(
+            closed_interval(keys, &data),
+            id,
+            "host-a",
+            1,
+            &mut gauges,
+            &mut || 0,
+        )
+        .0
+    };
+    let (older, newer) = (flush(1), flush(2));
+    let before = LIVE.load(Relaxed);
+    PEAK.store(before, Relaxed);
+    let merged = older.merge(newer).expect("merges");
+    let peak = PEAK.load(Relaxed) - before;
+    println!(
+        "memory: merging two flushes of {keys} counter keys ({} MB of bodies each): peak {} MB above them",
+        merged.body_len() / 1_000_000,
+        peak / 1_000_000
+    );
+}
+
 /// A closed interval holding `keys` keys.
 fn closed_interval(keys: usize, data: &[Vec<u8>]) -> Generation {
     let a = aggregator();
@@ -325,6 +357,7 @@ criterion_group!(benches, aggregate, flush);
 
 fn main() {
     memory_per_key();
+    merge_memory();
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -46,7 +46,7 @@
 //!    stays *parked* in the spool, and the sink reads it back when it gets
 //!    there. While the spool is over `spool.max_size`, a new flush is
 //!    *merged* into the newest parked flush of this run (coarser `ts`, the
-//!    same totals, [`crate::outbox::rows::merge`]): the merged file is
+//!    same totals, [`crate::outbox::merge`]): the merged file is
 //!    written under the new flush's id and lists the flush it absorbed,
 //!    then the absorbed file is removed. *Crash between the two:* at start
 //!    the absorbed file is removed unread. A flush that may have landed

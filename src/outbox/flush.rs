@@ -104,16 +104,7 @@ impl Flush {
     /// Merges the unsent `self` (older) and `newer` into one flush with
     /// `newer`'s id and `self`'s interval start, absorbing `self`.
     pub fn merge(self, newer: Flush) -> Result<Flush, String> {
-        let older_id = self.flush_id;
-        let mut absorbed = self.absorbed.clone();
-        absorbed.push(older_id);
-        absorbed.extend(&newer.absorbed);
-        let (instance, id) = (newer.instance, newer.flush_id);
-        let older = self.into_batch()?;
-        let newer = newer.into_batch()?;
-        let mut merged = Flush::seal(super::rows::merge(older, newer, id), instance);
-        merged.absorbed = absorbed;
-        Ok(merged)
+        super::merge::flushes(self, newer)
     }
 
     /// Joins the unsent flushes `parts` (oldest first, at least one) into

@@ -3,8 +3,8 @@
 //! what this module makes and the sink ([`crate::sink`]) only transports it.
 //!
 //! - [`rows`]: a closed generation turned into one row per key and table
-//!   ([`rows::build`]), and two unsent flushes folded into one
-//!   ([`rows::merge`]);
+//!   ([`rows::build`]);
+//! - [`merge`]: two unsent flushes folded into one ([`merge::flushes`]);
 //! - [`rowbinary`]: the RowBinary codec of those rows (the exact bytes of
 //!   each INSERT body);
 //! - [`flush`]: the flush ([`flush::Flush`]): bodies, identity and
@@ -14,5 +14,6 @@
 
 pub mod flush;
 pub mod gauges;
+pub mod merge;
 pub mod rowbinary;
 pub mod rows;

@@ -339,6 +339,65 @@ pub fn decode(bodies: &Bodies) -> Result<Batch, String> {
     Ok(batch)
 }
 
+/// A counter or gauge row read in place: its key columns (name, tags, host)
+/// as their encoded bytes, and its values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowView<'a> {
+    pub ts: u32,
+    pub key: &'a [u8],
+    /// A counter's sum, a gauge's value.
+    pub value: f64,
+    /// A counter's flush id, a gauge's version.
+    pub order: u64,
+    pub samples: u64,
+}
+
+/// Gives each row of a counters body (`gauge` false) or a gauges body to
+/// `each`, borrowed from `body` (no string is copied).
+pub fn each_row<'a>(
+    body: &'a [u8],
+    gauge: bool,
+    mut each: impl FnMut(RowView<'a>),
+) -> Result<(), String> {
+    let mut r = Reader::new(body);
+    while !r.done() {
+        let ts = r.u32()?;
+        let key = r.key_columns()?;
+        let (value, order) = if gauge {
+            (r.f64()?, r.u64()?)
+        } else {
+            let id = r.u64()?;
+            (r.f64()?, id)
+        };
+        each(RowView {
+            ts,
+            key,
+            value,
+            order,
+            samples: r.u64()?,
+        });
+    }
+    Ok(())
+}
+
+impl Bodies {
+    /// A counter row (`gauge` false) or gauge row from a [`RowView`]'s
+    /// parts: the columns in their table's order.
+    pub fn push_view(&mut self, gauge: bool, v: RowView<'_>) {
+        let out = self.body(usize::from(gauge));
+        out.extend_from_slice(&v.ts.to_le_bytes());
+        out.extend_from_slice(v.key);
+        if gauge {
+            out.extend_from_slice(&v.value.to_le_bytes());
+            out.extend_from_slice(&v.order.to_le_bytes());
+        } else {
+            out.extend_from_slice(&v.order.to_le_bytes());
+            out.extend_from_slice(&v.value.to_le_bytes());
+        }
+        out.extend_from_slice(&v.samples.to_le_bytes());
+    }
+}
+
 /// Timer rows of a body; `v1`: as tallyd wrote them before weighted counts
 /// (`count UInt64`, `bucket_counts Array(UInt64)`).
 fn timers(body: &[u8], v1: bool) -> Result<Vec<TimerRow>, String> {
@@ -462,6 +521,21 @@ impl<'a> Reader<'a> {
     ) -> Result<Vec<T>, String> {
         let n = self.len()?;
         (0..n).map(|_| item(self)).collect()
+    }
+
+    /// The key columns (name, tags, host) after a row's `ts`, as their
+    /// bytes.
+    fn key_columns(&mut self) -> Result<&'a [u8], String> {
+        let start = self.at;
+        let n = self.len()?;
+        self.take(n)?;
+        for _ in 0..self.len()? {
+            let n = self.len()?;
+            self.take(n)?;
+        }
+        let n = self.len()?;
+        self.take(n)?;
+        Ok(&self.b[start..self.at])
     }
 
     fn head(&mut self) -> Result<(u32, String, Vec<String>, String), String> {

@@ -128,74 +128,6 @@ fn timestamped_samples_become_rows_of_their_interval_under_ids_of_their_own() {
 }
 
 #[test]
-fn a_merge_keeps_the_gauge_of_the_newest_interval_not_the_newest_flush() {
-    let gauge = |ts, version, value| GaugeRow {
-        ts,
-        name: "g".into(),
-        tags: vec![],
-        host: "h".into(),
-        value,
-        version,
-        samples: 1,
-    };
-    let older = Batch {
-        ts: 100,
-        flush_id: 7,
-        // This interval's value, and a stamped one for an hour before,
-        // under the later flush id the late rows get.
-        gauges: vec![gauge(100, 7, 10.0), gauge(40, 9, 3.0)],
-        ..Batch::default()
-    };
-    let m = merge(older, Batch::default(), 11);
-    assert_eq!(
-        m.gauges
-            .iter()
-            .map(|g| (g.value, g.samples))
-            .collect::<Vec<_>>(),
-        vec![(10.0, 2)]
-    );
-}
-
-#[test]
-fn a_merge_keeps_a_stamped_gauges_own_version() {
-    let gauge = |name: &str, ts, version, value| GaugeRow {
-        ts,
-        name: name.into(),
-        tags: vec![],
-        host: "h".into(),
-        value,
-        version,
-        samples: 1,
-    };
-    let older = Batch {
-        ts: 100,
-        flush_id: 7_000,
-        gauges: vec![gauge("live", 100, 7_000, 10.0)],
-        ..Batch::default()
-    };
-    // Only a stamped value of "late" in the newer flush: its version is
-    // its interval start's id, below the live one's.
-    let newer = Batch {
-        ts: 101,
-        flush_id: 8_000,
-        gauges: vec![gauge("late", 40, 4_000, 3.0)],
-        ..Batch::default()
-    };
-    let m = merge(older, newer, 8_000);
-    let mut versions: Vec<(String, u64)> = m
-        .gauges
-        .iter()
-        .map(|g| (g.name.clone(), g.version))
-        .collect();
-    versions.sort();
-    assert_eq!(
-        versions,
-        vec![("late".to_owned(), 4_000), ("live".to_owned(), 7_000)],
-        "a merged flush's id would rank the stamped value above live ones"
-    );
-}
-
-#[test]
 fn one_counter_row_per_key() {
     let g = generation("c:1|c|#b,a\nc:2|c|#a,b\nc:5|c", 1_700_000_000);
     let (mut batch, _) = build4(g, 7, "h1", &mut GaugeMemory::new(10));
@@ -271,46 +203,6 @@ fn set_row_counts_distinct_members() {
     );
     assert_eq!((batch.sets[0].cardinality, batch.sets[0].samples), (2, 3));
     assert_eq!(batch.sets[0].member_hashes.len(), 2);
-}
-
-#[test]
-fn merged_flushes_keep_every_total() {
-    let mut memory = GaugeMemory::new(10);
-    let (a, _) = build4(
-        generation("c:1|c\nc:2|c\ng:10|g\nt:10:20|ms\ns:x|s\nonly.a:5|c", 100),
-        1,
-        "h",
-        &mut memory,
-    );
-    let (b, _) = build4(
-        generation("c:4|c\ng:+5|g\nt:20:30|ms\ns:x|s\ns:y|s", 101),
-        2,
-        "h",
-        &mut memory,
-    );
-    let mut m = merge(a, b, 2);
-    m.counters.sort_by(|x, y| x.name.cmp(&y.name));
-    assert_eq!(m.ts, 100);
-    assert_eq!(
-        m.counters
-            .iter()
-            .map(|r| (r.name.as_str(), r.value, r.samples, r.flush_id, r.ts))
-            .collect::<Vec<_>>(),
-        vec![("c", 7.0, 3, 2, 100), ("only.a", 5.0, 1, 2, 100)]
-    );
-    assert_eq!(
-        (m.gauges[0].value, m.gauges[0].version, m.gauges[0].samples),
-        (15.0, 2, 2)
-    );
-    let t = &m.timers[0];
-    assert_eq!(
-        (t.count, t.sum, t.min, t.max, t.samples),
-        (4.0, 80.0, 10.0, 30.0, 4)
-    );
-    assert_eq!(t.bucket_counts.iter().sum::<f64>(), 4.0);
-    assert!(t.p50 >= 10.0 && t.p50 <= 20.5 && t.p99 >= 29.5, "{t:?}");
-    assert_eq!((m.sets[0].cardinality, m.sets[0].samples), (2, 3));
-    assert_eq!(m.gauge_values.len(), 1);
 }
 
 #[test]
