@@ -67,8 +67,7 @@ fn timer_line(k: usize) -> String {
 fn ingest_all(a: &Aggregator, blocks: &[Vec<u8>], scratch: &mut Scratch) {
     let mut stats = BlockStats::default();
     for b in blocks {
-        a.ingest_block(black_box(b), scratch, &mut stats)
-            .expect("no WAL");
+        a.ingest_block(black_box(b), scratch, &mut stats);
     }
 }
 
@@ -96,7 +95,7 @@ fn ingest_batches(
 ) {
     let mut stats = BlockStats::default();
     for (joined, ranges) in batches {
-        a.ingest_datagrams(black_box(joined), ranges, scratch, &mut stats, |_| {});
+        a.ingest_datagrams(black_box(joined), ranges, scratch, &mut stats);
     }
 }
 

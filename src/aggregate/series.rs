@@ -228,7 +228,7 @@ impl Shard {
         self.index
             .find(hash, |&id| {
                 let s = slots[id as usize];
-                super::same_key(&keys[s.at as usize..][..s.len as usize], key)
+                super::apply::same_key(&keys[s.at as usize..][..s.len as usize], key)
             })
             .copied()
     }

@@ -1,7 +1,8 @@
 //! Unit tests of [`super`].
 
 use super::*;
-use crate::protocol::statsd::ParseError;
+use crate::protocol::proto;
+use crate::protocol::statsd::{MetricType, ParseError};
 
 #[test]
 fn a_value_slot_is_24_bytes() {
@@ -42,8 +43,7 @@ fn aggregator(max_keys: usize) -> Aggregator {
 
 fn ingest(a: &Aggregator, block: &str) -> BlockStats {
     let mut stats = BlockStats::default();
-    a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats)
-        .expect("no WAL");
+    a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats);
     stats
 }
 
@@ -85,52 +85,6 @@ fn a_keys_lines_apply_in_arrival_order_whether_new_or_live() {
         Acc::Counter { sum, .. } => assert_eq!(*sum, 2.0),
         other => panic!("{other:?}"),
     }
-}
-
-#[test]
-fn a_batch_records_each_datagram_and_applies_all_but_one_the_wal_refuses() {
-    use crate::wal::{SyncMode, WalConfig};
-    let dir = crate::test_dir::test_dir("batch");
-    let config = || WalConfig {
-        dir: dir.to_path_buf(),
-        streams: 1,
-        segments_per_stream: 2,
-        segment_size: 4096,
-        sync: SyncMode::Interval,
-        sync_interval: Duration::from_millis(100),
-        skip_corrupt: false,
-    };
-    let (wal, _) = Wal::open(config()).expect("open");
-    let (limits, parse_limits) = aggregator(100).limits();
-    let a = Aggregator::with_wal(limits, parse_limits, Duration::ZERO, Some(Arc::new(wal)), 1);
-    // The middle datagram is larger than a segment: the WAL refuses it.
-    let big = "b:1|c\n".repeat(1000);
-    let joined = format!("a:1|c\n{big}\na:2|c\n");
-    let datagrams = [0..5, 6..6 + big.len(), 7 + big.len()..12 + big.len()];
-    let (mut stats, mut refused) = (BlockStats::default(), vec![]);
-    a.ingest_datagrams(
-        joined.as_bytes(),
-        &datagrams,
-        &mut Scratch::default(),
-        &mut stats,
-        |e| refused.push(e),
-    );
-    assert_eq!(refused, [AppendError::TooLarge]);
-    assert_eq!((stats.blocks, stats.bytes, stats.samples), (2, 10, 2));
-    match &*acc(&a.current(), MetricType::Counter, "a", "") {
-        Acc::Counter { sum, .. } => assert_eq!(*sum, 3.0),
-        other => panic!("{other:?}"),
-    }
-    assert!(a.current().keys() == 1, "nothing of the refused one");
-    drop(a);
-    // Each recorded datagram is a record of its own, as it arrived.
-    let (_, recovery) = Wal::open(config()).expect("reopen");
-    let records: Vec<&[u8]> = recovery.generations[0]
-        .blocks
-        .iter()
-        .map(|(_, b)| &b[..])
-        .collect();
-    assert_eq!(records, [&b"a:1|c"[..], b"a:2|c"]);
 }
 
 #[test]
@@ -286,13 +240,7 @@ fn the_key_limit_meets_lines_in_arrival_order_across_a_batch() {
     let a = aggregator(1);
     let joined = b"a:1|c\nb:1|c|T5\n";
     let mut stats = BlockStats::default();
-    a.ingest_datagrams(
-        joined,
-        &[0..5, 6..14],
-        &mut Scratch::default(),
-        &mut stats,
-        |_| {},
-    );
+    a.ingest_datagrams(joined, &[0..5, 6..14], &mut Scratch::default(), &mut stats);
     assert_eq!((stats.samples, stats.dropped_key_limit), (1, 1));
     assert_eq!(
         (
@@ -379,8 +327,7 @@ fn concurrent_ingest_loses_nothing() {
                 let mut scratch = Scratch::default();
                 for i in 0..2000 {
                     let block = format!("k{}:1|c\nshared:1|c", i % 50);
-                    a.ingest_block(block.as_bytes(), &mut scratch, &mut BlockStats::default())
-                        .expect("no WAL");
+                    a.ingest_block(block.as_bytes(), &mut scratch, &mut BlockStats::default());
                 }
             })
         })

@@ -117,12 +117,10 @@ fn over(
         timestamp_window: Duration::from_secs(3600),
         interval: Duration::from_secs(1),
     };
-    let aggregator = Arc::new(Aggregator::with_wal(
+    let aggregator = Arc::new(Aggregator::new(
         limits,
         Limits::default(),
         Duration::from_secs(1_700_000_000),
-        Some(Arc::clone(&wal)),
-        1,
     ));
     let (ledger, _) = Ledger::open(dir, 60, 100_000, 1 << 30, fs_dyn).expect("ledger");
     let (tx, rx) = mpsc::channel(1000);
@@ -139,6 +137,11 @@ fn over(
     (flusher, rx)
 }
 
+/// What ingest records and applies through, as the server's listeners do.
+fn recorder(f: &Flusher) -> crate::ingest::record::Recorder {
+    crate::ingest::record::Recorder::new(Arc::clone(&f.aggregator), f.ledger.wal())
+}
+
 /// fsyncs of one flush of `block` (also protobuf batches of `clients`).
 async fn fsyncs_of_a_flush(
     flusher: &mut Flusher,
@@ -149,9 +152,9 @@ async fn fsyncs_of_a_flush(
     let before = fs.counts().0;
     let mut scratch = Scratch::default();
     let mut stats = BlockStats::default();
-    flusher
-        .aggregator
-        .ingest_block(block.as_bytes(), &mut scratch, &mut stats)
+    let recorder = recorder(flusher);
+    recorder
+        .block(block.as_bytes(), &mut scratch, &mut stats)
         .expect("append");
     for c in 0..clients {
         let batch = crate::protocol::proto::Batch {
@@ -165,9 +168,7 @@ async fn fsyncs_of_a_flush(
             .ledger
             .dedup
             .admit(&batch.client_id, 1, || {
-                flusher
-                    .aggregator
-                    .ingest_batch(&raw, &view, &mut scratch, &mut stats)
+                recorder.batch(&raw, &view, &mut scratch, &mut stats)
             })
             .expect("admit");
     }
@@ -235,8 +236,8 @@ async fn after_a_torn_gauge_append_and_a_failed_record_the_log_is_rewritten_not_
     let fs = Arc::new(FaultyFs::default());
     let (mut flusher, _rx) = over(Arc::clone(&fs) as Arc<dyn crate::fs::Fs>, &dir);
     let ingest = |f: &Flusher, block: &str| {
-        f.aggregator
-            .ingest_block(
+        recorder(f)
+            .block(
                 block.as_bytes(),
                 &mut Scratch::default(),
                 &mut BlockStats::default(),
@@ -274,8 +275,7 @@ fn ingest(a: &Aggregator, block: &str) {
         block.as_bytes(),
         &mut Scratch::default(),
         &mut BlockStats::default(),
-    )
-    .expect("no WAL");
+    );
 }
 
 #[test]

@@ -1,16 +1,17 @@
-//! Ingest: sockets only. Each listener reads blocks of bytes (a datagram, a
-//! TCP read of whole lines) and hands them to
-//! [`Aggregator::ingest_block`](crate::aggregate::Aggregator::ingest_block),
-//! or, for datagrams found queued together,
-//! [`Aggregator::ingest_datagrams`](crate::aggregate::Aggregator::ingest_datagrams);
-//! parsing and aggregation live elsewhere.
+//! Ingest: sockets, and the write-ahead order. Each listener reads blocks
+//! of bytes (a datagram, a TCP read of whole lines) and hands them to
+//! [`record::Recorder::block`], or, for datagrams found queued together,
+//! [`record::Recorder::datagrams`], which record them in the WAL, then have
+//! the aggregator apply them; parsing and aggregation live elsewhere.
 //!
+//! - [`record`]: record, then apply (the WAL's order, in one place).
 //! - [`udp`]: one socket, read by several blocking receive threads.
 //! - [`tcp`]: tokio tasks, newline framing, line and connection limits.
 //! - [`proto`]: protobuf batches over TCP (acknowledged) and UDP.
 //! - [`uds`]: DogStatsD over a Unix datagram socket, one blocking thread.
 
 pub mod proto;
+pub mod record;
 pub mod tcp;
 pub mod udp;
 pub mod uds;

@@ -31,12 +31,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::aggregate::{Aggregator, Scratch};
+use super::record::Recorder;
+use crate::aggregate::Scratch;
 use crate::ledger::dedup::{Admit, Dedup, MAX_CLIENT_ID, WINDOW};
 use crate::protocol::batch::BatchView;
 use crate::protocol::proto::{self, Ack, FrameError, pb::ack::Status};
 use crate::telemetry::{BlockStats, Telemetry};
-use crate::wal::{AppendError, Wal};
+use crate::wal::AppendError;
 
 const READ_BUF: usize = 64 * 1024;
 const WAL_RETRY: Duration = Duration::from_millis(10);
@@ -45,9 +46,9 @@ const ACK_QUEUE: usize = 1024;
 
 #[derive(Clone)]
 pub struct ProtoIngest {
-    pub aggregator: Arc<Aggregator>,
+    /// The aggregator and the WAL (acks wait for its durability).
+    pub recorder: Recorder,
     pub telemetry: Arc<Telemetry>,
-    pub wal: Option<Arc<Wal>>,
     pub dedup: Arc<Dedup>,
     pub max_frame: usize,
     pub max_connections: usize,
@@ -97,8 +98,7 @@ impl ProtoIngest {
             ..BlockStats::default()
         };
         let admitted = self.dedup.admit(batch.client_id, batch.sequence, || {
-            self.aggregator
-                .ingest_batch(raw, &batch, scratch, &mut stats)
+            self.recorder.batch(raw, &batch, scratch, &mut stats)
         });
         match admitted {
             Ok(Admit::Accepted((ticket, rejected))) => {
@@ -106,7 +106,7 @@ impl ProtoIngest {
                 Handled::Ack(ack(batch.sequence, Status::Ok, "", rejected), ticket)
             }
             Ok(Admit::Duplicate) => {
-                let ticket = self.wal.as_ref().map_or(0, |w| w.ticket());
+                let ticket = self.recorder.wal.as_ref().map_or(0, |w| w.ticket());
                 let message = "already accepted";
                 Handled::Ack(ack(batch.sequence, Status::Duplicate, message, 0), ticket)
             }
@@ -174,7 +174,7 @@ impl ProtoIngest {
     ) {
         let (mut reader, mut writer) = stream.into_split();
         let (acks, mut queue) = mpsc::channel::<(Ack, u64)>(ACK_QUEUE);
-        let wal = self.wal.clone();
+        let wal = self.recorder.wal.clone();
         let ack_writer = tokio::spawn(async move {
             while let Some((ack, ticket)) = queue.recv().await {
                 if let Some(wal) = &wal
@@ -282,7 +282,7 @@ impl ProtoIngest {
                     if let Ok(n) = socket.recv(&mut buf) {
                         // No ack: a refused or undecodable datagram is counted, not answered.
                         let handled = self.handle(&buf[..n], &mut scratch);
-                        self.aggregator.settle(self.wal_streams.start);
+                        self.recorder.settle(self.wal_streams.start);
                         match handled {
                             Handled::Ack(a, _) | Handled::Reject(a) => self.count(&a),
                             Handled::Full => {

@@ -14,7 +14,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::aggregate::{Aggregator, Scratch};
+use super::record::Recorder;
+use crate::aggregate::Scratch;
 use crate::telemetry::{BlockStats, Telemetry};
 
 /// Largest single read.
@@ -22,7 +23,7 @@ const READ_BUF: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct TcpIngest {
-    pub aggregator: Arc<Aggregator>,
+    pub recorder: Recorder,
     pub telemetry: Arc<Telemetry>,
     pub max_line: usize,
     pub max_connections: usize,
@@ -127,7 +128,7 @@ impl TcpIngest {
     /// Applies a block; false when the WAL refused it.
     fn ingest(&self, block: &[u8], scratch: &mut Scratch) -> bool {
         let mut stats = BlockStats::default();
-        match self.aggregator.ingest_block(block, scratch, &mut stats) {
+        match self.recorder.block(block, scratch, &mut stats) {
             Ok(()) => {
                 self.telemetry.record_block(&self.telemetry.tcp, &stats);
                 true

@@ -31,7 +31,8 @@ use std::time::Duration;
 use rustix::net::RecvFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::aggregate::{Aggregator, Scratch};
+use super::record::Recorder;
+use crate::aggregate::Scratch;
 use crate::telemetry::{BlockStats, ListenerStats, Telemetry};
 
 /// The largest UDP payload.
@@ -172,7 +173,7 @@ pub(crate) enum Role<'a> {
 pub fn spawn(
     sockets: Vec<UdpSocket>,
     wal_streams: usize,
-    aggregator: Arc<Aggregator>,
+    recorder: Recorder,
     telemetry: Arc<Telemetry>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
@@ -182,8 +183,8 @@ pub fn spawn(
         .into_iter()
         .enumerate()
         .map(|(i, socket)| {
-            let (aggregator, telemetry, stop, crew) = (
-                Arc::clone(&aggregator),
+            let (recorder, telemetry, stop, crew) = (
+                recorder.clone(),
                 Arc::clone(&telemetry),
                 Arc::clone(&stop),
                 Arc::clone(&crew),
@@ -206,7 +207,7 @@ pub fn spawn(
                     receive(
                         &socket,
                         stream,
-                        &aggregator,
+                        &recorder,
                         &telemetry,
                         &telemetry.udp,
                         &stop,
@@ -224,7 +225,7 @@ pub fn spawn(
 pub(crate) fn receive(
     socket: &impl AsFd,
     wal_stream: usize,
-    aggregator: &Aggregator,
+    recorder: &Recorder,
     telemetry: &Telemetry,
     listener: &ListenerStats,
     stop: &AtomicBool,
@@ -235,7 +236,7 @@ pub(crate) fn receive(
     let mut ingest = |batch: &mut Batch, stream: usize| {
         let mut stats = BlockStats::default();
         scratch.wal_stream = stream;
-        aggregator.ingest_datagrams(
+        recorder.datagrams(
             batch.joined(),
             &batch.datagrams,
             &mut scratch,
@@ -243,7 +244,7 @@ pub(crate) fn receive(
             // A datagram the WAL cannot take is dropped, and counted.
             |e| telemetry.wal_refused(e),
         );
-        aggregator.settle(stream);
+        recorder.settle(stream);
         telemetry.record_block(listener, &stats);
         if batch.too_large > 0 {
             telemetry
@@ -321,7 +322,7 @@ pub(crate) fn receive(
 }
 
 /// Datagrams received back to back, kept one after the other for one
-/// [`Aggregator::ingest_datagrams`]: a batch forms only from what the
+/// [`Recorder::datagrams`]: a batch forms only from what the
 /// kernel already holds, so it costs no wait, and it grows when the
 /// worker falls behind, which is when the shared apply pays most.
 struct Batch {

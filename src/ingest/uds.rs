@@ -44,7 +44,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::aggregate::{Aggregator, Scratch};
+use super::record::Recorder;
+use crate::aggregate::Scratch;
 use crate::telemetry::{BlockStats, Telemetry};
 
 /// How often the blocked thread looks at the stop flag.
@@ -105,7 +106,7 @@ fn clear_stale(path: &Path, probe: impl Fn(&Path) -> io::Result<()>) -> io::Resu
 pub fn spawn(
     socket: UnixDatagram,
     wal_stream: usize,
-    aggregator: Arc<Aggregator>,
+    recorder: Recorder,
     telemetry: Arc<Telemetry>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
@@ -115,7 +116,7 @@ pub fn spawn(
             super::udp::receive(
                 &socket,
                 wal_stream,
-                &aggregator,
+                &recorder,
                 &telemetry,
                 &telemetry.uds,
                 &stop,
@@ -132,7 +133,7 @@ const WAL_RETRY: Duration = Duration::from_millis(10);
 /// DogStatsD over a Unix stream socket, length-prefixed frames.
 #[derive(Clone)]
 pub struct StreamIngest {
-    pub aggregator: Arc<Aggregator>,
+    pub recorder: Recorder,
     pub telemetry: Arc<Telemetry>,
     /// Longest frame (`statsd.tcp_max_line`).
     pub max_frame: usize,
@@ -220,7 +221,7 @@ impl StreamIngest {
                 Frame::Whole(frame) => {
                     let mut stats = BlockStats::default();
                     let payload = &frames.buf[frame.clone()];
-                    match self.aggregator.ingest_block(payload, scratch, &mut stats) {
+                    match self.recorder.block(payload, scratch, &mut stats) {
                         Ok(()) => {
                             frames.take(frame);
                             self.telemetry.record_block(&self.telemetry.uds, &stats);

@@ -314,6 +314,11 @@ impl Ledger {
 
     /// Sends parked flushes of this run together, up to `bytes` of spool
     /// files per INSERT (at least one flush each time).
+    /// The WAL whose records a recorded flush releases.
+    pub fn wal(&self) -> Option<Arc<Wal>> {
+        self.wal.clone()
+    }
+
     pub fn with_drain_batch(mut self, bytes: u64) -> Ledger {
         self.drain_batch = bytes;
         self

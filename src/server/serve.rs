@@ -4,6 +4,7 @@
 use super::bind::Listeners;
 use super::recover::{Opened, replay};
 use super::*;
+use crate::ingest::record::Recorder;
 
 /// Start-up phase 3: starts every stage, replays, then serves.
 pub(super) async fn serve(
@@ -30,13 +31,13 @@ pub(super) async fn serve(
     let dedup = Arc::clone(&ledger.dedup);
     let telemetry = Arc::new(Telemetry::default());
     let bind_err = |what, addr| move |source| StartError::Bind { what, addr, source };
-    let aggregator = Arc::new(Aggregator::with_wal(
+    let aggregator = Arc::new(Aggregator::starting_at(
         config.aggregate,
         config.parse_limits,
         clock(),
-        wal.clone(),
         recovery.next_generation,
     ));
+    let recorder = Recorder::new(Arc::clone(&aggregator), wal.clone());
 
     let udp_addr = udp_sockets.first().and_then(|s| s.local_addr().ok());
     if let Some(bytes) = udp::receive_buffer(&udp_sockets, config.udp_recv_buffer) {
@@ -121,7 +122,7 @@ pub(super) async fn serve(
     let udp_threads = udp::spawn(
         udp_sockets,
         config.udp_wal_streams,
-        Arc::clone(&aggregator),
+        recorder.clone(),
         Arc::clone(&telemetry),
         Arc::clone(&udp_stop),
     )
@@ -140,7 +141,7 @@ pub(super) async fn serve(
             .map_or(udp_streams + 1, |w| w.streams().max(udp_streams + 1));
     let tcp = tcp_listener.map(|listener| {
         let ingest = TcpIngest {
-            aggregator: Arc::clone(&aggregator),
+            recorder: recorder.clone(),
             telemetry: Arc::clone(&telemetry),
             max_line: config.tcp_max_line,
             max_connections: config.tcp_max_connections,
@@ -152,7 +153,7 @@ pub(super) async fn serve(
     let (uds_stream, uds_stream_path) = match uds_stream {
         Some((listener, path)) => {
             let ingest = crate::ingest::uds::StreamIngest {
-                aggregator: Arc::clone(&aggregator),
+                recorder: recorder.clone(),
                 telemetry: Arc::clone(&telemetry),
                 max_frame: config.tcp_max_line,
                 max_connections: config.tcp_max_connections,
@@ -167,9 +168,8 @@ pub(super) async fn serve(
         None => (None, None),
     };
     let proto = ProtoIngest {
-        aggregator: Arc::clone(&aggregator),
+        recorder: recorder.clone(),
         telemetry: Arc::clone(&telemetry),
-        wal: wal.clone(),
         dedup,
         max_frame: config.proto.max_frame,
         max_connections: config.proto.max_connections,
@@ -188,7 +188,7 @@ pub(super) async fn serve(
                 crate::ingest::uds::spawn(
                     socket,
                     0,
-                    Arc::clone(&aggregator),
+                    recorder.clone(),
                     Arc::clone(&telemetry),
                     Arc::clone(&udp_stop),
                 )

@@ -1,6 +1,12 @@
 //! Unit tests of [`super`].
 
 use super::*;
+use crate::aggregate::Aggregator;
+
+/// A recorder without a WAL over `a`.
+fn recorder(a: &Arc<Aggregator>) -> Recorder {
+    Recorder::new(Arc::clone(a), None)
+}
 
 fn aggregator() -> Aggregator {
     let limits = crate::aggregate::AggregateLimits {
@@ -70,13 +76,11 @@ fn queued_datagrams_are_taken_together_and_no_line_runs_into_the_next() {
     assert_eq!(batch.datagrams, [0..5, 6..6, 7..18, 19..25]);
     let a = aggregator();
     let mut stats = BlockStats::default();
-    let refused = |_| panic!("no WAL");
     a.ingest_datagrams(
         batch.joined(),
         &batch.datagrams,
         &mut Scratch::default(),
         &mut stats,
-        refused,
     );
     assert_eq!((stats.blocks, stats.bytes, stats.samples), (4, 22, 4));
     assert_eq!(stats.parse_error_total(), 0);
@@ -140,7 +144,15 @@ fn a_called_helper_takes_the_whole_backlog_then_waits_again() {
         let socket = socket.try_clone().expect("clone");
         std::thread::spawn(move || {
             let role = Role::Helper(&crew, Duration::from_secs(3600));
-            receive(&socket, 0, &a, &telemetry, &telemetry.udp, &stop, role)
+            receive(
+                &socket,
+                0,
+                &recorder(&a),
+                &telemetry,
+                &telemetry.udp,
+                &stop,
+                role,
+            )
         })
     };
     let blocks = || telemetry.udp.blocks.load(Ordering::Relaxed);
@@ -168,7 +180,7 @@ fn a_called_helper_takes_the_whole_backlog_then_waits_again() {
         let mut key = crate::aggregate::key::KeyBuf::default();
         let key = key.build(crate::protocol::statsd::MetricType::Counter, name, b"");
         match a.current().get(key).as_deref() {
-            Some(crate::aggregate::acc::Acc::Counter { sum, .. }) => *sum,
+            Some(crate::aggregate::acc::Acc::Counter { sum, .. }) => sum.to_owned(),
             other => panic!("{other:?}"),
         }
     };
@@ -191,7 +203,15 @@ fn a_lead_that_finds_a_full_batch_queued_calls_a_helper() {
                 crew: &crew,
                 streams: 2,
             };
-            receive(&socket, 0, &a, &telemetry, &telemetry.udp, &stop, role)
+            receive(
+                &socket,
+                0,
+                &recorder(&a),
+                &telemetry,
+                &telemetry.udp,
+                &stop,
+                role,
+            )
         })
     };
     assert!(crew.wait(Duration::from_secs(30)), "called");

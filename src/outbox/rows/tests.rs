@@ -48,8 +48,7 @@ fn generation(block: &str, started: u64) -> Generation {
         block.as_bytes(),
         &mut Scratch::default(),
         &mut BlockStats::default(),
-    )
-    .expect("no WAL");
+    );
     let g = a.swap(Duration::ZERO);
     let mut g = Arc::try_unwrap(g).expect("unique");
     g.started = Duration::from_secs(started);
@@ -80,8 +79,7 @@ fn timestamped_samples_become_rows_of_their_interval_under_ids_of_their_own() {
         future = started + 3601,
     );
     let mut stats = BlockStats::default();
-    a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats)
-        .expect("no WAL");
+    a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats);
     assert_eq!(stats.dropped_timestamp, 2, "outside the hour's window");
     let g = Arc::try_unwrap(a.swap(Duration::from_secs(started + 10))).expect("unique");
     let mut ids = 100..;
