@@ -1,0 +1,451 @@
+//! Validation: the settings, checked field by field, into the [`Config`]
+//! the runtime trusts, and the WAL's layout.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::level_filters::LevelFilter;
+
+use super::{ConfigError, Overrides, Settings, duration, err, hostname, listen, size, size_of};
+use crate::aggregate::AggregateLimits;
+use crate::protocol::statsd::Limits;
+use crate::sink::SinkConfig;
+use crate::wal::{SyncMode, WalConfig};
+
+impl Settings {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        toml::from_str(text).map_err(|e| err(origin, e.to_string().trim_end().to_owned()))
+    }
+
+    /// Reads the file (or takes the defaults), then applies the environment's
+    /// password and the overrides.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
+        let mut settings = match path {
+            Some(p) => {
+                let origin = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| err(&origin, e.to_string()))?;
+                Settings::from_toml(&text, &origin)?
+            }
+            None => Settings::default(),
+        };
+        if let Ok(pw) = std::env::var("TALLYD_CLICKHOUSE_PASSWORD") {
+            settings.clickhouse.password = pw;
+        }
+        overrides.apply(&mut settings);
+        Ok(settings)
+    }
+
+    /// The settings as TOML, with the password redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.clickhouse.password.is_empty() {
+            shown.clickhouse.password = "<redacted>".into();
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print settings: {e}\n"))
+    }
+
+    /// Checks every field and converts units.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let s = &self.statsd;
+        let a = &self.aggregate;
+        let c = &self.clickhouse;
+        let flush_interval = duration("aggregate.flush_interval", &a.flush_interval)?;
+        if flush_interval < Duration::from_millis(10) {
+            return Err(err("aggregate.flush_interval", "must be at least 10ms"));
+        }
+        let spool_max_size = size("spool.max_size", &self.spool.max_size)? as u64;
+        let spool_hard_limit = size("spool.hard_limit", &self.spool.hard_limit)? as u64;
+        if spool_hard_limit < spool_max_size {
+            return Err(err(
+                "spool.hard_limit",
+                "must be at least spool.max_size (past max_size intervals merge; at hard_limit they stay open)",
+            ));
+        }
+        let gauge_ttl = duration("aggregate.gauge_ttl", &a.gauge_ttl)?;
+        if gauge_ttl < flush_interval {
+            return Err(err(
+                "aggregate.gauge_ttl",
+                "must be at least aggregate.flush_interval (a gauge is kept for whole intervals)",
+            ));
+        }
+        let retry_initial = duration("clickhouse.retry_initial", &c.retry_initial)?;
+        let retry_max = duration("clickhouse.retry_max", &c.retry_max)?;
+        if retry_initial.is_zero() || retry_max < retry_initial {
+            return Err(err(
+                "clickhouse.retry_max",
+                "must be at least clickhouse.retry_initial, which must be above 0",
+            ));
+        }
+        let host_id = if self.host_id.is_empty() {
+            hostname()
+        } else {
+            self.host_id.clone()
+        };
+        if let Some(bad) = [
+            ("aggregate.max_depth", a.max_depth as usize),
+            ("aggregate.max_keys", a.max_keys),
+            ("aggregate.max_set_members", a.max_set_members),
+            ("aggregate.flush_queue", a.flush_queue),
+            ("statsd.tcp_max_connections", s.tcp_max_connections),
+            ("statsd.max_name_len", s.max_name_len),
+            ("statsd.max_tag_len", s.max_tag_len),
+        ]
+        .iter()
+        .find(|(_, v)| *v == 0)
+        {
+            return Err(err(bad.0, "must be at least 1"));
+        }
+        if !c.url.starts_with("http://") && !c.url.starts_with("https://") {
+            return Err(err(
+                "clickhouse.url",
+                format!("{:?} is not an http:// URL", c.url),
+            ));
+        }
+        if let Some(bad) = c
+            .replicas
+            .iter()
+            .find(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+        {
+            return Err(err(
+                "clickhouse.replicas",
+                format!("{bad:?} is not an http:// URL"),
+            ));
+        }
+        let pem = |field: &str, path: &str, key: bool| {
+            (!path.is_empty())
+                .then(|| crate::sink::tls::Pem::read(path, key).map_err(|e| err(field, e)))
+                .transpose()
+        };
+        let ca = pem("clickhouse.ca_file", &c.ca_file, false)?;
+        let https = std::iter::once(&c.url)
+            .chain(&c.replicas)
+            .any(|u| u.starts_with("https://"));
+        let system = if https && ca.is_none() {
+            let roots = crate::sink::tls::SystemRoots::load();
+            if roots.is_empty() {
+                tracing::warn!(
+                    "no system root certificates found; set clickhouse.ca_file for an https:// ClickHouse"
+                );
+            }
+            roots
+        } else {
+            Default::default()
+        };
+        let tls = crate::sink::tls::TlsFiles {
+            system,
+            ca,
+            client: match (
+                pem("clickhouse.client_cert", &c.client_cert, false)?,
+                pem("clickhouse.client_key", &c.client_key, true)?,
+            ) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => {
+                    return Err(err(
+                        "clickhouse.client_cert",
+                        "client_cert and client_key go together",
+                    ));
+                }
+            },
+        };
+        // The files parse; now rustls must take them together (a version 1
+        // certificate, a key that does not match the certificate...).
+        if tls.ca.is_some() || tls.client.is_some() {
+            crate::sink::tls::client(&tls).map_err(|e| {
+                let field = if tls.client.is_some() {
+                    "clickhouse.client_cert"
+                } else {
+                    "clickhouse.ca_file"
+                };
+                err(field, e)
+            })?;
+        }
+        if c.database.is_empty() {
+            return Err(err("clickhouse.database", "must not be empty"));
+        }
+        let tcp_max_line = size("statsd.tcp_max_line", &s.tcp_max_line)?;
+        if tcp_max_line < 64 {
+            return Err(err("statsd.tcp_max_line", "must be at least 64B"));
+        }
+        let udp_workers = if s.udp_workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            s.udp_workers
+        };
+        let max_frame = size("proto.max_frame", &self.proto.max_frame)?.max(1);
+        let (wal, udp_wal_streams) = self.wal_config(udp_workers, max_frame as u64)?;
+        let p = &self.proto;
+        if p.max_connections == 0 {
+            return Err(err("proto.max_connections", "must be at least 1"));
+        }
+        let proto = ProtoConfig {
+            tcp: listen("proto.tcp", &p.tcp)?,
+            udp: listen("proto.udp", &p.udp)?,
+            max_frame,
+            max_connections: p.max_connections,
+            overload_timeout: duration("proto.overload_timeout", &p.overload_timeout)?,
+            dedup_window: duration("proto.dedup_window", &p.dedup_window)?,
+            max_clients: p.max_clients.max(1),
+            idle_timeout: duration("proto.idle_timeout", &p.idle_timeout)?,
+        };
+        Ok(Config {
+            wal,
+            spool_max_size,
+            spool_hard_limit,
+            spool_drain_batch: size("spool.drain_batch", &self.spool.drain_batch)? as u64,
+            udp_wal_streams,
+            proto,
+            host_id,
+            data_dir: PathBuf::from(&self.data_dir),
+            log_level: self.log_level.parse::<LevelFilter>().map_err(|_| {
+                err(
+                    "log_level",
+                    format!(
+                        "{:?} is not one of off, error, warn, info, debug, trace",
+                        self.log_level
+                    ),
+                )
+            })?,
+            admin: listen("admin", &self.admin)?,
+            shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
+            statsd_udp: listen("statsd.udp", &s.udp)?,
+            statsd_tcp: listen("statsd.tcp", &s.tcp)?,
+            dogstatsd_socket: socket_path("statsd.dogstatsd_socket", &s.dogstatsd_socket)?,
+            dogstatsd_stream_socket: socket_path(
+                "statsd.dogstatsd_stream_socket",
+                &s.dogstatsd_stream_socket,
+            )?,
+            dogstatsd_socket_mode: u32::from_str_radix(
+                s.dogstatsd_socket_mode.trim_start_matches("0o"),
+                8,
+            )
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                err(
+                    "statsd.dogstatsd_socket_mode",
+                    format!(
+                        "{:?} is not an octal file mode such as \"0622\"",
+                        s.dogstatsd_socket_mode
+                    ),
+                )
+            })?,
+            udp_workers,
+            udp_recv_buffer: size("statsd.udp_recv_buffer", &s.udp_recv_buffer)?,
+            tcp_max_line,
+            tcp_max_connections: s.tcp_max_connections,
+            tcp_idle_timeout: duration("statsd.tcp_idle_timeout", &s.tcp_idle_timeout)?,
+            parse_limits: Limits {
+                max_name_len: s.max_name_len,
+                max_tags: s.max_tags,
+                max_tag_len: s.max_tag_len,
+            },
+            aggregate: AggregateLimits {
+                max_keys: a.max_keys,
+                max_set_members: a.max_set_members,
+                max_depth: a.max_depth,
+                max_memory: size("aggregate.max_memory", &a.max_memory)? as u64,
+                timestamp_window: duration("aggregate.timestamp_window", &a.timestamp_window)?,
+                interval: flush_interval,
+            },
+            flush_interval,
+            gauge_ttl,
+            flush_queue: a.flush_queue,
+            sink: SinkConfig {
+                url: c.url.clone(),
+                database: c.database.clone(),
+                user: c.user.clone(),
+                password: c.password.clone(),
+                create_schema: c.create_schema,
+                timeout: duration("clickhouse.timeout", &c.timeout)?,
+                retry_initial,
+                retry_max,
+                tls,
+                replicas: c.replicas.clone(),
+                cluster: (!c.cluster.is_empty()).then(|| c.cluster.clone()),
+                dedup_window: c.dedup_window,
+            },
+        })
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub host_id: String,
+    pub data_dir: PathBuf,
+    pub log_level: LevelFilter,
+    pub admin: Option<SocketAddr>,
+    pub shutdown_timeout: Duration,
+    pub statsd_udp: Option<SocketAddr>,
+    pub statsd_tcp: Option<SocketAddr>,
+    /// The DogStatsD Unix datagram socket, and its file mode.
+    pub dogstatsd_socket: Option<PathBuf>,
+    pub dogstatsd_stream_socket: Option<PathBuf>,
+    pub dogstatsd_socket_mode: u32,
+    pub udp_workers: usize,
+    pub udp_recv_buffer: usize,
+    pub tcp_max_line: usize,
+    pub tcp_max_connections: usize,
+    pub tcp_idle_timeout: Duration,
+    pub parse_limits: Limits,
+    pub aggregate: AggregateLimits,
+    pub flush_interval: Duration,
+    /// `aggregate.gauge_ttl`: see [`crate::outbox::gauges::GaugeMemory`].
+    pub gauge_ttl: Duration,
+    pub flush_queue: usize,
+    pub sink: SinkConfig,
+    /// `None` when the WAL is disabled.
+    pub wal: Option<WalConfig>,
+    /// `spool.max_size`, bytes.
+    pub spool_max_size: u64,
+    /// `spool.hard_limit`, bytes.
+    pub spool_hard_limit: u64,
+    /// `spool.drain_batch`, bytes.
+    pub spool_drain_batch: u64,
+    /// WAL streams the UDP workers share (worker `i` appends to stream
+    /// `i % udp_wal_streams`); the TCP streams come after them.
+    pub udp_wal_streams: usize,
+    pub proto: ProtoConfig,
+}
+
+/// The protobuf listeners.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProtoConfig {
+    pub tcp: Option<SocketAddr>,
+    pub udp: Option<SocketAddr>,
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub overload_timeout: Duration,
+    pub dedup_window: Duration,
+    pub max_clients: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Settings {
+    fn wal_config(
+        &self,
+        udp_workers: usize,
+        max_frame: u64,
+    ) -> Result<(Option<WalConfig>, usize), ConfigError> {
+        let w = &self.wal;
+        if !w.enabled {
+            return Ok((None, udp_workers.max(1)));
+        }
+        let size = size("wal.size", &w.size)? as u64;
+        let segment_size = size_of("wal.segment_size", &w.segment_size)?;
+        // A TCP read or a UDP datagram (64 KiB at most) is one record: it
+        // must fit a segment, or it would be refused and dropped.
+        let least =
+            (crate::wal::format::SEGMENT_HEADER + crate::wal::format::record_len(64 * 1024) + 8)
+                .next_multiple_of(4096) as u64;
+        if segment_size < least {
+            return Err(err(
+                "wal.segment_size",
+                format!(
+                    "must be at least {} (a TCP read or a UDP datagram, up to 64 KiB, is one record and must fit a segment)",
+                    bytesize::ByteSize(least)
+                ),
+            ));
+        }
+        if w.tcp_streams == 0 {
+            return Err(err("wal.tcp_streams", "must be at least 1"));
+        }
+        let g = wal_geometry(
+            size,
+            segment_size,
+            max_frame,
+            udp_workers as u64,
+            u64::from(w.tcp_streams),
+        )
+        .map_err(|why| err("wal.size", format!("{} {why}", w.size)))?;
+        let sync = match w.sync.as_str() {
+            "never" => SyncMode::Never,
+            "interval" => SyncMode::Interval,
+            "always" => SyncMode::Always,
+            other => {
+                return Err(err(
+                    "wal.sync",
+                    format!("{other:?} is not one of never, interval, always"),
+                ));
+            }
+        };
+        let config = WalConfig {
+            dir: PathBuf::from(&self.data_dir).join("wal"),
+            streams: g.streams,
+            segments_per_stream: g.segments_per_stream,
+            segment_size: g.segment_size,
+            sync,
+            sync_interval: duration("wal.sync_interval", &w.sync_interval)?,
+            skip_corrupt: w.skip_corrupt,
+        };
+        Ok((Some(config), g.udp_streams as usize))
+    }
+}
+
+/// How `wal.size` is laid out (see [`wal_geometry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalGeometry {
+    pub streams: u32,
+    pub udp_streams: u32,
+    pub segment_size: u64,
+    pub segments_per_stream: u32,
+}
+
+/// Lays `size` bytes of WAL out for `udp_workers` UDP workers and
+/// `tcp_streams` TCP streams, whatever the core count: the total is always
+/// at most `size`.
+///
+/// 1. One stream per UDP worker plus `tcp_streams` is wanted, with 4
+///    segments each.
+/// 2. The segment size shrinks from `segment_size` to fit that, but not
+///    below what the largest protobuf batch needs (`max_frame` + 64 KiB,
+///    unless `segment_size` is smaller still), in steps of 64 KiB.
+/// 3. If the streams still do not fit with 2 segments each, there are
+///    fewer UDP streams and UDP workers share them (`i % udp_streams`).
+///
+/// Errors (a reason) when not even one UDP stream fits beside the TCP ones.
+pub fn wal_geometry(
+    size: u64,
+    segment_size: u64,
+    max_frame: u64,
+    udp_workers: u64,
+    tcp_streams: u64,
+) -> Result<WalGeometry, String> {
+    const STEP: u64 = 64 * 1024;
+    let wanted = udp_workers.max(1).saturating_add(tcp_streams);
+    let floor = max_frame
+        .saturating_add(STEP)
+        .div_ceil(STEP)
+        .saturating_mul(STEP);
+    let floor = floor.min(segment_size);
+    let fit = size / wanted.saturating_mul(4) / STEP * STEP;
+    let seg = fit.clamp(floor, segment_size);
+    let streams = wanted.min(size / seg.saturating_mul(2));
+    if streams <= tcp_streams {
+        return Err(format!(
+            "holds fewer than 2 segments of {} for each of {} streams (one UDP stream and wal.tcp_streams); give it at least {}",
+            bytesize::ByteSize(seg),
+            tcp_streams + 1,
+            bytesize::ByteSize(seg.saturating_mul(2).saturating_mul(tcp_streams + 1)),
+        ));
+    }
+    let to_u32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    Ok(WalGeometry {
+        streams: to_u32(streams),
+        udp_streams: to_u32(streams - tcp_streams),
+        segment_size: seg,
+        segments_per_stream: to_u32(size / seg / streams),
+    })
+}
+
+/// A Unix socket path setting: absolute, or empty / `off`.
+fn socket_path(field: &str, path: &str) -> Result<Option<PathBuf>, ConfigError> {
+    match path {
+        "" | "off" => Ok(None),
+        p if !p.starts_with('/') => Err(err(field, format!("{p:?} is not an absolute path"))),
+        p => Ok(Some(PathBuf::from(p))),
+    }
+}
