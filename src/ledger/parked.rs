@@ -1,0 +1,228 @@
+//! The backlog side of the ledger: recorded flushes parked on disk for the
+//! sink, taken (and joined) oldest first, marked as sent, rewritten to
+//! their pending tables, read back, and removed once confirmed.
+
+use std::io;
+
+use super::*;
+
+impl Ledger {
+    /// Leaves a recorded flush on disk for the sink (the queue is full, or
+    /// older flushes are parked).
+    pub fn park(&self, flush_id: u64) {
+        lock(&self.state).parked.insert(flush_id);
+        self.parked_ready.notify_one();
+    }
+
+    /// Parks the flushes found in the spool at start, once the WAL records
+    /// of their generations are released (so that sending and completing
+    /// one can never leave its generation to be rebuilt).
+    pub fn park_recovered(&self) {
+        let mut st = lock(&self.state);
+        let recovered = std::mem::take(&mut st.recovered);
+        st.parked.extend(recovered);
+        drop(st);
+        self.parked_ready.notify_one();
+    }
+
+    /// Whether flushes are parked (new ones must queue behind them).
+    pub fn has_parked(&self) -> bool {
+        !lock(&self.state).parked.is_empty()
+    }
+
+    /// The oldest parked flush, taken for sending, and the parked flushes of
+    /// this run after it while their files fit `spool.drain_batch` (they
+    /// were never sent, so they may be joined; see [`Ledger::read_taken`]).
+    pub fn take_parked(&self) -> Option<Taken> {
+        let mut st = lock(&self.state);
+        let first = st.parked.pop_first()?;
+        if st.earlier.contains(&first) {
+            return Some(Taken {
+                ids: vec![first],
+                earlier: true,
+            });
+        }
+        let size = |st: &State, id| st.flushes.get(&id).map_or(0, |p| p.bytes);
+        let host = |st: &State, id| st.flushes.get(&id).map(|p| Arc::clone(&p.host));
+        let first_host = host(&st, first);
+        let mut bytes = size(&st, first);
+        let mut ids = vec![first];
+        while let Some(&next) = st.parked.first() {
+            bytes = bytes.saturating_add(size(&st, next));
+            // One host per joined flush (a later merge folds by key only).
+            if bytes > self.drain_batch
+                || st.earlier.contains(&next)
+                || host(&st, next) != first_host
+            {
+                break;
+            }
+            st.parked.remove(&next);
+            ids.push(next);
+        }
+        Some(Taken {
+            ids,
+            earlier: false,
+        })
+    }
+
+    /// Reads taken flushes back as one. Several are joined
+    /// ([`Flush::concat`]) and recorded under the newest id, listing the
+    /// others as absorbed, before their files are removed (as a merge in
+    /// step 5), so every send of the joined flush carries the same bytes.
+    /// If joining fails, the first is read alone and the rest parked
+    /// again. Blocking.
+    pub fn read_taken(&self, taken: &Taken) -> io::Result<Flush> {
+        match taken.ids.split_first() {
+            Some((_, rest)) if !rest.is_empty() => {}
+            Some((first, _)) => return self.read(*first),
+            None => return Err(io::Error::other("nothing taken")),
+        };
+        match self.join(&taken.ids) {
+            Ok(flush) => Ok(flush),
+            Err(e) => {
+                tracing::warn!(error = %e, flushes = taken.ids.len(), "could not join parked flushes; sending them one by one");
+                // Those still recorded: a damaged one was quarantined.
+                let mut st = lock(&self.state);
+                let alive: Vec<u64> = taken
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|id| st.flushes.contains_key(id))
+                    .collect();
+                let Some((&first, rest)) = alive.split_first() else {
+                    return Err(e);
+                };
+                st.parked.extend(rest);
+                drop(st);
+                self.read(first)
+            }
+        }
+    }
+
+    fn join(&self, ids: &[u64]) -> io::Result<Flush> {
+        let parts = ids
+            .iter()
+            .map(|&id| self.read(id))
+            .collect::<io::Result<_>>()?;
+        let joined = Flush::concat(parts).ok_or_else(|| io::Error::other("nothing to join"))?;
+        let written =
+            self.write_spool_file(&spool::path(&self.spool_dir, joined.flush_id), &joined)?;
+        crate::failpoint::hit("after_join_write");
+        {
+            let mut st = lock(&self.state);
+            let p = Pending {
+                ts: joined.ts,
+                bytes: written,
+                rows: joined.rows(),
+                host: joined.host.as_str().into(),
+            };
+            st.bytes += p.bytes;
+            if let Some(old) = st.flushes.insert(joined.flush_id, p) {
+                st.bytes = st.bytes.saturating_sub(old.bytes);
+            }
+        }
+        for &id in ids.iter().filter(|&&id| id != joined.flush_id) {
+            if let Err(e) = self.forget(id) {
+                tracing::error!(error = %e, flush_id = id, "could not remove a joined flush's file; the next start will");
+            }
+        }
+        Ok(joined)
+    }
+
+    /// Resolves when a flush is parked.
+    pub async fn parked(&self) {
+        self.parked_ready.notified().await
+    }
+
+    /// Writes the sent marker of `flush_id` before its first INSERT (from
+    /// then on it may have landed: never merged or joined, also after a
+    /// restart). Errors leave it unsent. Blocking.
+    pub fn sending(&self, flush_id: u64) -> io::Result<()> {
+        if lock(&self.state).marked.contains(&flush_id) {
+            return Ok(());
+        }
+        self.fs
+            .write_atomic(&spool::sent_path(&self.spool_dir, flush_id), b"")?;
+        crate::failpoint::hit("after_marker");
+        let mut st = lock(&self.state);
+        st.marked.insert(flush_id);
+        st.earlier.insert(flush_id);
+        Ok(())
+    }
+
+    /// Rewrites flush `flush`'s spool file (it may have landed: it has its
+    /// sent marker) with only the bodies of the tables in `pending` (bit
+    /// `i`: table `i`), the others being in ClickHouse. Blocking.
+    pub fn keep_pending(&self, flush: &Flush, pending: u8) -> io::Result<()> {
+        let mut kept = flush.clone();
+        for i in 0..kept.tables.bodies.len() {
+            if pending & (1 << i) == 0 {
+                kept.tables.bodies[i].clear();
+                kept.tables.rows[i] = 0;
+            }
+        }
+        let written = self.write_spool_file(&spool::path(&self.spool_dir, kept.flush_id), &kept)?;
+        let mut st = lock(&self.state);
+        if let Some(p) = st.flushes.get_mut(&kept.flush_id) {
+            let (old, new) = (p.bytes, written);
+            p.bytes = new;
+            p.rows = kept.rows();
+            st.bytes = st.bytes.saturating_sub(old).saturating_add(new);
+        }
+        Ok(())
+    }
+
+    /// Reads a parked flush back. One that does not decode is quarantined
+    /// and forgotten (its rows are lost), and the error returned. Blocking.
+    pub fn read(&self, flush_id: u64) -> io::Result<Flush> {
+        let read = spool::read(&self.spool_dir, flush_id);
+        if let Err(e) = &read
+            && e.kind() == io::ErrorKind::InvalidData
+        {
+            let path = spool::path(&self.spool_dir, flush_id);
+            match crate::fs::quarantine(self.fs.as_ref(), &path) {
+                Ok(to) => {
+                    tracing::error!(flush_id, moved_to = %to.display(), error = %e, "a spool file is damaged; moved aside, its rows are lost");
+                    lock(&self.quarantined).push(format!("{} ({e})", to.display()));
+                    let _ = self.forget(flush_id);
+                }
+                Err(q) => {
+                    tracing::error!(flush_id, error = %q, "could not move a damaged spool file aside");
+                }
+            }
+        }
+        read
+    }
+
+    /// Damaged files moved aside since the start, each with the reason.
+    pub fn quarantined(&self) -> Vec<String> {
+        lock(&self.quarantined).clone()
+    }
+
+    /// Step 7: `flush_id` is in ClickHouse; its spool file goes. Blocking.
+    pub fn complete(&self, flush_id: u64) -> io::Result<()> {
+        self.forget(flush_id)?;
+        self.fs.sync_dir(&self.spool_dir)
+    }
+
+    /// Interval start of the oldest flush not yet complete.
+    pub fn oldest_pending_ts(&self) -> Option<u32> {
+        lock(&self.state).flushes.values().map(|p| p.ts).min()
+    }
+
+    /// (flushes, rows, bytes) in the spool, parked or queued.
+    pub fn backlog(&self) -> (u64, u64, u64) {
+        let st = lock(&self.state);
+        let rows = st.flushes.values().map(|p| p.rows).sum();
+        (st.flushes.len() as u64, rows, st.bytes)
+    }
+}
+
+/// Stores the ledger's backlog in the telemetry gauges.
+pub fn publish_backlog(ledger: &Ledger, t: &crate::telemetry::Telemetry) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (flushes, rows, bytes) = ledger.backlog();
+    t.backlog_batches.store(flushes, Relaxed);
+    t.backlog_rows.store(rows, Relaxed);
+    t.spool_bytes.store(bytes, Relaxed);
+}
