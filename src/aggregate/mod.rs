@@ -92,7 +92,7 @@ pub struct Generation {
     /// rows of their own interval (see [`crate::outbox::rows::build`]).
     pub late: DashMap<MapKey, Acc, KeyHasher>,
     /// Rebuilt from the WAL at start without its live start (see
-    /// [`interval_of`]).
+    /// `apply::interval_of`).
     pub replayed: bool,
     /// Its start is recorded in the WAL (see [`crate::ingest::record`]).
     start_recorded: std::sync::atomic::AtomicBool,

@@ -148,7 +148,7 @@ impl Series {
 
     /// Takes generation `generation`'s values (column `generation % 2`)
     /// and gives each, with its key, to `each`, outside the shard's lock
-    /// ([`CHUNK`] slots a hold). Then the keys written by no generation
+    /// (`CHUNK` slots a hold). Then the keys written by no generation
     /// since `generation - 1` leave the table.
     pub fn drain(&self, generation: u64, mut each: impl FnMut(&[u8], Acc)) {
         let column = (generation & 1) as usize;
