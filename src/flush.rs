@@ -100,6 +100,9 @@ impl Flusher {
                 let generation = take(self.aggregator.swap(now)).await;
                 if generation.is_empty() {
                     self.ledger.release_empty(generation.id);
+                    // Dropped, it ages the series table's idle keys out: a
+                    // scan of the table, on a blocking thread.
+                    let _ = tokio::task::spawn_blocking(move || drop(generation)).await;
                     return true;
                 }
                 let id = self.ledger.next_flush_id(now);

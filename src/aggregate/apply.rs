@@ -267,7 +267,7 @@ impl Aggregator {
                     missed.push(i);
                     continue;
                 };
-                match table.value(id, column, generation.id) {
+                match table.value(id, column) {
                     Some(acc) => {
                         grew[row_shape(p.line.kind).0] += merge(acc, &p.line, stats, limits, full)
                     }
@@ -291,7 +291,7 @@ impl Aggregator {
             let mut table = series.lock(p.shard as usize);
             let id = table.find(p.hash, key);
             if let Some(id) = id
-                && let Some(acc) = table.value(id, column, generation.id)
+                && let Some(acc) = table.value(id, column)
             {
                 // Another worker (or a line before) admitted it meanwhile.
                 let grew = merge(acc, &p.line, stats, limits, full);
@@ -315,7 +315,7 @@ impl Aggregator {
             };
             let mut acc = Acc::new(p.line.kind);
             let grew = merge(&mut acc, &p.line, stats, limits, full);
-            *table.value(id, column, generation.id) = Some(acc);
+            table.put(id, column, generation.id, acc);
             drop(table);
             generation.bytes.fetch_add(cost, Relaxed);
             generation.grew(row_shape(p.line.kind).0, grew);

@@ -198,8 +198,8 @@ impl Generation {
 
     /// Gives every key's value, once, to `each` (see [`series::Series::drain`]).
     pub fn drain(&mut self, each: impl FnMut(&[u8], Acc)) {
-        self.drained = true;
         self.series.drain(self.id, each);
+        self.drained = true;
     }
 
     /// The value of `key` in this interval (its shard locked meanwhile).
@@ -209,10 +209,11 @@ impl Generation {
 }
 
 impl Drop for Generation {
-    /// A generation dropped without its flush empties its column, which
-    /// generation `id + 2` writes next.
+    /// A generation dropped without its flush (an empty one, or one given
+    /// up) empties its column, which generation `id + 2` writes next, and
+    /// ages the table's idle keys out as a flush would.
     fn drop(&mut self) {
-        if !self.drained && self.keys() > 0 {
+        if !self.drained {
             self.series.drain(self.id, |_, _| {});
         }
     }

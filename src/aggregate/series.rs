@@ -42,6 +42,10 @@ const CHUNK: usize = 4096;
 /// A shard's arena is rewritten when its dead bytes pass this and its live.
 const COMPACT_AT: usize = 64 * 1024;
 
+/// A shard is rebuilt when this many of its slots, and three quarters, are
+/// free.
+const REBUILD_AT: usize = 4096;
+
 /// Persistent, lock-striped table of series keys and their interval values.
 pub struct Series {
     shards: Box<[Stripe]>,
@@ -174,7 +178,7 @@ impl Series {
                     from = end;
                     let done = end == shard.slots.len();
                     if done {
-                        shard.compact();
+                        shard.compact(&self.hasher);
                     }
                     done
                 };
@@ -247,12 +251,21 @@ impl Shard {
         touched
     }
 
-    /// Slot `id`'s value in `column`, and marks it written by `generation`.
+    /// Slot `id`'s value in `column`, if it has one.
     #[inline]
-    pub fn value(&mut self, id: u32, column: usize, generation: u64) -> &mut Option<Acc> {
+    pub fn value(&mut self, id: u32, column: usize) -> Option<&mut Acc> {
+        self.values[column][id as usize].as_mut()
+    }
+
+    /// Gives slot `id` its value in `column`, written by `generation`
+    /// (after the key was admitted: a key only looked up, or refused by
+    /// the key limit or the memory budget, does not count as written and
+    /// ages out).
+    #[inline]
+    pub fn put(&mut self, id: u32, column: usize, generation: u64, acc: Acc) {
         let slot = &mut self.slots[id as usize];
         slot.seen = slot.seen.max(generation);
-        &mut self.values[column][id as usize]
+        self.values[column][id as usize] = Some(acc);
     }
 
     /// Adds `key` (not in the table; its hash is `hash`) and returns its
@@ -303,8 +316,15 @@ impl Shard {
         self.free.push(id as u32);
     }
 
-    /// Rewrites the key bytes without the dead ones, when they are most.
-    fn compact(&mut self) {
+    /// After a drain: rebuilds the shard when most of its slots are free
+    /// (a burst of keys is over), else rewrites the key bytes without the
+    /// dead ones when they are most.
+    fn compact(&mut self, hasher: &KeyHasher) {
+        let live_slots = self.slots.len() - self.free.len();
+        if self.free.len() >= REBUILD_AT && self.free.len() > 3 * live_slots {
+            self.rebuild(hasher);
+            return;
+        }
         let live = self.keys.len() - self.dead;
         if self.dead < COMPACT_AT || self.dead < live {
             return;
@@ -320,12 +340,48 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// The shard again with only its live keys, renumbered, every vector
+    /// and the index sized to them, so that memory a burst of keys took is
+    /// given back. Slot ids change: no caller keeps one across a lock.
+    fn rebuild(&mut self, hasher: &KeyHasher) {
+        let live = self.slots.len() - self.free.len();
+        let mut keys = Vec::with_capacity(self.keys.len() - self.dead);
+        let mut slots = Vec::with_capacity(live);
+        let mut values = [Vec::with_capacity(live), Vec::with_capacity(live)];
+        for (id, slot) in self.slots.iter().enumerate() {
+            if slot.at == FREE {
+                continue;
+            }
+            let at = keys.len() as u32;
+            keys.extend_from_slice(&self.keys[slot.at as usize..][..slot.len as usize]);
+            slots.push(Slot { at, ..*slot });
+            for (to, from) in values.iter_mut().zip(&mut self.values) {
+                to.push(from[id].take());
+            }
+        }
+        let key = |s: &Slot| hasher.hash_one(&keys[s.at as usize..][..s.len as usize]);
+        let mut index = HashTable::with_capacity(live);
+        for (id, s) in slots.iter().enumerate() {
+            index.insert_unique(key(s), id as u32, |&i| key(&slots[i as usize]));
+        }
+        *self = Shard {
+            index,
+            keys,
+            slots,
+            values,
+            free: Vec::new(),
+            dead: 0,
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn counter(sum: f64) -> Option<Acc> {
-        Some(Acc::Counter { sum, samples: 1 })
+    fn counter(sum: f64) -> Acc {
+        Acc::Counter { sum, samples: 1 }
     }
 
     fn put(t: &Series, key: &[u8], generation: u64, sum: f64) {
@@ -335,7 +391,7 @@ mod tests {
             Some(id) => id,
             None => shard.insert(hash, key, &t.hasher).expect("room"),
         };
-        *shard.value(id, (generation & 1) as usize, generation) = counter(sum);
+        shard.put(id, (generation & 1) as usize, generation, counter(sum));
     }
 
     fn drained(t: &Series, generation: u64) -> Vec<(Vec<u8>, f64)> {
@@ -379,6 +435,35 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert!(slots <= 2 || t.shard_count() > 1, "a free slot is reused");
         assert_eq!(drained(&t, 3), vec![(b"new".to_vec(), 5.0)]);
+    }
+
+    #[test]
+    fn the_memory_of_a_burst_of_keys_is_given_back_once_it_is_over() {
+        let t = Series::new();
+        for k in 0..50_000u64 {
+            put(&t, format!("burst.{k}").as_bytes(), 1, 1.0);
+        }
+        put(&t, b"stays", 1, 1.0);
+        drained(&t, 1);
+        let capacity = |t: &Series| -> usize {
+            (0..t.shard_count())
+                .map(|i| {
+                    let s = t.lock(i);
+                    s.slots.capacity() + s.values[0].capacity() + s.index.capacity()
+                })
+                .sum()
+        };
+        assert!(capacity(&t) > 150_000);
+        put(&t, b"stays", 2, 2.0);
+        drained(&t, 2);
+        assert_eq!(t.len(), 1);
+        assert!(capacity(&t) < 1_000, "{}", capacity(&t));
+        put(&t, b"stays", 3, 3.0);
+        put(&t, b"new", 3, 4.0);
+        assert_eq!(
+            drained(&t, 3),
+            vec![(b"new".to_vec(), 4.0), (b"stays".to_vec(), 3.0)]
+        );
     }
 
     #[test]

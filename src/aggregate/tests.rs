@@ -341,3 +341,23 @@ fn concurrent_ingest_loses_nothing() {
     }
     assert_eq!(a.current().keys(), 51);
 }
+
+#[test]
+fn keys_the_key_limit_refused_leave_the_table_as_idle_keys_do() {
+    let a = aggregator(2);
+    let interval = |a: &Aggregator, block: &str, at: u64| {
+        ingest(a, block);
+        let mut g = Arc::try_unwrap(a.swap(Duration::from_secs(at))).expect("unique");
+        let mut kept = 0;
+        g.drain(|_, _| kept += 1);
+        kept
+    };
+    assert_eq!(interval(&a, "a:1|c\nb:1|c\nc:1|c\nd:1|c", 1), 2);
+    // This time c and d come first: a and b are looked up and refused.
+    assert_eq!(interval(&a, "c:1|c\nd:1|c\na:1|c\nb:1|c", 2), 2);
+    assert_eq!(
+        a.series_len(),
+        2,
+        "only the keys admitted in the last interval"
+    );
+}

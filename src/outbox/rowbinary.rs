@@ -527,15 +527,20 @@ impl<'a> Reader<'a> {
     /// bytes.
     fn key_columns(&mut self) -> Result<&'a [u8], String> {
         let start = self.at;
-        let n = self.len()?;
-        self.take(n)?;
+        self.str_bytes()?;
         for _ in 0..self.len()? {
-            let n = self.len()?;
-            self.take(n)?;
+            self.str_bytes()?;
         }
-        let n = self.len()?;
-        self.take(n)?;
+        self.str_bytes()?;
         Ok(&self.b[start..self.at])
+    }
+
+    /// A string's bytes, checked as UTF-8 (as [`Reader::string`] checks).
+    fn str_bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.len()?;
+        let b = self.take(n)?;
+        std::str::from_utf8(b).map_err(|_| "a string is not UTF-8")?;
+        Ok(b)
     }
 
     fn head(&mut self) -> Result<(u32, String, Vec<String>, String), String> {

@@ -94,6 +94,20 @@ fn merging_in_place_gives_what_merging_decoded_rows_gives() {
 }
 
 #[test]
+fn a_name_that_is_not_utf8_is_an_error_as_in_a_row_merge() {
+    let mut memory = GaugeMemory::new(10);
+    let older = flush("c:1|c", 100, 1, &mut memory);
+    let mut newer = flush("c:2|c", 101, 2, &mut memory);
+    // The name's byte after the `ts` and its length.
+    newer.tables.bodies[0][5] = 0xff;
+    assert!(flushes(older.clone(), newer.clone()).is_err());
+    assert!(
+        newer.into_batch().is_err(),
+        "the row decoder refuses it too"
+    );
+}
+
+#[test]
 fn a_damaged_body_is_an_error_not_a_panic() {
     let mut memory = GaugeMemory::new(10);
     let older = flush("c:1|c", 100, 1, &mut memory);
