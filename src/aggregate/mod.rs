@@ -45,7 +45,8 @@ use key::KeyBuf;
 /// Limits of the aggregation stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AggregateLimits {
-    /// Live keys in one generation; samples for new keys beyond it are dropped.
+    /// Keys written in one generation; samples for new keys beyond it are
+    /// dropped (the series table holds this generation's and the last one's).
     pub max_keys: usize,
     /// Distinct members one set keeps per interval.
     pub max_set_members: usize,
