@@ -50,6 +50,10 @@ pub struct SpoolSettings {
     /// policy "defer"): the open one keeps compacting in memory, within
     /// `aggregate.max_memory`, and the WAL fills.
     pub hard_limit: String,
+    /// Past `max_size`, how long an interval may stay open before it is
+    /// merged (or until the WAL is half full): a merge then folds this span,
+    /// not one interval, into the newest waiting file. `0s`: every interval.
+    pub coarsen: String,
 }
 
 impl Default for SpoolSettings {
@@ -58,6 +62,7 @@ impl Default for SpoolSettings {
             max_size: "1GiB".into(),
             drain_batch: "32MiB".into(),
             hard_limit: "4GiB".into(),
+            coarsen: "1m".into(),
         }
     }
 }

@@ -62,6 +62,9 @@ pub struct Flusher {
     /// A flush stopped at a durable step: taken up again before any new
     /// interval closes.
     pub held: Option<Held>,
+    /// `spool.coarsen`: past the spool budget, how long an interval may
+    /// stay open (see [`Flusher::coarsening`]); zero closes every one.
+    pub coarsen: Duration,
 }
 
 /// A flush that could not finish its durable steps (see [`crate::ledger`]).
@@ -91,11 +94,11 @@ impl Flusher {
                 // overflow policy "defer"), but a stop still closes it.
                 let full = reason != Reason::Shutdown && self.ledger.spool_full();
                 self.telemetry.spool_full.store(u64::from(full), Relaxed);
-                if full {
+                let now = (self.clock)();
+                if full || (reason != Reason::Shutdown && self.coarsening(now)) {
                     self.telemetry.flushes_deferred.fetch_add(1, Relaxed);
                     return false;
                 }
-                let now = (self.clock)();
                 self.notice_a_step_back(now);
                 let generation = take(self.aggregator.swap(now)).await;
                 if generation.is_empty() {
@@ -110,6 +113,23 @@ impl Flusher {
             }
         };
         self.record_and_send(flush, reason, started).await
+    }
+
+    /// Past the spool budget every closed interval is merged into the
+    /// newest parked flush, which rewrites that file: so there the open
+    /// interval stays open instead (its rows are as coarse as the merge
+    /// would make them), until it is `coarsen` old or the WAL is half
+    /// full, and each merge folds a minute (by default) instead of a second.
+    fn coarsening(&self, now: Duration) -> bool {
+        if self.coarsen.is_zero() || !self.ledger.over_budget() {
+            return false;
+        }
+        let started = self.aggregator.current().started;
+        let wal_room = self.ledger.wal().is_none_or(|w| {
+            let (used, free) = w.usage();
+            used <= free
+        });
+        now.saturating_sub(started) < self.coarsen && wal_room
     }
 
     /// Logs and counts a wall clock that stepped back behind the open

@@ -139,7 +139,8 @@ pub struct Telemetry {
     pub flush_held_error: std::sync::Mutex<String>,
     /// 1 while the spool is at `spool.hard_limit` and intervals stay open.
     pub spool_full: AtomicU64,
-    /// Ticks that did not close the interval because the spool was full.
+    /// Ticks that did not close the interval: the spool at its hard limit,
+    /// or past its budget (the interval coarsens instead of a merge).
     pub flushes_deferred: AtomicU64,
     /// Times the wall clock was found behind the open interval's start.
     pub clock_steps_back: AtomicU64,
@@ -420,7 +421,7 @@ impl Telemetry {
         );
         m.counter(
             "tallyd_flushes_deferred_total",
-            "Ticks that left the interval open because the spool was at spool.hard_limit.",
+            "Ticks that left the interval open: the spool at spool.hard_limit, or past spool.max_size (the interval then coarsens, up to a minute or half the WAL, instead of being merged into the spool each tick).",
             "",
             &self.flushes_deferred,
         );

@@ -191,6 +191,8 @@ async fn a_spool_over_its_budget_merges_intervals_and_keeps_totals() {
     s.aggregate.flush_interval = "100ms".into();
     s.aggregate.flush_queue = 1;
     s.spool.max_size = "16KiB".into();
+    // Past the budget, about three intervals to a merge.
+    s.spool.coarsen = "300ms".into();
     s.shutdown_timeout = "1s".into();
     let data_dir = std::path::PathBuf::from(&s.data_dir);
     let running = server::start(config(&s)).await.expect("start");

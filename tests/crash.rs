@@ -750,9 +750,14 @@ fn the_spool_failpoints_over_budget_and_in_a_drain() {
     let ports = Ports::new();
     let db = ["--clickhouse-database", "spoolfp"];
     // A queue of one and a spool budget of one byte: with ClickHouse down,
-    // the third flush is parked and the fourth merged into it.
+    // the third flush is parked, and the interval after it, kept open for
+    // 2 s (`spool.coarsen`), is merged into it.
     std::fs::write(dir.join("aggregate.toml"), "flush_queue = 1\n").expect("aggregate.toml");
-    std::fs::write(dir.join("extra.toml"), "[spool]\nmax_size = \"1B\"\n").expect("extra.toml");
+    std::fs::write(
+        dir.join("extra.toml"),
+        "[spool]\nmax_size = \"1B\"\ncoarsen = \"2s\"\n",
+    )
+    .expect("extra.toml");
     let proto: std::net::SocketAddr = format!("127.0.0.1:{}", ports.proto).parse().expect("addr");
     let mut sequence = 0u64;
     let mut unacked: Vec<tallyd::protocol::proto::Batch> = Vec::new();

@@ -574,6 +574,8 @@ async fn churning_keys_through_an_outage_keep_the_spool_within_its_hard_limit() 
     s.aggregate.flush_interval = "100ms".into();
     s.spool.max_size = "64KiB".into();
     s.spool.hard_limit = "256KiB".into();
+    // Every interval merged (no coarsening): the spool grows to its limit.
+    s.spool.coarsen = "0s".into();
     let mut down = s.clone();
     down.clickhouse.url = format!("http://127.0.0.1:{}", common::free_port());
     let mut running = server::start(config(&down)).await.expect("start");

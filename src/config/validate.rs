@@ -194,6 +194,7 @@ impl Settings {
             wal,
             spool_max_size,
             spool_hard_limit,
+            spool_coarsen: duration("spool.coarsen", &self.spool.coarsen)?,
             spool_drain_batch: size("spool.drain_batch", &self.spool.drain_batch)? as u64,
             udp_wal_streams,
             proto,
@@ -303,6 +304,8 @@ pub struct Config {
     pub spool_max_size: u64,
     /// `spool.hard_limit`, bytes.
     pub spool_hard_limit: u64,
+    /// `spool.coarsen`: see [`crate::flush::Flusher::coarsen`].
+    pub spool_coarsen: Duration,
     /// `spool.drain_batch`, bytes.
     pub spool_drain_batch: u64,
     /// WAL streams the UDP workers share (worker `i` appends to stream

@@ -67,6 +67,7 @@ fn start(max_depth: u64, queue: usize) -> Fixture {
         telemetry: Arc::new(Telemetry::default()),
         clock: paused_clock(Duration::from_millis(1_700_000_000_500)),
         held: None,
+        coarsen: Duration::from_secs(60),
     };
     let (interval, interval_rx) = watch::channel(Duration::from_secs(1));
     let task = tokio::spawn(async move {
@@ -98,6 +99,15 @@ fn over(
     fs_dyn: Arc<dyn crate::fs::Fs>,
     dir: &std::path::Path,
 ) -> (Flusher, mpsc::Receiver<Queued>) {
+    over_spool_budget(fs_dyn, dir, 1 << 30)
+}
+
+/// [`over`] with a spool budget (`spool.max_size`) of `budget` bytes.
+fn over_spool_budget(
+    fs_dyn: Arc<dyn crate::fs::Fs>,
+    dir: &std::path::Path,
+    budget: u64,
+) -> (Flusher, mpsc::Receiver<Queued>) {
     let wal_config = crate::wal::WalConfig {
         dir: dir.join("wal"),
         streams: 1,
@@ -122,7 +132,7 @@ fn over(
         Limits::default(),
         Duration::from_secs(1_700_000_000),
     ));
-    let (ledger, _) = Ledger::open(dir, 60, 100_000, 1 << 30, fs_dyn).expect("ledger");
+    let (ledger, _) = Ledger::open(dir, 60, 100_000, budget, fs_dyn).expect("ledger");
     let (tx, rx) = mpsc::channel(1000);
     let flusher = Flusher {
         aggregator,
@@ -133,6 +143,7 @@ fn over(
         telemetry: Arc::new(Telemetry::default()),
         clock: Arc::new(|| Duration::from_secs(1_700_000_000)),
         held: None,
+        coarsen: Duration::from_secs(60),
     };
     (flusher, rx)
 }
@@ -364,4 +375,58 @@ async fn stop_flushes_what_is_pending() {
         f.rx.recv().await.is_none(),
         "queue closed after the final flush"
     );
+}
+
+#[tokio::test]
+async fn past_the_spool_budget_an_interval_stays_open_up_to_a_minute_instead_of_a_merge_a_tick() {
+    use std::sync::atomic::AtomicU64;
+    let dir = temp_dir();
+    let fs: Arc<dyn crate::fs::Fs> = Arc::new(crate::fs::RealFs);
+    // A budget of one byte: past it after the first flush.
+    let (mut flusher, mut rx) = over_spool_budget(fs, &dir, 1);
+    let now = Arc::new(AtomicU64::new(1_700_000_000));
+    let clock = Arc::clone(&now);
+    flusher.clock = Arc::new(move || Duration::from_secs(clock.load(Relaxed)));
+    let ingest = |f: &Flusher| {
+        recorder(f)
+            .block(
+                b"c:1|c\n",
+                &mut Scratch::default(),
+                &mut BlockStats::default(),
+            )
+            .expect("append")
+    };
+    let sum = |q: Queued| -> f64 {
+        let batch = Arc::unwrap_or_clone(q.flush).into_batch().expect("decodes");
+        batch.counters.iter().map(|r| r.value).sum()
+    };
+    ingest(&flusher);
+    now.fetch_add(1, Relaxed);
+    assert!(
+        flusher.flush(Reason::Tick).await,
+        "under the budget: closed"
+    );
+    assert_eq!(sum(rx.try_recv().expect("queued")), 1.0);
+    for _ in 0..10 {
+        ingest(&flusher);
+        now.fetch_add(1, Relaxed);
+        assert!(
+            !flusher.flush(Reason::Tick).await,
+            "past the budget: kept open"
+        );
+        assert!(!flusher.flush(Reason::Depth).await, "a depth trigger too");
+    }
+    assert!(rx.try_recv().is_err(), "nothing closed meanwhile");
+    assert_eq!(flusher.telemetry.flushes_deferred.load(Relaxed), 20);
+    now.fetch_add(60, Relaxed);
+    assert!(flusher.flush(Reason::Tick).await, "a minute old: closed");
+    assert_eq!(
+        sum(rx.try_recv().expect("queued")),
+        10.0,
+        "every sample, once"
+    );
+    // A stop closes the interval at once.
+    ingest(&flusher);
+    assert!(flusher.flush(Reason::Shutdown).await);
+    assert_eq!(sum(rx.try_recv().expect("queued")), 1.0);
 }

@@ -371,6 +371,12 @@ impl Ledger {
         }
     }
 
+    /// Whether the spool is past `spool.max_size` (a new flush would be
+    /// merged into the newest parked one).
+    pub fn over_budget(&self) -> bool {
+        lock(&self.state).bytes > self.budget
+    }
+
     /// Over the budget with `extra` more bytes: takes the newest parked
     /// flush out of the parked set (so the sink cannot take it), if it was
     /// never sent and is for the same `host`.

@@ -30,6 +30,13 @@ impl Running {
             ),
             ("aggregate.flush_queue", old.flush_queue != new.flush_queue),
             (
+                "spool",
+                old.spool_max_size != new.spool_max_size
+                    || old.spool_hard_limit != new.spool_hard_limit
+                    || old.spool_drain_batch != new.spool_drain_batch
+                    || old.spool_coarsen != new.spool_coarsen,
+            ),
+            (
                 "statsd.dogstatsd_socket",
                 old.dogstatsd_socket != new.dogstatsd_socket
                     || old.dogstatsd_stream_socket != new.dogstatsd_stream_socket

@@ -86,6 +86,7 @@ pub(super) async fn serve(
         telemetry: Arc::clone(&telemetry),
         clock,
         held: None,
+        coarsen: config.spool_coarsen,
     };
     let first_open = recovery.next_generation;
     replay(&mut flusher, recovered, recovery, &telemetry, &dedup)
