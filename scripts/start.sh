@@ -59,5 +59,5 @@ XML
 fi
 
 cargo build --release --locked
-echo "start.sh: tallyd takes StatsD on 127.0.0.1:8125 (UDP and TCP); /metrics on 127.0.0.1:8127"
+echo "start.sh: tallyd takes StatsD on 127.0.0.1:8125 (UDP and TCP) and protobuf batches on 127.0.0.1:8126; /health and /metrics on 127.0.0.1:8127"
 exec ./target/release/tallyd run --clickhouse-url "$url" --data-dir "$state/data" "$@"

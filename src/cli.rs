@@ -277,10 +277,23 @@ fn send(args: &SendArgs) -> ExitCode {
     });
     match client::send(target, &lines, &client_id, sequence, args.batch_size) {
         Ok(s) => {
-            eprintln!(
-                "tallyd send: {} lines, {} batches acknowledged ({} duplicates), {} events rejected",
-                s.lines, s.batches, s.duplicates, s.rejected_events
-            );
+            let n =
+                |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+            let lines = n(s.lines, "line", "lines");
+            match target {
+                client::Target::StatsdUdp(_) => {
+                    eprintln!("tallyd send: {lines} sent over UDP (StatsD has no acknowledgement)")
+                }
+                client::Target::StatsdTcp(_) => {
+                    eprintln!("tallyd send: {lines} sent over TCP (StatsD has no acknowledgement)")
+                }
+                client::Target::Proto(_) => eprintln!(
+                    "tallyd send: {lines}, {} acknowledged ({} duplicate), {} rejected",
+                    n(s.batches, "batch", "batches"),
+                    s.duplicates,
+                    n(s.rejected_events, "event", "events")
+                ),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("send failed: {e}")),

@@ -37,9 +37,14 @@ impl Settings {
         Ok(settings)
     }
 
-    /// The settings as TOML, with the password redacted.
+    /// The settings as TOML, with the password redacted and an empty
+    /// `host_id` shown as the hostname the rows will carry.
     pub fn to_redacted_toml(&self) -> String {
         let mut shown = self.clone();
+        // The host the rows will carry, as `validate` resolves it.
+        if shown.host_id.is_empty() {
+            shown.host_id = hostname();
+        }
         if !shown.clickhouse.password.is_empty() {
             shown.clickhouse.password = "<redacted>".into();
         }
