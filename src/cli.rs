@@ -288,9 +288,9 @@ fn send(args: &SendArgs) -> ExitCode {
                     eprintln!("tallyd send: {lines} sent over TCP (StatsD has no acknowledgement)")
                 }
                 client::Target::Proto(_) => eprintln!(
-                    "tallyd send: {lines}, {} acknowledged ({} duplicate), {} rejected",
+                    "tallyd send: {lines}, {} acknowledged ({}), {} rejected",
                     n(s.batches, "batch", "batches"),
-                    s.duplicates,
+                    n(s.duplicates, "duplicate", "duplicates"),
                     n(s.rejected_events, "event", "events")
                 ),
             }
