@@ -318,9 +318,59 @@ impl Sketch {
     /// [`Sketch::buckets`] into `values` and `weights` (emptied first), so
     /// that a flush reuses two buffers for every key.
     pub fn buckets_into(&self, values: &mut Vec<f64>, weights: &mut Vec<f64>) {
+        let done = self.buckets_with_queued(&[], 0.0, values, weights);
+        debug_assert!(done, "nothing queued: always done");
+    }
+
+    /// [`Sketch::buckets_into`] of this sketch with weight `w` added for
+    /// each positive bucket index in `queued` (at most [`BATCH`]), as
+    /// [`Sketch::add_positive`] would add it, without changing the sketch:
+    /// the same buckets and weights, bit for bit (a bucket's weights are
+    /// added in the same order as [`Store::merge_sparse`] adds them). Only
+    /// where that merge applies (a sparse store that stays sparse); false,
+    /// and nothing written, otherwise. A flush reads a timer once: this
+    /// spares it growing and shifting the store's list for the last
+    /// values queued.
+    pub fn buckets_with_queued(
+        &self,
+        queued: &[i32],
+        w: f64,
+        values: &mut Vec<f64>,
+        weights: &mut Vec<f64>,
+    ) -> bool {
+        let mut sorted = [0; BATCH];
+        let Some(sorted) = sorted.get_mut(..queued.len()) else {
+            return false;
+        };
+        sorted.copy_from_slice(queued);
+        sorted.sort_unstable();
+        let list = match &self.positive {
+            _ if sorted.is_empty() => None,
+            Store::Sparse(list) => {
+                let mut new = 0;
+                let mut at = 0;
+                for (k, &i) in sorted.iter().enumerate() {
+                    if k > 0 && sorted[k - 1] == i {
+                        continue;
+                    }
+                    while at < list.len() && list[at].0 < i {
+                        at += 1;
+                    }
+                    if at == list.len() || list[at].0 != i {
+                        new += 1;
+                    }
+                }
+                if list.len() + new > SPARSE {
+                    return false;
+                }
+                Some(list)
+            }
+            Store::Dense { .. } => return false,
+        };
         values.clear();
         weights.clear();
-        let n = self.negative.len() + usize::from(self.zero > 0.0) + self.positive.len();
+        let n =
+            self.negative.len() + usize::from(self.zero > 0.0) + self.positive.len() + sorted.len();
         values.reserve(n);
         weights.reserve(n);
         // Negative values ascend as their indexes descend.
@@ -334,10 +384,40 @@ impl Sketch {
             values.push(0.0);
             weights.push(self.zero);
         }
-        self.positive.each(|i, w| {
+        let mut push = |i: i32, weight: f64| {
             values.push(bucket_value(i));
-            weights.push(w);
-        });
+            weights.push(weight);
+        };
+        let Some(list) = list else {
+            self.positive.each(push);
+            return true;
+        };
+        let (mut a, mut b) = (0, 0);
+        while a < list.len() || b < sorted.len() {
+            match (list.get(a), sorted.get(b)) {
+                (Some(&(i, weight)), q) if q.is_none_or(|&q| i < q) => {
+                    push(i, weight);
+                    a += 1;
+                }
+                (l, Some(&q)) => {
+                    let run = sorted[b..].iter().take_while(|&&k| k == q).count();
+                    let mut weight = match l {
+                        Some(&(i, existing)) if i == q => {
+                            a += 1;
+                            existing + w
+                        }
+                        _ => w,
+                    };
+                    for _ in 1..run {
+                        weight += w;
+                    }
+                    push(q, weight);
+                    b += run;
+                }
+                (_, None) => break,
+            }
+        }
+        true
     }
 }
 
