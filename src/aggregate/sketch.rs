@@ -173,20 +173,7 @@ impl Store {
         let Store::Sparse(list) = self else {
             return None;
         };
-        let mut new = 0;
-        let mut at = 0;
-        for (k, &i) in sorted.iter().enumerate() {
-            if k > 0 && sorted[k - 1] == i {
-                continue;
-            }
-            while at < list.len() && list[at].0 < i {
-                at += 1;
-            }
-            if at == list.len() || list[at].0 != i {
-                new += 1;
-            }
-        }
-        let len = list.len() + new;
+        let len = list.len() + new_buckets(list, sorted);
         if len > SPARSE {
             return None;
         }
@@ -251,6 +238,25 @@ impl Store {
             Store::Dense { weights, .. } => weights.iter().filter(|w| **w > 0.0).count(),
         }
     }
+}
+
+/// How many distinct indexes of `sorted` (ascending, repeats allowed) a
+/// sparse `list` (ascending by index) does not hold yet.
+fn new_buckets(list: &[(i32, f64)], sorted: &[i32]) -> usize {
+    let mut new = 0;
+    let mut at = 0;
+    for (k, &i) in sorted.iter().enumerate() {
+        if k > 0 && sorted[k - 1] == i {
+            continue;
+        }
+        while at < list.len() && list[at].0 < i {
+            at += 1;
+        }
+        if at == list.len() || list[at].0 != i {
+            new += 1;
+        }
+    }
+    new
 }
 
 /// Makes room for `len` weights: doubling, but never past [`MAX_BINS`]
@@ -347,20 +353,7 @@ impl Sketch {
         let list = match &self.positive {
             _ if sorted.is_empty() => None,
             Store::Sparse(list) => {
-                let mut new = 0;
-                let mut at = 0;
-                for (k, &i) in sorted.iter().enumerate() {
-                    if k > 0 && sorted[k - 1] == i {
-                        continue;
-                    }
-                    while at < list.len() && list[at].0 < i {
-                        at += 1;
-                    }
-                    if at == list.len() || list[at].0 != i {
-                        new += 1;
-                    }
-                }
-                if list.len() + new > SPARSE {
+                if list.len() + new_buckets(list, sorted) > SPARSE {
                     return false;
                 }
                 Some(list)
