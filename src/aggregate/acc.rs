@@ -8,7 +8,7 @@ use crate::protocol::statsd::MetricType;
 
 /// Estimated bytes of a key new to an interval beyond its own bytes and a
 /// boxed accumulator's ([`boxed_bytes`]): its slot in the series table
-/// (16 bytes), its two value columns (24 each) and its index bucket at the
+/// (64 bytes, with both interval values) and its index bucket at the
 /// table's load factor, rounded up (the memory budget's unit;
 /// `benches/aggregate.rs` measures the real figures: 117 bytes for a
 /// counter key with its 21 bytes, 315 for a timer key with one value).

@@ -1,9 +1,9 @@
 //! The series table: every live key once, with its values by interval.
 //!
 //! Keys stay in the table from one interval to the next, so closing an
-//! interval neither rehashes nor allocates: generation `g` writes value
-//! column `g % 2`, and its flush takes that column while `g + 1` writes the
-//! other. One lock per shard (the shard is picked by hash bits, as
+//! interval neither rehashes nor allocates: generation `g` writes each
+//! slot's value `g % 2` (its "column"), and its flush takes those values
+//! while `g + 1` writes the others. One lock per shard (the shard is picked by hash bits, as
 //! `DashMap` picks them), and per shard:
 //!
 //! - `index`: a hash table of slot ids (4 bytes a bucket, hashed by key);
@@ -19,7 +19,8 @@
 //!
 //! Ageing: the flush of `g` evicts the keys no generation wrote since
 //! `g - 1` (idle for a whole interval, as statsd's `deleteIdleStats`), and
-//! compacts a shard's key bytes when more of them are dead than live.
+//! compacts a shard's key bytes when more of them are dead than live; a
+//! shard mostly free after a burst is rebuilt to its live keys.
 //!
 //! The order that keeps a column to one open generation: the flusher closes
 //! intervals one at a time and drains `g` ([`Series::drain`]) before it

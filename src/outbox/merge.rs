@@ -4,8 +4,8 @@
 //!
 //! Counters and gauges, nearly every row, are merged in their RowBinary
 //! bytes ([`flushes`]): a row's key columns (name, tags, host) stay in the
-//! bodies and the merge keeps a hash table of borrowed slices, about 50
-//! bytes a key beside the two bodies and the merged one, where decoding
+//! bodies and the merge keeps a hash table of borrowed slices (a 48-byte
+//! entry a key) beside the two bodies and the merged one, where decoding
 //! made an owned row (three strings and a vector) per row of both flushes.
 //! Timers, sets, events and service checks are decoded into rows and merged
 //! by [`merge`].
