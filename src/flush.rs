@@ -74,8 +74,9 @@ pub struct Flusher {
 pub enum Held {
     /// Not recorded in the spool.
     Unrecorded(Arc<Flush>),
-    /// Recorded, but its WAL records not released.
-    Unreleased { flush: Arc<Flush>, merged: bool },
+    /// Recorded (its bodies let go: they are in its spool file), but its
+    /// WAL records not released.
+    Unreleased { queued: Queued, merged: bool },
 }
 
 impl Flusher {
@@ -85,8 +86,8 @@ impl Flusher {
     pub async fn flush(&mut self, reason: Reason) -> bool {
         let started = Instant::now();
         let flush = match self.held.take() {
-            Some(Held::Unreleased { flush, merged }) => {
-                return self.release_and_send(flush, merged, reason, started).await;
+            Some(Held::Unreleased { queued, merged }) => {
+                return self.release_and_send(queued, merged, reason, started).await;
             }
             Some(Held::Unrecorded(flush)) => flush,
             None => {
@@ -252,32 +253,32 @@ impl Flusher {
             return false;
         };
         crate::failpoint::hit("after_intent");
-        self.release_and_send(recorded, merged, reason, started)
-            .await
+        // From here on the bodies are read back from the spool file: the
+        // memory they take goes now, not when ClickHouse has them.
+        let queued = Queued::recorded(&recorded);
+        drop((recorded, flush));
+        self.release_and_send(queued, merged, reason, started).await
     }
 
     /// Step 5, then the queue or the spool's parked flushes. A flush whose
     /// release fails is held and not sent.
     async fn release_and_send(
         &mut self,
-        recorded: Arc<Flush>,
+        queued: Queued,
         merged: bool,
         reason: Reason,
         started: Instant,
     ) -> bool {
-        if let Err(error) = self.release_checked(recorded.generation).await {
+        if let Err(error) = self.release_checked(queued.flush.generation).await {
             self.telemetry.spool_errors.fetch_add(1, Relaxed);
-            tracing::error!(%error, flush_id = recorded.flush_id, "could not release the WAL records of a recorded flush; holding it (not sent) and trying again at the next tick");
+            tracing::error!(%error, flush_id = queued.flush.flush_id, "could not release the WAL records of a recorded flush; holding it (not sent) and trying again at the next tick");
             self.telemetry
                 .set_flush_held(Some(&format!("could not release its WAL records: {error}")));
-            self.held = Some(Held::Unreleased {
-                flush: recorded,
-                merged,
-            });
+            self.held = Some(Held::Unreleased { queued, merged });
             return false;
         }
         crate::failpoint::hit("after_release");
-        let flush = &recorded;
+        let flush = &queued.flush;
         let t = &self.telemetry;
         t.set_flush_held(None);
         t.flushes.fetch_add(1, Relaxed);
@@ -302,14 +303,11 @@ impl Flusher {
         crate::ledger::publish_backlog(&self.ledger, t);
         match permit {
             Some(permit) => {
-                permit.send(Queued {
-                    flush: recorded,
-                    resent: false,
-                });
+                permit.send(queued);
             }
             None => {
                 t.flushes_parked.fetch_add(1, Relaxed);
-                self.ledger.park(recorded.flush_id);
+                self.ledger.park(queued.flush.flush_id);
             }
         }
         true

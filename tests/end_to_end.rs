@@ -579,10 +579,7 @@ async fn admin_endpoint_serves_health_and_metrics() {
 
 /// A batch as the sink gets it from the flush stage.
 fn queued(batch: &tallyd::outbox::rows::Batch) -> tallyd::sink::Queued {
-    tallyd::sink::Queued {
-        flush: std::sync::Arc::new(tallyd::outbox::flush::Flush::seal(batch.clone(), 1)),
-        resent: false,
-    }
+    tallyd::sink::Queued::in_memory(tallyd::outbox::flush::Flush::seal(batch.clone(), 1), false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

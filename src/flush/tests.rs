@@ -8,8 +8,20 @@ use crate::telemetry::BlockStats;
 
 /// `(ts, value, samples)` of the first counter row of a flush, read back
 /// from its RowBinary body.
-fn first_counter(q: &Queued) -> (u32, f64, u64) {
-    let b = &q.flush.tables.bodies[0];
+/// The queued flush with its bodies, read back from its spool file (the
+/// queue holds none: see [`Queued::spooled`]).
+fn read_back(ledger: &Ledger, q: &Queued) -> Flush {
+    assert!(
+        q.spooled.is_some() && q.flush.body_len() == 0,
+        "queued without its bodies"
+    );
+    ledger
+        .read(q.flush.flush_id)
+        .expect("read back from the spool")
+}
+
+fn first_counter(flush: &Flush) -> (u32, f64, u64) {
+    let b = &flush.tables.bodies[0];
     let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4"));
     let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
     let mut at = 4;
@@ -311,12 +323,18 @@ async fn flushes_at_the_next_second_boundary() {
     assert!(f.rx.try_recv().is_err(), "flushed before the boundary");
     tokio::time::sleep(Duration::from_millis(2)).await;
     let q = f.rx.recv().await.expect("flushed at the boundary");
-    assert_eq!(first_counter(&q), (1_700_000_000, 1.0, 1));
+    assert_eq!(
+        first_counter(&read_back(&f.ledger, &q)),
+        (1_700_000_000, 1.0, 1)
+    );
     assert!(!q.resent);
     ingest(&f.aggregator, "a:2|c");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let q = f.rx.recv().await.expect("second flush");
-    assert_eq!(first_counter(&q), (1_700_000_001, 2.0, 1));
+    assert_eq!(
+        first_counter(&read_back(&f.ledger, &q)),
+        (1_700_000_001, 2.0, 1)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -345,16 +363,16 @@ async fn full_queue_parks_each_interval_on_disk() {
     ingest(&f.aggregator, "a:3|c");
     tokio::time::sleep(Duration::from_secs(1)).await; // parked behind it
     let first = f.rx.recv().await.expect("first");
-    assert_eq!(first_counter(&first), (1_700_000_000, 1.0, 1));
+    assert_eq!(
+        first_counter(&read_back(&f.ledger, &first)),
+        (1_700_000_000, 1.0, 1)
+    );
     let mut parked = Vec::new();
     while let Some(taken) = f.ledger.take_parked() {
         assert!(!taken.earlier);
         for id in taken.ids {
             let flush = f.ledger.read(id).expect("read back");
-            parked.push(first_counter(&Queued {
-                flush: Arc::new(flush),
-                resent: false,
-            }));
+            parked.push(first_counter(&flush));
         }
     }
     assert_eq!(
@@ -370,7 +388,7 @@ async fn stop_flushes_what_is_pending() {
     f.stop.send(true).expect("loop alive");
     f.task.await.expect("loop ends");
     let q = f.rx.recv().await.expect("final flush");
-    assert_eq!(first_counter(&q).1, 7.0);
+    assert_eq!(first_counter(&read_back(&f.ledger, &q)).1, 7.0);
     assert!(
         f.rx.recv().await.is_none(),
         "queue closed after the final flush"
@@ -396,8 +414,9 @@ async fn past_the_spool_budget_an_interval_stays_open_up_to_a_minute_instead_of_
             )
             .expect("append")
     };
+    let ledger = Arc::clone(&flusher.ledger);
     let sum = |q: Queued| -> f64 {
-        let batch = Arc::unwrap_or_clone(q.flush).into_batch().expect("decodes");
+        let batch = read_back(&ledger, &q).into_batch().expect("decodes");
         batch.counters.iter().map(|r| r.value).sum()
     };
     ingest(&flusher);

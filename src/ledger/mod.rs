@@ -41,10 +41,11 @@
 //!    overwritten: the spool holds the compacted rows from now on.
 //!    *Crash before the checkpoint:* the generation's protobuf batches are
 //!    re-observed from the WAL into the dedup state, then released.
-//!    The flush then goes to the sink's bounded queue, or, when the queue
-//!    is full (ClickHouse down or slow) or older flushes wait on disk, it
-//!    stays *parked* in the spool, and the sink reads it back when it gets
-//!    there. While the spool is over `spool.max_size`, a new flush is
+//!    The flush then goes to the sink's bounded queue *without its
+//!    bodies* (they are in the spool file, and memory holds only the flush
+//!    being built), or, when the queue is full (ClickHouse down or slow)
+//!    or older flushes wait on disk, it stays *parked* in the spool, and
+//!    the sink takes it back when it gets there. While the spool is over `spool.max_size`, a new flush is
 //!    *merged* into the newest parked flush of this run (coarser `ts`, the
 //!    same totals, [`crate::outbox::merge`]): the merged file is
 //!    written under the new flush's id and lists the flush it absorbed,
@@ -62,7 +63,10 @@
 //!    the newest id and lists the others as absorbed, then their files are
 //!    removed; a crash between is handled as for a merge.
 //! 6. **Send.** The sink writes the flush's sent marker
-//!    (`spool/<flush_id>.sent`, durably), then sends each table's body with
+//!    (`spool/<flush_id>.sent`, durably), then sends each table's body,
+//!    read back from the spool file a chunk at a time once the whole file
+//!    has checked against its CRC (a file that does not is quarantined, as
+//!    under *Damage*, and not a byte of it is sent), with
 //!    `insert_deduplication_token = tallyd-<instance>-<host hash>-<flush_id>-<table>`
 //!    (22.2+). Retries and re-sends after a restart carry identical bytes,
 //!    so the ReplacingMergeTree (18.16: under `FINAL` or after a merge) or

@@ -5,6 +5,7 @@
 use std::io;
 
 use super::*;
+use crate::outbox::flush::BodyRanges;
 
 impl Ledger {
     /// Leaves a recorded flush on disk for the sink (the queue is full, or
@@ -71,14 +72,18 @@ impl Ledger {
     /// step 5), so every send of the joined flush carries the same bytes.
     /// If joining fails, the first is read alone and the rest parked
     /// again. Blocking.
-    pub fn read_taken(&self, taken: &Taken) -> io::Result<Flush> {
+    ///
+    /// The flush comes back without its bodies, with their ranges in its
+    /// spool file, to be sent from there ([`Ledger::open_body`]); a file
+    /// of an earlier release comes back whole (`None`).
+    pub fn read_taken(&self, taken: &Taken) -> io::Result<(Flush, Option<BodyRanges>)> {
         match taken.ids.split_first() {
             Some((_, rest)) if !rest.is_empty() => {}
-            Some((first, _)) => return self.read(*first),
+            Some((first, _)) => return self.read_for_sending(*first),
             None => return Err(io::Error::other("nothing taken")),
         };
         match self.join(&taken.ids) {
-            Ok(flush) => Ok(flush),
+            Ok(flush) => Ok((flush.without_bodies(), Some(flush.body_ranges()))),
             Err(e) => {
                 tracing::warn!(error = %e, flushes = taken.ids.len(), "could not join parked flushes; sending them one by one");
                 // Those still recorded: a damaged one was quarantined.
@@ -94,8 +99,20 @@ impl Ledger {
                 };
                 st.parked.extend(rest);
                 drop(st);
-                self.read(first)
+                self.read_for_sending(first)
             }
+        }
+    }
+
+    /// Flush `flush_id` as [`Ledger::read_taken`] gives it.
+    fn read_for_sending(&self, flush_id: u64) -> io::Result<(Flush, Option<BodyRanges>)> {
+        match spool::read_head(&self.spool_dir, flush_id) {
+            Ok((flush, ranges)) => Ok((flush, Some(ranges))),
+            // An earlier version (or damage, which `read` quarantines).
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                self.read(flush_id).map(|f| (f, None))
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -176,7 +193,22 @@ impl Ledger {
     /// and forgotten (its rows are lost), and the error returned. Blocking.
     pub fn read(&self, flush_id: u64) -> io::Result<Flush> {
         let read = spool::read(&self.spool_dir, flush_id);
-        if let Err(e) = &read
+        self.quarantine_damaged(flush_id, read)
+    }
+
+    /// Opens table `range`'s body (see [`spool::open_body`]) of recorded
+    /// flush `flush`, whose bodies are not in memory, to be sent a chunk
+    /// at a time. A file that does not check is quarantined and forgotten
+    /// as in [`Ledger::read`]. Blocking.
+    pub fn open_body(&self, flush: &Flush, range: (u64, u64)) -> io::Result<spool::BodyReader> {
+        let opened = spool::open_body(&self.spool_dir, flush.flush_id, flush.instance, range);
+        self.quarantine_damaged(flush.flush_id, opened)
+    }
+
+    /// A spool file that does not decode (`InvalidData`) is moved aside and
+    /// forgotten (its rows are lost); `result` is returned as it is.
+    fn quarantine_damaged<T>(&self, flush_id: u64, result: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &result
             && e.kind() == io::ErrorKind::InvalidData
         {
             let path = spool::path(&self.spool_dir, flush_id);
@@ -191,7 +223,7 @@ impl Ledger {
                 }
             }
         }
-        read
+        result
     }
 
     /// Damaged files moved aside since the start, each with the reason.

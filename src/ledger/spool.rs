@@ -20,7 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::fs::Fs;
-use crate::outbox::flush::Flush;
+use crate::outbox::flush::{BodyRanges, Flush};
 
 /// The spool directory and its file names.
 pub fn dir(data_dir: &Path) -> PathBuf {
@@ -139,6 +139,92 @@ pub fn read(dir: &Path, flush_id: u64) -> io::Result<Flush> {
     let path = path(dir, flush_id);
     let bytes = std::fs::read(&path)?;
     Flush::decode(&bytes).map_err(|e| damaged(&path, &e))
+}
+
+/// Reads what names spooled flush `flush_id` and where its bodies lie
+/// ([`Flush::decode_head`]), without reading the bodies. A file of an
+/// earlier version, or one that does not decode, is `InvalidData`.
+pub fn read_head(dir: &Path, flush_id: u64) -> io::Result<(Flush, BodyRanges)> {
+    use std::os::unix::fs::FileExt;
+    let path = path(dir, flush_id);
+    let file = std::fs::File::open(&path)?;
+    let len = file.metadata()?.len();
+    Flush::decode_head(len, &mut |at, buf| file.read_exact_at(buf, at))
+        .map_err(|e| damaged(&path, &e))
+}
+
+/// One table's body of a spooled flush, read from its file a chunk at a
+/// time ([`open_body`]), so that sending it holds one chunk in memory, not
+/// the body.
+#[derive(Debug)]
+pub struct BodyReader {
+    file: std::fs::File,
+    at: u64,
+    end: u64,
+}
+
+/// Bytes a [`BodyReader`] reads at a time.
+const CHUNK: u64 = 1 << 20;
+
+/// Opens the body at `range` (offset, length: [`Flush::body_ranges`]) of
+/// spooled flush `flush_id` of `instance`, once the whole file has been
+/// read through and its CRC checks: a file that does not (damaged at
+/// rest, another flush's, too short) is `InvalidData`, so no byte of it is
+/// sent. Blocking.
+pub fn open_body(
+    dir: &Path,
+    flush_id: u64,
+    instance: u64,
+    range: (u64, u64),
+) -> io::Result<BodyReader> {
+    use std::os::unix::fs::FileExt;
+    let path = path(dir, flush_id);
+    let file = std::fs::File::open(&path)?;
+    let len = file.metadata()?.len();
+    let mut head = [0u8; crate::outbox::flush::HEAD];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| damaged(&path, &e.to_string()))?;
+    let (crc, file_instance, file_id) = Flush::head(&head).map_err(|e| damaged(&path, &e))?;
+    if (file_instance, file_id) != (instance, flush_id) {
+        return Err(damaged(&path, "the file names another flush"));
+    }
+    let end = range.0.saturating_add(range.1);
+    if end > len {
+        return Err(damaged(&path, "shorter than its body"));
+    }
+    let mut sum = crc32c::crc32c(&head[16..]);
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut at = head.len() as u64;
+    while at < len {
+        let n = (len - at).min(CHUNK) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        sum = crc32c::crc32c_append(sum, &buf[..n]);
+        at += n as u64;
+    }
+    if sum != crc {
+        return Err(damaged(&path, "checksum mismatch"));
+    }
+    Ok(BodyReader {
+        file,
+        at: range.0,
+        end,
+    })
+}
+
+impl BodyReader {
+    /// The next chunk of the body (at most 1 MiB), `None` at its end.
+    /// Blocking.
+    pub fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        if self.at >= self.end {
+            return Ok(None);
+        }
+        let n = (self.end - self.at).min(CHUNK) as usize;
+        let mut chunk = vec![0u8; n];
+        self.file.read_exact_at(&mut chunk, self.at)?;
+        self.at += n as u64;
+        Ok(Some(chunk))
+    }
 }
 
 fn damaged(path: &Path, e: &str) -> io::Error {

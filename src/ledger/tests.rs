@@ -176,7 +176,9 @@ fn a_drain_joins_parked_flushes_of_this_run_into_one_and_keeps_earlier_ones_apar
     assert_eq!(taken.ids, ids);
     assert!(ledger.take_parked().is_none());
     fs.arm("spool", crate::fs::Fault::NoSpace);
-    let alone = ledger.read_taken(&taken).expect("the first, alone");
+    let (alone, spooled) = ledger.read_taken(&taken).expect("the first, alone");
+    assert!(spooled.is_some(), "to be sent from its file");
+    let alone = ledger.read(alone.flush_id).expect("on disk");
     assert_eq!((alone.flush_id, total(&alone)), (ids[0], 2.0));
     fs.heal();
     assert_eq!(
@@ -184,16 +186,17 @@ fn a_drain_joins_parked_flushes_of_this_run_into_one_and_keeps_earlier_ones_apar
         Some(ids[1..].to_vec()),
         "the others are parked again"
     );
-    let joined = ledger
+    let (head, spooled) = ledger
         .read_taken(&Taken {
             ids: ids.clone(),
             earlier: false,
         })
         .expect("joined");
-    assert_eq!(joined.flush_id, ids[2]);
+    assert_eq!(head.flush_id, ids[2]);
+    let joined = ledger.read(ids[2]).expect("on disk");
+    assert_eq!((head.body_len(), spooled), (0, Some(joined.body_ranges())));
     assert_eq!(joined.absorbed, ids[..2].to_vec());
     assert_eq!(total(&joined), 9.0);
-    assert_eq!(ledger.read(ids[2]).expect("on disk"), joined);
     assert!(ledger.read(ids[0]).is_err() && ledger.read(ids[1]).is_err());
     let (flushes, rows, _) = ledger.backlog();
     assert_eq!((flushes, rows), (2, 4), "the old one and the joined one");
@@ -314,4 +317,84 @@ fn the_gauges_file_round_trips_and_damage_is_caught() {
     let last = b.len() - 1;
     b[last] ^= 1;
     assert!(crate::outbox::gauges::decode(&b).is_none());
+}
+
+/// A flush of `keys` counter rows, bodies past one read chunk at 100k keys.
+fn wide_flush(ledger: &Ledger, flush_id: u64, keys: usize) -> Arc<Flush> {
+    let batch = Batch {
+        flush_id,
+        ts: 100,
+        host: "h".into(),
+        counters: (0..keys)
+            .map(|i| CounterRow {
+                ts: 100,
+                name: format!("wide.counter.{i}"),
+                tags: vec![],
+                host: "h".into(),
+                flush_id,
+                value: 1.0,
+                samples: 1,
+            })
+            .collect(),
+        ..Batch::default()
+    };
+    Arc::new(Flush::seal(batch, ledger.instance()))
+}
+
+#[test]
+fn a_recorded_body_is_read_back_from_its_spool_file_a_chunk_at_a_time_byte_for_byte() {
+    let dir = test_dir("ledger-open-body");
+    let (ledger, _) = open(&dir, u64::MAX, Arc::new(crate::fs::RealFs));
+    let id = ledger.next_flush_id(Duration::from_secs(1_700_000_000));
+    let flush = wide_flush(&ledger, id, 100_000);
+    assert!(
+        flush.tables.bodies[0].len() > 2 << 20,
+        "three chunks at least"
+    );
+    let (recorded, _) = ledger.record(Arc::clone(&flush), None).expect("record");
+    let ranges = recorded.body_ranges();
+    let bare = recorded.without_bodies();
+    let mut reader = ledger.open_body(&bare, ranges[0]).expect("open");
+    let (mut read, mut chunks) = (Vec::new(), 0);
+    while let Some(chunk) = reader.next_chunk().expect("chunk") {
+        assert!(chunk.len() <= 1 << 20);
+        read.extend_from_slice(&chunk);
+        chunks += 1;
+    }
+    assert!(chunks >= 3);
+    assert!(read == flush.tables.bodies[0], "the same bytes");
+    let mut empty = ledger.open_body(&bare, ranges[1]).expect("open");
+    assert_eq!(empty.next_chunk().expect("read"), None);
+}
+
+#[test]
+fn a_damaged_spool_file_met_while_sending_is_quarantined_and_not_a_byte_of_it_read() {
+    let dir = test_dir("ledger-open-body-damaged");
+    let (ledger, _) = open(&dir, u64::MAX, Arc::new(crate::fs::RealFs));
+    let id = ledger.next_flush_id(Duration::from_secs(1_700_000_000));
+    let (recorded, _) = ledger
+        .record(counter_flush(&ledger, id, 2.0), None)
+        .expect("record");
+    let (bare, ranges) = (recorded.without_bodies(), recorded.body_ranges());
+    let path = spool::path(&spool::dir(&dir), id);
+    let mut bytes = std::fs::read(&path).expect("read");
+    // One bit of the body's last byte: only the CRC tells.
+    let at = (ranges[0].0 + ranges[0].1 - 1) as usize;
+    bytes[at] ^= 1;
+    std::fs::write(&path, &bytes).expect("damage it");
+    let e = ledger.open_body(&bare, ranges[0]).expect_err("damaged");
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    assert!(!path.exists(), "moved aside");
+    assert_eq!(ledger.quarantined().len(), 1, "and said (/health)");
+    assert_eq!(ledger.backlog().0, 0, "forgotten");
+    // Another flush's file under its name is refused the same way.
+    let other = ledger.next_flush_id(Duration::from_secs(1_700_000_001));
+    let (recorded, _) = ledger
+        .record(counter_flush(&ledger, other, 2.0), None)
+        .expect("record");
+    std::fs::rename(spool::path(&spool::dir(&dir), other), &path).expect("swap");
+    let e = ledger
+        .open_body(&bare, recorded.body_ranges()[0])
+        .expect_err("not this flush's file");
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
 }

@@ -36,7 +36,7 @@
 //!
 //! Integers are little-endian.
 
-use super::rowbinary::Bodies;
+use super::rowbinary::{Bodies, TABLES};
 use super::rows::Batch;
 
 /// Low bits of a flush id: the instance's tag (see [`flush_id`]).
@@ -62,6 +62,12 @@ pub fn flush_id(tick: u64, instance: u64) -> u64 {
 }
 
 const MAGIC: &[u8; 8] = b"TALLYFLS";
+/// Where each table's body lies in a flush's persisted form: (offset,
+/// length) in bytes, per table of [`crate::telemetry::TABLES`].
+pub type BodyRanges = [(u64, u64); TABLES];
+
+/// Bytes [`Flush::head`] reads: magic to flush id.
+pub const HEAD: usize = 32;
 const VERSION: u32 = 3;
 
 /// A flush whose rows are fixed: what the sink sends, every time.
@@ -174,6 +180,42 @@ impl Flush {
         )
     }
 
+    /// Where each table's body lies in the persisted form.
+    pub fn body_ranges(&self) -> BodyRanges {
+        // Magic to samples (52), then the host's length and bytes.
+        let mut at = 56 + self.host.len() as u64;
+        let mut out = [(0, 0); TABLES];
+        for (range, body) in out.iter_mut().zip(&self.tables.bodies) {
+            // Each body after its rows (4) and its length (8).
+            at += 12;
+            *range = (at, body.len() as u64);
+            at += body.len() as u64;
+        }
+        out
+    }
+
+    /// This flush without its bodies, gauge values and absorbed ids (its
+    /// rows per table and everything that names it kept): what a recorded
+    /// flush keeps in memory on its way to ClickHouse, its bodies being in
+    /// its spool file.
+    pub fn without_bodies(&self) -> Flush {
+        Flush {
+            instance: self.instance,
+            flush_id: self.flush_id,
+            generation: self.generation,
+            ts: self.ts,
+            samples: self.samples,
+            host: self.host.clone(),
+            tables: Bodies {
+                bodies: Default::default(),
+                rows: self.tables.rows,
+            },
+            gauges: Vec::new(),
+            absorbed: Vec::new(),
+            legacy_token: self.legacy_token,
+        }
+    }
+
     /// The persisted form, in one buffer.
     pub fn encode(&self) -> Vec<u8> {
         self.encoded_parts().concat()
@@ -223,6 +265,81 @@ impl Flush {
             head[12..16].copy_from_slice(&crc.to_le_bytes());
         }
         parts
+    }
+
+    /// Checks the first [`HEAD`] bytes of this release's persisted form
+    /// (magic, version 3) and returns what they hold: (CRC32C of bytes
+    /// 16 on, instance id, flush id), for a reader that checks a file
+    /// without holding it in memory.
+    pub fn head(b: &[u8]) -> Result<(u32, u64, u64), String> {
+        if b.len() < HEAD || &b[..8] != MAGIC {
+            return Err("not a tallyd spool file (bad magic)".into());
+        }
+        let mut r = Reader { b, at: 8 };
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(format!("spool format version {version}, not {VERSION}"));
+        }
+        Ok((r.u32()?, r.u64()?, r.u64()?))
+    }
+
+    /// Reads what names a persisted flush of this release (version 3) and
+    /// where its bodies lie, leaving the bodies where they are:
+    /// `read_at(offset, buf)` fills `buf` from the file's bytes at
+    /// `offset`, and the file is `len` bytes long. Returns the flush
+    /// without bodies, gauge values and absorbed ids
+    /// ([`Flush::without_bodies`]) and its [`Flush::body_ranges`]. The CRC
+    /// is not checked here: a reader of the bodies checks it (see
+    /// [`crate::ledger::spool::open_body`]).
+    pub fn decode_head(
+        len: u64,
+        read_at: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<(Flush, BodyRanges), String> {
+        let mut read = |at: u64, n: u64| -> Result<Vec<u8>, String> {
+            if at.saturating_add(n) > len {
+                return Err("truncated".into());
+            }
+            let mut buf = vec![0; n as usize];
+            read_at(at, &mut buf).map_err(|e| e.to_string())?;
+            Ok(buf)
+        };
+        let fixed = read(0, 56)?;
+        let (_, instance, flush_id) = Flush::head(&fixed)?;
+        let mut r = Reader {
+            b: &fixed,
+            at: HEAD,
+        };
+        let (generation, ts, samples) = (r.u64()?, r.u32()?, r.u64()?);
+        let host_len = u64::from(r.u32()?);
+        let host = String::from_utf8(read(56, host_len)?).map_err(|_| "host not UTF-8")?;
+        let mut at = 56 + host_len;
+        let mut tables = Bodies::default();
+        let mut ranges = [(0, 0); TABLES];
+        for (rows, range) in tables.rows.iter_mut().zip(&mut ranges) {
+            let prefix = read(at, 12)?;
+            let mut r = Reader { b: &prefix, at: 0 };
+            *rows = r.u32()?;
+            let body = r.u64()?;
+            at += 12;
+            if at.saturating_add(body) > len {
+                return Err("truncated".into());
+            }
+            *range = (at, body);
+            at += body;
+        }
+        let flush = Flush {
+            instance,
+            flush_id,
+            generation,
+            ts,
+            samples,
+            host,
+            tables,
+            gauges: Vec::new(),
+            absorbed: Vec::new(),
+            legacy_token: false,
+        };
+        Ok((flush, ranges))
     }
 
     pub fn decode(b: &[u8]) -> Result<Flush, String> {
@@ -360,6 +477,44 @@ pub(crate) mod tests {
     fn a_flush_round_trips() {
         let f = sample();
         assert_eq!(Flush::decode(&f.encode()), Ok(f));
+    }
+
+    #[test]
+    fn body_ranges_point_at_each_body_in_the_persisted_form() {
+        let f = sample();
+        let file = f.encode();
+        for (range, body) in f.body_ranges().iter().zip(&f.tables.bodies) {
+            let (at, len) = (range.0 as usize, range.1 as usize);
+            assert_eq!(&file[at..at + len], &body[..]);
+            // Preceded by its length.
+            assert_eq!(file[at - 8..at], (len as u64).to_le_bytes());
+        }
+        let bare = f.without_bodies();
+        assert_eq!((bare.body_len(), bare.rows()), (0, f.rows()));
+        assert_eq!(bare.token("counters"), f.token("counters"));
+    }
+
+    #[test]
+    fn a_head_read_without_the_bodies_names_the_flush_and_its_bodies() {
+        let f = sample();
+        let file = f.encode();
+        let mut read_at = |at: u64, buf: &mut [u8]| {
+            let at = at as usize;
+            buf.copy_from_slice(&file[at..at + buf.len()]);
+            Ok(())
+        };
+        let (head, ranges) = Flush::decode_head(file.len() as u64, &mut read_at).expect("head");
+        assert_eq!(head, f.without_bodies());
+        assert_eq!(ranges, f.body_ranges());
+        // Cut in the head, the host, a table's prefix, the last body (a cut
+        // in the tail is for the CRC to catch).
+        let last = ranges[5].0 - 12 - 1;
+        for cut in [0, 40, 60, 70, last] {
+            assert!(
+                Flush::decode_head(cut, &mut read_at).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

@@ -22,13 +22,21 @@ impl Sink {
     /// `pending` (a bit each): a restart then sends those, not the tables
     /// already in ClickHouse again. If it fails the file stays whole (a
     /// restart re-sends every table, which the token and `FINAL` collapse).
-    pub(super) async fn keep_pending(&self, flush: &Arc<Flush>, pending: u8) {
+    pub(super) async fn keep_pending(&self, q: &Queued, pending: u8) {
         let Some(ledger) = &self.ledger else { return };
-        let (l, f) = (Arc::clone(ledger), Arc::clone(flush));
-        let kept = tokio::task::spawn_blocking(move || l.keep_pending(&f, pending))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
+        let flush = &q.flush;
+        let (l, f, spooled) = (Arc::clone(ledger), Arc::clone(flush), q.spooled.is_some());
+        let kept = tokio::task::spawn_blocking(move || {
+            if spooled {
+                // Its bodies are in its file, not in `f`.
+                l.keep_pending(&l.read(f.flush_id)?, pending)
+            } else {
+                l.keep_pending(&f, pending)
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
         if let Err(e) = kept {
             tracing::warn!(error = %e, flush_id = flush.flush_id, "could not drop the written tables from a flush's spool file; a restart sends them again");
         }
@@ -58,12 +66,9 @@ impl Sink {
                 let written = match read {
                     Ok(flush) => {
                         self.checked[table].store(false, Relaxed);
-                        let q = Queued {
-                            flush: Arc::new(flush),
-                            resent,
-                        };
+                        let q = Queued::in_memory(flush, resent);
                         let written = self.write_table(table, &q, false).await;
-                        read_back = Some(q.flush);
+                        read_back = Some(q);
                         written
                     }
                     // Quarantined (damaged) or gone: nothing left to write.
@@ -92,8 +97,8 @@ impl Sink {
                     blocked.left.remove(&id);
                     self.complete(id).await;
                 } else {
-                    if let Some(flush) = &read_back {
-                        self.keep_pending(flush, mask).await;
+                    if let Some(q) = &read_back {
+                        self.keep_pending(q, mask).await;
                     }
                     blocked.left.insert(id, (mask, resent));
                 }

@@ -1,7 +1,10 @@
 //! The ClickHouse sink: takes recorded flushes off a bounded queue and
 //! writes them, one `INSERT … FORMAT RowBinary` per table per flush, with
 //! the flush's fixed bytes (steps 6 and 7 of the durable order in
-//! [`crate::ledger`]).
+//! [`crate::ledger`]). A recorded flush is queued without its bodies: each
+//! is read back from its spool file and sent a chunk (1 MiB) at a time
+//! ([`Queued::spooled`]), so a flush on its way holds no memory for its
+//! rows.
 //!
 //! Errors are classified: an outage (network, timeout, a server error that is
 //! not about the data) is retried with capped exponential backoff and jitter,
@@ -57,7 +60,7 @@ use clickhouse::Client;
 use tokio::sync::{mpsc, watch};
 
 use crate::ledger::Ledger;
-use crate::outbox::flush::Flush;
+use crate::outbox::flush::{BodyRanges, Flush};
 use crate::telemetry::{TABLES, Telemetry};
 
 /// A flush on its way to ClickHouse.
@@ -67,16 +70,58 @@ pub struct Queued {
     /// Sent again from the spool after a restart: its rows count in
     /// `tallyd_rows_resent_total`, not `tallyd_rows_written_total`.
     pub resent: bool,
+    /// `Some`: the flush's bodies are not in memory but in its spool file,
+    /// at these (offset, length) byte ranges, one per table
+    /// ([`Flush::body_ranges`]); each is read back a chunk at a time when
+    /// it is sent ([`Ledger::open_body`]). At 1M keys a body is tens of
+    /// megabytes: held while ClickHouse takes it, it would double the
+    /// memory of the flush being built meanwhile.
+    pub spooled: Option<BodyRanges>,
+}
+
+impl Queued {
+    /// `flush`, just recorded in the spool, queued without its bodies.
+    pub fn recorded(flush: &Flush) -> Queued {
+        Queued {
+            flush: Arc::new(flush.without_bodies()),
+            resent: false,
+            spooled: Some(flush.body_ranges()),
+        }
+    }
+
+    /// A flush whose bodies are in memory.
+    pub fn in_memory(flush: Flush, resent: bool) -> Queued {
+        Queued {
+            flush: Arc::new(flush),
+            resent,
+            spooled: None,
+        }
+    }
+
+    /// Bytes of table `table`'s body.
+    pub fn body_len(&self, table: usize) -> u64 {
+        match &self.spooled {
+            Some(ranges) => ranges[table].1,
+            None => self.flush.tables.bodies[table].len() as u64,
+        }
+    }
 }
 
 /// Table `.1`'s RowBinary body of flush `.0`, for a request body that
 /// shares the flush's bytes.
-struct Body(Arc<Flush>, usize);
+struct Shared(Arc<Flush>, usize);
 
-impl AsRef<[u8]> for Body {
+impl AsRef<[u8]> for Shared {
     fn as_ref(&self) -> &[u8] {
         &self.0.tables.bodies[self.1]
     }
+}
+
+/// Where a table's body is sent from.
+enum Body {
+    Memory(bytes::Bytes),
+    /// A range of the flush's spool file (see [`Queued::spooled`]).
+    Spooled((u64, u64)),
 }
 
 /// How the sink reaches ClickHouse.
@@ -129,6 +174,8 @@ pub struct Sink {
 #[derive(Debug)]
 enum Failed {
     Insert(clickhouse::error::Error),
+    /// The body could not be read back from the spool.
+    Spool(std::io::Error),
     /// The table's columns are not what tallyd writes (and it will not
     /// change them): why, and what to run.
     Refused(String),
@@ -138,6 +185,7 @@ impl Failed {
     fn failure(&self) -> Failure {
         match self {
             Failed::Insert(e) => classify(e),
+            Failed::Spool(_) => Failure::Retry,
             Failed::Refused(_) => Failure::Schema,
         }
     }
@@ -147,6 +195,7 @@ impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failed::Insert(e) => e.fmt(f),
+            Failed::Spool(e) => write!(f, "reading the body back from the spool: {e}"),
             Failed::Refused(why) => f.write_str(why),
         }
     }
@@ -285,7 +334,7 @@ impl Sink {
             }
             let mut left = 0u8;
             for table in 0..TABLES.len() {
-                if q.flush.tables.bodies[table].is_empty() {
+                if q.body_len(table) == 0 {
                     continue;
                 }
                 // Without a ledger nothing can be read back: a blocked
@@ -303,7 +352,7 @@ impl Sink {
             if left == 0 {
                 self.complete(q.flush.flush_id).await;
             } else {
-                self.keep_pending(&q.flush, left).await;
+                self.keep_pending(&q, left).await;
                 blocked.left.insert(q.flush.flush_id, (left, q.resent));
                 blocked.retry_at.get_or_insert_with(|| {
                     tokio::time::Instant::now() + self.current().config.retry_initial
@@ -340,10 +389,11 @@ impl Sink {
                 .await
                 .map_err(std::io::Error::other);
             match read {
-                Ok(Ok(flush)) => {
+                Ok(Ok((flush, spooled))) => {
                     return Some(Queued {
                         flush: Arc::new(flush),
                         resent: taken.earlier,
+                        spooled,
                     });
                 }
                 Ok(Err(e)) | Err(e) => {
@@ -396,23 +446,23 @@ impl Sink {
     /// blocked: retried here too if `hold`, else false is returned at once.
     async fn write_table(&self, table: usize, q: &Queued, hold: bool) -> bool {
         let flush = &q.flush;
-        let body = &flush.tables.bodies[table];
-        if body.is_empty() {
+        let len = q.body_len(table);
+        if len == 0 {
             return true;
         }
         let rows = u64::from(flush.tables.rows[table]);
         let name = TABLES[table];
         let flush_id = flush.flush_id;
         let token = self.dedup_token.then(|| flush.token(name));
-        // The body as the flush holds it: shared, not copied.
-        let body = bytes::Bytes::from_owner(Body(Arc::clone(flush), table));
+        let body = match &q.spooled {
+            Some(ranges) => Body::Spooled(ranges[table]),
+            // The body as the flush holds it: shared, not copied.
+            None => Body::Memory(bytes::Bytes::from_owner(Shared(Arc::clone(flush), table))),
+        };
         let mut attempt = 0;
         loop {
             let result = match self.prepare(table).await {
-                Ok(()) => self
-                    .insert(table, body.clone(), token.as_deref())
-                    .await
-                    .map_err(Failed::Insert),
+                Ok(()) => self.insert(table, flush, &body, token.as_deref()).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -424,7 +474,7 @@ impl Sink {
                         &t.rows_written[table]
                     };
                     counter.fetch_add(rows, Relaxed);
-                    t.bytes_written[table].fetch_add(body.len() as u64, Relaxed);
+                    t.bytes_written[table].fetch_add(len, Relaxed);
                     t.inserts[table].fetch_add(1, Relaxed);
                     if t.tables_blocked[table].swap(0, Relaxed) == 1 {
                         tracing::info!(
@@ -440,6 +490,17 @@ impl Sink {
                             "insert succeeded after retries"
                         );
                     }
+                    return true;
+                }
+                Err(Failed::Spool(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::NotFound
+                    ) =>
+                {
+                    // Quarantined by the ledger (see /health): nothing is
+                    // left to send.
+                    tracing::error!(error = %e, flush_id, table = name, rows, "a flush's spool file is damaged or gone; its rows are lost");
                     return true;
                 }
                 Err(err) => {
@@ -484,12 +545,31 @@ impl Sink {
         }
     }
 
+    /// One INSERT of `body`, table `table`'s of `flush`. A spooled body is
+    /// opened (and its file checked) before the request starts, then sent
+    /// a chunk at a time, each read on a blocking thread.
     async fn insert(
         &self,
         table: usize,
-        body: bytes::Bytes,
+        flush: &Arc<Flush>,
+        body: &Body,
         token: Option<&str>,
-    ) -> Result<(), clickhouse::error::Error> {
+    ) -> Result<(), Failed> {
+        let reader = match body {
+            Body::Memory(_) => None,
+            Body::Spooled(range) => {
+                let ledger = self.ledger.clone().ok_or_else(|| {
+                    Failed::Spool(std::io::Error::other("a spooled flush without a ledger"))
+                })?;
+                let (f, range) = (Arc::clone(flush), *range);
+                let opened = tokio::task::spawn_blocking(move || ledger.open_body(&f, range))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(Failed::Spool)?;
+                Some(opened)
+            }
+        };
         let current = self.current();
         let sql = format!(
             "INSERT INTO {}.{} {} FORMAT RowBinary",
@@ -508,8 +588,24 @@ impl Sink {
         if self.async_insert {
             insert = insert.with_setting("async_insert", "0");
         }
-        insert.send(body).await?;
-        insert.end().await
+        match (body, reader) {
+            (Body::Spooled(_), Some(mut reader)) => loop {
+                let (r, chunk) = tokio::task::spawn_blocking(move || {
+                    let chunk = reader.next_chunk();
+                    (reader, chunk)
+                })
+                .await
+                .map_err(|e| Failed::Spool(std::io::Error::other(e)))?;
+                reader = r;
+                match chunk.map_err(Failed::Spool)? {
+                    Some(chunk) => insert.send(chunk.into()).await.map_err(Failed::Insert)?,
+                    None => break,
+                }
+            },
+            (Body::Memory(bytes), _) => insert.send(bytes.clone()).await.map_err(Failed::Insert)?,
+            (Body::Spooled(_), None) => {}
+        }
+        insert.end().await.map_err(Failed::Insert)
     }
 }
 
