@@ -292,6 +292,7 @@ fn merge_memory() {
             1,
             &mut gauges,
             &mut || 0,
+            Default::default(),
         )
         .0
     };
@@ -317,33 +318,50 @@ fn closed_interval(keys: usize, data: &[Vec<u8>]) -> Generation {
     generation
 }
 
+/// The flush of a closed interval to RowBinary, as the flush loop runs it:
+/// into the previous flush's buffers (`Bodies::recycle`). `_fresh_buffers`:
+/// into new ones, as the first flush after a start or an idle interval.
 fn flush(c: &mut Criterion) {
     let mut g = c.benchmark_group("flush");
     g.sample_size(10);
-    for (name, keys, line) in [
+    for (name, keys, line, recycled) in [
         (
             "counters",
             100_000usize,
             counter_line as fn(usize) -> String,
+            true,
         ),
-        ("counters", 1_000_000, counter_line),
-        ("timers_30_buckets", 100_000, timer_line),
+        ("counters", 100_000, counter_line, false),
+        ("counters", 1_000_000, counter_line, true),
+        ("timers_30_buckets", 100_000, timer_line, true),
+        ("timers_30_buckets", 100_000, timer_line, false),
     ] {
         let data = blocks(keys, line);
+        let spare = std::cell::RefCell::new(tallyd::outbox::rowbinary::Bodies::default());
+        let fresh = if recycled { "" } else { "_fresh_buffers" };
         g.throughput(Throughput::Elements(keys as u64));
-        g.bench_function(format!("{name}_{keys}_keys_to_rowbinary"), |b| {
+        g.bench_function(format!("{name}_{keys}_keys_to_rowbinary{fresh}"), |b| {
             b.iter_batched(
-                || closed_interval(keys, &data),
-                |generation| {
+                || (closed_interval(keys, &data), spare.take()),
+                |(generation, spare_bodies)| {
                     let mut gauges = tallyd::outbox::gauges::GaugeMemory::new(keys);
-                    black_box(rows::build(
+                    let (flush, forgotten) = rows::build(
                         generation,
                         1,
                         "host-a",
                         1,
                         &mut gauges,
                         &mut || 2,
-                    ))
+                        spare_bodies,
+                    );
+                    black_box(forgotten);
+                    if recycled {
+                        *spare.borrow_mut() = flush.tables;
+                        None
+                    } else {
+                        // Dropped after the timing, as before.
+                        Some(flush)
+                    }
                 },
                 BatchSize::PerIteration,
             )

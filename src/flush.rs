@@ -27,6 +27,7 @@ use crate::aggregate::{Aggregator, Generation};
 use crate::ledger::Ledger;
 use crate::outbox::flush::Flush;
 use crate::outbox::gauges::GaugeMemory;
+use crate::outbox::rowbinary::Bodies;
 use crate::outbox::rows;
 use crate::sink::Queued;
 use crate::telemetry::Telemetry;
@@ -65,6 +66,9 @@ pub struct Flusher {
     /// `spool.coarsen`: past the spool budget, how long an interval may
     /// stay open (see [`Flusher::coarsening`]); zero closes every one.
     pub coarsen: Duration,
+    /// The last recorded flush's body buffers, for the next one's
+    /// ([`Bodies::recycle`]).
+    pub spare: Bodies,
 }
 
 /// A flush that could not finish its durable steps (see [`crate::ledger`]).
@@ -103,6 +107,8 @@ impl Flusher {
                 self.notice_a_step_back(now);
                 let generation = take(self.aggregator.swap(now)).await;
                 if generation.is_empty() {
+                    // Idle: the body buffers go, and their memory.
+                    self.spare = Bodies::default();
                     self.ledger.release_empty(generation.id);
                     // Dropped, it ages the series table's idle keys out: a
                     // scan of the table, on a blocking thread.
@@ -191,6 +197,7 @@ impl Flusher {
         let (ledger, now) = (Arc::clone(&self.ledger), (self.clock)());
         let (host, instance) = (self.host.clone(), self.ledger.instance());
         let mut gauges = std::mem::replace(&mut self.gauges, GaugeMemory::new(0));
+        let spare = std::mem::take(&mut self.spare);
         let built = tokio::task::spawn_blocking(move || {
             let mut next_id = || ledger.next_flush_id(now);
             let built = rows::build(
@@ -200,6 +207,7 @@ impl Flusher {
                 instance,
                 &mut gauges,
                 &mut next_id,
+                spare,
             );
             (built, gauges)
         })
@@ -256,7 +264,10 @@ impl Flusher {
         // From here on the bodies are read back from the spool file: the
         // memory they take goes now, not when ClickHouse has them.
         let queued = Queued::recorded(&recorded);
-        drop((recorded, flush));
+        drop(recorded);
+        if let Ok(flush) = Arc::try_unwrap(flush) {
+            self.spare = flush.tables;
+        }
         self.release_and_send(queued, merged, reason, started).await
     }
 

@@ -80,6 +80,7 @@ fn start(max_depth: u64, queue: usize) -> Fixture {
         clock: paused_clock(Duration::from_millis(1_700_000_000_500)),
         held: None,
         coarsen: Duration::from_secs(60),
+        spare: Default::default(),
     };
     let (interval, interval_rx) = watch::channel(Duration::from_secs(1));
     let task = tokio::spawn(async move {
@@ -156,6 +157,7 @@ fn over_spool_budget(
         clock: Arc::new(|| Duration::from_secs(1_700_000_000)),
         held: None,
         coarsen: Duration::from_secs(60),
+        spare: Default::default(),
     };
     (flusher, rx)
 }

@@ -136,8 +136,11 @@ impl Batch {
 /// Turns a closed generation into its flush (step 3 of the durable order):
 /// one row per key, encoded as RowBinary straight from the accumulators, so
 /// no row struct or owned string is made per counter or gauge (timers and
-/// sets go through a row struct for their vectors). Returns the flush and
-/// how many gauges could not be remembered.
+/// sets go through a row struct for their vectors). The bodies are written
+/// into `spare`'s buffers ([`Bodies::recycle`]: the previous flush's, or
+/// `Bodies::default()`). Returns the flush and how many gauges could not
+/// be remembered.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     mut generation: Generation,
     flush_id: u64,
@@ -145,13 +148,14 @@ pub fn build(
     instance: u64,
     gauges: &mut GaugeMemory,
     next_id: &mut dyn FnMut() -> u64,
+    spare: Bodies,
 ) -> (Flush, u64) {
     gauges.start_flush();
     let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
     let at = |t: Option<u64>| t.map_or(ts, |t| u32::try_from(t).unwrap_or(u32::MAX));
     let (events, service_checks) = generation.take_notes();
     let mut out = Rows {
-        tables: Bodies::default(),
+        tables: Bodies::recycle(spare),
         gauge_values: Vec::new(),
         host,
         instance,

@@ -87,6 +87,7 @@ pub(super) async fn serve(
         clock,
         held: None,
         coarsen: config.spool_coarsen,
+        spare: Default::default(),
     };
     let first_open = recovery.next_generation;
     replay(&mut flusher, recovered, recovery, &telemetry, &dedup)

@@ -32,16 +32,33 @@ fn generation(block: &str, started: u64) -> Generation {
 /// The flush of `block` (an interval that started at `started`).
 fn flush(block: &str, started: u64, id: u64, memory: &mut GaugeMemory) -> Flush {
     let mut late = id * 1_000;
-    build(generation(block, started), id, "h", 1, memory, &mut || {
+    let mut next_id = || {
         late += 1;
         late
-    })
+    };
+    build(
+        generation(block, started),
+        id,
+        "h",
+        1,
+        memory,
+        &mut next_id,
+        Default::default(),
+    )
     .0
 }
 
 /// `build4` of the rows tests: a flush's rows.
 fn build4(g: Generation, id: u64, _host: &str, memory: &mut GaugeMemory) -> (Batch, u64) {
-    let (f, lost) = build(g, id, "h", 1, memory, &mut || panic!("no late rows"));
+    let (f, lost) = build(
+        g,
+        id,
+        "h",
+        1,
+        memory,
+        &mut || panic!("no late rows"),
+        Default::default(),
+    );
     (f.into_batch().expect("decodes"), lost)
 }
 

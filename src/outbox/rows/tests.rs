@@ -10,7 +10,15 @@ fn build_rows(
     gauges: &mut GaugeMemory,
     next_id: &mut dyn FnMut() -> u64,
 ) -> (Batch, u64) {
-    let (flush, forgotten) = build(generation, flush_id, host, 1, gauges, next_id);
+    let (flush, forgotten) = build(
+        generation,
+        flush_id,
+        host,
+        1,
+        gauges,
+        next_id,
+        Default::default(),
+    );
     (flush.into_batch().expect("decodes"), forgotten)
 }
 
@@ -209,7 +217,15 @@ fn rows_encoded_from_keys_carry_each_tables_tags_as_row_structs_would() {
         "c:1|c|#b:2,a:1\nc:1|c\ng:3|g|#z\nt:5|ms|#a:1\ns:m|s|#x,y\nd:1|d|#a:1,,b",
         1,
     );
-    let (flush, _) = build(g, 9, "host-a", 1, &mut GaugeMemory::new(10), &mut || 2);
+    let (flush, _) = build(
+        g,
+        9,
+        "host-a",
+        1,
+        &mut GaugeMemory::new(10),
+        &mut || 2,
+        Default::default(),
+    );
     let batch = flush.clone().into_batch().expect("decodes");
     // The bodies are well-formed RowBinary of these rows: decoded and
     // encoded again through the row structs, the same bytes.
@@ -243,4 +259,40 @@ fn rows_encoded_from_keys_carry_each_tables_tags_as_row_structs_would() {
     );
     assert_eq!(batch.sets[0].tags, vec!["x".to_owned(), "y".to_owned()]);
     assert_eq!(flush.tables.rows, [2, 1, 2, 1, 0, 0]);
+}
+
+#[test]
+fn a_flush_into_the_last_flushs_buffers_has_the_same_bytes_and_a_burst_s_buffers_go() {
+    let bigger: String = (0..40)
+        .map(|i| format!("c{i}:1|c\nt{i}:{i}|ms\n"))
+        .collect();
+    let small = "c1:5|c\ng:3|g\nt1:7|ms\ns:a|s\n";
+    let build_with = |block: &str, spare: Bodies| {
+        let mut gauges = GaugeMemory::new(10);
+        build(
+            generation(block, 100),
+            1,
+            "h",
+            1,
+            &mut gauges,
+            &mut || 2,
+            spare,
+        )
+        .0
+    };
+    let fresh = build_with(small, Bodies::default());
+    let spare = build_with(&bigger, Bodies::default()).tables;
+    assert_eq!(
+        build_with(small, spare),
+        fresh,
+        "the same rows, byte for byte"
+    );
+    // Past twice what it held and 1 MiB, a buffer goes; under, it is kept.
+    let mut burst = Bodies::default();
+    burst.bodies[0] = Vec::with_capacity(4 << 20);
+    burst.bodies[0].extend_from_slice(&[1; 1024]);
+    burst.bodies[2] = vec![2; 3 << 20];
+    let kept = Bodies::recycle(burst);
+    assert_eq!(kept.bodies[0].capacity(), 0, "the burst's buffer goes");
+    assert!(kept.bodies[2].is_empty() && kept.bodies[2].capacity() >= 3 << 20);
 }
