@@ -125,6 +125,9 @@ pub struct Telemetry {
     /// TCP and protobuf connections closed after `idle_timeout` of silence.
     pub connections_idle_closed: AtomicU64,
     pub rows_lost_at_shutdown: AtomicU64,
+    /// Rows of flushes whose spool file was damaged or unreadable when
+    /// the sink came to send them: moved aside, not written.
+    pub rows_lost_damaged: AtomicU64,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
     pub flush_heartbeat_ms: AtomicU64,
@@ -478,6 +481,12 @@ impl Telemetry {
             "Rows still unsent when the shutdown timeout ran out, with the WAL off (with it, they stay in the WAL).",
             "",
             &self.rows_lost_at_shutdown,
+        );
+        m.counter(
+            "tallyd_rows_lost_damaged_total",
+            "Rows of flushes whose spool file did not check (CRC) or could not be read when they were sent: moved aside (see /health), not written.",
+            "",
+            &self.rows_lost_damaged,
         );
         out
     }

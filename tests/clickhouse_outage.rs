@@ -343,6 +343,10 @@ async fn a_queued_flush_damaged_on_disk_is_quarantined_and_the_next_ones_land() 
         .expect("health")
         .unwrap_or_default();
     assert!(health.contains("damaged file(s) moved aside"), "{health}");
+    assert!(
+        running.telemetry.rows_lost_damaged.load(Relaxed) > 0,
+        "the rows lost are counted"
+    );
     running.shutdown().await;
     for fin in ["", "FINAL"] {
         assert_eq!(sum("damaged", fin).as_deref(), Some("0\n"), "{fin}");

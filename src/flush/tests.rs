@@ -6,20 +6,28 @@ use crate::fs::RealFs;
 use crate::protocol::statsd::Limits;
 use crate::telemetry::BlockStats;
 
-/// `(ts, value, samples)` of the first counter row of a flush, read back
-/// from its RowBinary body.
 /// The queued flush with its bodies, read back from its spool file (the
-/// queue holds none: see [`Queued::spooled`]).
+/// queue holds none: see [`Queued::spooled`]), each body also streamed
+/// from its range as the sink sends it.
 fn read_back(ledger: &Ledger, q: &Queued) -> Flush {
-    assert!(
-        q.spooled.is_some() && q.flush.body_len() == 0,
-        "queued without its bodies"
-    );
-    ledger
+    let ranges = q.spooled.expect("queued with its bodies' ranges");
+    assert_eq!(q.flush.body_len(), 0, "queued without its bodies");
+    let whole = ledger
         .read(q.flush.flush_id)
-        .expect("read back from the spool")
+        .expect("read back from the spool");
+    for (table, range) in ranges.iter().enumerate() {
+        let mut reader = ledger.open_body(&q.flush, *range).expect("open");
+        let mut body = Vec::new();
+        while let Some(chunk) = reader.next_chunk().expect("chunk") {
+            body.extend_from_slice(&chunk);
+        }
+        assert!(body == whole.tables.bodies[table], "table {table}'s range");
+    }
+    whole
 }
 
+/// `(ts, value, samples)` of the first counter row of a flush, read back
+/// from its RowBinary body.
 fn first_counter(flush: &Flush) -> (u32, f64, u64) {
     let b = &flush.tables.bodies[0];
     let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4"));

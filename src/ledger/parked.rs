@@ -205,23 +205,31 @@ impl Ledger {
         self.quarantine_damaged(flush.flush_id, opened)
     }
 
+    /// Flush `flush_id`'s spool file failed while a body was read from it
+    /// (`error`, `InvalidData`: damaged or unreadable): moved aside and
+    /// forgotten as in [`Ledger::read`]. Blocking.
+    pub fn damaged(&self, flush_id: u64, error: &io::Error) {
+        if error.kind() != io::ErrorKind::InvalidData {
+            return;
+        }
+        let path = spool::path(&self.spool_dir, flush_id);
+        match crate::fs::quarantine(self.fs.as_ref(), &path) {
+            Ok(to) => {
+                tracing::error!(flush_id, moved_to = %to.display(), %error, "a spool file is damaged; moved aside, its rows are lost");
+                lock(&self.quarantined).push(format!("{} ({error})", to.display()));
+                let _ = self.forget(flush_id);
+            }
+            Err(q) => {
+                tracing::error!(flush_id, error = %q, "could not move a damaged spool file aside");
+            }
+        }
+    }
+
     /// A spool file that does not decode (`InvalidData`) is moved aside and
     /// forgotten (its rows are lost); `result` is returned as it is.
     fn quarantine_damaged<T>(&self, flush_id: u64, result: io::Result<T>) -> io::Result<T> {
-        if let Err(e) = &result
-            && e.kind() == io::ErrorKind::InvalidData
-        {
-            let path = spool::path(&self.spool_dir, flush_id);
-            match crate::fs::quarantine(self.fs.as_ref(), &path) {
-                Ok(to) => {
-                    tracing::error!(flush_id, moved_to = %to.display(), error = %e, "a spool file is damaged; moved aside, its rows are lost");
-                    lock(&self.quarantined).push(format!("{} ({e})", to.display()));
-                    let _ = self.forget(flush_id);
-                }
-                Err(q) => {
-                    tracing::error!(flush_id, error = %q, "could not move a damaged spool file aside");
-                }
-            }
+        if let Err(e) = &result {
+            self.damaged(flush_id, e);
         }
         result
     }

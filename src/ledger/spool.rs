@@ -159,6 +159,7 @@ pub fn read_head(dir: &Path, flush_id: u64) -> io::Result<(Flush, BodyRanges)> {
 #[derive(Debug)]
 pub struct BodyReader {
     file: std::fs::File,
+    path: PathBuf,
     at: u64,
     end: u64,
 }
@@ -169,8 +170,9 @@ const CHUNK: u64 = 1 << 20;
 /// Opens the body at `range` (offset, length: [`Flush::body_ranges`]) of
 /// spooled flush `flush_id` of `instance`, once the whole file has been
 /// read through and its CRC checks: a file that does not (damaged at
-/// rest, another flush's, too short) is `InvalidData`, so no byte of it is
-/// sent. Blocking.
+/// rest, another flush's, too short, or a read that fails: an unreadable
+/// file is damaged too, not retried for ever) is `InvalidData`, so no
+/// byte of it is sent. Blocking.
 pub fn open_body(
     dir: &Path,
     flush_id: u64,
@@ -197,7 +199,8 @@ pub fn open_body(
     let mut at = head.len() as u64;
     while at < len {
         let n = (len - at).min(CHUNK) as usize;
-        file.read_exact_at(&mut buf[..n], at)?;
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(|e| damaged(&path, &e.to_string()))?;
         sum = crc32c::crc32c_append(sum, &buf[..n]);
         at += n as u64;
     }
@@ -206,14 +209,15 @@ pub fn open_body(
     }
     Ok(BodyReader {
         file,
+        path,
         at: range.0,
         end,
     })
 }
 
 impl BodyReader {
-    /// The next chunk of the body (at most 1 MiB), `None` at its end.
-    /// Blocking.
+    /// The next chunk of the body (at most 1 MiB), `None` at its end. A
+    /// read that fails is `InvalidData`, as in [`open_body`]. Blocking.
     pub fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
         use std::os::unix::fs::FileExt;
         if self.at >= self.end {
@@ -221,7 +225,9 @@ impl BodyReader {
         }
         let n = (self.end - self.at).min(CHUNK) as usize;
         let mut chunk = vec![0u8; n];
-        self.file.read_exact_at(&mut chunk, self.at)?;
+        self.file
+            .read_exact_at(&mut chunk, self.at)
+            .map_err(|e| damaged(&self.path, &e.to_string()))?;
         self.at += n as u64;
         Ok(Some(chunk))
     }

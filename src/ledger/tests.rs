@@ -398,3 +398,32 @@ fn a_damaged_spool_file_met_while_sending_is_quarantined_and_not_a_byte_of_it_re
         .expect_err("not this flush's file");
     assert_eq!(e.kind(), io::ErrorKind::InvalidData);
 }
+
+#[test]
+fn a_parked_flush_of_an_earlier_format_is_taken_back_whole_under_its_old_token() {
+    let dir = test_dir("ledger-take-legacy");
+    let (ledger, _) = open(&dir, u64::MAX, Arc::new(crate::fs::RealFs));
+    let id = ledger.next_flush_id(Duration::from_secs(1_700_000_000));
+    let (recorded, _) = ledger
+        .record(counter_flush(&ledger, id, 2.0), None)
+        .expect("record");
+    // The same file as version 2 wrote it (laid out as 3; the CRC starts
+    // after the version).
+    let path = spool::path(&spool::dir(&dir), id);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+    ledger.park(id);
+    let taken = ledger.take_parked().expect("taken");
+    let (flush, spooled) = ledger.read_taken(&taken).expect("read");
+    assert_eq!(spooled, None, "not sent from its file: read whole");
+    assert_eq!(flush.tables, recorded.tables);
+    assert!(
+        flush.legacy_token,
+        "sent under the token it may have landed under"
+    );
+    assert_eq!(
+        flush.token("counters"),
+        format!("tallyd-{:016x}-{id}-counters", flush.instance)
+    );
+}

@@ -499,7 +499,9 @@ impl Sink {
                     ) =>
                 {
                     // Quarantined by the ledger (see /health): nothing is
-                    // left to send.
+                    // left to send. A flush's every unsent table counts,
+                    // each as it comes to be sent.
+                    self.telemetry.rows_lost_damaged.fetch_add(rows, Relaxed);
                     tracing::error!(error = %e, flush_id, table = name, rows, "a flush's spool file is damaged or gone; its rows are lost");
                     return true;
                 }
@@ -597,7 +599,24 @@ impl Sink {
                 .await
                 .map_err(|e| Failed::Spool(std::io::Error::other(e)))?;
                 reader = r;
-                match chunk.map_err(Failed::Spool)? {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    // Unreadable now, though it checked: damaged too.
+                    Err(e) => match self.ledger.clone() {
+                        Some(ledger) => {
+                            let id = flush.flush_id;
+                            let e = tokio::task::spawn_blocking(move || {
+                                ledger.damaged(id, &e);
+                                e
+                            })
+                            .await
+                            .map_err(std::io::Error::other);
+                            return Err(Failed::Spool(e.unwrap_or_else(|e| e)));
+                        }
+                        None => return Err(Failed::Spool(e)),
+                    },
+                };
+                match chunk {
                     Some(chunk) => insert.send(chunk.into()).await.map_err(Failed::Insert)?,
                     None => break,
                 }
