@@ -35,16 +35,20 @@
 //! Files: [`schema`] (the DDL and the column plans), [`prepare`] (each
 //! table made ready on the server), [`endpoint`] (the servers and their
 //! clients, for failover), [`blocked`] (a drifted table held alone),
+//! [`queued`] (a flush on its way and where its bodies are read from),
 //! [`retry`] (what an error means), [`tls`] (HTTPS).
 
 mod blocked;
 mod endpoint;
 mod prepare;
+mod queued;
 mod retry;
 pub mod schema;
 pub mod tls;
 
 use endpoint::Current;
+pub use queued::Queued;
+use queued::{Body, Shared};
 
 use blocked::Blocked;
 pub use retry::{Failure, backoff, classify, error_code, is_certificate_error};
@@ -60,69 +64,8 @@ use clickhouse::Client;
 use tokio::sync::{mpsc, watch};
 
 use crate::ledger::Ledger;
-use crate::outbox::flush::{BodyRanges, Flush};
+use crate::outbox::flush::Flush;
 use crate::telemetry::{TABLES, Telemetry};
-
-/// A flush on its way to ClickHouse.
-#[derive(Debug, Clone)]
-pub struct Queued {
-    pub flush: Arc<Flush>,
-    /// Sent again from the spool after a restart: its rows count in
-    /// `tallyd_rows_resent_total`, not `tallyd_rows_written_total`.
-    pub resent: bool,
-    /// `Some`: the flush's bodies are not in memory but in its spool file,
-    /// at these (offset, length) byte ranges, one per table
-    /// ([`Flush::body_ranges`]); each is read back a chunk at a time when
-    /// it is sent ([`Ledger::open_body`]). At 1M keys a body is tens of
-    /// megabytes: held while ClickHouse takes it, it would double the
-    /// memory of the flush being built meanwhile.
-    pub spooled: Option<BodyRanges>,
-}
-
-impl Queued {
-    /// `flush`, just recorded in the spool, queued without its bodies.
-    pub fn recorded(flush: &Flush) -> Queued {
-        Queued {
-            flush: Arc::new(flush.without_bodies()),
-            resent: false,
-            spooled: Some(flush.body_ranges()),
-        }
-    }
-
-    /// A flush whose bodies are in memory.
-    pub fn in_memory(flush: Flush, resent: bool) -> Queued {
-        Queued {
-            flush: Arc::new(flush),
-            resent,
-            spooled: None,
-        }
-    }
-
-    /// Bytes of table `table`'s body.
-    pub fn body_len(&self, table: usize) -> u64 {
-        match &self.spooled {
-            Some(ranges) => ranges[table].1,
-            None => self.flush.tables.bodies[table].len() as u64,
-        }
-    }
-}
-
-/// Table `.1`'s RowBinary body of flush `.0`, for a request body that
-/// shares the flush's bytes.
-struct Shared(Arc<Flush>, usize);
-
-impl AsRef<[u8]> for Shared {
-    fn as_ref(&self) -> &[u8] {
-        &self.0.tables.bodies[self.1]
-    }
-}
-
-/// Where a table's body is sent from.
-enum Body {
-    Memory(bytes::Bytes),
-    /// A range of the flush's spool file (see [`Queued::spooled`]).
-    Spooled((u64, u64)),
-}
 
 /// How the sink reaches ClickHouse.
 #[derive(Debug, Clone, PartialEq)]
