@@ -205,12 +205,25 @@ impl Ledger {
         self.quarantine_damaged(flush.flush_id, opened)
     }
 
-    /// Flush `flush_id`'s spool file failed while a body was read from it
-    /// (`error`, `InvalidData`: damaged or unreadable): moved aside and
-    /// forgotten as in [`Ledger::read`]. Blocking.
-    pub fn damaged(&self, flush_id: u64, error: &io::Error) {
+    /// The next chunk of a body opened with [`Ledger::open_body`]
+    /// ([`spool::BodyReader::next_chunk`]): a file that cannot be read
+    /// now, though it checked, is damaged too, and quarantined the same
+    /// way. Blocking.
+    pub fn next_chunk(
+        &self,
+        flush_id: u64,
+        reader: &mut spool::BodyReader,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let chunk = reader.next_chunk();
+        self.quarantine_damaged(flush_id, chunk)
+    }
+
+    /// A spool file that does not decode (`InvalidData`) is moved aside and
+    /// forgotten (its rows are lost); `result` is returned as it is.
+    fn quarantine_damaged<T>(&self, flush_id: u64, result: io::Result<T>) -> io::Result<T> {
+        let Err(error) = &result else { return result };
         if error.kind() != io::ErrorKind::InvalidData {
-            return;
+            return result;
         }
         let path = spool::path(&self.spool_dir, flush_id);
         match crate::fs::quarantine(self.fs.as_ref(), &path) {
@@ -222,14 +235,6 @@ impl Ledger {
             Err(q) => {
                 tracing::error!(flush_id, error = %q, "could not move a damaged spool file aside");
             }
-        }
-    }
-
-    /// A spool file that does not decode (`InvalidData`) is moved aside and
-    /// forgotten (its rows are lost); `result` is returned as it is.
-    fn quarantine_damaged<T>(&self, flush_id: u64, result: io::Result<T>) -> io::Result<T> {
-        if let Err(e) = &result {
-            self.damaged(flush_id, e);
         }
         result
     }

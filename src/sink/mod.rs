@@ -500,21 +500,6 @@ impl Sink {
         body: &Body,
         token: Option<&str>,
     ) -> Result<(), Failed> {
-        let reader = match body {
-            Body::Memory(_) => None,
-            Body::Spooled(range) => {
-                let ledger = self.ledger.clone().ok_or_else(|| {
-                    Failed::Spool(std::io::Error::other("a spooled flush without a ledger"))
-                })?;
-                let (f, range) = (Arc::clone(flush), *range);
-                let opened = tokio::task::spawn_blocking(move || ledger.open_body(&f, range))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r)
-                    .map_err(Failed::Spool)?;
-                Some(opened)
-            }
-        };
         let current = self.current();
         let sql = format!(
             "INSERT INTO {}.{} {} FORMAT RowBinary",
@@ -533,42 +518,44 @@ impl Sink {
         if self.async_insert {
             insert = insert.with_setting("async_insert", "0");
         }
-        match (body, reader) {
-            (Body::Spooled(_), Some(mut reader)) => loop {
-                let (r, chunk) = tokio::task::spawn_blocking(move || {
-                    let chunk = reader.next_chunk();
-                    (reader, chunk)
-                })
-                .await
-                .map_err(|e| Failed::Spool(std::io::Error::other(e)))?;
-                reader = r;
-                let chunk = match chunk {
-                    Ok(chunk) => chunk,
-                    // Unreadable now, though it checked: damaged too.
-                    Err(e) => match self.ledger.clone() {
-                        Some(ledger) => {
-                            let id = flush.flush_id;
-                            let e = tokio::task::spawn_blocking(move || {
-                                ledger.damaged(id, &e);
-                                e
-                            })
-                            .await
-                            .map_err(std::io::Error::other);
-                            return Err(Failed::Spool(e.unwrap_or_else(|e| e)));
-                        }
-                        None => return Err(Failed::Spool(e)),
-                    },
-                };
-                match chunk {
-                    Some(chunk) => insert.send(chunk.into()).await.map_err(Failed::Insert)?,
-                    None => break,
+        match body {
+            Body::Memory(bytes) => insert.send(bytes.clone()).await.map_err(Failed::Insert)?,
+            Body::Spooled(range) => {
+                let ledger = self.ledger.clone().ok_or_else(|| {
+                    Failed::Spool(std::io::Error::other("a spooled flush without a ledger"))
+                })?;
+                // Opened (the file checked) before the first send starts
+                // the request.
+                let (l, f, range) = (Arc::clone(&ledger), Arc::clone(flush), *range);
+                let mut reader = blocking(move || l.open_body(&f, range)).await?;
+                loop {
+                    let (l, id) = (Arc::clone(&ledger), flush.flush_id);
+                    let (r, chunk) = blocking(move || {
+                        let chunk = l.next_chunk(id, &mut reader);
+                        Ok((reader, chunk))
+                    })
+                    .await?;
+                    reader = r;
+                    match chunk.map_err(Failed::Spool)? {
+                        Some(chunk) => insert.send(chunk.into()).await.map_err(Failed::Insert)?,
+                        None => break,
+                    }
                 }
-            },
-            (Body::Memory(bytes), _) => insert.send(bytes.clone()).await.map_err(Failed::Insert)?,
-            (Body::Spooled(_), None) => {}
+            }
         }
         insert.end().await.map_err(Failed::Insert)
     }
+}
+
+/// Runs blocking spool work off the tokio workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, Failed> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(Failed::Spool)
 }
 
 #[cfg(test)]
