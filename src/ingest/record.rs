@@ -40,13 +40,11 @@ impl Recorder {
         scratch: &mut Scratch,
         stats: &mut BlockStats,
     ) -> Result<(), AppendError> {
-        let Some(wal) = &self.wal else {
-            self.aggregator.ingest_block(block, scratch, stats);
-            return Ok(());
-        };
         let generation = self.aggregator.current();
-        record_start(wal, scratch.wal_stream, &generation)?;
-        wal.append(scratch.wal_stream, generation.id, Kind::Statsd, block)?;
+        if let Some(wal) = &self.wal {
+            record_start(wal, scratch.wal_stream, &generation)?;
+            wal.append(scratch.wal_stream, generation.id, Kind::Statsd, block)?;
+        }
         stats.blocks += 1;
         stats.bytes += block.len() as u64;
         self.aggregator
@@ -67,11 +65,6 @@ impl Recorder {
         stats: &mut BlockStats,
         mut refused: impl FnMut(AppendError),
     ) {
-        let Some(wal) = &self.wal else {
-            self.aggregator
-                .ingest_datagrams(joined, datagrams, scratch, stats);
-            return;
-        };
         let generation = self.aggregator.current();
         // The start of the recorded datagrams not yet applied.
         let mut from = 0;
@@ -79,9 +72,11 @@ impl Recorder {
             let Some(datagram) = joined.get(d.clone()) else {
                 continue;
             };
-            if let Err(e) = record_start(wal, scratch.wal_stream, &generation).and_then(|()| {
-                wal.append(scratch.wal_stream, generation.id, Kind::Statsd, datagram)
-            }) {
+            if let Some(wal) = &self.wal
+                && let Err(e) = record_start(wal, scratch.wal_stream, &generation).and_then(|()| {
+                    wal.append(scratch.wal_stream, generation.id, Kind::Statsd, datagram)
+                })
+            {
                 refused(e);
                 let before = joined.get(from..d.start).unwrap_or_default();
                 self.aggregator

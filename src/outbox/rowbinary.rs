@@ -527,8 +527,7 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self) -> Result<String, String> {
-        let n = self.len()?;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "a string is not UTF-8".into())
+        self.str().map(str::to_owned)
     }
 
     fn array<T>(
@@ -543,20 +542,18 @@ impl<'a> Reader<'a> {
     /// bytes.
     fn key_columns(&mut self) -> Result<&'a [u8], String> {
         let start = self.at;
-        self.str_bytes()?;
+        self.str()?;
         for _ in 0..self.len()? {
-            self.str_bytes()?;
+            self.str()?;
         }
-        self.str_bytes()?;
+        self.str()?;
         Ok(&self.b[start..self.at])
     }
 
     /// A string's bytes, checked as UTF-8 (as [`Reader::string`] checks).
-    fn str_bytes(&mut self) -> Result<&'a [u8], String> {
+    fn str(&mut self) -> Result<&'a str, String> {
         let n = self.len()?;
-        let b = self.take(n)?;
-        std::str::from_utf8(b).map_err(|_| "a string is not UTF-8")?;
-        Ok(b)
+        std::str::from_utf8(self.take(n)?).map_err(|_| "a string is not UTF-8".into())
     }
 
     fn head(&mut self) -> Result<(u32, String, Vec<String>, String), String> {
