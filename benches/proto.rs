@@ -34,12 +34,14 @@ fn batch() -> Vec<u8> {
                 _ => Value::Gauge(f64::from(i)),
             }),
             sample_rate: 0.0,
+            ..Default::default()
         })
         .collect();
     Batch {
         client_id: "bench".into(),
         sequence: 1,
         events,
+        ..Default::default()
     }
     .encode_to_vec()
 }

@@ -54,6 +54,7 @@ pub fn events_from_lines<'a>(
                 tags: tags.clone(),
                 value: Some(value),
                 sample_rate: rate,
+                interval_start: 0,
             })
         };
         if line.kind == MetricType::Set {
@@ -222,6 +223,7 @@ pub fn send(
                     client_id: client_id.to_owned(),
                     sequence: first_sequence + i as u64,
                     events: chunk.to_vec(),
+                    ..Batch::default()
                 };
                 let ack = client.send(&batch)?;
                 match Status::try_from(ack.status) {

@@ -15,7 +15,7 @@ mod flags;
 mod validate;
 
 pub use flags::Overrides;
-pub use validate::{Config, ProtoConfig, WalGeometry, wal_geometry};
+pub use validate::{Config, ForwardConfig, ProtoConfig, WalGeometry, wal_geometry};
 
 /// The settings as written in the file (human units, `off` for listeners).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +34,39 @@ pub struct Settings {
     pub wal: WalSettings,
     pub spool: SpoolSettings,
     pub proto: ProtoSettings,
+    pub forward: ForwardSettings,
+}
+
+/// `[forward]`: an edge's aggregators. With upstreams, closed intervals go
+/// to them (their protobuf TCP listeners) instead of to ClickHouse.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardSettings {
+    /// `host:port` of each aggregator; empty: this tallyd writes ClickHouse.
+    pub upstreams: Vec<String>,
+    /// `keep`: rows keep this host in their `host` column; `drop`: the
+    /// fleet's rows of a key merge into one per interval.
+    pub host: String,
+    /// The largest batch sent upstream (at most the aggregators'
+    /// `proto.max_frame`).
+    pub batch_size: String,
+    /// How long an upstream may take to connect or to answer a batch.
+    pub timeout: String,
+    pub retry_initial: String,
+    pub retry_max: String,
+}
+
+impl Default for ForwardSettings {
+    fn default() -> Self {
+        ForwardSettings {
+            upstreams: Vec::new(),
+            host: "keep".into(),
+            batch_size: "1MiB".into(),
+            timeout: "10s".into(),
+            retry_initial: "100ms".into(),
+            retry_max: "10s".into(),
+        }
+    }
 }
 
 /// `[spool]`: flushes recorded on disk until ClickHouse has them.
@@ -213,6 +246,7 @@ impl Default for Settings {
             wal: WalSettings::default(),
             spool: SpoolSettings::default(),
             proto: ProtoSettings::default(),
+            forward: ForwardSettings::default(),
         }
     }
 }

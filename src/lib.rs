@@ -38,6 +38,7 @@ pub mod clock;
 pub mod config;
 pub mod failpoint;
 pub mod flush;
+pub mod forward;
 pub mod fs;
 pub mod ingest;
 pub mod ledger;

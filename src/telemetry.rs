@@ -128,6 +128,18 @@ pub struct Telemetry {
     /// Rows of flushes whose spool file was damaged or unreadable when
     /// the sink came to send them: moved aside, not written.
     pub rows_lost_damaged: AtomicU64,
+    /// An edge's forwarding (see [`crate::forward`]): batches and rows
+    /// taken by upstreams (rows first sent, and re-sent from the spool
+    /// after a restart), attempts retried, parts answered `DUPLICATE`,
+    /// rows an upstream refused by its limits, and events and service
+    /// checks dropped (not forwarded).
+    pub forward_batches: AtomicU64,
+    pub forward_rows: AtomicU64,
+    pub forward_rows_resent: AtomicU64,
+    pub forward_retries: AtomicU64,
+    pub forward_duplicates: AtomicU64,
+    pub forward_rejected: AtomicU64,
+    pub dropped_forward_notes: AtomicU64,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
     pub flush_heartbeat_ms: AtomicU64,
@@ -488,6 +500,45 @@ impl Telemetry {
             "",
             &self.rows_lost_damaged,
         );
+        for (name, help, c) in [
+            (
+                "tallyd_forward_batches_total",
+                "Batches of forwarded state an upstream aggregator took (OK or DUPLICATE).",
+                &self.forward_batches,
+            ),
+            (
+                "tallyd_forward_rows_total",
+                "Rows (one key over one interval) forwarded to upstream aggregators.",
+                &self.forward_rows,
+            ),
+            (
+                "tallyd_forward_rows_resent_total",
+                "Rows forwarded again from the spool after a restart.",
+                &self.forward_rows_resent,
+            ),
+            (
+                "tallyd_forward_retries_total",
+                "Forwarding attempts that failed and were retried.",
+                &self.forward_retries,
+            ),
+            (
+                "tallyd_forward_duplicates_total",
+                "Forwarded batches an upstream had taken before (a lost ack, or a restart).",
+                &self.forward_duplicates,
+            ),
+            (
+                "tallyd_forward_rejected_rows_total",
+                "Forwarded rows an upstream refused by its own limits.",
+                &self.forward_rejected,
+            ),
+            (
+                "tallyd_forward_dropped_notes_total",
+                "Events and service checks an edge dropped: they are not forwarded yet.",
+                &self.dropped_forward_notes,
+            ),
+        ] {
+            m.counter(name, help, "", c);
+        }
         out
     }
 }

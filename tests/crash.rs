@@ -425,8 +425,10 @@ fn an_acknowledged_batch_survives_kill_9_before_its_flush() {
                 tags: vec![],
                 value: Some(Value::Counter(3.0)),
                 sample_rate: 0.0,
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     };
     // A 1 h interval: the acked batch is only in the WAL when tallyd dies.
     let d = start(

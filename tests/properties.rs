@@ -65,6 +65,7 @@ fn pb_batch() -> impl Strategy<Value = Batch> {
             tags,
             value,
             sample_rate,
+            ..Default::default()
         });
     (
         "\\PC{0,8}",
@@ -75,6 +76,7 @@ fn pb_batch() -> impl Strategy<Value = Batch> {
             client_id,
             sequence,
             events,
+            ..Default::default()
         })
 }
 

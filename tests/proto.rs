@@ -26,6 +26,7 @@ fn event(name: &str, value: Value) -> Event {
         }],
         value: Some(value),
         sample_rate: 0.0,
+        ..Default::default()
     }
 }
 
@@ -34,6 +35,7 @@ fn batch(client: &str, sequence: u64, events: Vec<Event>) -> Batch {
         client_id: client.into(),
         sequence,
         events,
+        ..Default::default()
     }
 }
 

@@ -209,6 +209,33 @@ impl DistAcc {
             .add_positive(&self.queued[..len], self.queued_weight)
     }
 
+    /// Merges another accumulator's state of the same key and interval
+    /// (forwarded by an edge): weighted count, sum, min, max, raw samples,
+    /// and buckets as (bucket value, weight). Returns the bytes it grew
+    /// by, or `None` (nothing changed) when the sum or the count would pass
+    /// the range of `f64`.
+    pub fn merge(
+        &mut self,
+        [count, sum, min, max]: [f64; 4],
+        samples: u64,
+        buckets: impl Iterator<Item = (f64, f64)>,
+    ) -> Option<u64> {
+        let (sum, count) = (self.sum + sum, self.count + count);
+        if !sum.is_finite() || !count.is_finite() {
+            return None;
+        }
+        (self.sum, self.count) = (sum, count);
+        self.min = self.min.min(min);
+        self.max = self.max.max(max);
+        self.samples = self.samples.saturating_add(samples);
+        Some(
+            buckets
+                .filter(|&(v, w)| v.is_finite() && w.is_finite() && w > 0.0)
+                .map(|(v, w)| self.sketch.add_bucket(v, w))
+                .sum(),
+        )
+    }
+
     /// Percentiles (within the sketch's 1 %, clamped to the exact min and
     /// max) and buckets, the queued values added first.
     pub fn summarize(&mut self) -> Summary {
@@ -265,6 +292,29 @@ impl SetAcc {
         } else {
             0
         })
+    }
+}
+
+impl SetAcc {
+    /// Merges forwarded member hashes and raw samples; returns the bytes
+    /// the set grew by and how many new members were refused (past
+    /// `max_members`).
+    pub fn merge(
+        &mut self,
+        hashes: impl Iterator<Item = u64>,
+        samples: u64,
+        max_members: usize,
+    ) -> (u64, u64) {
+        self.samples = self.samples.saturating_add(samples);
+        let (mut grew, mut refused) = (0, 0);
+        for h in hashes {
+            if self.members.len() >= max_members && !self.members.contains(&h) {
+                refused += 1;
+            } else if self.members.insert(h) {
+                grew += SET_MEMBER;
+            }
+        }
+        (grew, refused)
     }
 }
 

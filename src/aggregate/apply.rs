@@ -83,6 +83,20 @@ impl Aggregator {
         scratch.arena.clear();
         for event in batch.events() {
             stats.lines += 1;
+            if event.value.as_ref().is_some_and(super::forwarded::is_state) {
+                // An edge's state (see `forwarded`): the lines before it go
+                // first, so that the key limit meets events in order.
+                self.apply_pending(generation, &mut pending, scratch, stats, &limits);
+                let host = batch.host.as_bytes();
+                let limits = (&limits, &parse_limits);
+                if let Err(e) =
+                    self.apply_state(generation, &event, host, &mut tags, scratch, stats, limits)
+                {
+                    stats.parse_errors[e.index()] += 1;
+                    rejected += 1;
+                }
+                continue;
+            }
             let line = match proto::event_line(&event, &mut tags, &parse_limits) {
                 Ok(line) => line,
                 Err(e) => {
@@ -299,7 +313,8 @@ impl Aggregator {
                 generation.grew(row_shape(p.line.kind).0, grew);
                 continue;
             }
-            let Some(cost) = admit_key(generation, key.len(), &p.line, stats, limits) else {
+            let Some(cost) = admit_key(generation, key.len(), shape_of(&p.line), stats, limits)
+            else {
                 continue;
             };
             let id = match id {
@@ -308,7 +323,7 @@ impl Aggregator {
                     Some(id) => id,
                     None => {
                         drop(table);
-                        unadmit(generation, key.len(), &p.line, stats);
+                        unadmit(generation, key.len(), shape_of(&p.line), stats);
                         continue;
                     }
                 },
@@ -369,13 +384,18 @@ impl Aggregator {
             generation.grew(row_shape(line.kind).0, grew);
             return;
         }
-        let Some(cost) = admit_key(generation, key.len(), line, stats, limits) else {
+        let Some(cost) = admit_key(generation, key.len(), shape_of(line), stats, limits) else {
             return;
         };
         let grew = match map.entry(MapKey::from_slice(key)) {
             Entry::Occupied(mut e) => {
                 // Another worker created it between our lookup and now.
-                unadmit(generation, key.len(), line, &mut BlockStats::default());
+                unadmit(
+                    generation,
+                    key.len(),
+                    shape_of(line),
+                    &mut BlockStats::default(),
+                );
                 merge(e.get_mut(), line, stats, limits, full)
             }
             Entry::Vacant(v) => {
@@ -392,7 +412,7 @@ impl Aggregator {
 
 /// The flushed table of a key of type `kind` (counters, gauges, timers,
 /// sets) and the estimated bytes of its row beyond the key and the host.
-fn row_shape(kind: MetricType) -> (usize, usize) {
+pub(super) fn row_shape(kind: MetricType) -> (usize, usize) {
     match kind {
         MetricType::Counter => (0, 36),
         MetricType::Gauge => (1, 36),
@@ -401,40 +421,52 @@ fn row_shape(kind: MetricType) -> (usize, usize) {
     }
 }
 
-/// Takes a place for a new key of `key_len` bytes in `generation` and
-/// returns its estimated cost in bytes; `None` (the line's values dropped
-/// and counted) past the memory budget or the key limit.
-fn admit_key(
+/// A line's type and how many values it carries (what a dropped line
+/// counts for).
+fn shape_of(line: &Line<'_>) -> (MetricType, u64) {
+    (line.kind, line.value_count() as u64)
+}
+
+/// Takes a place for a new key of `key_len` bytes in `generation` for
+/// `values` values of type `kind`, and returns its estimated cost in bytes;
+/// `None` (the values dropped and counted) past the memory budget or the
+/// key limit.
+pub(super) fn admit_key(
     generation: &Generation,
     key_len: usize,
-    line: &Line<'_>,
+    (kind, values): (MetricType, u64),
     stats: &mut BlockStats,
     limits: &AggregateLimits,
 ) -> Option<u64> {
-    let cost = acc::KEY_OVERHEAD + key_len as u64 + acc::boxed_bytes(line.kind);
+    let cost = acc::KEY_OVERHEAD + key_len as u64 + acc::boxed_bytes(kind);
     if generation.bytes.load(Relaxed).saturating_add(cost) > limits.max_memory {
-        stats.dropped_memory += line.value_count() as u64;
+        stats.dropped_memory += values;
         return None;
     }
     if generation.keys.fetch_add(1, Relaxed) >= limits.max_keys {
         generation.keys.fetch_sub(1, Relaxed);
-        stats.dropped_key_limit += line.value_count() as u64;
+        stats.dropped_key_limit += values;
         return None;
     }
-    let (table, fixed) = row_shape(line.kind);
+    let (table, fixed) = row_shape(kind);
     generation.row_counts[table].fetch_add(1, Relaxed);
     generation.row_bytes[table].fetch_add(key_len + fixed, Relaxed);
     Some(cost)
 }
 
-/// Gives back a place [`admit_key`] took, for a line that did not get it
+/// Gives back a place [`admit_key`] took, for values that did not get it
 /// after all (counted as dropped for memory in `stats`).
-fn unadmit(generation: &Generation, key_len: usize, line: &Line<'_>, stats: &mut BlockStats) {
+pub(super) fn unadmit(
+    generation: &Generation,
+    key_len: usize,
+    (kind, values): (MetricType, u64),
+    stats: &mut BlockStats,
+) {
     generation.keys.fetch_sub(1, Relaxed);
-    let (table, fixed) = row_shape(line.kind);
+    let (table, fixed) = row_shape(kind);
     generation.row_counts[table].fetch_sub(1, Relaxed);
     generation.row_bytes[table].fetch_sub(key_len + fixed, Relaxed);
-    stats.dropped_memory += line.value_count() as u64;
+    stats.dropped_memory += values;
 }
 
 /// Where a timestamped sample belongs.

@@ -1,8 +1,9 @@
 //! Series keys: `(type, name, canonical tags)` packed into one byte string.
 //!
 //! Layout: `type byte` `name` then, for each tag in sorted order without
-//! duplicates, `0x00` `tag`. The parser rejects control bytes in names and
-//! tags, so `0x00` can only be a separator. The key is built into a reused
+//! duplicates, `0x00` `tag`, then, for a forwarded key that keeps its edge's
+//! host ([`KeyBuf::with_host`]), `0x01` `host`. The parser rejects control
+//! bytes in names and tags, so `0x00` and `0x01` can only be separators. The key is built into a reused
 //! buffer, so looking up a live key allocates nothing.
 
 use crate::protocol::statsd::{MetricType, for_each_tag};
@@ -37,7 +38,20 @@ impl KeyBuf {
         }
         &self.buf
     }
+
+    /// The key just built, with `host` after it (none when empty): a
+    /// forwarded key whose row keeps its edge's host.
+    pub fn with_host(&mut self, host: &[u8]) -> &[u8] {
+        if !host.is_empty() {
+            self.buf.push(HOST);
+            self.buf.extend_from_slice(host);
+        }
+        &self.buf
+    }
 }
+
+/// The byte before a key's host.
+const HOST: u8 = 0x01;
 
 /// A key taken apart again (for rows).
 #[derive(Debug, PartialEq, Eq)]
@@ -78,13 +92,24 @@ impl<'a> KeyTags<'a> {
 }
 
 /// `(type, name, tags)` of a key built by [`KeyBuf::build`], borrowed from
-/// it; `None` as for [`split`].
+/// it; `None` as for [`split`]. A host the key carries is left out (see
+/// [`host`]).
 pub fn parts(key: &[u8]) -> Option<(MetricType, &str, KeyTags<'_>)> {
     let (&kind, rest) = key.split_first()?;
     let kind = MetricType::from_byte(kind)?;
+    let rest = match memchr::memchr(HOST, rest) {
+        Some(at) => &rest[..at],
+        None => rest,
+    };
     let text = std::str::from_utf8(rest).ok()?;
     let end = text.find('\0').unwrap_or(text.len());
     Some((kind, &text[..end], KeyTags(&text[end..])))
+}
+
+/// The host a forwarded key carries ([`KeyBuf::with_host`]), if any.
+pub fn host(key: &[u8]) -> Option<&str> {
+    let at = memchr::memchr(HOST, key)?;
+    std::str::from_utf8(&key[at + 1..]).ok()
 }
 
 #[cfg(test)]
@@ -146,6 +171,19 @@ mod tests {
     fn split_without_tags() {
         let k = key(MetricType::Set, "users", "");
         assert_eq!(split(&k).map(|p| p.tags.len()), Some(0));
+    }
+
+    #[test]
+    fn a_forwarded_key_keeps_its_host_apart_from_name_and_tags() {
+        let mut kb = KeyBuf::default();
+        kb.build(MetricType::Counter, b"req", b"b,a:1");
+        let k = kb.with_host(b"web-7").to_vec();
+        let plain = key(MetricType::Counter, "req", "a:1,b");
+        assert_ne!(k, plain, "the host is part of the key");
+        assert_eq!(split(&k), split(&plain));
+        assert_eq!((host(&k), host(&plain)), (Some("web-7"), None));
+        kb.build(MetricType::Counter, b"req", b"a:1,b");
+        assert_eq!(kb.with_host(b""), &plain[..], "no host: the plain key");
     }
 
     #[test]

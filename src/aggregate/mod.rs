@@ -20,6 +20,7 @@
 
 pub mod acc;
 mod apply;
+mod forwarded;
 pub mod key;
 pub mod series;
 pub mod sketch;

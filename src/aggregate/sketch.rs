@@ -47,6 +47,17 @@ pub fn index(v: f64) -> i32 {
     (v.ln() / gamma().ln()).ceil() as i32
 }
 
+/// The bucket whose value ([`bucket_value`]) is `v` (> 0): [`index`] of
+/// it, or a neighbour where rounding in `ln`/`exp` put the value on a
+/// bucket's edge. A value that is no bucket's goes where [`index`] puts it.
+pub fn index_of_value(v: f64) -> i32 {
+    let i = index(v);
+    [i, i.saturating_sub(1), i.saturating_add(1)]
+        .into_iter()
+        .find(|&j| bucket_value(j).to_bits() == v.to_bits())
+        .unwrap_or(i)
+}
+
 /// The value of bucket `i`: `2 γ^i / (γ + 1)`, at most `f64::MAX` (the
 /// top bucket's value would pass it for values near 1.8e308). Buckets of
 /// values from about 1e-18 to 1e18 come from a table computed once (32
@@ -307,6 +318,20 @@ impl Sketch {
             }
         }
         indexes.iter().map(|&i| self.positive.add(i, w)).sum()
+    }
+
+    /// Adds weight `w` (> 0) to the bucket whose value (what a row's
+    /// `bucket_values` holds, [`Sketch::buckets`]) is `v`: a forwarded
+    /// sketch merged into this one. Returns the bytes the sketch grew by.
+    pub fn add_bucket(&mut self, v: f64, w: f64) -> u64 {
+        if v.abs() < f64::MIN_POSITIVE {
+            self.zero += w;
+            0
+        } else if v > 0.0 {
+            self.positive.add(index_of_value(v), w)
+        } else {
+            self.negative.add(index_of_value(-v), w)
+        }
     }
 
     /// Bytes the buckets use.

@@ -104,6 +104,7 @@ fn a_protobuf_batchs_events_apply_in_order_with_their_tags_and_members() {
             event("u", &[], Value::SetMember("bob".into())),
             event("g", &[("a", "1"), ("b", "2")], Value::GaugeDelta(2.0)),
         ],
+        ..Default::default()
     }
     .encode_to_vec();
     let batch = BatchView::decode(&bytes).expect("decodes");

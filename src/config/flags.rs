@@ -65,6 +65,17 @@ pub struct Overrides {
     /// DogStatsD Unix stream socket path (length-prefixed payloads) [default: off]
     #[arg(long, env = "TALLYD_DOGSTATSD_STREAM_SOCKET", value_name = "PATH")]
     pub dogstatsd_stream_socket: Option<String>,
+    /// Aggregators to forward closed intervals to, comma separated host:port (this tallyd is then an edge) [default: none]
+    #[arg(
+        long,
+        env = "TALLYD_FORWARD_UPSTREAMS",
+        value_name = "ADDRS",
+        value_delimiter = ','
+    )]
+    pub forward_upstreams: Option<Vec<String>>,
+    /// keep (rows keep this host) or drop (one row per key for the fleet) [default: keep]
+    #[arg(long, env = "TALLYD_FORWARD_HOST", value_name = "MODE")]
+    pub forward_host: Option<String>,
 }
 
 impl Overrides {
@@ -92,6 +103,8 @@ impl Overrides {
         set(&mut s.wal.sync, &self.wal_sync);
         set(&mut s.statsd.udp_workers, &self.udp_workers);
         set(&mut s.statsd.dogstatsd_socket, &self.dogstatsd_socket);
+        set(&mut s.forward.upstreams, &self.forward_upstreams);
+        set(&mut s.forward.host, &self.forward_host);
         set(
             &mut s.statsd.dogstatsd_stream_socket,
             &self.dogstatsd_stream_socket,

@@ -195,7 +195,9 @@ impl Settings {
             max_clients: p.max_clients.max(1),
             idle_timeout: duration("proto.idle_timeout", &p.idle_timeout)?,
         };
+        let forward = self.forward_config()?;
         Ok(Config {
+            forward,
             wal,
             spool_max_size,
             spool_hard_limit,
@@ -317,6 +319,21 @@ pub struct Config {
     /// `i % udp_wal_streams`); the TCP streams come after them.
     pub udp_wal_streams: usize,
     pub proto: ProtoConfig,
+    /// `Some`: this tallyd is an edge (see [`crate::forward`]).
+    pub forward: Option<ForwardConfig>,
+}
+
+/// An edge's upstreams (`[forward]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardConfig {
+    /// `host:port` of each aggregator, as written (resolved at connect).
+    pub upstreams: Vec<String>,
+    /// Rows keep this host (`forward.host = "keep"`).
+    pub keep_host: bool,
+    pub batch_size: usize,
+    pub timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
 }
 
 /// The protobuf listeners.
@@ -333,6 +350,53 @@ pub struct ProtoConfig {
 }
 
 impl Settings {
+    fn forward_config(&self) -> Result<Option<ForwardConfig>, ConfigError> {
+        let f = &self.forward;
+        let keep_host = match f.host.as_str() {
+            "keep" => true,
+            "drop" => false,
+            other => {
+                return Err(err(
+                    "forward.host",
+                    format!("{other:?} is not keep or drop"),
+                ));
+            }
+        };
+        let batch_size = size("forward.batch_size", &f.batch_size)?;
+        if batch_size < 4096 {
+            return Err(err("forward.batch_size", "must be at least 4KiB"));
+        }
+        let mut upstreams = Vec::new();
+        for u in &f.upstreams {
+            let ok = u.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return Err(err("forward.upstreams", format!("{u:?} is not host:port")));
+            }
+            if upstreams.contains(u) {
+                return Err(err(
+                    "forward.upstreams",
+                    format!(
+                        "{u:?} is listed twice: each key goes to one upstream, so a second entry would only move keys"
+                    ),
+                ));
+            }
+            upstreams.push(u.clone());
+        }
+        if upstreams.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(ForwardConfig {
+            upstreams,
+            keep_host,
+            batch_size,
+            timeout: duration("forward.timeout", &f.timeout)?,
+            retry_initial: duration("forward.retry_initial", &f.retry_initial)?,
+            retry_max: duration("forward.retry_max", &f.retry_max)?,
+        }))
+    }
+
     fn wal_config(
         &self,
         udp_workers: usize,

@@ -194,6 +194,7 @@ async fn fsyncs_of_a_flush(
             client_id: format!("client-{c}"),
             sequence: 1,
             events: vec![],
+            ..Default::default()
         };
         let raw = prost::Message::encode_to_vec(&batch);
         let view = crate::protocol::batch::BatchView::decode(&raw).expect("view");

@@ -75,6 +75,7 @@ fn ack(sequence: u64, status: Status, message: &str, rejected_events: u32) -> Ac
         status: status as i32,
         message: message.to_owned(),
         rejected_events,
+        version: proto::VERSION,
     }
 }
 

@@ -6,6 +6,7 @@ use std::io;
 
 use super::*;
 use crate::outbox::flush::BodyRanges;
+use crate::outbox::rowbinary::Bodies;
 
 impl Ledger {
     /// Leaves a recorded flush on disk for the sink (the queue is full, or
@@ -216,6 +217,26 @@ impl Ledger {
     ) -> io::Result<Option<Vec<u8>>> {
         let chunk = reader.next_chunk();
         self.quarantine_damaged(flush_id, chunk)
+    }
+
+    /// Every body of recorded flush `flush` read back whole from its spool
+    /// file at `ranges` (damaged files are quarantined as in
+    /// [`Ledger::open_body`]). Blocking.
+    pub fn read_bodies(&self, flush: &Flush, ranges: &BodyRanges) -> io::Result<Bodies> {
+        let mut bodies = Bodies {
+            rows: flush.tables.rows,
+            ..Bodies::default()
+        };
+        for (body, &range) in bodies.bodies.iter_mut().zip(ranges) {
+            if range.1 == 0 {
+                continue;
+            }
+            let mut reader = self.open_body(flush, range)?;
+            while let Some(chunk) = self.next_chunk(flush.flush_id, &mut reader)? {
+                body.extend_from_slice(&chunk);
+            }
+        }
+        Ok(bodies)
     }
 
     /// A spool file that does not decode (`InvalidData`) is moved aside and

@@ -279,7 +279,7 @@ impl Rows<'_> {
             ts,
             name,
             tags: Tags::Key(tags),
-            host: self.host,
+            host: key::host(k).unwrap_or(self.host),
         };
         let mut forgotten = 0;
         match acc {

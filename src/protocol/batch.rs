@@ -31,6 +31,8 @@ pub enum DecodeError {
     Utf8(&'static str),
     #[error("unmatched or too deeply nested group")]
     Group,
+    #[error("{0}: not as many as the values they go with")]
+    Mismatched(&'static str),
 }
 
 /// prost's recursion budget (`RECURSION_LIMIT`), which this reader keeps
@@ -203,6 +205,12 @@ pub struct BatchView<'a> {
     pub client_id: &'a str,
     /// `sequence` (field 2); 0 when absent.
     pub sequence: u64,
+    /// `host` (field 4, forwarded state): the host its rows keep; empty
+    /// when absent.
+    pub host: &'a str,
+    /// `version` (field 5): the protocol version of the sender; 0 when
+    /// absent (version 1).
+    pub version: u32,
     /// How many events (field 3) the batch holds.
     pub len: usize,
     bytes: &'a [u8],
@@ -216,6 +224,8 @@ impl<'a> BatchView<'a> {
         let mut view = BatchView {
             client_id: "",
             sequence: 0,
+            host: "",
+            version: 0,
             len: 0,
             bytes,
         };
@@ -233,6 +243,14 @@ impl<'a> BatchView<'a> {
                     view.len += 1;
                 }
                 (3, _) => return Err(DecodeError::UnexpectedWireType("Batch.events")),
+                (4, Value::Bytes(b)) => {
+                    view.host =
+                        std::str::from_utf8(b).map_err(|_| DecodeError::Utf8("Batch.host"))?
+                }
+                (4, _) => return Err(DecodeError::UnexpectedWireType("Batch.host")),
+                // A uint32 is a varint; protobuf keeps its low 32 bits.
+                (5, Value::Varint(v)) => view.version = v as u32,
+                (5, _) => return Err(DecodeError::UnexpectedWireType("Batch.version")),
                 _ => {}
             }
         }
@@ -259,6 +277,137 @@ pub enum EventValue<'a> {
     Distribution(f64),
     /// UTF-8 (checked by [`BatchView::decode`]).
     SetMember(&'a [u8]),
+    /// Forwarded state (protocol version 2): a key over one interval.
+    CounterState {
+        sum: f64,
+        samples: u64,
+    },
+    GaugeState {
+        value: f64,
+        samples: u64,
+    },
+    DistributionState(DistributionView<'a>),
+    SetState(SetView<'a>),
+}
+
+/// A checked `DistributionState`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistributionView<'a> {
+    /// `kind`: 0 timer, 1 histogram, 2 distribution (others read as 0,
+    /// as protobuf reads an unknown enum value of a closed set).
+    pub kind: u32,
+    pub count: f64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub samples: u64,
+    bytes: &'a [u8],
+}
+
+impl<'a> DistributionView<'a> {
+    fn read(bytes: &'a [u8]) -> Result<DistributionView<'a>, DecodeError> {
+        let mut d = DistributionView {
+            kind: 0,
+            count: 0.0,
+            sum: 0.0,
+            min: 0.0,
+            max: 0.0,
+            samples: 0,
+            bytes,
+        };
+        let (mut values, mut weights) = (0usize, 0usize);
+        for field in fields(bytes, BATCH_BUDGET - 2) {
+            let (number, v) = field?;
+            let num = |field| double(v, field);
+            match number {
+                1 => d.kind = varint(v, "DistributionState.kind")? as u32,
+                2 => d.count = num("DistributionState.count")?,
+                3 => d.sum = num("DistributionState.sum")?,
+                4 => d.min = num("DistributionState.min")?,
+                5 => d.max = num("DistributionState.max")?,
+                6 => d.samples = varint(v, "DistributionState.samples")?,
+                7 => values += packed_len(v, 8, "DistributionState.bucket_values")?,
+                8 => weights += packed_len(v, 8, "DistributionState.bucket_weights")?,
+                _ => {}
+            }
+        }
+        if d.kind > 2 {
+            d.kind = 0;
+        }
+        if values != weights {
+            return Err(DecodeError::Mismatched("DistributionState.bucket_weights"));
+        }
+        Ok(d)
+    }
+
+    /// The buckets: (value, weight), in the order sent.
+    pub fn buckets(&self) -> impl Iterator<Item = (f64, f64)> + use<'a> {
+        fixed64s(self.bytes, 7)
+            .map(f64::from_bits)
+            .zip(fixed64s(self.bytes, 8).map(f64::from_bits))
+    }
+}
+
+/// A checked `SetState`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SetView<'a> {
+    pub samples: u64,
+    bytes: &'a [u8],
+}
+
+impl<'a> SetView<'a> {
+    fn read(bytes: &'a [u8]) -> Result<SetView<'a>, DecodeError> {
+        let mut s = SetView { samples: 0, bytes };
+        for field in fields(bytes, BATCH_BUDGET - 2) {
+            match field? {
+                (1, v) => {
+                    packed_len(v, 8, "SetState.member_hashes")?;
+                }
+                (2, v) => s.samples = varint(v, "SetState.samples")?,
+                _ => {}
+            }
+        }
+        Ok(s)
+    }
+
+    /// The member hashes, in the order sent.
+    pub fn member_hashes(&self) -> impl Iterator<Item = u64> + use<'a> {
+        fixed64s(self.bytes, 1)
+    }
+}
+
+fn varint(v: Value<'_>, field: &'static str) -> Result<u64, DecodeError> {
+    match v {
+        Value::Varint(x) => Ok(x),
+        _ => Err(DecodeError::UnexpectedWireType(field)),
+    }
+}
+
+/// How many 8-byte elements a repeated fixed64/double field's occurrence
+/// holds: one unpacked, or a packed run.
+fn packed_len(v: Value<'_>, width: usize, field: &'static str) -> Result<usize, DecodeError> {
+    match v {
+        Value::Fixed64(_) => Ok(1),
+        Value::Bytes(b) if b.len() % width == 0 => Ok(b.len() / width),
+        Value::Bytes(_) => Err(DecodeError::Truncated(field)),
+        _ => Err(DecodeError::UnexpectedWireType(field)),
+    }
+}
+
+/// Every element of repeated fixed64/double field `number` of a checked
+/// message, packed or not, in order.
+fn fixed64s(bytes: &[u8], number: u32) -> impl Iterator<Item = u64> + '_ {
+    fields(bytes, BATCH_BUDGET - 2)
+        .filter_map(move |f| match f {
+            Ok((n, Value::Fixed64(x))) if n == number => Some(vec![x]),
+            Ok((n, Value::Bytes(b))) if n == number => Some(
+                b.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .flatten()
 }
 
 /// A checked `Event`.
@@ -271,6 +420,9 @@ pub struct EventView<'a> {
     pub value: Option<EventValue<'a>>,
     /// `sample_rate` (field 10); 0 when absent, which means 1.
     pub sample_rate: f64,
+    /// `interval_start` (field 15, forwarded state): Unix seconds; 0 when
+    /// absent.
+    pub interval_start: u64,
     bytes: &'a [u8],
 }
 
@@ -287,6 +439,7 @@ impl<'a> EventView<'a> {
             name: b"",
             value: None,
             sample_rate: 0.0,
+            interval_start: 0,
             bytes,
         };
         for field in fields(bytes, BATCH_BUDGET - 1) {
@@ -309,6 +462,37 @@ impl<'a> EventView<'a> {
                 8 => e.value = Some(EventValue::Distribution(num("Event.distribution")?)),
                 9 => e.value = Some(EventValue::SetMember(text(v, "Event.set_member", check)?)),
                 10 => e.sample_rate = double(v, "Event.sample_rate")?,
+                11 => {
+                    let (mut sum, mut samples) = (0.0, 0);
+                    for f in fields(message(v, "Event.counter_state")?, BATCH_BUDGET - 2) {
+                        match f? {
+                            (1, v) => sum = double(v, "CounterState.sum")?,
+                            (2, v) => samples = varint(v, "CounterState.samples")?,
+                            _ => {}
+                        }
+                    }
+                    e.value = Some(EventValue::CounterState { sum, samples });
+                }
+                12 => {
+                    let (mut value, mut samples) = (0.0, 0);
+                    for f in fields(message(v, "Event.gauge_state")?, BATCH_BUDGET - 2) {
+                        match f? {
+                            (1, v) => value = double(v, "GaugeState.value")?,
+                            (2, v) => samples = varint(v, "GaugeState.samples")?,
+                            _ => {}
+                        }
+                    }
+                    e.value = Some(EventValue::GaugeState { value, samples });
+                }
+                13 => {
+                    let d = DistributionView::read(message(v, "Event.distribution_state")?)?;
+                    e.value = Some(EventValue::DistributionState(d));
+                }
+                14 => {
+                    let s = SetView::read(message(v, "Event.set_state")?)?;
+                    e.value = Some(EventValue::SetState(s));
+                }
+                15 => e.interval_start = varint(v, "Event.interval_start")?,
                 _ => {}
             }
         }
@@ -322,6 +506,14 @@ impl<'a> EventView<'a> {
             Ok((2, Value::Bytes(t))) => tag(t, false).ok(),
             _ => None,
         })
+    }
+}
+
+/// A nested message's bytes.
+fn message<'a>(v: Value<'a>, field: &'static str) -> Result<&'a [u8], DecodeError> {
+    match v {
+        Value::Bytes(b) => Ok(b),
+        _ => Err(DecodeError::UnexpectedWireType(field)),
     }
 }
 
@@ -362,6 +554,7 @@ mod tests {
                 pb_event("", None, &[], 0.0),
                 pb_event("d", Some(PbValue::GaugeDelta(-1.0)), &[], 0.0),
             ],
+            ..Default::default()
         };
         let bytes = batch.encode_to_vec();
         let view = BatchView::decode(&bytes).expect("decodes");

@@ -14,6 +14,10 @@ pub mod pb {
 
 pub use pb::{Ack, Batch, Event, Tag};
 
+/// The protocol version this build speaks (proto/tallyd.proto): 2, raw
+/// samples and forwarded state.
+pub const VERSION: u32 = 2;
+
 /// A frame header that cannot be accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -52,15 +56,11 @@ pub fn encode_frame(msg: &impl prost::Message) -> Vec<u8> {
     msg.encode_length_delimited_to_vec()
 }
 
-/// Turns an event into a line. Tags are written into `tags` (reused) as
-/// `key:value` (a bare key when the value is empty), comma separated.
-pub fn event_line<'a>(
-    e: &EventView<'a>,
-    tags: &'a mut Vec<u8>,
-    limits: &Limits,
-) -> Result<Line<'a>, ParseError> {
-    let name = e.name;
-    statsd::check_name(name, limits, false)?;
+/// Checks an event's name and writes its tags into `tags` (reused) as
+/// `key:value` (a bare key when the value is empty), comma separated: the
+/// raw tag section a StatsD line would have.
+pub fn event_key(e: &EventView<'_>, tags: &mut Vec<u8>, limits: &Limits) -> Result<(), ParseError> {
+    statsd::check_name(e.name, limits, false)?;
     tags.clear();
     for (key, value) in e.tags() {
         if key.is_empty() || key.contains(&b',') || value.contains(&b',') {
@@ -75,7 +75,19 @@ pub fn event_line<'a>(
             tags.extend_from_slice(value);
         }
     }
-    statsd::check_tags(tags, limits, false)?;
+    statsd::check_tags(tags, limits, false)
+}
+
+/// Turns an event of raw samples into a line (a forwarded state is not
+/// one: see [`crate::aggregate::Aggregator::apply_batch`]). Tags are written
+/// into `tags` as [`event_key`] writes them.
+pub fn event_line<'a>(
+    e: &EventView<'a>,
+    tags: &'a mut Vec<u8>,
+    limits: &Limits,
+) -> Result<Line<'a>, ParseError> {
+    let name = e.name;
+    event_key(e, tags, limits)?;
     let rate = if e.sample_rate == 0.0 {
         1.0
     } else {
@@ -96,6 +108,7 @@ pub fn event_line<'a>(
             statsd::check_text(m).map_err(|_| ParseError::InvalidValue)?;
             (MetricType::Set, 0.0, false, m)
         }
+        Some(_) => return Err(ParseError::UnknownType),
     };
     if !value.is_finite() {
         return Err(ParseError::InvalidValue);
@@ -140,6 +153,7 @@ pub(crate) fn test_event(
             .collect(),
         value,
         sample_rate,
+        ..Default::default()
     }
 }
 
@@ -182,6 +196,7 @@ mod tests {
             client_id: "c".into(),
             sequence: 7,
             events: vec![event("a", Value::Counter(1.0), &[])],
+            ..Default::default()
         };
         let bytes = encode_frame(&batch);
         let (prefix, len) = frame_header(&bytes, 1 << 20)

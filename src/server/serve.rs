@@ -66,7 +66,21 @@ pub(super) async fn serve(
     // any flush that finds the queue full: replay never waits for
     // ClickHouse, and holds one generation in memory at a time.
     let (queue_tx, queue_rx) = mpsc::channel(config.flush_queue.max(1));
-    let sink = tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx));
+    // An edge forwards its flushes to its aggregators instead.
+    let sink = match &config.forward {
+        Some(forward) => {
+            tracing::info!(upstreams = ?forward.upstreams, keep_host = forward.keep_host, "an edge: closed intervals go to the upstream aggregators, not to ClickHouse");
+            let forwarder = crate::forward::Forwarder {
+                config: forward.clone(),
+                host: config.host_id.clone(),
+                ledger: Arc::clone(&ledger),
+                telemetry: Arc::clone(&telemetry),
+            };
+            drop(sink);
+            tokio::spawn(forwarder.run(queue_rx))
+        }
+        None => tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx)),
+    };
 
     // The TTL in flushes at the configured interval (a reload of the
     // interval keeps the count).

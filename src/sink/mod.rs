@@ -51,8 +51,8 @@ pub use queued::Queued;
 use queued::{Body, Shared};
 
 use blocked::Blocked;
-pub use retry::{Failure, backoff, classify, error_code, is_certificate_error};
-use retry::{MISSING_SCHEMA_CODES, jitter};
+use retry::MISSING_SCHEMA_CODES;
+pub use retry::{Failure, backoff, classify, error_code, is_certificate_error, jitter};
 
 use crate::lock;
 use std::sync::Arc;

@@ -83,7 +83,7 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> D
     step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
-pub(super) fn jitter() -> f64 {
+pub fn jitter() -> f64 {
     let nanos = crate::clock::wall_clock().subsec_nanos() as u64;
     let mixed = nanos.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
     mixed as f64 / (1u64 << 53) as f64

@@ -414,8 +414,10 @@ pub fn proto_batch(
                 tags: vec![],
                 value: Some(Value::Counter(value)),
                 sample_rate: 0.0,
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 

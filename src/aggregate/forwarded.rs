@@ -1,0 +1,289 @@
+//! Forwarded state (protocol version 2): the aggregate of one key over one
+//! interval, as an edge tallyd sends it upstream ([`crate::forward`]),
+//! merged here into the accumulator of that key and interval, the same
+//! [`Acc`] that raw samples build. So an aggregator's row of a key is the
+//! merge of every edge's row of it, and a rollup of rollups stays exact:
+//! counters add sums and samples, gauges take the value (an edge sends the
+//! value at the end of its interval, deltas applied), distributions add
+//! weighted counts, sums and sketch buckets and keep the extremes, sets
+//! take the union of member hashes.
+//!
+//! A state keeps its interval: one whose `interval_start` falls in this
+//! generation's interval merges into the series table, any other into the
+//! generation's late samples (as a `|T` sample does), and is flushed as a
+//! row of its own interval. No timestamp window applies: an edge's backlog
+//! after a partition lands in its own past intervals.
+//!
+//! With a `host` (the edge's, under `forward.host = "keep"`), the key
+//! carries it ([`super::key::KeyBuf::with_host`]) and the row keeps it;
+//! without, the fleet's states of a key merge into one row.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use dashmap::mapref::entry::Entry;
+
+use super::acc::Acc;
+use super::apply::{admit_key, row_shape, unadmit};
+use super::{AggregateLimits, Aggregator, Generation, MapKey, Scratch};
+use crate::protocol::batch::{DistributionView, EventValue, EventView, SetView};
+use crate::protocol::proto;
+use crate::protocol::statsd::{Limits, MetricType, ParseError};
+use crate::telemetry::BlockStats;
+
+/// A forwarded state, checked.
+#[derive(Clone, Copy)]
+enum State<'a> {
+    Counter { sum: f64, samples: u64 },
+    Gauge { value: f64, samples: u64 },
+    Distribution(MetricType, DistributionView<'a>),
+    Set(SetView<'a>),
+}
+
+impl State<'_> {
+    fn kind(&self) -> MetricType {
+        match self {
+            State::Counter { .. } => MetricType::Counter,
+            State::Gauge { .. } => MetricType::Gauge,
+            State::Distribution(kind, _) => *kind,
+            State::Set(_) => MetricType::Set,
+        }
+    }
+
+    /// The raw samples it stands for (at least 1, what a drop counts).
+    fn samples(&self) -> u64 {
+        match self {
+            State::Counter { samples, .. } | State::Gauge { samples, .. } => *samples,
+            State::Distribution(_, d) => d.samples,
+            State::Set(s) => s.samples,
+        }
+        .max(1)
+    }
+}
+
+/// Whether `value` is a forwarded state rather than a raw sample.
+pub fn is_state(value: &EventValue<'_>) -> bool {
+    matches!(
+        value,
+        EventValue::CounterState { .. }
+            | EventValue::GaugeState { .. }
+            | EventValue::DistributionState(_)
+            | EventValue::SetState(_)
+    )
+}
+
+/// The state of `value`; `InvalidValue` for a number that is not finite
+/// (a count or weight that is negative included).
+fn state<'a>(value: &EventValue<'a>) -> Result<State<'a>, ParseError> {
+    let finite = |v: f64| v.is_finite().then_some(()).ok_or(ParseError::InvalidValue);
+    Ok(match *value {
+        EventValue::CounterState { sum, samples } => {
+            finite(sum)?;
+            State::Counter { sum, samples }
+        }
+        EventValue::GaugeState { value, samples } => {
+            finite(value)?;
+            State::Gauge { value, samples }
+        }
+        EventValue::DistributionState(d) => {
+            for v in [d.count, d.sum, d.min, d.max] {
+                finite(v)?;
+            }
+            if d.count < 0.0 || d.min > d.max {
+                return Err(ParseError::InvalidValue);
+            }
+            let kind = match d.kind {
+                1 => MetricType::Histogram,
+                2 => MetricType::Distribution,
+                _ => MetricType::Timer,
+            };
+            State::Distribution(kind, d)
+        }
+        EventValue::SetState(s) => State::Set(s),
+        _ => return Err(ParseError::UnknownType),
+    })
+}
+
+/// Merges `state` into `acc` (of the same type); returns the bytes it
+/// grew by. A merge that would not be finite, or members past the set's
+/// limit, are counted in `stats` and left out.
+fn merge(
+    acc: &mut Acc,
+    state: &State<'_>,
+    stats: &mut BlockStats,
+    limits: &AggregateLimits,
+    full: bool,
+) -> u64 {
+    let mut grew = 0;
+    let applied = match (acc, state) {
+        (Acc::Counter { sum, samples }, State::Counter { sum: s, samples: n }) => {
+            let next = *sum + s;
+            next.is_finite() && {
+                *sum = next;
+                *samples = samples.saturating_add(*n);
+                true
+            }
+        }
+        (Acc::Gauge(g), State::Gauge { value, samples }) => {
+            g.value = *value;
+            g.absolute = true;
+            g.samples = g.samples.saturating_add(*samples);
+            true
+        }
+        (Acc::Dist(_), State::Distribution(..)) if full => {
+            stats.dropped_memory += state.samples();
+            return 0;
+        }
+        (Acc::Dist(acc), State::Distribution(_, d)) => {
+            match acc.merge([d.count, d.sum, d.min, d.max], d.samples, d.buckets()) {
+                Some(g) => {
+                    grew = g;
+                    true
+                }
+                None => false,
+            }
+        }
+        (Acc::Set(acc), State::Set(s)) => {
+            let max = if full {
+                acc.members.len()
+            } else {
+                limits.max_set_members
+            };
+            let (g, refused) = acc.merge(s.member_hashes(), s.samples, max);
+            grew = g;
+            if full {
+                stats.dropped_memory += refused;
+            } else {
+                stats.dropped_set_members += refused;
+            }
+            true
+        }
+        // A key's type is in its key: an accumulator of another type
+        // cannot be found under it.
+        _ => false,
+    };
+    if applied {
+        stats.samples += state.samples();
+    } else {
+        stats.dropped_overflow += state.samples();
+    }
+    grew
+}
+
+impl Aggregator {
+    /// Merges one forwarded state event into `generation`, in the interval
+    /// of its `interval_start`, under a key that carries `host` when it is
+    /// not empty. Errors (the event is counted as invalid and skipped) for
+    /// a bad name, tags or number.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn apply_state(
+        &self,
+        generation: &Generation,
+        event: &EventView<'_>,
+        host: &[u8],
+        tags: &mut Vec<u8>,
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+        (limits, parse_limits): (&AggregateLimits, &Limits),
+    ) -> Result<(), ParseError> {
+        let Some(value) = &event.value else {
+            return Err(ParseError::MissingValue);
+        };
+        let state = state(value)?;
+        proto::event_key(event, tags, parse_limits)?;
+        scratch.key.build(state.kind(), event.name, tags);
+        let key = scratch.key.with_host(host);
+        let step = limits.interval.as_secs().max(1);
+        let start = event.interval_start - event.interval_start % step;
+        let started = generation.started.as_secs();
+        let full = generation.bytes.load(Relaxed) >= limits.max_memory;
+        let grew = if start == started - started % step {
+            self.merge_live(generation, key, &state, stats, limits, full)
+        } else {
+            let start = u32::try_from(start).map_err(|_| ParseError::InvalidTimestamp)?;
+            scratch.late_key.clear();
+            scratch.late_key.extend_from_slice(&start.to_le_bytes());
+            scratch.late_key.extend_from_slice(key);
+            merge_late(generation, &scratch.late_key, &state, stats, limits, full)
+        };
+        generation.grew(row_shape(state.kind()).0, grew);
+        Ok(())
+    }
+
+    /// Merges `state` into `key`'s value in `generation`'s column of the
+    /// series table; returns the bytes it grew by.
+    fn merge_live(
+        &self,
+        generation: &Generation,
+        key: &[u8],
+        state: &State<'_>,
+        stats: &mut BlockStats,
+        limits: &AggregateLimits,
+        full: bool,
+    ) -> u64 {
+        let series = &generation.series;
+        let column = (generation.id & 1) as usize;
+        let hash = series.hash(key);
+        let mut table = series.lock(series.shard_of(hash));
+        let id = table.find(hash, key);
+        if let Some(id) = id
+            && let Some(acc) = table.value(id, column)
+        {
+            return merge(acc, state, stats, limits, full);
+        }
+        let shape = (state.kind(), state.samples());
+        let cost = admit_key(generation, key.len(), shape, stats, limits);
+        let Some(cost) = cost else { return 0 };
+        let id = match id.or_else(|| table.insert(hash, key, series.hasher())) {
+            Some(id) => id,
+            None => {
+                drop(table);
+                unadmit(generation, key.len(), shape, stats);
+                return 0;
+            }
+        };
+        let mut acc = Acc::new(state.kind());
+        let grew = merge(&mut acc, state, stats, limits, full);
+        table.put(id, column, generation.id, acc);
+        generation.bytes.fetch_add(cost, Relaxed);
+        grew
+    }
+}
+
+/// Merges `state` into `generation`'s late samples under `late_key` (its
+/// interval start, 4 bytes LE, then the key); returns the bytes it grew by.
+fn merge_late(
+    generation: &Generation,
+    late_key: &[u8],
+    state: &State<'_>,
+    stats: &mut BlockStats,
+    limits: &AggregateLimits,
+    full: bool,
+) -> u64 {
+    let map = &generation.late;
+    if let Some(mut acc) = map.get_mut(late_key) {
+        return merge(&mut acc, state, stats, limits, full);
+    }
+    let shape = (state.kind(), state.samples());
+    let Some(cost) = admit_key(generation, late_key.len(), shape, stats, limits) else {
+        return 0;
+    };
+    match map.entry(MapKey::from_slice(late_key)) {
+        Entry::Occupied(mut e) => {
+            // Another worker made it between the lookup and now.
+            unadmit(
+                generation,
+                late_key.len(),
+                shape,
+                &mut BlockStats::default(),
+            );
+            merge(e.get_mut(), state, stats, limits, full)
+        }
+        Entry::Vacant(v) => {
+            let mut acc = Acc::new(state.kind());
+            let grew = merge(&mut acc, state, stats, limits, full);
+            v.insert(acc);
+            generation.bytes.fetch_add(cost, Relaxed);
+            grew
+        }
+    }
+}
