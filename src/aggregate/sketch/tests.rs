@@ -140,7 +140,7 @@ fn bucket_values_are_the_same_for_every_key_and_merge_by_equality() {
 fn every_buckets_value_finds_its_bucket_again() {
     for i in -40_000..40_000 {
         let v = bucket_value(i);
-        if v.is_finite() && v >= f64::MIN_POSITIVE && v < f64::MAX {
+        if (f64::MIN_POSITIVE..f64::MAX).contains(&v) {
             assert_eq!(index_of_value(v), i, "bucket {i}, value {v:e}");
         }
     }
