@@ -131,15 +131,13 @@ pub struct Telemetry {
     /// An edge's forwarding (see [`crate::forward`]): batches and rows
     /// taken by upstreams (rows first sent, and re-sent from the spool
     /// after a restart), attempts retried, parts answered `DUPLICATE`,
-    /// rows an upstream refused by its limits, and events and service
-    /// checks dropped (not forwarded).
+    /// and rows an upstream refused by its limits.
     pub forward_batches: AtomicU64,
     pub forward_rows: AtomicU64,
     pub forward_rows_resent: AtomicU64,
     pub forward_retries: AtomicU64,
     pub forward_duplicates: AtomicU64,
     pub forward_rejected: AtomicU64,
-    pub dropped_forward_notes: AtomicU64,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
     pub flush_heartbeat_ms: AtomicU64,
@@ -530,11 +528,6 @@ impl Telemetry {
                 "tallyd_forward_rejected_rows_total",
                 "Forwarded rows an upstream refused by its own limits.",
                 &self.forward_rejected,
-            ),
-            (
-                "tallyd_forward_dropped_notes_total",
-                "Events and service checks an edge dropped: they are not forwarded yet.",
-                &self.dropped_forward_notes,
             ),
         ] {
             m.counter(name, help, "", c);

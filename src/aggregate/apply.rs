@@ -56,11 +56,11 @@ pub(super) fn relabel<'b>(v: Vec<Pending<'_>>) -> Vec<Pending<'b>> {
     v.into_iter().filter_map(|_| None).collect()
 }
 
-/// Estimated bytes of an event or service check parsed from `line`: its
-/// text (at most the line), once more for the copies being built, and a
-/// string header per tag.
-fn note_cost(line: &[u8], tags: usize) -> u64 {
-    (line.len() as u64)
+/// Estimated bytes of an event or service check of `text` bytes of text
+/// (at most its line) and `tags` tags: the text, once more for the copies
+/// being built, and a string header per tag.
+pub(super) fn note_cost(text: usize, tags: usize) -> u64 {
+    (text as u64)
         .saturating_mul(2)
         .saturating_add((tags as u64).saturating_mul(24))
 }
@@ -128,6 +128,9 @@ impl Aggregator {
         scratch.tags = tags;
         self.apply_pending(generation, &mut pending, scratch, stats, &limits);
         scratch.pending = relabel(pending);
+        if batch.notes > 0 {
+            rejected += self.apply_notes(generation, batch, stats, &limits);
+        }
         self.count_pending(generation, stats.samples - before, limits.max_depth);
         rejected
     }
@@ -180,8 +183,10 @@ impl Aggregator {
                 Ok(Parsed::Event) => match dogstatsd::parse_event(line, &parse_limits) {
                     Ok(e) => {
                         self.apply_pending(generation, &mut pending, scratch, stats, &limits);
-                        let cost = note_cost(line, e.tags.len());
-                        if self.keep(generation, cost, stats, &limits, |n| n.events.push(e)) {
+                        let cost = note_cost(line.len(), e.tags.len());
+                        if self.keep(generation, cost, stats, &limits, |n| {
+                            n.events.push((e, Default::default()))
+                        }) {
                             stats.events += 1;
                         }
                     }
@@ -191,9 +196,9 @@ impl Aggregator {
                     match dogstatsd::parse_service_check(line, &parse_limits) {
                         Ok(c) => {
                             self.apply_pending(generation, &mut pending, scratch, stats, &limits);
-                            let cost = note_cost(line, c.tags.len());
+                            let cost = note_cost(line.len(), c.tags.len());
                             if self.keep(generation, cost, stats, &limits, |n| {
-                                n.service_checks.push(c)
+                                n.service_checks.push((c, Default::default()))
                             }) {
                                 stats.service_checks += 1;
                             }
@@ -343,7 +348,7 @@ impl Aggregator {
     /// Keeps an event or service check of `cost` bytes of text in
     /// `generation`, within the memory budget (else it is dropped and
     /// counted). Returns whether it was kept.
-    fn keep(
+    pub(super) fn keep(
         &self,
         generation: &Generation,
         cost: u64,

@@ -23,10 +23,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use dashmap::mapref::entry::Entry;
 
 use super::acc::Acc;
-use super::apply::{admit_key, row_shape, unadmit};
-use super::{AggregateLimits, Aggregator, Generation, MapKey, Scratch};
-use crate::protocol::batch::{DistributionView, EventValue, EventView, SetView};
-use crate::protocol::proto;
+use super::apply::{admit_key, note_cost, row_shape, unadmit};
+use super::{AggregateLimits, Aggregator, Generation, MapKey, Origin, Scratch};
+use crate::protocol::batch::{BatchView, DistributionView, EventValue, EventView, Note, SetView};
+use crate::protocol::dogstatsd;
+use crate::protocol::proto::{self, pb};
 use crate::protocol::statsd::{Limits, MetricType, ParseError};
 use crate::telemetry::BlockStats;
 
@@ -170,6 +171,66 @@ fn merge(
 }
 
 impl Aggregator {
+    /// Keeps the forwarded DogStatsD events and service checks of `batch`
+    /// (with their interval and, when the batch names one, their host),
+    /// within the memory budget. Returns how many were invalid (a status
+    /// above 3, a priority or alert type DogStatsD does not have).
+    pub(super) fn apply_notes(
+        &self,
+        generation: &Generation,
+        batch: &BatchView<'_>,
+        stats: &mut BlockStats,
+        limits: &AggregateLimits,
+    ) -> u32 {
+        let host = (!batch.host.is_empty()).then(|| batch.host.to_owned());
+        let mut rejected = 0;
+        for note in batch.notes() {
+            stats.lines += 1;
+            match note {
+                Note::Event(e) => {
+                    let origin = origin(e.interval_start, &host);
+                    let Some(e) = event(e) else {
+                        stats.parse_errors[ParseError::InvalidEvent.index()] += 1;
+                        rejected += 1;
+                        continue;
+                    };
+                    let cost = note_cost(e.title.len() + e.text.len(), e.tags.len());
+                    if self.keep(generation, cost, stats, limits, |n| {
+                        n.events.push((e, origin))
+                    }) {
+                        stats.events += 1;
+                    }
+                }
+                Note::ServiceCheck(c) => {
+                    let origin = origin(c.interval_start, &host);
+                    let Ok(status) = u8::try_from(c.status)
+                        .map_err(drop)
+                        .and_then(|s| (s <= 3).then_some(s).ok_or(()))
+                    else {
+                        stats.parse_errors[ParseError::InvalidServiceCheck.index()] += 1;
+                        rejected += 1;
+                        continue;
+                    };
+                    let c = dogstatsd::ServiceCheck {
+                        name: c.name,
+                        status,
+                        timestamp: (c.timestamp > 0).then_some(c.timestamp),
+                        hostname: c.hostname,
+                        tags: c.tags,
+                        message: c.message,
+                    };
+                    let cost = note_cost(c.name.len() + c.message.len(), c.tags.len());
+                    if self.keep(generation, cost, stats, limits, |n| {
+                        n.service_checks.push((c, origin))
+                    }) {
+                        stats.service_checks += 1;
+                    }
+                }
+            }
+        }
+        rejected
+    }
+
     /// Merges one forwarded state event into `generation`, in the interval
     /// of its `interval_start`, under a key that carries `host` when it is
     /// not empty. Errors (the event is counted as invalid and skipped) for
@@ -247,6 +308,36 @@ impl Aggregator {
         generation.bytes.fetch_add(cost, Relaxed);
         grew
     }
+}
+
+/// Where a forwarded note comes from: its interval, and its edge's host.
+fn origin(interval_start: u64, host: &Option<String>) -> Origin {
+    Origin {
+        interval: u32::try_from(interval_start).ok().filter(|&t| t > 0),
+        host: host.clone(),
+    }
+}
+
+/// A forwarded event as the parser would have made it; `None` for a
+/// priority or alert type DogStatsD does not have.
+fn event(e: pb::DogstatsdEvent) -> Option<dogstatsd::Event> {
+    let priority = ["normal", "low"]
+        .into_iter()
+        .find(|&p| p == e.priority || (e.priority.is_empty() && p == "normal"))?;
+    let alert_type = ["info", "error", "warning", "success"]
+        .into_iter()
+        .find(|&t| t == e.alert_type || (e.alert_type.is_empty() && t == "info"))?;
+    Some(dogstatsd::Event {
+        title: e.title,
+        text: e.text,
+        timestamp: (e.timestamp > 0).then_some(e.timestamp),
+        hostname: e.hostname,
+        aggregation_key: e.aggregation_key,
+        priority,
+        source_type: e.source_type,
+        alert_type,
+        tags: e.tags,
+    })
 }
 
 /// Merges `state` into `generation`'s late samples under `late_key` (its

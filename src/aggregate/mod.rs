@@ -104,8 +104,18 @@ pub struct Generation {
 
 #[derive(Debug, Default)]
 struct Notes {
-    events: Vec<dogstatsd::Event>,
-    service_checks: Vec<dogstatsd::ServiceCheck>,
+    events: Vec<(dogstatsd::Event, Origin)>,
+    service_checks: Vec<(dogstatsd::ServiceCheck, Origin)>,
+}
+
+/// Where a kept event or service check comes from: received here (the
+/// default), or forwarded by an edge, which names its interval and, under
+/// `forward.host = "keep"`, its host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The interval's start, Unix seconds.
+    pub interval: Option<u32>,
+    pub host: Option<String>,
 }
 
 /// Estimated bytes of a kept event or service check beyond its text.
@@ -153,7 +163,13 @@ impl Generation {
     }
 
     /// Takes the events and service checks, in arrival order.
-    pub fn take_notes(&self) -> (Vec<dogstatsd::Event>, Vec<dogstatsd::ServiceCheck>) {
+    #[allow(clippy::type_complexity)]
+    pub fn take_notes(
+        &self,
+    ) -> (
+        Vec<(dogstatsd::Event, Origin)>,
+        Vec<(dogstatsd::ServiceCheck, Origin)>,
+    ) {
         let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
         let notes = std::mem::take(&mut *notes);
         (notes.events, notes.service_checks)

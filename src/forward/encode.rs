@@ -77,14 +77,33 @@ pub struct Shape<'a> {
     pub batch_size: usize,
 }
 
+/// One thing a part carries.
+enum Item {
+    Metric(pb::Event),
+    Event(pb::DogstatsdEvent),
+    Check(pb::ServiceCheck),
+}
+
+impl Item {
+    /// Its bytes in a batch (with its field key and length).
+    fn len(&self) -> usize {
+        4 + match self {
+            Item::Metric(e) => e.encoded_len(),
+            Item::Event(e) => e.encoded_len(),
+            Item::Check(c) => c.encoded_len(),
+        }
+    }
+}
+
 /// The batches of `rows` for each upstream (in `shape.upstreams` order),
-/// each part in order. Events and service checks are not in `rows`' metric
-/// tables and are not sent here.
+/// each part in order: every metric row as its state, and the events and
+/// service checks (an event by its title, a check by its name, among the
+/// upstreams).
 pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
     let n = shape.upstreams.len().max(1);
-    let mut events: Vec<Vec<pb::Event>> = vec![Vec::new(); n];
+    let mut items: Vec<Vec<Item>> = (0..n).map(|_| Vec::new()).collect();
     let mut push = |name: &str, tags: &[String], ts: u32, value: Value| {
-        events[upstream_of(shape.upstreams, name, tags)].push(pb::Event {
+        items[upstream_of(shape.upstreams, name, tags)].push(Item::Metric(pb::Event {
             name: name.to_owned(),
             // Each tag whole as the key: the aggregator rebuilds the same
             // tag text (`k:v`, or a bare `k`).
@@ -98,7 +117,7 @@ pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
             value: Some(value),
             sample_rate: 0.0,
             interval_start: u64::from(ts),
-        });
+        }));
     };
     for r in &rows.counters {
         let state = pb::CounterState {
@@ -140,21 +159,45 @@ pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
         };
         push(&r.name, &r.tags, r.ts, Value::SetState(state));
     }
-    events
-        .into_iter()
-        .map(|events| cut(events, shape))
-        .collect()
+    for e in &rows.events {
+        items[upstream_of(shape.upstreams, &e.title, &e.tags)].push(Item::Event(
+            pb::DogstatsdEvent {
+                interval_start: u64::from(e.ts),
+                timestamp: u64::from(e.event_ts),
+                title: e.title.clone(),
+                text: e.text.clone(),
+                hostname: e.hostname.clone(),
+                aggregation_key: e.aggregation_key.clone(),
+                priority: e.priority.clone(),
+                source_type: e.source_type.clone(),
+                alert_type: e.alert_type.clone(),
+                tags: e.tags.clone(),
+            },
+        ));
+    }
+    for c in &rows.service_checks {
+        items[upstream_of(shape.upstreams, &c.name, &c.tags)].push(Item::Check(pb::ServiceCheck {
+            interval_start: u64::from(c.ts),
+            timestamp: u64::from(c.check_ts),
+            name: c.name.clone(),
+            status: u32::from(c.status),
+            hostname: c.hostname.clone(),
+            tags: c.tags.clone(),
+            message: c.message.clone(),
+        }));
+    }
+    items.into_iter().map(|items| cut(items, shape)).collect()
 }
 
-/// `events` as parts of at most `batch_size` bytes (larger where that
+/// `items` as parts of at most `batch_size` bytes (larger where that
 /// would make more than [`MAX_PARTS`]).
-fn cut(events: Vec<pb::Event>, shape: &Shape<'_>) -> Vec<pb::Batch> {
-    let total: usize = events.iter().map(|e| e.encoded_len() + 4).sum();
+fn cut(items: Vec<Item>, shape: &Shape<'_>) -> Vec<pb::Batch> {
+    let total: usize = items.iter().map(Item::len).sum();
     let limit = shape.batch_size.max(total.div_ceil(MAX_PARTS));
     let mut parts: Vec<pb::Batch> = Vec::new();
     let mut size = usize::MAX;
-    for e in events {
-        let len = e.encoded_len() + 4;
+    for item in items {
+        let len = item.len();
         if size.saturating_add(len) > limit {
             parts.push(pb::Batch {
                 client_id: shape.client_id.to_owned(),
@@ -167,7 +210,11 @@ fn cut(events: Vec<pb::Event>, shape: &Shape<'_>) -> Vec<pb::Batch> {
         }
         size += len;
         if let Some(p) = parts.last_mut() {
-            p.events.push(e);
+            match item {
+                Item::Metric(e) => p.events.push(e),
+                Item::Event(e) => p.dogstatsd_events.push(e),
+                Item::Check(c) => p.service_checks.push(c),
+            }
         }
     }
     parts

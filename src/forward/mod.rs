@@ -136,17 +136,6 @@ impl Forwarder {
                 return;
             }
         };
-        let skipped = rows.events.len() + rows.service_checks.len();
-        if skipped > 0 {
-            self.telemetry
-                .dropped_forward_notes
-                .fetch_add(skipped as u64, Relaxed);
-            tracing::warn!(
-                flush_id,
-                skipped,
-                "events and service checks are not forwarded yet; dropped and counted"
-            );
-        }
         let client_id = encode::client_id(&self.host, q.flush.instance);
         let host = if self.config.keep_host {
             self.host.as_str()
@@ -214,7 +203,10 @@ impl Forwarder {
                 }
             }
         }
-        let rows: u64 = parts.iter().map(|p| p.events.len() as u64).sum();
+        let rows: u64 = parts
+            .iter()
+            .map(|p| (p.events.len() + p.dogstatsd_events.len() + p.service_checks.len()) as u64)
+            .sum();
         let t = &self.telemetry;
         t.forward_batches.fetch_add(parts.len() as u64, Relaxed);
         if resent {

@@ -154,3 +154,24 @@ fn a_state_keeps_its_interval_however_late_it_arrives() {
     assert_eq!((rows.counters[0].ts, rows.counters[0].value), (100, 3.0));
     assert_eq!((rows.gauges[0].ts, rows.gauges[0].value), (100, 9.0));
 }
+
+#[test]
+fn events_and_service_checks_arrive_whole_in_their_edges_interval() {
+    let edge = edge_rows(
+        "_e{5,4}:title|text|p:low|t:error|#b,a:1\n_sc|disk|2|d:90|m:full\nc:1|c\n",
+        100,
+        "web-1",
+    );
+    assert_eq!((edge.events.len(), edge.service_checks.len()), (1, 1));
+    let agg = through_aggregator(&[("web-1", &edge)], true, 5000);
+    let (a, e) = (&agg.events[0], &edge.events[0]);
+    let mut a = a.clone();
+    a.flush_id = e.flush_id;
+    assert_eq!(&a, e, "the same row: interval, host, every field");
+    let (a, c) = (&agg.service_checks[0], &edge.service_checks[0]);
+    let mut a = a.clone();
+    a.flush_id = c.flush_id;
+    assert_eq!(&a, c);
+    let dropped = through_aggregator(&[("web-1", &edge)], false, 5000);
+    assert_eq!(dropped.events[0].host, "agg");
+}

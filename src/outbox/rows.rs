@@ -161,10 +161,10 @@ pub fn build(
         instance,
         summary: Summary::default(),
     };
-    for (e, seq) in events.into_iter().zip(0u32..) {
+    for ((e, origin), seq) in events.into_iter().zip(0u32..) {
         out.tables.event(&EventRow {
-            ts,
-            host: host.to_owned(),
+            ts: origin.interval.unwrap_or(ts),
+            host: origin.host.unwrap_or_else(|| host.to_owned()),
             flush_id,
             seq,
             event_ts: at(e.timestamp),
@@ -178,10 +178,10 @@ pub fn build(
             tags: e.tags,
         });
     }
-    for (c, seq) in service_checks.into_iter().zip(0u32..) {
+    for ((c, origin), seq) in service_checks.into_iter().zip(0u32..) {
         out.tables.service_check(&ServiceCheckRow {
-            ts,
-            host: host.to_owned(),
+            ts: origin.interval.unwrap_or(ts),
+            host: origin.host.unwrap_or_else(|| host.to_owned()),
             flush_id,
             seq,
             check_ts: at(c.timestamp),

@@ -14,6 +14,10 @@
 //!
 //! Pure code: no sockets, no tokio.
 
+use prost::Message;
+
+use super::proto::pb;
+
 /// Why a message does not decode. The texts name the field and the fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -33,6 +37,8 @@ pub enum DecodeError {
     Group,
     #[error("{0}: not as many as the values they go with")]
     Mismatched(&'static str),
+    #[error("{0}: not a valid message")]
+    Invalid(&'static str),
 }
 
 /// prost's recursion budget (`RECURSION_LIMIT`), which this reader keeps
@@ -213,7 +219,16 @@ pub struct BatchView<'a> {
     pub version: u32,
     /// How many events (field 3) the batch holds.
     pub len: usize,
+    /// How many DogStatsD events and service checks (fields 6 and 7).
+    pub notes: usize,
     bytes: &'a [u8],
+}
+
+/// A forwarded DogStatsD event or service check, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Note {
+    Event(pb::DogstatsdEvent),
+    ServiceCheck(pb::ServiceCheck),
 }
 
 impl<'a> BatchView<'a> {
@@ -227,6 +242,7 @@ impl<'a> BatchView<'a> {
             host: "",
             version: 0,
             len: 0,
+            notes: 0,
             bytes,
         };
         for field in fields(bytes, BATCH_BUDGET) {
@@ -251,10 +267,32 @@ impl<'a> BatchView<'a> {
                 // A uint32 is a varint; protobuf keeps its low 32 bits.
                 (5, Value::Varint(v)) => view.version = v as u32,
                 (5, _) => return Err(DecodeError::UnexpectedWireType("Batch.version")),
+                (6, Value::Bytes(b)) => {
+                    pb::DogstatsdEvent::decode(b)
+                        .map_err(|_| DecodeError::Invalid("Batch.dogstatsd_events"))?;
+                    view.notes += 1;
+                }
+                (6, _) => return Err(DecodeError::UnexpectedWireType("Batch.dogstatsd_events")),
+                (7, Value::Bytes(b)) => {
+                    pb::ServiceCheck::decode(b)
+                        .map_err(|_| DecodeError::Invalid("Batch.service_checks"))?;
+                    view.notes += 1;
+                }
+                (7, _) => return Err(DecodeError::UnexpectedWireType("Batch.service_checks")),
                 _ => {}
             }
         }
         Ok(view)
+    }
+
+    /// The DogStatsD events and service checks, in order (each was
+    /// checked by [`BatchView::decode`]).
+    pub fn notes(&self) -> impl Iterator<Item = Note> + use<'a> {
+        fields(self.bytes, BATCH_BUDGET).filter_map(|f| match f {
+            Ok((6, Value::Bytes(b))) => pb::DogstatsdEvent::decode(b).ok().map(Note::Event),
+            Ok((7, Value::Bytes(b))) => pb::ServiceCheck::decode(b).ok().map(Note::ServiceCheck),
+            _ => None,
+        })
     }
 
     /// The events, in order (each was checked by [`BatchView::decode`]).
