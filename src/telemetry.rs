@@ -138,6 +138,8 @@ pub struct Telemetry {
     pub forward_retries: AtomicU64,
     pub forward_duplicates: AtomicU64,
     pub forward_rejected: AtomicU64,
+    /// Flushes waiting for a down upstream their plan names.
+    pub forward_waiting: AtomicU64,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
     pub flush_heartbeat_ms: AtomicU64,
@@ -532,6 +534,12 @@ impl Telemetry {
         ] {
             m.counter(name, help, "", c);
         }
+        m.gauge(
+            "tallyd_forward_waiting",
+            "Flushes of an edge waiting for a down upstream their plan names (newer ones go to the live upstreams).",
+            "",
+            &self.forward_waiting,
+        );
         out
     }
 }

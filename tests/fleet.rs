@@ -277,7 +277,7 @@ fn round(edges: &[Edge], sent: &mut Sent, marker: &str) {
             lines.push(format!("fl.t.{}:{}|ms", k % 4, k + 1));
             lines.push(format!("fl.s:e{i}-r{r}-{k}|s"));
             lines.push(format!("fl.g.{i}:+1|g"));
-            lines.push(format!("{marker}:1|c"));
+            lines.push(format!("{marker}.{k}:1|c"));
         }
         lines.push(format!("fl.gabs:{r}|g"));
         lines.push(format!("_e{{5,2}}:round|r{r}|#edge:{i}"));
@@ -420,7 +420,7 @@ fn a_fleet_behind_lost_acks_killed_edges_and_a_partition_counts_everything_once(
     check(ch, db, &sent, "", &EDGES.to_string());
     check(ch, db, &sent, "FINAL", &EDGES.to_string());
     let newest = ch.number(&format!(
-        "SELECT max(toUInt32(ts)) FROM {db}.counters WHERE name = 'fl.partitioned'"
+        "SELECT max(toUInt32(ts)) FROM {db}.counters WHERE name LIKE 'fl.partitioned.%'"
     ));
     assert!(
         (newest as u64) < healed,
@@ -464,9 +464,34 @@ fn a_fleet_behind_a_killed_and_a_stopped_aggregator_counts_everything_once() {
     aggs[0].daemon.take().expect("running").kill9();
     aggs[0].start(ch, db);
 
-    // One aggregator down while the edges buffer its share.
+    // One aggregator down: new intervals go to the live one (failover),
+    // flushes already planned with the down one wait for it.
     aggs[1].daemon.take().expect("running").kill9();
+    let failover = |ch: &ClickHouse| {
+        ch.try_query(&format!(
+            "SELECT sum(value) FROM {db}.counters FINAL WHERE name LIKE 'fl.failover.%'"
+        ))
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+    };
+    // The edges find it down with this round (its share of it waits).
     round(&edges, &mut sent, "fl.live");
+    std::thread::sleep(Duration::from_secs(2));
+    round(&edges, &mut sent, "fl.failover");
+    let all = (EDGES * 20) as f64;
+    assert!(
+        wait_for(30, || failover(ch) == all),
+        "while an aggregator is down, every key of new intervals reaches ClickHouse through the live one: {} of {all}",
+        failover(ch)
+    );
+    let waiting: u64 = edges
+        .iter()
+        .map(|e| e.daemon().metric("tallyd_forward_waiting"))
+        .sum();
+    assert!(
+        waiting > 0,
+        "flushes planned with the down aggregator wait for it"
+    );
     std::thread::sleep(Duration::from_secs(
         std::env::var("TALLYD_TEST_OUTAGE_SECS")
             .ok()

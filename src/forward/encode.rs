@@ -69,7 +69,13 @@ pub fn upstream_of(upstreams: &[String], name: &str, tags: &[String]) -> usize {
 
 /// What the batches of one flush are made with.
 pub struct Shape<'a> {
+    /// The flush's plan: the upstreams its keys are spread over.
     pub upstreams: &'a [String],
+    /// Per upstream of the plan: declared lost (no longer configured). Its
+    /// keys go to the others of the plan instead (by rendezvous over them),
+    /// in parts numbered from [`MAX_PARTS`], apart from the parts each
+    /// took (or may have taken) before under their own numbers.
+    pub lost: &'a [bool],
     pub client_id: &'a str,
     pub flush_id: u64,
     /// The host the rows keep (`forward.host = "keep"`), or empty.
@@ -101,23 +107,44 @@ impl Item {
 /// upstreams).
 pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
     let n = shape.upstreams.len().max(1);
-    let mut items: Vec<Vec<Item>> = (0..n).map(|_| Vec::new()).collect();
+    // Per upstream: its own items, then those moved to it from a lost one.
+    let mut items: Vec<[Vec<Item>; 2]> = (0..n).map(|_| Default::default()).collect();
+    let kept: Vec<String> = (0..shape.upstreams.len())
+        .filter(|&u| !shape.lost.get(u).copied().unwrap_or(false))
+        .map(|u| shape.upstreams[u].clone())
+        .collect();
+    let route = |name: &str, tags: &[String]| -> (usize, usize) {
+        let u = upstream_of(shape.upstreams, name, tags);
+        if !shape.lost.get(u).copied().unwrap_or(false) || kept.is_empty() {
+            return (u, 0);
+        }
+        let to = &kept[upstream_of(&kept, name, tags)];
+        (shape.upstreams.iter().position(|x| x == to).unwrap_or(u), 1)
+    };
+    let mut add = |name: &str, tags: &[String], item: Item| {
+        let (u, moved) = route(name, tags);
+        items[u][moved].push(item);
+    };
     let mut push = |name: &str, tags: &[String], ts: u32, value: Value| {
-        items[upstream_of(shape.upstreams, name, tags)].push(Item::Metric(pb::Event {
-            name: name.to_owned(),
-            // Each tag whole as the key: the aggregator rebuilds the same
-            // tag text (`k:v`, or a bare `k`).
-            tags: tags
-                .iter()
-                .map(|t| pb::Tag {
-                    key: t.clone(),
-                    value: String::new(),
-                })
-                .collect(),
-            value: Some(value),
-            sample_rate: 0.0,
-            interval_start: u64::from(ts),
-        }));
+        add(
+            name,
+            tags,
+            Item::Metric(pb::Event {
+                name: name.to_owned(),
+                // Each tag whole as the key: the aggregator rebuilds the same
+                // tag text (`k:v`, or a bare `k`).
+                tags: tags
+                    .iter()
+                    .map(|t| pb::Tag {
+                        key: t.clone(),
+                        value: String::new(),
+                    })
+                    .collect(),
+                value: Some(value),
+                sample_rate: 0.0,
+                interval_start: u64::from(ts),
+            }),
+        );
     };
     for r in &rows.counters {
         let state = pb::CounterState {
@@ -160,8 +187,10 @@ pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
         push(&r.name, &r.tags, r.ts, Value::SetState(state));
     }
     for e in &rows.events {
-        items[upstream_of(shape.upstreams, &e.title, &e.tags)].push(Item::Event(
-            pb::DogstatsdEvent {
+        add(
+            &e.title,
+            &e.tags,
+            Item::Event(pb::DogstatsdEvent {
                 interval_start: u64::from(e.ts),
                 timestamp: u64::from(e.event_ts),
                 title: e.title.clone(),
@@ -172,26 +201,37 @@ pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
                 source_type: e.source_type.clone(),
                 alert_type: e.alert_type.clone(),
                 tags: e.tags.clone(),
-            },
-        ));
+            }),
+        );
     }
     for c in &rows.service_checks {
-        items[upstream_of(shape.upstreams, &c.name, &c.tags)].push(Item::Check(pb::ServiceCheck {
-            interval_start: u64::from(c.ts),
-            timestamp: u64::from(c.check_ts),
-            name: c.name.clone(),
-            status: u32::from(c.status),
-            hostname: c.hostname.clone(),
-            tags: c.tags.clone(),
-            message: c.message.clone(),
-        }));
+        add(
+            &c.name,
+            &c.tags,
+            Item::Check(pb::ServiceCheck {
+                interval_start: u64::from(c.ts),
+                timestamp: u64::from(c.check_ts),
+                name: c.name.clone(),
+                status: u32::from(c.status),
+                hostname: c.hostname.clone(),
+                tags: c.tags.clone(),
+                message: c.message.clone(),
+            }),
+        );
     }
-    items.into_iter().map(|items| cut(items, shape)).collect()
+    items
+        .into_iter()
+        .flat_map(|[own, moved]| {
+            let mut parts = cut(own, 0, shape);
+            parts.extend(cut(moved, MAX_PARTS, shape));
+            [parts]
+        })
+        .collect()
 }
 
 /// `items` as parts of at most `batch_size` bytes (larger where that
-/// would make more than [`MAX_PARTS`]).
-fn cut(items: Vec<Item>, shape: &Shape<'_>) -> Vec<pb::Batch> {
+/// would make more than [`MAX_PARTS`]), numbered from `first`.
+fn cut(items: Vec<Item>, first: usize, shape: &Shape<'_>) -> Vec<pb::Batch> {
     let total: usize = items.iter().map(Item::len).sum();
     let limit = shape.batch_size.max(total.div_ceil(MAX_PARTS));
     let mut parts: Vec<pb::Batch> = Vec::new();
@@ -201,7 +241,7 @@ fn cut(items: Vec<Item>, shape: &Shape<'_>) -> Vec<pb::Batch> {
         if size.saturating_add(len) > limit {
             parts.push(pb::Batch {
                 client_id: shape.client_id.to_owned(),
-                sequence: sequence(shape.flush_id, parts.len()),
+                sequence: sequence(shape.flush_id, first + parts.len()),
                 host: shape.host.to_owned(),
                 version: crate::protocol::proto::VERSION,
                 ..pb::Batch::default()
@@ -274,6 +314,7 @@ mod tests {
         let ups = vec!["a:1".to_string()];
         let shape = Shape {
             upstreams: &ups,
+            lost: &[],
             client_id: "c",
             flush_id,
             host: "web-1",
@@ -294,6 +335,44 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_upstreams_keys_go_to_the_others_in_parts_of_their_own() {
+        let rows = Rows {
+            counters: (0..300).map(|i| counter(&format!("m{i}"), 60)).collect(),
+            ..Rows::default()
+        };
+        let ups: Vec<String> = (1..=3).map(|i| format!("agg{i}:8126")).collect();
+        let shape = |lost: &'static [bool]| Shape {
+            upstreams: &ups,
+            lost,
+            client_id: "c",
+            flush_id: 9 << TAG_BITS,
+            host: "",
+            batch_size: 1 << 20,
+        };
+        let before = batches(&rows, &shape(&[]));
+        let after = batches(&rows, &shape(&[false, true, false]));
+        assert!(after[1].is_empty(), "nothing goes to the lost one");
+        for u in [0, 2] {
+            assert_eq!(
+                after[u][0], before[u][0],
+                "the parts it may have taken, unchanged"
+            );
+            let moved = &after[u][1];
+            assert_eq!(moved.sequence, (9 << TAG_BITS) | MAX_PARTS as u64);
+            for e in &moved.events {
+                let tags: Vec<String> = e.tags.iter().map(|t| t.key.clone()).collect();
+                assert_eq!(
+                    upstream_of(&ups, &e.name, &tags),
+                    1,
+                    "only the lost one's keys move"
+                );
+            }
+        }
+        let total: usize = after.iter().flatten().map(|p| p.events.len()).sum();
+        assert_eq!(total, 300);
+    }
+
+    #[test]
     fn a_huge_flush_stays_within_the_part_limit() {
         let rows = Rows {
             counters: (0..(MAX_PARTS * 4))
@@ -304,6 +383,7 @@ mod tests {
         let ups = vec!["a:1".to_string()];
         let shape = Shape {
             upstreams: &ups,
+            lost: &[],
             client_id: "c",
             flush_id: 1 << TAG_BITS,
             host: "",

@@ -6,35 +6,51 @@
 //!
 //! The durable order is the sink's ([`crate::ledger`], steps 6 and 7):
 //!
-//! 1. the flush's sent marker is written: from then on it is never merged
-//!    or joined again, so every send of it carries the same rows under the
-//!    same sequences;
+//! 1. the flush's *plan* is fixed: the upstreams its keys are spread over
+//!    ([`encode::upstream_of`]), those that are live now (reached, and
+//!    with no older flush waiting for them). It is written in the flush's
+//!    sent marker before the first byte goes out: from then on the flush
+//!    is never merged or joined, and every send of it, after a restart
+//!    too, carries the same rows to the same upstreams under the same
+//!    sequences;
 //! 2. each upstream gets its parts (pipelined on one TCP connection), and
 //!    a part is done when the upstream answers `OK` (its WAL record is
 //!    durable under the aggregator's `wal.sync`) or `DUPLICATE` (it took
 //!    it before: an ack was lost, or this edge restarted after sending);
-//! 3. when every part of every upstream is done, the flush is complete.
+//! 3. when every part of every upstream of its plan is done, the flush is
+//!    complete and its spool file goes.
 //!
-//! Failures: a connection that fails or times out, `OVERLOADED`, or an
-//! answer that is not an ack is retried with capped exponential backoff
-//! and jitter, for as long as it takes; the flush waits in the spool (the
-//! outage buffer, merged past `spool.max_size` as for ClickHouse).
+//! **Failover.** An upstream that fails (refused, timed out, cut) is down
+//! and tried again after a capped exponential backoff with jitter. Flushes
+//! planned meanwhile leave it out, so their keys of its share go to the
+//! live ones (rendezvous hashing moves only those keys). A flush whose
+//! plan names it waits, in the spool and apart, until it answers; later
+//! flushes go on. An upstream with such a flush waiting gets no newer one
+//! before it, so it sees each edge's flushes in order, inside its
+//! deduplication window. With every upstream down, flushes wait in the
+//! spool (the outage buffer, merged past `spool.max_size`).
+//!
+//! **The hazard of a second aggregator.** A flush re-sent to another
+//! aggregator after the first may have taken it would count twice: so a
+//! flush is only ever sent to the upstreams of its plan. Its keys reach a
+//! row once per interval and aggregator; with failover a key may have two
+//! partial rows for one interval (one per aggregator), whose sums are
+//! exact. An upstream lost for good holds the flushes planned with it
+//! (`tallyd_forward_waiting`). Removing it from `upstreams` (and a
+//! restart) declares it lost: the keys it held of those flushes go to the
+//! others of their plans, in parts numbered apart from the parts those
+//! took ([`encode::Shape::lost`]); rows it had taken before it was lost
+//! then count twice, which is what declaring it lost accepts.
+//!
 //! `REJECTED` (a frame over the aggregator's `proto.max_frame`, a sequence
 //! outside its deduplication window) and an `OK` without protocol version
 //! 2 (an older tallyd, which cannot read state) are logged as errors and
 //! retried the same way: nothing is completed that an aggregator did not
 //! take.
-//!
-//! Hazard: a flush re-sent to a *second* aggregator after the first may
-//! have taken it would count twice. A flush's keys go to the upstream
-//! [`encode::upstream_of`] names among `upstreams`; as long as the list is
-//! unchanged, every re-send goes where the first send went, and that
-//! aggregator's deduplication (by edge and flush) answers `DUPLICATE`.
-//! Changing the list while flushes wait moves their keys: do it with the
-//! spool empty (`/metrics`: `tallyd_spool_flushes`).
 
 pub mod encode;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -43,12 +59,13 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::config::ForwardConfig;
 use crate::ledger::Ledger;
 use crate::outbox::rowbinary;
 use crate::protocol::proto::{self, pb, pb::ack::Status};
-use crate::sink::{Queued, backoff};
+use crate::sink::{Queued, backoff, jitter};
 use crate::telemetry::Telemetry;
 
 /// An ack's most bytes (its message is short).
@@ -77,43 +94,104 @@ enum Failed {
     TooOld(u32),
 }
 
+/// One upstream as the forwarder sees it.
+#[derive(Default)]
+struct Upstream {
+    link: Option<TcpStream>,
+    /// Down until then (after a failure), when it is tried again.
+    down_until: Option<Instant>,
+    failures: u32,
+}
+
+/// A flush's parts for one upstream of its plan.
+struct Share {
+    /// The upstream's index in `forward.upstreams`.
+    upstream: usize,
+    frames: Vec<Vec<u8>>,
+    done: Vec<bool>,
+    rows: u64,
+}
+
+/// A flush on its way: its shares, some perhaps done.
+struct InFlight {
+    q: Queued,
+    shares: Vec<Share>,
+}
+
 impl Forwarder {
-    /// Forwards flushes until the queue closes and no flush is parked: the
-    /// queue's first, then those parked in the spool, oldest first.
+    /// Forwards flushes until the queue closes and no flush is parked or
+    /// waiting: the queue's first, then those parked in the spool, oldest
+    /// first; flushes waiting for a down upstream are tried again as it
+    /// comes due.
     pub async fn run(self, mut queue: mpsc::Receiver<Queued>) {
-        let mut links: Vec<Option<TcpStream>> =
-            self.config.upstreams.iter().map(|_| None).collect();
+        let mut ups: Vec<Upstream> = self
+            .config
+            .upstreams
+            .iter()
+            .map(|_| Upstream::default())
+            .collect();
+        let mut waiting: BTreeMap<u64, InFlight> = BTreeMap::new();
         let mut open = true;
         loop {
+            self.retry_waiting(&mut ups, &mut waiting).await;
+            self.telemetry
+                .forward_waiting
+                .store(waiting.len() as u64, Relaxed);
+            let due = ups.iter().filter_map(|u| u.down_until).min();
+            if live(&ups, &waiting).is_empty() {
+                // Every upstream down or holding a waiting flush: new
+                // flushes stay queued or parked until one is due.
+                let now = Instant::now();
+                let at = due.unwrap_or(now).max(now + self.config.retry_initial);
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
             let q = match queue.try_recv() {
-                Ok(q) => q,
+                Ok(q) => Some(q),
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     open = false;
-                    match self.next_parked().await {
-                        Some(q) => q,
-                        None => return,
-                    }
+                    self.next_parked().await
                 }
-                Err(mpsc::error::TryRecvError::Empty) => match self.next_parked().await {
-                    Some(q) => q,
-                    None if !open => return,
-                    None => tokio::select! {
-                        q = queue.recv() => match q {
+                Err(mpsc::error::TryRecvError::Empty) => self.next_parked().await,
+            };
+            let q = match q {
+                Some(q) => q,
+                None if !open && waiting.is_empty() => return,
+                None => {
+                    let retry = async {
+                        match due {
+                            Some(at) if !waiting.is_empty() => tokio::time::sleep_until(at).await,
+                            _ => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        q = queue.recv(), if open => match q {
                             Some(q) => q,
                             None => { open = false; continue; }
                         },
                         _ = self.ledger.parked() => continue,
-                    },
-                },
+                        _ = retry => continue,
+                    }
+                }
             };
-            self.forward(&q, &mut links).await;
+            if let Some(f) = self.start(q, &mut ups, &waiting).await
+                && let Some(f) = self.attempt(f, &mut ups).await
+            {
+                waiting.insert(f.q.flush.flush_id, f);
+            }
         }
     }
 
-    /// Steps 1 to 3 for one flush.
-    async fn forward(&self, q: &Queued, links: &mut [Option<TcpStream>]) {
+    /// Steps 1 and 2's first attempt for one flush: its rows read back, its
+    /// plan fixed and written, its shares encoded. `None` when nothing is
+    /// left to send (a damaged flush, counted).
+    async fn start(
+        &self,
+        q: Queued,
+        ups: &mut [Upstream],
+        waiting: &BTreeMap<u64, InFlight>,
+    ) -> Option<InFlight> {
         let flush_id = q.flush.flush_id;
-        self.mark_sending(flush_id).await;
         let bodies = match &q.spooled {
             None => Ok(q.flush.tables.clone()),
             Some(ranges) => {
@@ -133,89 +211,177 @@ impl Forwarder {
                 self.telemetry.rows_lost_damaged.fetch_add(lost, Relaxed);
                 tracing::error!(error = %e, flush_id, rows = lost, "a flush's spool file is damaged or gone; its rows are lost");
                 self.complete(flush_id).await;
-                return;
+                return None;
             }
         };
+        let names = self.plan(&q, ups, waiting).await;
         let client_id = encode::client_id(&self.host, q.flush.instance);
         let host = if self.config.keep_host {
             self.host.as_str()
         } else {
             ""
         };
+        let plan: Vec<Option<usize>> = names
+            .iter()
+            .map(|n| self.config.upstreams.iter().position(|u| u == n))
+            .collect();
+        let lost: Vec<bool> = plan.iter().map(Option::is_none).collect();
+        if lost.iter().any(|&l| l) {
+            tracing::warn!(flush_id, plan = ?names, upstreams = ?self.config.upstreams, "a waiting flush was planned with upstreams no longer configured: their keys go to the others of its plan (declared lost: rows they took may count twice)");
+        }
         let shape = encode::Shape {
-            upstreams: &self.config.upstreams,
+            upstreams: &names,
+            lost: &lost,
             client_id: &client_id,
             flush_id,
             host,
             batch_size: self.config.batch_size,
         };
-        let parts = encode::batches(&rows, &shape);
-        drop(rows);
-        for (u, parts) in parts.iter().enumerate() {
-            if !parts.is_empty() {
-                self.deliver(u, parts, &mut links[u], q.resent).await;
-            }
-        }
-        self.complete(flush_id).await;
+        let shares = encode::batches(&rows, &shape)
+            .into_iter()
+            .zip(&plan)
+            .filter_map(|(parts, u)| Some((parts, (*u)?)))
+            .filter(|(parts, _)| !parts.is_empty())
+            .map(|(parts, upstream)| Share {
+                upstream,
+                rows: parts
+                    .iter()
+                    .map(|p| {
+                        (p.events.len() + p.dogstatsd_events.len() + p.service_checks.len()) as u64
+                    })
+                    .sum(),
+                done: vec![false; parts.len()],
+                frames: parts.iter().map(proto::encode_frame).collect(),
+            })
+            .collect();
+        Some(InFlight { q, shares })
     }
 
-    /// Sends `parts` to upstream `u` until each is taken, retrying for as
-    /// long as it takes.
-    async fn deliver(
+    /// The upstreams flush `q` goes to (its plan): those of its sent marker
+    /// when it has one, else the live ones (at least one: [`Forwarder::run`]
+    /// takes no flush without), written in the marker before they are
+    /// returned.
+    async fn plan(
         &self,
-        u: usize,
-        parts: &[pb::Batch],
-        link: &mut Option<TcpStream>,
-        resent: bool,
-    ) {
-        let upstream = &self.config.upstreams[u];
-        let frames: Vec<Vec<u8>> = parts.iter().map(proto::encode_frame).collect();
-        let mut done = vec![false; frames.len()];
+        q: &Queued,
+        ups: &mut [Upstream],
+        waiting: &BTreeMap<u64, InFlight>,
+    ) -> Vec<String> {
+        let flush_id = q.flush.flush_id;
+        if q.resent {
+            let l = Arc::clone(&self.ledger);
+            if let Ok(text) = blocking(move || l.sent_plan(flush_id)).await {
+                let plan: Vec<String> = String::from_utf8_lossy(&text)
+                    .lines()
+                    .filter(|n| !n.is_empty())
+                    .map(String::from)
+                    .collect();
+                if !plan.is_empty() {
+                    return plan;
+                }
+            }
+        }
+        let live: Vec<String> = live(ups, waiting)
+            .into_iter()
+            .map(|u| self.config.upstreams[u].clone())
+            .collect();
+        let text: String = live.iter().map(|u| format!("{u}\n")).collect();
         let mut attempt = 0u32;
         loop {
-            let sent = tokio::time::timeout(
-                self.config.timeout.saturating_mul(4),
-                self.round(upstream, &frames, &mut done, link),
-            )
-            .await
-            .unwrap_or(Err(Failed::Timeout(self.config.timeout)));
-            match sent {
-                Ok(()) => break,
+            let (l, text) = (Arc::clone(&self.ledger), text.clone());
+            match blocking(move || l.sending_to(flush_id, text.as_bytes())).await {
+                Ok(()) => return live,
                 Err(e) => {
-                    *link = None;
-                    let delay = backoff(
-                        attempt,
-                        self.config.retry_initial,
-                        self.config.retry_max,
-                        crate::sink::jitter(),
-                    );
-                    self.telemetry.forward_retries.fetch_add(1, Relaxed);
-                    match &e {
-                        Failed::Refused { .. } | Failed::TooOld(_) => {
-                            tracing::error!(%upstream, error = %e, retry_in = ?delay, "an upstream refuses a forwarded flush; it waits in the spool")
-                        }
-                        _ => {
-                            tracing::warn!(%upstream, error = %e, retry_in = ?delay, "forwarding failed; will retry")
-                        }
-                    }
+                    let c = &self.config;
+                    let delay = backoff(attempt, c.retry_initial, c.retry_max, jitter());
+                    self.telemetry.spool_errors.fetch_add(1, Relaxed);
+                    tracing::error!(error = %e, flush_id, retry_in = ?delay, "cannot write a flush's sent marker; it is not forwarded until it can");
                     tokio::time::sleep(delay).await;
                     attempt = attempt.saturating_add(1);
                 }
             }
         }
-        let rows: u64 = parts
-            .iter()
-            .map(|p| (p.events.len() + p.dogstatsd_events.len() + p.service_checks.len()) as u64)
-            .sum();
-        let t = &self.telemetry;
-        t.forward_batches.fetch_add(parts.len() as u64, Relaxed);
-        if resent {
-            t.forward_rows_resent.fetch_add(rows, Relaxed);
-        } else {
-            t.forward_rows.fetch_add(rows, Relaxed);
+    }
+
+    /// One attempt at every share of `f` not yet done; the flush is
+    /// complete when all are, else it comes back to wait.
+    async fn attempt(&self, mut f: InFlight, ups: &mut [Upstream]) -> Option<InFlight> {
+        for share in &mut f.shares {
+            if share.done.iter().all(|&d| d) {
+                continue;
+            }
+            let up = &mut ups[share.upstream];
+            if up.down_until.is_some_and(|t| t > Instant::now()) {
+                continue;
+            }
+            let name = &self.config.upstreams[share.upstream];
+            let sent = tokio::time::timeout(
+                self.config.timeout.saturating_mul(4),
+                self.round(name, &share.frames, &mut share.done, &mut up.link),
+            )
+            .await
+            .unwrap_or(Err(Failed::Timeout(self.config.timeout)));
+            match sent {
+                Ok(()) => {
+                    if up.failures > 0 {
+                        tracing::info!(upstream = %name, "the upstream takes forwarded flushes again");
+                    }
+                    (up.failures, up.down_until) = (0, None);
+                    let t = &self.telemetry;
+                    t.forward_batches
+                        .fetch_add(share.frames.len() as u64, Relaxed);
+                    let rows = if f.q.resent {
+                        &t.forward_rows_resent
+                    } else {
+                        &t.forward_rows
+                    };
+                    rows.fetch_add(share.rows, Relaxed);
+                }
+                Err(e) => {
+                    up.link = None;
+                    let c = &self.config;
+                    let delay = backoff(up.failures, c.retry_initial, c.retry_max, jitter());
+                    up.failures = up.failures.saturating_add(1);
+                    up.down_until = Some(Instant::now() + delay);
+                    self.telemetry.forward_retries.fetch_add(1, Relaxed);
+                    match &e {
+                        Failed::Refused { .. } | Failed::TooOld(_) => {
+                            tracing::error!(upstream = %name, error = %e, retry_in = ?delay, "an upstream refuses a forwarded flush; it waits in the spool")
+                        }
+                        _ => {
+                            tracing::warn!(upstream = %name, error = %e, retry_in = ?delay, "forwarding failed; the upstream's flushes wait, new ones go to the live upstreams")
+                        }
+                    }
+                }
+            }
         }
-        if attempt > 0 {
-            tracing::info!(%upstream, attempts = attempt + 1, "forwarded after retries");
+        if f.shares.iter().all(|s| s.done.iter().all(|&d| d)) {
+            self.complete(f.q.flush.flush_id).await;
+            return None;
+        }
+        Some(f)
+    }
+
+    /// Tries the waiting flushes again, oldest first, where their upstream
+    /// has come due.
+    async fn retry_waiting(&self, ups: &mut [Upstream], waiting: &mut BTreeMap<u64, InFlight>) {
+        let now = Instant::now();
+        let due: Vec<u64> = waiting
+            .iter()
+            .filter(|(_, f)| {
+                f.shares.iter().any(|s| {
+                    !s.done.iter().all(|&d| d)
+                        && ups[s.upstream].down_until.is_none_or(|t| t <= now)
+                })
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            if let Some(f) = waiting.remove(&id)
+                && let Some(f) = self.attempt(f, ups).await
+            {
+                waiting.insert(id, f);
+            }
         }
     }
 
@@ -304,26 +470,6 @@ impl Forwarder {
         }
     }
 
-    /// Step 1, retried until the marker is on disk.
-    async fn mark_sending(&self, flush_id: u64) {
-        let mut attempt = 0;
-        loop {
-            let l = Arc::clone(&self.ledger);
-            match blocking(move || l.sending(flush_id)).await {
-                Ok(()) => return,
-                Err(e) => {
-                    let c = &self.config;
-                    let delay =
-                        backoff(attempt, c.retry_initial, c.retry_max, crate::sink::jitter());
-                    self.telemetry.spool_errors.fetch_add(1, Relaxed);
-                    tracing::error!(error = %e, flush_id, retry_in = ?delay, "cannot write a flush's sent marker; it is not forwarded until it can");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-            }
-        }
-    }
-
     /// Step 3: the flush's spool file goes.
     async fn complete(&self, flush_id: u64) {
         let l = Arc::clone(&self.ledger);
@@ -333,6 +479,22 @@ impl Forwarder {
         }
         crate::ledger::publish_backlog(&self.ledger, &self.telemetry);
     }
+}
+
+/// The upstreams a new flush may be planned with: not down, and with no
+/// older flush waiting for them (so each sees an edge's flushes in order).
+fn live(ups: &[Upstream], waiting: &BTreeMap<u64, InFlight>) -> Vec<usize> {
+    let now = Instant::now();
+    (0..ups.len())
+        .filter(|&u| ups[u].down_until.is_none_or(|t| t <= now))
+        .filter(|&u| {
+            !waiting.values().any(|f| {
+                f.shares
+                    .iter()
+                    .any(|s| s.upstream == u && !s.done.iter().all(|&d| d))
+            })
+        })
+        .collect()
 }
 
 /// Reads one length-delimited ack within `timeout`.

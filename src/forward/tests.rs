@@ -66,6 +66,7 @@ fn through_aggregator(edges: &[(&str, &Rows)], keep_host: bool, started: u64) ->
         let client_id = encode::client_id(host, 1);
         let shape = Shape {
             upstreams: &upstreams,
+            lost: &[],
             client_id: &client_id,
             flush_id: 7 << 20,
             host: if keep_host { host } else { "" },

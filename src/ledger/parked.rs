@@ -156,16 +156,32 @@ impl Ledger {
     /// then on it may have landed: never merged or joined, also after a
     /// restart). Errors leave it unsent. Blocking.
     pub fn sending(&self, flush_id: u64) -> io::Result<()> {
-        if lock(&self.state).marked.contains(&flush_id) {
+        self.sending_to(flush_id, b"")
+    }
+
+    /// [`Ledger::sending`] with the marker's contents (an edge's plan: see
+    /// [`spool`]'s marker). A flush marked before keeps its marker, unless
+    /// it is empty and a plan comes.
+    pub fn sending_to(&self, flush_id: u64, plan: &[u8]) -> io::Result<()> {
+        if plan.is_empty() && lock(&self.state).marked.contains(&flush_id) {
             return Ok(());
         }
         self.fs
-            .write_atomic(&spool::sent_path(&self.spool_dir, flush_id), b"")?;
+            .write_atomic(&spool::sent_path(&self.spool_dir, flush_id), plan)?;
         crate::failpoint::hit("after_marker");
         let mut st = lock(&self.state);
         st.marked.insert(flush_id);
         st.earlier.insert(flush_id);
         Ok(())
+    }
+
+    /// The contents of flush `flush_id`'s sent marker (empty when it has
+    /// none, or an empty one). Blocking.
+    pub fn sent_plan(&self, flush_id: u64) -> io::Result<Vec<u8>> {
+        match std::fs::read(spool::sent_path(&self.spool_dir, flush_id)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            r => r,
+        }
     }
 
     /// Rewrites flush `flush`'s spool file (it may have landed: it has its

@@ -4,8 +4,11 @@
 //!
 //! # The sent marker, `<data_dir>/spool/<flush_id as 20 digits>.sent`
 //!
-//! An empty file, written durably before the flush's first INSERT (and when
-//! a flush is recorded under an id from before this start). A flush
+//! Written durably before the flush's first INSERT (and when a flush is
+//! recorded under an id from before this start): empty, or, on an edge,
+//! the upstreams the flush's keys were spread over, one `host:port` per
+//! line (see [`crate::forward`]), so that every re-send goes where the
+//! first send went. A flush
 //! with a marker, or in a version 1 file (that release wrote no markers),
 //! may have landed: after a restart it is re-sent as it is,
 //! alone, and never merged or joined. A flush without one was never sent,
