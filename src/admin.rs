@@ -8,7 +8,9 @@
 //! - the spool is at `spool.hard_limit`, so intervals stay open;
 //! - the WAL refused a block as full in the last [`WAL_REFUSED_RECENTLY`];
 //! - a table is blocked by schema drift (its rows are kept and retried);
-//! - a damaged file was quarantined since the start.
+//! - a damaged file was quarantined since the start;
+//! - on an edge, its oldest interval not yet taken by its upstreams is
+//!   older than `forward.max_lag`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -98,6 +100,15 @@ impl AdminState {
             p.push(format!(
                 "the WAL was full in the last {} s: StatsD blocks were dropped (tallyd_dropped_total{{reason=\"wal_full\"}}), protobuf batches answered OVERLOADED",
                 WAL_REFUSED_RECENTLY.as_secs()
+            ));
+        }
+        let max_lag = t.fleet.max_lag_secs.load(Relaxed);
+        let oldest = t.backlog_oldest.load(Relaxed);
+        let lag = (now / 1000).saturating_sub(oldest);
+        if max_lag > 0 && oldest > 0 && lag > max_lag {
+            p.push(format!(
+                "the upstreams have not taken this edge's intervals for {lag} s (forward.max_lag: {max_lag} s): they wait in the spool ({} flushes; tallyd_forward_upstream_up says which upstream is down)",
+                t.backlog_batches.load(Relaxed)
             ));
         }
         let quarantined = self.ledger.quarantined();

@@ -54,6 +54,9 @@ pub struct ForwardSettings {
     pub timeout: String,
     pub retry_initial: String,
     pub retry_max: String,
+    /// `/health` is degraded while the oldest interval not yet taken by
+    /// the upstreams is older than this.
+    pub max_lag: String,
 }
 
 impl Default for ForwardSettings {
@@ -65,6 +68,7 @@ impl Default for ForwardSettings {
             timeout: "10s".into(),
             retry_initial: "100ms".into(),
             retry_max: "10s".into(),
+            max_lag: "5m".into(),
         }
     }
 }

@@ -104,6 +104,9 @@ pub struct Telemetry {
     pub flush_nanos: AtomicU64,
     pub backlog_batches: AtomicU64,
     pub backlog_rows: AtomicU64,
+    /// The start of the oldest interval in the backlog, Unix seconds (0:
+    /// none).
+    pub backlog_oldest: AtomicU64,
     pub rows_written: [AtomicU64; TABLES.len()],
     pub bytes_written: [AtomicU64; TABLES.len()],
     /// INSERTs ClickHouse confirmed (each makes a part).
@@ -128,18 +131,8 @@ pub struct Telemetry {
     /// Rows of flushes whose spool file was damaged or unreadable when
     /// the sink came to send them: moved aside, not written.
     pub rows_lost_damaged: AtomicU64,
-    /// An edge's forwarding (see [`crate::forward`]): batches and rows
-    /// taken by upstreams (rows first sent, and re-sent from the spool
-    /// after a restart), attempts retried, parts answered `DUPLICATE`,
-    /// and rows an upstream refused by its limits.
-    pub forward_batches: AtomicU64,
-    pub forward_rows: AtomicU64,
-    pub forward_rows_resent: AtomicU64,
-    pub forward_retries: AtomicU64,
-    pub forward_duplicates: AtomicU64,
-    pub forward_rejected: AtomicU64,
-    /// Flushes waiting for a down upstream their plan names.
-    pub forward_waiting: AtomicU64,
+    /// The fleet tier: an edge's forwarding, an aggregator's edges.
+    pub fleet: fleet::Fleet,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
     pub flush_heartbeat_ms: AtomicU64,
@@ -383,6 +376,12 @@ impl Telemetry {
             "",
             &self.backlog_rows,
         );
+        m.gauge(
+            "tallyd_backlog_oldest_timestamp_seconds",
+            "The start of the oldest interval recorded and not yet in ClickHouse (or, on an edge, not yet taken by its upstreams), Unix seconds; 0: none.",
+            "",
+            &self.backlog_oldest,
+        );
         for (i, table) in TABLES.iter().enumerate() {
             let lab = format!("table=\"{table}\"");
             m.counter(
@@ -500,46 +499,7 @@ impl Telemetry {
             "",
             &self.rows_lost_damaged,
         );
-        for (name, help, c) in [
-            (
-                "tallyd_forward_batches_total",
-                "Batches of forwarded state an upstream aggregator took (OK or DUPLICATE).",
-                &self.forward_batches,
-            ),
-            (
-                "tallyd_forward_rows_total",
-                "Rows (one key over one interval) forwarded to upstream aggregators.",
-                &self.forward_rows,
-            ),
-            (
-                "tallyd_forward_rows_resent_total",
-                "Rows forwarded again from the spool after a restart.",
-                &self.forward_rows_resent,
-            ),
-            (
-                "tallyd_forward_retries_total",
-                "Forwarding attempts that failed and were retried.",
-                &self.forward_retries,
-            ),
-            (
-                "tallyd_forward_duplicates_total",
-                "Forwarded batches an upstream had taken before (a lost ack, or a restart).",
-                &self.forward_duplicates,
-            ),
-            (
-                "tallyd_forward_rejected_rows_total",
-                "Forwarded rows an upstream refused by its own limits.",
-                &self.forward_rejected,
-            ),
-        ] {
-            m.counter(name, help, "", c);
-        }
-        m.gauge(
-            "tallyd_forward_waiting",
-            "Flushes of an edge waiting for a down upstream their plan names (newer ones go to the live upstreams).",
-            "",
-            &self.forward_waiting,
-        );
+        self.fleet.render(&mut m);
         out
     }
 }
@@ -551,7 +511,7 @@ fn add_nonzero(c: &AtomicU64, n: u64) {
 }
 
 /// A value the renderer can print.
-trait Sample {
+pub(crate) trait Sample {
     fn text(&self) -> String;
 }
 
@@ -570,14 +530,14 @@ impl Sample for Seconds<'_> {
 }
 
 /// Writes samples, with `# HELP` / `# TYPE` once per metric name.
-struct Metrics<'a>(&'a mut String);
+pub(crate) struct Metrics<'a>(&'a mut String);
 
 impl Metrics<'_> {
-    fn counter(&mut self, name: &str, help: &str, labels: &str, v: &dyn Sample) {
+    pub(crate) fn counter(&mut self, name: &str, help: &str, labels: &str, v: &dyn Sample) {
         self.sample(name, "counter", help, labels, v);
     }
 
-    fn gauge(&mut self, name: &str, help: &str, labels: &str, v: &dyn Sample) {
+    pub(crate) fn gauge(&mut self, name: &str, help: &str, labels: &str, v: &dyn Sample) {
         self.sample(name, "gauge", help, labels, v);
     }
 
@@ -592,6 +552,8 @@ impl Metrics<'_> {
         }
     }
 }
+
+pub mod fleet;
 
 #[cfg(test)]
 mod tests {

@@ -55,7 +55,7 @@ impl Daemon {
 fn start(dir: &Path, admin: u16, args: &[String]) -> Daemon {
     std::fs::write(
         dir.join("tallyd.toml"),
-        "[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n[clickhouse]\nretry_max = \"300ms\"\ntimeout = \"2s\"\n[forward]\ntimeout = \"2s\"\nretry_max = \"300ms\"\n",
+        "[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n[clickhouse]\nretry_max = \"300ms\"\ntimeout = \"2s\"\n[forward]\ntimeout = \"2s\"\nretry_max = \"300ms\"\nmax_lag = \"3s\"\n",
     )
     .expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))

@@ -334,6 +334,8 @@ pub struct ForwardConfig {
     pub timeout: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// `/health` is degraded past this lag.
+    pub max_lag: Duration,
 }
 
 /// The protobuf listeners.
@@ -394,6 +396,7 @@ impl Settings {
             timeout: duration("forward.timeout", &f.timeout)?,
             retry_initial: duration("forward.retry_initial", &f.retry_initial)?,
             retry_max: duration("forward.retry_max", &f.retry_max)?,
+            max_lag: duration("forward.max_lag", &f.max_lag)?,
         }))
     }
 

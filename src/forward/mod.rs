@@ -67,6 +67,7 @@ use crate::outbox::rowbinary;
 use crate::protocol::proto::{self, pb, pb::ack::Status};
 use crate::sink::{Queued, backoff, jitter};
 use crate::telemetry::Telemetry;
+use crate::telemetry::fleet::UpstreamStats;
 
 /// An ack's most bytes (its message is short).
 const MAX_ACK: usize = 64 * 1024;
@@ -101,6 +102,8 @@ struct Upstream {
     /// Down until then (after a failure), when it is tried again.
     down_until: Option<Instant>,
     failures: u32,
+    /// Rows it took.
+    rows: u64,
 }
 
 /// A flush's parts for one upstream of its plan.
@@ -132,11 +135,23 @@ impl Forwarder {
             .collect();
         let mut waiting: BTreeMap<u64, InFlight> = BTreeMap::new();
         let mut open = true;
+        let fleet = &self.telemetry.fleet;
+        fleet
+            .max_lag_secs
+            .store(self.config.max_lag.as_secs().max(1), Relaxed);
+        *crate::lock(&fleet.upstreams) = self
+            .config
+            .upstreams
+            .iter()
+            .map(|name| UpstreamStats {
+                name: name.clone(),
+                up: true,
+                ..UpstreamStats::default()
+            })
+            .collect();
         loop {
             self.retry_waiting(&mut ups, &mut waiting).await;
-            self.telemetry
-                .forward_waiting
-                .store(waiting.len() as u64, Relaxed);
+            self.publish(&ups, &waiting);
             let due = ups.iter().filter_map(|u| u.down_until).min();
             if live(&ups, &waiting).is_empty() {
                 // Every upstream down or holding a waiting flush: new
@@ -179,6 +194,26 @@ impl Forwarder {
             {
                 waiting.insert(f.q.flush.flush_id, f);
             }
+            self.publish(&ups, &waiting);
+        }
+    }
+
+    /// The upstreams' state in `/metrics`.
+    fn publish(&self, ups: &[Upstream], waiting: &BTreeMap<u64, InFlight>) {
+        let fleet = &self.telemetry.fleet;
+        fleet.waiting.store(waiting.len() as u64, Relaxed);
+        let mut stats = crate::lock(&fleet.upstreams);
+        for (u, (up, s)) in ups.iter().zip(stats.iter_mut()).enumerate() {
+            s.up = up.failures == 0;
+            s.rows = up.rows;
+            s.waiting = waiting
+                .values()
+                .filter(|f| {
+                    f.shares
+                        .iter()
+                        .any(|sh| sh.upstream == u && !sh.done.iter().all(|&d| d))
+                })
+                .count() as u64;
         }
     }
 
@@ -327,13 +362,15 @@ impl Forwarder {
                         tracing::info!(upstream = %name, "the upstream takes forwarded flushes again");
                     }
                     (up.failures, up.down_until) = (0, None);
+                    up.rows = up.rows.saturating_add(share.rows);
                     let t = &self.telemetry;
-                    t.forward_batches
+                    t.fleet
+                        .batches
                         .fetch_add(share.frames.len() as u64, Relaxed);
                     let rows = if f.q.resent {
-                        &t.forward_rows_resent
+                        &t.fleet.rows_resent
                     } else {
-                        &t.forward_rows
+                        &t.fleet.rows
                     };
                     rows.fetch_add(share.rows, Relaxed);
                 }
@@ -343,7 +380,7 @@ impl Forwarder {
                     let delay = backoff(up.failures, c.retry_initial, c.retry_max, jitter());
                     up.failures = up.failures.saturating_add(1);
                     up.down_until = Some(Instant::now() + delay);
-                    self.telemetry.forward_retries.fetch_add(1, Relaxed);
+                    self.telemetry.fleet.retries.fetch_add(1, Relaxed);
                     match &e {
                         Failed::Refused { .. } | Failed::TooOld(_) => {
                             tracing::error!(upstream = %name, error = %e, retry_in = ?delay, "an upstream refuses a forwarded flush; it waits in the spool")
@@ -423,11 +460,12 @@ impl Forwarder {
                     }
                     Status::Ok | Status::Duplicate => {
                         if status == Status::Duplicate {
-                            self.telemetry.forward_duplicates.fetch_add(1, Relaxed);
+                            self.telemetry.fleet.duplicates.fetch_add(1, Relaxed);
                         }
                         if ack.rejected_events > 0 {
                             self.telemetry
-                                .forward_rejected
+                                .fleet
+                                .rejected
                                 .fetch_add(u64::from(ack.rejected_events), Relaxed);
                             tracing::warn!(%upstream, rejected = ack.rejected_events, message = %ack.message, "an upstream refused rows of a forwarded batch (its limits); they are lost");
                         }

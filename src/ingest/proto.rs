@@ -104,6 +104,7 @@ impl ProtoIngest {
         match admitted {
             Ok(Admit::Accepted((ticket, rejected))) => {
                 self.telemetry.record_block(&self.telemetry.proto, &stats);
+                self.heard(&batch);
                 Handled::Ack(ack(batch.sequence, Status::Ok, "", rejected), ticket)
             }
             Ok(Admit::Duplicate) => {
@@ -136,6 +137,19 @@ impl ProtoIngest {
                     0,
                 ))
             }
+        }
+    }
+
+    /// Notes an edge's batch of forwarded state (protocol version 2): who,
+    /// and its newest interval (`tallyd_edges_seen`, `tallyd_edge_lag_seconds`).
+    fn heard(&self, batch: &BatchView<'_>) {
+        if batch.version < 2 || batch.client_id.is_empty() {
+            return;
+        }
+        let newest = batch.events().map(|e| e.interval_start).max();
+        if let Some(newest) = newest.filter(|&n| n > 0) {
+            let now = crate::notify::now_ms();
+            self.telemetry.fleet.heard(batch.client_id, newest, now);
         }
     }
 

@@ -298,6 +298,12 @@ impl Ledger {
         let rows = st.flushes.values().map(|p| p.rows).sum();
         (st.flushes.len() as u64, rows, st.bytes)
     }
+
+    /// The start of the oldest interval recorded and not yet complete
+    /// (Unix seconds), if any.
+    pub fn oldest(&self) -> Option<u32> {
+        lock(&self.state).flushes.values().map(|p| p.ts).min()
+    }
 }
 
 /// Stores the ledger's backlog in the telemetry gauges.
@@ -305,6 +311,8 @@ pub fn publish_backlog(ledger: &Ledger, t: &crate::telemetry::Telemetry) {
     use std::sync::atomic::Ordering::Relaxed;
     let (flushes, rows, bytes) = ledger.backlog();
     t.backlog_batches.store(flushes, Relaxed);
+    let oldest = ledger.oldest().map_or(0, u64::from);
+    t.backlog_oldest.store(oldest, Relaxed);
     t.backlog_rows.store(rows, Relaxed);
     t.spool_bytes.store(bytes, Relaxed);
 }
