@@ -8,6 +8,8 @@
 #        bench/compare.sh 10000 mixed 2M,4M 2 null,brubeck,tallyd -- --config tuned.toml
 #
 # MIX: counters (c=100), mixed (c=60,cs=10,g=10,ms=20), mixed_sets, or a blast -m string.
+# PEERS may name tallyd-edge: tallyd as an edge of the fleet tier, forwarding to an aggregator
+# tallyd this script starts once (its CPU is not the edge's), which writes the same ClickHouse.
 # Env: TALLYD (default: target/release/tallyd of this project), CH (a ClickHouse HTTP URL;
 # default: a private 18.16 server is started for the run and stopped after), PEERS_DIR (default
 # $TMPDIR/peers), BRUBECK_BIN (default $PEERS_DIR/src/brubeck/brubeck).
@@ -23,7 +25,12 @@ export PEERS_DIR=${PEERS_DIR:-${TMPDIR:-/tmp}/peers}
 TALLYD=$(realpath -m "${TALLYD:-$here/../target/release/tallyd}")
 [ -x "$TALLYD" ] || { echo "no tallyd binary at $TALLYD (cargo build --release)" >&2; exit 1; }
 ch_pid="" d=""
-cleanup() { [ -n "$ch_pid" ] && kill "$ch_pid" 2>/dev/null && wait "$ch_pid" 2>/dev/null; [ -n "$d" ] && rm -rf "$d"; true; }
+agg_pid="" agg_dir=""
+cleanup() {
+  [ -n "$agg_pid" ] && kill "$agg_pid" 2>/dev/null && wait "$agg_pid" 2>/dev/null
+  [ -n "$agg_dir" ] && rm -rf "$agg_dir"
+  [ -n "$ch_pid" ] && kill "$ch_pid" 2>/dev/null && wait "$ch_pid" 2>/dev/null; [ -n "$d" ] && rm -rf "$d"; true
+}
 trap cleanup EXIT
 if [ -z "${CH:-}" ]; then
   d=$(mktemp -d); port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
@@ -44,9 +51,19 @@ curl -sf "$CH" --data-binary "CREATE DATABASE IF NOT EXISTS bench" >/dev/null
 cmd="$TALLYD run --statsd-udp 127.0.0.1:{port} --statsd-tcp off --proto-tcp off --proto-udp off --admin off \
  --clickhouse-url $CH --clickhouse-database bench --data-dir {rundir}/data --host-id bench --flush-interval 1s $extra"
 verify="curl -s '$CH' --data-binary \"SELECT sum(value) FROM bench.counters FINAL WHERE name LIKE '\${PREFIX}.c.%'\""
+edge=()
+if [[ ",$peers," == *,tallyd-edge,* ]]; then
+  agg_dir=$(mktemp -d)
+  agg_port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+  "$TALLYD" run --statsd-udp off --statsd-tcp off --proto-udp off --admin off --proto-tcp "127.0.0.1:$agg_port" \
+    --clickhouse-url "$CH" --clickhouse-database bench --data-dir "$agg_dir/data" --host-id aggregator \
+    --flush-interval 1s --log-level warn $extra & agg_pid=$!
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$agg_port") 2>/dev/null && break; sleep 0.1; done
+  edge=(--peer-cmd "tallyd-edge=$cmd --forward-upstreams 127.0.0.1:$agg_port")
+fi
 python3 "$here/measure.py" compare --bindir "$PEERS_DIR/bin" --workdir "$PEERS_DIR/runs" --peers "$peers" \
   --cmd "$cmd" --verify-cmd "$verify" --peer-version tallyd --port 18725 --flush 1 --unique-prefix \
-  --keys "$keys" --mix "$mix" --rates "$rates" --repeat "$repeat" --out "$out" >&2
+  --keys "$keys" --mix "$mix" --rates "$rates" --repeat "$repeat" --out "$out" "${edge[@]}" >&2
 # Each tallyd run preallocates a WAL in its run dir: free the disk.
 find "$PEERS_DIR/runs" -mindepth 2 -maxdepth 2 -type d -name data -exec rm -rf {} + 2>/dev/null || true
 python3 "$here/measure.py" table --summary "$out"

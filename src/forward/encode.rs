@@ -1,6 +1,6 @@
-//! A flush's rows as protobuf batches of forwarded state (protocol version
-//! 2, proto/tallyd.proto), split among the upstreams by key and cut to
-//! size. Pure code.
+//! A flush's bodies as protobuf batches of forwarded state (protocol
+//! version 2, proto/tallyd.proto), split among the upstreams by key and cut
+//! to size, each framed as it is sent. Pure code.
 //!
 //! - **Which upstream.** Each key (name and tags, never the host) goes to
 //!   the upstream of highest rendezvous score (Thaler and Ravishankar,
@@ -17,14 +17,19 @@
 //! - **Size.** A part holds events up to `batch_size` bytes; a flush is cut
 //!   into at most [`MAX_PARTS`] parts per upstream (larger ones past that),
 //!   inside the aggregator's deduplication window.
+//! - **Cost.** Counter and gauge rows (most of a flush) go from the
+//!   RowBinary bodies to protobuf bytes without a row struct or a string
+//!   copied; timers, sets, events and service checks go through their row
+//!   structs and prost.
 
 use std::hash::Hasher;
 
 use prost::Message;
+use prost::encoding::{encode_varint, encoded_len_varint};
 
 use crate::ledger::dedup::WINDOW;
 use crate::outbox::flush::TAG_BITS;
-use crate::outbox::rows::Batch as Rows;
+use crate::outbox::rowbinary::{self, Bodies, KeyView, TABLES};
 use crate::protocol::proto::pb::{self, event::Value};
 
 /// Most parts of one flush for one upstream: all of them stay inside the
@@ -50,15 +55,22 @@ pub fn sequence(flush_id: u64, part: usize) -> u64 {
 }
 
 /// The upstream (an index in `upstreams`) that key `(name, tags)` goes to.
-pub fn upstream_of(upstreams: &[String], name: &str, tags: &[String]) -> usize {
+pub fn upstream_of<'t>(
+    upstreams: &[String],
+    name: &[u8],
+    tags: impl Iterator<Item = &'t [u8]> + Clone,
+) -> usize {
+    if upstreams.len() < 2 {
+        return 0;
+    }
     let score = |u: &String| {
         let mut h = siphasher::sip::SipHasher13::new_with_keys(0x7461_6c6c_7964, 0x6564_6765);
         h.write(u.as_bytes());
         h.write_u8(0xff);
-        h.write(name.as_bytes());
-        for t in tags {
+        h.write(name);
+        for t in tags.clone() {
             h.write_u8(0);
-            h.write(t.as_bytes());
+            h.write(t);
         }
         h.finish()
     };
@@ -83,114 +95,253 @@ pub struct Shape<'a> {
     pub batch_size: usize,
 }
 
-/// One thing a part carries.
-enum Item {
-    Metric(pb::Event),
-    Event(pb::DogstatsdEvent),
-    Check(pb::ServiceCheck),
+/// Protobuf field keys (`number << 3 | wire type`) of the messages built
+/// here by hand.
+mod key {
+    /// Batch: client_id, sequence, events, host, version.
+    pub const CLIENT_ID: u8 = 1 << 3 | 2;
+    pub const SEQUENCE: u8 = 2 << 3;
+    pub const EVENTS: u64 = 3 << 3 | 2;
+    pub const HOST: u8 = 4 << 3 | 2;
+    pub const VERSION: u8 = 5 << 3;
+    pub const DOGSTATSD_EVENTS: u64 = 6 << 3 | 2;
+    pub const SERVICE_CHECKS: u64 = 7 << 3 | 2;
+    /// Event: name, tags, counter_state, gauge_state, interval_start.
+    pub const NAME: u8 = 1 << 3 | 2;
+    pub const TAGS: u8 = 2 << 3 | 2;
+    pub const COUNTER_STATE: u8 = 11 << 3 | 2;
+    pub const GAUGE_STATE: u8 = 12 << 3 | 2;
+    pub const INTERVAL_START: u8 = 15 << 3;
+    /// Tag: key. A state's first field (a double) and second (a varint).
+    pub const TAG_KEY: u8 = 1 << 3 | 2;
+    pub const STATE_DOUBLE: u8 = 1 << 3 | 1;
+    pub const STATE_SAMPLES: u8 = 2 << 3;
 }
 
-impl Item {
-    /// Its bytes in a batch (with its field key and length).
-    fn len(&self) -> usize {
-        4 + match self {
-            Item::Metric(e) => e.encoded_len(),
-            Item::Event(e) => e.encoded_len(),
-            Item::Check(c) => c.encoded_len(),
+/// One upstream's parts (own, or moved from a lost upstream) as they fill.
+struct Parts {
+    /// The first part's number.
+    first: usize,
+    /// Finished parts, each framed (its length before it).
+    done: Vec<Vec<u8>>,
+    /// The part being filled: a Batch's bytes, header first.
+    open: Vec<u8>,
+    /// Whether `open` has an event yet.
+    filled: bool,
+    /// Messages (rows) pushed.
+    rows: u64,
+}
+
+impl Parts {
+    fn new(first: usize) -> Parts {
+        Parts {
+            first,
+            done: Vec::new(),
+            open: Vec::new(),
+            filled: false,
+            rows: 0,
+        }
+    }
+
+    /// Adds one message of `len` bytes under Batch field `field`, written by
+    /// `write`, cutting a new part first when it would pass `limit`.
+    fn push(
+        &mut self,
+        shape: &Shape<'_>,
+        limit: usize,
+        field: u64,
+        len: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let size = 1 + encoded_len_varint(len as u64) + len;
+        if self.filled && self.open.len() + size > limit {
+            self.finish();
+        }
+        if !self.filled {
+            self.header(shape);
+            self.filled = true;
+        }
+        self.rows += 1;
+        encode_varint(field, &mut self.open);
+        encode_varint(len as u64, &mut self.open);
+        let at = self.open.len();
+        write(&mut self.open);
+        debug_assert_eq!(self.open.len() - at, len, "a message's length as computed");
+    }
+
+    /// A new part's header fields.
+    fn header(&mut self, shape: &Shape<'_>) {
+        let b = &mut self.open;
+        let seq = sequence(shape.flush_id, self.first + self.done.len());
+        b.push(key::CLIENT_ID);
+        encode_varint(shape.client_id.len() as u64, b);
+        b.extend_from_slice(shape.client_id.as_bytes());
+        b.push(key::SEQUENCE);
+        encode_varint(seq, b);
+        if !shape.host.is_empty() {
+            b.push(key::HOST);
+            encode_varint(shape.host.len() as u64, b);
+            b.extend_from_slice(shape.host.as_bytes());
+        }
+        b.push(key::VERSION);
+        encode_varint(u64::from(crate::protocol::proto::VERSION), b);
+    }
+
+    fn finish(&mut self) {
+        if self.filled {
+            let mut frame = Vec::with_capacity(self.open.len() + 5);
+            encode_varint(self.open.len() as u64, &mut frame);
+            frame.extend_from_slice(&self.open);
+            self.done.push(frame);
+            self.open.clear();
+            self.filled = false;
         }
     }
 }
 
-/// The batches of `rows` for each upstream (in `shape.upstreams` order),
-/// each part in order: every metric row as its state, and the events and
-/// service checks (an event by its title, a check by its name, among the
-/// upstreams).
-pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
+/// The length of a length-delimited field's value `len` with its key.
+fn field_len(len: usize) -> usize {
+    1 + encoded_len_varint(len as u64) + len
+}
+
+/// Writes a counter's or gauge's Event: name, tags, state, interval.
+fn state_event(
+    out: &mut Vec<u8>,
+    k: &KeyView<'_>,
+    state_key: u8,
+    (value, samples): (f64, u64),
+    ts: u32,
+    state_len: usize,
+) {
+    out.push(key::NAME);
+    encode_varint(k.name.len() as u64, out);
+    out.extend_from_slice(k.name);
+    for t in k.tags() {
+        out.push(key::TAGS);
+        encode_varint(field_len(t.len()) as u64, out);
+        out.push(key::TAG_KEY);
+        encode_varint(t.len() as u64, out);
+        out.extend_from_slice(t);
+    }
+    out.push(state_key);
+    encode_varint(state_len as u64, out);
+    out.push(key::STATE_DOUBLE);
+    out.extend_from_slice(&value.to_le_bytes());
+    out.push(key::STATE_SAMPLES);
+    encode_varint(samples, out);
+    out.push(key::INTERVAL_START);
+    encode_varint(u64::from(ts), out);
+}
+
+/// One upstream's share of a flush: its parts, each framed as it is sent
+/// (its length before it), in order, and the rows they hold.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Framed {
+    pub frames: Vec<Vec<u8>>,
+    pub rows: u64,
+}
+
+/// The share of `bodies` of each upstream (in `shape.upstreams` order):
+/// every metric row as its state, and the events and service checks (an
+/// event by its title, a check by its name, among the upstreams). Errors
+/// for a body that does not read as its table's rows.
+pub fn frames(bodies: &Bodies, shape: &Shape<'_>) -> Result<Vec<Framed>, String> {
     let n = shape.upstreams.len().max(1);
-    // Per upstream: its own items, then those moved to it from a lost one.
-    let mut items: Vec<[Vec<Item>; 2]> = (0..n).map(|_| Default::default()).collect();
+    let total: usize = bodies.bodies.iter().map(Vec::len).sum();
+    // Protobuf takes about what RowBinary does, and a little more.
+    let limit = shape
+        .batch_size
+        .max(total.saturating_mul(2).div_ceil(MAX_PARTS));
+    let mut out: Vec<[Parts; 2]> = (0..n)
+        .map(|_| [Parts::new(0), Parts::new(MAX_PARTS)])
+        .collect();
     let kept: Vec<String> = (0..shape.upstreams.len())
         .filter(|&u| !shape.lost.get(u).copied().unwrap_or(false))
         .map(|u| shape.upstreams[u].clone())
         .collect();
-    let route = |name: &str, tags: &[String]| -> (usize, usize) {
-        let u = upstream_of(shape.upstreams, name, tags);
-        if !shape.lost.get(u).copied().unwrap_or(false) || kept.is_empty() {
-            return (u, 0);
+    for (table, state_key) in [(0, key::COUNTER_STATE), (1, key::GAUGE_STATE)] {
+        let mut failed = None;
+        rowbinary::each_row(&bodies.bodies[table], table == 1, false, |row| {
+            let k = match KeyView::read(row.key) {
+                Ok(k) => k,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    return;
+                }
+            };
+            let (u, moved) = route(shape, &kept, k.name, k.tags());
+            let state_len = 9 + 1 + encoded_len_varint(row.samples);
+            let len = field_len(k.name.len())
+                + k.tags()
+                    .map(|t| field_len(field_len(t.len())))
+                    .sum::<usize>()
+                + field_len(state_len)
+                + 1
+                + encoded_len_varint(u64::from(row.ts));
+            out[u][moved].push(shape, limit, key::EVENTS, len, |b| {
+                state_event(
+                    b,
+                    &k,
+                    state_key,
+                    (row.value, row.samples),
+                    row.ts,
+                    state_len,
+                )
+            });
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        let to = &kept[upstream_of(&kept, name, tags)];
-        (shape.upstreams.iter().position(|x| x == to).unwrap_or(u), 1)
-    };
-    let mut add = |name: &str, tags: &[String], item: Item| {
-        let (u, moved) = route(name, tags);
-        items[u][moved].push(item);
-    };
-    let mut push = |name: &str, tags: &[String], ts: u32, value: Value| {
-        add(
-            name,
-            tags,
-            Item::Metric(pb::Event {
-                name: name.to_owned(),
-                // Each tag whole as the key: the aggregator rebuilds the same
-                // tag text (`k:v`, or a bare `k`).
-                tags: tags
-                    .iter()
-                    .map(|t| pb::Tag {
-                        key: t.clone(),
-                        value: String::new(),
-                    })
-                    .collect(),
-                value: Some(value),
-                sample_rate: 0.0,
-                interval_start: u64::from(ts),
-            }),
-        );
-    };
-    for r in &rows.counters {
-        let state = pb::CounterState {
-            sum: r.value,
-            samples: r.samples,
-        };
-        push(&r.name, &r.tags, r.ts, Value::CounterState(state));
     }
-    for r in &rows.gauges {
-        let state = pb::GaugeState {
-            value: r.value,
-            samples: r.samples,
-        };
-        push(&r.name, &r.tags, r.ts, Value::GaugeState(state));
+    // The other tables, through their row structs.
+    let mut rest = Bodies::default();
+    for t in 2..TABLES {
+        rest.bodies[t].clone_from(&bodies.bodies[t]);
+        rest.rows[t] = bodies.rows[t];
     }
-    for r in &rows.timers {
-        use pb::distribution_state::Kind;
-        let kind = match r.kind.as_str() {
-            "h" => Kind::Histogram,
-            "d" => Kind::Distribution,
-            _ => Kind::Timer,
+    if rest.bodies.iter().any(|b| !b.is_empty()) {
+        let rows = rowbinary::decode(&rest)?;
+        let mut push = |name: &str, tags: &[String], field: u64, bytes: Vec<u8>| {
+            let (u, moved) = route(
+                shape,
+                &kept,
+                name.as_bytes(),
+                tags.iter().map(String::as_bytes),
+            );
+            out[u][moved].push(shape, limit, field, bytes.len(), |b| {
+                b.extend_from_slice(&bytes)
+            });
         };
-        let state = pb::DistributionState {
-            kind: kind as i32,
-            count: r.count,
-            sum: r.sum,
-            min: r.min,
-            max: r.max,
-            samples: r.samples,
-            bucket_values: r.bucket_values.clone(),
-            bucket_weights: r.bucket_counts.clone(),
-        };
-        push(&r.name, &r.tags, r.ts, Value::DistributionState(state));
-    }
-    for r in &rows.sets {
-        let state = pb::SetState {
-            member_hashes: r.member_hashes.clone(),
-            samples: r.samples,
-        };
-        push(&r.name, &r.tags, r.ts, Value::SetState(state));
-    }
-    for e in &rows.events {
-        add(
-            &e.title,
-            &e.tags,
-            Item::Event(pb::DogstatsdEvent {
+        for r in &rows.timers {
+            use pb::distribution_state::Kind;
+            let kind = match r.kind.as_str() {
+                "h" => Kind::Histogram,
+                "d" => Kind::Distribution,
+                _ => Kind::Timer,
+            };
+            let state = pb::DistributionState {
+                kind: kind as i32,
+                count: r.count,
+                sum: r.sum,
+                min: r.min,
+                max: r.max,
+                samples: r.samples,
+                bucket_values: r.bucket_values.clone(),
+                bucket_weights: r.bucket_counts.clone(),
+            };
+            let e = event(&r.name, &r.tags, r.ts, Value::DistributionState(state));
+            push(&r.name, &r.tags, key::EVENTS, e.encode_to_vec());
+        }
+        for r in &rows.sets {
+            let state = pb::SetState {
+                member_hashes: r.member_hashes.clone(),
+                samples: r.samples,
+            };
+            let e = event(&r.name, &r.tags, r.ts, Value::SetState(state));
+            push(&r.name, &r.tags, key::EVENTS, e.encode_to_vec());
+        }
+        for e in &rows.events {
+            let m = pb::DogstatsdEvent {
                 interval_start: u64::from(e.ts),
                 timestamp: u64::from(e.event_ts),
                 title: e.title.clone(),
@@ -201,14 +352,11 @@ pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
                 source_type: e.source_type.clone(),
                 alert_type: e.alert_type.clone(),
                 tags: e.tags.clone(),
-            }),
-        );
-    }
-    for c in &rows.service_checks {
-        add(
-            &c.name,
-            &c.tags,
-            Item::Check(pb::ServiceCheck {
+            };
+            push(&e.title, &e.tags, key::DOGSTATSD_EVENTS, m.encode_to_vec());
+        }
+        for c in &rows.service_checks {
+            let m = pb::ServiceCheck {
                 interval_start: u64::from(c.ts),
                 timestamp: u64::from(c.check_ts),
                 name: c.name.clone(),
@@ -216,54 +364,63 @@ pub fn batches(rows: &Rows, shape: &Shape<'_>) -> Vec<Vec<pb::Batch>> {
                 hostname: c.hostname.clone(),
                 tags: c.tags.clone(),
                 message: c.message.clone(),
-            }),
-        );
+            };
+            push(&c.name, &c.tags, key::SERVICE_CHECKS, m.encode_to_vec());
+        }
     }
-    items
+    Ok(out
         .into_iter()
-        .flat_map(|[own, moved]| {
-            let mut parts = cut(own, 0, shape);
-            parts.extend(cut(moved, MAX_PARTS, shape));
-            [parts]
+        .map(|[mut own, mut moved]| {
+            own.finish();
+            moved.finish();
+            own.done.extend(moved.done);
+            Framed {
+                frames: own.done,
+                rows: own.rows + moved.rows,
+            }
         })
-        .collect()
+        .collect())
 }
 
-/// `items` as parts of at most `batch_size` bytes (larger where that
-/// would make more than [`MAX_PARTS`]), numbered from `first`.
-fn cut(items: Vec<Item>, first: usize, shape: &Shape<'_>) -> Vec<pb::Batch> {
-    let total: usize = items.iter().map(Item::len).sum();
-    let limit = shape.batch_size.max(total.div_ceil(MAX_PARTS));
-    let mut parts: Vec<pb::Batch> = Vec::new();
-    let mut size = usize::MAX;
-    for item in items {
-        let len = item.len();
-        if size.saturating_add(len) > limit {
-            parts.push(pb::Batch {
-                client_id: shape.client_id.to_owned(),
-                sequence: sequence(shape.flush_id, first + parts.len()),
-                host: shape.host.to_owned(),
-                version: crate::protocol::proto::VERSION,
-                ..pb::Batch::default()
-            });
-            size = 0;
-        }
-        size += len;
-        if let Some(p) = parts.last_mut() {
-            match item {
-                Item::Metric(e) => p.events.push(e),
-                Item::Event(e) => p.dogstatsd_events.push(e),
-                Item::Check(c) => p.service_checks.push(c),
-            }
-        }
+/// The upstream (an index in the plan) of key `(name, tags)`, and 1 when
+/// it was moved there from a lost upstream (else 0).
+fn route<'t>(
+    shape: &Shape<'_>,
+    kept: &[String],
+    name: &[u8],
+    tags: impl Iterator<Item = &'t [u8]> + Clone,
+) -> (usize, usize) {
+    let u = upstream_of(shape.upstreams, name, tags.clone());
+    if !shape.lost.get(u).copied().unwrap_or(false) || kept.is_empty() {
+        return (u, 0);
     }
-    parts
+    let to = &kept[upstream_of(kept, name, tags)];
+    (shape.upstreams.iter().position(|x| x == to).unwrap_or(u), 1)
+}
+
+/// A metric Event of forwarded state.
+fn event(name: &str, tags: &[String], ts: u32, value: Value) -> pb::Event {
+    pb::Event {
+        name: name.to_owned(),
+        // Each tag whole as the key: the aggregator rebuilds the same tag
+        // text (`k:v`, or a bare `k`).
+        tags: tags
+            .iter()
+            .map(|t| pb::Tag {
+                key: t.clone(),
+                value: String::new(),
+            })
+            .collect(),
+        value: Some(value),
+        sample_rate: 0.0,
+        interval_start: u64::from(ts),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::rows::CounterRow;
+    use crate::outbox::rows::{Batch as Rows, CounterRow, TimerRow};
 
     fn counter(name: &str, ts: u32) -> CounterRow {
         CounterRow {
@@ -277,14 +434,53 @@ mod tests {
         }
     }
 
+    fn bodies(rows: &Rows) -> Bodies {
+        rowbinary::encode(rows)
+    }
+
+    /// A share's parts as prost reads them.
+    pub(crate) fn batches(f: &Framed) -> Vec<pb::Batch> {
+        f.frames
+            .iter()
+            .map(|frame| {
+                let (prefix, len) = crate::protocol::proto::frame_header(frame, usize::MAX)
+                    .expect("a frame")
+                    .expect("whole");
+                assert_eq!(prefix + len, frame.len());
+                pb::Batch::decode(&frame[prefix..]).expect("prost reads it")
+            })
+            .collect()
+    }
+
+    fn shape<'a>(
+        ups: &'a [String],
+        lost: &'a [bool],
+        host: &'a str,
+        flush_id: u64,
+        size: usize,
+    ) -> Shape<'a> {
+        Shape {
+            upstreams: ups,
+            lost,
+            client_id: "c",
+            flush_id,
+            host,
+            batch_size: size,
+        }
+    }
+
     #[test]
     fn every_key_goes_to_one_upstream_and_the_share_is_even() {
         let ups: Vec<String> = (1..=3).map(|i| format!("agg{i}:8126")).collect();
         let mut seen = [0usize; 3];
         for k in 0..3000 {
             let name = format!("m{k}");
-            let u = upstream_of(&ups, &name, &[]);
-            assert_eq!(u, upstream_of(&ups, &name, &[]), "stable");
+            let u = upstream_of(&ups, name.as_bytes(), [].into_iter());
+            assert_eq!(
+                u,
+                upstream_of(&ups, name.as_bytes(), [].into_iter()),
+                "stable"
+            );
             seen[u] += 1;
         }
         assert!(seen.iter().all(|&n| (800..1200).contains(&n)), "{seen:?}");
@@ -296,8 +492,8 @@ mod tests {
         let two = vec![ups[0].clone(), ups[2].clone()];
         for k in 0..1000 {
             let name = format!("m{k}");
-            let before = &ups[upstream_of(&ups, &name, &[])];
-            let after = &two[upstream_of(&two, &name, &[])];
+            let before = &ups[upstream_of(&ups, name.as_bytes(), [].into_iter())];
+            let after = &two[upstream_of(&two, name.as_bytes(), [].into_iter())];
             if before != &ups[1] {
                 assert_eq!(before, after, "{name}");
             }
@@ -305,28 +501,102 @@ mod tests {
     }
 
     #[test]
+    fn the_hand_made_bytes_read_as_the_batch_prost_would_make() {
+        let rows = Rows {
+            counters: vec![counter("m", 60)],
+            gauges: vec![crate::outbox::rows::GaugeRow {
+                ts: 61,
+                name: "g".into(),
+                tags: vec![],
+                host: "h".into(),
+                value: -1.5,
+                version: 9,
+                samples: 300,
+            }],
+            ..Rows::default()
+        };
+        let ups = vec!["a:1".to_string()];
+        let framed = &frames(
+            &bodies(&rows),
+            &shape(&ups, &[], "web-1", 5 << TAG_BITS, 4096),
+        )
+        .expect("frames")[0];
+        let tag = |k: &str| pb::Tag {
+            key: k.into(),
+            value: String::new(),
+        };
+        let want = pb::Batch {
+            client_id: "c".into(),
+            sequence: 5 << TAG_BITS,
+            host: "web-1".into(),
+            version: 2,
+            events: vec![
+                pb::Event {
+                    name: "m".into(),
+                    tags: vec![tag("a:1"), tag("b")],
+                    value: Some(Value::CounterState(pb::CounterState {
+                        sum: 2.5,
+                        samples: 3,
+                    })),
+                    interval_start: 60,
+                    ..Default::default()
+                },
+                pb::Event {
+                    name: "g".into(),
+                    value: Some(Value::GaugeState(pb::GaugeState {
+                        value: -1.5,
+                        samples: 300,
+                    })),
+                    interval_start: 61,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        // The same message (prost writes the header fields after the
+        // events, by field number; both orders are protobuf).
+        assert_eq!(batches(framed), vec![want]);
+        assert_eq!(framed.rows, 2);
+    }
+
+    #[test]
     fn parts_are_cut_to_size_with_sequences_of_the_flush() {
         let rows = Rows {
             counters: (0..1000).map(|i| counter(&format!("m{i}"), 60)).collect(),
+            timers: vec![TimerRow {
+                ts: 60,
+                name: "t".into(),
+                tags: vec![],
+                host: "h".into(),
+                flush_id: 7,
+                kind: "ms".into(),
+                count: 2.0,
+                sum: 3.0,
+                min: 1.0,
+                max: 2.0,
+                p50: 1.0,
+                p90: 2.0,
+                p95: 2.0,
+                p99: 2.0,
+                samples: 2,
+                bucket_values: vec![1.0, 2.0],
+                bucket_counts: vec![1.0, 1.0],
+            }],
             ..Rows::default()
         };
-        let flush_id = (5 << TAG_BITS) | 0xabc;
         let ups = vec!["a:1".to_string()];
-        let shape = Shape {
-            upstreams: &ups,
-            lost: &[],
-            client_id: "c",
-            flush_id,
-            host: "web-1",
-            batch_size: 4096,
-        };
-        let parts = &batches(&rows, &shape)[0];
+        let framed = &frames(
+            &bodies(&rows),
+            &shape(&ups, &[], "web-1", (5 << TAG_BITS) | 0xabc, 4096),
+        )
+        .expect("frames")[0];
+        let parts = batches(framed);
         assert!(parts.len() > 5, "{}", parts.len());
         let events: usize = parts.iter().map(|p| p.events.len()).sum();
-        assert_eq!(events, 1000);
+        assert_eq!((events, framed.rows), (1001, 1001));
         for (i, p) in parts.iter().enumerate() {
             assert_eq!(p.sequence, (5 << TAG_BITS) | i as u64);
-            assert!(p.encoded_len() <= 4096 + 64, "{}", p.encoded_len());
+            assert!(p.encoded_len() <= 4096, "{}", p.encoded_len());
             assert_eq!((p.host.as_str(), p.version), ("web-1", 2));
         }
         let e = &parts[0].events[0];
@@ -341,34 +611,26 @@ mod tests {
             ..Rows::default()
         };
         let ups: Vec<String> = (1..=3).map(|i| format!("agg{i}:8126")).collect();
-        let shape = |lost: &'static [bool]| Shape {
-            upstreams: &ups,
-            lost,
-            client_id: "c",
-            flush_id: 9 << TAG_BITS,
-            host: "",
-            batch_size: 1 << 20,
-        };
-        let before = batches(&rows, &shape(&[]));
-        let after = batches(&rows, &shape(&[false, true, false]));
-        assert!(after[1].is_empty(), "nothing goes to the lost one");
+        let b = bodies(&rows);
+        let before = frames(&b, &shape(&ups, &[], "", 9 << TAG_BITS, 1 << 20)).expect("frames");
+        let lost = [false, true, false];
+        let after = frames(&b, &shape(&ups, &lost, "", 9 << TAG_BITS, 1 << 20)).expect("frames");
+        assert!(after[1].frames.is_empty(), "nothing goes to the lost one");
         for u in [0, 2] {
-            assert_eq!(
-                after[u][0], before[u][0],
-                "the parts it may have taken, unchanged"
-            );
-            let moved = &after[u][1];
+            let (was, now) = (batches(&before[u]), batches(&after[u]));
+            assert_eq!(now[0], was[0], "the parts it may have taken, unchanged");
+            let moved = &now[1];
             assert_eq!(moved.sequence, (9 << TAG_BITS) | MAX_PARTS as u64);
             for e in &moved.events {
-                let tags: Vec<String> = e.tags.iter().map(|t| t.key.clone()).collect();
+                let tags = e.tags.iter().map(|t| t.key.as_bytes());
                 assert_eq!(
-                    upstream_of(&ups, &e.name, &tags),
+                    upstream_of(&ups, e.name.as_bytes(), tags),
                     1,
                     "only the lost one's keys move"
                 );
             }
         }
-        let total: usize = after.iter().flatten().map(|p| p.events.len()).sum();
+        let total: u64 = after.iter().map(|f| f.rows).sum();
         assert_eq!(total, 300);
     }
 
@@ -381,16 +643,9 @@ mod tests {
             ..Rows::default()
         };
         let ups = vec!["a:1".to_string()];
-        let shape = Shape {
-            upstreams: &ups,
-            lost: &[],
-            client_id: "c",
-            flush_id: 1 << TAG_BITS,
-            host: "",
-            batch_size: 4096,
-        };
-        let parts = &batches(&rows, &shape)[0];
-        assert!(parts.len() <= MAX_PARTS, "{}", parts.len());
+        let framed =
+            &frames(&bodies(&rows), &shape(&ups, &[], "", 1 << TAG_BITS, 4096)).expect("frames")[0];
+        assert!(framed.frames.len() <= MAX_PARTS, "{}", framed.frames.len());
     }
 
     #[test]

@@ -63,7 +63,6 @@ use tokio::time::Instant;
 
 use crate::config::ForwardConfig;
 use crate::ledger::Ledger;
-use crate::outbox::rowbinary;
 use crate::protocol::proto::{self, pb, pb::ack::Status};
 use crate::sink::{Queued, backoff, jitter};
 use crate::telemetry::Telemetry;
@@ -234,20 +233,9 @@ impl Forwarder {
                 blocking(move || l.read_bodies(&f, &r)).await
             }
         };
-        let rows = bodies.and_then(|b| {
-            rowbinary::decode(&b)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        });
-        let rows = match rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                // Quarantined by the ledger (see /health), or not rows at all.
-                let lost: u64 = q.flush.tables.rows.iter().map(|&r| u64::from(r)).sum();
-                self.telemetry.rows_lost_damaged.fetch_add(lost, Relaxed);
-                tracing::error!(error = %e, flush_id, rows = lost, "a flush's spool file is damaged or gone; its rows are lost");
-                self.complete(flush_id).await;
-                return None;
-            }
+        let bodies = match bodies {
+            Ok(bodies) => bodies,
+            Err(e) => return self.lose(&q, &e.to_string()).await,
         };
         let names = self.plan(&q, ups, waiting).await;
         let client_id = encode::client_id(&self.host, q.flush.instance);
@@ -272,24 +260,36 @@ impl Forwarder {
             host,
             batch_size: self.config.batch_size,
         };
-        let shares = encode::batches(&rows, &shape)
+        let framed = match encode::frames(&bodies, &shape) {
+            Ok(framed) => framed,
+            Err(e) => return self.lose(&q, &e).await,
+        };
+        drop(bodies);
+        let shares = framed
             .into_iter()
             .zip(&plan)
-            .filter_map(|(parts, u)| Some((parts, (*u)?)))
-            .filter(|(parts, _)| !parts.is_empty())
-            .map(|(parts, upstream)| Share {
+            .filter_map(|(f, u)| Some((f, (*u)?)))
+            .filter(|(f, _)| !f.frames.is_empty())
+            .map(|(f, upstream)| Share {
                 upstream,
-                rows: parts
-                    .iter()
-                    .map(|p| {
-                        (p.events.len() + p.dogstatsd_events.len() + p.service_checks.len()) as u64
-                    })
-                    .sum(),
-                done: vec![false; parts.len()],
-                frames: parts.iter().map(proto::encode_frame).collect(),
+                rows: f.rows,
+                done: vec![false; f.frames.len()],
+                frames: f.frames,
             })
             .collect();
         Some(InFlight { q, shares })
+    }
+
+    /// A flush whose bodies cannot be read back or do not read as rows:
+    /// its rows are counted as lost (a damaged file is quarantined by the
+    /// ledger, see /health) and it goes.
+    async fn lose(&self, q: &Queued, error: &str) -> Option<InFlight> {
+        let flush_id = q.flush.flush_id;
+        let lost: u64 = q.flush.tables.rows.iter().map(|&r| u64::from(r)).sum();
+        self.telemetry.rows_lost_damaged.fetch_add(lost, Relaxed);
+        tracing::error!(%error, flush_id, rows = lost, "a flush's spool file is damaged or gone; its rows are lost");
+        self.complete(flush_id).await;
+        None
     }
 
     /// The upstreams flush `q` goes to (its plan): those of its sent marker

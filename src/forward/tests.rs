@@ -4,11 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
-
 use super::encode::{self, Shape};
 use crate::aggregate::{AggregateLimits, Aggregator, Generation, Scratch};
 use crate::outbox::gauges::GaugeMemory;
+use crate::outbox::rowbinary::Bodies;
 use crate::outbox::rows::{self, Batch as Rows};
 use crate::protocol::batch::BatchView;
 use crate::protocol::statsd::Limits;
@@ -29,8 +28,8 @@ fn aggregator(started: u64) -> Aggregator {
     )
 }
 
-/// The rows a tallyd makes of `generation` (decoded again).
-fn rows_of(generation: Generation, host: &str) -> Rows {
+/// The rows a tallyd makes of `generation` (decoded again), and their bodies.
+fn flush_of(generation: Generation, host: &str) -> (Rows, Bodies) {
     let mut next = 1000;
     let (flush, _) = rows::build(
         generation,
@@ -44,22 +43,28 @@ fn rows_of(generation: Generation, host: &str) -> Rows {
         },
         Default::default(),
     );
-    flush.into_batch().expect("decodes")
+    let bodies = flush.tables.clone();
+    (flush.into_batch().expect("decodes"), bodies)
 }
 
-/// The rows an edge of `host` makes of `block`, in the interval at `started`.
-fn edge_rows(block: &str, started: u64, host: &str) -> Rows {
+fn rows_of(generation: Generation, host: &str) -> Rows {
+    flush_of(generation, host).0
+}
+
+/// The rows an edge of `host` makes of `block`, in the interval at
+/// `started`, and their bodies.
+fn edge_rows(block: &str, started: u64, host: &str) -> (Rows, Bodies) {
     let a = aggregator(started);
     let mut stats = BlockStats::default();
     a.ingest_block(block.as_bytes(), &mut Scratch::default(), &mut stats);
     assert_eq!(stats.parse_error_total(), 0);
     let g = Arc::try_unwrap(a.swap(Duration::from_secs(started + 1))).expect("unique");
-    rows_of(g, host)
+    flush_of(g, host)
 }
 
 /// `rows` of each edge forwarded (with its host kept or not) to one
 /// aggregator whose interval starts at `started`; the aggregator's rows.
-fn through_aggregator(edges: &[(&str, &Rows)], keep_host: bool, started: u64) -> Rows {
+fn through_aggregator(edges: &[(&str, &(Rows, Bodies))], keep_host: bool, started: u64) -> Rows {
     let agg = aggregator(started);
     let upstreams = vec!["agg:8126".to_string()];
     for (host, rows) in edges {
@@ -72,9 +77,12 @@ fn through_aggregator(edges: &[(&str, &Rows)], keep_host: bool, started: u64) ->
             host: if keep_host { host } else { "" },
             batch_size: 4096,
         };
-        for part in &encode::batches(rows, &shape)[0] {
-            let bytes = part.encode_to_vec();
-            let view = BatchView::decode(&bytes).expect("decodes");
+        let framed = &encode::frames(&rows.1, &shape).expect("frames")[0];
+        for frame in &framed.frames {
+            let (prefix, _) = crate::protocol::proto::frame_header(frame, usize::MAX)
+                .expect("frame")
+                .expect("whole");
+            let view = BatchView::decode(&frame[prefix..]).expect("decodes");
             let mut stats = BlockStats::default();
             let rejected = agg.ingest_batch(&view, &mut Scratch::default(), &mut stats);
             assert_eq!(rejected, 0);
@@ -98,8 +106,9 @@ fn sorted(mut rows: Rows) -> Rows {
 
 #[test]
 fn an_aggregators_rows_of_one_edge_are_the_edges_rows_with_its_host() {
-    let edge = sorted(edge_rows(MIXED, 100, "web-1"));
-    let agg = sorted(through_aggregator(&[("web-1", &edge)], true, 100));
+    let flushed = edge_rows(MIXED, 100, "web-1");
+    let agg = sorted(through_aggregator(&[("web-1", &flushed)], true, 100));
+    let edge = sorted(flushed.0);
     assert_eq!(agg.counters.len(), 2);
     for (a, e) in agg.counters.iter().zip(&edge.counters) {
         assert_eq!(
@@ -158,13 +167,14 @@ fn a_state_keeps_its_interval_however_late_it_arrives() {
 
 #[test]
 fn events_and_service_checks_arrive_whole_in_their_edges_interval() {
-    let edge = edge_rows(
+    let flushed = edge_rows(
         "_e{5,4}:title|text|p:low|t:error|#b,a:1\n_sc|disk|2|d:90|m:full\nc:1|c\n",
         100,
         "web-1",
     );
+    let edge = &flushed.0;
     assert_eq!((edge.events.len(), edge.service_checks.len()), (1, 1));
-    let agg = through_aggregator(&[("web-1", &edge)], true, 5000);
+    let agg = through_aggregator(&[("web-1", &flushed)], true, 5000);
     let (a, e) = (&agg.events[0], &edge.events[0]);
     let mut a = a.clone();
     a.flush_id = e.flush_id;
@@ -173,6 +183,6 @@ fn events_and_service_checks_arrive_whole_in_their_edges_interval() {
     let mut a = a.clone();
     a.flush_id = c.flush_id;
     assert_eq!(&a, c);
-    let dropped = through_aggregator(&[("web-1", &edge)], false, 5000);
+    let dropped = through_aggregator(&[("web-1", &flushed)], false, 5000);
     assert_eq!(dropped.events[0].host, "agg");
 }

@@ -74,7 +74,7 @@ fn fold_in_place(
     let mut by_key: HashMap<&[u8], Folded, Hasher> =
         HashMap::with_capacity_and_hasher(rows, Hasher::default());
     for body in [a, b] {
-        each_row(body, gauge, |r| match by_key.entry(r.key) {
+        each_row(body, gauge, true, |r| match by_key.entry(r.key) {
             Entry::Vacant(e) => {
                 e.insert(Folded {
                     ts: r.ts,

@@ -369,16 +369,20 @@ pub struct RowView<'a> {
 }
 
 /// Gives each row of a counters body (`gauge` false) or a gauges body to
-/// `each`, borrowed from `body` (no string is copied).
+/// `each`, borrowed from `body` (no string is copied). With `check_text`,
+/// the key's strings must be UTF-8 (as a row struct's would be); without,
+/// they are taken as they are (for a reader that checks them itself, as
+/// an aggregator checks what an edge forwards).
 pub fn each_row<'a>(
     body: &'a [u8],
     gauge: bool,
+    check_text: bool,
     mut each: impl FnMut(RowView<'a>),
 ) -> Result<(), String> {
     let mut r = Reader::new(body);
     while !r.done() {
         let ts = r.u32()?;
-        let key = r.key_columns()?;
+        let key = r.key_columns(check_text)?;
         let (value, order) = if gauge {
             (r.f64()?, r.u64()?)
         } else {
@@ -394,6 +398,43 @@ pub fn each_row<'a>(
         });
     }
     Ok(())
+}
+
+/// A row's key columns ([`RowView::key`]) read in place: its name, tags and
+/// host, as bytes ([`each_row`] checked them as UTF-8 when it read the row).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyView<'a> {
+    pub name: &'a [u8],
+    tags: &'a [u8],
+    count: usize,
+    pub host: &'a [u8],
+}
+
+impl<'a> KeyView<'a> {
+    /// Reads the key columns `key` (as [`RowView::key`] holds them).
+    pub fn read(key: &'a [u8]) -> Result<KeyView<'a>, String> {
+        let mut r = Reader::new(key);
+        let name = r.bytes()?;
+        let count = r.len()?;
+        let start = r.at;
+        for _ in 0..count {
+            r.bytes()?;
+        }
+        let tags = &key[start..r.at];
+        let host = r.bytes()?;
+        Ok(KeyView {
+            name,
+            tags,
+            count,
+            host,
+        })
+    }
+
+    /// The tags, in order.
+    pub fn tags(&self) -> impl Iterator<Item = &'a [u8]> + Clone + use<'a> {
+        let mut r = Reader::new(self.tags);
+        (0..self.count).map_while(move |_| r.bytes().ok())
+    }
 }
 
 impl Bodies {
@@ -465,6 +506,7 @@ pub fn upgrade_v1_timers(body: &[u8]) -> Result<Vec<u8>, String> {
     Ok(timers)
 }
 
+#[derive(Clone)]
 struct Reader<'a> {
     b: &'a [u8],
     at: usize,
@@ -479,6 +521,7 @@ impl<'a> Reader<'a> {
         self.at >= self.b.len()
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         let end = self
             .at
@@ -506,7 +549,14 @@ impl<'a> Reader<'a> {
         self.u64().map(f64::from_bits)
     }
 
+    #[inline]
     fn varint(&mut self) -> Result<u64, String> {
+        if let Some(&b) = self.b.get(self.at)
+            && b < 0x80
+        {
+            self.at += 1;
+            return Ok(u64::from(b));
+        }
         let mut n = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.take(1)?[0];
@@ -518,6 +568,7 @@ impl<'a> Reader<'a> {
         Err("a varint is too long".into())
     }
 
+    #[inline]
     fn len(&mut self) -> Result<usize, String> {
         let n = self.varint()?;
         usize::try_from(n)
@@ -539,15 +590,30 @@ impl<'a> Reader<'a> {
     }
 
     /// The key columns (name, tags, host) after a row's `ts`, as their
-    /// bytes.
-    fn key_columns(&mut self) -> Result<&'a [u8], String> {
+    /// bytes; with `check`, each string checked as UTF-8.
+    #[inline]
+    fn key_columns(&mut self, check: bool) -> Result<&'a [u8], String> {
         let start = self.at;
-        self.str()?;
+        let string = |r: &mut Self| {
+            if check {
+                r.str().map(str::as_bytes)
+            } else {
+                r.bytes()
+            }
+        };
+        string(self)?;
         for _ in 0..self.len()? {
-            self.str()?;
+            string(self)?;
         }
-        self.str()?;
+        string(self)?;
         Ok(&self.b[start..self.at])
+    }
+
+    /// A string's bytes, unchecked.
+    #[inline]
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.len()?;
+        self.take(n)
     }
 
     /// A string's bytes, checked as UTF-8 (as [`Reader::string`] checks).
