@@ -66,13 +66,15 @@ fn timer_line(k: usize) -> String {
     format!("app.timer.k{k:07}:{}|ms", values.join(":"))
 }
 
-fn shape<'a>(upstreams: &'a [String], host: &'a str) -> Shape<'a> {
+fn shape(upstreams: &[String], keep_host: bool) -> Shape<'_> {
     Shape {
         upstreams,
         lost: &[],
         client_id: "tallyd-edge/0000000000000001/edge-1",
         flush_id: 1 << 20,
-        host,
+        host: "edge-1",
+        keep_host,
+        host_except: &[],
         batch_size: 1 << 20,
     }
 }
@@ -92,12 +94,10 @@ fn fleet(c: &mut Criterion) {
         let rows = edge_rows(keys, line);
         g.throughput(Throughput::Elements(keys as u64));
         g.bench_function(format!("forward/encode_{name}_{keys}_keys"), |b| {
-            b.iter(|| {
-                black_box(encode::frames(&rows, &shape(&upstreams, "edge-1")).expect("frames"))
-            })
+            b.iter(|| black_box(encode::frames(&rows, &shape(&upstreams, true)).expect("frames")))
         });
-        for (mode, host) in [("keep", "edge-1"), ("drop", "")] {
-            let framed = encode::frames(&rows, &shape(&upstreams, host)).expect("frames");
+        for (mode, keep) in [("keep", true), ("drop", false)] {
+            let framed = encode::frames(&rows, &shape(&upstreams, keep)).expect("frames");
             let frames: Vec<&[u8]> = framed[0]
                 .frames
                 .iter()

@@ -86,7 +86,7 @@ cargo test --locked --all-targets
 # The same sink, schema and exactly-once tests against the modern engine.
 TALLYD_TEST_ENGINE=chdb cargo test --locked --test end_to_end --test ledger \
     --test crash --test clickhouse_outage --test proto --test dogstatsd \
-    --test memory --test reload
+    --test memory --test reload --test fleet
 
 # Packaging: cargo deb builds the .deb (cargo-deb is installed from
 # crates.io if missing); check that it carries what a host needs.

@@ -55,6 +55,7 @@ pub fn events_from_lines<'a>(
                 value: Some(value),
                 sample_rate: rate,
                 interval_start: 0,
+                host_dropped: false,
             })
         };
         if line.kind == MetricType::Set {

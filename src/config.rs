@@ -47,6 +47,8 @@ pub struct ForwardSettings {
     /// `keep`: rows keep this host in their `host` column; `drop`: the
     /// fleet's rows of a key merge into one per interval.
     pub host: String,
+    /// Globs over metric names (`*`, `?`) whose rows take the other mode.
+    pub host_except: Vec<String>,
     /// The largest batch sent upstream (at most the aggregators'
     /// `proto.max_frame`).
     pub batch_size: String,
@@ -64,6 +66,7 @@ impl Default for ForwardSettings {
         ForwardSettings {
             upstreams: Vec::new(),
             host: "keep".into(),
+            host_except: Vec::new(),
             batch_size: "1MiB".into(),
             timeout: "10s".into(),
             retry_initial: "100ms".into(),

@@ -14,9 +14,11 @@
 //! row of its own interval. No timestamp window applies: an edge's backlog
 //! after a partition lands in its own past intervals.
 //!
-//! With a `host` (the edge's, under `forward.host = "keep"`), the key
-//! carries it ([`super::key::KeyBuf::with_host`]) and the row keeps it;
-//! without, the fleet's states of a key merge into one row.
+//! With a `host` (the edge's), the key carries it
+//! ([`super::key::KeyBuf::with_host`]) and the row keeps it, unless the
+//! state says `host_dropped` (`forward.host = "drop"`, or a name in
+//! `forward.host_except`): then the fleet's states of a key merge into one
+//! row. Events and service checks keep the batch's host.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -252,7 +254,9 @@ impl Aggregator {
         let state = state(value)?;
         proto::event_key(event, tags, parse_limits)?;
         scratch.key.build(state.kind(), event.name, tags);
-        let key = scratch.key.with_host(host);
+        let key = scratch
+            .key
+            .with_host(if event.host_dropped { b"" } else { host });
         let step = limits.interval.as_secs().max(1);
         let start = event.interval_start - event.interval_start % step;
         let started = generation.started.as_secs();

@@ -328,8 +328,10 @@ pub struct Config {
 pub struct ForwardConfig {
     /// `host:port` of each aggregator, as written (resolved at connect).
     pub upstreams: Vec<String>,
-    /// Rows keep this host (`forward.host = "keep"`).
+    /// Rows keep this host (`forward.host = "keep"`)...
     pub keep_host: bool,
+    /// ...except those of names matching these globs.
+    pub host_except: Vec<String>,
     pub batch_size: usize,
     pub timeout: Duration,
     pub retry_initial: Duration,
@@ -389,9 +391,16 @@ impl Settings {
         if upstreams.is_empty() {
             return Ok(None);
         }
+        if f.host_except.iter().any(String::is_empty) {
+            return Err(err(
+                "forward.host_except",
+                "an empty pattern matches no name (use \"*\" for every name)",
+            ));
+        }
         Ok(Some(ForwardConfig {
             upstreams,
             keep_host,
+            host_except: f.host_except.clone(),
             batch_size,
             timeout: duration("forward.timeout", &f.timeout)?,
             retry_initial: duration("forward.retry_initial", &f.retry_initial)?,

@@ -90,9 +90,27 @@ pub struct Shape<'a> {
     pub lost: &'a [bool],
     pub client_id: &'a str,
     pub flush_id: u64,
-    /// The host the rows keep (`forward.host = "keep"`), or empty.
+    /// The edge's host, which its events and service checks keep, and
+    /// its metric rows unless they drop it (see [`Shape::drops_host`]).
     pub host: &'a str,
+    /// `forward.host = "keep"`...
+    pub keep_host: bool,
+    /// ...but not for names that match one of these globs
+    /// (`forward.host_except`), which take the other mode.
+    pub host_except: &'a [String],
     pub batch_size: usize,
+}
+
+impl Shape<'_> {
+    /// Whether the rows of metric `name` merge fleet-wide (the state says
+    /// `host_dropped`).
+    pub fn drops_host(&self, name: &[u8]) -> bool {
+        let except = self
+            .host_except
+            .iter()
+            .any(|p| crate::protocol::glob::matches(p.as_bytes(), name));
+        self.keep_host == except
+    }
 }
 
 /// Protobuf field keys (`number << 3 | wire type`) of the messages built
@@ -112,6 +130,8 @@ mod key {
     pub const COUNTER_STATE: u8 = 11 << 3 | 2;
     pub const GAUGE_STATE: u8 = 12 << 3 | 2;
     pub const INTERVAL_START: u8 = 15 << 3;
+    /// Event field 16, a varint: two bytes of key.
+    pub const HOST_DROPPED: [u8; 2] = [0x80, 0x01];
     /// Tag: key. A state's first field (a double) and second (a varint).
     pub const TAG_KEY: u8 = 1 << 3 | 2;
     pub const STATE_DOUBLE: u8 = 1 << 3 | 1;
@@ -204,7 +224,8 @@ fn field_len(len: usize) -> usize {
     1 + encoded_len_varint(len as u64) + len
 }
 
-/// Writes a counter's or gauge's Event: name, tags, state, interval.
+/// Writes a counter's or gauge's Event: name, tags, state, interval, and
+/// whether it drops the host.
 fn state_event(
     out: &mut Vec<u8>,
     k: &KeyView<'_>,
@@ -212,6 +233,7 @@ fn state_event(
     (value, samples): (f64, u64),
     ts: u32,
     state_len: usize,
+    drops_host: bool,
 ) {
     out.push(key::NAME);
     encode_varint(k.name.len() as u64, out);
@@ -231,6 +253,10 @@ fn state_event(
     encode_varint(samples, out);
     out.push(key::INTERVAL_START);
     encode_varint(u64::from(ts), out);
+    if drops_host {
+        out.extend_from_slice(&key::HOST_DROPPED);
+        out.push(1);
+    }
 }
 
 /// One upstream's share of a flush: its parts, each framed as it is sent
@@ -278,15 +304,11 @@ pub fn frames(bodies: &Bodies, shape: &Shape<'_>) -> Result<Vec<Framed>, String>
                 + field_len(state_len)
                 + 1
                 + encoded_len_varint(u64::from(row.ts));
+            let drops = shape.drops_host(k.name);
+            let len = len + if drops { 3 } else { 0 };
             out[u][moved].push(shape, limit, key::EVENTS, len, |b| {
-                state_event(
-                    b,
-                    &k,
-                    state_key,
-                    (row.value, row.samples),
-                    row.ts,
-                    state_len,
-                )
+                let value = (row.value, row.samples);
+                state_event(b, &k, state_key, value, row.ts, state_len, drops)
             });
         })?;
         if let Some(e) = failed {
@@ -329,7 +351,8 @@ pub fn frames(bodies: &Bodies, shape: &Shape<'_>) -> Result<Vec<Framed>, String>
                 bucket_values: r.bucket_values.clone(),
                 bucket_weights: r.bucket_counts.clone(),
             };
-            let e = event(&r.name, &r.tags, r.ts, Value::DistributionState(state));
+            let value = Value::DistributionState(state);
+            let e = event(shape, &r.name, &r.tags, r.ts, value);
             push(&r.name, &r.tags, key::EVENTS, e.encode_to_vec());
         }
         for r in &rows.sets {
@@ -337,7 +360,7 @@ pub fn frames(bodies: &Bodies, shape: &Shape<'_>) -> Result<Vec<Framed>, String>
                 member_hashes: r.member_hashes.clone(),
                 samples: r.samples,
             };
-            let e = event(&r.name, &r.tags, r.ts, Value::SetState(state));
+            let e = event(shape, &r.name, &r.tags, r.ts, Value::SetState(state));
             push(&r.name, &r.tags, key::EVENTS, e.encode_to_vec());
         }
         for e in &rows.events {
@@ -399,7 +422,7 @@ fn route<'t>(
 }
 
 /// A metric Event of forwarded state.
-fn event(name: &str, tags: &[String], ts: u32, value: Value) -> pb::Event {
+fn event(shape: &Shape<'_>, name: &str, tags: &[String], ts: u32, value: Value) -> pb::Event {
     pb::Event {
         name: name.to_owned(),
         // Each tag whole as the key: the aggregator rebuilds the same tag
@@ -414,6 +437,7 @@ fn event(name: &str, tags: &[String], ts: u32, value: Value) -> pb::Event {
         value: Some(value),
         sample_rate: 0.0,
         interval_start: u64::from(ts),
+        host_dropped: shape.drops_host(name.as_bytes()),
     }
 }
 
@@ -465,6 +489,8 @@ mod tests {
             client_id: "c",
             flush_id,
             host,
+            keep_host: true,
+            host_except: &[],
             batch_size: size,
         }
     }

@@ -239,11 +239,6 @@ impl Forwarder {
         };
         let names = self.plan(&q, ups, waiting).await;
         let client_id = encode::client_id(&self.host, q.flush.instance);
-        let host = if self.config.keep_host {
-            self.host.as_str()
-        } else {
-            ""
-        };
         let plan: Vec<Option<usize>> = names
             .iter()
             .map(|n| self.config.upstreams.iter().position(|u| u == n))
@@ -257,7 +252,9 @@ impl Forwarder {
             lost: &lost,
             client_id: &client_id,
             flush_id,
-            host,
+            host: &self.host,
+            keep_host: self.config.keep_host,
+            host_except: &self.config.host_except,
             batch_size: self.config.batch_size,
         };
         let framed = match encode::frames(&bodies, &shape) {

@@ -65,6 +65,16 @@ fn edge_rows(block: &str, started: u64, host: &str) -> (Rows, Bodies) {
 /// `rows` of each edge forwarded (with its host kept or not) to one
 /// aggregator whose interval starts at `started`; the aggregator's rows.
 fn through_aggregator(edges: &[(&str, &(Rows, Bodies))], keep_host: bool, started: u64) -> Rows {
+    through_aggregator_except(edges, keep_host, &[], started)
+}
+
+/// [`through_aggregator`] with `forward.host_except` globs.
+fn through_aggregator_except(
+    edges: &[(&str, &(Rows, Bodies))],
+    keep_host: bool,
+    host_except: &[String],
+    started: u64,
+) -> Rows {
     let agg = aggregator(started);
     let upstreams = vec!["agg:8126".to_string()];
     for (host, rows) in edges {
@@ -74,7 +84,9 @@ fn through_aggregator(edges: &[(&str, &(Rows, Bodies))], keep_host: bool, starte
             lost: &[],
             client_id: &client_id,
             flush_id: 7 << 20,
-            host: if keep_host { host } else { "" },
+            host,
+            keep_host,
+            host_except,
             batch_size: 4096,
         };
         let framed = &encode::frames(&rows.1, &shape).expect("frames")[0];
@@ -184,5 +196,47 @@ fn events_and_service_checks_arrive_whole_in_their_edges_interval() {
     a.flush_id = c.flush_id;
     assert_eq!(&a, c);
     let dropped = through_aggregator(&[("web-1", &flushed)], false, 5000);
-    assert_eq!(dropped.events[0].host, "agg");
+    assert_eq!(
+        (
+            dropped.events[0].host.as_str(),
+            dropped.counters[0].host.as_str()
+        ),
+        ("web-1", "agg"),
+        "events keep their edge's host when metric rows drop it"
+    );
+}
+
+#[test]
+fn names_in_host_except_take_the_other_mode() {
+    let one = edge_rows("fleet.c:1|c\nc:1|c\n", 100, "web-1");
+    let two = edge_rows("fleet.c:2|c\nc:2|c\n", 100, "web-2");
+    let edges = [("web-1", &one), ("web-2", &two)];
+    let rows = |keep: bool, except: &[&str]| {
+        let except: Vec<String> = except.iter().map(|e| e.to_string()).collect();
+        let mut r: Vec<(String, String, f64)> =
+            through_aggregator_except(&edges, keep, &except, 100)
+                .counters
+                .into_iter()
+                .map(|c| (c.name, c.host, c.value))
+                .collect();
+        r.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        r
+    };
+    let row = |n: &str, h: &str, v: f64| (n.to_string(), h.to_string(), v);
+    assert_eq!(
+        rows(true, &["fleet.*"]),
+        [
+            row("c", "web-1", 1.0),
+            row("c", "web-2", 2.0),
+            row("fleet.c", "agg", 3.0)
+        ]
+    );
+    assert_eq!(
+        rows(false, &["fleet.*"]),
+        [
+            row("c", "agg", 3.0),
+            row("fleet.c", "web-1", 1.0),
+            row("fleet.c", "web-2", 2.0)
+        ]
+    );
 }

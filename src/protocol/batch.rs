@@ -461,6 +461,9 @@ pub struct EventView<'a> {
     /// `interval_start` (field 15, forwarded state): Unix seconds; 0 when
     /// absent.
     pub interval_start: u64,
+    /// `host_dropped` (field 16, forwarded state): merged fleet-wide,
+    /// though the batch names a host.
+    pub host_dropped: bool,
     bytes: &'a [u8],
 }
 
@@ -478,6 +481,7 @@ impl<'a> EventView<'a> {
             value: None,
             sample_rate: 0.0,
             interval_start: 0,
+            host_dropped: false,
             bytes,
         };
         for field in fields(bytes, BATCH_BUDGET - 1) {
@@ -531,6 +535,7 @@ impl<'a> EventView<'a> {
                     e.value = Some(EventValue::SetState(s));
                 }
                 15 => e.interval_start = varint(v, "Event.interval_start")?,
+                16 => e.host_dropped = varint(v, "Event.host_dropped")? != 0,
                 _ => {}
             }
         }

@@ -4,8 +4,10 @@
 //! - [`dogstatsd`]: DogStatsD events and service checks.
 //! - [`proto`]: the protobuf protocol (framing, events).
 //! - [`batch`]: a protobuf `Batch` read in place, without allocating.
+//! - [`glob`]: shell-style patterns over metric names.
 
 pub mod batch;
 pub mod dogstatsd;
+pub mod glob;
 pub mod proto;
 pub mod statsd;
