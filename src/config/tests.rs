@@ -141,3 +141,50 @@ fn a_wal_segment_that_cannot_hold_a_64_kib_block_is_refused_by_name() {
     s.wal.size = "16MiB".into();
     s.validate().expect("68 KiB holds one");
 }
+
+#[test]
+fn an_edge_is_configured_by_upstreams_and_a_bad_forward_setting_is_named() {
+    assert_eq!(Settings::default().validate().expect("valid").forward, None);
+    let s = Settings::from_toml(
+        "[forward]\nupstreams = [\"agg1:8126\", \"10.0.0.2:8126\"]\nhost = \"drop\"\nhost_except = [\"fleet.*\"]\n",
+        "f",
+    )
+    .expect("parse");
+    let f = s.validate().expect("valid").forward.expect("an edge");
+    assert_eq!(f.upstreams, ["agg1:8126", "10.0.0.2:8126"]);
+    assert_eq!(
+        (f.keep_host, f.host_except.as_slice()),
+        (false, &["fleet.*".to_string()][..])
+    );
+    let bad = [
+        ("upstreams = [\"agg1\"]", "forward.upstreams"),
+        ("upstreams = [\"agg1:0\"]", "forward.upstreams"),
+        ("upstreams = [\"a:1\", \"a:1\"]", "forward.upstreams"),
+        ("upstreams = [\"a:1\"]\nhost = \"maybe\"", "forward.host"),
+        (
+            "upstreams = [\"a:1\"]\nhost_except = [\"\"]",
+            "forward.host_except",
+        ),
+        (
+            "upstreams = [\"a:1\"]\nbatch_size = \"1KiB\"",
+            "forward.batch_size",
+        ),
+        (
+            "upstreams = [\"a:1\"]\nmax_lag = \"soon\"",
+            "forward.max_lag",
+        ),
+    ];
+    for (text, field) in bad {
+        let s = Settings::from_toml(&format!("[forward]\n{text}\n"), "f").expect("parse");
+        assert_eq!(s.validate().unwrap_err().field, field, "{text}");
+    }
+    let o = Overrides {
+        forward_upstreams: Some(vec!["x:1".into(), "y:2".into()]),
+        forward_host: Some("drop".into()),
+        ..Overrides::default()
+    };
+    let mut s = Settings::default();
+    o.apply(&mut s);
+    let f = s.validate().expect("valid").forward.expect("an edge");
+    assert_eq!((f.upstreams.len(), f.keep_host), (2, false));
+}

@@ -142,7 +142,7 @@ impl Fleet {
                 &Value(u.waiting),
             );
         }
-        let now = crate::notify::now_ms();
+        let now = crate::clock::wall_clock().as_millis() as u64;
         let edges = self.edges(now);
         if !edges.is_empty() {
             m.gauge(
