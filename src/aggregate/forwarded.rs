@@ -11,8 +11,9 @@
 //! A state keeps its interval: one whose `interval_start` falls in this
 //! generation's interval merges into the series table, any other into the
 //! generation's late samples (as a `|T` sample does), and is flushed as a
-//! row of its own interval. No timestamp window applies: an edge's backlog
-//! after a partition lands in its own past intervals.
+//! row of its own interval. Only the future side of `timestamp_window`
+//! applies: an edge's backlog after a partition lands in its own past
+//! intervals however old; a state without an interval is refused.
 //!
 //! With a `host` (the edge's), the key carries it
 //! ([`super::key::KeyBuf::with_host`]) and the row keeps it, unless the
@@ -258,8 +259,15 @@ impl Aggregator {
             .key
             .with_host(if event.host_dropped { b"" } else { host });
         let step = limits.interval.as_secs().max(1);
-        let start = event.interval_start - event.interval_start % step;
         let started = generation.started.as_secs();
+        // A state names its interval; none, or one further ahead than the
+        // timestamp window (a clock far off), is refused. A past one is
+        // taken however old: an edge's backlog after a partition.
+        let ahead = started.saturating_add(limits.timestamp_window.as_secs());
+        if event.interval_start == 0 || event.interval_start > ahead {
+            return Err(ParseError::InvalidTimestamp);
+        }
+        let start = event.interval_start - event.interval_start % step;
         let full = generation.bytes.load(Relaxed) >= limits.max_memory;
         let grew = if start == started - started % step {
             self.merge_live(generation, key, &state, stats, limits, full)

@@ -16,7 +16,9 @@
 //!   sequences, which the aggregator's deduplication answers `DUPLICATE`.
 //! - **Size.** A part holds events up to `batch_size` bytes; a flush is cut
 //!   into at most [`MAX_PARTS`] parts per upstream (larger ones past that),
-//!   inside the aggregator's deduplication window.
+//!   inside the aggregator's deduplication window. A part larger than the
+//!   aggregator's `proto.max_frame` (a flush of gigabytes, or a set of
+//!   hundreds of thousands of members) is refused by it, and waits.
 //! - **Cost.** Counter and gauge rows (most of a flush) go from the
 //!   RowBinary bodies to protobuf bytes without a row struct or a string
 //!   copied; timers, sets, events and service checks go through their row
@@ -272,12 +274,37 @@ pub struct Framed {
 /// event by its title, a check by its name, among the upstreams). Errors
 /// for a body that does not read as its table's rows.
 pub fn frames(bodies: &Bodies, shape: &Shape<'_>) -> Result<Vec<Framed>, String> {
-    let n = shape.upstreams.len().max(1);
     let total: usize = bodies.bodies.iter().map(Vec::len).sum();
-    // Protobuf takes about what RowBinary does, and a little more.
-    let limit = shape
+    // Protobuf takes about what RowBinary does, and a little more; where
+    // that guess is short, the parts are cut again, twice as large, so that
+    // no share passes MAX_PARTS (its own parts and the moved ones keep
+    // their numbers apart).
+    let mut limit = shape
         .batch_size
         .max(total.saturating_mul(2).div_ceil(MAX_PARTS));
+    loop {
+        let out = frames_at(bodies, shape, limit)?;
+        if out
+            .iter()
+            .all(|[own, moved]| own.done.len().max(moved.done.len()) <= MAX_PARTS)
+        {
+            return Ok(out
+                .into_iter()
+                .map(|[own, moved]| Framed {
+                    rows: own.rows + moved.rows,
+                    frames: own.done.into_iter().chain(moved.done).collect(),
+                })
+                .collect());
+        }
+        limit = limit.saturating_mul(2);
+    }
+}
+
+/// [`frames`] in parts of at most `limit` bytes (a single message larger
+/// than that is a part of its own), each share's own and moved parts
+/// finished.
+fn frames_at(bodies: &Bodies, shape: &Shape<'_>, limit: usize) -> Result<Vec<[Parts; 2]>, String> {
+    let n = shape.upstreams.len().max(1);
     let mut out: Vec<[Parts; 2]> = (0..n)
         .map(|_| [Parts::new(0), Parts::new(MAX_PARTS)])
         .collect();
@@ -391,18 +418,11 @@ pub fn frames(bodies: &Bodies, shape: &Shape<'_>) -> Result<Vec<Framed>, String>
             push(&c.name, &c.tags, key::SERVICE_CHECKS, m.encode_to_vec());
         }
     }
-    Ok(out
-        .into_iter()
-        .map(|[mut own, mut moved]| {
-            own.finish();
-            moved.finish();
-            own.done.extend(moved.done);
-            Framed {
-                frames: own.done,
-                rows: own.rows + moved.rows,
-            }
-        })
-        .collect())
+    for [own, moved] in &mut out {
+        own.finish();
+        moved.finish();
+    }
+    Ok(out)
 }
 
 /// The upstream (an index in the plan) of key `(name, tags)`, and 1 when
@@ -658,6 +678,26 @@ mod tests {
         }
         let total: u64 = after.iter().map(|f| f.rows).sum();
         assert_eq!(total, 300);
+    }
+
+    #[test]
+    fn parts_grow_until_a_share_fits_the_part_limit() {
+        // Long tags: each event several times its RowBinary row, so the
+        // first guess of the part size makes too many parts.
+        let rows = Rows {
+            counters: (0..(MAX_PARTS * 8))
+                .map(|i| CounterRow {
+                    tags: (0..8).map(|t| format!("t{t}:{}", "v".repeat(40))).collect(),
+                    ..counter(&format!("m{i}"), 1)
+                })
+                .collect(),
+            ..Rows::default()
+        };
+        let ups = vec!["a:1".to_string()];
+        let s = shape(&ups, &[], "", 1 << TAG_BITS, 4096);
+        let framed = &frames(&bodies(&rows), &s).expect("frames")[0];
+        assert!(framed.frames.len() <= MAX_PARTS, "{}", framed.frames.len());
+        assert_eq!(framed.rows, (MAX_PARTS * 8) as u64);
     }
 
     #[test]

@@ -6,17 +6,18 @@
 //!
 //! The durable order is the sink's ([`crate::ledger`], steps 6 and 7):
 //!
-//! 1. the flush's *plan* is fixed: the upstreams its keys are spread over
-//!    ([`encode::upstream_of`]), those that are live now (reached, and
-//!    with no older flush waiting for them). It is written in the flush's
-//!    sent marker before the first byte goes out: from then on the flush
-//!    is never merged or joined, and every send of it, after a restart
-//!    too, carries the same rows to the same upstreams under the same
-//!    sequences;
+//! 1. the flush's *plan* ([`plan`]: the upstreams its keys are spread
+//!    over, those live now, and the batch size and host settings in
+//!    force) is written in its sent marker before the first byte goes
+//!    out: from then on the flush is never merged or joined, and every
+//!    send of it, after a restart or a config change too, carries the same
+//!    rows to the same upstreams under the same sequences, as the client
+//!    of its own recorded host and instance;
 //! 2. each upstream gets its parts (pipelined on one TCP connection), and
 //!    a part is done when the upstream answers `OK` (its WAL record is
 //!    durable under the aggregator's `wal.sync`) or `DUPLICATE` (it took
-//!    it before: an ack was lost, or this edge restarted after sending);
+//!    it before: an ack was lost, or this edge restarted after sending),
+//!    either with protocol version 2;
 //! 3. when every part of every upstream of its plan is done, the flush is
 //!    complete and its spool file goes.
 //!
@@ -25,10 +26,13 @@
 //! planned meanwhile leave it out, so their keys of its share go to the
 //! live ones (rendezvous hashing moves only those keys). A flush whose
 //! plan names it waits, in the spool and apart, until it answers; later
-//! flushes go on. An upstream with such a flush waiting gets no newer one
-//! before it, so it sees each edge's flushes in order, inside its
-//! deduplication window. With every upstream down, flushes wait in the
-//! spool (the outage buffer, merged past `spool.max_size`).
+//! flushes go on. An upstream gets no newer flush of an edge while an
+//! older one waits for it (within a run, and after a restart, where the
+//! spool's flushes go oldest first), so it sees each edge's flushes in
+//! order, inside its deduplication window. With every upstream down,
+//! flushes wait in the spool (the outage buffer, merged past
+//! `spool.max_size`). One upstream that does not answer holds the others
+//! up to `forward.timeout` per attempt: shares are sent one after another.
 //!
 //! **The hazard of a second aggregator.** A flush re-sent to another
 //! aggregator after the first may have taken it would count twice: so a
@@ -39,16 +43,21 @@
 //! (`tallyd_forward_waiting`). Removing it from `upstreams` (and a
 //! restart) declares it lost: the keys it held of those flushes go to the
 //! others of their plans, in parts numbered apart from the parts those
-//! took ([`encode::Shape::lost`]); rows it had taken before it was lost
-//! then count twice, which is what declaring it lost accepts.
+//! took ([`encode::Shape::lost`]), or, when every upstream of a plan is
+//! gone, the flush is planned again over the live ones; rows a lost one
+//! had taken then count twice, which is what declaring it lost accepts.
 //!
-//! `REJECTED` (a frame over the aggregator's `proto.max_frame`, a sequence
-//! outside its deduplication window) and an `OK` without protocol version
-//! 2 (an older tallyd, which cannot read state) are logged as errors and
-//! retried the same way: nothing is completed that an aggregator did not
-//! take.
+//! `REJECTED` and an answer without protocol version 2 (an older tallyd,
+//! which cannot read state) are logged as errors and retried with the same
+//! backoff: nothing is completed that an aggregator did not take. Some do
+//! not pass by waiting: a frame over the aggregator's `proto.max_frame`
+//! (raise it), or a sequence below its deduplication window (the
+//! aggregator lost its state, or this edge's spool file of a flush it had
+//! completed could not be removed and was sent again after a restart; the
+//! log names the flush: remove its spool file by hand).
 
 pub mod encode;
+mod plan;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -67,6 +76,8 @@ use crate::protocol::proto::{self, pb, pb::ack::Status};
 use crate::sink::{Queued, backoff, jitter};
 use crate::telemetry::Telemetry;
 use crate::telemetry::fleet::UpstreamStats;
+use plan::Plan;
+use std::io::ErrorKind;
 
 /// An ack's most bytes (its message is short).
 const MAX_ACK: usize = 64 * 1024;
@@ -114,6 +125,12 @@ struct Share {
     rows: u64,
 }
 
+impl Share {
+    fn is_done(&self) -> bool {
+        self.done.iter().all(|&d| d)
+    }
+}
+
 /// A flush on its way: its shares, some perhaps done.
 struct InFlight {
     q: Queued,
@@ -151,12 +168,26 @@ impl Forwarder {
         loop {
             self.retry_waiting(&mut ups, &mut waiting).await;
             self.publish(&ups, &waiting);
-            let due = ups.iter().filter_map(|u| u.down_until).min();
+            if queue.is_closed() && queue.is_empty() {
+                open = false;
+            }
+            let now = Instant::now();
+            // When a waiting flush's upstream comes due (only those: an
+            // upstream nothing waits for is tried with the next flush).
+            let due = waiting
+                .values()
+                .flat_map(|f| f.shares.iter().filter(|s| !s.is_done()))
+                .filter_map(|s| ups[s.upstream].down_until)
+                .filter(|&t| t > now)
+                .min();
             if live(&ups, &waiting).is_empty() {
+                if !open {
+                    return self.stop(&waiting);
+                }
                 // Every upstream down or holding a waiting flush: new
                 // flushes stay queued or parked until one is due.
-                let now = Instant::now();
-                let at = due.unwrap_or(now).max(now + self.config.retry_initial);
+                let soonest = ups.iter().filter_map(|u| u.down_until).min();
+                let at = soonest.unwrap_or(now).max(now + self.config.retry_initial);
                 tokio::time::sleep_until(at).await;
                 continue;
             }
@@ -170,16 +201,16 @@ impl Forwarder {
             };
             let q = match q {
                 Some(q) => q,
-                None if !open && waiting.is_empty() => return,
+                None if !open => return self.stop(&waiting),
                 None => {
                     let retry = async {
                         match due {
-                            Some(at) if !waiting.is_empty() => tokio::time::sleep_until(at).await,
-                            _ => std::future::pending().await,
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
                         }
                     };
                     tokio::select! {
-                        q = queue.recv(), if open => match q {
+                        q = queue.recv() => match q {
                             Some(q) => q,
                             None => { open = false; continue; }
                         },
@@ -189,11 +220,23 @@ impl Forwarder {
                 }
             };
             if let Some(f) = self.start(q, &mut ups, &waiting).await
-                && let Some(f) = self.attempt(f, &mut ups).await
+                && let Some(f) = self.attempt(f, &mut ups, &waiting).await
             {
                 waiting.insert(f.q.flush.flush_id, f);
             }
             self.publish(&ups, &waiting);
+        }
+    }
+
+    /// The queue is closed and nothing is parked: what waits for a down
+    /// upstream stays in the spool (its plan in its marker) for the next
+    /// start.
+    fn stop(&self, waiting: &BTreeMap<u64, InFlight>) {
+        if !waiting.is_empty() {
+            tracing::info!(
+                flushes = waiting.len(),
+                "stopping with flushes that wait for a down upstream; they stay in the spool and go at the next start"
+            );
         }
     }
 
@@ -207,11 +250,7 @@ impl Forwarder {
             s.rows = up.rows;
             s.waiting = waiting
                 .values()
-                .filter(|f| {
-                    f.shares
-                        .iter()
-                        .any(|sh| sh.upstream == u && !sh.done.iter().all(|&d| d))
-                })
+                .filter(|f| f.shares.iter().any(|sh| sh.upstream == u && !sh.is_done()))
                 .count() as u64;
         }
     }
@@ -235,27 +274,37 @@ impl Forwarder {
         };
         let bodies = match bodies {
             Ok(bodies) => bodies,
-            Err(e) => return self.lose(&q, &e.to_string()).await,
+            // Damaged (quarantined by the ledger, see /health) or gone.
+            Err(e) if matches!(e.kind(), ErrorKind::InvalidData | ErrorKind::NotFound) => {
+                return self.lose(&q, &e.to_string()).await;
+            }
+            Err(e) => return self.later(&q, &e.to_string()).await,
         };
-        let names = self.plan(&q, ups, waiting).await;
-        let client_id = encode::client_id(&self.host, q.flush.instance);
-        let plan: Vec<Option<usize>> = names
+        let plan = match self.plan(&q, ups, waiting).await {
+            Ok(plan) => plan,
+            Err(e) => return self.later(&q, &e).await,
+        };
+        // The flush's own host and instance, whatever the config says now:
+        // every send of it is the same client and the same rows.
+        let client_id = encode::client_id(&q.flush.host, q.flush.instance);
+        let index: Vec<Option<usize>> = plan
+            .upstreams
             .iter()
             .map(|n| self.config.upstreams.iter().position(|u| u == n))
             .collect();
-        let lost: Vec<bool> = plan.iter().map(Option::is_none).collect();
+        let lost: Vec<bool> = index.iter().map(Option::is_none).collect();
         if lost.iter().any(|&l| l) {
-            tracing::warn!(flush_id, plan = ?names, upstreams = ?self.config.upstreams, "a waiting flush was planned with upstreams no longer configured: their keys go to the others of its plan (declared lost: rows they took may count twice)");
+            tracing::warn!(flush_id, plan = ?plan.upstreams, upstreams = ?self.config.upstreams, "a waiting flush was planned with upstreams no longer configured: their keys go to the others of its plan (declared lost: rows they took may count twice)");
         }
         let shape = encode::Shape {
-            upstreams: &names,
+            upstreams: &plan.upstreams,
             lost: &lost,
             client_id: &client_id,
             flush_id,
-            host: &self.host,
-            keep_host: self.config.keep_host,
-            host_except: &self.config.host_except,
-            batch_size: self.config.batch_size,
+            host: &q.flush.host,
+            keep_host: plan.keep_host,
+            host_except: &plan.host_except,
+            batch_size: plan.batch_size,
         };
         let framed = match encode::frames(&bodies, &shape) {
             Ok(framed) => framed,
@@ -264,7 +313,7 @@ impl Forwarder {
         drop(bodies);
         let shares = framed
             .into_iter()
-            .zip(&plan)
+            .zip(&index)
             .filter_map(|(f, u)| Some((f, (*u)?)))
             .filter(|(f, _)| !f.frames.is_empty())
             .map(|(f, upstream)| Share {
@@ -275,6 +324,19 @@ impl Forwarder {
             })
             .collect();
         Some(InFlight { q, shares })
+    }
+
+    /// A flush that cannot go now (its bodies or its marker could not be
+    /// read: not damaged, an I/O error): parked again, to be read back and
+    /// tried after a pause.
+    async fn later(&self, q: &Queued, error: &str) -> Option<InFlight> {
+        let flush_id = q.flush.flush_id;
+        self.telemetry.spool_errors.fetch_add(1, Relaxed);
+        let delay = self.config.retry_initial.max(Duration::from_millis(100));
+        tracing::error!(%error, flush_id, retry_in = ?delay, "cannot read a flush back from the spool; it stays there and is tried again");
+        tokio::time::sleep(delay).await;
+        self.ledger.park(flush_id);
+        None
     }
 
     /// A flush whose bodies cannot be read back or do not read as rows:
@@ -289,40 +351,57 @@ impl Forwarder {
         None
     }
 
-    /// The upstreams flush `q` goes to (its plan): those of its sent marker
-    /// when it has one, else the live ones (at least one: [`Forwarder::run`]
-    /// takes no flush without), written in the marker before they are
-    /// returned.
+    /// Flush `q`'s plan ([`plan`]): the one in its sent marker when it has
+    /// one, else a new one over the live upstreams (at least one:
+    /// [`Forwarder::run`] takes no flush without) and the settings in
+    /// force, written in the marker before it is returned. A plan whose
+    /// every upstream was removed from the config is made again (declared
+    /// lost). An error when the marker cannot be read.
     async fn plan(
         &self,
         q: &Queued,
         ups: &mut [Upstream],
         waiting: &BTreeMap<u64, InFlight>,
-    ) -> Vec<String> {
+    ) -> Result<Plan, String> {
         let flush_id = q.flush.flush_id;
         if q.resent {
             let l = Arc::clone(&self.ledger);
-            if let Ok(text) = blocking(move || l.sent_plan(flush_id)).await {
-                let plan: Vec<String> = String::from_utf8_lossy(&text)
-                    .lines()
-                    .filter(|n| !n.is_empty())
-                    .map(String::from)
-                    .collect();
-                if !plan.is_empty() {
-                    return plan;
+            let text = blocking(move || l.sent_plan(flush_id))
+                .await
+                .map_err(|e| format!("reading its sent marker: {e}"))?;
+            match Plan::decode(&text) {
+                Ok(Some(plan))
+                    if plan
+                        .upstreams
+                        .iter()
+                        .any(|u| self.config.upstreams.contains(u)) =>
+                {
+                    return Ok(plan);
+                }
+                Ok(Some(plan)) => {
+                    tracing::warn!(flush_id, plan = ?plan.upstreams, "every upstream of a waiting flush's plan was removed from the config: planned again over the live ones (declared lost: rows they took may count twice)");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(flush_id, error = %e, "a flush's sent marker does not read; planned again (rows an upstream took may count twice)");
                 }
             }
         }
-        let live: Vec<String> = live(ups, waiting)
-            .into_iter()
-            .map(|u| self.config.upstreams[u].clone())
-            .collect();
-        let text: String = live.iter().map(|u| format!("{u}\n")).collect();
+        let plan = Plan {
+            upstreams: live(ups, waiting)
+                .into_iter()
+                .map(|u| self.config.upstreams[u].clone())
+                .collect(),
+            batch_size: self.config.batch_size,
+            keep_host: self.config.keep_host,
+            host_except: self.config.host_except.clone(),
+        };
+        let text = plan.encode();
         let mut attempt = 0u32;
         loop {
             let (l, text) = (Arc::clone(&self.ledger), text.clone());
             match blocking(move || l.sending_to(flush_id, text.as_bytes())).await {
-                Ok(()) => return live,
+                Ok(()) => return Ok(plan),
                 Err(e) => {
                     let c = &self.config;
                     let delay = backoff(attempt, c.retry_initial, c.retry_max, jitter());
@@ -337,13 +416,30 @@ impl Forwarder {
 
     /// One attempt at every share of `f` not yet done; the flush is
     /// complete when all are, else it comes back to wait.
-    async fn attempt(&self, mut f: InFlight, ups: &mut [Upstream]) -> Option<InFlight> {
+    async fn attempt(
+        &self,
+        mut f: InFlight,
+        ups: &mut [Upstream],
+        waiting: &BTreeMap<u64, InFlight>,
+    ) -> Option<InFlight> {
+        let id = f.q.flush.flush_id;
         for share in &mut f.shares {
-            if share.done.iter().all(|&d| d) {
+            if share.is_done() {
                 continue;
             }
             let up = &mut ups[share.upstream];
             if up.down_until.is_some_and(|t| t > Instant::now()) {
+                continue;
+            }
+            // An upstream sees each edge's flushes in order: an older one
+            // that waits for it goes first (else its sequences would fall
+            // below the upstream's deduplication window).
+            let older_waits = waiting.range(..id).any(|(_, w)| {
+                w.shares
+                    .iter()
+                    .any(|s| s.upstream == share.upstream && !s.is_done())
+            });
+            if older_waits {
                 continue;
             }
             let name = &self.config.upstreams[share.upstream];
@@ -389,8 +485,8 @@ impl Forwarder {
                 }
             }
         }
-        if f.shares.iter().all(|s| s.done.iter().all(|&d| d)) {
-            self.complete(f.q.flush.flush_id).await;
+        if f.shares.iter().all(Share::is_done) {
+            self.complete(id).await;
             return None;
         }
         Some(f)
@@ -403,16 +499,15 @@ impl Forwarder {
         let due: Vec<u64> = waiting
             .iter()
             .filter(|(_, f)| {
-                f.shares.iter().any(|s| {
-                    !s.done.iter().all(|&d| d)
-                        && ups[s.upstream].down_until.is_none_or(|t| t <= now)
-                })
+                f.shares
+                    .iter()
+                    .any(|s| !s.is_done() && ups[s.upstream].down_until.is_none_or(|t| t <= now))
             })
             .map(|(&id, _)| id)
             .collect();
         for id in due {
             if let Some(f) = waiting.remove(&id)
-                && let Some(f) = self.attempt(f, ups).await
+                && let Some(f) = self.attempt(f, ups, waiting).await
             {
                 waiting.insert(id, f);
             }
@@ -452,7 +547,7 @@ impl Forwarder {
                 let ack = read_ack(&mut reader, &mut buf, self.config.timeout).await?;
                 let status = Status::try_from(ack.status).unwrap_or(Status::Rejected);
                 match status {
-                    Status::Ok if ack.version < proto::VERSION => {
+                    Status::Ok | Status::Duplicate if ack.version < proto::VERSION => {
                         return Err(Failed::TooOld(ack.version.max(1)));
                     }
                     Status::Ok | Status::Duplicate => {
@@ -509,8 +604,9 @@ impl Forwarder {
     async fn complete(&self, flush_id: u64) {
         let l = Arc::clone(&self.ledger);
         if let Err(e) = blocking(move || l.complete(flush_id)).await {
-            // The spool file stays: forwarded again (identical) at the next start.
-            tracing::error!(error = %e, flush_id, "could not remove a forwarded flush from the spool");
+            // Its upstreams took it: sent again at the next start, it is
+            // refused as older than their window (see the module doc).
+            tracing::error!(error = %e, flush_id, "could not remove a forwarded flush from the spool: remove its file by hand before the next start");
         }
         crate::ledger::publish_backlog(&self.ledger, &self.telemetry);
     }
@@ -523,11 +619,9 @@ fn live(ups: &[Upstream], waiting: &BTreeMap<u64, InFlight>) -> Vec<usize> {
     (0..ups.len())
         .filter(|&u| ups[u].down_until.is_none_or(|t| t <= now))
         .filter(|&u| {
-            !waiting.values().any(|f| {
-                f.shares
-                    .iter()
-                    .any(|s| s.upstream == u && !s.done.iter().all(|&d| d))
-            })
+            !waiting
+                .values()
+                .any(|f| f.shares.iter().any(|s| s.upstream == u && !s.is_done()))
         })
         .collect()
 }

@@ -10,6 +10,8 @@ use super::{Metrics, Sample};
 /// Edges named one by one in `/metrics` (the laggiest; the others count
 /// in the totals only), so that a large fleet keeps `/metrics` small.
 const NAMED_EDGES: usize = 10;
+/// Edges tracked at most (a client id each).
+const MAX_EDGES: usize = 100_000;
 /// An edge not heard from for this long is no longer counted as seen.
 const SEEN_FOR_MS: u64 = 5 * 60 * 1000;
 
@@ -61,15 +63,26 @@ impl Fleet {
     /// seconds), at `now_ms`.
     pub fn heard(&self, client: &str, newest: u64, now_ms: u64) {
         let mut edges = crate::lock(&self.edges);
-        let e = edges.entry(client.to_owned()).or_insert(EdgeSeen {
-            at_ms: now_ms,
-            newest,
-        });
-        e.at_ms = now_ms;
-        e.newest = e.newest.max(newest);
-        if edges.len() > 100_000 {
-            edges.retain(|_, e| now_ms.saturating_sub(e.at_ms) < SEEN_FOR_MS);
+        if let Some(e) = edges.get_mut(client) {
+            e.at_ms = now_ms;
+            e.newest = e.newest.max(newest);
+            return;
         }
+        // Bounded: past MAX_EDGES the silent ones go, and a new edge is
+        // not listed while every listed one is still heard from.
+        if edges.len() >= MAX_EDGES {
+            edges.retain(|_, e| now_ms.saturating_sub(e.at_ms) < SEEN_FOR_MS);
+            if edges.len() >= MAX_EDGES {
+                return;
+            }
+        }
+        edges.insert(
+            client.to_owned(),
+            EdgeSeen {
+                at_ms: now_ms,
+                newest,
+            },
+        );
     }
 
     /// The edges heard from lately, each with its lag in seconds (now
