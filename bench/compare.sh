@@ -54,8 +54,9 @@ verify="curl -s '$CH' --data-binary \"SELECT sum(value) FROM bench.counters FINA
 edge=()
 if [[ ",$peers," == *,tallyd-edge,* ]]; then
   agg_dir=$(mktemp -d)
-  agg_port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
-  "$TALLYD" run --statsd-udp off --statsd-tcp off --proto-udp off --admin off --proto-tcp "127.0.0.1:$agg_port" \
+  free() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+  agg_port=$(free) agg_admin=$(free)
+  "$TALLYD" run --statsd-udp off --statsd-tcp off --proto-udp off --admin "127.0.0.1:$agg_admin" --proto-tcp "127.0.0.1:$agg_port" \
     --clickhouse-url "$CH" --clickhouse-database bench --data-dir "$agg_dir/data" --host-id aggregator \
     --flush-interval 1s --log-level warn $extra & agg_pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$agg_port") 2>/dev/null && break; sleep 0.1; done
@@ -67,4 +68,11 @@ python3 "$here/measure.py" compare --bindir "$PEERS_DIR/bin" --workdir "$PEERS_D
 # Each tallyd run preallocates a WAL in its run dir: free the disk.
 find "$PEERS_DIR/runs" -mindepth 2 -maxdepth 2 -type d -name data -exec rm -rf {} + 2>/dev/null || true
 python3 "$here/measure.py" table --summary "$out"
+if [ -n "$agg_pid" ]; then
+  # The aggregator's CPU (all of this script's runs) per row it took from the edges.
+  ticks=$(awk '{print $14 + $15}' "/proc/$agg_pid/stat")
+  rows=$(curl -fsS "127.0.0.1:$agg_admin/metrics" | awk '/^tallyd_received_lines_total\{listener="proto"\}/ {print $2}')
+  awk -v t="$ticks" -v r="${rows:-0}" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    if (r > 0) printf "aggregator: %.2f µs of CPU per forwarded row (%d rows, %.1f s)\n", t / hz * 1e6 / r, r, t / hz }'
+fi
 echo "per-run results: $out"

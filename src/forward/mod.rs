@@ -578,26 +578,9 @@ impl Forwarder {
         read
     }
 
-    /// The oldest parked flushes, read back (several joined into one, see
-    /// [`Ledger::read_taken`]). One that cannot be read is skipped (a
-    /// damaged one is moved aside by the ledger).
+    /// The oldest parked flushes, read back ([`crate::sink::next_parked`]).
     async fn next_parked(&self) -> Option<Queued> {
-        loop {
-            let taken = self.ledger.take_parked()?;
-            let (l, t) = (Arc::clone(&self.ledger), taken.clone());
-            match blocking(move || l.read_taken(&t)).await {
-                Ok((flush, spooled)) => {
-                    return Some(Queued {
-                        flush: Arc::new(flush),
-                        resent: taken.earlier,
-                        spooled,
-                    });
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, flush_ids = ?taken.ids, "cannot read a parked flush back; skipped (a damaged one is moved aside, see /health)")
-                }
-            }
-        }
+        crate::sink::next_parked(&self.ledger).await
     }
 
     /// Step 3: the flush's spool file goes.

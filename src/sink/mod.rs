@@ -47,8 +47,8 @@ pub mod schema;
 pub mod tls;
 
 use endpoint::Current;
-pub use queued::Queued;
 use queued::{Body, Shared};
+pub use queued::{Queued, next_parked};
 
 use blocked::Blocked;
 use retry::MISSING_SCHEMA_CODES;
@@ -319,31 +319,9 @@ impl Sink {
         }
     }
 
-    /// The oldest parked flushes, read back from the spool (several joined
-    /// into one, see [`Ledger::read_taken`]). One that does not decode is
-    /// quarantined by the ledger; one that cannot be read for another
-    /// reason is left on disk for the next start (and logged).
+    /// The oldest parked flushes, read back ([`queued::next_parked`]).
     async fn next_parked(&self) -> Option<Queued> {
-        let ledger = self.ledger.as_ref()?;
-        loop {
-            let taken = ledger.take_parked()?;
-            let (l, t) = (Arc::clone(ledger), taken.clone());
-            let read = tokio::task::spawn_blocking(move || l.read_taken(&t))
-                .await
-                .map_err(std::io::Error::other);
-            match read {
-                Ok(Ok((flush, spooled))) => {
-                    return Some(Queued {
-                        flush: Arc::new(flush),
-                        resent: taken.earlier,
-                        spooled,
-                    });
-                }
-                Ok(Err(e)) | Err(e) => {
-                    tracing::error!(error = %e, flush_ids = ?taken.ids, "cannot read a parked flush back; skipped (a damaged one is moved aside, see /health)")
-                }
-            }
-        }
+        queued::next_parked(self.ledger.as_ref()?).await
     }
 
     /// Writes the flush's sent marker (step 6), retrying until it is on

@@ -1,8 +1,10 @@
-//! A flush on its way to the sink, and where each of its bodies is sent
-//! from: memory, or a range of its spool file.
+//! A flush on its way to the sink (or an edge's forwarder), where each of
+//! its bodies is sent from (memory, or a range of its spool file), and the
+//! parked flushes taken back from the spool.
 
 use std::sync::Arc;
 
+use crate::ledger::Ledger;
 use crate::outbox::flush::{BodyRanges, Flush};
 
 /// A flush on its way to ClickHouse.
@@ -64,4 +66,30 @@ pub(super) enum Body {
     Memory(bytes::Bytes),
     /// A range of the flush's spool file (see [`Queued::spooled`]).
     Spooled((u64, u64)),
+}
+
+/// The oldest parked flushes, read back from the spool (several joined
+/// into one, see [`Ledger::read_taken`]). One that does not decode is
+/// quarantined by the ledger; one that cannot be read for another reason
+/// is left on disk for the next start (and logged).
+pub async fn next_parked(ledger: &Arc<Ledger>) -> Option<Queued> {
+    loop {
+        let taken = ledger.take_parked()?;
+        let (l, t) = (Arc::clone(ledger), taken.clone());
+        let read = tokio::task::spawn_blocking(move || l.read_taken(&t))
+            .await
+            .map_err(std::io::Error::other);
+        match read {
+            Ok(Ok((flush, spooled))) => {
+                return Some(Queued {
+                    flush: Arc::new(flush),
+                    resent: taken.earlier,
+                    spooled,
+                });
+            }
+            Ok(Err(e)) | Err(e) => {
+                tracing::error!(error = %e, flush_ids = ?taken.ids, "cannot read a parked flush back; skipped (a damaged one is moved aside, see /health)")
+            }
+        }
+    }
 }
