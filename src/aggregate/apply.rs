@@ -381,36 +381,15 @@ impl Aggregator {
         scratch.late_key.clear();
         scratch.late_key.extend_from_slice(&start.to_le_bytes());
         scratch.late_key.extend_from_slice(key);
-        let (map, key) = (&generation.late, &scratch.late_key[..]);
         let full = generation.bytes.load(Relaxed) >= limits.max_memory;
-        if let Some(mut acc) = map.get_mut(key) {
-            let grew = merge(&mut acc, line, stats, limits, full);
-            drop(acc);
-            generation.grew(row_shape(line.kind).0, grew);
-            return;
-        }
-        let Some(cost) = admit_key(generation, key.len(), shape_of(line), stats, limits) else {
-            return;
-        };
-        let grew = match map.entry(MapKey::from_slice(key)) {
-            Entry::Occupied(mut e) => {
-                // Another worker created it between our lookup and now.
-                unadmit(
-                    generation,
-                    key.len(),
-                    shape_of(line),
-                    &mut BlockStats::default(),
-                );
-                merge(e.get_mut(), line, stats, limits, full)
-            }
-            Entry::Vacant(v) => {
-                let mut acc = Acc::new(line.kind);
-                let grew = merge(&mut acc, line, stats, limits, full);
-                v.insert(acc);
-                generation.bytes.fetch_add(cost, Relaxed);
-                grew
-            }
-        };
+        let grew = merge_late(
+            generation,
+            &scratch.late_key,
+            shape_of(line),
+            stats,
+            limits,
+            |acc, stats| merge(acc, line, stats, limits, full),
+        );
         generation.grew(row_shape(line.kind).0, grew);
     }
 }
@@ -423,6 +402,47 @@ pub(super) fn row_shape(kind: MetricType) -> (usize, usize) {
         MetricType::Gauge => (1, 36),
         MetricType::Timer | MetricType::Histogram | MetricType::Distribution => (2, 140),
         MetricType::Set => (3, 44),
+    }
+}
+
+/// Merges into `generation`'s late samples under `late_key` (its interval
+/// start, 4 bytes LE, then the key) with `merge`, admitting the key first
+/// when it is new (values of `shape` are dropped and counted when it is
+/// refused); returns the bytes the accumulator grew by. `|T` lines and
+/// an edge's states of other intervals both land here.
+pub(super) fn merge_late(
+    generation: &Generation,
+    late_key: &[u8],
+    shape: (MetricType, u64),
+    stats: &mut BlockStats,
+    limits: &AggregateLimits,
+    mut merge: impl FnMut(&mut Acc, &mut BlockStats) -> u64,
+) -> u64 {
+    let map = &generation.late;
+    if let Some(mut acc) = map.get_mut(late_key) {
+        return merge(&mut acc, stats);
+    }
+    let Some(cost) = admit_key(generation, late_key.len(), shape, stats, limits) else {
+        return 0;
+    };
+    match map.entry(MapKey::from_slice(late_key)) {
+        Entry::Occupied(mut e) => {
+            // Another worker made it between the lookup and now.
+            unadmit(
+                generation,
+                late_key.len(),
+                shape,
+                &mut BlockStats::default(),
+            );
+            merge(e.get_mut(), stats)
+        }
+        Entry::Vacant(v) => {
+            let mut acc = Acc::new(shape.0);
+            let grew = merge(&mut acc, stats);
+            v.insert(acc);
+            generation.bytes.fetch_add(cost, Relaxed);
+            grew
+        }
     }
 }
 

@@ -23,11 +23,9 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use dashmap::mapref::entry::Entry;
-
 use super::acc::Acc;
-use super::apply::{admit_key, note_cost, row_shape, unadmit};
-use super::{AggregateLimits, Aggregator, Generation, MapKey, Origin, Scratch};
+use super::apply::{admit_key, merge_late, note_cost, row_shape, unadmit};
+use super::{AggregateLimits, Aggregator, Generation, Origin, Scratch};
 use crate::protocol::batch::{BatchView, DistributionView, EventValue, EventView, Note, SetView};
 use crate::protocol::dogstatsd;
 use crate::protocol::proto::{self, pb};
@@ -276,7 +274,15 @@ impl Aggregator {
             scratch.late_key.clear();
             scratch.late_key.extend_from_slice(&start.to_le_bytes());
             scratch.late_key.extend_from_slice(key);
-            merge_late(generation, &scratch.late_key, &state, stats, limits, full)
+            let shape = (state.kind(), state.samples());
+            merge_late(
+                generation,
+                &scratch.late_key,
+                shape,
+                stats,
+                limits,
+                |acc, stats| merge(acc, &state, stats, limits, full),
+            )
         };
         generation.grew(row_shape(state.kind()).0, grew);
         Ok(())
@@ -350,43 +356,4 @@ fn event(e: pb::DogstatsdEvent) -> Option<dogstatsd::Event> {
         alert_type,
         tags: e.tags,
     })
-}
-
-/// Merges `state` into `generation`'s late samples under `late_key` (its
-/// interval start, 4 bytes LE, then the key); returns the bytes it grew by.
-fn merge_late(
-    generation: &Generation,
-    late_key: &[u8],
-    state: &State<'_>,
-    stats: &mut BlockStats,
-    limits: &AggregateLimits,
-    full: bool,
-) -> u64 {
-    let map = &generation.late;
-    if let Some(mut acc) = map.get_mut(late_key) {
-        return merge(&mut acc, state, stats, limits, full);
-    }
-    let shape = (state.kind(), state.samples());
-    let Some(cost) = admit_key(generation, late_key.len(), shape, stats, limits) else {
-        return 0;
-    };
-    match map.entry(MapKey::from_slice(late_key)) {
-        Entry::Occupied(mut e) => {
-            // Another worker made it between the lookup and now.
-            unadmit(
-                generation,
-                late_key.len(),
-                shape,
-                &mut BlockStats::default(),
-            );
-            merge(e.get_mut(), state, stats, limits, full)
-        }
-        Entry::Vacant(v) => {
-            let mut acc = Acc::new(state.kind());
-            let grew = merge(&mut acc, state, stats, limits, full);
-            v.insert(acc);
-            generation.bytes.fetch_add(cost, Relaxed);
-            grew
-        }
-    }
 }
