@@ -77,10 +77,15 @@ fn start(dir: &Path, admin: u16, args: &[String]) -> Daemon {
         })
         .spawn()
         .expect("spawn tallyd");
-    let d = Daemon { child, admin };
+    let mut d = Daemon { child, admin };
+    let mut exited = None;
+    let up = wait_for(30, || {
+        exited = d.child.try_wait().ok().flatten();
+        exited.is_some() || http(admin, "GET", "/health", "").is_some()
+    });
     assert!(
-        wait_for(30, || http(admin, "GET", "/health", "").is_some()),
-        "tallyd on {} did not start",
+        up && exited.is_none(),
+        "tallyd on {} did not start (exited: {exited:?}; TALLYD_TEST_STDERR=1 shows its log)",
         dir.display()
     );
     d

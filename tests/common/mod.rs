@@ -98,11 +98,28 @@ fn remove_dirs_of_ended_tests() {
     }
 }
 
+/// A loopback port free for both TCP and UDP, below the kernel's ephemeral
+/// range (32768 and up on Linux). A port the kernel hands out for `:0` is
+/// one it may hand out again as the local port of any outgoing connection
+/// before the daemon under test binds it; tests running side by side make
+/// many such connections. Ports are taken in turn from a per-process start,
+/// so two tests of one binary never pick the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN)
 }
 
 /// A private ClickHouse whose config.xml also holds `extra`, started with
