@@ -119,6 +119,17 @@ impl AdminState {
                 quarantined.join(", ")
             ));
         }
+        let rollups = &self.telemetry.rollups;
+        if rollups.flushes_table_blocked.load(Relaxed) == 1 {
+            p.push("ClickHouse refuses rows of the flushes table (schema drift): written flushes stay in the spool until it is fixed".into());
+        }
+        let lag = rollups.lag_seconds.load(Relaxed);
+        if lag > crate::telemetry::rollup::MAX_LAG_SECS {
+            p.push(format!(
+                "rollups are {lag} s behind ({} pending; tallyd_rollup_errors_total counts the failures)",
+                rollups.pending.load(Relaxed)
+            ));
+        }
         for (i, table) in crate::telemetry::TABLES.iter().enumerate() {
             if self.telemetry.tables_blocked[i].load(Relaxed) == 1 {
                 p.push(format!(

@@ -366,8 +366,11 @@ fn schema_command(mut config: crate::config::Config, args: &SchemaArgs) -> ExitC
     let low_cardinality = version
         .as_deref()
         .is_some_and(crate::sink::schema::has_low_cardinality);
-    for statement in
-        crate::sink::schema::ddl(&config.sink.database, window, cluster, low_cardinality)
+    let database = &config.sink.database;
+    for statement in crate::sink::schema::ddl(database, window, cluster, low_cardinality)
+        .into_iter()
+        .chain(crate::sink::flushes::ddl(database, cluster))
+        .chain(crate::rollup::sql::ddl(database, cluster, low_cardinality))
     {
         let _ = writeln!(out, "{statement};\n");
     }

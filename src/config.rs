@@ -35,6 +35,29 @@ pub struct Settings {
     pub spool: SpoolSettings,
     pub proto: ProtoSettings,
     pub forward: ForwardSettings,
+    pub retention: RetentionSettings,
+}
+
+/// `[retention]`: how long rows are kept at each resolution (see
+/// [`crate::rollup`]). The defaults are StatsHouse's: raw (per flush
+/// interval) rows for about two days, minutes for about a month, hours
+/// for two years.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    pub raw: String,
+    pub minute: String,
+    pub hour: String,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings {
+            raw: "2d".into(),
+            minute: "35d".into(),
+            hour: "2y".into(),
+        }
+    }
 }
 
 /// `[forward]`: an edge's aggregators. With upstreams, closed intervals go
@@ -254,6 +277,7 @@ impl Default for Settings {
             spool: SpoolSettings::default(),
             proto: ProtoSettings::default(),
             forward: ForwardSettings::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }

@@ -21,14 +21,21 @@
 //!   inserted.
 //! - `after_table`: the flush's `counters` are in ClickHouse (step 6), its
 //!   other tables not.
-//! - `after_insert`: a flush is in ClickHouse (step 6), its spool file not
-//!   yet removed.
+//! - `after_insert`: a flush is in ClickHouse (step 6), its row in the
+//!   flushes table not yet written.
+//! - `after_confirm`: its row in the flushes table is written (step 7),
+//!   its spool file not yet removed.
 //! - `after_complete`: its spool file is removed (step 7).
+//!
+//! And two of the rollup job's (see [`crate::rollup`]):
+//! - `after_rollup_table`: a period's counters rollup is computed, its
+//!   other tables' not, and no run recorded;
+//! - `after_rollup`: a period's rollup is computed and recorded.
 
 use std::sync::OnceLock;
 
 /// Every failpoint, in the order a flush reaches them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 13] = [
     "after_identity",
     "after_merge_write",
     "after_intent",
@@ -38,7 +45,10 @@ pub const ALL: [&str; 10] = [
     "after_marker",
     "after_table",
     "after_insert",
+    "after_confirm",
     "after_complete",
+    "after_rollup_table",
+    "after_rollup",
 ];
 
 /// Aborts the process if `name` is listed in `TALLYD_FAILPOINTS`.

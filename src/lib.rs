@@ -16,7 +16,10 @@
 //! - [`outbox`]: a closed interval as a flush: rows, their RowBinary
 //!   bodies, merge and concatenation, gauge memory; pure, no I/O.
 //! - [`flush`]: when an interval closes (1 s boundary or `max_depth`), and flush ids.
-//! - [`sink`]: the ClickHouse schema, inserts with retry classification.
+//! - [`sink`]: the ClickHouse schema, inserts with retry classification,
+//!   and the `flushes` table that confirms each flush.
+//! - [`rollup`]: minute and hour rollups recomputed as rows land, and
+//!   retention.
 //! - [`admin`]: `/health` and `/metrics`; [`telemetry`]: every self-metric.
 //! - [`config`], [`cli`]: settings and the command line; [`server`]: wiring and shutdown.
 //! - [`notify`], [`activation`]: systemd readiness, watchdog and socket activation.
@@ -26,7 +29,8 @@
 //! Lower layers never import higher ones (`scripts/cycles.py` checks it):
 //! `protocol`, `fs` and `clock` at the bottom, then `wal`, `telemetry`,
 //! `aggregate`, `outbox`, `ledger` (persists the outbox's flushes), `sink`
-//! (transports them), and `flush` and `server` on top.
+//! (transports them), `rollup` (reads them back, coarser), and `flush` and
+//! `server` on top.
 //! - [`client`]: `tallyd send`; [`failpoint`]: named crash points for tests.
 
 pub mod activation;
@@ -45,6 +49,7 @@ pub mod ledger;
 pub mod notify;
 pub mod outbox;
 pub mod protocol;
+pub mod rollup;
 pub mod server;
 pub mod sink;
 pub mod telemetry;

@@ -133,6 +133,8 @@ pub struct Telemetry {
     pub rows_lost_damaged: AtomicU64,
     /// The fleet tier: an edge's forwarding, an aggregator's edges.
     pub fleet: fleet::Fleet,
+    /// Rollups, retention and the flushes table.
+    pub rollups: rollup::Rollups,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
     pub flush_heartbeat_ms: AtomicU64,
@@ -500,6 +502,7 @@ impl Telemetry {
             &self.rows_lost_damaged,
         );
         self.fleet.render(&mut m);
+        self.rollups.render(&mut m);
         out
     }
 }
@@ -554,6 +557,7 @@ impl Metrics<'_> {
 }
 
 pub mod fleet;
+pub mod rollup;
 
 #[cfg(test)]
 mod tests {

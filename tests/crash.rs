@@ -625,7 +625,12 @@ enum When {
 fn flush_failpoints() -> Vec<&'static str> {
     tallyd::failpoint::ALL
         .into_iter()
-        .filter(|f| !matches!(*f, "after_merge_write" | "after_join_write"))
+        .filter(|f| {
+            !matches!(
+                *f,
+                "after_merge_write" | "after_join_write" | "after_rollup_table" | "after_rollup"
+            )
+        })
         .collect()
 }
 

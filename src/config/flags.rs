@@ -76,6 +76,15 @@ pub struct Overrides {
     /// keep (rows keep this host) or drop (one row per key for the fleet) [default: keep]
     #[arg(long, env = "TALLYD_FORWARD_HOST", value_name = "MODE")]
     pub forward_host: Option<String>,
+    /// How long raw rows are kept, e.g. 2d [default: 2d]
+    #[arg(long, env = "TALLYD_RETENTION_RAW", value_name = "DURATION")]
+    pub retention_raw: Option<String>,
+    /// How long minute rollups are kept [default: 35d]
+    #[arg(long, env = "TALLYD_RETENTION_MINUTE", value_name = "DURATION")]
+    pub retention_minute: Option<String>,
+    /// How long hour rollups are kept [default: 2y]
+    #[arg(long, env = "TALLYD_RETENTION_HOUR", value_name = "DURATION")]
+    pub retention_hour: Option<String>,
 }
 
 impl Overrides {
@@ -105,6 +114,9 @@ impl Overrides {
         set(&mut s.statsd.dogstatsd_socket, &self.dogstatsd_socket);
         set(&mut s.forward.upstreams, &self.forward_upstreams);
         set(&mut s.forward.host, &self.forward_host);
+        set(&mut s.retention.raw, &self.retention_raw);
+        set(&mut s.retention.minute, &self.retention_minute);
+        set(&mut s.retention.hour, &self.retention_hour);
         set(
             &mut s.statsd.dogstatsd_stream_socket,
             &self.dogstatsd_stream_socket,

@@ -188,3 +188,29 @@ fn an_edge_is_configured_by_upstreams_and_a_bad_forward_setting_is_named() {
     let f = s.validate().expect("valid").forward.expect("an edge");
     assert_eq!((f.upstreams.len(), f.keep_host), (2, false));
 }
+
+#[test]
+fn retention_names_each_bad_setting_and_takes_flags() {
+    let s = Settings::from_toml("[retention]\nraw = \"3d\"\n", "f").expect("parse");
+    let r = s.validate().expect("valid").retention;
+    assert_eq!(r.raw, std::time::Duration::from_secs(3 * 86_400));
+    assert_eq!(r.hour, crate::rollup::Retention::default().hour);
+    let bad = [
+        ("raw = \"soon\"", "retention.raw"),
+        ("raw = \"1h\"", "retention.raw"),
+        ("minute = \"1d\"", "retention.minute"),
+        ("minute = \"40d\"\nhour = \"39d\"", "retention.hour"),
+    ];
+    for (text, field) in bad {
+        let s = Settings::from_toml(&format!("[retention]\n{text}\n"), "f").expect("parse");
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, field, "{text}: {}", e.reason);
+    }
+    let o = Overrides {
+        retention_raw: Some("7d".into()),
+        ..Overrides::default()
+    };
+    let mut s = Settings::default();
+    o.apply(&mut s);
+    assert_eq!(s.retention.raw, "7d");
+}

@@ -196,8 +196,10 @@ impl Settings {
             idle_timeout: duration("proto.idle_timeout", &p.idle_timeout)?,
         };
         let forward = self.forward_config()?;
+        let retention = self.retention_config()?;
         Ok(Config {
             forward,
+            retention,
             wal,
             spool_max_size,
             spool_hard_limit,
@@ -321,6 +323,8 @@ pub struct Config {
     pub proto: ProtoConfig,
     /// `Some`: this tallyd is an edge (see [`crate::forward`]).
     pub forward: Option<ForwardConfig>,
+    /// How long rows are kept at each resolution (`[retention]`).
+    pub retention: crate::rollup::Retention,
 }
 
 /// An edge's upstreams (`[forward]`).
@@ -354,6 +358,45 @@ pub struct ProtoConfig {
 }
 
 impl Settings {
+    fn retention_config(&self) -> Result<crate::rollup::Retention, ConfigError> {
+        let r = &self.retention;
+        let raw = duration("retention.raw", &r.raw)?;
+        let minute = duration("retention.minute", &r.minute)?;
+        let hour = duration("retention.hour", &r.hour)?;
+        let day = Duration::from_secs(86_400);
+        for (field, d) in [
+            ("retention.raw", raw),
+            ("retention.minute", minute),
+            ("retention.hour", hour),
+        ] {
+            if d < day {
+                return Err(err(
+                    field,
+                    "must be at least 1d: rows are dropped a whole day's partition at a time",
+                ));
+            }
+        }
+        if minute < raw {
+            return Err(err(
+                "retention.minute",
+                format!(
+                    "{:?} is shorter than retention.raw ({:?}): a minute's rollup must outlive the raw rows it is computed from",
+                    r.minute, r.raw
+                ),
+            ));
+        }
+        if hour < minute {
+            return Err(err(
+                "retention.hour",
+                format!(
+                    "{:?} is shorter than retention.minute ({:?}): an hour's rollup must outlive the minutes it is computed from",
+                    r.hour, r.minute
+                ),
+            ));
+        }
+        Ok(crate::rollup::Retention { raw, minute, hour })
+    }
+
     fn forward_config(&self) -> Result<Option<ForwardConfig>, ConfigError> {
         let f = &self.forward;
         let keep_host = match f.host.as_str() {

@@ -287,6 +287,18 @@ impl Ledger {
         self.fs.sync_dir(&self.spool_dir)
     }
 
+    /// Interval start of the oldest flush not yet complete other than
+    /// `flush_id` (which is being completed): every closed interval that
+    /// starts before it is in ClickHouse once `flush_id` is.
+    pub fn settled_after(&self, flush_id: u64) -> Option<u32> {
+        lock(&self.state)
+            .flushes
+            .iter()
+            .filter(|&(&id, _)| id != flush_id)
+            .map(|(_, p)| p.ts)
+            .min()
+    }
+
     /// Interval start of the oldest flush not yet complete.
     pub fn oldest_pending_ts(&self) -> Option<u32> {
         lock(&self.state).flushes.values().map(|p| p.ts).min()

@@ -407,11 +407,10 @@ fn a_parked_flush_of_an_earlier_format_is_taken_back_whole_under_its_old_token()
     let (recorded, _) = ledger
         .record(counter_flush(&ledger, id, 2.0), None)
         .expect("record");
-    // The same file as version 2 wrote it (laid out as 3; the CRC starts
-    // after the version).
+    // The same file as version 2 wrote it (version 4 without the
+    // intervals).
     let path = spool::path(&spool::dir(&dir), id);
-    let mut bytes = std::fs::read(&path).expect("read");
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let bytes = crate::outbox::flush::tests::before_intervals(&recorded, 2);
     std::fs::write(&path, &bytes).expect("write");
     ledger.park(id);
     let taken = ledger.take_parked().expect("taken");

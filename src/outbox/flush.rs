@@ -3,11 +3,11 @@
 //! the deduplication token) and the gauge values after them. Merging,
 //! concatenating, and the persisted form the ledger's spool keeps.
 //!
-//! # The persisted form (a spool file), version 3
+//! # The persisted form (a spool file), version 4
 //!
 //! ```text
 //! 0   8  magic "TALLYFLS"
-//! 8   4  format version (3)
+//! 8   4  format version (4)
 //! 12  4  CRC32C of bytes 16..end
 //! 16  8  instance id
 //! 24  8  flush id
@@ -15,6 +15,10 @@
 //! 40  4  ts: interval start, Unix seconds
 //! 44  8  samples (raw increments the rows compact)
 //! 52  4  host length H, then H bytes of host
+//! …      4 interval count I, then I interval starts (4 each, Unix
+//!        seconds, ascending): every distinct `ts` of the rows (the
+//!        minutes they fall in are what a rollup recomputes once the
+//!        flush is in ClickHouse, see [`crate::rollup`])
 //! …      6 tables (counters, gauges, timers, sets, events,
 //!        service_checks), each: 4 rows, 8 body length L, L bytes of
 //!        RowBinary body
@@ -26,7 +30,8 @@
 //! ```
 //!
 //! The bodies are RowBinary in the columns of [`crate::sink::schema`].
-//! Version 2 is laid out as version 3; its flushes were sent under the
+//! Version 3 is laid out as version 4 without the intervals: they are read
+//! from its rows. Version 2 is laid out as version 3; its flushes were sent under the
 //! token without the host ([`Flush::token`]), and are re-sent under it.
 //! Version 1 (the release before weighted timer counts) is laid out the
 //! same, but with the 4 metric tables only, and its timers body has `count
@@ -57,6 +62,12 @@ pub fn tick_of(now: std::time::Duration) -> u64 {
 /// Also the version of a gauge row: a live row's is its flush id, a row
 /// stamped (`|T`) for an earlier interval gets the id of that interval's
 /// start, so that it orders before every live row flushed since.
+/// The instance tag in a flush id (or a gauge version made from one): the
+/// writer of a row, which rollups are computed by ([`crate::rollup`]).
+pub fn tag(id: u64) -> u32 {
+    (id & TAG_MASK) as u32
+}
+
 pub fn flush_id(tick: u64, instance: u64) -> u64 {
     (tick.min(u64::MAX >> TAG_BITS) << TAG_BITS) | (instance & TAG_MASK)
 }
@@ -68,7 +79,7 @@ pub type BodyRanges = [(u64, u64); TABLES];
 
 /// Bytes [`Flush::head`] reads: magic to flush id.
 pub const HEAD: usize = 32;
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
 
 /// A flush whose rows are fixed: what the sink sends, every time.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +93,8 @@ pub struct Flush {
     pub tables: Bodies,
     /// (gauge key, value after this flush) for every gauge row.
     pub gauges: Vec<(Box<[u8]>, f64)>,
+    /// Every distinct `ts` of its rows, ascending (Unix seconds).
+    pub intervals: Vec<u32>,
     /// Flushes merged into this one.
     pub absorbed: Vec<u64>,
     /// Read from a version 1 or 2 file: it may have been sent under the
@@ -93,6 +106,7 @@ impl Flush {
     /// Fixes the rows of `batch` as RowBinary bodies (merged flushes; a
     /// closed interval's flush is sealed by [`super::rows::build`]).
     pub fn seal(batch: Batch, instance: u64) -> Flush {
+        let intervals = batch.intervals();
         Flush {
             instance,
             flush_id: batch.flush_id,
@@ -102,6 +116,7 @@ impl Flush {
             tables: super::rowbinary::encode(&batch),
             host: batch.host,
             gauges: batch.gauge_values,
+            intervals,
             absorbed: Vec::new(),
             legacy_token: false,
         }
@@ -135,6 +150,7 @@ impl Flush {
                 out.tables.rows[i] = out.tables.rows[i].saturating_add(newer.tables.rows[i]);
             }
             out.gauges.extend(newer.gauges);
+            out.intervals = union(&out.intervals, &newer.intervals);
         }
         Some(out)
     }
@@ -182,8 +198,9 @@ impl Flush {
 
     /// Where each table's body lies in the persisted form.
     pub fn body_ranges(&self) -> BodyRanges {
-        // Magic to samples (52), then the host's length and bytes.
-        let mut at = 56 + self.host.len() as u64;
+        // Magic to samples (52), then the host's length and bytes, then
+        // the intervals' count and starts.
+        let mut at = 56 + self.host.len() as u64 + 4 + 4 * self.intervals.len() as u64;
         let mut out = [(0, 0); TABLES];
         for (range, body) in out.iter_mut().zip(&self.tables.bodies) {
             // Each body after its rows (4) and its length (8).
@@ -211,6 +228,7 @@ impl Flush {
                 rows: self.tables.rows,
             },
             gauges: Vec::new(),
+            intervals: self.intervals.clone(),
             absorbed: Vec::new(),
             legacy_token: self.legacy_token,
         }
@@ -236,6 +254,10 @@ impl Flush {
         head.extend_from_slice(&self.ts.to_le_bytes());
         head.extend_from_slice(&self.samples.to_le_bytes());
         bytes(&mut head, self.host.as_bytes());
+        head.extend_from_slice(&len32(self.intervals.len()).to_le_bytes());
+        for t in &self.intervals {
+            head.extend_from_slice(&t.to_le_bytes());
+        }
         let mut parts: Vec<Cow<'_, [u8]>> = Vec::with_capacity(2 + 2 * self.tables.bodies.len());
         parts.push(Cow::Owned(head));
         for (rows, b) in self.tables.rows.iter().zip(&self.tables.bodies) {
@@ -268,7 +290,7 @@ impl Flush {
     }
 
     /// Checks the first [`HEAD`] bytes of this release's persisted form
-    /// (magic, version 3) and returns what they hold: (CRC32C of bytes
+    /// (magic, version 4) and returns what they hold: (CRC32C of bytes
     /// 16 on, instance id, flush id), for a reader that checks a file
     /// without holding it in memory.
     pub fn head(b: &[u8]) -> Result<(u32, u64, u64), String> {
@@ -283,7 +305,7 @@ impl Flush {
         Ok((r.u32()?, r.u64()?, r.u64()?))
     }
 
-    /// Reads what names a persisted flush of this release (version 3) and
+    /// Reads what names a persisted flush of this release (version 4) and
     /// where its bodies lie, leaving the bodies where they are:
     /// `read_at(offset, buf)` fills `buf` from the file's bytes at
     /// `offset`, and the file is `len` bytes long. Returns the flush
@@ -313,6 +335,14 @@ impl Flush {
         let host_len = u64::from(r.u32()?);
         let host = String::from_utf8(read(56, host_len)?).map_err(|_| "host not UTF-8")?;
         let mut at = 56 + host_len;
+        let count = read(at, 4)?;
+        let count = u64::from(Reader { b: &count, at: 0 }.u32()?);
+        let starts = read(at + 4, count.saturating_mul(4))?;
+        let intervals = starts
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        at += 4 + 4 * count;
         let mut tables = Bodies::default();
         let mut ranges = [(0, 0); TABLES];
         for (rows, range) in tables.rows.iter_mut().zip(&mut ranges) {
@@ -336,6 +366,7 @@ impl Flush {
             host,
             tables,
             gauges: Vec::new(),
+            intervals,
             absorbed: Vec::new(),
             legacy_token: false,
         };
@@ -363,6 +394,12 @@ impl Flush {
         let ts = r.u32()?;
         let samples = r.u64()?;
         let host = String::from_utf8(r.bytes32()?.to_vec()).map_err(|_| "host not UTF-8")?;
+        let mut intervals = Vec::new();
+        if version >= 4 {
+            for _ in 0..r.u32()? {
+                intervals.push(r.u32()?);
+            }
+        }
         let mut tables = Bodies::default();
         // Version 1 had the four metric tables only.
         let tables_in_file = if version == 1 { 4 } else { tables.bodies.len() };
@@ -388,6 +425,17 @@ impl Flush {
         if r.at != b.len() {
             return Err("trailing bytes".into());
         }
+        if version < 4 {
+            // Bodies that do not decode as rows are sent as they are (the
+            // CRC checked them): their rollups start from `ts`.
+            intervals = match super::rowbinary::decode(&tables) {
+                Ok(mut batch) => {
+                    batch.ts = ts;
+                    batch.intervals()
+                }
+                Err(_) => vec![ts],
+            };
+        }
         Ok(Flush {
             instance,
             flush_id,
@@ -397,10 +445,19 @@ impl Flush {
             host,
             tables,
             gauges,
+            intervals,
             absorbed,
             legacy_token: version < 3,
         })
     }
+}
+
+/// The ascending union of two ascending lists of interval starts.
+pub fn union(a: &[u32], b: &[u32]) -> Vec<u32> {
+    let mut out: Vec<u32> = a.iter().chain(b).copied().collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// SipHash-1-3 with keys (0, 0) of `host`: fixed by the algorithm, so the

@@ -206,7 +206,8 @@ impl Bodies {
     }
 }
 
-fn varint(out: &mut Vec<u8>, mut n: u64) {
+/// A LEB128 length, as RowBinary prefixes strings and arrays.
+pub fn varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
         n >>= 7;
@@ -214,7 +215,8 @@ fn varint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
-fn string(out: &mut Vec<u8>, s: &str) {
+/// A RowBinary `String`.
+pub fn string(out: &mut Vec<u8>, s: &str) {
     varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }

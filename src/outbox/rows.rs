@@ -123,6 +123,21 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// `ts` and every distinct `ts` of the rows, ascending.
+    pub fn intervals(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = std::iter::once(self.ts)
+            .chain(self.counters.iter().map(|r| r.ts))
+            .chain(self.gauges.iter().map(|r| r.ts))
+            .chain(self.timers.iter().map(|r| r.ts))
+            .chain(self.sets.iter().map(|r| r.ts))
+            .chain(self.events.iter().map(|r| r.ts))
+            .chain(self.service_checks.iter().map(|r| r.ts))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     pub fn rows(&self) -> usize {
         self.counters.len()
             + self.gauges.len()
@@ -154,6 +169,9 @@ pub fn build(
     let ts = u32::try_from(generation.started.as_secs()).unwrap_or(u32::MAX);
     let at = |t: Option<u64>| t.map_or(ts, |t| u32::try_from(t).unwrap_or(u32::MAX));
     let (events, service_checks) = generation.take_notes();
+    let mut intervals = vec![ts];
+    intervals.extend(events.iter().filter_map(|(_, o)| o.interval));
+    intervals.extend(service_checks.iter().filter_map(|(_, o)| o.interval));
     let mut out = Rows {
         tables: Bodies::recycle(spare),
         gauge_values: Vec::new(),
@@ -212,6 +230,9 @@ pub fn build(
                 .push((crate::aggregate::MapKey::from_slice(key), acc));
         }
     }
+    intervals.extend(late.keys());
+    intervals.sort_unstable();
+    intervals.dedup();
     for (start, rows) in late {
         let id = next_id();
         for (k, acc) in rows {
@@ -227,6 +248,7 @@ pub fn build(
         host: host.to_owned(),
         tables: out.tables,
         gauges: out.gauge_values,
+        intervals,
         absorbed: Vec::new(),
         legacy_token: false,
     };

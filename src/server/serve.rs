@@ -81,6 +81,16 @@ pub(super) async fn serve(
         }
         None => tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx)),
     };
+    // A tallyd that writes ClickHouse keeps its rollups and retention.
+    if config.forward.is_none() {
+        let rollups = crate::rollup::Rollups {
+            config: sink_config.subscribe(),
+            retention: config.retention,
+            ledger: Arc::clone(&ledger),
+            telemetry: Arc::clone(&telemetry),
+        };
+        tokio::spawn(rollups.run(stop_rx.clone()));
+    }
 
     // The TTL in flushes at the configured interval (a reload of the
     // interval keeps the count).

@@ -95,7 +95,8 @@ impl Sink {
                 let mask = mask & !(1 << table);
                 if mask == 0 {
                     blocked.left.remove(&id);
-                    self.complete(id).await;
+                    self.complete(read_back.as_ref().map(|q| &*q.flush), id)
+                        .await;
                 } else {
                     if let Some(q) = &read_back {
                         self.keep_pending(q, mask).await;

@@ -40,6 +40,7 @@
 
 mod blocked;
 mod endpoint;
+pub mod flushes;
 mod prepare;
 mod queued;
 mod retry;
@@ -89,6 +90,17 @@ pub struct SinkConfig {
     /// `non_replicated_deduplication_window` of the tables tallyd makes on
     /// 22.2+: the inserts per table whose tokens are remembered.
     pub dedup_window: u64,
+}
+
+/// A client per endpoint of `config` (`url`, then each replica), in no
+/// database, for statements that name their tables (the rollup job,
+/// retention).
+pub fn admin_clients(config: &SinkConfig) -> Vec<Client> {
+    endpoint::Current::new(config.clone())
+        .endpoints
+        .into_iter()
+        .map(|e| e.admin)
+        .collect()
 }
 
 pub struct Sink {
@@ -293,7 +305,7 @@ impl Sink {
             }
             crate::failpoint::hit("after_insert");
             if left == 0 {
-                self.complete(q.flush.flush_id).await;
+                self.complete(Some(&q.flush), q.flush.flush_id).await;
             } else {
                 self.keep_pending(&q, left).await;
                 blocked.left.insert(q.flush.flush_id, (left, q.resent));
@@ -304,8 +316,13 @@ impl Sink {
         }
     }
 
-    /// Step 7 for `flush_id`: its spool file goes.
-    async fn complete(&self, flush_id: u64) {
+    /// Step 7 for `flush_id`: its row in the flushes table (when what
+    /// names it could be read, `flush`), then its spool file goes.
+    async fn complete(&self, flush: Option<&Flush>, flush_id: u64) {
+        if let Some(flush) = flush {
+            self.confirm(flush).await;
+            crate::failpoint::hit("after_confirm");
+        }
         if let Some(ledger) = &self.ledger {
             let l = Arc::clone(ledger);
             match tokio::task::spawn_blocking(move || l.complete(flush_id)).await {

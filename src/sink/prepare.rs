@@ -66,23 +66,73 @@ impl Sink {
             .await
     }
 
-    /// Creates the database and tables if they are missing.
+    /// Creates the database and tables if they are missing, after moving
+    /// raw tables of an earlier layout aside ([`Sink::move_legacy_aside`]).
     pub async fn ensure_schema(&self) -> Result<(), clickhouse::error::Error> {
         let current = self.current();
         let cluster = current.config.cluster.as_deref();
         let database = &current.config.database;
         let window = self.dedup_token.then_some(current.config.dedup_window);
         let low_cardinality = self.low_cardinality;
-        for statement in schema::ddl(database, window, cluster, low_cardinality)
-            .into_iter()
+        let mut statements = schema::ddl(database, window, cluster, low_cardinality).into_iter();
+        let admin = &current.at(self.active()).admin;
+        if let Some(create_database) = statements.next() {
+            admin.query(&create_database).execute().await?;
+        }
+        self.move_legacy_aside(&current).await?;
+        for statement in statements
             .chain(schema::version_table_ddl(database, cluster))
+            .chain(super::flushes::ddl(database, cluster))
         {
-            current
-                .at(self.active())
-                .admin
-                .query(&statement)
-                .execute()
-                .await?;
+            admin.query(&statement).execute().await?;
+        }
+        Ok(())
+    }
+
+    /// Renames each raw table of an earlier layout (monthly partitions,
+    /// sorted by series: [`schema::current_layout`]) to the first free
+    /// `<table>_legacy`, `<table>_legacy_2`, …, so that this release
+    /// creates its own in its place. Retention drops the old table's
+    /// partitions once every row in them is past `retention.raw`, then
+    /// the table once it is empty ([`crate::rollup::retention`]).
+    async fn move_legacy_aside(&self, current: &Current) -> Result<(), clickhouse::error::Error> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct TableRow {
+            name: String,
+            partition_key: String,
+            sorting_key: String,
+        }
+        let database = &current.config.database;
+        let admin = &current.at(self.active()).admin;
+        let tables = admin
+            .query("SELECT name, partition_key, sorting_key FROM system.tables WHERE database = ?")
+            .bind(database.as_str())
+            .fetch_all::<TableRow>()
+            .await?;
+        let names: std::collections::HashSet<&str> =
+            tables.iter().map(|t| t.name.as_str()).collect();
+        for (i, table) in TABLES.iter().enumerate() {
+            let Some(t) = tables.iter().find(|t| t.name == *table) else {
+                continue;
+            };
+            if schema::current_layout(i, &t.partition_key, &t.sorting_key) {
+                continue;
+            }
+            let to = (1..)
+                .map(|n| match n {
+                    1 => format!("{table}{}", schema::LEGACY_SUFFIX),
+                    n => format!("{table}{}_{n}", schema::LEGACY_SUFFIX),
+                })
+                .find(|n| !names.contains(n.as_str()))
+                .unwrap_or_default();
+            let statement =
+                schema::legacy_statement(database, table, &to, current.config.cluster.as_deref());
+            admin.query(&statement).execute().await?;
+            self.telemetry
+                .rollups
+                .tables_moved_aside
+                .fetch_add(1, Relaxed);
+            tracing::warn!(table, moved_to = %to, partition_key = %t.partition_key, sorting_key = %t.sorting_key, "a raw table of an earlier layout was moved aside; tallyd makes its own in its place (the old rows stay readable there until retention.raw drops them)");
         }
         Ok(())
     }

@@ -10,8 +10,10 @@
 /// The version of the schema below, recorded in `<database>.tallyd_schema`
 /// when tallyd makes or migrates the tables: 1 had `UInt64` timer counts
 /// and no events tables; 2 has `Float64` timer counts and the `events` and
-/// `service_checks` tables.
-pub const SCHEMA_VERSION: u32 = 2;
+/// `service_checks` tables; 3 has raw tables partitioned by day and sorted
+/// by minute and host first (see [`ENGINES`]), the `flushes` table
+/// ([`crate::sink::flushes`]) and the rollup tables ([`crate::rollup`]).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The table that records [`SCHEMA_VERSION`]: one row per version a
 /// tallyd made or migrated the tables to.
@@ -116,15 +118,81 @@ pub const COLUMNS: [&[(&str, &str)]; 6] = [
     ],
 ];
 
-/// Engine and keys of each table.
+/// Engine and keys of each table. Raw rows are partitioned by day, so
+/// that retention drops whole days ([`crate::rollup::retention`]), and
+/// sorted by minute, then host, then series: a minute of one host's rows
+/// (what a rollup reads back) is one range of the primary index, and a
+/// series over a short range is a few index lookups per minute. Tables of
+/// schema version 2 and earlier (monthly partitions, sorted by series)
+/// are moved aside at start ([`legacy_statement`]).
 const ENGINES: [&str; 6] = [
-    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, ts, flush_id)",
-    "ReplacingMergeTree(version)\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, ts, version)",
-    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, kind, host, ts, flush_id)",
-    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (name, tags, host, ts, flush_id)",
-    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (ts, host, flush_id, seq)",
-    "ReplacingMergeTree()\nPARTITION BY toYYYYMM(ts)\nORDER BY (ts, host, flush_id, seq)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMMDD(ts)\nORDER BY (toStartOfMinute(ts), host, name, tags, ts, flush_id)",
+    "ReplacingMergeTree(version)\nPARTITION BY toYYYYMMDD(ts)\nORDER BY (toStartOfMinute(ts), host, name, tags, ts, version)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMMDD(ts)\nORDER BY (toStartOfMinute(ts), host, name, tags, kind, ts, flush_id)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMMDD(ts)\nORDER BY (toStartOfMinute(ts), host, name, tags, ts, flush_id)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMMDD(ts)\nORDER BY (ts, host, flush_id, seq)",
+    "ReplacingMergeTree()\nPARTITION BY toYYYYMMDD(ts)\nORDER BY (ts, host, flush_id, seq)",
 ];
+
+/// The first element of every raw table's sorting key in this layout;
+/// a table whose `sorting_key` (`system.tables`) starts otherwise was
+/// made by an earlier release.
+const LAYOUT_MARK: [&str; 6] = [
+    "toStartOfMinute(ts)",
+    "toStartOfMinute(ts)",
+    "toStartOfMinute(ts)",
+    "toStartOfMinute(ts)",
+    "ts, host",
+    "ts, host",
+];
+
+/// The suffix a raw table of an earlier layout is renamed with.
+pub const LEGACY_SUFFIX: &str = "_legacy";
+
+/// Whether table `table`'s `partition_key` and `sorting_key` (from
+/// `system.tables`) are this release's layout.
+pub fn current_layout(table: usize, partition_key: &str, sorting_key: &str) -> bool {
+    partition_key == "toYYYYMMDD(ts)" && sorting_key.starts_with(LAYOUT_MARK[table])
+}
+
+/// The statement that moves raw table `table` of an earlier layout aside
+/// to `to` (an atomic rename; with a cluster, on every server).
+pub fn legacy_statement(database: &str, table: &str, to: &str, cluster: Option<&str>) -> String {
+    let db = quote_ident(database);
+    let on = cluster.map_or(String::new(), |c| format!(" ON CLUSTER {}", quote_ident(c)));
+    format!(
+        "RENAME TABLE {db}.{} TO {db}.{}{on}",
+        quote_ident(table),
+        quote_ident(to)
+    )
+}
+
+/// The replicated engine for `engine` (`ReplacingMergeTree()` or
+/// `ReplacingMergeTree(<version>)`) of table `table` at
+/// `/clickhouse/tables/{shard}/<database>/<path_name>` with replica
+/// `{replica}` (the servers' macros).
+pub fn replicated(engine: &str, database: &str, path_name: &str) -> String {
+    let path = format!(
+        "'/clickhouse/tables/{{shard}}/{}/{path_name}', '{{replica}}'",
+        database.replace('\\', "\\\\").replace('\'', "\\'")
+    );
+    match engine.find("ReplacingMergeTree(") {
+        Some(at) => {
+            let args_at = at + "ReplacingMergeTree(".len();
+            let sep = if engine[args_at..].starts_with(')') {
+                ""
+            } else {
+                ", "
+            };
+            format!(
+                "{}ReplicatedReplacingMergeTree({path}{sep}{}",
+                &engine[..at],
+                &engine[args_at..]
+            )
+        }
+        None => engine.to_string(),
+    }
+}
 
 /// The statements that create the database and tables, in order. With
 /// `dedup_window` (servers that have it, 22.2 and later: the
@@ -152,25 +220,11 @@ pub fn ddl(
             .iter()
             .map(|(name, ty)| format!("    {name} {}", column_type(name, ty, low_cardinality)))
             .collect();
+        // Tables of this layout replicate under a path of their own: the
+        // earlier layout's, renamed aside, keeps its path.
         let engine = match cluster {
             None => ENGINES[i].to_string(),
-            Some(_) => {
-                let path = format!(
-                    "'/clickhouse/tables/{{shard}}/{}/{table}', '{{replica}}'",
-                    database.replace('\\', "\\\\").replace('\'', "\\'")
-                );
-                ENGINES[i]
-                    .replacen(
-                        "ReplacingMergeTree()",
-                        &format!("ReplicatedReplacingMergeTree({path})"),
-                        1,
-                    )
-                    .replacen(
-                        "ReplacingMergeTree(version)",
-                        &format!("ReplicatedReplacingMergeTree({path}, version)"),
-                        1,
-                    )
-            }
+            Some(_) => replicated(ENGINES[i], database, &format!("{table}_v3")),
         };
         let mut create = format!(
             "CREATE TABLE IF NOT EXISTS {db}.{table}{on} (\n{}\n) ENGINE = {engine}",
@@ -393,9 +447,9 @@ mod tests {
         assert!(
             ddl("m", None, None, true)[1].contains("    tags Array(LowCardinality(String)),\n")
         );
-        assert!(
-            ddl("m", None, None, true)[1].contains("ORDER BY (name, tags, host, ts, flush_id)")
-        );
+        assert!(ddl("m", None, None, true)[1].contains(
+            "PARTITION BY toYYYYMMDD(ts)\nORDER BY (toStartOfMinute(ts), host, name, tags, ts, flush_id)"
+        ));
         assert!(!has_low_cardinality("18.16.1") && has_low_cardinality("20.3.1"));
         assert!(!has_dedup_token("18.16.1"));
         assert!(!has_dedup_token("22.1.3.7"));
@@ -503,7 +557,7 @@ mod tests {
         assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `m` ON CLUSTER `c1`");
         assert!(ddl[1].starts_with("CREATE TABLE IF NOT EXISTS `m`.counters ON CLUSTER `c1` ("));
         assert!(ddl[1].contains(
-            "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/m/counters', '{replica}')"
+            "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/m/counters_v3', '{replica}')"
         ));
         assert!(
             !ddl[1].contains("non_replicated"),
@@ -514,7 +568,7 @@ mod tests {
             "CREATE TABLE IF NOT EXISTS `m`.counters_all ON CLUSTER `c1` AS `m`.counters\nENGINE = Distributed(`c1`, `m`, counters)"
         );
         assert!(ddl[3].contains(
-            "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/m/gauges', '{replica}', version)"
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/m/gauges_v3', '{replica}', version)"
         ));
         assert_eq!(ddl.len(), 1 + 2 * crate::telemetry::TABLES.len());
     }

@@ -15,6 +15,7 @@ pub fn sample() -> Flush {
             rows: [1, 0, 1, 2, 1, 0],
         },
         gauges: vec![(b"\x02g".to_vec().into(), 15.0)],
+        intervals: vec![1_699_999_940, 1_700_000_000],
         absorbed: vec![41],
         legacy_token: false,
     }
@@ -87,6 +88,41 @@ fn concatenated_flushes_keep_every_row_under_the_newest_id() {
     assert_eq!(Flush::concat(vec![]), None);
 }
 
+/// `f` as versions 2 and 3 wrote it: version 4 without the intervals.
+pub fn before_intervals(f: &Flush, version: u32) -> Vec<u8> {
+    let mut b = f.encode();
+    let at = 56 + f.host.len();
+    b.drain(at..at + 4 + 4 * f.intervals.len());
+    b[8..12].copy_from_slice(&version.to_le_bytes());
+    let crc = crc32c::crc32c(&b[16..]);
+    b[12..16].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+#[test]
+fn a_version_3_file_gets_its_intervals_from_its_rows() {
+    let mut batch = crate::outbox::rows::Batch {
+        ts: 1_700_000_000,
+        ..Default::default()
+    };
+    for ts in [1_700_000_000, 1_699_998_200] {
+        batch.counters.push(crate::outbox::rows::CounterRow {
+            ts,
+            name: "c".into(),
+            tags: vec![],
+            host: "h".into(),
+            flush_id: 5,
+            value: 1.0,
+            samples: 1,
+        });
+    }
+    let f = Flush::seal(batch, 1);
+    assert_eq!(f.intervals, [1_699_998_200, 1_700_000_000]);
+    let read = Flush::decode(&before_intervals(&f, 3)).expect("version 3 reads");
+    assert_eq!(read.intervals, f.intervals);
+    assert_eq!(read.tables, f.tables);
+}
+
 /// A spool file as version 1 wrote it: 4 tables, UInt64 timer counts.
 pub fn version_1(f: &Flush, timers_v1: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -126,6 +162,8 @@ fn a_version_1_file_is_read_with_its_timer_counts_as_floats() {
     f.tables.rows[0] = 1;
     f.tables.rows[2] = 0;
     f.legacy_token = true;
+    // Bodies that are not rows: the intervals start from `ts`.
+    f.intervals = vec![f.ts];
     let read = Flush::decode(&version_1(&f, &[])).expect("version 1 reads");
     assert_eq!(read, f);
     assert!(
@@ -141,9 +179,9 @@ fn damage_is_detected() {
     b[last] ^= 1;
     assert_eq!(Flush::decode(&b), Err("checksum mismatch".into()));
     assert!(Flush::decode(&b[..20]).is_err());
-    let mut v4 = sample().encode();
-    v4[8] = 4;
-    assert!(Flush::decode(&v4).expect_err("v4").contains("version 4"));
+    let mut v5 = sample().encode();
+    v5[8] = 5;
+    assert!(Flush::decode(&v5).expect_err("v5").contains("version 5"));
 }
 
 #[test]
@@ -164,11 +202,7 @@ fn the_token_names_instance_host_flush_and_table() {
 
 #[test]
 fn a_flush_of_the_previous_release_keeps_its_token_and_a_joined_one_gets_the_new() {
-    let mut b = sample().encode();
-    b[8..12].copy_from_slice(&2u32.to_le_bytes());
-    let crc = crc32c::crc32c(&b[16..]);
-    b[12..16].copy_from_slice(&crc.to_le_bytes());
-    let old = Flush::decode(&b).expect("version 2 reads");
+    let old = Flush::decode(&before_intervals(&sample(), 2)).expect("version 2 reads");
     assert_eq!(old.token("counters"), "tallyd-0000000000000abc-42-counters");
     let mut newer = sample();
     newer.flush_id = 43;
