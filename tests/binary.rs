@@ -47,11 +47,13 @@ fn schema_prints_the_ddl_for_the_configured_database() {
         text.contains("\nCREATE DATABASE IF NOT EXISTS `metrics`;"),
         "{text}"
     );
+    // 6 raw tables, the flushes table, 8 rollup tables and their runs.
     assert_eq!(
         text.matches("CREATE TABLE IF NOT EXISTS `metrics`.")
             .count(),
-        6
+        16
     );
+    assert!(text.contains("CREATE TABLE IF NOT EXISTS `metrics`.counters_1h ("));
     // Only the comment names the setting (statements end in `;`).
     assert!(!text.contains("non_replicated_deduplication_window = 1000;"));
     // For a given version and cluster.
@@ -61,8 +63,8 @@ fn schema_prints_the_ddl_for_the_configured_database() {
         .expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("-- For ClickHouse 24.8.4."), "{text}");
-    assert_eq!(text.matches(" ON CLUSTER `c1`").count(), 13, "{text}");
-    assert_eq!(text.matches("ENGINE = Distributed(").count(), 6);
+    assert_eq!(text.matches(" ON CLUSTER `c1`").count(), 33, "{text}");
+    assert_eq!(text.matches("ENGINE = Distributed(").count(), 16);
     let out = tallyd()
         .args(["schema", "--server-version", "24.8.4"])
         .output()

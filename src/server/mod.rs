@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  UDP threads ─┐                      ┌─ flush loop ── bounded queue ── sink ── ClickHouse
-//!  TCP tasks ───┴─ Aggregator (gens) ──┘   (1 s / max_depth)  (flush_queue)
+//!  TCP tasks ───┴─ Aggregator (gens) ──┘   (1 s / max_depth)  (flush_queue)      │
+//!                                                              rollups, retention ┘
 //! ```
 //!
 //! Start-up, in order: `bind` every listener (a taken port fails fast);
@@ -17,8 +18,9 @@
 //! `shutdown_timeout`); the flush loop closes the last interval; the sink
 //! writes what is queued, bounded by `shutdown_timeout` (with the WAL, rows
 //! still unsent stay in the spool for the next start; without it they are
-//! counted and logged as lost); the WAL sync task stops last, after one
-//! final sync.
+//! counted and logged as lost); the rollup job is cut wherever it is (a
+//! rollup cut short is recomputed by the next start, see [`crate::rollup`]);
+//! the WAL sync task stops last, after one final sync.
 //!
 //! One file a phase: [`bind`], [`recover`] (with the replay), [`serve`],
 //! [`shutdown`], and [`reload`] for SIGHUP.
@@ -99,6 +101,8 @@ pub struct Running {
     tcp: Option<JoinHandle<()>>,
     flush: JoinHandle<u64>,
     sink: JoinHandle<()>,
+    /// The rollup job (a tallyd that writes ClickHouse).
+    rollups: Option<JoinHandle<()>>,
     admin: Option<JoinHandle<()>>,
     systemd: JoinHandle<()>,
     wal: Option<Arc<Wal>>,

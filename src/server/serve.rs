@@ -82,15 +82,15 @@ pub(super) async fn serve(
         None => tokio::spawn(prepare_and_run(sink, config.sink.clone(), queue_rx)),
     };
     // A tallyd that writes ClickHouse keeps its rollups and retention.
-    if config.forward.is_none() {
+    let rollups = config.forward.is_none().then(|| {
         let rollups = crate::rollup::Rollups {
             config: sink_config.subscribe(),
             retention: config.retention,
             ledger: Arc::clone(&ledger),
             telemetry: Arc::clone(&telemetry),
         };
-        tokio::spawn(rollups.run(stop_rx.clone()));
-    }
+        tokio::spawn(rollups.run(stop_rx.clone()))
+    });
 
     // The TTL in flushes at the configured interval (a reload of the
     // interval keeps the count).
@@ -282,6 +282,7 @@ pub(super) async fn serve(
         tcp,
         flush,
         sink,
+        rollups,
         admin,
         systemd,
         wal,

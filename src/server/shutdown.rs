@@ -93,6 +93,11 @@ impl Running {
             let rows = self.telemetry.backlog_rows.load(Ordering::Relaxed);
             tracing::warn!(rows, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they stay in the spool for the next start");
         }
+        // It holds the ledger (the data dir's lock).
+        if let Some(task) = self.rollups {
+            task.abort();
+            let _ = task.await;
+        }
         if let Some(task) = close_acks {
             task.abort();
             let _ = task.await; // it holds the WAL

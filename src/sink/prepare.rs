@@ -22,7 +22,13 @@ impl Sink {
             .fetch_all::<ColumnRow>()
             .await?;
         let mut out = Vec::new();
+        let legacy = earlier_layouts(&current, self.active()).await?;
         for (i, table) in TABLES.iter().enumerate() {
+            // Moved aside and made anew: its columns do not matter.
+            if let Some(l) = legacy.iter().find(|l| l.table == i) {
+                out.push(l.statement.clone());
+                continue;
+            }
             let columns = columns_of(&rows, table);
             // This server's copy; each server's needs its own ALTERs.
             let distributed = current.config.cluster.as_ref().map(|_| {
@@ -96,43 +102,14 @@ impl Sink {
     /// partitions once every row in them is past `retention.raw`, then
     /// the table once it is empty ([`crate::rollup::retention`]).
     async fn move_legacy_aside(&self, current: &Current) -> Result<(), clickhouse::error::Error> {
-        #[derive(clickhouse::Row, serde::Deserialize)]
-        struct TableRow {
-            name: String,
-            partition_key: String,
-            sorting_key: String,
-        }
-        let database = &current.config.database;
         let admin = &current.at(self.active()).admin;
-        let tables = admin
-            .query("SELECT name, partition_key, sorting_key FROM system.tables WHERE database = ?")
-            .bind(database.as_str())
-            .fetch_all::<TableRow>()
-            .await?;
-        let names: std::collections::HashSet<&str> =
-            tables.iter().map(|t| t.name.as_str()).collect();
-        for (i, table) in TABLES.iter().enumerate() {
-            let Some(t) = tables.iter().find(|t| t.name == *table) else {
-                continue;
-            };
-            if schema::current_layout(i, &t.partition_key, &t.sorting_key) {
-                continue;
-            }
-            let to = (1..)
-                .map(|n| match n {
-                    1 => format!("{table}{}", schema::LEGACY_SUFFIX),
-                    n => format!("{table}{}_{n}", schema::LEGACY_SUFFIX),
-                })
-                .find(|n| !names.contains(n.as_str()))
-                .unwrap_or_default();
-            let statement =
-                schema::legacy_statement(database, table, &to, current.config.cluster.as_deref());
-            admin.query(&statement).execute().await?;
+        for legacy in earlier_layouts(current, self.active()).await? {
+            admin.query(&legacy.statement).execute().await?;
             self.telemetry
                 .rollups
                 .tables_moved_aside
                 .fetch_add(1, Relaxed);
-            tracing::warn!(table, moved_to = %to, partition_key = %t.partition_key, sorting_key = %t.sorting_key, "a raw table of an earlier layout was moved aside; tallyd makes its own in its place (the old rows stay readable there until retention.raw drops them)");
+            tracing::warn!(table = TABLES[legacy.table], moved_to = %legacy.to, "a raw table of an earlier layout was moved aside; tallyd makes its own in its place (the old rows stay readable there until retention.raw drops them)");
         }
         Ok(())
     }
@@ -262,6 +239,61 @@ impl Sink {
         self.window_checked[table].store(true, Relaxed);
         Ok(())
     }
+}
+
+/// A raw table of an earlier layout, and where it goes.
+pub(super) struct Legacy {
+    pub(super) table: usize,
+    pub(super) to: String,
+    pub(super) statement: String,
+}
+
+/// The raw tables of an earlier layout ([`schema::current_layout`]) in the
+/// database, each with the first free `<table>_legacy`, `<table>_legacy_2`,
+/// … it is renamed to.
+pub(super) async fn earlier_layouts(
+    current: &Current,
+    active: usize,
+) -> Result<Vec<Legacy>, clickhouse::error::Error> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct TableRow {
+        name: String,
+        partition_key: String,
+        sorting_key: String,
+    }
+    let database = &current.config.database;
+    let tables = current
+        .at(active)
+        .admin
+        .query("SELECT name, partition_key, sorting_key FROM system.tables WHERE database = ?")
+        .bind(database.as_str())
+        .fetch_all::<TableRow>()
+        .await?;
+    let names: std::collections::HashSet<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let mut out = Vec::new();
+    for (i, table) in TABLES.iter().enumerate() {
+        let Some(t) = tables.iter().find(|t| t.name == *table) else {
+            continue;
+        };
+        if schema::current_layout(i, &t.partition_key, &t.sorting_key) {
+            continue;
+        }
+        let to = (1..)
+            .map(|n| match n {
+                1 => format!("{table}{}", schema::LEGACY_SUFFIX),
+                n => format!("{table}{}_{n}", schema::LEGACY_SUFFIX),
+            })
+            .find(|n| !names.contains(n.as_str()))
+            .unwrap_or_default();
+        let statement =
+            schema::legacy_statement(database, table, &to, current.config.cluster.as_deref());
+        out.push(Legacy {
+            table: i,
+            to,
+            statement,
+        });
+    }
+    Ok(out)
 }
 
 /// A row of `system.columns`.
