@@ -463,7 +463,10 @@ fn a_raw_table_of_the_previous_release_is_moved_aside_and_dropped_once_expired()
         t - 3600
     ));
     let dir = temp_dir("legacy");
-    let d = start(&dir, db, "", "200ms", &["--retention-raw", "1d"]);
+    // Rows of the old table are the only copy of their periods: kept as
+    // long as hours are.
+    let keep = ["--retention-minute", "30d", "--retention-hour", "60d"];
+    let d = start(&dir, db, "", "200ms", &keep);
     d.send(&["fresh:3|c\n".to_string()]);
     let moved = wait_for(60, || {
         ch.try_query(&format!(
@@ -488,7 +491,7 @@ fn a_raw_table_of_the_previous_release_is_moved_aside_and_dropped_once_expired()
     // Once nothing in it is kept, the old table goes too.
     ch.query(&format!("TRUNCATE TABLE {db}.counters_legacy"));
     drop(d);
-    let d = start(&dir, db, "", "200ms", &["--retention-raw", "1d"]);
+    let d = start(&dir, db, "", "200ms", &keep);
     let gone = wait_for(60, || {
         ch.number(&format!(
             "SELECT count() FROM system.tables WHERE database = '{db}' AND name = 'counters_legacy'"

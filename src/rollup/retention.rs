@@ -11,9 +11,10 @@
 //! (a month for hours) more.
 //!
 //! Raw tables of an earlier layout, moved aside to `<table>_legacy`
-//! (see [`crate::sink::schema::current_layout`]), are kept as raw rows:
-//! their monthly partitions go when every row in them is past
-//! `retention.raw`, and the table once it holds none.
+//! (see [`crate::sink::schema::current_layout`]), were never rolled up:
+//! their rows are the only copy of their periods, so their monthly
+//! partitions go when every row in them is past `retention.hour`, and the
+//! table once it holds none.
 //!
 //! Every tallyd writing a database runs this; dropping a partition that
 //! another already dropped is a no-op.
@@ -34,13 +35,17 @@ pub const EVERY: Duration = Duration::from_secs(600);
 /// How long the rows of `table` (a name in the database) are kept;
 /// `None` for a table retention leaves alone.
 pub fn kept(table_name: &str, r: &Retention) -> Option<Duration> {
-    let raw = TABLES.iter().any(|t| {
-        table_name == *t
-            || table_name
-                .strip_prefix(t)
-                .is_some_and(|rest| rest.starts_with(LEGACY_SUFFIX))
+    // A table of an earlier layout was never rolled up: its rows are the
+    // only copy of their periods, kept as long as the hours would be.
+    let legacy = TABLES.iter().any(|t| {
+        table_name
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.starts_with(LEGACY_SUFFIX))
     });
-    if raw || table_name == crate::sink::flushes::TABLE {
+    if legacy {
+        return Some(r.hour);
+    }
+    if TABLES.contains(&table_name) || table_name == crate::sink::flushes::TABLE {
         return Some(r.raw);
     }
     for t in 0..super::sql::ROLLED.len() {
@@ -105,7 +110,7 @@ pub async fn pass(
             .query(&format!("DROP TABLE IF EXISTS {db}.{}", quote_ident(&name)))
             .execute()
             .await?;
-        tracing::info!(table = %name, "dropped a table of an earlier layout: every row in it was past retention.raw");
+        tracing::info!(table = %name, "dropped a table of an earlier layout: every row in it was past retention.hour");
     }
     Ok(())
 }
@@ -138,8 +143,8 @@ mod tests {
             ("counters", Some(1)),
             ("service_checks", Some(1)),
             ("flushes", Some(1)),
-            ("counters_legacy", Some(1)),
-            ("gauges_legacy_2", Some(1)),
+            ("counters_legacy", Some(3)),
+            ("gauges_legacy_2", Some(3)),
             ("timers_1m", Some(2)),
             ("sets_1h", Some(3)),
             ("tallyd_rollups", Some(3)),

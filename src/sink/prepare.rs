@@ -99,7 +99,7 @@ impl Sink {
     /// sorted by series: [`schema::current_layout`]) to the first free
     /// `<table>_legacy`, `<table>_legacy_2`, …, so that this release
     /// creates its own in its place. Retention drops the old table's
-    /// partitions once every row in them is past `retention.raw`, then
+    /// partitions once every row in them is past `retention.hour`, then
     /// the table once it is empty ([`crate::rollup::retention`]).
     async fn move_legacy_aside(&self, current: &Current) -> Result<(), clickhouse::error::Error> {
         let admin = &current.at(self.active()).admin;
@@ -109,7 +109,7 @@ impl Sink {
                 .rollups
                 .tables_moved_aside
                 .fetch_add(1, Relaxed);
-            tracing::warn!(table = TABLES[legacy.table], moved_to = %legacy.to, "a raw table of an earlier layout was moved aside; tallyd makes its own in its place (the old rows stay readable there until retention.raw drops them)");
+            tracing::warn!(table = TABLES[legacy.table], moved_to = %legacy.to, "a raw table of an earlier layout was moved aside; tallyd makes its own in its place (the old rows stay readable there until retention.hour drops them)");
         }
         Ok(())
     }
