@@ -1,4 +1,4 @@
-//! The command line: `tallyd run | check-config | schema`.
+//! The command line: `tallyd run | check-config | schema | query | wal | send`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Overrides, Settings};
+
+mod query;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +34,9 @@ pub enum Command {
     Wal(WalCommand),
     /// Send StatsD lines (arguments, or standard input) to a tallyd.
     Send(SendArgs),
+    /// Print one series over a range, from raw rows or the rollup the
+    /// range needs (README, "Reading rollups").
+    Query(query::QueryArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,6 +107,7 @@ pub fn main() -> ExitCode {
         Command::Run(args)
         | Command::CheckConfig(args)
         | Command::Schema(SchemaArgs { config: args, .. })
+        | Command::Query(query::QueryArgs { config: args, .. })
         | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args)) => args,
     };
     let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
@@ -118,6 +124,7 @@ pub fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Schema(schema) => schema_command(config, &schema),
+        Command::Query(args) => query::query(config, &args),
         Command::Run(args) => run(config, args.config.clone(), args.overrides.clone()),
         // Handled before the configuration is read.
         Command::Send(args) => send(&args),

@@ -378,6 +378,38 @@ fn rollups_equal_the_raw_rows_through_crashes_resends_late_data_outages_and_repl
         ))
     );
     check_percentiles(db, &sent);
+    // `tallyd query` picks the minutes for 5 hours, and they add up.
+    let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["query", "rc.c.k0", "--type", "counter", "--last", "5h"])
+        .args(["--clickhouse-url", &ch.url(), "--clickhouse-database", db])
+        .output()
+        .expect("tallyd query");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "-- minute rollups"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("ts\tvalue\tsamples"));
+    let total: f64 = lines
+        .map(|l| {
+            l.split('\t')
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+                .expect("value")
+        })
+        .sum();
+    assert_eq!(
+        total,
+        ch.number(&format!(
+            "SELECT sum(value) FROM {db}.counters FINAL WHERE name = 'rc.c.k0'"
+        ))
+    );
     // The completeness table names every flush the rollups came from.
     assert!(ch.number(&format!("SELECT count() FROM {db}.flushes")) > 0.0);
     assert_eq!(

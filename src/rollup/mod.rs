@@ -52,6 +52,7 @@
 //! no statement races the partition's drop) is not recomputed: late data
 //! that old is counted in `tallyd_rollup_expired_total`.
 
+pub mod read;
 pub mod retention;
 pub mod sql;
 

@@ -279,14 +279,7 @@ pub fn rollup(
             "{head}argMax(last, last_version), max(last_version), min(min), max(max), sum(sum), sum(count), sum(samples)\n{rows}"
         ),
         2 => {
-            let q = |q: &str| {
-                let idx = format!(
-                    "arrayFirstIndex((c, w) -> c >= {q} * arraySum(r_weights) AND w > 0, arrayCumSum(r_weights), r_weights)"
-                );
-                format!(
-                    "greatest(least(if({idx} = 0, arrayElement(r_values, -1), arrayElement(r_values, {idx})), r_max), r_min)"
-                )
-            };
+            let q = quantile;
             format!(
                 "{head}r_count, r_sum, r_min, r_max, {}, {}, {}, {}, r_samples, r_values, r_weights\nFROM (\n    SELECT {floor}(ts) AS r_ts, name, tags, kind, host, sum(count) AS r_count, sum(sum) AS r_sum, min(min) AS r_min, max(max) AS r_max, sum(samples) AS r_samples, sumMap(bucket_values, bucket_counts) AS r_buckets, tupleElement(r_buckets, 1) AS r_values, tupleElement(r_buckets, 2) AS r_weights\n    {rows}\n)",
                 q("0.5"),
@@ -299,6 +292,19 @@ pub fn rollup(
             "{head}length(r_members), sum(samples), groupUniqArrayArray(member_hashes) AS r_members\n{rows}"
         ),
     }
+}
+
+/// The `q`-quantile (`"0.99"`) of merged buckets `r_values`, `r_weights`
+/// (ascending, as `sumMap` gives them), clamped to `r_min` and `r_max`:
+/// the value of the first bucket whose cumulative weight reaches q × the
+/// total, as [`crate::aggregate::sketch::quantile`] reads a flushed key.
+pub fn quantile(q: &str) -> String {
+    let idx = format!(
+        "arrayFirstIndex((c, w) -> c >= {q} * arraySum(r_weights) AND w > 0, arrayCumSum(r_weights), r_weights)"
+    );
+    format!(
+        "greatest(least(if({idx} = 0, arrayElement(r_values, -1), arrayElement(r_values, {idx})), r_max), r_min)"
+    )
 }
 
 /// The statement that records a finished rollup.
