@@ -33,8 +33,13 @@ cat >"$work/ch.xml" <<XML
 <quotas><default/></quotas></yandex>
 XML
 clickhouse-server --config-file="$work/ch.xml" >"$work/ch.log" 2>&1 &
-q() { curl -sf "http://127.0.0.1:$ch_port/" --data-binary "$1"; }
-for _ in $(seq 200); do q "SELECT 1" >/dev/null 2>&1 && break; sleep 0.1; done
+q() {
+    local out
+    out=$(curl -s -w '\n%{http_code}' "http://127.0.0.1:$ch_port/" --data-binary "$1")
+    [ "${out##*$'\n'}" = 200 ] || { echo "rollup_cost.sh: $1: ${out%$'\n'*}" >&2; return 1; }
+    printf '%s' "${out%$'\n'*}"
+}
+for _ in $(seq 200); do curl -sf "http://127.0.0.1:$ch_port/ping" >/dev/null && break; sleep 0.1; done
 (cd "$here" && cargo build --release -q)
 
 # One life of a tallyd binary under the load: prints its CPU seconds.
@@ -88,8 +93,9 @@ n, c, d, rr = roll.split()
 print(f"ClickHouse, minute rollups: {n} statements over {mins} minutes, {float(c):.2f} s CPU, {float(d):.2f} s wall, {int(rr):,} rows read")
 n2, c2, d2 = ins.split()
 print(f"ClickHouse, tallyd's counter inserts: {n2} INSERTs, {float(c2):.2f} s CPU, {float(d2):.2f} s wall")
-# Rows a one-series query reads: raw and minutes over the run (scaled to
-# 30 days), and hours over 30 days of 10,000 series made in SQL.
+# Rows a one-series query reads: raw rows over the run (per minute, as
+# they are sorted by minute first, scaled to 30 days), minutes (per hour),
+# and hours over 30 days of 10,000 series made in SQL.
 mins_raw = int(q("SELECT uniqExact(toStartOfMinute(ts)) FROM cost.counters"))
 name = q("SELECT any(name) FROM cost.counters")
 q(f"SELECT sum(value) FROM (SELECT * FROM cost.counters FINAL WHERE toStartOfMinute(ts) >= toDateTime(0) AND name = '{name}')")
@@ -105,6 +111,8 @@ raw = read("SELECT sum(value) FROM (SELECT * FROM cost.counters FINAL%")
 minute = read("SELECT ts, sum(value) FROM cost.counters_1m FINAL%")
 hour = read("SELECT ts, sum(value) FROM cost.hours30 FINAL%")
 print(f"one series, raw: {raw:,} rows read for {mins_raw} minutes: {raw * 1440 * 30 // mins_raw:,} for 30 days")
-print(f"one series, minutes: {minute:,} rows read for {mins} minutes: {minute * 1440 * 30 // mins:,} for 30 days")
+# Minutes are sorted by hour first: a series reads about the same per hour.
+hours = int(q("SELECT uniqExact(toStartOfHour(ts)) FROM cost.counters_1m"))
+print(f"one series, minutes: {minute:,} rows read for {hours} hour(s): {minute * 720 // hours:,} for 30 days")
 print(f"one series, hours: {hour:,} rows read for 30 days (10,000 series)")
 PY

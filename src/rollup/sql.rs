@@ -24,7 +24,7 @@
 //! Events and service checks are not rolled up; retention keeps them with
 //! the raw rows.
 
-use crate::sink::schema::{quote_ident, replicated};
+use crate::sink::schema::{column_type, distributed_copy, quote_ident, replicated};
 
 /// A rollup's resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -201,21 +201,10 @@ pub fn ddl(database: &str, cluster: Option<&str>, low_cardinality: bool) -> Vec<
             cols.join(",\n")
         ));
         if let Some(c) = cluster {
-            out.push(format!(
-                "CREATE TABLE IF NOT EXISTS {db}.{name}_all{on} AS {db}.{name}\nENGINE = Distributed({}, {db}, {name})",
-                quote_ident(c)
-            ));
+            out.push(distributed_copy(database, &name, c));
         }
     }
     out
-}
-
-fn column_type(name: &str, ty: &str, low_cardinality: bool) -> String {
-    match (low_cardinality, name, ty) {
-        (true, "name" | "host" | "kind", "String") => "LowCardinality(String)".into(),
-        (true, "tags", "Array(String)") => "Array(LowCardinality(String))".into(),
-        _ => ty.into(),
-    }
 }
 
 /// The low 20 bits of a flush id: its writer (see [`crate::outbox::flush::tag`]).

@@ -80,10 +80,7 @@ pub fn ddl(database: &str, cluster: Option<&str>) -> Vec<String> {
         columns.join(",\n")
     )];
     if let Some(c) = cluster {
-        out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{TABLE}_all{on} AS {db}.{TABLE}\nENGINE = Distributed({}, {db}, {TABLE})",
-            schema::quote_ident(c)
-        ));
+        out.push(schema::distributed_copy(database, TABLE, c));
     }
     out
 }

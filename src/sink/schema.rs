@@ -237,20 +237,27 @@ pub fn ddl(
         }
         statements.push(create);
         if let Some(c) = cluster {
-            statements.push(format!(
-                "CREATE TABLE IF NOT EXISTS {db}.{table}_all{on} AS {db}.{table}\nENGINE = Distributed({}, {db}, {table})",
-                quote_ident(c)
-            ));
+            statements.push(distributed_copy(database, table, c));
         }
     }
     statements
+}
+
+/// The `Distributed` copy `<table>_all` of table `table` over `cluster`,
+/// for reads.
+pub fn distributed_copy(database: &str, table: &str, cluster: &str) -> String {
+    let db = quote_ident(database);
+    let c = quote_ident(cluster);
+    format!(
+        "CREATE TABLE IF NOT EXISTS {db}.{table}_all ON CLUSTER {c} AS {db}.{table}\nENGINE = Distributed({c}, {db}, {table})"
+    )
 }
 
 /// The type a new table's column gets: with `low_cardinality` (servers
 /// from 20.1), the repetitive strings (`name`, `host`, `kind`, the tags)
 /// are `LowCardinality`, which took a third off the bytes on disk per row
 /// in `scripts/schema_size.py` (RowBinary writes them alike).
-fn column_type(name: &str, ty: &str, low_cardinality: bool) -> String {
+pub fn column_type(name: &str, ty: &str, low_cardinality: bool) -> String {
     match (low_cardinality, name, ty) {
         (true, "name" | "host" | "kind", "String") => "LowCardinality(String)".into(),
         (true, "tags", "Array(String)") => "Array(LowCardinality(String))".into(),
