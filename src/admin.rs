@@ -121,7 +121,7 @@ impl AdminState {
         }
         let rollups = &self.telemetry.rollups;
         if rollups.flushes_table_blocked.load(Relaxed) == 1 {
-            p.push("ClickHouse refuses rows of the flushes table (schema drift): written flushes stay in the spool until it is fixed".into());
+            p.push("ClickHouse refuses rows of the flushes table (schema drift; see `tallyd schema`): the rows are given up, and rollups of their minutes may be missed until it is fixed".into());
         }
         let lag = rollups.lag_seconds.load(Relaxed);
         if lag > crate::telemetry::rollup::MAX_LAG_SECS {

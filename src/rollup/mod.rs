@@ -96,6 +96,9 @@ pub const PASS: Duration = Duration::from_secs(5);
 pub const SETTLE: u32 = 15;
 /// Periods computed per pass at most (the rest in the next passes).
 const MAX_PER_PASS: usize = 240;
+/// Periods that fail one after another before a pass gives up (the server
+/// is the trouble, not the periods).
+const MAX_FAILURES_IN_A_ROW: usize = 3;
 /// How far back of the newest `confirmed` seen the next pass looks again:
 /// far more than an insert can take between drawing its number and being
 /// visible, so that no confirmation is missed.
@@ -145,7 +148,8 @@ impl Rollups {
     /// periods are found again from the flushes table.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut since = Since::default();
-        let mut made = false;
+        // The database and cluster the rollup tables were made in.
+        let mut made: Option<(String, Option<String>)> = None;
         let mut next_retention = tokio::time::Instant::now();
         // The endpoint in use: `url`, then each replica after a failure.
         let mut endpoint = 0usize;
@@ -155,9 +159,10 @@ impl Rollups {
             let Some(client) = clients.get(endpoint % clients.len().max(1)).cloned() else {
                 return;
             };
-            if !made {
+            let place = (config.database.clone(), config.cluster.clone());
+            if made.as_ref() != Some(&place) {
                 match self.make_tables(&client, &config).await {
-                    Ok(()) => made = true,
+                    Ok(()) => made = Some(place),
                     Err(e) => {
                         endpoint = endpoint.wrapping_add(1);
                         self.telemetry.rollups.errors.fetch_add(1, Relaxed);
@@ -165,7 +170,7 @@ impl Rollups {
                     }
                 }
             }
-            if made {
+            if made.is_some() {
                 let now = unix_now();
                 let began = std::time::Instant::now();
                 let result = self.pass(&client, &config.database, &mut since, now).await;
@@ -341,23 +346,32 @@ impl Rollups {
             pass.oldest_due = Some(pass.oldest_due.map_or(became_due, |o| o.min(became_due)));
         }
         let me = tag(self.ledger.instance());
+        // A period that fails (its statement refused, a memory limit) is
+        // counted and left changed for the next pass; the others go on.
+        // Failures in a row mean the server, not the period: the pass ends.
+        let mut failures = 0;
         for c in due.iter().take(MAX_PER_PASS) {
             let started = self.ledger.next_flush_id(since_epoch());
             let result = self
                 .compute_one(client, database, res, *c, started, me)
                 .await;
             if let Err(e) = result {
+                self.telemetry.rollups.errors.fetch_add(1, Relaxed);
+                tracing::warn!(resolution = res.name(), start = c.start, writer = c.writer, error = %e, "a rollup failed; it is tried again at the next pass");
+                pass.pending += 1;
+                unsettled = unsettled.min(c.newest);
                 let became_due = c
                     .start
                     .saturating_add(res.secs())
                     .saturating_add(settle(res));
-                let lag = now.saturating_sub(became_due);
-                self.telemetry
-                    .rollups
-                    .lag_seconds
-                    .store(u64::from(lag), Relaxed);
-                return Err(e);
+                pass.oldest_due = Some(pass.oldest_due.map_or(became_due, |o| o.min(became_due)));
+                failures += 1;
+                if failures >= MAX_FAILURES_IN_A_ROW {
+                    return Err(e);
+                }
+                continue;
             }
+            failures = 0;
             crate::failpoint::hit("after_rollup");
             pass.computed += 1;
             self.telemetry.rollups.runs[res as usize].fetch_add(1, Relaxed);
@@ -405,8 +419,9 @@ impl Rollups {
         writers.dedup();
         let from = changed.iter().map(|c| c.start).min().unwrap_or(0);
         let to = changed.iter().map(|c| c.start).max().unwrap_or(0);
+        let me = tag(self.ledger.instance());
         let runs = client
-            .query(&sql::finished(database, res, &writers, from, to))
+            .query(&sql::finished(database, me, res, &writers, from, to))
             .fetch_all::<Changed>()
             .await?;
         Ok(runs

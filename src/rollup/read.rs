@@ -97,14 +97,13 @@ pub fn series(
     // that selects one: the rows come from a subquery.
     let rows = match source {
         Source::Raw => format!(
-            "(SELECT * FROM {db}.{} FINAL WHERE toStartOfMinute(ts) >= toDateTime({}) AND toStartOfMinute(ts) < toDateTime({to}) AND {filter})",
+            "(SELECT * FROM {db}.{} FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute(toDateTime({from})) AND toStartOfMinute(ts) < toDateTime({to}) AND {filter})",
             ROLLED[t],
-            Resolution::Minute.start(from)
         ),
         Source::Rollup(Resolution::Minute) => format!(
-            "(SELECT * FROM {db}.{} FINAL WHERE toStartOfHour(ts) >= toDateTime({}) AND toStartOfHour(ts) < toDateTime({to}) AND {filter})",
+            // The server's hours (in a time zone of a half-hour offset too).
+            "(SELECT * FROM {db}.{} FINAL WHERE toStartOfHour(ts) >= toStartOfHour(toDateTime({from})) AND toStartOfHour(ts) < toDateTime({to}) AND {filter})",
             table(t, Resolution::Minute),
-            Resolution::Hour.start(from)
         ),
         Source::Rollup(Resolution::Hour) => format!(
             "(SELECT * FROM {db}.{} FINAL WHERE {filter} AND ts >= toDateTime({from}) AND ts < toDateTime({to}))",
@@ -183,7 +182,7 @@ mod tests {
             600,
             Source::Raw,
         );
-        assert!(s.contains("FROM (SELECT * FROM `m`.counters FINAL WHERE toStartOfMinute(ts) >= toDateTime(120) AND toStartOfMinute(ts) < toDateTime(600) AND name = 'a\\'b' AND has(tags, 'env:prod'))"), "{s}");
+        assert!(s.contains("FROM (SELECT * FROM `m`.counters FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute(toDateTime(120)) AND toStartOfMinute(ts) < toDateTime(600) AND name = 'a\\'b' AND has(tags, 'env:prod'))"), "{s}");
         let s = series(
             "m",
             Kind::Timer,
@@ -194,7 +193,9 @@ mod tests {
             Source::Rollup(Resolution::Minute),
         );
         assert!(
-            s.contains("`m`.timers_1m FINAL WHERE toStartOfHour(ts) >= toDateTime(3600)"),
+            s.contains(
+                "`m`.timers_1m FINAL WHERE toStartOfHour(ts) >= toStartOfHour(toDateTime(3600))"
+            ),
             "{s}"
         );
         assert!(

@@ -333,13 +333,21 @@ pub fn changed_hours(database: &str, confirmer: u32, since: u64) -> String {
     )
 }
 
-/// The newest finished rollup at `res` of each (writer, period) for
-/// `writers` between `from` and `to` (inclusive). Rows as
-/// [`changed_minutes`].
-pub fn finished(database: &str, res: Resolution, writers: &[u32], from: u32, to: u32) -> String {
+/// The newest rollup at `res` that `confirmer` finished, of each (writer,
+/// period) for `writers` between `from` and `to` (inclusive): its own
+/// runs only, whose numbers come from the same sequence as its
+/// confirmations. Rows as [`changed_minutes`].
+pub fn finished(
+    database: &str,
+    confirmer: u32,
+    res: Resolution,
+    writers: &[u32],
+    from: u32,
+    to: u32,
+) -> String {
     let writers: Vec<String> = writers.iter().map(u32::to_string).collect();
     format!(
-        "SELECT writer, toUInt32(ts) AS period, max(started) AS newest FROM {}.{RUNS} WHERE resolution = '{}' AND writer IN ({}) AND ts >= toDateTime({from}) AND ts <= toDateTime({to}) GROUP BY writer, period",
+        "SELECT writer, toUInt32(ts) AS period, max(started) AS newest FROM {}.{RUNS} WHERE confirmer = {confirmer} AND resolution = '{}' AND writer IN ({}) AND ts >= toDateTime({from}) AND ts <= toDateTime({to}) GROUP BY writer, period",
         quote_ident(database),
         res.name(),
         writers.join(", ")

@@ -119,10 +119,13 @@ pub fn row(flush: &Flush, c: Confirmation) -> Vec<u8> {
 }
 
 impl Sink {
-    /// Writes `flush`'s row, retrying until ClickHouse has it (an outage
-    /// as long as it takes; a table that refuses the row, which only an
-    /// operator's change can cause, with `/health` degraded meanwhile):
-    /// a flush is not complete, and its spool file stays, until then.
+    /// Writes `flush`'s row, retrying an outage as long as it takes: the
+    /// flush is not complete, and its spool file stays, until then. A
+    /// table that refuses the row (only an operator's change can cause it)
+    /// must not hold every other table's rows: the row is given up, logged
+    /// and counted, and `/health` stays degraded until a row lands again;
+    /// the minutes of such flushes are rolled up again only when another
+    /// flush of theirs lands.
     pub(super) async fn confirm(&self, flush: &Flush) {
         let Some(ledger) = &self.ledger else { return };
         let mut attempt = 0;
@@ -161,15 +164,12 @@ impl Sink {
                             self.telemetry
                                 .clickhouse_schema_errors
                                 .fetch_add(1, Relaxed);
-                            if self
-                                .telemetry
+                            self.telemetry
                                 .rollups
                                 .flushes_table_blocked
-                                .swap(1, Relaxed)
-                                == 0
-                            {
-                                tracing::error!(error = %e, database = %config.database, "ClickHouse refuses the row of the flushes table: its schema differs from tallyd's (see `tallyd schema`). Flushes are not completed until it is fixed");
-                            }
+                                .store(1, Relaxed);
+                            tracing::error!(error = %e, database = %config.database, flush_id = flush.flush_id, "ClickHouse refuses the row of the flushes table: its schema differs from tallyd's (see `tallyd schema`). The row is given up; the rollups of its minutes wait for another flush of them");
+                            return;
                         }
                         super::Failure::Retry => {
                             self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);

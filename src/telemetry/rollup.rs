@@ -8,7 +8,7 @@ use super::Metrics;
 #[derive(Debug, Default)]
 pub struct Rollups {
     /// 1 while ClickHouse refuses rows of the flushes table (schema
-    /// drift): flushes are not completed meanwhile.
+    /// drift): their rows are given up, and rollups may miss minutes.
     pub flushes_table_blocked: AtomicU64,
     /// Rollups computed (one writer's minute or hour of one table set),
     /// by resolution: minute, hour.
@@ -38,7 +38,7 @@ impl Rollups {
     pub(super) fn render(&self, m: &mut Metrics<'_>) {
         m.gauge(
             "tallyd_flushes_table_blocked",
-            "1 while ClickHouse refuses rows of the flushes table (schema drift): flushes stay in the spool until it is fixed.",
+            "1 while ClickHouse refuses rows of the flushes table (schema drift): rows given up, rollups may miss their minutes.",
             "",
             &self.flushes_table_blocked,
         );
