@@ -89,7 +89,16 @@ pub fn query(config: crate::config::Config, args: &QueryArgs) -> ExitCode {
         cursor.collect().await
     });
     match result {
-        Ok(bytes) => super::emit(&String::from_utf8_lossy(&bytes)),
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            if text.lines().count() <= 1 {
+                eprintln!(
+                    "-- no rows for {} as a {:?} over the last {} (--type picks the table)",
+                    args.name, args.kind, args.last
+                );
+            }
+            super::emit(&text)
+        }
         Err(e) => super::fail(&format!("the query failed at {}: {e}", config.sink.url)),
     }
 }

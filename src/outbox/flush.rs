@@ -16,7 +16,7 @@
 //! 44  8  samples (raw increments the rows compact)
 //! 52  4  host length H, then H bytes of host
 //! …      4 interval count I, then I interval starts (4 each, Unix
-//!        seconds, ascending): every distinct `ts` of the rows (the
+//!        seconds, ascending): `ts` and every distinct `ts` of the rows (the
 //!        minutes they fall in are what a rollup recomputes once the
 //!        flush is in ClickHouse, see [`crate::rollup`])
 //! …      6 tables (counters, gauges, timers, sets, events,
@@ -93,7 +93,7 @@ pub struct Flush {
     pub tables: Bodies,
     /// (gauge key, value after this flush) for every gauge row.
     pub gauges: Vec<(Box<[u8]>, f64)>,
-    /// Every distinct `ts` of its rows, ascending (Unix seconds).
+    /// `ts` and every distinct `ts` of its rows, ascending (Unix seconds).
     pub intervals: Vec<u32>,
     /// Flushes merged into this one.
     pub absorbed: Vec<u64>,

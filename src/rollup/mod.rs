@@ -231,7 +231,13 @@ impl Rollups {
             .query(&format!("CREATE DATABASE IF NOT EXISTS {db}{on}"))
             .execute()
             .await?;
-        for statement in sql::ddl(&config.database, config.cluster.as_deref(), low_cardinality) {
+        // The flushes table too: the first pass reads it, maybe before the
+        // sink has made it.
+        let cluster = config.cluster.as_deref();
+        for statement in crate::sink::flushes::ddl(&config.database, cluster)
+            .into_iter()
+            .chain(sql::ddl(&config.database, cluster, low_cardinality))
+        {
             client.query(&statement).execute().await?;
         }
         Ok(())

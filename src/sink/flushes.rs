@@ -14,8 +14,8 @@
 //!   [`crate::outbox::flush::tag`]): whose rows a rollup reads;
 //! - `confirmer`: the tag of the tallyd that confirmed it (the one whose
 //!   rollup job recomputes its minutes);
-//! - `intervals`: every distinct `ts` of its rows (late `|T` samples and
-//!   an outage's backlog have their own);
+//! - `intervals`: its interval start and every distinct `ts` of its rows
+//!   (late `|T` samples and an outage's backlog have their own);
 //! - `counters` … `service_checks`: its rows per table; `samples`: the raw
 //!   increments they compact;
 //! - `settled`: every closed interval of this tallyd that starts before
