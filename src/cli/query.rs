@@ -39,9 +39,7 @@ pub fn query(config: crate::config::Config, args: &QueryArgs) -> ExitCode {
             ));
         }
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+    let now = u32::try_from(crate::clock::wall_clock().as_secs()).unwrap_or(u32::MAX);
     let from = now.saturating_sub(span);
     let interval = u32::try_from(config.flush_interval.as_secs())
         .unwrap_or(1)

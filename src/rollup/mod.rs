@@ -64,6 +64,7 @@ use std::time::Duration;
 use clickhouse::Client;
 use tokio::sync::watch;
 
+use crate::clock::wall_clock;
 use crate::ledger::Ledger;
 use crate::outbox::flush::{flush_id, tag, tick_of};
 use crate::sink::SinkConfig;
@@ -138,6 +139,20 @@ struct Pass {
     pending: usize,
     /// When the oldest pending one became due, Unix seconds.
     oldest_due: Option<u32>,
+}
+
+impl Pass {
+    /// Notes `c`, due, as left for a later pass: pending, and `unsettled`
+    /// (where the next search starts) kept at or before its confirmation.
+    fn left_due(&mut self, c: &Changed, res: Resolution, unsettled: &mut u64) {
+        self.pending += 1;
+        *unsettled = (*unsettled).min(c.newest);
+        let became_due = c
+            .start
+            .saturating_add(res.secs())
+            .saturating_add(settle(res));
+        self.oldest_due = Some(self.oldest_due.map_or(became_due, |o| o.min(became_due)));
+    }
 }
 
 impl Rollups {
@@ -343,13 +358,7 @@ impl Rollups {
         }
         due.sort_by_key(|c| (c.start, c.writer));
         for c in due.iter().skip(MAX_PER_PASS) {
-            pass.pending += 1;
-            unsettled = unsettled.min(c.newest);
-            let became_due = c
-                .start
-                .saturating_add(res.secs())
-                .saturating_add(settle(res));
-            pass.oldest_due = Some(pass.oldest_due.map_or(became_due, |o| o.min(became_due)));
+            pass.left_due(c, res, &mut unsettled);
         }
         let me = tag(self.ledger.instance());
         // A period that fails (its statement refused, a memory limit) is
@@ -357,20 +366,14 @@ impl Rollups {
         // Failures in a row mean the server, not the period: the pass ends.
         let mut failures = 0;
         for c in due.iter().take(MAX_PER_PASS) {
-            let started = self.ledger.next_flush_id(since_epoch());
+            let started = self.ledger.next_flush_id(wall_clock());
             let result = self
                 .compute_one(client, database, res, *c, started, me)
                 .await;
             if let Err(e) = result {
                 self.telemetry.rollups.errors.fetch_add(1, Relaxed);
                 tracing::warn!(resolution = res.name(), start = c.start, writer = c.writer, error = %e, "a rollup failed; it is tried again at the next pass");
-                pass.pending += 1;
-                unsettled = unsettled.min(c.newest);
-                let became_due = c
-                    .start
-                    .saturating_add(res.secs())
-                    .saturating_add(settle(res));
-                pass.oldest_due = Some(pass.oldest_due.map_or(became_due, |o| o.min(became_due)));
+                pass.left_due(c, res, &mut unsettled);
                 failures += 1;
                 if failures >= MAX_FAILURES_IN_A_ROW {
                     return Err(e);
@@ -446,12 +449,6 @@ fn settle(res: Resolution) -> u32 {
     }
 }
 
-fn since_epoch() -> Duration {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
 fn unix_now() -> u32 {
-    u32::try_from(since_epoch().as_secs()).unwrap_or(u32::MAX)
+    u32::try_from(wall_clock().as_secs()).unwrap_or(u32::MAX)
 }

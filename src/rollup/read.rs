@@ -14,16 +14,6 @@ pub enum Source {
     Rollup(Resolution),
 }
 
-impl Source {
-    /// Its name, as `tallyd query` reports it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Source::Raw => "raw",
-            Source::Rollup(r) => r.name(),
-        }
-    }
-}
-
 /// The rule: the finest resolution whose retention still covers `from`
 /// (Unix seconds, against `now`) and whose periods over `[from, to)` are
 /// at most `points`; hours when none is. Raw rows count one point per

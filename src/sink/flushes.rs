@@ -130,9 +130,7 @@ impl Sink {
         let Some(ledger) = &self.ledger else { return };
         let mut attempt = 0;
         loop {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
+            let now = crate::clock::wall_clock();
             let now_secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
             let confirmation = Confirmation {
                 confirmer: tag(ledger.instance()),
