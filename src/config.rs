@@ -15,7 +15,7 @@ mod flags;
 mod validate;
 
 pub use flags::Overrides;
-pub use validate::{Config, ForwardConfig, ProtoConfig, WalGeometry, wal_geometry};
+pub use validate::{Config, ForwardConfig, OtlpConfig, ProtoConfig, WalGeometry, wal_geometry};
 
 /// The settings as written in the file (human units, `off` for listeners).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +34,7 @@ pub struct Settings {
     pub wal: WalSettings,
     pub spool: SpoolSettings,
     pub proto: ProtoSettings,
+    pub otlp: OtlpSettings,
     pub forward: ForwardSettings,
     pub retention: RetentionSettings,
 }
@@ -163,6 +164,39 @@ impl Default for ProtoSettings {
     }
 }
 
+/// `[otlp]`: OpenTelemetry metrics in (see [`crate::ingest::otlp`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpSettings {
+    /// OTLP/HTTP listen address (`POST /v1/metrics`), or `off`.
+    pub http: String,
+    /// Most bytes of a request body, compressed or not (20 MiB, as the
+    /// spec recommends).
+    pub max_body: String,
+    /// Resource attributes promoted to tags (`host.name` is the row's
+    /// host in any case).
+    pub resource_tags: Vec<String>,
+    /// A series with no point for this long is forgotten (its next
+    /// cumulative point is a reference again).
+    pub max_staleness: String,
+    pub max_connections: usize,
+}
+
+impl Default for OtlpSettings {
+    fn default() -> Self {
+        OtlpSettings {
+            http: "127.0.0.1:4318".into(),
+            max_body: "20MiB".into(),
+            resource_tags: crate::protocol::otlp::RESOURCE_TAGS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            max_staleness: "1h".into(),
+            max_connections: 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalSettings {
@@ -276,6 +310,7 @@ impl Default for Settings {
             wal: WalSettings::default(),
             spool: SpoolSettings::default(),
             proto: ProtoSettings::default(),
+            otlp: OtlpSettings::default(),
             forward: ForwardSettings::default(),
             retention: RetentionSettings::default(),
         }

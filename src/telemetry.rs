@@ -135,6 +135,10 @@ pub struct Telemetry {
     pub fleet: fleet::Fleet,
     /// Rollups, retention and the flushes table.
     pub rollups: rollup::Rollups,
+    /// OTLP requests (their blocks, bytes and points in `otlp_blocks`),
+    /// points by outcome, and the series state.
+    pub otlp: otlp::Otlp,
+    pub otlp_blocks: ListenerStats,
     pub dropped_wal_full: AtomicU64,
     /// Unix ms of the flush loop's and the UDP threads' last sign of life.
     pub flush_heartbeat_ms: AtomicU64,
@@ -214,6 +218,7 @@ impl Telemetry {
             ("tcp", &self.tcp),
             ("uds", &self.uds),
             ("proto", &self.proto),
+            ("otlp", &self.otlp_blocks),
         ] {
             let lab = format!("listener=\"{name}\"");
             m.counter(
@@ -503,6 +508,7 @@ impl Telemetry {
         );
         self.fleet.render(&mut m);
         self.rollups.render(&mut m);
+        self.otlp.render(&mut m);
         out
     }
 }
@@ -557,6 +563,7 @@ impl Metrics<'_> {
 }
 
 pub mod fleet;
+pub mod otlp;
 pub mod rollup;
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ fn activate(flags: &[&str], port: u16, name: &str, database: &str, admin: u16) -
             "off",
             "--proto-udp",
             "off",
+            "--otlp-http",
+            "off",
         ])
         .args(["--admin", &format!("127.0.0.1:{admin}")])
         .arg("--config")

@@ -8,7 +8,9 @@ use std::process::{Command, Stdio};
 use common::{clickhouse, free_port, send_tcp, send_udp, temp_dir, wait_for};
 
 fn tallyd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tallyd"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tallyd"));
+    c.env("TALLYD_OTLP_HTTP", "off");
+    c
 }
 
 /// A config file with a small WAL (the default preallocates 1 GiB).

@@ -90,6 +90,7 @@ fn spawn(dir: &Path, ports: &Ports, failpoints: &str, extra: &[&str]) -> Daemon 
         &["--host-id", "crash-host"][..]
     };
     let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .env("TALLYD_OTLP_HTTP", "off")
         .arg("run")
         .args(host)
         .args(database)
@@ -376,6 +377,7 @@ fn wal_verify_passes_a_clean_log_and_fails_a_corrupt_one() {
     d.kill9();
     let verify = || {
         Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .env("TALLYD_OTLP_HTTP", "off")
             .args(["wal", "verify", "--data-dir"])
             .arg(&dir)
             .output()

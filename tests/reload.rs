@@ -40,6 +40,7 @@ fn sighup_applies_new_settings_and_refuses_a_bad_file() {
     write_config(&file, &dead, "flush_interval = \"200ms\"");
     let (tcp, admin) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .env("TALLYD_OTLP_HTTP", "off")
         .arg("run")
         .arg("--config")
         .arg(&file)

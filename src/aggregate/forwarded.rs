@@ -35,8 +35,15 @@ use crate::telemetry::BlockStats;
 /// A forwarded state, checked.
 #[derive(Clone, Copy)]
 enum State<'a> {
-    Counter { sum: f64, samples: u64 },
-    Gauge { value: f64, samples: u64 },
+    Counter {
+        sum: f64,
+        samples: u64,
+    },
+    Gauge {
+        value: f64,
+        samples: u64,
+        delta: bool,
+    },
     Distribution(MetricType, DistributionView<'a>),
     Set(SetView<'a>),
 }
@@ -82,9 +89,17 @@ fn state<'a>(value: &EventValue<'a>) -> Result<State<'a>, ParseError> {
             finite(sum)?;
             State::Counter { sum, samples }
         }
-        EventValue::GaugeState { value, samples } => {
+        EventValue::GaugeState {
+            value,
+            samples,
+            delta,
+        } => {
             finite(value)?;
-            State::Gauge { value, samples }
+            State::Gauge {
+                value,
+                samples,
+                delta,
+            }
         }
         EventValue::DistributionState(d) => {
             for v in [d.count, d.sum, d.min, d.max] {
@@ -125,11 +140,22 @@ fn merge(
                 true
             }
         }
-        (Acc::Gauge(g), State::Gauge { value, samples }) => {
-            g.value = *value;
-            g.absolute = true;
-            g.samples = g.samples.saturating_add(*samples);
-            true
+        (
+            Acc::Gauge(g),
+            State::Gauge {
+                value,
+                samples,
+                delta,
+            },
+        ) => {
+            // A delta (only from OTLP) applies as a `+N|g` line does.
+            let next = if *delta { g.value + value } else { *value };
+            next.is_finite() && {
+                g.value = next;
+                g.absolute |= !*delta;
+                g.samples = g.samples.saturating_add(*samples);
+                true
+            }
         }
         (Acc::Dist(_), State::Distribution(..)) if full => {
             stats.dropped_memory += state.samples();

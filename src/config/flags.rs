@@ -50,6 +50,9 @@ pub struct Overrides {
     /// Protobuf UDP listen address (one batch per datagram), or `off` [default: 127.0.0.1:8126]
     #[arg(long, env = "TALLYD_PROTO_UDP", value_name = "ADDR")]
     pub proto_udp: Option<String>,
+    /// OTLP/HTTP listen address (POST /v1/metrics), or `off` [default: 127.0.0.1:4318]
+    #[arg(long, env = "TALLYD_OTLP_HTTP", value_name = "ADDR")]
+    pub otlp_http: Option<String>,
     /// Total WAL size, e.g. 1GiB [default: 1GiB]
     #[arg(long, env = "TALLYD_WAL_SIZE", value_name = "SIZE")]
     pub wal_size: Option<String>,
@@ -109,6 +112,7 @@ impl Overrides {
         set(&mut s.wal.size, &self.wal_size);
         set(&mut s.proto.tcp, &self.proto_tcp);
         set(&mut s.proto.udp, &self.proto_udp);
+        set(&mut s.otlp.http, &self.otlp_http);
         set(&mut s.wal.sync, &self.wal_sync);
         set(&mut s.statsd.udp_workers, &self.udp_workers);
         set(&mut s.statsd.dogstatsd_socket, &self.dogstatsd_socket);

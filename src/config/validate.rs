@@ -197,6 +197,7 @@ impl Settings {
         };
         let forward = self.forward_config()?;
         let retention = self.retention_config()?;
+        let otlp = self.otlp_config()?;
         Ok(Config {
             forward,
             retention,
@@ -207,6 +208,7 @@ impl Settings {
             spool_drain_batch: size("spool.drain_batch", &self.spool.drain_batch)? as u64,
             udp_wal_streams,
             proto,
+            otlp,
             host_id,
             data_dir: PathBuf::from(&self.data_dir),
             log_level: self.log_level.parse::<LevelFilter>().map_err(|_| {
@@ -321,6 +323,7 @@ pub struct Config {
     /// `i % udp_wal_streams`); the TCP streams come after them.
     pub udp_wal_streams: usize,
     pub proto: ProtoConfig,
+    pub otlp: OtlpConfig,
     /// `Some`: this tallyd is an edge (see [`crate::forward`]).
     pub forward: Option<ForwardConfig>,
     /// How long rows are kept at each resolution (`[retention]`).
@@ -357,7 +360,45 @@ pub struct ProtoConfig {
     pub idle_timeout: Duration,
 }
 
+/// The OTLP listener (`[otlp]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpConfig {
+    pub http: Option<SocketAddr>,
+    pub max_body: usize,
+    pub resource_tags: Vec<String>,
+    pub max_staleness: Duration,
+    pub max_connections: usize,
+}
+
 impl Settings {
+    fn otlp_config(&self) -> Result<OtlpConfig, ConfigError> {
+        let o = &self.otlp;
+        let max_body = size("otlp.max_body", &o.max_body)?;
+        if max_body < 1024 {
+            return Err(err("otlp.max_body", "must be at least 1KiB"));
+        }
+        if o.max_connections == 0 {
+            return Err(err("otlp.max_connections", "must be at least 1"));
+        }
+        if let Some(bad) = o.resource_tags.iter().find(|t| t.is_empty()) {
+            return Err(err(
+                "otlp.resource_tags",
+                format!("{bad:?}: an attribute key must not be empty"),
+            ));
+        }
+        let max_staleness = duration("otlp.max_staleness", &o.max_staleness)?;
+        if max_staleness.is_zero() {
+            return Err(err("otlp.max_staleness", "must be more than 0"));
+        }
+        Ok(OtlpConfig {
+            http: listen("otlp.http", &o.http)?,
+            max_body,
+            resource_tags: o.resource_tags.clone(),
+            max_staleness,
+            max_connections: o.max_connections,
+        })
+    }
+
     fn retention_config(&self) -> Result<crate::rollup::Retention, ConfigError> {
         let r = &self.retention;
         let raw = duration("retention.raw", &r.raw)?;

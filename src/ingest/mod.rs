@@ -8,8 +8,10 @@
 //! - [`udp`]: one socket, read by several blocking receive threads.
 //! - [`tcp`]: tokio tasks, newline framing, line and connection limits.
 //! - [`proto`]: protobuf batches over TCP (acknowledged) and UDP.
+//! - [`otlp`]: OpenTelemetry metrics over HTTP, acknowledged once durable.
 //! - [`uds`]: DogStatsD over a Unix datagram socket, one blocking thread.
 
+pub mod otlp;
 pub mod proto;
 pub mod record;
 pub mod tcp;

@@ -116,6 +116,36 @@ impl Recorder {
         Ok((ticket, rejected))
     }
 
+    /// Records a converted OTLP request (`record`, a `Kind::Otlp` payload)
+    /// in the WAL, then applies its `batches` (the encoded `Batch`es the
+    /// record holds). Returns the WAL ticket (0 without a WAL) and how many
+    /// events were refused by tallyd's limits.
+    pub fn otlp(
+        &self,
+        record: &[u8],
+        batches: &[Vec<u8>],
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+    ) -> Result<(u64, u32), AppendError> {
+        let generation = self.aggregator.current();
+        let ticket = match &self.wal {
+            Some(wal) => {
+                record_start(wal, scratch.wal_stream, &generation)?;
+                wal.append(scratch.wal_stream, generation.id, Kind::Otlp, record)?
+            }
+            None => 0,
+        };
+        let mut rejected = 0;
+        for b in batches {
+            if let Ok(batch) = BatchView::decode(b) {
+                rejected += self
+                    .aggregator
+                    .apply_batch(&generation, &batch, scratch, stats);
+            }
+        }
+        Ok((ticket, rejected))
+    }
+
     /// With `wal.sync = always`, syncs what this blocking thread appended to
     /// its WAL stream (see [`Wal::settle`]); call it outside other locks.
     pub fn settle(&self, wal_stream: usize) {

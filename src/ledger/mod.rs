@@ -9,10 +9,12 @@
 //! What is written, when, and what a crash (kill -9, power loss) after each
 //! step leaves:
 //!
-//! 1. **Receive.** A StatsD block or protobuf batch is appended to the WAL
-//!    (its generation id in the record), then applied to the open
-//!    generation. A protobuf batch's `(client_id, sequence)` is marked in
-//!    the client's window in memory, under the client's lock.
+//! 1. **Receive.** A StatsD block, protobuf batch or converted OTLP
+//!    request is appended to the WAL (its generation id in the record),
+//!    then applied to the open generation. A protobuf batch's
+//!    `(client_id, sequence)` is marked in the client's window in memory,
+//!    under the client's lock; an OTLP request's series marks are applied
+//!    to the series state, under its lock.
 //!    *Crash:* the record is in the page cache (kill -9) or lost up to the
 //!    sync policy (power loss); replay rebuilds the generation from it.
 //! 2. **Acknowledge.** A protobuf `OK` is sent only once the WAL has synced
@@ -36,11 +38,13 @@
 //!    aggregating meanwhile. *Crash before the rename:* as 3. *After:* the
 //!    spool file is found at start and (re-)sent as is; its generation,
 //!    still in the WAL, is not rebuilt (the ledger matches them by id).
-//! 5. **Release.** The protobuf dedup state is saved (`dedup`), then the
-//!    WAL checkpoint marks the generation done, so its raw records can be
-//!    overwritten: the spool holds the compacted rows from now on.
-//!    *Crash before the checkpoint:* the generation's protobuf batches are
-//!    re-observed from the WAL into the dedup state, then released.
+//! 5. **Release.** The protobuf dedup state is saved (`dedup`), and the
+//!    OTLP series moved since the last release (`otlp-series`, see
+//!    [`temporality`]), then the WAL checkpoint marks the generation done,
+//!    so its raw records can be overwritten: the spool holds the compacted
+//!    rows from now on. *Crash before the checkpoint:* the generation's
+//!    protobuf batches are re-observed from the WAL into the dedup state,
+//!    and its OTLP records' marks into the series state, then released.
 //!    The flush then goes to the sink's bounded queue *without its
 //!    bodies* (they are in the spool file, and memory holds only the flush
 //!    being built), or, when the queue is full (ClickHouse down or slow)
@@ -100,6 +104,7 @@ pub mod identity;
 mod open;
 mod parked;
 pub mod spool;
+pub mod temporality;
 
 pub use parked::publish_backlog;
 
@@ -178,6 +183,8 @@ pub struct Ledger {
     fs: Arc<dyn Fs>,
     identity: Mutex<Identity>,
     pub dedup: Arc<Dedup>,
+    /// OTLP series' last points (cumulative to delta, retries).
+    pub temporality: Arc<temporality::Temporality>,
     wal: Option<Arc<Wal>>,
     state: Mutex<State>,
     parked_ready: tokio::sync::Notify,
@@ -422,7 +429,7 @@ impl Ledger {
         removed
     }
 
-    /// Step 5: saves the dedup state, then lets the WAL overwrite
+    /// Step 5: saves the dedup and OTLP series state, then lets the WAL overwrite
     /// `generation`'s records. The state is taken first and the WAL synced
     /// before it is written, so it never names a batch whose record a power
     /// loss could still take (a retry of that batch must not be called a
@@ -430,13 +437,16 @@ impl Ledger {
     /// durable. Blocking.
     pub fn release(&self, generation: u64) -> io::Result<()> {
         let snapshot = self.dedup.snapshot();
+        let series = self.temporality.snapshot();
         if let Some(wal) = &self.wal
             && let Err(e) = wal.sync_checked()
         {
             self.dedup.write_failed();
+            self.temporality.write_failed();
             return Err(e);
         }
         self.dedup.write(&snapshot)?;
+        self.temporality.write(&series)?;
         crate::failpoint::hit("after_dedup");
         if let Some(wal) = &self.wal {
             wal.confirm(generation).map_err(io::Error::other)?;

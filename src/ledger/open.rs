@@ -81,6 +81,15 @@ impl Ledger {
             || Dedup::open(data_dir, dedup_window, Arc::clone(&fs)),
         )?;
         let dedup = Arc::new(dedup.with_max_clients(max_clients));
+        let started = crate::clock::wall_clock().as_nanos();
+        let started = u64::try_from(started).unwrap_or(u64::MAX);
+        let temporality = open_or_quarantine(
+            fs.as_ref(),
+            &data_dir.join(temporality::FILE),
+            &mut quarantined,
+            "OTLP series start over: each cumulative series' next point is its reference",
+            || temporality::Temporality::open(data_dir, started, Arc::clone(&fs)),
+        )?;
         let mut state = State::default();
         for f in &flushes {
             let p = Pending {
@@ -104,6 +113,7 @@ impl Ledger {
             fs,
             identity: Mutex::new(identity),
             dedup,
+            temporality: Arc::new(temporality),
             wal: None,
             state: Mutex::new(state),
             parked_ready: tokio::sync::Notify::new(),

@@ -323,6 +323,8 @@ pub enum EventValue<'a> {
     GaugeState {
         value: f64,
         samples: u64,
+        /// `value` is a gauge delta (set only in tallyd's WAL records of OTLP).
+        delta: bool,
     },
     DistributionState(DistributionView<'a>),
     SetState(SetView<'a>),
@@ -516,15 +518,20 @@ impl<'a> EventView<'a> {
                     e.value = Some(EventValue::CounterState { sum, samples });
                 }
                 12 => {
-                    let (mut value, mut samples) = (0.0, 0);
+                    let (mut value, mut samples, mut delta) = (0.0, 0, false);
                     for f in fields(message(v, "Event.gauge_state")?, BATCH_BUDGET - 2) {
                         match f? {
                             (1, v) => value = double(v, "GaugeState.value")?,
                             (2, v) => samples = varint(v, "GaugeState.samples")?,
+                            (3, v) => delta = varint(v, "GaugeState.delta")? != 0,
                             _ => {}
                         }
                     }
-                    e.value = Some(EventValue::GaugeState { value, samples });
+                    e.value = Some(EventValue::GaugeState {
+                        value,
+                        samples,
+                        delta,
+                    });
                 }
                 13 => {
                     let d = DistributionView::read(message(v, "Event.distribution_state")?)?;

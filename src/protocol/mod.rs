@@ -5,9 +5,11 @@
 //! - [`proto`]: the protobuf protocol (framing, events).
 //! - [`batch`]: a protobuf `Batch` read in place, without allocating.
 //! - [`glob`]: shell-style patterns over metric names.
+//! - [`otlp`]: OpenTelemetry metrics requests, decoded and flattened.
 
 pub mod batch;
 pub mod dogstatsd;
 pub mod glob;
+pub mod otlp;
 pub mod proto;
 pub mod statsd;

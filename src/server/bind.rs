@@ -8,6 +8,7 @@ pub(super) struct Listeners {
     pub(super) udp_sockets: Vec<std::net::UdpSocket>,
     pub(super) tcp_listener: Option<TcpListener>,
     pub(super) proto_tcp_listener: Option<TcpListener>,
+    pub(super) otlp_http_listener: Option<TcpListener>,
     pub(super) proto_udp_socket: Option<std::net::UdpSocket>,
     /// The DogStatsD Unix datagram socket, and its path when tallyd made it
     /// (removed at stop).
@@ -55,6 +56,15 @@ pub(super) async fn bind(config: &Config) -> Result<Listeners, StartError> {
             TcpListener::bind(addr)
                 .await
                 .map_err(bind_err("protobuf TCP", addr))?,
+        ),
+        (None, None) => None,
+    };
+    let otlp_http_listener = match (activated.otlp_http, config.otlp.http) {
+        (Some(l), _) => Some(from_std(l).map_err(activated_addr("OTLP/HTTP (passed by systemd)"))?),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("OTLP/HTTP", addr))?,
         ),
         (None, None) => None,
     };
@@ -133,6 +143,7 @@ pub(super) async fn bind(config: &Config) -> Result<Listeners, StartError> {
         udp_sockets,
         tcp_listener,
         proto_tcp_listener,
+        otlp_http_listener,
         proto_udp_socket,
         uds_socket,
         uds_stream,

@@ -36,6 +36,10 @@ pub(super) async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, 
             .and_then(|r| r)
             .map_err(data_dir_err)?
     };
+    let stale = config.otlp.max_staleness.as_nanos() / config.flush_interval.as_nanos().max(1);
+    ledger
+        .temporality
+        .set_window(u64::try_from(stale).unwrap_or(u64::MAX));
     let (wal, mut recovery) = match &config.wal {
         Some(wc) => {
             let (wc, fs) = (wc.clone(), Arc::clone(&fs));
@@ -97,9 +101,19 @@ pub(super) async fn replay(
     //    the sink take spooled flushes (sending and completing one must not
     //    leave its generation in the WAL to be rebuilt).
     for r in &recovery.generations {
-        for (_, block) in r.blocks.iter().filter(|(k, _)| *k == Kind::Proto) {
-            if let Some(batch) = decode_recorded(block) {
-                dedup.observe(batch.client_id, batch.sequence);
+        for (kind, block) in &r.blocks {
+            match kind {
+                Kind::Proto => {
+                    if let Some(batch) = decode_recorded(block) {
+                        dedup.observe(batch.client_id, batch.sequence);
+                    }
+                }
+                Kind::Otlp => {
+                    for m in decode_otlp(block).map(|r| r.marks).unwrap_or_default() {
+                        flusher.ledger.temporality.observe(m);
+                    }
+                }
+                Kind::Statsd | Kind::Start => {}
             }
         }
         if spooled.contains(&r.generation) {
@@ -137,6 +151,19 @@ pub(super) async fn replay(
                             &mut scratch,
                             &mut stats,
                         );
+                    }
+                }
+                Kind::Otlp => {
+                    let batches = decode_otlp(block).map(|r| r.batches).unwrap_or_default();
+                    for b in batches {
+                        if let Some(batch) = decode_recorded(&b) {
+                            flusher.aggregator.apply_batch(
+                                &generation,
+                                &batch,
+                                &mut scratch,
+                                &mut stats,
+                            );
+                        }
                     }
                 }
             }
@@ -177,6 +204,17 @@ fn decode_recorded(block: &[u8]) -> Option<BatchView<'_>> {
         // It decoded when it was accepted: only damage gets here.
         Err(e) => {
             tracing::error!(error = %e, "a protobuf batch in the WAL does not decode; skipped");
+            None
+        }
+    }
+}
+
+/// A WAL record of an OTLP request (see [`crate::ingest::otlp::convert::Record`]).
+fn decode_otlp(block: &[u8]) -> Option<crate::ingest::otlp::convert::Record> {
+    match prost::Message::decode(block) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "an OTLP record in the WAL does not decode; skipped");
             None
         }
     }

@@ -17,6 +17,7 @@ pub(super) async fn serve(
         udp_sockets,
         tcp_listener,
         proto_tcp_listener,
+        otlp_http_listener,
         proto_udp_socket,
         uds_socket,
         uds_stream,
@@ -193,6 +194,17 @@ pub(super) async fn serve(
         }
         None => (None, None),
     };
+    let otlp = crate::ingest::otlp::OtlpIngest {
+        recorder: recorder.clone(),
+        telemetry: Arc::clone(&telemetry),
+        temporality: Arc::clone(&ledger.temporality),
+        max_body: config.otlp.max_body,
+        resource_tags: config.otlp.resource_tags.clone().into(),
+        max_connections: config.otlp.max_connections,
+        overload_timeout: config.proto.overload_timeout,
+        idle_timeout: config.proto.idle_timeout,
+        wal_streams: shared_streams.clone(),
+    };
     let proto = ProtoIngest {
         recorder: recorder.clone(),
         telemetry: Arc::clone(&telemetry),
@@ -240,6 +252,10 @@ pub(super) async fn serve(
         );
     }
     let proto_tcp = proto_tcp_listener.map(|l| tokio::spawn(proto.serve_tcp(l, stop_rx.clone())));
+    let otlp_http_addr = otlp_http_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok());
+    let otlp_http = otlp_http_listener.map(|l| tokio::spawn(otlp.serve_http(l, stop_rx.clone())));
     let admin =
         admin_listener.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&state), stop_rx.clone())));
 
@@ -258,14 +274,16 @@ pub(super) async fn serve(
         udp_addr.is_some(),
         stop_rx.clone(),
     );
-    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
+    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, otlp_http = ?otlp_http_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
     Ok(Running {
         udp_addr,
         tcp_addr,
         proto_tcp_addr,
         proto_udp_addr,
+        otlp_http_addr,
         admin_addr,
         proto_tcp,
+        otlp_http,
         telemetry,
         config,
         state,

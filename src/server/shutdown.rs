@@ -37,7 +37,7 @@ impl Running {
             }
         })
         .await;
-        for mut task in [self.tcp, self.proto_tcp, self.uds_stream]
+        for mut task in [self.tcp, self.proto_tcp, self.otlp_http, self.uds_stream]
             .into_iter()
             .flatten()
         {

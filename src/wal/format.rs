@@ -28,6 +28,11 @@ pub enum Kind {
     /// the live interval start. A generation without one (a WAL of an
     /// earlier release) replays with the time of the replay.
     Start = 3,
+    /// An OTLP request as tallyd converted it: a protobuf
+    /// `ingest::otlp::Record` (the converted `Batch`es, one per host, and
+    /// the new state of every OTLP series it moved, see
+    /// [`crate::ledger::temporality`]).
+    Otlp = 4,
 }
 
 /// The payload of a [`Kind::Start`] record.
@@ -52,6 +57,7 @@ impl Kind {
             1 => Some(Kind::Statsd),
             2 => Some(Kind::Proto),
             3 => Some(Kind::Start),
+            4 => Some(Kind::Otlp),
             _ => None,
         }
     }

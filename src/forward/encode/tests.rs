@@ -129,6 +129,7 @@ fn the_hand_made_bytes_read_as_the_batch_prost_would_make() {
                 value: Some(Value::GaugeState(pb::GaugeState {
                     value: -1.5,
                     samples: 300,
+                    delta: false,
                 })),
                 interval_start: 61,
                 ..Default::default()

@@ -1,0 +1,379 @@
+//! OTLP ingest over HTTP: `POST /v1/metrics` with an
+//! `ExportMetricsServiceRequest` in `application/x-protobuf` or
+//! `application/json`, optionally `Content-Encoding: gzip` (the OTLP/HTTP
+//! spec, <https://opentelemetry.io/docs/specs/otlp/#otlphttp>).
+//!
+//! The answers, as the spec has them:
+//! - `200` with an `ExportMetricsServiceResponse` once the request's WAL
+//!   record is durable under `wal.sync` (as a protobuf batch's `OK`), its
+//!   `partial_success` naming the points refused (invalid, outside
+//!   `aggregate.timestamp_window`, past the memory budget or tallyd's name
+//!   and tag limits) and why;
+//! - `400` for a body that does not decode (never retried by clients),
+//!   `413` for one over `otlp.max_body` (after decompression too), `415`
+//!   for another content type or encoding, `404` / `405` elsewhere; each
+//!   with a `google.rpc.Status` in the request's encoding;
+//! - `503` with `Retry-After` when the WAL stays full for
+//!   `proto.overload_timeout`, or tallyd stops before the record is
+//!   durable: nothing of the request was applied, or it was and a retry
+//!   is counted once (see [`crate::ledger::temporality`]).
+//!
+//! A request is judged, recorded and applied under the series state's
+//! lock ([`convert`]), so requests of one series never race.
+
+pub mod convert;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::record::Recorder;
+use crate::aggregate::Scratch;
+use crate::ledger::temporality::Temporality;
+use crate::protocol::otlp::{self, BodyError, Encoding};
+use crate::telemetry::otlp::Outcome;
+use crate::telemetry::{BlockStats, Telemetry};
+use crate::wal::AppendError;
+
+/// The OTLP/HTTP path for metrics.
+pub const PATH: &str = "/v1/metrics";
+const WAL_RETRY: Duration = Duration::from_millis(10);
+/// Seconds a client is told to wait after a `503`.
+const RETRY_AFTER_SECS: u64 = 1;
+
+#[derive(Clone)]
+pub struct OtlpIngest {
+    pub recorder: Recorder,
+    pub telemetry: Arc<Telemetry>,
+    pub temporality: Arc<Temporality>,
+    /// Most bytes of a request body, compressed or not.
+    pub max_body: usize,
+    /// Resource attributes promoted to tags.
+    pub resource_tags: Arc<[String]>,
+    pub max_connections: usize,
+    pub overload_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub wal_streams: std::ops::Range<usize>,
+}
+
+/// `google.rpc.Status`, the body of an OTLP error response.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Status {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// gRPC status codes (google.rpc.Code) the answers use.
+const INVALID_ARGUMENT: i32 = 3;
+const RESOURCE_EXHAUSTED: i32 = 8;
+const UNIMPLEMENTED: i32 = 12;
+const UNAVAILABLE: i32 = 14;
+
+/// What handling a request came to.
+#[derive(Debug)]
+pub enum Answer {
+    /// Durable: the response, with its partial success if any.
+    Ok(otlp::Response),
+    /// The client's fault (HTTP 400 / 413 / 415 / 404 / 405).
+    Refused(StatusCode, String),
+    /// Try again later (HTTP 503).
+    Unavailable(String),
+}
+
+impl OtlpIngest {
+    /// Decodes, converts, records and applies one request body, and waits
+    /// until its record is durable.
+    pub async fn export(
+        &self,
+        body: &[u8],
+        encoding: Encoding,
+        gzip: bool,
+        scratch: &mut Scratch,
+    ) -> Answer {
+        let request = match otlp::decode(body, encoding, gzip, self.max_body) {
+            Ok(r) => r,
+            Err(BodyError::TooLarge(_)) => {
+                let e = BodyError::TooLarge(self.max_body);
+                return Answer::Refused(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
+            }
+            Err(e) => return Answer::Refused(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        let deadline = Instant::now() + self.overload_timeout;
+        let (converted, ticket, rejected_by_limits, stats) = loop {
+            match self.record(&request, scratch) {
+                Ok(done) => break done,
+                Err(AppendError::Full) if Instant::now() < deadline => {
+                    tokio::time::sleep(WAL_RETRY).await;
+                }
+                Err(e) => {
+                    self.telemetry.wal_refused(e);
+                    let why = match e {
+                        AppendError::Full => "the write-ahead log is full; retry later",
+                        AppendError::TooLarge => "the request is larger than a WAL segment",
+                    };
+                    return Answer::Unavailable(why.into());
+                }
+            }
+        };
+        self.telemetry
+            .record_block(&self.telemetry.otlp_blocks, &stats);
+        let o = &self.telemetry.otlp;
+        for (c, n) in o.points.iter().zip(converted.outcomes) {
+            c.fetch_add(n, Relaxed);
+        }
+        let limits = u64::from(rejected_by_limits);
+        o.points[Outcome::Limits as usize].fetch_add(limits, Relaxed);
+        o.points[Outcome::Applied as usize].fetch_sub(
+            limits.min(converted.outcomes[Outcome::Applied as usize]),
+            Relaxed,
+        );
+        if let Some(wal) = &self.recorder.wal
+            && !wal.wait_durable(ticket).await
+        {
+            return Answer::Unavailable("tallyd is stopping; retry".into());
+        }
+        let rejected = converted.rejected() + limits;
+        let mut response = otlp::Response::default();
+        if rejected > 0 {
+            let message = converted.message.unwrap_or_else(|| {
+                "a name or tags over tallyd's limits (statsd.max_name_len, max_tags, max_tag_len)"
+                    .into()
+            });
+            response.partial_success = Some(otlp::ExportMetricsPartialSuccess {
+                rejected_data_points: i64::try_from(rejected).unwrap_or(i64::MAX),
+                error_message: message,
+            });
+        }
+        Answer::Ok(response)
+    }
+
+    /// Judges, records and applies `request` under the series state's
+    /// lock: the marks are applied only once the record is in the WAL.
+    #[allow(clippy::type_complexity)]
+    fn record(
+        &self,
+        request: &otlp::Request,
+        scratch: &mut Scratch,
+    ) -> Result<(convert::Converted, u64, u32, BlockStats), AppendError> {
+        let generation = self.recorder.aggregator.current();
+        let (limits, _) = self.recorder.aggregator.limits();
+        let mut guard = self.temporality.lock();
+        let used = generation.bytes.load(Relaxed);
+        let cx = convert::Context {
+            resource_tags: &self.resource_tags,
+            budget: limits.max_memory.saturating_sub(used),
+            started: generation.started,
+            window: limits.timestamp_window,
+            interval: limits.interval,
+        };
+        drop(generation);
+        let converted = convert::convert(request, &mut guard, &cx);
+        let mut stats = BlockStats::default();
+        let record = &converted.record;
+        if record.batches.is_empty() && record.marks.is_empty() {
+            return Ok((converted, 0, 0, stats));
+        }
+        let bytes = record.encode_to_vec();
+        let (ticket, rejected) =
+            self.recorder
+                .otlp(&bytes, &record.batches, scratch, &mut stats)?;
+        stats.blocks = 1;
+        stats.bytes = bytes.len() as u64;
+        guard.commit();
+        let (series, series_bytes) = self.temporality.size();
+        self.telemetry.otlp.series.store(series as u64, Relaxed);
+        self.telemetry
+            .otlp
+            .series_bytes
+            .store(series_bytes, Relaxed);
+        Ok((converted, ticket, rejected, stats))
+    }
+
+    /// Serves OTLP/HTTP until `stop` turns true.
+    pub async fn serve_http(self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let (max, streams, telemetry) = (
+            self.max_connections,
+            self.wal_streams.clone(),
+            Arc::clone(&self.telemetry),
+        );
+        super::serve_connections(
+            listener,
+            max,
+            streams,
+            telemetry,
+            stop,
+            move |stream, wal_stream, stop| {
+                let this = self.clone();
+                async move { this.connection(stream, wal_stream, stop).await }
+            },
+        )
+        .await;
+    }
+
+    async fn connection(
+        self,
+        stream: TcpStream,
+        wal_stream: usize,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let idle = self.idle_timeout;
+        let this = Arc::new(self);
+        let scratch = Arc::new(tokio::sync::Mutex::new(Scratch::for_stream(wal_stream)));
+        let svc = service_fn(move |req| {
+            let (this, scratch) = (Arc::clone(&this), Arc::clone(&scratch));
+            async move { Ok::<_, Infallible>(this.http(req, &scratch).await) }
+        });
+        // A connection with no request for this long is closed.
+        let conn = http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Some(idle.min(Duration::from_secs(60))))
+            .serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    async fn http(
+        &self,
+        req: Request<Incoming>,
+        scratch: &tokio::sync::Mutex<Scratch>,
+    ) -> Response<Full<Bytes>> {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(|v| {
+                    v.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                })
+        };
+        let encoding = match header(CONTENT_TYPE).as_deref() {
+            Some("application/json") => Encoding::Json,
+            _ => Encoding::Protobuf,
+        };
+        let answer = if req.uri().path() != PATH {
+            Answer::Refused(
+                StatusCode::NOT_FOUND,
+                format!("tallyd takes OTLP metrics at {PATH}"),
+            )
+        } else if req.method() != Method::POST {
+            Answer::Refused(StatusCode::METHOD_NOT_ALLOWED, "use POST".into())
+        } else if !matches!(
+            header(CONTENT_TYPE).as_deref(),
+            Some("application/x-protobuf" | "application/json")
+        ) {
+            let m = "Content-Type must be application/x-protobuf or application/json";
+            Answer::Refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, m.into())
+        } else {
+            let gzip = match header(CONTENT_ENCODING).as_deref() {
+                None | Some("identity") => Ok(false),
+                Some("gzip") => Ok(true),
+                Some(other) => Err(other.to_owned()),
+            };
+            match gzip {
+                Err(other) => Answer::Refused(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("Content-Encoding {other} is not supported (gzip is)"),
+                ),
+                Ok(gzip) => match Limited::new(req.into_body(), self.max_body).collect().await {
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => Answer::Refused(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        BodyError::TooLarge(self.max_body).to_string(),
+                    ),
+                    Err(e) => Answer::Refused(
+                        StatusCode::BAD_REQUEST,
+                        format!("could not read the body: {e}"),
+                    ),
+                    Ok(body) => {
+                        let body = body.to_bytes();
+                        let mut scratch = scratch.lock().await;
+                        self.export(&body, encoding, gzip, &mut scratch).await
+                    }
+                },
+            }
+        };
+        self.count(&answer);
+        respond(answer, encoding)
+    }
+
+    fn count(&self, answer: &Answer) {
+        let i = match answer {
+            Answer::Ok(r) if r.partial_success.is_some() => 1,
+            Answer::Ok(_) => 0,
+            Answer::Refused(StatusCode::PAYLOAD_TOO_LARGE, _) => 3,
+            Answer::Refused(..) => 2,
+            Answer::Unavailable(_) => 4,
+        };
+        self.telemetry.otlp.requests[i].fetch_add(1, Relaxed);
+    }
+}
+
+/// The HTTP response of an answer, its body in `encoding`.
+fn respond(answer: Answer, encoding: Encoding) -> Response<Full<Bytes>> {
+    let (status, body) = match answer {
+        Answer::Ok(r) => (StatusCode::OK, encode(&r, encoding)),
+        Answer::Refused(status, message) => {
+            let code = match status {
+                StatusCode::PAYLOAD_TOO_LARGE => RESOURCE_EXHAUSTED,
+                StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => UNIMPLEMENTED,
+                _ => INVALID_ARGUMENT,
+            };
+            (status, status_body(code, message, encoding))
+        }
+        Answer::Unavailable(message) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            status_body(UNAVAILABLE, message, encoding),
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    let ct = match encoding {
+        Encoding::Json => "application/json",
+        Encoding::Protobuf => "application/x-protobuf",
+    };
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    r
+}
+
+fn encode(r: &otlp::Response, encoding: Encoding) -> Vec<u8> {
+    match encoding {
+        Encoding::Protobuf => r.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(r).unwrap_or_default(),
+    }
+}
+
+fn status_body(code: i32, message: String, encoding: Encoding) -> Vec<u8> {
+    match encoding {
+        Encoding::Protobuf => Status { code, message }.encode_to_vec(),
+        Encoding::Json => serde_json::json!({ "code": code, "message": message })
+            .to_string()
+            .into_bytes(),
+    }
+}
