@@ -57,6 +57,12 @@ if ! python3 -c "import chdb" 2>/dev/null; then
     echo "test.sh: installing chdb (PyPI)"
     python3 -m pip install -q --disable-pip-version-check chdb==4.4.0
 fi
+# The OpenTelemetry SDK and its OTLP exporters, the client of tests/otlp.rs.
+if ! python3 -c "import opentelemetry.exporter.otlp.proto.http, opentelemetry.exporter.otlp.proto.grpc" 2>/dev/null; then
+    echo "test.sh: installing opentelemetry-sdk and its OTLP exporters (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check opentelemetry-sdk==1.45.2 \
+        opentelemetry-exporter-otlp-proto-http==1.45.2 opentelemetry-exporter-otlp-proto-grpc==1.45.2
+fi
 if ! python3 -c "import datadog" 2>/dev/null; then
     echo "test.sh: installing datadog (PyPI)"
     python3 -m pip install -q --disable-pip-version-check datadog==0.56.0
@@ -87,7 +93,7 @@ cargo test --locked --all-targets
 # The fleet's 2-minute aggregator outage runs on 18.16 above; 20 s here.
 TALLYD_TEST_ENGINE=chdb TALLYD_TEST_OUTAGE_SECS=20 cargo test --locked --test end_to_end --test ledger \
     --test crash --test clickhouse_outage --test proto --test dogstatsd \
-    --test memory --test reload --test fleet --test rollup
+    --test memory --test reload --test fleet --test rollup --test otlp
 
 # Packaging: cargo deb builds the .deb (cargo-deb is installed from
 # crates.io if missing); check that it carries what a host needs.

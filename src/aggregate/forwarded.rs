@@ -11,7 +11,8 @@
 //! A state keeps its interval: one whose `interval_start` falls in this
 //! generation's interval merges into the series table, any other into the
 //! generation's late samples (as a `|T` sample does), and is flushed as a
-//! row of its own interval. Only the future side of `timestamp_window`
+//! row of its own interval; a gauge delta (`GaugeState.delta`, from OTLP)
+//! always applies to the open interval. Only the future side of `timestamp_window`
 //! applies: an edge's backlog after a partition lands in its own past
 //! intervals however old; a state without an interval is refused.
 //!
@@ -293,7 +294,11 @@ impl Aggregator {
         }
         let start = event.interval_start - event.interval_start % step;
         let full = generation.bytes.load(Relaxed) >= limits.max_memory;
-        let grew = if start == started - started % step {
+        // A gauge delta (only OTLP's) changes the gauge's current value: it
+        // applies to the open interval, as a `+N|g` line without `|T` does
+        // (a late gauge starts from 0 and moves no gauge memory).
+        let delta = matches!(state, State::Gauge { delta: true, .. });
+        let grew = if delta || start == started - started % step {
             self.merge_live(generation, key, &state, stats, limits, full)
         } else {
             let start = u32::try_from(start).map_err(|_| ParseError::InvalidTimestamp)?;

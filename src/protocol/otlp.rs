@@ -42,13 +42,15 @@ use std::io::Read;
 use prost::Message;
 use siphasher::sip128::{Hasher128, SipHasher13};
 
+use common::{AnyValue, KeyValue, any_value};
 use metrics::metric::Data;
 pub use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest as Request,
     ExportMetricsServiceResponse as Response,
 };
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+pub use opentelemetry_proto::tonic::common::v1 as common;
 pub use opentelemetry_proto::tonic::metrics::v1 as metrics;
+pub use opentelemetry_proto::tonic::resource::v1 as resource;
 
 /// The resource attributes promoted to tags by default.
 pub const RESOURCE_TAGS: [&str; 4] = [

@@ -9,7 +9,8 @@
 //! - monotonic Sum → `counters`: its delta (a cumulative point's change
 //!   since the last);
 //! - non-monotonic Sum → `gauges`: a cumulative point's value, a delta
-//!   point as a gauge delta (`+N|g`);
+//!   point as a gauge delta (`+N|g`), applied to the open interval however
+//!   old its time (a change applies to the current value);
 //! - Gauge → `gauges`;
 //! - Histogram → `timers` (type `h`): count and sum exact (a cumulative
 //!   point's changes), min and max exact when the point has them and its
