@@ -1,6 +1,6 @@
 //! systemd socket activation: listeners passed in `LISTEN_FDS`, named by
 //! `FileDescriptorName=` (`LISTEN_FDNAMES`): `statsd-udp`, `statsd-tcp`,
-//! `proto-tcp`, `proto-udp`, `otlp-http`, `dogstatsd-stream` (a Unix stream socket,
+//! `proto-tcp`, `proto-udp`, `otlp-http`, `otlp-grpc`, `dogstatsd-stream` (a Unix stream socket,
 //! `ListenStream=/run/datadog/dsd.socket`) and `dogstatsd` (a Unix datagram socket,
 //! `ListenDatagram=/run/datadog/dsd.socket`; unnamed, it is told apart by
 //! its type too). Sockets with any other name (such as the one
@@ -23,6 +23,7 @@ pub struct Activated {
     pub proto_udp: Option<UdpSocket>,
     pub proto_tcp: Option<TcpListener>,
     pub otlp_http: Option<TcpListener>,
+    pub otlp_grpc: Option<TcpListener>,
     pub dogstatsd_socket: Option<std::os::unix::net::UnixDatagram>,
     pub dogstatsd_stream_socket: Option<std::os::unix::net::UnixListener>,
 }
@@ -43,6 +44,7 @@ pub fn capture() -> std::io::Result<()> {
             Some("proto-udp") => activated.proto_udp = fds.take_udp_socket(i)?,
             Some("proto-tcp") => activated.proto_tcp = fds.take_tcp_listener(i)?,
             Some("otlp-http") => activated.otlp_http = fds.take_tcp_listener(i)?,
+            Some("otlp-grpc") => activated.otlp_grpc = fds.take_tcp_listener(i)?,
             Some("dogstatsd") => activated.dogstatsd_socket = fds.take_unix_datagram(i)?,
             Some("dogstatsd-stream") => {
                 activated.dogstatsd_stream_socket = fds.take_unix_listener(i)?
@@ -67,7 +69,7 @@ pub fn capture() -> std::io::Result<()> {
                 {
                     activated.dogstatsd_stream_socket = Some(l);
                 } else {
-                    tracing::warn!(index = i, name = ?other, "ignoring a passed socket: name it statsd-udp, statsd-tcp, proto-udp, proto-tcp, otlp-http, dogstatsd or dogstatsd-stream");
+                    tracing::warn!(index = i, name = ?other, "ignoring a passed socket: name it statsd-udp, statsd-tcp, proto-udp, proto-tcp, otlp-http, otlp-grpc, dogstatsd or dogstatsd-stream");
                 }
             }
         }

@@ -170,6 +170,8 @@ impl Default for ProtoSettings {
 pub struct OtlpSettings {
     /// OTLP/HTTP listen address (`POST /v1/metrics`), or `off`.
     pub http: String,
+    /// OTLP/gRPC listen address (`MetricsService/Export`), or `off`.
+    pub grpc: String,
     /// Most bytes of a request body, compressed or not (20 MiB, as the
     /// spec recommends).
     pub max_body: String,
@@ -186,6 +188,7 @@ impl Default for OtlpSettings {
     fn default() -> Self {
         OtlpSettings {
             http: "127.0.0.1:4318".into(),
+            grpc: "127.0.0.1:4317".into(),
             max_body: "20MiB".into(),
             resource_tags: crate::protocol::otlp::RESOURCE_TAGS
                 .iter()

@@ -44,6 +44,8 @@ fn activate(flags: &[&str], port: u16, name: &str, database: &str, admin: u16) -
             "off",
             "--otlp-http",
             "off",
+            "--otlp-grpc",
+            "off",
         ])
         .args(["--admin", &format!("127.0.0.1:{admin}")])
         .arg("--config")

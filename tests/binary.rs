@@ -10,6 +10,7 @@ use common::{clickhouse, free_port, send_tcp, send_udp, temp_dir, wait_for};
 fn tallyd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tallyd"));
     c.env("TALLYD_OTLP_HTTP", "off");
+    c.env("TALLYD_OTLP_GRPC", "off");
     c
 }
 

@@ -91,6 +91,7 @@ fn spawn(dir: &Path, ports: &Ports, failpoints: &str, extra: &[&str]) -> Daemon 
     };
     let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .env("TALLYD_OTLP_HTTP", "off")
+        .env("TALLYD_OTLP_GRPC", "off")
         .arg("run")
         .args(host)
         .args(database)
@@ -378,6 +379,7 @@ fn wal_verify_passes_a_clean_log_and_fails_a_corrupt_one() {
     let verify = || {
         Command::new(env!("CARGO_BIN_EXE_tallyd"))
             .env("TALLYD_OTLP_HTTP", "off")
+            .env("TALLYD_OTLP_GRPC", "off")
             .args(["wal", "verify", "--data-dir"])
             .arg(&dir)
             .output()

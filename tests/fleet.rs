@@ -63,6 +63,7 @@ fn start(dir: &Path, admin: u16, args: &[String]) -> Daemon {
     .expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .env("TALLYD_OTLP_HTTP", "off")
+        .env("TALLYD_OTLP_GRPC", "off")
         .arg("run")
         .arg("--config")
         .arg(dir.join("tallyd.toml"))

@@ -180,26 +180,56 @@ fn wait_rows(db: &str, service: &str, sent: &Sent) {
 fn otlp_settings(db: &str) -> tallyd::config::Settings {
     let mut s = settings(clickhouse(), db);
     s.otlp.http = "127.0.0.1:0".into();
+    s.otlp.grpc = "127.0.0.1:0".into();
     s
 }
 
+/// One raw OTLP/gRPC call (tests/otlp_grpc_probe.py, with grpcio): the
+/// status code's name, the RetryInfo delay (empty without one), the message.
+fn grpc_probe(addr: SocketAddr, message: &[u8]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otlp_grpc_probe.py");
+    let hex: String = message.iter().map(|b| format!("{b:02x}")).collect();
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with grpcio");
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(hex.as_bytes());
+    }
+    let out = child.wait_with_output().expect("python3 with grpcio");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_sdk_in_delta_and_cumulative_temporality_lands_exactly() {
+async fn the_python_sdk_over_http_and_grpc_in_delta_and_cumulative_lands_exactly() {
     let running = server::start(config(&otlp_settings("otlp_sdk")))
         .await
         .expect("start");
-    let url = format!(
+    let http_url = format!(
         "http://{}/v1/metrics",
         running.otlp_http_addr.expect("otlp")
     );
-    let (u1, u2) = (url.clone(), url.clone());
-    let delta = blocking(move || sdk(&u1, "http", "delta", "sdk-delta", 12)).await;
-    let cumulative = blocking(move || sdk(&u2, "http", "cumulative", "sdk-cum", 12)).await;
+    let grpc_url = format!("http://{}", running.otlp_grpc_addr.expect("grpc"));
     blocking(move || {
-        wait_rows("otlp_sdk", "sdk-delta", &delta);
-        wait_rows("otlp_sdk", "sdk-cum", &cumulative);
-        check("otlp_sdk", "sdk-delta", &delta, true);
-        check("otlp_sdk", "sdk-cum", &cumulative, false);
+        let runs = [
+            (&http_url, "http", "delta"),
+            (&http_url, "http", "cumulative"),
+            (&grpc_url, "grpc", "delta"),
+            (&grpc_url, "grpc", "cumulative"),
+        ]
+        .map(|(url, protocol, t)| {
+            let service = format!("sdk-{protocol}-{t}");
+            let child = sdk_child(url, protocol, t, &service, 12, 200);
+            (service, t, child)
+        });
+        for (service, t, child) in runs {
+            let sent = parse_sent(&child.wait_with_output().expect("python"));
+            wait_rows("otlp_sdk", &service, &sent);
+            check("otlp_sdk", &service, &sent, t == "delta");
+        }
     })
     .await;
     let points = &running.telemetry.otlp.points;
@@ -394,6 +424,7 @@ async fn bad_and_oversized_bodies_get_400_and_413_and_other_clients_go_on() {
     s.otlp.max_body = "64KiB".into();
     let running = server::start(config(&s)).await.expect("start");
     let addr = running.otlp_http_addr.expect("otlp");
+    let grpc = running.otlp_grpc_addr.expect("grpc");
     let t0 = now_ns();
     blocking(move || {
         let garbage = post(addr, "application/x-protobuf", "", b"\xff\xff\xff\xff not protobuf");
@@ -409,6 +440,12 @@ async fn bad_and_oversized_bodies_get_400_and_413_and_other_clients_go_on() {
         let bomb = gz.finish().expect("gzip");
         assert_eq!(post(addr, "application/x-protobuf", "Content-Encoding: gzip\r\n", &bomb).0, 413);
         assert_eq!(post(addr, "text/plain", "", b"x").0, 415);
+        // The same over gRPC: INVALID_ARGUMENT, and RESOURCE_EXHAUSTED with
+        // no RetryInfo (neither is retried).
+        let answer = grpc_probe(grpc, b"\xff\xff\xff\xff not protobuf");
+        assert!(answer.starts_with("INVALID_ARGUMENT  "), "{answer}");
+        let answer = grpc_probe(grpc, &big);
+        assert!(answer.starts_with("RESOURCE_EXHAUSTED  "), "{answer}");
         // Another client's request, gzip-compressed, counts.
         let good = sum_request("bad.neighbour", AggregationTemporality::Delta, t0, t0 + 1, 3);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -432,7 +469,7 @@ async fn bad_and_oversized_bodies_get_400_and_413_and_other_clients_go_on() {
     let r = &running.telemetry.otlp.requests;
     assert_eq!(
         (r[0].load(Relaxed), r[2].load(Relaxed), r[3].load(Relaxed)),
-        (1, 3, 2)
+        (1, 4, 3)
     );
     running.shutdown().await;
 }
@@ -485,6 +522,12 @@ async fn a_full_wal_answers_503_with_retry_after_and_the_sdk_catches_up() {
         full.to_ascii_lowercase().contains("retry-after: 1"),
         "{full}"
     );
+    // gRPC says it as UNAVAILABLE with a RetryInfo of 1 s.
+    let grpc = running.otlp_grpc_addr.expect("grpc");
+    let t0 = now_ns();
+    let probe = sum_request("full.probe", AggregationTemporality::Delta, t0, t0 + 1, 1);
+    let answer = blocking(move || grpc_probe(grpc, &probe.encode_to_vec())).await;
+    assert!(answer.starts_with("UNAVAILABLE 1 "), "{answer}");
     // The SDK exports into the full WAL: it is answered 503 and retries.
     let url = format!("http://{addr}/v1/metrics");
     let child = blocking(move || sdk_child(&url, "http", "delta", "full", 4, 300)).await;

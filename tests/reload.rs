@@ -41,6 +41,7 @@ fn sighup_applies_new_settings_and_refuses_a_bad_file() {
     let (tcp, admin) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .env("TALLYD_OTLP_HTTP", "off")
+        .env("TALLYD_OTLP_GRPC", "off")
         .arg("run")
         .arg("--config")
         .arg(&file)

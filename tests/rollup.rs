@@ -80,6 +80,7 @@ fn start(dir: &Path, db: &str, failpoints: &str, flush: &str, extra: &[&str]) ->
     let (admin, tcp) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .env("TALLYD_OTLP_HTTP", "off")
+        .env("TALLYD_OTLP_GRPC", "off")
         .arg("run")
         .arg("--config")
         .arg(dir.join("tallyd.toml"))
@@ -382,6 +383,7 @@ fn rollups_equal_the_raw_rows_through_crashes_resends_late_data_outages_and_repl
     // `tallyd query` picks the minutes for 5 hours, and they add up.
     let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .env("TALLYD_OTLP_HTTP", "off")
+        .env("TALLYD_OTLP_GRPC", "off")
         .args(["query", "rc.c.k0", "--type", "counter", "--last", "5h"])
         .args(["--clickhouse-url", &ch.url(), "--clickhouse-database", db])
         .output()

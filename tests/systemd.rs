@@ -46,6 +46,7 @@ fn ready_watchdog_and_stopping_reach_the_service_manager() {
     let tcp = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
         .env("TALLYD_OTLP_HTTP", "off")
+        .env("TALLYD_OTLP_GRPC", "off")
         .args([
             "run",
             "--clickhouse-database",

@@ -53,6 +53,9 @@ pub struct Overrides {
     /// OTLP/HTTP listen address (POST /v1/metrics), or `off` [default: 127.0.0.1:4318]
     #[arg(long, env = "TALLYD_OTLP_HTTP", value_name = "ADDR")]
     pub otlp_http: Option<String>,
+    /// OTLP/gRPC listen address, or `off` [default: 127.0.0.1:4317]
+    #[arg(long, env = "TALLYD_OTLP_GRPC", value_name = "ADDR")]
+    pub otlp_grpc: Option<String>,
     /// Total WAL size, e.g. 1GiB [default: 1GiB]
     #[arg(long, env = "TALLYD_WAL_SIZE", value_name = "SIZE")]
     pub wal_size: Option<String>,
@@ -113,6 +116,7 @@ impl Overrides {
         set(&mut s.proto.tcp, &self.proto_tcp);
         set(&mut s.proto.udp, &self.proto_udp);
         set(&mut s.otlp.http, &self.otlp_http);
+        set(&mut s.otlp.grpc, &self.otlp_grpc);
         set(&mut s.wal.sync, &self.wal_sync);
         set(&mut s.statsd.udp_workers, &self.udp_workers);
         set(&mut s.statsd.dogstatsd_socket, &self.dogstatsd_socket);

@@ -364,6 +364,7 @@ pub struct ProtoConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OtlpConfig {
     pub http: Option<SocketAddr>,
+    pub grpc: Option<SocketAddr>,
     pub max_body: usize,
     pub resource_tags: Vec<String>,
     pub max_staleness: Duration,
@@ -392,6 +393,7 @@ impl Settings {
         }
         Ok(OtlpConfig {
             http: listen("otlp.http", &o.http)?,
+            grpc: listen("otlp.grpc", &o.grpc)?,
             max_body,
             resource_tags: o.resource_tags.clone(),
             max_staleness,

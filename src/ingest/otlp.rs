@@ -1,4 +1,4 @@
-//! OTLP ingest over HTTP: `POST /v1/metrics` with an
+//! OTLP ingest over HTTP (and gRPC, [`grpc`]): `POST /v1/metrics` with an
 //! `ExportMetricsServiceRequest` in `application/x-protobuf` or
 //! `application/json`, optionally `Content-Encoding: gzip` (the OTLP/HTTP
 //! spec, <https://opentelemetry.io/docs/specs/otlp/#otlphttp>).
@@ -22,6 +22,7 @@
 //! lock ([`convert`]), so requests of one series never race.
 
 pub mod convert;
+pub mod grpc;
 
 use std::convert::Infallible;
 use std::sync::Arc;

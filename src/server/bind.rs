@@ -9,6 +9,7 @@ pub(super) struct Listeners {
     pub(super) tcp_listener: Option<TcpListener>,
     pub(super) proto_tcp_listener: Option<TcpListener>,
     pub(super) otlp_http_listener: Option<TcpListener>,
+    pub(super) otlp_grpc_listener: Option<TcpListener>,
     pub(super) proto_udp_socket: Option<std::net::UdpSocket>,
     /// The DogStatsD Unix datagram socket, and its path when tallyd made it
     /// (removed at stop).
@@ -65,6 +66,15 @@ pub(super) async fn bind(config: &Config) -> Result<Listeners, StartError> {
             TcpListener::bind(addr)
                 .await
                 .map_err(bind_err("OTLP/HTTP", addr))?,
+        ),
+        (None, None) => None,
+    };
+    let otlp_grpc_listener = match (activated.otlp_grpc, config.otlp.grpc) {
+        (Some(l), _) => Some(from_std(l).map_err(activated_addr("OTLP/gRPC (passed by systemd)"))?),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("OTLP/gRPC", addr))?,
         ),
         (None, None) => None,
     };
@@ -144,6 +154,7 @@ pub(super) async fn bind(config: &Config) -> Result<Listeners, StartError> {
         tcp_listener,
         proto_tcp_listener,
         otlp_http_listener,
+        otlp_grpc_listener,
         proto_udp_socket,
         uds_socket,
         uds_stream,

@@ -18,6 +18,7 @@ pub(super) async fn serve(
         tcp_listener,
         proto_tcp_listener,
         otlp_http_listener,
+        otlp_grpc_listener,
         proto_udp_socket,
         uds_socket,
         uds_stream,
@@ -255,6 +256,11 @@ pub(super) async fn serve(
     let otlp_http_addr = otlp_http_listener
         .as_ref()
         .and_then(|l| l.local_addr().ok());
+    let otlp_grpc_addr = otlp_grpc_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok());
+    let otlp_grpc =
+        otlp_grpc_listener.map(|l| tokio::spawn(otlp.clone().serve_grpc(l, stop_rx.clone())));
     let otlp_http = otlp_http_listener.map(|l| tokio::spawn(otlp.serve_http(l, stop_rx.clone())));
     let admin =
         admin_listener.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&state), stop_rx.clone())));
@@ -274,16 +280,18 @@ pub(super) async fn serve(
         udp_addr.is_some(),
         stop_rx.clone(),
     );
-    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, otlp_http = ?otlp_http_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
+    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, otlp_http = ?otlp_http_addr, otlp_grpc = ?otlp_grpc_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
     Ok(Running {
         udp_addr,
         tcp_addr,
         proto_tcp_addr,
         proto_udp_addr,
         otlp_http_addr,
+        otlp_grpc_addr,
         admin_addr,
         proto_tcp,
         otlp_http,
+        otlp_grpc,
         telemetry,
         config,
         state,

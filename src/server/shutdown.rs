@@ -37,9 +37,15 @@ impl Running {
             }
         })
         .await;
-        for mut task in [self.tcp, self.proto_tcp, self.otlp_http, self.uds_stream]
-            .into_iter()
-            .flatten()
+        for mut task in [
+            self.tcp,
+            self.proto_tcp,
+            self.otlp_http,
+            self.otlp_grpc,
+            self.uds_stream,
+        ]
+        .into_iter()
+        .flatten()
         {
             if tokio::time::timeout_at(listen_deadline, &mut task)
                 .await

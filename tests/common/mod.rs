@@ -360,6 +360,7 @@ pub fn settings(ch: &ClickHouse, database: &str) -> Settings {
     s.proto.tcp = "127.0.0.1:0".into();
     s.proto.udp = "127.0.0.1:0".into();
     s.otlp.http = "off".into();
+    s.otlp.grpc = "off".into();
     s.clickhouse.url = ch.url();
     s.clickhouse.database = database.into();
     s.clickhouse.retry_max = "500ms".into();
