@@ -127,8 +127,9 @@ pub enum Last {
 pub struct HistogramLast {
     #[prost(uint64, tag = "1")]
     pub count: u64,
-    #[prost(double, tag = "2")]
-    pub sum: f64,
+    /// None when the point had none (OTLP's sum is optional).
+    #[prost(double, optional, tag = "2")]
+    pub sum: Option<f64>,
     /// A hash of the explicit bounds (a change is a reset or a decrease).
     #[prost(fixed64, tag = "3")]
     pub bounds: u64,
@@ -140,8 +141,8 @@ pub struct HistogramLast {
 pub struct ExponentialLast {
     #[prost(uint64, tag = "1")]
     pub count: u64,
-    #[prost(double, tag = "2")]
-    pub sum: f64,
+    #[prost(double, optional, tag = "2")]
+    pub sum: Option<f64>,
     #[prost(sint32, tag = "3")]
     pub scale: i32,
     #[prost(uint64, tag = "4")]
@@ -184,15 +185,16 @@ impl Mark {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delta {
     Number(f64),
-    /// Count, sum and per-bucket counts (empty for a Summary).
+    /// Count, sum (none when either point had none) and per-bucket
+    /// counts (empty for a Summary).
     Histogram {
         count: u64,
-        sum: f64,
+        sum: Option<f64>,
         counts: Vec<u64>,
     },
     Exponential {
         count: u64,
-        sum: f64,
+        sum: Option<f64>,
         zero: u64,
         positive: (i32, Vec<u64>),
         negative: (i32, Vec<u64>),
@@ -341,13 +343,13 @@ pub fn mark(p: &Point<'_>) -> Mark {
         Value::Number(v) => Last::Number(v),
         Value::Histogram(h) => Last::Histogram(HistogramLast {
             count: h.count,
-            sum: h.sum.unwrap_or(0.0),
+            sum: h.sum,
             bounds: bounds_hash(&h.explicit_bounds),
             counts: h.bucket_counts.clone(),
         }),
         Value::Summary(s) => Last::Histogram(HistogramLast {
             count: s.count,
-            sum: s.sum,
+            sum: Some(s.sum),
             bounds: 0,
             counts: Vec::new(),
         }),
@@ -362,7 +364,7 @@ pub fn mark(p: &Point<'_>) -> Mark {
                 .map_or((0, Vec::new()), |b| (b.offset, b.bucket_counts.clone()));
             Last::Exponential(ExponentialLast {
                 count: e.count,
-                sum: e.sum.unwrap_or(0.0),
+                sum: e.sum,
                 scale: e.scale,
                 zero: e.zero_count,
                 positive_offset: po,
@@ -392,14 +394,14 @@ fn bounds_hash(bounds: &[f64]) -> u64 {
 }
 
 fn histogram_delta(before: &HistogramLast, p: &Point<'_>) -> Option<Delta> {
-    let (count, sum, counts, bounds): (u64, f64, &[u64], u64) = match p.value {
+    let (count, sum, counts, bounds): (u64, Option<f64>, &[u64], u64) = match p.value {
         Value::Histogram(h) => (
             h.count,
-            h.sum.unwrap_or(0.0),
+            h.sum,
             &h.bucket_counts,
             bounds_hash(&h.explicit_bounds),
         ),
-        Value::Summary(s) => (s.count, s.sum, &[], 0),
+        Value::Summary(s) => (s.count, Some(s.sum), &[], 0),
         _ => return None,
     };
     if bounds != before.bounds || counts.len() != before.counts.len() {
@@ -413,7 +415,7 @@ fn histogram_delta(before: &HistogramLast, p: &Point<'_>) -> Option<Delta> {
         .collect::<Option<Vec<u64>>>()?;
     Some(Delta::Histogram {
         count,
-        sum: sum - before.sum,
+        sum: sum.zip(before.sum).map(|(now, was)| now - was),
         counts,
     })
 }
@@ -447,7 +449,7 @@ fn exponential_delta(
     )?;
     Some(Delta::Exponential {
         count: e.count.checked_sub(before.count)?,
-        sum: e.sum.unwrap_or(0.0) - before.sum,
+        sum: e.sum.zip(before.sum).map(|(now, was)| now - was),
         zero: e.zero_count.checked_sub(before.zero)?,
         positive,
         negative,

@@ -208,11 +208,13 @@ fn whole(p: &Point<'_>) -> Option<EventValue> {
 fn delta(p: &Point<'_>, d: Delta) -> Option<EventValue> {
     match (d, p.value) {
         (Delta::Number(v), _) => Some(counter(v)),
-        (Delta::Histogram { count, sum, .. }, Value::Summary(s)) => summary(s, count, sum),
+        (Delta::Histogram { count, sum, .. }, Value::Summary(s)) => {
+            summary(s, count, sum.unwrap_or(0.0))
+        }
         (Delta::Histogram { count, sum, counts }, Value::Histogram(h)) => {
             let mut dist = Dist::default();
             dist.explicit(&h.explicit_bounds, &counts, h.min, h.max);
-            dist.state(count, Some(sum), None)
+            dist.state(count, sum, None)
         }
         (
             Delta::Exponential {
@@ -230,7 +232,7 @@ fn delta(p: &Point<'_>, d: Delta) -> Option<EventValue> {
                 (negative.0, &negative.1[..], -1.0),
             ];
             dist.exponential(e.scale, zero, &sides, e.min, e.max);
-            dist.state(count, Some(sum), None)
+            dist.state(count, sum, None)
         }
         _ => None,
     }
