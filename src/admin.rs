@@ -41,6 +41,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// Inodes of the UDP sockets, for the kernel's drop counter.
     pub udp_inodes: Vec<u64>,
+    /// The protobuf UDP socket's, likewise.
+    pub proto_udp_inodes: Vec<u64>,
     pub wal: Option<Arc<Wal>>,
     pub ledger: Arc<crate::ledger::Ledger>,
 }
@@ -59,6 +61,9 @@ impl AdminState {
         drop(current);
         if let Some(drops) = udp::kernel_drops(&self.udp_inodes) {
             t.udp_kernel_drops.store(drops, Relaxed);
+        }
+        if let Some(drops) = udp::kernel_drops(&self.proto_udp_inodes) {
+            t.proto_udp_kernel_drops.store(drops, Relaxed);
         }
         let mut text = t.render();
         let _ = writeln!(

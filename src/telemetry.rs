@@ -91,6 +91,8 @@ pub struct Telemetry {
     pub tcp_connections: AtomicU64,
     pub tcp_connections_refused: AtomicU64,
     pub udp_kernel_drops: AtomicU64,
+    /// The same for the protobuf UDP socket.
+    pub proto_udp_kernel_drops: AtomicU64,
     pub live_keys: AtomicU64,
     /// Keys in the series table (read at scrape time).
     pub series_keys: AtomicU64,
@@ -300,7 +302,6 @@ impl Telemetry {
             ("set_member_limit", &self.dropped_set_members),
             ("gauge_memory_limit", &self.dropped_gauge_memory),
             ("tcp_line_too_long", &self.tcp_lines_too_long),
-            ("udp_kernel", &self.udp_kernel_drops),
             ("wal_full", &self.dropped_wal_full),
             ("wal_record_too_large", &self.dropped_wal_too_large),
         ] {
@@ -308,6 +309,18 @@ impl Telemetry {
                 "tallyd_dropped_total",
                 "Samples, lines or blocks dropped, by reason (wal_*: UDP datagrams the WAL refused; for TCP these count retries while the connection waits).",
                 &format!("reason=\"{reason}\""),
+                c,
+            );
+        }
+        // The kernel's drops at a full receive buffer, by UDP listener.
+        for (listener, c) in [
+            ("statsd", &self.udp_kernel_drops),
+            ("proto", &self.proto_udp_kernel_drops),
+        ] {
+            m.counter(
+                "tallyd_dropped_total",
+                "",
+                &format!("reason=\"udp_kernel\",listener=\"{listener}\""),
                 c,
             );
         }

@@ -568,7 +568,7 @@ async fn admin_endpoint_serves_health_and_metrics() {
     assert!(metrics.contains("tallyd_live_keys 1\n"), "{metrics}");
     assert!(metrics.contains("tallyd_series_keys 1\n"), "{metrics}");
     assert!(
-        metrics.contains("tallyd_dropped_total{reason=\"udp_kernel\"} 0\n"),
+        metrics.contains("tallyd_dropped_total{reason=\"udp_kernel\",listener=\"statsd\"} 0\n"),
         "{metrics}"
     );
     running.shutdown().await;

@@ -305,6 +305,78 @@ async fn udp_batches_count_once_per_sequence() {
     );
 }
 
+/// The `tallyd_dropped_total{reason="udp_kernel",listener="proto"}` figure.
+fn proto_kernel_drops(admin: u16) -> Option<u64> {
+    let metrics = common::http(admin, "GET", "/metrics", "")?;
+    let line = metrics.lines().find(|l| {
+        l.starts_with("tallyd_dropped_total{reason=\"udp_kernel\",listener=\"proto\"}")
+    })?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+/// More one-event batches than the host takes, each from a client of its
+/// own (past `proto.max_clients`): every datagram is counted, as received
+/// (by its outcome) or as dropped by the kernel, and every accepted one is
+/// stored exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_flood_counts_every_datagram_as_received_or_dropped() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "proto_flood");
+    s.statsd.udp_recv_buffer = "64KiB".into();
+    s.proto.max_clients = 50_000;
+    let running = server::start(config(&s)).await.expect("start");
+    let addr = running.proto_udp_addr.expect("proto udp");
+    let admin = running.admin_addr.expect("admin").port();
+    let sent: u64 = tokio::task::spawn_blocking(move || {
+        let senders: Vec<_> = (0..2)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+                    let mut sent = 0u64;
+                    for i in 0..100_000u64 {
+                        let b = batch(
+                            &format!("flood-{t}-{i}"),
+                            1,
+                            vec![event("flood", Value::Counter(1.0))],
+                        );
+                        if sock.send_to(&b.encode_to_vec(), addr).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        senders.into_iter().map(|h| h.join().expect("sender")).sum()
+    })
+    .await
+    .expect("senders");
+    let t = std::sync::Arc::clone(&running.telemetry);
+    let received = move || t.proto_acks.iter().map(|a| a.load(Relaxed)).sum::<u64>();
+    let counted = tokio::task::spawn_blocking(move || {
+        let mut last = (0, 0);
+        wait_for(60, || {
+            last = (received(), proto_kernel_drops(admin).unwrap_or(0));
+            last.0 + last.1 == sent
+        });
+        last
+    })
+    .await
+    .expect("wait");
+    assert_eq!(
+        counted.0 + counted.1,
+        sent,
+        "received, dropped: {counted:?}"
+    );
+    assert!(counted.1 > 0, "the flood never overflowed the socket");
+    let ok = running.telemetry.proto_acks[0].load(Relaxed);
+    running.shutdown().await;
+    assert_eq!(
+        ch.number("SELECT sum(value) FROM proto_flood.counters FINAL"),
+        ok as f64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_protobuf_client_is_understood() {
     let ch = clickhouse();

@@ -280,33 +280,43 @@ impl ProtoIngest {
         }
     }
 
-    /// One `Batch` per datagram on a blocking thread, no ack; stops when
-    /// `stop` is set.
+    /// One `Batch` per datagram, no ack, read by the StatsD path's
+    /// receive threads ([`super::udp::spawn_with`]: a lead and helpers on
+    /// one socket, the datagrams queued together taken at once); they stop
+    /// when `stop` is set. Every datagram is counted once by its outcome
+    /// (`tallyd_proto_batches_total`), or by the kernel as dropped
+    /// (`tallyd_dropped_total{reason="udp_kernel",listener="proto"}`).
     pub fn spawn_udp(
         self,
-        socket: UdpSocket,
+        sockets: Vec<UdpSocket>,
         stop: Arc<AtomicBool>,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-        std::thread::Builder::new()
-            .name("tallyd-proto-udp".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; 65_535];
-                let mut scratch = Scratch::for_stream(self.wal_streams.start);
-                while !stop.load(Relaxed) {
-                    if let Ok(n) = socket.recv(&mut buf) {
-                        // No ack: a refused or undecodable datagram is counted, not answered.
-                        let handled = self.handle(&buf[..n], &mut scratch);
-                        self.recorder.settle(self.wal_streams.start);
-                        match handled {
-                            Handled::Ack(a, _) | Handled::Reject(a) => self.count(&a),
-                            Handled::Full => {
-                                self.telemetry.proto_acks[Status::Overloaded as usize]
-                                    .fetch_add(1, Relaxed);
-                            }
-                        };
+    ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+        let telemetry = Arc::clone(&self.telemetry);
+        let streams = self.wal_streams.clone();
+        let name = "tallyd-proto-udp";
+        super::udp::spawn_with(sockets, streams, name, &telemetry, stop, |stream| {
+            let this = self.clone();
+            let mut scratch = Scratch::for_stream(stream);
+            move |batch: &mut super::udp::Batch, stream: usize| {
+                scratch.wal_stream = stream;
+                for datagram in batch.each() {
+                    // No ack: a refused or undecodable datagram is counted,
+                    // not answered.
+                    match this.handle(datagram, &mut scratch) {
+                        Handled::Ack(a, _) | Handled::Reject(a) => this.count(&a),
+                        Handled::Full => {
+                            this.telemetry.proto_acks[Status::Overloaded as usize]
+                                .fetch_add(1, Relaxed);
+                        }
                     }
                 }
-            })
+                this.recorder.settle(stream);
+                if batch.too_large() > 0 {
+                    this.telemetry
+                        .datagrams_too_large
+                        .fetch_add(batch.too_large(), Relaxed);
+                }
+            }
+        })
     }
 }

@@ -157,19 +157,22 @@ impl Crew {
 }
 
 /// A worker's part (see [`Crew`]).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) enum Role<'a> {
     /// The only worker on its socket.
     Alone,
-    /// Appends to the UDP WAL streams `0..streams` in turn.
-    Lead { crew: &'a Crew, streams: usize },
+    /// Appends to the WAL streams `streams` in turn.
+    Lead {
+        crew: &'a Crew,
+        streams: Range<usize>,
+    },
     /// Looks at the socket uncalled every so often.
     Helper(&'a Crew, Duration),
 }
 
-/// Starts one receive thread per socket; thread `i` appends to WAL stream
-/// `i % wal_streams`. Thread 0 leads, the others help (see [`Crew`]). They
-/// stop when `stop` is set.
+/// Starts one StatsD receive thread per socket; thread `i` appends to WAL
+/// stream `i % wal_streams`. Thread 0 leads, the others help (see
+/// [`Crew`]). They stop when `stop` is set.
 pub fn spawn(
     sockets: Vec<UdpSocket>,
     wal_streams: usize,
@@ -177,63 +180,27 @@ pub fn spawn(
     telemetry: Arc<Telemetry>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    let crew = Arc::new(Crew::new());
-    let alone = sockets.len() == 1;
-    sockets
-        .into_iter()
-        .enumerate()
-        .map(|(i, socket)| {
-            let (recorder, telemetry, stop, crew) = (
-                recorder.clone(),
-                Arc::clone(&telemetry),
-                Arc::clone(&stop),
-                Arc::clone(&crew),
-            );
-            std::thread::Builder::new()
-                .name(format!("tallyd-udp-{i}"))
-                .spawn(move || {
-                    let stream = i % wal_streams.max(1);
-                    let role = match i {
-                        _ if alone => Role::Alone,
-                        0 => Role::Lead {
-                            crew: &crew,
-                            streams: wal_streams,
-                        },
-                        // One helper looks often uncalled; more would
-                        // only wake an idle host more.
-                        1 => Role::Helper(&crew, HELPER_POLL),
-                        _ => Role::Helper(&crew, POLL),
-                    };
-                    receive(
-                        &socket,
-                        stream,
-                        &recorder,
-                        &telemetry,
-                        &telemetry.udp,
-                        &stop,
-                        role,
-                    )
-                })
-        })
-        .collect()
+    let streams = 0..wal_streams.max(1);
+    spawn_with(sockets, streams, "tallyd-udp", &telemetry, stop, |stream| {
+        statsd_ingest(stream, recorder.clone(), Arc::clone(&telemetry), |t| &t.udp)
+    })
 }
 
-/// A worker that writes to WAL stream `wal_stream` and counts in `listener`.
-/// `socket` is UDP, or a Unix datagram socket ([`super::uds`]), with a read
-/// timeout so that a blocked worker sees `stop`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn receive(
-    socket: &impl AsFd,
+/// What a receive thread does with each batch of datagrams it took
+/// (`(batch, the WAL stream for it)`), made for the thread's own stream.
+pub(crate) trait Ingest: FnMut(&mut Batch, usize) + Send + 'static {}
+impl<F: FnMut(&mut Batch, usize) + Send + 'static> Ingest for F {}
+
+/// The StatsD ingest of a receive thread on WAL stream `wal_stream`,
+/// counted in the `listener` of `telemetry`.
+pub(crate) fn statsd_ingest(
     wal_stream: usize,
-    recorder: &Recorder,
-    telemetry: &Telemetry,
-    listener: &ListenerStats,
-    stop: &AtomicBool,
-    role: Role<'_>,
-) {
-    let mut batch = Batch::new();
+    recorder: Recorder,
+    telemetry: Arc<Telemetry>,
+    listener: fn(&Telemetry) -> &ListenerStats,
+) -> impl Ingest {
     let mut scratch = Scratch::for_stream(wal_stream);
-    let mut ingest = |batch: &mut Batch, stream: usize| {
+    move |batch: &mut Batch, stream: usize| {
         let mut stats = BlockStats::default();
         scratch.wal_stream = stream;
         recorder.datagrams(
@@ -245,12 +212,73 @@ pub(crate) fn receive(
             |e| telemetry.wal_refused(e),
         );
         recorder.settle(stream);
-        telemetry.record_block(listener, &stats);
+        telemetry.record_block(listener(&telemetry), &stats);
         if batch.too_large > 0 {
             telemetry
                 .datagrams_too_large
                 .fetch_add(batch.too_large, Ordering::Relaxed);
         }
+    }
+}
+
+/// Starts one receive thread per socket (named `name-i`), each with the
+/// ingest `make(stream)` makes for its WAL stream, thread `i` on stream
+/// `streams.start + i % streams.len()`; thread 0 leads over every stream of
+/// `streams`, the others help (see [`Crew`]). They stop when `stop` is set.
+pub(crate) fn spawn_with<I: Ingest>(
+    sockets: Vec<UdpSocket>,
+    streams: Range<usize>,
+    name: &str,
+    telemetry: &Arc<Telemetry>,
+    stop: Arc<AtomicBool>,
+    make: impl Fn(usize) -> I,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    let crew = Arc::new(Crew::new());
+    let alone = sockets.len() == 1;
+    let wal_streams = streams.len().max(1);
+    sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            let (telemetry, stop, crew) =
+                (Arc::clone(telemetry), Arc::clone(&stop), Arc::clone(&crew));
+            let stream = streams.start + i % wal_streams;
+            let ingest = make(stream);
+            let first = streams.start;
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    let role = match i {
+                        _ if alone => Role::Alone,
+                        0 => Role::Lead {
+                            crew: &crew,
+                            streams: first..first + wal_streams,
+                        },
+                        // One helper looks often uncalled; more would
+                        // only wake an idle host more.
+                        1 => Role::Helper(&crew, HELPER_POLL),
+                        _ => Role::Helper(&crew, POLL),
+                    };
+                    receive(&socket, stream, &telemetry, &stop, role, ingest)
+                })
+        })
+        .collect()
+}
+
+/// A worker on WAL stream `wal_stream` that hands each batch to `ingest`.
+/// `socket` is UDP, or a Unix datagram socket ([`super::uds`]), with a read
+/// timeout so that a blocked worker sees `stop`.
+pub(crate) fn receive(
+    socket: &impl AsFd,
+    wal_stream: usize,
+    telemetry: &Telemetry,
+    stop: &AtomicBool,
+    role: Role<'_>,
+    mut take: impl Ingest,
+) {
+    let mut batch = Batch::new();
+    let mut ingest = |batch: &mut Batch, stream: usize| {
+        take(batch, stream);
         batch.clear();
     };
     let streams = match role {
@@ -269,15 +297,15 @@ pub(crate) fn receive(
             }
             return;
         }
-        Role::Lead { streams, .. } => streams.max(1),
-        Role::Alone => 1,
+        Role::Lead { ref streams, .. } => streams.clone(),
+        Role::Alone => wal_stream..wal_stream + 1,
     };
-    // The lead's batches go to the UDP WAL streams in turn, so that it has
+    // The lead's batches go to its WAL streams in turn, so that it has
     // the room of all of them, as workers that each took datagrams had.
     let mut turn = 0;
     let mut next_stream = || {
-        turn = (turn + 1) % streams;
-        if streams > 1 { turn } else { wal_stream }
+        turn = (turn + 1) % streams.len().max(1);
+        streams.start + turn
     };
     while !stop.load(Ordering::Relaxed) {
         // A sign of life for the watchdog at each wake-up (a batch, or the
@@ -290,7 +318,7 @@ pub(crate) fn receive(
                 // What the kernel already holds joins it, up to a batch.
                 while !batch.is_full() && batch.recv(socket, RecvFlags::DONTWAIT).is_ok() {}
                 // A full batch: more may wait behind it.
-                if let Role::Lead { crew, .. } = role
+                if let Role::Lead { crew, .. } = &role
                     && batch.is_full()
                 {
                     crew.call();
@@ -325,7 +353,7 @@ pub(crate) fn receive(
 /// [`Recorder::datagrams`]: a batch forms only from what the
 /// kernel already holds, so it costs no wait, and it grows when the
 /// worker falls behind, which is when the shared apply pays most.
-struct Batch {
+pub(crate) struct Batch {
     /// The datagrams, each followed by `\n`. Sized so that a datagram of
     /// the largest size always fits after [`BATCH_BYTES`].
     buf: Vec<u8>,
@@ -358,6 +386,18 @@ impl Batch {
 
     fn joined(&self) -> &[u8] {
         &self.buf[..self.len]
+    }
+
+    /// Each datagram held.
+    pub(crate) fn each(&self) -> impl Iterator<Item = &[u8]> {
+        self.datagrams
+            .iter()
+            .filter_map(|d| self.buf.get(d.clone()))
+    }
+
+    /// Datagrams longer than a UDP payload can be, dropped whole.
+    pub(crate) fn too_large(&self) -> u64 {
+        self.too_large
     }
 
     fn clear(&mut self) {

@@ -113,14 +113,15 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("tallyd-uds".into())
         .spawn(move || {
+            let ingest =
+                super::udp::statsd_ingest(wal_stream, recorder, Arc::clone(&telemetry), |t| &t.uds);
             super::udp::receive(
                 &socket,
                 wal_stream,
-                &recorder,
                 &telemetry,
-                &telemetry.uds,
                 &stop,
                 super::udp::Role::Alone,
+                ingest,
             )
         })
 }

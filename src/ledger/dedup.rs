@@ -165,6 +165,8 @@ pub struct Dedup {
     log_bytes: std::sync::Mutex<Option<u64>>,
     /// Past this many clients, the least recently seen tenth is forgotten.
     max_clients: usize,
+    /// Held while one thread makes room.
+    making_room: std::sync::Mutex<()>,
     fs: Arc<dyn Fs>,
 }
 
@@ -236,6 +238,7 @@ impl Dedup {
             now: AtomicU64::new(now),
             log_bytes: std::sync::Mutex::new(log_bytes),
             max_clients: 100_000,
+            making_room: std::sync::Mutex::new(()),
             fs,
         })
     }
@@ -254,14 +257,36 @@ impl Dedup {
     /// is full (LRU by last accepted batch). A forgotten client starts over:
     /// a batch of it retried after that would count again, so the cap is a
     /// memory bound, set well above the number of live clients.
+    ///
+    /// One thread makes room at a time (the others go on meanwhile, the
+    /// table a few entries over for a moment), and exactly a tenth goes:
+    /// in a flood of new clients within one flush every entry was seen at
+    /// the same count, and cutting at that count would forget them all.
     fn make_room(&self) {
         if self.clients.len() < self.max_clients {
             return;
         }
+        let Ok(_one) = self.making_room.try_lock() else {
+            return;
+        };
         let mut seen: Vec<u64> = self.clients.iter().map(|e| e.seen).collect();
         let cut = (seen.len() / 10).max(1);
         let (_, &mut oldest, _) = seen.select_nth_unstable(cut - 1);
-        self.clients.retain(|_, c| c.seen > oldest);
+        // Those seen before the cut's count, then as many seen at it as the
+        // tenth still needs.
+        let mut at_cut = cut - seen.iter().filter(|&&s| s < oldest).count();
+        self.clients.retain(|_, c| {
+            if c.seen > oldest {
+                return true;
+            }
+            if c.seen == oldest {
+                if at_cut == 0 {
+                    return true;
+                }
+                at_cut -= 1;
+            }
+            false
+        });
         tracing::warn!(
             max_clients = self.max_clients,
             left = self.clients.len(),

@@ -10,7 +10,7 @@ pub(super) struct Listeners {
     pub(super) proto_tcp_listener: Option<TcpListener>,
     pub(super) otlp_http_listener: Option<TcpListener>,
     pub(super) otlp_grpc_listener: Option<TcpListener>,
-    pub(super) proto_udp_socket: Option<std::net::UdpSocket>,
+    pub(super) proto_udp_sockets: Vec<std::net::UdpSocket>,
     /// The DogStatsD Unix datagram socket, and its path when tallyd made it
     /// (removed at stop).
     pub(super) uds_socket: Option<(std::os::unix::net::UnixDatagram, Option<std::path::PathBuf>)>,
@@ -78,12 +78,13 @@ pub(super) async fn bind(config: &Config) -> Result<Listeners, StartError> {
         ),
         (None, None) => None,
     };
-    let proto_udp_socket = match (activated.proto_udp, config.proto.udp) {
-        (Some(s), _) => Some(s),
-        (None, Some(addr)) => {
-            Some(std::net::UdpSocket::bind(addr).map_err(bind_err("protobuf UDP", addr))?)
-        }
-        (None, None) => None,
+    // The StatsD path's receive machinery: its workers and receive buffer.
+    let proto_udp_sockets = match (activated.proto_udp, config.proto.udp) {
+        (Some(s), _) => udp::share(s, config.udp_workers)
+            .map_err(activated_addr("protobuf UDP (passed by systemd)"))?,
+        (None, Some(addr)) => udp::bind(addr, config.udp_workers, config.udp_recv_buffer)
+            .map_err(bind_err("protobuf UDP", addr))?,
+        (None, None) => Vec::new(),
     };
     let uds_socket = match (activated.dogstatsd_socket, &config.dogstatsd_socket) {
         (Some(s), _) => {
@@ -155,7 +156,7 @@ pub(super) async fn bind(config: &Config) -> Result<Listeners, StartError> {
         proto_tcp_listener,
         otlp_http_listener,
         otlp_grpc_listener,
-        proto_udp_socket,
+        proto_udp_sockets,
         uds_socket,
         uds_stream,
         admin_listener,

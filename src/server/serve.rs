@@ -19,7 +19,7 @@ pub(super) async fn serve(
         proto_tcp_listener,
         otlp_http_listener,
         otlp_grpc_listener,
-        proto_udp_socket,
+        proto_udp_sockets,
         uds_socket,
         uds_stream,
         admin_listener,
@@ -56,6 +56,7 @@ pub(super) async fn serve(
         aggregator: Arc::clone(&aggregator),
         ready: AtomicBool::new(false),
         udp_inodes: udp::inodes(&udp_sockets),
+        proto_udp_inodes: udp::inodes(&proto_udp_sockets),
         wal: wal.clone(),
         ledger: Arc::clone(&ledger),
     });
@@ -219,7 +220,7 @@ pub(super) async fn serve(
     let proto_tcp_addr = proto_tcp_listener
         .as_ref()
         .and_then(|l| l.local_addr().ok());
-    let proto_udp_addr = proto_udp_socket.as_ref().and_then(|s| s.local_addr().ok());
+    let proto_udp_addr = proto_udp_sockets.first().and_then(|s| s.local_addr().ok());
     let mut udp_threads = udp_threads;
     let uds_path = match uds_socket {
         Some((socket, path)) => {
@@ -243,12 +244,12 @@ pub(super) async fn serve(
         }
         None => None,
     };
-    if let Some(socket) = proto_udp_socket {
+    if !proto_udp_sockets.is_empty() {
         let addr = proto_udp_addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-        udp_threads.push(
+        udp_threads.extend(
             proto
                 .clone()
-                .spawn_udp(socket, Arc::clone(&udp_stop))
+                .spawn_udp(proto_udp_sockets, Arc::clone(&udp_stop))
                 .map_err(bind_err("protobuf UDP", addr))?,
         );
     }

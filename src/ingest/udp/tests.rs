@@ -144,15 +144,8 @@ fn a_called_helper_takes_the_whole_backlog_then_waits_again() {
         let socket = socket.try_clone().expect("clone");
         std::thread::spawn(move || {
             let role = Role::Helper(&crew, Duration::from_secs(3600));
-            receive(
-                &socket,
-                0,
-                &recorder(&a),
-                &telemetry,
-                &telemetry.udp,
-                &stop,
-                role,
-            )
+            let ingest = statsd_ingest(0, recorder(&a), Arc::clone(&telemetry), |t| &t.udp);
+            receive(&socket, 0, &telemetry, &stop, role, ingest)
         })
     };
     let blocks = || telemetry.udp.blocks.load(Ordering::Relaxed);
@@ -201,17 +194,10 @@ fn a_lead_that_finds_a_full_batch_queued_calls_a_helper() {
         std::thread::spawn(move || {
             let role = Role::Lead {
                 crew: &crew,
-                streams: 2,
+                streams: 0..2,
             };
-            receive(
-                &socket,
-                0,
-                &recorder(&a),
-                &telemetry,
-                &telemetry.udp,
-                &stop,
-                role,
-            )
+            let ingest = statsd_ingest(0, recorder(&a), Arc::clone(&telemetry), |t| &t.udp);
+            receive(&socket, 0, &telemetry, &stop, role, ingest)
         })
     };
     assert!(crew.wait(Duration::from_secs(30)), "called");

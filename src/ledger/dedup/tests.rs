@@ -103,6 +103,21 @@ fn a_full_client_table_forgets_the_least_recently_seen() {
 }
 
 #[test]
+fn a_flood_of_new_clients_in_one_flush_forgets_a_tenth_not_all() {
+    let dir = temp_dir();
+    let d = open(&dir).with_max_clients(1000);
+    // Every client seen at the same flush count, as in a flood.
+    for c in 0..5000 {
+        assert_eq!(d.admit(&format!("c{c}"), 1, ok), Ok(Admit::Accepted(())));
+        // Once full, the table stays between nine tenths and its cap,
+        // never emptied.
+        let n = d.clients();
+        assert!(n <= 1000 && (c < 999 || n >= 900), "{n} clients at c{c}");
+    }
+    assert_eq!(d.admit("c4999", 1, ok), Ok(Admit::Duplicate));
+}
+
+#[test]
 fn sequence_zero_is_a_valid_first_batch() {
     let dir = temp_dir();
     let d = open(&dir);
