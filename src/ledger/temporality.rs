@@ -427,7 +427,7 @@ fn exponential_delta(
     if e.scale > before.scale {
         return None;
     }
-    let shift = u32::try_from(before.scale - e.scale).ok()?;
+    let shift = u32::try_from(before.scale.checked_sub(e.scale)?).ok()?;
     let side = |now: Option<
         &crate::protocol::otlp::metrics::exponential_histogram_data_point::Buckets,
     >,

@@ -236,7 +236,11 @@ pub fn for_each_point(
                     host = Some(s.as_str()).filter(|s| !s.is_empty());
                 }
             } else if resource_tags.contains(&kv.key) {
-                promoted.push((clean_key(&kv.key), render(kv.value.as_ref())));
+                // One tag per key: a repeated (or, cleaned, equal) key's
+                // last value wins.
+                let key = clean_key(&kv.key);
+                promoted.retain(|(k, _)| *k != key);
+                promoted.push((key, render(kv.value.as_ref())));
             }
         }
         for sm in &rm.scope_metrics {
