@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# tallyd's ingest paths side by side, in one interleaved run of one release tallyd (A B C D A B
+# C D ...), its CPU (user + system, all threads) per unit of each:
+#   statsd-udp  StatsD datagrams of one counter line each, blast at RATE datagrams/s
+#   proto-udp   protobuf Batches of one counter event each (blast -F proto), at RATE
+#   statsd-tcp  StatsD counter lines over TCP, the same samples as the OTLP points below
+#   otlp-http   OTLP/HTTP export requests of POINTS delta Sum points each (bench/otlp_corpus.py)
+# and, for the UDP paths, how many of the datagrams sent arrived. Compare only figures of one run.
+#
+#   bench/ingest.sh RATE SECONDS REPEAT [REQUESTS POINTS KEYS]
+#   e.g. bench/ingest.sh 300000 5 3 200 1000 10000
+#
+# Env: TALLYD (default: target/release/tallyd of this project), CH (a ClickHouse HTTP URL;
+# default: a private 18.16 server for the run), PEERS_DIR (where blast is built, as for
+# compare.sh; default $TMPDIR/peers). Needs python3 with opentelemetry-proto (the OpenTelemetry
+# SDK's), gcc, curl.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+rate=$1 secs=$2 repeat=$3 requests=${4:-200} points=${5:-1000} keys=${6:-10000}
+export PEERS_DIR=${PEERS_DIR:-${TMPDIR:-/tmp}/peers}
+TALLYD=$(realpath -m "${TALLYD:-$here/../target/release/tallyd}")
+[ -x "$TALLYD" ] || { echo "no tallyd binary at $TALLYD (cargo build --release)" >&2; exit 1; }
+d=$(mktemp -d) ch_pid="" pid=""
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  [ -n "$ch_pid" ] && kill "$ch_pid" 2>/dev/null && wait "$ch_pid" 2>/dev/null
+  rm -rf "$d"; true
+}
+trap cleanup EXIT
+free() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+if [ -z "${CH:-}" ]; then
+  port=$(free)
+  cat >"$d/ch.xml" <<XML
+<yandex><logger><console>1</console><level>warning</level></logger><listen_host>127.0.0.1</listen_host>
+<http_port>$port</http_port><tcp_port>0</tcp_port><path>$d/ch/</path><mark_cache_size>536870912</mark_cache_size>
+<users_config>$d/ch.xml</users_config><profiles><default/></profiles>
+<users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+<quotas><default/></quotas></yandex>
+XML
+  /usr/sbin/clickhouse-server --config-file="$d/ch.xml" >"$d/ch.log" 2>&1 & ch_pid=$!
+  CH=http://127.0.0.1:$port
+  for _ in $(seq 100); do curl -sf "$CH/ping" >/dev/null && break; sleep 0.1; done
+fi
+mkdir -p "$PEERS_DIR/bin"
+blast=$PEERS_DIR/bin/blast
+if [ ! -x "$blast" ] || [ "$here/blast.c" -nt "$blast" ]; then gcc -O2 -o "$blast" "$here/blast.c" -lm; fi
+
+udp=$(free) pudp=$(free) tcp=$(free) otlp=$(free) admin=$(free)
+"$TALLYD" run --statsd-udp "127.0.0.1:$udp" --statsd-tcp "127.0.0.1:$tcp" --proto-udp "127.0.0.1:$pudp" \
+  --proto-tcp off --otlp-http "127.0.0.1:$otlp" --otlp-grpc off --admin "127.0.0.1:$admin" \
+  --clickhouse-url "$CH" --clickhouse-database bench_ingest --data-dir "$d/data" --host-id bench \
+  --log-level warn & pid=$!
+for _ in $(seq 300); do curl -fsS "127.0.0.1:$admin/health" >/dev/null 2>&1 && break; sleep 0.1; done
+ticks() { awk '{ print $14 + $15 }' "/proc/$pid/stat"; }
+metric() { curl -fsS "127.0.0.1:$admin/metrics" | awk -v m="$1" 'index($0, m " ") == 1 { print $2 }'; }
+hz=$(getconf CLK_TCK)
+# Every protobuf datagram that arrived, by its answer (ok, duplicate, rejected, overloaded).
+proto_answered() {
+  curl -fsS "127.0.0.1:$admin/metrics" | awk '/^tallyd_proto_batches_total/ { n += $2 } END { print n + 0 }'
+}
+n=$((rate * secs))
+
+# One phase: its load, then 2 s for the flush; prints "path units cpu_us_per_unit arrived%".
+# The TCP and OTLP phases of run R send the samples of $d/corpus-R.
+phase() {
+  local path=$1 t0 t1 before after arrived="" corpus=$d/corpus-$2
+  t0=$(ticks)
+  case $path in
+    statsd-udp)
+      before=$(metric 'tallyd_received_blocks_total{listener="udp"}')
+      "$blast" -p "$udp" -n "$n" -r "$rate" -s 30 -k "$keys" -q >/dev/null ;;
+    proto-udp)
+      before=$(proto_answered)
+      # A client id of its own each run (blast-R): its sequences start at 1.
+      "$blast" -F proto -S "$2" -p "$pudp" -n "$n" -r "$rate" -k "$keys" -q >/dev/null ;;
+    statsd-tcp)
+      python3 -c 'import socket,sys; s=socket.create_connection(("127.0.0.1",int(sys.argv[1]))); s.sendall(open(sys.argv[2],"rb").read()); s.close()' \
+        "$tcp" "$corpus/statsd.txt" ;;
+    otlp-http)
+      python3 - "$otlp" "$corpus" "$requests" <<'PY'
+import concurrent.futures, http.client, struct, sys, time
+port, corpus, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+TIME, START, now = 0x1122334455000000, 0x0A0B0C0D0E000000, time.time_ns()
+bodies = []
+for i in range(n):
+    # Request i's points are at now + i µs (a series' points in order), as
+    # an exporter's are at the time it sends them.
+    b = open("%s/otlp-%d.pb" % (corpus, i), "rb").read()
+    b = b.replace(struct.pack("<Q", TIME + i), struct.pack("<Q", now + i * 1000))
+    b = b.replace(struct.pack("<Q", START + i), struct.pack("<Q", now + i * 1000 - 10**9))
+    bodies.append(b)
+def post(i):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    c.request("POST", "/v1/metrics", bodies[i], {"Content-Type": "application/x-protobuf"})
+    r = c.getresponse()
+    assert r.status == 200 and not r.read(), "refused points"
+with concurrent.futures.ThreadPoolExecutor(4) as ex:
+    list(ex.map(post, range(n)))
+PY
+      ;;
+  esac
+  sleep 2
+  t1=$(ticks)
+  local units=$n
+  case $path in
+    statsd-udp) after=$(metric 'tallyd_received_blocks_total{listener="udp"}') ;;
+    proto-udp) after=$(proto_answered) ;;
+    *) units=$((requests * points)) ;;
+  esac
+  [ -n "${before:-}" ] && arrived=$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { printf "%.2f", (a - b) * 100 / n }')
+  # The 2 s wait's idle CPU is counted too, alike for every path.
+  awk -v p="$path" -v u="$units" -v t=$((t1 - t0)) -v hz="$hz" -v a="$arrived" \
+    'BEGIN { printf "%s %d %.3f %s\n", p, u, t / hz * 1e6 / u, a }'
+}
+
+results=$d/results
+for r in $(seq "$repeat"); do
+  mkdir -p "$d/corpus-$r"
+  python3 "$here/otlp_corpus.py" "$d/corpus-$r" "$requests" "$points" "$keys" "$r"
+  for path in statsd-udp proto-udp statsd-tcp otlp-http; do
+    phase "$path" "$r" | tee -a "$results" >&2
+  done
+done
+# Every line and point is in ClickHouse, once (the UDP paths' arrivals are counted above).
+want=$((2 * repeat * requests * points))
+for _ in $(seq 60); do
+  got=$(curl -fsS "$CH" --data-binary "SELECT sum(value) FROM bench_ingest.counters FINAL WHERE name LIKE 'otlp.bench.%'")
+  [ "$got" = "$want" ] && break; sleep 1
+done
+[ "$got" = "$want" ] || { echo "stored $got of $want StatsD TCP lines and OTLP points" >&2; exit 1; }
+python3 - "$results" "$rate" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    p, units, us, *arrived = line.split()
+    rows.setdefault(p, []).append((float(us), float(arrived[0]) if arrived else None))
+med = {p: statistics.median(u for u, _ in v) for p, v in rows.items()}
+print("| path | CPU µs per unit (median) | units per core-second | arrived (min) |")
+print("|---|---|---|---|")
+for p, v in rows.items():
+    arr = [a for _, a in v if a is not None]
+    print("| %s | %.3f | %.0f | %s |" % (p, med[p], 1e6 / med[p], "%.2f %%" % min(arr) if arr else "all (acked or TCP)"))
+print()
+print("proto-udp / statsd-udp CPU per datagram: %.2fx; otlp-http point / statsd-tcp line: %.2fx (offered %s datagrams/s)"
+      % (med["proto-udp"] / med["statsd-udp"], med["otlp-http"] / med["statsd-tcp"], sys.argv[2]))
+PY
