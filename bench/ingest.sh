@@ -45,10 +45,10 @@ mkdir -p "$PEERS_DIR/bin"
 blast=$PEERS_DIR/bin/blast
 if [ ! -x "$blast" ] || [ "$here/blast.c" -nt "$blast" ]; then gcc -O2 -o "$blast" "$here/blast.c" -lm; fi
 
-udp=$(free) pudp=$(free) tcp=$(free) otlp=$(free) admin=$(free)
+udp=$(free) pudp=$(free) tcp=$(free) otlp=$(free) admin=$(free) db=bench_ingest_$$
 "$TALLYD" run --statsd-udp "127.0.0.1:$udp" --statsd-tcp "127.0.0.1:$tcp" --proto-udp "127.0.0.1:$pudp" \
   --proto-tcp off --otlp-http "127.0.0.1:$otlp" --otlp-grpc off --admin "127.0.0.1:$admin" \
-  --clickhouse-url "$CH" --clickhouse-database bench_ingest --data-dir "$d/data" --host-id bench \
+  --clickhouse-url "$CH" --clickhouse-database "$db" --data-dir "$d/data" --host-id bench \
   --log-level warn & pid=$!
 for _ in $(seq 300); do curl -fsS "127.0.0.1:$admin/health" >/dev/null 2>&1 && break; sleep 0.1; done
 ticks() { awk '{ print $14 + $15 }' "/proc/$pid/stat"; }
@@ -124,10 +124,11 @@ done
 # Every line and point is in ClickHouse, once (the UDP paths' arrivals are counted above).
 want=$((2 * repeat * requests * points))
 for _ in $(seq 60); do
-  got=$(curl -fsS "$CH" --data-binary "SELECT sum(value) FROM bench_ingest.counters FINAL WHERE name LIKE 'otlp.bench.%'")
+  got=$(curl -fsS "$CH" --data-binary "SELECT sum(value) FROM $db.counters FINAL WHERE name LIKE 'otlp.bench.%'")
   [ "$got" = "$want" ] && break; sleep 1
 done
 [ "$got" = "$want" ] || { echo "stored $got of $want StatsD TCP lines and OTLP points" >&2; exit 1; }
+curl -fsS "$CH" --data-binary "DROP DATABASE $db" >/dev/null
 python3 - "$results" "$rate" <<'PY'
 import statistics, sys
 rows = {}
