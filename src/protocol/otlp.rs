@@ -36,6 +36,7 @@
 //!
 //! Pure code: no sockets, no tokio.
 
+use std::borrow::Cow;
 use std::hash::Hasher;
 use std::io::Read;
 
@@ -148,6 +149,9 @@ pub enum Value<'a> {
     Summary(&'a metrics::SummaryDataPoint),
 }
 
+/// A tag: its key and value.
+pub type Tag<'a> = (Cow<'a, str>, Cow<'a, str>);
+
 /// One data point, flattened.
 #[derive(Debug, Clone)]
 pub struct Point<'a> {
@@ -156,8 +160,9 @@ pub struct Point<'a> {
     pub name: &'a str,
     /// The resource's `host.name`, if it has one.
     pub host: Option<&'a str>,
-    /// `(key, value)`, sorted by key, unique keys.
-    pub tags: &'a [(String, String)],
+    /// `(key, value)`, sorted by key, unique keys; borrowed from the
+    /// request where they need no cleaning.
+    pub tags: &'a [Tag<'a>],
     pub kind: Kind,
     pub temporality: Temporality,
     /// `start_time_unix_nano` (0: unknown).
@@ -216,8 +221,8 @@ pub fn for_each_point(
     mut each: impl FnMut(Result<Point<'_>, Invalid>),
 ) -> Walk {
     let mut walk = Walk::default();
-    let mut tags: Vec<(String, String)> = Vec::new();
-    let mut promoted: Vec<(String, String)> = Vec::new();
+    let mut tags: Vec<Tag<'_>> = Vec::new();
+    let mut promoted: Vec<Tag<'_>> = Vec::new();
     let mut sorted: Vec<&KeyValue> = Vec::new();
     for rm in &request.resource_metrics {
         let attributes = rm.resource.as_ref().map_or(&[][..], |r| &r.attributes[..]);
@@ -273,8 +278,8 @@ struct Points<'r, 'a> {
     base: SipHasher13,
     metric: &'a str,
     host: Option<&'a str>,
-    promoted: &'r [(String, String)],
-    tags: &'r mut Vec<(String, String)>,
+    promoted: &'r [Tag<'a>],
+    tags: &'r mut Vec<Tag<'a>>,
     sorted: Vec<&'a KeyValue>,
     walk: &'r mut Walk,
 }
@@ -458,28 +463,33 @@ fn hash_attributes(h: &mut SipHasher13, sorted: &[&KeyValue]) {
 }
 
 /// A tag key: `,` and `:` (tallyd's separators) and control characters
-/// become `_`.
-fn clean_key(k: &str) -> String {
-    k.chars()
-        .map(|c| match c {
-            ',' | ':' => '_',
-            c if c.is_control() => '_',
-            c => c,
-        })
-        .collect()
+/// become `_`; borrowed when there are none.
+fn clean_key(k: &str) -> Cow<'_, str> {
+    clean(Cow::Borrowed(k), |c| c == ',' || c == ':')
 }
 
-/// A tag value as text (see the module doc).
-fn render(v: Option<&AnyValue>) -> String {
-    let mut out = String::new();
-    write_value(&mut out, v, 0);
-    out.chars()
-        .map(|c| match c {
-            ',' => '_',
-            c if c.is_control() => '_',
-            c => c,
-        })
-        .collect()
+/// `text` with every character `sep` says and every control character
+/// replaced by `_`.
+fn clean<'a>(text: Cow<'a, str>, sep: impl Fn(char) -> bool) -> Cow<'a, str> {
+    let bad = |c: char| sep(c) || c.is_control();
+    if !text.chars().any(bad) {
+        return text;
+    }
+    Cow::Owned(text.chars().map(|c| if bad(c) { '_' } else { c }).collect())
+}
+
+/// A tag value as text (see the module doc); a string borrowed when it
+/// needs no cleaning.
+fn render(v: Option<&AnyValue>) -> Cow<'_, str> {
+    let text = match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => Cow::Borrowed(s.as_str()),
+        _ => {
+            let mut out = String::new();
+            write_value(&mut out, v, 0);
+            Cow::Owned(out)
+        }
+    };
+    clean(text, |c| c == ',')
 }
 
 fn write_value(out: &mut String, v: Option<&AnyValue>, depth: u32) {

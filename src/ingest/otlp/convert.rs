@@ -35,8 +35,9 @@
 //!
 //! A point is counted as `samples` once (a histogram as its count).
 
-use std::collections::HashMap;
 use std::time::Duration;
+
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 use crate::aggregate::sketch;
 use crate::ledger::temporality::{Delta, Guard, Mark, Verdict};
@@ -100,7 +101,9 @@ impl Converted {
 /// Converts `request`, judging and staging its points in `guard`.
 pub fn convert(request: &otlp::Request, guard: &mut Guard<'_>, cx: &Context<'_>) -> Converted {
     let mut out = Converted::default();
-    let mut batches: HashMap<Option<String>, pb::Batch> = HashMap::new();
+    // Encoded `Batch`es by host (a request has few), and one event's bytes.
+    let mut batches: Vec<(Option<String>, Vec<u8>)> = Vec::new();
+    let mut event = Vec::new();
     let walk = otlp::for_each_point(request, cx.resource_tags, |p| {
         let p = match p {
             Ok(p) => p,
@@ -137,39 +140,81 @@ pub fn convert(request: &otlp::Request, guard: &mut Guard<'_>, cx: &Context<'_>)
         out.outcomes[Outcome::Applied as usize] += 1;
         // A histogram whose delta has no observations changed nothing.
         let Some(value) = value else { return };
-        let event = pb::Event {
-            name: p.name.to_owned(),
-            tags: p
-                .tags
-                .iter()
-                .map(|(key, value)| pb::Tag {
-                    key: key.clone(),
-                    value: value.clone(),
-                })
-                .collect(),
-            value: Some(value),
-            interval_start,
-            ..Default::default()
+        encode_event(&mut event, &p, &value, interval_start);
+        let at = match batches.iter().position(|(h, _)| h.as_deref() == p.host) {
+            Some(at) => at,
+            None => {
+                batches.push((p.host.map(str::to_owned), batch_header(p.host)));
+                batches.len() - 1
+            }
         };
-        let batch = batches
-            .entry(p.host.map(str::to_owned))
-            .or_insert_with(|| pb::Batch {
-                host: p.host.unwrap_or_default().to_owned(),
-                version: crate::protocol::proto::VERSION,
-                ..Default::default()
-            });
-        batch.events.push(event);
+        let batch = &mut batches[at].1;
+        encode_key(BATCH_EVENTS, WireType::LengthDelimited, batch);
+        encode_varint(event.len() as u64, batch);
+        batch.extend_from_slice(&event);
     });
     out.outcomes[Outcome::NoRecordedValue as usize] += walk.no_recorded_value;
-    out.record.batches = batches
-        .into_values()
-        .map(|b| prost::Message::encode_to_vec(&b))
-        .collect();
+    out.record.batches = batches.into_iter().map(|(_, b)| b).collect();
     out.record.marks = guard.staged().cloned().collect();
     out
 }
 
 type EventValue = pb::event::Value;
+
+/// Field numbers of `proto/tallyd.proto` the encoding below writes (a test
+/// checks that prost decodes the bytes to the `Batch` meant).
+const BATCH_EVENTS: u32 = 3;
+const BATCH_HOST: u32 = 4;
+const BATCH_VERSION: u32 = 5;
+const EVENT_NAME: u32 = 1;
+const EVENT_TAGS: u32 = 2;
+const EVENT_INTERVAL_START: u32 = 15;
+const TAG_KEY: u32 = 1;
+const TAG_VALUE: u32 = 2;
+
+/// A `Batch`'s host and version, its events to follow.
+fn batch_header(host: Option<&str>) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 << 10);
+    if let Some(h) = host {
+        put_str(&mut b, BATCH_HOST, h);
+    }
+    encode_key(BATCH_VERSION, WireType::Varint, &mut b);
+    encode_varint(u64::from(crate::protocol::proto::VERSION), &mut b);
+    b
+}
+
+fn put_str(out: &mut Vec<u8>, field: u32, s: &str) {
+    encode_key(field, WireType::LengthDelimited, out);
+    encode_varint(s.len() as u64, out);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// The bytes of a string field of a small field number (a one-byte key).
+fn str_len(s: &str) -> usize {
+    1 + encoded_len_varint(s.len() as u64) + s.len()
+}
+
+/// Writes an `Event` of `p`'s name and tags with `value` at
+/// `interval_start` into `out` (cleared first), straight from the
+/// request's strings.
+fn encode_event(out: &mut Vec<u8>, p: &Point<'_>, value: &EventValue, interval_start: u64) {
+    out.clear();
+    put_str(out, EVENT_NAME, p.name);
+    for (k, v) in p.tags {
+        let len = str_len(k) + if v.is_empty() { 0 } else { str_len(v) };
+        encode_key(EVENT_TAGS, WireType::LengthDelimited, out);
+        encode_varint(len as u64, out);
+        put_str(out, TAG_KEY, k);
+        if !v.is_empty() {
+            put_str(out, TAG_VALUE, v);
+        }
+    }
+    value.encode(out);
+    if interval_start != 0 {
+        encode_key(EVENT_INTERVAL_START, WireType::Varint, out);
+        encode_varint(interval_start, out);
+    }
+}
 
 fn counter(sum: f64) -> EventValue {
     EventValue::CounterState(pb::CounterState { sum, samples: 1 })

@@ -155,16 +155,22 @@ type Flats = Vec<Result<Flat, Invalid>>;
 fn flatten_with(request: &Request, resource_tags: &[String]) -> (Flats, Walk) {
     let mut out = Vec::new();
     let walk = for_each_point(request, resource_tags, |p| {
-        out.push(p.map(|p| Flat {
-            series: p.series,
-            name: p.name.to_owned(),
-            host: p.host.map(str::to_owned),
-            tags: p.tags.to_vec(),
-            kind: p.kind,
-            temporality: p.temporality,
-            start: p.start,
-            time: p.time,
-            value: format!("{:?}", p.value),
+        out.push(p.map(|p| {
+            Flat {
+                series: p.series,
+                name: p.name.to_owned(),
+                host: p.host.map(str::to_owned),
+                tags: p
+                    .tags
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                kind: p.kind,
+                temporality: p.temporality,
+                start: p.start,
+                time: p.time,
+                value: format!("{:?}", p.value),
+            }
         }))
     });
     (out, walk)

@@ -614,3 +614,43 @@ fn exponential_histogram_percentile_error_by_scale() {
         assert!(worst <= bound, "scale {scale}: {worst} over {bound}");
     }
 }
+
+#[test]
+fn events_are_written_straight_and_read_back_by_prost_and_the_wal_reader() {
+    let (_dir, s) = state();
+    let mut point = num(T - 1, T, 2.5);
+    // A tag with an empty value is a bare key, as a StatsD `|#bare` tag.
+    point.attributes = vec![kv("k", "v"), kv("bare", "")];
+    let c = send(&s, vec![sum("enc", true, D, vec![point])]);
+    let [bytes] = &c.record.batches[..] else {
+        panic!("one batch: {:?}", c.record.batches.len());
+    };
+    let want = pb::Event {
+        name: "enc".into(),
+        tags: vec![
+            pb::Tag {
+                key: "bare".into(),
+                value: String::new(),
+            },
+            pb::Tag {
+                key: "k".into(),
+                value: "v".into(),
+            },
+        ],
+        value: Some(Ev::CounterState(pb::CounterState {
+            sum: 2.5,
+            samples: 1,
+        })),
+        interval_start: OPEN,
+        ..Default::default()
+    };
+    let decoded = pb::Batch::decode(&bytes[..]).expect("prost decodes it");
+    assert_eq!(
+        (decoded.host.as_str(), &decoded.events[..]),
+        ("h1", &[want][..])
+    );
+    let view = crate::protocol::batch::BatchView::decode(bytes).expect("the WAL reader too");
+    let events: Vec<_> = view.events().collect();
+    let tags: Vec<_> = events[0].tags().collect();
+    assert_eq!(tags, [(&b"bare"[..], &b""[..]), (b"k", b"v")]);
+}
