@@ -13,6 +13,8 @@
 //!   `413` for one over `otlp.max_body` (after decompression too), `415`
 //!   for another content type or encoding, `404` / `405` elsewhere; each
 //!   with a `google.rpc.Status` in the request's encoding;
+//! - `413` too for a request whose converted record would not fit a WAL
+//!   segment;
 //! - `503` with `Retry-After` when the WAL stays full for
 //!   `proto.overload_timeout`, or tallyd stops before the record is
 //!   durable: nothing of the request was applied, or it was and a retry
@@ -122,11 +124,16 @@ impl OtlpIngest {
                 }
                 Err(e) => {
                     self.telemetry.wal_refused(e);
-                    let why = match e {
-                        AppendError::Full => "the write-ahead log is full; retry later",
-                        AppendError::TooLarge => "the request is larger than a WAL segment",
+                    return match e {
+                        AppendError::Full => Answer::Unavailable(
+                            "the write-ahead log is full; retry later".into(),
+                        ),
+                        // Never fits: a retry would fail alike.
+                        AppendError::TooLarge => Answer::Refused(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "the request, converted, is larger than a WAL segment; send fewer points per request".into(),
+                        ),
                     };
-                    return Answer::Unavailable(why.into());
                 }
             }
         };
