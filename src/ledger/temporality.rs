@@ -12,7 +12,9 @@
 //!   Summaries** become deltas (the data model's cumulative-to-delta
 //!   conversion):
 //!   - the first point of a series is applied whole if its `start` is
-//!     after tallyd's start (this run's), else it is only the reference
+//!     after the state's *epoch* (tallyd's first start with this data dir,
+//!     kept in the file: a series that began while tallyd was restarting
+//!     was never seen, and counts whole), else it is only the reference
 //!     the next delta is taken from (`initial_value = auto`, as the
 //!     Collector's `cumulativetodelta` processor does): the series ran
 //!     before tallyd could see it, and what it counted then is unknown;
@@ -29,7 +31,11 @@
 //!   delta points, and a point with an older `start` is a retry.
 //!
 //! A series with no point for `otlp.max_staleness` (counted in flushes, as
-//! the dedup window is) is forgotten; its next point is a first point.
+//! the dedup window is) is forgotten: its value goes, and a *tombstone* of
+//! its start and time stays for 24 times as long (`TOMBSTONE_WINDOWS`), so
+//! that the same run of it resuming (a partition that outlasted the
+//! staleness) is a reference again, not counted whole, and a retry is still
+//! a retry; a new run (a newer start) counts whole.
 //! A new series past the memory budget is refused (its points are
 //! rejected and counted): the state's bytes count toward
 //! `aggregate.max_memory` with the open interval's.
@@ -39,7 +45,7 @@
 //! The ingest path judges a request's points under the state's lock,
 //! appends the converted request *with the new state of every series it
 //! moved* ([`Mark`]s) to the WAL, then applies the marks
-//! ([`Guard::mark`]). At release (step 5 of the durable order in
+//! ([`Guard::commit`]). At release (step 5 of the durable order in
 //! [`crate::ledger`]) the changed series are written to `otlp-series`
 //! before the WAL lets the generation's records go; at start the file is
 //! read and every mark still in the WAL is applied again
@@ -55,9 +61,10 @@
 //! 16  …  records, each:
 //!        0   4  length L of the bytes after the CRC
 //!        4   4  CRC32C of those L bytes
-//!        8   L  a protobuf `Chunk` ([`Chunk`]): the flush count, and the
-//!               series changed since the record before (a later mark of
-//!               a series replaces an earlier one)
+//!        8   L  a protobuf `Chunk` ([`Chunk`]): the flush count, the
+//!               state's epoch, and the series changed since the record
+//!               before (a later mark of a series replaces an earlier one;
+//!               a tombstone is a mark with `forgotten` set)
 //! ```
 //!
 //! When the file has grown past twice what one record of every series
@@ -65,8 +72,8 @@
 //! record that runs past the end of the file or does not check is a torn
 //! append and is cut off; one that does not check with records after it is
 //! damage: the file is quarantined (cumulative series then start over from
-//! a reference point, losing at most one delta each rather than counting
-//! one twice).
+//! a reference point, and the epoch from this start, losing at most one
+//! delta each rather than counting one twice).
 
 use std::collections::HashMap;
 use std::io;
@@ -90,6 +97,8 @@ const COMPACT_FLOOR: u64 = 64 << 10;
 /// Estimated bytes of a series in memory beyond its buckets (the map's
 /// entry, key and struct).
 const SERIES_BYTES: u64 = 96;
+/// A forgotten series' tombstone is kept this many staleness windows.
+const TOMBSTONE_WINDOWS: u64 = 24;
 
 /// A series' state as the WAL and the file hold it: its last point.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -109,6 +118,11 @@ pub struct Mark {
     pub seen: u64,
     #[prost(oneof = "Last", tags = "6, 7, 8")]
     pub last: Option<Last>,
+    /// A series forgotten for staleness, kept without its value for a
+    /// while (see the module doc): its start and time still tell a retry
+    /// and a resumed series from a new one.
+    #[prost(bool, tag = "9")]
+    pub forgotten: bool,
 }
 
 /// The last cumulative value of a series (none: a delta series, a gauge).
@@ -164,6 +178,10 @@ pub struct Chunk {
     pub now: u64,
     #[prost(message, repeated, tag = "2")]
     pub marks: Vec<Mark>,
+    /// When the state began (Unix nanoseconds): tallyd's first start with
+    /// this data dir, or since the file was lost or damaged.
+    #[prost(uint64, tag = "3")]
+    pub epoch: u64,
 }
 
 impl Mark {
@@ -243,8 +261,8 @@ pub struct Temporality {
     inner: Mutex<Inner>,
     /// Flushes a series may go without a point before it is forgotten.
     window: AtomicU64,
-    /// This run's start, Unix nanoseconds.
-    started: u64,
+    /// When the state began, Unix nanoseconds (see [`Chunk::epoch`]).
+    epoch: u64,
     /// Flushes counted so far (snapshots taken), from 1.
     now: AtomicU64,
     /// Bytes of the file as written (`None`: unknown, the next write
@@ -260,7 +278,7 @@ pub struct Guard<'a> {
     inner: std::sync::MutexGuard<'a, Inner>,
     staged: HashMap<u128, Mark, foldhash::fast::FixedState>,
     staged_bytes: u64,
-    started: u64,
+    epoch: u64,
     now: u64,
 }
 
@@ -272,13 +290,13 @@ impl Guard<'_> {
             .staged
             .get(&p.series)
             .or_else(|| self.inner.series.get(&p.series));
+        let cumulative = p.temporality == T::Cumulative && p.kind != Kind::Sum;
         let Some(last) = last else {
             let grown = self.inner.bytes.saturating_add(self.staged_bytes);
             if grown.saturating_add(SERIES_BYTES) > budget {
                 return Verdict::Full;
             }
-            let cumulative = p.temporality == T::Cumulative && p.kind != Kind::Sum;
-            if cumulative && p.start <= self.started {
+            if cumulative && p.start <= self.epoch {
                 return Verdict::Reference;
             }
             return Verdict::Whole;
@@ -286,11 +304,12 @@ impl Guard<'_> {
         if p.time <= last.time || p.start < last.start {
             return Verdict::Retry;
         }
-        if p.temporality == T::Delta || p.kind == Kind::Sum || p.kind == Kind::Gauge {
+        if !cumulative || p.start > last.start {
             return Verdict::Whole;
         }
-        if p.start > last.start {
-            return Verdict::Whole;
+        if last.forgotten {
+            // The same run of a series whose value was forgotten.
+            return Verdict::Reference;
         }
         let delta = match (&last.last, p.value) {
             (Some(Last::Number(before)), Value::Number(v)) => {
@@ -381,6 +400,7 @@ pub fn mark(p: &Point<'_>) -> Mark {
         time: p.time,
         seen: 0,
         last,
+        forgotten: false,
     }
 }
 
@@ -548,13 +568,14 @@ fn damaged(path: &Path, what: &str) -> io::Error {
 impl Temporality {
     /// Reads `<data_dir>/otlp-series` (none: no series), cutting a torn
     /// last record off; `InvalidData` when it is damaged. `started` is
-    /// this run's start, Unix nanoseconds. Nothing is forgotten until
-    /// [`Temporality::set_window`].
+    /// this run's start, Unix nanoseconds: the state's epoch when the file
+    /// has none. Nothing is forgotten until [`Temporality::set_window`].
     pub fn open(data_dir: &Path, started: u64, fs: Arc<dyn Fs>) -> io::Result<Temporality> {
         let path = data_dir.join(FILE);
         let mut inner = Inner::default();
         let mut now = 1;
         let mut log_bytes = None;
+        let mut epoch = None;
         if let Some(b) = read_optional(&path)? {
             if b.get(..8) != Some(&MAGIC[..]) || b.get(8..12) != Some(&1u32.to_le_bytes()[..]) {
                 return Err(damaged(&path, "not a version 1 OTLP series file"));
@@ -589,6 +610,9 @@ impl Temporality {
                 };
                 let chunk = Chunk::decode(body).map_err(|e| damaged(&path, &e.to_string()))?;
                 now = chunk.now.max(now);
+                if epoch.is_none() && chunk.epoch > 0 {
+                    epoch = Some(chunk.epoch);
+                }
                 for m in chunk.marks {
                     let seen = m.seen;
                     apply(&mut inner, m, seen);
@@ -603,7 +627,7 @@ impl Temporality {
             fs,
             inner: Mutex::new(inner),
             window: AtomicU64::new(u64::MAX),
-            started,
+            epoch: epoch.unwrap_or(started),
             now: AtomicU64::new(now),
             log_bytes: Mutex::new(log_bytes),
         })
@@ -621,7 +645,7 @@ impl Temporality {
             inner: lock(&self.inner),
             staged: HashMap::default(),
             staged_bytes: 0,
-            started: self.started,
+            epoch: self.epoch,
             now: self.now.load(Relaxed),
         }
     }
@@ -644,11 +668,28 @@ impl Temporality {
     /// (a mark follows its append, under the lock).
     pub fn snapshot(&self) -> StateWrite {
         let now = self.now.fetch_add(1, Relaxed).saturating_add(1);
-        let oldest = now.saturating_sub(self.window.load(Relaxed));
+        let window = self.window.load(Relaxed);
+        let oldest = now.saturating_sub(window);
+        let gone = now.saturating_sub(window.saturating_mul(TOMBSTONE_WINDOWS));
         let mut inner = lock(&self.inner);
-        let before = inner.series.len();
-        inner.series.retain(|_, m| m.seen >= oldest);
-        if inner.series.len() != before {
+        let inner = &mut *inner;
+        let (mut changed, dirty) = (false, &mut inner.dirty);
+        // Stale series are forgotten, their start and time kept for a while
+        // as tombstones; old tombstones go.
+        inner.series.retain(|id, m| {
+            if m.seen >= oldest {
+                return true;
+            }
+            changed = true;
+            if m.forgotten {
+                return m.seen >= gone;
+            }
+            m.forgotten = true;
+            m.last = None;
+            dirty.push(*id);
+            true
+        });
+        if changed {
             inner.bytes = inner.series.values().map(Mark::bytes).sum();
         }
         let dirty = std::mem::take(&mut inner.dirty);
@@ -663,7 +704,8 @@ impl Temporality {
         }
         let live = inner.bytes;
         let mut log = lock(&self.log_bytes);
-        let chunk = record(&Chunk { now, marks });
+        let epoch = self.epoch;
+        let chunk = record(&Chunk { now, marks, epoch });
         match *log {
             Some(bytes)
                 if bytes.saturating_add(chunk.len() as u64) <= live.max(COMPACT_FLOOR) * 2 =>
@@ -674,6 +716,7 @@ impl Temporality {
                 let all = Chunk {
                     now,
                     marks: inner.series.values().cloned().collect(),
+                    epoch,
                 };
                 let mut file = header();
                 file.extend_from_slice(&record(&all));

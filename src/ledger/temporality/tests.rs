@@ -607,12 +607,40 @@ fn a_series_without_a_point_for_more_than_its_window_is_forgotten() {
     s.snapshot();
     assert_eq!(s.size().0, 2); // series 1: two snapshots without a point
     s.snapshot();
-    assert_eq!(s.size(), (1, SERIES)); // the third forgets it
-    script(&s, &[(counter(1, EARLY, 4_000, 20.0), Reference)]); // a first point again
-    assert_eq!(peek(&s, &counter(2, EARLY, 4_000, 12.0)), number(1.0));
-    s.snapshot();
-    assert_eq!(s.size(), (1, SERIES));
-    assert_eq!(peek(&s, &counter(2, EARLY, 4_000, 12.0)), Reference);
+    // The third forgets series 1's value; its start and time stay as a
+    // tombstone.
+    assert_eq!(s.size(), (2, 2 * SERIES));
+    // The same run of it resumes: only a reference, never counted whole
+    // (it started after tallyd did); a retry is still a retry.
+    let late = STARTED + 1;
+    script(&s, &[(counter(3, late, 2_000, 5.0), Whole)]);
+    for _ in 0..3 {
+        s.snapshot();
+    }
+    assert_eq!(peek(&s, &counter(3, late, 2_000, 9.0)), Retry);
+    script(&s, &[(counter(3, late, 5_000, 9.0), Reference)]);
+    script(&s, &[(counter(3, late, 6_000, 10.0), number(1.0))]);
+    // A new run of a forgotten series counts whole.
+    script(&s, &[(counter(1, late, 4_000, 20.0), Whole)]);
+    // Tombstones go after 24 windows without a point.
+    for _ in 0..60 {
+        s.snapshot();
+    }
+    assert_eq!(s.size(), (0, 0));
+    assert_eq!(peek(&s, &counter(2, EARLY, 7_000, 12.0)), Reference);
+}
+
+#[test]
+fn the_state_s_epoch_is_its_first_start_so_a_series_born_while_tallyd_was_down_counts_whole() {
+    let dir = test_dir("otlp-series");
+    let s = open(&dir);
+    script(&s, &[(counter(1, STARTED + 1, 2_000, 5.0), Whole)]);
+    written(&s);
+    // A restart later: a series that began between the two starts was
+    // never seen, so all of it counts.
+    let s = Temporality::open(&dir, STARTED + 10_000, Arc::new(RealFs)).expect("reopen");
+    assert_eq!(peek(&s, &counter(2, STARTED + 5_000, 12_000, 7.0)), Whole);
+    assert_eq!(peek(&s, &counter(3, EARLY, 12_000, 7.0)), Reference);
 }
 
 #[test]
