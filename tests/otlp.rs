@@ -604,9 +604,13 @@ fn a_kill_9_during_exports_loses_nothing_and_counts_nothing_twice() {
     // 400 ms), tallyd dies mid-stream, and is back a moment later.
     std::thread::sleep(Duration::from_millis(2500));
     drop(daemon);
-    std::thread::sleep(Duration::from_millis(500));
+    // A client born while tallyd is down: its series are new, and its
+    // first cumulative point counts whole once tallyd is back.
+    let born = sdk_child(&url, "http", "cumulative", "crash-born", 20, 400);
+    std::thread::sleep(Duration::from_millis(1000));
     let daemon = spawn(&dir, db, otlp, admin);
-    for (service, child) in clients {
+    let [delta, cumulative] = clients;
+    for (service, child) in [delta, cumulative, ("crash-born", born)] {
         let sent = parse_sent(&child.wait_with_output().expect("python"));
         wait_rows(db, service, &sent);
         check(db, service, &sent, service == "crash-delta");
