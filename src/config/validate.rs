@@ -388,8 +388,12 @@ impl Settings {
             ));
         }
         let max_staleness = duration("otlp.max_staleness", &o.max_staleness)?;
-        if max_staleness.is_zero() {
-            return Err(err("otlp.max_staleness", "must be more than 0"));
+        let flush_interval = duration("aggregate.flush_interval", &self.aggregate.flush_interval)?;
+        if max_staleness < flush_interval {
+            return Err(err(
+                "otlp.max_staleness",
+                "must be at least aggregate.flush_interval (it is counted in whole intervals)",
+            ));
         }
         Ok(OtlpConfig {
             http: listen("otlp.http", &o.http)?,

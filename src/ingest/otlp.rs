@@ -373,6 +373,8 @@ fn respond(answer: Answer, encoding: Encoding) -> Response<Full<Bytes>> {
 fn encode(r: &otlp::Response, encoding: Encoding) -> Vec<u8> {
     match encoding {
         Encoding::Protobuf => r.encode_to_vec(),
+        // A full success is `{}`, as protobuf's JSON mapping writes it.
+        Encoding::Json if r.partial_success.is_none() => b"{}".to_vec(),
         Encoding::Json => serde_json::to_vec(r).unwrap_or_default(),
     }
 }
