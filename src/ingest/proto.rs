@@ -80,8 +80,10 @@ fn ack(sequence: u64, status: Status, message: &str, rejected_events: u32) -> Ac
 }
 
 impl ProtoIngest {
-    /// Decodes and applies one batch (its encoded bytes, without prefix).
-    fn handle(&self, raw: &[u8], scratch: &mut Scratch) -> Handled {
+    /// Decodes and applies one batch (its encoded bytes, without prefix),
+    /// counting it in `stats` when accepted (the caller records them, once
+    /// per batch of datagrams on UDP).
+    fn handle(&self, raw: &[u8], scratch: &mut Scratch, stats: &mut BlockStats) -> Handled {
         let batch = match BatchView::decode(raw) {
             Ok(b) => b,
             Err(e) => {
@@ -93,17 +95,20 @@ impl ProtoIngest {
                 ));
             }
         };
-        let mut stats = BlockStats {
-            blocks: 1,
-            bytes: raw.len() as u64,
-            ..BlockStats::default()
-        };
+        // Under the client's lock: the check, the WAL append and the mark;
+        // the apply after it, so that one client's batches on several
+        // threads do not wait for each other's apply.
         let admitted = self.dedup.admit(batch.client_id, batch.sequence, || {
-            self.recorder.batch(raw, &batch, scratch, &mut stats)
+            self.recorder.record_batch(raw, scratch)
         });
         match admitted {
-            Ok(Admit::Accepted((ticket, rejected))) => {
-                self.telemetry.record_block(&self.telemetry.proto, &stats);
+            Ok(Admit::Accepted(recorded)) => {
+                let rejected = self
+                    .recorder
+                    .apply_recorded(&recorded, &batch, scratch, stats);
+                let ticket = recorded.ticket;
+                stats.blocks += 1;
+                stats.bytes += raw.len() as u64;
                 self.heard(&batch);
                 Handled::Ack(ack(batch.sequence, Status::Ok, "", rejected), ticket)
             }
@@ -267,7 +272,12 @@ impl ProtoIngest {
     async fn handle_with_retry(&self, raw: &[u8], scratch: &mut Scratch) -> (Ack, u64, bool) {
         let deadline = Instant::now() + self.overload_timeout;
         loop {
-            match self.handle(raw, scratch) {
+            let mut stats = BlockStats::default();
+            let handled = self.handle(raw, scratch, &mut stats);
+            if stats.blocks > 0 {
+                self.telemetry.record_block(&self.telemetry.proto, &stats);
+            }
+            match handled {
                 Handled::Full if Instant::now() < deadline => tokio::time::sleep(WAL_RETRY).await,
                 Handled::Full => {
                     let sequence = BatchView::decode(raw).map_or(0, |b| b.sequence);
@@ -299,10 +309,11 @@ impl ProtoIngest {
             let mut scratch = Scratch::for_stream(stream);
             move |batch: &mut super::udp::Batch, stream: usize| {
                 scratch.wal_stream = stream;
+                let mut stats = BlockStats::default();
                 for datagram in batch.each() {
                     // No ack: a refused or undecodable datagram is counted,
                     // not answered.
-                    match this.handle(datagram, &mut scratch) {
+                    match this.handle(datagram, &mut scratch, &mut stats) {
                         Handled::Ack(a, _) | Handled::Reject(a) => this.count(&a),
                         Handled::Full => {
                             this.telemetry.proto_acks[Status::Overloaded as usize]
@@ -311,6 +322,7 @@ impl ProtoIngest {
                     }
                 }
                 this.recorder.settle(stream);
+                this.telemetry.record_block(&this.telemetry.proto, &stats);
                 if batch.too_large() > 0 {
                     this.telemetry
                         .datagrams_too_large

@@ -17,6 +17,13 @@ use crate::telemetry::BlockStats;
 use crate::wal::format::Kind;
 use crate::wal::{AppendError, Wal};
 
+/// A protobuf batch in the WAL, not yet applied: its generation (held, so
+/// its flush waits) and the WAL ticket its ack waits for.
+pub struct Recorded {
+    generation: Arc<Generation>,
+    pub ticket: u64,
+}
+
 /// The aggregator, with the WAL its blocks are recorded in first (without
 /// one, blocks are applied at once).
 #[derive(Clone)]
@@ -102,6 +109,15 @@ impl Recorder {
         scratch: &mut Scratch,
         stats: &mut BlockStats,
     ) -> Result<(u64, u32), AppendError> {
+        let recorded = self.record_batch(raw, scratch)?;
+        let rejected = self.apply_recorded(&recorded, batch, scratch, stats);
+        Ok((recorded.ticket, rejected))
+    }
+
+    /// The first half of [`Recorder::batch`]: records `raw` in the WAL
+    /// (if there is one), in the current generation, which the returned
+    /// [`Recorded`] holds until it is applied.
+    pub fn record_batch(&self, raw: &[u8], scratch: &Scratch) -> Result<Recorded, AppendError> {
         let generation = self.aggregator.current();
         let ticket = match &self.wal {
             Some(wal) => {
@@ -110,10 +126,21 @@ impl Recorder {
             }
             None => 0,
         };
-        let rejected = self
-            .aggregator
-            .apply_batch(&generation, batch, scratch, stats);
-        Ok((ticket, rejected))
+        Ok(Recorded { generation, ticket })
+    }
+
+    /// The second half: applies the batch recorded to its generation (the
+    /// one its record names, even if the interval has closed since: the
+    /// flush waits for it). Returns how many events were invalid.
+    pub fn apply_recorded(
+        &self,
+        recorded: &Recorded,
+        batch: &BatchView<'_>,
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+    ) -> u32 {
+        self.aggregator
+            .apply_batch(&recorded.generation, batch, scratch, stats)
     }
 
     /// Records a converted OTLP request (`record`, a `Kind::Otlp` payload)

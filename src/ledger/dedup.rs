@@ -13,8 +13,10 @@
 //!   refuses the batch (`REJECTED`, "outside the deduplication window")
 //!   rather than count it twice or call it a duplicate and lose it.
 //!
-//! The check, the WAL append and the apply run under the client's entry
-//! lock, so one client on two connections cannot race itself. An empty
+//! The check, the WAL append and the mark run under the client's entry
+//! lock, so one client on two connections cannot race itself; the apply
+//! follows (the mark already stands, so a copy of the batch racing it is a
+//! duplicate). An empty
 //! `client_id` opts out of deduplication.
 //!
 //! Across restarts: the state is saved to `<data_dir>/dedup` before the WAL
