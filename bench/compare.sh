@@ -32,18 +32,10 @@ cleanup() {
   [ -n "$ch_pid" ] && kill "$ch_pid" 2>/dev/null && wait "$ch_pid" 2>/dev/null; [ -n "$d" ] && rm -rf "$d"; true
 }
 trap cleanup EXIT
+. "$here/clickhouse.sh"
 if [ -z "${CH:-}" ]; then
-  d=$(mktemp -d); port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
-  cat >"$d/ch.xml" <<XML
-<yandex><logger><console>1</console><level>warning</level></logger><listen_host>127.0.0.1</listen_host>
-<http_port>$port</http_port><tcp_port>0</tcp_port><path>$d/data/</path><mark_cache_size>536870912</mark_cache_size>
-<users_config>$d/ch.xml</users_config><profiles><default/></profiles>
-<users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
-<quotas><default/></quotas></yandex>
-XML
-  /usr/sbin/clickhouse-server --config-file="$d/ch.xml" >"$d/ch.log" 2>&1 & ch_pid=$!
-  CH=http://127.0.0.1:$port
-  for _ in $(seq 100); do curl -sf "$CH/ping" >/dev/null && break; sleep 0.1; done
+  d=$(mktemp -d)
+  private_clickhouse "$d"
 fi
 out=${OUT:-$PEERS_DIR/results/tallyd-$(date +%Y%m%d%H%M%S).jsonl}
 mkdir -p "$(dirname "$out")"

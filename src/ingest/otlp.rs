@@ -213,6 +213,11 @@ impl OtlpIngest {
 
     /// Serves OTLP/HTTP until `stop` turns true.
     pub async fn serve_http(self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        self.serve(listener, stop, false).await;
+    }
+
+    /// Serves OTLP/HTTP, or OTLP/gRPC ([`grpc`]), until `stop` turns true.
+    async fn serve(self, listener: TcpListener, stop: watch::Receiver<bool>, grpc: bool) {
         let (max, streams, telemetry) = (
             self.max_connections,
             self.wal_streams.clone(),
@@ -226,7 +231,13 @@ impl OtlpIngest {
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();
-                async move { this.connection(stream, wal_stream, stop).await }
+                async move {
+                    if grpc {
+                        this.grpc_connection(stream, wal_stream, stop).await;
+                    } else {
+                        this.connection(stream, wal_stream, stop).await;
+                    }
+                }
             },
         )
         .await;

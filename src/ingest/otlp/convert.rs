@@ -358,6 +358,16 @@ impl Dist {
         }
     }
 
+    /// [`Dist::spread`] over `[lo, hi]` clamped to the point's min and max
+    /// (what it has of them): no value lies outside them.
+    fn spread_within(&mut self, lo: f64, hi: f64, (min, max): (Option<f64>, Option<f64>), w: f64) {
+        let clamp = |v: f64| {
+            let v = min.map_or(v, |m| v.max(m));
+            max.map_or(v, |m| v.min(m))
+        };
+        self.spread(clamp(lo), clamp(hi), w);
+    }
+
     /// Explicit bounds: bucket `i` is `(bounds[i-1], bounds[i]]`, the
     /// first from `min` (else at its bound), the last to `max` (else at
     /// its bound).
@@ -369,7 +379,7 @@ impl Dist {
             }
             let upper = bounds.get(i).copied();
             let lower = i.checked_sub(1).and_then(|j| bounds.get(j)).copied();
-            let (mut lo, mut hi) = match (lower, upper) {
+            let (lo, hi) = match (lower, upper) {
                 (Some(l), Some(u)) => (l, u),
                 (None, Some(u)) => (min.unwrap_or(u), u),
                 (Some(l), None) => (l, max.unwrap_or(l)),
@@ -379,15 +389,7 @@ impl Dist {
                 }
                 (None, None) => continue,
             };
-            if let Some(m) = min {
-                lo = lo.max(m);
-                hi = hi.max(m);
-            }
-            if let Some(m) = max {
-                hi = hi.min(m);
-                lo = lo.min(m);
-            }
-            self.spread(lo, hi, c as f64);
+            self.spread_within(lo, hi, (min, max), c as f64);
         }
     }
 
@@ -411,19 +413,11 @@ impl Dist {
                 }
                 let index = f64::from(offset) + j as f64;
                 let clamp = |v: f64| v.min(f64::MAX);
-                let (mut lo, mut hi) = (
+                let (lo, hi) = (
                     sign * clamp((index * step).exp2()),
                     sign * clamp(((index + 1.0) * step).exp2()),
                 );
-                if let Some(m) = min {
-                    lo = lo.max(m);
-                    hi = hi.max(m);
-                }
-                if let Some(m) = max {
-                    lo = lo.min(m);
-                    hi = hi.min(m);
-                }
-                self.spread(lo, hi, c as f64);
+                self.spread_within(lo, hi, (min, max), c as f64);
             }
         }
     }

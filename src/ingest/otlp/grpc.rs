@@ -136,26 +136,10 @@ fn unframe(body: &[u8], gzip_ok: bool) -> Result<(&[u8], bool), (u32, String)> {
 impl OtlpIngest {
     /// Serves OTLP/gRPC until `stop` turns true.
     pub async fn serve_grpc(self, listener: TcpListener, stop: watch::Receiver<bool>) {
-        let (max, streams, telemetry) = (
-            self.max_connections,
-            self.wal_streams.clone(),
-            Arc::clone(&self.telemetry),
-        );
-        crate::ingest::serve_connections(
-            listener,
-            max,
-            streams,
-            telemetry,
-            stop,
-            move |stream, wal_stream, stop| {
-                let this = self.clone();
-                async move { this.grpc_connection(stream, wal_stream, stop).await }
-            },
-        )
-        .await;
+        self.serve(listener, stop, true).await;
     }
 
-    async fn grpc_connection(
+    pub(super) async fn grpc_connection(
         self,
         stream: TcpStream,
         wal_stream: usize,
