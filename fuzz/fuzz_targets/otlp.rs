@@ -41,9 +41,13 @@ fuzz_target!(|data: &[u8]| {
         started: Duration::from_secs(1_700_000_000),
         window: Duration::from_secs(3600),
         interval: Duration::from_secs(1),
+        limits: tallyd::protocol::statsd::Limits::default(),
+        max_bytes: 64 << 20,
     };
     let mut guard = state().lock();
-    let converted = convert::convert(&request, &mut guard, &cx);
+    let Some(converted) = convert::convert(&request, &mut guard, &cx) else {
+        return;
+    };
     for b in &converted.record.batches {
         assert!(BatchView::decode(b).is_ok());
     }

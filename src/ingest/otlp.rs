@@ -53,6 +53,9 @@ use crate::wal::AppendError;
 /// The OTLP/HTTP path for metrics.
 pub const PATH: &str = "/v1/metrics";
 const WAL_RETRY: Duration = Duration::from_millis(10);
+/// The largest converted request (without a WAL, the memory a request may
+/// take while it is converted).
+const MAX_RECORD: usize = 256 << 20;
 /// Seconds a client is told to wait after a `503`.
 const RETRY_AFTER_SECS: u64 = 1;
 
@@ -100,12 +103,15 @@ pub enum Answer {
 impl OtlpIngest {
     /// Decodes, converts, records and applies one request body, and waits
     /// until its record is durable.
+    /// `scratch` is locked only while the request is recorded and applied,
+    /// not while it waits for durability (requests of one HTTP/2
+    /// connection share it).
     pub async fn export(
         &self,
         body: &[u8],
         encoding: Encoding,
         gzip: bool,
-        scratch: &mut Scratch,
+        scratch: &tokio::sync::Mutex<Scratch>,
     ) -> Answer {
         let request = match otlp::decode(body, encoding, gzip, self.max_body) {
             Ok(r) => r,
@@ -117,8 +123,18 @@ impl OtlpIngest {
         };
         let deadline = Instant::now() + self.overload_timeout;
         let (converted, ticket, rejected_by_limits, stats) = loop {
-            match self.record(&request, scratch) {
-                Ok(done) => break done,
+            let mut scratch = scratch.lock().await;
+            // Conversion, the WAL append and the apply are CPU work under
+            // the series state's lock: the other tasks of this worker
+            // thread move to another meanwhile.
+            let recorded = tokio::task::block_in_place(|| self.record(&request, &mut scratch));
+            drop(scratch);
+            match recorded {
+                Ok(Some(done)) => break done,
+                Ok(None) => {
+                    let e = "the request, converted, is larger than a WAL record can be; send fewer points per request";
+                    return Answer::Refused(StatusCode::PAYLOAD_TOO_LARGE, e.into());
+                }
                 Err(AppendError::Full) if Instant::now() < deadline => {
                     tokio::time::sleep(WAL_RETRY).await;
                 }
@@ -171,14 +187,16 @@ impl OtlpIngest {
 
     /// Judges, records and applies `request` under the series state's
     /// lock: the marks are applied only once the record is in the WAL.
+    /// `None` when its record would be larger than the WAL takes.
     #[allow(clippy::type_complexity)]
     fn record(
         &self,
         request: &otlp::Request,
         scratch: &mut Scratch,
-    ) -> Result<(convert::Converted, u64, u32, BlockStats), AppendError> {
+    ) -> Result<Option<(convert::Converted, u64, u32, BlockStats)>, AppendError> {
         let generation = self.recorder.aggregator.current();
-        let (limits, _) = self.recorder.aggregator.limits();
+        let (limits, parse_limits) = self.recorder.aggregator.limits();
+        let wal = self.recorder.wal.as_ref();
         let mut guard = self.temporality.lock();
         let used = generation.bytes.load(Relaxed);
         let cx = convert::Context {
@@ -187,13 +205,21 @@ impl OtlpIngest {
             started: generation.started,
             window: limits.timestamp_window,
             interval: limits.interval,
+            limits: parse_limits,
+            max_bytes: wal.map_or(MAX_RECORD, |w| w.max_payload().min(MAX_RECORD)),
         };
         drop(generation);
-        let converted = convert::convert(request, &mut guard, &cx);
+        let Some(converted) = convert::convert(request, &mut guard, &cx) else {
+            return Ok(None);
+        };
         let mut stats = BlockStats::default();
         let record = &converted.record;
         if record.batches.is_empty() && record.marks.is_empty() {
-            return Ok((converted, 0, 0, stats));
+            // Nothing new (retries): answered once what came before is
+            // durable, as a protobuf DUPLICATE is, for the original may
+            // still be waiting for its sync.
+            let ticket = wal.map_or(0, |w| w.ticket());
+            return Ok(Some((converted, ticket, 0, stats)));
         }
         let bytes = record.encode_to_vec();
         let (ticket, rejected) =
@@ -208,7 +234,7 @@ impl OtlpIngest {
             .otlp
             .series_bytes
             .store(series_bytes, Relaxed);
-        Ok((converted, ticket, rejected, stats))
+        Ok(Some((converted, ticket, rejected, stats)))
     }
 
     /// Serves OTLP/HTTP until `stop` turns true.
@@ -325,11 +351,7 @@ impl OtlpIngest {
                         StatusCode::BAD_REQUEST,
                         format!("could not read the body: {e}"),
                     ),
-                    Ok(body) => {
-                        let body = body.to_bytes();
-                        let mut scratch = scratch.lock().await;
-                        self.export(&body, encoding, gzip, &mut scratch).await
-                    }
+                    Ok(body) => self.export(&body.to_bytes(), encoding, gzip, scratch).await,
                 },
             }
         };

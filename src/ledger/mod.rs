@@ -445,7 +445,11 @@ impl Ledger {
             self.temporality.write_failed();
             return Err(e);
         }
-        self.dedup.write(&snapshot)?;
+        if let Err(e) = self.dedup.write(&snapshot) {
+            // Its series go into the next write, a rewrite, as the dedup's.
+            self.temporality.write_failed();
+            return Err(e);
+        }
         self.temporality.write(&series)?;
         crate::failpoint::hit("after_dedup");
         if let Some(wal) = &self.wal {

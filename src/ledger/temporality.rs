@@ -35,7 +35,9 @@
 //! its start and time stays for 24 times as long (`TOMBSTONE_WINDOWS`), so
 //! that the same run of it resuming (a partition that outlasted the
 //! staleness) is a reference again, not counted whole, and a retry is still
-//! a retry; a new run (a newer start) counts whole.
+//! a retry; a new run (a newer start) counts whole. When a tombstone goes,
+//! its last time becomes the *horizon*: a series unknown to the state that
+//! started before it may have been counted, and is a reference.
 //! A new series past the memory budget is refused (its points are
 //! rejected and counted): the state's bytes count toward
 //! `aggregate.max_memory` with the open interval's.
@@ -62,7 +64,7 @@
 //!        0   4  length L of the bytes after the CRC
 //!        4   4  CRC32C of those L bytes
 //!        8   L  a protobuf `Chunk` ([`Chunk`]): the flush count, the
-//!               state's epoch, and the series changed since the record
+//!               state's epoch and horizon, and the series changed since the record
 //!               before (a later mark of a series replaces an earlier one;
 //!               a tombstone is a mark with `forgotten` set)
 //! ```
@@ -182,6 +184,10 @@ pub struct Chunk {
     /// this data dir, or since the file was lost or damaged.
     #[prost(uint64, tag = "3")]
     pub epoch: u64,
+    /// The newest time of a tombstone let go (Unix nanoseconds): a series
+    /// unknown now that started before it may have been counted.
+    #[prost(uint64, tag = "4")]
+    pub horizon: u64,
 }
 
 impl Mark {
@@ -252,6 +258,8 @@ struct Inner {
     /// Series moved since the last record written.
     dirty: Vec<u128>,
     bytes: u64,
+    /// See [`Chunk::horizon`].
+    horizon: u64,
 }
 
 /// The state of every OTLP series (see the module doc).
@@ -293,10 +301,10 @@ impl Guard<'_> {
         let cumulative = p.temporality == T::Cumulative && p.kind != Kind::Sum;
         let Some(last) = last else {
             let grown = self.inner.bytes.saturating_add(self.staged_bytes);
-            if grown.saturating_add(SERIES_BYTES) > budget {
+            if grown.saturating_add(bytes_of(p)) > budget {
                 return Verdict::Full;
             }
-            if cumulative && p.start <= self.epoch {
+            if cumulative && p.start <= self.epoch.max(self.inner.horizon) {
                 return Verdict::Reference;
             }
             return Verdict::Whole;
@@ -352,6 +360,19 @@ impl Guard<'_> {
     pub fn size(&self) -> (usize, u64) {
         (self.inner.series.len(), self.inner.bytes)
     }
+}
+
+/// The bytes the state of `p`'s series takes (its buckets, if cumulative).
+fn bytes_of(p: &Point<'_>) -> u64 {
+    let buckets = match (p.temporality, p.value) {
+        (T::Cumulative, Value::Histogram(h)) => h.bucket_counts.len(),
+        (T::Cumulative, Value::Exponential(e)) => [&e.positive, &e.negative]
+            .iter()
+            .map(|b| b.as_ref().map_or(0, |b| b.bucket_counts.len()))
+            .sum(),
+        _ => 0,
+    };
+    SERIES_BYTES + 8 * buckets as u64
 }
 
 /// The mark a point leaves: its series, times and, if cumulative, value.
@@ -610,6 +631,7 @@ impl Temporality {
                 };
                 let chunk = Chunk::decode(body).map_err(|e| damaged(&path, &e.to_string()))?;
                 now = chunk.now.max(now);
+                inner.horizon = inner.horizon.max(chunk.horizon);
                 if epoch.is_none() && chunk.epoch > 0 {
                     epoch = Some(chunk.epoch);
                 }
@@ -673,7 +695,7 @@ impl Temporality {
         let gone = now.saturating_sub(window.saturating_mul(TOMBSTONE_WINDOWS));
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
-        let (mut changed, dirty) = (false, &mut inner.dirty);
+        let (mut changed, dirty, horizon) = (false, &mut inner.dirty, &mut inner.horizon);
         // Stale series are forgotten, their start and time kept for a while
         // as tombstones; old tombstones go.
         inner.series.retain(|id, m| {
@@ -682,7 +704,11 @@ impl Temporality {
             }
             changed = true;
             if m.forgotten {
-                return m.seen >= gone;
+                if m.seen < gone {
+                    *horizon = (*horizon).max(m.time);
+                    return false;
+                }
+                return true;
             }
             m.forgotten = true;
             m.last = None;
@@ -704,8 +730,13 @@ impl Temporality {
         }
         let live = inner.bytes;
         let mut log = lock(&self.log_bytes);
-        let epoch = self.epoch;
-        let chunk = record(&Chunk { now, marks, epoch });
+        let (epoch, horizon) = (self.epoch, inner.horizon);
+        let chunk = record(&Chunk {
+            now,
+            marks,
+            epoch,
+            horizon,
+        });
         match *log {
             Some(bytes)
                 if bytes.saturating_add(chunk.len() as u64) <= live.max(COMPACT_FLOOR) * 2 =>
@@ -717,6 +748,7 @@ impl Temporality {
                     now,
                     marks: inner.series.values().cloned().collect(),
                     epoch,
+                    horizon,
                 };
                 let mut file = header();
                 file.extend_from_slice(&record(&all));

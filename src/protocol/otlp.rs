@@ -188,7 +188,13 @@ pub enum Invalid {
     Name,
     /// A histogram whose bucket counts do not match its bounds.
     Buckets,
+    /// A histogram of more than [`MAX_BUCKETS`] buckets.
+    TooManyBuckets,
 }
+
+/// The most buckets a histogram point may have (SDKs default to 16
+/// explicit bounds and 160 exponential buckets a side).
+pub const MAX_BUCKETS: usize = 4096;
 
 impl Invalid {
     pub fn text(self) -> &'static str {
@@ -199,6 +205,7 @@ impl Invalid {
             Invalid::NotFinite => "a value is not finite",
             Invalid::Name => "a metric has an empty name",
             Invalid::Buckets => "bucket_counts do not match explicit_bounds",
+            Invalid::TooManyBuckets => "a histogram point has more than 4096 buckets",
         }
     }
 }
@@ -322,6 +329,7 @@ impl<'a> Points<'_, 'a> {
                             .flatten()
                             .all(|v| v.is_finite());
                     let value = match (valid, finite) {
+                        _ if p.bucket_counts.len() > MAX_BUCKETS => Err(Invalid::TooManyBuckets),
                         (false, _) => Err(Invalid::Buckets),
                         (_, false) => Err(Invalid::NotFinite),
                         _ => Ok(Value::Histogram(p)),
@@ -338,7 +346,13 @@ impl<'a> Points<'_, 'a> {
                         .flatten()
                         .all(|v| v.is_finite())
                         && p.zero_threshold.is_finite();
-                    let value = if finite {
+                    let buckets = [&p.positive, &p.negative]
+                        .iter()
+                        .map(|b| b.as_ref().map_or(0, |b| b.bucket_counts.len()))
+                        .sum::<usize>();
+                    let value = if buckets > MAX_BUCKETS {
+                        Err(Invalid::TooManyBuckets)
+                    } else if finite {
                         Ok(Value::Exponential(p))
                     } else {
                         Err(Invalid::NotFinite)

@@ -251,6 +251,13 @@ impl Wal {
         self.streams.len()
     }
 
+    /// The largest payload one record can hold (a larger one is
+    /// [`AppendError::TooLarge`]).
+    pub fn max_payload(&self) -> usize {
+        let room = (self.config.segment_size as usize).saturating_sub(SEGMENT_HEADER + 8);
+        (room / format::ALIGN * format::ALIGN).saturating_sub(format::RECORD_HEADER)
+    }
+
     /// Appends one block to `stream` for `generation`.
     pub fn append(
         &self,

@@ -35,6 +35,7 @@
 //!
 //! A point is counted as `samples` once (a histogram as its count).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
@@ -43,6 +44,7 @@ use crate::aggregate::sketch;
 use crate::ledger::temporality::{Delta, Guard, Mark, Verdict};
 use crate::protocol::otlp::{self, Kind, Point, Temporality, Value, metrics};
 use crate::protocol::proto::pb;
+use crate::protocol::statsd::Limits;
 use crate::telemetry::otlp::Outcome;
 
 /// Most sketch values one bucket is spread over.
@@ -69,6 +71,12 @@ pub struct Context<'a> {
     pub started: Duration,
     pub window: Duration,
     pub interval: Duration,
+    /// Name and tag limits (`statsd.*`): a point past them is refused
+    /// before it is judged or copied.
+    pub limits: Limits,
+    /// The most bytes the converted request may take (a WAL record's):
+    /// past them the conversion stops.
+    pub max_bytes: usize,
 }
 
 /// A request, converted.
@@ -84,10 +92,15 @@ pub struct Converted {
 impl Converted {
     /// Points refused (the partial success's `rejected_data_points`).
     pub fn rejected(&self) -> u64 {
-        [Outcome::Invalid, Outcome::OutOfWindow, Outcome::Memory]
-            .iter()
-            .map(|o| self.outcomes[*o as usize])
-            .sum()
+        [
+            Outcome::Invalid,
+            Outcome::OutOfWindow,
+            Outcome::Memory,
+            Outcome::Limits,
+        ]
+        .iter()
+        .map(|o| self.outcomes[*o as usize])
+        .sum()
     }
 
     fn refuse(&mut self, o: Outcome, why: impl FnOnce() -> String) {
@@ -98,17 +111,31 @@ impl Converted {
     }
 }
 
-/// Converts `request`, judging and staging its points in `guard`.
-pub fn convert(request: &otlp::Request, guard: &mut Guard<'_>, cx: &Context<'_>) -> Converted {
+/// Converts `request`, judging and staging its points in `guard`; `None`
+/// when the converted request would pass `cx.max_bytes`.
+pub fn convert(
+    request: &otlp::Request,
+    guard: &mut Guard<'_>,
+    cx: &Context<'_>,
+) -> Option<Converted> {
     let mut out = Converted::default();
-    // Encoded `Batch`es by host (a request has few), and one event's bytes.
-    let mut batches: Vec<(Option<String>, Vec<u8>)> = Vec::new();
+    // Encoded `Batch`es, one per host, found by host; one event's bytes.
+    let mut batches: Vec<Vec<u8>> = Vec::new();
+    let mut hosts: HashMap<Option<String>, usize> = HashMap::new();
+    let mut last: Option<(Option<String>, usize)> = None;
+    let (mut bytes, mut too_large) = (0usize, false);
     let mut event = Vec::new();
     let walk = otlp::for_each_point(request, cx.resource_tags, |p| {
+        if too_large {
+            return;
+        }
         let p = match p {
             Ok(p) => p,
             Err(e) => return out.refuse(Outcome::Invalid, || e.text().to_owned()),
         };
+        if let Err(why) = within_limits(&p, &cx.limits) {
+            return out.refuse(Outcome::Limits, || why);
+        }
         let secs = p.time / 1_000_000_000;
         let (started, window) = (cx.started.as_secs(), cx.window.as_secs());
         if secs.saturating_add(window) < started || secs > started.saturating_add(window) {
@@ -141,22 +168,62 @@ pub fn convert(request: &otlp::Request, guard: &mut Guard<'_>, cx: &Context<'_>)
         // A histogram whose delta has no observations changed nothing.
         let Some(value) = value else { return };
         encode_event(&mut event, &p, &value, interval_start);
-        let at = match batches.iter().position(|(h, _)| h.as_deref() == p.host) {
-            Some(at) => at,
-            None => {
-                batches.push((p.host.map(str::to_owned), batch_header(p.host)));
-                batches.len() - 1
+        // A mark, its event and their framing, about.
+        bytes = bytes.saturating_add(event.len() + 64);
+        if bytes > cx.max_bytes {
+            too_large = true;
+            return;
+        }
+        let at = match &last {
+            Some((host, at)) if host.as_deref() == p.host => *at,
+            _ => {
+                let host = p.host.map(str::to_owned);
+                let at = *hosts.entry(host.clone()).or_insert_with(|| {
+                    batches.push(batch_header(p.host));
+                    batches.len() - 1
+                });
+                last = Some((host, at));
+                at
             }
         };
-        let batch = &mut batches[at].1;
+        let batch = &mut batches[at];
         encode_key(BATCH_EVENTS, WireType::LengthDelimited, batch);
         encode_varint(event.len() as u64, batch);
         batch.extend_from_slice(&event);
     });
+    if too_large {
+        return None;
+    }
     out.outcomes[Outcome::NoRecordedValue as usize] += walk.no_recorded_value;
-    out.record.batches = batches.into_iter().map(|(_, b)| b).collect();
+    out.record.batches = batches;
     out.record.marks = guard.staged().cloned().collect();
-    out
+    Some(out)
+}
+
+/// Whether `p`'s name and tags are within tallyd's limits, as a StatsD
+/// line's must be; else why not.
+fn within_limits(p: &Point<'_>, limits: &Limits) -> Result<(), String> {
+    if p.name.len() > limits.max_name_len {
+        return Err(format!(
+            "a metric name is longer than {} bytes (statsd.max_name_len)",
+            limits.max_name_len
+        ));
+    }
+    if p.tags.len() > limits.max_tags {
+        return Err(format!(
+            "a point of {} has more than {} tags (statsd.max_tags)",
+            p.name, limits.max_tags
+        ));
+    }
+    let tag_len = |(k, v): &otlp::Tag<'_>| k.len() + if v.is_empty() { 0 } else { 1 + v.len() };
+    let long = p.tags.iter().any(|t| tag_len(t) > limits.max_tag_len);
+    if long {
+        return Err(format!(
+            "a tag of {} is longer than {} bytes (statsd.max_tag_len)",
+            p.name, limits.max_tag_len
+        ));
+    }
+    Ok(())
 }
 
 type EventValue = pb::event::Value;
@@ -174,7 +241,7 @@ const TAG_VALUE: u32 = 2;
 
 /// A `Batch`'s host and version, its events to follow.
 fn batch_header(host: Option<&str>) -> Vec<u8> {
-    let mut b = Vec::with_capacity(64 << 10);
+    let mut b = Vec::with_capacity(256);
     if let Some(h) = host {
         put_str(&mut b, BATCH_HOST, h);
     }
@@ -349,11 +416,13 @@ impl Dist {
         };
         let w = weight / k as f64;
         for j in 0..k {
-            let v = if k == 1 {
-                lo + (hi - lo) / 2.0
+            // lo(1 - t) + hi t: finite for any finite lo and hi.
+            let t = if k == 1 {
+                0.5
             } else {
-                lo + (j as f64 + 0.5) / k as f64 * (hi - lo)
+                (j as f64 + 0.5) / k as f64
             };
+            let v = lo * (1.0 - t) + hi * t;
             self.buckets.push((bucket_of(v), w));
         }
     }

@@ -44,6 +44,9 @@ use crate::protocol::otlp::Encoding;
 /// The method's path.
 pub const METHOD: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 
+/// Requests one connection may have in flight (hyper's default is 200).
+const MAX_STREAMS: u32 = 16;
+
 const OK: u32 = 0;
 const INVALID_ARGUMENT: u32 = 3;
 const RESOURCE_EXHAUSTED: u32 = 8;
@@ -151,7 +154,10 @@ impl OtlpIngest {
             let (this, scratch) = (Arc::clone(&this), Arc::clone(&scratch));
             async move { Ok::<_, Infallible>(this.grpc(req, &scratch).await) }
         });
+        // Streams of one connection at once: each may hold a body of up to
+        // `otlp.max_body` while it is read.
         let conn = http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(MAX_STREAMS)
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(std::time::Duration::from_secs(60)))
             .serve_connection(TokioIo::new(stream), svc);
@@ -189,12 +195,9 @@ impl OtlpIngest {
                     let body = body.to_bytes();
                     match unframe(&body, gzip_ok) {
                         Err(e) => Err(e),
-                        Ok((message, gzip)) => {
-                            let mut scratch = scratch.lock().await;
-                            Ok(self
-                                .export(message, Encoding::Protobuf, gzip, &mut scratch)
-                                .await)
-                        }
+                        Ok((message, gzip)) => Ok(self
+                            .export(message, Encoding::Protobuf, gzip, scratch)
+                            .await),
                     }
                 }
             }

@@ -669,3 +669,24 @@ fn a_snapshot_not_written_or_a_failed_write_makes_the_next_one_a_rewrite_of_ever
     assert!(matches!(written(&s), StateWrite::Rewrite(_)));
     assert_eq!(open(&dir).size().0, 4);
 }
+
+#[test]
+fn a_series_resuming_after_its_tombstone_went_is_a_reference_by_the_horizon() {
+    let dir = test_dir("otlp-series");
+    let s = open(&dir);
+    s.set_window(1);
+    let late = STARTED + 1;
+    script(&s, &[(counter(1, late, 2_000, 5.0), Whole)]);
+    // Forgotten after a window, its tombstone gone after 24 more.
+    for _ in 0..30 {
+        written(&s);
+    }
+    assert_eq!(s.size(), (0, 0));
+    // The same run resumes: it may have been counted, so a reference; a
+    // run that began after the tombstone's last point counts whole.
+    assert_eq!(peek(&s, &counter(1, late, 9_000, 9.0)), Reference);
+    assert_eq!(peek(&s, &counter(2, 2_500, 9_000, 9.0)), Whole);
+    // The horizon is kept in the file.
+    let s = open(&dir);
+    assert_eq!(peek(&s, &counter(1, late, 9_000, 9.0)), Reference);
+}

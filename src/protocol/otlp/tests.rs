@@ -676,3 +676,34 @@ proptest::proptest! {
         prop_assert_eq!(&a, &b);
     }
 }
+
+#[test]
+fn a_histogram_of_more_than_max_buckets_is_refused() {
+    let point = metrics::HistogramDataPoint {
+        time_unix_nano: 1,
+        count: 1,
+        bucket_counts: vec![0; MAX_BUCKETS + 2],
+        explicit_bounds: (0..=MAX_BUCKETS).map(|b| b as f64).collect(),
+        ..Default::default()
+    };
+    let metric = metrics::Metric {
+        name: "h".into(),
+        data: Some(metrics::metric::Data::Histogram(metrics::Histogram {
+            data_points: vec![point],
+            aggregation_temporality: metrics::AggregationTemporality::Delta as i32,
+        })),
+        ..Default::default()
+    };
+    let request = Request {
+        resource_metrics: vec![metrics::ResourceMetrics {
+            scope_metrics: vec![metrics::ScopeMetrics {
+                metrics: vec![metric],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let mut seen = Vec::new();
+    for_each_point(&request, &[], |p| seen.push(p.map(|_| ()).err()));
+    assert_eq!(seen, [Some(Invalid::TooManyBuckets)]);
+}

@@ -15,6 +15,7 @@ use crate::aggregate::sketch;
 use crate::ledger::temporality::Temporality as State;
 use crate::protocol::otlp::{Request, metrics};
 use crate::protocol::proto::pb::{self, event::Value as Ev};
+use crate::protocol::statsd::Limits;
 use crate::telemetry::otlp::Outcome;
 
 const NS: u64 = 1_000_000_000;
@@ -45,9 +46,11 @@ fn run(state: &State, r: &Request) -> Converted {
         started: Duration::from_secs(OPEN),
         window: Duration::from_secs(WINDOW),
         interval: Duration::from_secs(INTERVAL),
+        limits: Limits::default(),
+        max_bytes: usize::MAX,
     };
     let mut guard = state.lock();
-    let out = convert(r, &mut guard, &cx);
+    let out = convert(r, &mut guard, &cx).expect("within max_bytes");
     guard.commit();
     out
 }
@@ -653,4 +656,56 @@ fn events_are_written_straight_and_read_back_by_prost_and_the_wal_reader() {
     let events: Vec<_> = view.events().collect();
     let tags: Vec<_> = events[0].tags().collect();
     assert_eq!(tags, [(&b"bare"[..], &b""[..]), (b"k", b"v")]);
+}
+
+#[test]
+fn points_past_the_name_and_tag_limits_are_refused_before_they_are_judged() {
+    let (_dir, s) = state();
+    let long = "n".repeat(Limits::default().max_name_len + 1);
+    let mut tagged = num(T - 1, T, 1.0);
+    tagged.attributes = vec![kv("k", &"v".repeat(Limits::default().max_tag_len))];
+    let c = send(
+        &s,
+        vec![
+            sum(&long, true, D, vec![num(T - 1, T, 1.0)]),
+            sum("tagged", true, D, vec![tagged]),
+            sum("fine", true, D, vec![num(T - 1, T, 1.0)]),
+        ],
+    );
+    assert_eq!((count(&c, Outcome::Limits), c.rejected()), (2, 2));
+    assert!(
+        c.message
+            .as_deref()
+            .is_some_and(|m| m.contains("statsd.max_name_len"))
+    );
+    // Neither moved its series: only the fine point's mark is recorded.
+    assert_eq!((c.record.marks.len(), events(&c).len()), (1, 1));
+}
+
+#[test]
+fn a_request_whose_conversion_passes_max_bytes_is_not_converted() {
+    let (_dir, s) = state();
+    let points = (0..1000)
+        .map(|i| {
+            let mut p = num(T - 1, T, f64::from(i));
+            p.attributes = vec![kv("i", &i.to_string())];
+            p
+        })
+        .collect();
+    let r = request(vec![gauge("big", points)]);
+    let cx = Context {
+        resource_tags: &[],
+        budget: u64::MAX,
+        started: Duration::from_secs(OPEN),
+        window: Duration::from_secs(WINDOW),
+        interval: Duration::from_secs(INTERVAL),
+        limits: Limits::default(),
+        max_bytes: 10_000,
+    };
+    let mut guard = s.lock();
+    assert!(convert(&r, &mut guard, &cx).is_none());
+    drop(guard);
+    // Nothing was staged for good: the same points are judged anew.
+    let c = run(&s, &request(vec![gauge("big", vec![num(T - 1, T, 1.0)])]));
+    assert_eq!(count(&c, Outcome::Applied), 1);
 }
