@@ -342,7 +342,14 @@ impl OtlpIngest {
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     format!("Content-Encoding {other} is not supported (gzip is)"),
                 ),
-                Ok(gzip) => match Limited::new(req.into_body(), self.max_body).collect().await {
+                Ok(gzip) => match read_body(req.into_body(), self.max_body).await {
+                    Err(e) if e.is::<tokio::time::error::Elapsed>() => Answer::Refused(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the body did not arrive within {} s",
+                            BODY_TIMEOUT.as_secs()
+                        ),
+                    ),
                     Err(e) if e.is::<http_body_util::LengthLimitError>() => Answer::Refused(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         BodyError::TooLarge(self.max_body).to_string(),
@@ -351,7 +358,7 @@ impl OtlpIngest {
                         StatusCode::BAD_REQUEST,
                         format!("could not read the body: {e}"),
                     ),
-                    Ok(body) => self.export(&body.to_bytes(), encoding, gzip, scratch).await,
+                    Ok(body) => self.export(&body, encoding, gzip, scratch).await,
                 },
             }
         };
@@ -368,6 +375,21 @@ impl OtlpIngest {
             Answer::Unavailable(_) => 4,
         };
         self.telemetry.otlp.requests[i].fetch_add(1, Relaxed);
+    }
+}
+
+/// How long a request's body may take to arrive once its headers have.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request body of at most `max` bytes, within [`BODY_TIMEOUT`]; the
+/// error is a `LengthLimitError`, an `Elapsed` or hyper's.
+async fn read_body(
+    body: Incoming,
+    max: usize,
+) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await {
+        Ok(read) => read.map(|b| b.to_bytes()),
+        Err(elapsed) => Err(Box::new(elapsed)),
     }
 }
 

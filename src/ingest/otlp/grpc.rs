@@ -13,7 +13,10 @@
 //! - `UNAVAILABLE` with a `google.rpc.RetryInfo` in
 //!   `grpc-status-details-bin` when the WAL stays full, or tallyd stops
 //!   before the record is durable;
-//! - `UNIMPLEMENTED` for any other method.
+//! - `UNIMPLEMENTED` for any other method, or an encoding other than gzip
+//!   (with `grpc-accept-encoding: gzip`); `INTERNAL` for a compressed
+//!   message without `grpc-encoding: gzip`; HTTP 415 for a request whose
+//!   `Content-Type` is not `application/grpc…`.
 //!
 //! One method and its framing: a few lines over hyper's HTTP/2, where a
 //! gRPC framework would bring a second HTTP stack and its tower layers for
@@ -26,7 +29,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use base64::Engine;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::server::conn::http2;
@@ -51,6 +53,11 @@ const OK: u32 = 0;
 const INVALID_ARGUMENT: u32 = 3;
 const RESOURCE_EXHAUSTED: u32 = 8;
 const UNIMPLEMENTED: u32 = 12;
+const INTERNAL: u32 = 13;
+/// Not gRPC codes: a request that is not gRPC (HTTP 415), and one in an
+/// encoding tallyd does not take (UNIMPLEMENTED, `grpc-accept-encoding`).
+const UNSUPPORTED: u32 = 1000;
+const ENCODING: u32 = 1001;
 const UNAVAILABLE: u32 = 14;
 
 /// `google.rpc.Status` with its details.
@@ -128,8 +135,9 @@ fn unframe(body: &[u8], gzip_ok: bool) -> Result<(&[u8], bool), (u32, String)> {
     match flag {
         0 => Ok((message, false)),
         1 if gzip_ok => Ok((message, true)),
+        // The spec's answer to a compressed message in no known encoding.
         1 => Err((
-            UNIMPLEMENTED,
+            INTERNAL,
             "a compressed message without grpc-encoding: gzip".into(),
         )),
         _ => Err(bad("unknown compressed-flag")),
@@ -176,30 +184,44 @@ impl OtlpIngest {
         req: Request<Incoming>,
         scratch: &tokio::sync::Mutex<Scratch>,
     ) -> Response<GrpcBody> {
-        let gzip_ok = req
-            .headers()
-            .get("grpc-encoding")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
-        let answer = if req.uri().path() != METHOD {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .map(|v| v.as_bytes().to_ascii_lowercase())
+        };
+        let encoding = header("grpc-encoding");
+        let gzip_ok = encoding.as_deref() == Some(b"gzip");
+        let grpc =
+            header(CONTENT_TYPE.as_str()).is_some_and(|t| t.starts_with(b"application/grpc"));
+        let answer = if !grpc {
+            // The spec: HTTP 415 for a request that is not gRPC.
+            Err((UNSUPPORTED, "Content-Type must be application/grpc".into()))
+        } else if req.uri().path() != METHOD {
             Err((UNIMPLEMENTED, format!("tallyd serves {METHOD} only")))
+        } else if encoding
+            .as_deref()
+            .is_some_and(|e| e != b"gzip" && e != b"identity")
+        {
+            Err((ENCODING, "grpc-encoding must be gzip or identity".into()))
         } else {
             // The prefix is 5 bytes; the message's limit is otlp.max_body.
             let limit = self.max_body.saturating_add(5);
-            match Limited::new(req.into_body(), limit).collect().await {
+            match super::read_body(req.into_body(), limit).await {
+                Err(e) if e.is::<tokio::time::error::Elapsed>() => Err((
+                    INVALID_ARGUMENT,
+                    "the request did not arrive in time".into(),
+                )),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => Err((
                     RESOURCE_EXHAUSTED,
                     format!("the message is over the {} byte limit", self.max_body),
                 )),
                 Err(e) => Err((INVALID_ARGUMENT, format!("could not read the request: {e}"))),
-                Ok(body) => {
-                    let body = body.to_bytes();
-                    match unframe(&body, gzip_ok) {
-                        Err(e) => Err(e),
-                        Ok((message, gzip)) => Ok(self
-                            .export(message, Encoding::Protobuf, gzip, scratch)
-                            .await),
-                    }
-                }
+                Ok(body) => match unframe(&body, gzip_ok) {
+                    Err(e) => Err(e),
+                    Ok((message, gzip)) => Ok(self
+                        .export(message, Encoding::Protobuf, gzip, scratch)
+                        .await),
+                },
             }
         };
         let answer = match answer {
@@ -208,6 +230,9 @@ impl OtlpIngest {
                 let status = match code {
                     RESOURCE_EXHAUSTED => hyper::StatusCode::PAYLOAD_TOO_LARGE,
                     UNIMPLEMENTED => hyper::StatusCode::NOT_FOUND,
+                    UNSUPPORTED => hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    ENCODING => hyper::StatusCode::NOT_ACCEPTABLE,
+                    INTERNAL => hyper::StatusCode::INTERNAL_SERVER_ERROR,
                     _ => hyper::StatusCode::BAD_REQUEST,
                 };
                 Answer::Refused(status, message)
@@ -221,6 +246,7 @@ impl OtlpIngest {
 /// The gRPC response of an answer.
 fn respond(answer: Answer) -> Response<GrpcBody> {
     let mut trailers = HeaderMap::new();
+    let mut http_status = hyper::StatusCode::OK;
     let (data, code, message, retry) = match answer {
         Answer::Ok(r) => {
             let message = r.encode_to_vec();
@@ -233,11 +259,19 @@ fn respond(answer: Answer) -> Response<GrpcBody> {
         Answer::Refused(status, message) => {
             let code = match status {
                 hyper::StatusCode::PAYLOAD_TOO_LARGE => RESOURCE_EXHAUSTED,
-                hyper::StatusCode::NOT_FOUND | hyper::StatusCode::METHOD_NOT_ALLOWED => {
+                hyper::StatusCode::NOT_FOUND
+                | hyper::StatusCode::METHOD_NOT_ALLOWED
+                | hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE => UNIMPLEMENTED,
+                hyper::StatusCode::NOT_ACCEPTABLE => {
+                    trailers.insert("grpc-accept-encoding", HeaderValue::from_static("gzip"));
                     UNIMPLEMENTED
                 }
+                hyper::StatusCode::INTERNAL_SERVER_ERROR => INTERNAL,
                 _ => INVALID_ARGUMENT,
             };
+            if status == hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE {
+                http_status = status;
+            }
             (None, code, message, false)
         }
         Answer::Unavailable(message) => (None, UNAVAILABLE, message, true),
@@ -286,6 +320,7 @@ fn respond(answer: Answer) -> Response<GrpcBody> {
     };
     let mut r = Response::new(body);
     *r.headers_mut() = headers;
+    *r.status_mut() = http_status;
     r
 }
 
