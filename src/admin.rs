@@ -77,6 +77,7 @@ impl AdminState {
             });
             let age = crate::clock::wall_clock().saturating_sub(oldest);
             wal_metrics(&mut text, wal, age);
+            crate::telemetry::render_wal_sync(&mut text, &wal.stats.sync_latency);
         }
         text
     }

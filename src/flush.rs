@@ -298,6 +298,7 @@ impl Flusher {
         }
         t.flush_nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        t.latency.flush.record(started.elapsed());
         tracing::debug!(
             flush_id = flush.flush_id,
             rows = flush.rows(),

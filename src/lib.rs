@@ -24,7 +24,8 @@
 //! - [`config`], [`cli`]: settings and the command line; [`server`]: wiring and shutdown.
 //! - [`notify`], [`activation`]: systemd readiness, watchdog and socket activation.
 //! - Under every stage: [`fs`], the filesystem seam every durable write
-//!   goes through, and [`clock`], the wall clock.
+//!   goes through, [`clock`], the wall clock, and [`latency`], recent
+//!   latencies of tallyd's own operations.
 //!
 //! Lower layers never import higher ones (`scripts/cycles.py` checks it):
 //! `protocol`, `fs` and `clock` at the bottom, then `wal`, `telemetry`,
@@ -45,6 +46,7 @@ pub mod flush;
 pub mod forward;
 pub mod fs;
 pub mod ingest;
+pub mod latency;
 pub mod ledger;
 pub mod notify;
 pub mod outbox;

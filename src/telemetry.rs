@@ -137,6 +137,9 @@ pub struct Telemetry {
     pub fleet: fleet::Fleet,
     /// Rollups, retention and the flushes table.
     pub rollups: rollup::Rollups,
+    /// Recent latencies of flushes, INSERTs and protobuf acks (the WAL
+    /// keeps its syncs').
+    pub latency: Latencies,
     /// OTLP requests (their blocks, bytes and points in `otlp_blocks`),
     /// points by outcome, and the series state.
     pub otlp: otlp::Otlp,
@@ -522,6 +525,7 @@ impl Telemetry {
         self.fleet.render(&mut m);
         self.rollups.render(&mut m);
         self.otlp.render(&mut m);
+        self.latency.render(&mut m);
         out
     }
 }
@@ -533,6 +537,14 @@ fn add_nonzero(c: &AtomicU64, n: u64) {
 }
 
 /// A value the renderer can print.
+pub use latency::Latencies;
+
+/// Appends the WAL's sync latency (`op="wal_sync"`) to `text`, a render
+/// of these metrics.
+pub fn render_wal_sync(text: &mut String, sync: &crate::latency::Latency) {
+    latency::render(&mut Metrics(text), "wal_sync", sync);
+}
+
 pub(crate) trait Sample {
     fn text(&self) -> String;
 }
@@ -576,6 +588,7 @@ impl Metrics<'_> {
 }
 
 pub mod fleet;
+mod latency;
 pub mod otlp;
 pub mod rollup;
 

@@ -83,6 +83,36 @@ async fn acknowledged_batches_arrive_exact() {
         .collect();
     let acks = send(addr, batches).await;
     assert!(acks.iter().all(|&a| a == (OK, 0)), "{acks:?}");
+    // tallyd's own latencies: each operation that ran has a p50, p99 and
+    // max, in that order.
+    let admin = running.admin_addr.expect("admin").port();
+    let ops = ["proto_ack", "wal_sync", "flush", "insert"];
+    let latencies = tokio::task::spawn_blocking(move || {
+        let mut last = String::new();
+        wait_for(30, || {
+            last = common::http(admin, "GET", "/metrics", "").unwrap_or_default();
+            ops.iter().all(|op| {
+                last.contains(&format!(
+                    "tallyd_latency_seconds{{op=\"{op}\",quantile=\"1\"}}"
+                ))
+            })
+        });
+        last
+    })
+    .await
+    .expect("metrics");
+    for op in ops {
+        let q: Vec<f64> = ["0.5", "0.99", "1"]
+            .iter()
+            .filter_map(|q| {
+                let key = format!("tallyd_latency_seconds{{op=\"{op}\",quantile=\"{q}\"}} ");
+                latencies
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&key)?.parse().ok())
+            })
+            .collect();
+        assert!(q.len() == 3 && q[0] <= q[1] && q[1] <= q[2], "{op}: {q:?}");
+    }
     assert_eq!(running.shutdown().await, 0);
 
     let db = "proto_exact";

@@ -193,10 +193,13 @@ impl ProtoIngest {
         mut stop: watch::Receiver<bool>,
     ) {
         let (mut reader, mut writer) = stream.into_split();
-        let (acks, mut queue) = mpsc::channel::<(Ack, u64)>(ACK_QUEUE);
+        // Each ack with the WAL ticket it waits for and when its batch
+        // was taken (an ack's latency: until it is written).
+        let (acks, mut queue) = mpsc::channel::<(Ack, u64, Instant)>(ACK_QUEUE);
         let wal = self.recorder.wal.clone();
+        let telemetry = Arc::clone(&self.telemetry);
         let ack_writer = tokio::spawn(async move {
-            while let Some((ack, ticket)) = queue.recv().await {
+            while let Some((ack, ticket, taken)) = queue.recv().await {
                 if let Some(wal) = &wal
                     && !wal.wait_durable(ticket).await
                 {
@@ -207,6 +210,7 @@ impl ProtoIngest {
                 if writer.write_all(&proto::encode_frame(&ack)).await.is_err() {
                     return;
                 }
+                telemetry.latency.proto_ack.record(taken.elapsed());
             }
             let _ = writer.shutdown().await;
         });
@@ -230,20 +234,21 @@ impl ProtoIngest {
                         };
                         let a = ack(0, Status::Rejected, &message, 0);
                         self.count(&a);
-                        let _ = acks.send((a, 0)).await;
+                        let _ = acks.send((a, 0, Instant::now())).await;
                         break 'read;
                     }
                 };
                 if buf.len() < prefix + len {
                     break;
                 }
+                let taken = Instant::now();
                 let handled = self
                     .handle_with_retry(&buf[prefix..prefix + len], &mut scratch)
                     .await;
                 buf.drain(..prefix + len);
                 let (a, ticket, close) = handled;
                 self.count(&a);
-                if acks.send((a, ticket)).await.is_err() || close {
+                if acks.send((a, ticket, taken)).await.is_err() || close {
                     break 'read;
                 }
             }

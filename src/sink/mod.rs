@@ -400,7 +400,14 @@ impl Sink {
         let mut attempt = 0;
         loop {
             let result = match self.prepare(table).await {
-                Ok(()) => self.insert(table, flush, &body, token.as_deref()).await,
+                Ok(()) => {
+                    let started = std::time::Instant::now();
+                    let sent = self.insert(table, flush, &body, token.as_deref()).await;
+                    if sent.is_ok() {
+                        self.telemetry.latency.insert.record(started.elapsed());
+                    }
+                    sent
+                }
                 Err(e) => Err(e),
             };
             match result {

@@ -53,6 +53,7 @@ impl Wal {
         // One sync at a time: a second one must not publish an epoch while
         // the first still writes the records it marked as synced.
         let _one = lock(&self.sync_lock);
+        let started = std::time::Instant::now();
         let full = self.poisoned();
         let errors = self.stats.sync_errors.load(Relaxed);
         let epoch = self.epoch.fetch_add(1, Relaxed);
@@ -79,6 +80,7 @@ impl Wal {
             }
         }
         let mut ok = true;
+        let synced = !files.is_empty();
         for (path, f) in files {
             if let Err(e) = self.fs.sync(&path, &f) {
                 ok = false;
@@ -95,6 +97,9 @@ impl Wal {
                 tracing::info!("WAL full sync succeeded: acknowledgements resume");
             }
             self.synced.send_replace(epoch + 1);
+        }
+        if synced {
+            self.stats.sync_latency.record(started.elapsed());
         }
     }
 

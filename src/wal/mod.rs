@@ -164,6 +164,8 @@ pub enum AppendError {
 /// WAL counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct WalStats {
+    /// How long each sync took.
+    pub sync_latency: crate::latency::Latency,
     pub records: AtomicU64,
     pub bytes: AtomicU64,
     pub full: AtomicU64,
