@@ -236,6 +236,32 @@ pub fn quarantine(fs: &dyn Fs, path: &Path) -> io::Result<std::path::PathBuf> {
     Ok(to)
 }
 
+/// Writes a change log's next part durably: with `rewrite`, `bytes` are the
+/// whole file, replaced atomically; else they are appended and synced.
+/// `len` is the log's length as known (`None`: unknown, so the caller's
+/// next write must be a rewrite), kept here: grown, set, or forgotten when
+/// the write fails. The dedup and OTLP series files are such logs.
+pub fn write_log(
+    fs: &dyn Fs,
+    path: &Path,
+    bytes: &[u8],
+    rewrite: bool,
+    len: &Mutex<Option<u64>>,
+) -> io::Result<()> {
+    let written = if rewrite {
+        fs.write_atomic(path, bytes)
+    } else {
+        fs.append(path, bytes).and_then(|f| fs.sync(path, &f))
+    };
+    let mut len = lock(len);
+    *len = match (&written, rewrite) {
+        (Ok(()), true) => Some(bytes.len() as u64),
+        (Ok(()), false) => len.map(|b| b + bytes.len() as u64),
+        (Err(_), _) => None,
+    };
+    written
+}
+
 /// Reads a state file; `None` if it does not exist.
 pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
     match std::fs::read(path) {

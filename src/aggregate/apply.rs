@@ -510,14 +510,11 @@ enum Interval {
 /// is not applied: a stamped sample still lands in its own interval.
 fn interval_of(t: u64, generation: &Generation, limits: &AggregateLimits) -> Interval {
     let started = generation.started.as_secs();
-    let window = limits.timestamp_window.as_secs();
-    let outside = t.saturating_add(window) < started || t > started.saturating_add(window);
-    if outside && !generation.replayed {
+    if !super::within_window(t, started, limits.timestamp_window) && !generation.replayed {
         return Interval::OutOfWindow;
     }
-    let step = limits.interval.as_secs().max(1);
-    let start = t - t % step;
-    if start == started - started % step {
+    let start = super::interval_start(t, limits.interval);
+    if start == super::interval_start(started, limits.interval) {
         return Interval::This;
     }
     u32::try_from(start).map_or(Interval::OutOfWindow, Interval::Other)

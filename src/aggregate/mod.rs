@@ -65,6 +65,19 @@ pub struct AggregateLimits {
     pub interval: Duration,
 }
 
+/// Whether a sample stamped `t` is within `window` (`timestamp_window`)
+/// of an interval that started at `started` (both Unix seconds).
+pub fn within_window(t: u64, started: u64, window: Duration) -> bool {
+    let window = window.as_secs();
+    t.saturating_add(window) >= started && t <= started.saturating_add(window)
+}
+
+/// The start of the flush interval (`interval` long) that `t` falls in,
+/// Unix seconds.
+pub fn interval_start(t: u64, interval: Duration) -> u64 {
+    t - t % interval.as_secs().max(1)
+}
+
 /// One interval: its id and start, its counts, events and late samples.
 /// Its keys' values are column `id % 2` of its [`series::Series`].
 #[derive(Debug)]

@@ -155,16 +155,16 @@ impl OtlpIngest {
         };
         self.telemetry
             .record_block(&self.telemetry.otlp_blocks, &stats);
-        let o = &self.telemetry.otlp;
-        for (c, n) in o.points.iter().zip(converted.outcomes) {
+        // Points the apply refused for tallyd's limits were counted as
+        // applied by the conversion.
+        let limits = u64::from(rejected_by_limits);
+        let mut outcomes = converted.outcomes;
+        let applied = &mut outcomes[Outcome::Applied as usize];
+        *applied = applied.saturating_sub(limits);
+        outcomes[Outcome::Limits as usize] += limits;
+        for (c, n) in self.telemetry.otlp.points.iter().zip(outcomes) {
             c.fetch_add(n, Relaxed);
         }
-        let limits = u64::from(rejected_by_limits);
-        o.points[Outcome::Limits as usize].fetch_add(limits, Relaxed);
-        o.points[Outcome::Applied as usize].fetch_sub(
-            limits.min(converted.outcomes[Outcome::Applied as usize]),
-            Relaxed,
-        );
         if let Some(wal) = &self.recorder.wal
             && !wal.wait_durable(ticket).await
         {
@@ -227,8 +227,7 @@ impl OtlpIngest {
                 .otlp(&bytes, &record.batches, scratch, &mut stats)?;
         stats.blocks = 1;
         stats.bytes = bytes.len() as u64;
-        guard.commit();
-        let (series, series_bytes) = self.temporality.size();
+        let (series, series_bytes) = guard.commit();
         self.telemetry.otlp.series.store(series as u64, Relaxed);
         self.telemetry
             .otlp

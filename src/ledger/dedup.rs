@@ -407,24 +407,12 @@ impl Dedup {
     /// Writes a [`Dedup::snapshot`] durably: an append and its sync, or an
     /// atomic rewrite. A failure makes the next write a rewrite.
     pub fn write(&self, snapshot: &DedupWrite) -> io::Result<()> {
-        let written = match snapshot {
-            DedupWrite::Append(chunk) => self
-                .fs
-                .append(&self.path, chunk.as_bytes())
-                .and_then(|f| self.fs.sync(&self.path, &f))
-                .map(|()| chunk.len() as u64),
-            DedupWrite::Rewrite(all) => self
-                .fs
-                .write_atomic(&self.path, all.as_bytes())
-                .map(|()| all.len() as u64),
+        let (text, rewrite) = match snapshot {
+            DedupWrite::Append(chunk) => (chunk, false),
+            DedupWrite::Rewrite(all) => (all, true),
         };
-        let mut log = lock(&self.log_bytes);
-        match (&written, snapshot) {
-            (Ok(n), DedupWrite::Append(_)) => *log = log.map(|b| b + n),
-            (Ok(n), DedupWrite::Rewrite(_)) => *log = Some(*n),
-            (Err(_), _) => *log = None,
-        }
-        written.map(|_| ())
+        let fs = self.fs.as_ref();
+        crate::fs::write_log(fs, &self.path, text.as_bytes(), rewrite, &self.log_bytes)
     }
 
     /// A snapshot was taken but will not be written (the WAL sync before

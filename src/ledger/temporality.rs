@@ -348,12 +348,14 @@ impl Guard<'_> {
         self.staged.values()
     }
 
-    /// Applies the staged marks (after the request's WAL append).
-    pub fn commit(mut self) {
+    /// Applies the staged marks (after the request's WAL append); returns
+    /// the series remembered and their bytes after it.
+    pub fn commit(mut self) -> (usize, u64) {
         let now = self.now;
         for (_, m) in std::mem::take(&mut self.staged) {
             apply(&mut self.inner, m, now);
         }
+        self.size()
     }
 
     /// Series remembered and their estimated bytes (without the staged).
@@ -761,24 +763,12 @@ impl Temporality {
     /// Writes a [`Temporality::snapshot`] durably: an append and its sync,
     /// or an atomic rewrite. A failure makes the next write a rewrite.
     pub fn write(&self, snapshot: &StateWrite) -> io::Result<()> {
-        let written = match snapshot {
-            StateWrite::Append(chunk) => self
-                .fs
-                .append(&self.path, chunk)
-                .and_then(|f| self.fs.sync(&self.path, &f))
-                .map(|()| chunk.len() as u64),
-            StateWrite::Rewrite(all) => self
-                .fs
-                .write_atomic(&self.path, all)
-                .map(|()| all.len() as u64),
+        let (bytes, rewrite) = match snapshot {
+            StateWrite::Append(chunk) => (chunk, false),
+            StateWrite::Rewrite(all) => (all, true),
         };
-        let mut log = lock(&self.log_bytes);
-        match (&written, snapshot) {
-            (Ok(n), StateWrite::Append(_)) => *log = log.map(|b| b + n),
-            (Ok(n), StateWrite::Rewrite(_)) => *log = Some(*n),
-            (Err(_), _) => *log = None,
-        }
-        written.map(|_| ())
+        let fs = self.fs.as_ref();
+        crate::fs::write_log(fs, &self.path, bytes, rewrite, &self.log_bytes)
     }
 
     /// A snapshot was taken but will not be written (the WAL sync before

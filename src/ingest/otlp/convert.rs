@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
-use crate::aggregate::sketch;
+use crate::aggregate::{self, sketch};
 use crate::ledger::temporality::{Delta, Guard, Mark, Verdict};
 use crate::protocol::otlp::{self, Kind, Point, Temporality, Value, metrics};
 use crate::protocol::proto::pb;
@@ -136,18 +136,18 @@ pub fn convert(
         if let Err(why) = within_limits(&p, &cx.limits) {
             return out.refuse(Outcome::Limits, || why);
         }
+        // The interval of its time, within the window, as a `|T` sample's.
         let secs = p.time / 1_000_000_000;
-        let (started, window) = (cx.started.as_secs(), cx.window.as_secs());
-        if secs.saturating_add(window) < started || secs > started.saturating_add(window) {
+        if !aggregate::within_window(secs, cx.started.as_secs(), cx.window) {
             return out.refuse(Outcome::OutOfWindow, || {
                 format!(
                     "a point of {} is further than aggregate.timestamp_window ({} s) from now",
-                    p.name, window
+                    p.name,
+                    cx.window.as_secs()
                 )
             });
         }
-        let step = cx.interval.as_secs().max(1);
-        let interval_start = secs - secs % step;
+        let interval_start = aggregate::interval_start(secs, cx.interval);
         let verdict = guard.judge(&p, cx.budget);
         if verdict.moves() {
             guard.stage(&p);
