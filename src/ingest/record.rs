@@ -118,11 +118,22 @@ impl Recorder {
     /// (if there is one), in the current generation, which the returned
     /// [`Recorded`] holds until it is applied.
     pub fn record_batch(&self, raw: &[u8], scratch: &Scratch) -> Result<Recorded, AppendError> {
+        self.record(Kind::Proto, raw, scratch)
+    }
+
+    /// Records `payload` of `kind` in the WAL (if there is one), in the
+    /// current generation, after its start record.
+    fn record(
+        &self,
+        kind: Kind,
+        payload: &[u8],
+        scratch: &Scratch,
+    ) -> Result<Recorded, AppendError> {
         let generation = self.aggregator.current();
         let ticket = match &self.wal {
             Some(wal) => {
                 record_start(wal, scratch.wal_stream, &generation)?;
-                wal.append(scratch.wal_stream, generation.id, Kind::Proto, raw)?
+                wal.append(scratch.wal_stream, generation.id, kind, payload)?
             }
             None => 0,
         };
@@ -154,23 +165,14 @@ impl Recorder {
         scratch: &mut Scratch,
         stats: &mut BlockStats,
     ) -> Result<(u64, u32), AppendError> {
-        let generation = self.aggregator.current();
-        let ticket = match &self.wal {
-            Some(wal) => {
-                record_start(wal, scratch.wal_stream, &generation)?;
-                wal.append(scratch.wal_stream, generation.id, Kind::Otlp, record)?
-            }
-            None => 0,
-        };
+        let recorded = self.record(Kind::Otlp, record, scratch)?;
         let mut rejected = 0;
         for b in batches {
             if let Ok(batch) = BatchView::decode(b) {
-                rejected += self
-                    .aggregator
-                    .apply_batch(&generation, &batch, scratch, stats);
+                rejected += self.apply_recorded(&recorded, &batch, scratch, stats);
             }
         }
-        Ok((ticket, rejected))
+        Ok((recorded.ticket, rejected))
     }
 
     /// With `wal.sync = always`, syncs what this blocking thread appended to
