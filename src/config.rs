@@ -4,7 +4,8 @@
 //! Precedence: flag > environment > file > default. Unknown keys in the file
 //! are an error naming the key; a bad value is an error naming its field.
 //! The ClickHouse password comes only from the file or from
-//! `TALLYD_CLICKHOUSE_PASSWORD`, never from a flag.
+//! `TALLYD_CLICKHOUSE_PASSWORD`, and the admin token from the file,
+//! `admin_token_file` or `TALLYD_ADMIN_TOKEN`: never from a flag.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,8 +26,14 @@ pub struct Settings {
     pub host_id: String,
     pub data_dir: String,
     pub log_level: String,
-    /// `/health` and `/metrics`; `off` disables.
+    /// `/health`, `/metrics`, the explorer and its API; `off` disables.
     pub admin: String,
+    /// The bearer token the admin API and `/metrics` require (needed when
+    /// `admin` is not on loopback). Prefer `admin_token_file` or
+    /// `TALLYD_ADMIN_TOKEN`.
+    pub admin_token: String,
+    /// A file holding the admin token (its first line).
+    pub admin_token_file: String,
     pub shutdown_timeout: String,
     pub statsd: StatsdSettings,
     pub aggregate: AggregateSettings,
@@ -306,6 +313,8 @@ impl Default for Settings {
             data_dir: "/var/lib/tallyd".into(),
             log_level: "info".into(),
             admin: "127.0.0.1:8127".into(),
+            admin_token: String::new(),
+            admin_token_file: String::new(),
             shutdown_timeout: "30s".into(),
             statsd: StatsdSettings::default(),
             aggregate: AggregateSettings::default(),

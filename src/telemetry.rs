@@ -167,6 +167,8 @@ pub struct Telemetry {
     pub gauges_aged_out: AtomicU64,
     /// Unix ms of the last block the WAL refused as full (0: never).
     pub wal_refused_ms: AtomicU64,
+    /// Admin requests refused for a missing or wrong token.
+    pub admin_refused: AtomicU64,
 }
 
 impl Telemetry {
@@ -327,6 +329,12 @@ impl Telemetry {
                 c,
             );
         }
+        m.counter(
+            "tallyd_admin_refused_total",
+            "Admin requests (API, /metrics) refused for a missing or wrong token.",
+            "",
+            &self.admin_refused,
+        );
         m.counter(
             "tallyd_tcp_connections_total",
             "Stream connections accepted: StatsD and protobuf over TCP, DogStatsD over a Unix stream socket.",

@@ -20,6 +20,7 @@
 
 pub mod acc;
 mod apply;
+pub mod census;
 mod forwarded;
 pub mod key;
 pub mod series;
@@ -353,6 +354,15 @@ impl Aggregator {
     /// series table (a replayed interval's keys stay for the live ones).
     pub fn generation(&self, id: u64, started: Duration) -> Generation {
         Generation::in_table(Arc::clone(&self.series), id, started)
+    }
+
+    /// Every live key counted per metric (one scan of the series table;
+    /// see [`census`]), with the open interval's samples.
+    pub fn census(&self) -> census::Census {
+        let column = (self.current().id & 1) as usize;
+        let mut tally = census::Tally::default();
+        self.series.scan(column, |key, value| tally.add(key, value));
+        tally.finish()
     }
 
     /// Keys in the series table (this interval's and the last one's).

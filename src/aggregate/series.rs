@@ -201,6 +201,29 @@ impl Series {
         }
     }
 
+    /// Gives every live key, with its value in column `column` if it has
+    /// one, to `each`, under its shard's lock (`CHUNK` slots a hold, so
+    /// ingest into a shard waits at most that long). For the census of
+    /// the admin API; the table is not changed.
+    pub fn scan(&self, column: usize, mut each: impl FnMut(&[u8], Option<&Acc>)) {
+        for i in 0..self.shards.len() {
+            let mut from = 0;
+            loop {
+                let shard = self.lock(i);
+                let end = shard.slots.len().min(from + CHUNK);
+                for id in from..end {
+                    if shard.slots[id].at != FREE {
+                        each(shard.key(id), shard.slots[id].values[column & 1].as_ref());
+                    }
+                }
+                from = end;
+                if end == shard.slots.len() {
+                    break;
+                }
+            }
+        }
+    }
+
     /// The value of `key` in column `column`, for tests and tools.
     pub fn get(&self, column: usize, key: &[u8]) -> Option<ValueRef<'_>> {
         let hash = self.hash(key);

@@ -33,6 +33,19 @@ impl Settings {
         if let Ok(pw) = std::env::var("TALLYD_CLICKHOUSE_PASSWORD") {
             settings.clickhouse.password = pw;
         }
+        if let Ok(token) = std::env::var("TALLYD_ADMIN_TOKEN") {
+            settings.admin_token = token;
+        }
+        if settings.admin_token.is_empty() && !settings.admin_token_file.is_empty() {
+            let path = &settings.admin_token_file;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                err("admin_token_file", format!("cannot read {path:?}: {e}"))
+            })?;
+            settings.admin_token = text.lines().next().unwrap_or("").trim().to_owned();
+            if settings.admin_token.is_empty() {
+                return Err(err("admin_token_file", format!("{path:?} holds no token")));
+            }
+        }
         overrides.apply(&mut settings);
         Ok(settings)
     }
@@ -47,6 +60,9 @@ impl Settings {
         }
         if !shown.clickhouse.password.is_empty() {
             shown.clickhouse.password = "<redacted>".into();
+        }
+        if !shown.admin_token.is_empty() {
+            shown.admin_token = "<redacted>".into();
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print settings: {e}\n"))
     }
@@ -221,6 +237,7 @@ impl Settings {
                 )
             })?,
             admin: listen("admin", &self.admin)?,
+            admin_token: admin_token(listen("admin", &self.admin)?, &self.admin_token)?,
             shutdown_timeout: duration("shutdown_timeout", &self.shutdown_timeout)?,
             statsd_udp: listen("statsd.udp", &s.udp)?,
             statsd_tcp: listen("statsd.tcp", &s.tcp)?,
@@ -290,6 +307,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log_level: LevelFilter,
     pub admin: Option<SocketAddr>,
+    /// Required of admin API requests when set.
+    pub admin_token: Option<String>,
     pub shutdown_timeout: Duration,
     pub statsd_udp: Option<SocketAddr>,
     pub statsd_tcp: Option<SocketAddr>,
@@ -621,5 +640,20 @@ fn socket_path(field: &str, path: &str) -> Result<Option<PathBuf>, ConfigError> 
         "" | "off" => Ok(None),
         p if !p.starts_with('/') => Err(err(field, format!("{p:?} is not an absolute path"))),
         p => Ok(Some(PathBuf::from(p))),
+    }
+}
+
+/// The admin token, checked: required when the admin listener is not on
+/// loopback (its API reads ClickHouse and names every metric).
+fn admin_token(admin: Option<SocketAddr>, token: &str) -> Result<Option<String>, ConfigError> {
+    let token = token.trim();
+    match admin {
+        Some(addr) if !addr.ip().is_loopback() && token.is_empty() => Err(err(
+            "admin_token",
+            format!("admin listens on {addr}, off loopback: set admin_token_file (or TALLYD_ADMIN_TOKEN) so that its API needs a token, or bind it to 127.0.0.1"),
+        )),
+        _ if token.len() > 4096 => Err(err("admin_token", "is longer than 4096 bytes")),
+        _ if token.is_empty() => Ok(None),
+        _ => Ok(Some(token.to_owned())),
     }
 }

@@ -60,6 +60,29 @@ impl Kind {
     }
 }
 
+/// One chart's rows: a metric of a type, narrowed by tags and a host,
+/// over `[from, to)` (Unix seconds) from `source`.
+#[derive(Debug, Clone, Copy)]
+pub struct Chart<'a> {
+    pub database: &'a str,
+    pub kind: Kind,
+    pub name: &'a str,
+    /// Every one must be on a row (`k:v` each).
+    pub tags: &'a [String],
+    pub host: Option<&'a str>,
+    pub from: u32,
+    pub to: u32,
+    pub source: Source,
+}
+
+/// How a chart splits into series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group<'a> {
+    /// By the value of a tag key: `key:value`, or `""` for rows without it.
+    Tag(&'a str),
+    Host,
+}
+
 /// The SQL of series `name` (with every tag of `tags`, `k:v` each) per
 /// period of `source` over `[from, to)`, summed across hosts and writers:
 /// - counters: `ts, value, samples`;
@@ -76,16 +99,91 @@ pub fn series(
     to: u32,
     source: Source,
 ) -> String {
-    let db = quote_ident(database);
-    let t = kind.table();
-    let mut filter = format!("name = {}", literal(name));
-    for tag in tags {
+    let chart = Chart {
+        database,
+        kind,
+        name,
+        tags,
+        host: None,
+        from,
+        to,
+        source,
+    };
+    select(&chart, "ts", None)
+}
+
+/// The columns of a [`grouped`] statement after `t` and `grp`, by type.
+pub fn columns(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Counter => &["value", "samples"],
+        Kind::Gauge => &["last", "min", "max"],
+        Kind::Timer => &["count", "p50", "p90", "p99", "max"],
+        Kind::Set => &["uniques"],
+    }
+}
+
+/// The SQL of the `n` groups of `group` with the most (counters: the
+/// largest sum; timers: the most samples; gauges and sets: the most rows)
+/// over the chart's range, as `grp, total` rows, largest first.
+pub fn top_groups(chart: &Chart<'_>, group: Group<'_>, n: u32) -> String {
+    let total = match chart.kind {
+        Kind::Counter => "sum(value)",
+        Kind::Timer => "sum(count)",
+        Kind::Gauge | Kind::Set => "count()",
+    };
+    let (from, to) = (chart.from, chart.to);
+    format!(
+        "SELECT {} AS grp, {total} AS total\nFROM {}\nWHERE ts >= toDateTime({from}) AND ts < toDateTime({to})\nGROUP BY grp ORDER BY total DESC, grp LIMIT {n}",
+        group_expr(group),
+        rows(chart)
+    )
+}
+
+/// The SQL of a chart per period as `t` (Unix seconds), `grp` (`'all'`
+/// without a group; else the group's value if it is one of `top`, or
+/// `'other'`) and the [`columns`] of its type.
+pub fn grouped(chart: &Chart<'_>, group: Option<(Group<'_>, &[String])>) -> String {
+    let label = match group {
+        None => "'all'".to_string(),
+        Some((_, [])) => "'other'".to_string(),
+        Some((g, top)) => {
+            let list: Vec<String> = top.iter().map(|v| literal(v)).collect();
+            format!("if({} IN ({}), {}, 'other')", group_expr(g), list.join(", "), group_expr(g))
+        }
+    };
+    select(chart, "toUInt32(ts) AS t", Some(&label))
+}
+
+/// A group's value on a row.
+fn group_expr(group: Group<'_>) -> String {
+    match group {
+        Group::Host => "host".to_string(),
+        Group::Tag(key) => {
+            let prefix = format!("{key}:");
+            format!(
+                "arrayFirst(x -> substring(x, 1, {}) = {}, tags)",
+                prefix.len(),
+                literal(&prefix)
+            )
+        }
+    }
+}
+
+/// The chart's rows, read by the sorting key (a subquery: 18.16 uses the
+/// primary index only for a condition on the key's own expression, see
+/// `sql::rollup`, and refuses a FINAL query that selects one).
+fn rows(chart: &Chart<'_>) -> String {
+    let db = quote_ident(chart.database);
+    let t = chart.kind.table();
+    let (from, to) = (chart.from, chart.to);
+    let mut filter = format!("name = {}", literal(chart.name));
+    for tag in chart.tags {
         filter.push_str(&format!(" AND has(tags, {})", literal(tag)));
     }
-    // 18.16 uses the primary index only for a condition on the sorting
-    // key's own expression (see `sql::rollup`), and refuses a FINAL query
-    // that selects one: the rows come from a subquery.
-    let rows = match source {
+    if let Some(host) = chart.host {
+        filter.push_str(&format!(" AND host = {}", literal(host)));
+    }
+    match chart.source {
         Source::Raw => format!(
             "(SELECT * FROM {db}.{} FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute(toDateTime({from})) AND toStartOfMinute(ts) < toDateTime({to}) AND {filter})",
             ROLLED[t],
@@ -99,8 +197,14 @@ pub fn series(
             "(SELECT * FROM {db}.{} FINAL WHERE {filter} AND ts >= toDateTime({from}) AND ts < toDateTime({to}))",
             table(t, Resolution::Hour)
         ),
-    };
-    let raw = source == Source::Raw;
+    }
+}
+
+/// The per-period statement: `ts_expr` first, then `label AS grp` if
+/// given, then the type's values.
+fn select(chart: &Chart<'_>, ts_expr: &str, label: Option<&str>) -> String {
+    let (kind, from, to) = (chart.kind, chart.from, chart.to);
+    let raw = chart.source == Source::Raw;
     let values = match kind {
         Kind::Counter => "sum(value) AS value, sum(samples) AS samples".to_string(),
         Kind::Gauge if raw => {
@@ -122,18 +226,38 @@ pub fn series(
     } else {
         ""
     };
+    let first = ts_expr.rsplit(' ').next().unwrap_or(ts_expr);
+    let (grp, by) = match label {
+        Some(l) => (format!(", {l} AS grp"), format!("{first}, grp")),
+        None => (String::new(), first.to_string()),
+    };
     let select = format!(
-        "SELECT ts, {values}{timer}\nFROM {rows}\nWHERE ts >= toDateTime({from}) AND ts < toDateTime({to})\nGROUP BY ts ORDER BY ts"
+        "SELECT {ts_expr}{grp}, {values}{timer}\nFROM {}\nWHERE ts >= toDateTime({from}) AND ts < toDateTime({to})\nGROUP BY {by} ORDER BY {by}",
+        rows(chart)
     );
     if kind == Kind::Timer {
-        format!("SELECT ts, r_count AS count, p50, p90, p99, r_max AS max FROM (\n{select}\n)")
+        let g = if label.is_some() { "grp, " } else { "" };
+        format!(
+            "SELECT {first}, {g}r_count AS count, p50, p90, p99, r_max AS max FROM (\n{select}\n)"
+        )
     } else {
         select
     }
 }
 
-/// A ClickHouse string literal.
-fn literal(s: &str) -> String {
+/// The SQL of the DogStatsD events over `[from, to)` (by their
+/// interval), oldest first, at most `limit`: `t` (Unix seconds), `title`,
+/// `text`, `alert_type`, `host`, `tags`.
+pub fn events(database: &str, from: u32, to: u32, limit: u32) -> String {
+    format!(
+        "SELECT toUInt32(ts) AS t, title, text, alert_type, host, tags\nFROM (SELECT * FROM {}.events FINAL WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}))\nORDER BY t LIMIT {limit}",
+        quote_ident(database)
+    )
+}
+
+/// A ClickHouse string literal (a backslash and a quote escaped: every
+/// other byte stands for itself in a quoted string).
+pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 

@@ -14,6 +14,7 @@ impl Running {
             ("statsd.udp", old.statsd_udp != new.statsd_udp),
             ("statsd.tcp", old.statsd_tcp != new.statsd_tcp),
             ("admin", old.admin != new.admin),
+            ("admin_token", old.admin_token != new.admin_token),
             ("proto", old.proto != new.proto),
             ("data_dir", old.data_dir != new.data_dir),
             ("wal", old.wal != new.wal),

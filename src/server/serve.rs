@@ -51,6 +51,7 @@ pub(super) async fn serve(
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let (stop, stop_rx) = watch::channel(false);
+    let (sink_config, sink_config_rx) = watch::channel(config.sink.clone());
     let state = Arc::new(AdminState {
         telemetry: Arc::clone(&telemetry),
         aggregator: Arc::clone(&aggregator),
@@ -59,9 +60,16 @@ pub(super) async fn serve(
         proto_udp_inodes: udp::inodes(&proto_udp_sockets),
         wal: wal.clone(),
         ledger: Arc::clone(&ledger),
+        explore: admin::api::Explore {
+            sink: sink_config.subscribe(),
+            retention: config.retention,
+            flush_interval: config.flush_interval,
+        },
+        host: config.host_id.clone(),
+        token: config.admin_token.clone(),
+        census: tokio::sync::Mutex::new(None),
     });
 
-    let (sink_config, sink_config_rx) = watch::channel(config.sink.clone());
     let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry))
         .with_reload(sink_config_rx)
         .with_ledger(Arc::clone(&ledger));

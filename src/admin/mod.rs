@@ -1,4 +1,10 @@
-//! The admin endpoint: `GET /health` and `GET /metrics` (Prometheus text).
+//! The admin listener: `GET /health`, `GET /metrics` (Prometheus text),
+//! the explorer and status pages (`/`, `/status`, their assets served
+//! from the binary) and the JSON API under `/api/` ([`api`], [`status`]).
+//!
+//! Bound off loopback, every request but `/health` and the page assets
+//! needs `Authorization: Bearer <admin token>` (compared in constant
+//! time); a refusal is counted in `tallyd_admin_refused_total`.
 //!
 //! `/health` answers 200 `ok` once ready; 503 `not ready` before that and
 //! while stopping; 503 `degraded: …` naming each problem while:
@@ -25,7 +31,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub mod api;
+mod page;
+pub mod status;
+
 use crate::aggregate::Aggregator;
+use crate::aggregate::census::Census;
 use crate::ingest::udp;
 use crate::telemetry::Telemetry;
 use crate::wal::Wal;
@@ -45,7 +56,20 @@ pub struct AdminState {
     pub proto_udp_inodes: Vec<u64>,
     pub wal: Option<Arc<Wal>>,
     pub ledger: Arc<crate::ledger::Ledger>,
+    /// The explorer's ClickHouse and the rollup rule's inputs.
+    pub explore: api::Explore,
+    /// The rows' host (shown on the status page).
+    pub host: String,
+    /// Required of API requests when set (`admin_token_file` or
+    /// `TALLYD_ADMIN_TOKEN`).
+    pub token: Option<String>,
+    /// The last census and when it was taken (one scan serves every
+    /// request within [`CENSUS_AGE`]).
+    pub census: tokio::sync::Mutex<Option<(std::time::Instant, Arc<Census>)>>,
 }
+
+/// How long a census serves before the series table is scanned again.
+pub const CENSUS_AGE: Duration = Duration::from_secs(2);
 
 impl AdminState {
     /// `/metrics`: the counters plus values read at scrape time.
@@ -146,33 +170,151 @@ impl AdminState {
         p
     }
 
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let (status, body) = match (req.method(), req.uri().path()) {
-            (&Method::GET, "/health") if self.ready.load(Relaxed) => match self.problems() {
-                p if p.is_empty() => (StatusCode::OK, "ok\n".to_owned()),
-                p => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("degraded: {}\n", p.join("; ")),
-                ),
-            },
-            (&Method::GET, "/health") => {
-                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
-            }
-            (&Method::GET, "/metrics") => (StatusCode::OK, self.metrics()),
-            (&Method::GET, _) => (
-                StatusCode::NOT_FOUND,
-                "not found: try /health or /metrics\n".to_owned(),
-            ),
-            _ => (StatusCode::METHOD_NOT_ALLOWED, "GET only\n".to_owned()),
-        };
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-        );
-        resp
+    /// `/health`'s status word and problems.
+    fn health(&self) -> (&'static str, Vec<String>) {
+        if !self.ready.load(Relaxed) {
+            return ("not ready", Vec::new());
+        }
+        match self.problems() {
+            p if p.is_empty() => ("ok", p),
+            p => ("degraded", p),
+        }
     }
+
+    /// The census, scanned again when older than [`CENSUS_AGE`] (off the
+    /// tokio workers: a scan of a million keys takes tens of ms).
+    async fn census(&self) -> Arc<Census> {
+        let mut cached = self.census.lock().await;
+        if let Some((at, c)) = cached.as_ref()
+            && at.elapsed() < CENSUS_AGE
+        {
+            return Arc::clone(c);
+        }
+        let aggregator = Arc::clone(&self.aggregator);
+        let census = tokio::task::spawn_blocking(move || aggregator.census())
+            .await
+            .map(Arc::new)
+            .unwrap_or_default();
+        *cached = Some((std::time::Instant::now(), Arc::clone(&census)));
+        census
+    }
+
+    /// Whether `req` may read the API: no token is set, or it carries it.
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        req.headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes()))
+    }
+
+    async fn respond(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_owned();
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+        }
+        match path.as_str() {
+            "/health" => {
+                return match self.health() {
+                    ("ok", _) => text(StatusCode::OK, "ok\n".into()),
+                    ("degraded", p) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("degraded: {}\n", p.join("; ")),
+                    ),
+                    _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+                };
+            }
+            p if page::asset(p).is_some() => {
+                if let Some((kind, body)) = page::asset(p) {
+                    return page::response(kind, body);
+                }
+            }
+            _ => {}
+        }
+        if !self.authorized(&req) {
+            self.telemetry.admin_refused.fetch_add(1, Relaxed);
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                "this admin listener needs Authorization: Bearer <token> (admin_token_file or TALLYD_ADMIN_TOKEN)",
+            );
+        }
+        let now = crate::clock::wall_clock();
+        let now_secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+        let params = match api::Params::parse(req.uri().query()) {
+            Ok(p) => p,
+            Err(e) => return json_error(e.status, &e.message),
+        };
+        let answer = match path.as_str() {
+            "/metrics" => return text(StatusCode::OK, self.metrics()),
+            "/api/status" => {
+                let census = self.census().await;
+                let open = now.saturating_sub(self.aggregator.current().started);
+                Ok(status::Status {
+                    time: now.as_secs_f64(),
+                    host: &self.host,
+                    flush_interval: self.explore.flush_interval.as_secs().max(1),
+                    health: self.health(),
+                    metrics: &self.metrics(),
+                    census: &census,
+                    open_secs: open.as_secs_f64(),
+                }
+                .to_json())
+            }
+            "/api/metrics" => api::metrics(&*self.census().await, &params),
+            "/api/series" => match api::ChartRequest::parse(&params, now_secs) {
+                Ok(chart) => self.explore.series(&chart, now_secs).await,
+                Err(e) => Err(e),
+            },
+            "/api/events" => self.explore.events(&params, now_secs).await,
+            _ => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    "not found: try /, /status, /health, /metrics or /api/status\n".into(),
+                );
+            }
+        };
+        match answer {
+            Ok(v) => json(StatusCode::OK, &v),
+            Err(e) => json_error(e.status, &e.message),
+        }
+    }
+}
+
+/// Equal bytes, compared in time that depends on the lengths only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(v.to_string())));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message }))
 }
 
 fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
@@ -276,8 +418,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let resp = state.respond(&req);
-                async move { Ok::<_, Infallible>(resp) }
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(state.respond(req).await) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
