@@ -192,7 +192,9 @@ impl ChartRequest {
         }
         let points = p.number::<u32>("points")?.unwrap_or(MAX_POINTS);
         if !(1..=MAX_POINTS).contains(&points) {
-            return Err(bad(format!("points must be 1 to {MAX_POINTS}, not {points}")));
+            return Err(bad(format!(
+                "points must be 1 to {MAX_POINTS}, not {points}"
+            )));
         }
         let (from, to) = time_range(p, now)?;
         Ok(ChartRequest {
@@ -312,7 +314,9 @@ impl Explore {
             let mut point = vec![number(t)];
             for c in columns {
                 point.push(match (*c, req.kind) {
-                    ("rate", _) => number(row.get("value").and_then(as_f64).unwrap_or(f64::NAN) / f64::from(step)),
+                    ("rate", _) => number(
+                        row.get("value").and_then(as_f64).unwrap_or(f64::NAN) / f64::from(step),
+                    ),
                     ("sum", _) => number(row.get("value").and_then(as_f64).unwrap_or(f64::NAN)),
                     (c, _) => number(row.get(c).and_then(as_f64).unwrap_or(f64::NAN)),
                 });

@@ -32,11 +32,11 @@ pub fn response(kind: &'static str, body: &'static str) -> Response<Full<Bytes>>
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(kind));
+    h.insert("content-security-policy", HeaderValue::from_static(POLICY));
     h.insert(
-        "content-security-policy",
-        HeaderValue::from_static(POLICY),
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
     );
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }

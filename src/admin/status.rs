@@ -110,7 +110,12 @@ impl Status<'_> {
             .take(TOP)
             .map(|m| json!({"name": m.name, "type": m.kind, "keys": m.keys}))
             .collect();
-        let mut by_samples: Vec<_> = self.census.metrics.iter().filter(|m| m.samples > 0).collect();
+        let mut by_samples: Vec<_> = self
+            .census
+            .metrics
+            .iter()
+            .filter(|m| m.samples > 0)
+            .collect();
         by_samples.sort_by(|a, b| b.samples.cmp(&a.samples).then_with(|| a.name.cmp(&b.name)));
         let age = self.open_secs.max(0.001);
         let top_samples: Vec<Value> = by_samples
@@ -147,7 +152,10 @@ mod tests {
         assert_eq!((s[0].name, s[0].value), ("a", 3.0));
         assert_eq!(
             s[1].labels,
-            vec![("reason", "wal_full".to_string()), ("x", "q\"u\\o".to_string())]
+            vec![
+                ("reason", "wal_full".to_string()),
+                ("x", "q\"u\\o".to_string())
+            ]
         );
         assert_eq!(s[1].value, 1.5);
         assert!(s[2].value.is_infinite());

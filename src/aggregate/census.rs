@@ -139,7 +139,10 @@ mod tests {
             let tags = format!("path:{path},env:prod");
             t.add(
                 k.build(MetricType::Counter, b"req", tags.as_bytes()),
-                Some(&Acc::Counter { sum: 1.0, samples: 2 }),
+                Some(&Acc::Counter {
+                    sum: 1.0,
+                    samples: 2,
+                }),
             );
         }
         t.add(k.build(MetricType::Gauge, b"req", b""), None);
@@ -156,7 +159,10 @@ mod tests {
                 tag_keys: vec!["env".into(), "path".into()],
             }
         );
-        assert_eq!((c.metrics[1].name.as_str(), c.metrics[1].kind), ("lat", "timer"));
+        assert_eq!(
+            (c.metrics[1].name.as_str(), c.metrics[1].kind),
+            ("lat", "timer")
+        );
         assert_eq!(c.metrics[1].tag_keys, vec!["host".to_string()]);
         assert_eq!((c.metrics[2].kind, c.metrics[2].keys), ("gauge", 1));
     }

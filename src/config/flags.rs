@@ -14,7 +14,7 @@ pub struct Overrides {
     /// StatsD TCP listen address, or `off` [default: 127.0.0.1:8125]
     #[arg(long, env = "TALLYD_STATSD_TCP", value_name = "ADDR")]
     pub statsd_tcp: Option<String>,
-    /// Admin HTTP address (/health, /metrics), or `off` [default: 127.0.0.1:8127]
+    /// Admin HTTP address (/health, /metrics, the explorer and its API), or `off` [default: 127.0.0.1:8127]
     #[arg(long, env = "TALLYD_ADMIN", value_name = "ADDR")]
     pub admin: Option<String>,
     /// ClickHouse HTTP URL [default: http://127.0.0.1:8123]

@@ -38,9 +38,8 @@ impl Settings {
         }
         if settings.admin_token.is_empty() && !settings.admin_token_file.is_empty() {
             let path = &settings.admin_token_file;
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                err("admin_token_file", format!("cannot read {path:?}: {e}"))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err("admin_token_file", format!("cannot read {path:?}: {e}")))?;
             settings.admin_token = text.lines().next().unwrap_or("").trim().to_owned();
             if settings.admin_token.is_empty() {
                 return Err(err("admin_token_file", format!("{path:?} holds no token")));
@@ -650,7 +649,9 @@ fn admin_token(admin: Option<SocketAddr>, token: &str) -> Result<Option<String>,
     match admin {
         Some(addr) if !addr.ip().is_loopback() && token.is_empty() => Err(err(
             "admin_token",
-            format!("admin listens on {addr}, off loopback: set admin_token_file (or TALLYD_ADMIN_TOKEN) so that its API needs a token, or bind it to 127.0.0.1"),
+            format!(
+                "admin listens on {addr}, off loopback: set admin_token_file (or TALLYD_ADMIN_TOKEN) so that its API needs a token, or bind it to 127.0.0.1"
+            ),
         )),
         _ if token.len() > 4096 => Err(err("admin_token", "is longer than 4096 bytes")),
         _ if token.is_empty() => Ok(None),

@@ -148,7 +148,12 @@ pub fn grouped(chart: &Chart<'_>, group: Option<(Group<'_>, &[String])>) -> Stri
         Some((_, [])) => "'other'".to_string(),
         Some((g, top)) => {
             let list: Vec<String> = top.iter().map(|v| literal(v)).collect();
-            format!("if({} IN ({}), {}, 'other')", group_expr(g), list.join(", "), group_expr(g))
+            format!(
+                "if({} IN ({}), {}, 'other')",
+                group_expr(g),
+                list.join(", "),
+                group_expr(g)
+            )
         }
     };
     select(chart, "toUInt32(ts) AS t", Some(&label))

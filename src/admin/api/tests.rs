@@ -23,7 +23,8 @@ fn a_chart_request_is_checked_before_any_sql() {
         .expect("valid");
     assert_eq!((r.kind, r.from, r.to), (Kind::Timer, now - 7 * 86_400, now));
     assert_eq!((r.group, r.top), (Some(GroupBy::Tag("env".into())), 3));
-    let r = ChartRequest::parse(&params("name=req&from=100&to=200&group=host"), now).expect("valid");
+    let r =
+        ChartRequest::parse(&params("name=req&from=100&to=200&group=host"), now).expect("valid");
     assert_eq!((r.from, r.to, r.group), (100, 200, Some(GroupBy::Host)));
     for (q, says) in [
         ("type=counter", "name is required"),
@@ -68,6 +69,9 @@ fn series_are_labelled_by_their_group() {
     assert_eq!(label(&None, "all"), "all");
     assert_eq!(label(&Some(GroupBy::Host), "web-1"), "host:web-1");
     assert_eq!(label(&Some(GroupBy::Tag("env".into())), ""), "env:");
-    assert_eq!(label(&Some(GroupBy::Tag("env".into())), "env:prod"), "env:prod");
+    assert_eq!(
+        label(&Some(GroupBy::Tag("env".into())), "env:prod"),
+        "env:prod"
+    );
     assert_eq!(label(&Some(GroupBy::Tag("env".into())), "other"), "other");
 }

@@ -1,0 +1,261 @@
+//! The explorer and its API against a real tallyd and a real ClickHouse
+//! (18.16, and the modern engine in the chDB lane): exact values read back
+//! through `/api/series`, hostile names and tag values as data and as
+//! parameters, the admin token off loopback, and the pages in Debian's
+//! headless Chromium, read from the DOM (`tests/explorer/browser.rs`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{clickhouse, config, send_tcp, settings, wait_for};
+use serde_json::Value;
+use tallyd::server;
+
+#[path = "explorer/browser.rs"]
+mod browser;
+
+/// A GET on the admin listener: (status, body), with `token` as a bearer
+/// token if given.
+fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").expect("send");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).expect("read");
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+fn json(port: u16, path: &str) -> Value {
+    let (status, body) = get(port, path, None);
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+/// `%XX` for every byte but letters and digits.
+fn encode(s: &[u8]) -> String {
+    s.iter()
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A number from the shared ClickHouse, `None` until its table exists.
+fn number(sql: &str) -> Option<f64> {
+    clickhouse().try_query(sql)?.trim().parse().ok()
+}
+
+fn now() -> u32 {
+    u32::try_from(tallyd::clock::wall_clock().as_secs()).expect("now")
+}
+
+/// The sum of column `col` over every point of every series.
+fn total(v: &Value, col: &str) -> f64 {
+    let at = v["columns"]
+        .as_array()
+        .and_then(|c| c.iter().position(|c| c == col))
+        .expect("column")
+        + 1;
+    v["series"]
+        .as_array()
+        .expect("series")
+        .iter()
+        .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p[at].as_f64())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_and_tags_are_data_never_sql() {
+    let ch = clickhouse();
+    let db = "explorer_hostile";
+    let s = settings(ch, db);
+    let running = server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin").port();
+    let tcp = running.tcp_addr.expect("tcp");
+    // Names and tag values a StatsD line can carry: quotes, backslashes,
+    // SQL, a long name. Each is counted a known number of times.
+    let long = "n".repeat(250);
+    let names = [
+        "a'b".to_string(),
+        "c\\d".to_string(),
+        "x'; DROP TABLE explorer_hostile.counters; --".to_string(),
+        "q\"u`o".to_string(),
+        long.clone(),
+    ];
+    let mut text = String::new();
+    for (i, name) in names.iter().enumerate() {
+        for _ in 0..=i {
+            text.push_str(&format!("{name}:3|c|#v:it's\\here\n"));
+        }
+    }
+    tokio::task::spawn_blocking(move || send_tcp(tcp, &text))
+        .await
+        .expect("send");
+    let stored = wait_for(30, || {
+        number(&format!("SELECT sum(value) FROM {db}.counters FINAL")) == Some(45.0)
+    });
+    assert!(stored, "the lines reached ClickHouse");
+
+    for (i, name) in names.iter().enumerate() {
+        let q = format!(
+            "/api/series?name={}&tag={}&range=15m&group=v",
+            encode(name.as_bytes()),
+            encode(b"v:it's\\here")
+        );
+        let v = tokio::task::spawn_blocking(move || json(admin, &q))
+            .await
+            .expect("get");
+        assert_eq!(total(&v, "sum"), 3.0 * (i as f64 + 1.0), "{name}: {v}");
+        assert_eq!(v["series"][0]["label"], "v:it's\\here", "{name}");
+    }
+    // As parameters only: nothing matches, nothing breaks.
+    for (param, says) in [
+        ("name=%FF%FE".to_string(), Some("not valid UTF-8")),
+        ("name=a&tag=%C3%28".to_string(), Some("not valid UTF-8")),
+        (format!("name={}", "z".repeat(5000)), Some("longer than")),
+        (format!("name=x&group={}", encode(b"'\\)) OR 1=1 --")), None),
+        (
+            format!("name=x&host={}", encode(b"\\'; DROP DATABASE x")),
+            None,
+        ),
+        (
+            format!("name=x&type=set&tag={}", encode(b"k:\0\n\t'")),
+            None,
+        ),
+    ] {
+        let path = format!("/api/series?{param}&range=1h");
+        let (status, body) = tokio::task::spawn_blocking(move || get(admin, &path, None))
+            .await
+            .expect("get");
+        match says {
+            Some(text) => {
+                assert_eq!(status, 400, "{body}");
+                assert!(body.contains(text), "{body}");
+            }
+            None => {
+                assert_eq!(status, 200, "{body}");
+                let v: Value = serde_json::from_str(&body).expect("JSON");
+                assert_eq!(v["series"], serde_json::json!([]), "{body}");
+            }
+        }
+    }
+    // The tables are all still there, and so is every row.
+    assert_eq!(
+        ch.number(&format!("SELECT sum(value) FROM {db}.counters FINAL")),
+        45.0
+    );
+    assert_eq!(running.shutdown().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_off_loopback_needs_its_token() {
+    let ch = clickhouse();
+    let mut s = settings(ch, "explorer_token");
+    s.admin = "0.0.0.0:0".into();
+    let refused = s.validate().expect_err("no token off loopback");
+    assert!(refused.to_string().contains("admin_token"), "{refused}");
+
+    s.admin_token = "s3cret-token".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin").port();
+    let answers = tokio::task::spawn_blocking(move || {
+        [
+            get(admin, "/api/status", None),
+            get(admin, "/api/status", Some("wrong")),
+            get(admin, "/metrics", None),
+            get(admin, "/api/status", Some("s3cret-token")),
+            get(admin, "/health", None),
+            get(admin, "/", None),
+        ]
+    })
+    .await
+    .expect("get");
+    assert_eq!(answers[0].0, 401, "{}", answers[0].1);
+    assert!(answers[0].1.contains("Bearer"), "{}", answers[0].1);
+    assert_eq!(answers[1].0, 401);
+    assert_eq!(answers[2].0, 401);
+    assert_eq!(answers[3].0, 200, "{}", answers[3].1);
+    // Load balancers probe /health; the page holds no data.
+    assert_eq!(answers[4].0, 200);
+    assert_eq!(answers[5].0, 200);
+    assert_eq!(
+        running
+            .telemetry
+            .admin_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert_eq!(running.shutdown().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grouped_counter_and_a_timer_read_back_exact() {
+    let ch = clickhouse();
+    let db = "explorer_values";
+    let s = settings(ch, db);
+    let running = server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin").port();
+    let tcp = running.tcp_addr.expect("tcp");
+    let t0 = now() - 300;
+    let t0 = t0 - t0 % 60;
+    let text = browser::data(t0);
+    tokio::task::spawn_blocking(move || send_tcp(tcp, &text))
+        .await
+        .expect("send");
+    let stored = wait_for(30, || {
+        number(&format!(
+            "SELECT sum(value) FROM {db}.counters FINAL WHERE name = 'shop.orders'"
+        )) == Some(browser::ORDERS_TOTAL)
+    });
+    assert!(stored, "the lines reached ClickHouse");
+    let v = tokio::task::spawn_blocking(move || {
+        json(
+            admin,
+            "/api/series?name=shop.orders&range=15m&group=region&top=3",
+        )
+    })
+    .await
+    .expect("get");
+    assert_eq!(v["resolution"], "raw", "{v}");
+    let labels: Vec<&str> = v["series"]
+        .as_array()
+        .expect("series")
+        .iter()
+        .filter_map(|s| s["label"].as_str())
+        .collect();
+    assert_eq!(labels, ["region:r1", "region:r2", "region:r3", "other"]);
+    for (i, want) in browser::TOP_AND_OTHER.iter().enumerate() {
+        assert_eq!(v["series"][i]["points"][0][0], f64::from(t0), "{v}");
+        // rate (per second of a 1 s interval) and sum.
+        assert_eq!(v["series"][i]["points"][0][1], *want, "{v}");
+        assert_eq!(v["series"][i]["points"][0][2], *want, "{v}");
+    }
+    let v = tokio::task::spawn_blocking(move || {
+        json(admin, "/api/series?name=shop.latency&type=timer&range=15m")
+    })
+    .await
+    .expect("get");
+    let p = &v["series"][0]["points"][0];
+    let p99 = p[3].as_f64().expect("p99");
+    assert!((p99 - 99.0).abs() <= 1.0, "p99 {p99} within 1 % of 99: {v}");
+    assert_eq!(p[5], 100.0, "count: {v}");
+    assert_eq!(p[4], 100.0, "max: {v}");
+    assert_eq!(running.shutdown().await, 0);
+}
