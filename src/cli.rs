@@ -1,4 +1,4 @@
-//! The command line: `tallyd run | check-config | schema | query | wal | send`.
+//! The command line: `tallyd run | check-config | schema | query | top | wal | send`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Overrides, Settings};
 
 mod query;
+mod top;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +38,9 @@ pub enum Command {
     /// Print one series over a range, from raw rows or the rollup the
     /// range needs (README, "Reading rollups").
     Query(query::QueryArgs),
+    /// Watch a running tallyd in the terminal: health, rates, drops, the
+    /// WAL, the backlog and the metrics with the most keys (its admin API).
+    Top(top::TopArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +112,7 @@ pub fn main() -> ExitCode {
         | Command::CheckConfig(args)
         | Command::Schema(SchemaArgs { config: args, .. })
         | Command::Query(query::QueryArgs { config: args, .. })
+        | Command::Top(top::TopArgs { config: args, .. })
         | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args)) => args,
     };
     let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
@@ -125,6 +130,7 @@ pub fn main() -> ExitCode {
         }
         Command::Schema(schema) => schema_command(config, &schema),
         Command::Query(args) => query::query(config, &args),
+        Command::Top(args) => top::top(config, &args),
         Command::Run(args) => run(config, args.config.clone(), args.overrides.clone()),
         // Handled before the configuration is read.
         Command::Send(args) => send(&args),

@@ -259,3 +259,73 @@ async fn a_grouped_counter_and_a_timer_read_back_exact() {
     assert_eq!(p[4], 100.0, "max: {v}");
     assert_eq!(running.shutdown().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tallyd_top_under_tmux_shows_the_exploding_metric_first() {
+    let ch = clickhouse();
+    let s = settings(ch, "explorer_top");
+    let running = server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin");
+    let udp = running.udp_addr.expect("udp");
+    // One metric grows a new tag value per line; two others stay narrow.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sending = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut d = String::from("checkout.latency:3|ms\nqueue.depth:7|g\n");
+                for _ in 0..40 {
+                    d.push_str(&format!("api.requests:1|c|#request_id:{n}\n"));
+                    n += 1;
+                }
+                let _ = sock.send_to(d.as_bytes(), udp);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let dir = common::temp_dir("top");
+    let socket = dir.join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .expect("tmux runs")
+    };
+    let command = format!(
+        "{} top --admin {admin} --every 500ms",
+        env!("CARGO_BIN_EXE_tallyd")
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "140",
+        "-y",
+        "50",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let mut screen = String::new();
+    let found = wait_for(30, || {
+        screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "top"]).stdout)
+            .into_owned();
+        screen
+            .lines()
+            .skip_while(|l| !l.starts_with("TOP METRICS BY KEYS"))
+            .nth(1)
+            .is_some_and(|l| l.starts_with("api.requests ") && !l.contains(" 1   "))
+    });
+    tmux(&["kill-server"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sending.join();
+    browser::keep("tallyd-top.txt", screen.as_bytes());
+    assert!(found, "api.requests is not first by keys:\n{screen}");
+    assert!(screen.contains("udp"), "{screen}");
+    assert_eq!(running.shutdown().await, 0);
+}

@@ -396,6 +396,21 @@ fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
     }
     let _ = writeln!(
         out,
+        "# HELP tallyd_wal_stream_used_bytes WAL bytes holding records not yet confirmed, per stream (one per ingest worker).\n# TYPE tallyd_wal_stream_used_bytes gauge"
+    );
+    let streams = wal.usage_by_stream();
+    for (i, (used, _)) in streams.iter().enumerate() {
+        let _ = writeln!(out, "tallyd_wal_stream_used_bytes{{stream=\"{i}\"}} {used}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tallyd_wal_stream_free_bytes WAL bytes free for new records, per stream.\n# TYPE tallyd_wal_stream_free_bytes gauge"
+    );
+    for (i, (_, free)) in streams.iter().enumerate() {
+        let _ = writeln!(out, "tallyd_wal_stream_free_bytes{{stream=\"{i}\"}} {free}");
+    }
+    let _ = writeln!(
+        out,
         "# HELP tallyd_wal_recovery_events_total Torn tails truncated and corrupt records skipped at start.\n# TYPE tallyd_wal_recovery_events_total counter\ntallyd_wal_recovery_events_total{{event=\"torn_tail\"}} {}\ntallyd_wal_recovery_events_total{{event=\"corrupt_skipped\"}} {}",
         s.torn_tails.load(Relaxed),
         s.corrupt_skipped.load(Relaxed)

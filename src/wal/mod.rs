@@ -401,22 +401,33 @@ impl Wal {
 
     /// (bytes in use, bytes free) over every segment.
     pub fn usage(&self) -> (u64, u64) {
+        self.usage_by_stream()
+            .into_iter()
+            .fold((0, 0), |(u, f), (used, free)| (u + used, f + free))
+    }
+
+    /// `(used, free)` bytes of each stream's ring, in stream order: a
+    /// stream is one ingest worker's, so one full stream refuses that
+    /// worker's blocks while the others still take theirs.
+    pub fn usage_by_stream(&self) -> Vec<(u64, u64)> {
         let confirmed = self.confirmed();
         let size = self.config.segment_size;
-        let mut used = 0;
-        let mut total = 0;
-        for stream in &self.streams {
-            let s = lock(stream);
-            for (i, seg) in s.segments.iter().enumerate() {
-                total += size;
-                if i == s.current {
-                    used += s.offset as u64;
-                } else if seg.max_generation > confirmed {
-                    used += size;
+        self.streams
+            .iter()
+            .map(|stream| {
+                let s = lock(stream);
+                let mut used = 0;
+                for (i, seg) in s.segments.iter().enumerate() {
+                    if i == s.current {
+                        used += s.offset as u64;
+                    } else if seg.max_generation > confirmed {
+                        used += size;
+                    }
                 }
-            }
-        }
-        (used, total - used)
+                let total = size * s.segments.len() as u64;
+                (used, total - used)
+            })
+            .collect()
     }
 }
 

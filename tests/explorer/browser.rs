@@ -20,3 +20,19 @@ pub fn data(t0: u32) -> String {
     }
     text
 }
+
+/// Where screenshots go: `TALLYD_SCREENSHOTS` (scripts/screenshots.sh
+/// sets it), else the test's temp dir.
+pub fn shots_dir() -> std::path::PathBuf {
+    match std::env::var_os("TALLYD_SCREENSHOTS") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::env::temp_dir().join("tallyd-screenshots"),
+    }
+}
+
+/// Saves `bytes` as `name` among the screenshots.
+pub fn keep(name: &str, bytes: &[u8]) {
+    let dir = shots_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join(name), bytes);
+}
