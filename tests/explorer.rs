@@ -329,3 +329,109 @@ async fn tallyd_top_under_tmux_shows_the_exploding_metric_first() {
     assert!(screen.contains("udp"), "{screen}");
     assert_eq!(running.shutdown().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_show_known_values_in_headless_chromium() {
+    let ch = clickhouse();
+    let db = "explorer_browser";
+    let mut s = settings(ch, db);
+    // Three days back: raw rows kept, then rolled up into hours.
+    s.aggregate.timestamp_window = "4d".into();
+    s.retention.raw = "5d".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin").port();
+    let tcp = running.tcp_addr.expect("tcp");
+    let t0 = now() - 300;
+    let t0 = t0 - t0 % 60;
+    let t1 = now() - 3 * 86_400;
+    let t1 = t1 - t1 % 3600 + 600;
+    let mut text = browser::data(t0);
+    text.push_str(&format!("shop.daily:42|c|T{t1}\n"));
+    // Provoked: a sample stamped in 2001 is dropped, and counted.
+    text.push_str("shop.orders:1|c|T1000000000\n");
+    tokio::task::spawn_blocking(move || send_tcp(tcp, &text))
+        .await
+        .expect("send");
+    let rolled = wait_for(90, || {
+        number(&format!(
+            "SELECT sum(value) FROM {db}.counters_1h FINAL WHERE name = 'shop.daily'"
+        )) == Some(42.0)
+            && number(&format!(
+                "SELECT sum(value) FROM {db}.counters FINAL WHERE name = 'shop.orders'"
+            )) == Some(browser::ORDERS_TOTAL)
+    });
+    assert!(rolled, "the rows and the hour rollup reached ClickHouse");
+    let base = format!("http://127.0.0.1:{admin}");
+    let page = |path: &str, shot: Option<(&'static str, u32)>| {
+        let url = format!("{base}{path}");
+        tokio::task::spawn_blocking(move || browser::chromium(&url, shot))
+    };
+
+    // A counter rate, grouped by region: the top 3 and "other".
+    let dom = page(
+        "/?name=shop.orders&type=counter&range=15m&group=region&top=3",
+        None,
+    )
+    .await
+    .expect("chromium");
+    assert_eq!(
+        browser::attribute(&dom, "resolution", "data-resolution"),
+        Some("raw")
+    );
+    let ts = t0.to_string();
+    for (label, want) in ["region:r1", "region:r2", "region:r3", "other"]
+        .iter()
+        .zip(browser::TOP_AND_OTHER)
+    {
+        let row = [("data-series", *label), ("data-ts", ts.as_str())];
+        assert_eq!(browser::cell(&dom, &row, "rate"), Some(want), "{label}");
+        assert_eq!(browser::cell(&dom, &row, "sum"), Some(want), "{label}");
+    }
+    assert!(dom.contains("id=\"sql\""), "the SQL it ran is on the page");
+
+    // A timer's p99, within the sketch's 1 %.
+    let dom = page("/?name=shop.latency&type=timer&range=15m", None)
+        .await
+        .expect("chromium");
+    let row = [("data-series", "all"), ("data-ts", ts.as_str())];
+    let p99 = browser::cell(&dom, &row, "p99").expect("a p99 cell");
+    assert!((p99 - 99.0).abs() <= 1.0, "p99 {p99}");
+    assert_eq!(browser::cell(&dom, &row, "count"), Some(100.0));
+
+    // Seven days come from the hour rollup, and the page says so.
+    let dom = page("/?name=shop.daily&type=counter&range=7d", None)
+        .await
+        .expect("chromium");
+    assert_eq!(
+        browser::attribute(&dom, "resolution", "data-resolution"),
+        Some("hour")
+    );
+    let hour = (t1 - t1 % 3600).to_string();
+    let row = [("data-series", "all"), ("data-ts", hour.as_str())];
+    assert_eq!(browser::cell(&dom, &row, "sum"), Some(42.0));
+    assert_eq!(browser::cell(&dom, &row, "rate"), Some(42.0 / 3600.0));
+
+    // The status page shows the drop that was provoked.
+    let dom = page("/status", None).await.expect("chromium");
+    assert_eq!(
+        browser::attribute(&dom, "health", "data-status"),
+        Some("ok")
+    );
+    assert_eq!(
+        browser::cell(&dom, &[("data-reason", "timestamp_out_of_window")], "total"),
+        Some(1.0),
+        "{dom}"
+    );
+
+    // The README's screenshots (scripts/screenshots.sh keeps them).
+    page(
+        "/?name=shop.orders&type=counter&range=15m&group=region&top=3",
+        Some(("explorer.png", 1000)),
+    )
+    .await
+    .expect("chromium");
+    page("/status", Some(("status.png", 1400)))
+        .await
+        .expect("chromium");
+    assert_eq!(running.shutdown().await, 0);
+}

@@ -36,3 +36,79 @@ pub fn keep(name: &str, bytes: &[u8]) {
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join(name), bytes);
 }
+
+/// Debian's Chromium, headless, on `url`: its DOM once the page's
+/// fetches are done (`--virtual-time-budget` runs its timers and waits
+/// for the network), or a screenshot of it saved as `shot`.
+pub fn chromium(url: &str, shot: Option<(&str, u32)>) -> String {
+    let profile = super::common::temp_dir("chromium");
+    let mut cmd = std::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--virtual-time-budget=15000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    let path = shot.map(|(name, height)| {
+        let dir = shots_dir();
+        let _ = std::fs::create_dir_all(&dir);
+        cmd.arg(format!("--window-size=1280,{height}"));
+        cmd.arg(format!("--screenshot={}", dir.join(name).display()));
+        dir.join(name)
+    });
+    if path.is_none() {
+        cmd.arg("--dump-dom");
+    }
+    let out = cmd
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("chromium runs (scripts/test.sh installs Debian's chromium)");
+    assert!(
+        out.status.success(),
+        "chromium failed on {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(p) = path {
+        assert!(p.exists(), "no screenshot at {}", p.display());
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `data-value` of the cell of column `column` in the first `<tr>`
+/// whose start tag has every attribute of `attrs` (exact values).
+pub fn cell(dom: &str, attrs: &[(&str, &str)], column: &str) -> Option<f64> {
+    let mut rest = dom;
+    while let Some(at) = rest.find("<tr") {
+        rest = &rest[at..];
+        let tag_end = rest.find('>')?;
+        let tag = &rest[..tag_end];
+        let row_end = rest.find("</tr>").unwrap_or(rest.len());
+        if attrs
+            .iter()
+            .all(|(k, v)| tag.contains(&format!(" {k}=\"{v}\"")))
+        {
+            let row = &rest[..row_end];
+            let key = format!("data-column=\"{column}\" data-value=\"");
+            let at = row.find(&key)? + key.len();
+            let end = row[at..].find('"')?;
+            return row[at..at + end].parse().ok();
+        }
+        rest = &rest[tag_end..];
+    }
+    None
+}
+
+/// The value of attribute `attr` on the element of id `id`.
+pub fn attribute<'a>(dom: &'a str, id: &str, attr: &str) -> Option<&'a str> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let start = dom[..at].rfind('<')?;
+    let tag = &dom[start..start + dom[start..].find('>')?];
+    let key = format!(" {attr}=\"");
+    let v = tag.find(&key)? + key.len();
+    Some(&tag[v..v + tag[v..].find('"')?])
+}

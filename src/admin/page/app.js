@@ -801,11 +801,9 @@ function clickhouseSection(cur, prev) {
       numTd('inserts_total', cur.get('tallyd_inserts_total', { table: t })),
       el('td', { 'data-column': 'blocked' }, blocked ? 'blocked (schema drift)' : 'ok'));
   });
-  // tallyd counts retried inserts as tallyd_clickhouse_errors_total{kind="retried"}.
-  const [rName, rLabels] = cur.get('tallyd_clickhouse_retries_total') !== undefined
-    ? ['tallyd_clickhouse_retries_total', {}] : ['tallyd_clickhouse_errors_total', { kind: 'retried' }];
-  const retries = cur.get(rName, rLabels);
-  const retryRate = rate(cur, prev, rName, rLabels);
+  // Retried inserts: tallyd_clickhouse_errors_total{kind="retried"}.
+  const retries = cur.get('tallyd_clickhouse_errors_total', { kind: 'retried' });
+  const retryRate = rate(cur, prev, 'tallyd_clickhouse_errors_total', { kind: 'retried' });
   const schema = cur.get('tallyd_clickhouse_errors_total', { kind: 'schema' });
   const lag = cur.get('tallyd_rollup_lag_seconds');
   const pending = cur.get('tallyd_rollups_pending');
