@@ -28,6 +28,10 @@ command -v openssl >/dev/null || missing+=(openssl)
 # The cluster test runs ZooKeeper (Java) for two replicated 18.16 servers.
 command -v java >/dev/null || missing+=(default-jre-headless)
 [ -e /usr/share/java/zookeeper.jar ] || missing+=(zookeeper)
+# The explorer's browser test runs Debian's headless Chromium (with a font
+# for its screenshots); tallyd top is tested under tmux.
+command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
+command -v tmux >/dev/null || missing+=(tmux)
 # Python and pip for the protobuf interop, chDB and DogStatsD tests.
 command -v python3 >/dev/null || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
@@ -93,7 +97,7 @@ cargo test --locked --all-targets
 # The fleet's 2-minute aggregator outage runs on 18.16 above; 20 s here.
 TALLYD_TEST_ENGINE=chdb TALLYD_TEST_OUTAGE_SECS=20 cargo test --locked --test end_to_end --test ledger \
     --test crash --test clickhouse_outage --test proto --test dogstatsd \
-    --test memory --test reload --test fleet --test rollup --test otlp
+    --test memory --test reload --test fleet --test rollup --test otlp --test explorer
 
 # Packaging: cargo deb builds the .deb (cargo-deb is installed from
 # crates.io if missing); check that it carries what a host needs.

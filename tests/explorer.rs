@@ -219,10 +219,12 @@ async fn a_grouped_counter_and_a_timer_read_back_exact() {
     tokio::task::spawn_blocking(move || send_tcp(tcp, &text))
         .await
         .expect("send");
+    // Each table is an INSERT of its own: wait for both.
     let stored = wait_for(30, || {
         number(&format!(
             "SELECT sum(value) FROM {db}.counters FINAL WHERE name = 'shop.orders'"
         )) == Some(browser::ORDERS_TOTAL)
+            && number(&format!("SELECT sum(count) FROM {db}.timers FINAL")) == Some(100.0)
     });
     assert!(stored, "the lines reached ClickHouse");
     let v = tokio::task::spawn_blocking(move || {
@@ -359,6 +361,7 @@ async fn the_pages_show_known_values_in_headless_chromium() {
             && number(&format!(
                 "SELECT sum(value) FROM {db}.counters FINAL WHERE name = 'shop.orders'"
             )) == Some(browser::ORDERS_TOTAL)
+            && number(&format!("SELECT sum(count) FROM {db}.timers FINAL")) == Some(100.0)
     });
     assert!(rolled, "the rows and the hour rollup reached ClickHouse");
     let base = format!("http://127.0.0.1:{admin}");

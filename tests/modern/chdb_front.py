@@ -10,7 +10,10 @@ What it serves, as ClickHouse's HTTP interface does:
   An INSERT whose URL query ends in FORMAT <name> takes the body as its
   data, passed to the engine unchanged (chdb's streaming insert).
 - URL parameters other than query, database, user and password are
-  settings: applied with SET before the query and reset after it.
+  settings: applied with SET before the query and reset after it, except
+  `readonly`, which is ignored: the one session could not leave read-only
+  mode again (tallyd's explorer asks for it; 18.16 enforces it in the
+  other lane).
 - Errors: HTTP 500 with the engine's text, "Code: N. DB::Exception: ...".
 
 What it cannot do: it makes one engine call at a time (a lock serialises
@@ -99,7 +102,9 @@ class Front(http.server.BaseHTTPRequestHandler):
         params = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
         body = self.body()
         query = params.get("query", "")
-        settings = {k: v for k, v in params.items() if k not in HTTP_ONLY}
+        settings = {
+            k: v for k, v in params.items() if k not in HTTP_ONLY and k != "readonly"
+        }
         with LOCK:
             try:
                 for name, value in settings.items():

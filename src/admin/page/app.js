@@ -670,7 +670,7 @@ const rateTd = (column, v) => numTd(column, round3(v), fmtRate(v));
 
 /** A row headed by `head`; `nonzero` highlights it. */
 const row = (attrs, nonzero, head, ...cells) => el('tr', { ...attrs, class: nonzero ? 'nonzero' : null },
-  el('th', { scope: 'row', class: 'label' }, head), cells);
+  el('th', { scope: 'row' }, head), cells);
 
 function table(id, heads, rows, empty) {
   if (!rows.length && empty) return el('p', { id, class: 'muted' }, empty);
@@ -707,7 +707,7 @@ function listenersSection(cur, prev) {
   return card('ingest', 'Listeners',
     table('listeners', ['listener', 'lines/s', 'bytes/s', 'lines (total)'], rows, 'No listener.'),
     facts('ingest-facts', [
-      ['Samples', isNum(samplesRate) ? fmtRate(samplesRate) : `${fmtNum(cur.get('tallyd_samples_total'))} in all`],
+      ['Samples', isNum(samplesRate) || !isNum(cur.get('tallyd_samples_total')) ? fmtRate(samplesRate) : `${fmtNum(cur.get('tallyd_samples_total'))} in all`],
       ['Live keys', fmtNum(cur.get('tallyd_live_keys'))],
       ['Series keys', fmtNum(cur.get('tallyd_series_keys'))],
       ['Pending samples', fmtNum(cur.get('tallyd_pending_samples'))],
