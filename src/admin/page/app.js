@@ -211,18 +211,25 @@ function timeTicks(from, to, width) {
   return ticks;
 }
 
-/** An SVG path through column `c` of the points, with a gap at each null. */
+/** An SVG path through column `c` of the points, with a gap at each null;
+ * a point alone between gaps is drawn as a small ring, so that it shows. */
 function linePath(points, c, px, py) {
   let d = '';
-  let pen = false;
-  for (const p of points) {
-    if (!isNum(p[c])) {
-      pen = false;
-    } else {
-      d += `${pen ? 'L' : 'M'}${r1(px(p[0]))} ${r1(py(p[c]))}${pen ? '' : 'h0'}`;
-      pen = true;
+  let run = [];
+  const close = () => {
+    if (run.length === 1) {
+      const [x, y] = run[0];
+      d += `M${r1(x - 2.5)} ${y}a2.5 2.5 0 1 0 5 0a2.5 2.5 0 1 0 -5 0`;
+    } else if (run.length) {
+      d += `M${run.map(([x, y]) => `${x} ${y}`).join('L')}`;
     }
+    run = [];
+  };
+  for (const p of points) {
+    if (isNum(p[c])) run.push([r1(px(p[0])), r1(py(p[c]))]);
+    else close();
   }
+  close();
   return d;
 }
 
