@@ -22,16 +22,16 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub mod api;
+mod http;
 mod page;
 pub mod status;
 
@@ -40,6 +40,7 @@ use crate::aggregate::census::Census;
 use crate::ingest::udp;
 use crate::telemetry::Telemetry;
 use crate::wal::Wal;
+use http::Answer;
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -211,32 +212,32 @@ impl AdminState {
             .is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes()))
     }
 
-    async fn respond(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn respond(&self, req: Request<Incoming>) -> Answer {
         let path = req.uri().path().to_owned();
         if req.method() != Method::GET {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+            return Answer::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
         }
         match path.as_str() {
             "/health" => {
                 return match self.health() {
-                    ("ok", _) => text(StatusCode::OK, "ok\n".into()),
-                    ("degraded", p) => text(
+                    ("ok", _) => Answer::text(StatusCode::OK, "ok\n".into()),
+                    ("degraded", p) => Answer::text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("degraded: {}\n", p.join("; ")),
                     ),
-                    _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
+                    _ => Answer::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
                 };
             }
             p if page::asset(p).is_some() => {
                 if let Some((kind, body)) = page::asset(p) {
-                    return page::response(kind, body);
+                    return Answer::asset(kind, body);
                 }
             }
             _ => {}
         }
         if !self.authorized(&req) {
             self.telemetry.admin_refused.fetch_add(1, Relaxed);
-            return json_error(
+            return Answer::error(
                 StatusCode::UNAUTHORIZED,
                 "this admin listener needs Authorization: Bearer <token> (admin_token_file or TALLYD_ADMIN_TOKEN)",
             );
@@ -245,10 +246,10 @@ impl AdminState {
         let now_secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
         let params = match api::Params::parse(req.uri().query()) {
             Ok(p) => p,
-            Err(e) => return json_error(e.status, &e.message),
+            Err(e) => return Answer::error(e.status, &e.message),
         };
         let answer = match path.as_str() {
-            "/metrics" => return text(StatusCode::OK, self.metrics()),
+            "/metrics" => return Answer::text(StatusCode::OK, self.metrics()),
             "/api/status" => {
                 let census = self.census().await;
                 let open = now.saturating_sub(self.aggregator.current().started);
@@ -270,15 +271,15 @@ impl AdminState {
             },
             "/api/events" => self.explore.events(&params, now_secs).await,
             _ => {
-                return text(
+                return Answer::text(
                     StatusCode::NOT_FOUND,
                     "not found: try /, /status, /health, /metrics or /api/status\n".into(),
                 );
             }
         };
         match answer {
-            Ok(v) => json(StatusCode::OK, &v),
-            Err(e) => json_error(e.status, &e.message),
+            Ok(v) => Answer::json(StatusCode::OK, &v),
+            Err(e) => Answer::error(e.status, &e.message),
         }
     }
 }
@@ -286,35 +287,6 @@ impl AdminState {
 /// Equal bytes, compared in time that depends on the lengths only.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    resp
-}
-
-fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(v.to_string())));
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        hyper::header::CACHE_CONTROL,
-        hyper::header::HeaderValue::from_static("no-store"),
-    );
-    resp
-}
-
-fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json(status, &serde_json::json!({ "error": message }))
 }
 
 fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
@@ -432,9 +404,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(state.respond(req).await) }
+                let gzip = http::accepts_gzip(req.headers());
+                async move { Ok::<_, Infallible>(state.respond(req).await.into_response(gzip)) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

@@ -72,8 +72,14 @@ fn sample(line: &str) -> Option<Sample<'_>> {
     })
 }
 
-/// A number as JSON (`null` where JSON has none).
+/// A number as JSON: whole numbers without a fraction (`80`, not
+/// `80.0`: shorter, and exact up to 2^53), `null` where JSON has none.
 pub fn number(v: f64) -> Value {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if v.fract() == 0.0 && v.abs() < EXACT {
+        // Whole and within 2^53: the cast is exact.
+        return Value::from(v as i64);
+    }
     serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
 }
 
