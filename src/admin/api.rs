@@ -218,9 +218,20 @@ pub struct Explore {
     pub sink: tokio::sync::watch::Receiver<SinkConfig>,
     pub retention: Retention,
     pub flush_interval: Duration,
+    /// For `tallyd_rollup_lag_seconds` (see [`read::cuts`]).
+    pub telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
 impl Explore {
+    fn rollup_lag(&self) -> u32 {
+        let lag = self
+            .telemetry
+            .rollups
+            .lag_seconds
+            .load(std::sync::atomic::Ordering::Relaxed);
+        u32::try_from(lag).unwrap_or(u32::MAX)
+    }
+
     fn interval_secs(&self) -> u32 {
         u32::try_from(self.flush_interval.as_secs())
             .unwrap_or(u32::MAX)
@@ -284,6 +295,7 @@ impl Explore {
             from: req.from,
             to: req.to,
             source,
+            settled: now.saturating_sub(self.rollup_lag()),
         };
         let group = match &req.group {
             None => None,

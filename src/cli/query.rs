@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use crate::rollup::read::{Kind, Source, choose, series};
+use crate::rollup::read::{Chart, Kind, Source, choose, series};
 
 #[derive(Debug, clap::Args)]
 pub struct QueryArgs {
@@ -52,15 +52,17 @@ pub fn query(config: crate::config::Config, args: &QueryArgs) -> ExitCode {
         &config.retention,
         args.points.max(1),
     );
-    let sql = series(
-        &config.sink.database,
-        args.kind,
-        &args.name,
-        &args.tags,
+    let sql = series(&Chart {
+        database: &config.sink.database,
+        kind: args.kind,
+        name: &args.name,
+        tags: &args.tags,
+        host: None,
         from,
-        now,
+        to: now,
         source,
-    );
+        settled: now,
+    });
     let about = match source {
         Source::Raw => format!("-- raw rows ({} s each)", interval),
         Source::Rollup(r) => format!("-- {} rollups", r.name()),

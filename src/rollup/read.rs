@@ -73,6 +73,8 @@ pub struct Chart<'a> {
     pub from: u32,
     pub to: u32,
     pub source: Source,
+    /// Rollups of periods due before this are complete (see [`cuts`]).
+    pub settled: u32,
 }
 
 /// How a chart splits into series.
@@ -83,43 +85,15 @@ pub enum Group<'a> {
     Host,
 }
 
-/// The SQL of series `name` (with every tag of `tags`, `k:v` each) per
-/// period of `source` over `[from, to)`, summed across hosts and writers:
+/// The SQL of a chart's one series per period of its source over
+/// `[from, to)`, summed across hosts and writers:
 /// - counters: `ts, value, samples`;
 /// - gauges: `ts, last, min, max`;
 /// - timers: `ts, count, p50, p90, p99, max` (percentiles from the merged
 ///   buckets, within the sketch's 1 %);
 /// - sets: `ts, uniques`.
-pub fn series(
-    database: &str,
-    kind: Kind,
-    name: &str,
-    tags: &[String],
-    from: u32,
-    to: u32,
-    source: Source,
-) -> String {
-    let chart = Chart {
-        database,
-        kind,
-        name,
-        tags,
-        host: None,
-        from,
-        to,
-        source,
-    };
-    select(&chart, "ts", None)
-}
-
-/// The columns of a [`grouped`] statement after `t` and `grp`, by type.
-pub fn columns(kind: Kind) -> &'static [&'static str] {
-    match kind {
-        Kind::Counter => &["value", "samples"],
-        Kind::Gauge => &["last", "min", "max"],
-        Kind::Timer => &["count", "p50", "p90", "p99", "max"],
-        Kind::Set => &["uniques"],
-    }
+pub fn series(chart: &Chart<'_>) -> String {
+    select(chart, "ts", None)
 }
 
 /// The SQL of the `n` groups of `group` with the most (counters: the
@@ -141,7 +115,7 @@ pub fn top_groups(chart: &Chart<'_>, group: Group<'_>, n: u32) -> String {
 
 /// The SQL of a chart per period as `t` (Unix seconds), `grp` (`'all'`
 /// without a group; else the group's value if it is one of `top`, or
-/// `'other'`) and the [`columns`] of its type.
+/// `'other'`) and the values of its type (as [`series`]).
 pub fn grouped(chart: &Chart<'_>, group: Option<(Group<'_>, &[String])>) -> String {
     let label = match group {
         None => "'all'".to_string(),
@@ -174,13 +148,66 @@ fn group_expr(group: Group<'_>) -> String {
     }
 }
 
-/// The chart's rows, read by the sorting key (a subquery: 18.16 uses the
-/// primary index only for a condition on the key's own expression, see
-/// `sql::rollup`, and refuses a FINAL query that selects one).
+/// Where a rollup read hands over to finer rows. A minute is rolled up
+/// about 20 s after it ends (it waits 15 s; the job runs every 5 s) and an
+/// hour after its last minute, so a chart read only from rollups would end
+/// a minute (or an hour) early. Periods from the cuts on are read from the
+/// finer table and grouped into the coarse period instead. `settled` is
+/// the time before which the rollups are complete: now less the rollup
+/// lag (`tallyd_rollup_lag_seconds`). Returns (hour cut, minute cut).
+pub fn cuts(settled: u32) -> (u32, u32) {
+    let minute = settled.saturating_sub(120);
+    let hour = settled.saturating_sub(300);
+    (hour - hour % 3600, minute - minute % 60)
+}
+
+/// The chart's rows: for raw rows, the table's own; for a rollup, its
+/// periods before the cut ([`cuts`]) and the finer rows after it, grouped
+/// into the same periods, in the rollup's columns.
 fn rows(chart: &Chart<'_>) -> String {
+    let (from, to) = (chart.from, chart.to);
+    let (hour_cut, minute_cut) = cuts(chart.settled);
+    let parts = match chart.source {
+        Source::Raw => return part(chart, Source::Raw, from, to, None),
+        Source::Rollup(Resolution::Minute) => {
+            let cut = minute_cut.clamp(from, to);
+            vec![
+                part(chart, chart.source, from, cut, None),
+                part(chart, Source::Raw, cut, to, Some("toStartOfMinute")),
+            ]
+        }
+        Source::Rollup(Resolution::Hour) => {
+            let hour = hour_cut.clamp(from, to);
+            let minute = minute_cut.clamp(hour, to);
+            let floor = Some("toStartOfHour");
+            vec![
+                part(chart, chart.source, from, hour, None),
+                part(
+                    chart,
+                    Source::Rollup(Resolution::Minute),
+                    hour,
+                    minute,
+                    floor,
+                ),
+                part(chart, Source::Raw, minute, to, floor),
+            ]
+        }
+    };
+    let parts: Vec<String> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+    format!("(\n{}\n)", parts.join("\nUNION ALL\n"))
+}
+
+/// One table's rows of the chart over `[from, to)` (empty when that is),
+/// read by the sorting key (a subquery: 18.16 uses the primary index only
+/// for a condition on the key's own expression, see `sql::rollup`, and
+/// refuses a FINAL query that selects one). With `floor` (a rollup's
+/// finer part), `ts` becomes `floor(ts)` and the columns the rollup's.
+fn part(chart: &Chart<'_>, table_of: Source, from: u32, to: u32, floor: Option<&str>) -> String {
+    if from >= to {
+        return String::new();
+    }
     let db = quote_ident(chart.database);
     let t = chart.kind.table();
-    let (from, to) = (chart.from, chart.to);
     let mut filter = format!("name = {}", literal(chart.name));
     for tag in chart.tags {
         filter.push_str(&format!(" AND has(tags, {})", literal(tag)));
@@ -188,20 +215,47 @@ fn rows(chart: &Chart<'_>) -> String {
     if let Some(host) = chart.host {
         filter.push_str(&format!(" AND host = {}", literal(host)));
     }
-    match chart.source {
+    let range = format!("ts >= toDateTime({from}) AND ts < toDateTime({to})");
+    let read = match table_of {
         Source::Raw => format!(
-            "(SELECT * FROM {db}.{} FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute(toDateTime({from})) AND toStartOfMinute(ts) < toDateTime({to}) AND {filter})",
+            "SELECT * FROM {db}.{} FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute(toDateTime({from})) AND toStartOfMinute(ts) < toDateTime({to}) AND {filter} AND {range}",
             ROLLED[t],
         ),
         Source::Rollup(Resolution::Minute) => format!(
             // The server's hours (in a time zone of a half-hour offset too).
-            "(SELECT * FROM {db}.{} FINAL WHERE toStartOfHour(ts) >= toStartOfHour(toDateTime({from})) AND toStartOfHour(ts) < toDateTime({to}) AND {filter})",
+            "SELECT * FROM {db}.{} FINAL WHERE toStartOfHour(ts) >= toStartOfHour(toDateTime({from})) AND toStartOfHour(ts) < toDateTime({to}) AND {filter} AND {range}",
             table(t, Resolution::Minute),
         ),
         Source::Rollup(Resolution::Hour) => format!(
-            "(SELECT * FROM {db}.{} FINAL WHERE {filter} AND ts >= toDateTime({from}) AND ts < toDateTime({to}))",
+            "SELECT * FROM {db}.{} FINAL WHERE {filter} AND {range}",
             table(t, Resolution::Hour)
         ),
+    };
+    if floor.is_none() && table_of == chart.source {
+        return if chart.source == Source::Raw {
+            format!("({read})")
+        } else {
+            format!(
+                "SELECT ts, tags, host, {} FROM ({read})",
+                rollup_columns(chart.kind, false)
+            )
+        };
+    }
+    let ts = floor.map_or("ts".to_string(), |f| format!("{f}(ts)"));
+    format!(
+        "SELECT {ts} AS ts, tags, host, {} FROM ({read})",
+        rollup_columns(chart.kind, table_of == Source::Raw)
+    )
+}
+
+/// The columns a chart reads from a rollup, from raw rows if `raw`.
+fn rollup_columns(kind: Kind, raw: bool) -> &'static str {
+    match (kind, raw) {
+        (Kind::Counter, _) => "value, samples",
+        (Kind::Gauge, false) => "last, last_version, min, max",
+        (Kind::Gauge, true) => "value AS last, version AS last_version, value AS min, value AS max",
+        (Kind::Timer, _) => "count, min, max, bucket_values, bucket_counts",
+        (Kind::Set, _) => "member_hashes",
     }
 }
 
@@ -270,6 +324,30 @@ pub fn literal(s: &str) -> String {
 mod tests {
     use super::*;
 
+    #[allow(clippy::too_many_arguments)]
+    fn series(
+        database: &str,
+        kind: Kind,
+        name: &str,
+        tags: &[String],
+        from: u32,
+        to: u32,
+        source: Source,
+        now: u32,
+    ) -> String {
+        super::series(&Chart {
+            database,
+            kind,
+            name,
+            tags,
+            host: None,
+            from,
+            to,
+            source,
+            settled: now,
+        })
+    }
+
     #[test]
     fn the_finest_resolution_that_is_kept_and_fits_is_chosen() {
         let r = Retention::default();
@@ -292,6 +370,7 @@ mod tests {
 
     #[test]
     fn a_series_reads_its_table_by_the_sorting_key() {
+        let now = 100_000;
         let s = series(
             "m",
             Kind::Counter,
@@ -300,8 +379,9 @@ mod tests {
             120,
             600,
             Source::Raw,
+            now,
         );
-        assert!(s.contains("FROM (SELECT * FROM `m`.counters FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute(toDateTime(120)) AND toStartOfMinute(ts) < toDateTime(600) AND name = 'a\\'b' AND has(tags, 'env:prod'))"), "{s}");
+        assert!(s.contains("FROM (SELECT * FROM `m`.counters FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute(toDateTime(120)) AND toStartOfMinute(ts) < toDateTime(600) AND name = 'a\\'b' AND has(tags, 'env:prod') AND ts >= toDateTime(120) AND ts < toDateTime(600))"), "{s}");
         let s = series(
             "m",
             Kind::Timer,
@@ -310,12 +390,17 @@ mod tests {
             3600,
             7200,
             Source::Rollup(Resolution::Minute),
+            now,
         );
         assert!(
             s.contains(
                 "`m`.timers_1m FINAL WHERE toStartOfHour(ts) >= toStartOfHour(toDateTime(3600))"
             ),
             "{s}"
+        );
+        assert!(
+            !s.contains("UNION ALL"),
+            "a range long over: rollups only: {s}"
         );
         assert!(
             s.starts_with("SELECT ts, r_count AS count, p50, p90, p99, r_max AS max FROM ("),
@@ -329,10 +414,45 @@ mod tests {
             0,
             86_400,
             Source::Rollup(Resolution::Hour),
+            now,
         );
         assert!(
             s.contains("`m`.sets_1h FINAL WHERE name = 'u' AND ts >= toDateTime(0)"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn a_rollup_read_up_to_now_takes_its_tail_from_finer_rows() {
+        // 10:30:50 with no rollup lag: hours before 10:00 from the hour
+        // rollup, minutes before 10:28 from the minute rollup, the rest raw.
+        let day = 1_800_028_800; // a midnight (UTC)
+        let now = day + 10 * 3600 + 30 * 60 + 50;
+        assert_eq!(cuts(now), (day + 10 * 3600, day + 10 * 3600 + 28 * 60));
+        let s = series(
+            "m",
+            Kind::Gauge,
+            "g",
+            &[],
+            day,
+            now,
+            Source::Rollup(Resolution::Hour),
+            now,
+        );
+        let parts: Vec<&str> = s.split("UNION ALL").collect();
+        assert_eq!(parts.len(), 3, "{s}");
+        assert!(parts[0].contains("SELECT ts, tags, host, last, last_version, min, max FROM (SELECT * FROM `m`.gauges_1h FINAL"), "{s}");
+        assert!(
+            parts[0].contains(&format!("ts < toDateTime({})", day + 36_000)),
+            "{s}"
+        );
+        assert!(parts[1].contains("SELECT toStartOfHour(ts) AS ts, tags, host, last, last_version, min, max FROM (SELECT * FROM `m`.gauges_1m FINAL"), "{s}");
+        assert!(parts[2].contains("SELECT toStartOfHour(ts) AS ts, tags, host, value AS last, version AS last_version, value AS min, value AS max FROM (SELECT * FROM `m`.gauges FINAL"), "{s}");
+        assert!(
+            parts[2].contains(&format!("ts >= toDateTime({})", day + 36_000 + 28 * 60)),
+            "{s}"
+        );
+        // A rollup lag moves the cuts back by as much.
+        assert_eq!(cuts(now - 3600).0, day + 9 * 3600);
     }
 }

@@ -64,6 +64,7 @@ pub(super) async fn serve(
             sink: sink_config.subscribe(),
             retention: config.retention,
             flush_interval: config.flush_interval,
+            telemetry: Arc::clone(&telemetry),
         },
         host: config.host_id.clone(),
         token: config.admin_token.clone(),
