@@ -259,6 +259,27 @@ async fn a_grouped_counter_and_a_timer_read_back_exact() {
     assert!((p99 - 99.0).abs() <= 1.0, "p99 {p99} within 1 % of 99: {v}");
     assert_eq!(p[5], 100.0, "count: {v}");
     assert_eq!(p[4], 100.0, "max: {v}");
+
+    // Now's samples, before any rollup has them: the minute and hour views
+    // take their tail from the raw rows.
+    let text = "shop.recent:5|c\nshop.recent:2|c\n".to_string();
+    tokio::task::spawn_blocking(move || send_tcp(tcp, &text))
+        .await
+        .expect("send");
+    let stored = wait_for(30, || {
+        number(&format!(
+            "SELECT sum(value) FROM {db}.counters FINAL WHERE name = 'shop.recent'"
+        )) == Some(7.0)
+    });
+    assert!(stored, "the lines reached ClickHouse");
+    for (range, resolution) in [("1h", "minute"), ("7d", "hour")] {
+        let path = format!("/api/series?name=shop.recent&range={range}");
+        let v = tokio::task::spawn_blocking(move || json(admin, &path))
+            .await
+            .expect("get");
+        assert_eq!(v["resolution"], resolution, "{v}");
+        assert_eq!(total(&v, "sum"), 7.0, "{range}: {v}");
+    }
     assert_eq!(running.shutdown().await, 0);
 }
 
