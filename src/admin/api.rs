@@ -7,7 +7,11 @@
 //! escaped literal. Every statement is bounded: a range of at most
 //! [`MAX_SPAN`], at most [`MAX_POINTS`] periods of the resolution the
 //! rollup rule picks, at most [`MAX_TOP`] groups plus "other", and it runs
-//! read-only (`readonly = 2`) under [`QUERY_TIMEOUT`] and [`MAX_ROWS`].
+//! read-only (`readonly = 2`) under [`QUERY_TIMEOUT`], [`MAX_ROWS`] and
+//! [`MAX_ROWS_READ`], at most [`MAX_QUERIES`] at a time: however many
+//! pages are open, the explorer holds at most that many of ClickHouse's
+//! threads (a request waits its turn up to [`QUERY_TIMEOUT`], then is
+//! answered 503).
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -35,6 +39,11 @@ pub const MAX_TAGS: usize = 32;
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Rows one statement may return (`(MAX_TOP + 1) * MAX_POINTS` and some).
 pub const MAX_ROWS: u64 = 40_000;
+/// Rows one statement may read (30 days of hour rollups of a metric of
+/// 100k series is 72 M).
+pub const MAX_ROWS_READ: u64 = 100_000_000;
+/// Explorer statements running at once, for every page together.
+pub const MAX_QUERIES: usize = 2;
 /// Metrics `/api/metrics` lists at most; events `/api/events`.
 pub const MAX_LIST: usize = 200;
 
@@ -220,6 +229,8 @@ pub struct Explore {
     pub flush_interval: Duration,
     /// For `tallyd_rollup_lag_seconds` (see [`read::cuts`]).
     pub telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
+    /// [`MAX_QUERIES`] permits.
+    pub queries: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Explore {
@@ -245,6 +256,17 @@ impl Explore {
             status: StatusCode::BAD_GATEWAY,
             message: format!("ClickHouse at {} answered: {e}", config.url),
         };
+        let busy = || ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "the explorer's {MAX_QUERIES} ClickHouse statements at a time stayed busy for {} s; try again",
+                QUERY_TIMEOUT.as_secs()
+            ),
+        };
+        let _permit = tokio::time::timeout(QUERY_TIMEOUT, self.queries.acquire())
+            .await
+            .map_err(|_| busy())?
+            .map_err(|_| busy())?;
         let client = crate::sink::admin_clients(&config)
             .into_iter()
             .next()
@@ -252,7 +274,9 @@ impl Explore {
             .with_setting("readonly", "2")
             .with_setting("max_execution_time", QUERY_TIMEOUT.as_secs().to_string())
             .with_setting("max_result_rows", MAX_ROWS.to_string())
-            .with_setting("result_overflow_mode", "throw");
+            .with_setting("result_overflow_mode", "throw")
+            .with_setting("max_rows_to_read", MAX_ROWS_READ.to_string())
+            .with_setting("read_overflow_mode", "throw");
         // `?` binds a parameter in the client's queries; `??` is one `?`.
         let bytes = async {
             let mut cursor = client
@@ -282,7 +306,10 @@ impl Explore {
                     crate::rollup::sql::Resolution::Hour => 3600,
                 },
                 r.name(),
-                format!("{} rollups", r.name()),
+                format!(
+                    "{} rollups (the newest periods, not rolled up yet, from finer rows)",
+                    r.name()
+                ),
             ),
         };
         let database = self.sink.borrow().database.clone();

@@ -65,6 +65,7 @@ pub(super) async fn serve(
             retention: config.retention,
             flush_interval: config.flush_interval,
             telemetry: Arc::clone(&telemetry),
+            queries: Arc::new(tokio::sync::Semaphore::new(admin::api::MAX_QUERIES)),
         },
         host: config.host_id.clone(),
         token: config.admin_token.clone(),
