@@ -338,16 +338,27 @@ async fn tallyd_top_under_tmux_shows_the_exploding_metric_first() {
     let found = wait_for(30, || {
         screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "top"]).stdout)
             .into_owned();
-        screen
+        let first = screen
             .lines()
             .skip_while(|l| !l.starts_with("TOP METRICS BY KEYS"))
             .nth(1)
-            .is_some_and(|l| l.starts_with("api.requests ") && !l.contains(" 1   "))
+            .is_some_and(|l| l.starts_with("api.requests ") && !l.contains(" 1   "));
+        // And a rate: two polls apart.
+        let udp_rate = screen
+            .lines()
+            .find(|l| l.starts_with("udp "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .is_some_and(|r| r != "0");
+        first && udp_rate
     });
     tmux(&["kill-server"]);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sending.join();
-    browser::keep("tallyd-top.txt", screen.as_bytes());
+    let trimmed: Vec<&str> = screen.lines().map(str::trim_end).collect();
+    browser::keep(
+        "tallyd-top.txt",
+        format!("{}\n", trimmed.join("\n").trim_end()).as_bytes(),
+    );
     assert!(found, "api.requests is not first by keys:\n{screen}");
     assert!(screen.contains("udp"), "{screen}");
     assert_eq!(running.shutdown().await, 0);
@@ -370,6 +381,8 @@ async fn the_pages_show_known_values_in_headless_chromium() {
     let t1 = t1 - t1 % 3600 + 600;
     let mut text = browser::data(t0);
     text.push_str(&format!("shop.daily:42|c|T{t1}\n"));
+    text.push_str(&browser::waves(now()));
+    text.push_str("_e{6,12}:deploy|web v1.2 out|t:info\n");
     // Provoked: a sample stamped in 2001 is dropped, and counted.
     text.push_str("shop.orders:1|c|T1000000000\n");
     tokio::task::spawn_blocking(move || send_tcp(tcp, &text))
@@ -383,6 +396,7 @@ async fn the_pages_show_known_values_in_headless_chromium() {
                 "SELECT sum(value) FROM {db}.counters FINAL WHERE name = 'shop.orders'"
             )) == Some(browser::ORDERS_TOTAL)
             && number(&format!("SELECT sum(count) FROM {db}.timers FINAL")) == Some(100.0)
+            && number(&format!("SELECT count() FROM {db}.events")) == Some(1.0)
     });
     assert!(rolled, "the rows and the hour rollup reached ClickHouse");
     let base = format!("http://127.0.0.1:{admin}");
@@ -412,6 +426,13 @@ async fn the_pages_show_known_values_in_headless_chromium() {
         assert_eq!(browser::cell(&dom, &row, "sum"), Some(want), "{label}");
     }
     assert!(dom.contains("id=\"sql\""), "the SQL it ran is on the page");
+    // The event, listed and marked on the time axis.
+    let events = dom.split("id=\"events\"").nth(1).unwrap_or("");
+    assert!(events.contains("deploy"), "the event is listed: {dom}");
+    assert!(
+        dom.contains("class=\"event\""),
+        "an event marker on the chart"
+    );
 
     // A timer's p99, within the sketch's 1 %.
     let dom = page("/?name=shop.latency&type=timer&range=15m", None)
@@ -449,7 +470,7 @@ async fn the_pages_show_known_values_in_headless_chromium() {
 
     // The README's screenshots (scripts/screenshots.sh keeps them).
     page(
-        "/?name=shop.orders&type=counter&range=15m&group=region&top=3",
+        "/?name=web.requests&type=counter&range=15m&group=region&top=4",
         Some(("explorer.png", 1000)),
     )
     .await

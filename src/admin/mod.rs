@@ -252,7 +252,6 @@ impl AdminState {
             "/metrics" => return Answer::text(StatusCode::OK, self.metrics()),
             "/api/status" => {
                 let census = self.census().await;
-                let open = now.saturating_sub(self.aggregator.current().started);
                 Ok(status::Status {
                     time: now.as_secs_f64(),
                     host: &self.host,
@@ -260,7 +259,6 @@ impl AdminState {
                     health: self.health(),
                     metrics: &self.metrics(),
                     census: &census,
-                    open_secs: open.as_secs_f64(),
                 }
                 .to_json())
             }

@@ -84,8 +84,7 @@ pub fn number(v: f64) -> Value {
 }
 
 /// What the status page shows, as one JSON object (see the README's
-/// "Admin API"). `health` is `("ok" | "degraded" | "not ready", problems)`;
-/// `open_secs` is the open interval's age, for samples per second.
+/// "Admin API"). `health` is `("ok" | "degraded" | "not ready", problems)`.
 pub struct Status<'a> {
     pub time: f64,
     pub host: &'a str,
@@ -93,7 +92,6 @@ pub struct Status<'a> {
     pub health: (&'a str, Vec<String>),
     pub metrics: &'a str,
     pub census: &'a Census,
-    pub open_secs: f64,
 }
 
 impl Status<'_> {
@@ -123,7 +121,7 @@ impl Status<'_> {
             .filter(|m| m.samples > 0)
             .collect();
         by_samples.sort_by(|a, b| b.samples.cmp(&a.samples).then_with(|| a.name.cmp(&b.name)));
-        let age = self.open_secs.max(0.001);
+        let age = self.census.open_secs.max(0.001);
         let top_samples: Vec<Value> = by_samples
             .into_iter()
             .take(TOP)
@@ -187,6 +185,7 @@ mod tests {
                 },
             ],
             uncounted_keys: 0,
+            open_secs: 2.0,
         };
         let v = Status {
             time: 1.0,
@@ -195,7 +194,6 @@ mod tests {
             health: ("degraded", vec!["the WAL was full".into()]),
             metrics: "tallyd_dropped_total{reason=\"wal_full\"} 7\n",
             census: &census,
-            open_secs: 2.0,
         }
         .to_json();
         assert_eq!(v["health"]["status"], "degraded");

@@ -37,6 +37,9 @@ pub struct Census {
     pub metrics: Vec<MetricCensus>,
     /// Keys of metrics past [`MAX_METRICS`].
     pub uncounted_keys: u64,
+    /// How long the open interval had been open at the scan, seconds
+    /// (its samples over this are per second).
+    pub open_secs: f64,
 }
 
 /// The table's name for a line type.
@@ -122,6 +125,7 @@ impl Tally {
         Census {
             metrics,
             uncounted_keys: self.uncounted_keys,
+            open_secs: 0.0,
         }
     }
 }

@@ -359,10 +359,17 @@ impl Aggregator {
     /// Every live key counted per metric (one scan of the series table;
     /// see [`census`]), with the open interval's samples.
     pub fn census(&self) -> census::Census {
-        let column = (self.current().id & 1) as usize;
+        let current = self.current();
+        let column = (current.id & 1) as usize;
+        let started = current.started;
+        drop(current);
         let mut tally = census::Tally::default();
         self.series.scan(column, |key, value| tally.add(key, value));
-        tally.finish()
+        let mut census = tally.finish();
+        census.open_secs = crate::clock::wall_clock()
+            .saturating_sub(started)
+            .as_secs_f64();
+        census
     }
 
     /// Keys in the series table (this interval's and the last one's).

@@ -6,6 +6,21 @@ pub const ORDERS_TOTAL: f64 = 360.0;
 /// The top 3 regions, then "other" (50 + 40 + 30 + 20 + 10).
 pub const TOP_AND_OTHER: [f64; 4] = [80.0, 70.0, 60.0, 150.0];
 
+/// `web.requests` per region `r1`..`r6` every 5 s over the 15 minutes
+/// before `now`, in waves: the README's screenshot of the explorer.
+pub fn waves(now: u32) -> String {
+    let mut text = String::new();
+    for step in 0..180u32 {
+        let ts = now - 900 + step * 5;
+        for r in 1..=6u32 {
+            let phase = f64::from(step) / 12.0 + f64::from(r);
+            let v = (f64::from(60 - 8 * r) * (1.2 + phase.sin())).round();
+            text.push_str(&format!("web.requests:{v}|c|#region:r{r}|T{ts}\n"));
+        }
+    }
+    text
+}
+
 /// The lines: `shop.orders` per region and `shop.latency` 1..=100 ms, all
 /// stamped `t0` (`|T`).
 pub fn data(t0: u32) -> String {
