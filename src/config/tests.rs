@@ -214,3 +214,39 @@ fn retention_names_each_bad_setting_and_takes_flags() {
     o.apply(&mut s);
     assert_eq!(s.retention.raw, "7d");
 }
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_token_from_a_file() {
+    let mut s = Settings {
+        admin: "0.0.0.0:8127".into(),
+        ..Settings::default()
+    };
+    let e = s.validate().expect_err("no token");
+    assert_eq!(e.field, "admin_token");
+    assert!(e.reason.contains("admin_token_file"), "{e}");
+
+    let dir = crate::test_dir::test_dir("admin-token");
+    let file = dir.join("token");
+    let config = dir.join("tallyd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin = \"0.0.0.0:8127\"\nadmin_token_file = {:?}\n",
+            file.display().to_string()
+        ),
+    )
+    .expect("write");
+    let missing = Settings::load(Some(&config), &Overrides::default()).expect_err("no file");
+    assert_eq!(missing.field, "admin_token_file");
+    std::fs::write(&file, "  s3cret \nignored\n").expect("write");
+    s = Settings::load(Some(&config), &Overrides::default()).expect("loads");
+    assert_eq!(
+        s.validate().expect("valid").admin_token.as_deref(),
+        Some("s3cret")
+    );
+    assert!(
+        s.to_redacted_toml()
+            .contains("admin_token = \"<redacted>\"")
+    );
+    assert!(!s.to_redacted_toml().contains("s3cret"));
+}
