@@ -108,11 +108,11 @@ pub fn main() -> ExitCode {
 
     let args = match &cli.command {
         Command::Send(args) => return send(args),
+        Command::Top(args) => return top::top(args),
         Command::Run(args)
         | Command::CheckConfig(args)
         | Command::Schema(SchemaArgs { config: args, .. })
         | Command::Query(query::QueryArgs { config: args, .. })
-        | Command::Top(top::TopArgs { config: args, .. })
         | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args)) => args,
     };
     let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
@@ -130,7 +130,7 @@ pub fn main() -> ExitCode {
         }
         Command::Schema(schema) => schema_command(config, &schema),
         Command::Query(args) => query::query(config, &args),
-        Command::Top(args) => top::top(config, &args),
+        Command::Top(args) => top::top(&args),
         Command::Run(args) => run(config, args.config.clone(), args.overrides.clone()),
         // Handled before the configuration is read.
         Command::Send(args) => send(&args),

@@ -169,6 +169,10 @@ pub struct Telemetry {
     pub wal_refused_ms: AtomicU64,
     /// Admin requests refused for a missing or wrong token.
     pub admin_refused: AtomicU64,
+    /// Unix ms since ClickHouse has failed every statement (0: it took
+    /// the last one), and its last error.
+    pub clickhouse_failing_since_ms: AtomicU64,
+    pub clickhouse_last_error: std::sync::Mutex<String>,
 }
 
 impl Telemetry {
@@ -183,6 +187,34 @@ impl Telemetry {
             }
             crate::wal::AppendError::TooLarge => {
                 self.dropped_wal_too_large.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// ClickHouse failed a statement (`Some(error)`) or took one (`None`).
+    pub fn clickhouse_answered(&self, error: Option<&str>) {
+        match error {
+            None => self.clickhouse_failing_since_ms.store(0, Relaxed),
+            Some(e) => {
+                let now = u64::try_from(crate::clock::wall_clock().as_millis()).unwrap_or(u64::MAX);
+                let _ = self.clickhouse_failing_since_ms.compare_exchange(
+                    0,
+                    now.max(1),
+                    Relaxed,
+                    Relaxed,
+                );
+                e.clone_into(&mut crate::lock(&self.clickhouse_last_error));
+            }
+        }
+    }
+
+    /// Seconds ClickHouse has failed every statement (0: it has not).
+    pub fn clickhouse_failing_secs(&self) -> u64 {
+        match self.clickhouse_failing_since_ms.load(Relaxed) {
+            0 => 0,
+            since => {
+                let now = u64::try_from(crate::clock::wall_clock().as_millis()).unwrap_or(u64::MAX);
+                now.saturating_sub(since) / 1000
             }
         }
     }
@@ -329,6 +361,19 @@ impl Telemetry {
                 c,
             );
         }
+        let failing = self.clickhouse_failing_since_ms.load(Relaxed) != 0;
+        m.gauge(
+            "tallyd_clickhouse_up",
+            "1 while ClickHouse takes tallyd's statements; 0 once one failed, until one succeeds (rows wait in the spool meanwhile).",
+            "",
+            &Text(u8::from(!failing).to_string()),
+        );
+        m.gauge(
+            "tallyd_clickhouse_failing_seconds",
+            "How long ClickHouse has failed every statement (0: it has not).",
+            "",
+            &Text(self.clickhouse_failing_secs().to_string()),
+        );
         m.counter(
             "tallyd_admin_refused_total",
             "Admin requests (API, /metrics) refused for a missing or wrong token.",
@@ -551,6 +596,15 @@ pub use latency::Latencies;
 /// of these metrics.
 pub fn render_wal_sync(text: &mut String, sync: &crate::latency::Latency) {
     latency::render(&mut Metrics(text), "wal_sync", sync);
+}
+
+/// A value already written out.
+pub(crate) struct Text(pub String);
+
+impl Sample for Text {
+    fn text(&self) -> String {
+        self.0.clone()
+    }
 }
 
 pub(crate) trait Sample {

@@ -130,6 +130,7 @@ async fn hostile_names_and_tags_are_data_never_sql() {
         ("name=%FF%FE".to_string(), Some("not valid UTF-8")),
         ("name=a&tag=%C3%28".to_string(), Some("not valid UTF-8")),
         (format!("name={}", "z".repeat(5000)), Some("longer than")),
+        ("name=x&grup=env".to_string(), Some("unknown parameter")),
         (format!("name=x&group={}", encode(b"'\\)) OR 1=1 --")), None),
         (
             format!("name=x&host={}", encode(b"\\'; DROP DATABASE x")),
@@ -340,7 +341,7 @@ async fn tallyd_top_under_tmux_shows_the_exploding_metric_first() {
             .into_owned();
         let first = screen
             .lines()
-            .skip_while(|l| !l.starts_with("TOP METRICS BY KEYS"))
+            .skip_while(|l| !l.starts_with("TOP BY KEYS"))
             .nth(1)
             .is_some_and(|l| l.starts_with("api.requests ") && !l.contains(" 1   "));
         // And a rate: two polls apart.
@@ -479,4 +480,34 @@ async fn the_pages_show_known_values_in_headless_chromium() {
         .await
         .expect("chromium");
     assert_eq!(running.shutdown().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_says_when_clickhouse_fails_and_since_when() {
+    let mut s = settings(clickhouse(), "explorer_down");
+    // Nothing listens on port 1: every statement fails.
+    s.clickhouse.url = "http://127.0.0.1:1".into();
+    s.shutdown_timeout = "1s".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin").port();
+    let mut status = Value::Null;
+    let down = tokio::task::spawn_blocking(move || {
+        let seen = wait_for(30, || {
+            status = json(admin, "/api/status");
+            status["clickhouse"]["up"] == false
+                && status["clickhouse"]["failing_seconds"].as_u64() >= Some(1)
+        });
+        (seen, status)
+    })
+    .await
+    .expect("get");
+    assert!(down.0, "{}", down.1);
+    let error = down.1["clickhouse"]["last_error"].as_str().unwrap_or("");
+    assert!(!error.is_empty(), "{}", down.1);
+    let up = down.1["metrics"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "tallyd_clickhouse_up"))
+        .map(|m| m["value"].clone());
+    assert_eq!(up, Some(Value::from(0)));
+    running.shutdown().await;
 }

@@ -90,6 +90,10 @@ impl Params {
         Ok(Params(out))
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The first value of `key`, if given and not empty.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0
@@ -105,6 +109,18 @@ impl Params {
             .filter(|(k, v)| k == key && !v.is_empty())
             .map(|(_, v)| v.as_str())
             .collect()
+    }
+
+    /// Refuses a parameter not in `known` (a typo would otherwise be
+    /// ignored without a word).
+    pub fn only(&self, known: &[&str]) -> Result<(), ApiError> {
+        match self.0.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            Some((k, _)) => Err(bad(format!(
+                "unknown parameter {k:?}; this endpoint takes {}",
+                known.join(", ")
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn number<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, ApiError> {
@@ -175,6 +191,9 @@ impl ChartRequest {
     /// `group` (a tag key or `host`), `top` (5), the range (see
     /// [`time_range`]) and `points` (1500).
     pub fn parse(p: &Params, now: u32) -> Result<ChartRequest, ApiError> {
+        p.only(&[
+            "name", "type", "tag", "host", "group", "top", "range", "from", "to", "points",
+        ])?;
         let name = p.get("name").ok_or_else(|| bad("name is required"))?;
         let kind = match p.get("type").unwrap_or("counter") {
             "counter" => Kind::Counter,
@@ -344,18 +363,25 @@ impl Explore {
         let rows = self.rows(&sql).await?;
         statements.push(sql);
         let columns = api_columns(req.kind);
+        let now_f = f64::from(now);
+        let mut partial = None;
         let mut series: Vec<(String, Vec<Value>)> = Vec::new();
         for row in &rows {
             let Some(t) = row.get("t").and_then(as_f64) else {
                 continue;
             };
             let grp = row.get("grp").and_then(Value::as_str).unwrap_or("all");
+            // The period still open is a rate over the seconds it has had.
+            let seconds = (now_f - t).clamp(1.0, f64::from(step));
+            if seconds < f64::from(step) {
+                partial = Some(t);
+            }
             let mut point = vec![number(t)];
             for c in columns {
                 point.push(match (*c, req.kind) {
-                    ("rate", _) => number(
-                        row.get("value").and_then(as_f64).unwrap_or(f64::NAN) / f64::from(step),
-                    ),
+                    ("rate", _) => {
+                        number(row.get("value").and_then(as_f64).unwrap_or(f64::NAN) / seconds)
+                    }
                     ("sum", _) => number(row.get("value").and_then(as_f64).unwrap_or(f64::NAN)),
                     (c, _) => number(row.get(c).and_then(as_f64).unwrap_or(f64::NAN)),
                 });
@@ -386,22 +412,28 @@ impl Explore {
             "resolution_text": text,
             "columns": columns,
             "series": series,
+            "partial": partial.map_or(Value::Null, number),
             "sql": statements,
         }))
     }
 
-    /// `/api/events`: `range` or `from`/`to`, `limit` (100).
+    /// `/api/events`: the newest `limit` (100) events of `range` or
+    /// `from`/`to`, oldest first; `more` says older ones were left out.
     pub async fn events(&self, p: &Params, now: u32) -> Result<Value, ApiError> {
+        p.only(&["range", "from", "to", "limit"])?;
         let (from, to) = time_range(p, now)?;
         let limit = p.number::<u32>("limit")?.unwrap_or(100);
         if limit == 0 || limit as usize > MAX_LIST {
             return Err(bad(format!("limit must be 1 to {MAX_LIST}, not {limit}")));
         }
         let database = self.sink.borrow().database.clone();
-        let sql = read::events(&database, from, to, limit);
-        let rows = self.rows(&sql).await?;
+        let sql = read::events(&database, from, to, limit + 1);
+        let mut rows = self.rows(&sql).await?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
         let events: Vec<Value> = rows
             .into_iter()
+            .rev()
             .map(|mut r| {
                 json!({
                     "ts": r.get("t").and_then(as_f64).map_or(Value::Null, number),
@@ -413,13 +445,14 @@ impl Explore {
                 })
             })
             .collect();
-        Ok(json!({"events": events, "sql": sql}))
+        Ok(json!({"events": events, "more": more, "sql": sql}))
     }
 }
 
 /// `/api/metrics`: the census's metrics whose name holds `q` (any case),
 /// at most `limit` (50).
 pub fn metrics(census: &Census, p: &Params) -> Result<Value, ApiError> {
+    p.only(&["q", "limit"])?;
     let limit = p.number::<usize>("limit")?.unwrap_or(50);
     if limit == 0 || limit > MAX_LIST {
         return Err(bad(format!("limit must be 1 to {MAX_LIST}, not {limit}")));

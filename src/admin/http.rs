@@ -23,6 +23,8 @@ pub struct Answer {
     pub body: Bytes,
     /// A page asset: served with the content security policy.
     pub page: bool,
+    /// A 401 that names its scheme (`WWW-Authenticate: Bearer`).
+    pub challenge: bool,
 }
 
 impl Answer {
@@ -32,6 +34,7 @@ impl Answer {
             kind: "text/plain; version=0.0.4",
             body: Bytes::from(body),
             page: false,
+            challenge: false,
         }
     }
 
@@ -41,6 +44,7 @@ impl Answer {
             kind: "application/json",
             body: Bytes::from(v.to_string()),
             page: false,
+            challenge: false,
         }
     }
 
@@ -55,7 +59,14 @@ impl Answer {
             kind,
             body: Bytes::from_static(body.as_bytes()),
             page: true,
+            challenge: false,
         }
+    }
+
+    /// Says which scheme the refused request needs.
+    pub fn challenge(mut self) -> Answer {
+        self.challenge = true;
+        self
     }
 
     /// The response, gzipped if `gzip` and worth it.
@@ -76,6 +87,12 @@ impl Answer {
             "x-content-type-options",
             HeaderValue::from_static("nosniff"),
         );
+        if self.challenge {
+            h.insert(
+                hyper::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tallyd admin\""),
+            );
+        }
         if self.page {
             h.insert("content-security-policy", HeaderValue::from_static(POLICY));
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

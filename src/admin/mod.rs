@@ -182,6 +182,18 @@ impl AdminState {
         }
     }
 
+    /// `None` while ClickHouse takes tallyd's statements, else (seconds it
+    /// has failed every one, its last error).
+    fn clickhouse_failing(&self) -> Option<(u64, String)> {
+        let t = &self.telemetry;
+        (t.clickhouse_failing_since_ms.load(Relaxed) != 0).then(|| {
+            (
+                t.clickhouse_failing_secs(),
+                crate::lock(&t.clickhouse_last_error).clone(),
+            )
+        })
+    }
+
     /// The census, scanned again when older than [`CENSUS_AGE`] (off the
     /// tokio workers: a scan of a million keys takes tens of ms).
     async fn census(&self) -> Arc<Census> {
@@ -208,14 +220,19 @@ impl AdminState {
         req.headers()
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes()))
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .is_some_and(|(_, given)| same(given.trim().as_bytes(), token.as_bytes()))
     }
 
     async fn respond(&self, req: Request<Incoming>) -> Answer {
         let path = req.uri().path().to_owned();
+        let api = path.starts_with("/api/");
         if req.method() != Method::GET {
-            return Answer::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+            return match api {
+                true => Answer::error(StatusCode::METHOD_NOT_ALLOWED, "GET only"),
+                false => Answer::text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into()),
+            };
         }
         match path.as_str() {
             "/health" => {
@@ -240,7 +257,8 @@ impl AdminState {
             return Answer::error(
                 StatusCode::UNAUTHORIZED,
                 "this admin listener needs Authorization: Bearer <token> (admin_token_file or TALLYD_ADMIN_TOKEN)",
-            );
+            )
+            .challenge();
         }
         let now = crate::clock::wall_clock();
         let now_secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
@@ -250,6 +268,9 @@ impl AdminState {
         };
         let answer = match path.as_str() {
             "/metrics" => return Answer::text(StatusCode::OK, self.metrics()),
+            "/api/status" if !params.is_empty() => {
+                params.only(&[]).map(|_| serde_json::Value::Null)
+            }
             "/api/status" => {
                 let census = self.census().await;
                 Ok(status::Status {
@@ -259,6 +280,7 @@ impl AdminState {
                     health: self.health(),
                     metrics: &self.metrics(),
                     census: &census,
+                    clickhouse_failing: self.clickhouse_failing(),
                 }
                 .to_json())
             }
@@ -268,6 +290,11 @@ impl AdminState {
                 Err(e) => Err(e),
             },
             "/api/events" => self.explore.events(&params, now_secs).await,
+            _ if api => Err(api::ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: "no such endpoint: /api/status, /api/metrics, /api/series, /api/events"
+                    .into(),
+            }),
             _ => {
                 return Answer::text(
                     StatusCode::NOT_FOUND,

@@ -92,6 +92,9 @@ pub struct Status<'a> {
     pub health: (&'a str, Vec<String>),
     pub metrics: &'a str,
     pub census: &'a Census,
+    /// ClickHouse's state: `None` while it takes tallyd's statements, else
+    /// (seconds it has failed every one, its last error).
+    pub clickhouse_failing: Option<(u64, String)>,
 }
 
 impl Status<'_> {
@@ -136,6 +139,10 @@ impl Status<'_> {
             "version": env!("CARGO_PKG_VERSION"),
             "flush_interval": self.flush_interval,
             "health": {"status": self.health.0, "problems": self.health.1},
+            "clickhouse": match &self.clickhouse_failing {
+                None => json!({"up": true}),
+                Some((secs, error)) => json!({"up": false, "failing_seconds": secs, "last_error": error}),
+            },
             "metrics": metrics,
             "top_keys": top_keys,
             "top_samples": top_samples,
@@ -194,9 +201,12 @@ mod tests {
             health: ("degraded", vec!["the WAL was full".into()]),
             metrics: "tallyd_dropped_total{reason=\"wal_full\"} 7\n",
             census: &census,
+            clickhouse_failing: Some((58, "Connection refused".into())),
         }
         .to_json();
         assert_eq!(v["health"]["status"], "degraded");
+        assert_eq!(v["clickhouse"]["up"], false);
+        assert_eq!(v["clickhouse"]["failing_seconds"], 58);
         assert_eq!(v["metrics"][0]["labels"]["reason"], "wal_full");
         assert_eq!(v["metrics"][0]["value"], 7.0);
         assert_eq!(v["top_keys"][0]["name"], "wide");

@@ -16,8 +16,13 @@ use serde_json::Value;
 
 #[derive(Debug, clap::Args)]
 pub struct TopArgs {
-    #[command(flatten)]
-    pub config: super::ConfigArgs,
+    /// TOML configuration file: the admin listener to read, and its token
+    /// (`admin_token_file`; or TALLYD_ADMIN_TOKEN)
+    #[arg(long, short, env = "TALLYD_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// The admin listener to read [default: the configuration's, 127.0.0.1:8127]
+    #[arg(long, env = "TALLYD_ADMIN", value_name = "ADDR")]
+    pub admin: Option<String>,
     /// How often to redraw.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub every: String,
@@ -30,8 +35,20 @@ pub struct TopArgs {
 }
 
 /// Runs `tallyd top` against the configured admin listener (its token
-/// from `admin_token_file` or `TALLYD_ADMIN_TOKEN`).
-pub fn top(config: crate::config::Config, args: &TopArgs) -> ExitCode {
+/// from `admin_token_file` or `TALLYD_ADMIN_TOKEN`); Ctrl-C ends it.
+pub fn top(args: &TopArgs) -> ExitCode {
+    let overrides = crate::config::Overrides {
+        admin: args.admin.clone(),
+        ..Default::default()
+    };
+    let config = match crate::config::Settings::load(args.config.as_deref(), &overrides)
+        .and_then(|s| s.validate())
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return super::fail_with(super::exit::CONFIG, &format!("configuration error: {e}"));
+        }
+    };
     let Some(addr) = config.admin else {
         return super::fail("the admin listener is off (admin = \"off\"): nothing to read");
     };
@@ -49,7 +66,22 @@ pub fn top(config: crate::config::Config, args: &TopArgs) -> ExitCode {
     loop {
         let cur = match fetch(addr, "/api/status", token) {
             Ok(v) => v,
-            Err(e) => return super::fail(&format!("cannot read http://{addr}/api/status: {e}")),
+            Err(e) if args.once => {
+                return super::fail(&format!("cannot read http://{addr}/api/status: {e}"));
+            }
+            Err(e) => {
+                // tallyd may be restarting: say so, and keep trying.
+                let mut out = std::io::stdout().lock();
+                let _ = write!(
+                    out,
+                    "\x1b[H\x1b[2Jtallyd top · cannot read http://{addr}/api/status: {e}\nretrying every {} (Ctrl-C ends)\n",
+                    humantime::format_duration(every)
+                );
+                let _ = out.flush();
+                prev = None;
+                std::thread::sleep(every);
+                continue;
+            }
         };
         if !args.once || prev.is_some() {
             let text = frame(prev.as_ref(), &cur, args.rows);
@@ -153,6 +185,14 @@ pub fn frame(prev: Option<&Value>, cur: &Value, rows: usize) -> String {
     );
     for p in cur["health"]["problems"].as_array().into_iter().flatten() {
         let _ = writeln!(o, "  ! {}", p.as_str().unwrap_or(""));
+    }
+    if cur["clickhouse"]["up"] == false {
+        let _ = writeln!(
+            o,
+            "  ! ClickHouse has failed every statement for {} s (rows wait in the spool): {}",
+            cur["clickhouse"]["failing_seconds"].as_u64().unwrap_or(0),
+            cur["clickhouse"]["last_error"].as_str().unwrap_or("")
+        );
     }
     let _ = writeln!(o, "\n{:<10} {:>12} {:>16}", "LISTENER", "LINES/S", "LINES");
     for l in ["udp", "tcp", "uds", "proto", "otlp"] {
@@ -281,15 +321,16 @@ pub fn frame(prev: Option<&Value>, cur: &Value, rows: usize) -> String {
             .collect()
     };
     let (keys, busy) = (list("top_keys"), list("top_samples"));
+    // Two lists side by side in 80 columns.
     let _ = writeln!(
         o,
-        "\n{:<30} {:<8} {:>10}   {:<30} {:<8} {:>10}",
-        "TOP METRICS BY KEYS", "TYPE", "KEYS", "TOP METRICS BY SAMPLES/S", "TYPE", "/S"
+        "\n{:<20} {:<7} {:>8}   {:<20} {:<7} {:>8}",
+        "TOP BY KEYS", "TYPE", "KEYS", "TOP BY SAMPLES/S", "TYPE", "/S"
     );
     for i in 0..keys.len().max(busy.len()) {
         let cell = |l: &[(String, String, String)]| match l.get(i) {
-            Some((n, t, v)) => format!("{:<30} {t:<8} {v:>10}", clip(n, 30)),
-            None => format!("{:<30} {:<8} {:>10}", "", "", ""),
+            Some((n, t, v)) => format!("{:<20} {t:<7} {v:>8}", clip(n, 20)),
+            None => format!("{:<20} {:<7} {:>8}", "", "", ""),
         };
         let _ = writeln!(o, "{}   {}", cell(&keys), cell(&busy).trim_end());
     }
@@ -355,8 +396,9 @@ mod tests {
         );
         let keys = text
             .lines()
-            .skip_while(|l| !l.starts_with("TOP METRICS BY KEYS"))
+            .skip_while(|l| !l.starts_with("TOP BY KEYS"))
             .nth(1);
+        assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
         assert!(
             keys.is_some_and(|l| l.starts_with("exploding ") && l.contains("12,000")),
             "{text}"

@@ -304,12 +304,12 @@ fn select(chart: &Chart<'_>, ts_expr: &str, label: Option<&str>) -> String {
     }
 }
 
-/// The SQL of the DogStatsD events over `[from, to)` (by their
-/// interval), oldest first, at most `limit`: `t` (Unix seconds), `title`,
-/// `text`, `alert_type`, `host`, `tags`.
+/// The SQL of the newest `limit` DogStatsD events over `[from, to)` (by
+/// their interval), newest first: `t` (Unix seconds), `title`, `text`,
+/// `alert_type`, `host`, `tags`.
 pub fn events(database: &str, from: u32, to: u32, limit: u32) -> String {
     format!(
-        "SELECT toUInt32(ts) AS t, title, text, alert_type, host, tags\nFROM (SELECT * FROM {}.events FINAL WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}))\nORDER BY t LIMIT {limit}",
+        "SELECT toUInt32(ts) AS t, title, text, alert_type, host, tags\nFROM (SELECT * FROM {}.events FINAL WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}))\nORDER BY t DESC, seq DESC LIMIT {limit}",
         quote_ident(database)
     )
 }

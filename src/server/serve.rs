@@ -360,7 +360,7 @@ async fn prepare_and_run(mut sink: Sink, config: sink::SinkConfig, queue: mpsc::
             }
             Err(e) => {
                 let delay = sink::backoff(attempt, config.retry_initial, config.retry_max, 1.0);
-                sink.count_retry();
+                sink.count_retry(&e.to_string());
                 if sink::is_certificate_error(&e) {
                     tracing::error!(error = %e, url = %config.url, retry_in = ?delay, "ClickHouse's TLS certificate is not trusted (set clickhouse.ca_file for a private CA); buffering");
                 } else {

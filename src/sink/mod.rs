@@ -181,8 +181,9 @@ impl Sink {
 
     /// Counts a failed attempt to reach ClickHouse (before the first insert)
     /// and moves to the next replica, if there is one.
-    pub fn count_retry(&self) {
+    pub fn count_retry(&self, error: &str) {
         self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
+        self.telemetry.clickhouse_answered(Some(error));
         self.fail_over();
     }
 
@@ -233,6 +234,7 @@ impl Sink {
         if self.current().config.create_schema {
             self.ensure_schema().await?;
         }
+        self.telemetry.clickhouse_answered(None);
         Ok(version)
     }
 
@@ -413,6 +415,7 @@ impl Sink {
             match result {
                 Ok(()) => {
                     let t = &self.telemetry;
+                    t.clickhouse_answered(None);
                     let counter = if q.resent {
                         &t.rows_resent[table]
                     } else {
@@ -470,6 +473,7 @@ impl Sink {
                         }
                         Failure::Retry => {
                             self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
+                            self.telemetry.clickhouse_answered(Some(&err.to_string()));
                             self.fail_over();
                             if matches!(&err, Failed::Insert(e) if is_certificate_error(e)) {
                                 tracing::error!(table = name, flush_id, url = %config.url, retry_in = ?delay, error = %err, "ClickHouse's TLS certificate is not trusted (set clickhouse.ca_file for a private CA); the rows wait in the spool");

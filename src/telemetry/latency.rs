@@ -17,13 +17,7 @@ pub struct Latencies {
     pub proto_ack: Latency,
 }
 
-struct Text(String);
-
-impl super::Sample for Text {
-    fn text(&self) -> String {
-        self.0.clone()
-    }
-}
+use super::Text;
 
 impl Latencies {
     pub(super) fn render(&self, m: &mut Metrics<'_>) {

@@ -405,7 +405,7 @@ function showCustom() {
 function formFromUrl(p) {
   for (const k of ['name', 'host', 'group']) $(k).value = p.get(k) || '';
   if (TYPES.includes(p.get('type'))) $('type').value = p.get('type');
-  $('tags').value = p.getAll('tag').join(' ');
+  $('tags').value = p.getAll('tag').join(', ');
   $('top').value = p.get('top') || '5';
   const range = $('range');
   if (!p.get('range') && p.get('from') && p.get('to')) {
@@ -424,7 +424,8 @@ function formFromUrl(p) {
 /** The form as the URL's (and the API's) parameters. */
 function paramsFromForm() {
   const p = new URLSearchParams({ name: $('name').value.trim(), type: $('type').value });
-  for (const t of $('tags').value.split(/\s+/)) if (t) p.append('tag', t);
+  // Commas separate tags, as on the wire: a tag value may hold spaces.
+  for (const t of $('tags').value.split(',')) if (t.trim()) p.append('tag', t.trim());
   if ($('host').value.trim()) p.set('host', $('host').value.trim());
   if ($('group').value.trim()) {
     p.set('group', $('group').value.trim());
@@ -467,7 +468,7 @@ async function run({ quiet = false, params = null } = {}) {
       api('/api/events', ev).catch((e) => ({ events: [], failed: e.message })),
     ]);
     if (seq !== explorer.runSeq) return undefined;
-    explorer.last = { data, events: Array.isArray(events.events) ? events.events : [] };
+    explorer.last = { data, events: Array.isArray(events.events) ? events.events : [], eventsMore: Boolean(events.more) };
     renderResult(data, explorer.last.events);
     showError(events.failed && `Events: ${events.failed}`);
     return setState('ready');
@@ -486,7 +487,7 @@ function renderResult(data, events) {
   res.textContent = `${data.resolution_text || data.resolution}, ${fmtNum(data.step)} s per point`;
   $('sql').textContent = (data.sql || []).join(';\n\n');
   renderCharts(data, events);
-  renderEvents(events);
+  renderEvents(events, explorer.last && explorer.last.eventsMore);
   renderTable(data);
 }
 
@@ -497,7 +498,7 @@ function renderCharts(data, events) {
       data.series.map((s, i) => el('li', null, swatch(colorClass(s.label, i)), s.label))));
 }
 
-function renderEvents(events) {
+function renderEvents(events, more) {
   const alerts = ['info', 'success', 'warning', 'error'];
   $('events').replaceChildren(...events.map((e) => el('li', {
     'data-ts': e.ts, 'data-alert': alerts.includes(e.alert_type) && e.alert_type,
@@ -506,6 +507,7 @@ function renderEvents(events) {
   e.text && el('span', { class: 'event-text' }, e.text),
   el('span', { class: 'muted' }, [e.host, ...(e.tags || [])].filter(Boolean).join(' ')))));
   $('events-empty').hidden = events.length > 0;
+  $('events-more').hidden = !more;
 }
 
 /** The data table: one row per point of every series (tests read this DOM). */
@@ -554,13 +556,14 @@ async function searchMetrics() {
   const found = answer.metrics || [];
   explorer.found = found;
   const more = (answer.total || 0) - found.length;
-  $('metric-list').replaceChildren(...found.map((m, i) => el('li', null,
+  // replaceChildren would print a false as text: only nodes go in.
+  $('metric-list').replaceChildren(...[...found.map((m, i) => el('li', null,
     el('button', { type: 'button', class: 'pick', 'data-index': i },
       el('span', { class: 'm-name' }, m.name), el('span', { class: 'm-type' }, m.type),
       el('span', { class: 'm-keys' }, `${fmtNum(m.keys)} keys`),
       el('span', { class: 'm-tags' }, (m.tag_keys || []).join(' '))))),
-  !found.length && el('li', { class: 'muted' }, 'No metric in memory matches.'),
-  more > 0 && el('li', { class: 'muted' }, `${fmtNum(more)} more…`));
+  !found.length && el('li', { class: 'muted' }, 'No metric written in the last interval or two matches; type a whole name to chart it.'),
+  more > 0 && el('li', { class: 'muted' }, `${fmtNum(more)} more…`)].filter(Boolean));
   $('metric-list').hidden = false;
   return undefined;
 }
@@ -700,6 +703,16 @@ function healthSection(st) {
     el('h2', null, 'Health: ', h.status),
     problems.length > 0 && el('ul', { class: 'problems' }, problems.map((p) => el('li', null, p))),
     !ok && !problems.length && el('p', null, 'tallyd is starting or stopping.'));
+}
+
+/** ClickHouse down: shown right after health, with how long and why (rows wait in the spool). */
+function clickhouseDown(st) {
+  const c = st.clickhouse || {};
+  if (c.up !== false) return null;
+  return el('section', { id: 'clickhouse-down', class: 'card health bad', 'data-failing-seconds': c.failing_seconds },
+    el('h2', null, `ClickHouse: failing for ${fmtNum(c.failing_seconds)} s`),
+    el('p', null, 'Every statement failed since then; closed intervals wait in the spool and are sent once it answers.'),
+    c.last_error && el('p', { class: 'event-text' }, `Last error: ${c.last_error}`));
 }
 
 function listenersSection(cur, prev) {
@@ -874,7 +887,8 @@ function fleetSection(st, cur, prev) {
 }
 
 /** Replaces only the sections that changed, so a text selection survives a poll. */
-function reconcile(box, nodes) {
+function reconcile(box, all) {
+  const nodes = all.filter(Boolean);
   nodes.forEach((node, i) => {
     const old = box.children[i];
     if (!old) box.append(node);
@@ -887,6 +901,7 @@ function renderStatus(st, cur, prev) {
   $('about').textContent = `${st.host || ''} · tallyd ${st.version || ''} · flush every ${st.flush_interval} s · ${fmtDateTime(st.time)}`;
   reconcile($('status-sections'), [
     healthSection(st),
+    clickhouseDown(st),
     listenersSection(cur, prev),
     parseErrorsSection(cur, prev),
     dropsSection(cur, prev),
