@@ -511,3 +511,34 @@ async fn the_status_says_when_clickhouse_fails_and_since_when() {
     assert_eq!(up, Some(Value::from(0)));
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metric_stays_listed_after_its_keys_leave_the_series_table() {
+    let s = settings(clickhouse(), "explorer_recent");
+    let running = server::start(config(&s)).await.expect("start");
+    let admin = running.admin_addr.expect("admin").port();
+    let udp = running.udp_addr.expect("udp");
+    common::send_udp(
+        udp,
+        &["sparse.metric:1|c|#k:a\nsparse.metric:1|c|#k:b\n".into()],
+    );
+    let (listed, later) = tokio::task::spawn_blocking(move || {
+        let listed = wait_for(10, || {
+            json(admin, "/api/metrics?q=sparse")["metrics"][0]["keys"] == 2
+        });
+        // Idle for whole intervals: the keys leave the series table.
+        std::thread::sleep(Duration::from_secs(4));
+        let (_, metrics) = get(admin, "/metrics", None);
+        assert!(
+            metrics.lines().any(|l| l == "tallyd_series_keys 0"),
+            "the keys left the series table"
+        );
+        (listed, json(admin, "/api/metrics?q=sparse"))
+    })
+    .await
+    .expect("get");
+    assert!(listed, "listed while live");
+    assert_eq!(later["metrics"][0]["name"], "sparse.metric", "{later}");
+    assert_eq!(later["metrics"][0]["keys"], 2, "{later}");
+    running.shutdown().await;
+}

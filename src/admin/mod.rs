@@ -33,6 +33,7 @@ use tokio::sync::watch;
 pub mod api;
 mod http;
 mod page;
+mod recent;
 pub mod status;
 
 use crate::aggregate::Aggregator;
@@ -64,9 +65,15 @@ pub struct AdminState {
     /// Required of API requests when set (`admin_token_file` or
     /// `TALLYD_ADMIN_TOKEN`).
     pub token: Option<String>,
-    /// The last census and when it was taken (one scan serves every
-    /// request within [`CENSUS_AGE`]).
-    pub census: tokio::sync::Mutex<Option<(std::time::Instant, Arc<Census>)>>,
+    /// The scans of the last minute, merged, and when the last was taken
+    /// (one scan serves every request within [`CENSUS_AGE`]).
+    pub census: tokio::sync::Mutex<CensusCache>,
+}
+
+#[derive(Debug, Default)]
+pub struct CensusCache {
+    recent: recent::Recent,
+    merged: Option<(std::time::Instant, Arc<Census>)>,
 }
 
 /// How long a census serves before the series table is scanned again.
@@ -194,22 +201,25 @@ impl AdminState {
         })
     }
 
-    /// The census, scanned again when older than [`CENSUS_AGE`] (off the
+    /// The metrics of the last minute ([`recent`]), with a new scan of the
+    /// series table when the last is older than [`CENSUS_AGE`] (off the
     /// tokio workers: a scan of a million keys takes tens of ms).
     async fn census(&self) -> Arc<Census> {
-        let mut cached = self.census.lock().await;
-        if let Some((at, c)) = cached.as_ref()
+        let mut cache = self.census.lock().await;
+        if let Some((at, merged)) = &cache.merged
             && at.elapsed() < CENSUS_AGE
         {
-            return Arc::clone(c);
+            return Arc::clone(merged);
         }
         let aggregator = Arc::clone(&self.aggregator);
-        let census = tokio::task::spawn_blocking(move || aggregator.census())
-            .await
-            .map(Arc::new)
-            .unwrap_or_default();
-        *cached = Some((std::time::Instant::now(), Arc::clone(&census)));
-        census
+        let Ok(scan) = tokio::task::spawn_blocking(move || aggregator.census()).await else {
+            return Arc::default();
+        };
+        let now = std::time::Instant::now();
+        cache.recent.add(&scan, now);
+        let merged = Arc::new(cache.recent.census(scan.open_secs));
+        cache.merged = Some((now, Arc::clone(&merged)));
+        merged
     }
 
     /// Whether `req` may read the API: no token is set, or it carries it.

@@ -121,16 +121,19 @@ impl Status<'_> {
             .census
             .metrics
             .iter()
-            .filter(|m| m.samples > 0)
+            .filter(|m| m.per_second > 0.0)
             .collect();
-        by_samples.sort_by(|a, b| b.samples.cmp(&a.samples).then_with(|| a.name.cmp(&b.name)));
-        let age = self.census.open_secs.max(0.001);
+        by_samples.sort_by(|a, b| {
+            b.per_second
+                .total_cmp(&a.per_second)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         let top_samples: Vec<Value> = by_samples
             .into_iter()
             .take(TOP)
             .map(|m| {
                 json!({"name": m.name, "type": m.kind, "samples": m.samples,
-                       "per_second": number(m.samples as f64 / age)})
+                       "per_second": number(m.per_second)})
             })
             .collect();
         json!({
@@ -181,6 +184,7 @@ mod tests {
                     kind: "counter",
                     keys: 50,
                     samples: 10,
+                    per_second: 5.0,
                     tag_keys: vec![],
                 },
                 MetricCensus {
@@ -188,6 +192,7 @@ mod tests {
                     kind: "timer",
                     keys: 1,
                     samples: 400,
+                    per_second: 200.0,
                     tag_keys: vec![],
                 },
             ],

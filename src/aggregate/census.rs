@@ -26,6 +26,9 @@ pub struct MetricCensus {
     pub keys: u64,
     /// Raw samples in the open interval.
     pub samples: u64,
+    /// Samples per second: the open interval's over its age (see
+    /// [`crate::admin`]'s recent census for one smoothed over scans).
+    pub per_second: f64,
     /// Its tag keys (the text before a tag's first `:`), at most
     /// [`MAX_TAG_KEYS`], sorted.
     pub tag_keys: Vec<String>,
@@ -94,6 +97,7 @@ impl Tally {
                     kind,
                     keys: 0,
                     samples: 0,
+                    per_second: 0.0,
                     tag_keys: Vec::new(),
                 },
             );
@@ -111,8 +115,9 @@ impl Tally {
         }
     }
 
-    /// The census, most keys first (then by name).
-    pub fn finish(self) -> Census {
+    /// The census, most keys first (then by name), of an interval open for
+    /// `open_secs`.
+    pub fn finish(self, open_secs: f64) -> Census {
         let mut metrics: Vec<MetricCensus> = self
             .by_name
             .into_iter()
@@ -120,12 +125,13 @@ impl Tally {
             .collect();
         for m in &mut metrics {
             m.tag_keys.sort();
+            m.per_second = m.samples as f64 / open_secs.max(0.001);
         }
         metrics.sort_by(|a, b| b.keys.cmp(&a.keys).then_with(|| a.name.cmp(&b.name)));
         Census {
             metrics,
             uncounted_keys: self.uncounted_keys,
-            open_secs: 0.0,
+            open_secs,
         }
     }
 }
@@ -151,7 +157,7 @@ mod tests {
         }
         t.add(k.build(MetricType::Gauge, b"req", b""), None);
         t.add(k.build(MetricType::Histogram, b"lat", b"host"), None);
-        let c = t.finish();
+        let c = t.finish(2.0);
         assert_eq!(c.metrics.len(), 3);
         assert_eq!(
             c.metrics[0],
@@ -160,6 +166,7 @@ mod tests {
                 kind: "counter",
                 keys: 3,
                 samples: 6,
+                per_second: 3.0,
                 tag_keys: vec!["env".into(), "path".into()],
             }
         );

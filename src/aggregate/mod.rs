@@ -365,11 +365,8 @@ impl Aggregator {
         drop(current);
         let mut tally = census::Tally::default();
         self.series.scan(column, |key, value| tally.add(key, value));
-        let mut census = tally.finish();
-        census.open_secs = crate::clock::wall_clock()
-            .saturating_sub(started)
-            .as_secs_f64();
-        census
+        let open = crate::clock::wall_clock().saturating_sub(started);
+        tally.finish(open.as_secs_f64())
     }
 
     /// Keys in the series table (this interval's and the last one's).

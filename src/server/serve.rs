@@ -69,7 +69,7 @@ pub(super) async fn serve(
         },
         host: config.host_id.clone(),
         token: config.admin_token.clone(),
-        census: tokio::sync::Mutex::new(None),
+        census: tokio::sync::Mutex::default(),
     });
 
     let sink = Sink::new(config.sink.clone(), Arc::clone(&telemetry))

@@ -50,6 +50,7 @@ fn the_metric_search_filters_by_name_and_bounds_the_list() {
         kind: "counter",
         keys,
         samples: 0,
+        per_second: 0.0,
         tag_keys: vec!["env".into()],
     };
     let census = Census {

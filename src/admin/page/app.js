@@ -562,7 +562,7 @@ async function searchMetrics() {
       el('span', { class: 'm-name' }, m.name), el('span', { class: 'm-type' }, m.type),
       el('span', { class: 'm-keys' }, `${fmtNum(m.keys)} keys`),
       el('span', { class: 'm-tags' }, (m.tag_keys || []).join(' '))))),
-  !found.length && el('li', { class: 'muted' }, 'No metric written in the last interval or two matches; type a whole name to chart it.'),
+  !found.length && el('li', { class: 'muted' }, 'No metric seen in the last minute matches; type a whole name to chart it.'),
   more > 0 && el('li', { class: 'muted' }, `${fmtNum(more)} more…`)].filter(Boolean));
   $('metric-list').hidden = false;
   return undefined;
