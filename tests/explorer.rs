@@ -20,11 +20,16 @@ mod browser;
 /// A GET on the admin listener: (status, body), with `token` as a bearer
 /// token if given.
 fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    get_as(port, path, token, "127.0.0.1")
+}
+
+/// [`get`] with `host` as the `Host` header.
+fn get_as(port: u16, path: &str, token: Option<&str>, host: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n").expect("send");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n").expect("send");
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).expect("read");
     let resp = String::from_utf8_lossy(&resp).into_owned();
@@ -105,11 +110,13 @@ async fn hostile_names_and_tags_are_data_never_sql() {
             text.push_str(&format!("{name}:3|c|#v:it's\\here\n"));
         }
     }
+    // A hostile tag key to group by: its top value, then "other".
+    text.push_str("grp.m:1|c|#q'\\k:v1\ngrp.m:1|c|#q'\\k:v1\ngrp.m:1|c|#q'\\k:v2\n");
     tokio::task::spawn_blocking(move || send_tcp(tcp, &text))
         .await
         .expect("send");
     let stored = wait_for(30, || {
-        number(&format!("SELECT sum(value) FROM {db}.counters FINAL")) == Some(45.0)
+        number(&format!("SELECT sum(value) FROM {db}.counters FINAL")) == Some(48.0)
     });
     assert!(stored, "the lines reached ClickHouse");
 
@@ -125,6 +132,34 @@ async fn hostile_names_and_tags_are_data_never_sql() {
         assert_eq!(total(&v, "sum"), 3.0 * (i as f64 + 1.0), "{name}: {v}");
         assert_eq!(v["series"][0]["label"], "v:it's\\here", "{name}");
     }
+    let q = format!(
+        "/api/series?name=grp.m&range=15m&top=1&group={}",
+        encode(b"q'\\k")
+    );
+    let v = tokio::task::spawn_blocking(move || json(admin, &q))
+        .await
+        .expect("get");
+    assert_eq!(v["series"][0]["label"], "q'\\k:v1", "{v}");
+    assert_eq!(v["series"][1]["label"], "other", "{v}");
+    let sums: Vec<f64> = (0..2)
+        .map(|i| {
+            v["series"][i]["points"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p[2].as_f64())
+                .sum()
+        })
+        .collect();
+    assert_eq!(sums, [2.0, 1.0], "{v}");
+    // A page elsewhere whose name was rebound to 127.0.0.1 (DNS
+    // rebinding) is refused.
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        get_as(admin, "/api/status", None, "evil.example:8127")
+    })
+    .await
+    .expect("get");
+    assert_eq!(status, 403, "{body}");
     // As parameters only: nothing matches, nothing breaks.
     for (param, says) in [
         ("name=%FF%FE".to_string(), Some("not valid UTF-8")),
@@ -160,7 +195,7 @@ async fn hostile_names_and_tags_are_data_never_sql() {
     // The tables are all still there, and so is every row.
     assert_eq!(
         ch.number(&format!("SELECT sum(value) FROM {db}.counters FINAL")),
-        45.0
+        48.0
     );
     assert_eq!(running.shutdown().await, 0);
 }
@@ -426,7 +461,13 @@ async fn the_pages_show_known_values_in_headless_chromium() {
         assert_eq!(browser::cell(&dom, &row, "rate"), Some(want), "{label}");
         assert_eq!(browser::cell(&dom, &row, "sum"), Some(want), "{label}");
     }
-    assert!(dom.contains("id=\"sql\""), "the SQL it ran is on the page");
+    let sql = dom.split("id=\"sql\"").nth(1).unwrap_or("");
+    assert!(
+        sql.split("</pre>")
+            .next()
+            .is_some_and(|s| s.contains("SELECT")),
+        "the SQL it ran is on the page"
+    );
     // The event, listed and marked on the time axis.
     let events = dom.split("id=\"events\"").nth(1).unwrap_or("");
     assert!(events.contains("deploy"), "the event is listed: {dom}");
@@ -518,12 +559,11 @@ async fn a_metric_stays_listed_after_its_keys_leave_the_series_table() {
     let running = server::start(config(&s)).await.expect("start");
     let admin = running.admin_addr.expect("admin").port();
     let udp = running.udp_addr.expect("udp");
-    common::send_udp(
-        udp,
-        &["sparse.metric:1|c|#k:a\nsparse.metric:1|c|#k:b\n".into()],
-    );
     let (listed, later) = tokio::task::spawn_blocking(move || {
+        // Sent until a scan (at most one per 2 s) has seen it.
         let listed = wait_for(10, || {
+            let lines = "sparse.metric:1|c|#k:a\nsparse.metric:1|c|#k:b\n";
+            common::send_udp(udp, &[lines.into()]);
             json(admin, "/api/metrics?q=sparse")["metrics"][0]["keys"] == 2
         });
         // Idle for whole intervals: the keys leave the series table.

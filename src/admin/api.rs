@@ -7,8 +7,8 @@
 //! escaped literal. Every statement is bounded: a range of at most
 //! [`MAX_SPAN`], at most [`MAX_POINTS`] periods of the resolution the
 //! rollup rule picks, at most [`MAX_TOP`] groups plus "other", and it runs
-//! read-only (`readonly = 2`) under [`QUERY_TIMEOUT`], [`MAX_ROWS`] and
-//! [`MAX_ROWS_READ`], at most [`MAX_QUERIES`] at a time: however many
+//! read-only (`readonly = 2`) under [`QUERY_TIMEOUT`], [`MAX_ROWS`],
+//! [`MAX_ROWS_READ`] and [`MAX_MEMORY`], at most [`MAX_QUERIES`] at a time: however many
 //! pages are open, the explorer holds at most that many of ClickHouse's
 //! threads (a request waits its turn up to [`QUERY_TIMEOUT`], then is
 //! answered 503).
@@ -44,6 +44,8 @@ pub const MAX_ROWS: u64 = 40_000;
 pub const MAX_ROWS_READ: u64 = 100_000_000;
 /// Explorer statements running at once, for every page together.
 pub const MAX_QUERIES: usize = 2;
+/// Memory one statement may take on the server (`max_memory_usage`).
+pub const MAX_MEMORY: u64 = 1 << 30;
 /// Metrics `/api/metrics` lists at most; events `/api/events`.
 pub const MAX_LIST: usize = 200;
 
@@ -138,7 +140,9 @@ impl Params {
 /// without either.
 pub fn time_range(p: &Params, now: u32) -> Result<(u32, u32), ApiError> {
     let (from, to) = match (p.number::<u32>("from")?, p.get("range")) {
-        (Some(from), _) => (from, p.number::<u32>("to")?.unwrap_or(now)),
+        (Some(_), Some(_)) => return Err(bad("give range, or from (and to), not both")),
+        (Some(from), None) => (from, p.number::<u32>("to")?.unwrap_or(now)),
+        (None, _) if p.get("to").is_some() => return Err(bad("to needs from")),
         (None, range) => {
             let range = range.unwrap_or("1h");
             let span = humantime::parse_duration(range)
@@ -286,35 +290,53 @@ impl Explore {
             .await
             .map_err(|_| busy())?
             .map_err(|_| busy())?;
-        let client = crate::sink::admin_clients(&config)
-            .into_iter()
-            .next()
-            .ok_or_else(|| failed("no endpoint configured".into()))?
-            .with_setting("readonly", "2")
-            .with_setting("max_execution_time", QUERY_TIMEOUT.as_secs().to_string())
-            .with_setting("max_result_rows", MAX_ROWS.to_string())
-            .with_setting("result_overflow_mode", "throw")
-            .with_setting("max_rows_to_read", MAX_ROWS_READ.to_string())
-            .with_setting("read_overflow_mode", "throw");
-        // `?` binds a parameter in the client's queries; `??` is one `?`.
-        let bytes = async {
-            let mut cursor = client
-                .query(&sql.replace('?', "??"))
-                .fetch_bytes("JSONEachRow")?;
-            cursor.collect().await
-        };
-        let bytes = tokio::time::timeout(QUERY_TIMEOUT + Duration::from_secs(5), bytes)
-            .await
-            .map_err(|_| failed("no answer in time".into()))?
-            .map_err(|e| failed(e.to_string()))?;
+        // Each endpoint in turn (the url, then each replica), as the sink
+        // fails over: a statement ClickHouse refused is not tried again.
+        let mut last = failed("no endpoint configured".into());
+        let mut answer = None;
+        for client in crate::sink::admin_clients(&config) {
+            let client = client
+                .with_setting("readonly", "2")
+                .with_setting("max_execution_time", QUERY_TIMEOUT.as_secs().to_string())
+                .with_setting("max_result_rows", MAX_ROWS.to_string())
+                .with_setting("result_overflow_mode", "throw")
+                .with_setting("max_rows_to_read", MAX_ROWS_READ.to_string())
+                .with_setting("read_overflow_mode", "throw")
+                .with_setting("max_memory_usage", MAX_MEMORY.to_string());
+            // `?` binds a parameter in the client's queries; `??` is one `?`.
+            let bytes = async {
+                let mut cursor = client
+                    .query(&sql.replace('?', "??"))
+                    .fetch_bytes("JSONEachRow")?;
+                cursor.collect().await
+            };
+            match tokio::time::timeout(QUERY_TIMEOUT + Duration::from_secs(5), bytes).await {
+                Ok(Ok(bytes)) => {
+                    answer = Some(bytes);
+                    break;
+                }
+                Ok(Err(e @ clickhouse::error::Error::BadResponse(_))) => {
+                    return Err(failed(e.to_string()));
+                }
+                Ok(Err(e)) => last = failed(e.to_string()),
+                Err(_) => last = failed("no answer in time".into()),
+            }
+        }
+        let bytes = answer.ok_or(last)?;
         Ok(String::from_utf8_lossy(&bytes)
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect())
     }
 
-    /// `/api/series`.
-    pub async fn series(&self, req: &ChartRequest, now: u32) -> Result<Value, ApiError> {
+    /// `/api/series`; ClickHouse has the intervals before `flushed_until`
+    /// (the open interval's start, Unix seconds) at most.
+    pub async fn series(
+        &self,
+        req: &ChartRequest,
+        now: u32,
+        flushed_until: u32,
+    ) -> Result<Value, ApiError> {
         let interval = self.interval_secs();
         let source = read::choose(req.from, req.to, now, interval, &self.retention, req.points);
         let (step, resolution, text) = match source {
@@ -363,7 +385,13 @@ impl Explore {
         let rows = self.rows(&sql).await?;
         statements.push(sql);
         let columns = api_columns(req.kind);
-        let now_f = f64::from(now);
+        // Seconds a period holds: a raw row one flush interval (two
+        // intervals of 500 ms share a second's row), a rollup its period.
+        let span = match source {
+            Source::Raw => self.flush_interval.as_secs_f64().max(1.0),
+            _ => f64::from(step),
+        };
+        let flushed = f64::from(flushed_until);
         let mut partial = None;
         let mut series: Vec<(String, Vec<Value>)> = Vec::new();
         for row in &rows {
@@ -371,9 +399,10 @@ impl Explore {
                 continue;
             };
             let grp = row.get("grp").and_then(Value::as_str).unwrap_or("all");
-            // The period still open is a rate over the seconds it has had.
-            let seconds = (now_f - t).clamp(1.0, f64::from(step));
-            if seconds < f64::from(step) {
+            // A period not over yet is a rate over the seconds of it that
+            // were flushed.
+            let seconds = (flushed - t).clamp(1.0, span);
+            if seconds < span {
                 partial = Some(t);
             }
             let mut point = vec![number(t)];
@@ -407,7 +436,7 @@ impl Explore {
             "type": kind_name(req.kind),
             "from": req.from,
             "to": req.to,
-            "step": step,
+            "step": number(span),
             "resolution": resolution,
             "resolution_text": text,
             "columns": columns,

@@ -4,7 +4,11 @@
 //!
 //! Bound off loopback, every request but `/health` and the page assets
 //! needs `Authorization: Bearer <admin token>` (compared in constant
-//! time); a refusal is counted in `tallyd_admin_refused_total`.
+//! time). On loopback without a token, the API and `/metrics` answer only
+//! requests whose `Host` is a loopback name (no DNS rebinding). Refusals
+//! are counted in `tallyd_admin_refused_total`. At most
+//! [`MAX_CONNECTIONS`] connections, each sending its headers within
+//! [`HEADER_TIMEOUT`].
 //!
 //! `/health` answers 200 `ok` once ready; 503 `not ready` before that and
 //! while stopping; 503 `degraded: …` naming each problem while:
@@ -75,6 +79,11 @@ pub struct CensusCache {
     recent: recent::Recent,
     merged: Option<(std::time::Instant, Arc<Census>)>,
 }
+
+/// Admin connections open at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a census serves before the series table is scanned again.
 pub const CENSUS_AGE: Duration = Duration::from_secs(2);
@@ -222,10 +231,16 @@ impl AdminState {
         merged
     }
 
-    /// Whether `req` may read the API: no token is set, or it carries it.
+    /// Whether `req` may read the API: it carries the token, or no token
+    /// is set (a loopback listener) and the request names a loopback host
+    /// (a page elsewhere whose name was rebound to 127.0.0.1 names its
+    /// own: DNS rebinding).
     fn authorized(&self, req: &Request<Incoming>) -> bool {
         let Some(token) = &self.token else {
-            return true;
+            return req
+                .headers()
+                .get(hyper::header::HOST)
+                .is_none_or(|h| h.to_str().is_ok_and(loopback_host));
         };
         req.headers()
             .get(hyper::header::AUTHORIZATION)
@@ -262,6 +277,13 @@ impl AdminState {
             }
             _ => {}
         }
+        if self.token.is_none() && !self.authorized(&req) {
+            self.telemetry.admin_refused.fetch_add(1, Relaxed);
+            return Answer::error(
+                StatusCode::FORBIDDEN,
+                "this loopback admin listener answers requests for localhost or 127.0.0.1 only (the Host header named another)",
+            );
+        }
         if !self.authorized(&req) {
             self.telemetry.admin_refused.fetch_add(1, Relaxed);
             return Answer::error(
@@ -277,7 +299,10 @@ impl AdminState {
             Err(e) => return Answer::error(e.status, &e.message),
         };
         let answer = match path.as_str() {
-            "/metrics" => return Answer::text(StatusCode::OK, self.metrics()),
+            "/metrics" => {
+                let text = tokio::task::block_in_place(|| self.metrics());
+                return Answer::text(StatusCode::OK, text);
+            }
             "/api/status" if !params.is_empty() => {
                 params.only(&[]).map(|_| serde_json::Value::Null)
             }
@@ -288,7 +313,8 @@ impl AdminState {
                     host: &self.host,
                     flush_interval: self.explore.flush_interval.as_secs().max(1),
                     health: self.health(),
-                    metrics: &self.metrics(),
+                    // Reads /proc/net/udp: off the async worker.
+                    metrics: &tokio::task::block_in_place(|| self.metrics()),
                     census: &census,
                     clickhouse_failing: self.clickhouse_failing(),
                 }
@@ -296,7 +322,11 @@ impl AdminState {
             }
             "/api/metrics" => api::metrics(&*self.census().await, &params),
             "/api/series" => match api::ChartRequest::parse(&params, now_secs) {
-                Ok(chart) => self.explore.series(&chart, now_secs).await,
+                Ok(chart) => {
+                    let open = self.aggregator.current().started.as_secs();
+                    let flushed = u32::try_from(open).unwrap_or(u32::MAX);
+                    self.explore.series(&chart, now_secs, flushed).await
+                }
                 Err(e) => Err(e),
             },
             "/api/events" => self.explore.events(&params, now_secs).await,
@@ -317,6 +347,19 @@ impl AdminState {
             Err(e) => Answer::error(e.status, &e.message),
         }
     }
+}
+
+/// Whether a `Host` header names this machine by loopback: `localhost`,
+/// `127.x.y.z` or `[::1]`, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Equal bytes, compared in time that depends on the lengths only.
@@ -426,25 +469,37 @@ fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
 
 /// Serves until `stop` turns true.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
+                    // Out of descriptors, say: wait rather than spin.
                     tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = stop.changed() => return,
         };
+        // Past the limit a connection is closed at once (before any
+        // request is read, so before any token is checked).
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = Arc::clone(&state);
                 let gzip = http::accepts_gzip(req.headers());
                 async move { Ok::<_, Infallible>(state.respond(req).await.into_response(gzip)) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {

@@ -50,6 +50,9 @@ impl Recent {
         for e in self.by_metric.values_mut() {
             e.samples *= decay;
         }
+        // Forget first: a stale entry must not take a new metric's place.
+        self.by_metric
+            .retain(|_, e| at.saturating_duration_since(e.seen) <= WINDOW);
         for m in &scan.metrics {
             let key = (m.kind, m.name.clone());
             if !self.by_metric.contains_key(&key) && self.by_metric.len() >= MAX_METRICS {
@@ -64,8 +67,6 @@ impl Recent {
             e.seen = at;
             e.samples += m.samples as f64;
         }
-        self.by_metric
-            .retain(|_, e| at.saturating_duration_since(e.seen) <= WINDOW);
     }
 
     /// The merged census: every metric seen in the last [`WINDOW`], with

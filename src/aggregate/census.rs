@@ -12,8 +12,9 @@ use crate::protocol::statsd::MetricType;
 /// Metrics counted one by one; past this many, the rest are only summed
 /// in [`Census::uncounted_keys`] (the scan's memory stays bounded).
 pub const MAX_METRICS: usize = 100_000;
-/// Tag keys listed per metric (the first seen).
+/// Tag keys listed per metric (the first seen), and the longest listed.
 pub const MAX_TAG_KEYS: usize = 32;
+pub const MAX_TAG_KEY_LEN: usize = 128;
 
 /// One metric (a name of one table) in the series table.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,7 +110,10 @@ impl Tally {
         entry.samples = entry.samples.saturating_add(value.map_or(0, samples));
         for tag in tags.tags() {
             let k = tag.split_once(':').map_or(tag, |(k, _)| k);
-            if entry.tag_keys.len() < MAX_TAG_KEYS && !entry.tag_keys.iter().any(|t| t == k) {
+            if entry.tag_keys.len() < MAX_TAG_KEYS
+                && k.len() <= MAX_TAG_KEY_LEN
+                && !entry.tag_keys.iter().any(|t| t == k)
+            {
                 entry.tag_keys.push(k.to_owned());
             }
         }

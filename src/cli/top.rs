@@ -132,22 +132,22 @@ fn samples<'a>(status: &'a Value, name: &'a str) -> impl Iterator<Item = (&'a Va
         .map(|m| (&m["labels"], m["value"].as_f64().unwrap_or(0.0)))
 }
 
-/// The one sample of `name` whose label `key` is `value` (0 if none).
-fn value(status: &Value, name: &str, label: Option<(&str, &str)>) -> f64 {
+/// The sum of the samples of `name` with every label of `labels`.
+fn value(status: &Value, name: &str, labels: &[(&str, &str)]) -> f64 {
     samples(status, name)
-        .filter(|(l, _)| label.is_none_or(|(k, v)| l[k] == v))
+        .filter(|(l, _)| labels.iter().all(|(k, v)| l[*k] == *v))
         .map(|(_, v)| v)
         .sum()
 }
 
 /// Per second between two answers (0 without a previous one).
-fn rate(prev: Option<&Value>, cur: &Value, name: &str, label: Option<(&str, &str)>) -> f64 {
+fn rate(prev: Option<&Value>, cur: &Value, name: &str, labels: &[(&str, &str)]) -> f64 {
     let Some(prev) = prev else { return 0.0 };
     let dt = cur["time"].as_f64().unwrap_or(0.0) - prev["time"].as_f64().unwrap_or(0.0);
     if dt <= 0.0 {
         return 0.0;
     }
-    ((value(cur, name, label) - value(prev, name, label)) / dt).max(0.0)
+    ((value(cur, name, labels) - value(prev, name, labels)) / dt).max(0.0)
 }
 
 /// A count with thousands separators.
@@ -196,7 +196,7 @@ pub fn frame(prev: Option<&Value>, cur: &Value, rows: usize) -> String {
     }
     let _ = writeln!(o, "\n{:<10} {:>12} {:>16}", "LISTENER", "LINES/S", "LINES");
     for l in ["udp", "tcp", "uds", "proto", "otlp"] {
-        let label = Some(("listener", l));
+        let label = &[("listener", l)][..];
         let _ = writeln!(
             o,
             "{l:<10} {:>12} {:>16}",
@@ -214,22 +214,34 @@ pub fn frame(prev: Option<&Value>, cur: &Value, rows: usize) -> String {
         ("tallyd_dropped_total", "reason"),
         ("tallyd_parse_errors_total", "reason"),
     ] {
-        let mut reasons: Vec<(String, f64)> = Vec::new();
+        // (reason, the drop's listener if it has one): parse errors are
+        // summed over listeners.
+        let mut reasons: Vec<(String, Option<String>, f64)> = Vec::new();
         for (labels, v) in samples(cur, name) {
-            let reason = labels[key].as_str().unwrap_or("?");
-            let reason = match labels["listener"].as_str() {
-                Some(l) if name == "tallyd_dropped_total" => format!("{reason} ({l})"),
-                _ => reason.to_owned(),
+            let reason = labels[key].as_str().unwrap_or("?").to_owned();
+            let listener = match labels["listener"].as_str() {
+                Some(l) if name == "tallyd_dropped_total" => Some(l.to_owned()),
+                _ => None,
             };
-            match reasons.iter_mut().find(|(r, _)| *r == reason) {
-                Some((_, total)) => *total += v,
-                None => reasons.push((reason, v)),
+            match reasons
+                .iter_mut()
+                .find(|(r, l, _)| *r == reason && *l == listener)
+            {
+                Some((_, _, total)) => *total += v,
+                None => reasons.push((reason, listener, v)),
             }
         }
-        for (reason, total) in reasons.into_iter().filter(|(_, t)| *t > 0.0) {
+        for (reason, listener, total) in reasons.into_iter().filter(|(_, _, t)| *t > 0.0) {
             any = true;
-            let base = reason.split(' ').next().unwrap_or(&reason).to_owned();
-            let per = rate(prev, cur, name, Some((key, &base)));
+            let mut labels = vec![(key, reason.as_str())];
+            if let Some(l) = &listener {
+                labels.push(("listener", l.as_str()));
+            }
+            let per = rate(prev, cur, name, &labels);
+            let reason = match &listener {
+                Some(l) => format!("{reason} ({l})"),
+                None => reason,
+            };
             let kind = if name == "tallyd_dropped_total" {
                 "drop"
             } else {
@@ -247,8 +259,8 @@ pub fn frame(prev: Option<&Value>, cur: &Value, rows: usize) -> String {
     if !any {
         let _ = writeln!(o, "  none");
     }
-    let used = value(cur, "tallyd_wal_used_bytes", None);
-    let free = value(cur, "tallyd_wal_free_bytes", None);
+    let used = value(cur, "tallyd_wal_used_bytes", &[]);
+    let free = value(cur, "tallyd_wal_free_bytes", &[]);
     let fill = if used + free > 0.0 {
         100.0 * used / (used + free)
     } else {
@@ -259,9 +271,9 @@ pub fn frame(prev: Option<&Value>, cur: &Value, rows: usize) -> String {
         "\nWAL    {} of {} used ({fill:.1} %), oldest unflushed {:.1} s",
         bytes(used),
         bytes(used + free),
-        value(cur, "tallyd_wal_oldest_unflushed_seconds", None)
+        value(cur, "tallyd_wal_oldest_unflushed_seconds", &[])
     );
-    let oldest = value(cur, "tallyd_backlog_oldest_timestamp_seconds", None);
+    let oldest = value(cur, "tallyd_backlog_oldest_timestamp_seconds", &[]);
     let age = if oldest > 0.0 {
         format!("{:.0} s", cur["time"].as_f64().unwrap_or(0.0) - oldest)
     } else {
@@ -270,9 +282,9 @@ pub fn frame(prev: Option<&Value>, cur: &Value, rows: usize) -> String {
     let _ = writeln!(
         o,
         "SPOOL  {} intervals, {} rows, {} waiting for ClickHouse, oldest {age}",
-        count(value(cur, "tallyd_backlog_batches", None)),
-        count(value(cur, "tallyd_backlog_rows", None)),
-        bytes(value(cur, "tallyd_spool_bytes", None)),
+        count(value(cur, "tallyd_backlog_batches", &[])),
+        count(value(cur, "tallyd_backlog_rows", &[])),
+        bytes(value(cur, "tallyd_spool_bytes", &[])),
     );
     let blocked: Vec<&str> = samples(cur, "tallyd_table_blocked")
         .filter(|(_, v)| *v > 0.0)

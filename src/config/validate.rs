@@ -654,6 +654,11 @@ fn admin_token(admin: Option<SocketAddr>, token: &str) -> Result<Option<String>,
             ),
         )),
         _ if token.len() > 4096 => Err(err("admin_token", "is longer than 4096 bytes")),
+        // An HTTP header carries it: anything else could never match.
+        _ if token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) => Err(err(
+            "admin_token",
+            "must be visible ASCII: no spaces, control characters or other bytes",
+        )),
         _ if token.is_empty() => Ok(None),
         _ => Ok(Some(token.to_owned())),
     }

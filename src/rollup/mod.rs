@@ -166,6 +166,9 @@ impl Rollups {
         // The database and cluster the rollup tables were made in.
         let mut made: Option<(String, Option<String>)> = None;
         let mut next_retention = tokio::time::Instant::now();
+        // Tables the sink moved aside so far: a move (at start, racing
+        // this job's first retention pass) calls for a pass at once.
+        let mut moved_aside = 0;
         // The endpoint in use: `url`, then each replica after a failure.
         let mut endpoint = 0usize;
         loop {
@@ -197,6 +200,11 @@ impl Rollups {
                     endpoint = endpoint.wrapping_add(1);
                     self.telemetry.rollups.errors.fetch_add(1, Relaxed);
                     tracing::warn!(error = %e, "a rollup pass failed; the changed periods are tried again at the next");
+                }
+                let moved = self.telemetry.rollups.tables_moved_aside.load(Relaxed);
+                if moved != moved_aside {
+                    moved_aside = moved;
+                    next_retention = tokio::time::Instant::now();
                 }
                 if tokio::time::Instant::now() >= next_retention {
                     next_retention = tokio::time::Instant::now() + retention::EVERY;

@@ -154,42 +154,78 @@ fn group_expr(group: Group<'_>) -> String {
 /// a minute (or an hour) early. Periods from the cuts on are read from the
 /// finer table and grouped into the coarse period instead. `settled` is
 /// the time before which the rollups are complete: now less the rollup
-/// lag (`tallyd_rollup_lag_seconds`). Returns (hour cut, minute cut).
-pub fn cuts(settled: u32) -> (u32, u32) {
+/// lag (`tallyd_rollup_lag_seconds`). Returns (hour cut, minute cut): the
+/// hour cut as a SQL `DateTime` expression, for hours are the server's
+/// (its time zone may be half an hour off UTC, as the hour rollups'
+/// periods are); minutes are the same everywhere.
+pub fn cuts(settled: u32) -> (String, u32) {
     let minute = settled.saturating_sub(120);
     let hour = settled.saturating_sub(300);
-    (hour - hour % 3600, minute - minute % 60)
+    (
+        format!("toStartOfHour(toDateTime({hour}))"),
+        minute - minute % 60,
+    )
+}
+
+/// A `DateTime` bound of a part: a number known here, or an expression
+/// the server evaluates.
+#[derive(Debug, Clone)]
+enum At {
+    Secs(u32),
+    Expr(String),
+}
+
+impl At {
+    fn sql(&self) -> String {
+        match self {
+            At::Secs(s) => format!("toDateTime({s})"),
+            At::Expr(e) => e.clone(),
+        }
+    }
+
+    /// `self` within `[lo, hi]`.
+    fn clamp(self, lo: &At, hi: &At) -> At {
+        match (&self, lo, hi) {
+            (At::Secs(s), At::Secs(l), At::Secs(h)) => At::Secs((*s).clamp(*l, (*h).max(*l))),
+            _ => At::Expr(format!(
+                "greatest({}, least({}, {}))",
+                lo.sql(),
+                self.sql(),
+                hi.sql()
+            )),
+        }
+    }
 }
 
 /// The chart's rows: for raw rows, the table's own; for a rollup, its
 /// periods before the cut ([`cuts`]) and the finer rows after it, grouped
 /// into the same periods, in the rollup's columns.
 fn rows(chart: &Chart<'_>) -> String {
-    let (from, to) = (chart.from, chart.to);
+    let (from, to) = (At::Secs(chart.from), At::Secs(chart.to));
     let (hour_cut, minute_cut) = cuts(chart.settled);
     let parts = match chart.source {
-        Source::Raw => return part(chart, Source::Raw, from, to, None),
+        Source::Raw => return part(chart, Source::Raw, &from, &to, None),
         Source::Rollup(Resolution::Minute) => {
-            let cut = minute_cut.clamp(from, to);
+            let cut = At::Secs(minute_cut).clamp(&from, &to);
             vec![
-                part(chart, chart.source, from, cut, None),
-                part(chart, Source::Raw, cut, to, Some("toStartOfMinute")),
+                part(chart, chart.source, &from, &cut, None),
+                part(chart, Source::Raw, &cut, &to, Some("toStartOfMinute")),
             ]
         }
         Source::Rollup(Resolution::Hour) => {
-            let hour = hour_cut.clamp(from, to);
-            let minute = minute_cut.clamp(hour, to);
+            let hour = At::Expr(hour_cut).clamp(&from, &to);
+            let minute = At::Secs(minute_cut).clamp(&hour, &to);
             let floor = Some("toStartOfHour");
             vec![
-                part(chart, chart.source, from, hour, None),
+                part(chart, chart.source, &from, &hour, None),
                 part(
                     chart,
                     Source::Rollup(Resolution::Minute),
-                    hour,
-                    minute,
+                    &hour,
+                    &minute,
                     floor,
                 ),
-                part(chart, Source::Raw, minute, to, floor),
+                part(chart, Source::Raw, &minute, &to, floor),
             ]
         }
     };
@@ -197,15 +233,19 @@ fn rows(chart: &Chart<'_>) -> String {
     format!("(\n{}\n)", parts.join("\nUNION ALL\n"))
 }
 
-/// One table's rows of the chart over `[from, to)` (empty when that is),
-/// read by the sorting key (a subquery: 18.16 uses the primary index only
-/// for a condition on the key's own expression, see `sql::rollup`, and
-/// refuses a FINAL query that selects one). With `floor` (a rollup's
-/// finer part), `ts` becomes `floor(ts)` and the columns the rollup's.
-fn part(chart: &Chart<'_>, table_of: Source, from: u32, to: u32, floor: Option<&str>) -> String {
-    if from >= to {
+/// One table's rows of the chart over `[from, to)` (empty when that is,
+/// as far as known here), read by the sorting key (a subquery: 18.16
+/// uses the primary index only for a condition on the key's own
+/// expression, see `sql::rollup`, and refuses a FINAL query that selects
+/// one). With `floor` (a rollup's finer part), `ts` becomes `floor(ts)`
+/// and the columns the rollup's.
+fn part(chart: &Chart<'_>, table_of: Source, from: &At, to: &At, floor: Option<&str>) -> String {
+    if let (At::Secs(f), At::Secs(t)) = (from, to)
+        && f >= t
+    {
         return String::new();
     }
+    let (from, to) = (from.sql(), to.sql());
     let db = quote_ident(chart.database);
     let t = chart.kind.table();
     let mut filter = format!("name = {}", literal(chart.name));
@@ -215,15 +255,15 @@ fn part(chart: &Chart<'_>, table_of: Source, from: u32, to: u32, floor: Option<&
     if let Some(host) = chart.host {
         filter.push_str(&format!(" AND host = {}", literal(host)));
     }
-    let range = format!("ts >= toDateTime({from}) AND ts < toDateTime({to})");
+    let range = format!("ts >= {from} AND ts < {to}");
     let read = match table_of {
         Source::Raw => format!(
-            "SELECT * FROM {db}.{} FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute(toDateTime({from})) AND toStartOfMinute(ts) < toDateTime({to}) AND {filter} AND {range}",
+            "SELECT * FROM {db}.{} FINAL WHERE toStartOfMinute(ts) >= toStartOfMinute({from}) AND toStartOfMinute(ts) < {to} AND {filter} AND {range}",
             ROLLED[t],
         ),
         Source::Rollup(Resolution::Minute) => format!(
             // The server's hours (in a time zone of a half-hour offset too).
-            "SELECT * FROM {db}.{} FINAL WHERE toStartOfHour(ts) >= toStartOfHour(toDateTime({from})) AND toStartOfHour(ts) < toDateTime({to}) AND {filter} AND {range}",
+            "SELECT * FROM {db}.{} FINAL WHERE toStartOfHour(ts) >= toStartOfHour({from}) AND toStartOfHour(ts) < {to} AND {filter} AND {range}",
             table(t, Resolution::Minute),
         ),
         Source::Rollup(Resolution::Hour) => format!(
@@ -424,11 +464,13 @@ mod tests {
 
     #[test]
     fn a_rollup_read_up_to_now_takes_its_tail_from_finer_rows() {
-        // 10:30:50 with no rollup lag: hours before 10:00 from the hour
-        // rollup, minutes before 10:28 from the minute rollup, the rest raw.
+        // 10:30:50 with no rollup lag: hours before the server's 10:00 from
+        // the hour rollup, minutes before 10:28 from the minute rollup, the
+        // rest raw.
         let day = 1_800_028_800; // a midnight (UTC)
         let now = day + 10 * 3600 + 30 * 60 + 50;
-        assert_eq!(cuts(now), (day + 10 * 3600, day + 10 * 3600 + 28 * 60));
+        let hour_cut = format!("toStartOfHour(toDateTime({}))", now - 300);
+        assert_eq!(cuts(now), (hour_cut.clone(), day + 10 * 3600 + 28 * 60));
         let s = series(
             "m",
             Kind::Gauge,
@@ -442,17 +484,18 @@ mod tests {
         let parts: Vec<&str> = s.split("UNION ALL").collect();
         assert_eq!(parts.len(), 3, "{s}");
         assert!(parts[0].contains("SELECT ts, tags, host, last, last_version, min, max FROM (SELECT * FROM `m`.gauges_1h FINAL"), "{s}");
-        assert!(
-            parts[0].contains(&format!("ts < toDateTime({})", day + 36_000)),
-            "{s}"
-        );
+        // The hour cut is the server's hour (a half-hour time zone too).
+        let hour = format!("greatest(toDateTime({day}), least({hour_cut}, toDateTime({now})))");
+        assert!(parts[0].contains(&format!("ts < {hour}")), "{s}");
         assert!(parts[1].contains("SELECT toStartOfHour(ts) AS ts, tags, host, last, last_version, min, max FROM (SELECT * FROM `m`.gauges_1m FINAL"), "{s}");
+        assert!(parts[1].contains(&format!("ts >= {hour}")), "{s}");
         assert!(parts[2].contains("SELECT toStartOfHour(ts) AS ts, tags, host, value AS last, version AS last_version, value AS min, value AS max FROM (SELECT * FROM `m`.gauges FINAL"), "{s}");
-        assert!(
-            parts[2].contains(&format!("ts >= toDateTime({})", day + 36_000 + 28 * 60)),
-            "{s}"
+        let minute = format!(
+            "greatest({hour}, least(toDateTime({}), toDateTime({now})))",
+            day + 36_000 + 28 * 60
         );
+        assert!(parts[2].contains(&format!("ts >= {minute}")), "{s}");
         // A rollup lag moves the cuts back by as much.
-        assert_eq!(cuts(now - 3600).0, day + 9 * 3600);
+        assert_eq!(cuts(now - 3600).1, day + 9 * 3600 + 28 * 60);
     }
 }

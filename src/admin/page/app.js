@@ -539,9 +539,12 @@ async function syncLive() {
   const tick = async () => {
     if (gen !== explorer.liveGen) return;
     await run({ quiet: true, params: explorer.params });
-    if (gen === explorer.liveGen) setTimeout(tick, explorer.flushSecs * 1000);
+    if (gen === explorer.liveGen) setTimeout(tick, every() * 1000);
   };
-  if (gen === explorer.liveGen && explorer.params) setTimeout(tick, explorer.flushSecs * 1000);
+  // A chart of minutes or hours changes no faster than its step: poll at
+  // that pace, not every flush (each poll is a ClickHouse statement).
+  const every = () => Math.max(explorer.flushSecs, Number(explorer.last && explorer.last.data.step) || 0);
+  if (gen === explorer.liveGen && explorer.params) setTimeout(tick, every() * 1000);
 }
 
 async function searchMetrics() {
