@@ -92,10 +92,6 @@ impl Params {
         Ok(Params(out))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The first value of `key`, if given and not empty.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0
@@ -407,12 +403,11 @@ impl Explore {
             }
             let mut point = vec![number(t)];
             for c in columns {
-                point.push(match (*c, req.kind) {
-                    ("rate", _) => {
-                        number(row.get("value").and_then(as_f64).unwrap_or(f64::NAN) / seconds)
-                    }
-                    ("sum", _) => number(row.get("value").and_then(as_f64).unwrap_or(f64::NAN)),
-                    (c, _) => number(row.get(c).and_then(as_f64).unwrap_or(f64::NAN)),
+                let read = |c: &str| row.get(c).and_then(as_f64).unwrap_or(f64::NAN);
+                point.push(match *c {
+                    "rate" => number(read("value") / seconds),
+                    "sum" => number(read("value")),
+                    c => number(read(c)),
                 });
             }
             match series.iter_mut().find(|(g, _)| g == grp) {

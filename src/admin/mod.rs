@@ -27,10 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -231,23 +229,37 @@ impl AdminState {
         merged
     }
 
-    /// Whether `req` may read the API: it carries the token, or no token
-    /// is set (a loopback listener) and the request names a loopback host
-    /// (a page elsewhere whose name was rebound to 127.0.0.1 names its
-    /// own: DNS rebinding).
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else {
-            return req
-                .headers()
-                .get(hyper::header::HOST)
-                .is_none_or(|h| h.to_str().is_ok_and(loopback_host));
+    /// The refusal of a request that may not read the API, counted: with a
+    /// token set, one that does not carry it; without (a loopback
+    /// listener), one that names another host than a loopback one (a page
+    /// elsewhere whose name was rebound to 127.0.0.1 names its own: DNS
+    /// rebinding).
+    fn refusal(&self, req: &Request<Incoming>) -> Option<Answer> {
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let refused = match &self.token {
+            None if header(hyper::header::HOST).is_some_and(|h| !loopback_host(h)) => {
+                Answer::error(
+                    StatusCode::FORBIDDEN,
+                    "this loopback admin listener answers requests for localhost or 127.0.0.1 only (the Host header named another)",
+                )
+            }
+            None => return None,
+            Some(token) => {
+                let given = header(hyper::header::AUTHORIZATION)
+                    .and_then(|v| v.split_once(' '))
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+                if given.is_some_and(|(_, t)| same(t.trim().as_bytes(), token.as_bytes())) {
+                    return None;
+                }
+                Answer::error(
+                    StatusCode::UNAUTHORIZED,
+                    "this admin listener needs Authorization: Bearer <token> (admin_token_file or TALLYD_ADMIN_TOKEN)",
+                )
+                .challenge()
+            }
         };
-        req.headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .is_some_and(|(_, given)| same(given.trim().as_bytes(), token.as_bytes()))
+        self.telemetry.admin_refused.fetch_add(1, Relaxed);
+        Some(refused)
     }
 
     async fn respond(&self, req: Request<Incoming>) -> Answer {
@@ -270,27 +282,14 @@ impl AdminState {
                     _ => Answer::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
                 };
             }
-            p if page::asset(p).is_some() => {
+            p => {
                 if let Some((kind, body)) = page::asset(p) {
                     return Answer::asset(kind, body);
                 }
             }
-            _ => {}
         }
-        if self.token.is_none() && !self.authorized(&req) {
-            self.telemetry.admin_refused.fetch_add(1, Relaxed);
-            return Answer::error(
-                StatusCode::FORBIDDEN,
-                "this loopback admin listener answers requests for localhost or 127.0.0.1 only (the Host header named another)",
-            );
-        }
-        if !self.authorized(&req) {
-            self.telemetry.admin_refused.fetch_add(1, Relaxed);
-            return Answer::error(
-                StatusCode::UNAUTHORIZED,
-                "this admin listener needs Authorization: Bearer <token> (admin_token_file or TALLYD_ADMIN_TOKEN)",
-            )
-            .challenge();
+        if let Some(refused) = self.refusal(&req) {
+            return refused;
         }
         let now = crate::clock::wall_clock();
         let now_secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
@@ -303,23 +302,20 @@ impl AdminState {
                 let text = tokio::task::block_in_place(|| self.metrics());
                 return Answer::text(StatusCode::OK, text);
             }
-            "/api/status" if !params.is_empty() => {
-                params.only(&[]).map(|_| serde_json::Value::Null)
-            }
-            "/api/status" => {
-                let census = self.census().await;
-                Ok(status::Status {
+            "/api/status" => match params.only(&[]) {
+                Ok(()) => Ok(status::Status {
                     time: now.as_secs_f64(),
                     host: &self.host,
                     flush_interval: self.explore.flush_interval.as_secs().max(1),
                     health: self.health(),
                     // Reads /proc/net/udp: off the async worker.
                     metrics: &tokio::task::block_in_place(|| self.metrics()),
-                    census: &census,
+                    census: &*self.census().await,
                     clickhouse_failing: self.clickhouse_failing(),
                 }
-                .to_json())
-            }
+                .to_json()),
+                Err(e) => Err(e),
+            },
             "/api/metrics" => api::metrics(&*self.census().await, &params),
             "/api/series" => match api::ChartRequest::parse(&params, now_secs) {
                 Ok(chart) => {
@@ -368,7 +364,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
-    let (used, free) = wal.usage();
+    let streams = wal.usage_by_stream();
+    let (used, free) = streams
+        .iter()
+        .fold((0, 0), |(u, f), (used, free)| (u + used, f + free));
     let s = &wal.stats;
     let rows: [(&str, &str, &str, String); 11] = [
         (
@@ -448,7 +447,6 @@ fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
         out,
         "# HELP tallyd_wal_stream_used_bytes WAL bytes holding records not yet confirmed, per stream (one per ingest worker).\n# TYPE tallyd_wal_stream_used_bytes gauge"
     );
-    let streams = wal.usage_by_stream();
     for (i, (used, _)) in streams.iter().enumerate() {
         let _ = writeln!(out, "tallyd_wal_stream_used_bytes{{stream=\"{i}\"}} {used}");
     }
@@ -467,44 +465,27 @@ fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
     );
 }
 
-/// Serves until `stop` turns true.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of descriptors, say: wait rather than spin.
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        // Past the limit a connection is closed at once (before any
-        // request is read, so before any token is checked).
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let _permit = permit;
+/// Serves until `stop` turns true, through the stream listeners' accept
+/// loop: at most [`MAX_CONNECTIONS`] (more are closed at once, before any
+/// request is read), each sending its headers within [`HEADER_TIMEOUT`];
+/// at `stop` each finishes its request under way.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: watch::Receiver<bool>) {
+    // Admin connections use no WAL stream and are not counted as ingest's.
+    crate::ingest::serve_connections(
+        listener,
+        MAX_CONNECTIONS,
+        0..1,
+        None,
+        stop,
+        move |stream, _, stop| {
+            let state = Arc::clone(&state);
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = Arc::clone(&state);
                 let gzip = http::accepts_gzip(req.headers());
                 async move { Ok::<_, Infallible>(state.respond(req).await.into_response(gzip)) }
             });
-            if let Err(e) = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(error = %e, "admin connection failed");
-            }
-        });
-    }
+            crate::ingest::serve_http1(stream, svc, HEADER_TIMEOUT, stop)
+        },
+    )
+    .await;
 }

@@ -49,9 +49,10 @@ impl Listener for tokio::net::UnixListener {
     }
 }
 
-/// The accept loop the stream listeners share: at most `max_connections`
-/// at once (more are closed at once and counted), connection `n` gets WAL
-/// stream `streams.start + n % streams.len()`. Stops accepting when `stop`
+/// The accept loop the stream listeners (and the admin listener) share:
+/// at most `max_connections` at once (more are closed at once, and
+/// counted in `counted`'s `tallyd_tcp_connections_*` when given),
+/// connection `n` gets WAL stream `streams.start + n % streams.len()`. Stops accepting when `stop`
 /// turns true (connections the kernel had already completed are taken,
 /// so what their clients sent is applied too), then waits for every
 /// connection to finish.
@@ -59,7 +60,7 @@ pub(crate) async fn serve_connections<L, F, Fut>(
     listener: L,
     max_connections: usize,
     streams: Range<usize>,
-    telemetry: Arc<Telemetry>,
+    counted: Option<Arc<Telemetry>>,
     mut stop: watch::Receiver<bool>,
     connection: F,
 ) where
@@ -72,10 +73,14 @@ pub(crate) async fn serve_connections<L, F, Fut>(
     let mut accepted = 0usize;
     let mut serve = |stream, connections: &mut JoinSet<()>, stop: &watch::Receiver<bool>| {
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            telemetry.tcp_connections_refused.fetch_add(1, Relaxed);
+            if let Some(t) = &counted {
+                t.tcp_connections_refused.fetch_add(1, Relaxed);
+            }
             return;
         };
-        telemetry.tcp_connections.fetch_add(1, Relaxed);
+        if let Some(t) = &counted {
+            t.tcp_connections.fetch_add(1, Relaxed);
+        }
         let stream_index = streams.start + accepted % streams.len().max(1);
         accepted += 1;
         let mut stop = stop.clone();
@@ -112,4 +117,36 @@ pub(crate) async fn serve_connections<L, F, Fut>(
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+}
+
+/// Serves one HTTP/1 connection with `svc` until it ends: one that sends
+/// no request's headers within `header_timeout` is closed, and at `stop`
+/// the request under way is finished, then the connection closed.
+pub(crate) async fn serve_http1<S, B>(
+    stream: TcpStream,
+    svc: S,
+    header_timeout: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Some(header_timeout))
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HTTP connection failed");
+            }
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }

@@ -34,10 +34,8 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -252,7 +250,7 @@ impl OtlpIngest {
             listener,
             max,
             streams,
-            telemetry,
+            Some(telemetry),
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();
@@ -268,12 +266,7 @@ impl OtlpIngest {
         .await;
     }
 
-    async fn connection(
-        self,
-        stream: TcpStream,
-        wal_stream: usize,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    async fn connection(self, stream: TcpStream, wal_stream: usize, stop: watch::Receiver<bool>) {
         let idle = self.idle_timeout;
         let this = Arc::new(self);
         let scratch = Arc::new(tokio::sync::Mutex::new(Scratch::for_stream(wal_stream)));
@@ -282,18 +275,8 @@ impl OtlpIngest {
             async move { Ok::<_, Infallible>(this.http(req, &scratch).await) }
         });
         // A connection with no request for this long is closed.
-        let conn = http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Some(idle.min(Duration::from_secs(60))))
-            .serve_connection(TokioIo::new(stream), svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        let header_timeout = idle.min(Duration::from_secs(60));
+        super::serve_http1(stream, svc, header_timeout, stop).await;
     }
 
     async fn http(

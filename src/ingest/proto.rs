@@ -176,7 +176,7 @@ impl ProtoIngest {
             listener,
             max,
             streams,
-            telemetry,
+            Some(telemetry),
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();

@@ -52,7 +52,7 @@ impl TcpIngest {
             listener,
             max,
             streams,
-            telemetry,
+            Some(telemetry),
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();

@@ -156,7 +156,7 @@ impl StreamIngest {
             listener,
             max,
             streams,
-            telemetry,
+            Some(telemetry),
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();

@@ -179,8 +179,9 @@ impl Sink {
         self
     }
 
-    /// Counts a failed attempt to reach ClickHouse (before the first insert)
-    /// and moves to the next replica, if there is one.
+    /// Counts a failed attempt to reach ClickHouse (connecting or
+    /// inserting), with its error for the status page, and moves to the
+    /// next replica, if there is one.
     pub fn count_retry(&self, error: &str) {
         self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
         self.telemetry.clickhouse_answered(Some(error));
@@ -472,9 +473,7 @@ impl Sink {
                             }
                         }
                         Failure::Retry => {
-                            self.telemetry.clickhouse_retries.fetch_add(1, Relaxed);
-                            self.telemetry.clickhouse_answered(Some(&err.to_string()));
-                            self.fail_over();
+                            self.count_retry(&err.to_string());
                             if matches!(&err, Failed::Insert(e) if is_certificate_error(e)) {
                                 tracing::error!(table = name, flush_id, url = %config.url, retry_in = ?delay, error = %err, "ClickHouse's TLS certificate is not trusted (set clickhouse.ca_file for a private CA); the rows wait in the spool");
                             } else {

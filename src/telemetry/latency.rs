@@ -4,7 +4,7 @@
 
 use crate::latency::Latency;
 
-use super::Metrics;
+use super::{Metrics, Text};
 
 #[derive(Debug, Default)]
 pub struct Latencies {
@@ -16,8 +16,6 @@ pub struct Latencies {
     /// A protobuf batch, taken until its ack is written.
     pub proto_ack: Latency,
 }
-
-use super::Text;
 
 impl Latencies {
     pub(super) fn render(&self, m: &mut Metrics<'_>) {
