@@ -46,7 +46,6 @@ verify="curl -s '$CH' --data-binary \"SELECT sum(value) FROM bench.counters FINA
 edge=()
 if [[ ",$peers," == *,tallyd-edge,* ]]; then
   agg_dir=$(mktemp -d)
-  free() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
   agg_port=$(free) agg_admin=$(free)
   "$TALLYD" run --statsd-udp off --statsd-tcp off --proto-udp off --admin "127.0.0.1:$agg_admin" --proto-tcp "127.0.0.1:$agg_port" \
     --clickhouse-url "$CH" --clickhouse-database bench --data-dir "$agg_dir/data" --host-id aggregator \

@@ -25,7 +25,6 @@ cleanup() {
   rm -rf "$d"; true
 }
 trap cleanup EXIT
-free() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 . "$here/clickhouse.sh"
 [ -n "${CH:-}" ] || private_clickhouse "$d"
 q() { curl -sf "$CH" --data-binary "$1"; }

@@ -82,11 +82,7 @@ impl Recent {
             })
             .collect();
         metrics.sort_by(|a, b| b.keys.cmp(&a.keys).then_with(|| a.name.cmp(&b.name)));
-        Census {
-            metrics,
-            uncounted_keys: 0,
-            open_secs,
-        }
+        Census { metrics, open_secs }
     }
 }
 
@@ -107,7 +103,6 @@ mod tests {
                     tag_keys: vec![],
                 })
                 .collect(),
-            uncounted_keys: 0,
             open_secs,
         }
     }

@@ -196,7 +196,6 @@ mod tests {
                     tag_keys: vec![],
                 },
             ],
-            uncounted_keys: 0,
             open_secs: 2.0,
         };
         let v = Status {

@@ -9,8 +9,8 @@ use super::acc::Acc;
 use super::key;
 use crate::protocol::statsd::MetricType;
 
-/// Metrics counted one by one; past this many, the rest are only summed
-/// in [`Census::uncounted_keys`] (the scan's memory stays bounded).
+/// Metrics counted; past this many, new ones are left out (the scan's
+/// memory stays bounded).
 pub const MAX_METRICS: usize = 100_000;
 /// Tag keys listed per metric (the first seen), and the longest listed.
 pub const MAX_TAG_KEYS: usize = 32;
@@ -39,8 +39,6 @@ pub struct MetricCensus {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Census {
     pub metrics: Vec<MetricCensus>,
-    /// Keys of metrics past [`MAX_METRICS`].
-    pub uncounted_keys: u64,
     /// How long the open interval had been open at the scan, seconds
     /// (its samples over this are per second).
     pub open_secs: f64,
@@ -74,7 +72,6 @@ pub struct Tally {
     /// Per table (see [`KINDS`]), by name.
     by_name: [HashMap<Box<str>, MetricCensus>; 4],
     metrics: usize,
-    uncounted_keys: u64,
 }
 
 impl Tally {
@@ -87,7 +84,6 @@ impl Tally {
         let map = &mut self.by_name[KINDS.iter().position(|&k| k == kind).unwrap_or(0)];
         if !map.contains_key(name) {
             if self.metrics >= MAX_METRICS {
-                self.uncounted_keys += 1;
                 return;
             }
             self.metrics += 1;
@@ -132,11 +128,7 @@ impl Tally {
             m.per_second = m.samples as f64 / open_secs.max(0.001);
         }
         metrics.sort_by(|a, b| b.keys.cmp(&a.keys).then_with(|| a.name.cmp(&b.name)));
-        Census {
-            metrics,
-            uncounted_keys: self.uncounted_keys,
-            open_secs,
-        }
+        Census { metrics, open_secs }
     }
 }
 

@@ -55,7 +55,6 @@ fn the_metric_search_filters_by_name_and_bounds_the_list() {
     };
     let census = Census {
         metrics: vec![m("api.Requests", 9), m("db.queries", 5), m("api.errors", 2)],
-        uncounted_keys: 0,
         open_secs: 1.0,
     };
     let v = metrics(&census, &params("q=API&limit=1")).expect("valid");
