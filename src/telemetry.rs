@@ -181,9 +181,7 @@ impl Telemetry {
         match e {
             crate::wal::AppendError::Full => {
                 self.dropped_wal_full.fetch_add(1, Relaxed);
-                let now = crate::clock::wall_clock().as_millis();
-                self.wal_refused_ms
-                    .store(u64::try_from(now).unwrap_or(u64::MAX), Relaxed);
+                self.wal_refused_ms.store(unix_ms(), Relaxed);
             }
             crate::wal::AppendError::TooLarge => {
                 self.dropped_wal_too_large.fetch_add(1, Relaxed);
@@ -196,10 +194,9 @@ impl Telemetry {
         match error {
             None => self.clickhouse_failing_since_ms.store(0, Relaxed),
             Some(e) => {
-                let now = u64::try_from(crate::clock::wall_clock().as_millis()).unwrap_or(u64::MAX);
                 let _ = self.clickhouse_failing_since_ms.compare_exchange(
                     0,
-                    now.max(1),
+                    unix_ms().max(1),
                     Relaxed,
                     Relaxed,
                 );
@@ -212,10 +209,7 @@ impl Telemetry {
     pub fn clickhouse_failing_secs(&self) -> u64 {
         match self.clickhouse_failing_since_ms.load(Relaxed) {
             0 => 0,
-            since => {
-                let now = u64::try_from(crate::clock::wall_clock().as_millis()).unwrap_or(u64::MAX);
-                now.saturating_sub(since) / 1000
-            }
+            since => unix_ms().saturating_sub(since) / 1000,
         }
     }
 
@@ -376,7 +370,7 @@ impl Telemetry {
         );
         m.counter(
             "tallyd_admin_refused_total",
-            "Admin requests (API, /metrics) refused for a missing or wrong token.",
+            "Admin requests (API, /metrics) refused: a missing or wrong token, or, on loopback without a token, a Host header that names another host.",
             "",
             &self.admin_refused,
         );
@@ -589,8 +583,12 @@ fn add_nonzero(c: &AtomicU64, n: u64) {
     }
 }
 
-/// A value the renderer can print.
 pub use latency::Latencies;
+
+/// Now in Unix milliseconds, as the time stamps here are kept.
+pub fn unix_ms() -> u64 {
+    u64::try_from(crate::clock::wall_clock().as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Appends the WAL's sync latency (`op="wal_sync"`) to `text`, a render
 /// of these metrics.
@@ -607,6 +605,7 @@ impl Sample for Text {
     }
 }
 
+/// A value the renderer can print.
 pub(crate) trait Sample {
     fn text(&self) -> String;
 }

@@ -140,7 +140,7 @@ impl AdminState {
             p.push("the spool is at spool.hard_limit (ClickHouse has not taken the backlog): intervals stay open and coarsen in memory, and the WAL fills".into());
         }
         let refused = t.wal_refused_ms.load(Relaxed);
-        let now = crate::clock::wall_clock().as_millis() as u64;
+        let now = crate::telemetry::unix_ms();
         if refused != 0 && now.saturating_sub(refused) < WAL_REFUSED_RECENTLY.as_millis() as u64 {
             p.push(format!(
                 "the WAL was full in the last {} s: StatsD blocks were dropped (tallyd_dropped_total{{reason=\"wal_full\"}}), protobuf batches answered OVERLOADED",
