@@ -44,6 +44,38 @@ pub struct Settings {
     pub otlp: OtlpSettings,
     pub forward: ForwardSettings,
     pub retention: RetentionSettings,
+    pub cardinality: CardinalitySettings,
+}
+
+/// `[cardinality]`: per-metric key budgets (see
+/// [`crate::aggregate::budget`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CardinalitySettings {
+    /// Keys one metric may write in one interval; past it, its new keys
+    /// fold into its overflow series (tag values `tallyd_overflow`).
+    pub max_keys: u32,
+    /// Budgets of metrics by name (`[[cardinality.metric]]`), the first
+    /// match winning.
+    pub metric: Vec<MetricBudget>,
+}
+
+impl Default for CardinalitySettings {
+    fn default() -> Self {
+        CardinalitySettings {
+            max_keys: crate::aggregate::budget::Budgets::default().default,
+            metric: Vec::new(),
+        }
+    }
+}
+
+/// `[[cardinality.metric]]`: the budget of the metrics whose name matches
+/// a glob (`*`, `?`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricBudget {
+    pub name: String,
+    pub max_keys: u32,
 }
 
 /// `[retention]`: how long rows are kept at each resolution (see
@@ -325,6 +357,7 @@ impl Default for Settings {
             otlp: OtlpSettings::default(),
             forward: ForwardSettings::default(),
             retention: RetentionSettings::default(),
+            cardinality: CardinalitySettings::default(),
         }
     }
 }

@@ -198,6 +198,9 @@ impl Flusher {
         let (host, instance) = (self.host.clone(), self.ledger.instance());
         let mut gauges = std::mem::replace(&mut self.gauges, GaugeMemory::new(0));
         let spare = std::mem::take(&mut self.spare);
+        let folded = generation.folded().into_iter();
+        let folded = folded.map(|f| (f.name().to_owned(), f.kind(), f.limit, f.values));
+        self.telemetry.cardinality.observe(folded.collect());
         let built = tokio::task::spawn_blocking(move || {
             let mut next_id = || ledger.next_flush_id(now);
             let built = rows::build(

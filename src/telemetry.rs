@@ -137,6 +137,8 @@ pub struct Telemetry {
     pub fleet: fleet::Fleet,
     /// Rollups, retention and the flushes table.
     pub rollups: rollup::Rollups,
+    /// Metrics folding keys past their budgets.
+    pub cardinality: cardinality::Cardinality,
     /// Recent latencies of flushes, INSERTs and protobuf acks (the WAL
     /// keeps its syncs').
     pub latency: Latencies,
@@ -571,6 +573,7 @@ impl Telemetry {
         );
         self.fleet.render(&mut m);
         self.rollups.render(&mut m);
+        self.cardinality.render(&mut m);
         self.otlp.render(&mut m);
         self.latency.render(&mut m);
         out
@@ -648,6 +651,7 @@ impl Metrics<'_> {
     }
 }
 
+pub mod cardinality;
 pub mod fleet;
 mod latency;
 pub mod otlp;

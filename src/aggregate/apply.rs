@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use dashmap::mapref::entry::Entry;
 
 use super::acc::{self, Acc};
+use super::budget::{self, Fold};
 use super::{AggregateLimits, Aggregator, Generation, MapKey, NOTE_OVERHEAD, Notes, Scratch};
 use crate::protocol::batch::{BatchView, EventValue};
 use crate::protocol::dogstatsd;
@@ -307,37 +308,17 @@ impl Aggregator {
             let p = &pending[i as usize];
             let key = &scratch.arena[p.key.clone()];
             let full = generation.bytes.load(Relaxed) >= limits.max_memory;
-            let mut table = series.lock(p.shard as usize);
-            let id = table.find(p.hash, key);
-            if let Some(id) = id
-                && let Some(acc) = table.value(id, column)
-            {
-                // Another worker (or a line before) admitted it meanwhile.
-                let grew = merge(acc, &p.line, stats, limits, full);
-                drop(table);
-                generation.grew(row_shape(p.line.kind).0, grew);
-                continue;
-            }
-            let Some(cost) = admit_key(generation, key.len(), shape_of(&p.line), stats, limits)
-            else {
-                continue;
-            };
-            let id = match id {
-                Some(id) => id,
-                None => match table.insert(p.hash, key, series.hasher()) {
-                    Some(id) => id,
-                    None => {
-                        drop(table);
-                        unadmit(generation, key.len(), shape_of(&p.line), stats);
-                        continue;
-                    }
-                },
-            };
-            let mut acc = Acc::new(p.line.kind);
-            let grew = merge(&mut acc, &p.line, stats, limits, full);
-            table.put(id, column, generation.id, acc);
-            drop(table);
-            generation.bytes.fetch_add(cost, Relaxed);
+            let fold = Some(&mut scratch.fold);
+            let grew = merge_key(
+                generation,
+                key,
+                p.hash,
+                shape_of(&p.line),
+                fold,
+                stats,
+                limits,
+                |acc, stats| merge(acc, &p.line, stats, limits, full),
+            );
             generation.grew(row_shape(p.line.kind).0, grew);
         }
         scratch.missed = missed;
@@ -386,6 +367,7 @@ impl Aggregator {
             generation,
             &scratch.late_key,
             shape_of(line),
+            Some(&mut scratch.fold),
             stats,
             limits,
             |acc, stats| merge(acc, line, stats, limits, full),
@@ -405,15 +387,76 @@ pub(super) fn row_shape(kind: MetricType) -> (usize, usize) {
     }
 }
 
+/// Merges into `key`'s value in `generation`'s column of the series table
+/// with `merge`, and returns the bytes the accumulator grew by. A key new
+/// to the interval is admitted within its metric's budget (see
+/// [`super::budget`]), the key limit and the memory budget (values of
+/// `shape` dropped and counted past the last two), or folded into its
+/// metric's overflow key (made with `fold`; `None` for an overflow key).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn merge_key(
+    generation: &Generation,
+    key: &[u8],
+    hash: u64,
+    shape: (MetricType, u64),
+    fold: Option<&mut Fold>,
+    stats: &mut BlockStats,
+    limits: &AggregateLimits,
+    mut merge: impl FnMut(&mut Acc, &mut BlockStats) -> u64,
+) -> u64 {
+    let series = &generation.series;
+    let column = (generation.id & 1) as usize;
+    let mut table = series.lock(series.shard_of(hash));
+    let id = table.find(hash, key);
+    if let Some(id) = id
+        && let Some(acc) = table.value(id, column)
+    {
+        return merge(acc, stats);
+    }
+    let overflow = fold.is_none();
+    if let Some(fold) = fold
+        && !budget::admit(generation, key, shape.1)
+    {
+        drop(table);
+        let over = fold.key(generation, key);
+        let hash = series.hash(over);
+        return merge_key(generation, over, hash, shape, None, stats, limits, merge);
+    }
+    let Some(cost) = admit_key(generation, key.len(), shape, stats, limits) else {
+        if !overflow {
+            budget::release(generation, key);
+        }
+        return 0;
+    };
+    let Some(id) = id.or_else(|| table.insert(hash, key, series.hasher())) else {
+        drop(table);
+        unadmit(generation, key.len(), shape, stats);
+        if !overflow {
+            budget::release(generation, key);
+        }
+        return 0;
+    };
+    let mut acc = Acc::new(shape.0);
+    let grew = merge(&mut acc, stats);
+    table.put(id, column, generation.id, acc);
+    drop(table);
+    generation.bytes.fetch_add(cost, Relaxed);
+    if overflow {
+        budget::count_overflow_key(generation, key);
+    }
+    grew
+}
+
 /// Merges into `generation`'s late samples under `late_key` (its interval
-/// start, 4 bytes LE, then the key) with `merge`, admitting the key first
-/// when it is new (values of `shape` are dropped and counted when it is
-/// refused); returns the bytes the accumulator grew by. `|T` lines and
-/// an edge's states of other intervals both land here.
+/// start, 4 bytes LE, then the key) with `merge`, a new key admitted or
+/// folded as [`merge_key`] does; returns the bytes the accumulator grew
+/// by. `|T` lines and an edge's states of other intervals both land here.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn merge_late(
     generation: &Generation,
     late_key: &[u8],
     shape: (MetricType, u64),
+    fold: Option<&mut Fold>,
     stats: &mut BlockStats,
     limits: &AggregateLimits,
     mut merge: impl FnMut(&mut Acc, &mut BlockStats) -> u64,
@@ -422,7 +465,21 @@ pub(super) fn merge_late(
     if let Some(mut acc) = map.get_mut(late_key) {
         return merge(&mut acc, stats);
     }
+    let key = late_key.get(4..).unwrap_or_default();
+    let overflow = fold.is_none();
+    if let Some(fold) = fold
+        && !budget::admit(generation, key, shape.1)
+    {
+        let over = fold.late_key(generation, late_key);
+        return merge_late(generation, over, shape, None, stats, limits, merge);
+    }
+    let release = || {
+        if !overflow {
+            budget::release(generation, key);
+        }
+    };
     let Some(cost) = admit_key(generation, late_key.len(), shape, stats, limits) else {
+        release();
         return 0;
     };
     match map.entry(MapKey::from_slice(late_key)) {
@@ -434,6 +491,7 @@ pub(super) fn merge_late(
                 shape,
                 &mut BlockStats::default(),
             );
+            release();
             merge(e.get_mut(), stats)
         }
         Entry::Vacant(v) => {
@@ -441,6 +499,9 @@ pub(super) fn merge_late(
             let grew = merge(&mut acc, stats);
             v.insert(acc);
             generation.bytes.fetch_add(cost, Relaxed);
+            if overflow {
+                budget::count_overflow_key(generation, key);
+            }
             grew
         }
     }

@@ -25,7 +25,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::acc::Acc;
-use super::apply::{admit_key, merge_late, note_cost, row_shape, unadmit};
+use super::apply::{merge_key, merge_late, note_cost, row_shape};
 use super::{AggregateLimits, Aggregator, Generation, Origin, Scratch};
 use crate::protocol::batch::{BatchView, DistributionView, EventValue, EventView, Note, SetView};
 use crate::protocol::dogstatsd;
@@ -298,18 +298,30 @@ impl Aggregator {
         // applies to the open interval, as a `+N|g` line without `|T` does
         // (a late gauge starts from 0 and moves no gauge memory).
         let delta = matches!(state, State::Gauge { delta: true, .. });
+        let shape = (state.kind(), state.samples());
+        let fold = Some(&mut scratch.fold);
         let grew = if delta || start == started - started % step {
-            self.merge_live(generation, key, &state, stats, limits, full)
+            let hash = generation.series.hash(key);
+            merge_key(
+                generation,
+                key,
+                hash,
+                shape,
+                fold,
+                stats,
+                limits,
+                |acc, stats| merge(acc, &state, stats, limits, full),
+            )
         } else {
             let start = u32::try_from(start).map_err(|_| ParseError::InvalidTimestamp)?;
             scratch.late_key.clear();
             scratch.late_key.extend_from_slice(&start.to_le_bytes());
             scratch.late_key.extend_from_slice(key);
-            let shape = (state.kind(), state.samples());
             merge_late(
                 generation,
                 &scratch.late_key,
                 shape,
+                fold,
                 stats,
                 limits,
                 |acc, stats| merge(acc, &state, stats, limits, full),
@@ -317,45 +329,6 @@ impl Aggregator {
         };
         generation.grew(row_shape(state.kind()).0, grew);
         Ok(())
-    }
-
-    /// Merges `state` into `key`'s value in `generation`'s column of the
-    /// series table; returns the bytes it grew by.
-    fn merge_live(
-        &self,
-        generation: &Generation,
-        key: &[u8],
-        state: &State<'_>,
-        stats: &mut BlockStats,
-        limits: &AggregateLimits,
-        full: bool,
-    ) -> u64 {
-        let series = &generation.series;
-        let column = (generation.id & 1) as usize;
-        let hash = series.hash(key);
-        let mut table = series.lock(series.shard_of(hash));
-        let id = table.find(hash, key);
-        if let Some(id) = id
-            && let Some(acc) = table.value(id, column)
-        {
-            return merge(acc, state, stats, limits, full);
-        }
-        let shape = (state.kind(), state.samples());
-        let cost = admit_key(generation, key.len(), shape, stats, limits);
-        let Some(cost) = cost else { return 0 };
-        let id = match id.or_else(|| table.insert(hash, key, series.hasher())) {
-            Some(id) => id,
-            None => {
-                drop(table);
-                unadmit(generation, key.len(), shape, stats);
-                return 0;
-            }
-        };
-        let mut acc = Acc::new(state.kind());
-        let grew = merge(&mut acc, state, stats, limits, full);
-        table.put(id, column, generation.id, acc);
-        generation.bytes.fetch_add(cost, Relaxed);
-        grew
     }
 }
 

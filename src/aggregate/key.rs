@@ -51,7 +51,7 @@ impl KeyBuf {
 }
 
 /// The byte before a key's host.
-const HOST: u8 = 0x01;
+pub(crate) const HOST: u8 = 0x01;
 
 /// A key taken apart again (for rows).
 #[derive(Debug, PartialEq, Eq)]

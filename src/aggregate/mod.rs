@@ -20,6 +20,7 @@
 
 pub mod acc;
 mod apply;
+pub mod budget;
 pub mod census;
 mod forwarded;
 pub mod key;
@@ -107,6 +108,10 @@ pub struct Generation {
     /// count in `keys` and `bytes` like the others, and are flushed as
     /// rows of their own interval (see [`crate::outbox::rows::build`]).
     pub late: DashMap<MapKey, Acc, KeyHasher>,
+    /// The key budgets it admits new keys by, and its metrics' tallies
+    /// (see [`budget`]): a reload applies from the next interval.
+    pub budgets: Arc<budget::Budgets>,
+    metrics: DashMap<MapKey, budget::Tally, KeyHasher>,
     /// Rebuilt from the WAL at start without its live start (see
     /// `apply::interval_of`).
     pub replayed: bool,
@@ -162,6 +167,8 @@ impl Generation {
             started,
             notes: Default::default(),
             late: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
+            budgets: Arc::default(),
+            metrics: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
             replayed: false,
             start_recorded: std::sync::atomic::AtomicBool::new(false),
             drained: false,
@@ -272,6 +279,8 @@ pub struct Scratch {
     next: Vec<u32>,
     /// The pending lines' buffer, kept empty between blocks (see [`relabel`]).
     pending: Vec<Pending<'static>>,
+    /// Overflow keys' scratch space.
+    fold: budget::Fold,
 }
 
 impl Scratch {
@@ -289,32 +298,34 @@ pub struct Aggregator {
     next_id: AtomicU64,
     /// Read once per block; replaced by a config reload.
     limits: RwLock<(AggregateLimits, Limits)>,
+    /// Each new generation's key budgets; replaced by a config reload.
+    budgets: RwLock<Arc<budget::Budgets>>,
     depth_reached: Notify,
 }
 
 impl Aggregator {
     /// An aggregator whose first interval starts at `started` (Unix time).
     pub fn new(limits: AggregateLimits, parse_limits: Limits, started: Duration) -> Aggregator {
-        Aggregator::starting_at(limits, parse_limits, started, 1)
+        Aggregator::starting_at(limits, parse_limits, Arc::default(), started, 1)
     }
 
     /// An aggregator whose first generation is `first_id` (the WAL's next).
     pub fn starting_at(
         limits: AggregateLimits,
         parse_limits: Limits,
+        budgets: Arc<budget::Budgets>,
         started: Duration,
         first_id: u64,
     ) -> Aggregator {
         let series = Arc::new(series::Series::new());
+        let mut first = Generation::in_table(Arc::clone(&series), first_id, started);
+        first.budgets = Arc::clone(&budgets);
         Aggregator {
-            current: RwLock::new(Arc::new(Generation::in_table(
-                Arc::clone(&series),
-                first_id,
-                started,
-            ))),
+            current: RwLock::new(Arc::new(first)),
             series,
             next_id: AtomicU64::new(first_id + 1),
             limits: RwLock::new((limits, parse_limits)),
+            budgets: RwLock::new(budgets),
             depth_reached: Notify::new(),
         }
     }
@@ -328,6 +339,11 @@ impl Aggregator {
     /// key limit does not evict keys already live in this interval.
     pub fn set_limits(&self, limits: AggregateLimits, parse_limits: Limits) {
         *self.limits.write().unwrap_or_else(|e| e.into_inner()) = (limits, parse_limits);
+    }
+
+    /// New key budgets (a config reload), from the next interval on.
+    pub fn set_budgets(&self, budgets: Arc<budget::Budgets>) {
+        *self.budgets.write().unwrap_or_else(|e| e.into_inner()) = budgets;
     }
 
     /// Resolves when `max_depth` raw increments are pending in the current
@@ -353,7 +369,9 @@ impl Aggregator {
     /// A generation `id` that started at `started`, in this aggregator's
     /// series table (a replayed interval's keys stay for the live ones).
     pub fn generation(&self, id: u64, started: Duration) -> Generation {
-        Generation::in_table(Arc::clone(&self.series), id, started)
+        let mut g = Generation::in_table(Arc::clone(&self.series), id, started);
+        g.budgets = Arc::clone(&self.budgets.read().unwrap_or_else(|e| e.into_inner()));
+        g
     }
 
     /// Every live key counted per metric (one scan of the series table;

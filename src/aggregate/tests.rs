@@ -362,3 +362,87 @@ fn keys_the_key_limit_refused_leave_the_table_as_idle_keys_do() {
         "only the keys admitted in the last interval"
     );
 }
+
+/// Counters of `g` whose key is named `name`, as (tags, sum), sorted.
+fn counters(g: &Generation, name: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    g.series.scan((g.id & 1) as usize, |k, v| {
+        if let (Some(p), Some(Acc::Counter { sum, .. })) = (key::split(k), v)
+            && p.name == name
+        {
+            out.push((p.tags.join(","), *sum));
+        }
+    });
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn a_metric_past_its_key_budget_folds_new_keys_into_its_overflow_series() {
+    let a = aggregator(1000);
+    a.set_budgets(Arc::new(budget::Budgets {
+        default: 100,
+        rules: vec![("req".into(), 3)],
+    }));
+    // The budget applies from the next interval.
+    a.swap(Duration::from_secs(1_700_000_000));
+    let lines: String = (0..10)
+        .map(|u| format!("req:{u}|c|#user:{u},env:prod\nok.{u}:1|c\n"))
+        .collect();
+    let stats = ingest(&a, &lines);
+    assert_eq!(stats.dropped_key_limit + stats.dropped_memory, 0);
+    let g = a.current();
+    let over = "env:tallyd_overflow,user:tallyd_overflow";
+    assert_eq!(
+        counters(&g, "req"),
+        vec![
+            ("env:prod,user:0".into(), 0.0),
+            ("env:prod,user:1".into(), 1.0),
+            ("env:prod,user:2".into(), 2.0),
+            (over.into(), (3..10).sum::<u32>() as f64),
+        ]
+    );
+    assert_eq!(
+        counters(&g, "ok.9"),
+        vec![(String::new(), 1.0)],
+        "others admitted"
+    );
+    // A key admitted within the budget keeps counting as itself.
+    ingest(&a, "req:5|c|#env:prod,user:1");
+    assert_eq!(counters(&g, "req")[1], ("env:prod,user:1".into(), 6.0));
+    let folded = g.folded();
+    assert_eq!(folded.len(), 1);
+    assert_eq!(
+        (folded[0].name(), folded[0].values, folded[0].keys),
+        ("req", 7, 3)
+    );
+}
+
+#[test]
+fn late_samples_fold_past_the_budget_too() {
+    let a = aggregator(1000);
+    a.set_budgets(Arc::new(budget::Budgets {
+        default: 1,
+        rules: vec![],
+    }));
+    a.swap(Duration::from_secs(1_700_000_000));
+    ingest(&a, "late:1|c|#u:1|T1699999990\nlate:2|c|#u:2|T1699999990");
+    let g = a.current();
+    let mut late: Vec<_> = g
+        .late
+        .iter()
+        .map(|e| {
+            let p = key::split(&e.key()[4..]).expect("key");
+            let Acc::Counter { sum, .. } = *e.value() else {
+                panic!("not a counter")
+            };
+            (p.tags.join(","), sum)
+        })
+        .collect();
+    late.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        late,
+        vec![("u:1".into(), 1.0), ("u:tallyd_overflow".into(), 2.0)]
+    );
+    assert_eq!(g.folded()[0].values, 1);
+}

@@ -250,3 +250,26 @@ fn an_admin_listener_off_loopback_needs_a_token_from_a_file() {
     );
     assert!(!s.to_redacted_toml().contains("s3cret"));
 }
+
+#[test]
+fn a_bad_metric_budget_names_its_field() {
+    let text = "[[cardinality.metric]]\nname = \"api.*\"\nmax_keys = 0\n";
+    let s = Settings::from_toml(text, "t.toml").expect("parses");
+    let e = s.validate().expect_err("refused");
+    assert_eq!(e.field, "cardinality.metric[0].max_keys");
+    let text = "[[cardinality.metric]]\nname = \"api.*\"\nmax_keys = 5\n[[cardinality.metric]]\nname = \"\"\nmax_keys = 5\n";
+    let e = Settings::from_toml(text, "t.toml")
+        .expect("parses")
+        .validate();
+    assert_eq!(e.expect_err("refused").field, "cardinality.metric[1].name");
+    let text =
+        "[cardinality]\nmax_keys = 7\n[[cardinality.metric]]\nname = \"api.*\"\nmax_keys = 5\n";
+    let c = Settings::from_toml(text, "t.toml")
+        .expect("parses")
+        .validate()
+        .expect("valid");
+    assert_eq!(
+        (c.budgets.limit(b"api.x"), c.budgets.limit(b"db.x")),
+        (5, 7)
+    );
+}

@@ -3,12 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::level_filters::LevelFilter;
 
 use super::{ConfigError, Overrides, Settings, duration, err, hostname, listen, size, size_of};
 use crate::aggregate::AggregateLimits;
+use crate::aggregate::budget::Budgets;
 use crate::protocol::statsd::Limits;
 use crate::sink::SinkConfig;
 use crate::wal::{SyncMode, WalConfig};
@@ -213,7 +215,9 @@ impl Settings {
         let forward = self.forward_config()?;
         let retention = self.retention_config()?;
         let otlp = self.otlp_config()?;
+        let budgets = Arc::new(self.budgets()?);
         Ok(Config {
+            budgets,
             forward,
             retention,
             wal,
@@ -346,6 +350,8 @@ pub struct Config {
     pub forward: Option<ForwardConfig>,
     /// How long rows are kept at each resolution (`[retention]`).
     pub retention: crate::rollup::Retention,
+    /// Per-metric key budgets (`[cardinality]`).
+    pub budgets: Arc<Budgets>,
 }
 
 /// An edge's upstreams (`[forward]`).
@@ -599,6 +605,33 @@ pub struct WalGeometry {
 ///    fewer UDP streams and UDP workers share them (`i % udp_streams`).
 ///
 /// Errors (a reason) when not even one UDP stream fits beside the TCP ones.
+impl Settings {
+    fn budgets(&self) -> Result<Budgets, ConfigError> {
+        let c = &self.cardinality;
+        if c.max_keys == 0 {
+            return Err(err("cardinality.max_keys", "must be at least 1"));
+        }
+        let mut rules = Vec::with_capacity(c.metric.len());
+        for (i, m) in c.metric.iter().enumerate() {
+            let field = |f: &str| format!("cardinality.metric[{i}].{f}");
+            if m.name.is_empty() {
+                return Err(err(
+                    &field("name"),
+                    "must be a glob over metric names, such as \"api.*\"",
+                ));
+            }
+            if m.max_keys == 0 {
+                return Err(err(&field("max_keys"), "must be at least 1"));
+            }
+            rules.push((m.name.clone(), m.max_keys));
+        }
+        Ok(Budgets {
+            default: c.max_keys,
+            rules,
+        })
+    }
+}
+
 pub fn wal_geometry(
     size: u64,
     segment_size: u64,

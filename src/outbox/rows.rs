@@ -217,6 +217,17 @@ pub fn build(
     out.reserve(&generation);
     let mut forgotten = 0;
     generation.drain(|k, acc| forgotten += out.push(k, acc, ts, flush_id, Some(&mut *gauges)));
+    // What folded past its metric's key budget (`aggregate::budget`).
+    for f in generation.folded() {
+        let (sum, samples) = (f.values as f64, f.values);
+        out.push(
+            &f.row_key(),
+            Acc::Counter { sum, samples },
+            ts,
+            flush_id,
+            None,
+        );
+    }
     // Samples stamped (`|T`) for other intervals: rows of their interval,
     // each interval under a flush id of its own, so that they never
     // collapse with that key's row of this interval. A late gauge is its

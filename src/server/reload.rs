@@ -51,11 +51,13 @@ impl Running {
             tracing::warn!(fields = ?restart, "these settings changed but apply only after a restart");
         }
         self.aggregator.set_limits(new.aggregate, new.parse_limits);
+        self.aggregator.set_budgets(Arc::clone(&new.budgets));
         self.interval.send_replace(new.flush_interval);
         self.sink_config.send_replace(new.sink.clone());
         let applied = Config {
             aggregate: new.aggregate,
             parse_limits: new.parse_limits,
+            budgets: new.budgets,
             flush_interval: new.flush_interval,
             sink: new.sink,
             shutdown_timeout: new.shutdown_timeout,

@@ -36,6 +36,7 @@ pub(super) async fn serve(
     let aggregator = Arc::new(Aggregator::starting_at(
         config.aggregate,
         config.parse_limits,
+        Arc::clone(&config.budgets),
         clock(),
         recovery.next_generation,
     ));
