@@ -283,6 +283,10 @@ pub struct StatsdSettings {
     pub max_name_len: usize,
     pub max_tags: usize,
     pub max_tag_len: usize,
+    /// Tags written in names that are read as tags: any of `influxdb`
+    /// (`name,k=v`), `librato` (`name#k=v`), `signalfx` (`na[k=v]me`),
+    /// `graphite` (`name;k=v`). See [`crate::protocol::dialect`].
+    pub tag_dialects: Vec<String>,
     /// A Unix datagram socket for DogStatsD clients (`socket_path=`), e.g.
     /// `/var/run/datadog/dsd.socket`; empty: off.
     pub dogstatsd_socket: String,
@@ -375,6 +379,7 @@ impl Default for StatsdSettings {
             max_name_len: 256,
             max_tags: 64,
             max_tag_len: 256,
+            tag_dialects: Vec::new(),
             dogstatsd_socket: String::new(),
             dogstatsd_stream_socket: String::new(),
             dogstatsd_socket_mode: "0622".into(),

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use prost::Message;
 use tallyd::aggregate::key::{self, KeyBuf};
 use tallyd::protocol::batch::{BatchView, EventValue};
+use tallyd::protocol::dialect::Dialects;
 use tallyd::protocol::proto::pb::event::Value;
 use tallyd::protocol::proto::{self, Batch, Event, Tag};
 use tallyd::protocol::statsd::{self, Limits, MetricType, Parsed};
@@ -143,6 +144,20 @@ proptest! {
                 let values = l.values().count();
                 prop_assert_eq!(values, if l.kind == MetricType::Set { 0 } else { l.value_count() });
                 prop_assert!(l.sample_rate > 0.0 && l.sample_rate <= 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn lines_with_tags_in_any_dialect_never_panic_and_their_keys_split(
+        block in proptest::collection::vec(prop::sample::select(b"ab=,#;[]:|c#g1.".to_vec()), 0..64),
+    ) {
+        let limits = Limits { dialects: Dialects::from_names(&["influxdb", "librato", "signalfx", "graphite"]).expect("known"), ..Limits::default() };
+        let mut keys = tallyd::aggregate::key::KeyBuf::default();
+        for line in statsd::lines(&block) {
+            if let Ok(Parsed::Metric(l)) = statsd::parse_line(line, &limits) {
+                let k = keys.build_line(&l).to_vec();
+                prop_assert!(tallyd::aggregate::key::split(&k).is_some());
             }
         }
     }

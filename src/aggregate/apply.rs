@@ -28,23 +28,16 @@ pub(super) struct Pending<'a> {
 }
 
 impl<'a> Pending<'a> {
-    /// `line`, waiting under the key of (`kind`, `name`, `tags`), which is
-    /// built and hashed once and kept in `scratch`'s arena.
-    fn new(
-        generation: &Generation,
-        scratch: &mut Scratch,
-        (kind, name, tags): (MetricType, &[u8], &[u8]),
-        line: Line<'a>,
-    ) -> Pending<'a> {
-        let key = scratch.key.build(kind, name, tags);
+    /// `line`, waiting under `key`, hashed once and kept in `arena`.
+    fn new(generation: &Generation, arena: &mut Vec<u8>, key: &[u8], line: Line<'a>) -> Self {
         let hash = generation.series.hash(key);
-        let start = scratch.arena.len();
-        scratch.arena.extend_from_slice(key);
+        let start = arena.len();
+        arena.extend_from_slice(key);
         Pending {
             line,
             hash,
             shard: generation.series.shard_of(hash) as u32,
-            key: start..scratch.arena.len(),
+            key: start..arena.len(),
         }
     }
 }
@@ -120,11 +113,12 @@ impl Aggregator {
                 raw_values: member,
                 sample_rate: line.sample_rate,
                 tags: b"",
+                name_tags: None,
                 timestamp: None,
                 skipped_fields: 0,
             };
-            let key = (line.kind, line.name, line.tags);
-            pending.push(Pending::new(generation, scratch, key, values));
+            let key = scratch.key.build(line.kind, line.name, line.tags);
+            pending.push(Pending::new(generation, &mut scratch.arena, key, values));
         }
         scratch.tags = tags;
         self.apply_pending(generation, &mut pending, scratch, stats, &limits);
@@ -166,8 +160,8 @@ impl Aggregator {
                     }
                     match l.timestamp.map(|t| interval_of(t, generation, &limits)) {
                         None | Some(Interval::This) => {
-                            let key = (l.kind, l.name, l.tags);
-                            pending.push(Pending::new(generation, scratch, key, l));
+                            let key = scratch.key.build_line(&l);
+                            pending.push(Pending::new(generation, &mut scratch.arena, key, l));
                         }
                         Some(Interval::Other(start)) => {
                             // Another interval's map (`late`, keyed apart).
@@ -358,7 +352,7 @@ impl Aggregator {
         stats: &mut BlockStats,
         limits: &AggregateLimits,
     ) {
-        let key = scratch.key.build(line.kind, line.name, line.tags);
+        let key = scratch.key.build_line(line);
         scratch.late_key.clear();
         scratch.late_key.extend_from_slice(&start.to_le_bytes());
         scratch.late_key.extend_from_slice(key);

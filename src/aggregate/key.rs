@@ -6,16 +6,46 @@
 //! bytes in names and tags, so `0x00` and `0x01` can only be separators. The key is built into a reused
 //! buffer, so looking up a live key allocates nothing.
 
-use crate::protocol::statsd::{MetricType, for_each_tag};
+use std::mem::take;
+
+use crate::protocol::statsd::{Line, MetricType, for_each_tag};
 
 /// Reusable scratch space for building keys (one per ingest worker).
 #[derive(Default)]
 pub struct KeyBuf {
     tags: Vec<(u32, u32)>,
     buf: Vec<u8>,
+    /// A line's name and tags joined, when its name holds tags.
+    name: Vec<u8>,
+    joined: Vec<u8>,
 }
 
 impl KeyBuf {
+    /// Builds the key of a parsed line: its name and tags, and the tags
+    /// written in its name in a dialect (see
+    /// [`crate::protocol::dialect`]), each `key=value` taken as `key:value`.
+    pub fn build_line(&mut self, line: &Line<'_>) -> &[u8] {
+        let Some(nt) = &line.name_tags else {
+            return self.build(line.kind, line.name, line.tags);
+        };
+        let (mut name, mut joined) = (take(&mut self.name), take(&mut self.joined));
+        let (a, b) = nt.name(line.name);
+        name.clear();
+        name.extend_from_slice(a);
+        name.extend_from_slice(b);
+        joined.clear();
+        for (k, v) in nt.tags(line.name) {
+            joined.extend_from_slice(k);
+            joined.push(b':');
+            joined.extend_from_slice(v);
+            joined.push(b',');
+        }
+        joined.extend_from_slice(line.tags);
+        self.build(line.kind, &name, &joined);
+        (self.name, self.joined) = (name, joined);
+        &self.buf
+    }
+
     /// Builds the key of `(kind, name, tags)` and returns it. `tags` is the
     /// raw tag section of a line (`a:1,b`).
     pub fn build(&mut self, kind: MetricType, name: &[u8], tags: &[u8]) -> &[u8] {
@@ -192,5 +222,29 @@ mod tests {
         let first = kb.build(MetricType::Counter, b"a", b"x,y").to_vec();
         kb.build(MetricType::Gauge, b"longer.name", b"q,r,s,t");
         assert_eq!(kb.build(MetricType::Counter, b"a", b"y,x"), &first[..]);
+    }
+
+    #[test]
+    fn a_line_with_tags_in_its_name_has_the_key_of_the_same_dogstatsd_line() {
+        use crate::protocol::dialect::Dialects;
+        use crate::protocol::statsd::{Limits, Parsed, parse_line};
+        let limits = Limits {
+            dialects: Dialects::from_names(&["influxdb", "signalfx"]).expect("known"),
+            ..Limits::default()
+        };
+        let mut kb = KeyBuf::default();
+        let mut key_of = |line: &str| match parse_line(line.as_bytes(), &limits) {
+            Ok(Parsed::Metric(l)) => kb.build_line(&l).to_vec(),
+            other => panic!("{line}: {other:?}"),
+        };
+        let want = key(MetricType::Counter, "api.req", "env:prod,az:b");
+        assert_eq!(key_of("api.req,env=prod,az=b:1|c"), want);
+        assert_eq!(key_of("api.[az=b]req:1|c|#env:prod"), want);
+        assert_eq!(
+            key_of("api.req,env=prod:1|c|#az:b,env:prod"),
+            want,
+            "one tag once"
+        );
+        assert_eq!(key_of("api.req:1|c|#az:b,env:prod"), want);
     }
 }

@@ -11,6 +11,7 @@ use tracing::level_filters::LevelFilter;
 use super::{ConfigError, Overrides, Settings, duration, err, hostname, listen, size, size_of};
 use crate::aggregate::AggregateLimits;
 use crate::aggregate::budget::Budgets;
+use crate::protocol::dialect::Dialects;
 use crate::protocol::statsd::Limits;
 use crate::sink::SinkConfig;
 use crate::wal::{SyncMode, WalConfig};
@@ -273,6 +274,13 @@ impl Settings {
                 max_name_len: s.max_name_len,
                 max_tags: s.max_tags,
                 max_tag_len: s.max_tag_len,
+                dialects: Dialects::from_names(&s.tag_dialects).map_err(|bad| {
+                    let known: Vec<_> = Dialects::NAMES.iter().map(|(n, _)| *n).collect();
+                    err(
+                        "statsd.tag_dialects",
+                        format!("{bad:?} is not a tag dialect; known: {}", known.join(", ")),
+                    )
+                })?,
             },
             aggregate: AggregateLimits {
                 max_keys: a.max_keys,

@@ -129,6 +129,7 @@ pub fn event_line<'a>(
         raw_values: member,
         sample_rate: rate,
         tags: &tags[..],
+        name_tags: None,
         timestamp: None,
         skipped_fields: 0,
     })

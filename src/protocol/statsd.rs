@@ -40,6 +40,8 @@
 
 use std::fmt;
 
+use super::dialect::{self, Dialects, NameTags};
+
 /// The StatsD metric types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -166,6 +168,8 @@ pub struct Limits {
     pub max_name_len: usize,
     pub max_tags: usize,
     pub max_tag_len: usize,
+    /// Tag dialects read in names (see [`super::dialect`]); none by default.
+    pub dialects: Dialects,
 }
 
 impl Default for Limits {
@@ -174,6 +178,7 @@ impl Default for Limits {
             max_name_len: 256,
             max_tags: 64,
             max_tag_len: 256,
+            dialects: Dialects::default(),
         }
     }
 }
@@ -194,6 +199,9 @@ pub struct Line<'a> {
     pub sample_rate: f64,
     /// The tag section without its `#` (comma separated, not canonical).
     pub tags: &'a [u8],
+    /// Tags written in the name in a configured dialect: `name` is then
+    /// the name as written, tags and all (see [`Line::name_parts`]).
+    pub name_tags: Option<NameTags>,
     pub timestamp: Option<u64>,
     /// Fields tallyd does not know, skipped (saturating at 255).
     pub skipped_fields: u8,
@@ -207,6 +215,15 @@ pub struct Value {
 }
 
 impl<'a> Line<'a> {
+    /// The metric's name, in two pieces (the second empty but for
+    /// SignalFx tags within a name), without tags written in it.
+    pub fn name_parts(&self) -> (&'a [u8], &'a [u8]) {
+        match &self.name_tags {
+            Some(nt) => nt.name(self.name),
+            None => (self.name, &[]),
+        }
+    }
+
     /// How many values the line carries (DogStatsD packing), 1 for sets.
     pub fn value_count(&self) -> usize {
         if self.kind == MetricType::Set {
@@ -293,7 +310,23 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
     // One pass over the whole line: printable ASCII needs no further text
     // checks (the common case); anything else is checked field by field.
     let plain = is_printable_ascii(line);
-    check_name(name, limits, plain)?;
+    let name_tags = if limits.dialects.is_empty() {
+        None
+    } else {
+        dialect::split(name, limits.dialects)?
+    };
+    match &name_tags {
+        None => check_name(name, limits, plain)?,
+        Some(nt) => {
+            let (a, b) = nt.name(name);
+            if a.len() + b.len() > limits.max_name_len {
+                return Err(ParseError::NameTooLong);
+            }
+            if !plain {
+                check_text(name).map_err(|_| ParseError::InvalidName)?;
+            }
+        }
+    }
     let rest = &line[colon + 1..];
     let mut fields = rest.split(|&b| b == b'|');
     let raw_values = fields.next().unwrap_or_default();
@@ -320,6 +353,7 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
         raw_values,
         sample_rate: 1.0,
         tags: &[],
+        name_tags,
         timestamp: None,
         skipped_fields: 0,
     };
@@ -368,6 +402,19 @@ pub fn parse_line<'a>(line: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Par
             Some(b'e') if field.get(1) == Some(&b':') => seen.once(Seen::EXTERNAL)?,
             Some(b'c') if field.starts_with(b"card:") => seen.once(Seen::CARDINALITY)?,
             _ => parsed.skipped_fields = parsed.skipped_fields.saturating_add(1),
+        }
+    }
+    if let Some(nt) = &parsed.name_tags {
+        let mut count = 0;
+        for_each_tag(parsed.tags, |_| count += 1);
+        if nt.count(name) + count > limits.max_tags {
+            return Err(ParseError::TooManyTags);
+        }
+        if nt
+            .tags(name)
+            .any(|(k, v)| k.len() + 1 + v.len() > limits.max_tag_len)
+        {
+            return Err(ParseError::TagTooLong);
         }
     }
     Ok(Parsed::Metric(parsed))

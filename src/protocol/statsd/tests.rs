@@ -238,6 +238,7 @@ fn limits_are_enforced() {
         max_name_len: 4,
         max_tags: 2,
         max_tag_len: 3,
+        ..Limits::default()
     };
     let p = |s: &str| parse_line(s.as_bytes(), &limits).err();
     assert_eq!(p("abcde:1|c"), Some(ParseError::NameTooLong));
