@@ -69,6 +69,11 @@ impl KeyBuf {
         &self.buf
     }
 
+    /// The key just built.
+    pub fn built(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The key just built, with `host` after it (none when empty): a
     /// forwarded key whose row keeps its edge's host.
     pub fn with_host(&mut self, host: &[u8]) -> &[u8] {

@@ -24,6 +24,7 @@ pub mod budget;
 pub mod census;
 mod forwarded;
 pub mod key;
+pub mod mapping;
 pub mod series;
 pub mod sketch;
 
