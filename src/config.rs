@@ -45,6 +45,9 @@ pub struct Settings {
     pub forward: ForwardSettings,
     pub retention: RetentionSettings,
     pub cardinality: CardinalitySettings,
+    /// Mapping rules (`[[mapping]]`), the first match applying (see
+    /// [`crate::aggregate::mapping`]).
+    pub mapping: Vec<crate::aggregate::mapping::RuleSettings>,
 }
 
 /// `[cardinality]`: per-metric key budgets (see
@@ -362,6 +365,7 @@ impl Default for Settings {
             forward: ForwardSettings::default(),
             retention: RetentionSettings::default(),
             cardinality: CardinalitySettings::default(),
+            mapping: Vec::new(),
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct BlockStats {
     pub dropped_set_members: u64,
     /// Samples refused because the generation's memory budget was spent.
     pub dropped_memory: u64,
+    /// Samples of metrics a mapping rule drops.
+    pub dropped_mapping: u64,
     /// Samples refused because their key's sum would not be finite.
     pub dropped_overflow: u64,
     /// Samples whose `|T` timestamp is outside `aggregate.timestamp_window`.
@@ -79,6 +81,8 @@ pub struct Telemetry {
     pub dropped_key_limit: AtomicU64,
     /// Samples refused past `aggregate.max_memory`.
     pub dropped_memory: AtomicU64,
+    /// Samples of metrics a mapping rule drops (`drop = true`).
+    pub dropped_mapping: AtomicU64,
     pub dropped_overflow: AtomicU64,
     pub dropped_timestamp: AtomicU64,
     /// DogStatsD stream frames over the length limit (connection closed).
@@ -239,6 +243,7 @@ impl Telemetry {
         self.samples.fetch_add(b.samples, Relaxed);
         add_nonzero(&self.dropped_key_limit, b.dropped_key_limit);
         add_nonzero(&self.dropped_memory, b.dropped_memory);
+        add_nonzero(&self.dropped_mapping, b.dropped_mapping);
         add_nonzero(&self.dropped_overflow, b.dropped_overflow);
         add_nonzero(&self.dropped_timestamp, b.dropped_timestamp);
         add_nonzero(&self.dropped_set_members, b.dropped_set_members);
@@ -328,6 +333,7 @@ impl Telemetry {
         for (reason, c) in [
             ("key_limit", &self.dropped_key_limit),
             ("memory", &self.dropped_memory),
+            ("mapping", &self.dropped_mapping),
             ("overflow", &self.dropped_overflow),
             ("timestamp_out_of_window", &self.dropped_timestamp),
             ("uds_frame_too_large", &self.uds_frames_too_large),

@@ -41,6 +41,37 @@ pub fn boxed_bytes(kind: MetricType) -> u64 {
 }
 
 impl Acc {
+    /// Takes in `other`, the same interval's accumulator of another key
+    /// that maps to this one (see [`super::mapping`]): counters add, sets
+    /// unite, timers merge their sketches; of two gauges, an absolute one
+    /// replaces and a delta adds. Accumulators of another type are left.
+    pub fn absorb(&mut self, other: Acc) {
+        match (self, other) {
+            (Acc::Counter { sum, samples }, Acc::Counter { sum: s, samples: n }) => {
+                *sum += s;
+                *samples = samples.saturating_add(n);
+            }
+            (Acc::Gauge(g), Acc::Gauge(o)) => {
+                if o.absolute {
+                    (g.value, g.absolute) = (o.value, true);
+                } else {
+                    g.value += o.value;
+                }
+                g.samples = g.samples.saturating_add(o.samples);
+            }
+            (Acc::Dist(d), Acc::Dist(mut o)) => {
+                o.drain();
+                let (values, weights) = o.sketch.buckets();
+                let buckets = values.into_iter().zip(weights);
+                let _ = d.merge([o.count, o.sum, o.min, o.max], o.samples, buckets);
+            }
+            (Acc::Set(s), Acc::Set(o)) => {
+                s.merge(o.members.iter().copied(), o.samples, usize::MAX);
+            }
+            _ => {}
+        }
+    }
+
     /// A fresh accumulator for a key of this type.
     pub fn new(kind: MetricType) -> Acc {
         match kind {

@@ -11,6 +11,7 @@ use dashmap::mapref::entry::Entry;
 
 use super::acc::{self, Acc};
 use super::budget::{self, Fold};
+use super::mapping::Mapped;
 use super::{AggregateLimits, Aggregator, Generation, MapKey, NOTE_OVERHEAD, Notes, Scratch};
 use crate::protocol::batch::{BatchView, EventValue};
 use crate::protocol::dogstatsd;
@@ -148,7 +149,9 @@ impl Aggregator {
         stats: &mut BlockStats,
     ) {
         let before = stats.samples;
-        let (limits, parse_limits) = self.limits();
+        let (limits, mut parse_limits) = self.limits();
+        // The interval's own dialects: a reload changes them at the next.
+        parse_limits.dialects = generation.keying.dialects;
         let mut pending = relabel(std::mem::take(&mut scratch.pending));
         scratch.arena.clear();
         for line in statsd::lines(block) {
@@ -302,7 +305,7 @@ impl Aggregator {
             let p = &pending[i as usize];
             let key = &scratch.arena[p.key.clone()];
             let full = generation.bytes.load(Relaxed) >= limits.max_memory;
-            let fold = Some(&mut scratch.fold);
+            let fold = Admit::Line(&mut scratch.fold);
             let grew = merge_key(
                 generation,
                 key,
@@ -361,7 +364,7 @@ impl Aggregator {
             generation,
             &scratch.late_key,
             shape_of(line),
-            Some(&mut scratch.fold),
+            Admit::Line(&mut scratch.fold),
             stats,
             limits,
             |acc, stats| merge(acc, line, stats, limits, full),
@@ -381,19 +384,35 @@ pub(super) fn row_shape(kind: MetricType) -> (usize, usize) {
     }
 }
 
+/// How a key new to the interval is admitted (see [`merge_key`]).
+pub(super) enum Admit<'f> {
+    /// A line's key: mapped by the interval's rules (see
+    /// [`super::mapping`]), then within its metric's budget.
+    Line(&'f mut Fold),
+    /// An edge's state (the edge mapped it): within its metric's budget.
+    State(&'f mut Fold),
+    /// A key that is final already (an overflow key).
+    Final,
+}
+
 /// Merges into `key`'s value in `generation`'s column of the series table
-/// with `merge`, and returns the bytes the accumulator grew by. A key new
-/// to the interval is admitted within its metric's budget (see
-/// [`super::budget`]), the key limit and the memory budget (values of
-/// `shape` dropped and counted past the last two), or folded into its
-/// metric's overflow key (made with `fold`; `None` for an overflow key).
+/// with `merge`, and returns the bytes the accumulator grew by.
+///
+/// A key new to the interval is admitted as `admit` says: a line's key a
+/// rule drops is dropped and counted; one it maps stays in the table under
+/// its own key (so that its next lines find it), counted in the budget of
+/// the metric it maps to, and is mapped again at the flush
+/// ([`crate::outbox::rows::build`]). Past that metric's budget (see
+/// [`super::budget`]) it folds into the overflow key, which is final. The
+/// key limit and the memory budget come last (values of `shape` dropped
+/// and counted past them).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn merge_key(
     generation: &Generation,
     key: &[u8],
     hash: u64,
     shape: (MetricType, u64),
-    fold: Option<&mut Fold>,
+    admit: Admit<'_>,
     stats: &mut BlockStats,
     limits: &AggregateLimits,
     mut merge: impl FnMut(&mut Acc, &mut BlockStats) -> u64,
@@ -407,27 +426,71 @@ pub(super) fn merge_key(
     {
         return merge(acc, stats);
     }
-    let overflow = fold.is_none();
-    if let Some(fold) = fold
-        && !budget::admit(generation, key, shape.1)
-    {
-        drop(table);
-        let over = fold.key(generation, key);
-        let hash = series.hash(over);
-        return merge_key(generation, over, hash, shape, None, stats, limits, merge);
-    }
-    let Some(cost) = admit_key(generation, key.len(), shape, stats, limits) else {
-        if !overflow {
-            budget::release(generation, key);
+    let overflow = matches!(admit, Admit::Final);
+    let (fold, map) = match admit {
+        Admit::Line(fold) => (Some(fold), true),
+        Admit::State(fold) => (Some(fold), false),
+        Admit::Final => (None, false),
+    };
+    // The key whose metric's budget this one took a place in.
+    let mut taken: Option<MapKey> = None;
+    if let Some(fold) = fold {
+        let rules = &generation.keying.rules;
+        let mut mapped = false;
+        if map && !rules.is_empty() {
+            match rules.map(key, &mut fold.map) {
+                Mapped::Dropped(_) => {
+                    stats.dropped_mapping += shape.1;
+                    return 0;
+                }
+                Mapped::Changed(_) => mapped = true,
+                Mapped::Unchanged => {}
+            }
         }
+        let target = if mapped { fold.map.key() } else { key };
+        // Another key that maps to the same one took its place already.
+        let counted = mapped && generation.outputs.contains_key(target);
+        if !counted {
+            if !budget::admit(generation, target, shape.1) {
+                drop(table);
+                let over = fold.key(generation, (!mapped).then_some(key));
+                if !rules.is_empty() {
+                    generation.outputs.insert(MapKey::from_slice(over), true);
+                }
+                let hash = series.hash(over);
+                return merge_key(
+                    generation,
+                    over,
+                    hash,
+                    shape,
+                    Admit::Final,
+                    stats,
+                    limits,
+                    merge,
+                );
+            }
+            taken = Some(MapKey::from_slice(target));
+            if mapped {
+                generation.outputs.insert(MapKey::from_slice(target), false);
+            } else if !map && !rules.is_empty() {
+                // An edge's key, mapped by the edge: flushed as it is.
+                generation.outputs.insert(MapKey::from_slice(key), true);
+            }
+        }
+    }
+    let release = |taken: Option<MapKey>| {
+        if let Some(t) = taken {
+            budget::release(generation, &t);
+        }
+    };
+    let Some(cost) = admit_key(generation, key.len(), shape, stats, limits) else {
+        release(taken);
         return 0;
     };
     let Some(id) = id.or_else(|| table.insert(hash, key, series.hasher())) else {
         drop(table);
         unadmit(generation, key.len(), shape, stats);
-        if !overflow {
-            budget::release(generation, key);
-        }
+        release(taken);
         return 0;
     };
     let mut acc = Acc::new(shape.0);
@@ -442,15 +505,18 @@ pub(super) fn merge_key(
 }
 
 /// Merges into `generation`'s late samples under `late_key` (its interval
-/// start, 4 bytes LE, then the key) with `merge`, a new key admitted or
-/// folded as [`merge_key`] does; returns the bytes the accumulator grew
-/// by. `|T` lines and an edge's states of other intervals both land here.
+/// start, 4 bytes LE, then the key) with `merge`, a new key admitted as
+/// [`merge_key`] admits one, except that a mapped key is not kept under
+/// its own key: its values go to the key it maps to (late samples are
+/// few, so each of its lines is mapped). Returns the bytes the accumulator
+/// grew by. `|T` lines and an edge's states of other intervals both land
+/// here.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn merge_late(
     generation: &Generation,
     late_key: &[u8],
     shape: (MetricType, u64),
-    fold: Option<&mut Fold>,
+    admit: Admit<'_>,
     stats: &mut BlockStats,
     limits: &AggregateLimits,
     mut merge: impl FnMut(&mut Acc, &mut BlockStats) -> u64,
@@ -459,16 +525,38 @@ pub(super) fn merge_late(
     if let Some(mut acc) = map.get_mut(late_key) {
         return merge(&mut acc, stats);
     }
-    let key = late_key.get(4..).unwrap_or_default();
-    let overflow = fold.is_none();
-    if let Some(fold) = fold
-        && !budget::admit(generation, key, shape.1)
-    {
-        let over = fold.late_key(generation, late_key);
-        return merge_late(generation, over, shape, None, stats, limits, merge);
+    let (start, key) = late_key.split_at(4.min(late_key.len()));
+    let overflow = matches!(admit, Admit::Final);
+    let (fold, mapping) = match admit {
+        Admit::Line(fold) => (Some(fold), true),
+        Admit::State(fold) => (Some(fold), false),
+        Admit::Final => (None, false),
+    };
+    let taken = fold.is_some();
+    if let Some(fold) = fold {
+        let rules = &generation.keying.rules;
+        if mapping && !rules.is_empty() {
+            match rules.map(key, &mut fold.map) {
+                Mapped::Dropped(_) => {
+                    stats.dropped_mapping += shape.1;
+                    return 0;
+                }
+                Mapped::Changed(_) => {
+                    // Its values go to the key it maps to, admitted there.
+                    let mapped = fold.late_key(generation, start, None, false);
+                    let admit = Admit::State(&mut Fold::default());
+                    return merge_late(generation, mapped, shape, admit, stats, limits, merge);
+                }
+                Mapped::Unchanged => {}
+            }
+        }
+        if !budget::admit(generation, key, shape.1) {
+            let over = fold.late_key(generation, start, Some(key), true);
+            return merge_late(generation, over, shape, Admit::Final, stats, limits, merge);
+        }
     }
     let release = || {
-        if !overflow {
+        if taken {
             budget::release(generation, key);
         }
     };

@@ -191,23 +191,49 @@ pub struct Fold {
     tags: Vec<u8>,
     key: KeyBuf,
     late: Vec<u8>,
+    /// Mapped keys (see [`super::mapping`]).
+    pub(super) map: super::mapping::MapBuf,
 }
 
 impl Fold {
-    /// The overflow key of `key` (see the module doc) in `generation`.
-    pub(super) fn key(&mut self, generation: &Generation, key: &[u8]) -> &[u8] {
-        overflow_key(&mut self.tags, &mut self.key, generation, key)
+    /// The overflow key (see the module doc) of `key`, or when `None` of
+    /// the key the mapping buffer holds.
+    pub(super) fn key(&mut self, generation: &Generation, key: Option<&[u8]>) -> &[u8] {
+        let Fold {
+            tags,
+            key: out,
+            map,
+            ..
+        } = self;
+        overflow_key(tags, out, generation, key.unwrap_or_else(|| map.key()))
     }
 
-    /// The overflow key of a late sample's key (its interval start, 4
-    /// bytes, then the key), with the same start.
-    pub(super) fn late_key(&mut self, generation: &Generation, late_key: &[u8]) -> &[u8] {
-        let (start, key) = late_key.split_at(4.min(late_key.len()));
-        let over = overflow_key(&mut self.tags, &mut self.key, generation, key);
-        self.late.clear();
-        self.late.extend_from_slice(start);
-        self.late.extend_from_slice(over);
-        &self.late
+    /// The key of a late sample of the interval that starts at `start`
+    /// (4 bytes LE): `key`'s overflow key when `over`, else `key`; `None`
+    /// is the key the mapping buffer holds.
+    pub(super) fn late_key(
+        &mut self,
+        generation: &Generation,
+        start: &[u8],
+        key: Option<&[u8]>,
+        over: bool,
+    ) -> &[u8] {
+        let Fold {
+            tags,
+            key: out,
+            late,
+            map,
+        } = self;
+        let key = key.unwrap_or_else(|| map.key());
+        let key = if over {
+            overflow_key(tags, out, generation, key)
+        } else {
+            key
+        };
+        late.clear();
+        late.extend_from_slice(start);
+        late.extend_from_slice(key);
+        late
     }
 }
 
@@ -295,7 +321,7 @@ mod tests {
         let g = Generation::new(1, std::time::Duration::ZERO);
         let mut fold = Fold::default();
         let k = key("req", "user:42,env:prod,beta");
-        let over = fold.key(&g, &k).to_vec();
+        let over = fold.key(&g, Some(&k)).to_vec();
         assert_eq!(
             key::split(&over).map(|p| p.tags),
             Some(vec![
@@ -307,7 +333,7 @@ mod tests {
         let mut kb = KeyBuf::default();
         kb.build(MetricType::Counter, b"req", b"user:1");
         let hosted = kb.with_host(b"web-7").to_vec();
-        let over = fold.key(&g, &hosted).to_vec();
+        let over = fold.key(&g, Some(&hosted)).to_vec();
         assert_eq!(
             key::host(&over),
             Some("web-7"),
@@ -359,7 +385,7 @@ mod tests {
         for _ in 0..MAX_OVERFLOW_KEYS {
             count_overflow_key(&g, &k);
         }
-        let over = Fold::default().key(&g, &key("req", "z:1,y")).to_vec();
+        let over = Fold::default().key(&g, Some(&key("req", "z:1,y"))).to_vec();
         assert_eq!(key::split(&over).map(|p| p.tags), Some(vec![OVERFLOW]));
     }
 }

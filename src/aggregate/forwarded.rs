@@ -25,7 +25,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::acc::Acc;
-use super::apply::{merge_key, merge_late, note_cost, row_shape};
+use super::apply::{Admit, merge_key, merge_late, note_cost, row_shape};
 use super::{AggregateLimits, Aggregator, Generation, Origin, Scratch};
 use crate::protocol::batch::{BatchView, DistributionView, EventValue, EventView, Note, SetView};
 use crate::protocol::dogstatsd;
@@ -299,7 +299,7 @@ impl Aggregator {
         // (a late gauge starts from 0 and moves no gauge memory).
         let delta = matches!(state, State::Gauge { delta: true, .. });
         let shape = (state.kind(), state.samples());
-        let fold = Some(&mut scratch.fold);
+        let fold = Admit::State(&mut scratch.fold);
         let grew = if delta || start == started - started % step {
             let hash = generation.series.hash(key);
             merge_key(

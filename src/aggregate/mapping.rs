@@ -29,6 +29,77 @@ use regex::{Regex, RegexSet};
 use serde::{Deserialize, Serialize};
 
 use super::key::{self, KeyBuf};
+use crate::protocol::dialect::Dialects;
+
+/// What makes the keys of one interval: the tag dialects and the mapping
+/// rules, with the digest the WAL records for the interval, so that a
+/// replay makes the same keys (see `server::rules`).
+#[derive(Debug, Clone, Default)]
+pub struct Keying {
+    pub dialects: Dialects,
+    pub rules: Rules,
+    /// A digest of `text`; 0 for no dialect and no rule.
+    pub digest: u64,
+    /// The settings as canonical TOML ([`KeyingSettings`]).
+    pub text: String,
+}
+
+impl PartialEq for Keying {
+    /// Equal settings (the text is canonical).
+    fn eq(&self, other: &Keying) -> bool {
+        self.text == other.text
+    }
+}
+
+/// The settings [`Keying`] is made of, as persisted (format 1: a TOML
+/// table with `format = 1`, `tag_dialects` and `[[mapping]]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyingSettings {
+    pub format: u32,
+    pub tag_dialects: Vec<String>,
+    pub mapping: Vec<RuleSettings>,
+}
+
+/// The persisted format of [`KeyingSettings`].
+pub const KEYING_FORMAT: u32 = 1;
+
+impl Keying {
+    /// Compiles `settings`; an error is `(field, reason)`, the field as in
+    /// the configuration (`statsd.tag_dialects`, `mapping[2].regex`).
+    pub fn compile(settings: &KeyingSettings) -> Result<Keying, (String, String)> {
+        let dialects = Dialects::from_names(&settings.tag_dialects).map_err(|bad| {
+            let known: Vec<_> = Dialects::NAMES.iter().map(|(n, _)| *n).collect();
+            (
+                "statsd.tag_dialects".to_owned(),
+                format!("{bad:?} is not a tag dialect; known: {}", known.join(", ")),
+            )
+        })?;
+        let rules = Rules::compile(&settings.mapping)
+            .map_err(|(i, (field, why))| (format!("mapping[{i}].{field}"), why))?;
+        let canonical = KeyingSettings {
+            format: KEYING_FORMAT,
+            ..settings.clone()
+        };
+        let text = toml::to_string(&canonical).unwrap_or_default();
+        let empty = dialects.is_empty() && rules.is_empty();
+        let digest = if empty { 0 } else { digest(text.as_bytes()) };
+        Ok(Keying {
+            dialects,
+            rules,
+            digest,
+            text,
+        })
+    }
+}
+
+/// A stable 64-bit digest (SipHash-1-3 with fixed keys), never 0.
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x7461_6c6c_7964, 0x6b65_7973);
+    h.write(bytes);
+    h.finish().max(1)
+}
 
 /// One rule as written in the configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +272,45 @@ impl Rules {
             Mapped::Unchanged
         } else {
             Mapped::Changed(i)
+        }
+    }
+}
+
+/// The flush's side of mapping: which key each key of a closed interval
+/// is flushed under.
+pub struct Remap {
+    keying: std::sync::Arc<Keying>,
+    outputs: dashmap::DashMap<super::MapKey, bool, super::KeyHasher>,
+    buf: MapBuf,
+}
+
+impl super::Generation {
+    /// Takes what the flush needs to map this interval's keys.
+    pub fn remap(&mut self) -> Remap {
+        Remap {
+            keying: std::sync::Arc::clone(&self.keying),
+            outputs: std::mem::take(&mut self.outputs),
+            buf: MapBuf::default(),
+        }
+    }
+}
+
+impl Remap {
+    /// The key `key` is flushed under when its row must be merged with
+    /// others' (its value taken in by [`super::acc::Acc::absorb`]), or
+    /// `None` when it is flushed as it is, alone: a key no rule changes
+    /// and no other key maps to.
+    pub fn key<'a>(&'a mut self, key: &'a [u8]) -> Option<&'a [u8]> {
+        if self.keying.rules.is_empty() && self.outputs.is_empty() {
+            return None;
+        }
+        let output = self.outputs.get(key).map(|f| *f);
+        if output == Some(true) {
+            return Some(key);
+        }
+        match self.keying.rules.map(key, &mut self.buf) {
+            Mapped::Changed(_) => Some(self.buf.key()),
+            Mapped::Unchanged | Mapped::Dropped(_) => output.map(|_| key),
         }
     }
 }

@@ -113,6 +113,14 @@ pub struct Generation {
     /// (see [`budget`]): a reload applies from the next interval.
     pub budgets: Arc<budget::Budgets>,
     metrics: DashMap<MapKey, budget::Tally, KeyHasher>,
+    /// The dialects and mapping rules that make its keys (see
+    /// [`mapping`]; a reload applies from the next interval).
+    pub keying: Arc<mapping::Keying>,
+    /// Keys that are flushed as they are, without mapping: the outputs of
+    /// mapping rules (`false`: a key some key of the table maps to) and
+    /// overflow keys (`true`: in the table, already final). Empty without
+    /// mapping rules.
+    outputs: DashMap<MapKey, bool, KeyHasher>,
     /// Rebuilt from the WAL at start without its live start (see
     /// `apply::interval_of`).
     pub replayed: bool,
@@ -170,6 +178,8 @@ impl Generation {
             late: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
             budgets: Arc::default(),
             metrics: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
+            keying: Arc::default(),
+            outputs: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
             replayed: false,
             start_recorded: std::sync::atomic::AtomicBool::new(false),
             drained: false,
@@ -280,7 +290,7 @@ pub struct Scratch {
     next: Vec<u32>,
     /// The pending lines' buffer, kept empty between blocks (see [`relabel`]).
     pending: Vec<Pending<'static>>,
-    /// Overflow keys' scratch space.
+    /// Overflow and mapped keys' scratch space.
     fold: budget::Fold,
 }
 
@@ -299,34 +309,39 @@ pub struct Aggregator {
     next_id: AtomicU64,
     /// Read once per block; replaced by a config reload.
     limits: RwLock<(AggregateLimits, Limits)>,
-    /// Each new generation's key budgets; replaced by a config reload.
+    /// Each new generation's key budgets and keying; replaced by a config
+    /// reload.
     budgets: RwLock<Arc<budget::Budgets>>,
+    keying: RwLock<Arc<mapping::Keying>>,
     depth_reached: Notify,
 }
 
 impl Aggregator {
     /// An aggregator whose first interval starts at `started` (Unix time).
     pub fn new(limits: AggregateLimits, parse_limits: Limits, started: Duration) -> Aggregator {
-        Aggregator::starting_at(limits, parse_limits, Arc::default(), started, 1)
+        let policy = (Arc::default(), Arc::default());
+        Aggregator::starting_at(limits, parse_limits, policy, started, 1)
     }
 
     /// An aggregator whose first generation is `first_id` (the WAL's next).
     pub fn starting_at(
         limits: AggregateLimits,
         parse_limits: Limits,
-        budgets: Arc<budget::Budgets>,
+        (budgets, keying): (Arc<budget::Budgets>, Arc<mapping::Keying>),
         started: Duration,
         first_id: u64,
     ) -> Aggregator {
         let series = Arc::new(series::Series::new());
         let mut first = Generation::in_table(Arc::clone(&series), first_id, started);
         first.budgets = Arc::clone(&budgets);
+        first.keying = Arc::clone(&keying);
         Aggregator {
             current: RwLock::new(Arc::new(first)),
             series,
             next_id: AtomicU64::new(first_id + 1),
             limits: RwLock::new((limits, parse_limits)),
             budgets: RwLock::new(budgets),
+            keying: RwLock::new(keying),
             depth_reached: Notify::new(),
         }
     }
@@ -345,6 +360,17 @@ impl Aggregator {
     /// New key budgets (a config reload), from the next interval on.
     pub fn set_budgets(&self, budgets: Arc<budget::Budgets>) {
         *self.budgets.write().unwrap_or_else(|e| e.into_inner()) = budgets;
+    }
+
+    /// New dialects and mapping rules (a config reload), from the next
+    /// interval on.
+    pub fn set_keying(&self, keying: Arc<mapping::Keying>) {
+        *self.keying.write().unwrap_or_else(|e| e.into_inner()) = keying;
+    }
+
+    /// The dialects and mapping rules new intervals get.
+    pub fn keying(&self) -> Arc<mapping::Keying> {
+        Arc::clone(&self.keying.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Resolves when `max_depth` raw increments are pending in the current
@@ -372,6 +398,7 @@ impl Aggregator {
     pub fn generation(&self, id: u64, started: Duration) -> Generation {
         let mut g = Generation::in_table(Arc::clone(&self.series), id, started);
         g.budgets = Arc::clone(&self.budgets.read().unwrap_or_else(|e| e.into_inner()));
+        g.keying = self.keying();
         g
     }
 

@@ -11,6 +11,7 @@ use tracing::level_filters::LevelFilter;
 use super::{ConfigError, Overrides, Settings, duration, err, hostname, listen, size, size_of};
 use crate::aggregate::AggregateLimits;
 use crate::aggregate::budget::Budgets;
+use crate::aggregate::mapping::{Keying, KeyingSettings};
 use crate::protocol::dialect::Dialects;
 use crate::protocol::statsd::Limits;
 use crate::sink::SinkConfig;
@@ -217,8 +218,15 @@ impl Settings {
         let retention = self.retention_config()?;
         let otlp = self.otlp_config()?;
         let budgets = Arc::new(self.budgets()?);
+        let keying = Keying::compile(&KeyingSettings {
+            format: 0,
+            tag_dialects: self.statsd.tag_dialects.clone(),
+            mapping: self.mapping.clone(),
+        })
+        .map_err(|(field, why)| err(&field, why))?;
         Ok(Config {
             budgets,
+            keying: Arc::new(keying),
             forward,
             retention,
             wal,
@@ -274,13 +282,9 @@ impl Settings {
                 max_name_len: s.max_name_len,
                 max_tags: s.max_tags,
                 max_tag_len: s.max_tag_len,
-                dialects: Dialects::from_names(&s.tag_dialects).map_err(|bad| {
-                    let known: Vec<_> = Dialects::NAMES.iter().map(|(n, _)| *n).collect();
-                    err(
-                        "statsd.tag_dialects",
-                        format!("{bad:?} is not a tag dialect; known: {}", known.join(", ")),
-                    )
-                })?,
+                // The aggregator reads lines with each interval's own
+                // dialects (`keying`).
+                dialects: Dialects::default(),
             },
             aggregate: AggregateLimits {
                 max_keys: a.max_keys,
@@ -360,6 +364,9 @@ pub struct Config {
     pub retention: crate::rollup::Retention,
     /// Per-metric key budgets (`[cardinality]`).
     pub budgets: Arc<Budgets>,
+    /// Tag dialects and mapping rules (`statsd.tag_dialects`,
+    /// `[[mapping]]`).
+    pub keying: Arc<Keying>,
 }
 
 /// An edge's upstreams (`[forward]`).

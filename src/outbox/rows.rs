@@ -5,9 +5,9 @@
 use super::flush::Flush;
 use super::gauges::GaugeMemory;
 use super::rowbinary::{Bodies, Head, Tags, TimerColumns};
-use crate::aggregate::Generation;
 use crate::aggregate::acc::{Acc, Summary};
 use crate::aggregate::key;
+use crate::aggregate::{Generation, MapKey};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CounterRow {
@@ -216,7 +216,22 @@ pub fn build(
         .load(std::sync::atomic::Ordering::Relaxed);
     out.reserve(&generation);
     let mut forgotten = 0;
-    generation.drain(|k, acc| forgotten += out.push(k, acc, ts, flush_id, Some(&mut *gauges)));
+    // Keys that mapping rules change, and those another key maps to, are
+    // merged by the key they are flushed under (see `aggregate::mapping`).
+    let mut remap = generation.remap();
+    let mut merged: std::collections::HashMap<MapKey, Acc> = Default::default();
+    generation.drain(|k, acc| match remap.key(k) {
+        None => forgotten += out.push(k, acc, ts, flush_id, Some(&mut *gauges)),
+        Some(to) => match merged.entry(MapKey::from_slice(to)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().absorb(acc),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(acc);
+            }
+        },
+    });
+    for (k, acc) in merged {
+        forgotten += out.push(&k, acc, ts, flush_id, Some(&mut *gauges));
+    }
     // What folded past its metric's key budget (`aggregate::budget`).
     for f in generation.folded() {
         let (sum, samples) = (f.values as f64, f.values);

@@ -178,6 +178,7 @@ pub(super) async fn replay(
         (&telemetry.dropped_memory, stats.dropped_memory),
         (&telemetry.dropped_key_limit, stats.dropped_key_limit),
         (&telemetry.dropped_set_members, stats.dropped_set_members),
+        (&telemetry.dropped_mapping, stats.dropped_mapping),
     ] {
         counter.fetch_add(n, Ordering::Relaxed);
     }

@@ -52,12 +52,14 @@ impl Running {
         }
         self.aggregator.set_limits(new.aggregate, new.parse_limits);
         self.aggregator.set_budgets(Arc::clone(&new.budgets));
+        self.aggregator.set_keying(Arc::clone(&new.keying));
         self.interval.send_replace(new.flush_interval);
         self.sink_config.send_replace(new.sink.clone());
         let applied = Config {
             aggregate: new.aggregate,
             parse_limits: new.parse_limits,
             budgets: new.budgets,
+            keying: new.keying,
             flush_interval: new.flush_interval,
             sink: new.sink,
             shutdown_timeout: new.shutdown_timeout,

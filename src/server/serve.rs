@@ -36,7 +36,7 @@ pub(super) async fn serve(
     let aggregator = Arc::new(Aggregator::starting_at(
         config.aggregate,
         config.parse_limits,
-        Arc::clone(&config.budgets),
+        (Arc::clone(&config.budgets), Arc::clone(&config.keying)),
         clock(),
         recovery.next_generation,
     ));
