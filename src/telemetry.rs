@@ -155,6 +155,9 @@ pub struct Telemetry {
     pub flush_heartbeat_ms: AtomicU64,
     pub udp_heartbeat_ms: AtomicU64,
     pub replayed_samples: AtomicU64,
+    /// Intervals replayed under the keying in force because their own
+    /// (named by their WAL start record) could not be read.
+    pub keying_missing: AtomicU64,
     pub dropped_wal_too_large: AtomicU64,
     /// 1 while a closed interval is held: it could not be recorded in the
     /// spool or its WAL records not released, so it is not sent and no new
@@ -564,6 +567,12 @@ impl Telemetry {
             "Raw increments rebuilt from the WAL at start.",
             "",
             &self.replayed_samples,
+        );
+        m.counter(
+            "tallyd_keying_missing_total",
+            "Intervals replayed under the dialects and mapping rules in force because the ones they were received under could not be read from data_dir/keying.",
+            "",
+            &self.keying_missing,
         );
         m.counter(
             "tallyd_rows_lost_at_shutdown_total",

@@ -87,7 +87,7 @@ async fn overloaded_then_later_seq_then_retry_counts_once() {
     // A flush releases the ring: 8 goes through, then 7 is retried.
     let mut quick = s.clone();
     quick.aggregate.flush_interval = "100ms".into();
-    running.reload(config(&quick));
+    running.reload(config(&quick)).await;
     let t = Arc::clone(&running.telemetry);
     assert!(blocking(move || wait_for(10, || t.flushes.load(Relaxed) > 0)).await);
     let statuses = blocking(move || {
@@ -605,7 +605,7 @@ async fn churning_keys_through_an_outage_keep_the_spool_within_its_hard_limit() 
         "{health:?}"
     );
     // ClickHouse is back (the URL fixed by a reload): everything lands.
-    running.reload(config(&s));
+    running.reload(config(&s)).await;
     let sum = "SELECT sum(value) FROM ledger_churn.counters WHERE name LIKE 'churn.%' FORMAT TSV";
     assert!(
         blocking(

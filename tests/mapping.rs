@@ -88,3 +88,113 @@ async fn rules_capture_drop_and_add_tags_and_keys_that_meet_merge_into_one_row()
         "jobs.done\tqueue:mail,team:ops\t1"
     );
 }
+
+mod crash {
+    //! A reload that changes the rules, then kill -9 and a replay.
+
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+
+    use super::common::{clickhouse, free_port, http, send_tcp, temp_dir, wait_for};
+
+    const A: &str =
+        "[[mapping]]\nmatch = \"app.*.hits\"\nname = \"app.hits\"\ntags = { svc = \"$1\" }\n";
+    const B: &str = "[[mapping]]\nmatch = \"app.*.hits\"\nname = \"svc.${1}.hits\"\n";
+
+    fn write_config(path: &Path, url: &str, rules: &str) {
+        let text = format!(
+            "log_level = \"info\"\n[aggregate]\nflush_interval = \"1h\"\nmax_depth = 100000000\n[wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n[clickhouse]\nurl = \"{url}\"\ndatabase = \"mapping_crash\"\nretry_max = \"200ms\"\n{rules}"
+        );
+        std::fs::write(path, text).expect("write config");
+    }
+
+    fn spawn(file: &Path, data: &Path, tcp: u16, admin: u16) -> Child {
+        let child = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .env("TALLYD_OTLP_HTTP", "off")
+            .env("TALLYD_OTLP_GRPC", "off")
+            .arg("run")
+            .arg("--config")
+            .arg(file)
+            .arg("--data-dir")
+            .arg(data)
+            .args([
+                "--statsd-udp",
+                "off",
+                "--statsd-tcp",
+                &format!("127.0.0.1:{tcp}"),
+            ])
+            .args(["--proto-tcp", "off", "--proto-udp", "off"])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        assert!(wait_for(20, || http(admin, "GET", "/health", "")
+            .as_deref()
+            == Some("ok\n")));
+        child
+    }
+
+    fn samples(admin: u16) -> u64 {
+        http(admin, "GET", "/metrics", "")
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("tallyd_samples_total "))?;
+                line.split(' ').nth(1)?.parse().ok()
+            })
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn an_interval_replayed_after_a_reload_and_kill_9_keeps_the_rules_it_was_received_under() {
+        let ch = clickhouse();
+        let dir = temp_dir("mapping-crash");
+        let (file, data) = (dir.join("tallyd.toml"), dir.join("data"));
+        let (tcp, admin) = (free_port(), free_port());
+        write_config(&file, &ch.url(), A);
+        let mut child = spawn(&file, &data, tcp, admin);
+        let addr = format!("127.0.0.1:{tcp}").parse().expect("addr");
+        send_tcp(addr, &"app.web.hits:1|c\n".repeat(30));
+        assert!(wait_for(10, || samples(admin) == 30));
+        // Rules B from the next interval: this one (1 h long) keeps A.
+        write_config(&file, &ch.url(), B);
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status()
+                .expect("kill")
+                .success()
+        );
+        let keying = data.join("keying");
+        let files = || std::fs::read_dir(&keying).map_or(0, |d| d.count());
+        assert!(
+            wait_for(10, || files() == 2),
+            "the reload did not record rules B"
+        );
+        send_tcp(addr, &"app.web.hits:1|c\n".repeat(12));
+        assert!(wait_for(10, || samples(admin) == 42));
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
+
+        // The file says B now; the replayed interval was received under A.
+        let mut child = spawn(&file, &data, tcp, admin);
+        send_tcp(addr, &"app.web.hits:1|c\n".repeat(5));
+        assert!(wait_for(10, || samples(admin) == 5));
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("kill")
+                .success()
+        );
+        assert_eq!(child.wait().expect("wait").code(), Some(0));
+        for final_ in ["FINAL", ""] {
+            assert_eq!(
+                ch.query(&format!(
+                    "SELECT name, arrayStringConcat(tags, ','), sum(value) FROM mapping_crash.counters \
+                     {final_} GROUP BY name, tags ORDER BY name FORMAT TSV"
+                )),
+                "app.hits\tsvc:web\t42\nsvc.web.hits\t\t5\n",
+                "counted once, each under the rules it was received under ({final_:?})"
+            );
+        }
+    }
+}

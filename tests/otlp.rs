@@ -539,7 +539,7 @@ async fn a_full_wal_answers_503_with_retry_after_and_the_sdk_catches_up() {
     .await;
     // ClickHouse is back: the spool drains, the WAL empties, the SDK's
     // retries land, and nothing it sent is lost.
-    running.reload(config(&s));
+    running.reload(config(&s)).await;
     let sent = blocking(move || parse_sent(&child.wait_with_output().expect("python"))).await;
     blocking(move || {
         wait_rows("otlp_full", "full", &sent);

@@ -191,7 +191,7 @@ fn record_start(wal: &Wal, stream: usize, generation: &Generation) -> Result<(),
     if !generation.claim_start_record() {
         return Ok(());
     }
-    let payload = crate::wal::format::encode_start(generation.started);
+    let payload = crate::wal::format::encode_start(generation.started, generation.keying.digest);
     wal.append(stream, generation.id, Kind::Start, &payload)
         .map(|_| ())
         .inspect_err(|_| generation.unclaim_start_record())

@@ -206,6 +206,16 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// The data dir.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// The filesystem seam the ledger writes through.
+    pub fn fs(&self) -> Arc<dyn Fs> {
+        Arc::clone(&self.fs)
+    }
+
     /// The WAL whose generations this ledger releases.
     pub fn with_wal(mut self, wal: Option<Arc<Wal>>) -> Ledger {
         self.wal = wal;

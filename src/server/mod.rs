@@ -26,6 +26,7 @@
 //! [`shutdown`], and [`reload`] for SIGHUP.
 
 mod bind;
+pub mod keying;
 mod recover;
 mod reload;
 mod serve;
@@ -102,6 +103,8 @@ pub struct Running {
     interval: watch::Sender<Duration>,
     sink_config: watch::Sender<sink::SinkConfig>,
     aggregator: Arc<Aggregator>,
+    /// The ledger's filesystem seam (the keying files, see [`keying`]).
+    fs: Arc<dyn Fs>,
     tcp: Option<JoinHandle<()>>,
     flush: JoinHandle<u64>,
     sink: JoinHandle<()>,
@@ -168,7 +171,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut signal => break,
-            Some(config) = reloads.recv() => running.reload(config),
+            Some(config) = reloads.recv() => running.reload(config).await,
         }
     }
     Ok(running.shutdown().await)

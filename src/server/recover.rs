@@ -81,6 +81,27 @@ pub(super) async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, 
 /// Queues the spooled flushes again (as they are), then rebuilds each WAL
 /// generation that was not recorded and queues it (see the durable order in
 /// [`crate::ledger`]).
+/// The keying of `digest` from the data dir (see [`super::keying`]);
+/// `None` (logged) when it cannot be read.
+async fn replayed_keying(
+    ledger: &Ledger,
+    digest: u64,
+) -> Option<Arc<crate::aggregate::mapping::Keying>> {
+    let (fs, dir) = (ledger.fs(), ledger.data_dir().to_owned());
+    let loaded = super::blocking(move || super::keying::load(&*fs, &dir, digest))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match loaded {
+        Ok(Some(k)) => Some(Arc::new(k)),
+        Ok(None) | Err(_) => {
+            let why = loaded.err().unwrap_or_else(|| "no such file".into());
+            tracing::warn!(keying = format!("{digest:016x}"), %why, "the dialects and mapping rules of a replayed interval cannot be read; it is replayed under those in force");
+            None
+        }
+    }
+}
+
 pub(super) async fn replay(
     flusher: &mut Flusher,
     recovered: Recovered,
@@ -126,6 +147,7 @@ pub(super) async fn replay(
     let mut stats = BlockStats::default();
     let mut scratch = Scratch::default();
     let count = recovery.generations.len();
+    let mut keyings = std::collections::HashMap::new();
     for r in recovery.generations {
         if spooled.contains(&r.generation) {
             continue;
@@ -135,6 +157,23 @@ pub(super) async fn replay(
         let started = r.started.unwrap_or((flusher.clock)());
         let mut generation = flusher.aggregator.generation(r.generation, started);
         generation.replayed = r.started.is_none();
+        // The keying it was received under (see `keying`).
+        if let Some(digest) = r.keying.filter(|d| *d != generation.keying.digest) {
+            let keying = match keyings.get(&digest) {
+                Some(k) => Option::clone(k),
+                None => {
+                    let k = replayed_keying(&flusher.ledger, digest).await;
+                    keyings.insert(digest, k.clone());
+                    k
+                }
+            };
+            match keying {
+                Some(k) => generation.keying = k,
+                None => {
+                    telemetry.keying_missing.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         for (kind, block) in &r.blocks {
             match kind {
                 Kind::Statsd => {

@@ -6,9 +6,25 @@ use super::*;
 impl Running {
     /// Applies a new configuration without losing pending data: limits,
     /// flush interval and max depth, ClickHouse URL, credentials and
-    /// timeouts, and the shutdown timeout. What needs a restart (listeners,
-    /// the data dir, the WAL geometry, TCP limits) is logged, not applied.
-    pub fn reload(&mut self, new: Config) {
+    /// timeouts, key budgets, tag dialects and mapping rules (from the
+    /// next interval; their file is written first, see [`super::keying`]),
+    /// and the shutdown timeout. What needs a restart (listeners, the data
+    /// dir, the WAL geometry, TCP limits) is logged, not applied.
+    pub async fn reload(&mut self, mut new: Config) {
+        if new.keying != self.config.keying {
+            let (fs, dir, keying) = (
+                Arc::clone(&self.fs),
+                self.config.data_dir.clone(),
+                Arc::clone(&new.keying),
+            );
+            let saved = super::blocking(move || super::keying::save(&*fs, &dir, &keying))
+                .await
+                .and_then(|r| r);
+            if let Err(error) = saved {
+                tracing::error!(%error, "cannot record the new tag dialects and mapping rules in the data dir; the ones in force stay");
+                new.keying = Arc::clone(&self.config.keying);
+            }
+        }
         let old = &self.config;
         let restart: Vec<&str> = [
             ("statsd.udp", old.statsd_udp != new.statsd_udp),

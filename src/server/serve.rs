@@ -134,6 +134,20 @@ pub(super) async fn serve(
             dir: config.data_dir.display().to_string(),
             source,
         })?;
+    // The live intervals' keying is on disk before the first of them opens
+    // (see `keying`).
+    let (fs, dir, keying) = (
+        ledger.fs(),
+        config.data_dir.clone(),
+        Arc::clone(&config.keying),
+    );
+    blocking(move || super::keying::save(&*fs, &dir, &keying))
+        .await
+        .and_then(|r| r)
+        .map_err(|source| StartError::DataDir {
+            dir: config.data_dir.display().to_string(),
+            source,
+        })?;
     // Every generation before the first open one is released or was never
     // in this WAL (see `Wal::confirm_through`).
     if let Some(w) = &wal {
@@ -317,6 +331,7 @@ pub(super) async fn serve(
         interval,
         sink_config,
         aggregator,
+        fs: ledger.fs(),
         tcp,
         flush,
         sink,

@@ -22,11 +22,14 @@ pub enum Kind {
     Statsd = 1,
     /// One protobuf `Batch`, as received (without its length prefix).
     Proto = 2,
-    /// When the generation started: 8 bytes of Unix seconds, then 4 of
-    /// nanoseconds ([`encode_start`]). Written before the generation's
-    /// first block (on whichever stream gets it), so that a replay gets
-    /// the live interval start. A generation without one (a WAL of an
-    /// earlier release) replays with the time of the replay.
+    /// When the generation started: 8 bytes of Unix seconds, 4 of
+    /// nanoseconds, then 8 of the digest of its keying (its tag dialects
+    /// and mapping rules, see `server::keying`; 0 for none) ([`encode_start`];
+    /// releases before the keying wrote the first 12 bytes only). Written
+    /// before the generation's first block (on whichever stream gets it),
+    /// so that a replay gets the live interval start and makes the keys
+    /// the live run made. A generation without one (a WAL of an earlier
+    /// release) replays with the time of the replay and the keying in force.
     Start = 3,
     /// An OTLP request as tallyd converted it: a protobuf
     /// `ingest::otlp::Record` (the converted `Batch`es, one per host, and
@@ -36,19 +39,26 @@ pub enum Kind {
 }
 
 /// The payload of a [`Kind::Start`] record.
-pub fn encode_start(started: std::time::Duration) -> [u8; 12] {
-    let mut out = [0; 12];
+pub fn encode_start(started: std::time::Duration, keying: u64) -> [u8; 20] {
+    let mut out = [0; 20];
     out[..8].copy_from_slice(&started.as_secs().to_le_bytes());
-    out[8..].copy_from_slice(&started.subsec_nanos().to_le_bytes());
+    out[8..12].copy_from_slice(&started.subsec_nanos().to_le_bytes());
+    out[12..].copy_from_slice(&keying.to_le_bytes());
     out
 }
 
-/// A [`Kind::Start`] payload back; `None` if it is not 12 bytes or the
-/// nanoseconds are out of range.
-pub fn decode_start(b: &[u8]) -> Option<std::time::Duration> {
+/// A [`Kind::Start`] payload back: the start, and the keying's digest
+/// (`None` from an earlier release's 12 bytes); `None` if it is neither
+/// 12 nor 20 bytes or the nanoseconds are out of range.
+pub fn decode_start(b: &[u8]) -> Option<(std::time::Duration, Option<u64>)> {
     let secs = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
     let nanos = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?);
-    (b.len() == 12 && nanos < 1_000_000_000).then(|| std::time::Duration::new(secs, nanos))
+    let keying = match b.len() {
+        12 => None,
+        20 => Some(u64::from_le_bytes(b.get(12..20)?.try_into().ok()?)),
+        _ => return None,
+    };
+    (nanos < 1_000_000_000).then(|| (std::time::Duration::new(secs, nanos), keying))
 }
 
 impl Kind {

@@ -208,6 +208,9 @@ pub struct Replayed {
     /// When the generation started live (its [`Kind::Start`] record), if
     /// the WAL has it.
     pub started: Option<Duration>,
+    /// The digest of its keying (dialects and mapping rules), if its start
+    /// record has one.
+    pub keying: Option<u64>,
     /// (kind, payload) of its StatsD and protobuf records, in log order,
     /// stream by stream.
     pub blocks: Vec<(Kind, Vec<u8>)>,

@@ -94,7 +94,7 @@ impl Wal {
         let generations: Vec<Replayed> = recovery_blocks
             .into_iter()
             .map(|(generation, mut blocks)| {
-                let started = blocks
+                let start = blocks
                     .iter()
                     .find(|(k, _)| *k == Kind::Start)
                     .and_then(|(_, b)| format::decode_start(b));
@@ -102,7 +102,8 @@ impl Wal {
                 Replayed {
                     generation,
                     intent: checkpoint.intents.get(&generation).copied(),
-                    started,
+                    started: start.map(|(s, _)| s),
+                    keying: start.and_then(|(_, k)| k),
                     blocks,
                 }
             })

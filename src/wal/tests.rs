@@ -259,13 +259,14 @@ fn a_generation_start_record_comes_back_apart_from_the_blocks() {
     let started = Duration::new(1_700_000_000, 250_000_000);
     {
         let (wal, _) = Wal::open(config(&dir)).expect("open");
-        wal.append(1, 1, Kind::Start, &format::encode_start(started))
+        wal.append(1, 1, Kind::Start, &format::encode_start(started, 42))
             .expect("append");
         wal.append(0, 1, Kind::Statsd, b"a:1|c").expect("append");
         wal.append(0, 2, Kind::Statsd, b"b:1|c").expect("append");
     }
     let (_, rec) = Wal::open(config(&dir)).expect("reopen");
     assert_eq!(rec.generations[0].started, Some(started));
+    assert_eq!(rec.generations[0].keying, Some(42));
     assert_eq!(
         payloads(&rec),
         vec![(1, vec!["a:1|c".into()]), (2, vec!["b:1|c".into()])]
@@ -275,6 +276,12 @@ fn a_generation_start_record_comes_back_apart_from_the_blocks() {
         "a generation of an earlier release"
     );
     assert_eq!(format::decode_start(&[0; 11]), None);
+    let old = &format::encode_start(started, 7)[..12];
+    assert_eq!(
+        format::decode_start(old),
+        Some((started, None)),
+        "an earlier release's start record names no keying"
+    );
 }
 
 #[test]
