@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Overrides, Settings};
 
+mod map;
 mod query;
 mod top;
 
@@ -41,6 +42,16 @@ pub enum Command {
     /// Watch a running tallyd in the terminal: health, rates, drops, the
     /// WAL, the backlog and the metrics with the most keys (its admin API).
     Top(top::TopArgs),
+    /// Mapping rules and tag dialects (README, "Cardinality").
+    #[command(subcommand)]
+    Map(MapCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MapCommand {
+    /// Print what each StatsD line becomes: its key, the rule that made it
+    /// and its metric's key budget (exits 1 when a line is refused).
+    Test(map::MapTestArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,7 +124,8 @@ pub fn main() -> ExitCode {
         | Command::CheckConfig(args)
         | Command::Schema(SchemaArgs { config: args, .. })
         | Command::Query(query::QueryArgs { config: args, .. })
-        | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args)) => args,
+        | Command::Wal(WalCommand::Inspect(args) | WalCommand::Verify(args))
+        | Command::Map(MapCommand::Test(map::MapTestArgs { config: args, .. })) => args,
     };
     let settings = match Settings::load(args.config.as_deref(), &args.overrides) {
         Ok(s) => s,
@@ -130,6 +142,7 @@ pub fn main() -> ExitCode {
         }
         Command::Schema(schema) => schema_command(config, &schema),
         Command::Query(args) => query::query(config, &args),
+        Command::Map(MapCommand::Test(args)) => map::map_test(&config, &args),
         Command::Top(args) => top::top(&args),
         Command::Run(args) => run(config, args.config.clone(), args.overrides.clone()),
         // Handled before the configuration is read.
