@@ -10,6 +10,9 @@
 # MIX: counters (c=100), mixed (c=60,cs=10,g=10,ms=20), mixed_sets, or a blast -m string.
 # PEERS may name tallyd-edge: tallyd as an edge of the fleet tier, forwarding to an aggregator
 # tallyd this script starts once (its CPU is not the edge's), which writes the same ClickHouse.
+# PEERS may name tallyd-rules and tallyd-mapped: tallyd with the 20 mapping rules of
+# bench/rules-20.toml (none matches the load's names) and bench/rules-20-mapped.toml (the last
+# one adds a tag to every name).
 # Env: TALLYD (default: target/release/tallyd of this project), CH (a ClickHouse HTTP URL;
 # default: a private 18.16 server is started for the run and stopped after), PEERS_DIR (default
 # $TMPDIR/peers), BRUBECK_BIN (default $PEERS_DIR/src/brubeck/brubeck).
@@ -43,7 +46,7 @@ curl -sf "$CH" --data-binary "CREATE DATABASE IF NOT EXISTS bench" >/dev/null
 cmd="$TALLYD run --statsd-udp 127.0.0.1:{port} --statsd-tcp off --proto-tcp off --proto-udp off --admin off \
  --clickhouse-url $CH --clickhouse-database bench --data-dir {rundir}/data --host-id bench --flush-interval 1s $extra"
 verify="curl -s '$CH' --data-binary \"SELECT sum(value) FROM bench.counters FINAL WHERE name LIKE '\${PREFIX}.c.%'\""
-edge=()
+more=()  # --peer-cmd NAME=CMD of the peers beyond tallyd
 if [[ ",$peers," == *,tallyd-edge,* ]]; then
   agg_dir=$(mktemp -d)
   agg_port=$(free) agg_admin=$(free)
@@ -51,11 +54,17 @@ if [[ ",$peers," == *,tallyd-edge,* ]]; then
     --clickhouse-url "$CH" --clickhouse-database bench --data-dir "$agg_dir/data" --host-id aggregator \
     --flush-interval 1s --log-level warn $extra & agg_pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$agg_port") 2>/dev/null && break; sleep 0.1; done
-  edge=(--peer-cmd "tallyd-edge=$cmd --forward-upstreams 127.0.0.1:$agg_port")
+  more+=(--peer-cmd "tallyd-edge=$cmd --forward-upstreams 127.0.0.1:$agg_port")
 fi
+for variant in rules mapped; do
+  file=$here/rules-20.toml; [ "$variant" = mapped ] && file=$here/rules-20-mapped.toml
+  if [[ ",$peers," == *,tallyd-$variant,* ]]; then
+    more+=(--peer-cmd "tallyd-$variant=$cmd --config $file")
+  fi
+done
 python3 "$here/measure.py" compare --bindir "$PEERS_DIR/bin" --workdir "$PEERS_DIR/runs" --peers "$peers" \
   --cmd "$cmd" --verify-cmd "$verify" --peer-version tallyd --port 18725 --flush 1 --unique-prefix \
-  --keys "$keys" --mix "$mix" --rates "$rates" --repeat "$repeat" --out "$out" "${edge[@]}" >&2
+  --keys "$keys" --mix "$mix" --rates "$rates" --repeat "$repeat" --out "$out" "${more[@]}" >&2
 # Each tallyd run preallocates a WAL in its run dir: free the disk.
 find "$PEERS_DIR/runs" -mindepth 2 -maxdepth 2 -type d -name data -exec rm -rf {} + 2>/dev/null || true
 python3 "$here/measure.py" table --summary "$out"
