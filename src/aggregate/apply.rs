@@ -455,7 +455,7 @@ pub(super) fn merge_key(
                 drop(table);
                 let over = fold.key(generation, (!mapped).then_some(key));
                 if !rules.is_empty() {
-                    generation.outputs.insert(MapKey::from_slice(over), true);
+                    mark_output(generation, over, true);
                 }
                 let hash = series.hash(over);
                 return merge_key(
@@ -471,10 +471,10 @@ pub(super) fn merge_key(
             }
             taken = Some(MapKey::from_slice(target));
             if mapped {
-                generation.outputs.insert(MapKey::from_slice(target), false);
+                mark_output(generation, target, false);
             } else if !map && !rules.is_empty() {
                 // An edge's key, mapped by the edge: flushed as it is.
-                generation.outputs.insert(MapKey::from_slice(key), true);
+                mark_output(generation, key, true);
             }
         }
     }
@@ -502,6 +502,19 @@ pub(super) fn merge_key(
         budget::count_overflow_key(generation, key);
     }
     grew
+}
+
+/// Records `key` among `generation`'s outputs (see [`Generation`]'s
+/// `outputs`), within its memory estimate.
+fn mark_output(generation: &Generation, key: &[u8], is_final: bool) {
+    if generation
+        .outputs
+        .insert(MapKey::from_slice(key), is_final)
+        .is_none()
+    {
+        let cost = acc::KEY_OVERHEAD + key.len() as u64;
+        generation.bytes.fetch_add(cost, Relaxed);
+    }
 }
 
 /// Merges into `generation`'s late samples under `late_key` (its interval
