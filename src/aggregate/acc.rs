@@ -42,22 +42,28 @@ pub fn boxed_bytes(kind: MetricType) -> u64 {
 
 impl Acc {
     /// Takes in `other`, the same interval's accumulator of another key
-    /// that maps to this one (see [`super::mapping`]): counters add, sets
-    /// unite, timers merge their sketches; of two gauges, an absolute one
-    /// replaces and a delta adds. Accumulators of another type are left.
+    /// that maps to this one (see [`super::mapping`]), whatever the order:
+    /// counters add (a sum past the range of `f64` keeps this one's), sets
+    /// unite, timers merge their sketches; of gauges, the largest absolute
+    /// value wins and deltas add to it. Accumulators of another type are
+    /// left.
     pub fn absorb(&mut self, other: Acc) {
         match (self, other) {
-            (Acc::Counter { sum, samples }, Acc::Counter { sum: s, samples: n }) => {
+            (Acc::Counter { sum, samples }, Acc::Counter { sum: s, samples: n })
+                if (*sum + s).is_finite() =>
+            {
                 *sum += s;
                 *samples = samples.saturating_add(n);
             }
             (Acc::Gauge(g), Acc::Gauge(o)) => {
-                if o.absolute {
-                    (g.value, g.absolute) = (o.value, true);
-                } else {
-                    g.value += o.value;
+                let value = match (g.absolute, o.absolute) {
+                    (true, true) => g.value.max(o.value),
+                    _ => g.value + o.value,
+                };
+                if value.is_finite() {
+                    (g.value, g.absolute) = (value, g.absolute || o.absolute);
+                    g.samples = g.samples.saturating_add(o.samples);
                 }
-                g.samples = g.samples.saturating_add(o.samples);
             }
             (Acc::Dist(d), Acc::Dist(mut o)) => {
                 o.drain();

@@ -401,11 +401,12 @@ pub(super) enum Admit<'f> {
 /// A key new to the interval is admitted as `admit` says: a line's key a
 /// rule drops is dropped and counted; one it maps stays in the table under
 /// its own key (so that its next lines find it), counted in the budget of
-/// the metric it maps to, and is mapped again at the flush
-/// ([`crate::outbox::rows::build`]). Past that metric's budget (see
-/// [`super::budget`]) it folds into the overflow key, which is final. The
-/// key limit and the memory budget come last (values of `shape` dropped
-/// and counted past them).
+/// the metric it maps to, and recorded as an alias of that key, which the
+/// flush merges it into ([`crate::outbox::rows::build`]). Past that
+/// metric's budget (see [`super::budget`]) it folds into the overflow key,
+/// which is final, as an edge's overflow key is. The key limit and the
+/// memory budget come last (values of `shape` dropped and counted past
+/// them; a metric is not tallied once they are spent).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn merge_key(
     generation: &Generation,
@@ -426,14 +427,24 @@ pub(super) fn merge_key(
     {
         return merge(acc, stats);
     }
+    // An edge's overflow key is final here too: it takes no place in the
+    // budget that its edge's other keys fill.
+    let admit = match admit {
+        Admit::State(_) if budget::is_overflow(key) => Admit::Final,
+        other => other,
+    };
     let overflow = matches!(admit, Admit::Final);
     let (fold, map) = match admit {
         Admit::Line(fold) => (Some(fold), true),
         Admit::State(fold) => (Some(fold), false),
         Admit::Final => (None, false),
     };
-    // The key whose metric's budget this one took a place in.
+    // The key whose metric's budget this one took a place in, and the key
+    // a rule maps it to.
     let mut taken: Option<MapKey> = None;
+    let mut mapped_to: Option<MapKey> = None;
+    let room =
+        generation.keys() < limits.max_keys && generation.bytes.load(Relaxed) < limits.max_memory;
     if let Some(fold) = fold {
         let rules = &generation.keying.rules;
         let mut mapped = false;
@@ -449,14 +460,11 @@ pub(super) fn merge_key(
         }
         let target = if mapped { fold.map.key() } else { key };
         // Another key that maps to the same one took its place already.
-        let counted = mapped && generation.outputs.contains_key(target);
+        let counted = mapped && generation.targets.contains_key(target);
         if !counted {
-            if !budget::admit(generation, target, shape.1) {
+            if !budget::admit(generation, target, shape.1, room) {
                 drop(table);
                 let over = fold.key(generation, (!mapped).then_some(key));
-                if !rules.is_empty() {
-                    mark_output(generation, over, true);
-                }
                 let hash = series.hash(over);
                 return merge_key(
                     generation,
@@ -470,12 +478,9 @@ pub(super) fn merge_key(
                 );
             }
             taken = Some(MapKey::from_slice(target));
-            if mapped {
-                mark_output(generation, target, false);
-            } else if !map && !rules.is_empty() {
-                // An edge's key, mapped by the edge: flushed as it is.
-                mark_output(generation, key, true);
-            }
+        }
+        if mapped {
+            mapped_to = Some(MapKey::from_slice(target));
         }
     }
     let release = |taken: Option<MapKey>| {
@@ -501,20 +506,14 @@ pub(super) fn merge_key(
     if overflow {
         budget::count_overflow_key(generation, key);
     }
-    grew
-}
-
-/// Records `key` among `generation`'s outputs (see [`Generation`]'s
-/// `outputs`), within its memory estimate.
-fn mark_output(generation: &Generation, key: &[u8], is_final: bool) {
-    if generation
-        .outputs
-        .insert(MapKey::from_slice(key), is_final)
-        .is_none()
-    {
-        let cost = acc::KEY_OVERHEAD + key.len() as u64;
+    if let Some(to) = mapped_to {
+        // The flush merges it into the key it maps to (see `Generation`).
+        let cost = 2 * acc::KEY_OVERHEAD + (key.len() + to.len()) as u64;
         generation.bytes.fetch_add(cost, Relaxed);
+        generation.targets.insert(to.clone(), ());
+        generation.aliases.insert(MapKey::from_slice(key), to);
     }
+    grew
 }
 
 /// Merges into `generation`'s late samples under `late_key` (its interval
@@ -563,7 +562,9 @@ pub(super) fn merge_late(
                 Mapped::Unchanged => {}
             }
         }
-        if !budget::admit(generation, key, shape.1) {
+        let room = generation.keys() < limits.max_keys
+            && generation.bytes.load(Relaxed) < limits.max_memory;
+        if !budget::admit(generation, key, shape.1, room) {
             let over = fold.late_key(generation, start, Some(key), true);
             return merge_late(generation, over, shape, Admit::Final, stats, limits, merge);
         }

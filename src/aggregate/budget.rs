@@ -23,6 +23,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
+use super::acc::Acc;
 use super::key::{self, KeyBuf};
 use super::{Generation, MapKey};
 use crate::protocol::glob;
@@ -135,13 +136,16 @@ fn metric_of(key: &[u8]) -> MapKey {
 
 /// Takes a place in its metric's budget for `key`, new to `generation`;
 /// false (its `values` counted as folded) when the budget is spent.
-/// A key that is not one [`KeyBuf`] built (none is) is admitted.
-pub(super) fn admit(generation: &Generation, key: &[u8], values: u64) -> bool {
+/// Without `room` (the interval's key limit or memory budget spent) a
+/// metric not yet tallied is not: its key is admitted here and refused by
+/// the limit, so that refused keys grow nothing. A key that is not one
+/// [`KeyBuf`] built (none is) is admitted.
+pub(super) fn admit(generation: &Generation, key: &[u8], values: u64, room: bool) -> bool {
     let metric = metric_of(key);
     let tally = match generation.metrics.get(&metric) {
         Some(t) => t,
         None => {
-            let Some((_, name, _)) = key::parts(key) else {
+            let Some((_, name, _)) = key::parts(key).filter(|_| room) else {
                 return true;
             };
             let name = name.as_bytes();
@@ -166,8 +170,18 @@ pub(super) fn admit(generation: &Generation, key: &[u8], values: u64) -> bool {
         return true;
     }
     tally.keys.fetch_sub(1, Relaxed);
-    tally.folded.fetch_add(values, Relaxed);
+    let add = |f: u64| Some(f.saturating_add(values));
+    let _ = tally.folded.fetch_update(Relaxed, Relaxed, add);
     false
+}
+
+/// Whether `key` is an overflow key (a tag value, or a bare tag, is
+/// [`OVERFLOW`]), as an edge forwards one.
+pub(super) fn is_overflow(key: &[u8]) -> bool {
+    key::parts(key).is_some_and(|(_, _, tags)| {
+        tags.tags()
+            .any(|t| t == OVERFLOW || t.split_once(':').is_some_and(|(_, v)| v == OVERFLOW))
+    })
 }
 
 /// Gives back the place [`admit`] took for `key` (the key was refused
@@ -274,6 +288,35 @@ fn overflow_key<'a>(
 }
 
 impl Generation {
+    /// Puts each folding metric's [`FOLDED_METRIC`] counter in this closed
+    /// interval's table (its flush is about to drain it), so that it is
+    /// one row with any the interval holds under the same key: an edge's
+    /// for the same metric and host, or a client's.
+    pub fn put_folded_rows(&self) {
+        let limits = super::AggregateLimits {
+            max_keys: usize::MAX,
+            max_set_members: 0,
+            max_depth: u64::MAX,
+            max_memory: u64::MAX,
+            timestamp_window: std::time::Duration::ZERO,
+            interval: std::time::Duration::from_secs(1),
+        };
+        let shape = (crate::protocol::statsd::MetricType::Counter, 1);
+        for f in self.folded() {
+            let key = f.row_key();
+            let hash = self.series.hash(&key);
+            let stats = &mut crate::telemetry::BlockStats::default();
+            let admit = super::apply::Admit::Final;
+            super::apply::merge_key(self, &key, hash, shape, admit, stats, &limits, |acc, _| {
+                if let Acc::Counter { sum, samples } = acc {
+                    *sum += f.values as f64;
+                    *samples = samples.saturating_add(f.values);
+                }
+                0
+            });
+        }
+    }
+
     /// The metrics that folded keys in this interval, most folded first.
     pub fn folded(&self) -> Vec<Folded> {
         let mut out: Vec<Folded> = self
@@ -350,12 +393,17 @@ mod tests {
             default: 2,
             rules: vec![],
         });
-        assert!(admit(&g, &key("req", "u:1"), 1));
-        assert!(admit(&g, &key("req", "u:2"), 1));
-        assert!(!admit(&g, &key("req", "u:3"), 3));
-        assert!(admit(&g, &key("other", "u:3"), 1));
+        assert!(admit(&g, &key("req", "u:1"), 1, true));
+        assert!(admit(&g, &key("req", "u:2"), 1, true));
+        assert!(!admit(&g, &key("req", "u:3"), 3, true));
+        assert!(admit(&g, &key("other", "u:3"), 1, true));
+        assert!(admit(&g, &key("new", "u:3"), 1, false), "no room: no tally");
+        assert_eq!(g.metrics.len(), 2);
         release(&g, &key("req", "u:2"));
-        assert!(admit(&g, &key("req", "u:4"), 1), "a released place is free");
+        assert!(
+            admit(&g, &key("req", "u:4"), 1, true),
+            "a released place is free"
+        );
         let folded = g.folded();
         assert_eq!(folded.len(), 1);
         assert_eq!(
@@ -381,11 +429,21 @@ mod tests {
     fn many_overflow_keys_fold_into_one() {
         let g = Generation::new(1, std::time::Duration::ZERO);
         let k = key("req", "a:1");
-        admit(&g, &k, 1);
+        admit(&g, &k, 1, true);
         for _ in 0..MAX_OVERFLOW_KEYS {
             count_overflow_key(&g, &k);
         }
         let over = Fold::default().key(&g, Some(&key("req", "z:1,y"))).to_vec();
         assert_eq!(key::split(&over).map(|p| p.tags), Some(vec![OVERFLOW]));
+    }
+
+    #[test]
+    fn an_edge_s_overflow_key_is_known_as_one() {
+        assert!(is_overflow(&key(
+            "req",
+            "u:tallyd_overflow,env:tallyd_overflow"
+        )));
+        assert!(is_overflow(&key("req", "tallyd_overflow")));
+        assert!(!is_overflow(&key("req", "u:1,tallyd_overflowing")));
     }
 }

@@ -21,9 +21,10 @@
 //! anchored at both ends. The idea and the config shape follow
 //! statsd_exporter's mapping config and the DogStatsD mapper.
 //!
-//! A mapping is applied once, when a key is first written in an interval
-//! (see [`super::apply`]), and again when the interval is flushed: a live
-//! key pays for matching twice per interval, never per line.
+//! A key is matched once, when it is first written in an interval (see
+//! [`super::apply`]): a live key pays for matching once per interval,
+//! never per line. It stays in the table as it came; the flush merges it
+//! into the key it maps to ([`Remap`]).
 
 use regex::{Regex, RegexSet};
 use serde::{Deserialize, Serialize};
@@ -277,20 +278,21 @@ impl Rules {
 }
 
 /// The flush's side of mapping: which key each key of a closed interval
-/// is flushed under.
+/// is flushed under, from what its admission recorded (no rule is matched
+/// again).
 pub struct Remap {
-    keying: std::sync::Arc<Keying>,
-    outputs: dashmap::DashMap<super::MapKey, bool, super::KeyHasher>,
-    buf: MapBuf,
+    targets: dashmap::DashMap<super::MapKey, (), super::KeyHasher>,
+    aliases: dashmap::DashMap<super::MapKey, super::MapKey, super::KeyHasher>,
+    to: super::MapKey,
 }
 
 impl super::Generation {
     /// Takes what the flush needs to map this interval's keys.
     pub fn remap(&mut self) -> Remap {
         Remap {
-            keying: std::sync::Arc::clone(&self.keying),
-            outputs: std::mem::take(&mut self.outputs),
-            buf: MapBuf::default(),
+            targets: std::mem::take(&mut self.targets),
+            aliases: std::mem::take(&mut self.aliases),
+            to: super::MapKey::new(),
         }
     }
 }
@@ -298,20 +300,17 @@ impl super::Generation {
 impl Remap {
     /// The key `key` is flushed under when its row must be merged with
     /// others' (its value taken in by [`super::acc::Acc::absorb`]), or
-    /// `None` when it is flushed as it is, alone: a key no rule changes
+    /// `None` when it is flushed as it is, alone: a key no rule changed
     /// and no other key maps to.
     pub fn key<'a>(&'a mut self, key: &'a [u8]) -> Option<&'a [u8]> {
-        if self.keying.rules.is_empty() && self.outputs.is_empty() {
+        if self.aliases.is_empty() {
             return None;
         }
-        let output = self.outputs.get(key).map(|f| *f);
-        if output == Some(true) {
-            return Some(key);
+        if let Some(to) = self.aliases.get(key) {
+            self.to.clone_from(&to);
+            return Some(&self.to);
         }
-        match self.keying.rules.map(key, &mut self.buf) {
-            Mapped::Changed(_) => Some(self.buf.key()),
-            Mapped::Unchanged | Mapped::Dropped(_) => output.map(|_| key),
-        }
+        self.targets.contains_key(key).then_some(key)
     }
 }
 

@@ -116,11 +116,13 @@ pub struct Generation {
     /// The dialects and mapping rules that make its keys (see
     /// [`mapping`]; a reload applies from the next interval).
     pub keying: Arc<mapping::Keying>,
-    /// Keys that are flushed as they are, without mapping: the outputs of
-    /// mapping rules (`false`: a key some key of the table maps to) and
-    /// overflow keys (`true`: in the table, already final). Empty without
-    /// mapping rules.
-    outputs: DashMap<MapKey, bool, KeyHasher>,
+    /// The keys mapping rules map keys of the table to (see [`mapping`]):
+    /// the flush merges a key of the table that is one of them with the
+    /// keys mapped to it. Empty without mapping rules.
+    targets: DashMap<MapKey, (), KeyHasher>,
+    /// Keys of the table a rule maps, and the key each maps to: the flush
+    /// merges them there without matching the rules again.
+    aliases: DashMap<MapKey, MapKey, KeyHasher>,
     /// Rebuilt from the WAL at start without its live start (see
     /// `apply::interval_of`).
     pub replayed: bool,
@@ -179,7 +181,8 @@ impl Generation {
             budgets: Arc::default(),
             metrics: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
             keying: Arc::default(),
-            outputs: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
+            targets: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
+            aliases: DashMap::with_hasher_and_shard_amount(KeyHasher::default(), 8),
             replayed: false,
             start_recorded: std::sync::atomic::AtomicBool::new(false),
             drained: false,

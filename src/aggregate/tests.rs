@@ -446,3 +446,59 @@ fn late_samples_fold_past_the_budget_too() {
     );
     assert_eq!(g.folded()[0].values, 1);
 }
+
+#[test]
+fn the_folded_row_is_one_row_with_a_key_of_the_same_name_in_the_interval() {
+    // A client (or an edge) sent the meta row's key itself: the flush
+    // must not make two rows of one key.
+    let a = aggregator(1000);
+    a.set_budgets(Arc::new(budget::Budgets {
+        default: 1,
+        rules: vec![],
+    }));
+    a.swap(Duration::from_secs(1_700_000_000));
+    ingest(
+        &a,
+        "req:1|c|#u:1\nreq:1|c|#u:2\nreq:1|c|#u:3\ntallyd.cardinality.folded:5|c|#type:c,metric:req",
+    );
+    let g = a.current();
+    g.put_folded_rows();
+    assert_eq!(
+        counters(&g, budget::FOLDED_METRIC),
+        vec![("metric:req,type:c".into(), 7.0)]
+    );
+}
+
+#[test]
+fn merged_gauges_do_not_depend_on_the_order_they_meet_in() {
+    let gauge = |value: f64, absolute: bool| {
+        Acc::Gauge(acc::GaugeAcc {
+            value,
+            absolute,
+            samples: 1,
+        })
+    };
+    let cases = [
+        (gauge(5.0, true), gauge(2.0, false), 7.0, true),
+        (gauge(5.0, true), gauge(9.0, true), 9.0, true),
+        (gauge(1.0, false), gauge(2.0, false), 3.0, false),
+    ];
+    for (a, b, value, absolute) in cases {
+        let (a2, b2) = (clone_gauge(&a), clone_gauge(&b));
+        let mut x = a;
+        x.absorb(b);
+        let mut y = b2;
+        y.absorb(a2);
+        for m in [x, y] {
+            let Acc::Gauge(g) = m else { panic!("a gauge") };
+            assert_eq!((g.value, g.absolute, g.samples), (value, absolute, 2));
+        }
+    }
+}
+
+fn clone_gauge(a: &Acc) -> Acc {
+    match a {
+        Acc::Gauge(g) => Acc::Gauge(*g),
+        _ => panic!("a gauge"),
+    }
+}

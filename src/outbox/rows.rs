@@ -216,6 +216,8 @@ pub fn build(
         .load(std::sync::atomic::Ordering::Relaxed);
     out.reserve(&generation);
     let mut forgotten = 0;
+    // What folded past its metric's key budget (`aggregate::budget`).
+    generation.put_folded_rows();
     // Keys that mapping rules change, and those another key maps to, are
     // merged by the key they are flushed under (see `aggregate::mapping`).
     let mut remap = generation.remap();
@@ -231,17 +233,6 @@ pub fn build(
     });
     for (k, acc) in merged {
         forgotten += out.push(&k, acc, ts, flush_id, Some(&mut *gauges));
-    }
-    // What folded past its metric's key budget (`aggregate::budget`).
-    for f in generation.folded() {
-        let (sum, samples) = (f.values as f64, f.values);
-        out.push(
-            &f.row_key(),
-            Acc::Counter { sum, samples },
-            ts,
-            flush_id,
-            None,
-        );
     }
     // Samples stamped (`|T`) for other intervals: rows of their interval,
     // each interval under a flush id of its own, so that they never

@@ -23,9 +23,11 @@
 //!   Librato, `;` Graphite) starts the tags, to the end of the name,
 //!   separated by `,` (`;` for Graphite).
 //! - Each tag is `key=value`, split at its first `=`, key and value not
-//!   empty; it becomes the tag `key:value`. Empty tags (`a,,b`) are
-//!   skipped. Anything else refuses the line as `invalid_tag`: a line is
-//!   never taken under a name that still holds half a tag.
+//!   empty (a Graphite tag holds no `,`); it becomes the tag `key:value`.
+//!   Empty tags (`a,,b`) are skipped. What is left of the name holds no
+//!   marker of a dialect that is on. Anything else refuses the line as
+//!   `invalid_tag`: a line is never taken under a name that still holds
+//!   half a tag.
 //! - DogStatsD `|#` tags on the same line are kept as well: the key has
 //!   both (statsd_exporter refuses such a line as `mixed_tagging_styles`;
 //!   tallyd keeps what it was sent, and the same tag twice is one tag).
@@ -161,14 +163,27 @@ pub fn split(name: &[u8], dialects: Dialects) -> Result<Option<NameTags>, ParseE
         return Ok(None);
     };
     let section = &name[found.tags.0 as usize..found.tags.1 as usize];
+    // Every tag `key=value`; a Graphite tag holds no `,` (the key's tag
+    // separator).
     let well_formed = section
         .split(|&b| b == found.sep)
         .filter(|t| !t.is_empty())
-        .all(|t| matches!(memchr::memchr(b'=', t), Some(eq) if eq > 0 && eq + 1 < t.len()));
-    if !well_formed {
+        .all(|t| {
+            matches!(memchr::memchr(b'=', t), Some(eq) if eq > 0 && eq + 1 < t.len())
+                && !t.contains(&b',')
+        });
+    let (a, b) = found.name(name);
+    // What is left of the name holds no marker of a dialect that is on.
+    let marker = |c: &u8| match c {
+        b'[' | b']' => dialects.has(Dialects::SIGNALFX),
+        b',' => dialects.has(Dialects::INFLUXDB),
+        b'#' => dialects.has(Dialects::LIBRATO),
+        b';' => dialects.has(Dialects::GRAPHITE),
+        _ => false,
+    };
+    if !well_formed || a.iter().chain(b).any(marker) {
         return Err(ParseError::InvalidTag);
     }
-    let (a, b) = found.name(name);
     if a.is_empty() && b.is_empty() {
         return Err(ParseError::EmptyName);
     }

@@ -46,7 +46,11 @@ pub fn save(fs: &dyn Fs, data_dir: &Path, keying: &Keying) -> io::Result<()> {
     }
     let path = file(data_dir, keying.digest);
     if path.exists() {
-        return Ok(());
+        // In use again: the newest, so that pruning keeps it.
+        return std::fs::File::options()
+            .write(true)
+            .open(&path)?
+            .set_modified(std::time::SystemTime::now());
     }
     std::fs::create_dir_all(dir(data_dir))?;
     fs.write_atomic(&path, keying.text.as_bytes())?;

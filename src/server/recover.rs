@@ -78,9 +78,6 @@ pub(super) async fn recover(config: &Config, fs: Arc<dyn Fs>) -> Result<Opened, 
     })
 }
 
-/// Queues the spooled flushes again (as they are), then rebuilds each WAL
-/// generation that was not recorded and queues it (see the durable order in
-/// [`crate::ledger`]).
 /// The keying of `digest` from the data dir (see [`super::keying`]);
 /// `None` (logged) when it cannot be read.
 async fn replayed_keying(
@@ -102,6 +99,9 @@ async fn replayed_keying(
     }
 }
 
+/// Queues the spooled flushes again (as they are), then rebuilds each WAL
+/// generation that was not recorded and queues it (see the durable order in
+/// [`crate::ledger`]).
 pub(super) async fn replay(
     flusher: &mut Flusher,
     recovered: Recovered,

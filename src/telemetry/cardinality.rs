@@ -32,11 +32,12 @@ impl Cardinality {
     /// budget, values folded), most folded first (as
     /// `aggregate::Generation::folded` gives them).
     pub fn observe(&self, mut folded: Vec<(String, &'static str, u32, u64)>) {
-        let values: u64 = folded.iter().map(|f| f.3).sum();
+        let values = folded.iter().fold(0u64, |s, f| s.saturating_add(f.3));
         self.folded_total.fetch_add(values, Relaxed);
         let metrics = folded.len();
         folded.truncate(TOP);
-        let other = values - folded.iter().map(|t| t.3).sum::<u64>();
+        let top = folded.iter().fold(0u64, |s, f| s.saturating_add(f.3));
+        let other = values.saturating_sub(top);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Last {
             top: folded,
             other,

@@ -103,6 +103,8 @@ fn signalfx_tags_sit_in_brackets_anywhere_in_the_name() {
         "tag1=bar,tag2=baz]foo.test:100|c",
         "foo.[tag1,tag2]test:100|c",
         "foo]x[a=b:1|c",
+        "a[x=1]b]:1|c",
+        "a[x=1]b[y=2]:1|c",
     ] {
         assert_eq!(read(line, d), Err(ParseError::InvalidTag), "{line}");
     }
@@ -116,6 +118,8 @@ fn graphite_tags_follow_semicolons() {
         read("disk.used;rack=a1;datacenter=dc1;server=web01:1|c", d),
         ok("disk.used", &["rack:a1", "datacenter:dc1", "server:web01"])
     );
+    // A `,` would split the tag in two.
+    assert_eq!(read("req;env=a,b:1|c", d), Err(ParseError::InvalidTag));
 }
 
 #[test]
@@ -139,6 +143,8 @@ fn a_marker_is_part_of_the_name_while_its_dialect_is_off() {
         assert_eq!(read(line, ALL), Err(ParseError::InvalidTag), "{line}");
     }
     assert_eq!(read(",k=v:1|c", ALL), Err(ParseError::EmptyName));
+    // Tags in brackets, and more tags after: the name would keep half a tag.
+    assert_eq!(read("a[x=1]b,c=d:1|c", ALL), Err(ParseError::InvalidTag));
     // The first marker of those that are on starts the tags.
     assert_eq!(
         read(
