@@ -134,6 +134,12 @@ mod crash {
         child
     }
 
+    fn signal(child: &Child, signal: &str) {
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args([signal, &pid]).status();
+        assert!(sent.expect("kill").success());
+    }
+
     fn samples(admin: u16) -> u64 {
         http(admin, "GET", "/metrics", "")
             .and_then(|m| {
@@ -156,13 +162,7 @@ mod crash {
         assert!(wait_for(10, || samples(admin) == 30));
         // Rules B from the next interval: this one (1 h long) keeps A.
         write_config(&file, &ch.url(), B);
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &child.id().to_string()])
-                .status()
-                .expect("kill")
-                .success()
-        );
+        signal(&child, "-HUP");
         let keying = data.join("keying");
         let files = || std::fs::read_dir(&keying).map_or(0, |d| d.count());
         assert!(
@@ -178,13 +178,7 @@ mod crash {
         let mut child = spawn(&file, &data, tcp, admin);
         send_tcp(addr, &"app.web.hits:1|c\n".repeat(5));
         assert!(wait_for(10, || samples(admin) == 5));
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .expect("kill")
-                .success()
-        );
+        signal(&child, "-TERM");
         assert_eq!(child.wait().expect("wait").code(), Some(0));
         for final_ in ["FINAL", ""] {
             assert_eq!(
