@@ -376,6 +376,17 @@ fn compile(s: &RuleSettings) -> Result<Rule, RuleError> {
     if let Some(v) = s.tags.values().find(|v| !plain(v)) {
         return Err(("tags", format!("{v:?} holds `,`, `|` or a control byte")));
     }
+    let templates = std::iter::once(("name", &s.name)).chain(s.tags.values().map(|v| ("tags", v)));
+    for (field, template) in templates {
+        if let Some(bad) = references(template).find(|r| !captures(&regex, r)) {
+            return Err((
+                field,
+                format!(
+                    "{template:?} names capture `{bad}`, which the pattern does not have (write ${{1}} before a letter or digit)"
+                ),
+            ));
+        }
+    }
     Ok(Rule {
         pattern: source,
         regex,
@@ -386,6 +397,43 @@ fn compile(s: &RuleSettings) -> Result<Rule, RuleError> {
         rename_tags: s.rename_tags.clone().into_iter().collect(),
         tags: s.tags.clone().into_iter().collect(),
     })
+}
+
+/// The captures a template names, as `regex`'s `Captures::expand` reads
+/// it: `$name` (the longest run of letters, digits and `_`), `${name}`;
+/// `$$` is a `$`.
+fn references(template: &str) -> impl Iterator<Item = &str> {
+    let mut rest = template;
+    std::iter::from_fn(move || {
+        loop {
+            let at = rest.find('$')?;
+            let after = &rest[at + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                rest = tail;
+                continue;
+            }
+            if let Some(braced) = after.strip_prefix('{') {
+                let end = braced.find('}')?;
+                rest = &braced[end + 1..];
+                return Some(&braced[..end]);
+            }
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            rest = &after[end..];
+            if end > 0 {
+                return Some(&after[..end]);
+            }
+        }
+    })
+}
+
+/// Whether `regex` has the capture `name` (a number or a name).
+fn captures(regex: &Regex, name: &str) -> bool {
+    match name.parse::<usize>() {
+        Ok(i) => i < regex.captures_len(),
+        Err(_) => regex.capture_names().flatten().any(|n| n == name),
+    }
 }
 
 /// A glob as an anchored regex: each `*` a capture of any run, `?` any one

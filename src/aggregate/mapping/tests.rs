@@ -178,6 +178,24 @@ fn bad_rules_name_their_field() {
         bad("[[mapping]]\nmatch = \"a\"\nname = \"b:c\"\n").1.0,
         "name"
     );
+    // Captures the pattern does not have (the second of one `*`, a name
+    // it does not define, `$1b` read as the capture `1b`).
+    assert_eq!(
+        bad("[[mapping]]\nmatch = \"a.*\"\nname = \"x.$2\"\n").1.0,
+        "name"
+    );
+    assert_eq!(
+        bad("[[mapping]]\nregex = 'a(?P<x>b)'\nname = \"x.${y}\"\n")
+            .1
+            .0,
+        "name"
+    );
+    assert_eq!(
+        bad("[[mapping]]\nmatch = \"a.*\"\ntags = { k = \"$1b\" }\n")
+            .1
+            .0,
+        "tags"
+    );
     let e =
         bad("[[mapping]]\nmatch = \"a\"\n[[mapping]]\nmatch = \"a\"\ntags = { \"k,x\" = \"v\" }\n");
     assert_eq!((e.0, e.1.0), (1, "tags"));
