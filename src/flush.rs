@@ -198,11 +198,13 @@ impl Flusher {
         let (host, instance) = (self.host.clone(), self.ledger.instance());
         let mut gauges = std::mem::replace(&mut self.gauges, GaugeMemory::new(0));
         let spare = std::mem::take(&mut self.spare);
-        let folded = generation.folded().into_iter();
-        let folded = folded.map(|f| (f.name().to_owned(), f.kind(), f.limit, f.values));
-        self.telemetry.cardinality.observe(folded.collect());
         let built = tokio::task::spawn_blocking(move || {
             let mut next_id = || ledger.next_flush_id(now);
+            // What folded past its metric's key budget, as rows of its own
+            // (see `aggregate::budget`).
+            let folded = generation.put_folded_rows().into_iter();
+            let folded = folded.map(|f| (f.name().to_owned(), f.kind(), f.limit, f.values));
+            let folded: Vec<_> = folded.collect();
             let built = rows::build(
                 generation,
                 flush_id,
@@ -212,13 +214,14 @@ impl Flusher {
                 &mut next_id,
                 spare,
             );
-            (built, gauges)
+            (built, gauges, folded)
         })
         .await;
         // A panic in the build is a bug: it goes on as one.
-        let ((flush, forgotten), gauges) =
+        let ((flush, forgotten), gauges, folded) =
             built.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         self.gauges = gauges;
+        self.telemetry.cardinality.observe(folded);
         self.telemetry
             .dropped_gauge_memory
             .fetch_add(forgotten, Relaxed);

@@ -395,6 +395,50 @@ pub(super) enum Admit<'f> {
     Final,
 }
 
+impl<'f> Admit<'f> {
+    /// The scratch space and whether the interval's rules map `key`;
+    /// `None` for a final key. An edge's overflow key is final here too:
+    /// it takes no place in the budget that its edge's other keys fill.
+    fn split(self, key: &[u8]) -> Option<(&'f mut Fold, bool)> {
+        match self {
+            Admit::Line(fold) => Some((fold, true)),
+            Admit::State(_) if budget::is_overflow(key) => None,
+            Admit::State(fold) => Some((fold, false)),
+            Admit::Final => None,
+        }
+    }
+}
+
+/// Whether `generation` has room for a new key: neither its key limit nor
+/// its memory budget is spent.
+fn room(generation: &Generation, limits: &AggregateLimits) -> bool {
+    generation.keys() < limits.max_keys && generation.bytes.load(Relaxed) < limits.max_memory
+}
+
+/// Maps a line's `key` by `generation`'s rules into `fold`'s buffer:
+/// whether a rule changed it, or `None` when one drops it (its `values`
+/// counted).
+fn map_line(
+    generation: &Generation,
+    key: &[u8],
+    fold: &mut Fold,
+    values: u64,
+    stats: &mut BlockStats,
+) -> Option<bool> {
+    let rules = &generation.keying.rules;
+    if rules.is_empty() {
+        return Some(false);
+    }
+    match rules.map(key, &mut fold.map) {
+        Mapped::Dropped(_) => {
+            stats.dropped_mapping += values;
+            None
+        }
+        Mapped::Changed(_) => Some(true),
+        Mapped::Unchanged => Some(false),
+    }
+}
+
 /// Merges into `key`'s value in `generation`'s column of the series table
 /// with `merge`, and returns the bytes the accumulator grew by.
 ///
@@ -427,42 +471,26 @@ pub(super) fn merge_key(
     {
         return merge(acc, stats);
     }
-    // An edge's overflow key is final here too: it takes no place in the
-    // budget that its edge's other keys fill.
-    let admit = match admit {
-        Admit::State(_) if budget::is_overflow(key) => Admit::Final,
-        other => other,
-    };
-    let overflow = matches!(admit, Admit::Final);
-    let (fold, map) = match admit {
-        Admit::Line(fold) => (Some(fold), true),
-        Admit::State(fold) => (Some(fold), false),
-        Admit::Final => (None, false),
-    };
-    // The key whose metric's budget this one took a place in, and the key
-    // a rule maps it to.
-    let mut taken: Option<MapKey> = None;
+    let fold = admit.split(key);
+    let overflow = fold.is_none();
+    // Whether this key took a place in its metric's budget (the metric
+    // of the key a rule maps it to, when one does), and that key.
+    let mut taken = false;
     let mut mapped_to: Option<MapKey> = None;
-    let room =
-        generation.keys() < limits.max_keys && generation.bytes.load(Relaxed) < limits.max_memory;
-    if let Some(fold) = fold {
-        let rules = &generation.keying.rules;
-        let mut mapped = false;
-        if map && !rules.is_empty() {
-            match rules.map(key, &mut fold.map) {
-                Mapped::Dropped(_) => {
-                    stats.dropped_mapping += shape.1;
-                    return 0;
-                }
-                Mapped::Changed(_) => mapped = true,
-                Mapped::Unchanged => {}
+    if let Some((fold, map)) = fold {
+        let mapped = if map {
+            match map_line(generation, key, fold, shape.1, stats) {
+                Some(mapped) => mapped,
+                None => return 0,
             }
-        }
+        } else {
+            false
+        };
         let target = if mapped { fold.map.key() } else { key };
         // Another key that maps to the same one took its place already.
         let counted = mapped && generation.targets.contains_key(target);
         if !counted {
-            if !budget::admit(generation, target, shape.1, room) {
+            if !budget::admit(generation, target, shape.1, room(generation, limits)) {
                 drop(table);
                 let over = fold.key(generation, (!mapped).then_some(key));
                 let hash = series.hash(over);
@@ -477,25 +505,25 @@ pub(super) fn merge_key(
                     merge,
                 );
             }
-            taken = Some(MapKey::from_slice(target));
+            taken = true;
         }
         if mapped {
             mapped_to = Some(MapKey::from_slice(target));
         }
     }
-    let release = |taken: Option<MapKey>| {
-        if let Some(t) = taken {
-            budget::release(generation, &t);
+    let release = || {
+        if taken {
+            budget::release(generation, mapped_to.as_deref().unwrap_or(key));
         }
     };
     let Some(cost) = admit_key(generation, key.len(), shape, stats, limits) else {
-        release(taken);
+        release();
         return 0;
     };
     let Some(id) = id.or_else(|| table.insert(hash, key, series.hasher())) else {
         drop(table);
         unadmit(generation, key.len(), shape, stats);
-        release(taken);
+        release();
         return 0;
     };
     let mut acc = Acc::new(shape.0);
@@ -538,33 +566,23 @@ pub(super) fn merge_late(
         return merge(&mut acc, stats);
     }
     let (start, key) = late_key.split_at(4.min(late_key.len()));
-    let overflow = matches!(admit, Admit::Final);
-    let (fold, mapping) = match admit {
-        Admit::Line(fold) => (Some(fold), true),
-        Admit::State(fold) => (Some(fold), false),
-        Admit::Final => (None, false),
-    };
+    let fold = admit.split(key);
+    let overflow = fold.is_none();
     let taken = fold.is_some();
-    if let Some(fold) = fold {
-        let rules = &generation.keying.rules;
-        if mapping && !rules.is_empty() {
-            match rules.map(key, &mut fold.map) {
-                Mapped::Dropped(_) => {
-                    stats.dropped_mapping += shape.1;
-                    return 0;
-                }
-                Mapped::Changed(_) => {
+    if let Some((fold, map)) = fold {
+        if map {
+            match map_line(generation, key, fold, shape.1, stats) {
+                None => return 0,
+                Some(true) => {
                     // Its values go to the key it maps to, admitted there.
                     let mapped = fold.late_key(generation, start, None, false);
                     let admit = Admit::State(&mut Fold::default());
                     return merge_late(generation, mapped, shape, admit, stats, limits, merge);
                 }
-                Mapped::Unchanged => {}
+                Some(false) => {}
             }
         }
-        let room = generation.keys() < limits.max_keys
-            && generation.bytes.load(Relaxed) < limits.max_memory;
-        if !budget::admit(generation, key, shape.1, room) {
+        if !budget::admit(generation, key, shape.1, room(generation, limits)) {
             let over = fold.late_key(generation, start, Some(key), true);
             return merge_late(generation, over, shape, Admit::Final, stats, limits, merge);
         }

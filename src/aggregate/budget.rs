@@ -291,8 +291,9 @@ impl Generation {
     /// Puts each folding metric's [`FOLDED_METRIC`] counter in this closed
     /// interval's table (its flush is about to drain it), so that it is
     /// one row with any the interval holds under the same key: an edge's
-    /// for the same metric and host, or a client's.
-    pub fn put_folded_rows(&self) {
+    /// for the same metric and host, or a client's. Returns the folding
+    /// metrics ([`Generation::folded`]).
+    pub fn put_folded_rows(&self) -> Vec<Folded> {
         let limits = super::AggregateLimits {
             max_keys: usize::MAX,
             max_set_members: 0,
@@ -302,7 +303,8 @@ impl Generation {
             interval: std::time::Duration::from_secs(1),
         };
         let shape = (crate::protocol::statsd::MetricType::Counter, 1);
-        for f in self.folded() {
+        let folded = self.folded();
+        for f in &folded {
             let key = f.row_key();
             let hash = self.series.hash(&key);
             let stats = &mut crate::telemetry::BlockStats::default();
@@ -315,6 +317,7 @@ impl Generation {
                 0
             });
         }
+        folded
     }
 
     /// The metrics that folded keys in this interval, most folded first.

@@ -34,7 +34,7 @@ use crate::protocol::dialect::Dialects;
 
 /// What makes the keys of one interval: the tag dialects and the mapping
 /// rules, with the digest the WAL records for the interval, so that a
-/// replay makes the same keys (see `server::rules`).
+/// replay makes the same keys (see `server::keying`).
 #[derive(Debug, Clone, Default)]
 pub struct Keying {
     pub dialects: Dialects,
@@ -255,7 +255,8 @@ impl Rules {
                 .iter()
                 .find(|(from, _)| from == k)
                 .map_or(k, |(_, to)| to.as_str());
-            push_tag(&mut out.tags, k, rest);
+            push_tag(&mut out.tags, k);
+            out.tags.push_str(rest);
         }
         for (k, template) in &rule.tags {
             out.value.clear();
@@ -263,8 +264,10 @@ impl Rules {
             if out.value.is_empty() {
                 continue;
             }
-            let value = out.value.replace(',', "_");
-            push_tag(&mut out.tags, k, &format!(":{value}"));
+            push_tag(&mut out.tags, k);
+            out.tags.push(':');
+            let value = out.value.chars().map(|c| if c == ',' { '_' } else { c });
+            out.tags.extend(value);
         }
         out.key
             .build(kind, out.name.as_bytes(), out.tags.as_bytes());
@@ -314,12 +317,12 @@ impl Remap {
     }
 }
 
-fn push_tag(tags: &mut String, key: &str, rest: &str) {
+/// Starts a tag of `key` in a `,`-separated tag section.
+fn push_tag(tags: &mut String, key: &str) {
     if !tags.is_empty() {
         tags.push(',');
     }
     tags.push_str(key);
-    tags.push_str(rest);
 }
 
 /// Whether `s` may be part of a key: no control bytes (the key's

@@ -216,8 +216,6 @@ pub fn build(
         .load(std::sync::atomic::Ordering::Relaxed);
     out.reserve(&generation);
     let mut forgotten = 0;
-    // What folded past its metric's key budget (`aggregate::budget`).
-    generation.put_folded_rows();
     // Keys that mapping rules change, and those another key maps to, are
     // merged by the key they are flushed under (see `aggregate::mapping`).
     let mut remap = generation.remap();
