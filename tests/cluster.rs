@@ -248,20 +248,27 @@ async fn a_migration_on_a_cluster_reaches_every_servers_distributed_table() {
     };
     // A replicated ALTER may outlast the HTTP read (it waits for the other
     // replica): the state is what counts, and a repeat after it is an error.
+    // Each try may wait out the HTTP read (30 s); a failure shows the last
+    // answer and both servers' error logs (seen once in CI: the replicated
+    // table kept the column for 120 s).
     let drop_samples = |r: &ClickHouse, table: &str| {
         let alter = format!("ALTER TABLE migrated.{table} DROP COLUMN samples");
-        wait_for(120, || {
-            let _ = r.try_query(&alter);
+        let mut answer = None;
+        let dropped = wait_for(240, || {
+            answer = http(r.port, "POST", "/", &alter);
             has_samples(r, table).as_deref() == Some("0\n")
-        })
-    };
-    assert!(drop_samples(&r1, "counters"), "the replicated table");
-    for r in [&r1, &r2] {
+        });
         assert!(
-            drop_samples(r, "counters_all"),
-            "counters_all on {}",
-            r.url()
+            dropped,
+            "{table} on {} kept samples; the last ALTER answered {answer:?}\nr1's log:\n{}\nr2's log:\n{}",
+            r.url(),
+            r1.log_tail(30),
+            r2.log_tail(30)
         );
+    };
+    drop_samples(&r1, "counters");
+    for r in [&r1, &r2] {
+        drop_samples(r, "counters_all");
     }
     let running = server::start(config(&s)).await.expect("restart");
     send_lines(running.udp_addr.expect("udp"), 5, "migrated.c:1|c").await;

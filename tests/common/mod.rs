@@ -303,6 +303,14 @@ impl ClickHouse {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The last `lines` lines of the server's error log, for a failure's
+    /// message (empty for the chdb front).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join("server.err.log")).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Runs a query, returns the body (TSV). Panics with the server's error.
     pub fn query(&self, sql: &str) -> String {
         match http(self.port, "POST", "/", sql) {
