@@ -137,6 +137,9 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::CheckConfig(_) => {
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
         }
@@ -193,6 +196,9 @@ fn run(config: crate::config::Config, file: Option<PathBuf>, overrides: Override
                 .with_ansi(false),
         )
         .init();
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -225,6 +231,9 @@ fn run(config: crate::config::Config, file: Option<PathBuf>, overrides: Override
                 });
                 match loaded {
                     Ok(config) => {
+                        for w in &config.warnings {
+                            tracing::warn!("{w}");
+                        }
                         if let Err(e) = level_handle.modify(|l| *l = config.log_level) {
                             tracing::error!(error = %e, "cannot change the log level");
                         }

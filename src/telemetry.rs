@@ -198,6 +198,20 @@ impl Telemetry {
         }
     }
 
+    /// The words between a ClickHouse error and its TLS reason (see
+    /// `sink::describe`): `/health` names a failing handshake, which is a
+    /// configuration to fix, not an outage to wait out.
+    pub const TLS_FAILED: &'static str = ": TLS: ";
+
+    /// The TLS reason of ClickHouse's last failure, while it fails.
+    pub fn clickhouse_tls_failure(&self) -> Option<String> {
+        if self.clickhouse_failing_since_ms.load(Relaxed) == 0 {
+            return None;
+        }
+        let last = crate::lock(&self.clickhouse_last_error);
+        last.contains(Self::TLS_FAILED).then(|| last.clone())
+    }
+
     /// ClickHouse failed a statement (`Some(error)`) or took one (`None`).
     pub fn clickhouse_answered(&self, error: Option<&str>) {
         match error {

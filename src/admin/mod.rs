@@ -156,6 +156,11 @@ impl AdminState {
                 t.backlog_batches.load(Relaxed)
             ));
         }
+        if let Some(error) = t.clickhouse_tls_failure() {
+            p.push(format!(
+                "ClickHouse's TLS handshake fails, so nothing is written (the rows wait in the spool): {error}"
+            ));
+        }
         let quarantined = self.ledger.quarantined();
         if !quarantined.is_empty() {
             p.push(format!(

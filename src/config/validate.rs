@@ -143,14 +143,15 @@ impl Settings {
                 .transpose()
         };
         let ca = pem("clickhouse.ca_file", &c.ca_file, false)?;
+        let mut warnings = Vec::new();
         let https = std::iter::once(&c.url)
             .chain(&c.replicas)
             .any(|u| u.starts_with("https://"));
         let system = if https && ca.is_none() {
             let roots = crate::sink::tls::SystemRoots::load();
             if roots.is_empty() {
-                tracing::warn!(
-                    "no system root certificates found; set clickhouse.ca_file for an https:// ClickHouse"
+                warnings.push(
+                    "no system root certificates found; set clickhouse.ca_file for an https:// ClickHouse".into(),
                 );
             }
             roots
@@ -185,6 +186,15 @@ impl Settings {
                 };
                 err(field, e)
             })?;
+        }
+        if tls
+            .ca
+            .as_ref()
+            .is_some_and(|ca| crate::sink::tls::pinned_self_signed(ca) > 0)
+        {
+            warnings.push(
+                "clickhouse.ca_file holds a self-signed CA certificate (CA:TRUE, as `openssl req -x509` makes it on OpenSSL 3): a server that presents exactly that certificate is trusted, pinned, with its name and validity still checked (as curl --cacert does; WebPKI alone would refuse a CA as the server's own)".into(),
+            );
         }
         if c.database.is_empty() {
             return Err(err("clickhouse.database", "must not be empty"));
@@ -225,6 +235,7 @@ impl Settings {
         })
         .map_err(|(field, why)| err(&field, why))?;
         Ok(Config {
+            warnings,
             budgets,
             keying: Arc::new(keying),
             forward,
@@ -318,6 +329,9 @@ impl Settings {
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// What is valid but worth saying (`check-config` prints them, a start
+    /// or a reload logs them).
+    pub warnings: Vec<String>,
     pub host_id: String,
     pub data_dir: PathBuf,
     pub log_level: LevelFilter,

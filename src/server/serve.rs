@@ -376,11 +376,12 @@ async fn prepare_and_run(mut sink: Sink, config: sink::SinkConfig, queue: mpsc::
             }
             Err(e) => {
                 let delay = sink::backoff(attempt, config.retry_initial, config.retry_max, 1.0);
-                sink.count_retry(&e.to_string());
-                if sink::is_certificate_error(&e) {
-                    tracing::error!(error = %e, url = %config.url, retry_in = ?delay, "ClickHouse's TLS certificate is not trusted (set clickhouse.ca_file for a private CA); buffering");
+                let error = sink::describe(&e);
+                sink.count_retry(&error);
+                if sink::tls::tls_reason(&e).is_some() {
+                    tracing::error!(%error, url = %config.url, retry_in = ?delay, "ClickHouse's TLS handshake fails; buffering");
                 } else {
-                    tracing::warn!(error = %e, url = %config.url, retry_in = ?delay, "ClickHouse is not usable yet; buffering");
+                    tracing::warn!(%error, url = %config.url, retry_in = ?delay, "ClickHouse is not usable yet; buffering");
                 }
                 tokio::time::sleep(delay).await;
                 attempt += 1;

@@ -53,7 +53,7 @@ pub use queued::{Queued, next_parked};
 
 use blocked::Blocked;
 use retry::MISSING_SCHEMA_CODES;
-pub use retry::{Failure, backoff, classify, error_code, is_certificate_error, jitter};
+pub use retry::{Failure, backoff, classify, describe, error_code, jitter};
 
 use crate::lock;
 use std::sync::Arc;
@@ -149,7 +149,7 @@ impl Failed {
 impl std::fmt::Display for Failed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failed::Insert(e) => e.fmt(f),
+            Failed::Insert(e) => f.write_str(&describe(e)),
             Failed::Spool(e) => write!(f, "reading the body back from the spool: {e}"),
             Failed::Refused(why) => f.write_str(why),
         }
@@ -474,8 +474,8 @@ impl Sink {
                         }
                         Failure::Retry => {
                             self.count_retry(&err.to_string());
-                            if matches!(&err, Failed::Insert(e) if is_certificate_error(e)) {
-                                tracing::error!(table = name, flush_id, url = %config.url, retry_in = ?delay, error = %err, "ClickHouse's TLS certificate is not trusted (set clickhouse.ca_file for a private CA); the rows wait in the spool");
+                            if matches!(&err, Failed::Insert(e) if tls::tls_reason(e).is_some()) {
+                                tracing::error!(table = name, flush_id, url = %config.url, retry_in = ?delay, error = %err, "ClickHouse's TLS handshake fails; the rows wait in the spool");
                             } else {
                                 tracing::warn!(table = name, flush_id, attempt = attempt + 1, retry_in = ?delay, error = %err, "insert failed; will retry");
                             }

@@ -51,13 +51,14 @@ fn error_codes(message: &str) -> impl Iterator<Item = u32> + '_ {
         .filter_map(|(at, _)| error_code(&message[at..]))
 }
 
-/// Whether an error is a TLS certificate the client does not trust (or a
-/// name it does not match): a config problem, not an outage.
-pub fn is_certificate_error(err: &clickhouse::error::Error) -> bool {
-    let text = err.to_string();
-    text.contains("certificate")
-        || text.contains("UnknownIssuer")
-        || text.contains("NotValidForName")
+/// An error as the log and `/health` say it: with rustls's reason in
+/// words when it failed at TLS (see [`super::tls::tls_reason`]), which
+/// the client's own text (`network error: client error (Connect)`) loses.
+pub fn describe(err: &clickhouse::error::Error) -> String {
+    match super::tls::tls_reason(err) {
+        Some(reason) => format!("{err}{}{reason}", crate::telemetry::Telemetry::TLS_FAILED),
+        None => err.to_string(),
+    }
 }
 
 /// Classifies a failed insert.
