@@ -92,6 +92,27 @@ pub struct SendArgs {
     /// Events per protobuf batch.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
+    /// Over TLS (the listener's `tls.listeners` names it); TCP only.
+    #[arg(long)]
+    pub tls: bool,
+    /// The CAs the server's certificate must be signed by (PEM) [default:
+    /// the system's roots]; a self-signed certificate it holds is pinned.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    pub ca_file: Option<String>,
+    /// A client certificate (PEM), for a listener that asks for one (mTLS).
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "client_key"])]
+    pub client_cert: Option<String>,
+    /// The client certificate's key (PEM).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<String>,
+    /// The name the server's certificate must be for [default: the
+    /// address's IP].
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    pub server_name: Option<String>,
+    /// A file whose first line is the token (protobuf); `TALLYD_TOKEN`
+    /// works too. Never a flag's value, which `ps` would show.
+    #[arg(long, value_name = "FILE", env = "TALLYD_TOKEN_FILE")]
+    pub token_file: Option<String>,
     /// StatsD lines; read from standard input when absent.
     pub lines: Vec<String>,
 }
@@ -261,6 +282,7 @@ fn run(config: crate::config::Config, file: Option<PathBuf>, overrides: Override
                 crate::server::StartError::DataDir { .. } | crate::server::StartError::Wal(_) => {
                     exit::CANT_CREATE
                 }
+                crate::server::StartError::Tls(_) => exit::CONFIG,
             };
             eprintln!("tallyd: {e}");
             ExitCode::from(code)
@@ -310,7 +332,18 @@ fn send(args: &SendArgs) -> ExitCode {
             crate::clock::wall_clock().as_nanos()
         )
     });
-    match client::send(target, &lines, &client_id, sequence, args.batch_size) {
+    let secure = match secure(args, target) {
+        Ok(s) => s,
+        Err(e) => return fail_with(exit::CONFIG, &e),
+    };
+    match client::send(
+        target,
+        &lines,
+        &client_id,
+        sequence,
+        args.batch_size,
+        &secure,
+    ) {
         Ok(s) => {
             let n =
                 |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
@@ -422,4 +455,56 @@ fn emit(text: &str) -> ExitCode {
 fn fail_with(code: u8, message: &str) -> ExitCode {
     eprintln!("tallyd: {message}");
     ExitCode::from(code)
+}
+
+/// `tallyd send`'s TLS and token, read from its flags' files.
+fn secure(args: &SendArgs, target: crate::client::Target) -> Result<crate::client::Secure, String> {
+    use crate::sink::tls::{Pem, SystemRoots, TlsFiles, client_config};
+    let mut secure = crate::client::Secure::default();
+    if args.tls {
+        let addr = match target {
+            crate::client::Target::StatsdUdp(_) => return Err("--tls: UDP has no TLS".into()),
+            crate::client::Target::StatsdTcp(a) | crate::client::Target::Proto(a) => a,
+        };
+        let ca = args
+            .ca_file
+            .as_deref()
+            .map(|p| Pem::read(p, false))
+            .transpose()?;
+        let client = match (&args.client_cert, &args.client_key) {
+            (Some(c), Some(k)) => Some((Pem::read(c, false)?, Pem::read(k, true)?)),
+            _ => None,
+        };
+        let system = if ca.is_none() {
+            SystemRoots::load()
+        } else {
+            SystemRoots::default()
+        };
+        let config = client_config(&TlsFiles { ca, system, client })?;
+        let name = match &args.server_name {
+            Some(n) => rustls_pki_types::ServerName::try_from(n.clone())
+                .map_err(|e| format!("--server-name {n:?}: {e}"))?,
+            None => rustls_pki_types::ServerName::from(addr.ip()),
+        };
+        secure.tls = Some((std::sync::Arc::new(config), name));
+    }
+    let token = match (&args.token_file, std::env::var("TALLYD_TOKEN")) {
+        (Some(p), _) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| format!("--token-file {p:?}: {e}"))?;
+            let first = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'));
+            Some(
+                first
+                    .ok_or_else(|| format!("--token-file {p:?} holds no token"))?
+                    .to_owned(),
+            )
+        }
+        (None, Ok(t)) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+        _ => None,
+    };
+    secure.token = token.map(|t| crate::auth::Secret::new(&t));
+    Ok(secure)
 }

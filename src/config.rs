@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod auth;
 mod flags;
 mod validate;
 
+pub use auth::AuthConfig;
 pub use flags::Overrides;
 pub use validate::{Config, ForwardConfig, OtlpConfig, ProtoConfig, WalGeometry, wal_geometry};
 
@@ -45,9 +47,37 @@ pub struct Settings {
     pub forward: ForwardSettings,
     pub retention: RetentionSettings,
     pub cardinality: CardinalitySettings,
+    pub tls: TlsSettings,
+    pub auth: AuthSettings,
     /// Mapping rules (`[[mapping]]`), the first match applying (see
     /// [`crate::aggregate::mapping`]).
     pub mapping: Vec<crate::aggregate::mapping::RuleSettings>,
+}
+
+/// `[tls]`: TLS on the stream listeners (see [`crate::auth::tls`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// The listeners that speak TLS: `statsd_tcp`, `proto_tcp`,
+    /// `otlp_http`, `otlp_grpc`, `admin`.
+    pub listeners: Vec<String>,
+    /// The server's certificate chain (PEM, leaf first).
+    pub cert_file: String,
+    /// Its private key (PEM).
+    pub key_file: String,
+    /// mTLS: clients must show a certificate signed by one of these CAs
+    /// (PEM); empty: no client certificate is asked for.
+    pub client_ca_file: String,
+}
+
+/// `[auth]`: bearer tokens (see [`crate::auth::Tokens`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// A file of tokens, one per line, any of which protobuf TCP and OTLP
+    /// clients may send; `TALLYD_INGEST_TOKEN` adds one. Without either,
+    /// no token is asked for.
+    pub token_file: String,
 }
 
 /// `[cardinality]`: per-metric key budgets (see
@@ -125,6 +155,18 @@ pub struct ForwardSettings {
     /// `/health` is degraded while the oldest interval not yet taken by
     /// the upstreams is older than this.
     pub max_lag: String,
+    /// TLS to the upstreams (their `tls.listeners` holds `proto_tcp`).
+    pub tls: bool,
+    /// The CAs the upstreams' certificates must be signed by (PEM); empty:
+    /// the system's roots. A self-signed certificate it holds is pinned,
+    /// as `clickhouse.ca_file` pins one.
+    pub ca_file: String,
+    /// A client certificate and key (PEM), for upstreams that ask (mTLS).
+    pub client_cert: String,
+    pub client_key: String,
+    /// A file whose first line is the token sent to the upstreams (their
+    /// `auth.token_file`); `TALLYD_FORWARD_TOKEN` overrides it.
+    pub token_file: String,
 }
 
 impl Default for ForwardSettings {
@@ -138,6 +180,11 @@ impl Default for ForwardSettings {
             retry_initial: "100ms".into(),
             retry_max: "10s".into(),
             max_lag: "5m".into(),
+            tls: false,
+            ca_file: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
+            token_file: String::new(),
         }
     }
 }
@@ -365,6 +412,8 @@ impl Default for Settings {
             forward: ForwardSettings::default(),
             retention: RetentionSettings::default(),
             cardinality: CardinalitySettings::default(),
+            tls: TlsSettings::default(),
+            auth: AuthSettings::default(),
             mapping: Vec::new(),
         }
     }

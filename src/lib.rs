@@ -23,6 +23,8 @@
 //! - [`admin`]: `/health` and `/metrics`; [`telemetry`]: every self-metric.
 //! - [`config`], [`cli`]: settings and the command line; [`server`]: wiring and shutdown.
 //! - [`notify`], [`activation`]: systemd readiness, watchdog and socket activation.
+//! - [`auth`]: TLS and bearer tokens on the listeners (pure; its files are
+//!   read with the configuration).
 //! - Under every stage: [`fs`], the filesystem seam every durable write
 //!   goes through, [`clock`], the wall clock, and [`latency`], recent
 //!   latencies of tallyd's own operations.
@@ -37,6 +39,7 @@
 pub mod activation;
 pub mod admin;
 pub mod aggregate;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -75,7 +75,7 @@ pub struct Telemetry {
     /// Protobuf batches (blocks), their bytes and events (lines).
     pub proto: ListenerStats,
     /// Protobuf batches by answer: OK, DUPLICATE, REJECTED, OVERLOADED.
-    pub proto_acks: [AtomicU64; 4],
+    pub proto_acks: [AtomicU64; 5],
     pub proto_frames_too_large: AtomicU64,
     pub samples: AtomicU64,
     pub dropped_key_limit: AtomicU64,
@@ -139,6 +139,8 @@ pub struct Telemetry {
     pub rows_lost_damaged: AtomicU64,
     /// The fleet tier: an edge's forwarding, an aggregator's edges.
     pub fleet: fleet::Fleet,
+    /// Connections and requests refused by TLS or token.
+    pub refused: refused::Refused,
     /// Rollups, retention and the flushes table.
     pub rollups: rollup::Rollups,
     /// Metrics folding keys past their budgets.
@@ -324,9 +326,15 @@ impl Telemetry {
                 );
             }
         }
-        for (status, c) in ["ok", "duplicate", "rejected", "overloaded"]
-            .iter()
-            .zip(&self.proto_acks)
+        for (status, c) in [
+            "ok",
+            "duplicate",
+            "rejected",
+            "overloaded",
+            "unauthenticated",
+        ]
+        .iter()
+        .zip(&self.proto_acks)
         {
             m.counter(
                 "tallyd_proto_batches_total",
@@ -601,6 +609,7 @@ impl Telemetry {
             &self.rows_lost_damaged,
         );
         self.fleet.render(&mut m);
+        self.refused.render(&mut m);
         self.rollups.render(&mut m);
         self.cardinality.render(&mut m);
         self.otlp.render(&mut m);
@@ -684,6 +693,7 @@ pub mod cardinality;
 pub mod fleet;
 mod latency;
 pub mod otlp;
+pub mod refused;
 pub mod rollup;
 
 #[cfg(test)]

@@ -239,7 +239,7 @@ impl AdminState {
     /// listener), one that names another host than a loopback one (a page
     /// elsewhere whose name was rebound to 127.0.0.1 names its own: DNS
     /// rebinding).
-    fn refusal(&self, req: &Request<Incoming>) -> Option<Answer> {
+    fn refusal(&self, req: &Request<Incoming>, peer: &str) -> Option<Answer> {
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
         let refused = match &self.token {
             None if header(hyper::header::HOST).is_some_and(|h| !loopback_host(h)) => {
@@ -253,9 +253,16 @@ impl AdminState {
                 let given = header(hyper::header::AUTHORIZATION)
                     .and_then(|v| v.split_once(' '))
                     .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
-                if given.is_some_and(|(_, t)| same(t.trim().as_bytes(), token.as_bytes())) {
-                    return None;
-                }
+                let reason = match given {
+                    Some((_, t)) if same(t.trim().as_bytes(), token.as_bytes()) => return None,
+                    Some(_) => crate::auth::Refusal::TokenWrong,
+                    None => crate::auth::Refusal::TokenMissing,
+                };
+                let listener = crate::auth::Listener::Admin;
+                let detail = "no admin token, or a wrong one";
+                self.telemetry
+                    .refused
+                    .refuse(listener, reason, peer, detail);
                 Answer::error(
                     StatusCode::UNAUTHORIZED,
                     "this admin listener needs Authorization: Bearer <token> (admin_token_file or TALLYD_ADMIN_TOKEN)",
@@ -267,7 +274,7 @@ impl AdminState {
         Some(refused)
     }
 
-    async fn respond(&self, req: Request<Incoming>) -> Answer {
+    async fn respond(&self, req: Request<Incoming>, peer: &str) -> Answer {
         let path = req.uri().path().to_owned();
         let api = path.starts_with("/api/");
         if req.method() != Method::GET {
@@ -293,7 +300,7 @@ impl AdminState {
                 }
             }
         }
-        if let Some(refused) = self.refusal(&req) {
+        if let Some(refused) = self.refusal(&req, peer) {
             return refused;
         }
         let now = crate::clock::wall_clock();
@@ -363,9 +370,10 @@ fn loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Equal bytes, compared in time that depends on the lengths only.
+/// Equal bytes, compared in time that depends on the lengths only
+/// (`subtle`, as [`crate::auth::Tokens`]).
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
@@ -474,20 +482,39 @@ fn wal_metrics(out: &mut String, wal: &Wal, oldest_age: Duration) {
 /// loop: at most [`MAX_CONNECTIONS`] (more are closed at once, before any
 /// request is read), each sending its headers within [`HEADER_TIMEOUT`];
 /// at `stop` each finishes its request under way.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    guard: Arc<crate::auth::Guard>,
+    stop: watch::Receiver<bool>,
+) {
+    let gate = crate::ingest::Gate {
+        listener: crate::auth::Listener::Admin,
+        guard,
+        telemetry: Arc::clone(&state.telemetry),
+        alpn: crate::auth::tls::Alpn::Http1,
+    };
     // Admin connections use no WAL stream and are not counted as ingest's.
     crate::ingest::serve_connections(
         listener,
         MAX_CONNECTIONS,
         0..1,
         None,
+        Some(gate),
         stop,
         move |stream, _, stop| {
             let state = Arc::clone(&state);
+            let peer: Arc<str> = stream
+                .get_ref()
+                .peer_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+                .into();
             let svc = service_fn(move |req: Request<Incoming>| {
-                let state = Arc::clone(&state);
+                let (state, peer) = (Arc::clone(&state), Arc::clone(&peer));
                 let gzip = http::accepts_gzip(req.headers());
-                async move { Ok::<_, Infallible>(state.respond(req).await.into_response(gzip)) }
+                async move {
+                    Ok::<_, Infallible>(state.respond(req, &peer).await.into_response(gzip))
+                }
             });
             crate::ingest::serve_http1(stream, svc, HEADER_TIMEOUT, stop)
         },

@@ -144,6 +144,7 @@ impl Settings {
         };
         let ca = pem("clickhouse.ca_file", &c.ca_file, false)?;
         let mut warnings = Vec::new();
+        let auth = self.auth_config(&mut warnings)?;
         let https = std::iter::once(&c.url)
             .chain(&c.replicas)
             .any(|u| u.starts_with("https://"));
@@ -236,6 +237,7 @@ impl Settings {
         .map_err(|(field, why)| err(&field, why))?;
         Ok(Config {
             warnings,
+            auth,
             budgets,
             keying: Arc::new(keying),
             forward,
@@ -332,6 +334,8 @@ pub struct Config {
     /// What is valid but worth saying (`check-config` prints them, a start
     /// or a reload logs them).
     pub warnings: Vec<String>,
+    /// TLS on the listeners and the ingest tokens.
+    pub auth: super::AuthConfig,
     pub host_id: String,
     pub data_dir: PathBuf,
     pub log_level: LevelFilter,
@@ -398,6 +402,10 @@ pub struct ForwardConfig {
     pub retry_max: Duration,
     /// `/health` is degraded past this lag.
     pub max_lag: Duration,
+    /// TLS to the upstreams (`forward.tls`): roots and client certificate.
+    pub tls: Option<crate::sink::tls::TlsFiles>,
+    /// The token sent first on each connection.
+    pub token: Option<crate::auth::Secret>,
 }
 
 /// The protobuf listeners.
@@ -540,7 +548,10 @@ impl Settings {
                 "an empty pattern matches no name (use \"*\" for every name)",
             ));
         }
+        let (tls, token) = self.forward_auth()?;
         Ok(Some(ForwardConfig {
+            tls,
+            token,
             upstreams,
             keep_host,
             host_except: f.host_except.clone(),

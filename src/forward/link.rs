@@ -9,7 +9,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Forwarder;
+use crate::auth::tls::Stream;
 use crate::protocol::proto::{self, pb, pb::ack::Status};
+
+/// A connection to an upstream: plain TCP, or TLS (`forward.tls`).
+pub(super) type Link = Stream<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// An ack's most bytes (its message is short).
 const MAX_ACK: usize = 64 * 1024;
@@ -21,6 +25,8 @@ pub(super) enum Failed {
     Io(#[from] std::io::Error),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("the upstream answered {status:?}: {message}")]
     Refused { status: Status, message: String },
     #[error(
@@ -37,20 +43,20 @@ impl Forwarder {
         upstream: &str,
         frames: &[Vec<u8>],
         done: &mut [bool],
-        link: &mut Option<TcpStream>,
+        link: &mut Option<Link>,
     ) -> Result<(), Failed> {
         let stream = match link {
             Some(s) => s,
             None => {
-                let s = tokio::time::timeout(self.config.timeout, TcpStream::connect(upstream))
+                let timeout = self.config.timeout;
+                let s = tokio::time::timeout(timeout, self.connect(upstream))
                     .await
-                    .map_err(|_| Failed::Timeout(self.config.timeout))??;
-                s.set_nodelay(true)?;
+                    .map_err(|_| Failed::Timeout(timeout))??;
                 link.insert(s)
             }
         };
         let todo: Vec<usize> = (0..frames.len()).filter(|&i| !done[i]).collect();
-        let (mut reader, mut writer) = stream.split();
+        let (mut reader, mut writer) = tokio::io::split(&mut *stream);
         let write = async {
             for &i in &todo {
                 writer.write_all(&frames[i]).await?;
@@ -92,6 +98,49 @@ impl Forwarder {
         let (written, read) = tokio::join!(write, read);
         written?;
         read
+    }
+}
+
+impl Forwarder {
+    /// A new connection: TCP, TLS when `forward.tls` (the upstream's host
+    /// as the server name), then the token when one is set (a batch of
+    /// its own, whose ack must be `OK`).
+    async fn connect(&self, upstream: &str) -> Result<Link, Failed> {
+        let tcp = TcpStream::connect(upstream).await?;
+        tcp.set_nodelay(true)?;
+        let mut link = match &self.config.tls {
+            None => Stream::Plain(tcp),
+            Some(files) => {
+                let config = crate::sink::tls::client_config(files).map_err(Failed::Tls)?;
+                let host = upstream.rsplit_once(':').map_or(upstream, |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| Failed::Tls(format!("{host:?} is not a server name: {e}")))?;
+                let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+                let tls = connector.connect(name, tcp).await.map_err(|e| {
+                    let reason = crate::sink::tls::tls_reason(&e).unwrap_or_else(|| e.to_string());
+                    Failed::Tls(reason)
+                })?;
+                Stream::Tls(Box::new(tls))
+            }
+        };
+        if let Some(token) = &self.config.token {
+            let hello = pb::Batch {
+                token: token.expose().to_owned(),
+                version: proto::VERSION,
+                ..Default::default()
+            };
+            link.write_all(&proto::encode_frame(&hello)).await?;
+            let ack = read_ack(&mut link, &mut Vec::new(), self.config.timeout).await?;
+            if ack.status != Status::Ok as i32 {
+                let status = Status::try_from(ack.status).unwrap_or(Status::Rejected);
+                return Err(Failed::Refused {
+                    status,
+                    message: ack.message,
+                });
+            }
+        }
+        Ok(link)
     }
 }
 

@@ -69,7 +69,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -93,7 +92,7 @@ pub struct Forwarder {
 /// One upstream as the forwarder sees it.
 #[derive(Default)]
 struct Upstream {
-    link: Option<TcpStream>,
+    link: Option<link::Link>,
     /// Down until then (after a failure), when it is tried again.
     down_until: Option<Instant>,
     failures: u32,

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use prost::Message;
@@ -42,6 +42,8 @@ use tokio::sync::watch;
 
 use super::record::Recorder;
 use crate::aggregate::Scratch;
+use crate::auth::tls::{Alpn, Stream};
+use crate::auth::{self, Guard, Refusal};
 use crate::ledger::temporality::Temporality;
 use crate::protocol::otlp::{self, BodyError, Encoding};
 use crate::telemetry::otlp::Outcome;
@@ -70,6 +72,9 @@ pub struct OtlpIngest {
     pub overload_timeout: Duration,
     pub idle_timeout: Duration,
     pub wal_streams: std::ops::Range<usize>,
+    /// TLS (`tls.listeners` names `otlp_http`, `otlp_grpc`) and the tokens
+    /// asked for (`Authorization: Bearer`, each request).
+    pub guard: Arc<Guard>,
 }
 
 /// `google.rpc.Status`, the body of an OTLP error response.
@@ -83,6 +88,7 @@ pub struct Status {
 
 /// gRPC status codes (google.rpc.Code) the answers use.
 const INVALID_ARGUMENT: i32 = 3;
+const UNAUTHENTICATED: i32 = 16;
 const RESOURCE_EXHAUSTED: i32 = 8;
 const UNIMPLEMENTED: i32 = 12;
 const UNAVAILABLE: i32 = 14;
@@ -246,11 +252,21 @@ impl OtlpIngest {
             self.wal_streams.clone(),
             Arc::clone(&self.telemetry),
         );
+        let gate = super::Gate {
+            listener: match grpc {
+                true => auth::Listener::OtlpGrpc,
+                false => auth::Listener::OtlpHttp,
+            },
+            guard: Arc::clone(&self.guard),
+            telemetry: Arc::clone(&telemetry),
+            alpn: if grpc { Alpn::H2 } else { Alpn::Http1 },
+        };
         super::serve_connections(
             listener,
             max,
             streams,
             Some(telemetry),
+            Some(gate),
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();
@@ -266,23 +282,52 @@ impl OtlpIngest {
         .await;
     }
 
-    async fn connection(self, stream: TcpStream, wal_stream: usize, stop: watch::Receiver<bool>) {
+    async fn connection(
+        self,
+        stream: Stream<TcpStream>,
+        wal_stream: usize,
+        stop: watch::Receiver<bool>,
+    ) {
         let idle = self.idle_timeout;
         let this = Arc::new(self);
         let scratch = Arc::new(tokio::sync::Mutex::new(Scratch::for_stream(wal_stream)));
+        let peer: Arc<str> = peer_of(&stream).into();
         let svc = service_fn(move |req| {
-            let (this, scratch) = (Arc::clone(&this), Arc::clone(&scratch));
-            async move { Ok::<_, Infallible>(this.http(req, &scratch).await) }
+            let (this, scratch, peer) =
+                (Arc::clone(&this), Arc::clone(&scratch), Arc::clone(&peer));
+            async move { Ok::<_, Infallible>(this.http(req, &scratch, &peer).await) }
         });
         // A connection with no request for this long is closed.
         let header_timeout = idle.min(Duration::from_secs(60));
         super::serve_http1(stream, svc, header_timeout, stop).await;
     }
 
+    /// Why a request is refused for its token (`None`: it may go on, or
+    /// no token is asked for); counted.
+    fn token_refusal(
+        &self,
+        req: &Request<Incoming>,
+        listener: auth::Listener,
+        peer: &str,
+    ) -> Option<String> {
+        let tokens = self.guard.tokens()?;
+        let header = req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes);
+        let reason = tokens.check_bearer(header).err()?;
+        let message = match reason {
+            Refusal::TokenWrong => "the bearer token is not one this listener accepts",
+            _ => "this listener needs Authorization: Bearer <token> (auth.token_file)",
+        };
+        self.telemetry
+            .refused
+            .refuse(listener, reason, peer, message);
+        Some(message.to_owned())
+    }
+
     async fn http(
         &self,
         req: Request<Incoming>,
         scratch: &tokio::sync::Mutex<Scratch>,
+        peer: &str,
     ) -> Response<Full<Bytes>> {
         let header = |name| {
             req.headers()
@@ -300,7 +345,9 @@ impl OtlpIngest {
             Some("application/json") => Encoding::Json,
             _ => Encoding::Protobuf,
         };
-        let answer = if req.uri().path() != PATH {
+        let answer = if let Some(m) = self.token_refusal(&req, auth::Listener::OtlpHttp, peer) {
+            Answer::Refused(StatusCode::UNAUTHORIZED, m)
+        } else if req.uri().path() != PATH {
             Answer::Refused(
                 StatusCode::NOT_FOUND,
                 format!("tallyd takes OTLP metrics at {PATH}"),
@@ -383,6 +430,7 @@ fn respond(answer: Answer, encoding: Encoding) -> Response<Full<Bytes>> {
             let code = match status {
                 StatusCode::PAYLOAD_TOO_LARGE => RESOURCE_EXHAUSTED,
                 StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => UNIMPLEMENTED,
+                StatusCode::UNAUTHORIZED => UNAUTHENTICATED,
                 _ => INVALID_ARGUMENT,
             };
             (status, status_body(code, message, encoding))
@@ -423,4 +471,12 @@ fn status_body(code: i32, message: String, encoding: Encoding) -> Vec<u8> {
             .to_string()
             .into_bytes(),
     }
+}
+
+/// A connection's peer, as a refusal's log line names it.
+fn peer_of(stream: &Stream<TcpStream>) -> String {
+    stream
+        .get_ref()
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string())
 }

@@ -20,6 +20,14 @@
 //! the connection closes. With `wal.enabled = false`, `OK` means the batch
 //! is applied in memory: a crash before its flush reaches ClickHouse loses
 //! it.
+//!
+//! Tokens (`auth.token_file`): a connection sends its token first, in a
+//! batch of its own (`Batch.token`), answered `OK` and recorded nowhere;
+//! until then every batch is answered `UNAUTHENTICATED`, a wrong token too,
+//! and the connection closes (counted in `tallyd_refused_total`). A batch
+//! with a token and anything else is `REJECTED`, on TCP and UDP, so that no
+//! token is ever written to the WAL. UDP batches carry no token: UDP has
+//! no connection to authenticate (`check-config` warns).
 
 use std::net::UdpSocket;
 use std::ops::Range;
@@ -33,6 +41,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::record::Recorder;
 use crate::aggregate::Scratch;
+use crate::auth::tls::{Alpn, Stream};
+use crate::auth::{self, Guard, Refusal, Tokens};
 use crate::ledger::dedup::{Admit, Dedup, MAX_CLIENT_ID, WINDOW};
 use crate::protocol::batch::BatchView;
 use crate::protocol::proto::{self, Ack, FrameError, pb::ack::Status};
@@ -57,6 +67,18 @@ pub struct ProtoIngest {
     pub idle_timeout: Duration,
     /// WAL streams, shared with StatsD TCP: connection `n` uses `start + n % len`.
     pub wal_streams: Range<usize>,
+    /// TLS (`tls.listeners` names `proto_tcp`) and the tokens asked for.
+    pub guard: Arc<Guard>,
+}
+
+/// What a TCP connection does with a frame before the WAL sees it.
+enum Entry {
+    /// A batch to handle.
+    Handle,
+    /// A token batch, accepted (or with no token asked for): answered.
+    Answer(Ack),
+    /// Refused: answered, and the connection closes.
+    Close(Ack),
 }
 
 /// What a frame produced.
@@ -95,6 +117,12 @@ impl ProtoIngest {
                 ));
             }
         };
+        if !batch.token.is_empty() {
+            // Never into the WAL: a token goes in a batch of its own, on
+            // TCP (answered before it gets here).
+            let message = "a batch that carries a token must carry nothing else, and only on TCP (a token is never written to the WAL)";
+            return Handled::Reject(ack(batch.sequence, Status::Rejected, message, 0));
+        }
         // Under the client's lock: the check, the WAL append and the mark;
         // the apply after it, so that one client's batches on several
         // threads do not wait for each other's apply.
@@ -158,9 +186,51 @@ impl ProtoIngest {
         }
     }
 
+    /// A frame on a connection that may need a token (`authed`: it has
+    /// shown one, or none is asked for).
+    fn entry(&self, raw: &[u8], tokens: Option<&Tokens>, authed: &mut bool, peer: &str) -> Entry {
+        let Ok(batch) = BatchView::decode(raw) else {
+            // Not ours to answer: `handle` says why it does not decode
+            // (after a token, or with none asked for).
+            return match *authed {
+                true => Entry::Handle,
+                false => self.unauthenticated(0, Refusal::TokenMissing, peer),
+            };
+        };
+        let carries = batch.len > 0 || batch.notes > 0;
+        match tokens {
+            _ if batch.token.is_empty() && *authed => Entry::Handle,
+            _ if batch.token.is_empty() => {
+                self.unauthenticated(batch.sequence, Refusal::TokenMissing, peer)
+            }
+            // `handle` refuses it: a token never goes to the WAL.
+            _ if carries => Entry::Handle,
+            Some(t) if !t.accepts(batch.token) => {
+                self.unauthenticated(batch.sequence, Refusal::TokenWrong, peer)
+            }
+            _ => {
+                *authed = true;
+                Entry::Answer(ack(batch.sequence, Status::Ok, "token accepted", 0))
+            }
+        }
+    }
+
+    fn unauthenticated(&self, sequence: u64, reason: Refusal, peer: &str) -> Entry {
+        let message = match reason {
+            Refusal::TokenWrong => "the token is not one this listener accepts",
+            _ => {
+                "this listener needs a token first: a Batch with only its token field set (auth.token_file)"
+            }
+        };
+        self.telemetry
+            .refused
+            .refuse(auth::Listener::ProtoTcp, reason, peer, message);
+        Entry::Close(ack(sequence, Status::Unauthenticated, message, 0))
+    }
+
     /// Counts an answer by status (`tallyd_proto_batches_total`).
     fn count(&self, a: &Ack) {
-        let i = usize::try_from(a.status).unwrap_or(0).min(3);
+        let i = usize::try_from(a.status).unwrap_or(0).min(4);
         self.telemetry.proto_acks[i].fetch_add(1, Relaxed);
     }
 
@@ -172,11 +242,18 @@ impl ProtoIngest {
             self.wal_streams.clone(),
             Arc::clone(&self.telemetry),
         );
+        let gate = super::Gate {
+            listener: auth::Listener::ProtoTcp,
+            guard: Arc::clone(&self.guard),
+            telemetry: Arc::clone(&telemetry),
+            alpn: Alpn::None,
+        };
         super::serve_connections(
             listener,
             max,
             streams,
             Some(telemetry),
+            Some(gate),
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();
@@ -188,11 +265,19 @@ impl ProtoIngest {
 
     async fn connection(
         &self,
-        stream: TcpStream,
+        stream: Stream<TcpStream>,
         wal_stream: usize,
         mut stop: watch::Receiver<bool>,
     ) {
-        let (mut reader, mut writer) = stream.into_split();
+        let peer = stream
+            .get_ref()
+            .peer_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        // The tokens of the connection's start (a reload applies to the
+        // connections after it).
+        let tokens = self.guard.tokens();
+        let mut authed = tokens.is_none();
+        let (mut reader, mut writer) = tokio::io::split(stream);
         // Each ack with the WAL ticket it waits for and when its batch
         // was taken (an ack's latency: until it is written).
         let (acks, mut queue) = mpsc::channel::<(Ack, u64, Instant)>(ACK_QUEUE);
@@ -240,6 +325,23 @@ impl ProtoIngest {
                 };
                 if buf.len() < prefix + len {
                     break;
+                }
+                let raw = &buf[prefix..prefix + len];
+                match self.entry(raw, tokens.as_deref(), &mut authed, &peer) {
+                    Entry::Handle => {}
+                    Entry::Answer(a) => {
+                        buf.drain(..prefix + len);
+                        self.count(&a);
+                        if acks.send((a, 0, Instant::now())).await.is_err() {
+                            break 'read;
+                        }
+                        continue;
+                    }
+                    Entry::Close(a) => {
+                        self.count(&a);
+                        let _ = acks.send((a, 0, Instant::now())).await;
+                        break 'read;
+                    }
                 }
                 let taken = Instant::now();
                 let handled = self

@@ -12,6 +12,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::auth::tls::{Alpn, Stream};
+use crate::auth::{self, Guard};
 use tokio::sync::watch;
 
 use super::record::Recorder;
@@ -31,6 +34,8 @@ pub struct TcpIngest {
     pub idle_timeout: std::time::Duration,
     /// WAL streams for TCP: connection `n` appends to `streams.start + n % len`.
     pub wal_streams: std::ops::Range<usize>,
+    /// TLS, when `tls.listeners` names `statsd_tcp`.
+    pub guard: Arc<Guard>,
 }
 
 /// Reads a connection gets at a stop to apply what the kernel holds.
@@ -48,11 +53,18 @@ impl TcpIngest {
             self.wal_streams.clone(),
             Arc::clone(&self.telemetry),
         );
+        let gate = super::Gate {
+            listener: auth::Listener::StatsdTcp,
+            guard: Arc::clone(&self.guard),
+            telemetry: Arc::clone(&telemetry),
+            alpn: Alpn::None,
+        };
         super::serve_connections(
             listener,
             max,
             streams,
             Some(telemetry),
+            Some(gate),
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();
@@ -64,7 +76,7 @@ impl TcpIngest {
 
     async fn connection(
         &self,
-        mut stream: TcpStream,
+        mut stream: Stream<TcpStream>,
         wal_stream: usize,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -91,8 +103,11 @@ impl TcpIngest {
                     // Apply what the kernel already holds (bounded: a sender
                     // that never pauses must not hold the stop), then close.
                     for _ in 0..DRAIN_READS {
-                        match stream.try_read(&mut buf) {
-                            Ok(n) if n > 0 => self.apply(&mut lines, &buf[..n], &mut scratch),
+                        // One poll: what is readable now (decrypted, with
+                        // TLS), without waiting.
+                        let now = tokio::time::timeout(std::time::Duration::ZERO, stream.read(&mut buf));
+                        match now.await {
+                            Ok(Ok(n)) if n > 0 => self.apply(&mut lines, &buf[..n], &mut scratch),
                             _ => break,
                         }
                     }

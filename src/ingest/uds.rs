@@ -46,6 +46,7 @@ use tokio::sync::watch;
 
 use super::record::Recorder;
 use crate::aggregate::Scratch;
+use crate::auth::tls::Stream;
 use crate::telemetry::{BlockStats, Telemetry};
 
 /// How often the blocked thread looks at the stop flag.
@@ -157,10 +158,16 @@ impl StreamIngest {
             max,
             streams,
             Some(telemetry),
+            // A Unix socket: its file mode says who may connect; no TLS.
+            None,
             stop,
             move |stream, wal_stream, stop| {
                 let this = self.clone();
-                async move { this.connection(stream, wal_stream, stop).await }
+                async move {
+                    if let Stream::Plain(stream) = stream {
+                        this.connection(stream, wal_stream, stop).await;
+                    }
+                }
             },
         )
         .await;

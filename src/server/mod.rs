@@ -74,6 +74,8 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A running tallyd.
@@ -105,6 +107,8 @@ pub struct Running {
     aggregator: Arc<Aggregator>,
     /// The ledger's filesystem seam (the keying files, see [`keying`]).
     fs: Arc<dyn Fs>,
+    /// The listeners' TLS and the ingest tokens (swapped on reload).
+    guard: Arc<crate::auth::Guard>,
     tcp: Option<JoinHandle<()>>,
     flush: JoinHandle<u64>,
     sink: JoinHandle<()>,

@@ -8,7 +8,8 @@ impl Running {
     /// flush interval and max depth, ClickHouse URL, credentials and
     /// timeouts, key budgets, tag dialects and mapping rules (from the
     /// next interval; their file is written first, see [`super::keying`]),
-    /// and the shutdown timeout. What needs a restart (listeners, the data
+    /// the listeners' TLS certificates and the ingest tokens, and the
+    /// shutdown timeout. What needs a restart (listeners, the data
     /// dir, the WAL geometry, TCP limits) is logged, not applied.
     pub async fn reload(&mut self, mut new: Config) {
         if new.keying != self.config.keying {
@@ -31,6 +32,8 @@ impl Running {
             ("statsd.tcp", old.statsd_tcp != new.statsd_tcp),
             ("admin", old.admin != new.admin),
             ("admin_token", old.admin_token != new.admin_token),
+            ("tls.listeners", old.auth.tls_on != new.auth.tls_on),
+            ("forward", old.forward != new.forward),
             ("proto", old.proto != new.proto),
             ("data_dir", old.data_dir != new.data_dir),
             ("wal", old.wal != new.wal),
@@ -66,12 +69,21 @@ impl Running {
         if !restart.is_empty() {
             tracing::warn!(fields = ?restart, "these settings changed but apply only after a restart");
         }
+        // Certificates for the connections accepted from now on (those
+        // open keep theirs), tokens for every request from now on.
+        let mut auth = new.auth.clone();
+        auth.tls_on.clone_from(&old.auth.tls_on);
+        if let Err(error) = self.guard.reload(auth.tls.as_ref(), auth.tokens.clone()) {
+            tracing::error!(%error, "cannot take the new TLS certificates; the ones in force stay");
+            auth = old.auth.clone();
+        }
         self.aggregator.set_limits(new.aggregate, new.parse_limits);
         self.aggregator.set_budgets(Arc::clone(&new.budgets));
         self.aggregator.set_keying(Arc::clone(&new.keying));
         self.interval.send_replace(new.flush_interval);
         self.sink_config.send_replace(new.sink.clone());
         let applied = Config {
+            auth,
             aggregate: new.aggregate,
             parse_limits: new.parse_limits,
             budgets: new.budgets,

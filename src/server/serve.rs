@@ -193,8 +193,17 @@ pub(super) async fn serve(
         ..wal
             .as_ref()
             .map_or(udp_streams + 1, |w| w.streams().max(udp_streams + 1));
+    let guard = Arc::new(
+        crate::auth::Guard::new(
+            config.auth.tls.as_ref(),
+            &config.auth.tls_on,
+            config.auth.tokens.clone(),
+        )
+        .map_err(StartError::Tls)?,
+    );
     let tcp = tcp_listener.map(|listener| {
         let ingest = TcpIngest {
+            guard: Arc::clone(&guard),
             recorder: recorder.clone(),
             telemetry: Arc::clone(&telemetry),
             max_line: config.tcp_max_line,
@@ -222,6 +231,7 @@ pub(super) async fn serve(
         None => (None, None),
     };
     let otlp = crate::ingest::otlp::OtlpIngest {
+        guard: Arc::clone(&guard),
         recorder: recorder.clone(),
         telemetry: Arc::clone(&telemetry),
         temporality: Arc::clone(&ledger.temporality),
@@ -233,6 +243,7 @@ pub(super) async fn serve(
         wal_streams: shared_streams.clone(),
     };
     let proto = ProtoIngest {
+        guard: Arc::clone(&guard),
         recorder: recorder.clone(),
         telemetry: Arc::clone(&telemetry),
         dedup,
@@ -288,8 +299,10 @@ pub(super) async fn serve(
     let otlp_grpc =
         otlp_grpc_listener.map(|l| tokio::spawn(otlp.clone().serve_grpc(l, stop_rx.clone())));
     let otlp_http = otlp_http_listener.map(|l| tokio::spawn(otlp.serve_http(l, stop_rx.clone())));
-    let admin =
-        admin_listener.map(|l| tokio::spawn(admin::serve(l, Arc::clone(&state), stop_rx.clone())));
+    let admin = admin_listener.map(|l| {
+        let (state, guard) = (Arc::clone(&state), Arc::clone(&guard));
+        tokio::spawn(admin::serve(l, state, guard, stop_rx.clone()))
+    });
 
     let now = crate::notify::now_ms();
     telemetry.flush_heartbeat_ms.store(now, Ordering::Relaxed);
@@ -308,6 +321,7 @@ pub(super) async fn serve(
     );
     tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, otlp_http = ?otlp_http_addr, otlp_grpc = ?otlp_grpc_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
     Ok(Running {
+        guard,
         udp_addr,
         tcp_addr,
         proto_tcp_addr,

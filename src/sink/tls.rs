@@ -35,47 +35,9 @@ use hyper_util::rt::TokioExecutor;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-/// The bytes of a PEM file (certificates or a key); never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Pem(Vec<u8>);
-
-impl std::fmt::Debug for Pem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Pem({} bytes)", self.0.len())
-    }
-}
-
-impl Pem {
-    /// Reads `path` and checks that it holds at least one certificate
-    /// (`key`: false) or a private key (`key`: true).
-    pub fn read(path: &str, key: bool) -> Result<Pem, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-        let pem = Pem(bytes);
-        if key {
-            pem.key().map(drop).map_err(|e| format!("{path}: {e}"))?;
-        } else {
-            pem.certs().map(drop).map_err(|e| format!("{path}: {e}"))?;
-        }
-        Ok(pem)
-    }
-
-    fn certs(&self) -> Result<Vec<CertificateDer<'static>>, String> {
-        let certs = CertificateDer::pem_slice_iter(&self.0)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("not PEM certificates: {e}"))?;
-        if certs.is_empty() {
-            return Err("no certificate in it".into());
-        }
-        Ok(certs)
-    }
-
-    fn key(&self) -> Result<PrivateKeyDer<'static>, String> {
-        PrivateKeyDer::from_pem_slice(&self.0).map_err(|e| format!("no PEM private key in it: {e}"))
-    }
-}
+pub use crate::auth::tls::Pem;
 
 /// The operating system's trusted root certificates (DER), as
 /// `rustls-native-certs` finds them (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else
@@ -122,8 +84,10 @@ pub struct TlsFiles {
     pub client: Option<(Pem, Pem)>,
 }
 
-/// The HTTP client for ClickHouse: plain HTTP, or HTTPS with `files`.
-pub fn client(files: &TlsFiles) -> Result<clickhouse::Client, String> {
+/// The rustls client side of `files`: WebPKI over its roots, with
+/// `ca_file`'s self-signed certificates pinned, and its client
+/// certificate. Also the forward link's (`forward.ca_file`).
+pub fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -136,12 +100,17 @@ pub fn client(files: &TlsFiles) -> Result<clickhouse::Client, String> {
         // https:// server would be refused.
         None => builder.with_root_certificates(RootCertStore::empty()),
     };
-    let tls = match &files.client {
+    match &files.client {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs.certs()?, key.key()?)
-            .map_err(|e| format!("clickhouse.client_cert/client_key: {e}"))?,
-        None => builder.with_no_client_auth(),
-    };
+            .map_err(|e| format!("client_cert/client_key: {e}")),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// The HTTP client for ClickHouse: plain HTTP, or HTTPS with `files`.
+pub fn client(files: &TlsFiles) -> Result<clickhouse::Client, String> {
+    let tls = client_config(files)?;
     let mut http = HttpConnector::new();
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
     http.enforce_http(false);
@@ -170,7 +139,7 @@ fn verifier(
             for cert in ca.certs()? {
                 roots
                     .add(cert.clone())
-                    .map_err(|e| format!("clickhouse.ca_file: {e}"))?;
+                    .map_err(|e| format!("ca_file: {e}"))?;
                 pinned.push(cert);
             }
         }
@@ -183,7 +152,7 @@ fn verifier(
     }
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .map_err(|e| format!("clickhouse.ca_file: {e}"))?;
+        .map_err(|e| format!("ca_file: {e}"))?;
     Ok(Some(Pinned { webpki, pinned }))
 }
 

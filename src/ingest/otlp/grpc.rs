@@ -41,6 +41,8 @@ use tokio::sync::watch;
 
 use super::{Answer, OtlpIngest};
 use crate::aggregate::Scratch;
+use crate::auth::Listener;
+use crate::auth::tls::Stream;
 use crate::protocol::otlp::Encoding;
 
 /// The method's path.
@@ -54,6 +56,7 @@ const INVALID_ARGUMENT: u32 = 3;
 const RESOURCE_EXHAUSTED: u32 = 8;
 const UNIMPLEMENTED: u32 = 12;
 const INTERNAL: u32 = 13;
+const UNAUTHENTICATED: u32 = 16;
 /// Not gRPC codes: a request that is not gRPC (HTTP 415), and one in an
 /// encoding tallyd does not take (UNIMPLEMENTED, `grpc-accept-encoding`).
 const UNSUPPORTED: u32 = 1000;
@@ -152,15 +155,17 @@ impl OtlpIngest {
 
     pub(super) async fn grpc_connection(
         self,
-        stream: TcpStream,
+        stream: Stream<TcpStream>,
         wal_stream: usize,
         mut stop: watch::Receiver<bool>,
     ) {
         let this = Arc::new(self);
         let scratch = Arc::new(tokio::sync::Mutex::new(Scratch::for_stream(wal_stream)));
+        let peer: Arc<str> = super::peer_of(&stream).into();
         let svc = service_fn(move |req| {
-            let (this, scratch) = (Arc::clone(&this), Arc::clone(&scratch));
-            async move { Ok::<_, Infallible>(this.grpc(req, &scratch).await) }
+            let (this, scratch, peer) =
+                (Arc::clone(&this), Arc::clone(&scratch), Arc::clone(&peer));
+            async move { Ok::<_, Infallible>(this.grpc(req, &scratch, &peer).await) }
         });
         // Streams of one connection at once: each may hold a body of up to
         // `otlp.max_body` while it is read.
@@ -183,6 +188,7 @@ impl OtlpIngest {
         &self,
         req: Request<Incoming>,
         scratch: &tokio::sync::Mutex<Scratch>,
+        peer: &str,
     ) -> Response<GrpcBody> {
         let header = |name| {
             req.headers()
@@ -193,7 +199,9 @@ impl OtlpIngest {
         let gzip_ok = encoding.as_deref() == Some(b"gzip");
         let grpc =
             header(CONTENT_TYPE.as_str()).is_some_and(|t| t.starts_with(b"application/grpc"));
-        let answer = if !grpc {
+        let answer = if let Some(m) = self.token_refusal(&req, Listener::OtlpGrpc, peer) {
+            Err((UNAUTHENTICATED, m))
+        } else if !grpc {
             // The spec: HTTP 415 for a request that is not gRPC.
             Err((UNSUPPORTED, "Content-Type must be application/grpc".into()))
         } else if req.uri().path() != METHOD {
@@ -233,6 +241,7 @@ impl OtlpIngest {
                     UNSUPPORTED => hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     ENCODING => hyper::StatusCode::NOT_ACCEPTABLE,
                     INTERNAL => hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                    UNAUTHENTICATED => hyper::StatusCode::UNAUTHORIZED,
                     _ => hyper::StatusCode::BAD_REQUEST,
                 };
                 Answer::Refused(status, message)
@@ -267,6 +276,7 @@ fn respond(answer: Answer) -> Response<GrpcBody> {
                     UNIMPLEMENTED
                 }
                 hyper::StatusCode::INTERNAL_SERVER_ERROR => INTERNAL,
+                hyper::StatusCode::UNAUTHORIZED => UNAUTHENTICATED,
                 _ => INVALID_ARGUMENT,
             };
             if status == hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE {

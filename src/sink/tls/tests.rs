@@ -12,7 +12,7 @@ const CA_FALSE: &[u8] = include_bytes!("self-signed-leaf.pem");
 const ANOTHER_CA: &[u8] = include_bytes!("another-ca.pem");
 
 fn pem(bytes: &[u8]) -> Pem {
-    Pem(bytes.to_vec())
+    Pem::from_bytes(bytes.to_vec())
 }
 
 fn pinned(ca: &[u8]) -> Pinned {

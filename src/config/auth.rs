@@ -1,0 +1,199 @@
+//! `[tls]`, `[auth]` and the forward link's TLS and token, validated: the
+//! files are read here (on a thread that may block), so that a bad one is
+//! an error naming its field and the runtime reads no file.
+
+use super::{ConfigError, Settings, err};
+use crate::auth::tls::{Pem, ServerFiles, ServerTls};
+use crate::auth::{Listener, Secret, Tokens};
+use crate::sink::tls::TlsFiles;
+
+/// Who may talk to tallyd, validated.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuthConfig {
+    /// The listeners' certificates, when any listener speaks TLS.
+    pub tls: Option<ServerFiles>,
+    /// The listeners that speak TLS.
+    pub tls_on: Vec<Listener>,
+    /// The tokens protobuf TCP and OTLP clients must send (`None`: none is
+    /// asked for).
+    pub tokens: Option<Tokens>,
+}
+
+/// A PEM file's contents, `None` for an empty path.
+pub(super) fn pem(field: &str, path: &str, key: bool) -> Result<Option<Pem>, ConfigError> {
+    (!path.is_empty())
+        .then(|| Pem::read(path, key).map_err(|e| err(field, e)))
+        .transpose()
+}
+
+impl Settings {
+    /// `[tls]` and `[auth]`; `warnings` gets what is valid but unwise.
+    pub(super) fn auth_config(
+        &self,
+        warnings: &mut Vec<String>,
+    ) -> Result<AuthConfig, ConfigError> {
+        let t = &self.tls;
+        let mut tls_on = Vec::new();
+        for name in &t.listeners {
+            let l = Listener::parse(name).ok_or_else(|| {
+                let names: Vec<&str> = Listener::ALL.iter().map(|l| l.name()).collect();
+                err(
+                    "tls.listeners",
+                    format!("{name:?} is not one of {}", names.join(", ")),
+                )
+            })?;
+            if !tls_on.contains(&l) {
+                tls_on.push(l);
+            }
+        }
+        let cert = pem("tls.cert_file", &t.cert_file, false)?;
+        let key = pem("tls.key_file", &t.key_file, true)?;
+        let client_ca = pem("tls.client_ca_file", &t.client_ca_file, false)?;
+        let tls = match (cert, key) {
+            _ if tls_on.is_empty() => {
+                if client_ca.is_some() {
+                    return Err(err(
+                        "tls.client_ca_file",
+                        "set, but no listener speaks TLS (tls.listeners is empty)",
+                    ));
+                }
+                if !t.cert_file.is_empty() {
+                    warnings.push(
+                        "tls.cert_file is set but tls.listeners is empty: every listener is plain"
+                            .into(),
+                    );
+                }
+                None
+            }
+            (Some(cert), Some(key)) => {
+                let files = ServerFiles {
+                    cert,
+                    key,
+                    client_ca,
+                };
+                // rustls must take them together (a key of another
+                // certificate, a CA it cannot use).
+                ServerTls::new(&files).map_err(|e| err("tls.cert_file", e))?;
+                Some(files)
+            }
+            (None, _) => {
+                return Err(err(
+                    "tls.cert_file",
+                    "tls.listeners names listeners, so a certificate is needed",
+                ));
+            }
+            (_, None) => {
+                return Err(err(
+                    "tls.key_file",
+                    "tls.listeners names listeners, so a key is needed",
+                ));
+            }
+        };
+        let mut tokens = match &self.auth.token_file {
+            p if p.is_empty() => None,
+            p => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| err("auth.token_file", format!("cannot read {p:?}: {e}")))?;
+                Some(
+                    Tokens::parse(&text)
+                        .ok_or_else(|| err("auth.token_file", format!("{p:?} holds no token")))?,
+                )
+            }
+        };
+        if let Ok(token) = std::env::var("TALLYD_INGEST_TOKEN")
+            && !token.trim().is_empty()
+        {
+            tokens = Some(match tokens {
+                Some(t) => t.with(token.trim()),
+                None => Tokens::parse(token.trim()).unwrap_or_else(|| Tokens::one(token.trim())),
+            });
+        }
+        if tokens.is_some() {
+            self.token_warnings(&tls_on, warnings);
+        }
+        Ok(AuthConfig {
+            tls,
+            tls_on,
+            tokens,
+        })
+    }
+
+    /// Where a token would not protect what it is meant to.
+    fn token_warnings(&self, tls_on: &[Listener], warnings: &mut Vec<String>) {
+        if !matches!(self.proto.udp.as_str(), "" | "off") {
+            warnings.push(format!(
+                "proto.udp ({}) takes batches without a token: UDP has no connection to authenticate (set proto.udp = \"off\" where the network is not trusted)",
+                self.proto.udp
+            ));
+        }
+        let plain = [
+            (Listener::ProtoTcp, &self.proto.tcp),
+            (Listener::OtlpHttp, &self.otlp.http),
+            (Listener::OtlpGrpc, &self.otlp.grpc),
+        ];
+        for (l, addr) in plain {
+            let remote = addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback());
+            if remote && !tls_on.contains(&l) {
+                warnings.push(format!(
+                    "{} ({addr}) asks for a token but does not speak TLS: the token crosses the network in clear (add {:?} to tls.listeners)",
+                    l.name(),
+                    l.name()
+                ));
+            }
+        }
+    }
+
+    /// The forward link's TLS files and token.
+    pub(super) fn forward_auth(&self) -> Result<(Option<TlsFiles>, Option<Secret>), ConfigError> {
+        let f = &self.forward;
+        let client = match (
+            pem("forward.client_cert", &f.client_cert, false)?,
+            pem("forward.client_key", &f.client_key, true)?,
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(err(
+                    "forward.client_cert",
+                    "client_cert and client_key go together",
+                ));
+            }
+        };
+        let ca = pem("forward.ca_file", &f.ca_file, false)?;
+        let tls = if f.tls {
+            let system = match ca {
+                Some(_) => Default::default(),
+                None => crate::sink::tls::SystemRoots::load(),
+            };
+            let files = TlsFiles { ca, system, client };
+            crate::sink::tls::client_config(&files).map_err(|e| err("forward.ca_file", e))?;
+            Some(files)
+        } else if ca.is_some() || client.is_some() {
+            return Err(err(
+                "forward.tls",
+                "forward.ca_file or forward.client_cert is set, but forward.tls is false",
+            ));
+        } else {
+            None
+        };
+        let token = match std::env::var("TALLYD_FORWARD_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => Some(Secret::new(t.trim())),
+            _ if f.token_file.is_empty() => None,
+            _ => {
+                let p = &f.token_file;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| err("forward.token_file", format!("cannot read {p:?}: {e}")))?;
+                let first = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'));
+                Some(Secret::new(first.ok_or_else(|| {
+                    err("forward.token_file", format!("{p:?} holds no token"))
+                })?))
+            }
+        };
+        Ok((tls, token))
+    }
+}
