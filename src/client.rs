@@ -148,13 +148,22 @@ impl Secure {
         let mut tls = rustls::StreamOwned::new(conn, s);
         // The handshake now, so that its failure is said as such.
         while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock).map_err(|e| {
-                let reason = crate::sink::tls::tls_reason(&e).unwrap_or_else(|| e.to_string());
-                io::Error::other(format!("TLS: {reason}"))
-            })?;
+            tls.conn
+                .complete_io(&mut tls.sock)
+                .map_err(|e| refused(&e).unwrap_or(e))?;
         }
         Ok(Conn::Tls(Box::new(tls)))
     }
+}
+
+/// A TLS failure as `PermissionDenied`, its reason in words (`None`: not
+/// TLS).
+fn refused(e: &io::Error) -> Option<io::Error> {
+    let reason = crate::sink::tls::tls_reason(e)?;
+    Some(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("TLS: {reason}"),
+    ))
 }
 
 /// A protobuf TCP connection that survives breaks.
@@ -192,7 +201,12 @@ impl ProtoClient {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(50 * u64::from(attempt.min(20))));
             }
-            match self.round_trip(&frame) {
+            match self
+                .round_trip(&frame)
+                .map_err(|e| refused(&e).unwrap_or(e))
+            {
+                // A certificate refused, on either side: not retried.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
                 // Retried in vain: a token is wrong until it is fixed.
                 Ok(ack) if ack.status == Status::Unauthenticated as i32 => {
                     return Err(io::Error::new(io::ErrorKind::PermissionDenied, ack.message));

@@ -56,8 +56,38 @@ fn sdk_child(
     rounds: u32,
     interval_ms: u32,
 ) -> Child {
+    sdk_child_with(
+        endpoint,
+        protocol,
+        temporality,
+        service,
+        rounds,
+        interval_ms,
+        &[],
+    )
+}
+
+/// As [`sdk_child`], with `env` (TLS files and a token, see the script).
+fn sdk_child_with(
+    endpoint: &str,
+    protocol: &str,
+    temporality: &str,
+    service: &str,
+    rounds: u32,
+    interval_ms: u32,
+    env: &[(&str, &str)],
+) -> Child {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otlp_client.py");
-    Command::new("python3")
+    let mut python = Command::new("python3");
+    if !env.is_empty() {
+        // requests takes these over the exporter's own certificate_file
+        // (psf/requests#3829): the test's CA must be the one used.
+        python
+            .env_remove("REQUESTS_CA_BUNDLE")
+            .env_remove("CURL_CA_BUNDLE");
+    }
+    python
+        .envs(env.iter().copied())
         .arg(script)
         .args([endpoint, protocol, temporality, service])
         .arg(rounds.to_string())
@@ -616,4 +646,68 @@ fn a_kill_9_during_exports_loses_nothing_and_counts_nothing_twice() {
         check(db, service, &sent, service == "crash-delta");
     }
     drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_over_tls_with_a_client_certificate_and_a_bearer_token_lands_exactly() {
+    use tallyd::auth::{Listener, Refusal};
+    let dir = temp_dir("otlp-tls");
+    let (ca, cert, key) = common::certificates(&dir);
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, "otel-token\n").expect("tokens");
+    let mut s = otlp_settings("otlp_tls");
+    s.tls.listeners = vec!["otlp_http".into(), "otlp_grpc".into()];
+    s.tls.cert_file = cert;
+    s.tls.key_file = key;
+    s.tls.client_ca_file = ca.clone();
+    s.auth.token_file = tokens.display().to_string();
+    s.proto.udp = "off".into();
+    let running = server::start(config(&s)).await.expect("start");
+    let http_url = format!(
+        "https://{}/v1/metrics",
+        running.otlp_http_addr.expect("otlp")
+    );
+    let grpc_url = format!("https://{}", running.otlp_grpc_addr.expect("grpc"));
+    let t = std::sync::Arc::clone(&running.telemetry);
+    blocking(move || {
+        let (cert, key) = (
+            dir.join("client.crt").display().to_string(),
+            dir.join("client.key").display().to_string(),
+        );
+        let good = [
+            ("OTLP_CA_FILE", ca.as_str()),
+            ("OTLP_CLIENT_CERT", cert.as_str()),
+            ("OTLP_CLIENT_KEY", key.as_str()),
+            ("OTLP_TOKEN", "otel-token"),
+        ];
+        let runs = [(&http_url, "http"), (&grpc_url, "grpc")].map(|(url, protocol)| {
+            let service = format!("tls-{protocol}");
+            let child = sdk_child_with(url, protocol, "delta", &service, 6, 200, &good);
+            (service, child)
+        });
+        // A wrong token, over the same TLS: refused (401), nothing lands.
+        let mut wrong = good;
+        wrong[3].1 = "not-the-token";
+        let refused = sdk_child_with(&http_url, "http", "delta", "tls-wrong", 2, 200, &wrong)
+            .wait_with_output()
+            .expect("python");
+        for (service, child) in runs {
+            let sent = parse_sent(&child.wait_with_output().expect("python"));
+            wait_rows("otlp_tls", &service, &sent);
+            check("otlp_tls", &service, &sent, true);
+        }
+        assert!(
+            refused.status.success(),
+            "the SDK only logs a refused export"
+        );
+        assert!(t.refused.count(Listener::OtlpHttp, Refusal::TokenWrong) >= 1);
+    })
+    .await;
+    running.shutdown().await;
+    assert_eq!(
+        clickhouse().query(
+            "SELECT count() FROM otlp_tls.counters WHERE has(tags, 'service.name:tls-wrong')"
+        ),
+        "0\n"
+    );
 }

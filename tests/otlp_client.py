@@ -5,9 +5,15 @@ then prints what it recorded as JSON, for the test to compare with
 ClickHouse.
 
     otlp_client.py ENDPOINT http|grpc delta|cumulative SERVICE ROUNDS INTERVAL_MS
+
+Over TLS (an https:// endpoint) the exporter trusts OTLP_CA_FILE, shows the
+client certificate OTLP_CLIENT_CERT with OTLP_CLIENT_KEY when set, and
+sends `Authorization: Bearer $OTLP_TOKEN` when set: the exporters' own
+options for each.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -44,21 +50,57 @@ preferred = {
     ObservableUpDownCounter: t,
     ObservableGauge: AggregationTemporality.CUMULATIVE,
 }
+ca = os.environ.get("OTLP_CA_FILE")
+cert = os.environ.get("OTLP_CLIENT_CERT")
+key = os.environ.get("OTLP_CLIENT_KEY")
+token = os.environ.get("OTLP_TOKEN")
+headers = {"authorization": f"Bearer {token}"} if token else None
 if protocol == "grpc":
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
         OTLPMetricExporter,
     )
 
-    exporter = OTLPMetricExporter(
-        endpoint=endpoint, insecure=True, preferred_temporality=preferred, timeout=30
-    )
+    if ca:
+        import grpc
+
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(ca),
+            private_key=read(key) if key else None,
+            certificate_chain=read(cert) if cert else None,
+        )
+        exporter = OTLPMetricExporter(
+            endpoint=endpoint,
+            insecure=False,
+            credentials=credentials,
+            headers=headers,
+            preferred_temporality=preferred,
+            timeout=30,
+        )
+    else:
+        exporter = OTLPMetricExporter(
+            endpoint=endpoint,
+            insecure=True,
+            headers=headers,
+            preferred_temporality=preferred,
+            timeout=30,
+        )
 else:
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
         OTLPMetricExporter,
     )
 
     exporter = OTLPMetricExporter(
-        endpoint=endpoint, preferred_temporality=preferred, timeout=30
+        endpoint=endpoint,
+        certificate_file=ca,
+        client_certificate_file=cert,
+        client_key_file=key,
+        headers=headers,
+        preferred_temporality=preferred,
+        timeout=30,
     )
 
 reader = PeriodicExportingMetricReader(exporter, export_interval_millis=interval_ms)

@@ -278,7 +278,7 @@ fn explain(e: &rustls::Error) -> String {
     use CertificateError as C;
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
-            C::UnknownIssuer => "unknown issuer: the server's certificate is not signed by a CA in clickhouse.ca_file (or, without it, the system's roots)".into(),
+            C::UnknownIssuer => "unknown issuer: the server's certificate is not signed by a CA in the CA file (clickhouse.ca_file, forward.ca_file; without one, the system's roots)".into(),
             C::NotValidForName => "name mismatch: the server's certificate is not for the URL's host".into(),
             C::NotValidForNameContext { expected, presented } => format!(
                 "name mismatch: the server's certificate is for {}, not {expected:?}",
@@ -286,12 +286,12 @@ fn explain(e: &rustls::Error) -> String {
             ),
             C::Expired | C::ExpiredContext { .. } => format!("the server's certificate has expired ({c:?})"),
             C::NotValidYet | C::NotValidYetContext { .. } => format!("the server's certificate is not valid yet ({c:?})"),
-            C::BadSignature => "bad signature: the server's certificate names an issuer that clickhouse.ca_file holds, but that key did not sign it (was the server's certificate made again, and the file holds the old one?)".into(),
-            _ if is_ca_used_as_end_entity(e) => "CA used as end entity: the server presents a CA certificate (CA:TRUE) as its own; put exactly that certificate in clickhouse.ca_file to pin it".into(),
+            C::BadSignature => "bad signature: the server's certificate names an issuer that the CA file holds, but that key did not sign it (was the server's certificate made again, and the file holds the old one?)".into(),
+            _ if is_ca_used_as_end_entity(e) => "CA used as end entity: the server presents a CA certificate (CA:TRUE) as its own; put exactly that certificate in the CA file to pin it".into(),
             other => format!("the server's certificate is refused: {other:?}"),
         },
         rustls::Error::AlertReceived(alert) => {
-            format!("the server refused the handshake ({alert:?}); with a client certificate, check clickhouse.client_cert against the server's CA")
+            format!("the server refused the handshake ({alert:?}): it asks for a client certificate signed by its CA (client_cert, --client-cert)")
         }
         other => format!("TLS failed: {other}"),
     }
