@@ -273,3 +273,92 @@ fn a_bad_metric_budget_names_its_field() {
         (5, 7)
     );
 }
+
+/// A fixture file's path (the certificates the TLS unit tests use).
+fn fixture(name: &str) -> String {
+    format!("{}/src/sink/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn with_tls(listeners: &[&str]) -> Settings {
+    let mut s = Settings::default();
+    s.tls.listeners = listeners.iter().map(|l| l.to_string()).collect();
+    s.tls.cert_file = fixture("self-signed-leaf.pem");
+    s.tls.key_file = fixture("self-signed-leaf.key");
+    s
+}
+
+#[test]
+fn tls_listeners_are_named_and_need_a_certificate_and_its_key() {
+    let c = with_tls(&["statsd_tcp", "admin"])
+        .validate()
+        .expect("valid");
+    assert_eq!(
+        c.auth.tls_on,
+        [
+            crate::auth::Listener::StatsdTcp,
+            crate::auth::Listener::Admin
+        ]
+    );
+    let e = with_tls(&["statsd_udp"])
+        .validate()
+        .expect_err("no TLS on UDP");
+    assert_eq!(e.field, "tls.listeners");
+    assert!(e.reason.contains("statsd_tcp, proto_tcp"), "{e}");
+    let mut s = with_tls(&["proto_tcp"]);
+    s.tls.key_file.clear();
+    assert_eq!(s.validate().expect_err("no key").field, "tls.key_file");
+    // A key of another certificate: rustls refuses the pair.
+    let mut s = with_tls(&["proto_tcp"]);
+    s.tls.key_file = fixture("self-signed-ca.key");
+    let e = s.validate().expect_err("mismatched key");
+    assert_eq!(e.field, "tls.cert_file");
+    // mTLS without a TLS listener would protect nothing.
+    let mut s = Settings::default();
+    s.tls.client_ca_file = fixture("self-signed-ca.pem");
+    assert_eq!(
+        s.validate().expect_err("no listener").field,
+        "tls.client_ca_file"
+    );
+}
+
+#[test]
+fn an_ingest_token_file_without_a_token_is_refused_and_a_plain_remote_listener_warned_of() {
+    let dir = crate::test_dir::test_dir("config-tokens");
+    let empty = dir.join("empty");
+    std::fs::write(&empty, "# no token yet\n\n").expect("write");
+    let mut s = Settings::default();
+    s.auth.token_file = empty.display().to_string();
+    assert_eq!(s.validate().expect_err("empty").field, "auth.token_file");
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, "t1\nt2\n").expect("write");
+    s.auth.token_file = tokens.display().to_string();
+    s.proto.tcp = "0.0.0.0:8126".into();
+    let c = s.validate().expect("valid");
+    assert!(c.auth.tokens.is_some_and(|t| t.accepts(b"t2")));
+    assert!(
+        c.warnings.iter().any(|w| w.contains("proto_tcp (0.0.0.0:8126) asks for a token but does not speak TLS")),
+        "{:?}",
+        c.warnings
+    );
+    s.tls = with_tls(&["proto_tcp"]).tls;
+    let c = s.validate().expect("valid");
+    assert!(
+        !c.warnings.iter().any(|w| w.contains("in clear")),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn forward_tls_files_need_forward_tls() {
+    let mut s = Settings::default();
+    s.forward.upstreams = vec!["aggregator:8126".into()];
+    s.forward.ca_file = fixture("self-signed-ca.pem");
+    assert_eq!(s.validate().expect_err("tls off").field, "forward.tls");
+    s.forward.tls = true;
+    let c = s.validate().expect("valid");
+    assert!(
+        c.forward
+            .is_some_and(|f| f.tls.is_some_and(|t| t.ca.is_some()))
+    );
+}
