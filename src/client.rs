@@ -124,13 +124,41 @@ impl Write for Conn {
 }
 
 impl Conn {
-    /// Ends the stream as TLS says (`close_notify`), so that the server
-    /// does not take the end for a cut.
-    pub fn finish(mut self) -> io::Result<()> {
-        if let Conn::Tls(s) = &mut self {
-            s.conn.send_close_notify();
+    /// Why a write failed: with TLS, the server may have refused our
+    /// certificate (an alert waiting to be read) and closed; else `e`.
+    pub fn why(&mut self, e: io::Error) -> io::Error {
+        match self {
+            Conn::Tls(s) => why(s, e),
+            Conn::Plain(_) => e,
         }
-        self.flush()
+    }
+
+    /// Ends the stream as TLS says (`close_notify`), so that the server
+    /// does not take the end for a cut; then waits (at most 5 s) for the
+    /// server to close, so that a refusal it sends after our side of the
+    /// handshake (TLS 1.3 checks a client certificate then) is not missed.
+    pub fn finish(mut self) -> io::Result<()> {
+        let Conn::Tls(s) = &mut self else {
+            return self.flush();
+        };
+        s.conn.send_close_notify();
+        if let Err(e) = s.flush() {
+            return Err(why(s, e));
+        }
+        s.sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => match refused(&e) {
+                    Some(refusal) => return Err(refusal),
+                    // A close without close_notify, or no close in 5 s:
+                    // what was written was taken (StatsD has no ack).
+                    None => return Ok(()),
+                },
+            }
+        }
     }
 }
 
@@ -156,9 +184,29 @@ impl Secure {
     }
 }
 
-/// A TLS failure as `PermissionDenied`, its reason in words (`None`: not
-/// TLS).
+/// See [`Conn::why`].
+fn why(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    e: io::Error,
+) -> io::Error {
+    let _ = s.sock.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 512];
+    // Bytes read (application data after a refusal?) say nothing more.
+    match s.read(&mut buf) {
+        Err(read) => refused(&read).unwrap_or(e),
+        Ok(n) => {
+            tracing::debug!(bytes = n, "read after a failed write");
+            e
+        }
+    }
+}
+
+/// A certificate refused (either side's) as `PermissionDenied`, its reason
+/// in words; `None` for anything else, which a retry may mend.
 fn refused(e: &io::Error) -> Option<io::Error> {
+    if !crate::sink::tls::is_certificate_refusal(e) {
+        return None;
+    }
     let reason = crate::sink::tls::tls_reason(e)?;
     Some(io::Error::new(
         io::ErrorKind::PermissionDenied,
@@ -236,8 +284,17 @@ impl ProtoClient {
                 };
                 s.write_all(&proto::encode_frame(&hello))?;
                 let ack = read_ack(&mut s)?;
-                if ack.status != Status::Ok as i32 {
+                if ack.status == Status::Unauthenticated as i32 {
                     return Ok(ack);
+                }
+                if ack.status != Status::Ok as i32 {
+                    // Not the data batch's answer: an older server, or one
+                    // that refuses the token batch itself.
+                    return Err(io::Error::other(format!(
+                        "the token batch was answered {:?}: {}",
+                        Status::try_from(ack.status).unwrap_or(Status::Rejected),
+                        ack.message
+                    )));
                 }
             }
             self.stream = Some(s);
@@ -325,8 +382,10 @@ pub fn send(
         Target::StatsdTcp(addr) => {
             let mut s = secure.connect(addr, Duration::from_secs(30))?;
             for line in lines {
-                s.write_all(line.as_bytes())?;
-                s.write_all(b"\n")?;
+                let written = s.write_all(line.as_bytes());
+                if let Err(e) = written.and_then(|()| s.write_all(b"\n")) {
+                    return Err(s.why(e));
+                }
             }
             s.finish()?;
         }

@@ -173,12 +173,34 @@ async fn statsd_over_tls_from_pythons_ssl_counts_exactly_and_refused_clients_cha
             "the plain client"
         );
 
+        // tallyd send over StatsD TCP without a client certificate: TLS 1.3
+        // refuses it after the client's side of the handshake, and tallyd
+        // send still fails (with the alert's words, unless the server's
+        // reset came first and took the alert with it).
+        let (ok, said) = send(
+            &[
+                "--statsd-tcp",
+                &tcp.to_string(),
+                "--tls",
+                "--ca-file",
+                &p.ca,
+            ],
+            &["sec.tcp:1000|c"],
+        );
+        assert!(!ok, "a refused send said it sent: {said}");
+        assert!(
+            ["client certificate", "Broken pipe", "reset"]
+                .iter()
+                .any(|w| said.contains(w)),
+            "{said}"
+        );
+
         // The admin API over HTTPS: its token, and a refusal counted.
         let url = format!("https://127.0.0.1:{}/metrics", admin.port());
         let (_, said) = python(&["https", &url, &p.ca, "admin-token", &cert, &key]);
         assert!(said.starts_with("200\n# HELP"), "{said}");
         assert!(t.render().contains(
-            "tallyd_refused_total{listener=\"statsd_tcp\",reason=\"no_client_certificate\"} 1"
+            "tallyd_refused_total{listener=\"statsd_tcp\",reason=\"no_client_certificate\"} 2"
         ));
         let (_, said) = python(&["https", &url, &p.ca, "wrong", &cert, &key]);
         assert!(said.starts_with("401\n"), "{said}");
@@ -399,4 +421,54 @@ async fn an_edge_forwards_over_mtls_with_its_token_and_a_wrong_token_lands_nothi
     stranger.shutdown().await;
     assert_eq!(agg.shutdown().await, 0);
     assert_eq!(sums(ch, "sec_fleet", "sec.fleet"), ["20\n", "20\n"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_removed_by_sighup_refuses_the_open_connections_that_showed_it() {
+    use tallyd::client::{ProtoClient, Secure};
+    use tallyd::protocol::proto::pb::{self, ack::Status};
+    let pki = Pki::new("sec-revoke");
+    let ch = clickhouse();
+    let mut s = settings(ch, "sec_revoke");
+    s.proto.udp = "off".into();
+    s.auth.token_file = pki.token_file("tokens", "old-token\nnew-token");
+    let mut running = server::start(config(&s)).await.expect("start");
+    let addr = running.proto_tcp_addr.expect("proto");
+    let batch = |sequence: u64| pb::Batch {
+        client_id: "revoked".into(),
+        sequence,
+        events: tallyd::client::events_from_lines(["sec.revoke:1|c"]).expect("events"),
+        ..Default::default()
+    };
+    let secure = |token: &str| Secure {
+        tls: None,
+        token: Some(tallyd::auth::Secret::new(token)),
+    };
+    let (mut old, mut new) = (
+        ProtoClient::secured(addr, secure("old-token")),
+        ProtoClient::secured(addr, secure("new-token")),
+    );
+    let (old, new) = blocking(move || {
+        assert_eq!(old.send(&batch(1)).expect("old").status, Status::Ok as i32);
+        assert_eq!(new.send(&batch(2)).expect("new").status, Status::Ok as i32);
+        (old, new)
+    })
+    .await;
+    s.auth.token_file = pki.token_file("tokens", "new-token");
+    running.reload(config(&s)).await;
+    let t = Arc::clone(&running.telemetry);
+    blocking(move || {
+        let (mut old, mut new) = (old, new);
+        old.retries = 0;
+        let e = old.send(&batch(3)).expect_err("the old token is gone");
+        assert!(
+            e.to_string().contains("not one this listener accepts"),
+            "{e}"
+        );
+        assert_eq!(new.send(&batch(4)).expect("new").status, Status::Ok as i32);
+        assert_eq!(refused(&t, Listener::ProtoTcp, Refusal::TokenWrong), 1);
+    })
+    .await;
+    assert_eq!(running.shutdown().await, 0);
+    assert_eq!(sums(ch, "sec_revoke", "sec.revoke"), ["3\n", "3\n"]);
 }

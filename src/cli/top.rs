@@ -52,6 +52,12 @@ pub fn top(args: &TopArgs) -> ExitCode {
     let Some(addr) = config.admin else {
         return super::fail("the admin listener is off (admin = \"off\"): nothing to read");
     };
+    if config.auth.tls_on.contains(&crate::auth::Listener::Admin) {
+        // Never the token in clear to a listener that expects TLS.
+        return super::fail(
+            "the admin listener speaks TLS (tls.listeners names \"admin\"), and tallyd top speaks plain HTTP: read /api/status with an HTTPS client, or run top against a plain loopback admin listener",
+        );
+    }
     let every = match humantime::parse_duration(&args.every) {
         Ok(d) if d >= Duration::from_millis(100) => d,
         _ => {

@@ -111,6 +111,20 @@ impl Settings {
         if tokens.is_some() {
             self.token_warnings(&tls_on, warnings);
         }
+        let f = &self.forward;
+        let forward_token = !f.token_file.is_empty()
+            || std::env::var("TALLYD_FORWARD_TOKEN").is_ok_and(|t| !t.trim().is_empty());
+        let remote = |u: &String| {
+            let host = u.rsplit_once(':').map_or(u.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            !(host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()))
+        };
+        if forward_token && !f.tls && f.upstreams.iter().any(remote) {
+            warnings.push("forward.token_file is set but forward.tls is false: the token crosses the network to the upstreams in clear".into());
+        }
         Ok(AuthConfig {
             tls,
             tls_on,

@@ -57,6 +57,9 @@ impl Listener for tokio::net::UnixListener {
 /// guard says it speaks it, the handshake in the connection's own task
 /// (within [`crate::auth::tls::HANDSHAKE_TIMEOUT`]); a refusal is counted
 /// and logged at a bounded rate ([`crate::telemetry::refused`]).
+/// How long a TLS handshake under way may go on after a stop.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Gate {
     pub listener: auth::Listener,
@@ -66,8 +69,9 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// The stream to serve, or `None` when the handshake was refused or
-    /// `stop` came first.
+    /// The stream to serve, or `None` when the handshake was refused, or
+    /// had not ended [`STOP_GRACE`] after `stop` (a connection the drain
+    /// took at a stop still gets its handshake, and its data counts).
     async fn open<S>(
         &self,
         stream: S,
@@ -80,6 +84,10 @@ impl Gate {
         let Some(tls) = self.guard.tls(self.listener) else {
             return Some(Stream::Plain(stream));
         };
+        let stopped = async {
+            let _ = stop.changed().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
         tokio::select! {
             r = tls.accept(stream, self.alpn) => match r {
                 Ok(s) => Some(s),
@@ -88,7 +96,7 @@ impl Gate {
                     None
                 }
             },
-            _ = stop.changed() => None,
+            _ = stopped => None,
         }
     }
 }

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 use super::record::Recorder;
 use crate::aggregate::Scratch;
 use crate::auth::tls::{Alpn, Stream};
-use crate::auth::{self, Guard, Refusal, Tokens};
+use crate::auth::{self, Guard, Refusal};
 use crate::ledger::dedup::{Admit, Dedup, MAX_CLIENT_ID, WINDOW};
 use crate::protocol::batch::BatchView;
 use crate::protocol::proto::{self, Ack, FrameError, pb::ack::Status};
@@ -117,7 +117,7 @@ impl ProtoIngest {
                 ));
             }
         };
-        if !batch.token.is_empty() {
+        if batch.token.is_some() {
             // Never into the WAL: a token goes in a batch of its own, on
             // TCP (answered before it gets here).
             let message = "a batch that carries a token must carry nothing else, and only on TCP (a token is never written to the WAL)";
@@ -186,30 +186,33 @@ impl ProtoIngest {
         }
     }
 
-    /// A frame on a connection that may need a token (`authed`: it has
-    /// shown one, or none is asked for).
-    fn entry(&self, raw: &[u8], tokens: Option<&Tokens>, authed: &mut bool, peer: &str) -> Entry {
-        let Ok(batch) = BatchView::decode(raw) else {
-            // Not ours to answer: `handle` says why it does not decode
-            // (after a token, or with none asked for).
-            return match *authed {
-                true => Entry::Handle,
-                false => self.unauthenticated(0, Refusal::TokenMissing, peer),
-            };
+    /// A frame on a connection that has shown `shown` (its token batch's
+    /// token, if any), against the tokens asked for now: a reload that
+    /// removes a token refuses the connections that showed it at their
+    /// next frame.
+    fn entry(&self, raw: &[u8], shown: &mut Option<Vec<u8>>, peer: &str) -> Entry {
+        let tokens = self.guard.tokens();
+        // The connection's standing without a new token: `None` to go on.
+        let standing = |sequence| match (&tokens, shown.as_deref()) {
+            (None, _) => None,
+            (Some(t), Some(s)) if t.accepts(s) => None,
+            (Some(_), Some(_)) => Some(self.unauthenticated(sequence, Refusal::TokenWrong, peer)),
+            (Some(_), None) => Some(self.unauthenticated(sequence, Refusal::TokenMissing, peer)),
         };
-        let carries = batch.len > 0 || batch.notes > 0;
-        match tokens {
-            _ if batch.token.is_empty() && *authed => Entry::Handle,
-            _ if batch.token.is_empty() => {
-                self.unauthenticated(batch.sequence, Refusal::TokenMissing, peer)
-            }
+        let Ok(batch) = BatchView::decode(raw) else {
+            // `handle` says why it does not decode, to a connection that
+            // may send batches.
+            return standing(0).unwrap_or(Entry::Handle);
+        };
+        match batch.token {
+            None => standing(batch.sequence).unwrap_or(Entry::Handle),
             // `handle` refuses it: a token never goes to the WAL.
-            _ if carries => Entry::Handle,
-            Some(t) if !t.accepts(batch.token) => {
+            Some(_) if batch.len > 0 || batch.notes > 0 => Entry::Handle,
+            Some(t) if tokens.as_ref().is_some_and(|ts| !ts.accepts(t)) => {
                 self.unauthenticated(batch.sequence, Refusal::TokenWrong, peer)
             }
-            _ => {
-                *authed = true;
+            Some(t) => {
+                *shown = Some(t.to_vec());
                 Entry::Answer(ack(batch.sequence, Status::Ok, "token accepted", 0))
             }
         }
@@ -273,10 +276,7 @@ impl ProtoIngest {
             .get_ref()
             .peer_addr()
             .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-        // The tokens of the connection's start (a reload applies to the
-        // connections after it).
-        let tokens = self.guard.tokens();
-        let mut authed = tokens.is_none();
+        let mut shown = None;
         let (mut reader, mut writer) = tokio::io::split(stream);
         // Each ack with the WAL ticket it waits for and when its batch
         // was taken (an ack's latency: until it is written).
@@ -327,7 +327,7 @@ impl ProtoIngest {
                     break;
                 }
                 let raw = &buf[prefix..prefix + len];
-                match self.entry(raw, tokens.as_deref(), &mut authed, &peer) {
+                match self.entry(raw, &mut shown, &peer) {
                     Entry::Handle => {}
                     Entry::Answer(a) => {
                         buf.drain(..prefix + len);

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::tls::{Alpn, Stream};
@@ -123,6 +123,8 @@ impl TcpIngest {
                 }
             }
         }
+        // Our side ends too (with TLS, close_notify), not waited for long.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
         // A last line without its newline still counts.
         lines.finish();
         while !self.retry_blocked(&mut lines, &mut scratch) {

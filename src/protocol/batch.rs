@@ -221,9 +221,10 @@ pub struct BatchView<'a> {
     pub len: usize,
     /// How many DogStatsD events and service checks (fields 6 and 7).
     pub notes: usize,
-    /// `token` (field 8): a bearer token, in a batch of its own; empty
-    /// when absent.
-    pub token: &'a [u8],
+    /// `token` (field 8): a bearer token, in a batch of its own; `None`
+    /// when absent (`Some` even when empty or repeated, so that a batch
+    /// that names a token at all is seen to).
+    pub token: Option<&'a [u8]>,
     bytes: &'a [u8],
 }
 
@@ -246,7 +247,7 @@ impl<'a> BatchView<'a> {
             version: 0,
             len: 0,
             notes: 0,
-            token: &[],
+            token: None,
             bytes,
         };
         for field in fields(bytes, BATCH_BUDGET) {
@@ -257,7 +258,7 @@ impl<'a> BatchView<'a> {
                 }
                 (1, _) => return Err(DecodeError::UnexpectedWireType("Batch.client_id")),
                 (2, Value::Varint(s)) => view.sequence = s,
-                (8, Value::Bytes(t)) => view.token = t,
+                (8, Value::Bytes(t)) => view.token = Some(t),
                 (8, _) => return Err(DecodeError::UnexpectedWireType("Batch.token")),
                 (2, _) => return Err(DecodeError::UnexpectedWireType("Batch.sequence")),
                 (3, Value::Bytes(e)) => {

@@ -256,6 +256,45 @@ pub fn pinned_self_signed(ca: &Pem) -> usize {
         .count()
 }
 
+/// Whether a received alert is about our certificate (RFC 8446 §6.2):
+/// a refusal that a retry will not change.
+pub fn is_certificate_alert(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired
+    )
+}
+
+/// Whether `err`'s chain holds a certificate refusal, on either side (the
+/// server's certificate not trusted, or ours refused).
+pub fn is_certificate_refusal(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<rustls::Error>() {
+            return match found {
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+                    true
+                }
+                rustls::Error::AlertReceived(a) => is_certificate_alert(*a),
+                _ => false,
+            };
+        }
+        next = match e.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as _),
+            None => e.source(),
+        };
+    }
+    false
+}
+
 /// Why a request failed at TLS, in words, when it did: rustls's error
 /// found in `err`'s chain (through the `io::Error` that carries it).
 pub fn tls_reason(err: &(dyn std::error::Error + 'static)) -> Option<String> {
@@ -290,9 +329,10 @@ fn explain(e: &rustls::Error) -> String {
             _ if is_ca_used_as_end_entity(e) => "CA used as end entity: the server presents a CA certificate (CA:TRUE) as its own; put exactly that certificate in the CA file to pin it".into(),
             other => format!("the server's certificate is refused: {other:?}"),
         },
-        rustls::Error::AlertReceived(alert) => {
-            format!("the server refused the handshake ({alert:?}): it asks for a client certificate signed by its CA (client_cert, --client-cert)")
+        rustls::Error::AlertReceived(alert) if is_certificate_alert(*alert) => {
+            format!("the server refused the client certificate, or the lack of one ({alert:?}): it asks for one signed by its CA (client_cert, --client-cert)")
         }
+        rustls::Error::AlertReceived(alert) => format!("the server ended the handshake ({alert:?})"),
         other => format!("TLS failed: {other}"),
     }
 }

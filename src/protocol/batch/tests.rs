@@ -137,3 +137,26 @@ fn malformed_batches_are_refused_with_the_field_named() {
     );
     assert_eq!(BatchView::decode(&[0x0c]).err(), Some(DecodeError::Group));
 }
+
+#[test]
+fn a_batch_that_names_a_token_at_all_is_seen_to_even_when_the_last_is_empty() {
+    // A token, then an empty one (the last wins in protobuf), then events:
+    // the batch still names a token, so it is refused before the WAL.
+    let mut bytes = pb::Batch {
+        token: "s3cret".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    bytes.extend_from_slice(&[0x42, 0x00]);
+    bytes.extend_from_slice(
+        &pb::Batch {
+            events: vec![pb_event("a", Some(PbValue::Counter(1.0)), &[], 0.0)],
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let view = BatchView::decode(&bytes).expect("decodes");
+    assert_eq!((view.token, view.len), (Some(&b""[..]), 1));
+    let plain = pb::Batch::default().encode_to_vec();
+    assert_eq!(BatchView::decode(&plain).expect("decodes").token, None);
+}
