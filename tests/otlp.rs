@@ -42,33 +42,15 @@ impl Sent {
 
 /// Runs tests/otlp_client.py to the end.
 fn sdk(endpoint: &str, protocol: &str, temporality: &str, service: &str, rounds: u32) -> Sent {
-    let out = sdk_child(endpoint, protocol, temporality, service, rounds, 200)
+    let out = sdk_child(endpoint, protocol, temporality, service, rounds, 200, &[])
         .wait_with_output()
         .expect("python");
     parse_sent(&out)
 }
 
+/// Starts tests/otlp_client.py, with `env` (TLS files and a token, see
+/// the script).
 fn sdk_child(
-    endpoint: &str,
-    protocol: &str,
-    temporality: &str,
-    service: &str,
-    rounds: u32,
-    interval_ms: u32,
-) -> Child {
-    sdk_child_with(
-        endpoint,
-        protocol,
-        temporality,
-        service,
-        rounds,
-        interval_ms,
-        &[],
-    )
-}
-
-/// As [`sdk_child`], with `env` (TLS files and a token, see the script).
-fn sdk_child_with(
     endpoint: &str,
     protocol: &str,
     temporality: &str,
@@ -252,7 +234,7 @@ async fn the_python_sdk_over_http_and_grpc_in_delta_and_cumulative_lands_exactly
         ]
         .map(|(url, protocol, t)| {
             let service = format!("sdk-{protocol}-{t}");
-            let child = sdk_child(url, protocol, t, &service, 12, 200);
+            let child = sdk_child(url, protocol, t, &service, 12, 200, &[]);
             (service, t, child)
         });
         for (service, t, child) in runs {
@@ -560,7 +542,7 @@ async fn a_full_wal_answers_503_with_retry_after_and_the_sdk_catches_up() {
     assert!(answer.starts_with("UNAVAILABLE 1 "), "{answer}");
     // The SDK exports into the full WAL: it is answered 503 and retries.
     let url = format!("http://{addr}/v1/metrics");
-    let child = blocking(move || sdk_child(&url, "http", "delta", "full", 4, 300)).await;
+    let child = blocking(move || sdk_child(&url, "http", "delta", "full", 4, 300, &[])).await;
     let t = std::sync::Arc::clone(&running.telemetry);
     blocking(move || {
         let refused = wait_for(20, || t.otlp.requests[4].load(Relaxed) >= 3);
@@ -629,14 +611,14 @@ fn a_kill_9_during_exports_loses_nothing_and_counts_nothing_twice() {
     let daemon = spawn(&dir, db, otlp, admin);
     let url = format!("http://127.0.0.1:{otlp}/v1/metrics");
     let clients = [("delta", "crash-delta"), ("cumulative", "crash-cum")]
-        .map(|(t, service)| (service, sdk_child(&url, "http", t, service, 60, 400)));
+        .map(|(t, service)| (service, sdk_child(&url, "http", t, service, 60, 400, &[])));
     // Several exports in (the clients record for 6 s, exporting every
     // 400 ms), tallyd dies mid-stream, and is back a moment later.
     std::thread::sleep(Duration::from_millis(2500));
     drop(daemon);
     // A client born while tallyd is down: its series are new, and its
     // first cumulative point counts whole once tallyd is back.
-    let born = sdk_child(&url, "http", "cumulative", "crash-born", 20, 400);
+    let born = sdk_child(&url, "http", "cumulative", "crash-born", 20, 400, &[]);
     std::thread::sleep(Duration::from_millis(1000));
     let daemon = spawn(&dir, db, otlp, admin);
     let [delta, cumulative] = clients;
@@ -682,13 +664,13 @@ async fn the_sdk_over_tls_with_a_client_certificate_and_a_bearer_token_lands_exa
         ];
         let runs = [(&http_url, "http"), (&grpc_url, "grpc")].map(|(url, protocol)| {
             let service = format!("tls-{protocol}");
-            let child = sdk_child_with(url, protocol, "delta", &service, 6, 200, &good);
+            let child = sdk_child(url, protocol, "delta", &service, 6, 200, &good);
             (service, child)
         });
         // A wrong token, over the same TLS: refused (401), nothing lands.
         let mut wrong = good;
         wrong[3].1 = "not-the-token";
-        let refused = sdk_child_with(&http_url, "http", "delta", "tls-wrong", 2, 200, &wrong)
+        let refused = sdk_child(&http_url, "http", "delta", "tls-wrong", 2, 200, &wrong)
             .wait_with_output()
             .expect("python");
         for (service, child) in runs {

@@ -26,6 +26,24 @@ pub(super) fn pem(field: &str, path: &str, key: bool) -> Result<Option<Pem>, Con
         .transpose()
 }
 
+/// A client certificate and its key (`{section}.client_cert` and
+/// `{section}.client_key`), which go together.
+pub(super) fn client_pair(
+    section: &str,
+    cert: &str,
+    key: &str,
+) -> Result<Option<(Pem, Pem)>, ConfigError> {
+    let field = format!("{section}.client_cert");
+    match (
+        pem(&field, cert, false)?,
+        pem(&format!("{section}.client_key"), key, true)?,
+    ) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        _ => Err(err(&field, "client_cert and client_key go together")),
+    }
+}
+
 impl Settings {
     /// `[tls]` and `[auth]`; `warnings` gets what is valid but unwise.
     pub(super) fn auth_config(
@@ -162,19 +180,7 @@ impl Settings {
     /// The forward link's TLS files and token.
     pub(super) fn forward_auth(&self) -> Result<(Option<TlsFiles>, Option<Secret>), ConfigError> {
         let f = &self.forward;
-        let client = match (
-            pem("forward.client_cert", &f.client_cert, false)?,
-            pem("forward.client_key", &f.client_key, true)?,
-        ) {
-            (Some(cert), Some(key)) => Some((cert, key)),
-            (None, None) => None,
-            _ => {
-                return Err(err(
-                    "forward.client_cert",
-                    "client_cert and client_key go together",
-                ));
-            }
-        };
+        let client = client_pair("forward", &f.client_cert, &f.client_key)?;
         let ca = pem("forward.ca_file", &f.ca_file, false)?;
         let tls = if f.tls {
             let system = match ca {

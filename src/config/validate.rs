@@ -137,12 +137,7 @@ impl Settings {
                 format!("{bad:?} is not an http:// URL"),
             ));
         }
-        let pem = |field: &str, path: &str, key: bool| {
-            (!path.is_empty())
-                .then(|| crate::sink::tls::Pem::read(path, key).map_err(|e| err(field, e)))
-                .transpose()
-        };
-        let ca = pem("clickhouse.ca_file", &c.ca_file, false)?;
+        let ca = super::auth::pem("clickhouse.ca_file", &c.ca_file, false)?;
         let mut warnings = Vec::new();
         let auth = self.auth_config(&mut warnings)?;
         let https = std::iter::once(&c.url)
@@ -162,19 +157,7 @@ impl Settings {
         let tls = crate::sink::tls::TlsFiles {
             system,
             ca,
-            client: match (
-                pem("clickhouse.client_cert", &c.client_cert, false)?,
-                pem("clickhouse.client_key", &c.client_key, true)?,
-            ) {
-                (Some(cert), Some(key)) => Some((cert, key)),
-                (None, None) => None,
-                _ => {
-                    return Err(err(
-                        "clickhouse.client_cert",
-                        "client_cert and client_key go together",
-                    ));
-                }
-            },
+            client: super::auth::client_pair("clickhouse", &c.client_cert, &c.client_key)?,
         };
         // The files parse; now rustls must take them together (a version 1
         // certificate, a key that does not match the certificate...).
