@@ -111,6 +111,16 @@ impl std::fmt::Debug for Tokens {
 }
 
 impl Tokens {
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never: a `Tokens` holds at least one.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// One token.
     pub fn one(token: &str) -> Tokens {
         Tokens(vec![token.as_bytes().to_vec()])

@@ -138,8 +138,22 @@ impl Conn {
     /// server to close, so that a refusal it sends after our side of the
     /// handshake (TLS 1.3 checks a client certificate then) is not missed.
     pub fn finish(mut self) -> io::Result<()> {
-        let Conn::Tls(s) = &mut self else {
-            return self.flush();
+        let s = match &mut self {
+            Conn::Tls(s) => s,
+            Conn::Plain(s) => {
+                // StatsD answers nothing: bytes back are a TLS listener's
+                // alert (it speaks TLS), said as such.
+                s.shutdown(std::net::Shutdown::Write)?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut head = [0u8; 2];
+                return match s.read_exact(&mut head) {
+                    Ok(()) if head == TLS_ALERT => Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "the listener speaks TLS (add --tls)",
+                    )),
+                    _ => Ok(()),
+                };
+            }
         };
         s.conn.send_close_notify();
         if let Err(e) = s.flush() {
@@ -257,7 +271,11 @@ impl ProtoClient {
                 Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
                 // Retried in vain: a token is wrong until it is fixed.
                 Ok(ack) if ack.status == Status::Unauthenticated as i32 => {
-                    return Err(io::Error::new(io::ErrorKind::PermissionDenied, ack.message));
+                    let message = format!(
+                        "{} (tallyd send: --token-file or TALLYD_TOKEN)",
+                        ack.message
+                    );
+                    return Err(io::Error::new(io::ErrorKind::PermissionDenied, message));
                 }
                 Ok(ack) if ack.status == Status::Overloaded as i32 => {
                     // tallyd closes the connection after OVERLOADED.
@@ -314,6 +332,22 @@ pub fn read_ack(stream: &mut impl Read) -> io::Result<Ack> {
     let mut byte = [0u8; 1];
     loop {
         stream.read_exact(&mut byte)?;
+        if prefix.is_empty() && byte[0] == TLS_ALERT[0] {
+            // A TLS alert record (type 21, version 3.x) to a plain client;
+            // an Ack of 21 bytes would start with a field tag, never 3.
+            stream.read_exact(&mut byte)?;
+            if byte[0] == TLS_ALERT[1] {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "the listener speaks TLS (add --tls)",
+                ));
+            }
+            let mut body = vec![0u8; usize::from(TLS_ALERT[0])];
+            body[0] = byte[0];
+            stream.read_exact(&mut body[1..])?;
+            return Ack::decode(&body[..])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
         prefix.push(byte[0]);
         match proto::frame_header(&prefix, 1 << 20) {
             Ok(Some((_, len))) => {
@@ -327,6 +361,9 @@ pub fn read_ack(stream: &mut impl Read) -> io::Result<Ack> {
         }
     }
 }
+
+/// The first bytes of a TLS alert record: content type 21, version 3.
+const TLS_ALERT: [u8; 2] = [0x15, 0x03];
 
 /// Where `tallyd send` sends to.
 #[derive(Debug, Clone, Copy)]

@@ -195,6 +195,10 @@ async fn statsd_over_tls_from_pythons_ssl_counts_exactly_and_refused_clients_cha
             "{said}"
         );
 
+        // Plain, to the TLS listener: tallyd send says to add --tls.
+        let (ok, said) = send(&["--statsd-tcp", &tcp.to_string()], &["sec.tcp:1000|c"]);
+        assert!(!ok && said.contains("speaks TLS (add --tls)"), "{said}");
+
         // The admin API over HTTPS: its token, and a refusal counted.
         let url = format!("https://127.0.0.1:{}/metrics", admin.port());
         let (_, said) = python(&["https", &url, &p.ca, "admin-token", &cert, &key]);
@@ -286,6 +290,9 @@ async fn tallyd_send_with_a_client_certificate_and_a_token_counts_exactly_and_wr
         let no_cert = || refused(&t, Listener::ProtoTcp, Refusal::NoClientCertificate);
         assert!(wait_for(5, || no_cert() >= 1));
         assert_eq!(no_cert(), 1, "refused once, not retried");
+        // Plain, to the TLS listener: said at once, not retried.
+        let (ok, said) = send(&["--proto", &proto, "--token-file", &right], &lines);
+        assert!(!ok && said.contains("speaks TLS (add --tls)"), "{said}");
         // A server name the certificate is not for: tallyd send says so.
         let (ok, said) = send(
             &[

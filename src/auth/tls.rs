@@ -85,6 +85,10 @@ pub struct ServerFiles {
     pub client_ca: Option<Pem>,
 }
 
+/// What [`ServerTls::new`] says of a key that is not the certificate's.
+pub const KEY_MISMATCH: &str =
+    "the key is not the certificate's (tls.cert_file's first certificate)";
+
 /// The protocol a listener names in ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Alpn {
@@ -121,7 +125,10 @@ impl Configs {
         };
         let config = builder
             .with_single_cert(files.cert.certs()?, files.key.key()?)
-            .map_err(|e| format!("tls.cert_file/key_file: {e}"))?;
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => KEY_MISMATCH.to_owned(),
+                e => e.to_string(),
+            })?;
         let with = |alpn: &[&[u8]]| {
             let mut c = config.clone();
             c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

@@ -19,6 +19,13 @@ pub struct AuthConfig {
     pub tokens: Option<Tokens>,
 }
 
+/// The mode of a secret's file when others may read it (`o+r`).
+fn open_to_others(path: &str) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (!path.is_empty() && mode & 0o004 != 0).then_some(mode)
+}
+
 /// A PEM file's contents, `None` for an empty path.
 pub(super) fn pem(field: &str, path: &str, key: bool) -> Result<Option<Pem>, ConfigError> {
     (!path.is_empty())
@@ -63,6 +70,28 @@ impl Settings {
             if !tls_on.contains(&l) {
                 tls_on.push(l);
             }
+            let addr = match l {
+                Listener::StatsdTcp => &self.statsd.tcp,
+                Listener::ProtoTcp => &self.proto.tcp,
+                Listener::OtlpHttp => &self.otlp.http,
+                Listener::OtlpGrpc => &self.otlp.grpc,
+                Listener::Admin => &self.admin,
+            };
+            if matches!(addr.as_str(), "" | "off") {
+                warnings.push(format!("tls.listeners names {name:?}, which is off"));
+            }
+        }
+        for (field, path) in [
+            ("tls.key_file", &t.key_file),
+            ("auth.token_file", &self.auth.token_file),
+            ("forward.token_file", &self.forward.token_file),
+            ("forward.client_key", &self.forward.client_key),
+        ] {
+            if let Some(mode) = open_to_others(path) {
+                warnings.push(format!(
+                    "{field} ({path}) is readable by others (mode {mode:o}): chmod 600 it, or 640 with tallyd's group"
+                ));
+            }
         }
         let cert = pem("tls.cert_file", &t.cert_file, false)?;
         let key = pem("tls.key_file", &t.key_file, true)?;
@@ -91,7 +120,10 @@ impl Settings {
                 };
                 // rustls must take them together (a key of another
                 // certificate, a CA it cannot use).
-                ServerTls::new(&files).map_err(|e| err("tls.cert_file", e))?;
+                ServerTls::new(&files).map_err(|e| match e.as_str() {
+                    crate::auth::tls::KEY_MISMATCH => err("tls.key_file", e),
+                    _ => err("tls.cert_file", e),
+                })?;
                 Some(files)
             }
             (None, _) => {

@@ -307,11 +307,13 @@ fn tls_listeners_are_named_and_need_a_certificate_and_its_key() {
     let mut s = with_tls(&["proto_tcp"]);
     s.tls.key_file.clear();
     assert_eq!(s.validate().expect_err("no key").field, "tls.key_file");
-    // A key of another certificate: rustls refuses the pair.
+    // A key of another certificate: rustls refuses the pair, said of
+    // the key.
     let mut s = with_tls(&["proto_tcp"]);
     s.tls.key_file = fixture("self-signed-ca.key");
     let e = s.validate().expect_err("mismatched key");
-    assert_eq!(e.field, "tls.cert_file");
+    assert_eq!(e.field, "tls.key_file");
+    assert!(e.reason.contains("not the certificate's"), "{e}");
     // mTLS without a TLS listener would protect nothing.
     let mut s = Settings::default();
     s.tls.client_ca_file = fixture("self-signed-ca.pem");

@@ -330,8 +330,8 @@ impl ProtoIngest {
                 match self.entry(raw, &mut shown, &peer) {
                     Entry::Handle => {}
                     Entry::Answer(a) => {
+                        // A token batch: answered, not counted as data.
                         buf.drain(..prefix + len);
-                        self.count(&a);
                         if acks.send((a, 0, Instant::now())).await.is_err() {
                             break 'read;
                         }

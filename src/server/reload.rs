@@ -100,7 +100,9 @@ impl Running {
             max_depth = self.config.aggregate.max_depth,
             max_keys = self.config.aggregate.max_keys,
             clickhouse = %self.config.sink.url,
-            "configuration reloaded"
+            tls = ?self.config.auth.tls_on.iter().map(|l| l.name()).collect::<Vec<_>>(),
+            tokens = self.config.auth.tokens.as_ref().map_or(0, |t| t.len()),
+            "configuration reloaded (the listeners' certificates and the tokens too)"
         );
     }
 }

@@ -319,7 +319,7 @@ pub(super) async fn serve(
         udp_addr.is_some(),
         stop_rx.clone(),
     );
-    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, otlp_http = ?otlp_http_addr, otlp_grpc = ?otlp_grpc_addr, admin = ?admin_addr, host = %config.host_id, "tallyd is ready");
+    tracing::info!(udp = ?udp_addr, tcp = ?tcp_addr, proto_tcp = ?proto_tcp_addr, proto_udp = ?proto_udp_addr, otlp_http = ?otlp_http_addr, otlp_grpc = ?otlp_grpc_addr, admin = ?admin_addr, tls = ?config.auth.tls_on.iter().map(|l| l.name()).collect::<Vec<_>>(), tokens = config.auth.tokens.is_some(), host = %config.host_id, "tallyd is ready");
     Ok(Running {
         guard,
         udp_addr,

@@ -317,7 +317,7 @@ fn explain(e: &rustls::Error) -> String {
     use CertificateError as C;
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
-            C::UnknownIssuer => "unknown issuer: the server's certificate is not signed by a CA in the CA file (clickhouse.ca_file, forward.ca_file; without one, the system's roots)".into(),
+            C::UnknownIssuer => "unknown issuer: the server's certificate is not signed by a CA in the CA file (clickhouse.ca_file, forward.ca_file or tallyd send --ca-file; without one, the system's roots)".into(),
             C::NotValidForName => "name mismatch: the server's certificate is not for the URL's host".into(),
             C::NotValidForNameContext { expected, presented } => format!(
                 "name mismatch: the server's certificate is for {}, not {expected:?}",
