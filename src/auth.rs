@@ -4,9 +4,10 @@
 //! as every StatsD server does (the README's "Security" says what to use
 //! where the network is not trusted).
 //!
-//! Everything here is pure or reads only memory: the files are read when
-//! the configuration is validated, on a thread that may block. A refusal
-//! is one of [`Refusal`]'s reasons, counted per [`Listener`] by telemetry.
+//! Nothing here reads a file at run time: the files are read (by
+//! [`tls::Pem::read`]) when the configuration is validated, on a thread
+//! that may block. A refusal is one of [`Refusal`]'s reasons, counted per
+//! [`Listener`] by telemetry.
 
 pub mod tls;
 
