@@ -129,6 +129,7 @@ impl Conn {
     pub fn why(&mut self, e: io::Error) -> io::Error {
         match self {
             Conn::Tls(s) => why(s, e),
+            Conn::Plain(_) if closed_at_once(&e) => closed_error(e),
             Conn::Plain(_) => e,
         }
     }
@@ -142,15 +143,18 @@ impl Conn {
             Conn::Tls(s) => s,
             Conn::Plain(s) => {
                 // StatsD answers nothing: bytes back are a TLS listener's
-                // alert (it speaks TLS), said as such.
-                s.shutdown(std::net::Shutdown::Write)?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                // alert (it speaks TLS), and a reset is a server that
+                // closed at once (a TLS one that read a plain line).
+                let shut = s.shutdown(std::net::Shutdown::Write);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut head = [0u8; 2];
-                return match s.read_exact(&mut head) {
-                    Ok(()) if head == TLS_ALERT => Err(io::Error::new(
+                let read = s.read_exact(&mut head);
+                return match (shut, read) {
+                    (_, Ok(())) if head == TLS_ALERT => Err(io::Error::new(
                         io::ErrorKind::PermissionDenied,
                         "the listener speaks TLS (add --tls)",
                     )),
+                    (Err(e), _) | (_, Err(e)) if closed_at_once(&e) => Err(closed_error(e)),
                     _ => Ok(()),
                 };
             }
@@ -196,6 +200,24 @@ impl Secure {
         }
         Ok(Conn::Tls(Box::new(tls)))
     }
+}
+
+/// A plain write or close that found the server gone.
+fn closed_at_once(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// What a plain client says of a server that closed at once.
+fn closed_error(e: io::Error) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!(
+            "the server closed the connection at once ({e}): it is over its connection limit, or speaks TLS (add --tls)"
+        ),
+    )
 }
 
 /// See [`Conn::why`].
