@@ -137,12 +137,7 @@ impl Tokens {
     /// lines starting with `#` skipped, surrounding spaces trimmed. `None`
     /// when it holds none.
     pub fn parse(text: &str) -> Option<Tokens> {
-        let tokens: Vec<Vec<u8>> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| l.as_bytes().to_vec())
-            .collect();
+        let tokens: Vec<Vec<u8>> = token_lines(text).map(|l| l.as_bytes().to_vec()).collect();
         (!tokens.is_empty()).then_some(Tokens(tokens))
     }
 
@@ -226,6 +221,14 @@ impl Guard {
         *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens.map(Arc::new);
         Ok(())
     }
+}
+
+/// The tokens of a token file's text: its lines, trimmed, without blank
+/// lines and `#` comments. A file that tallyd sends from uses the first.
+pub fn token_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
 }
 
 /// A token tallyd sends (the forward link's); never printed.

@@ -492,10 +492,7 @@ fn secure(args: &SendArgs, target: crate::client::Target) -> Result<crate::clien
         (Some(p), _) => {
             let text =
                 std::fs::read_to_string(p).map_err(|e| format!("--token-file {p:?}: {e}"))?;
-            let first = text
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty() && !l.starts_with('#'));
+            let first = crate::auth::token_lines(&text).next();
             Some(
                 first
                     .ok_or_else(|| format!("--token-file {p:?} holds no token"))?

@@ -504,11 +504,7 @@ pub async fn serve(
         stop,
         move |stream, _, stop| {
             let state = Arc::clone(&state);
-            let peer: Arc<str> = stream
-                .get_ref()
-                .peer_addr()
-                .map_or_else(|_| "?".to_owned(), |a| a.to_string())
-                .into();
+            let peer: Arc<str> = stream.peer().into();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let (state, peer) = (Arc::clone(&state), Arc::clone(&peer));
                 let gzip = http::accepts_gzip(req.headers());

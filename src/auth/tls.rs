@@ -221,6 +221,16 @@ impl<S> Stream<S> {
     }
 }
 
+impl Stream<tokio::net::TcpStream> {
+    /// The peer's address, as a refusal's log line names it (`?` when the
+    /// socket no longer knows).
+    pub fn peer(&self) -> String {
+        self.get_ref()
+            .peer_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+    }
+}
+
 impl<S, T> AsyncRead for Stream<S, T>
 where
     S: AsyncRead + AsyncWrite + Unpin,

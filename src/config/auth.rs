@@ -237,10 +237,7 @@ impl Settings {
                 let p = &f.token_file;
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| err("forward.token_file", format!("cannot read {p:?}: {e}")))?;
-                let first = text
-                    .lines()
-                    .map(str::trim)
-                    .find(|l| !l.is_empty() && !l.starts_with('#'));
+                let first = crate::auth::token_lines(&text).next();
                 Some(Secret::new(first.ok_or_else(|| {
                     err("forward.token_file", format!("{p:?} holds no token"))
                 })?))

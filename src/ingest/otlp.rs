@@ -291,7 +291,7 @@ impl OtlpIngest {
         let idle = self.idle_timeout;
         let this = Arc::new(self);
         let scratch = Arc::new(tokio::sync::Mutex::new(Scratch::for_stream(wal_stream)));
-        let peer: Arc<str> = peer_of(&stream).into();
+        let peer: Arc<str> = stream.peer().into();
         let svc = service_fn(move |req| {
             let (this, scratch, peer) =
                 (Arc::clone(&this), Arc::clone(&scratch), Arc::clone(&peer));
@@ -471,12 +471,4 @@ fn status_body(code: i32, message: String, encoding: Encoding) -> Vec<u8> {
             .to_string()
             .into_bytes(),
     }
-}
-
-/// A connection's peer, as a refusal's log line names it.
-fn peer_of(stream: &Stream<TcpStream>) -> String {
-    stream
-        .get_ref()
-        .peer_addr()
-        .map_or_else(|_| "?".to_owned(), |a| a.to_string())
 }

@@ -71,10 +71,13 @@ pub struct ProtoIngest {
     pub guard: Arc<Guard>,
 }
 
+/// A frame, decoded as a `Batch`, or why it does not decode.
+type Decoded<'a> = Result<BatchView<'a>, crate::protocol::batch::DecodeError>;
+
 /// What a TCP connection does with a frame before the WAL sees it.
-enum Entry {
-    /// A batch to handle.
-    Handle,
+enum Entry<'a> {
+    /// A batch to handle, decoded (or why not) once for both.
+    Handle(Decoded<'a>),
     /// A token batch, accepted (or with no token asked for): answered.
     Answer(Ack),
     /// Refused: answered, and the connection closes.
@@ -106,7 +109,18 @@ impl ProtoIngest {
     /// counting it in `stats` when accepted (the caller records them, once
     /// per batch of datagrams on UDP).
     fn handle(&self, raw: &[u8], scratch: &mut Scratch, stats: &mut BlockStats) -> Handled {
-        let batch = match BatchView::decode(raw) {
+        self.handle_decoded(raw, BatchView::decode(raw), scratch, stats)
+    }
+
+    /// [`Self::handle`] of a batch already decoded from `raw`.
+    fn handle_decoded(
+        &self,
+        raw: &[u8],
+        decoded: Decoded<'_>,
+        scratch: &mut Scratch,
+        stats: &mut BlockStats,
+    ) -> Handled {
+        let batch = match decoded {
             Ok(b) => b,
             Err(e) => {
                 return Handled::Reject(ack(
@@ -190,7 +204,7 @@ impl ProtoIngest {
     /// token, if any), against the tokens asked for now: a reload that
     /// removes a token refuses the connections that showed it at their
     /// next frame.
-    fn entry(&self, raw: &[u8], shown: &mut Option<Vec<u8>>, peer: &str) -> Entry {
+    fn entry<'a>(&self, raw: &'a [u8], shown: &mut Option<Vec<u8>>, peer: &str) -> Entry<'a> {
         let tokens = self.guard.tokens();
         // The connection's standing without a new token: `None` to go on.
         let standing = |sequence| match (&tokens, shown.as_deref()) {
@@ -199,15 +213,16 @@ impl ProtoIngest {
             (Some(_), Some(_)) => Some(self.unauthenticated(sequence, Refusal::TokenWrong, peer)),
             (Some(_), None) => Some(self.unauthenticated(sequence, Refusal::TokenMissing, peer)),
         };
-        let Ok(batch) = BatchView::decode(raw) else {
+        let batch = match BatchView::decode(raw) {
+            Ok(b) => b,
             // `handle` says why it does not decode, to a connection that
             // may send batches.
-            return standing(0).unwrap_or(Entry::Handle);
+            Err(e) => return standing(0).unwrap_or(Entry::Handle(Err(e))),
         };
         match batch.token {
-            None => standing(batch.sequence).unwrap_or(Entry::Handle),
+            None => standing(batch.sequence).unwrap_or(Entry::Handle(Ok(batch))),
             // `handle` refuses it: a token never goes to the WAL.
-            Some(_) if batch.len > 0 || batch.notes > 0 => Entry::Handle,
+            Some(_) if batch.len > 0 || batch.notes > 0 => Entry::Handle(Ok(batch)),
             Some(t) if tokens.as_ref().is_some_and(|ts| !ts.accepts(t)) => {
                 self.unauthenticated(batch.sequence, Refusal::TokenWrong, peer)
             }
@@ -218,7 +233,7 @@ impl ProtoIngest {
         }
     }
 
-    fn unauthenticated(&self, sequence: u64, reason: Refusal, peer: &str) -> Entry {
+    fn unauthenticated(&self, sequence: u64, reason: Refusal, peer: &str) -> Entry<'static> {
         let message = match reason {
             Refusal::TokenWrong => "the token is not one this listener accepts",
             _ => {
@@ -272,10 +287,7 @@ impl ProtoIngest {
         wal_stream: usize,
         mut stop: watch::Receiver<bool>,
     ) {
-        let peer = stream
-            .get_ref()
-            .peer_addr()
-            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        let peer = stream.peer();
         let mut shown = None;
         let (mut reader, mut writer) = tokio::io::split(stream);
         // Each ack with the WAL ticket it waits for and when its batch
@@ -327,8 +339,8 @@ impl ProtoIngest {
                     break;
                 }
                 let raw = &buf[prefix..prefix + len];
-                match self.entry(raw, &mut shown, &peer) {
-                    Entry::Handle => {}
+                let decoded = match self.entry(raw, &mut shown, &peer) {
+                    Entry::Handle(decoded) => decoded,
                     Entry::Answer(a) => {
                         // A token batch: answered, not counted as data.
                         buf.drain(..prefix + len);
@@ -342,11 +354,9 @@ impl ProtoIngest {
                         let _ = acks.send((a, 0, Instant::now())).await;
                         break 'read;
                     }
-                }
+                };
                 let taken = Instant::now();
-                let handled = self
-                    .handle_with_retry(&buf[prefix..prefix + len], &mut scratch)
-                    .await;
+                let handled = self.handle_with_retry(raw, decoded, &mut scratch).await;
                 buf.drain(..prefix + len);
                 let (a, ticket, close) = handled;
                 self.count(&a);
@@ -376,18 +386,23 @@ impl ProtoIngest {
     /// Retries a batch the full WAL refused until `overload_timeout`, then
     /// answers `OVERLOADED` (nothing applied; the client retries later).
     /// Returns the ack, the WAL ticket it waits for, and whether to close.
-    async fn handle_with_retry(&self, raw: &[u8], scratch: &mut Scratch) -> (Ack, u64, bool) {
+    async fn handle_with_retry(
+        &self,
+        raw: &[u8],
+        decoded: Decoded<'_>,
+        scratch: &mut Scratch,
+    ) -> (Ack, u64, bool) {
         let deadline = Instant::now() + self.overload_timeout;
         loop {
             let mut stats = BlockStats::default();
-            let handled = self.handle(raw, scratch, &mut stats);
+            let handled = self.handle_decoded(raw, decoded.clone(), scratch, &mut stats);
             if stats.blocks > 0 {
                 self.telemetry.record_block(&self.telemetry.proto, &stats);
             }
             match handled {
                 Handled::Full if Instant::now() < deadline => tokio::time::sleep(WAL_RETRY).await,
                 Handled::Full => {
-                    let sequence = BatchView::decode(raw).map_or(0, |b| b.sequence);
+                    let sequence = decoded.as_ref().map_or(0, |b| b.sequence);
                     let message = "the write-ahead log is full; retry later";
                     return (ack(sequence, Status::Overloaded, message, 0), 0, true);
                 }

@@ -276,32 +276,25 @@ pub fn is_certificate_alert(alert: rustls::AlertDescription) -> bool {
 /// Whether `err`'s chain holds a certificate refusal, on either side (the
 /// server's certificate not trusted, or ours refused).
 pub fn is_certificate_refusal(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if let Some(found) = e.downcast_ref::<rustls::Error>() {
-            return match found {
-                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
-                    true
-                }
-                rustls::Error::AlertReceived(a) => is_certificate_alert(*a),
-                _ => false,
-            };
-        }
-        next = match e.downcast_ref::<std::io::Error>() {
-            Some(io) => io.get_ref().map(|inner| inner as _),
-            None => e.source(),
-        };
+    match rustls_error(err) {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => true,
+        Some(rustls::Error::AlertReceived(a)) => is_certificate_alert(*a),
+        _ => false,
     }
-    false
 }
 
 /// Why a request failed at TLS, in words, when it did: rustls's error
 /// found in `err`'s chain (through the `io::Error` that carries it).
 pub fn tls_reason(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    rustls_error(err).map(explain)
+}
+
+/// rustls's error in `err`'s chain, if any.
+fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut next = Some(err);
     while let Some(e) = next {
         if let Some(found) = e.downcast_ref::<rustls::Error>() {
-            return Some(explain(found));
+            return Some(found);
         }
         // An `io::Error`'s `source()` skips the error it wraps (hyper-rustls
         // wraps tokio-rustls's, which wraps rustls's).

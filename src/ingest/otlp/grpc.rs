@@ -161,7 +161,7 @@ impl OtlpIngest {
     ) {
         let this = Arc::new(self);
         let scratch = Arc::new(tokio::sync::Mutex::new(Scratch::for_stream(wal_stream)));
-        let peer: Arc<str> = super::peer_of(&stream).into();
+        let peer: Arc<str> = stream.peer().into();
         let svc = service_fn(move |req| {
             let (this, scratch, peer) =
                 (Arc::clone(&this), Arc::clone(&scratch), Arc::clone(&peer));
