@@ -54,6 +54,7 @@ pub mod ledger;
 pub mod notify;
 pub mod outbox;
 pub mod protocol;
+pub mod replication;
 pub mod rollup;
 pub mod server;
 pub mod sink;
