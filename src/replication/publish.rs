@@ -1,0 +1,149 @@
+//! Acknowledged batches to the stream (docs/replication.md, format 1): the
+//! `Batch` bytes as the client framed them, on subject `tallyd.b.<shard>`
+//! (`<shard>` = sipHash64 of the client id, mod the shard count), with
+//! `Nats-Msg-Id: <client_id>/<sequence>` (the stream's dedup within its
+//! duplicate window) and `Tallyd-Format: 1`. A publish is answered only
+//! once a quorum of the stream's servers has stored it, and, with
+//! `sync_interval: always` (see [`super::check`]), fsynced it.
+
+use std::hash::Hasher;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use bytes::Bytes;
+
+/// The message format written in `Tallyd-Format`.
+pub const FORMAT: &str = "1";
+
+/// The stream tallyd publishes to, and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: String,
+    pub shards: u32,
+    /// At least this many replicas (a quorum of them stores each message).
+    pub replicas: usize,
+    /// The stream's dedup window for `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+}
+
+/// A stored batch: its stream sequence, and whether the stream had it
+/// already (within its duplicate window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub sequence: u64,
+    pub duplicate: bool,
+}
+
+pub struct Publisher {
+    js: jetstream::Context,
+    spec: StreamSpec,
+}
+
+impl Publisher {
+    /// Connects to `servers` (NATS URLs), makes the stream if it is
+    /// missing, and checks it: work-queue retention, file storage, at
+    /// least `spec.replicas` replicas, and no `persist_mode: async`.
+    pub async fn connect(
+        servers: &[String],
+        spec: StreamSpec,
+        timeout: Duration,
+    ) -> Result<Publisher, String> {
+        let addrs = servers
+            .iter()
+            .map(|s| {
+                s.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| format!("{s:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(timeout)
+            .request_timeout(Some(timeout))
+            .connect(addrs)
+            .await
+            .map_err(|e| format!("cannot connect to NATS {servers:?}: {e}"))?;
+        let js = jetstream::new(client);
+        let config = stream::Config {
+            name: spec.name.clone(),
+            subjects: vec!["tallyd.b.*".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: spec.replicas,
+            duplicate_window: spec.duplicate_window,
+            ..Default::default()
+        };
+        let mut stream = js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| format!("cannot make or read stream {}: {e}", spec.name))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| format!("cannot read stream {}: {e}", spec.name))?;
+        check_stream(&info.config, &spec)?;
+        Ok(Publisher { js, spec })
+    }
+
+    /// The subject of a client's batches.
+    pub fn subject(&self, client_id: &str) -> String {
+        let mut h = siphasher::sip::SipHasher24::new();
+        h.write(client_id.as_bytes());
+        format!(
+            "tallyd.b.{}",
+            h.finish() % u64::from(self.spec.shards.max(1))
+        )
+    }
+
+    /// Publishes one batch and waits for the stream's answer.
+    pub async fn publish(
+        &self,
+        batch: Bytes,
+        client_id: &str,
+        sequence: u64,
+    ) -> Result<Published, String> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Tallyd-Format", FORMAT);
+        let message = PublishMessage::build()
+            .payload(batch)
+            // After the headers: `headers` replaces the map the id is in.
+            .headers(headers)
+            .message_id(format!("{client_id}/{sequence}"));
+        let ack = self
+            .js
+            .send_publish(self.subject(client_id), message)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Published {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+}
+
+/// Whether an existing stream can hold what tallyd acknowledges.
+fn check_stream(c: &stream::Config, spec: &StreamSpec) -> Result<(), String> {
+    let name = &spec.name;
+    if c.num_replicas < spec.replicas {
+        return Err(format!(
+            "stream {name} has {} replicas, fewer than replication.replicas ({})",
+            c.num_replicas, spec.replicas
+        ));
+    }
+    if c.storage != stream::StorageType::File {
+        return Err(format!(
+            "stream {name} keeps its messages in memory, not in files"
+        ));
+    }
+    if c.persist_mode == Some(stream::PersistenceMode::Async) {
+        return Err(format!(
+            "stream {name} has persist_mode: async, which acknowledges writes before they are stored"
+        ));
+    }
+    if c.retention != stream::RetentionPolicy::WorkQueue {
+        return Err(format!(
+            "stream {name} is not a work queue (retention: workqueue)"
+        ));
+    }
+    Ok(())
+}
