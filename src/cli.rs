@@ -276,14 +276,15 @@ fn run(config: crate::config::Config, file: Option<PathBuf>, overrides: Override
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(exit::LOST),
         Err(e) => {
-            let code = match e {
-                crate::server::StartError::Bind { .. }
-                | crate::server::StartError::BindPath { .. } => exit::UNAVAILABLE,
-                crate::server::StartError::DataDir { .. } | crate::server::StartError::Wal(_) => {
-                    exit::CANT_CREATE
-                }
-                crate::server::StartError::Tls(_) => exit::CONFIG,
-            };
+            let code =
+                match e {
+                    crate::server::StartError::Bind { .. }
+                    | crate::server::StartError::BindPath { .. } => exit::UNAVAILABLE,
+                    crate::server::StartError::DataDir { .. }
+                    | crate::server::StartError::Wal(_) => exit::CANT_CREATE,
+                    crate::server::StartError::Tls(_)
+                    | crate::server::StartError::Replication(_) => exit::CONFIG,
+                };
             eprintln!("tallyd: {e}");
             ExitCode::from(code)
         }

@@ -14,10 +14,12 @@ use serde::{Deserialize, Serialize};
 
 mod auth;
 mod flags;
+mod replication;
 mod validate;
 
 pub use auth::AuthConfig;
 pub use flags::Overrides;
+pub use replication::ReplicationConfig;
 pub use validate::{Config, ForwardConfig, OtlpConfig, ProtoConfig, WalGeometry, wal_geometry};
 
 /// The settings as written in the file (human units, `off` for listeners).
@@ -49,6 +51,7 @@ pub struct Settings {
     pub cardinality: CardinalitySettings,
     pub tls: TlsSettings,
     pub auth: AuthSettings,
+    pub replication: ReplicationSettings,
     /// Mapping rules (`[[mapping]]`), the first match applying (see
     /// [`crate::aggregate::mapping`]).
     pub mapping: Vec<crate::aggregate::mapping::RuleSettings>,
@@ -68,6 +71,39 @@ pub struct TlsSettings {
     /// mTLS: clients must show a certificate signed by one of these CAs
     /// (PEM); empty: no client certificate is asked for.
     pub client_ca_file: String,
+}
+
+/// `[replication]`: acknowledged batches stored by a NATS JetStream
+/// stream before `OK` (docs/replication.md). Off while `servers` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSettings {
+    /// NATS URLs (`nats://host:4222`).
+    pub servers: Vec<String>,
+    /// Each server's monitoring URL (`http://host:8222`), where tallyd
+    /// checks that it fsyncs every write (`/varz`).
+    pub monitor_urls: Vec<String>,
+    pub stream: String,
+    pub shards: u32,
+    pub replicas: usize,
+    pub duplicate_window: String,
+    /// How long a publish may wait for the stream's answer before the
+    /// batch is answered `OVERLOADED`.
+    pub publish_timeout: String,
+}
+
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        ReplicationSettings {
+            servers: Vec::new(),
+            monitor_urls: Vec::new(),
+            stream: "TALLYD".into(),
+            shards: 1,
+            replicas: 3,
+            duplicate_window: "2m".into(),
+            publish_timeout: "5s".into(),
+        }
+    }
 }
 
 /// `[auth]`: bearer tokens (see [`crate::auth::Tokens`]).
@@ -412,6 +448,7 @@ impl Default for Settings {
             forward: ForwardSettings::default(),
             retention: RetentionSettings::default(),
             cardinality: CardinalitySettings::default(),
+            replication: ReplicationSettings::default(),
             tls: TlsSettings::default(),
             auth: AuthSettings::default(),
             mapping: Vec::new(),

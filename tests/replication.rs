@@ -166,3 +166,74 @@ async fn three_servers_store_a_batch_once_go_on_without_one_and_refuse_without_a
     .expect("an answer within 30 s");
     assert!(refused.is_err(), "stored without a quorum: {refused:?}");
 }
+
+/// The messages the stream holds, from a server's `/jsz`.
+fn stream_messages(monitor: u16) -> u64 {
+    let body = http(monitor, "GET", "/jsz?streams=true", "").unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["account_details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+        .filter(|s| s["name"] == "TALLYD")
+        .map(|s| s["state"]["messages"].as_u64().unwrap_or(0))
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_batches_are_acked_once_the_stream_has_them_and_a_resend_is_a_duplicate() {
+    let (nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
+    let mut s = settings(clickhouse(), "replicated");
+    s.replication.servers = urls;
+    s.replication.monitor_urls = nodes
+        .iter()
+        .map(|n| format!("http://127.0.0.1:{}", n.monitor))
+        .collect();
+    let running = tallyd::server::start(config(&s)).await.expect("start");
+    let proto = running.proto_tcp_addr.expect("proto").to_string();
+    let monitor = nodes[0].monitor;
+    tokio::task::spawn_blocking(move || {
+        let send = |sequence: &str| {
+            let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+                .args(["send", "--proto", &proto, "--client-id", "replicated"])
+                .args(["--sequence", sequence, "--batch-size", "2"])
+                .args(["r.c:1|c", "r.c:2|c", "r.c:3|c"])
+                .output()
+                .expect("tallyd send");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        };
+        let said = send("100");
+        assert!(
+            said.contains("2 batches acknowledged (0 duplicates)"),
+            "{said}"
+        );
+        assert!(
+            wait_for(10, || stream_messages(monitor) == 2),
+            "{}",
+            stream_messages(monitor)
+        );
+        // The same client and sequences again: the stream had them.
+        let said = send("100");
+        assert!(said.contains("(2 duplicates)"), "{said}");
+        assert_eq!(stream_messages(monitor), 2);
+    })
+    .await
+    .expect("client");
+    running.shutdown().await;
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tallyd_pointed_at_a_server_that_does_not_fsync_every_write_refuses_to_start() {
+    let fast = nats(false);
+    let mut s = settings(clickhouse(), "replicated_refused");
+    s.replication.servers = vec!["nats://127.0.0.1:1".into()];
+    s.replication.monitor_urls = vec![format!("http://127.0.0.1:{}", fast.monitor)];
+    let e = match tallyd::server::start(config(&s)).await {
+        Ok(_) => panic!("started on a server that does not fsync every write"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("sync_interval: always"), "{e}");
+}

@@ -219,6 +219,7 @@ impl Settings {
         })
         .map_err(|(field, why)| err(&field, why))?;
         Ok(Config {
+            replication: self.replication_config()?,
             warnings,
             auth,
             budgets,
@@ -319,6 +320,8 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// TLS on the listeners and the ingest tokens.
     pub auth: super::AuthConfig,
+    /// Acknowledged batches stored by NATS JetStream before `OK`.
+    pub replication: Option<super::ReplicationConfig>,
     pub host_id: String,
     pub data_dir: PathBuf,
     pub log_level: LevelFilter,

@@ -69,6 +69,9 @@ pub struct ProtoIngest {
     pub wal_streams: Range<usize>,
     /// TLS (`tls.listeners` names `proto_tcp`) and the tokens asked for.
     pub guard: Arc<Guard>,
+    /// With `[replication]`: batches go to the stream, answered once it
+    /// has them (docs/replication.md), instead of to the WAL here.
+    pub replication: Option<Arc<(crate::replication::publish::Publisher, Duration)>>,
 }
 
 /// A frame, decoded as a `Batch`, or why it does not decode.
@@ -356,7 +359,10 @@ impl ProtoIngest {
                     }
                 };
                 let taken = Instant::now();
-                let handled = self.handle_with_retry(raw, decoded, &mut scratch).await;
+                let handled = match &self.replication {
+                    Some(r) => self.replicate(&r.0, r.1, raw).await,
+                    None => self.handle_with_retry(raw, decoded, &mut scratch).await,
+                };
                 buf.drain(..prefix + len);
                 let (a, ticket, close) = handled;
                 self.count(&a);
@@ -381,6 +387,60 @@ impl ProtoIngest {
         }
         drop(acks);
         let _ = ack_writer.await;
+    }
+
+    /// Publishes a batch to the stream and answers by what it says:
+    /// `OK` once stored, `DUPLICATE` when it had it (within its duplicate
+    /// window), `OVERLOADED` (and close) when it did not answer in
+    /// `timeout`. Returns the ack, the WAL ticket (none) and whether to
+    /// close.
+    async fn replicate(
+        &self,
+        publisher: &crate::replication::publish::Publisher,
+        timeout: Duration,
+        raw: &[u8],
+    ) -> (Ack, u64, bool) {
+        let batch = match BatchView::decode(raw) {
+            Ok(b) => b,
+            Err(e) => {
+                let message = format!("undecodable Batch: {e}");
+                return (ack(0, Status::Rejected, &message, 0), 0, true);
+            }
+        };
+        if batch.token.is_some() {
+            let message = "a batch that carries a token must carry nothing else";
+            return (ack(batch.sequence, Status::Rejected, message, 0), 0, true);
+        }
+        let bytes = bytes::Bytes::copy_from_slice(raw);
+        let published = tokio::time::timeout(
+            timeout,
+            publisher.publish(bytes, batch.client_id, batch.sequence),
+        )
+        .await;
+        match published {
+            Ok(Ok(p)) if p.duplicate => (
+                ack(batch.sequence, Status::Duplicate, "already stored", 0),
+                0,
+                false,
+            ),
+            Ok(Ok(_)) => (ack(batch.sequence, Status::Ok, "", 0), 0, false),
+            Ok(Err(e)) => {
+                let message = format!("the stream did not store it: {e}; retry later");
+                (
+                    ack(batch.sequence, Status::Overloaded, &message, 0),
+                    0,
+                    true,
+                )
+            }
+            Err(_) => {
+                let message = format!("the stream did not answer within {timeout:?}; retry later");
+                (
+                    ack(batch.sequence, Status::Overloaded, &message, 0),
+                    0,
+                    true,
+                )
+            }
+        }
     }
 
     /// Retries a batch the full WAL refused until `overload_timeout`, then

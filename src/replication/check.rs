@@ -8,6 +8,9 @@
 //! `jetstream.config.sync_always` (true under `always`; the interval field
 //! keeps its default then, so the flag is what counts).
 
+use std::io::{Read, Write};
+use std::time::Duration;
+
 use serde::Deserialize;
 
 /// The first release with `sync_interval: always`.
@@ -66,6 +69,33 @@ pub fn varz(body: &[u8]) -> Result<Fit, String> {
         name: v.server_name,
         version: v.version,
     })
+}
+
+/// Reads `<url>/varz` (blocking; `url` is `http://host:port`) and checks
+/// it: the server's name and version, or why it cannot be used, with its
+/// URL.
+pub fn server(url: &str) -> Result<Fit, String> {
+    let get = || -> Result<Vec<u8>, String> {
+        let hostport = url
+            .strip_prefix("http://")
+            .unwrap_or(url)
+            .trim_end_matches('/');
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("no address")?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        write!(s, "GET /varz HTTP/1.0\r\nHost: {hostport}\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+        let at = memchr::memmem::find(&resp, b"\r\n\r\n").ok_or("a malformed answer")?;
+        Ok(resp.split_off(at + 4))
+    };
+    let body = get().map_err(|e| format!("{url}/varz: cannot read it ({e}), so tallyd cannot confirm that the server fsyncs every write"))?;
+    varz(&body).map_err(|e| format!("{url}: {e}"))
 }
 
 /// `2.10.0`, `v2.12.8`, `2.11.0-RC.1` as (major, minor, patch).

@@ -76,6 +76,8 @@ pub enum StartError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("replication: {0}")]
+    Replication(String),
 }
 
 /// A running tallyd.

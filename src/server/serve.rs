@@ -242,7 +242,32 @@ pub(super) async fn serve(
         idle_timeout: config.proto.idle_timeout,
         wal_streams: shared_streams.clone(),
     };
+    let replication = match &config.replication {
+        None => None,
+        Some(r) => {
+            // Each server must fsync every write before it answers.
+            let urls = r.monitor_urls.clone();
+            let checked = super::blocking(move || {
+                urls.iter()
+                    .map(|u| crate::replication::check::server(u))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| StartError::Replication(e.to_string()))?;
+            let fit = checked.map_err(StartError::Replication)?;
+            tracing::info!(servers = ?fit, "the NATS servers fsync every write");
+            let publisher = crate::replication::publish::Publisher::connect(
+                &r.servers,
+                r.spec.clone(),
+                r.publish_timeout,
+            )
+            .await
+            .map_err(StartError::Replication)?;
+            Some(Arc::new((publisher, r.publish_timeout)))
+        }
+    };
     let proto = ProtoIngest {
+        replication,
         guard: Arc::clone(&guard),
         recorder: recorder.clone(),
         telemetry: Arc::clone(&telemetry),
