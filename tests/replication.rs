@@ -65,7 +65,14 @@ fn node(name: &str, port: u16, monitor: u16, sync_always: bool, extra: &str) -> 
     let nats = Nats { child, monitor };
     if extra.is_empty() {
         assert!(
-            wait_for(20, || http(monitor, "GET", "/varz", "").is_some()),
+            // Ready when JetStream is: /varz shows its config only then.
+            wait_for(20, || http(
+                monitor,
+                "GET",
+                "/healthz?js-enabled-only=true",
+                ""
+            )
+            .is_some_and(|b| b.contains("ok"))),
             "nats-server did not start; see {}",
             Path::new(&dir).join("nats.log").display()
         );
@@ -135,9 +142,7 @@ async fn three_servers_store_a_batch_once_go_on_without_one_and_refuse_without_a
         duplicate_window: std::time::Duration::from_secs(120),
     };
     let timeout = std::time::Duration::from_secs(5);
-    let publisher = Publisher::connect(&urls, spec, timeout)
-        .await
-        .expect("connect");
+    let publisher = connected(&urls, spec, timeout).await;
     let batch = bytes::Bytes::from_static(b"\x0a\x02c1\x10\x01");
     let first = publisher
         .publish(batch.clone(), "c1", 1)
@@ -149,12 +154,19 @@ async fn three_servers_store_a_batch_once_go_on_without_one_and_refuse_without_a
         .expect("answered");
     assert!(!first.duplicate && again.duplicate, "{first:?} {again:?}");
     assert_eq!(first.sequence, again.sequence);
-    // One of three gone: a quorum (two) still stores.
+    // One of three gone: a quorum (two) still stores, once the stream has
+    // a leader again (a publish meanwhile is answered "no stream", which
+    // tallyd answers OVERLOADED: the client retries).
     drop(nodes.remove(2));
-    let second = publisher
-        .publish(batch.clone(), "c1", 2)
-        .await
-        .expect("stored by two");
+    let mut second = Err(String::new());
+    for _ in 0..60 {
+        second = publisher.publish(batch.clone(), "c1", 2).await;
+        if second.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let second = second.expect("stored by two");
     assert_eq!(second.sequence, first.sequence + 1);
     // Two gone: no quorum, no answer.
     drop(nodes.remove(1));
@@ -236,4 +248,108 @@ async fn a_tallyd_pointed_at_a_server_that_does_not_fsync_every_write_refuses_to
         Err(e) => e.to_string(),
     };
     assert!(e.contains("sync_interval: always"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_of_one_cut_are_fenced_and_a_lease_not_renewed_passes_to_a_standby() {
+    use std::time::Duration;
+    use tallyd::replication::cut::{Cut, Cuts, Leases, Written};
+    use tallyd::replication::publish::{Publisher, StreamSpec};
+    let (nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
+    let spec = StreamSpec {
+        name: "FENCE".into(),
+        shards: 1,
+        replicas: 3,
+        duplicate_window: Duration::from_secs(120),
+    };
+    let (a, b) = (
+        connected(&urls, spec.clone(), Duration::from_secs(5)).await,
+        connected(&urls, spec, Duration::from_secs(5)).await,
+    );
+    let (cuts_a, cuts_b) = (
+        Cuts::open(a.context(), "FENCE", 3).await.expect("cuts"),
+        Cuts::open(b.context(), "FENCE", 3).await.expect("cuts"),
+    );
+    let cut = |seq| Cut {
+        v: 1,
+        seq,
+        start: 1_000 * seq,
+        interval_ms: 1_000,
+    };
+    // The first cut: one creator wins.
+    let first = cuts_a.write(0, cut(10), None).await.expect("write");
+    assert!(matches!(first, Written::Stored(_)));
+    assert_eq!(
+        cuts_b.write(0, cut(11), None).await.expect("write"),
+        Written::Fenced
+    );
+    // Both read revision r, both cut after it: exactly one is stored.
+    let (read, r) = cuts_b.last(0).await.expect("read").expect("a cut");
+    assert_eq!(read, cut(10));
+    let (x, y) = tokio::join!(
+        cuts_a.write(0, cut(20), Some(r)),
+        cuts_b.write(0, cut(21), Some(r))
+    );
+    let (x, y) = (x.expect("a"), y.expect("b"));
+    assert!(
+        matches!(
+            (x, y),
+            (Written::Stored(_), Written::Fenced) | (Written::Fenced, Written::Stored(_))
+        ),
+        "{x:?} {y:?}"
+    );
+    let (last, _) = cuts_a.last(0).await.expect("read").expect("a cut");
+    assert!(last == cut(20) || last == cut(21));
+
+    // Leases of 2 s: held by a, refused to b; not renewed, b gets it and
+    // a's renewal then fails.
+    let lease = Duration::from_secs(2);
+    let (la, lb) = (
+        Leases::open(a.context(), "FENCE", 3, lease)
+            .await
+            .expect("leases"),
+        Leases::open(b.context(), "FENCE", 3, lease)
+            .await
+            .expect("leases"),
+    );
+    let held = la.take(0, "a").await.expect("take").expect("free");
+    assert_eq!(lb.take(0, "b").await.expect("take"), None);
+    let held = la
+        .renew(0, "a", held)
+        .await
+        .expect("renew")
+        .expect("still a's");
+    let mut taken = None;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        taken = lb.take(0, "b").await.expect("take");
+        if taken.is_some() {
+            break;
+        }
+    }
+    assert!(taken.is_some(), "the lease never aged out");
+    assert_eq!(
+        la.renew(0, "a", held).await.expect("renew"),
+        None,
+        "a still held it"
+    );
+    drop(nodes);
+}
+
+/// A publisher, retried for 30 s while a new cluster settles (its first
+/// stream request may time out while the meta leader is elected).
+async fn connected(
+    urls: &[String],
+    spec: tallyd::replication::publish::StreamSpec,
+    timeout: std::time::Duration,
+) -> tallyd::replication::publish::Publisher {
+    let mut last = String::new();
+    for _ in 0..30 {
+        match tallyd::replication::publish::Publisher::connect(urls, spec.clone(), timeout).await {
+            Ok(p) => return p,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    panic!("no publisher within 30 s: {last}");
 }

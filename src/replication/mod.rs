@@ -3,6 +3,8 @@
 //!
 //! - [`check`]: whether a server can hold what tallyd acknowledges (pure).
 //! - [`publish`]: acknowledged batches to the stream (format 1).
+//! - [`cut`]: cuts (the fence) and leases in JetStream KV.
 
 pub mod check;
+pub mod cut;
 pub mod publish;

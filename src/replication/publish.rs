@@ -83,6 +83,11 @@ impl Publisher {
         Ok(Publisher { js, spec })
     }
 
+    /// The JetStream context (for the cuts and leases).
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// The subject of a client's batches.
     pub fn subject(&self, client_id: &str) -> String {
         let mut h = siphasher::sip::SipHasher24::new();
