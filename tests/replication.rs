@@ -133,7 +133,7 @@ fn cluster() -> (Vec<Nats>, Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_store_a_batch_once_go_on_without_one_and_refuse_without_a_quorum() {
-    use tallyd::replication::publish::{Publisher, StreamSpec};
+    use tallyd::replication::publish::StreamSpec;
     let (mut nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
     let spec = StreamSpec {
         name: "TALLYD".into(),
@@ -254,7 +254,7 @@ async fn a_tallyd_pointed_at_a_server_that_does_not_fsync_every_write_refuses_to
 async fn two_writers_of_one_cut_are_fenced_and_a_lease_not_renewed_passes_to_a_standby() {
     use std::time::Duration;
     use tallyd::replication::cut::{Cut, Cuts, Leases, Written};
-    use tallyd::replication::publish::{Publisher, StreamSpec};
+    use tallyd::replication::publish::StreamSpec;
     let (nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
     let spec = StreamSpec {
         name: "FENCE".into(),
