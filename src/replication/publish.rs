@@ -65,7 +65,10 @@ impl Publisher {
         let config = stream::Config {
             name: spec.name.clone(),
             subjects: vec!["tallyd.b.*".into()],
-            retention: stream::RetentionPolicy::WorkQueue,
+            // Limits, not WorkQueue: a work queue requires an ack per
+            // message (JetStream error 10098); a confirmed cut is purged
+            // from its shard's subject instead, in one request.
+            retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             num_replicas: spec.replicas,
             duplicate_window: spec.duplicate_window,
@@ -145,9 +148,9 @@ fn check_stream(c: &stream::Config, spec: &StreamSpec) -> Result<(), String> {
             "stream {name} has persist_mode: async, which acknowledges writes before they are stored"
         ));
     }
-    if c.retention != stream::RetentionPolicy::WorkQueue {
+    if c.retention != stream::RetentionPolicy::Limits {
         return Err(format!(
-            "stream {name} is not a work queue (retention: workqueue)"
+            "stream {name} does not keep messages until tallyd purges them (retention: limits)"
         ));
     }
     Ok(())
