@@ -90,6 +90,16 @@ pub struct ReplicationSettings {
     /// How long a publish may wait for the stream's answer before the
     /// batch is answered `OVERLOADED`.
     pub publish_timeout: String,
+    /// How long a shard's lease lives unrenewed: the bound on a takeover.
+    pub lease: String,
+    /// The `host` of the rows aggregated from the stream (the same
+    /// whichever tallyd writes them); empty: the stream's name.
+    pub host: String,
+    /// Messages a held shard may be behind before `/health` says so.
+    pub max_lag: u64,
+    /// Whether this tallyd aggregates shards (stands by for their leases)
+    /// as well as publishing.
+    pub consume: bool,
 }
 
 impl Default for ReplicationSettings {
@@ -102,6 +112,10 @@ impl Default for ReplicationSettings {
             replicas: 3,
             duplicate_window: "2m".into(),
             publish_timeout: "5s".into(),
+            lease: "10s".into(),
+            host: String::new(),
+            max_lag: 100_000,
+            consume: true,
         }
     }
 }

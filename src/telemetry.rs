@@ -141,6 +141,8 @@ pub struct Telemetry {
     pub fleet: fleet::Fleet,
     /// Connections and requests refused by TLS or token.
     pub refused: refused::Refused,
+    /// Replicated ingest: publishes, leases, lag.
+    pub replication: replication::Replication,
     /// Rollups, retention and the flushes table.
     pub rollups: rollup::Rollups,
     /// Metrics folding keys past their budgets.
@@ -610,6 +612,7 @@ impl Telemetry {
         );
         self.fleet.render(&mut m);
         self.refused.render(&mut m);
+        self.replication.render(&mut m);
         self.rollups.render(&mut m);
         self.cardinality.render(&mut m);
         self.otlp.render(&mut m);
@@ -694,6 +697,7 @@ pub mod fleet;
 mod latency;
 pub mod otlp;
 pub mod refused;
+pub mod replication;
 pub mod rollup;
 
 #[cfg(test)]

@@ -169,6 +169,7 @@ impl AdminState {
                 quarantined.join(", ")
             ));
         }
+        p.extend(t.replication.problems());
         let rollups = &self.telemetry.rollups;
         if rollups.flushes_table_blocked.load(Relaxed) == 1 {
             p.push("ClickHouse refuses rows of the flushes table (schema drift; see `tallyd schema`): the rows are given up, and rollups of their minutes may be missed until it is fixed".into());

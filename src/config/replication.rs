@@ -14,6 +14,11 @@ pub struct ReplicationConfig {
     pub monitor_urls: Vec<String>,
     pub spec: StreamSpec,
     pub publish_timeout: Duration,
+    pub lease: Duration,
+    /// The rows' host.
+    pub host: String,
+    pub max_lag: u64,
+    pub consume: bool,
 }
 
 impl Settings {
@@ -71,6 +76,13 @@ impl Settings {
                 "must be 1 to 5 (JetStream's limit)",
             ));
         }
+        let lease = duration("replication.lease", &r.lease)?;
+        if lease < Duration::from_secs(3) {
+            return Err(err(
+                "replication.lease",
+                "must be at least 3s (it is renewed every third of it, each renewal a round trip to the stream's servers)",
+            ));
+        }
         Ok(Some(ReplicationConfig {
             servers: r.servers.clone(),
             monitor_urls: r.monitor_urls.clone(),
@@ -81,6 +93,14 @@ impl Settings {
                 duplicate_window: duration("replication.duplicate_window", &r.duplicate_window)?,
             },
             publish_timeout: duration("replication.publish_timeout", &r.publish_timeout)?,
+            lease,
+            host: if r.host.is_empty() {
+                r.stream.clone()
+            } else {
+                r.host.clone()
+            },
+            max_lag: r.max_lag,
+            consume: r.consume,
         }))
     }
 }

@@ -218,8 +218,15 @@ impl Settings {
             mapping: self.mapping.clone(),
         })
         .map_err(|(field, why)| err(&field, why))?;
+        let replication = self.replication_config()?;
+        if forward.is_some() && replication.as_ref().is_some_and(|r| r.consume) {
+            return Err(err(
+                "replication.consume",
+                "an edge (forward.upstreams) does not write ClickHouse, so it cannot aggregate the stream: set consume = false, and let the tallyds that write ClickHouse consume it",
+            ));
+        }
         Ok(Config {
-            replication: self.replication_config()?,
+            replication,
             warnings,
             auth,
             budgets,

@@ -46,6 +46,7 @@ use crate::auth::{self, Guard, Refusal};
 use crate::ledger::dedup::{Admit, Dedup, MAX_CLIENT_ID, WINDOW};
 use crate::protocol::batch::BatchView;
 use crate::protocol::proto::{self, Ack, FrameError, pb::ack::Status};
+use crate::telemetry::replication::{DUPLICATE, STORED};
 use crate::telemetry::{BlockStats, Telemetry};
 use crate::wal::AppendError;
 
@@ -412,34 +413,40 @@ impl ProtoIngest {
             return (ack(batch.sequence, Status::Rejected, message, 0), 0, true);
         }
         let bytes = bytes::Bytes::copy_from_slice(raw);
+        let started = Instant::now();
         let published = tokio::time::timeout(
             timeout,
             publisher.publish(bytes, batch.client_id, batch.sequence),
         )
         .await;
-        match published {
-            Ok(Ok(p)) if p.duplicate => (
-                ack(batch.sequence, Status::Duplicate, "already stored", 0),
+        let r = &self.telemetry.replication;
+        let failed = |message: String| {
+            r.publish_failed(&message);
+            (
+                ack(batch.sequence, Status::Overloaded, &message, 0),
                 0,
-                false,
-            ),
-            Ok(Ok(_)) => (ack(batch.sequence, Status::Ok, "", 0), 0, false),
-            Ok(Err(e)) => {
-                let message = format!("the stream did not store it: {e}; retry later");
-                (
-                    ack(batch.sequence, Status::Overloaded, &message, 0),
-                    0,
-                    true,
-                )
+                true,
+            )
+        };
+        match published {
+            Ok(Ok(p)) => {
+                self.telemetry
+                    .latency
+                    .replication_publish
+                    .record(started.elapsed());
+                if p.duplicate {
+                    r.published[DUPLICATE].fetch_add(1, Relaxed);
+                    let message = "already stored";
+                    (ack(batch.sequence, Status::Duplicate, message, 0), 0, false)
+                } else {
+                    r.published[STORED].fetch_add(1, Relaxed);
+                    (ack(batch.sequence, Status::Ok, "", 0), 0, false)
+                }
             }
-            Err(_) => {
-                let message = format!("the stream did not answer within {timeout:?}; retry later");
-                (
-                    ack(batch.sequence, Status::Overloaded, &message, 0),
-                    0,
-                    true,
-                )
-            }
+            Ok(Err(e)) => failed(format!("the stream did not store it: {e}; retry later")),
+            Err(_) => failed(format!(
+                "the stream did not answer within {timeout:?}; retry later"
+            )),
         }
     }
 

@@ -27,6 +27,13 @@ pub struct Cut {
     /// The interval's start, Unix milliseconds.
     pub start: u64,
     pub interval_ms: u64,
+    /// Chunks of the shard's state after this interval, under
+    /// `state.<shard>.<seq>.<i>` ([`super::state`]).
+    pub state: u32,
+    /// The state before it: the previous cut's `seq` and `state` (0 and 0
+    /// before the first cut: an empty state).
+    pub base_seq: u64,
+    pub base_state: u32,
 }
 
 /// What a compare-and-set write did.
@@ -69,7 +76,8 @@ async fn bucket(
     .map_err(|e| format!("cannot make or read the KV bucket {name}: {e}"))
 }
 
-/// The cuts of a stream's shards.
+/// The cuts of a stream's shards, and their states.
+#[derive(Clone)]
 pub struct Cuts(kv::Store);
 
 impl Cuts {
@@ -118,9 +126,46 @@ impl Cuts {
             },
         }
     }
+
+    /// Stores the shard's state as of stream sequence `seq`; returns its
+    /// chunks. Written before the cut that names it.
+    pub async fn put_state(&self, shard: u32, seq: u64, state: &[u8]) -> Result<u32, String> {
+        let parts = super::state::chunks(state);
+        for (i, part) in (0u32..).zip(&parts) {
+            let key = super::state::key(shard, seq, i);
+            self.0
+                .put(&key, bytes::Bytes::copy_from_slice(part))
+                .await
+                .map_err(|e| format!("cannot store {key}: {e}"))?;
+        }
+        Ok(u32::try_from(parts.len()).unwrap_or(u32::MAX))
+    }
+
+    /// The shard's state as of `seq`, in `chunks` chunks (none: empty).
+    pub async fn state(&self, shard: u32, seq: u64, chunks: u32) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        for i in 0..chunks {
+            let key = super::state::key(shard, seq, i);
+            match self.0.get(&key).await {
+                Ok(Some(part)) => out.extend_from_slice(&part),
+                Ok(None) => return Err(format!("{key} is missing")),
+                Err(e) => return Err(format!("cannot read {key}: {e}")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a state no cut needs any more (best effort: a leftover is
+    /// only bytes).
+    pub async fn drop_state(&self, shard: u32, seq: u64, chunks: u32) {
+        for i in 0..chunks {
+            let _ = self.0.purge(super::state::key(shard, seq, i)).await;
+        }
+    }
 }
 
 /// The leases of a stream's shards.
+#[derive(Clone)]
 pub struct Leases(kv::Store);
 
 impl Leases {
@@ -163,5 +208,14 @@ impl Leases {
             Err(e) if lost(&e) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Gives a lease held at `revision` back, so that a standby need not
+    /// wait for it to age out (at a stop). A lease lost meanwhile is left.
+    pub async fn release(&self, shard: u32, revision: u64) {
+        let _ = self
+            .0
+            .delete_expect_revision(key(shard), Some(revision))
+            .await;
     }
 }

@@ -1,10 +1,15 @@
-//! Replicated ingest on NATS JetStream (docs/replication.md): being built
-//! in steps. This step holds the check of the servers.
+//! Replicated ingest on NATS JetStream (docs/replication.md): an
+//! acknowledged batch is stored by a quorum of the stream's servers before
+//! `OK`, and the tallyd holding its shard's lease aggregates it from there.
 //!
 //! - [`check`]: whether a server can hold what tallyd acknowledges (pure).
 //! - [`publish`]: acknowledged batches to the stream (format 1).
-//! - [`cut`]: cuts (the fence) and leases in JetStream KV.
+//! - [`cut`]: cuts (the fence), shard states and leases in JetStream KV.
+//! - [`state`]: a shard's state at a cut, its bytes (pure).
+//! - [`consume`]: aggregation from the stream, and its durable order.
 
 pub mod check;
+pub mod consume;
 pub mod cut;
 pub mod publish;
+pub mod state;

@@ -116,6 +116,8 @@ pub struct Running {
     sink: JoinHandle<()>,
     /// The rollup job (a tallyd that writes ClickHouse).
     rollups: Option<JoinHandle<()>>,
+    /// The replication consumer (docs/replication.md), with `[replication]`.
+    replication: Option<JoinHandle<()>>,
     admin: Option<JoinHandle<()>>,
     systemd: JoinHandle<()>,
     wal: Option<Arc<Wal>>,

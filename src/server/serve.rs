@@ -266,6 +266,39 @@ pub(super) async fn serve(
             Some(Arc::new((publisher, r.publish_timeout)))
         }
     };
+    let replication_task = match (&config.replication, &replication) {
+        (Some(r), Some(p)) if r.consume => {
+            telemetry.replication.start(r.spec.shards, r.max_lag);
+            let ttl_flushes =
+                config.proto.dedup_window.as_nanos() / config.flush_interval.as_nanos().max(1);
+            let consumer = crate::replication::consume::Consumer {
+                js: p.0.context().clone(),
+                stream: r.spec.name.clone(),
+                shards: r.spec.shards,
+                replicas: r.spec.replicas,
+                lease: r.lease,
+                host: r.host.clone(),
+                holder: format!("{} pid {}", config.host_id, std::process::id()),
+                interval: config.flush_interval,
+                dir: config.data_dir.join("replication"),
+                dedup_window: u64::try_from(ttl_flushes).unwrap_or(u64::MAX),
+                max_gauges: config.aggregate.max_keys,
+                limits: (config.aggregate, config.parse_limits),
+                sink: Sink::new(config.sink.clone(), Arc::clone(&telemetry))
+                    .with_reload(sink_config.subscribe())
+                    .with_ledger(Arc::clone(&ledger)),
+                telemetry: Arc::clone(&telemetry),
+            };
+            Some(tokio::spawn(
+                consumer.run(config.sink.clone(), stop_rx.clone()),
+            ))
+        }
+        (Some(_), Some(_)) => {
+            telemetry.replication.start(0, 0);
+            None
+        }
+        _ => None,
+    };
     let proto = ProtoIngest {
         replication,
         guard: Arc::clone(&guard),
@@ -375,6 +408,7 @@ pub(super) async fn serve(
         flush,
         sink,
         rollups,
+        replication: replication_task,
         admin,
         systemd,
         wal,

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How long the replication consumer gets to give its leases back.
+const REPLICATION_GRACE: Duration = Duration::from_secs(2);
+
 impl Running {
     /// The one shutdown path (see the module doc). Returns the rows that could
     /// not be written within `shutdown_timeout`.
@@ -98,6 +101,17 @@ impl Running {
             let _ = sink.await;
             let rows = self.telemetry.backlog_rows.load(Ordering::Relaxed);
             tracing::warn!(rows, timeout = ?self.config.shutdown_timeout, "ClickHouse did not take the last rows in time; they stay in the spool for the next start");
+        }
+        // It gives its shards' leases back when it sees the stop; a
+        // flush it was writing is written again by whoever takes them.
+        if let Some(mut task) = self.replication {
+            if tokio::time::timeout(REPLICATION_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+                let _ = task.await;
+            }
         }
         // It holds the ledger (the data dir's lock).
         if let Some(task) = self.rollups {

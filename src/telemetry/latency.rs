@@ -15,6 +15,8 @@ pub struct Latencies {
     pub insert: Latency,
     /// A protobuf batch, taken until its ack is written.
     pub proto_ack: Latency,
+    /// A batch's publish to the replication stream, until it answered.
+    pub replication_publish: Latency,
 }
 
 impl Latencies {
@@ -23,6 +25,7 @@ impl Latencies {
             ("flush", &self.flush),
             ("insert", &self.insert),
             ("proto_ack", &self.proto_ack),
+            ("replication_publish", &self.replication_publish),
         ] {
             render(m, op, l);
         }
@@ -35,7 +38,7 @@ pub(crate) fn render(m: &mut Metrics<'_>, op: &str, l: &Latency) {
     for (q, v) in [("0.5", s.p50), ("0.99", s.p99), ("1", s.max)] {
         m.gauge(
             "tallyd_latency_seconds",
-            "Latency of tallyd's own operations over the last one to two minutes (flush, insert, wal_sync, proto_ack), by quantile (1: the max).",
+            "Latency of tallyd's own operations over the last one to two minutes (flush, insert, wal_sync, proto_ack, replication_publish), by quantile (1: the max).",
             &format!("op=\"{op}\",quantile=\"{q}\""),
             &Text(format!("{v:.6}")),
         );
