@@ -103,7 +103,8 @@ cargo test --locked --all-targets
 # The fleet's 2-minute aggregator outage runs on 18.16 above; 20 s here.
 TALLYD_TEST_ENGINE=chdb TALLYD_TEST_OUTAGE_SECS=20 cargo test --locked --test end_to_end --test ledger \
     --test crash --test clickhouse_outage --test proto --test dogstatsd \
-    --test memory --test reload --test fleet --test rollup --test otlp --test explorer
+    --test memory --test reload --test fleet --test rollup --test otlp --test explorer \
+    --test replication
 
 # Packaging: cargo deb builds the .deb (cargo-deb is installed from
 # crates.io if missing); check that it carries what a host needs.

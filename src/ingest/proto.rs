@@ -72,7 +72,8 @@ pub struct ProtoIngest {
     pub guard: Arc<Guard>,
     /// With `[replication]`: batches go to the stream, answered once it
     /// has them (docs/replication.md), instead of to the WAL here.
-    pub replication: Option<Arc<(crate::replication::publish::Publisher, Duration)>>,
+    /// The link to the stream and the publish timeout.
+    pub replication: Option<(Arc<crate::replication::link::Link>, Duration)>,
 }
 
 /// A frame, decoded as a `Batch`, or why it does not decode.
@@ -361,7 +362,7 @@ impl ProtoIngest {
                 };
                 let taken = Instant::now();
                 let handled = match &self.replication {
-                    Some(r) => self.replicate(&r.0, r.1, raw).await,
+                    Some((link, timeout)) => self.replicate(link, *timeout, raw).await,
                     None => self.handle_with_retry(raw, decoded, &mut scratch).await,
                 };
                 buf.drain(..prefix + len);
@@ -397,10 +398,16 @@ impl ProtoIngest {
     /// close.
     async fn replicate(
         &self,
-        publisher: &crate::replication::publish::Publisher,
+        link: &crate::replication::link::Link,
         timeout: Duration,
         raw: &[u8],
     ) -> (Ack, u64, bool) {
+        let Some(publisher) = link.publisher() else {
+            let why = link.not_ready().unwrap_or_default();
+            let message = format!("the replication stream is not usable yet ({why}); retry later");
+            let sequence = BatchView::decode(raw).map_or(0, |b| b.sequence);
+            return (ack(sequence, Status::Overloaded, &message, 0), 0, true);
+        };
         let batch = match BatchView::decode(raw) {
             Ok(b) => b,
             Err(e) => {

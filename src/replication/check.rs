@@ -71,10 +71,28 @@ pub fn varz(body: &[u8]) -> Result<Fit, String> {
     })
 }
 
+/// Why a server cannot be used (now).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Its `/varz` could not be read: it may come up later.
+    Unreachable(String),
+    /// It answered, and cannot promise what tallyd needs: a configuration
+    /// error.
+    Unfit(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Unreachable(why) | Refused::Unfit(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Reads `<url>/varz` (blocking; `url` is `http://host:port`) and checks
 /// it: the server's name and version, or why it cannot be used, with its
 /// URL.
-pub fn server(url: &str) -> Result<Fit, String> {
+pub fn server(url: &str) -> Result<Fit, Refused> {
     let get = || -> Result<Vec<u8>, String> {
         let hostport = url
             .strip_prefix("http://")
@@ -94,8 +112,8 @@ pub fn server(url: &str) -> Result<Fit, String> {
         let at = memchr::memmem::find(&resp, b"\r\n\r\n").ok_or("a malformed answer")?;
         Ok(resp.split_off(at + 4))
     };
-    let body = get().map_err(|e| format!("{url}/varz: cannot read it ({e}), so tallyd cannot confirm that the server fsyncs every write"))?;
-    varz(&body).map_err(|e| format!("{url}: {e}"))
+    let body = get().map_err(|e| Refused::Unreachable(format!("{url}/varz: cannot read it ({e}), so tallyd cannot confirm that the server fsyncs every write")))?;
+    varz(&body).map_err(|e| Refused::Unfit(format!("{url}: {e}")))
 }
 
 /// `2.10.0`, `v2.12.8`, `2.11.0-RC.1` as (major, minor, patch).

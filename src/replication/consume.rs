@@ -57,7 +57,8 @@ use crate::telemetry::{BlockStats, Telemetry};
 
 /// What one tallyd's consumer needs.
 pub struct Consumer {
-    pub js: jetstream::Context,
+    /// The stream, once usable.
+    pub link: Arc<super::link::Link>,
     pub stream: String,
     pub shards: u32,
     pub replicas: usize,
@@ -115,16 +116,19 @@ impl Consumer {
             }
             attempt += 1;
         }
+        let js = tokio::select! {
+            p = self.link.ready() => p.context().clone(),
+            _ = sleep_or_stop(Duration::MAX, &stop) => return,
+        };
         let this = Arc::new(self);
-        this.work_shards(stop).await
+        this.work_shards(js, stop).await
     }
 
-    async fn work_shards(self: Arc<Self>, stop: watch::Receiver<bool>) {
+    async fn work_shards(self: Arc<Self>, js: jetstream::Context, stop: watch::Receiver<bool>) {
         let (cuts, leases) = loop {
             let opened = async {
-                let cuts = Cuts::open(&self.js, &self.stream, self.replicas).await?;
-                let leases =
-                    Leases::open(&self.js, &self.stream, self.replicas, self.lease).await?;
+                let cuts = Cuts::open(&js, &self.stream, self.replicas).await?;
+                let leases = Leases::open(&js, &self.stream, self.replicas, self.lease).await?;
                 Ok::<_, String>((cuts, leases))
             };
             match opened.await {
@@ -141,7 +145,7 @@ impl Consumer {
         for n in 0..self.shards {
             let this = Arc::clone(&self);
             let (cuts, leases, stop) = (cuts.clone(), leases.clone(), stop.clone());
-            tasks.push(tokio::spawn(this.shard(n, cuts, leases, stop)));
+            tasks.push(tokio::spawn(this.shard(n, js.clone(), cuts, leases, stop)));
         }
         for t in tasks {
             let _ = t.await;
@@ -153,6 +157,7 @@ impl Consumer {
     async fn shard(
         self: Arc<Self>,
         n: u32,
+        js: jetstream::Context,
         cuts: Cuts,
         leases: Leases,
         mut stop: watch::Receiver<bool>,
@@ -171,7 +176,7 @@ impl Consumer {
                     self.telemetry.replication.set_lease(n, true);
                     let held = AtomicU64::new(revision);
                     let why = tokio::select! {
-                        r = self.work(n, &cuts) => match r {
+                        r = self.work(n, &js, &cuts) => match r {
                             Err(e) => e,
                             Ok(never) => match never {},
                         },
@@ -195,10 +200,14 @@ impl Consumer {
     }
 
     /// Steps 2 to 4 of the module's sequence, until an error or a fence.
-    async fn work(&self, n: u32, cuts: &Cuts) -> Result<Infallible, String> {
+    async fn work(
+        &self,
+        n: u32,
+        js: &jetstream::Context,
+        cuts: &Cuts,
+    ) -> Result<Infallible, String> {
         let subject = format!("tallyd.b.{n}");
-        let stream = self
-            .js
+        let stream = js
             .get_stream(&self.stream)
             .await
             .map_err(|e| format!("cannot read stream {}: {e}", self.stream))?;
@@ -390,7 +399,9 @@ impl Consumer {
             Written::Stored(revision) => {
                 self.telemetry.replication.cuts.fetch_add(1, Relaxed);
                 let older = shard.last.replace((cut, revision));
+                crate::failpoint::hit("after_cut");
                 self.deliver(flush).await;
+                crate::failpoint::hit("after_cut_insert");
                 purge(stream, subject, seq).await?;
                 // The state before this cut's base: no cut names it now.
                 if let Some((c, _)) = older {

@@ -4,6 +4,8 @@
 //!
 //! - [`check`]: whether a server can hold what tallyd acknowledges (pure).
 //! - [`publish`]: acknowledged batches to the stream (format 1).
+//! - [`link`]: the servers checked and the stream reached, at start and
+//!   after, until it is usable.
 //! - [`cut`]: cuts (the fence), shard states and leases in JetStream KV.
 //! - [`state`]: a shard's state at a cut, its bytes (pure).
 //! - [`consume`]: aggregation from the stream, and its durable order.
@@ -11,5 +13,6 @@
 pub mod check;
 pub mod consume;
 pub mod cut;
+pub mod link;
 pub mod publish;
 pub mod state;

@@ -82,7 +82,7 @@ impl Publisher {
             .info()
             .await
             .map_err(|e| format!("cannot read stream {}: {e}", spec.name))?;
-        check_stream(&info.config, &spec)?;
+        check_stream(&info.config, &spec).map_err(|e| format!("{UNFIT}{e}"))?;
         Ok(Publisher { js, spec })
     }
 
@@ -128,6 +128,10 @@ impl Publisher {
         })
     }
 }
+
+/// How [`Publisher::connect`]'s error starts when the stream exists and
+/// cannot hold what tallyd acknowledges (not worth a retry).
+pub const UNFIT: &str = "unfit: ";
 
 /// Whether an existing stream can hold what tallyd acknowledges.
 fn check_stream(c: &stream::Config, spec: &StreamSpec) -> Result<(), String> {

@@ -245,25 +245,20 @@ pub(super) async fn serve(
     let replication = match &config.replication {
         None => None,
         Some(r) => {
-            // Each server must fsync every write before it answers.
-            let urls = r.monitor_urls.clone();
-            let checked = super::blocking(move || {
-                urls.iter()
-                    .map(|u| crate::replication::check::server(u))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|e| StartError::Replication(e.to_string()))?;
-            let fit = checked.map_err(StartError::Replication)?;
-            tracing::info!(servers = ?fit, "the NATS servers fsync every write");
-            let publisher = crate::replication::publish::Publisher::connect(
-                &r.servers,
-                r.spec.clone(),
-                r.publish_timeout,
+            let target = crate::replication::link::Target {
+                servers: r.servers.clone(),
+                monitor_urls: r.monitor_urls.clone(),
+                spec: r.spec.clone(),
+                timeout: r.publish_timeout,
+            };
+            let link = crate::replication::link::Link::open(
+                target,
+                Arc::clone(&telemetry),
+                stop_rx.clone(),
             )
             .await
             .map_err(StartError::Replication)?;
-            Some(Arc::new((publisher, r.publish_timeout)))
+            Some((link, r.publish_timeout))
         }
     };
     let replication_task = match (&config.replication, &replication) {
@@ -272,7 +267,7 @@ pub(super) async fn serve(
             let ttl_flushes =
                 config.proto.dedup_window.as_nanos() / config.flush_interval.as_nanos().max(1);
             let consumer = crate::replication::consume::Consumer {
-                js: p.0.context().clone(),
+                link: Arc::clone(&p.0),
                 stream: r.spec.name.clone(),
                 shards: r.spec.shards,
                 replicas: r.spec.replicas,

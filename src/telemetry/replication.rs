@@ -27,6 +27,8 @@ pub struct Replication {
     pub fenced: AtomicU64,
     /// Messages behind the stream a shard may be before `/health` says so.
     pub max_lag: AtomicU64,
+    /// Why the stream is not usable yet (at a start before it was).
+    pub unusable: Mutex<Option<String>>,
     /// Per shard: (lease held, messages not yet read).
     pub shards: Mutex<Vec<(bool, u64)>>,
 }
@@ -69,6 +71,11 @@ impl Replication {
     /// What makes `/health` degraded, one phrase each.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        if let Some(why) = crate::lock(&self.unusable).as_ref() {
+            p.push(format!(
+                "the replication stream is not usable yet, so protobuf batches are answered OVERLOADED: {why}"
+            ));
+        }
         let failed = self.failed_at_ms.load(Relaxed);
         if failed != 0 && super::unix_ms().saturating_sub(failed) < FAILED_RECENTLY_MS {
             p.push(format!(
