@@ -646,16 +646,26 @@ fn total(db: &str, fin: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Waits until `repl.c`'s total under FINAL is `expected` (and, on the
-/// modern engine, without FINAL too: its insert token drops a replay).
-fn assert_total(db: &str, expected: f64, what: &str, logs: &[&Replicated]) {
-    let landed = wait_for(90, || total(db, "FINAL") == expected);
-    let logs: Vec<String> = logs.iter().map(|t| t.log()).collect();
-    assert!(
-        landed,
-        "{what}: {} of {expected} under FINAL\n{}",
-        total(db, "FINAL"),
+/// Waits until the stream holds nothing (every acked batch cut, written
+/// and confirmed: a cut is purged only then; `monitor` is a live server's),
+/// then asserts `repl.c`'s total under FINAL (and, on the modern engine,
+/// without FINAL too: its insert token drops a replay).
+fn assert_total(db: &str, monitor: u16, expected: f64, what: &str, logs: &[&Replicated]) {
+    let logs = || {
+        let logs: Vec<String> = logs.iter().map(|t| t.log()).collect();
         logs.join("\n----\n")
+    };
+    assert!(
+        wait_for(90, || stream_messages(monitor) == 0),
+        "{what}: the stream still holds {} messages\n{}",
+        stream_messages(monitor),
+        logs()
+    );
+    assert_eq!(
+        total(db, "FINAL"),
+        expected,
+        "{what}: under FINAL\n{}",
+        logs()
     );
     if modern() {
         assert_eq!(total(db, ""), expected, "{what}: without FINAL");
@@ -684,7 +694,7 @@ fn acked_batches_survive_a_lost_active_tallyd_its_data_dir_a_lost_nats_server_an
     expected += 200.0;
     assert!(b.python("py", 1, 20, 2).contains("acked 20"));
     expected += 40.0;
-    assert_total(db, expected, "both tallyds up", &[&a, &b]);
+    assert_total(db, nodes[0].monitor, expected, "both tallyds up", &[&a, &b]);
 
     // The active is killed and its host lost for good: the standby takes
     // its shards once the lease ages out, and nothing acked is lost.
@@ -699,7 +709,13 @@ fn acked_batches_survive_a_lost_active_tallyd_its_data_dir_a_lost_nats_server_an
     );
     b.send("send-2", 11, 100, 3);
     expected += 300.0;
-    assert_total(db, expected, "the active killed, its data dir gone", &[&b]);
+    assert_total(
+        db,
+        nodes[0].monitor,
+        expected,
+        "the active killed, its data dir gone",
+        &[&b],
+    );
     // A replacement host stands by.
     drop(a);
     let mut a = Replicated::start("a2", &urls, &monitors, db);
@@ -711,7 +727,13 @@ fn acked_batches_survive_a_lost_active_tallyd_its_data_dir_a_lost_nats_server_an
     expected += 500.0;
     assert!(a.python("py", 21, 20, 2).contains("acked 20"));
     expected += 40.0;
-    assert_total(db, expected, "one NATS server killed", &[&a, &b]);
+    assert_total(
+        db,
+        nodes[0].monitor,
+        expected,
+        "one NATS server killed",
+        &[&a, &b],
+    );
 
     // Later retries of batches already counted: past the stream's
     // duplicate window (1 s), tallyd's own window drops them, across the
@@ -719,7 +741,7 @@ fn acked_batches_survive_a_lost_active_tallyd_its_data_dir_a_lost_nats_server_an
     std::thread::sleep(std::time::Duration::from_secs(2));
     b.send("send-1", 1, 200, 1);
     a.python("py", 1, 40, 2);
-    assert_total(db, expected, "late retries", &[&a, &b]);
+    assert_total(db, nodes[0].monitor, expected, "late retries", &[&a, &b]);
 
     // Everything restarted: the three servers from their stores, then both
     // tallyds from their data dirs.
@@ -747,7 +769,13 @@ fn acked_batches_survive_a_lost_active_tallyd_its_data_dir_a_lost_nats_server_an
     expected += 350.0;
     assert!(a.python("py", 41, 10, 2).contains("acked 10"));
     expected += 20.0;
-    assert_total(db, expected, "after a full restart", &[&a, &b]);
+    assert_total(
+        db,
+        nodes[0].monitor,
+        expected,
+        "after a full restart",
+        &[&a, &b],
+    );
     let cut = a.metric("tallyd_replication_cuts_total") + b.metric("tallyd_replication_cuts_total");
     assert!(cut > 0.0, "no cut counted");
 }
@@ -784,17 +812,16 @@ fn a_cut_written_but_not_confirmed_is_aggregated_again_by_the_next_holder_and_co
             "b took no lease: {}",
             b.log()
         );
-        assert_total(db, expected, point, &[&a, &b]);
+        assert_total(db, nodes[0].monitor, expected, point, &[&a, &b]);
         // A retry of the same batches later: counted once still.
         std::thread::sleep(std::time::Duration::from_secs(2));
         b.send(&format!("replay-{i}"), 1, 100, 1);
-        assert_total(db, expected, &format!("{point}, a late retry"), &[&b]);
-        // Everything cut and purged before the next round's active starts.
-        assert!(
-            wait_for(30, || stream_messages(nodes[0].monitor) == 0),
-            "the stream still holds {} messages: {}",
-            stream_messages(nodes[0].monitor),
-            b.log()
+        assert_total(
+            db,
+            nodes[0].monitor,
+            expected,
+            &format!("{point}, a late retry"),
+            &[&b],
         );
     }
 }
