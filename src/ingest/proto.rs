@@ -46,7 +46,6 @@ use crate::auth::{self, Guard, Refusal};
 use crate::ledger::dedup::{Admit, Dedup, MAX_CLIENT_ID, WINDOW};
 use crate::protocol::batch::BatchView;
 use crate::protocol::proto::{self, Ack, FrameError, pb::ack::Status};
-use crate::telemetry::replication::{DUPLICATE, STORED};
 use crate::telemetry::{BlockStats, Telemetry};
 use crate::wal::AppendError;
 
@@ -54,6 +53,15 @@ const READ_BUF: usize = 64 * 1024;
 const WAL_RETRY: Duration = Duration::from_millis(10);
 /// Acks a connection may have waiting for durability before it stops reading.
 const ACK_QUEUE: usize = 1024;
+
+mod replicated;
+use replicated::Answer;
+
+/// Counts an answer by status (`tallyd_proto_batches_total`).
+fn count(telemetry: &Telemetry, a: &Ack) {
+    let i = usize::try_from(a.status).unwrap_or(0).min(4);
+    telemetry.proto_acks[i].fetch_add(1, Relaxed);
+}
 
 #[derive(Clone)]
 pub struct ProtoIngest {
@@ -253,8 +261,7 @@ impl ProtoIngest {
 
     /// Counts an answer by status (`tallyd_proto_batches_total`).
     fn count(&self, a: &Ack) {
-        let i = usize::try_from(a.status).unwrap_or(0).min(4);
-        self.telemetry.proto_acks[i].fetch_add(1, Relaxed);
+        count(&self.telemetry, a)
     }
 
     /// Accepts connections until `stop` turns true, then lets each one
@@ -297,11 +304,20 @@ impl ProtoIngest {
         let (mut reader, mut writer) = tokio::io::split(stream);
         // Each ack with the WAL ticket it waits for and when its batch
         // was taken (an ack's latency: until it is written).
-        let (acks, mut queue) = mpsc::channel::<(Ack, u64, Instant)>(ACK_QUEUE);
+        let (acks, mut queue) = mpsc::channel::<(Answer, u64, Instant)>(ACK_QUEUE);
         let wal = self.recorder.wal.clone();
         let telemetry = Arc::clone(&self.telemetry);
         let ack_writer = tokio::spawn(async move {
-            while let Some((ack, ticket, taken)) = queue.recv().await {
+            while let Some((answer, ticket, taken)) = queue.recv().await {
+                // The stream's answer, in the order the batches came.
+                let (ack, close) = match answer {
+                    Answer::Now(ack) => (ack, false),
+                    Answer::Stream(answer) => {
+                        let ack = answer.await;
+                        let close = ack.status == Status::Overloaded as i32;
+                        (ack, close)
+                    }
+                };
                 if let Some(wal) = &wal
                     && !wal.wait_durable(ticket).await
                 {
@@ -313,6 +329,11 @@ impl ProtoIngest {
                     return;
                 }
                 telemetry.latency.proto_ack.record(taken.elapsed());
+                if close {
+                    // Like OVERLOADED on the WAL path: the client retries
+                    // on a new connection (the reader sees this end).
+                    break;
+                }
             }
             let _ = writer.shutdown().await;
         });
@@ -336,7 +357,7 @@ impl ProtoIngest {
                         };
                         let a = ack(0, Status::Rejected, &message, 0);
                         self.count(&a);
-                        let _ = acks.send((a, 0, Instant::now())).await;
+                        let _ = acks.send((Answer::Now(a), 0, Instant::now())).await;
                         break 'read;
                     }
                 };
@@ -349,26 +370,33 @@ impl ProtoIngest {
                     Entry::Answer(a) => {
                         // A token batch: answered, not counted as data.
                         buf.drain(..prefix + len);
-                        if acks.send((a, 0, Instant::now())).await.is_err() {
+                        if acks
+                            .send((Answer::Now(a), 0, Instant::now()))
+                            .await
+                            .is_err()
+                        {
                             break 'read;
                         }
                         continue;
                     }
                     Entry::Close(a) => {
                         self.count(&a);
-                        let _ = acks.send((a, 0, Instant::now())).await;
+                        let _ = acks.send((Answer::Now(a), 0, Instant::now())).await;
                         break 'read;
                     }
                 };
                 let taken = Instant::now();
-                let handled = match &self.replication {
+                let (answer, ticket, close) = match &self.replication {
                     Some((link, timeout)) => self.replicate(link, *timeout, raw).await,
-                    None => self.handle_with_retry(raw, decoded, &mut scratch).await,
+                    None => {
+                        let (a, ticket, close) =
+                            self.handle_with_retry(raw, decoded, &mut scratch).await;
+                        self.count(&a);
+                        (Answer::Now(a), ticket, close)
+                    }
                 };
                 buf.drain(..prefix + len);
-                let (a, ticket, close) = handled;
-                self.count(&a);
-                if acks.send((a, ticket, taken)).await.is_err() || close {
+                if acks.send((answer, ticket, taken)).await.is_err() || close {
                     break 'read;
                 }
             }
@@ -389,72 +417,6 @@ impl ProtoIngest {
         }
         drop(acks);
         let _ = ack_writer.await;
-    }
-
-    /// Publishes a batch to the stream and answers by what it says:
-    /// `OK` once stored, `DUPLICATE` when it had it (within its duplicate
-    /// window), `OVERLOADED` (and close) when it did not answer in
-    /// `timeout`. Returns the ack, the WAL ticket (none) and whether to
-    /// close.
-    async fn replicate(
-        &self,
-        link: &crate::replication::link::Link,
-        timeout: Duration,
-        raw: &[u8],
-    ) -> (Ack, u64, bool) {
-        let Some(publisher) = link.publisher() else {
-            let why = link.not_ready().unwrap_or_default();
-            let message = format!("the replication stream is not usable yet ({why}); retry later");
-            let sequence = BatchView::decode(raw).map_or(0, |b| b.sequence);
-            return (ack(sequence, Status::Overloaded, &message, 0), 0, true);
-        };
-        let batch = match BatchView::decode(raw) {
-            Ok(b) => b,
-            Err(e) => {
-                let message = format!("undecodable Batch: {e}");
-                return (ack(0, Status::Rejected, &message, 0), 0, true);
-            }
-        };
-        if batch.token.is_some() {
-            let message = "a batch that carries a token must carry nothing else";
-            return (ack(batch.sequence, Status::Rejected, message, 0), 0, true);
-        }
-        let bytes = bytes::Bytes::copy_from_slice(raw);
-        let started = Instant::now();
-        let published = tokio::time::timeout(
-            timeout,
-            publisher.publish(bytes, batch.client_id, batch.sequence),
-        )
-        .await;
-        let r = &self.telemetry.replication;
-        let failed = |message: String| {
-            r.publish_failed(&message);
-            (
-                ack(batch.sequence, Status::Overloaded, &message, 0),
-                0,
-                true,
-            )
-        };
-        match published {
-            Ok(Ok(p)) => {
-                self.telemetry
-                    .latency
-                    .replication_publish
-                    .record(started.elapsed());
-                if p.duplicate {
-                    r.published[DUPLICATE].fetch_add(1, Relaxed);
-                    let message = "already stored";
-                    (ack(batch.sequence, Status::Duplicate, message, 0), 0, false)
-                } else {
-                    r.published[STORED].fetch_add(1, Relaxed);
-                    (ack(batch.sequence, Status::Ok, "", 0), 0, false)
-                }
-            }
-            Ok(Err(e)) => failed(format!("the stream did not store it: {e}; retry later")),
-            Err(_) => failed(format!(
-                "the stream did not answer within {timeout:?}; retry later"
-            )),
-        }
     }
 
     /// Retries a batch the full WAL refused until `overload_timeout`, then

@@ -108,6 +108,18 @@ impl Publisher {
         client_id: &str,
         sequence: u64,
     ) -> Result<Published, String> {
+        self.send(batch, client_id, sequence).await?.await
+    }
+
+    /// Sends one batch to the stream; the future returned is its answer,
+    /// so that a connection may have several batches on their way at once
+    /// (answered in the order sent).
+    pub async fn send(
+        &self,
+        batch: Bytes,
+        client_id: &str,
+        sequence: u64,
+    ) -> Result<impl Future<Output = Result<Published, String>> + Send + use<>, String> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Tallyd-Format", FORMAT);
         let message = PublishMessage::build()
@@ -115,16 +127,17 @@ impl Publisher {
             // After the headers: `headers` replaces the map the id is in.
             .headers(headers)
             .message_id(format!("{client_id}/{sequence}"));
-        let ack = self
+        let answer = self
             .js
             .send_publish(self.subject(client_id), message)
             .await
-            .map_err(|e| e.to_string())?
-            .await
             .map_err(|e| e.to_string())?;
-        Ok(Published {
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
+        Ok(async move {
+            let ack = answer.await.map_err(|e| e.to_string())?;
+            Ok(Published {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            })
         })
     }
 }
