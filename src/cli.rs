@@ -161,6 +161,26 @@ pub fn main() -> ExitCode {
             for w in &config.warnings {
                 eprintln!("warning: {w}");
             }
+            if let Some(r) = &config.replication {
+                // What the start checks: every server fsyncs every write.
+                for url in &r.monitor_urls {
+                    match crate::replication::check::server(url) {
+                        Ok(fit) => eprintln!(
+                            "replication: {url}: {} {} fsyncs every write",
+                            fit.name, fit.version
+                        ),
+                        Err(crate::replication::check::Refused::Unfit(why)) => {
+                            return fail_with(
+                                exit::CONFIG,
+                                &format!("configuration error: replication.monitor_urls: {why}"),
+                            );
+                        }
+                        Err(crate::replication::check::Refused::Unreachable(why)) => eprintln!(
+                            "warning: {why} (tallyd starts, answers acknowledged batches OVERLOADED and tries again until it can)"
+                        ),
+                    }
+                }
+            }
             print!("{}", settings.to_redacted_toml());
             ExitCode::SUCCESS
         }

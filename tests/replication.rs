@@ -277,6 +277,27 @@ async fn a_tallyd_pointed_at_a_server_that_does_not_fsync_every_write_refuses_to
         Err(e) => e.to_string(),
     };
     assert!(e.contains("sync_interval: always"), "{e}");
+    // check-config says so too, naming the field, and fails.
+    let conf = temp_dir("refused").join("tallyd.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[replication]\nservers = [\"nats://127.0.0.1:1\"]\nmonitor_urls = [\"http://127.0.0.1:{}\"]\n",
+            fast.monitor
+        ),
+    )
+    .expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+        .args(["check-config", "--config"])
+        .arg(&conf)
+        .output()
+        .expect("check-config");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{said}");
+    assert!(
+        said.contains("replication.monitor_urls") && said.contains("sync_interval: always"),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -364,3 +364,36 @@ fn forward_tls_files_need_forward_tls() {
             .is_some_and(|f| f.tls.is_some_and(|t| t.ca.is_some()))
     );
 }
+
+fn replicated() -> Settings {
+    let mut s = Settings::default();
+    s.replication.servers = vec!["nats://127.0.0.1:4222".into()];
+    s.replication.monitor_urls = vec!["http://127.0.0.1:8222".into()];
+    s
+}
+
+#[test]
+fn replication_is_off_without_servers_and_names_the_stream_as_its_rows_host() {
+    assert!(Settings::default().validate().expect("valid").replication.is_none());
+    let r = replicated().validate().expect("valid").replication.expect("on");
+    assert_eq!((r.host.as_str(), r.lease), ("TALLYD", Duration::from_secs(10)));
+    assert!(r.consume);
+}
+
+#[test]
+fn a_bad_replication_setting_names_its_field_and_why() {
+    let mut s = replicated();
+    s.replication.lease = "1s".into();
+    let e = s.validate().expect_err("a lease under 3s").to_string();
+    assert!(e.contains("replication.lease") && e.contains("at least 3s"), "{e}");
+    let mut s = replicated();
+    s.replication.monitor_urls.clear();
+    let e = s.validate().expect_err("no monitoring URL").to_string();
+    assert!(e.contains("replication.monitor_urls") && e.contains("fsyncs every write"), "{e}");
+    let mut s = replicated();
+    s.forward.upstreams = vec!["127.0.0.1:8126".into()];
+    let e = s.validate().expect_err("an edge that consumes").to_string();
+    assert!(e.contains("replication.consume"), "{e}");
+    s.replication.consume = false;
+    s.validate().expect("an edge that only publishes");
+}

@@ -19,9 +19,9 @@
 //!    the wall clock passes it by one more interval with no message:
 //!    a. store the state after the interval (`state.<shard>.<seq>.*`);
 //!    b. write the cut by compare-and-set on the revision read: a lost race
-//!       means another tallyd cut this shard, and this one stands down;
+//!    means another tallyd cut this shard, and this one stands down;
 //!    c. write the flush to ClickHouse (retried for as long as it takes)
-//!       and its row in the flushes table;
+//!    and its row in the flushes table;
 //!    d. purge the subject up to the cut's last sequence.
 //!
 //! A flush's identity is the shard's, whoever writes it: the instance is
@@ -215,14 +215,14 @@ impl Consumer {
         let first = first_sequence(&stream, &subject).await?;
         let replay = last.filter(|(c, _)| first.is_some_and(|f| f <= c.seq));
         let mut shard = match (&last, replay) {
-            (None, _) => self.shard_state(n, None, Vec::new()).await?,
+            (None, _) => self.shard_state(n, Vec::new()).await?,
             (Some((c, _)), Some(_)) => {
                 let state = cuts.state(n, c.base_seq, c.base_state).await?;
-                self.shard_state(n, None, state).await?
+                self.shard_state(n, state).await?
             }
             (Some((c, _)), None) => {
                 let state = cuts.state(n, c.seq, c.state).await?;
-                self.shard_state(n, None, state).await?
+                self.shard_state(n, state).await?
             }
         };
         shard.last = last;
@@ -428,7 +428,7 @@ impl Consumer {
         purge(stream, subject, c.seq).await?;
         let state = cuts.state(shard.n, c.seq, c.state).await?;
         let last = shard.last;
-        *shard = self.shard_state(shard.n, Some(shard), state).await?;
+        *shard = self.shard_state(shard.n, state).await?;
         shard.last = last;
         Ok(())
     }
@@ -486,19 +486,13 @@ impl Consumer {
 
     /// Shard `n`'s state from `state` ([`super::state`]; empty: a fresh
     /// one). The deduplication state is opened from a file of its own
-    /// under `dir` (`previous`, if any, is let go first).
-    async fn shard_state(
-        &self,
-        n: u32,
-        previous: Option<&mut Shard>,
-        state: Vec<u8>,
-    ) -> Result<Shard, String> {
+    /// under `dir`.
+    async fn shard_state(&self, n: u32, state: Vec<u8>) -> Result<Shard, String> {
         let (dedup_text, gauge_log) = if state.is_empty() {
             (String::new(), Vec::new())
         } else {
             super::state::decode(&state).map_err(|e| format!("shard {n}'s state: {e}"))?
         };
-        drop(previous);
         let dir = self.dir.join(format!("{}-{n}", self.stream));
         let window = self.dedup_window;
         let dedup = tokio::task::spawn_blocking(move || {

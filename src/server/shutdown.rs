@@ -104,14 +104,13 @@ impl Running {
         }
         // It gives its shards' leases back when it sees the stop; a
         // flush it was writing is written again by whoever takes them.
-        if let Some(mut task) = self.replication {
-            if tokio::time::timeout(REPLICATION_GRACE, &mut task)
+        if let Some(mut task) = self.replication
+            && tokio::time::timeout(REPLICATION_GRACE, &mut task)
                 .await
                 .is_err()
-            {
-                task.abort();
-                let _ = task.await;
-            }
+        {
+            task.abort();
+            let _ = task.await;
         }
         // It holds the ledger (the data dir's lock).
         if let Some(task) = self.rollups {
