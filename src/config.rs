@@ -90,6 +90,9 @@ pub struct ReplicationSettings {
     /// How long a publish may wait for the stream's answer before the
     /// batch is answered `OVERLOADED`.
     pub publish_timeout: String,
+    /// Bytes the stream may hold (a ClickHouse outage fills it); past it
+    /// batches are answered `OVERLOADED`. "0": no bound.
+    pub max_bytes: String,
     /// How long a shard's lease lives unrenewed: the bound on a takeover.
     pub lease: String,
     /// The `host` of the rows aggregated from the stream (the same
@@ -112,6 +115,7 @@ impl Default for ReplicationSettings {
             replicas: 3,
             duplicate_window: "2m".into(),
             publish_timeout: "5s".into(),
+            max_bytes: "8GiB".into(),
             lease: "10s".into(),
             host: String::new(),
             max_lag: 100_000,

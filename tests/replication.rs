@@ -169,6 +169,7 @@ async fn three_servers_store_a_batch_once_go_on_without_one_and_refuse_without_a
         shards: 4,
         replicas: 3,
         duplicate_window: std::time::Duration::from_secs(120),
+        max_bytes: 0,
     };
     let timeout = std::time::Duration::from_secs(5);
     let publisher = connected(&urls, spec, timeout).await;
@@ -311,6 +312,7 @@ async fn two_writers_of_one_cut_are_fenced_and_a_lease_not_renewed_passes_to_a_s
         shards: 1,
         replicas: 3,
         duplicate_window: Duration::from_secs(120),
+        max_bytes: 0,
     };
     let (a, b) = (
         connected(&urls, spec.clone(), Duration::from_secs(5)).await,
@@ -424,6 +426,7 @@ async fn a_shard_is_read_in_order_from_a_sequence_and_a_confirmed_cut_is_purged_
         shards: 1,
         replicas: 3,
         duplicate_window: std::time::Duration::from_secs(120),
+        max_bytes: 0,
     };
     let publisher = connected(&urls, spec, std::time::Duration::from_secs(5)).await;
     for seq in 1..=5u64 {
@@ -845,4 +848,40 @@ fn a_cut_written_but_not_confirmed_is_aggregated_again_by_the_next_holder_and_co
             &[&b],
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_refuses_new_batches_and_keeps_what_it_stored() {
+    // replication.max_bytes bounds the stream a ClickHouse outage fills:
+    // past it a publish is refused (tallyd answers OVERLOADED), and what
+    // was stored stays.
+    use tallyd::replication::publish::StreamSpec;
+    let (nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
+    let spec = StreamSpec {
+        name: "FULL".into(),
+        shards: 1,
+        replicas: 3,
+        duplicate_window: std::time::Duration::from_secs(120),
+        max_bytes: 8 << 10,
+    };
+    let publisher = connected(&urls, spec, std::time::Duration::from_secs(5)).await;
+    let batch = bytes::Bytes::from(vec![b'x'; 1024]);
+    let mut stored = 0u64;
+    let refused = loop {
+        match publisher.publish(batch.clone(), "c", stored + 1).await {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 100, "8 KiB took {stored} KiB");
+    };
+    assert!((4..=8).contains(&stored), "{stored} stored");
+    assert!(refused.contains("maximum bytes"), "{refused}");
+    let mut stream = publisher
+        .context()
+        .get_stream("FULL")
+        .await
+        .expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(info.state.messages, stored);
+    drop(nodes);
 }

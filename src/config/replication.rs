@@ -91,6 +91,7 @@ impl Settings {
                 shards: r.shards,
                 replicas: r.replicas,
                 duplicate_window: duration("replication.duplicate_window", &r.duplicate_window)?,
+                max_bytes: super::size_of("replication.max_bytes", &r.max_bytes)?,
             },
             publish_timeout: duration("replication.publish_timeout", &r.publish_timeout)?,
             lease,

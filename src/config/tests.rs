@@ -374,9 +374,22 @@ fn replicated() -> Settings {
 
 #[test]
 fn replication_is_off_without_servers_and_names_the_stream_as_its_rows_host() {
-    assert!(Settings::default().validate().expect("valid").replication.is_none());
-    let r = replicated().validate().expect("valid").replication.expect("on");
-    assert_eq!((r.host.as_str(), r.lease), ("TALLYD", Duration::from_secs(10)));
+    assert!(
+        Settings::default()
+            .validate()
+            .expect("valid")
+            .replication
+            .is_none()
+    );
+    let r = replicated()
+        .validate()
+        .expect("valid")
+        .replication
+        .expect("on");
+    assert_eq!(
+        (r.host.as_str(), r.lease),
+        ("TALLYD", Duration::from_secs(10))
+    );
     assert!(r.consume);
 }
 
@@ -385,11 +398,17 @@ fn a_bad_replication_setting_names_its_field_and_why() {
     let mut s = replicated();
     s.replication.lease = "1s".into();
     let e = s.validate().expect_err("a lease under 3s").to_string();
-    assert!(e.contains("replication.lease") && e.contains("at least 3s"), "{e}");
+    assert!(
+        e.contains("replication.lease") && e.contains("at least 3s"),
+        "{e}"
+    );
     let mut s = replicated();
     s.replication.monitor_urls.clear();
     let e = s.validate().expect_err("no monitoring URL").to_string();
-    assert!(e.contains("replication.monitor_urls") && e.contains("fsyncs every write"), "{e}");
+    assert!(
+        e.contains("replication.monitor_urls") && e.contains("fsyncs every write"),
+        "{e}"
+    );
     let mut s = replicated();
     s.forward.upstreams = vec!["127.0.0.1:8126".into()];
     let e = s.validate().expect_err("an edge that consumes").to_string();

@@ -24,6 +24,9 @@ pub struct StreamSpec {
     pub replicas: usize,
     /// The stream's dedup window for `Nats-Msg-Id`.
     pub duplicate_window: Duration,
+    /// Bytes the stream holds at most (0: no bound); past it a publish is
+    /// refused (`discard: new`), and the batch answered `OVERLOADED`.
+    pub max_bytes: u64,
 }
 
 /// A stored batch: its stream sequence, and whether the stream had it
@@ -72,6 +75,11 @@ impl Publisher {
             storage: stream::StorageType::File,
             num_replicas: spec.replicas,
             duplicate_window: spec.duplicate_window,
+            max_bytes: match spec.max_bytes {
+                0 => -1,
+                n => i64::try_from(n).unwrap_or(i64::MAX),
+            },
+            discard: stream::DiscardPolicy::New,
             ..Default::default()
         };
         let mut stream = js
