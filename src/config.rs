@@ -103,6 +103,22 @@ pub struct ReplicationSettings {
     /// Whether this tallyd aggregates shards (stands by for their leases)
     /// as well as publishing.
     pub consume: bool,
+    /// A NATS `.creds` file (user JWT and NKey seed).
+    pub credentials_file: String,
+    /// A file whose first line is the servers' token
+    /// (`TALLYD_NATS_TOKEN` instead).
+    pub token_file: String,
+    /// A user name, with its password in `password_file`
+    /// (`TALLYD_NATS_PASSWORD` instead).
+    pub user: String,
+    pub password_file: String,
+    /// Require TLS (also implied by a `tls://` server).
+    pub tls: bool,
+    /// PEM: the CA of the servers' certificates; a client certificate and
+    /// its key.
+    pub ca_file: String,
+    pub client_cert: String,
+    pub client_key: String,
 }
 
 impl Default for ReplicationSettings {
@@ -120,6 +136,14 @@ impl Default for ReplicationSettings {
             host: String::new(),
             max_lag: 100_000,
             consume: true,
+            credentials_file: String::new(),
+            token_file: String::new(),
+            user: String::new(),
+            password_file: String::new(),
+            tls: false,
+            ca_file: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
         }
     }
 }

@@ -400,7 +400,14 @@ async fn connected(
 ) -> tallyd::replication::publish::Publisher {
     let mut last = String::new();
     for _ in 0..30 {
-        match tallyd::replication::publish::Publisher::connect(urls, spec.clone(), timeout).await {
+        match tallyd::replication::publish::Publisher::connect(
+            urls,
+            &Default::default(),
+            spec.clone(),
+            timeout,
+        )
+        .await
+        {
             Ok(p) => return p,
             Err(e) => last = e,
         }
@@ -884,4 +891,87 @@ async fn a_full_stream_refuses_new_batches_and_keeps_what_it_stored() {
     let info = stream.info().await.expect("info");
     assert_eq!(info.state.messages, stored);
     drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mtls_with_a_token_batches_count_and_a_wrong_token_is_refused_saying_why() {
+    // A server that speaks only TLS, verifies client certificates and asks
+    // for a token: tallyd reaches it with its CA, client certificate and
+    // token file; with a wrong token it starts, says why on /health and
+    // answers OVERLOADED.
+    let dir = temp_dir("nats-tls");
+    let (ca, cert, key) = certificates(&dir);
+    let (port, monitor) = (free_port(), free_port());
+    let extra = format!(
+        "tls {{\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n  ca_file: \"{ca}\"\n  verify: true\n}}\nauthorization {{ token: \"s3cret\" }}\n"
+    );
+    let _server = node("n1", port, monitor, true, &extra);
+    assert!(
+        wait_for(20, || http(
+            monitor,
+            "GET",
+            "/healthz?js-enabled-only=true",
+            ""
+        )
+        .is_some_and(|b| b.contains("ok"))),
+        "nats-server with TLS did not start"
+    );
+    let token = |t: &str| {
+        let f = dir.join(format!("token-{t}"));
+        std::fs::write(&f, format!("{t}\n")).expect("token");
+        f.display().to_string()
+    };
+    let tallyd = |t: &str| {
+        let mut s = settings(clickhouse(), "replicated_tls");
+        s.replication.servers = vec![format!("tls://127.0.0.1:{port}")];
+        s.replication.monitor_urls = vec![format!("http://127.0.0.1:{monitor}")];
+        s.replication.replicas = 1;
+        s.replication.ca_file = ca.clone();
+        s.replication.client_cert = dir.join("client.crt").display().to_string();
+        s.replication.client_key = dir.join("client.key").display().to_string();
+        s.replication.token_file = token(t);
+        config(&s)
+    };
+    let running = tallyd::server::start(tallyd("s3cret"))
+        .await
+        .expect("start");
+    let proto = running.proto_tcp_addr.expect("proto").to_string();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_tallyd"))
+            .args(["send", "--proto", &proto, "--client-id", "tls-client"])
+            .args(["tls.c:2|c", "tls.c:3|c"])
+            .output()
+            .expect("tallyd send");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        let landed = wait_for(30, || {
+            clickhouse()
+                .try_query(
+                    "SELECT sum(value) FROM replicated_tls.counters FINAL WHERE name = 'tls.c'",
+                )
+                .is_some_and(|t| t.trim() == "5")
+        });
+        assert!(landed, "the batch did not land through the TLS stream");
+    })
+    .await
+    .expect("client");
+    running.shutdown().await;
+
+    let refused = tallyd::server::start(tallyd("wrong")).await.expect("start");
+    let admin = refused.admin_addr.expect("admin").port();
+    let health = tokio::task::spawn_blocking(move || {
+        let mut last = String::new();
+        wait_for(20, || {
+            last = http(admin, "GET", "/health", "").unwrap_or_default();
+            last.contains("not usable yet") && last.to_lowercase().contains("authorization")
+        });
+        last
+    })
+    .await
+    .expect("health");
+    assert!(
+        health.contains("not usable yet") && health.to_lowercase().contains("authorization"),
+        "{health}"
+    );
+    refused.shutdown().await;
 }

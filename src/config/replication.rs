@@ -5,12 +5,14 @@
 use std::time::Duration;
 
 use super::{ConfigError, Settings, duration, err};
-use crate::replication::publish::StreamSpec;
+use crate::auth::Secret;
+use crate::replication::publish::{NatsAuth, StreamSpec};
 
 /// Where acknowledged batches are stored before `OK`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationConfig {
     pub servers: Vec<String>,
+    pub auth: NatsAuth,
     pub monitor_urls: Vec<String>,
     pub spec: StreamSpec,
     pub publish_timeout: Duration,
@@ -84,6 +86,7 @@ impl Settings {
             ));
         }
         Ok(Some(ReplicationConfig {
+            auth: self.nats_auth()?,
             servers: r.servers.clone(),
             monitor_urls: r.monitor_urls.clone(),
             spec: StreamSpec {
@@ -103,5 +106,93 @@ impl Settings {
             max_lag: r.max_lag,
             consume: r.consume,
         }))
+    }
+}
+
+/// The first line of a secret: from `env` when set, else from `file`
+/// (field `field`), else none.
+fn secret(field: &str, file: &str, env: &str) -> Result<Option<Secret>, ConfigError> {
+    if let Ok(v) = std::env::var(env)
+        && !v.trim().is_empty()
+    {
+        return Ok(Some(Secret::new(v.trim())));
+    }
+    if file.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| err(field, format!("cannot read {file:?}: {e}")))?;
+    let first = crate::auth::token_lines(&text).next();
+    first
+        .map(|t| Some(Secret::new(t)))
+        .ok_or_else(|| err(field, format!("{file:?} is empty")))
+}
+
+impl Settings {
+    /// `[replication]`'s credentials and TLS, their files read (so that a
+    /// bad one is an error naming its field).
+    fn nats_auth(&self) -> Result<NatsAuth, ConfigError> {
+        let r = &self.replication;
+        let credentials = match r.credentials_file.as_str() {
+            "" => None,
+            path => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    err(
+                        "replication.credentials_file",
+                        format!("cannot read {path:?}: {e}"),
+                    )
+                })?;
+                if !text.contains("BEGIN NATS USER JWT") || !text.contains("BEGIN USER NKEY SEED") {
+                    return Err(err(
+                        "replication.credentials_file",
+                        format!(
+                            "{path:?} is not a NATS .creds file (a user JWT and its NKey seed)"
+                        ),
+                    ));
+                }
+                Some(Secret::new(&text))
+            }
+        };
+        let token = secret("replication.token_file", &r.token_file, "TALLYD_NATS_TOKEN")?;
+        let password = secret(
+            "replication.password_file",
+            &r.password_file,
+            "TALLYD_NATS_PASSWORD",
+        )?;
+        let user_password = match (r.user.as_str(), password) {
+            ("", None) => None,
+            ("", Some(_)) => {
+                return Err(err(
+                    "replication.user",
+                    "a password is set (password_file or TALLYD_NATS_PASSWORD) without a user",
+                ));
+            }
+            (_, None) => {
+                return Err(err(
+                    "replication.password_file",
+                    "a user is set without a password (password_file or TALLYD_NATS_PASSWORD)",
+                ));
+            }
+            (user, Some(p)) => Some((user.to_owned(), p)),
+        };
+        let ca_file = super::auth::pem("replication.ca_file", &r.ca_file, false)?
+            .map(|_| std::path::PathBuf::from(&r.ca_file));
+        let client = super::auth::client_pair("replication", &r.client_cert, &r.client_key)?
+            .map(|_| (r.client_cert.clone().into(), r.client_key.clone().into()));
+        let tls = r.tls || r.servers.iter().any(|s| s.starts_with("tls://"));
+        if !tls && (ca_file.is_some() || client.is_some()) {
+            return Err(err(
+                "replication.tls",
+                "replication.ca_file or client_cert is set, but neither replication.tls nor a tls:// server",
+            ));
+        }
+        Ok(NatsAuth {
+            credentials,
+            token,
+            user_password,
+            tls,
+            ca_file,
+            client,
+        })
     }
 }

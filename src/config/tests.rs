@@ -416,3 +416,38 @@ fn a_bad_replication_setting_names_its_field_and_why() {
     s.replication.consume = false;
     s.validate().expect("an edge that only publishes");
 }
+
+#[test]
+fn replication_credentials_and_tls_name_their_field_when_wrong() {
+    let dir = std::env::temp_dir().join(format!("tallyd-nats-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut s = replicated();
+    s.replication.user = "tallyd".into();
+    let e = s
+        .validate()
+        .expect_err("a user without a password")
+        .to_string();
+    assert!(e.contains("replication.password_file"), "{e}");
+    let creds = dir.join("bad.creds");
+    std::fs::write(&creds, "not a creds file").expect("write");
+    let mut s = replicated();
+    s.replication.credentials_file = creds.display().to_string();
+    let e = s.validate().expect_err("not a .creds file").to_string();
+    assert!(
+        e.contains("replication.credentials_file") && e.contains(".creds"),
+        "{e}"
+    );
+    let mut s = replicated();
+    s.replication.ca_file = "/nonexistent/ca.pem".into();
+    let e = s.validate().expect_err("an unreadable CA").to_string();
+    assert!(e.contains("replication.ca_file"), "{e}");
+    let token = dir.join("token");
+    std::fs::write(&token, "# rotated\nt0ken\n").expect("write");
+    let mut s = replicated();
+    s.replication.token_file = token.display().to_string();
+    s.replication.servers = vec!["tls://127.0.0.1:4222".into()];
+    let r = s.validate().expect("valid").replication.expect("on");
+    assert_eq!(r.auth.token.as_ref().map(|t| t.expose()), Some("t0ken"));
+    assert!(r.auth.tls, "a tls:// server asks for TLS");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -78,6 +78,10 @@ pub struct Consumer {
     pub telemetry: Arc<Telemetry>,
 }
 
+/// How long an open interval waits for messages the stream says are
+/// stored and not yet read, before it is cut anyway.
+const BEHIND_WAIT_MS: u64 = 5_000;
+
 /// The synthetic instance of a shard: the same on every tallyd.
 pub fn shard_instance(stream: &str, shard: u32) -> u64 {
     let mut h = siphasher::sip::SipHasher24::new();
@@ -176,10 +180,15 @@ impl Consumer {
                     self.telemetry.replication.set_lease(n, true);
                     let held = AtomicU64::new(revision);
                     let why = tokio::select! {
-                        r = self.work(n, &js, &cuts) => match r {
-                            Err(e) => e,
-                            Ok(never) => match never {},
-                        },
+                        r = self.work(n, &js, &cuts) => {
+                            // Given back, so that this tallyd (or
+                            // another) takes it again at once.
+                            leases.release(n, held.load(Relaxed)).await;
+                            match r {
+                                Err(e) => e,
+                                Ok(never) => match never {},
+                            }
+                        }
                         r = renew(&leases, n, &self.holder, &held, every) => r,
                         _ = stop.changed() => {
                             leases.release(n, held.load(Relaxed)).await;
@@ -243,10 +252,15 @@ impl Consumer {
             .map_err(|e| format!("cannot read subject {subject}: {e}"))?;
         let mut open: Option<Open> = None;
         let interval_ms = millis(self.interval).max(1);
+        // Messages stored after the last one read: while some are, the
+        // open interval waits for them (a backlog is read whole, not cut
+        // early at each pause of the reader).
+        let mut behind = 0u64;
         loop {
             // An idle open interval is cut one interval after its end.
             let idle_cut = match (&open, replay) {
-                (Some(o), None) => Some(o.start_ms.saturating_add(2 * interval_ms)),
+                (Some(o), None) if behind == 0 => Some(o.start_ms.saturating_add(2 * interval_ms)),
+                (Some(_), None) => Some(crate::telemetry::unix_ms().saturating_add(BEHIND_WAIT_MS)),
                 _ => None,
             };
             let next = match idle_cut {
@@ -275,6 +289,7 @@ impl Consumer {
             let at_ms =
                 u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
             self.telemetry.replication.set_lag(n, pending);
+            behind = pending;
             if let Some(c) = replay.filter(|c| seq > c.seq) {
                 // Past the replayed cut (its last message gone): finish it.
                 let o = open.take().unwrap_or_else(|| self.open(c.start));

@@ -24,6 +24,7 @@ pub const RETRY: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct Target {
     pub servers: Vec<String>,
+    pub auth: super::publish::NatsAuth,
     pub monitor_urls: Vec<String>,
     pub spec: StreamSpec,
     pub timeout: Duration,
@@ -132,10 +133,15 @@ async fn attempt(target: &Target) -> Result<Publisher, Refused> {
     .await
     .map_err(|e| Refused::Unreachable(e.to_string()))??;
     tracing::info!(servers = ?checked, "the NATS servers fsync every write");
-    Publisher::connect(&target.servers, target.spec.clone(), target.timeout)
-        .await
-        .map_err(|e| match e.strip_prefix(super::publish::UNFIT) {
-            Some(why) => Refused::Unfit(why.to_owned()),
-            None => Refused::Unreachable(e),
-        })
+    Publisher::connect(
+        &target.servers,
+        &target.auth,
+        target.spec.clone(),
+        target.timeout,
+    )
+    .await
+    .map_err(|e| match e.strip_prefix(super::publish::UNFIT) {
+        Some(why) => Refused::Unfit(why.to_owned()),
+        None => Refused::Unreachable(e),
+    })
 }

@@ -7,7 +7,10 @@
 //! `sync_interval: always` (see [`super::check`]), fsynced it.
 
 use std::hash::Hasher;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::auth::Secret;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use bytes::Bytes;
@@ -42,12 +45,31 @@ pub struct Publisher {
     spec: StreamSpec,
 }
 
+/// How tallyd proves itself to the NATS servers, and their TLS. Secrets
+/// come from files or the environment, never a flag
+/// (`[replication]` `credentials_file`, `token_file` / `TALLYD_NATS_TOKEN`,
+/// `user` and `password_file` / `TALLYD_NATS_PASSWORD`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// A `.creds` file's contents (a user JWT and its NKey seed).
+    pub credentials: Option<Secret>,
+    pub token: Option<Secret>,
+    pub user_password: Option<(String, Secret)>,
+    /// TLS required (also implied by a `tls://` server URL).
+    pub tls: bool,
+    /// PEM files: the CA that signed the servers' certificates, and a
+    /// client certificate and its key.
+    pub ca_file: Option<PathBuf>,
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
 impl Publisher {
     /// Connects to `servers` (NATS URLs), makes the stream if it is
     /// missing, and checks it: work-queue retention, file storage, at
     /// least `spec.replicas` replicas, and no `persist_mode: async`.
     pub async fn connect(
         servers: &[String],
+        auth: &NatsAuth,
         spec: StreamSpec,
         timeout: Duration,
     ) -> Result<Publisher, String> {
@@ -58,7 +80,28 @@ impl Publisher {
                     .map_err(|e| format!("{s:?}: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(creds) = &auth.credentials {
+            options = options
+                .credentials(creds.expose())
+                .map_err(|e| format!("replication.credentials_file: {e}"))?;
+        }
+        if let Some(token) = &auth.token {
+            options = options.token(token.expose().to_owned());
+        }
+        if let Some((user, password)) = &auth.user_password {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        if auth.tls {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &auth.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &auth.client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let client = options
             .connection_timeout(timeout)
             .request_timeout(Some(timeout))
             .connect(addrs)

@@ -247,6 +247,7 @@ pub(super) async fn serve(
         Some(r) => {
             let target = crate::replication::link::Target {
                 servers: r.servers.clone(),
+                auth: r.auth.clone(),
                 monitor_urls: r.monitor_urls.clone(),
                 spec: r.spec.clone(),
                 timeout: r.publish_timeout,
