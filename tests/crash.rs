@@ -628,14 +628,20 @@ enum When {
 
 /// Failpoints a flush of a running tallyd with ClickHouse up reaches, at a
 /// tick or at shutdown (a merge or a join needs a spool over its budget, a
-/// drain: see `the_spool_failpoints_over_budget_and_in_a_drain`).
+/// drain: see `the_spool_failpoints_over_budget_and_in_a_drain`; a cut,
+/// replicated ingest: tests/replication.rs).
 fn flush_failpoints() -> Vec<&'static str> {
     tallyd::failpoint::ALL
         .into_iter()
         .filter(|f| {
             !matches!(
                 *f,
-                "after_merge_write" | "after_join_write" | "after_rollup_table" | "after_rollup"
+                "after_merge_write"
+                    | "after_join_write"
+                    | "after_rollup_table"
+                    | "after_rollup"
+                    | "after_cut"
+                    | "after_cut_insert"
             )
         })
         .collect()

@@ -78,6 +78,23 @@ impl Settings {
                 "must be 1 to 5 (JetStream's limit)",
             ));
         }
+        // Each shard's rows carry its instance's low 20 bits in their flush
+        // ids (and one host): two shards alike would collapse each other's.
+        let mut tags = std::collections::HashMap::new();
+        for shard in 0..r.shards {
+            let tag = crate::outbox::flush::tag(crate::replication::publish::shard_instance(
+                &r.stream, shard,
+            ));
+            if let Some(other) = tags.insert(tag, shard) {
+                return Err(err(
+                    "replication.shards",
+                    format!(
+                        "shards {other} and {shard} of stream {:?} would share a flush id tag; choose another shard count or stream name",
+                        r.stream
+                    ),
+                ));
+            }
+        }
         let lease = duration("replication.lease", &r.lease)?;
         if lease < Duration::from_secs(3) {
             return Err(err(

@@ -31,7 +31,6 @@
 //! the last confirmed cut.
 
 use std::convert::Infallible;
-use std::hash::Hasher;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -42,7 +41,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::cut::{Cut, Cuts, Leases, Written};
-use super::publish::FORMAT;
+use super::publish::{FORMAT, shard_instance};
 use crate::aggregate::{AggregateLimits, Aggregator, Scratch};
 use crate::ledger::dedup::{Admit, Dedup, DedupWrite};
 use crate::outbox::flush::{Flush, flush_id, tick_of};
@@ -80,14 +79,7 @@ pub struct Consumer {
 
 /// How long an open interval waits for messages the stream says are
 /// stored and not yet read, before it is cut anyway.
-const BEHIND_WAIT_MS: u64 = 5_000;
-
-/// The synthetic instance of a shard: the same on every tallyd.
-pub fn shard_instance(stream: &str, shard: u32) -> u64 {
-    let mut h = siphasher::sip::SipHasher24::new();
-    h.write(format!("{stream}/{shard}").as_bytes());
-    h.finish()
-}
+const BEHIND_WAIT: Duration = Duration::from_secs(5);
 
 /// An interval being aggregated.
 struct Open {
@@ -190,6 +182,7 @@ impl Consumer {
                             }
                         }
                         r = renew(&leases, n, &self.holder, &held, every) => r,
+                        r = self.watch_lag(n, &js, every) => r,
                         _ = stop.changed() => {
                             leases.release(n, held.load(Relaxed)).await;
                             self.telemetry.replication.set_lease(n, false);
@@ -226,11 +219,11 @@ impl Consumer {
         let mut shard = match (&last, replay) {
             (None, _) => self.shard_state(n, Vec::new()).await?,
             (Some((c, _)), Some(_)) => {
-                let state = cuts.state(n, c.base_seq, c.base_state).await?;
+                let state = cuts.state(n, c.base_seq, c.base_id, c.base_state).await?;
                 self.shard_state(n, state).await?
             }
             (Some((c, _)), None) => {
-                let state = cuts.state(n, c.seq, c.state).await?;
+                let state = cuts.state(n, c.seq, c.state_id, c.state).await?;
                 self.shard_state(n, state).await?
             }
         };
@@ -252,23 +245,21 @@ impl Consumer {
             .map_err(|e| format!("cannot read subject {subject}: {e}"))?;
         let mut open: Option<Open> = None;
         let interval_ms = millis(self.interval).max(1);
-        // Messages stored after the last one read: while some are, the
-        // open interval waits for them (a backlog is read whole, not cut
-        // early at each pause of the reader).
+        // An open interval is cut when nothing more is stored and nothing
+        // came for one interval (waited on this host's monotonic clock,
+        // whatever its wall clock or the stream leader's say), or after
+        // BEHIND_WAIT of silence while the stream says more is stored (a
+        // reader stalled). A backlog is read whole, not cut at each pause.
         let mut behind = 0u64;
+        let mut last_read = tokio::time::Instant::now();
         loop {
-            // An idle open interval is cut one interval after its end.
             let idle_cut = match (&open, replay) {
-                (Some(o), None) if behind == 0 => Some(o.start_ms.saturating_add(2 * interval_ms)),
-                (Some(_), None) => Some(crate::telemetry::unix_ms().saturating_add(BEHIND_WAIT_MS)),
+                (Some(_), None) if behind == 0 => Some(last_read + self.interval),
+                (Some(_), None) => Some(last_read + BEHIND_WAIT),
                 _ => None,
             };
             let next = match idle_cut {
-                Some(at) => {
-                    let wait =
-                        Duration::from_millis(at.saturating_sub(crate::telemetry::unix_ms()));
-                    tokio::time::timeout(wait, messages.next()).await.ok()
-                }
+                Some(at) => tokio::time::timeout_at(at, messages.next()).await.ok(),
                 None => Some(messages.next().await),
             };
             let message = match next {
@@ -282,19 +273,20 @@ impl Consumer {
                 Some(Some(Err(e))) => return Err(format!("reading {subject}: {e}")),
                 Some(Some(Ok(m))) => m,
             };
+            last_read = tokio::time::Instant::now();
             let info = message
                 .info()
                 .map_err(|e| format!("a message without its info: {e}"))?;
             let (seq, pending) = (info.stream_sequence, info.pending);
             let at_ms =
                 u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-            self.telemetry.replication.set_lag(n, pending);
             behind = pending;
             if let Some(c) = replay.filter(|c| seq > c.seq) {
-                // Past the replayed cut (its last message gone): finish it.
-                let o = open.take().unwrap_or_else(|| self.open(c.start));
-                self.confirm_replayed(&mut shard, o, c, cuts, &stream, &subject)
-                    .await?;
+                // The replayed cut's last message is gone: it was purged,
+                // and a purge follows a confirmation (by the tallyd that
+                // held the shard before). Nothing to write again.
+                open = None;
+                self.load_after(&mut shard, c, cuts).await?;
                 replay = None;
             }
             if let Some(c) = replay {
@@ -322,6 +314,29 @@ impl Consumer {
                 }
             };
             self.apply(&mut shard, o, seq, &message);
+        }
+    }
+
+    /// Keeps `tallyd_replication_lag_messages{shard}` current while the
+    /// shard is held: the messages its subject still holds (stored, not yet
+    /// confirmed in ClickHouse), read every `every` (also while a flush
+    /// waits for ClickHouse). Never returns.
+    async fn watch_lag(&self, n: u32, js: &jetstream::Context, every: Duration) -> String {
+        let subject = format!("tallyd.b.{n}");
+        loop {
+            let counted = async {
+                let stream = js.get_stream(&self.stream).await.ok()?;
+                let mut subjects = stream.info_with_subjects(&subject).await.ok()?;
+                match subjects.next().await {
+                    Some(Ok((_, count))) => Some(count as u64),
+                    Some(Err(_)) => None,
+                    None => Some(0),
+                }
+            };
+            if let Ok(Some(lag)) = tokio::time::timeout(every, counted).await {
+                self.telemetry.replication.set_lag(n, lag);
+            }
+            tokio::time::sleep(every).await;
         }
     }
 
@@ -392,20 +407,26 @@ impl Consumer {
         let (start_ms, seq) = (o.start_ms, o.last_seq);
         let flush = self.seal(shard, o).await?;
         let state = self.snapshot(shard).await?;
-        let chunks = cuts.put_state(shard.n, seq, &state).await?;
-        let (base_seq, base_state) = shard.last.map_or((0, 0), |(c, _)| (c.seq, c.state));
+        let state_id = super::state::attempt_id();
+        let chunks = cuts.put_state(shard.n, seq, state_id, &state).await?;
+        let (base_seq, base_state, base_id) = shard
+            .last
+            .map_or((0, 0, 0), |(c, _)| (c.seq, c.state, c.state_id));
         let cut = Cut {
             v: 1,
             seq,
             start: start_ms,
             interval_ms: millis(self.interval),
             state: chunks,
+            state_id,
             base_seq,
             base_state,
+            base_id,
         };
         match cuts.write(shard.n, cut, shard.last.map(|(_, r)| r)).await? {
             Written::Fenced => {
                 self.telemetry.replication.fenced.fetch_add(1, Relaxed);
+                cuts.drop_state(shard.n, seq, state_id).await;
                 return Err(format!(
                     "another tallyd cut shard {} first (fenced)",
                     shard.n
@@ -420,7 +441,7 @@ impl Consumer {
                 purge(stream, subject, seq).await?;
                 // The state before this cut's base: no cut names it now.
                 if let Some((c, _)) = older {
-                    cuts.drop_state(shard.n, c.base_seq, c.base_state).await;
+                    cuts.drop_state(shard.n, c.base_seq, c.base_id).await;
                 }
             }
         }
@@ -441,7 +462,12 @@ impl Consumer {
         let flush = self.seal(shard, o).await?;
         self.deliver(flush).await;
         purge(stream, subject, c.seq).await?;
-        let state = cuts.state(shard.n, c.seq, c.state).await?;
+        self.load_after(shard, c, cuts).await
+    }
+
+    /// The state after cut `c`, in place of the shard's.
+    async fn load_after(&self, shard: &mut Shard, c: Cut, cuts: &Cuts) -> Result<(), String> {
+        let state = cuts.state(shard.n, c.seq, c.state_id, c.state).await?;
         let last = shard.last;
         *shard = self.shard_state(shard.n, state).await?;
         shard.last = last;
@@ -541,15 +567,19 @@ impl Consumer {
     }
 }
 
-/// Renews the lease held at `held` every `every`; returns why it was lost.
+/// Renews the lease held at `held` every `every` (a third of the lease);
+/// returns why it was lost. A renewal not answered within `every` counts
+/// as lost, so the work stops at least a third of the lease before another
+/// tallyd may take it.
 async fn renew(leases: &Leases, n: u32, holder: &str, held: &AtomicU64, every: Duration) -> String {
     loop {
         tokio::time::sleep(every).await;
-        match leases.renew(n, holder, held.load(Relaxed)).await {
-            Ok(Some(revision)) => held.store(revision, Relaxed),
-            Ok(None) => return "the lease aged out and another tallyd took it".into(),
-            // Not renewed in time is lost: stop before it ages out.
-            Err(e) => return format!("could not renew the lease: {e}"),
+        let renewed = leases.renew(n, holder, held.load(Relaxed));
+        match tokio::time::timeout(every, renewed).await {
+            Ok(Ok(Some(revision))) => held.store(revision, Relaxed),
+            Ok(Ok(None)) => return "the lease aged out and another tallyd took it".into(),
+            Ok(Err(e)) => return format!("could not renew the lease: {e}"),
+            Err(_) => return format!("the lease's renewal was not answered within {every:?}"),
         }
     }
 }

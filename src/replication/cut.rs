@@ -27,13 +27,16 @@ pub struct Cut {
     /// The interval's start, Unix milliseconds.
     pub start: u64,
     pub interval_ms: u64,
-    /// Chunks of the shard's state after this interval, under
-    /// `state.<shard>.<seq>.<i>` ([`super::state`]).
+    /// Chunks of the shard's state after this interval, and the id of the
+    /// attempt that wrote them (keys `state.<shard>.<seq>.<id>.<i>`,
+    /// [`super::state::key`]).
     pub state: u32,
-    /// The state before it: the previous cut's `seq` and `state` (0 and 0
-    /// before the first cut: an empty state).
+    pub state_id: u64,
+    /// The state before it: the previous cut's `seq`, `state` and
+    /// `state_id` (all 0 before the first cut: an empty state).
     pub base_seq: u64,
     pub base_state: u32,
+    pub base_id: u64,
 }
 
 /// What a compare-and-set write did.
@@ -64,16 +67,36 @@ async fn bucket(
     replicas: usize,
     max_age: Duration,
 ) -> Result<kv::Store, String> {
-    js.create_key_value(kv::Config {
+    let config = kv::Config {
         bucket: name.clone(),
         history: 1,
         max_age,
         num_replicas: replicas,
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("cannot make or read the KV bucket {name}: {e}"))
+    };
+    let Ok(store) = js.get_key_value(&name).await else {
+        return js
+            .create_key_value(config)
+            .await
+            .map_err(|e| format!("cannot make the KV bucket {name}: {e}"));
+    };
+    // A bucket made under other settings (a changed lease or replica
+    // count): brought to these.
+    let mut stream = store.stream.clone();
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| format!("cannot read the KV bucket {name}: {e}"))?;
+    if info.config.max_age != max_age || info.config.num_replicas != replicas {
+        let mut updated = info.config.clone();
+        updated.max_age = max_age;
+        updated.num_replicas = replicas;
+        js.update_stream(updated)
+            .await
+            .map_err(|e| format!("cannot update the KV bucket {name}: {e}"))?;
+    }
+    Ok(store)
 }
 
 /// The cuts of a stream's shards, and their states.
@@ -127,25 +150,39 @@ impl Cuts {
         }
     }
 
-    /// Stores the shard's state as of stream sequence `seq`; returns its
-    /// chunks. Written before the cut that names it.
-    pub async fn put_state(&self, shard: u32, seq: u64, state: &[u8]) -> Result<u32, String> {
+    /// Stores the shard's state as of stream sequence `seq` under the
+    /// attempt `id`; returns its chunks. Written before the cut that names
+    /// it, each chunk with `create`: never over another's.
+    pub async fn put_state(
+        &self,
+        shard: u32,
+        seq: u64,
+        id: u64,
+        state: &[u8],
+    ) -> Result<u32, String> {
         let parts = super::state::chunks(state);
         for (i, part) in (0u32..).zip(&parts) {
-            let key = super::state::key(shard, seq, i);
+            let key = super::state::key(shard, seq, id, i);
             self.0
-                .put(&key, bytes::Bytes::copy_from_slice(part))
+                .create(&key, bytes::Bytes::copy_from_slice(part))
                 .await
                 .map_err(|e| format!("cannot store {key}: {e}"))?;
         }
         Ok(u32::try_from(parts.len()).unwrap_or(u32::MAX))
     }
 
-    /// The shard's state as of `seq`, in `chunks` chunks (none: empty).
-    pub async fn state(&self, shard: u32, seq: u64, chunks: u32) -> Result<Vec<u8>, String> {
+    /// The shard's state as of `seq` by attempt `id`, in `chunks` chunks
+    /// (none: empty).
+    pub async fn state(
+        &self,
+        shard: u32,
+        seq: u64,
+        id: u64,
+        chunks: u32,
+    ) -> Result<Vec<u8>, String> {
         let mut out = Vec::new();
         for i in 0..chunks {
-            let key = super::state::key(shard, seq, i);
+            let key = super::state::key(shard, seq, id, i);
             match self.0.get(&key).await {
                 Ok(Some(part)) => out.extend_from_slice(&part),
                 Ok(None) => return Err(format!("{key} is missing")),
@@ -155,12 +192,16 @@ impl Cuts {
         Ok(out)
     }
 
-    /// Removes a state no cut needs any more (best effort: a leftover is
-    /// only bytes).
-    pub async fn drop_state(&self, shard: u32, seq: u64, chunks: u32) {
-        for i in 0..chunks {
-            let _ = self.0.purge(super::state::key(shard, seq, i)).await;
-        }
+    /// Removes a state no cut needs any more, with one purge of its keys'
+    /// subjects (which, unlike a KV delete, leaves no marker behind).
+    /// Best effort: a leftover is only bytes.
+    pub async fn drop_state(&self, shard: u32, seq: u64, id: u64) {
+        let filter = format!(
+            "$KV.{}.{}.>",
+            self.0.name,
+            super::state::prefix(shard, seq, id)
+        );
+        let _ = self.0.stream.purge().filter(filter).await;
     }
 }
 

@@ -108,6 +108,10 @@ impl Publisher {
             .await
             .map_err(|e| format!("cannot connect to NATS {servers:?}: {e}"))?;
         let js = jetstream::new(client);
+        let max_bytes = match spec.max_bytes {
+            0 => -1,
+            n => i64::try_from(n).unwrap_or(i64::MAX),
+        };
         let config = stream::Config {
             name: spec.name.clone(),
             subjects: vec!["tallyd.b.*".into()],
@@ -118,10 +122,7 @@ impl Publisher {
             storage: stream::StorageType::File,
             num_replicas: spec.replicas,
             duplicate_window: spec.duplicate_window,
-            max_bytes: match spec.max_bytes {
-                0 => -1,
-                n => i64::try_from(n).unwrap_or(i64::MAX),
-            },
+            max_bytes,
             discard: stream::DiscardPolicy::New,
             ..Default::default()
         };
@@ -134,6 +135,21 @@ impl Publisher {
             .await
             .map_err(|e| format!("cannot read stream {}: {e}", spec.name))?;
         check_stream(&info.config, &spec).map_err(|e| format!("{UNFIT}{e}"))?;
+        // Settings a stream made earlier may hold otherwise: brought to
+        // this config's.
+        if info.config.duplicate_window != spec.duplicate_window
+            || info.config.max_bytes != max_bytes
+        {
+            let mut updated = info.config.clone();
+            updated.duplicate_window = spec.duplicate_window;
+            updated.max_bytes = max_bytes;
+            js.update_stream(updated).await.map_err(|e| {
+                format!(
+                    "cannot update stream {}'s duplicate_window and max_bytes: {e}",
+                    spec.name
+                )
+            })?;
+        }
         Ok(Publisher { js, spec })
     }
 
@@ -173,11 +189,13 @@ impl Publisher {
     ) -> Result<impl Future<Output = Result<Published, String>> + Send + use<>, String> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Tallyd-Format", FORMAT);
-        let message = PublishMessage::build()
+        let mut message = PublishMessage::build()
             .payload(batch)
             // After the headers: `headers` replaces the map the id is in.
-            .headers(headers)
-            .message_id(format!("{client_id}/{sequence}"));
+            .headers(headers);
+        if let Some(id) = message_id(client_id, sequence) {
+            message = message.message_id(id);
+        }
         let answer = self
             .js
             .send_publish(self.subject(client_id), message)
@@ -191,6 +209,32 @@ impl Publisher {
             })
         })
     }
+}
+
+/// The synthetic instance of a shard, whose flushes any tallyd may write:
+/// SipHash-2-4 of `<stream>/<shard>`, the same on every tallyd.
+pub fn shard_instance(stream: &str, shard: u32) -> u64 {
+    let mut h = siphasher::sip::SipHasher24::new();
+    h.write(format!("{stream}/{shard}").as_bytes());
+    h.finish()
+}
+
+/// The `Nats-Msg-Id` of a client's batch: `<client_id>/<sequence>`, the
+/// id hex-encoded after `h:` when it is not all visible ASCII or starts
+/// with `h:` (a header holds no control character, and the two forms
+/// never meet). `None` for an empty `client_id`, which opts out of
+/// deduplication: two such batches must both be stored.
+pub fn message_id(client_id: &str, sequence: u64) -> Option<String> {
+    if client_id.is_empty() {
+        return None;
+    }
+    let plain = client_id.bytes().all(|b| b.is_ascii_graphic()) && !client_id.starts_with("h:");
+    Some(if plain {
+        format!("{client_id}/{sequence}")
+    } else {
+        let hex: String = client_id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("h:{hex}/{sequence}")
+    })
 }
 
 /// How [`Publisher::connect`]'s error starts when the stream exists and
@@ -216,10 +260,107 @@ fn check_stream(c: &stream::Config, spec: &StreamSpec) -> Result<(), String> {
             "stream {name} has persist_mode: async, which acknowledges writes before they are stored"
         ));
     }
+    if c.max_age != Duration::ZERO || c.max_messages > 0 || c.max_messages_per_subject > 0 {
+        return Err(format!(
+            "stream {name} has max_age, max_msgs or max_msgs_per_subject, which delete messages tallyd has acknowledged and not yet aggregated"
+        ));
+    }
+    if c.discard != stream::DiscardPolicy::New {
+        return Err(format!(
+            "stream {name} has discard: old, which deletes acknowledged messages when it is full"
+        ));
+    }
+    if c.deny_purge {
+        return Err(format!(
+            "stream {name} has deny_purge, but tallyd purges each interval once ClickHouse has it"
+        ));
+    }
     if c.retention != stream::RetentionPolicy::Limits {
         return Err(format!(
             "stream {name} does not keep messages until tallyd purges them (retention: limits)"
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_id_names_client_and_sequence_and_none_without_a_client() {
+        assert_eq!(message_id("app-1", 7).as_deref(), Some("app-1/7"));
+        // An empty client opts out of deduplication: no id, both stored.
+        assert_eq!(message_id("", 7), None);
+        // No control character reaches a header; the two forms never meet.
+        assert_eq!(message_id("a\r\nb", 1).as_deref(), Some("h:610d0a62/1"));
+        assert_eq!(message_id("h:0a", 1).as_deref(), Some("h:683a3061/1"));
+        assert_ne!(message_id("\n", 1), message_id("h:0a", 1));
+        assert_eq!(message_id("a b", 2).as_deref(), Some("h:612062/2"));
+    }
+
+    #[test]
+    fn stream_settings_that_would_delete_acked_messages_are_refused() {
+        let spec = StreamSpec {
+            name: "T".into(),
+            shards: 1,
+            replicas: 3,
+            duplicate_window: Duration::from_secs(120),
+            max_bytes: 0,
+        };
+        let fit = stream::Config {
+            num_replicas: 3,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        };
+        check_stream(&fit, &spec).expect("fit");
+        for (unfit, why) in [
+            (
+                stream::Config {
+                    max_age: Duration::from_secs(60),
+                    ..fit.clone()
+                },
+                "max_age",
+            ),
+            (
+                stream::Config {
+                    max_messages: 10,
+                    ..fit.clone()
+                },
+                "max_msgs",
+            ),
+            (
+                stream::Config {
+                    discard: stream::DiscardPolicy::Old,
+                    ..fit.clone()
+                },
+                "discard: old",
+            ),
+            (
+                stream::Config {
+                    deny_purge: true,
+                    ..fit.clone()
+                },
+                "deny_purge",
+            ),
+            (
+                stream::Config {
+                    num_replicas: 1,
+                    ..fit.clone()
+                },
+                "replicas",
+            ),
+            (
+                stream::Config {
+                    storage: stream::StorageType::Memory,
+                    ..fit.clone()
+                },
+                "memory",
+            ),
+        ] {
+            let e = check_stream(&unfit, &spec).expect_err(why);
+            assert!(e.contains(why), "{why}: {e}");
+        }
+    }
 }

@@ -22,9 +22,27 @@ const MAGIC: &[u8; 8] = b"TALLYRS1";
 pub const CHUNK: usize = 256 << 10;
 
 /// The KV key of chunk `i` of shard `shard`'s state as of stream sequence
-/// `seq`.
-pub fn key(shard: u32, seq: u64, i: u32) -> String {
-    format!("state.{shard}.{seq}.{i}")
+/// `seq`, written by the attempt `id` (a random number each cut draws, so
+/// that two tallyds cutting at one sequence never write one key).
+pub fn key(shard: u32, seq: u64, id: u64, i: u32) -> String {
+    format!("{}.{i}", prefix(shard, seq, id))
+}
+
+/// What every chunk key of that state starts with (before `.<i>`).
+pub fn prefix(shard: u32, seq: u64, id: u64) -> String {
+    format!("state.{shard}.{seq}.{id:016x}")
+}
+
+/// A number for [`key`]'s `id`, from the process's random hash keys.
+pub fn attempt_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 /// The state's bytes.
@@ -94,6 +112,7 @@ mod tests {
         assert!(parts.iter().all(|p| p.len() <= CHUNK));
         assert_eq!(parts.concat(), b);
         assert_eq!(chunks(&[]).len(), 1);
-        assert_eq!(key(2, 90, 1), "state.2.90.1");
+        assert_eq!(key(2, 90, 0xab, 1), "state.2.90.00000000000000ab.1");
+        assert_ne!(attempt_id(), attempt_id());
     }
 }

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::{ProtoIngest, ack, count};
+use crate::ledger::dedup::MAX_CLIENT_ID;
 use crate::protocol::batch::BatchView;
 use crate::protocol::proto::{Ack, pb::ack::Status};
 use crate::replication::link::Link;
@@ -50,6 +51,10 @@ impl ProtoIngest {
         if batch.token.is_some() {
             let message = "a batch that carries a token must carry nothing else";
             return now(ack(sequence, Status::Rejected, message, 0), true);
+        }
+        if batch.client_id.len() > MAX_CLIENT_ID {
+            let message = format!("client_id is longer than {MAX_CLIENT_ID} bytes");
+            return now(ack(sequence, Status::Rejected, &message, 0), true);
         }
         let r = &self.telemetry.replication;
         let Some(publisher) = link.publisher() else {
