@@ -328,8 +328,10 @@ async fn two_writers_of_one_cut_are_fenced_and_a_lease_not_renewed_passes_to_a_s
         start: 1_000 * seq,
         interval_ms: 1_000,
         state: 1,
+        state_id: 7,
         base_seq: 0,
         base_state: 0,
+        base_id: 0,
     };
     // The first cut: one creator wins.
     let first = cuts_a.write(0, cut(10), None).await.expect("write");

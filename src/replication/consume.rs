@@ -475,7 +475,8 @@ impl Consumer {
     }
 
     /// The open interval's flush, under the shard's identity: the same
-    /// bytes and token whichever tallyd seals it.
+    /// rows and token whichever tallyd seals it (the rows' order may
+    /// differ).
     async fn seal(&self, shard: &mut Shard, o: Open) -> Result<Flush, String> {
         let instance = shard_instance(&self.stream, shard.n);
         let tick = tick_of(Duration::from_millis(o.start_ms));
