@@ -42,10 +42,10 @@ use tokio::sync::watch;
 
 use super::cut::{Cut, Cuts, Leases, Written};
 use super::publish::{FORMAT, shard_instance};
+use super::shard::Shard;
 use crate::aggregate::{AggregateLimits, Aggregator, Scratch};
-use crate::ledger::dedup::{Admit, Dedup, DedupWrite};
+use crate::ledger::dedup::Admit;
 use crate::outbox::flush::{Flush, flush_id, tick_of};
-use crate::outbox::gauges::{GaugeMemory, GaugesWrite};
 use crate::outbox::rowbinary::Bodies;
 use crate::outbox::rows;
 use crate::protocol::batch::BatchView;
@@ -86,15 +86,6 @@ struct Open {
     start_ms: u64,
     last_seq: u64,
     aggregator: Aggregator,
-}
-
-/// A shard's state between cuts.
-struct Shard {
-    n: u32,
-    dedup: Dedup,
-    gauges: GaugeMemory,
-    /// The last cut written (by anyone), and its revision.
-    last: Option<(Cut, u64)>,
 }
 
 impl Consumer {
@@ -217,14 +208,14 @@ impl Consumer {
         let first = first_sequence(&stream, &subject).await?;
         let replay = last.filter(|(c, _)| first.is_some_and(|f| f <= c.seq));
         let mut shard = match (&last, replay) {
-            (None, _) => self.shard_state(n, Vec::new()).await?,
+            (None, _) => self.load(n, Vec::new()).await?,
             (Some((c, _)), Some(_)) => {
                 let state = cuts.state(n, c.base_seq, c.base_id, c.base_state).await?;
-                self.shard_state(n, state).await?
+                self.load(n, state).await?
             }
             (Some((c, _)), None) => {
                 let state = cuts.state(n, c.seq, c.state_id, c.state).await?;
-                self.shard_state(n, state).await?
+                self.load(n, state).await?
             }
         };
         shard.last = last;
@@ -340,6 +331,13 @@ impl Consumer {
         }
     }
 
+    /// Shard `n`'s state from `state` ([`super::state`] bytes; empty: a
+    /// fresh one), its deduplication file under `dir`.
+    async fn load(&self, n: u32, state: Vec<u8>) -> Result<Shard, String> {
+        let dir = self.dir.join(format!("{}-{n}", self.stream));
+        Shard::load(n, dir, self.dedup_window, self.max_gauges, state).await
+    }
+
     fn open(&self, start_ms: u64) -> Open {
         let (limits, parse) = self.limits;
         Open {
@@ -406,7 +404,7 @@ impl Consumer {
     ) -> Result<(), String> {
         let (start_ms, seq) = (o.start_ms, o.last_seq);
         let flush = self.seal(shard, o).await?;
-        let state = self.snapshot(shard).await?;
+        let state = shard.snapshot();
         let state_id = super::state::attempt_id();
         let chunks = cuts.put_state(shard.n, seq, state_id, &state).await?;
         let (base_seq, base_state, base_id) = shard
@@ -469,7 +467,7 @@ impl Consumer {
     async fn load_after(&self, shard: &mut Shard, c: Cut, cuts: &Cuts) -> Result<(), String> {
         let state = cuts.state(shard.n, c.seq, c.state_id, c.state).await?;
         let last = shard.last;
-        *shard = self.shard_state(shard.n, state).await?;
+        *shard = self.load(shard.n, state).await?;
         shard.last = last;
         Ok(())
     }
@@ -510,61 +508,6 @@ impl Consumer {
         let q = Queued::in_memory(flush, false);
         self.sink.write(&q).await;
         self.sink.confirm_written(&q.flush).await;
-    }
-
-    /// The shard's state now ([`super::state`]).
-    async fn snapshot(&self, shard: &mut Shard) -> Result<Vec<u8>, String> {
-        // A rewrite of each: the whole state, not a change since the last.
-        shard.dedup.write_failed();
-        let dedup = match shard.dedup.snapshot() {
-            DedupWrite::Rewrite(all) | DedupWrite::Append(all) => all,
-        };
-        shard.gauges.persist_failed();
-        let gauges = match shard.gauges.persist(0, &[]) {
-            GaugesWrite::Rewrite(all) | GaugesWrite::Append(all) => all,
-        };
-        Ok(super::state::encode(&dedup, &gauges))
-    }
-
-    /// Shard `n`'s state from `state` ([`super::state`]; empty: a fresh
-    /// one). The deduplication state is opened from a file of its own
-    /// under `dir`.
-    async fn shard_state(&self, n: u32, state: Vec<u8>) -> Result<Shard, String> {
-        let (dedup_text, gauge_log) = if state.is_empty() {
-            (String::new(), Vec::new())
-        } else {
-            super::state::decode(&state).map_err(|e| format!("shard {n}'s state: {e}"))?
-        };
-        let dir = self.dir.join(format!("{}-{n}", self.stream));
-        let window = self.dedup_window;
-        let dedup = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir)?;
-            let path = dir.join("dedup");
-            if dedup_text.is_empty() {
-                match std::fs::remove_file(&path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-            } else {
-                std::fs::write(&path, dedup_text)?;
-            }
-            Dedup::open(&dir, window, Arc::new(crate::fs::RealFs))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("shard {n}'s deduplication state: {e}"))?;
-        let mut gauges = GaugeMemory::new(self.max_gauges);
-        if !gauge_log.is_empty() {
-            let log = crate::outbox::gauges::decode_log(&gauge_log)
-                .map_err(|e| format!("shard {n}'s gauge memory: {e}"))?;
-            gauges.remember_saved(log.values);
-        }
-        Ok(Shard {
-            n,
-            dedup,
-            gauges,
-            last: None,
-        })
     }
 }
 

@@ -8,6 +8,7 @@
 //!   after, until it is usable.
 //! - [`cut`]: cuts (the fence), shard states and leases in JetStream KV.
 //! - [`state`]: a shard's state at a cut, its bytes (pure).
+//! - [`shard`]: a shard's state between cuts, loaded and snapshotted.
 //! - [`consume`]: aggregation from the stream, and its durable order.
 
 pub mod check;
@@ -15,4 +16,5 @@ pub mod consume;
 pub mod cut;
 pub mod link;
 pub mod publish;
+pub mod shard;
 pub mod state;
