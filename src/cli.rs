@@ -162,6 +162,13 @@ pub fn main() -> ExitCode {
                 eprintln!("warning: {w}");
             }
             if let Some(r) = &config.replication {
+                if r.spec.replicas > r.monitor_urls.len() {
+                    eprintln!(
+                        "warning: replication.replicas is {} but {} server(s) are named: a stream is made only when the cluster has that many servers",
+                        r.spec.replicas,
+                        r.monitor_urls.len()
+                    );
+                }
                 // What the start checks: every server fsyncs every write.
                 for url in &r.monitor_urls {
                     match crate::replication::check::server(url) {

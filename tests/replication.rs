@@ -19,6 +19,7 @@ use common::*;
 /// A NATS server with JetStream, killed when dropped.
 struct Nats {
     child: Child,
+    port: u16,
     monitor: u16,
     conf: std::path::PathBuf,
 }
@@ -86,6 +87,7 @@ fn node(name: &str, port: u16, monitor: u16, sync_always: bool, extra: &str) -> 
     let child = spawn_nats(&conf);
     let nats = Nats {
         child,
+        port,
         monitor,
         conf,
     };
@@ -449,7 +451,7 @@ async fn a_shard_is_read_in_order_from_a_sequence_and_a_confirmed_cut_is_purged_
         .expect("stream");
     let reader = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: "tallyd.b.0".into(),
+            filter_subject: "tallyd.CONSUME.0".into(),
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: 2 },
             ..Default::default()
         })
@@ -473,7 +475,7 @@ async fn a_shard_is_read_in_order_from_a_sequence_and_a_confirmed_cut_is_purged_
     // The cut ending at 3 is confirmed: purge the subject below 4.
     stream
         .purge()
-        .filter("tallyd.b.0")
+        .filter("tallyd.CONSUME.0")
         .sequence(4)
         .await
         .expect("purge");
@@ -976,4 +978,78 @@ async fn over_mtls_with_a_token_batches_count_and_a_wrong_token_is_refused_sayin
         "{health}"
     );
     refused.shutdown().await;
+}
+
+/// One batch over protobuf TCP and its ack.
+fn round_trip(
+    proto: std::net::SocketAddr,
+    batch: &tallyd::protocol::proto::Batch,
+) -> tallyd::protocol::proto::Ack {
+    use prost::Message;
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(proto).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(&tallyd::protocol::proto::encode_frame(batch))
+        .expect("write");
+    let mut buf = Vec::new();
+    let mut byte = [0u8];
+    loop {
+        s.read_exact(&mut byte).expect("ack");
+        buf.push(byte[0]);
+        if let Ok(Some((prefix, len))) = tallyd::protocol::proto::frame_header(&buf, 1 << 20) {
+            let mut body = vec![0u8; prefix + len - buf.len()];
+            s.read_exact(&mut body).expect("ack body");
+            buf.extend_from_slice(&body);
+            return tallyd::protocol::proto::Ack::decode(&buf[prefix..]).expect("an Ack");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_degraded_while_the_stream_lags_or_refuses_and_says_why() {
+    // ClickHouse unreachable: acked batches wait in the stream, and past
+    // replication.max_lag /health says so; the stream's server gone:
+    // batches are answered OVERLOADED and /health says why.
+    use tallyd::protocol::proto::pb::ack::Status;
+    let mut server = nats(true);
+    let mut s = settings(clickhouse(), "replicated_lag");
+    s.clickhouse.url = format!("http://127.0.0.1:{}", free_port());
+    s.replication.servers = vec![format!("nats://127.0.0.1:{}", server.port)];
+    s.replication.monitor_urls = vec![format!("http://127.0.0.1:{}", server.monitor)];
+    s.replication.replicas = 1;
+    s.replication.max_lag = 2;
+    s.replication.lease = "3s".into();
+    s.replication.publish_timeout = "2s".into();
+    let running = tallyd::server::start(config(&s)).await.expect("start");
+    let proto = running.proto_tcp_addr.expect("proto");
+    let admin = running.admin_addr.expect("admin").port();
+    tokio::task::spawn_blocking(move || {
+        for seq in 1..=5 {
+            let ack = round_trip(proto, &proto_batch("lagging", seq, "lag.c", 1, 1.0));
+            assert_eq!(ack.status, Status::Ok as i32, "{ack:?}");
+        }
+        let mut health = String::new();
+        let lagging = wait_for(20, || {
+            health = http(admin, "GET", "/health", "").unwrap_or_default();
+            health.contains("holds 5 messages not yet in ClickHouse")
+        });
+        assert!(lagging, "{health}");
+        let metrics = http(admin, "GET", "/metrics", "").unwrap_or_default();
+        assert!(
+            metrics.contains("tallyd_replication_lag_messages{shard=\"0\"} 5"),
+            "{metrics}"
+        );
+        server.kill();
+        let ack = round_trip(proto, &proto_batch("lagging", 6, "lag.c", 1, 1.0));
+        assert_eq!(ack.status, Status::Overloaded as i32, "{ack:?}");
+        let health = http(admin, "GET", "/health", "").unwrap_or_default();
+        assert!(
+            health.contains("refused or did not answer a publish"),
+            "{health}"
+        );
+    })
+    .await
+    .expect("client");
+    running.shutdown().await;
 }

@@ -192,6 +192,17 @@ impl Settings {
             }
             (user, Some(p)) => Some((user.to_owned(), p)),
         };
+        let kinds = [
+            credentials.is_some(),
+            token.is_some(),
+            user_password.is_some(),
+        ];
+        if kinds.iter().filter(|&&k| k).count() > 1 {
+            return Err(err(
+                "replication.credentials_file",
+                "set one of credentials_file, token_file (or TALLYD_NATS_TOKEN), and user with password_file (or TALLYD_NATS_PASSWORD)",
+            ));
+        }
         let ca_file = super::auth::pem("replication.ca_file", &r.ca_file, false)?
             .map(|_| std::path::PathBuf::from(&r.ca_file));
         let client = super::auth::client_pair("replication", &r.client_cert, &r.client_key)?

@@ -449,5 +449,9 @@ fn replication_credentials_and_tls_name_their_field_when_wrong() {
     let r = s.validate().expect("valid").replication.expect("on");
     assert_eq!(r.auth.token.as_ref().map(|t| t.expose()), Some("t0ken"));
     assert!(r.auth.tls, "a tls:// server asks for TLS");
+    s.replication.user = "tallyd".into();
+    s.replication.password_file = token.display().to_string();
+    let e = s.validate().expect_err("a token and a user").to_string();
+    assert!(e.contains("set one of"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

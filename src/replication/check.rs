@@ -109,7 +109,7 @@ pub fn server(url: &str) -> Result<Fit, Refused> {
         write!(s, "GET /varz HTTP/1.0\r\nHost: {hostport}\r\n\r\n").map_err(|e| e.to_string())?;
         let mut resp = Vec::new();
         s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
-        let at = memchr::memmem::find(&resp, b"\r\n\r\n").ok_or("a malformed answer")?;
+        let at = memchr::memmem::find(&resp, b"\r\n\r\n").ok_or("not an HTTP answer: is it the server's monitoring port, `http:` in its config, not its client port?")?;
         Ok(resp.split_off(at + 4))
     };
     let body = get().map_err(|e| Refused::Unreachable(format!("{url}/varz: cannot read it ({e}), so tallyd cannot confirm that the server fsyncs every write")))?;

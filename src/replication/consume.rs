@@ -91,7 +91,30 @@ struct Open {
 impl Consumer {
     /// Connects to ClickHouse, then works every shard whose lease this
     /// tallyd can take, until `stop`.
-    pub async fn run(mut self, config: SinkConfig, stop: watch::Receiver<bool>) {
+    pub async fn run(self, config: SinkConfig, stop: watch::Receiver<bool>) {
+        let js = tokio::select! {
+            p = self.link.ready() => p.context().clone(),
+            _ = sleep_or_stop(Duration::MAX, &stop) => return,
+        };
+        // The stream's backlog is watched from here on, held or not and
+        // with ClickHouse up or not.
+        let lag = tokio::spawn(watch_lag(
+            js.clone(),
+            self.stream.clone(),
+            self.shards,
+            self.lease / 3,
+            Arc::clone(&self.telemetry),
+        ));
+        self.connect_and_work(js, config, stop).await;
+        lag.abort();
+    }
+
+    async fn connect_and_work(
+        mut self,
+        js: jetstream::Context,
+        config: SinkConfig,
+        stop: watch::Receiver<bool>,
+    ) {
         let mut attempt = 0;
         while let Err(e) = self.sink.connect().await {
             let delay = crate::sink::backoff(attempt, config.retry_initial, config.retry_max, 1.0);
@@ -103,10 +126,6 @@ impl Consumer {
             }
             attempt += 1;
         }
-        let js = tokio::select! {
-            p = self.link.ready() => p.context().clone(),
-            _ = sleep_or_stop(Duration::MAX, &stop) => return,
-        };
         let this = Arc::new(self);
         this.work_shards(js, stop).await
     }
@@ -173,7 +192,6 @@ impl Consumer {
                             }
                         }
                         r = renew(&leases, n, &self.holder, &held, every) => r,
-                        r = self.watch_lag(n, &js, every) => r,
                         _ = stop.changed() => {
                             leases.release(n, held.load(Relaxed)).await;
                             self.telemetry.replication.set_lease(n, false);
@@ -181,10 +199,19 @@ impl Consumer {
                         }
                     };
                     self.telemetry.replication.set_lease(n, false);
+                    let why = super::publish::explain(&why);
+                    self.telemetry.replication.consume_failed(&why);
                     tracing::warn!(shard = n, why = %why, "stopped aggregating the replication shard; standing by");
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(shard = n, error = %e, "cannot reach the lease bucket"),
+                Err(e) => {
+                    let e = format!(
+                        "cannot reach the lease bucket: {}",
+                        super::publish::explain(&e)
+                    );
+                    self.telemetry.replication.consume_failed(&e);
+                    tracing::warn!(shard = n, error = %e, "standing by");
+                }
             }
             if sleep_or_stop(every, &stop).await {
                 return;
@@ -199,7 +226,7 @@ impl Consumer {
         js: &jetstream::Context,
         cuts: &Cuts,
     ) -> Result<Infallible, String> {
-        let subject = format!("tallyd.b.{n}");
+        let subject = super::publish::subject(&self.stream, n);
         let stream = js
             .get_stream(&self.stream)
             .await
@@ -305,29 +332,6 @@ impl Consumer {
                 }
             };
             self.apply(&mut shard, o, seq, &message);
-        }
-    }
-
-    /// Keeps `tallyd_replication_lag_messages{shard}` current while the
-    /// shard is held: the messages its subject still holds (stored, not yet
-    /// confirmed in ClickHouse), read every `every` (also while a flush
-    /// waits for ClickHouse). Never returns.
-    async fn watch_lag(&self, n: u32, js: &jetstream::Context, every: Duration) -> String {
-        let subject = format!("tallyd.b.{n}");
-        loop {
-            let counted = async {
-                let stream = js.get_stream(&self.stream).await.ok()?;
-                let mut subjects = stream.info_with_subjects(&subject).await.ok()?;
-                match subjects.next().await {
-                    Some(Ok((_, count))) => Some(count as u64),
-                    Some(Err(_)) => None,
-                    None => Some(0),
-                }
-            };
-            if let Ok(Some(lag)) = tokio::time::timeout(every, counted).await {
-                self.telemetry.replication.set_lag(n, lag);
-            }
-            tokio::time::sleep(every).await;
         }
     }
 
@@ -508,6 +512,43 @@ impl Consumer {
         let q = Queued::in_memory(flush, false);
         self.sink.write(&q).await;
         self.sink.confirm_written(&q.flush).await;
+    }
+}
+
+/// Keeps `tallyd_replication_lag_messages{shard}` current: the messages
+/// each shard's subject holds (stored, not yet confirmed in ClickHouse),
+/// read every `every`, whoever holds the shard. Never returns.
+async fn watch_lag(
+    js: jetstream::Context,
+    stream: String,
+    shards: u32,
+    every: Duration,
+    telemetry: Arc<Telemetry>,
+) {
+    let all = format!("tallyd.{stream}.*");
+    loop {
+        let counted = async {
+            let s = js.get_stream(&stream).await.ok()?;
+            let mut subjects = s.info_with_subjects(&all).await.ok()?;
+            let mut counts = vec![0u64; shards as usize];
+            while let Some(next) = subjects.next().await {
+                let (subject, count) = next.ok()?;
+                let shard = subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|n| n.parse::<usize>().ok());
+                if let Some(c) = shard.and_then(|n| counts.get_mut(n)) {
+                    *c = count as u64;
+                }
+            }
+            Some(counts)
+        };
+        if let Ok(Some(counts)) = tokio::time::timeout(every, counted).await {
+            for (n, lag) in (0u32..).zip(counts) {
+                telemetry.replication.set_lag(n, lag);
+            }
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -81,7 +81,7 @@ impl Link {
                         if let Refused::Unfit(why) = &e {
                             tracing::error!(%why, "a NATS server of replication.servers cannot hold what tallyd acknowledges");
                         }
-                        retrying.unusable(e.to_string());
+                        retrying.unusable(super::publish::explain(&e.to_string()));
                     }
                 }
             }
@@ -124,16 +124,8 @@ impl Link {
 
 /// Every server's `/varz`, then the connection and the stream.
 async fn attempt(target: &Target) -> Result<Publisher, Refused> {
-    let urls = target.monitor_urls.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        urls.iter()
-            .map(|u| check::server(u))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| Refused::Unreachable(e.to_string()))??;
-    tracing::info!(servers = ?checked, "the NATS servers fsync every write");
-    Publisher::connect(
+    let checked = check_all(target.monitor_urls.clone()).await?;
+    let publisher = Publisher::connect(
         &target.servers,
         &target.auth,
         target.spec.clone(),
@@ -143,5 +135,18 @@ async fn attempt(target: &Target) -> Result<Publisher, Refused> {
     .map_err(|e| match e.strip_prefix(super::publish::UNFIT) {
         Some(why) => Refused::Unfit(why.to_owned()),
         None => Refused::Unreachable(e),
+    })?;
+    tracing::info!(servers = ?checked, "the replication stream is usable; its servers fsync every write");
+    Ok(publisher)
+}
+
+/// Every server's `/varz` (on a blocking thread).
+pub async fn check_all(urls: Vec<String>) -> Result<Vec<check::Fit>, Refused> {
+    tokio::task::spawn_blocking(move || {
+        urls.iter()
+            .map(|u| check::server(u))
+            .collect::<Result<Vec<_>, _>>()
     })
+    .await
+    .map_err(|e| Refused::Unreachable(e.to_string()))?
 }

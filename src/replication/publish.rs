@@ -1,5 +1,5 @@
 //! Acknowledged batches to the stream (docs/replication.md, format 1): the
-//! `Batch` bytes as the client framed them, on subject `tallyd.b.<shard>`
+//! `Batch` bytes as the client framed them, on subject `tallyd.<stream>.<shard>`
 //! (`<shard>` = sipHash64 of the client id, mod the shard count), with
 //! `Nats-Msg-Id: <client_id>/<sequence>` (the stream's dedup within its
 //! duplicate window) and `Tallyd-Format: 1`. A publish is answered only
@@ -114,7 +114,7 @@ impl Publisher {
         };
         let config = stream::Config {
             name: spec.name.clone(),
-            subjects: vec!["tallyd.b.*".into()],
+            subjects: vec![format!("tallyd.{}.*", spec.name)],
             // Limits, not WorkQueue: a work queue requires an ack per
             // message (JetStream error 10098); a confirmed cut is purged
             // from its shard's subject instead, in one request.
@@ -126,10 +126,17 @@ impl Publisher {
             discard: stream::DiscardPolicy::New,
             ..Default::default()
         };
-        let mut stream = js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| format!("cannot make or read stream {}: {e}", spec.name))?;
+        let mut stream = js.get_or_create_stream(config).await.map_err(|e| {
+            let e = e.to_string();
+            // Answers no retry mends: subjects taken by another stream
+            // (10065), more replicas than the servers have (10074).
+            let unfit = if e.contains("10065") || e.contains("10074") {
+                UNFIT
+            } else {
+                ""
+            };
+            format!("{unfit}cannot make or read stream {}: {e}", spec.name)
+        })?;
         let info = stream
             .info()
             .await
@@ -162,10 +169,8 @@ impl Publisher {
     pub fn subject(&self, client_id: &str) -> String {
         let mut h = siphasher::sip::SipHasher24::new();
         h.write(client_id.as_bytes());
-        format!(
-            "tallyd.b.{}",
-            h.finish() % u64::from(self.spec.shards.max(1))
-        )
+        let shards = u64::from(self.spec.shards.max(1));
+        subject(&self.spec.name, (h.finish() % shards) as u32)
     }
 
     /// Publishes one batch and waits for the stream's answer.
@@ -209,6 +214,25 @@ impl Publisher {
             })
         })
     }
+}
+
+/// `error` with what NATS's "no stream found for given subject" means
+/// here: not a deleted stream, but one without a leader for a moment.
+pub fn explain(error: &str) -> String {
+    if error.contains("no stream found") || error.contains("no responders") {
+        format!(
+            "{error} (the stream has no leader: a server was lost and the others are electing one, or fewer than a quorum are up)"
+        )
+    } else {
+        error.to_owned()
+    }
+}
+
+/// The subject of shard `shard` of stream `stream`: `tallyd.<stream>.<shard>`
+/// (each stream its own subjects, so that two groups of tallyds may share
+/// one NATS account).
+pub fn subject(stream: &str, shard: u32) -> String {
+    format!("tallyd.{stream}.{shard}")
 }
 
 /// The synthetic instance of a shard, whose flushes any tallyd may write:

@@ -146,6 +146,14 @@ pub async fn start_with_clock(
 ) -> Result<Running, StartError> {
     // Listeners are bound first (a taken port fails fast), served only after
     // the ledger and the WAL are recovered and replayed.
+    // A NATS server that answers and cannot promise an fsync per write
+    // refuses the start before anything is made (the WAL, the database).
+    if let Some(r) = &config.replication
+        && let Err(crate::replication::check::Refused::Unfit(why)) =
+            crate::replication::link::check_all(r.monitor_urls.clone()).await
+    {
+        return Err(StartError::Replication(why));
+    }
     let listeners = bind::bind(&config).await?;
     let opened = recover::recover(&config, fs).await?;
     serve::serve(config, listeners, opened, clock).await

@@ -22,6 +22,10 @@ pub struct Replication {
     /// Batches read from the stream: applied, duplicate, too old (below
     /// the client's window), not a batch of format 1.
     pub read: [AtomicU64; 4],
+    /// When the consumer's work on a shard last stopped on an error (Unix
+    /// ms; 0: never), and why.
+    pub consume_failed_ms: AtomicU64,
+    pub consume_error: Mutex<String>,
     /// Cuts written, and cuts refused because another tallyd wrote first.
     pub cuts: AtomicU64,
     pub fenced: AtomicU64,
@@ -29,7 +33,8 @@ pub struct Replication {
     pub max_lag: AtomicU64,
     /// Why the stream is not usable yet (at a start before it was).
     pub unusable: Mutex<Option<String>>,
-    /// Per shard: (lease held, messages not yet read).
+    /// Per shard: (lease held here, messages stored and not yet confirmed
+    /// in ClickHouse).
     pub shards: Mutex<Vec<(bool, u64)>>,
 }
 
@@ -56,9 +61,15 @@ impl Replication {
         *crate::lock(&self.failed_error) = error.to_owned();
     }
 
+    /// The consumer stopped on `error` (it stands by and tries again).
+    pub fn consume_failed(&self, error: &str) {
+        self.consume_failed_ms.store(super::unix_ms(), Relaxed);
+        *crate::lock(&self.consume_error) = error.to_owned();
+    }
+
     pub fn set_lease(&self, shard: u32, held: bool) {
         if let Some(s) = crate::lock(&self.shards).get_mut(shard as usize) {
-            *s = (held, if held { s.1 } else { 0 });
+            s.0 = held;
         }
     }
 
@@ -84,11 +95,19 @@ impl Replication {
                 crate::lock(&self.failed_error)
             ));
         }
+        let failed = self.consume_failed_ms.load(Relaxed);
+        if failed != 0 && super::unix_ms().saturating_sub(failed) < FAILED_RECENTLY_MS {
+            p.push(format!(
+                "aggregating the replication stream failed in the last {} s (it is tried again): {}",
+                FAILED_RECENTLY_MS / 1000,
+                crate::lock(&self.consume_error)
+            ));
+        }
         let max = self.max_lag.load(Relaxed);
-        for (shard, &(held, lag)) in crate::lock(&self.shards).iter().enumerate() {
-            if held && max > 0 && lag > max {
+        for (shard, &(_, lag)) in crate::lock(&self.shards).iter().enumerate() {
+            if max > 0 && lag > max {
                 p.push(format!(
-                    "replication shard {shard} is {lag} messages behind the stream (replication.max_lag: {max}); ClickHouse may be slow or down"
+                    "replication shard {shard} holds {lag} messages not yet in ClickHouse (replication.max_lag: {max}): ClickHouse may be slow or down, or no tallyd aggregates the shard"
                 ));
             }
         }
@@ -144,7 +163,7 @@ impl Replication {
             );
             m.gauge(
                 "tallyd_replication_lag_messages",
-                "Messages of the shard stored in the stream and not yet read by this tallyd (0 when it does not hold the lease).",
+                "Messages of the shard stored in the stream and not yet confirmed in ClickHouse, whoever aggregates it.",
                 &labels,
                 &Text(lag.to_string()),
             );

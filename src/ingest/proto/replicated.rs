@@ -69,6 +69,7 @@ impl ProtoIngest {
         let answer = match sent.await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
+                let e = crate::replication::publish::explain(&e);
                 let message = format!("the stream did not take it: {e}; retry later");
                 r.publish_failed(&message);
                 return now(ack(sequence, Status::Overloaded, &message, 0), true);
@@ -97,6 +98,7 @@ impl ProtoIngest {
                     }
                 }
                 Ok(Err(e)) => {
+                    let e = crate::replication::publish::explain(&e);
                     let message = format!("the stream did not store it: {e}; retry later");
                     r.publish_failed(&message);
                     ack(sequence, Status::Overloaded, &message, 0)
