@@ -94,13 +94,7 @@ fn node(name: &str, port: u16, monitor: u16, sync_always: bool, extra: &str) -> 
     if extra.is_empty() {
         assert!(
             // Ready when JetStream is: /varz shows its config only then.
-            wait_for(20, || http(
-                monitor,
-                "GET",
-                "/healthz?js-enabled-only=true",
-                ""
-            )
-            .is_some_and(|b| b.contains("ok"))),
+            wait_for(20, || js_ready(monitor)),
             "nats-server did not start; see {}",
             Path::new(&dir).join("nats.log").display()
         );
@@ -153,26 +147,34 @@ fn cluster() -> (Vec<Nats>, Vec<String>) {
     (nodes, urls)
 }
 
+/// A stream of `shards` shards, 3 replicas, a 2-minute duplicate window
+/// and at most `max_bytes` (0: no bound).
+fn spec(name: &str, shards: u32, max_bytes: u64) -> tallyd::replication::publish::StreamSpec {
+    tallyd::replication::publish::StreamSpec {
+        name: name.into(),
+        shards,
+        replicas: 3,
+        duplicate_window: std::time::Duration::from_secs(120),
+        max_bytes,
+    }
+}
+
 /// Whether every server's JetStream is up and the meta group has a
 /// leader.
 fn cluster_ready(nodes: &[Nats]) -> bool {
-    nodes.iter().all(|n| {
-        http(n.monitor, "GET", "/healthz?js-enabled-only=true", "")
-            .is_some_and(|b| b.contains("ok"))
-    }) && http(nodes[0].monitor, "GET", "/jsz", "").is_some_and(|b| b.contains("\"leader\""))
+    nodes.iter().all(|n| js_ready(n.monitor))
+        && http(nodes[0].monitor, "GET", "/jsz", "").is_some_and(|b| b.contains("\"leader\""))
+}
+
+/// Whether the server monitored at `monitor` has JetStream up.
+fn js_ready(monitor: u16) -> bool {
+    http(monitor, "GET", "/healthz?js-enabled-only=true", "").is_some_and(|b| b.contains("ok"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_store_a_batch_once_go_on_without_one_and_refuse_without_a_quorum() {
-    use tallyd::replication::publish::StreamSpec;
     let (mut nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
-    let spec = StreamSpec {
-        name: "TALLYD".into(),
-        shards: 4,
-        replicas: 3,
-        duplicate_window: std::time::Duration::from_secs(120),
-        max_bytes: 0,
-    };
+    let spec = spec("TALLYD", 4, 0);
     let timeout = std::time::Duration::from_secs(5);
     let publisher = connected(&urls, spec, timeout).await;
     let batch = bytes::Bytes::from_static(b"\x0a\x02c1\x10\x01");
@@ -307,15 +309,8 @@ async fn a_tallyd_pointed_at_a_server_that_does_not_fsync_every_write_refuses_to
 async fn two_writers_of_one_cut_are_fenced_and_a_lease_not_renewed_passes_to_a_standby() {
     use std::time::Duration;
     use tallyd::replication::cut::{Cut, Cuts, Leases, Written};
-    use tallyd::replication::publish::StreamSpec;
     let (nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
-    let spec = StreamSpec {
-        name: "FENCE".into(),
-        shards: 1,
-        replicas: 3,
-        duplicate_window: Duration::from_secs(120),
-        max_bytes: 0,
-    };
+    let spec = spec("FENCE", 1, 0);
     let (a, b) = (
         connected(&urls, spec.clone(), Duration::from_secs(5)).await,
         connected(&urls, spec, Duration::from_secs(5)).await,
@@ -430,15 +425,8 @@ async fn a_shard_is_read_in_order_from_a_sequence_and_a_confirmed_cut_is_purged_
     // 10098.)
     use async_nats::jetstream::consumer::{DeliverPolicy, pull};
     use futures_util::StreamExt;
-    use tallyd::replication::publish::StreamSpec;
     let (nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
-    let spec = StreamSpec {
-        name: "CONSUME".into(),
-        shards: 1,
-        replicas: 3,
-        duplicate_window: std::time::Duration::from_secs(120),
-        max_bytes: 0,
-    };
+    let spec = spec("CONSUME", 1, 0);
     let publisher = connected(&urls, spec, std::time::Duration::from_secs(5)).await;
     for seq in 1..=5u64 {
         let body = bytes::Bytes::from(format!("batch {seq}"));
@@ -866,15 +854,8 @@ async fn a_full_stream_refuses_new_batches_and_keeps_what_it_stored() {
     // replication.max_bytes bounds the stream a ClickHouse outage fills:
     // past it a publish is refused (tallyd answers OVERLOADED), and what
     // was stored stays.
-    use tallyd::replication::publish::StreamSpec;
     let (nodes, urls) = tokio::task::spawn_blocking(cluster).await.expect("cluster");
-    let spec = StreamSpec {
-        name: "FULL".into(),
-        shards: 1,
-        replicas: 3,
-        duplicate_window: std::time::Duration::from_secs(120),
-        max_bytes: 8 << 10,
-    };
+    let spec = spec("FULL", 1, 8 << 10);
     let publisher = connected(&urls, spec, std::time::Duration::from_secs(5)).await;
     let batch = bytes::Bytes::from(vec![b'x'; 1024]);
     let mut stored = 0u64;
@@ -911,13 +892,7 @@ async fn over_mtls_with_a_token_batches_count_and_a_wrong_token_is_refused_sayin
     );
     let _server = node("n1", port, monitor, true, &extra);
     assert!(
-        wait_for(20, || http(
-            monitor,
-            "GET",
-            "/healthz?js-enabled-only=true",
-            ""
-        )
-        .is_some_and(|b| b.contains("ok"))),
+        wait_for(20, || js_ready(monitor)),
         "nats-server with TLS did not start"
     );
     let token = |t: &str| {
