@@ -16,8 +16,10 @@
 //!    is the first message's stream time, floored to the flush interval,
 //!    and never before the last cut's start plus one interval.
 //! 4. Cut when a message's stream time passes the interval's end, or when
-//!    the wall clock passes it by one more interval with no message:
-//!    a. store the state after the interval (`state.<shard>.<seq>.*`);
+//!    no message came for one interval (this host's monotonic clock) and
+//!    the stream holds no more for the shard:
+//!    a. store the state after the interval (`state.<shard>.<seq>.<id>.*`,
+//!    `<id>` this attempt's own, written with `create`);
 //!    b. write the cut by compare-and-set on the revision read: a lost race
 //!    means another tallyd cut this shard, and this one stands down;
 //!    c. write the flush to ClickHouse (retried for as long as it takes)
