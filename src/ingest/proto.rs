@@ -78,9 +78,9 @@ pub struct ProtoIngest {
     pub wal_streams: Range<usize>,
     /// TLS (`tls.listeners` names `proto_tcp`) and the tokens asked for.
     pub guard: Arc<Guard>,
-    /// With `[replication]`: batches go to the stream, answered once it
-    /// has them (docs/replication.md), instead of to the WAL here.
-    /// The link to the stream and the publish timeout.
+    /// With `[replication]`, the link to the stream and the publish
+    /// timeout: batches go to the stream, answered once it has them
+    /// (docs/replication.md), instead of to the WAL here.
     pub replication: Option<(Arc<crate::replication::link::Link>, Duration)>,
 }
 
@@ -387,7 +387,7 @@ impl ProtoIngest {
                 };
                 let taken = Instant::now();
                 let (answer, ticket, close) = match &self.replication {
-                    Some((link, timeout)) => self.replicate(link, *timeout, raw).await,
+                    Some((link, timeout)) => self.replicate(link, *timeout, raw, decoded).await,
                     None => {
                         let (a, ticket, close) =
                             self.handle_with_retry(raw, decoded, &mut scratch).await;

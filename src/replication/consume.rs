@@ -88,6 +88,8 @@ struct Open {
     start_ms: u64,
     last_seq: u64,
     aggregator: Aggregator,
+    /// The apply's buffers, kept from batch to batch.
+    scratch: Scratch,
 }
 
 impl Consumer {
@@ -350,6 +352,7 @@ impl Consumer {
             start_ms,
             last_seq: 0,
             aggregator: Aggregator::new(limits, parse, Duration::from_millis(start_ms)),
+            scratch: Scratch::default(),
         }
     }
 
@@ -378,8 +381,9 @@ impl Consumer {
             .admit(batch.client_id, batch.sequence, || Ok::<_, Infallible>(()));
         match admitted {
             Ok(Admit::Accepted(())) => {
-                let (mut scratch, mut stats) = (Scratch::default(), BlockStats::default());
-                o.aggregator.ingest_batch(&batch, &mut scratch, &mut stats);
+                let mut stats = BlockStats::default();
+                o.aggregator
+                    .ingest_batch(&batch, &mut o.scratch, &mut stats);
                 r.read[APPLIED].fetch_add(1, Relaxed);
             }
             Ok(Admit::Duplicate) => {
@@ -513,7 +517,7 @@ impl Consumer {
     async fn deliver(&self, flush: Flush) {
         let q = Queued::in_memory(flush, false);
         self.sink.write(&q).await;
-        self.sink.confirm_written(&q.flush).await;
+        self.sink.confirm(&q.flush).await;
     }
 }
 

@@ -126,13 +126,9 @@ impl Sink {
     /// and counted, and `/health` stays degraded until a row lands again;
     /// the minutes of such flushes are rolled up again only when another
     /// flush of theirs lands.
-    /// [`Sink::confirm`] of a flush written by [`Sink::write`] outside the
-    /// queue (replicated ingest's, whose log is the stream, not a spool).
-    pub async fn confirm_written(&self, flush: &Flush) {
-        self.confirm(flush).await
-    }
-
-    pub(super) async fn confirm(&self, flush: &Flush) {
+    /// Also for a flush written by [`Sink::write`] outside the queue
+    /// (replicated ingest's, whose log is the stream, not a spool).
+    pub async fn confirm(&self, flush: &Flush) {
         let Some(ledger) = &self.ledger else { return };
         let mut attempt = 0;
         loop {

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use super::{ProtoIngest, ack, count};
 use crate::ledger::dedup::MAX_CLIENT_ID;
-use crate::protocol::batch::BatchView;
 use crate::protocol::proto::{Ack, pb::ack::Status};
 use crate::replication::link::Link;
 use crate::telemetry::replication::{DUPLICATE, STORED};
@@ -35,12 +34,13 @@ impl ProtoIngest {
         link: &Link,
         timeout: Duration,
         raw: &[u8],
+        decoded: super::Decoded<'_>,
     ) -> (Answer, u64, bool) {
         let now = |a: Ack, close| {
             count(&self.telemetry, &a);
             (Answer::Now(a), 0, close)
         };
-        let batch = match BatchView::decode(raw) {
+        let batch = match decoded {
             Ok(b) => b,
             Err(e) => {
                 let message = format!("undecodable Batch: {e}");
