@@ -523,7 +523,7 @@ impl Default for AggregateSettings {
     fn default() -> Self {
         AggregateSettings {
             flush_interval: "1s".into(),
-            max_depth: 1_000_000,
+            max_depth: 10_000_000,
             max_keys: 1_000_000,
             max_set_members: 100_000,
             flush_queue: 1,

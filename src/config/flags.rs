@@ -32,7 +32,7 @@ pub struct Overrides {
     /// Close an interval at every multiple of this (e.g. 1s, 500ms) [default: 1s]
     #[arg(long, env = "TALLYD_FLUSH_INTERVAL", value_name = "DURATION")]
     pub flush_interval: Option<String>,
-    /// Flush early when this many raw increments are pending [default: 1000000]
+    /// Flush early when this many raw increments are pending [default: 10000000]
     #[arg(long, env = "TALLYD_MAX_DEPTH", value_name = "N")]
     pub max_depth: Option<u64>,
     /// The `host` column of every row [default: the hostname]

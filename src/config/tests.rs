@@ -15,7 +15,7 @@ fn defaults_validate() {
     let c = Settings::default().validate().expect("valid");
     assert_eq!(c.statsd_udp, Some("127.0.0.1:8125".parse().expect("addr")));
     assert_eq!(c.flush_interval, Duration::from_secs(1));
-    assert_eq!(c.aggregate.max_depth, 1_000_000);
+    assert_eq!(c.aggregate.max_depth, 10_000_000);
     assert_eq!(c.udp_recv_buffer, 8 << 20);
     assert!(!c.host_id.is_empty());
 }
