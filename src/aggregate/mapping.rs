@@ -285,16 +285,20 @@ impl Rules {
 /// again).
 pub struct Remap {
     targets: dashmap::DashMap<super::MapKey, (), super::KeyHasher>,
-    aliases: dashmap::DashMap<super::MapKey, super::MapKey, super::KeyHasher>,
+    /// `None` when no key was mapped (known once: a `DashMap`'s
+    /// `is_empty` locks every shard, which cost each flushed key more
+    /// than its row).
+    aliases: Option<dashmap::DashMap<super::MapKey, super::MapKey, super::KeyHasher>>,
     to: super::MapKey,
 }
 
 impl super::Generation {
     /// Takes what the flush needs to map this interval's keys.
     pub fn remap(&mut self) -> Remap {
+        let aliases = std::mem::take(&mut self.aliases);
         Remap {
             targets: std::mem::take(&mut self.targets),
-            aliases: std::mem::take(&mut self.aliases),
+            aliases: (!aliases.is_empty()).then_some(aliases),
             to: super::MapKey::new(),
         }
     }
@@ -306,10 +310,8 @@ impl Remap {
     /// `None` when it is flushed as it is, alone: a key no rule changed
     /// and no other key maps to.
     pub fn key<'a>(&'a mut self, key: &'a [u8]) -> Option<&'a [u8]> {
-        if self.aliases.is_empty() {
-            return None;
-        }
-        if let Some(to) = self.aliases.get(key) {
+        let aliases = self.aliases.as_ref()?;
+        if let Some(to) = aliases.get(key) {
             self.to.clone_from(&to);
             return Some(&self.to);
         }
