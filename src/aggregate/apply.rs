@@ -489,7 +489,7 @@ pub(super) fn merge_key(
         let target = if mapped { fold.map.key() } else { key };
         // Another key that maps to the same one took its place already.
         let counted = mapped && generation.targets.contains_key(target);
-        if !counted {
+        if !counted && budget::counts(target) {
             if !budget::admit(generation, target, shape.1, room(generation, limits)) {
                 drop(table);
                 let over = fold.key(generation, (!mapped).then_some(key));
@@ -568,7 +568,7 @@ pub(super) fn merge_late(
     let (start, key) = late_key.split_at(4.min(late_key.len()));
     let fold = admit.split(key);
     let overflow = fold.is_none();
-    let taken = fold.is_some();
+    let taken = fold.is_some() && budget::counts(key);
     if let Some((fold, map)) = fold {
         if map {
             match map_line(generation, key, fold, shape.1, stats) {
@@ -582,7 +582,7 @@ pub(super) fn merge_late(
                 Some(false) => {}
             }
         }
-        if !budget::admit(generation, key, shape.1, room(generation, limits)) {
+        if taken && !budget::admit(generation, key, shape.1, room(generation, limits)) {
             let over = fold.late_key(generation, start, Some(key), true);
             return merge_late(generation, over, shape, Admit::Final, stats, limits, merge);
         }

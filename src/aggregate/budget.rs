@@ -1,7 +1,8 @@
 //! Per-metric key budgets: cardinality control that never loses a sample.
 //!
 //! Each metric (its type and name, and for a forwarded key that keeps its
-//! edge's host, that host) may write `limit` keys in one interval, the
+//! edge's host, that host) may write `limit` tagged keys in one interval
+//! (its bare key, without tags, takes no place: see [`counts`]), the
 //! first rule of [`Budgets`] whose glob matches its name giving the limit.
 //! A key new to the interval past its metric's budget is *folded*: its
 //! values go to the metric's overflow key instead, the same name with each
@@ -132,6 +133,14 @@ fn metric_of(key: &[u8]) -> MapKey {
         metric.extend_from_slice(&key[name_end + at..]);
     }
     metric
+}
+
+/// Whether `key` takes a place in its metric's budget: whether it has
+/// tags. A metric's bare key is one key, and its overflow key would be
+/// itself, so the budget bounds tag sets only (and the bare keys of
+/// plain StatsD, one per metric, skip the tally).
+pub(super) fn counts(key: &[u8]) -> bool {
+    memchr::memchr(0, key).is_some()
 }
 
 /// Takes a place in its metric's budget for `key`, new to `generation`;

@@ -419,6 +419,43 @@ fn a_metric_past_its_key_budget_folds_new_keys_into_its_overflow_series() {
 }
 
 #[test]
+fn a_metric_s_bare_key_takes_no_place_in_its_budget() {
+    let a = aggregator(1000);
+    a.set_budgets(Arc::new(budget::Budgets {
+        default: 1,
+        rules: vec![],
+    }));
+    a.swap(Duration::from_secs(1_700_000_000));
+    ingest(
+        &a,
+        "req:1|c\nreq:2|c|#u:1\nreq:4|c|#u:2\nreq:8|c\nreq:16|c|#u:1|T1699999990\nreq:32|c|T1699999990",
+    );
+    let g = a.current();
+    assert_eq!(
+        counters(&g, "req"),
+        vec![
+            (String::new(), 9.0),
+            ("u:1".into(), 2.0),
+            ("u:tallyd_overflow".into(), 4.0),
+        ]
+    );
+    let folded = g.folded();
+    // u:2, and the late u:1 (the interval's budget is spent by then).
+    assert_eq!((folded.len(), folded[0].values, folded[0].keys), (1, 2, 1));
+    let mut late: Vec<_> = g
+        .late
+        .iter()
+        .filter_map(|e| key::split(&e.key()[4..]).map(|p| p.tags.join(",")))
+        .collect();
+    late.sort();
+    assert_eq!(
+        late,
+        vec!["", "u:tallyd_overflow"],
+        "the bare key is not folded"
+    );
+}
+
+#[test]
 fn late_samples_fold_past_the_budget_too() {
     let a = aggregator(1000);
     a.set_budgets(Arc::new(budget::Budgets {
