@@ -418,14 +418,21 @@ fn a_metric_past_its_key_budget_folds_new_keys_into_its_overflow_series() {
     );
 }
 
-#[test]
-fn a_metric_s_bare_key_takes_no_place_in_its_budget() {
+/// An aggregator whose metrics may write `keys` keys an interval, in the
+/// interval after the one the budget was set in.
+fn budgeted(keys: u32) -> Aggregator {
     let a = aggregator(1000);
     a.set_budgets(Arc::new(budget::Budgets {
-        default: 1,
+        default: keys,
         rules: vec![],
     }));
     a.swap(Duration::from_secs(1_700_000_000));
+    a
+}
+
+#[test]
+fn a_metric_s_bare_key_takes_no_place_in_its_budget() {
+    let a = budgeted(1);
     ingest(
         &a,
         "req:1|c\nreq:2|c|#u:1\nreq:4|c|#u:2\nreq:8|c\nreq:16|c|#u:1|T1699999990\nreq:32|c|T1699999990",
@@ -457,12 +464,7 @@ fn a_metric_s_bare_key_takes_no_place_in_its_budget() {
 
 #[test]
 fn late_samples_fold_past_the_budget_too() {
-    let a = aggregator(1000);
-    a.set_budgets(Arc::new(budget::Budgets {
-        default: 1,
-        rules: vec![],
-    }));
-    a.swap(Duration::from_secs(1_700_000_000));
+    let a = budgeted(1);
     ingest(&a, "late:1|c|#u:1|T1699999990\nlate:2|c|#u:2|T1699999990");
     let g = a.current();
     let mut late: Vec<_> = g
@@ -488,12 +490,7 @@ fn late_samples_fold_past_the_budget_too() {
 fn the_folded_row_is_one_row_with_a_key_of_the_same_name_in_the_interval() {
     // A client (or an edge) sent the meta row's key itself: the flush
     // must not make two rows of one key.
-    let a = aggregator(1000);
-    a.set_budgets(Arc::new(budget::Budgets {
-        default: 1,
-        rules: vec![],
-    }));
-    a.swap(Duration::from_secs(1_700_000_000));
+    let a = budgeted(1);
     ingest(
         &a,
         "req:1|c|#u:1\nreq:1|c|#u:2\nreq:1|c|#u:3\ntallyd.cardinality.folded:5|c|#type:c,metric:req",
