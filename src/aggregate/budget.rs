@@ -136,11 +136,11 @@ fn metric_of(key: &[u8]) -> MapKey {
 }
 
 /// Whether `key` takes a place in its metric's budget: whether it has
-/// tags. A metric's bare key is one key, and its overflow key would be
-/// itself, so the budget bounds tag sets only (and the bare keys of
-/// plain StatsD, one per metric, skip the tally).
+/// tags (a `0x00` before any host). A metric's bare key is one key, and
+/// its overflow key would be itself, so the budget bounds tag sets only
+/// (and the bare keys of plain StatsD, one per metric, skip the tally).
 pub(super) fn counts(key: &[u8]) -> bool {
-    memchr::memchr(0, key).is_some()
+    memchr::memchr2(0, key::HOST, key).is_some_and(|at| key.get(at) == Some(&0))
 }
 
 /// Takes a place in its metric's budget for `key`, new to `generation`;
@@ -447,6 +447,17 @@ mod tests {
         }
         let over = Fold::default().key(&g, Some(&key("req", "z:1,y"))).to_vec();
         assert_eq!(key::split(&over).map(|p| p.tags), Some(vec![OVERFLOW]));
+    }
+
+    #[test]
+    fn only_a_key_with_tags_takes_a_place() {
+        assert!(counts(&key("req", "u:1")));
+        assert!(!counts(&key("req", "")));
+        let mut kb = KeyBuf::default();
+        kb.build(MetricType::Counter, b"req", b"");
+        assert!(!counts(kb.with_host(b"web\x007")), "a host is not a tag");
+        kb.build(MetricType::Counter, b"req", b"u:1");
+        assert!(counts(kb.with_host(b"web-7")));
     }
 
     #[test]
