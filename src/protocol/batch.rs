@@ -258,7 +258,10 @@ impl<'a> BatchView<'a> {
                 }
                 (1, _) => return Err(DecodeError::UnexpectedWireType("Batch.client_id")),
                 (2, Value::Varint(s)) => view.sequence = s,
-                (8, Value::Bytes(t)) => view.token = Some(t),
+                (8, Value::Bytes(t)) => {
+                    std::str::from_utf8(t).map_err(|_| DecodeError::Utf8("Batch.token"))?;
+                    view.token = Some(t)
+                }
                 (8, _) => return Err(DecodeError::UnexpectedWireType("Batch.token")),
                 (2, _) => return Err(DecodeError::UnexpectedWireType("Batch.sequence")),
                 (3, Value::Bytes(e)) => {

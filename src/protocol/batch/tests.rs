@@ -139,6 +139,18 @@ fn malformed_batches_are_refused_with_the_field_named() {
 }
 
 #[test]
+fn a_token_that_is_not_utf8_is_refused_as_prost_refuses_it() {
+    // `token` is a protobuf `string`: found by the property test against
+    // prost, which the view accepted.
+    let bytes = [0x42, 0x02, b'a', 0x80];
+    assert!(pb::Batch::decode(&bytes[..]).is_err());
+    assert_eq!(
+        BatchView::decode(&bytes).err(),
+        Some(DecodeError::Utf8("Batch.token"))
+    );
+}
+
+#[test]
 fn a_batch_that_names_a_token_at_all_is_seen_to_even_when_the_last_is_empty() {
     // A token, then an empty one (the last wins in protobuf), then events:
     // the batch still names a token, so it is refused before the WAL.
