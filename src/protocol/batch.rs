@@ -197,6 +197,14 @@ fn text<'a>(v: Value<'a>, field: &'static str, check: bool) -> Result<&'a [u8], 
     }
 }
 
+/// A string field (protobuf `string`: UTF-8, or prost refuses the message).
+fn string<'a>(v: Value<'a>, field: &'static str) -> Result<&'a str, DecodeError> {
+    match v {
+        Value::Bytes(b) => std::str::from_utf8(b).map_err(|_| DecodeError::Utf8(field)),
+        _ => Err(DecodeError::UnexpectedWireType(field)),
+    }
+}
+
 fn double(v: Value<'_>, field: &'static str) -> Result<f64, DecodeError> {
     match v {
         Value::Fixed64(bits) => Ok(f64::from_bits(bits)),
@@ -252,28 +260,16 @@ impl<'a> BatchView<'a> {
         };
         for field in fields(bytes, BATCH_BUDGET) {
             match field? {
-                (1, Value::Bytes(b)) => {
-                    view.client_id =
-                        std::str::from_utf8(b).map_err(|_| DecodeError::Utf8("Batch.client_id"))?
-                }
-                (1, _) => return Err(DecodeError::UnexpectedWireType("Batch.client_id")),
+                (1, v) => view.client_id = string(v, "Batch.client_id")?,
                 (2, Value::Varint(s)) => view.sequence = s,
-                (8, Value::Bytes(t)) => {
-                    std::str::from_utf8(t).map_err(|_| DecodeError::Utf8("Batch.token"))?;
-                    view.token = Some(t)
-                }
-                (8, _) => return Err(DecodeError::UnexpectedWireType("Batch.token")),
+                (8, v) => view.token = Some(string(v, "Batch.token")?.as_bytes()),
                 (2, _) => return Err(DecodeError::UnexpectedWireType("Batch.sequence")),
                 (3, Value::Bytes(e)) => {
                     EventView::read(e, true)?;
                     view.len += 1;
                 }
                 (3, _) => return Err(DecodeError::UnexpectedWireType("Batch.events")),
-                (4, Value::Bytes(b)) => {
-                    view.host =
-                        std::str::from_utf8(b).map_err(|_| DecodeError::Utf8("Batch.host"))?
-                }
-                (4, _) => return Err(DecodeError::UnexpectedWireType("Batch.host")),
+                (4, v) => view.host = string(v, "Batch.host")?,
                 // A uint32 is a varint; protobuf keeps its low 32 bits.
                 (5, Value::Varint(v)) => view.version = v as u32,
                 (5, _) => return Err(DecodeError::UnexpectedWireType("Batch.version")),
