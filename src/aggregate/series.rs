@@ -6,7 +6,9 @@
 //! while `g + 1` writes the others. One lock per shard (the shard is picked by hash bits, as
 //! `DashMap` picks them), and per shard:
 //!
-//! - `index`: a hash table of slot ids (4 bytes a bucket, hashed by key);
+//! - `index`: a hash table of slot ids, each with where its key's bytes
+//!   start (8 bytes a bucket, hashed by key), so that a lookup reads the
+//!   slot and the key's bytes at once, not one after the other;
 //! - `keys`: the keys' bytes end to end (an arena; a slot knows its range);
 //! - `slots`: per slot its key's range, the newest generation that wrote
 //!   it, and its two values (`Option<Acc>`, 24 bytes each), one per
@@ -72,13 +74,22 @@ struct Stripe(Mutex<Shard>);
 /// One shard of the table (see the module doc).
 #[derive(Default)]
 pub struct Shard {
-    index: HashTable<u32>,
+    index: HashTable<Entry>,
     keys: Vec<u8>,
     slots: Vec<Slot>,
     /// Evicted slots, reused by new keys.
     free: Vec<u32>,
     /// Bytes of evicted keys still in `keys`.
     dead: usize,
+}
+
+/// An index entry: a slot id and where its key starts in `keys` (the
+/// slot's `at`, kept here too so that a lookup's loads of the slot and of
+/// the key do not wait one for the other).
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    id: u32,
+    at: u32,
 }
 
 /// One key: 64 bytes, a cache line of its own.
@@ -261,11 +272,12 @@ impl Shard {
     pub fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
         let (keys, slots) = (&self.keys, &self.slots);
         self.index
-            .find(hash, |&id| {
-                let s = &slots[id as usize];
-                super::apply::same_key(&keys[s.at as usize..][..s.len as usize], key)
+            .find(hash, |e| {
+                let bytes = keys.get(e.at as usize..e.at as usize + key.len());
+                slots[e.id as usize].len as usize == key.len()
+                    && bytes.is_some_and(|b| super::apply::same_key(b, key))
             })
-            .copied()
+            .map(|e| e.id)
     }
 
     /// Reads the first byte of the key and the value of each slot the index
@@ -273,10 +285,10 @@ impl Shard {
     #[inline]
     pub fn touch(&self, hash: u64, column: usize) -> usize {
         let mut touched = 0usize;
-        self.index.find(hash, |&id| {
-            let s = &self.slots[id as usize];
-            touched ^= usize::from(self.keys.get(s.at as usize).copied().unwrap_or(0))
-                ^ usize::from(s.values[column].is_some());
+        self.index.find(hash, |e| {
+            let key = self.keys.get(e.at as usize).copied().unwrap_or(0);
+            let value = self.slots[e.id as usize].values[column].is_some();
+            touched ^= usize::from(key) ^ usize::from(value);
             false
         });
         touched
@@ -324,9 +336,8 @@ impl Shard {
             }
         };
         let (keys, slots) = (&self.keys, &self.slots);
-        self.index.insert_unique(hash, id, |&i| {
-            let s = &slots[i as usize];
-            hasher.hash_one(&keys[s.at as usize..][..s.len as usize])
+        self.index.insert_unique(hash, Entry { id, at }, |e| {
+            hasher.hash_one(&keys[e.at as usize..][..slots[e.id as usize].len as usize])
         });
         Some(id)
     }
@@ -343,7 +354,7 @@ impl Shard {
             return;
         }
         let hash = hasher.hash_one(self.key(id));
-        if let Ok(entry) = self.index.find_entry(hash, |&i| i as usize == id) {
+        if let Ok(entry) = self.index.find_entry(hash, |e| e.id as usize == id) {
             entry.remove();
         }
         self.dead += self.slots[id].len as usize;
@@ -370,6 +381,9 @@ impl Shard {
             keys.extend_from_slice(&self.keys[slot.at as usize..][..slot.len as usize]);
             slot.at = at;
         }
+        for e in self.index.iter_mut() {
+            e.at = self.slots[e.id as usize].at;
+        }
         self.keys = keys;
         self.dead = 0;
     }
@@ -394,7 +408,11 @@ impl Shard {
         let key = |s: &Slot| hasher.hash_one(&keys[s.at as usize..][..s.len as usize]);
         let mut index = HashTable::with_capacity(live);
         for (id, s) in slots.iter().enumerate() {
-            index.insert_unique(key(s), id as u32, |&i| key(&slots[i as usize]));
+            let entry = Entry {
+                id: id as u32,
+                at: s.at,
+            };
+            index.insert_unique(key(s), entry, |e| key(&slots[e.id as usize]));
         }
         *self = Shard {
             index,
@@ -511,6 +529,15 @@ mod tests {
             }
             put(&t, b"stays", g, g as f64);
             assert_eq!(drained(&t, g).len(), 2_001);
+            // Found where it is, and not added again, after a compaction.
+            for key in [
+                b"stays".to_vec(),
+                format!("churn.{g}.{:040}", 7).into_bytes(),
+            ] {
+                let hash = t.hash(&key);
+                let found = t.lock(t.shard_of(hash)).find(hash, &key);
+                assert!(found.is_some(), "interval {g}: {key:?}");
+            }
         }
         let bytes: usize = (0..t.shard_count()).map(|i| t.lock(i).keys.len()).sum();
         assert!(
