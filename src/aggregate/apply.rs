@@ -252,6 +252,7 @@ impl Aggregator {
         }
         let mut missed = std::mem::take(&mut scratch.missed);
         missed.clear();
+        let mut candidates = std::mem::take(&mut scratch.candidates);
         // Bytes grown per table (timers' buckets, sets' members).
         let mut grew = [0u64; 4];
         for (shard, range) in starts.windows(2).enumerate() {
@@ -267,12 +268,19 @@ impl Aggregator {
                 >= limits.max_memory;
             let mut table = series.lock(shard);
             // Touch the group's entries first, with nothing depending on
-            // the loads: their cache misses overlap, and the lookups below
-            // find them in cache.
+            // the loads, so that their cache misses overlap and the lookups
+            // below find them in cache: the index entries in one pass, then
+            // the slots and keys they name in another.
             if group.len() > 1 {
+                candidates.clear();
+                candidates.extend(
+                    group
+                        .iter()
+                        .filter_map(|&i| table.candidate(pending[i as usize].hash)),
+                );
                 let mut touched = 0usize;
-                for &i in group {
-                    touched ^= table.touch(pending[i as usize].hash, column);
+                for &c in &candidates {
+                    touched ^= table.touch(c, column);
                 }
                 std::hint::black_box(touched);
             }
@@ -293,6 +301,7 @@ impl Aggregator {
             }
         }
         scratch.order = order;
+        scratch.candidates = candidates;
         scratch.starts = starts;
         scratch.next = next;
         for (table, &g) in grew.iter().enumerate() {

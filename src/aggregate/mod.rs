@@ -288,6 +288,9 @@ pub struct Scratch {
     order: Vec<u32>,
     /// Pending lines whose key was not in the map yet.
     missed: Vec<u32>,
+    /// A shard group's index entries (slot id, key offset), for its touch
+    /// pass.
+    candidates: Vec<(u32, u32)>,
     /// Where each shard's group starts in `order` (and a cursor copy).
     starts: Vec<u32>,
     next: Vec<u32>,

@@ -280,18 +280,25 @@ impl Shard {
             .map(|e| e.id)
     }
 
-    /// Reads the first byte of the key and the value of each slot the index
-    /// finds under `hash`, so that a lookup soon after finds them in cache.
+    /// The slot id and key offset of the first entry the index finds
+    /// under `hash` (a candidate: its key is not compared), for a touch
+    /// pass ([`Shard::touch`]); reads the index only.
     #[inline]
-    pub fn touch(&self, hash: u64, column: usize) -> usize {
-        let mut touched = 0usize;
-        self.index.find(hash, |e| {
-            let key = self.keys.get(e.at as usize).copied().unwrap_or(0);
-            let value = self.slots[e.id as usize].values[column].is_some();
-            touched ^= usize::from(key) ^ usize::from(value);
-            false
-        });
-        touched
+    pub fn candidate(&self, hash: u64) -> Option<(u32, u32)> {
+        self.index.find(hash, |_| true).map(|e| (e.id, e.at))
+    }
+
+    /// Reads the first byte of the key and the value in `column` of a
+    /// [`Shard::candidate`], so that a lookup soon after finds them in
+    /// cache.
+    #[inline]
+    pub fn touch(&self, (id, at): (u32, u32), column: usize) -> usize {
+        let key = self.keys.get(at as usize).copied().unwrap_or(0);
+        let value = self
+            .slots
+            .get(id as usize)
+            .is_some_and(|s| s.values[column].is_some());
+        usize::from(key) ^ usize::from(value)
     }
 
     /// Slot `id`'s value in `column`, if it has one.
