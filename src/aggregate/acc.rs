@@ -41,6 +41,18 @@ pub fn boxed_bytes(kind: MetricType) -> u64 {
 }
 
 impl Acc {
+    /// Reads the first word of a timer's or set's boxed accumulator (0 for
+    /// counters and gauges, which hold theirs in place), so that a merge
+    /// soon after finds it in cache.
+    #[inline]
+    pub fn touch(&self) -> usize {
+        match self {
+            Acc::Counter { .. } | Acc::Gauge(_) => 0,
+            Acc::Dist(d) => d.count.to_bits() as usize,
+            Acc::Set(s) => s.samples as usize,
+        }
+    }
+
     /// Takes in `other`, the same interval's accumulator of another key
     /// that maps to this one (see [`super::mapping`]), whatever the order:
     /// counters add (a sum past the range of `f64` keeps this one's), sets
@@ -204,7 +216,12 @@ impl DistAcc {
     /// the accumulator grew by, or `None` (and records nothing) when the sum
     /// or the count would pass the range of `f64`.
     pub fn record(&mut self, value: f64, sample_rate: f64) -> Option<u64> {
-        let weight = 1.0 / sample_rate;
+        // Most lines have no sample rate: no division for them.
+        let weight = if sample_rate == 1.0 {
+            1.0
+        } else {
+            1.0 / sample_rate
+        };
         let sum = self.sum + value * weight;
         let count = self.count + weight;
         if !sum.is_finite() || !count.is_finite() {

@@ -29,16 +29,16 @@ pub(super) struct Pending<'a> {
 }
 
 impl<'a> Pending<'a> {
-    /// `line`, waiting under `key`, hashed once and kept in `arena`.
-    fn new(generation: &Generation, arena: &mut Vec<u8>, key: &[u8], line: Line<'a>) -> Self {
-        let hash = generation.series.hash(key);
-        let start = arena.len();
-        arena.extend_from_slice(key);
+    /// `line`, waiting under its key: `arena`'s bytes from `start` on,
+    /// hashed once.
+    fn new(generation: &Generation, arena: &[u8], start: usize, line: Line<'a>) -> Self {
+        let key = start..arena.len();
+        let hash = generation.series.hash(&arena[key.clone()]);
         Pending {
             line,
             hash,
             shard: generation.series.shard_of(hash) as u32,
-            key: start..arena.len(),
+            key,
         }
     }
 }
@@ -118,8 +118,9 @@ impl Aggregator {
                 timestamp: None,
                 skipped_fields: 0,
             };
-            let key = scratch.key.build(line.kind, line.name, line.tags);
-            pending.push(Pending::new(generation, &mut scratch.arena, key, values));
+            let start = scratch.arena.len();
+            (scratch.key).append(line.kind, line.name, line.tags, &mut scratch.arena);
+            pending.push(Pending::new(generation, &scratch.arena, start, values));
         }
         scratch.tags = tags;
         self.apply_pending(generation, &mut pending, scratch, stats, &limits);
@@ -163,8 +164,9 @@ impl Aggregator {
                     }
                     match l.timestamp.map(|t| interval_of(t, generation, &limits)) {
                         None | Some(Interval::This) => {
-                            let key = scratch.key.build_line(&l);
-                            pending.push(Pending::new(generation, &mut scratch.arena, key, l));
+                            let start = scratch.arena.len();
+                            scratch.key.append_line(&l, &mut scratch.arena);
+                            pending.push(Pending::new(generation, &scratch.arena, start, l));
                         }
                         Some(Interval::Other(start)) => {
                             // Another interval's map (`late`, keyed apart).
@@ -737,8 +739,10 @@ fn merge(
     let mut overflow = 0;
     match acc {
         Acc::Counter { sum, samples } => {
+            // Most lines have no sample rate: no division for them.
+            let rate = line.sample_rate;
             for v in line.values() {
-                let next = *sum + v.value / line.sample_rate;
+                let next = *sum + if rate == 1.0 { v.value } else { v.value / rate };
                 if next.is_finite() {
                     *sum = next;
                     *samples += 1;

@@ -25,8 +25,18 @@ impl KeyBuf {
     /// written in its name in a dialect (see
     /// [`crate::protocol::dialect`]), each `key=value` taken as `key:value`.
     pub fn build_line(&mut self, line: &Line<'_>) -> &[u8] {
+        let mut buf = take(&mut self.buf);
+        buf.clear();
+        self.append_line(line, &mut buf);
+        self.buf = buf;
+        &self.buf
+    }
+
+    /// Appends the key of a parsed line (as [`KeyBuf::build_line`] builds
+    /// it) to `out`.
+    pub fn append_line(&mut self, line: &Line<'_>, out: &mut Vec<u8>) {
         let Some(nt) = &line.name_tags else {
-            return self.build(line.kind, line.name, line.tags);
+            return self.append(line.kind, line.name, line.tags, out);
         };
         let (mut name, mut joined) = (take(&mut self.name), take(&mut self.joined));
         let (a, b) = nt.name(line.name);
@@ -41,14 +51,29 @@ impl KeyBuf {
             joined.push(b',');
         }
         joined.extend_from_slice(line.tags);
-        self.build(line.kind, &name, &joined);
+        self.append(line.kind, &name, &joined, out);
         (self.name, self.joined) = (name, joined);
-        &self.buf
     }
 
     /// Builds the key of `(kind, name, tags)` and returns it. `tags` is the
     /// raw tag section of a line (`a:1,b`).
     pub fn build(&mut self, kind: MetricType, name: &[u8], tags: &[u8]) -> &[u8] {
+        let mut buf = take(&mut self.buf);
+        buf.clear();
+        self.append(kind, name, tags, &mut buf);
+        self.buf = buf;
+        &self.buf
+    }
+
+    /// Appends the key of `(kind, name, tags)` to `out`, as
+    /// [`KeyBuf::build`] builds it: straight into the bytes that a block's
+    /// lines wait with, with no copy in between.
+    pub fn append(&mut self, kind: MetricType, name: &[u8], tags: &[u8], out: &mut Vec<u8>) {
+        out.push(kind as u8);
+        out.extend_from_slice(name);
+        if tags.is_empty() {
+            return;
+        }
         self.tags.clear();
         let base = tags.as_ptr() as usize;
         for_each_tag(tags, |t| {
@@ -58,15 +83,10 @@ impl KeyBuf {
         let tag = |&(s, e): &(u32, u32)| &tags[s as usize..e as usize];
         self.tags.sort_unstable_by(|a, b| tag(a).cmp(tag(b)));
         self.tags.dedup_by(|a, b| tag(a) == tag(b));
-
-        self.buf.clear();
-        self.buf.push(kind as u8);
-        self.buf.extend_from_slice(name);
         for t in &self.tags {
-            self.buf.push(0);
-            self.buf.extend_from_slice(tag(t));
+            out.push(0);
+            out.extend_from_slice(tag(t));
         }
-        &self.buf
     }
 
     /// The key just built.
@@ -227,6 +247,23 @@ mod tests {
         let first = kb.build(MetricType::Counter, b"a", b"x,y").to_vec();
         kb.build(MetricType::Gauge, b"longer.name", b"q,r,s,t");
         assert_eq!(kb.build(MetricType::Counter, b"a", b"y,x"), &first[..]);
+    }
+
+    #[test]
+    fn keys_appended_one_after_another_are_each_the_key_built_alone() {
+        let cases = [
+            (MetricType::Counter, "a", "y,x,y"),
+            (MetricType::Timer, "b.c", ""),
+            (MetricType::Set, "d", "env:prod"),
+        ];
+        let (mut kb, mut out, mut ends) = (KeyBuf::default(), Vec::new(), vec![0]);
+        for (kind, name, tags) in cases {
+            kb.append(kind, name.as_bytes(), tags.as_bytes(), &mut out);
+            ends.push(out.len());
+        }
+        for (i, (kind, name, tags)) in cases.into_iter().enumerate() {
+            assert_eq!(&out[ends[i]..ends[i + 1]], &key(kind, name, tags)[..]);
+        }
     }
 
     #[test]

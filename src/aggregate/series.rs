@@ -289,16 +289,17 @@ impl Shard {
     }
 
     /// Reads the first byte of the key and the value in `column` of a
-    /// [`Shard::candidate`], so that a lookup soon after finds them in
-    /// cache.
+    /// [`Shard::candidate`] (through its box, for a timer or a set), so
+    /// that a lookup and a merge soon after find them in cache.
     #[inline]
     pub fn touch(&self, (id, at): (u32, u32), column: usize) -> usize {
         let key = self.keys.get(at as usize).copied().unwrap_or(0);
         let value = self
             .slots
             .get(id as usize)
-            .is_some_and(|s| s.values[column].is_some());
-        usize::from(key) ^ usize::from(value)
+            .and_then(|s| s.values[column].as_ref())
+            .map_or(0, Acc::touch);
+        usize::from(key) ^ value
     }
 
     /// Slot `id`'s value in `column`, if it has one.
