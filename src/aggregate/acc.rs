@@ -48,7 +48,7 @@ impl Acc {
     pub fn touch(&self) -> usize {
         match self {
             Acc::Counter { .. } | Acc::Gauge(_) => 0,
-            Acc::Dist(d) => d.count.to_bits() as usize,
+            Acc::Dist(d) => d.samples as usize,
             Acc::Set(s) => s.samples as usize,
         }
     }

@@ -271,8 +271,9 @@ impl Aggregator {
             let mut table = series.lock(shard);
             // Touch the group's entries first, with nothing depending on
             // the loads, so that their cache misses overlap and the lookups
-            // below find them in cache: the index entries in one pass, then
-            // the slots and keys they name in another.
+            // below find them in cache: the index entries in one pass, the
+            // slots and keys they name in another, and the boxed
+            // accumulators of timers and sets in a third.
             if group.len() > 1 {
                 candidates.clear();
                 candidates.extend(
@@ -283,6 +284,9 @@ impl Aggregator {
                 let mut touched = 0usize;
                 for &c in &candidates {
                     touched ^= table.touch(c, column);
+                }
+                for &c in &candidates {
+                    touched ^= table.touch_boxed(c, column);
                 }
                 std::hint::black_box(touched);
             }

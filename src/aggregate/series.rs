@@ -289,17 +289,29 @@ impl Shard {
     }
 
     /// Reads the first byte of the key and the value in `column` of a
-    /// [`Shard::candidate`] (through its box, for a timer or a set), so
-    /// that a lookup and a merge soon after find them in cache.
+    /// [`Shard::candidate`], so that a lookup soon after finds them in
+    /// cache. Nothing here branches on what the loads return, so the
+    /// loads of many candidates overlap.
     #[inline]
     pub fn touch(&self, (id, at): (u32, u32), column: usize) -> usize {
         let key = self.keys.get(at as usize).copied().unwrap_or(0);
         let value = self
             .slots
             .get(id as usize)
+            .is_some_and(|s| s.values[column].is_some());
+        usize::from(key) ^ usize::from(value)
+    }
+
+    /// Reads a timer's or set's boxed accumulator in `column` of a
+    /// [`Shard::candidate`] (after [`Shard::touch`]: its slot is in cache,
+    /// so a mispredicted branch on the type costs little), so that a
+    /// merge soon after finds it in cache.
+    #[inline]
+    pub fn touch_boxed(&self, (id, _): (u32, u32), column: usize) -> usize {
+        self.slots
+            .get(id as usize)
             .and_then(|s| s.values[column].as_ref())
-            .map_or(0, Acc::touch);
-        usize::from(key) ^ value
+            .map_or(0, Acc::touch)
     }
 
     /// Slot `id`'s value in `column`, if it has one.
