@@ -62,7 +62,13 @@ for variant in rules mapped; do
     more+=(--peer-cmd "tallyd-$variant=$cmd --config $file")
   fi
 done
+# A run ends when the stored total stops changing for --settle seconds. tallyd's total moves
+# one INSERT at a time, and at 1M keys one INSERT of 1M rows into ClickHouse 18.16 took up to
+# 3.5 s on the 2-core machine of the README's tables: the driver's default of 3 s ended runs
+# while rows were still being written and counted them lost. 10 s waits out one INSERT; data
+# really lost still shows, the run just ends 10 s later. --max-wait caps the wait after the load.
 python3 "$here/measure.py" compare --bindir "$PEERS_DIR/bin" --workdir "$PEERS_DIR/runs" --peers "$peers" \
+  --settle 10 --max-wait 90 \
   --cmd "$cmd" --verify-cmd "$verify" --peer-version tallyd --port 18725 --flush 1 --unique-prefix \
   --keys "$keys" --mix "$mix" --rates "$rates" --repeat "$repeat" --out "$out" "${more[@]}" >&2
 # Each tallyd run preallocates a WAL in its run dir: free the disk.
