@@ -41,7 +41,7 @@ pub fn boxed_bytes(kind: MetricType) -> u64 {
 }
 
 impl Acc {
-    /// Reads the first word of a timer's or set's boxed accumulator (0 for
+    /// Reads a word of a timer's or set's boxed accumulator (0 for
     /// counters and gauges, which hold theirs in place), so that a merge
     /// soon after finds it in cache.
     #[inline]

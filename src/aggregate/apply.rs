@@ -119,7 +119,9 @@ impl Aggregator {
                 skipped_fields: 0,
             };
             let start = scratch.arena.len();
-            (scratch.key).append(line.kind, line.name, line.tags, &mut scratch.arena);
+            scratch
+                .key
+                .append(line.kind, line.name, line.tags, &mut scratch.arena);
             pending.push(Pending::new(generation, &scratch.arena, start, values));
         }
         scratch.tags = tags;
