@@ -317,8 +317,8 @@ impl Generation {
             let key = f.row_key();
             let hash = self.series.hash(&key);
             let stats = &mut crate::telemetry::BlockStats::default();
-            let admit = super::apply::Admit::Final;
-            super::apply::merge_key(self, &key, hash, shape, admit, stats, &limits, |acc, _| {
+            let admit = super::admit::Admit::Final;
+            super::admit::merge_key(self, &key, hash, shape, admit, stats, &limits, |acc, _| {
                 if let Acc::Counter { sum, samples } = acc {
                     *sum += f.values as f64;
                     *samples = samples.saturating_add(f.values);

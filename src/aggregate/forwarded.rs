@@ -25,7 +25,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::acc::Acc;
-use super::apply::{Admit, merge_key, merge_late, note_cost, row_shape};
+use super::admit::{Admit, merge_key, merge_late, row_shape};
+use super::apply::note_cost;
 use super::{AggregateLimits, Aggregator, Generation, Origin, Scratch};
 use crate::protocol::batch::{BatchView, DistributionView, EventValue, EventView, Note, SetView};
 use crate::protocol::dogstatsd;

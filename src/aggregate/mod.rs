@@ -19,6 +19,7 @@
 //! Nothing here does I/O or awaits.
 
 pub mod acc;
+mod admit;
 mod apply;
 pub mod budget;
 pub mod census;
