@@ -335,6 +335,7 @@ fn flush(c: &mut Criterion) {
         ("counters", 1_000_000, counter_line, true),
         ("timers_30_buckets", 100_000, timer_line, true),
         ("timers_30_buckets", 100_000, timer_line, false),
+        ("timers_30_buckets", 1_000_000, timer_line, true),
     ] {
         let data = blocks(keys, line);
         let spare = std::cell::RefCell::new(tallyd::outbox::rowbinary::Bodies::default());
