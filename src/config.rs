@@ -16,11 +16,13 @@ mod auth;
 mod flags;
 mod replication;
 mod validate;
+mod wal;
 
 pub use auth::AuthConfig;
 pub use flags::Overrides;
 pub use replication::ReplicationConfig;
-pub use validate::{Config, ForwardConfig, OtlpConfig, ProtoConfig, WalGeometry, wal_geometry};
+pub use validate::{Config, ForwardConfig, OtlpConfig, ProtoConfig};
+pub use wal::{WalGeometry, wal_geometry};
 
 /// The settings as written in the file (human units, `off` for listeners).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
