@@ -1,6 +1,7 @@
 //! Unit tests of [`super`].
 
 use super::*;
+use crate::outbox::rows::{CounterRow, GaugeRow};
 
 #[test]
 fn a_counter_row_is_encoded_column_by_column() {
