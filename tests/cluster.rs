@@ -175,9 +175,13 @@ async fn a_killed_replica_fails_over_and_both_replicas_hold_exact_totals() {
     // Only an insert into the second replica itself can bring it these
     // while the first is down: that is the failover.
     send_lines(udp, 10, "cluster.down:1|c").await;
-    let down = || r2.query("SELECT sum(value) FROM clustered.counters WHERE name = 'cluster.down'");
+    // Polled with errors as "not yet": 18.16 has failed this read once in
+    // CI, while the first replica was down, with "Table clustered.counters
+    // doesn't exist".
+    let down =
+        || r2.try_query("SELECT sum(value) FROM clustered.counters WHERE name = 'cluster.down'");
     assert!(
-        tokio::task::block_in_place(|| wait_for(60, || down() == "200\n")),
+        tokio::task::block_in_place(|| wait_for(60, || down().as_deref() == Some("200\n"))),
         "the second replica got {:?} of 200 while the first was down",
         down()
     );
